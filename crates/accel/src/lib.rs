@@ -1,0 +1,174 @@
+//! The seam between machine models and execution backends.
+//!
+//! A machine builds guest memory and two buses (port I/O and MMIO), then asks an
+//! [`Accelerator`] for a [`Vm`] and one [`Vcpu`] per CPU. A backend's `Vcpu::run` returns an
+//! owned [`VcpuExit`] that borrows nothing, so KVM (which fills a shared `kvm_run` page) and
+//! the interpreter (which has no such page) produce the same values, and [`handle_exit`]
+//! turns any exit plus the buses into the next [`ExitAction`] without touching a backend.
+//!
+//! Lock order (documented once, relied on everywhere): a bus map lock is taken before a
+//! device's own lock; device handlers never change a bus map while handling an access.
+
+#![deny(missing_docs)]
+
+mod bus;
+mod exit;
+mod regs;
+
+pub use bus::{Bus, BusDevice, BusError, BusRange, IoBuses, MmioAddress, PioAddress};
+pub use exit::{ExitAction, VcpuExit, handle_exit};
+pub use regs::{CpuMode, DescriptorTable, Regs, Segment, SpecialRegs};
+
+use std::sync::Arc;
+
+/// Guest RAM as every backend and device sees it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap;
+
+/// Errors of the accelerator layer; backends map their own failures onto these.
+#[derive(Debug, thiserror::Error)]
+pub enum AccelError {
+    /// The backend cannot be used on this host (no device node, no permission, missing capability).
+    #[error("accelerator '{accel}' is not available: {reason}")]
+    Unavailable {
+        /// Backend name, e.g. `kvm`.
+        accel: &'static str,
+        /// What the user can do about it.
+        reason: String,
+    },
+    /// The backend works here but cannot serve this machine.
+    #[error("accelerator '{accel}' cannot run machine '{machine}': {reason}")]
+    Incompatible {
+        /// Backend name.
+        accel: &'static str,
+        /// Machine type name.
+        machine: String,
+        /// Which requirement failed.
+        reason: String,
+    },
+    /// A host call failed while creating or running the VM.
+    #[error("{what} failed")]
+    Host {
+        /// Which operation.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest did something the backend cannot continue from.
+    #[error("vCPU {vcpu}: {reason}")]
+    Guest {
+        /// vCPU index.
+        vcpu: u32,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// Interrupt controller model the machine wires its devices to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqChip {
+    /// Legacy 8259 pair only (ISA IRQs 0-15).
+    Pic,
+    /// 8259 pair plus IOAPIC and per-CPU local APICs (GSIs 0-23).
+    PicIoapic,
+}
+
+/// What a machine needs from a backend; the accelerator checks it before the machine exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineRequirements {
+    /// Machine type name, for error messages.
+    pub machine: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Interrupt controller model.
+    pub irqchip: IrqChip,
+    /// Whether an i8254 PIT must exist (microvm's `pit=on`).
+    pub pit: bool,
+}
+
+/// A system-level request raised by a device or a vCPU (reset line, power off, test exit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemEvent {
+    /// Reset the machine (i8042 0xFE, triple fault without `-no-reboot`).
+    Reset,
+    /// The guest powered off (ACPI S5) or asked to shut down.
+    Shutdown,
+    /// End the process with this status (`isa-debug-exit`).
+    Exit(i32),
+    /// The guest reported a panic (pvpanic).
+    Panic,
+}
+
+/// Receives [`SystemEvent`]s; the VMM decides what they mean (`-no-reboot`, run state, events).
+pub trait SystemEvents: Send + Sync {
+    /// Records a request; must not block and must be callable from a vCPU thread.
+    fn request(&self, event: SystemEvent);
+}
+
+/// One interrupt input (a GSI) of the VM's interrupt controller.
+pub trait IrqLine: Send + Sync {
+    /// Drives a level-triggered line.
+    fn set_level(&self, high: bool);
+    /// Raises an edge (assert then deassert).
+    fn pulse(&self) {
+        self.set_level(true);
+        self.set_level(false);
+    }
+}
+
+/// Makes a running vCPU return from [`Vcpu::run`] with [`VcpuExit::Interrupted`] soon.
+pub trait Kick: Send + Sync {
+    /// Asks the vCPU to leave guest mode; safe to call from any thread, any number of times.
+    fn kick(&self);
+}
+
+/// A hardware-assisted or interpreted execution engine that can create VMs.
+pub trait Accelerator: Send + Sync {
+    /// The `-accel` name (`kvm`, `tcg`).
+    fn name(&self) -> &'static str;
+    /// Checks that this backend can serve a machine with these needs; the error says why not.
+    fn check(&self, req: &MachineRequirements) -> Result<(), AccelError>;
+    /// Creates a VM over `memory`; PIO and MMIO the backend does not handle itself go to `buses`.
+    fn create_vm(
+        &self,
+        req: &MachineRequirements,
+        memory: Arc<GuestMemory>,
+        buses: Arc<IoBuses>,
+        events: Arc<dyn SystemEvents>,
+    ) -> Result<Box<dyn Vm>, AccelError>;
+}
+
+/// A created virtual machine: memory is attached, the interrupt controller exists.
+pub trait Vm: Send + Sync {
+    /// Creates vCPU `index` (0 is the bootstrap processor).
+    fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, AccelError>;
+    /// The input line for `gsi` of the interrupt controller.
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError>;
+    /// Platform devices the backend emulates in user space (the interpreter's PIC and PIT);
+    /// the machine maps them on its PIO bus. In-kernel backends return none.
+    fn platform_devices(&self) -> Vec<(BusRange, Arc<dyn BusDevice>)> {
+        Vec::new()
+    }
+}
+
+/// One virtual CPU. Lives on its own thread; only [`Kick`] crosses threads.
+pub trait Vcpu: Send {
+    /// vCPU index.
+    fn index(&self) -> u32;
+    /// Runs guest code until something needs the caller.
+    fn run(&mut self) -> Result<VcpuExit, AccelError>;
+    /// Supplies the value for the last [`VcpuExit::IoIn`] / [`VcpuExit::MmioRead`] before the next run.
+    fn complete_read(&mut self, data: u64);
+    /// General-purpose registers.
+    fn regs(&self) -> Result<Regs, AccelError>;
+    /// Sets general-purpose registers.
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), AccelError>;
+    /// Segment, control and descriptor-table registers.
+    fn sregs(&self) -> Result<SpecialRegs, AccelError>;
+    /// Sets segment, control and descriptor-table registers.
+    fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<(), AccelError>;
+    /// A handle other threads use to interrupt [`Vcpu::run`].
+    fn kicker(&self) -> Arc<dyn Kick>;
+}

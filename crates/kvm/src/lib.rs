@@ -1,0 +1,3 @@
+//! KVM backend for the keel accelerator seam.
+
+#![deny(missing_docs)]

@@ -1,0 +1,3 @@
+//! Interpreting x86 backend (tcg) for the keel accelerator seam.
+
+#![deny(missing_docs)]

@@ -1,0 +1,3 @@
+//! Test guests generated in code for differential and integration tests.
+
+#![deny(missing_docs)]

@@ -1,0 +1,3 @@
+//! Keel assembled: the embedding API behind the `vmm` binary.
+
+#![deny(missing_docs)]
