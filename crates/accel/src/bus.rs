@@ -64,7 +64,9 @@ pub trait BusDevice: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
     /// The new range overlaps one already mapped.
-    #[error("range {new_base:#x}+{new_len:#x} overlaps {old_base:#x}+{old_len:#x} already on the bus")]
+    #[error(
+        "range {new_base:#x}+{new_len:#x} overlaps {old_base:#x}+{old_len:#x} already on the bus"
+    )]
     Overlap {
         /// Requested base.
         new_base: u64,
@@ -121,15 +123,15 @@ impl Bus {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         let pos = entries.partition_point(|e| e.range.base < base);
         for neighbour in [pos.checked_sub(1), Some(pos)].into_iter().flatten() {
-            if let Some(e) = entries.get(neighbour) {
-                if e.range.overlaps(&range) {
-                    return Err(BusError::Overlap {
-                        new_base: base,
-                        new_len: len,
-                        old_base: e.range.base,
-                        old_len: e.range.len,
-                    });
-                }
+            if let Some(e) = entries.get(neighbour)
+                && e.range.overlaps(&range)
+            {
+                return Err(BusError::Overlap {
+                    new_base: base,
+                    new_len: len,
+                    old_base: e.range.base,
+                    old_len: e.range.len,
+                });
             }
         }
         entries.insert(pos, Entry { range, device });
@@ -264,7 +266,8 @@ mod tests {
     #[test]
     fn overlap_and_bad_ranges_are_refused() {
         let bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Recorder::default())).unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Recorder::default()))
+            .unwrap();
         assert!(matches!(
             bus.insert(0x10f, 1, Arc::new(Recorder::default())),
             Err(BusError::Overlap { .. })
@@ -287,7 +290,8 @@ mod tests {
     #[test]
     fn remove_unmaps() {
         let bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Recorder::default())).unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Recorder::default()))
+            .unwrap();
         assert!(bus.remove(0x101).is_err());
         bus.remove(0x100).unwrap();
         let mut d = [0u8; 4];

@@ -128,37 +128,75 @@ mod tests {
     #[test]
     fn fabricated_pio_round_trip() {
         let buses = IoBuses::new();
-        buses.pio.insert(0x510, 2, Arc::new(Reg(Mutex::new(0)))).unwrap();
-        let w = VcpuExit::IoOut { port: PioAddress(0x510), size: 2, data: 0xdead_beef };
+        buses
+            .pio
+            .insert(0x510, 2, Arc::new(Reg(Mutex::new(0))))
+            .unwrap();
+        let w = VcpuExit::IoOut {
+            port: PioAddress(0x510),
+            size: 2,
+            data: 0xdead_beef,
+        };
         assert_eq!(handle_exit(&w, &buses), ExitAction::Resume);
-        let r = VcpuExit::IoIn { port: PioAddress(0x510), size: 4 };
+        let r = VcpuExit::IoIn {
+            port: PioAddress(0x510),
+            size: 4,
+        };
         assert_eq!(handle_exit(&r, &buses), ExitAction::CompleteRead(0xbeef));
     }
 
     #[test]
     fn unassigned_reads_are_all_ones_of_the_access_size() {
         let buses = IoBuses::new();
-        let r = VcpuExit::IoIn { port: PioAddress(0x80), size: 1 };
+        let r = VcpuExit::IoIn {
+            port: PioAddress(0x80),
+            size: 1,
+        };
         assert_eq!(handle_exit(&r, &buses), ExitAction::CompleteRead(0xff));
-        let m = VcpuExit::MmioRead { addr: MmioAddress(0xfee0_0000), size: 4 };
-        assert_eq!(handle_exit(&m, &buses), ExitAction::CompleteRead(0xffff_ffff));
+        let m = VcpuExit::MmioRead {
+            addr: MmioAddress(0xfee0_0000),
+            size: 4,
+        };
+        assert_eq!(
+            handle_exit(&m, &buses),
+            ExitAction::CompleteRead(0xffff_ffff)
+        );
     }
 
     #[test]
     fn hostile_sizes_are_clamped() {
         let buses = IoBuses::new();
-        buses.mmio.insert(0x1000, 0x10, Arc::new(Reg(Mutex::new(7)))).unwrap();
-        let m = VcpuExit::MmioRead { addr: MmioAddress(0x1000), size: 200 };
+        buses
+            .mmio
+            .insert(0x1000, 0x10, Arc::new(Reg(Mutex::new(7))))
+            .unwrap();
+        let m = VcpuExit::MmioRead {
+            addr: MmioAddress(0x1000),
+            size: 200,
+        };
         assert_eq!(handle_exit(&m, &buses), ExitAction::CompleteRead(7));
-        let z = VcpuExit::MmioWrite { addr: MmioAddress(0x1000), size: 0, data: 9 };
+        let z = VcpuExit::MmioWrite {
+            addr: MmioAddress(0x1000),
+            size: 0,
+            data: 9,
+        };
         assert_eq!(handle_exit(&z, &buses), ExitAction::Resume);
     }
 
     #[test]
     fn lifecycle_exits_map_to_actions() {
         let buses = IoBuses::new();
-        assert_eq!(handle_exit(&VcpuExit::Halted, &buses), ExitAction::WaitForInterrupt);
-        assert_eq!(handle_exit(&VcpuExit::Shutdown, &buses), ExitAction::TripleFault);
-        assert_eq!(handle_exit(&VcpuExit::Interrupted, &buses), ExitAction::CheckRequests);
+        assert_eq!(
+            handle_exit(&VcpuExit::Halted, &buses),
+            ExitAction::WaitForInterrupt
+        );
+        assert_eq!(
+            handle_exit(&VcpuExit::Shutdown, &buses),
+            ExitAction::TripleFault
+        );
+        assert_eq!(
+            handle_exit(&VcpuExit::Interrupted, &buses),
+            ExitAction::CheckRequests
+        );
     }
 }
