@@ -1,0 +1,3 @@
+//! virtio-mmio transport (version 2) and the virtio devices Linux guests use.
+
+#![deny(missing_docs)]
