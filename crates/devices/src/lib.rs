@@ -1,3 +1,34 @@
-//! Device register machines: serial, i8042, isa-debug-exit, RTC, virtio.
+//! Device register machines for Keel's x86 machines: the 8250 UART (on vm-superio), an i8042
+//! keyboard controller, QEMU's `isa-debug-exit`, an MC146818 RTC/CMOS and the ACPI Generic
+//! Event Device registers microvm uses to power off and reset.
+//!
+//! Every device here is a register machine in the vm-superio style: it knows its registers,
+//! its interrupt output (an [`keel_accel::IrqLine`]) and the [`keel_accel::SystemEvents`] sink
+//! it reports resets and power-off to, and nothing about buses or backends. Each device type
+//! also implements [`keel_accel::BusDevice`] with one lock per device so a machine can map it
+//! on a PIO or MMIO bus directly. Guest accesses of any offset, size or value never panic.
 
 #![deny(missing_docs)]
+
+mod acpi_ged;
+mod debug_exit;
+mod i8042;
+mod rtc;
+mod serial;
+
+pub use acpi_ged::{
+    AcpiGed, GED_EVENT_SELECTOR_OFFSET, GED_MMIO_LEN, GED_REGS_OFFSET, GED_RESET, GED_RESET_VALUE,
+    GED_SLEEP_CTL, GED_SLEEP_STS,
+};
+pub use debug_exit::{DebugExit, DebugExitError};
+pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port};
+pub use rtc::{CmosMemoryLayout, Rtc, RtcDateTime};
+pub use serial::{
+    Capture, IrqTrigger, Serial, SerialError, SerialInputSignal, SerialOutput, spawn_input_thread,
+};
+
+/// Locks a mutex even if another thread panicked while holding it: device state stays usable
+/// (a register machine has no invariant a panic elsewhere could break half-way).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

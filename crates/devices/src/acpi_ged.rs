@@ -1,0 +1,125 @@
+//! The registers of an ACPI Generic Event Device (GED) as QEMU's microvm maps them, which is
+//! how a hardware-reduced ACPI guest powers off and resets.
+//!
+//! Mechanism (documented choice): microvm's FADT is hardware-reduced (no PM1 blocks), so its
+//! `SLEEP_CONTROL_REG` and `SLEEP_STATUS_REG` point at byte registers of this device and its
+//! `RESET_REG` at a third one. Linux's `poweroff` enters S5 by writing
+//! `SLP_EN | (SLP_TYP << 2)` to the sleep control register, with `SLP_TYP` taken from the DSDT's
+//! `\_S5` package (5 here, as in QEMU); this device turns that into [`SystemEvent::Shutdown`],
+//! which ends the VMM with status 0. Writing [`GED_RESET_VALUE`] to the reset register gives
+//! [`SystemEvent::Reset`]. The layout is QEMU's: event selector at offset 0 (reads 0: this
+//! device never signals events), the three registers at [`GED_REGS_OFFSET`].
+
+use std::sync::Arc;
+
+use keel_accel::{BusDevice, SystemEvent, SystemEvents};
+
+/// Offset of the 32-bit event selector (`ESEL` in the DSDT).
+pub const GED_EVENT_SELECTOR_OFFSET: u64 = 0x0;
+/// Offset of the sleep/reset register block.
+pub const GED_REGS_OFFSET: u64 = 0x200;
+/// Sleep control register, relative to [`GED_REGS_OFFSET`].
+pub const GED_SLEEP_CTL: u64 = 0;
+/// Sleep status register, relative to [`GED_REGS_OFFSET`].
+pub const GED_SLEEP_STS: u64 = 1;
+/// Reset register, relative to [`GED_REGS_OFFSET`].
+pub const GED_RESET: u64 = 2;
+/// Value the FADT's reset register takes for a reset.
+pub const GED_RESET_VALUE: u8 = 0x42;
+/// Bus length covering the selector and the register block.
+pub const GED_MMIO_LEN: u64 = GED_REGS_OFFSET + 3;
+
+const SLP_EN: u8 = 1 << 5;
+const SLP_TYP_SHIFT: u8 = 2;
+const SLP_TYP_MASK: u8 = 0x7;
+/// The `\_S5` sleep type the DSDT advertises.
+pub const SLP_TYP_S5: u8 = 5;
+
+/// GED sleep/reset registers.
+pub struct AcpiGed {
+    events: Arc<dyn SystemEvents>,
+}
+
+impl std::fmt::Debug for AcpiGed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AcpiGed")
+    }
+}
+
+impl AcpiGed {
+    /// A GED that reports power-off and reset to `events`.
+    pub fn new(events: Arc<dyn SystemEvents>) -> Self {
+        Self { events }
+    }
+
+    fn write_byte(&self, offset: u64, value: u8) {
+        match offset.checked_sub(GED_REGS_OFFSET) {
+            Some(GED_SLEEP_CTL)
+                if value & SLP_EN != 0 && (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == SLP_TYP_S5 =>
+            {
+                self.events.request(SystemEvent::Shutdown);
+            }
+            Some(GED_RESET) if value == GED_RESET_VALUE => {
+                self.events.request(SystemEvent::Reset);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for AcpiGed {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        // Nothing is ever pending: the selector, sleep status and reset registers read 0.
+        data.fill(0);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        // The registers are byte-wide; a wider write reaches only the first.
+        if let Some(&v) = data.first() {
+            self.write_byte(offset, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Rec(Mutex<Vec<SystemEvent>>);
+    impl SystemEvents for Rec {
+        fn request(&self, e: SystemEvent) {
+            self.0.lock().unwrap().push(e);
+        }
+    }
+
+    #[test]
+    fn s5_powers_off_and_reset_value_resets() {
+        let rec = Arc::new(Rec::default());
+        let g = AcpiGed::new(rec.clone());
+        g.write(GED_REGS_OFFSET + GED_SLEEP_CTL, &[SLP_EN | (5 << 2)]);
+        g.write(GED_REGS_OFFSET + GED_SLEEP_CTL, &[5 << 2]); // no SLP_EN
+        g.write(GED_REGS_OFFSET + GED_SLEEP_CTL, &[SLP_EN | (3 << 2)]); // S3: ignored
+        g.write(GED_REGS_OFFSET + GED_RESET, &[0x41]);
+        g.write(GED_REGS_OFFSET + GED_RESET, &[GED_RESET_VALUE]);
+        assert_eq!(
+            rec.0.lock().unwrap().as_slice(),
+            &[SystemEvent::Shutdown, SystemEvent::Reset]
+        );
+    }
+
+    #[test]
+    fn hostile_accesses_never_panic() {
+        let rec = Arc::new(Rec::default());
+        let g = AcpiGed::new(rec);
+        for off in [0, 1, 0x1ff, 0x200, 0x201, 0x202, 0x203, u64::MAX] {
+            for len in 0..=8 {
+                let mut d = vec![0xaa; len];
+                g.read(off, &mut d);
+                assert!(d.iter().all(|&b| b == 0));
+                g.write(off, &vec![0x00; len]);
+            }
+        }
+    }
+}

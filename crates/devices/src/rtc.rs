@@ -1,0 +1,571 @@
+//! MC146818 real-time clock and CMOS memory at ports 0x70 (index) / 0x71 (data).
+//!
+//! Time is the host's clock (UTC, as QEMU's default `-rtc base=utc`) plus an offset the guest
+//! changes by writing the time registers. Register B selects BCD or binary and 12- or 24-hour
+//! format (power-on: BCD, 24-hour, as QEMU); register A's update-in-progress bit is set for the
+//! last 244 µs of every second, so guests that wait for it behave as on hardware; setting
+//! register B's SET bit freezes the clock while the guest writes it. Register C's flags are
+//! computed when read (update-ended once a second, alarm when the alarm registers match);
+//! this model raises no IRQ 8 (periodic and alarm interrupts are not delivered).
+//! CMOS bytes 0x15-0x18, 0x30-0x31, 0x34-0x35 and 0x5b-0x5d carry the memory size the way
+//! QEMU's microvm fills them ([`Rtc::set_memory_layout`]).
+
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use keel_accel::BusDevice;
+
+use crate::lock;
+
+const REG_SECONDS: u8 = 0x00;
+const REG_SECONDS_ALARM: u8 = 0x01;
+const REG_MINUTES: u8 = 0x02;
+const REG_MINUTES_ALARM: u8 = 0x03;
+const REG_HOURS: u8 = 0x04;
+const REG_HOURS_ALARM: u8 = 0x05;
+const REG_DAY_OF_WEEK: u8 = 0x06;
+const REG_DAY_OF_MONTH: u8 = 0x07;
+const REG_MONTH: u8 = 0x08;
+const REG_YEAR: u8 = 0x09;
+const REG_A: u8 = 0x0a;
+const REG_B: u8 = 0x0b;
+const REG_C: u8 = 0x0c;
+const REG_D: u8 = 0x0d;
+const REG_CENTURY: u8 = 0x32;
+
+const A_UIP: u8 = 0x80;
+const B_SET: u8 = 0x80;
+const B_AIE: u8 = 0x20;
+const B_UIE: u8 = 0x10;
+const B_PIE: u8 = 0x40;
+const B_BINARY: u8 = 0x04;
+const B_24H: u8 = 0x02;
+const C_IRQF: u8 = 0x80;
+const C_AF: u8 = 0x20;
+const C_UF: u8 = 0x10;
+const D_VRT: u8 = 0x80;
+
+const NANOS: i128 = 1_000_000_000;
+/// Length of the update cycle at the end of each second, in nanoseconds.
+const UIP_NANOS: i128 = 244_000;
+
+/// A calendar time, UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtcDateTime {
+    /// Full year, e.g. 2026.
+    pub year: i64,
+    /// 1-12.
+    pub month: u32,
+    /// 1-31.
+    pub day: u32,
+    /// 0-23.
+    pub hour: u32,
+    /// 0-59.
+    pub minute: u32,
+    /// 0-59.
+    pub second: u32,
+    /// 1 (Sunday) - 7 (Saturday), as the RTC counts.
+    pub weekday: u32,
+}
+
+impl RtcDateTime {
+    /// Splits seconds since the Unix epoch.
+    pub fn from_unix(secs: i64) -> Self {
+        let days = secs.div_euclid(86_400);
+        let rem = secs.rem_euclid(86_400);
+        let (year, month, day) = civil_from_days(days);
+        Self {
+            year,
+            month,
+            day,
+            hour: (rem / 3600) as u32,
+            minute: (rem / 60 % 60) as u32,
+            second: (rem % 60) as u32,
+            weekday: (days + 4).rem_euclid(7) as u32 + 1,
+        }
+    }
+
+    /// Seconds since the Unix epoch (fields out of range are clamped first).
+    pub fn to_unix(&self) -> i64 {
+        let month = self.month.clamp(1, 12);
+        let day = self.day.clamp(1, 31);
+        let days = days_from_civil(self.year.clamp(0, 9999), month, day);
+        days * 86_400
+            + i64::from(self.hour.min(23)) * 3600
+            + i64::from(self.minute.min(59)) * 60
+            + i64::from(self.second.min(59))
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// (year, month 1-12, day 1-31) to days since 1970-01-01.
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((month + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Guest RAM sizes the CMOS reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CmosMemoryLayout {
+    /// RAM below 4 GiB, bytes.
+    pub below_4g: u64,
+    /// RAM above 4 GiB, bytes.
+    pub above_4g: u64,
+}
+
+/// Host wall clock in nanoseconds since the Unix epoch.
+pub type Clock = Box<dyn Fn() -> i128 + Send + Sync>;
+
+fn host_clock() -> i128 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    index: u8,
+    cmos: [u8; 128],
+    /// Guest time minus host time, nanoseconds.
+    offset: i128,
+    /// While register B's SET bit is on: the frozen guest time, seconds.
+    frozen: Option<i64>,
+    /// Guest second at the last read of register C (for the update-ended flag).
+    last_c_second: i64,
+}
+
+/// The RTC/CMOS device (two ports: index and data).
+pub struct Rtc {
+    state: Mutex<State>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Rtc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rtc").finish_non_exhaustive()
+    }
+}
+
+impl Default for Rtc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn to_bcd(v: u32) -> u8 {
+    let v = v % 100;
+    ((v / 10) << 4 | (v % 10)) as u8
+}
+
+fn from_bcd(v: u8) -> u32 {
+    u32::from(v >> 4) * 10 + u32::from(v & 0x0f)
+}
+
+impl Rtc {
+    /// Number of ports (index, data).
+    pub const LEN: u64 = 2;
+
+    /// An RTC on the host's clock.
+    pub fn new() -> Self {
+        Self::with_clock(Box::new(host_clock))
+    }
+
+    /// An RTC on `clock` (tests use a fixed one).
+    pub fn with_clock(clock: Clock) -> Self {
+        let mut cmos = [0u8; 128];
+        cmos[usize::from(REG_A)] = 0x26;
+        cmos[usize::from(REG_B)] = B_24H;
+        cmos[usize::from(REG_D)] = D_VRT;
+        let rtc = Self {
+            state: Mutex::new(State {
+                index: 0,
+                cmos,
+                offset: 0,
+                frozen: None,
+                last_c_second: 0,
+            }),
+            clock,
+        };
+        let now = rtc.guest_nanos(&lock(&rtc.state));
+        lock(&rtc.state).last_c_second = now.div_euclid(NANOS) as i64;
+        rtc
+    }
+
+    /// Fills the memory-size bytes as QEMU's microvm does.
+    pub fn set_memory_layout(&self, mem: CmosMemoryLayout) {
+        const KIB: u64 = 1024;
+        const MIB: u64 = 1024 * KIB;
+        let mut s = lock(&self.state);
+        let mut set = |i: usize, v: u64| s.cmos[i] = v as u8;
+        let base = (mem.below_4g / KIB).min(640);
+        set(0x15, base);
+        set(0x16, base >> 8);
+        let ext = (mem.below_4g.saturating_sub(MIB) / KIB).min(65535);
+        set(0x17, ext);
+        set(0x18, ext >> 8);
+        set(0x30, ext);
+        set(0x31, ext >> 8);
+        let high = (mem.below_4g.saturating_sub(16 * MIB) / (64 * KIB)).min(65535);
+        set(0x34, high);
+        set(0x35, high >> 8);
+        let above = mem.above_4g / (64 * KIB);
+        set(0x5b, above);
+        set(0x5c, above >> 8);
+        set(0x5d, above >> 16);
+    }
+
+    /// A CMOS byte as the guest would read it through the data port (for tests and firmware).
+    pub fn cmos_byte(&self, index: u8) -> u8 {
+        let mut s = lock(&self.state);
+        self.read_reg(&mut s, index & 0x7f)
+    }
+
+    /// Resets the index and control registers; time and CMOS contents persist (battery-backed).
+    pub fn reset(&self) {
+        let mut s = lock(&self.state);
+        s.index = 0;
+        s.cmos[usize::from(REG_B)] &= !(B_PIE | B_AIE | B_UIE | B_SET);
+        s.cmos[usize::from(REG_C)] = 0;
+        if let Some(f) = s.frozen.take() {
+            s.offset = i128::from(f) * NANOS - (self.clock)();
+        }
+    }
+
+    fn guest_nanos(&self, s: &State) -> i128 {
+        match s.frozen {
+            Some(f) => i128::from(f) * NANOS,
+            None => (self.clock)().saturating_add(s.offset),
+        }
+    }
+
+    fn encode(&self, s: &State, v: u32) -> u8 {
+        if s.cmos[usize::from(REG_B)] & B_BINARY != 0 {
+            v as u8
+        } else {
+            to_bcd(v)
+        }
+    }
+
+    fn decode(&self, s: &State, v: u8) -> u32 {
+        if s.cmos[usize::from(REG_B)] & B_BINARY != 0 {
+            u32::from(v)
+        } else {
+            from_bcd(v)
+        }
+    }
+
+    fn encode_hour(&self, s: &State, hour: u32) -> u8 {
+        if s.cmos[usize::from(REG_B)] & B_24H != 0 {
+            return self.encode(s, hour);
+        }
+        let h12 = if hour.is_multiple_of(12) {
+            12
+        } else {
+            hour % 12
+        };
+        self.encode(s, h12) | if hour >= 12 { 0x80 } else { 0 }
+    }
+
+    fn decode_hour(&self, s: &State, v: u8) -> u32 {
+        if s.cmos[usize::from(REG_B)] & B_24H != 0 {
+            return self.decode(s, v);
+        }
+        let h = self.decode(s, v & 0x7f) % 12;
+        if v & 0x80 != 0 { h + 12 } else { h }
+    }
+
+    fn read_reg(&self, s: &mut State, index: u8) -> u8 {
+        let nanos = self.guest_nanos(s);
+        let t = RtcDateTime::from_unix(nanos.div_euclid(NANOS) as i64);
+        match index {
+            REG_SECONDS => self.encode(s, t.second),
+            REG_MINUTES => self.encode(s, t.minute),
+            REG_HOURS => self.encode_hour(s, t.hour),
+            REG_DAY_OF_WEEK => self.encode(s, t.weekday),
+            REG_DAY_OF_MONTH => self.encode(s, t.day),
+            REG_MONTH => self.encode(s, t.month),
+            REG_YEAR => self.encode(s, (t.year % 100) as u32),
+            REG_CENTURY => self.encode(s, (t.year / 100) as u32),
+            REG_A => {
+                let a = s.cmos[usize::from(REG_A)] & !A_UIP;
+                let in_update = s.frozen.is_none() && nanos.rem_euclid(NANOS) >= NANOS - UIP_NANOS;
+                a | if in_update { A_UIP } else { 0 }
+            }
+            REG_C => {
+                let b = s.cmos[usize::from(REG_B)];
+                let second = nanos.div_euclid(NANOS) as i64;
+                let mut flags = 0;
+                if s.frozen.is_none() && second != s.last_c_second {
+                    flags |= C_UF;
+                }
+                s.last_c_second = second;
+                let alarm_match = |reg: u8, v: u32| {
+                    let a = s.cmos[usize::from(reg)];
+                    a & 0xc0 == 0xc0 || a == self.encode(s, v)
+                };
+                if alarm_match(REG_SECONDS_ALARM, t.second)
+                    && alarm_match(REG_MINUTES_ALARM, t.minute)
+                    && {
+                        let a = s.cmos[usize::from(REG_HOURS_ALARM)];
+                        a & 0xc0 == 0xc0 || a == self.encode_hour(s, t.hour)
+                    }
+                {
+                    flags |= C_AF;
+                }
+                if flags & b & (B_AIE | B_UIE) != 0 {
+                    flags |= C_IRQF;
+                }
+                flags
+            }
+            REG_D => D_VRT,
+            _ => s.cmos[usize::from(index & 0x7f)],
+        }
+    }
+
+    fn write_reg(&self, s: &mut State, index: u8, v: u8) {
+        let time_field = matches!(
+            index,
+            REG_SECONDS
+                | REG_MINUTES
+                | REG_HOURS
+                | REG_DAY_OF_WEEK
+                | REG_DAY_OF_MONTH
+                | REG_MONTH
+                | REG_YEAR
+                | REG_CENTURY
+        );
+        if time_field {
+            let nanos = self.guest_nanos(s);
+            let mut t = RtcDateTime::from_unix(nanos.div_euclid(NANOS) as i64);
+            match index {
+                REG_SECONDS => t.second = self.decode(s, v),
+                REG_MINUTES => t.minute = self.decode(s, v),
+                REG_HOURS => t.hour = self.decode_hour(s, v),
+                REG_DAY_OF_MONTH => t.day = self.decode(s, v),
+                REG_MONTH => t.month = self.decode(s, v),
+                REG_YEAR => t.year = t.year / 100 * 100 + i64::from(self.decode(s, v) % 100),
+                REG_CENTURY => t.year = i64::from(self.decode(s, v)) * 100 + t.year % 100,
+                // The weekday follows from the date.
+                _ => {}
+            }
+            let secs = t.to_unix();
+            match s.frozen {
+                Some(_) => s.frozen = Some(secs),
+                None => {
+                    let sub = nanos.rem_euclid(NANOS);
+                    s.offset = i128::from(secs) * NANOS + sub - (self.clock)();
+                }
+            }
+            return;
+        }
+        match index {
+            REG_A => s.cmos[usize::from(REG_A)] = v & !A_UIP,
+            REG_B => {
+                let was_set = s.cmos[usize::from(REG_B)] & B_SET != 0;
+                let now_set = v & B_SET != 0;
+                if now_set && !was_set {
+                    s.frozen = Some(self.guest_nanos(s).div_euclid(NANOS) as i64);
+                } else if !now_set && let Some(f) = s.frozen.take() {
+                    s.offset = i128::from(f) * NANOS - (self.clock)();
+                }
+                s.cmos[usize::from(REG_B)] = v;
+            }
+            REG_C | REG_D => {}
+            _ => s.cmos[usize::from(index & 0x7f)] = v,
+        }
+    }
+}
+
+impl BusDevice for Rtc {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        let Some(b) = data.first_mut() else { return };
+        let mut s = lock(&self.state);
+        match offset {
+            // The index port is write-only on real chips; QEMU reads 0xff.
+            0 => *b = 0xff,
+            1 => {
+                let idx = s.index;
+                *b = self.read_reg(&mut s, idx);
+            }
+            _ => {}
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        let mut s = lock(&self.state);
+        match offset {
+            // Bit 7 of the index is the NMI mask on a PC; it is not part of the index.
+            0 => s.index = v & 0x7f,
+            1 => {
+                let idx = s.index;
+                self.write_reg(&mut s, idx, v);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    // 2026-11-25 19:48:45 UTC, a Wednesday.
+    const T0: i64 = 1_795_636_125;
+
+    fn fixed(at: Arc<AtomicI64>) -> Rtc {
+        Rtc::with_clock(Box::new(move || i128::from(at.load(Ordering::SeqCst))))
+    }
+
+    fn rd(r: &Rtc, idx: u8) -> u8 {
+        r.write(0, &[idx]);
+        let mut b = [0];
+        r.read(1, &mut b);
+        b[0]
+    }
+
+    fn wr(r: &Rtc, idx: u8, v: u8) {
+        r.write(0, &[idx]);
+        r.write(1, &[v]);
+    }
+
+    #[test]
+    fn calendar_round_trips() {
+        let t = RtcDateTime::from_unix(T0);
+        assert_eq!(
+            (
+                t.year, t.month, t.day, t.hour, t.minute, t.second, t.weekday
+            ),
+            (2026, 11, 25, 19, 48, 45, 4)
+        );
+        for s in [0, 951_782_400 /* 2000-02-29 */, T0, 4_102_444_800] {
+            assert_eq!(RtcDateTime::from_unix(s).to_unix(), s);
+        }
+        assert_eq!(RtcDateTime::from_unix(951_782_400).day, 29);
+    }
+
+    #[test]
+    fn reads_host_time_in_bcd_24h_by_default() {
+        let now = Arc::new(AtomicI64::new(T0 * 1_000_000_000));
+        let r = fixed(now);
+        assert_eq!(rd(&r, REG_SECONDS), 0x45);
+        assert_eq!(rd(&r, REG_MINUTES), 0x48);
+        assert_eq!(rd(&r, REG_HOURS), 0x19);
+        assert_eq!(rd(&r, REG_DAY_OF_MONTH), 0x25);
+        assert_eq!(rd(&r, REG_MONTH), 0x11);
+        assert_eq!(rd(&r, REG_YEAR), 0x26);
+        assert_eq!(rd(&r, REG_CENTURY), 0x20);
+        assert_eq!(rd(&r, REG_DAY_OF_WEEK), 4);
+        assert_eq!(rd(&r, REG_D), 0x80);
+    }
+
+    #[test]
+    fn binary_and_12h_modes() {
+        let now = Arc::new(AtomicI64::new(T0 * 1_000_000_000));
+        let r = fixed(now);
+        wr(&r, REG_B, B_BINARY); // binary, 12h
+        assert_eq!(rd(&r, REG_SECONDS), 45);
+        assert_eq!(rd(&r, REG_HOURS), 0x80 | 7);
+        wr(&r, REG_B, 0); // BCD, 12h
+        assert_eq!(rd(&r, REG_HOURS), 0x80 | 0x07);
+    }
+
+    #[test]
+    fn update_in_progress_near_the_second_boundary() {
+        let now = Arc::new(AtomicI64::new(T0 * 1_000_000_000 + 500_000_000));
+        let r = fixed(now.clone());
+        assert_eq!(rd(&r, REG_A) & A_UIP, 0);
+        now.store(T0 * 1_000_000_000 + 999_900_000, Ordering::SeqCst);
+        assert_eq!(rd(&r, REG_A) & A_UIP, A_UIP);
+        assert_eq!(rd(&r, REG_A) & 0x7f, 0x26);
+    }
+
+    #[test]
+    fn guest_sets_the_clock_and_it_keeps_running() {
+        let now = Arc::new(AtomicI64::new(T0 * 1_000_000_000));
+        let r = fixed(now.clone());
+        wr(&r, REG_B, B_SET | B_24H);
+        wr(&r, REG_HOURS, 0x08);
+        wr(&r, REG_YEAR, 0x30);
+        now.fetch_add(5_000_000_000, Ordering::SeqCst);
+        assert_eq!(rd(&r, REG_SECONDS), 0x45, "frozen while SET");
+        wr(&r, REG_B, B_24H);
+        now.fetch_add(3_000_000_000, Ordering::SeqCst);
+        assert_eq!(rd(&r, REG_HOURS), 0x08);
+        assert_eq!(rd(&r, REG_YEAR), 0x30);
+        assert_eq!(rd(&r, REG_SECONDS), 0x48);
+    }
+
+    #[test]
+    fn update_flag_in_register_c() {
+        let now = Arc::new(AtomicI64::new(T0 * 1_000_000_000));
+        let r = fixed(now.clone());
+        wr(&r, REG_B, B_24H | B_UIE);
+        rd(&r, REG_C);
+        assert_eq!(rd(&r, REG_C) & C_UF, 0);
+        now.fetch_add(1_000_000_000, Ordering::SeqCst);
+        assert_eq!(rd(&r, REG_C) & (C_UF | C_IRQF), C_UF | C_IRQF);
+        assert_eq!(rd(&r, REG_C) & C_UF, 0);
+    }
+
+    #[test]
+    fn cmos_memory_bytes_like_qemu() {
+        let r = Rtc::new();
+        r.set_memory_layout(CmosMemoryLayout {
+            below_4g: 128 << 20,
+            above_4g: 1 << 30,
+        });
+        assert_eq!(r.cmos_byte(0x15), (640 & 0xff) as u8);
+        assert_eq!(r.cmos_byte(0x16), (640 >> 8) as u8);
+        let ext = 65535u16; // 127 MiB of extended memory saturates
+        assert_eq!([r.cmos_byte(0x17), r.cmos_byte(0x18)], ext.to_le_bytes());
+        assert_eq!([r.cmos_byte(0x30), r.cmos_byte(0x31)], ext.to_le_bytes());
+        let high = (112 * 16) as u16;
+        assert_eq!([r.cmos_byte(0x34), r.cmos_byte(0x35)], high.to_le_bytes());
+        assert_eq!(
+            [r.cmos_byte(0x5b), r.cmos_byte(0x5c), r.cmos_byte(0x5d)],
+            [0, 0x40, 0]
+        );
+    }
+
+    #[test]
+    fn plain_cmos_bytes_and_hostile_accesses() {
+        let r = Rtc::new();
+        wr(&r, 0x80 | 0x40, 0x5a); // NMI-mask bit is not part of the index
+        assert_eq!(rd(&r, 0x40), 0x5a);
+        for idx in 0..=255u8 {
+            for v in [0u8, 0x7f, 0x80, 0x99, 0xff] {
+                wr(&r, idx, v);
+                rd(&r, idx);
+            }
+        }
+        for off in [0, 1, 2, u64::MAX] {
+            for len in 0..=8 {
+                let mut b = vec![0; len];
+                r.read(off, &mut b);
+                r.write(off, &b);
+            }
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! 8250/16550A UART on vm-superio's `Serial`, interrupt-driven in both directions.
+//!
+//! Output goes to a [`SerialOutput`] (stdout, a file, nowhere, or an in-memory [`Capture`]).
+//! Input comes from [`spawn_input_thread`]: a thread that reads a host stream (stdin) and feeds
+//! the receive FIFO with `enqueue_raw_bytes`, which raises the receive interrupt; when the FIFO
+//! is full the thread waits until the guest drains it (vm-superio's `in_buffer_empty` event).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use keel_accel::{BusDevice, IrqLine};
+use vm_superio::Trigger;
+use vm_superio::serial::{Error as SuperioError, SerialEvents};
+
+use crate::lock;
+
+/// Errors of the serial device and its input thread.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The serial output file could not be opened.
+    #[error("cannot open serial output file {path}")]
+    OpenOutput {
+        /// The path given by the user.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The input thread could not be started.
+    #[error("cannot start the serial input thread")]
+    SpawnInput(#[source] io::Error),
+}
+
+/// Drives a UART's interrupt line: vm-superio raises an edge per interrupt condition.
+pub struct IrqTrigger(pub Arc<dyn IrqLine>);
+
+impl std::fmt::Debug for IrqTrigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IrqTrigger")
+    }
+}
+
+impl Trigger for IrqTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.pulse();
+        Ok(())
+    }
+}
+
+/// Largest number of bytes a [`Capture`] keeps; later output is dropped (tests never need more,
+/// and a guest must not be able to grow host memory without bound).
+pub const CAPTURE_LIMIT: usize = 16 << 20;
+
+/// An in-memory serial sink, for tests and embedders that want the guest's output as bytes.
+#[derive(Debug, Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// An empty capture.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Everything written so far (up to [`CAPTURE_LIMIT`] bytes).
+    pub fn contents(&self) -> Vec<u8> {
+        lock(&self.0).clone()
+    }
+
+    /// The output so far as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.0)).into_owned()
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut v = lock(&self.0);
+        let room = CAPTURE_LIMIT.saturating_sub(v.len());
+        v.extend_from_slice(&buf[..buf.len().min(room)]);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the UART's transmitted bytes go (`-serial stdio|file:PATH|null`).
+#[derive(Debug)]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file (created or truncated).
+    File(File),
+    /// Discard.
+    Null,
+    /// Keep in memory.
+    Capture(Capture),
+}
+
+impl SerialOutput {
+    /// Opens `path` for `-serial file:PATH` (created, truncated).
+    pub fn file(path: &str) -> Result<Self, SerialError> {
+        File::create(path)
+            .map(SerialOutput::File)
+            .map_err(|source| SerialError::OpenOutput {
+                path: path.to_string(),
+                source,
+            })
+    }
+
+    fn into_writer(self) -> Box<dyn Write + Send> {
+        match self {
+            SerialOutput::Stdout => Box::new(io::stdout()),
+            SerialOutput::File(f) => Box::new(f),
+            SerialOutput::Null => Box::new(io::sink()),
+            SerialOutput::Capture(c) => Box::new(c),
+        }
+    }
+}
+
+/// Wakes the input thread when the guest has emptied the receive FIFO.
+#[derive(Debug, Default)]
+pub struct SerialInputSignal {
+    space: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl SerialInputSignal {
+    fn notify(&self) {
+        *lock(&self.space) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits up to `timeout` for the FIFO to drain; a timed-out wait just retries.
+    fn wait(&self, timeout: Duration) {
+        let mut space = lock(&self.space);
+        if !*space {
+            space = match self.cv.wait_timeout(space, timeout) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        *space = false;
+    }
+}
+
+/// The vm-superio event hooks: only "input buffer empty" matters (input flow control).
+#[derive(Debug, Clone)]
+pub struct InputEvents(Arc<SerialInputSignal>);
+
+impl SerialEvents for InputEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        self.0.notify();
+    }
+}
+
+type Uart = vm_superio::Serial<IrqTrigger, InputEvents, Box<dyn Write + Send>>;
+
+/// A 16550A UART with eight byte-wide registers, mapped at e.g. 0x3f8 (COM1) with IRQ 4.
+pub struct Serial {
+    uart: Mutex<Uart>,
+    signal: Arc<SerialInputSignal>,
+    irq: Arc<dyn IrqLine>,
+}
+
+impl std::fmt::Debug for Serial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serial").finish_non_exhaustive()
+    }
+}
+
+impl Serial {
+    /// Number of register bytes (the bus range length).
+    pub const LEN: u64 = 8;
+
+    /// A UART that raises `irq` and writes to `output`.
+    pub fn new(irq: Arc<dyn IrqLine>, output: SerialOutput) -> Self {
+        let signal = Arc::new(SerialInputSignal::default());
+        let uart = vm_superio::Serial::with_events(
+            IrqTrigger(irq.clone()),
+            InputEvents(signal.clone()),
+            output.into_writer(),
+        );
+        Self {
+            uart: Mutex::new(uart),
+            signal,
+            irq,
+        }
+    }
+
+    /// Reads register `offset` (0..8); other offsets read 0.
+    pub fn read_reg(&self, offset: u64) -> u8 {
+        match u8::try_from(offset) {
+            Ok(o) if u64::from(o) < Self::LEN => lock(&self.uart).read(o),
+            _ => 0,
+        }
+    }
+
+    /// Writes register `offset` (0..8); other offsets are ignored. Output errors lose the byte
+    /// (a UART cannot push back on the guest), as on real hardware with no cable attached.
+    pub fn write_reg(&self, offset: u64, value: u8) {
+        if let Ok(o) = u8::try_from(offset)
+            && u64::from(o) < Self::LEN
+        {
+            let _lost_on_error = lock(&self.uart).write(o, value);
+        }
+    }
+
+    /// Queues host bytes for the guest; returns how many fit (0 when the FIFO is full).
+    pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
+        match lock(&self.uart).enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(SuperioError::FullFifo) => 0,
+            Err(_) => 0,
+        }
+    }
+
+    /// Returns the UART to its power-on register state, keeping its output and interrupt line.
+    pub fn reset(&self) {
+        let mut uart = lock(&self.uart);
+        let placeholder: Box<dyn Write + Send> = Box::new(io::sink());
+        let old = std::mem::replace(
+            &mut *uart,
+            vm_superio::Serial::with_events(
+                IrqTrigger(self.irq.clone()),
+                InputEvents(self.signal.clone()),
+                placeholder,
+            ),
+        );
+        *uart = vm_superio::Serial::with_events(
+            IrqTrigger(self.irq.clone()),
+            InputEvents(self.signal.clone()),
+            old.into_writer(),
+        );
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        // Wider accesses are split into byte accesses, as QEMU's 8250 (1-byte implementation).
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.read_reg(offset.saturating_add(i as u64));
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        for (i, b) in data.iter().enumerate() {
+            self.write_reg(offset.saturating_add(i as u64), *b);
+        }
+    }
+}
+
+/// Starts a thread that copies `input` (e.g. stdin) into `serial`'s receive FIFO until EOF or a
+/// read error. The guest is interrupted for each batch; when the FIFO is full the thread waits
+/// for the guest to drain it. The thread holds only an `Arc` and ends with the stream.
+pub fn spawn_input_thread(
+    serial: Arc<Serial>,
+    mut input: Box<dyn Read + Send>,
+) -> Result<JoinHandle<()>, SerialError> {
+    std::thread::Builder::new()
+        .name("serial-input".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                let mut off = 0;
+                while off < n {
+                    let k = serial.enqueue_input(&buf[off..n]);
+                    off += k;
+                    if k == 0 {
+                        serial.signal.wait(Duration::from_millis(20));
+                    }
+                }
+            }
+        })
+        .map_err(SerialError::SpawnInput)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Default)]
+    struct CountIrq(AtomicU32);
+    impl IrqLine for CountIrq {
+        fn set_level(&self, high: bool) {
+            if high {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn uart() -> (Serial, Capture, Arc<CountIrq>) {
+        let irq = Arc::new(CountIrq::default());
+        let cap = Capture::new();
+        (
+            Serial::new(irq.clone(), SerialOutput::Capture(cap.clone())),
+            cap,
+            irq,
+        )
+    }
+
+    #[test]
+    fn transmit_reaches_output() {
+        let (s, cap, _) = uart();
+        for b in b"hi\n" {
+            BusDevice::write(&s, 0, &[*b]);
+        }
+        assert_eq!(cap.text(), "hi\n");
+        let mut lsr = [0u8];
+        BusDevice::read(&s, 5, &mut lsr);
+        assert_eq!(lsr[0] & 0x60, 0x60, "THR empty and idle");
+    }
+
+    #[test]
+    fn receive_is_interrupt_driven() {
+        let (s, _, irq) = uart();
+        s.write_reg(1, 0x01); // IER: receive data available
+        assert_eq!(s.enqueue_input(b"ab"), 2);
+        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        assert_eq!(s.read_reg(5) & 1, 1, "LSR data ready");
+        assert_eq!(s.read_reg(2) & 0x0f, 0x04, "IIR: RDA");
+        assert_eq!(s.read_reg(0), b'a');
+        assert_eq!(s.read_reg(0), b'b');
+        assert_eq!(s.read_reg(5) & 1, 0);
+    }
+
+    #[test]
+    fn transmit_interrupt_when_enabled() {
+        let (s, _, irq) = uart();
+        s.write_reg(1, 0x02); // IER: THR empty
+        assert!(irq.0.load(Ordering::SeqCst) >= 1);
+    }
+
+    #[test]
+    fn input_thread_feeds_guest_with_backpressure() {
+        let (s, _, _) = uart();
+        let s = Arc::new(s);
+        let data: Vec<u8> = (0..200u32).map(|i| (i % 251) as u8).collect();
+        let t = spawn_input_thread(s.clone(), Box::new(io::Cursor::new(data.clone()))).unwrap();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < data.len() && std::time::Instant::now() < deadline {
+            if s.read_reg(5) & 1 == 1 {
+                got.push(s.read_reg(0));
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        t.join().unwrap();
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn reset_restores_power_on_state() {
+        let (s, cap, _) = uart();
+        s.write_reg(3, 0x80);
+        s.write_reg(7, 0x55);
+        s.enqueue_input(b"x");
+        s.reset();
+        assert_eq!(s.read_reg(3), 0x03);
+        assert_eq!(s.read_reg(7), 0);
+        assert_eq!(s.read_reg(5) & 1, 0);
+        s.write_reg(0, b'z');
+        assert_eq!(cap.text(), "z");
+    }
+
+    #[test]
+    fn hostile_accesses_never_panic() {
+        let (s, _, _) = uart();
+        for off in [0u64, 7, 8, 255, 256, u64::MAX - 1, u64::MAX] {
+            for len in [0usize, 1, 2, 4, 8] {
+                let mut d = vec![0u8; len];
+                BusDevice::read(&s, off, &mut d);
+                BusDevice::write(&s, off, &vec![0xffu8; len]);
+            }
+        }
+        for v in 0..=255u8 {
+            for off in 0..8 {
+                s.write_reg(off, v);
+                s.read_reg(off);
+            }
+        }
+    }
+}
