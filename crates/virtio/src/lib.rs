@@ -1,3 +1,132 @@
 //! virtio-mmio transport (version 2) and the virtio devices Linux guests use.
+//!
+//! Layout:
+//! * [`MmioTransport`] is a [`keel_accel::BusDevice`] that implements the virtio-mmio
+//!   register block (modern layout, `Version == 2`) for any [`VirtioDevice`].
+//! * Devices: [`Block`] (`virtio-blk-device`, raw file), [`Rng`] (`virtio-rng-device`,
+//!   host `/dev/urandom`), [`Console`] (single-port virtio console, shown by Linux as `hvc0`),
+//!   [`Net`] (`virtio-net-device`, tap or any [`NetBackend`]).
+//! * [`Interrupt`] is the device's side of the interrupt: the interrupt status register,
+//!   the level-triggered [`keel_accel::IrqLine`], the `DEVICE_NEEDS_RESET` flag and the
+//!   config generation, shared by the transport and whatever thread processes a queue.
+//! * [`VirtioMmioSlot`] describes where a device sits (MMIO window, IRQ) so a machine can
+//!   list it in the ACPI DSDT (`LNRO0005`) or on the kernel command line.
+//!
+//! Guest-controlled rings are treated as hostile: every descriptor chain is walked with
+//! virtio-queue's bounded iterator, checked against guest memory and against the
+//! readable-then-writable order before any byte moves. A driver error that leaves no
+//! way to answer the request puts the device into a defined error state (the transport
+//! shows `DEVICE_NEEDS_RESET` and the device processes nothing until the driver resets
+//! it); request-level errors (bad sector, write to a read-only disk) are answered with an
+//! error status. Nothing a guest writes can panic or hang the VMM.
+//!
+//! This crate is separate from `keel-devices` so that embedders of the legacy devices
+//! (serial, i8042, ...) do not pull in virtio-queue.
 
 #![deny(missing_docs)]
+
+mod block;
+mod chain;
+mod console;
+mod device;
+mod mmio;
+mod net;
+mod rng;
+mod slot;
+mod tap;
+#[cfg(test)]
+mod testutil;
+
+pub use block::{Block, BlockConfig};
+pub use console::{Console, ConsoleInput};
+pub use device::{Activation, Interrupt, VirtioDevice};
+pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook};
+pub use net::{Net, NetBackend, NetConfig, RxState};
+pub use rng::Rng;
+pub use slot::{MMIO_WINDOW_SIZE, VirtioMmioSlot};
+pub use tap::Tap;
+
+/// The `Magic` register value: "virt" in little-endian ASCII.
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// The `Version` register value of the modern virtio-mmio layout.
+pub const MMIO_VERSION: u32 = 2;
+/// The `VendorID` register value ("QEMU", as QEMU reports, so guests see the same values).
+pub const MMIO_VENDOR_ID: u32 = 0x554d_4551;
+
+/// Feature bit numbers shared by all device types (virtio 1.x, section 6).
+pub mod features {
+    /// The device accepts indirect descriptor tables.
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    /// Used/available event index notification suppression (not offered by Keel's devices).
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// Modern (non-legacy) device; every Keel device requires it.
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Errors of the virtio devices and their backends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The disk image could not be opened.
+    #[error(
+        "cannot open disk image '{path}' (check the path and permissions, or use read-only=on)"
+    )]
+    OpenImage {
+        /// Path given by `filename=`.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk image's size could not be read.
+    #[error("cannot read the size of disk image '{path}'")]
+    ImageSize {
+        /// Path given by `filename=`.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host entropy source could not be opened.
+    #[error("cannot open the entropy source '{path}'")]
+    OpenEntropy {
+        /// Path of the source (`/dev/urandom`).
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tap device could not be opened or configured.
+    #[error(
+        "cannot set up tap interface '{ifname}' ({step}); it needs /dev/net/tun and CAP_NET_ADMIN, \
+         or an interface created beforehand with 'ip tuntap add {ifname} mode tap vnet_hdr'"
+    )]
+    Tap {
+        /// Interface name given by `ifname=`.
+        ifname: String,
+        /// Which step failed.
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An interface name that the kernel cannot accept.
+    #[error("invalid tap interface name '{0}': 1 to 15 bytes, no NUL")]
+    InvalidIfname(String),
+    /// A serial number longer than virtio-blk's 20-byte ID field.
+    #[error("serial '{0}' is longer than 20 bytes")]
+    SerialTooLong(String),
+    /// A MAC address that is not six hex bytes or is multicast.
+    #[error("invalid MAC address '{0}': expected six hex bytes like 52:54:00:12:34:56, unicast")]
+    InvalidMac(String),
+    /// The driver made a queue the device cannot use (bad size, alignment or placement).
+    #[error("queue {index} is invalid: {reason}")]
+    InvalidQueue {
+        /// Queue index.
+        index: u16,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The driver did not make a queue ready that the device needs.
+    #[error("queue {0} was not made ready by the driver")]
+    QueueNotReady(u16),
+}

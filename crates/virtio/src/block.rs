@@ -1,0 +1,698 @@
+//! virtio-blk (`virtio-blk-device`) over a raw image file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::PathBuf;
+
+use keel_accel::GuestMemory;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use vm_memory::Bytes;
+
+use crate::chain::{self, ParsedChain};
+use crate::device::{Activation, Active, Outcome, VirtioDevice, read_config_bytes};
+use crate::{Error, features};
+
+/// Sector size of the virtio-blk protocol (always 512, whatever `blk_size` says).
+pub const SECTOR_SIZE: u64 = 512;
+const HEADER_LEN: u64 = 16;
+const CONFIG_LEN: usize = 60;
+const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// How to build a [`Block`] device: QEMU's `-blockdev driver=file,filename=PATH` plus the
+/// `-device virtio-blk-device` properties that matter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The raw image (`filename=`).
+    pub path: PathBuf,
+    /// Open read-only and offer `VIRTIO_BLK_F_RO` (`read-only=on`).
+    pub read_only: bool,
+    /// Serial number the guest reads with `VIRTIO_BLK_T_GET_ID` (`serial=`), at most 20 bytes.
+    pub serial: Option<String>,
+    /// Queue size (`queue-size=`), a power of two; 256 by default as in QEMU.
+    pub queue_size: u16,
+}
+
+impl BlockConfig {
+    /// A writable disk backed by `path`, no serial, queue size 256.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+            queue_size: 256,
+        }
+    }
+}
+
+/// A virtio block device backed by a raw file.
+///
+/// Requests: read, write (refused on a read-only disk), flush (`fdatasync`), get-ID.
+/// Reads and writes must be whole sectors inside the disk; anything else is answered
+/// with `VIRTIO_BLK_S_IOERR`, unknown request types with `VIRTIO_BLK_S_UNSUPP`.
+#[derive(Debug)]
+pub struct Block {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+    id: [u8; ID_LEN],
+    features: u64,
+    queue_sizes: [u16; 1],
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+}
+
+impl Block {
+    /// QEMU's driver name for this device on virtio-mmio.
+    pub const DRIVER: &'static str = "virtio-blk-device";
+
+    /// Opens the image described by `config`.
+    pub fn new(config: &BlockConfig) -> Result<Self, Error> {
+        let path = config.path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|source| Error::OpenImage {
+                path: path.clone(),
+                source,
+            })?;
+        Self::from_file(
+            file,
+            &path,
+            config.read_only,
+            config.serial.as_deref(),
+            config.queue_size,
+        )
+    }
+
+    /// Wraps an already open image (`path` is only used in messages).
+    pub fn from_file(
+        mut file: File,
+        path: &str,
+        read_only: bool,
+        serial: Option<&str>,
+        queue_size: u16,
+    ) -> Result<Self, Error> {
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| Error::ImageSize {
+                path: path.to_string(),
+                source,
+            })?;
+        let mut id = [0u8; ID_LEN];
+        if let Some(serial) = serial {
+            if serial.len() > ID_LEN {
+                return Err(Error::SerialTooLong(serial.to_string()));
+            }
+            id[..serial.len()].copy_from_slice(serial.as_bytes());
+        }
+        let capacity = size / SECTOR_SIZE;
+        let seg_max = u32::from(queue_size.saturating_sub(2).max(1));
+        let mut features = features::VERSION_1
+            | features::RING_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&capacity.to_le_bytes());
+        config[12..16].copy_from_slice(&seg_max.to_le_bytes());
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        Ok(Self {
+            file,
+            capacity,
+            read_only,
+            id,
+            features,
+            queue_sizes: [queue_size],
+            config,
+            active: None,
+        })
+    }
+
+    /// Disk size in 512-byte sectors (a trailing partial sector is not visible).
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the disk refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn handle(&mut self, mem: &GuestMemory, req: &ParsedChain) -> Outcome {
+        let writable = req.writable_len();
+        if writable == 0 {
+            return Outcome::Broken("block request without a status byte".into());
+        }
+        let status_at = writable - 1;
+        let (status, data_written) = self.execute(mem, req, status_at);
+        if chain::write_bytes(mem, &req.writable, status_at, &[status]) != 1 {
+            return Outcome::Broken("block status byte not writable".into());
+        }
+        // data_written <= status_at < u32::MAX, as chain lengths are bounded by u32.
+        Outcome::Used(u32::try_from(data_written + 1).unwrap_or(u32::MAX))
+    }
+
+    /// Runs one request; returns the status and how many data bytes went to the guest.
+    fn execute(&mut self, mem: &GuestMemory, req: &ParsedChain, data_in_len: u64) -> (u8, u64) {
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let mut header = [0u8; HEADER_LEN as usize];
+        if chain::read_bytes(mem, &req.readable, 0, &mut header) != header.len() {
+            log::warn!("virtio-blk: request header shorter than 16 bytes");
+            return (ioerr, 0);
+        }
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
+        let kind = u32::from_le_bytes([t0, t1, t2, t3]);
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let data_out_len = req.readable_len() - HEADER_LEN;
+        match kind {
+            VIRTIO_BLK_T_IN => match self.check_range(sector, data_in_len) {
+                Some(offset) => match self.read_into(mem, &req.writable, offset, data_in_len) {
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, data_in_len),
+                    Err(e) => {
+                        log::warn!("virtio-blk: read at sector {sector} failed: {e}");
+                        (ioerr, 0)
+                    }
+                },
+                None => (ioerr, 0),
+            },
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    log::debug!("virtio-blk: write to a read-only disk refused");
+                    return (ioerr, 0);
+                }
+                match self.check_range(sector, data_out_len) {
+                    Some(offset) => {
+                        match self.write_from(mem, &req.readable, HEADER_LEN, offset, data_out_len)
+                        {
+                            Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                            Err(e) => {
+                                log::warn!("virtio-blk: write at sector {sector} failed: {e}");
+                                (ioerr, 0)
+                            }
+                        }
+                    }
+                    None => (ioerr, 0),
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
+                Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                Err(e) => {
+                    log::warn!("virtio-blk: flush failed: {e}");
+                    (ioerr, 0)
+                }
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                let n = (ID_LEN as u64).min(data_in_len) as usize;
+                let written = chain::write_bytes(mem, &req.writable, 0, &self.id[..n]);
+                (VIRTIO_BLK_S_OK as u8, written as u64)
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+        }
+    }
+
+    /// Byte offset of a whole-sector transfer that fits the disk, or `None`.
+    fn check_range(&self, sector: u64, len: u64) -> Option<u64> {
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            log::debug!("virtio-blk: transfer of {len} bytes is not whole sectors");
+            return None;
+        }
+        let end = sector.checked_add(len / SECTOR_SIZE)?;
+        if end > self.capacity {
+            log::debug!(
+                "virtio-blk: sectors {sector}..{end} beyond the disk ({} sectors)",
+                self.capacity
+            );
+            return None;
+        }
+        sector.checked_mul(SECTOR_SIZE)
+    }
+
+    fn read_into(
+        &mut self,
+        mem: &GuestMemory,
+        segs: &[chain::Segment],
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        self.file.seek(SeekFrom::Start(offset))?;
+        for (addr, n) in chain::ranges(segs, 0, len) {
+            mem.read_exact_volatile_from(addr, &mut self.file, n)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn write_from(
+        &mut self,
+        mem: &GuestMemory,
+        segs: &[chain::Segment],
+        start: u64,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        self.file.seek(SeekFrom::Start(offset))?;
+        for (addr, n) in chain::ranges(segs, start, len) {
+            mem.write_all_volatile_to(addr, &mut self.file, n)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), Error> {
+        self.active = Some(Active::from_activation(activation));
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        active.process(usize::from(index), |mem, req| self.handle(mem, req));
+        self.active = Some(active);
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MmioTransport;
+    use crate::testutil::*;
+    use keel_accel::BusDevice;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+    /// A scratch image of `sectors` sectors; sector n is filled with byte n.
+    fn image(sectors: u64) -> std::path::PathBuf {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("keel-virtio-blk-{}-{n}.img", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        for s in 0..sectors {
+            f.write_all(&[s as u8; 512]).unwrap();
+        }
+        path
+    }
+
+    fn contents(path: &std::path::Path) -> Vec<u8> {
+        let mut v = Vec::new();
+        File::open(path).unwrap().read_to_end(&mut v).unwrap();
+        v
+    }
+
+    const HDR: u64 = DATA;
+    const BUF: u64 = DATA + 0x1000;
+    const STATUS: u64 = DATA + 0x10_0000;
+
+    fn header(mem: &GuestMemory, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        fill(mem, HDR, &h);
+        fill(mem, STATUS, &[0xee]);
+    }
+
+    fn status(mem: &GuestMemory) -> u8 {
+        fetch(mem, STATUS, 1)[0]
+    }
+
+    struct Rig {
+        mem: Arc<GuestMemory>,
+        t: MmioTransport,
+        path: std::path::PathBuf,
+    }
+
+    fn rig(config: impl FnOnce(&mut BlockConfig)) -> Rig {
+        let path = image(16);
+        let mut c = BlockConfig::new(&path);
+        c.queue_size = 16;
+        config(&mut c);
+        let mem = memory();
+        let (_, t, _) = transport(Block::new(&c).unwrap(), &mem);
+        Rig { mem, t, path }
+    }
+
+    use std::sync::Arc;
+
+    #[test]
+    fn config_space_reports_capacity_and_features() {
+        let r = rig(|_| {});
+        let mut cap = [0u8; 8];
+        r.t.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 16);
+        assert_eq!(rd(&r.t, 0x114), 512, "blk_size");
+        assert_eq!(rd(&r.t, 0x10c), 14, "seg_max");
+        wr(&r.t, 0x14, 0);
+        let f = rd(&r.t, 0x10);
+        assert_ne!(f & 1 << VIRTIO_BLK_F_FLUSH, 0);
+        assert_eq!(f & 1 << VIRTIO_BLK_F_RO, 0);
+        let ro = rig(|c| c.read_only = true);
+        wr(&ro.t, 0x14, 0);
+        assert_ne!(rd(&ro.t, 0x10) & 1 << VIRTIO_BLK_F_RO, 0);
+        assert_eq!(rd(&ro.t, 0x8), 2);
+    }
+
+    #[test]
+    fn read_sectors() {
+        let r = rig(|_| {});
+        let mut q = TestQueue::new(&r.mem, 0, 16);
+        bring_up(&r.t, &[&q]);
+        header(&r.mem, VIRTIO_BLK_T_IN, 3);
+        // Data split over two descriptors.
+        let head = q.add(&[
+            (HDR, 16, false),
+            (BUF, 512, true),
+            (BUF + 0x800, 512, true),
+            (STATUS, 1, true),
+        ]);
+        notify(&r.t, 0);
+        assert_eq!(q.used_idx(), 1);
+        assert_eq!(q.used(0), (u32::from(head), 1025));
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(fetch(&r.mem, BUF, 512), vec![3u8; 512]);
+        assert_eq!(fetch(&r.mem, BUF + 0x800, 512), vec![4u8; 512]);
+        assert_eq!(rd(&r.t, 0x60), 1, "used-buffer interrupt");
+        let _ = std::fs::remove_file(&r.path);
+    }
+
+    #[test]
+    fn write_then_read_back() {
+        let r = rig(|_| {});
+        let mut q = TestQueue::new(&r.mem, 0, 16);
+        bring_up(&r.t, &[&q]);
+        header(&r.mem, VIRTIO_BLK_T_OUT, 15);
+        fill(&r.mem, BUF, &[0x5a; 512]);
+        q.add(&[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(q.used(0).1, 1);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_OK as u8);
+        let data = contents(&r.path);
+        assert_eq!(&data[15 * 512..], &[0x5a; 512][..]);
+        assert_eq!(&data[14 * 512..15 * 512], &[14u8; 512][..]);
+        // Header and data in one descriptor works too.
+        let mut one = [0u8; 16 + 512];
+        one[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        one[8..16].copy_from_slice(&2u64.to_le_bytes());
+        one[16..].fill(0x77);
+        fill(&r.mem, BUF, &one);
+        q.add(&[(BUF, 16 + 512, false), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(&contents(&r.path)[2 * 512..3 * 512], &[0x77; 512][..]);
+        let _ = std::fs::remove_file(&r.path);
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let r = rig(|c| c.serial = Some("keel-disk-0".into()));
+        let mut q = TestQueue::new(&r.mem, 0, 16);
+        bring_up(&r.t, &[&q]);
+        header(&r.mem, VIRTIO_BLK_T_FLUSH, 0);
+        q.add(&[(HDR, 16, false), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_OK as u8);
+        header(&r.mem, VIRTIO_BLK_T_GET_ID, 0);
+        fill(&r.mem, BUF, &[0xff; 20]);
+        q.add(&[(HDR, 16, false), (BUF, 20, true), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(q.used(1).1, 21);
+        let mut want = b"keel-disk-0".to_vec();
+        want.resize(20, 0);
+        assert_eq!(fetch(&r.mem, BUF, 20), want);
+        let _ = std::fs::remove_file(&r.path);
+    }
+
+    #[test]
+    fn out_of_range_and_partial_sectors_are_ioerr() {
+        let r = rig(|_| {});
+        let mut q = TestQueue::new(&r.mem, 0, 16);
+        bring_up(&r.t, &[&q]);
+        for (sector, len) in [
+            (16u64, 512u32),
+            (15, 1024),
+            (u64::MAX, 512),
+            (u64::MAX / 512 + 1, 512),
+            (0, 100),
+        ] {
+            header(&r.mem, VIRTIO_BLK_T_IN, sector);
+            q.add(&[(HDR, 16, false), (BUF, len, true), (STATUS, 1, true)]);
+            notify(&r.t, 0);
+            assert_eq!(
+                status(&r.mem),
+                VIRTIO_BLK_S_IOERR as u8,
+                "sector {sector} len {len}"
+            );
+            header(&r.mem, VIRTIO_BLK_T_OUT, sector);
+            q.add(&[(HDR, 16, false), (BUF, len, false), (STATUS, 1, true)]);
+            notify(&r.t, 0);
+            assert_eq!(
+                status(&r.mem),
+                VIRTIO_BLK_S_IOERR as u8,
+                "write sector {sector} len {len}"
+            );
+        }
+        assert!(!needs_reset(&r.t));
+        assert_eq!(contents(&r.path), contents(&image(16)));
+        let _ = std::fs::remove_file(&r.path);
+    }
+
+    #[test]
+    fn read_only_refuses_writes_but_reads() {
+        let r = rig(|c| c.read_only = true);
+        let mut q = TestQueue::new(&r.mem, 0, 16);
+        bring_up(&r.t, &[&q]);
+        header(&r.mem, VIRTIO_BLK_T_OUT, 0);
+        fill(&r.mem, BUF, &[0x11; 512]);
+        q.add(&[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(&contents(&r.path)[..512], &[0u8; 512][..]);
+        header(&r.mem, VIRTIO_BLK_T_IN, 1);
+        q.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(fetch(&r.mem, BUF, 512), vec![1u8; 512]);
+        let _ = std::fs::remove_file(&r.path);
+    }
+
+    #[test]
+    fn unknown_request_is_unsupp_and_short_header_ioerr() {
+        let r = rig(|_| {});
+        let mut q = TestQueue::new(&r.mem, 0, 16);
+        bring_up(&r.t, &[&q]);
+        header(&r.mem, 99, 0);
+        q.add(&[(HDR, 16, false), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_UNSUPP as u8);
+        header(&r.mem, VIRTIO_BLK_T_IN, 0);
+        q.add(&[(HDR, 8, false), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_IOERR as u8);
+        assert!(!needs_reset(&r.t));
+        let _ = std::fs::remove_file(&r.path);
+    }
+
+    #[test]
+    fn indirect_chain_is_served() {
+        let r = rig(|_| {});
+        let q = TestQueue::new(&r.mem, 0, 16);
+        bring_up(&r.t, &[&q]);
+        header(&r.mem, VIRTIO_BLK_T_IN, 7);
+        let table = DATA + 0x8000;
+        let d = |i: u64, addr: u64, len: u32, flags: u32, next: u16| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&addr.to_le_bytes());
+            b[8..12].copy_from_slice(&len.to_le_bytes());
+            b[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
+            b[14..].copy_from_slice(&next.to_le_bytes());
+            fill(&r.mem, table + i * 16, &b);
+        };
+        d(0, HDR, 16, VRING_DESC_F_NEXT, 1);
+        d(1, BUF, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
+        d(2, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        q.store(0, table, 48, VRING_DESC_F_INDIRECT as u16, 0);
+        q.publish(0);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(fetch(&r.mem, BUF, 512), vec![7u8; 512]);
+        assert_eq!(q.used(0), (0, 513));
+        let _ = std::fs::remove_file(&r.path);
+    }
+
+    /// Each hostile ring below must put the device in NEEDS_RESET, return promptly, and
+    /// leave the device usable again after a driver reset.
+    fn hostile(setup: impl FnOnce(&mut TestQueue<'_>, &GuestMemory)) {
+        let r = rig(|_| {});
+        let mut q = TestQueue::new(&r.mem, 0, 16);
+        bring_up(&r.t, &[&q]);
+        setup(&mut q, &r.mem);
+        notify(&r.t, 0);
+        assert!(needs_reset(&r.t), "device must flag the broken ring");
+        assert_ne!(rd(&r.t, 0x60) & 2, 0, "config-change interrupt");
+        notify(&r.t, 0); // ignored in the error state
+        // Recovery: reset, fresh rings, a good request.
+        let mem2 = Arc::clone(&r.mem);
+        let mut q2 = TestQueue::new(&mem2, 0x8000, 16);
+        wr(&r.t, 0x70, 0);
+        assert!(!needs_reset(&r.t));
+        bring_up(&r.t, &[&q2]);
+        header(&r.mem, VIRTIO_BLK_T_IN, 1);
+        q2.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+        notify(&r.t, 0);
+        assert_eq!(status(&r.mem), VIRTIO_BLK_S_OK as u8);
+        let _ = std::fs::remove_file(&r.path);
+    }
+
+    #[test]
+    fn looping_chain() {
+        hostile(|q, mem| {
+            header(mem, VIRTIO_BLK_T_IN, 0);
+            q.store(0, HDR, 16, VRING_DESC_F_NEXT as u16, 1);
+            q.store(
+                1,
+                BUF,
+                512,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                0,
+            );
+            q.publish(0);
+        });
+    }
+
+    #[test]
+    fn self_loop() {
+        hostile(|q, _| {
+            q.store(3, HDR, 16, VRING_DESC_F_NEXT as u16, 3);
+            q.publish(3);
+        });
+    }
+
+    #[test]
+    fn next_out_of_range() {
+        hostile(|q, _| {
+            q.store(0, HDR, 16, VRING_DESC_F_NEXT as u16, 200);
+            q.publish(0);
+        });
+    }
+
+    #[test]
+    fn head_out_of_range() {
+        hostile(|q, _| q.publish(999));
+    }
+
+    #[test]
+    fn buffer_outside_memory() {
+        hostile(|q, mem| {
+            header(mem, VIRTIO_BLK_T_IN, 0);
+            q.add(&[
+                (HDR, 16, false),
+                (MEM_SIZE as u64 - 256, 512, true),
+                (STATUS, 1, true),
+            ]);
+        });
+    }
+
+    #[test]
+    fn buffer_wrapping_address_space() {
+        hostile(|q, mem| {
+            header(mem, VIRTIO_BLK_T_IN, 0);
+            q.add(&[
+                (HDR, 16, false),
+                (u64::MAX - 10, 512, true),
+                (STATUS, 1, true),
+            ]);
+        });
+    }
+
+    #[test]
+    fn no_status_byte() {
+        hostile(|q, mem| {
+            header(mem, VIRTIO_BLK_T_IN, 0);
+            q.add(&[(HDR, 16, false), (BUF, 512, false)]);
+        });
+    }
+
+    #[test]
+    fn readable_after_writable() {
+        hostile(|q, mem| {
+            header(mem, VIRTIO_BLK_T_OUT, 0);
+            q.add(&[(HDR, 16, false), (STATUS, 1, true), (BUF, 512, false)]);
+        });
+    }
+
+    #[test]
+    fn avail_index_jumps_past_queue_size() {
+        hostile(|q, _| {
+            q.vq.avail().idx().store(100);
+        });
+    }
+
+    #[test]
+    fn nested_indirect_table() {
+        hostile(|q, mem| {
+            let table = DATA + 0x8000;
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&table.to_le_bytes());
+            b[8..12].copy_from_slice(&16u32.to_le_bytes());
+            b[12..14].copy_from_slice(&(VRING_DESC_F_INDIRECT as u16).to_le_bytes());
+            fill(mem, table, &b);
+            q.store(0, table, 16, VRING_DESC_F_INDIRECT as u16, 0);
+            q.publish(0);
+        });
+    }
+
+    #[test]
+    fn indirect_table_outside_memory() {
+        hostile(|q, _| {
+            q.store(0, 1 << 40, 64, VRING_DESC_F_INDIRECT as u16, 0);
+            q.publish(0);
+        });
+    }
+
+    #[test]
+    fn serial_too_long_is_refused() {
+        let path = image(1);
+        let mut c = BlockConfig::new(&path);
+        c.serial = Some("x".repeat(21));
+        assert!(matches!(Block::new(&c), Err(Error::SerialTooLong(_))));
+        c.path = "/nonexistent/keel.img".into();
+        assert!(matches!(Block::new(&c), Err(Error::OpenImage { .. })));
+        let _ = std::fs::remove_file(&path);
+    }
+}

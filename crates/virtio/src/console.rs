@@ -1,0 +1,195 @@
+//! A single-port virtio console (device ID 3, no `VIRTIO_CONSOLE_F_MULTIPORT`).
+//!
+//! QEMU models a console as `virtio-serial-device` (a multiport bus with a control
+//! queue) plus a `virtconsole` port on it. Linux drives a console device without the
+//! MULTIPORT feature as exactly one console port, `hvc0`, over two queues (receiveq0,
+//! transmitq0) and no control queue, which is all a microVM needs. Keel implements that
+//! simpler device; a machine maps QEMU's `-device virtio-serial-device -device
+//! virtconsole,chardev=ID` pair onto one [`Console`].
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use keel_accel::GuestMemory;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+
+use crate::chain::{self, ParsedChain};
+use crate::device::{Activation, Active, Outcome, VirtioDevice, read_config_bytes};
+use crate::{Error, features};
+
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 64;
+/// Bytes of host input kept while the guest has no receive buffer; more is dropped.
+pub const INPUT_CAPACITY: usize = 64 * 1024;
+const CONFIG_LEN: usize = 12;
+
+/// The host side of the console's input: bytes pushed here reach the guest's `hvc0`.
+///
+/// Cloneable and thread-safe; after pushing, the owner calls
+/// [`Console::process_input`] (an event loop typically does both when its chardev is
+/// readable). Bytes also flow when the guest posts new receive buffers.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleInput {
+    pending: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl ConsoleInput {
+    /// Queues `bytes` for the guest; returns how many were accepted (the rest is dropped
+    /// once [`INPUT_CAPACITY`] bytes wait).
+    pub fn push(&self, bytes: &[u8]) -> usize {
+        let mut q = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let n = bytes.len().min(INPUT_CAPACITY.saturating_sub(q.len()));
+        q.extend(&bytes[..n]);
+        n
+    }
+
+    /// Bytes waiting for guest receive buffers.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// A virtio console with one port: output goes to a [`Write`] sink, input comes from a
+/// [`ConsoleInput`] byte queue.
+pub struct Console {
+    output: Box<dyn Write + Send>,
+    input: ConsoleInput,
+    queue_sizes: [u16; 2],
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("pending_input", &self.input.pending())
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}
+
+impl Console {
+    /// QEMU's driver name of the console port this device stands for.
+    pub const DRIVER: &'static str = "virtconsole";
+    /// QEMU's driver name of the serial bus device that carries the port.
+    pub const BUS_DRIVER: &'static str = "virtio-serial-device";
+
+    /// A console writing guest output to `output`.
+    pub fn new(output: Box<dyn Write + Send>) -> Self {
+        let mut config = [0u8; CONFIG_LEN];
+        // cols, rows (unused without VIRTIO_CONSOLE_F_SIZE), max_nr_ports = 1.
+        config[4..8].copy_from_slice(&1u32.to_le_bytes());
+        Self {
+            output,
+            input: ConsoleInput::default(),
+            queue_sizes: [QUEUE_SIZE; 2],
+            config,
+            active: None,
+        }
+    }
+
+    /// The handle that feeds guest input.
+    pub fn input(&self) -> ConsoleInput {
+        self.input.clone()
+    }
+
+    /// Moves pending input into the guest's receive buffers, as far as they go.
+    pub fn process_input(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        while self.input.pending() > 0 {
+            let Some((head, req)) = active.pop(RX_QUEUE) else {
+                break;
+            };
+            if !req.readable.is_empty() {
+                active.fail("console receive buffer is device-readable");
+                return;
+            }
+            let room = usize::try_from(req.writable_len()).unwrap_or(usize::MAX);
+            let chunk: Vec<u8> = {
+                let mut q = self.input.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let n = room.min(q.len());
+                q.drain(..n).collect()
+            };
+            let written = chain::write_bytes(&active.memory, &req.writable, 0, &chunk);
+            if !active.put_used(RX_QUEUE, head, written as u32) {
+                return;
+            }
+            used = true;
+        }
+        if used {
+            active.interrupt.signal_used_queue();
+        }
+    }
+
+    fn transmit(output: &mut dyn Write, mem: &GuestMemory, req: &ParsedChain) -> Outcome {
+        if !req.writable.is_empty() {
+            return Outcome::Broken("console transmit buffer is device-writable".into());
+        }
+        let mut buf = [0u8; 4096];
+        let total = req.readable_len();
+        let mut off = 0u64;
+        while off < total {
+            let n = (total - off).min(buf.len() as u64) as usize;
+            let got = chain::read_bytes(mem, &req.readable, off, &mut buf[..n]);
+            if got == 0 {
+                break;
+            }
+            if let Err(e) = output.write_all(&buf[..got]) {
+                log::warn!("virtio-console: output failed, dropping: {e}");
+                break;
+            }
+            off += got as u64;
+        }
+        let _ = output.flush();
+        Outcome::Used(0)
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), Error> {
+        self.active = Some(Active::from_activation(activation));
+        self.process_input();
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        match usize::from(index) {
+            RX_QUEUE => self.process_input(),
+            TX_QUEUE => {
+                let Some(active) = self.active.as_mut() else {
+                    return;
+                };
+                let output = &mut self.output;
+                active.process(TX_QUEUE, |mem, req| {
+                    Self::transmit(output.as_mut(), mem, req)
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}

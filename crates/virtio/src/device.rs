@@ -1,0 +1,349 @@
+//! The device side of the transport: the [`VirtioDevice`] trait, [`Interrupt`] and the
+//! queue-processing loop every device shares.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use keel_accel::{GuestMemory, IrqLine};
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use crate::Error;
+use crate::chain::{self, ParsedChain};
+
+/// The interrupt and error state a device shares with its transport.
+///
+/// It owns the `InterruptStatus` register and drives a level-triggered [`IrqLine`]: the
+/// line is high while any status bit is set and drops when the driver acknowledges the
+/// last one. A queue may be processed on a vCPU thread (MMIO notify) or an event-loop
+/// thread (ioeventfd, tap readable), so everything here is thread-safe; the status and
+/// the line change together under one small lock so an acknowledge racing a new
+/// interrupt cannot leave a set bit with the line low.
+pub struct Interrupt {
+    status: Mutex<u32>,
+    line: Arc<dyn IrqLine>,
+    needs_reset: AtomicBool,
+    config_generation: AtomicU32,
+}
+
+impl fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Interrupt")
+            .field("status", &self.status())
+            .field("needs_reset", &self.needs_reset())
+            .finish()
+    }
+}
+
+impl Interrupt {
+    /// An interrupt with no pending bits that drives `line`.
+    pub fn new(line: Arc<dyn IrqLine>) -> Self {
+        Self {
+            status: Mutex::new(0),
+            line,
+            needs_reset: AtomicBool::new(false),
+            config_generation: AtomicU32::new(0),
+        }
+    }
+
+    fn raise(&self, bit: u32) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        *status |= bit;
+        self.line.set_level(true);
+    }
+
+    /// Tells the driver that a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Tells the driver that the configuration space (or the device status) changed,
+    /// and bumps the config generation so a driver reading a multi-word field retries.
+    pub fn signal_config_change(&self) {
+        self.config_generation.fetch_add(1, Ordering::AcqRel);
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    /// Puts the device in its error state: the status register shows
+    /// `DEVICE_NEEDS_RESET` until the driver resets the device, and the driver gets a
+    /// configuration-change interrupt. Called when the driver broke the protocol in a way
+    /// that leaves no request to answer (a looping chain, a ring outside guest memory).
+    pub fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+            self.signal_config_change();
+        }
+    }
+
+    /// Whether the device is in its error state.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// The `InterruptStatus` register.
+    pub fn status(&self) -> u32 {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `ConfigGeneration` register.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::Acquire)
+    }
+
+    /// `InterruptACK`: clears `bits`; the line drops once no bit is left.
+    pub fn ack(&self, bits: u32) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        *status &= !bits;
+        if *status == 0 {
+            self.line.set_level(false);
+        }
+    }
+
+    /// Device reset: no pending interrupt, line low, error state cleared.
+    pub(crate) fn reset(&self) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        *status = 0;
+        self.line.set_level(false);
+        self.needs_reset.store(false, Ordering::Release);
+    }
+}
+
+/// What a device receives when the driver sets `DRIVER_OK`.
+#[derive(Debug)]
+pub struct Activation {
+    /// Guest RAM, for walking the rings and moving data.
+    pub memory: Arc<GuestMemory>,
+    /// One queue per entry of [`VirtioDevice::queue_max_sizes`], as the driver set them up
+    /// (a queue the driver did not make ready has `ready() == false`).
+    pub queues: Vec<Queue>,
+    /// Where to signal used buffers and errors.
+    pub interrupt: Arc<Interrupt>,
+    /// The features the driver accepted (a subset of [`VirtioDevice::features`]).
+    pub acked_features: u64,
+}
+
+/// A virtio device model, independent of the transport that exposes it.
+///
+/// The transport serialises calls through the device's mutex. A device that also does
+/// work outside guest notifications (network receive, console input) is shared with the
+/// owner's event loop through the same `Arc<Mutex<_>>`; lock order is transport
+/// registers, then device.
+pub trait VirtioDevice: Send {
+    /// virtio device ID (1 net, 2 block, 3 console, 4 entropy).
+    fn device_type(&self) -> u32;
+    /// Feature bits offered to the driver; must include [`crate::features::VERSION_1`].
+    fn features(&self) -> u64;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads device-specific configuration space at `offset` (relative to 0x100);
+    /// bytes past the end of the space read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device-specific configuration space; read-only fields ignore the write.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// Starts the device with the queues the driver configured.
+    fn activate(&mut self, activation: Activation) -> Result<(), Error>;
+    /// The driver notified queue `index` (available buffers); process it.
+    fn queue_notify(&mut self, index: u16);
+    /// Device reset (status 0): forget the queues and return to the pre-activation state.
+    fn reset(&mut self);
+}
+
+/// Copies `config[offset..offset + data.len()]` into `data`, zero past the end.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Activated state every device keeps: memory, queues, interrupt.
+#[derive(Debug)]
+pub(crate) struct Active {
+    pub(crate) memory: Arc<GuestMemory>,
+    pub(crate) queues: Vec<Queue>,
+    pub(crate) interrupt: Arc<Interrupt>,
+}
+
+/// How a request handler answers one chain.
+pub(crate) enum Outcome {
+    /// Return the chain to the driver with this many bytes written.
+    Used(u32),
+    /// The driver broke the protocol; stop and enter the error state.
+    Broken(String),
+}
+
+impl Active {
+    pub(crate) fn from_activation(a: Activation) -> Self {
+        Self {
+            memory: a.memory,
+            queues: a.queues,
+            interrupt: a.interrupt,
+        }
+    }
+
+    /// Puts the device in its error state and logs why.
+    pub(crate) fn fail(&self, what: &str) {
+        log::warn!("virtio: driver error, device needs reset: {what}");
+        self.interrupt.set_needs_reset();
+    }
+
+    /// Takes the next available chain of queue `index`, validated; `None` when the queue
+    /// is empty, not ready, or broken (the error state is then set).
+    pub(crate) fn pop(&mut self, index: usize) -> Option<(u16, ParsedChain)> {
+        if self.interrupt.needs_reset() {
+            return None;
+        }
+        let memory = Arc::clone(&self.memory);
+        let mem: &GuestMemory = &memory;
+        let queue = self.queues.get_mut(index)?;
+        if !queue.ready() {
+            return None;
+        }
+        let next = match queue.iter(mem) {
+            Ok(mut iter) => iter.next(),
+            Err(e) => {
+                self.fail(&format!("queue {index}: {e}"));
+                return None;
+            }
+        };
+        let desc_chain = next?;
+        let head = desc_chain.head_index();
+        match chain::parse(mem, desc_chain) {
+            Ok(parsed) => Some((head, parsed)),
+            Err(e) => {
+                self.fail(&format!("queue {index}, chain {head}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Returns chain `head` of queue `index` to the driver with `len` bytes written.
+    /// Does not interrupt; call [`Interrupt::signal_used_queue`] after a batch.
+    pub(crate) fn put_used(&mut self, index: usize, head: u16, len: u32) -> bool {
+        let memory = Arc::clone(&self.memory);
+        let Some(queue) = self.queues.get_mut(index) else {
+            return false;
+        };
+        match queue.add_used(&*memory, head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(&format!("queue {index}: add_used({head}): {e}"));
+                false
+            }
+        }
+    }
+
+    /// Processes every chain available on queue `index` when the call starts, handing
+    /// each validated chain to `handle`; signals the driver once if anything was used.
+    ///
+    /// Work per call is bounded by the queue size: a driver adding more buffers notifies
+    /// again (Keel never suppresses notifications).
+    pub(crate) fn process<F>(&mut self, index: usize, mut handle: F)
+    where
+        F: FnMut(&GuestMemory, &ParsedChain) -> Outcome,
+    {
+        if self.interrupt.needs_reset() {
+            return;
+        }
+        let memory = Arc::clone(&self.memory);
+        let mem: &GuestMemory = &memory;
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let chains: Vec<_> = match queue.iter(mem) {
+            Ok(iter) => iter.collect(),
+            Err(e) => {
+                let msg = format!("queue {index}: {e}");
+                self.fail(&msg);
+                return;
+            }
+        };
+        let mut used = false;
+        for desc_chain in chains {
+            let head = desc_chain.head_index();
+            let outcome = match chain::parse(mem, desc_chain) {
+                Ok(parsed) => handle(mem, &parsed),
+                Err(e) => Outcome::Broken(format!("queue {index}, chain {head}: {e}")),
+            };
+            match outcome {
+                Outcome::Used(len) => {
+                    if let Err(e) = queue.add_used(mem, head, len) {
+                        self.fail(&format!("queue {index}: add_used({head}): {e}"));
+                        return;
+                    }
+                    used = true;
+                }
+                Outcome::Broken(msg) => {
+                    if used {
+                        self.interrupt.signal_used_queue();
+                    }
+                    self.fail(&msg);
+                    return;
+                }
+            }
+        }
+        if used {
+            self.interrupt.signal_used_queue();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    pub(crate) struct Line(pub(crate) Mutex<Vec<bool>>);
+    impl IrqLine for Line {
+        fn set_level(&self, high: bool) {
+            self.0.lock().unwrap().push(high);
+        }
+    }
+
+    #[test]
+    fn level_follows_status_bits() {
+        let line = Arc::new(Line::default());
+        let irq = Interrupt::new(line.clone());
+        irq.signal_used_queue();
+        irq.signal_config_change();
+        assert_eq!(irq.status(), 3);
+        irq.ack(1);
+        assert!(*line.0.lock().unwrap().last().unwrap());
+        irq.ack(2);
+        assert_eq!(irq.status(), 0);
+        assert!(!*line.0.lock().unwrap().last().unwrap());
+        assert_eq!(irq.config_generation(), 1);
+    }
+
+    #[test]
+    fn needs_reset_signals_once_and_clears_on_reset() {
+        let line = Arc::new(Line::default());
+        let irq = Interrupt::new(line.clone());
+        irq.set_needs_reset();
+        irq.set_needs_reset();
+        assert!(irq.needs_reset());
+        assert_eq!(irq.config_generation(), 1);
+        irq.reset();
+        assert!(!irq.needs_reset());
+        assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn config_bytes_zero_past_end() {
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&[1, 2, 3], 1, &mut d);
+        assert_eq!(d, [2, 3, 0, 0]);
+        read_config_bytes(&[1, 2, 3], u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}

@@ -1,0 +1,113 @@
+//! virtio-rng (`virtio-rng-device`), fed from the host's `/dev/urandom`.
+
+use std::fs::File;
+use std::io::Read;
+
+use keel_accel::GuestMemory;
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+
+use crate::chain::{self, ParsedChain};
+use crate::device::{Activation, Active, Outcome, VirtioDevice};
+use crate::{Error, features};
+
+/// Most bytes given for one request; a larger buffer is filled only this far (the
+/// driver asks again), so one notify cannot keep a vCPU thread reading for long.
+pub const MAX_BYTES_PER_REQUEST: u64 = 64 * 1024;
+const QUEUE_SIZE: u16 = 256;
+
+/// A virtio entropy device.
+pub struct Rng {
+    source: Box<dyn Read + Send>,
+    queue_sizes: [u16; 1],
+    active: Option<Active>,
+}
+
+impl std::fmt::Debug for Rng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rng")
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}
+
+impl Rng {
+    /// QEMU's driver name for this device on virtio-mmio.
+    pub const DRIVER: &'static str = "virtio-rng-device";
+    /// The host entropy source.
+    pub const SOURCE: &'static str = "/dev/urandom";
+
+    /// An entropy device reading the host's `/dev/urandom`.
+    pub fn new() -> Result<Self, Error> {
+        let file = File::open(Self::SOURCE).map_err(|source| Error::OpenEntropy {
+            path: Self::SOURCE.to_string(),
+            source,
+        })?;
+        Ok(Self::with_source(Box::new(file)))
+    }
+
+    /// An entropy device reading `source` (tests use a deterministic one).
+    pub fn with_source(source: Box<dyn Read + Send>) -> Self {
+        Self {
+            source,
+            queue_sizes: [QUEUE_SIZE],
+            active: None,
+        }
+    }
+
+    fn handle(&mut self, mem: &GuestMemory, req: &ParsedChain) -> Outcome {
+        if !req.readable.is_empty() {
+            return Outcome::Broken("entropy request with a device-readable buffer".into());
+        }
+        let want = req.writable_len().min(MAX_BYTES_PER_REQUEST);
+        let mut buf = [0u8; 4096];
+        let mut done = 0u64;
+        while done < want {
+            let n = (want - done).min(buf.len() as u64) as usize;
+            if let Err(e) = self.source.read_exact(&mut buf[..n]) {
+                log::warn!("virtio-rng: entropy source failed: {e}");
+                break;
+            }
+            let w = chain::write_bytes(mem, &req.writable, done, &buf[..n]);
+            done += w as u64;
+            if w < n {
+                break;
+            }
+        }
+        Outcome::Used(done as u32)
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), Error> {
+        self.active = Some(Active::from_activation(activation));
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        active.process(usize::from(index), |mem, req| self.handle(mem, req));
+        self.active = Some(active);
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
