@@ -1,3 +1,31 @@
-//! The QMP protocol as QEMU speaks it: streaming parser, phase-checked command registry, events, servers.
+//! The QMP protocol as QEMU speaks it, for any VMM.
+//!
+//! * [`json`]: the streaming parser (single-quoted strings, one error per malformed input
+//!   and resynchronisation, bounded messages) and QEMU-style ASCII output.
+//! * [`Registry`]: commands declared as Rust types with typed arguments, a result type
+//!   and the lifecycle phases where they are valid; dispatch enforces the phases
+//!   (`OutOfPhase`) and validates arguments with QEMU's messages; `query-commands` and
+//!   `query-qmp-schema` come from the same declarations.
+//! * [`Session`]: greeting, capabilities negotiation, request checks, `id` echo, replies.
+//! * [`EventBus`]: timestamped events to every negotiated client.
+//! * [`server`]: unix/TCP/stdio transports, many clients per listening socket.
+//!
+//! The crate knows nothing about machines: a VMM implements [`Dispatcher`] (usually on
+//! top of a [`Registry`] of its own context type) and registers its command handlers.
 
 #![deny(missing_docs)]
+
+mod error;
+pub mod events;
+pub mod json;
+mod registry;
+pub mod schema;
+pub mod server;
+mod session;
+
+pub use error::{CommandError, ErrorClass};
+pub use events::{Event, EventBus};
+pub use registry::{Command, CommandInfo, Handler, PhaseSource, Registry, capabilities_arguments};
+pub use schema::{Builtin, Member, Type};
+pub use server::{Endpoint, Monitor, ServerError, serve, serve_stream};
+pub use session::{Dispatcher, Session, reply_error};

@@ -1,0 +1,361 @@
+//! The phase-checked command registry.
+//!
+//! A command is a Rust type: its fields are the arguments (serde), [`Command::NAME`] its QMP
+//! name, [`Command::PHASES`] where it is valid, and [`Handler::handle`] what it does on some
+//! context `C` (the VMM's state; this crate never looks inside it). The registry runs
+//! every request the same way: lookup → phase check → argument validation against the
+//! declared [`Type`] → typed deserialisation → handler → result. The same path serves typed
+//! Rust callers through [`Registry::execute`], so an embedder needs no JSON.
+
+use std::collections::BTreeMap;
+
+use keel_phase::{Phase, PhaseSet};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+
+use crate::schema::{Type, opt};
+use crate::{CommandError, ErrorClass};
+
+/// Anything that knows the current lifecycle phase.
+pub trait PhaseSource {
+    /// The current phase.
+    fn phase(&self) -> Phase;
+}
+
+/// A command's declaration: name, arguments (the implementing type), result, phases.
+pub trait Command: DeserializeOwned + 'static {
+    /// QMP name, e.g. `query-status`.
+    const NAME: &'static str;
+    /// Phases in which the command is valid; the dispatcher refuses it elsewhere.
+    const PHASES: PhaseSet;
+    /// What a successful run returns.
+    type Output: Serialize;
+    /// The arguments' type (an object type); no arguments by default.
+    fn arguments() -> Type {
+        Type::empty()
+    }
+    /// The result's type; `None` means the command returns `{}`.
+    fn returns() -> Option<Type> {
+        None
+    }
+    /// An extra sentence for the out-of-phase error in `phase` (e.g. QEMU's wording).
+    fn phase_hint(_phase: Phase) -> Option<&'static str> {
+        None
+    }
+}
+
+/// How a command runs on context `C`.
+pub trait Handler<C>: Command {
+    /// Runs the command; the phase has already been checked.
+    fn handle(self, ctx: &mut C, registry: &Registry<C>) -> Result<Self::Output, CommandError>;
+}
+
+type RunFn<C> = fn(&mut C, &Registry<C>, Map<String, Value>) -> Result<Value, CommandError>;
+
+struct Entry<C> {
+    phases: PhaseSet,
+    arguments: Type,
+    returns: Option<Type>,
+    hint: fn(Phase) -> Option<&'static str>,
+    run: RunFn<C>,
+}
+
+/// A command as `query-commands` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CommandInfo {
+    /// QMP name.
+    pub name: String,
+    /// Phases in which it is valid.
+    pub phases: Vec<Phase>,
+}
+
+/// Commands (and event declarations) for one kind of context.
+pub struct Registry<C> {
+    commands: BTreeMap<&'static str, Entry<C>>,
+    events: BTreeMap<&'static str, Option<Type>>,
+}
+
+impl<C> std::fmt::Debug for Registry<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("commands", &self.commands.keys().collect::<Vec<_>>())
+            .field("events", &self.events.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Arguments of `qmp_capabilities`: `{"enable"?: ["oob", ...]}`.
+pub fn capabilities_arguments() -> Type {
+    Type::object(
+        "q_obj_qmp_capabilities-arg",
+        vec![opt(
+            "enable",
+            Type::array(Type::Enum {
+                name: "QMPCapability",
+                values: &["oob"],
+            }),
+        )],
+    )
+}
+
+fn run_entry<C, K: Handler<C>>(
+    ctx: &mut C,
+    reg: &Registry<C>,
+    args: Map<String, Value>,
+) -> Result<Value, CommandError> {
+    let cmd: K = serde_json::from_value(Value::Object(args))
+        .map_err(|e| CommandError::generic(format!("Invalid arguments for '{}': {e}", K::NAME)))?;
+    let out = cmd.handle(ctx, reg)?;
+    if K::returns().is_none() {
+        return Ok(Value::Object(Map::new()));
+    }
+    serde_json::to_value(out)
+        .map_err(|e| CommandError::generic(format!("'{}' produced no JSON result: {e}", K::NAME)))
+}
+
+fn capabilities_complete<C>(
+    _: &mut C,
+    _: &Registry<C>,
+    _: Map<String, Value>,
+) -> Result<Value, CommandError> {
+    Err(CommandError::with_class(
+        ErrorClass::CommandNotFound,
+        "Capabilities negotiation is already complete, command ignored",
+    ))
+}
+
+fn no_hint(_: Phase) -> Option<&'static str> {
+    None
+}
+
+impl<C: PhaseSource> Default for Registry<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C: PhaseSource> Registry<C> {
+    /// A registry holding only `qmp_capabilities`, which in command mode answers QEMU's
+    /// "already complete" error (negotiation itself is the session's business).
+    pub fn new() -> Self {
+        let mut r = Registry {
+            commands: BTreeMap::new(),
+            events: BTreeMap::new(),
+        };
+        r.commands.insert(
+            "qmp_capabilities",
+            Entry {
+                phases: PhaseSet::ANY,
+                arguments: capabilities_arguments(),
+                returns: None,
+                hint: no_hint,
+                run: capabilities_complete::<C>,
+            },
+        );
+        r
+    }
+
+    /// Registers command `K` under its name.
+    pub fn register<K: Handler<C>>(&mut self) {
+        self.register_as::<K>(K::NAME);
+    }
+
+    /// Registers command `K` under another name too (QEMU's `x-exit-preconfig` for
+    /// `machine-done`).
+    pub fn register_as<K: Handler<C>>(&mut self, name: &'static str) {
+        self.commands.insert(
+            name,
+            Entry {
+                phases: K::PHASES,
+                arguments: K::arguments(),
+                returns: K::returns(),
+                hint: K::phase_hint,
+                run: run_entry::<C, K>,
+            },
+        );
+    }
+
+    /// Declares an event and the type of its `data` (for `query-qmp-schema`).
+    pub fn declare_event(&mut self, name: &'static str, data: Option<Type>) {
+        self.events.insert(name, data);
+    }
+
+    /// Whether a command of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.commands.contains_key(name)
+    }
+
+    fn phase_check(
+        name: &str,
+        phases: PhaseSet,
+        hint: fn(Phase) -> Option<&'static str>,
+        phase: Phase,
+    ) -> Result<(), CommandError> {
+        if phases.contains(phase) {
+            Ok(())
+        } else {
+            Err(CommandError::OutOfPhase {
+                command: name.to_owned(),
+                phase,
+                needs: phases,
+                hint: hint(phase),
+            })
+        }
+    }
+
+    /// Runs a request given as JSON: lookup, phase check, argument validation, handler.
+    pub fn dispatch(
+        &self,
+        ctx: &mut C,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> Result<Value, CommandError> {
+        let entry = self
+            .commands
+            .get(name)
+            .ok_or_else(|| CommandError::CommandNotFound(name.to_owned()))?;
+        Self::phase_check(name, entry.phases, entry.hint, ctx.phase())?;
+        entry.arguments.validate_members(&args, "")?;
+        (entry.run)(ctx, self, args)
+    }
+
+    /// Runs a typed command: phase check, then its handler. Nothing changes if the phase
+    /// is wrong.
+    pub fn execute<K: Handler<C>>(&self, ctx: &mut C, cmd: K) -> Result<K::Output, CommandError> {
+        Self::phase_check(K::NAME, K::PHASES, K::phase_hint, ctx.phase())?;
+        cmd.handle(ctx, self)
+    }
+
+    /// Every command with its phases, sorted by name (`query-commands`).
+    pub fn commands(&self) -> Vec<CommandInfo> {
+        self.commands
+            .iter()
+            .map(|(name, e)| CommandInfo {
+                name: (*name).to_owned(),
+                phases: e.phases.iter().collect(),
+            })
+            .collect()
+    }
+
+    /// The phases a command is valid in.
+    pub fn phases_of(&self, name: &str) -> Option<PhaseSet> {
+        self.commands.get(name).map(|e| e.phases)
+    }
+
+    /// `query-qmp-schema`: SchemaInfo for every command and event and each type they use.
+    pub fn schema(&self) -> Vec<Value> {
+        let mut types = BTreeMap::new();
+        let mut entities = Vec::new();
+        let empty = Type::empty();
+        for (name, e) in &self.commands {
+            let ret = e.returns.clone().unwrap_or_else(Type::empty);
+            entities.push(json!({
+                "name": name,
+                "meta-type": "command",
+                "arg-type": e.arguments.name(),
+                "ret-type": ret.name(),
+            }));
+            e.arguments.collect_schema(&mut types);
+            ret.collect_schema(&mut types);
+        }
+        for (name, data) in &self.events {
+            let data = data.as_ref().unwrap_or(&empty);
+            entities.push(json!({"name": name, "meta-type": "event", "arg-type": data.name()}));
+            data.collect_schema(&mut types);
+        }
+        entities.extend(types.into_values());
+        entities
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::req;
+    use serde::Deserialize;
+
+    struct Ctx {
+        phase: Phase,
+        hits: u32,
+    }
+    impl PhaseSource for Ctx {
+        fn phase(&self) -> Phase {
+            self.phase
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Bump {
+        by: u32,
+    }
+    impl Command for Bump {
+        const NAME: &'static str = "bump";
+        const PHASES: PhaseSet = PhaseSet::from(Phase::MachineInit);
+        type Output = u32;
+        fn arguments() -> Type {
+            Type::object("q_obj_bump-arg", vec![req("by", Type::int())])
+        }
+        fn returns() -> Option<Type> {
+            Some(Type::int())
+        }
+    }
+    impl Handler<Ctx> for Bump {
+        fn handle(self, ctx: &mut Ctx, _: &Registry<Ctx>) -> Result<u32, CommandError> {
+            ctx.hits += self.by;
+            Ok(ctx.hits)
+        }
+    }
+
+    fn args(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn phase_is_enforced_before_arguments() {
+        let mut reg = Registry::<Ctx>::new();
+        reg.register::<Bump>();
+        let mut ctx = Ctx {
+            phase: Phase::AccelCreated,
+            hits: 0,
+        };
+        let e = reg.dispatch(&mut ctx, "bump", args(json!({}))).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::OutOfPhase);
+        assert_eq!(
+            e.to_string(),
+            "'bump' is not allowed in phase accel-created: it needs machine-init or machine-ready"
+        );
+        assert_eq!(ctx.hits, 0);
+        ctx.phase = Phase::MachineInit;
+        let e = reg.dispatch(&mut ctx, "bump", args(json!({}))).unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'by' is missing");
+        assert_eq!(
+            reg.dispatch(&mut ctx, "bump", args(json!({"by": 2}))),
+            Ok(json!(2))
+        );
+        assert_eq!(reg.execute(&mut ctx, Bump { by: 3 }), Ok(5));
+        let e = reg.dispatch(&mut ctx, "nope", Map::new()).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::CommandNotFound);
+        assert_eq!(e.to_string(), "The command nope has not been found");
+    }
+
+    #[test]
+    fn introspection() {
+        let mut reg = Registry::<Ctx>::new();
+        reg.register::<Bump>();
+        reg.declare_event("BUMPED", None);
+        let cmds = reg.commands();
+        assert_eq!(cmds[0].name, "bump");
+        assert_eq!(
+            cmds[0].phases,
+            vec![Phase::MachineInit, Phase::MachineReady]
+        );
+        let schema = reg.schema();
+        let names: Vec<&str> = schema.iter().map(|s| s["name"].as_str().unwrap()).collect();
+        assert!(names.contains(&"bump"));
+        assert!(names.contains(&"BUMPED"));
+        assert!(names.contains(&"q_obj_bump-arg"));
+        assert!(names.contains(&"int"));
+        assert!(names.contains(&"q_empty"));
+    }
+}

@@ -1,0 +1,416 @@
+//! Transports: unix and TCP sockets (listening or connecting), and stdio.
+//!
+//! Every connection gets its own thread and its own [`Session`]; a listening socket
+//! accepts any number of clients at once (QEMU serves one at a time). A client's thread
+//! waits with `poll(2)` on its input and on its event wake-up socket, so events reach it
+//! while it is idle, and a client that does not read only ever blocks its own thread.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use crate::events::EventBus;
+use crate::session::{Dispatcher, Session};
+
+/// Errors setting up a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The endpoint text could not be understood.
+    #[error("{0}")]
+    Syntax(String),
+    /// A socket or file operation failed.
+    #[error("{what} '{target}'")]
+    Io {
+        /// Operation, e.g. "cannot listen on".
+        what: &'static str,
+        /// Path or address.
+        target: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a monitor talks to its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A unix stream socket.
+    Unix {
+        /// Socket path.
+        path: PathBuf,
+        /// Listen (`server=on`) or connect.
+        server: bool,
+        /// With `server`: block until the first client connects (`wait=on`, QEMU's default).
+        wait: bool,
+    },
+    /// A TCP socket.
+    Tcp {
+        /// Host name or address (`127.0.0.1`).
+        host: String,
+        /// Port.
+        port: u16,
+        /// Listen or connect.
+        server: bool,
+        /// With `server`: block until the first client connects.
+        wait: bool,
+    },
+    /// Standard input and output.
+    Stdio,
+}
+
+fn on_off(key: &str, v: Option<&str>) -> Result<bool, ServerError> {
+    match v {
+        None | Some("on") | Some("yes") | Some("true") => Ok(true),
+        Some("off") | Some("no") | Some("false") => Ok(false),
+        Some(other) => Err(ServerError::Syntax(format!(
+            "Parameter '{key}' expects 'on' or 'off', not '{other}'"
+        ))),
+    }
+}
+
+impl Endpoint {
+    /// Parses QEMU's `-qmp` spelling: `unix:PATH[,server=on][,wait=off]`,
+    /// `tcp:HOST:PORT[,...]`, `stdio`. Bare `server` and `nowait` are accepted too.
+    pub fn parse(spec: &str) -> Result<Endpoint, ServerError> {
+        if spec == "stdio" {
+            return Ok(Endpoint::Stdio);
+        }
+        let mut parts = spec.split(',');
+        let head = parts.next().unwrap_or_default();
+        let mut server = false;
+        let mut wait = true;
+        for p in parts {
+            let (k, v) = match p.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (p, None),
+            };
+            match k {
+                "server" => server = on_off(k, v)?,
+                "wait" => wait = on_off(k, v)?,
+                "nowait" if v.is_none() => wait = false,
+                _ => {
+                    return Err(ServerError::Syntax(format!(
+                        "Invalid parameter '{k}' in '{spec}'"
+                    )));
+                }
+            }
+        }
+        if let Some(path) = head.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(ServerError::Syntax("unix socket path is empty".into()));
+            }
+            Ok(Endpoint::Unix {
+                path: PathBuf::from(path),
+                server,
+                wait,
+            })
+        } else if let Some(addr) = head.strip_prefix("tcp:") {
+            let (host, port) = addr
+                .rsplit_once(':')
+                .ok_or_else(|| ServerError::Syntax(format!("'{addr}' is not HOST:PORT")))?;
+            let port = port
+                .parse()
+                .map_err(|_| ServerError::Syntax(format!("'{port}' is not a TCP port")))?;
+            let host = if host.is_empty() { "0.0.0.0" } else { host };
+            Ok(Endpoint::Tcp {
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+                port,
+                server,
+                wait,
+            })
+        } else {
+            Err(ServerError::Syntax(format!(
+                "'{head}' is not a supported monitor backend (use unix:PATH, tcp:HOST:PORT or stdio)"
+            )))
+        }
+    }
+}
+
+/// A running monitor transport. Dropping it does not stop clients; a listening unix
+/// socket's path is removed by [`Monitor::cleanup`].
+#[derive(Debug)]
+pub struct Monitor {
+    socket_path: Option<PathBuf>,
+}
+
+impl Monitor {
+    /// Removes the socket file this monitor created, if any.
+    pub fn cleanup(&self) {
+        if let Some(p) = &self.socket_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Creates a unix socket at `path` that only the owner can use: it is bound under a
+/// temporary name in the same directory, restricted to mode 0600, then renamed into
+/// place, so it is never reachable with wider permissions.
+pub fn bind_unix_0600(path: &Path) -> std::io::Result<UnixListener> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let file = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidInput, "no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = match dir {
+        Some(d) => d.join(&tmp_name),
+        None => PathBuf::from(&tmp_name),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+fn io_err(
+    what: &'static str,
+    target: impl Into<String>,
+) -> impl FnOnce(std::io::Error) -> ServerError {
+    let target = target.into();
+    move |source| ServerError::Io {
+        what,
+        target,
+        source,
+    }
+}
+
+/// Starts a monitor on `endpoint`. Listening sockets accept clients on a thread of their
+/// own; with `wait`, the first client is accepted before this returns (QEMU's `wait=on`).
+pub fn serve(
+    endpoint: &Endpoint,
+    dispatcher: Arc<dyn Dispatcher>,
+    bus: Arc<EventBus>,
+) -> Result<Monitor, ServerError> {
+    match endpoint {
+        Endpoint::Stdio => {
+            let input = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("cannot use", "stdin"))?;
+            let output = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("cannot use", "stdout"))?;
+            spawn_connection(input, output, dispatcher, bus);
+            Ok(Monitor { socket_path: None })
+        }
+        Endpoint::Unix {
+            path,
+            server: true,
+            wait,
+        } => {
+            let shown = path.display().to_string();
+            let listener =
+                bind_unix_0600(path).map_err(io_err("cannot listen on unix socket", &*shown))?;
+            if *wait {
+                let (s, _) = listener
+                    .accept()
+                    .map_err(io_err("cannot accept on", &*shown))?;
+                start_stream(OwnedFd::from(s), &dispatcher, &bus);
+            }
+            thread::Builder::new()
+                .name("qmp-accept".into())
+                .spawn(move || {
+                    for s in listener.incoming().flatten() {
+                        start_stream(OwnedFd::from(s), &dispatcher, &bus);
+                    }
+                })
+                .map_err(io_err("cannot start a thread for", &*shown))?;
+            Ok(Monitor {
+                socket_path: Some(path.clone()),
+            })
+        }
+        Endpoint::Unix {
+            path,
+            server: false,
+            ..
+        } => {
+            let s = UnixStream::connect(path).map_err(io_err(
+                "cannot connect to unix socket",
+                path.display().to_string(),
+            ))?;
+            start_stream(OwnedFd::from(s), &dispatcher, &bus);
+            Ok(Monitor { socket_path: None })
+        }
+        Endpoint::Tcp {
+            host,
+            port,
+            server: true,
+            wait,
+        } => {
+            let addr = format!("{host}:{port}");
+            let listener =
+                TcpListener::bind(&addr).map_err(io_err("cannot listen on tcp", &*addr))?;
+            if *wait {
+                let (s, _) = listener
+                    .accept()
+                    .map_err(io_err("cannot accept on", &*addr))?;
+                let _ = s.set_nodelay(true);
+                start_stream(OwnedFd::from(s), &dispatcher, &bus);
+            }
+            thread::Builder::new()
+                .name("qmp-accept".into())
+                .spawn(move || {
+                    for s in listener.incoming().flatten() {
+                        let _ = s.set_nodelay(true);
+                        start_stream(OwnedFd::from(s), &dispatcher, &bus);
+                    }
+                })
+                .map_err(io_err("cannot start a thread for", &*addr))?;
+            Ok(Monitor { socket_path: None })
+        }
+        Endpoint::Tcp {
+            host,
+            port,
+            server: false,
+            ..
+        } => {
+            let addr = format!("{host}:{port}");
+            let s = TcpStream::connect(&addr).map_err(io_err("cannot connect to", &*addr))?;
+            let _ = s.set_nodelay(true);
+            start_stream(OwnedFd::from(s), &dispatcher, &bus);
+            Ok(Monitor { socket_path: None })
+        }
+    }
+}
+
+/// Serves an already connected socket (e.g. one end of a `socketpair`) as a monitor.
+pub fn serve_stream(stream: UnixStream, dispatcher: Arc<dyn Dispatcher>, bus: Arc<EventBus>) {
+    start_stream(OwnedFd::from(stream), &dispatcher, &bus);
+}
+
+fn start_stream(fd: OwnedFd, dispatcher: &Arc<dyn Dispatcher>, bus: &Arc<EventBus>) {
+    match fd.try_clone() {
+        Ok(out) => spawn_connection(fd, out, dispatcher.clone(), bus.clone()),
+        Err(e) => eprintln!("qmp: cannot serve a client: {e}"),
+    }
+}
+
+fn spawn_connection(
+    input: OwnedFd,
+    output: OwnedFd,
+    dispatcher: Arc<dyn Dispatcher>,
+    bus: Arc<EventBus>,
+) {
+    let spawned = thread::Builder::new()
+        .name("qmp-client".into())
+        .spawn(move || serve_connection(File::from(input), File::from(output), &*dispatcher, &bus));
+    if let Err(e) = spawned {
+        eprintln!("qmp: cannot start a client thread: {e}");
+    }
+}
+
+/// Waits until `input` or `wake` is readable; returns (input ready, wake ready).
+fn wait_readable(input: &File, wake: &UnixStream) -> std::io::Result<(bool, bool)> {
+    let mut fds = [
+        libc::pollfd {
+            fd: input.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structs that outlives the call, and
+        // both descriptors are owned by live objects borrowed for the duration.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r >= 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    let ready = |f: &libc::pollfd| f.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+    Ok((ready(&fds[0]), ready(&fds[1])))
+}
+
+fn serve_connection(
+    mut input: File,
+    mut output: File,
+    dispatcher: &dyn Dispatcher,
+    bus: &EventBus,
+) {
+    let outbox = match bus.attach() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("qmp: cannot serve a client: {e}");
+            return;
+        }
+    };
+    let mut session = Session::new(Some(outbox.clone()));
+    let mut buf = vec![0u8; 64 << 10];
+    let mut out = Session::greeting(dispatcher);
+    let _ = run_loop(
+        &mut input,
+        &mut output,
+        dispatcher,
+        &outbox,
+        &mut session,
+        &mut buf,
+        &mut out,
+    );
+    bus.detach(&outbox);
+}
+
+fn run_loop(
+    input: &mut File,
+    output: &mut File,
+    dispatcher: &dyn Dispatcher,
+    outbox: &crate::events::Outbox,
+    session: &mut Session,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    loop {
+        if !out.is_empty() {
+            output.write_all(out)?;
+            out.clear();
+            for name in session.take_answered() {
+                dispatcher.after_reply(&name);
+            }
+        }
+        if outbox.closing() {
+            outbox.drain_into(out);
+            output.write_all(out)?;
+            return Ok(());
+        }
+        let (in_ready, wake_ready) = wait_readable(input, outbox.wake_fd())?;
+        if wake_ready {
+            outbox.drain_into(out);
+        }
+        if in_ready {
+            let n = match input.read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                session.finish(dispatcher, out);
+                output.write_all(out)?;
+                return Ok(());
+            }
+            session.input(&buf[..n], dispatcher, out);
+        }
+    }
+}
