@@ -1,0 +1,226 @@
+//! QOM-shaped introspection of the tree: `qom-list`, `qom-get`, plus the registry's
+//! `qom-list-types` and `device-list-properties` for convenience.
+
+use serde_json::{Value, json};
+
+use crate::error::QdevError;
+use crate::tree::{BusEntry, Device, DeviceTree};
+use crate::types::{ObjectPropertyInfo, ObjectTypeInfo};
+
+const CONTAINERS: [&str; 3] = ["peripheral", "peripheral-anon", "unattached"];
+
+enum Obj<'a> {
+    Machine,
+    Container(&'static str),
+    Device(&'a Device),
+    Bus(&'a BusEntry),
+}
+
+fn prop(name: impl Into<String>, ty: impl Into<String>) -> ObjectPropertyInfo {
+    ObjectPropertyInfo {
+        name: name.into(),
+        ty: ty.into(),
+        description: None,
+        default_value: None,
+    }
+}
+
+/// The last path component of a device path (`device[3]`, `net0`).
+fn leaf(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+impl DeviceTree {
+    fn resolve(&self, path: &str) -> Result<Obj<'_>, QdevError> {
+        let trimmed = if path.len() > 1 {
+            path.trim_end_matches('/')
+        } else {
+            path
+        };
+        if trimmed == "/machine" {
+            return Ok(Obj::Machine);
+        }
+        if let Some(c) = trimmed.strip_prefix("/machine/")
+            && let Some(name) = CONTAINERS.iter().find(|n| **n == c)
+        {
+            return Ok(Obj::Container(name));
+        }
+        if let Some(d) = self.paths.get(trimmed).and_then(|k| self.devices.get(k)) {
+            return Ok(Obj::Device(d));
+        }
+        if let Some(b) = self.buses.iter().find(|b| b.path == trimmed) {
+            return Ok(Obj::Bus(b));
+        }
+        Err(QdevError::DeviceNotFound(path.to_owned()))
+    }
+
+    fn child_buses<'a>(&'a self, parent: &'a str) -> impl Iterator<Item = &'a BusEntry> + 'a {
+        self.buses.iter().filter(move |b| b.parent == parent)
+    }
+
+    fn bus_children(&self, bus: &BusEntry) -> Vec<&Device> {
+        let idx = self.buses.iter().position(|b| std::ptr::eq(b, bus));
+        self.devices
+            .values()
+            .filter(|d| Some(d.bus) == idx)
+            .collect()
+    }
+
+    /// `qom-list PATH`: the properties and children of `/machine`, its `peripheral`,
+    /// `peripheral-anon` and `unattached` containers, a device, or a bus. Unknown paths are
+    /// `DeviceNotFound` (as QEMU).
+    pub fn qom_list(&self, path: &str) -> Result<Vec<ObjectPropertyInfo>, QdevError> {
+        Ok(match self.resolve(path)? {
+            Obj::Machine => {
+                let mut v: Vec<_> = CONTAINERS
+                    .iter()
+                    .map(|c| prop(*c, "child<container>"))
+                    .collect();
+                v.extend(
+                    self.child_buses("/machine")
+                        .map(|b| prop(&b.name, format!("child<{}>", b.bus_type))),
+                );
+                v
+            }
+            Obj::Container(c) => {
+                let prefix = format!("/machine/{c}/");
+                let mut v = vec![prop("type", "string")];
+                v.extend(
+                    self.devices
+                        .values()
+                        .filter(|d| {
+                            d.path
+                                .strip_prefix(&prefix)
+                                .is_some_and(|rest| !rest.contains('/'))
+                        })
+                        .map(|d| prop(leaf(&d.path), format!("child<{}>", d.driver))),
+                );
+                v
+            }
+            Obj::Device(d) => {
+                let bus = &self.buses[d.bus];
+                let mut v = vec![prop("type", "string")];
+                if d.id.is_some() {
+                    v.push(prop("id", "string"));
+                }
+                v.push(prop("realized", "bool"));
+                v.push(prop("hotplugged", "bool"));
+                v.push(prop("hotpluggable", "bool"));
+                v.push(prop("parent_bus", format!("link<{}>", bus.bus_type)));
+                v.push(prop("x-unplug-state", "string"));
+                if let Some(t) = self.registry.get(&d.driver) {
+                    for p in t.props() {
+                        let mut info = prop(p.name(), p.kind().type_name());
+                        info.description = p.desc().map(str::to_owned);
+                        v.push(info);
+                    }
+                }
+                v.extend(
+                    self.child_buses(&d.path)
+                        .map(|b| prop(&b.name, format!("child<{}>", b.bus_type))),
+                );
+                v
+            }
+            Obj::Bus(b) => {
+                let mut v = vec![
+                    prop("type", "string"),
+                    prop("realized", "bool"),
+                    prop("hotpluggable", "bool"),
+                ];
+                v.extend(
+                    self.bus_children(b)
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| prop(format!("child[{i}]"), format!("link<{}>", d.driver))),
+                );
+                v
+            }
+        })
+    }
+
+    /// `qom-get PATH PROPERTY`. Devices have `type`, `id` (when set), `realized`,
+    /// `hotplugged`, `hotpluggable`, `parent_bus` (the bus path), `x-unplug-state`, their
+    /// typed properties, and their child buses (paths). Children and links read as paths.
+    pub fn qom_get(&self, path: &str, property: &str) -> Result<Value, QdevError> {
+        let not_found = || QdevError::PropertyNotFound {
+            path: path.to_owned(),
+            property: property.to_owned(),
+        };
+        match self.resolve(path)? {
+            Obj::Machine => {
+                if CONTAINERS.contains(&property) {
+                    return Ok(json!(format!("/machine/{property}")));
+                }
+                self.child_buses("/machine")
+                    .find(|b| b.name == property)
+                    .map(|b| json!(b.path))
+                    .ok_or_else(not_found)
+            }
+            Obj::Container(c) => {
+                if property == "type" {
+                    return Ok(json!("container"));
+                }
+                let p = format!("/machine/{c}/{property}");
+                if self.paths.contains_key(&p) {
+                    Ok(json!(p))
+                } else {
+                    Err(not_found())
+                }
+            }
+            Obj::Device(d) => {
+                let bus = &self.buses[d.bus];
+                let hotpluggable = self
+                    .registry
+                    .get(&d.driver)
+                    .is_some_and(|t| t.is_hotpluggable());
+                match property {
+                    "type" => Ok(json!(d.driver)),
+                    "id" => d.id.as_ref().map(|i| json!(i)).ok_or_else(not_found),
+                    "realized" => Ok(json!(true)),
+                    "hotplugged" => Ok(json!(d.hotplugged)),
+                    "hotpluggable" => Ok(json!(hotpluggable)),
+                    "parent_bus" => Ok(json!(bus.path)),
+                    "x-unplug-state" => Ok(serde_json::to_value(d.unplug).unwrap_or(Value::Null)),
+                    _ => d
+                        .props
+                        .get(property)
+                        .map(|v| v.to_json())
+                        .or_else(|| {
+                            self.child_buses(&d.path)
+                                .find(|b| b.name == property)
+                                .map(|b| json!(b.path))
+                        })
+                        .ok_or_else(not_found),
+                }
+            }
+            Obj::Bus(b) => match property {
+                "type" => Ok(json!(b.bus_type.as_str())),
+                "realized" => Ok(json!(true)),
+                "hotpluggable" => Ok(json!(b.hotplug.is_some())),
+                _ => property
+                    .strip_prefix("child[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .and_then(|n| self.bus_children(b).get(n).map(|d| json!(d.path)))
+                    .ok_or_else(not_found),
+            },
+        }
+    }
+
+    /// `qom-list-types` over the registry.
+    pub fn qom_list_types(
+        &self,
+        implements: Option<&str>,
+        include_abstract: bool,
+    ) -> Vec<ObjectTypeInfo> {
+        self.registry.list_types(implements, include_abstract)
+    }
+
+    /// `device-list-properties` over the registry.
+    pub fn device_list_properties(
+        &self,
+        typename: &str,
+    ) -> Result<Vec<ObjectPropertyInfo>, QdevError> {
+        self.registry.device_list_properties(typename)
+    }
+}
