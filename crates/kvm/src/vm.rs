@@ -1,0 +1,252 @@
+//! A KVM virtual machine: memory slots, interrupt controller, PIT, IRQ lines.
+
+use std::sync::{Arc, Mutex};
+
+use keel_accel::{
+    AccelError, GuestMemory, IrqChip, IrqLine, MachineRequirements, SystemEvents, Vcpu, Vm,
+};
+use kvm_bindings::{
+    KVM_PIT_SPEAKER_DUMMY, kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::KvmAccel;
+use crate::vcpu::{KvmVcpu, VcpuSetup};
+
+/// Guest-physical page KVM uses for the real-mode identity page table (one page).
+pub const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// Guest-physical base of the three pages KVM uses for the real-mode TSS.
+pub const TSS_ADDR: u64 = 0xfffb_d000;
+/// End of the pages reserved for KVM's real-mode support (exclusive).
+pub const KVM_RESERVED_END: u64 = TSS_ADDR + 3 * 4096;
+
+fn host(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> AccelError {
+    move |e| AccelError::Host {
+        what,
+        source: e.into(),
+    }
+}
+
+/// A VM created by [`KvmAccel`].
+pub struct KvmVm {
+    // Field order is drop order: the VM fd goes before the memory it maps.
+    vm: Arc<VmFd>,
+    req: MachineRequirements,
+    irqchip: bool,
+    supported_cpuid: Vec<kvm_cpuid_entry2>,
+    msr_index_list: Vec<u32>,
+    created: Mutex<Vec<bool>>,
+    events: Arc<dyn SystemEvents>,
+    memory: Arc<GuestMemory>,
+}
+
+impl std::fmt::Debug for KvmVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVm")
+            .field("machine", &self.req.machine)
+            .field("vcpus", &self.req.vcpus)
+            .field("irqchip", &self.irqchip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvmVm {
+    pub(crate) fn new(
+        accel: &KvmAccel,
+        req: &MachineRequirements,
+        memory: Arc<GuestMemory>,
+        events: Arc<dyn SystemEvents>,
+    ) -> Result<Self, AccelError> {
+        let incompatible = |reason: String| AccelError::Incompatible {
+            accel: crate::ACCEL_NAME,
+            machine: req.machine.clone(),
+            reason,
+        };
+        let regions = memory.num_regions();
+        let slots = accel.kvm.get_nr_memslots();
+        if regions > slots {
+            return Err(incompatible(format!(
+                "{regions} memory regions, KVM offers {slots} slots"
+            )));
+        }
+        for r in memory.iter() {
+            let start = r.start_addr().0;
+            let end = start.saturating_add(r.len());
+            if start < KVM_RESERVED_END && end > IDENTITY_MAP_ADDR {
+                return Err(incompatible(format!(
+                    "RAM at {start:#x}..{end:#x} overlaps the pages KVM reserves at \
+                     {IDENTITY_MAP_ADDR:#x}..{KVM_RESERVED_END:#x}"
+                )));
+            }
+        }
+
+        let vm = accel.kvm.create_vm().map_err(host("KVM_CREATE_VM"))?;
+        vm.set_identity_map_address(IDENTITY_MAP_ADDR)
+            .map_err(host("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.set_tss_address(TSS_ADDR as usize)
+            .map_err(host("KVM_SET_TSS_ADDR"))?;
+
+        for (slot, r) in memory.iter().enumerate() {
+            let host_addr = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| incompatible(format!("guest memory region not mapped: {e}")))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: host_addr as u64,
+            };
+            // SAFETY: the region is a live mapping of `r.len()` bytes owned by `memory`, and
+            // this VM (and every vCPU, which hold their own `Arc`) keeps `memory` alive for as
+            // long as the VM fd exists (field order above).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(host("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let irqchip = accel.options.in_kernel_irqchip;
+        if irqchip {
+            vm.create_irq_chip().map_err(host("KVM_CREATE_IRQCHIP"))?;
+        }
+        if req.pit {
+            let cfg = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(cfg).map_err(host("KVM_CREATE_PIT2"))?;
+        }
+
+        Ok(Self {
+            vm: Arc::new(vm),
+            req: req.clone(),
+            irqchip,
+            supported_cpuid: accel.supported_cpuid.clone(),
+            msr_index_list: accel.msr_index_list.clone(),
+            created: Mutex::new(vec![false; req.vcpus as usize]),
+            events,
+            memory,
+        })
+    }
+
+    /// The KVM VM file descriptor, for KVM-specific work the seam does not cover
+    /// (ioeventfds, dirty logging).
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// Whether the in-kernel irqchip exists.
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    fn max_gsi(&self) -> u32 {
+        match self.req.irqchip {
+            IrqChip::Pic => 16,
+            IrqChip::PicIoapic => 24,
+        }
+    }
+
+    fn check_gsi(&self, gsi: u32) -> Result<(), AccelError> {
+        if !self.irqchip {
+            return Err(AccelError::Incompatible {
+                accel: crate::ACCEL_NAME,
+                machine: self.req.machine.clone(),
+                reason: format!("IRQ {gsi} requested but this VM has no in-kernel irqchip"),
+            });
+        }
+        if gsi >= self.max_gsi() {
+            return Err(AccelError::Incompatible {
+                accel: crate::ACCEL_NAME,
+                machine: self.req.machine.clone(),
+                reason: format!(
+                    "GSI {gsi} does not exist (the irqchip has {})",
+                    self.max_gsi()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// An eventfd bound to `gsi` with `KVM_IRQFD`: each write raises an edge on the line
+    /// without a trip through this process's vCPU threads (for device event loops).
+    pub fn irqfd(&self, gsi: u32) -> Result<EventFd, AccelError> {
+        self.check_gsi(gsi)?;
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| AccelError::Host {
+            what: "eventfd",
+            source,
+        })?;
+        self.vm
+            .register_irqfd(&fd, gsi)
+            .map_err(host("KVM_IRQFD"))?;
+        Ok(fd)
+    }
+
+    /// Creates vCPU `index` with its concrete type (KVM-specific calls such as
+    /// [`KvmVcpu::reset`]); [`Vm::create_vcpu`] boxes this.
+    pub fn create_kvm_vcpu(&self, index: u32) -> Result<KvmVcpu, AccelError> {
+        {
+            let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+            match created.get_mut(index as usize) {
+                None => {
+                    return Err(AccelError::Incompatible {
+                        accel: crate::ACCEL_NAME,
+                        machine: self.req.machine.clone(),
+                        reason: format!(
+                            "vCPU {index} requested, the machine has {}",
+                            self.req.vcpus
+                        ),
+                    });
+                }
+                Some(true) => {
+                    return Err(AccelError::Incompatible {
+                        accel: crate::ACCEL_NAME,
+                        machine: self.req.machine.clone(),
+                        reason: format!("vCPU {index} already exists"),
+                    });
+                }
+                Some(slot) => *slot = true,
+            }
+        }
+        // The index stays taken even if creation fails: KVM does not let a vCPU id be reused.
+        KvmVcpu::new(VcpuSetup {
+            vm: &self.vm,
+            index,
+            count: self.req.vcpus,
+            irqchip: self.irqchip,
+            supported_cpuid: &self.supported_cpuid,
+            msr_index_list: &self.msr_index_list,
+            memory: self.memory.clone(),
+            events: self.events.clone(),
+        })
+    }
+}
+
+impl Vm for KvmVm {
+    fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, AccelError> {
+        Ok(Box::new(self.create_kvm_vcpu(index)?))
+    }
+
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {
+        self.check_gsi(gsi)?;
+        Ok(Arc::new(KvmIrqLine {
+            vm: self.vm.clone(),
+            gsi,
+        }))
+    }
+}
+
+/// A GSI driven with `KVM_IRQ_LINE`.
+struct KvmIrqLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl IrqLine for KvmIrqLine {
+    fn set_level(&self, high: bool) {
+        // The GSI was validated when the line was made; KVM_IRQ_LINE then only fails if the
+        // VM is being torn down, when a lost interrupt no longer matters.
+        let _ = self.vm.set_irq_line(self.gsi, high);
+    }
+}
