@@ -106,7 +106,9 @@ pub enum QdevError {
         known: String,
     },
     /// The device needs another bus type than the one named.
-    #[error("Device '{driver}' can't go on {bus_type} bus '{bus}': it needs a {needed} bus")]
+    #[error(
+        "Device '{driver}' can't go on {bus_type} bus '{bus}': it needs a bus of type {needed}"
+    )]
     WrongBus {
         /// Device type.
         driver: String,
