@@ -9,17 +9,17 @@
 //! | [`Accelerator::create_vm`] | `KVM_CREATE_VM`, the identity map and TSS pages just below the BIOS area (0xfffb_c000..0xfffc_0000), one `KVM_SET_USER_MEMORY_REGION` per region of the `GuestMemory`, `KVM_CREATE_IRQCHIP` (8259 pair + IOAPIC + LAPICs), `KVM_CREATE_PIT2` when the machine wants a PIT |
 //! | [`Vm::irq_line`] | `KVM_IRQ_LINE` on that GSI; [`KvmVm::irqfd`] gives an eventfd bound with `KVM_IRQFD` for event loops |
 //! | [`Vm::create_vcpu`] | `KVM_CREATE_VCPU`, CPUID from `KVM_GET_SUPPORTED_CPUID` shaped per vCPU (see [`cpuid`]), boot MSRs, LAPIC LINT0 = ExtINT / LINT1 = NMI, x87/SSE control words |
-//! | [`Vcpu::run`] | `KVM_RUN`; the exit in `kvm_run` becomes an owned [`VcpuExit`]. A `rep ins/outs` exit with `count > 1` is handed out one element per `run()` without re-entering the guest, so the seam's one-value exits stay exact. |
-//! | [`Vcpu::complete_read`] | writes the value into the `kvm_run` data area of the pending `in` / MMIO load; KVM finishes the instruction on the next `KVM_RUN` |
-//! | [`Vcpu::kicker`] | sets a flag, sets `kvm_run.immediate_exit` and sends [`kick_signal`] to the vCPU thread; `run()` returns [`VcpuExit::Interrupted`] whether the kick lands before or during `KVM_RUN` |
-//! | [`Vcpu::regs`] / [`Vcpu::sregs`] | `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, field for field |
+//! | [`Vcpu::run`](keel_accel::Vcpu::run) | `KVM_RUN`; the exit in `kvm_run` becomes an owned [`VcpuExit`](keel_accel::VcpuExit). A `rep ins/outs` exit with `count > 1` is handed out one element per `run()` without re-entering the guest, so the seam's one-value exits stay exact. |
+//! | [`Vcpu::complete_read`](keel_accel::Vcpu::complete_read) | writes the value into the `kvm_run` data area of the pending `in` / MMIO load; KVM finishes the instruction on the next `KVM_RUN` |
+//! | [`Vcpu::kicker`](keel_accel::Vcpu::kicker) | sets a flag, sets `kvm_run.immediate_exit` and sends [`kick_signal`] to the vCPU thread; `run()` returns [`VcpuExit::Interrupted`](keel_accel::VcpuExit::Interrupted) whether the kick lands before or during `KVM_RUN` |
+//! | [`Vcpu::regs`](keel_accel::Vcpu::regs) / [`Vcpu::sregs`](keel_accel::Vcpu::sregs) | `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, field for field |
 //!
 //! Exits KVM should never produce for this configuration (internal errors, failed entries,
 //! unknown hardware exits) come back as [`AccelError::Guest`] with KVM's reason, never a panic.
-//! `KVM_EXIT_SHUTDOWN` (triple fault) is [`VcpuExit::Shutdown`]; system events `RESET` and
-//! `SHUTDOWN` are [`VcpuExit::Reset`] / [`VcpuExit::PowerOff`]; `CRASH` is reported to the
+//! `KVM_EXIT_SHUTDOWN` (triple fault) is [`VcpuExit::Shutdown`](keel_accel::VcpuExit::Shutdown); system events `RESET` and
+//! `SHUTDOWN` are [`VcpuExit::Reset`](keel_accel::VcpuExit::Reset) / [`VcpuExit::PowerOff`](keel_accel::VcpuExit::PowerOff); `CRASH` is reported to the
 //! machine's [`SystemEvents`] as [`SystemEvent::Panic`](keel_accel::SystemEvent::Panic) and
-//! `run()` returns [`VcpuExit::Interrupted`] so the loop looks at its requests.
+//! `run()` returns [`VcpuExit::Interrupted`](keel_accel::VcpuExit::Interrupted) so the loop looks at its requests.
 
 #![deny(missing_docs)]
 
@@ -38,8 +38,6 @@ use std::sync::Arc;
 use keel_accel::{
     AccelError, Accelerator, GuestMemory, IoBuses, MachineRequirements, SystemEvents, Vm,
 };
-#[allow(unused_imports)]
-use keel_accel::{Vcpu, VcpuExit};
 use kvm_bindings::{KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::{Cap, Kvm};
 
@@ -50,7 +48,7 @@ pub const ACCEL_NAME: &str = "kvm";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvmOptions {
     /// Create the in-kernel interrupt controller (8259 pair, IOAPIC, local APICs). Without it
-    /// `hlt` returns [`VcpuExit::Halted`] to user space and no IRQ line exists; only tests and
+    /// `hlt` returns [`keel_accel::VcpuExit::Halted`] to user space and no IRQ line exists; only tests and
     /// special-purpose VMMs turn it off.
     pub in_kernel_irqchip: bool,
 }
@@ -188,7 +186,7 @@ impl KvmAccel {
         self.kvm.get_max_vcpus()
     }
 
-    /// Guest-physical address width KVM supports (CPUID 0x8000_0008 EAX[7:0], 36 if absent).
+    /// Guest-physical address width KVM supports (CPUID 0x8000_0008 EAX bits 7..0, 36 if absent).
     pub fn phys_addr_bits(&self) -> u32 {
         self.supported_cpuid
             .iter()

@@ -652,3 +652,97 @@ fn irq_lines_and_irqfds_exist_for_valid_gsis_only() {
     vm.create_vcpu(0).unwrap();
     assert!(vm.create_vcpu(0).is_err(), "vCPU 0 exists");
 }
+
+#[test]
+fn kick_after_an_in_exit_still_completes_the_in() {
+    // mov dx,0x510 ; in al,dx ; jmp $
+    let code = [0xba, 0x10, 0x05, 0xec, 0xeb, 0xfe];
+    let Some(mut g) = guest(KvmOptions::default(), &code) else {
+        return;
+    };
+    assert_eq!(
+        g.vcpu.run().unwrap(),
+        VcpuExit::IoIn {
+            port: PioAddress(0x510),
+            size: 1
+        }
+    );
+    // Pause request arrives while the vCPU thread is handling the exit.
+    g.vcpu.kicker().kick();
+    g.vcpu.complete_read(0x42);
+    assert_eq!(g.vcpu.run().unwrap(), VcpuExit::Interrupted);
+    // KVM finished the `in` before honouring immediate_exit: the state is consistent.
+    let r = g.vcpu.regs().unwrap();
+    assert_eq!((r.rax & 0xff, r.rip), (0x42, CODE + 4));
+}
+
+#[test]
+fn pic_interrupt_through_irq_line_wakes_a_halted_guest() {
+    // Program the in-kernel master 8259 (vector base 0x08, only IRQ 4 unmasked), then
+    // `sti ; hlt` in a loop. The IRQ 4 handler acknowledges the PIC and reports on port 0x99.
+    let code = [
+        0xfa, // cli
+        0xb0, 0x11, 0xe6, 0x20, // ICW1: edge, cascade, ICW4 follows
+        0xb0, 0x08, 0xe6, 0x21, // ICW2: vectors 0x08..0x0f
+        0xb0, 0x04, 0xe6, 0x21, // ICW3: slave on IRQ 2
+        0xb0, 0x01, 0xe6, 0x21, // ICW4: 8086 mode
+        0xb0, 0xef, 0xe6, 0x21, // OCW1: unmask IRQ 4 only
+        0xfb, // sti
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+    ];
+    let handler = [
+        0xb0, 0x20, 0xe6, 0x20, // mov al,0x20 ; out 0x20,al  (EOI)
+        0xe6, 0x99, // out 0x99,al
+        0xcf, // iret
+    ];
+    let Some(g) = guest(KvmOptions::default(), &code) else {
+        return;
+    };
+    g.mem.write_slice(&handler, GuestAddress(0x1100)).unwrap();
+    // IVT entry 0x0c (IRQ 4) -> 0000:1100.
+    g.mem
+        .write_obj(0x0000_1100u32, GuestAddress(0x0c * 4))
+        .unwrap();
+    let line = g._vm.irq_line(4).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let mut vcpu = g.vcpu;
+    let kicker = vcpu.kicker();
+    let buses = g.buses.clone();
+    std::thread::spawn(move || {
+        loop {
+            let exit = vcpu.run().unwrap();
+            let stop = matches!(
+                exit,
+                VcpuExit::IoOut {
+                    port: PioAddress(0x99),
+                    ..
+                } | VcpuExit::Interrupted
+            );
+            if let ExitAction::CompleteRead(v) = handle_exit(&exit, &buses) {
+                vcpu.complete_read(v);
+            }
+            if stop {
+                let _ = tx.send(exit);
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(rx.try_recv().is_err(), "no interrupt raised yet");
+    line.pulse();
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    if got.is_err() {
+        kicker.kick();
+    }
+    assert!(
+        matches!(
+            got,
+            Ok(VcpuExit::IoOut {
+                port: PioAddress(0x99),
+                ..
+            })
+        ),
+        "{got:?}"
+    );
+}
