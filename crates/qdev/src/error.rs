@@ -150,6 +150,9 @@ pub enum QdevError {
     /// Hot plug or hot unplug of a type that is not hotpluggable.
     #[error("Device '{0}' does not support hotplugging")]
     DeviceNoHotplug(String),
+    /// The tree holds as many devices as it is allowed to.
+    #[error("Too many devices: the limit is {0}")]
+    TooManyDevices(usize),
     /// No device (or QOM object) with this id or path; QMP class `DeviceNotFound`.
     #[error("Device '{0}' not found")]
     DeviceNotFound(String),

@@ -40,7 +40,8 @@ pub use events::{Clock, DeviceEvent, EventLog, EventSink, ManualClock, Monotonic
 pub use prop::{PropKind, PropSpec, PropValue, Props, parse_bool, parse_int, parse_size};
 pub use request::{DeviceRequest, RawValue, id_wellformed};
 pub use tree::{
-    Added, BusNode, DEFAULT_UNPLUG_TIMEOUT, DEVICE_ADD_PHASES, DEVICE_DEL_PHASES, DelOutcome,
-    DeviceHooks, DeviceNode, DeviceTree, GuestAnswer, NoHooks, ONBOARD_PHASES, UnplugState,
+    Added, BusNode, DEFAULT_MAX_DEVICES, DEFAULT_UNPLUG_TIMEOUT, DEVICE_ADD_PHASES,
+    DEVICE_DEL_PHASES, DelOutcome, DeviceHooks, DeviceNode, DeviceTree, GuestAnswer, NoHooks,
+    ONBOARD_PHASES, UnplugState,
 };
 pub use types::{BusType, DeviceType, ObjectPropertyInfo, ObjectTypeInfo, TypeRegistry};

@@ -454,9 +454,10 @@ pub fn parse_size(text: &str) -> Option<u64> {
         if shift == 0 || frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        // Enough digits for exact bytes below 2^64; the rest cannot change the result by a byte.
-        let frac = &frac[..frac.len().min(20)];
-        let num = u128::try_from(parse_digits(frac, 10).unwrap_or(0)).ok()?;
+        // 19 digits fit in a u64 and resolve far below a byte at any suffix up to E (2^60);
+        // later digits cannot change the result by more than a byte.
+        let frac = &frac[..frac.len().min(19)];
+        let num = u128::try_from(parse_digits(frac, 10)?).ok()?;
         let den = 10u128.checked_pow(u32::try_from(frac.len()).ok()?)?;
         total = total.checked_add((num << shift) / den)?;
     }
@@ -581,6 +582,8 @@ mod tests {
         assert_eq!(parse_size("4K"), Some(4096));
         assert_eq!(parse_size("1M"), Some(1 << 20));
         assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("0.99999999999999999999K"), Some(1023));
+        assert_eq!(parse_size("0.5E"), Some(1 << 59));
         assert_eq!(parse_size("0x1000"), Some(4096));
         assert_eq!(parse_size("15E"), Some(15 << 60));
         assert_eq!(parse_size("16E"), None);

@@ -25,6 +25,8 @@ pub const DEVICE_ADD_PHASES: PhaseSet = PhaseSet::from(Phase::MachineInit);
 pub const DEVICE_DEL_PHASES: PhaseSet = PhaseSet::from(Phase::MachineInit);
 /// Phases in which the board may add its onboard devices.
 pub const ONBOARD_PHASES: PhaseSet = PhaseSet::until(Phase::MachineInit);
+/// How many devices a tree holds by default (a bound on what clients can make it allocate).
+pub const DEFAULT_MAX_DEVICES: usize = 4096;
 /// How long a guest has to answer an unplug request before `DEVICE_UNPLUG_GUEST_ERROR`
 /// reports the silence (QEMU's PCIe hot-unplug retry window).
 pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,6 +153,18 @@ impl BusEntry {
     }
 }
 
+fn check_add_phase(phase: Phase) -> Result<(), QdevError> {
+    if DEVICE_ADD_PHASES.contains(phase) {
+        Ok(())
+    } else {
+        Err(QdevError::OutOfPhase {
+            command: "device_add",
+            current: phase,
+            needed: DEVICE_ADD_PHASES,
+        })
+    }
+}
+
 fn slot_resources(slots: &Slots, slot: Option<u32>) -> Option<&SlotResources> {
     match (slots, slot) {
         (Slots::Fixed(v), Some(i)) => v.get(i as usize),
@@ -237,6 +251,7 @@ pub struct DeviceTree {
     events: Arc<dyn EventSink>,
     clock: Arc<dyn Clock>,
     unplug_timeout: Option<Duration>,
+    max_devices: usize,
 }
 
 impl std::fmt::Debug for DeviceTree {
@@ -271,7 +286,13 @@ impl DeviceTree {
             events,
             clock: Arc::new(MonotonicClock::default()),
             unplug_timeout: Some(DEFAULT_UNPLUG_TIMEOUT),
+            max_devices: DEFAULT_MAX_DEVICES,
         }
+    }
+
+    /// Sets the most devices the tree holds (onboard ones included); further creations fail.
+    pub fn set_max_devices(&mut self, max: usize) {
+        self.max_devices = max;
     }
 
     /// Replaces the clock (tests use [`crate::ManualClock`]).
@@ -327,13 +348,7 @@ impl DeviceTree {
     /// `OutOfPhase`; machine-init → cold plug; machine-ready → hot plug if both the device
     /// type and the bus allow it. Nothing is created on any error.
     pub fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
-        if !DEVICE_ADD_PHASES.contains(phase) {
-            return Err(QdevError::OutOfPhase {
-                command: "device_add",
-                current: phase,
-                needed: DEVICE_ADD_PHASES,
-            });
-        }
+        check_add_phase(phase)?;
         let hot = phase == Phase::MachineReady;
         let ty = self.registry.lookup_creatable(&req.driver)?.clone();
         let bus = self.pick_bus(&ty, req.bus.as_deref())?;
@@ -348,6 +363,22 @@ impl DeviceTree {
         self.check_id(req.id.as_deref())?;
         let props = ty.validate(&req.props)?;
         self.create(&ty, props, req.id.clone(), bus, hot, false)
+    }
+
+    /// [`DeviceTree::device_add`] for a `-device` argument.
+    pub fn device_add_cli(&mut self, phase: Phase, arg: &str) -> Result<Added, QdevError> {
+        check_add_phase(phase)?;
+        self.device_add(phase, &DeviceRequest::parse_cli(arg)?)
+    }
+
+    /// [`DeviceTree::device_add`] for QMP `device_add` arguments (a JSON object).
+    pub fn device_add_json(
+        &mut self,
+        phase: Phase,
+        args: &serde_json::Value,
+    ) -> Result<Added, QdevError> {
+        check_add_phase(phase)?;
+        self.device_add(phase, &DeviceRequest::from_qmp_value(args)?)
     }
 
     /// Adds an onboard device during board init (phases up to machine-init): always cold,
@@ -456,6 +487,9 @@ impl DeviceTree {
         hotplugged: bool,
         onboard: bool,
     ) -> Result<Added, QdevError> {
+        if self.devices.len() >= self.max_devices {
+            return Err(QdevError::TooManyDevices(self.max_devices));
+        }
         let slot = self.buses[bus]
             .free_slot()
             .ok_or_else(|| QdevError::BusFull(self.buses[bus].name.clone()))?;
@@ -634,16 +668,22 @@ impl DeviceTree {
     pub fn guest_answer(&mut self, answer: GuestAnswer) -> Result<(), QdevError> {
         match answer {
             GuestAnswer::Ejected(key) => {
-                if self
-                    .devices
-                    .get(&key)
-                    .is_some_and(|d| self.buses[d.bus].hotplug.is_some())
-                {
-                    self.remove(key);
-                    Ok(())
-                } else {
-                    Err(QdevError::DeviceNotFound(format!("#{}", key.0)))
+                let Some(d) = self.devices.get(&key) else {
+                    return Err(QdevError::DeviceNotFound(format!("#{}", key.0)));
+                };
+                if self.buses[d.bus].hotplug.is_none() {
+                    return Err(QdevError::BusNoHotplug(self.buses[d.bus].name.clone()));
                 }
+                if d.onboard
+                    || !self
+                        .registry
+                        .get(&d.driver)
+                        .is_some_and(DeviceType::is_hotpluggable)
+                {
+                    return Err(QdevError::DeviceNoHotplug(d.driver.clone()));
+                }
+                self.remove(key);
+                Ok(())
             }
             GuestAnswer::Refused(key) => {
                 let Some(d) = self.devices.get_mut(&key) else {

@@ -726,3 +726,77 @@ fn event_shapes() {
         json!({"path": "/machine/peripheral-anon/device[0]"})
     );
 }
+
+#[test]
+fn guest_cannot_eject_what_cannot_be_unplugged() {
+    let mut r = rig();
+    let cold = r
+        .tree
+        .device_add(Phase::MachineInit, &cli("test-cold-dev,id=c"))
+        .unwrap();
+    let rng = r
+        .tree
+        .device_add(Phase::MachineInit, &cli("virtio-rng-device"))
+        .unwrap();
+    let e = r
+        .tree
+        .guest_answer(GuestAnswer::Ejected(cold.key))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Device 'test-cold-dev' does not support hotplugging"
+    );
+    let e = r
+        .tree
+        .guest_answer(GuestAnswer::Ejected(rng.key))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Bus 'virtio-mmio-bus' does not support hotplugging"
+    );
+    assert_eq!(r.tree.len(), 3);
+    assert!(r.events.take().is_empty());
+    // A hot device the guest ejects on its own (no request) goes, with DEVICE_DELETED.
+    let hp = r
+        .tree
+        .device_add(Phase::MachineReady, &cli("test-hp-dev,id=h"))
+        .unwrap();
+    r.tree.guest_answer(GuestAnswer::Ejected(hp.key)).unwrap();
+    assert_eq!(
+        r.events.take(),
+        vec![deleted(Some("h"), "/machine/peripheral/h")]
+    );
+}
+
+#[test]
+fn device_limit_and_wrappers() {
+    let mut r = rig();
+    r.tree.set_max_devices(3);
+    r.tree
+        .device_add_cli(Phase::MachineInit, "isa-serial")
+        .unwrap();
+    r.tree
+        .device_add_json(
+            Phase::MachineInit,
+            &json!({"driver": "isa-serial", "iobase": "0x2f8"}),
+        )
+        .unwrap();
+    let e = r
+        .tree
+        .device_add_cli(Phase::MachineInit, "isa-serial")
+        .unwrap_err();
+    assert_eq!(e.to_string(), "Too many devices: the limit is 3");
+    // Out of phase wins over a malformed request, as the dispatcher checks phases first.
+    let e = r.tree.device_add_cli(Phase::AccelCreated, "").unwrap_err();
+    assert_eq!(e.qmp_class(), "OutOfPhase");
+    let e = r
+        .tree
+        .device_add_json(Phase::NoMachine, &json!(1))
+        .unwrap_err();
+    assert_eq!(e.qmp_class(), "OutOfPhase");
+    let e = r
+        .tree
+        .device_add_json(Phase::MachineInit, &json!({"id": "x"}))
+        .unwrap_err();
+    assert_eq!(e.to_string(), "Parameter 'driver' is missing");
+}
