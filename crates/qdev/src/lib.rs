@@ -16,6 +16,45 @@
 //!   `DEVICE_UNPLUG_GUEST_ERROR` through an [`EventSink`].
 //! * [`collect_on_machine_ready`] gathers cold devices once for firmware tables.
 //!
+//! ```
+//! use std::sync::Arc;
+//! use keel_phase::Phase;
+//! use keel_qdev::*;
+//!
+//! let mut types = TypeRegistry::new();
+//! types.register(
+//!     DeviceType::new("isa-debug-exit", BusType::Isa)
+//!         .prop(PropSpec::uint32("iobase").default_u64(0x501))
+//!         .prop(PropSpec::uint32("iosize").default_u64(2).range(1, 4)),
+//! )?;
+//! types.register(DeviceType::new("virtio-rng-device", BusType::VirtioMmio).hotpluggable(true))?;
+//!
+//! let events = Arc::new(EventLog::new());
+//! let mut tree = DeviceTree::new(types, Box::new(NoHooks), events.clone());
+//! tree.add_bus(BusSpec::new("isa.0", BusType::Isa))?;
+//! let window = SlotResources { mmio: Some(Window { base: 0xfeb0_0000, len: 0x200 }), pio: None, irq: Some(16) };
+//! tree.add_bus(BusSpec::new("virtio-mmio-bus.0", BusType::VirtioMmio).slots(vec![window]))?;
+//!
+//! // Too early: the error carries the command, the phase and the phases it needs.
+//! let e = tree.device_add_cli(Phase::AccelCreated, "isa-debug-exit").unwrap_err();
+//! assert_eq!(e.qmp_class(), "OutOfPhase");
+//!
+//! // machine-init: cold plug, from the command line or from QMP, same result.
+//! let dbg = tree.device_add_cli(Phase::MachineInit, "isa-debug-exit,id=dbg,iobase=0xf4,iosize=0x04")?;
+//! assert_eq!((dbg.path.as_str(), dbg.hotplugged), ("/machine/peripheral/dbg", false));
+//! tree.device_add_json(Phase::MachineInit, &serde_json::json!({"driver": "virtio-rng-device"}))?;
+//!
+//! // Firmware tables see cold devices only.
+//! let cold = tree.cold_devices(&DeviceFilter::BusType(BusType::VirtioMmio));
+//! assert_eq!(cold[0].resources.unwrap().irq, Some(16));
+//!
+//! // machine-ready: this bus has no hotplug handler.
+//! let e = tree.device_add_cli(Phase::MachineReady, "isa-debug-exit,id=late").unwrap_err();
+//! assert_eq!(e.to_string(), "Bus 'isa.0' does not support hotplugging");
+//! assert_eq!(tree.qom_get("/machine/peripheral/dbg", "iobase")?, serde_json::json!(0xf4));
+//! # Ok::<(), QdevError>(())
+//! ```
+//!
 //! The crate knows nothing of QMP's wire format, accelerators or machines: a custom VMM can
 //! use it alone. Errors carry their QMP class ([`QdevError::qmp_class`]).
 
