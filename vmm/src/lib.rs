@@ -1,3 +1,334 @@
 //! Keel assembled: the embedding API behind the `vmm` binary.
+//!
+//! A [`Vmm`] is one machine and its lifecycle. It is configured by commands, the same ones
+//! whichever way they come: typed from Rust ([`Vmm::execute`]), as JSON from a QMP client
+//! ([`Vmm::serve`]), or from the command line ([`cli`]). Each command declares the phases
+//! in which it is valid; out of phase it fails with `OutOfPhase` and changes nothing.
+//!
+//! ```
+//! use vmm::{Vmm, commands::*};
+//! let vmm = Vmm::new();
+//! vmm.execute(MachineSet { type_name: Some("none".into()), ..Default::default() }).unwrap();
+//! let choice = vmm.execute(AccelSet { accel: AccelList::Many(vec!["kvm".into(), "tcg".into()]) }).unwrap();
+//! assert!(choice.accel == "kvm" || choice.accel == "tcg");
+//! vmm.execute(MachineDone {}).unwrap();
+//! assert!(vmm.execute(QueryStatus {}).unwrap().running);
+//! ```
 
 #![deny(missing_docs)]
+
+pub mod accel;
+pub mod board;
+pub mod cli;
+pub mod commands;
+mod core;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use keel_phase::{Phase, PhaseTracker};
+use keel_qmp::{
+    CommandError, Dispatcher, Endpoint, EventBus, Handler, Monitor, Registry, ServerError,
+};
+use serde_json::{Map, Value};
+
+pub use crate::core::{ShutdownCause, ShutdownSignal, VmmCore};
+
+use crate::accel::{AccelProbe, KvmProbe, TcgProbe};
+use crate::board::{MachineType, NoneMachine, PendingMicrovm};
+use crate::commands::{AccelList, AccelSet, MachineDone, MachineInit, MachineSet, VersionInfo};
+
+struct Inner {
+    core: Mutex<VmmCore>,
+    registry: Registry<VmmCore>,
+    events: Arc<EventBus>,
+    shutdown: Arc<ShutdownSignal>,
+    monitors: Mutex<Vec<Monitor>>,
+}
+
+/// One virtual machine and its lifecycle; cheap to clone (all clones are the same VMM).
+#[derive(Clone)]
+pub struct Vmm {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm").field("phase", &self.phase()).finish()
+    }
+}
+
+/// Chooses the machine types and accelerators a [`Vmm`] offers.
+pub struct VmmBuilder {
+    machines: Vec<Arc<dyn MachineType>>,
+    default_machine: &'static str,
+    accels: Vec<Arc<dyn AccelProbe>>,
+}
+
+impl std::fmt::Debug for VmmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmmBuilder")
+            .field(
+                "machines",
+                &self.machines.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            )
+            .field("default_machine", &self.default_machine)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for VmmBuilder {
+    fn default() -> Self {
+        VmmBuilder {
+            machines: vec![Arc::new(NoneMachine), Arc::new(PendingMicrovm)],
+            default_machine: "none",
+            accels: vec![Arc::new(KvmProbe), Arc::new(TcgProbe)],
+        }
+    }
+}
+
+impl VmmBuilder {
+    /// Adds (or replaces, by name) a machine type.
+    pub fn machine(mut self, m: Arc<dyn MachineType>) -> Self {
+        self.machines.retain(|x| x.name() != m.name());
+        self.machines.push(m);
+        self
+    }
+
+    /// Picks the machine type used when none is named.
+    pub fn default_machine(mut self, name: &'static str) -> Self {
+        self.default_machine = name;
+        self
+    }
+
+    /// Adds (or replaces, by name) an accelerator.
+    pub fn accel(mut self, a: Arc<dyn AccelProbe>) -> Self {
+        self.accels.retain(|x| x.name() != a.name());
+        self.accels.push(a);
+        self
+    }
+
+    /// Builds the VMM in phase no-machine.
+    pub fn build(self) -> Vmm {
+        let events = EventBus::new();
+        let shutdown = Arc::new(ShutdownSignal::default());
+        let mut registry = Registry::new();
+        commands::register_all(&mut registry);
+        let core = VmmCore {
+            tracker: PhaseTracker::new(),
+            name: None,
+            machines: self.machines,
+            default_machine: self.default_machine,
+            accels: self.accels,
+            config: None,
+            machine: None,
+            accel: None,
+            board: None,
+            autostart: true,
+            events: events.clone(),
+            shutdown: shutdown.clone(),
+        };
+        Vmm {
+            inner: Arc::new(Inner {
+                core: Mutex::new(core),
+                registry,
+                events,
+                shutdown,
+                monitors: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+}
+
+/// The accelerators tried when none was asked for: KVM, else the interpreter.
+pub const DEFAULT_ACCELS: [&str; 2] = ["kvm", "tcg"];
+
+impl Default for Vmm {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Vmm {
+    /// A VMM with the built-in machine types and accelerators.
+    pub fn new() -> Vmm {
+        VmmBuilder::default().build()
+    }
+
+    /// A builder to choose machine types and accelerators.
+    pub fn builder() -> VmmBuilder {
+        VmmBuilder::default()
+    }
+
+    fn core(&self) -> MutexGuard<'_, VmmCore> {
+        self.inner.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a typed command: checks its phase, then runs it. Out of phase it fails with
+    /// [`CommandError::OutOfPhase`] and nothing changes.
+    pub fn execute<K: Handler<VmmCore>>(&self, cmd: K) -> Result<K::Output, CommandError> {
+        let r = {
+            let mut core = self.core();
+            self.inner.registry.execute(&mut core, cmd)
+        };
+        // A direct caller has its answer now: a requested shutdown may proceed.
+        self.inner.shutdown.release();
+        r
+    }
+
+    /// Runs a command given as JSON, exactly as a QMP client's request is run.
+    pub fn execute_json(
+        &self,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> Result<Value, CommandError> {
+        let r = self.dispatch_locked(name, args);
+        self.inner.shutdown.release();
+        r
+    }
+
+    fn dispatch_locked(&self, name: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
+        let mut core = self.core();
+        self.inner.registry.dispatch(&mut core, name, args)
+    }
+
+    /// The current lifecycle phase.
+    pub fn phase(&self) -> Phase {
+        self.core().tracker.phase()
+    }
+
+    /// The command registry (names, phases, schema).
+    pub fn registry(&self) -> &Registry<VmmCore> {
+        &self.inner.registry
+    }
+
+    /// The event bus: subscribe for in-process events.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.inner.events
+    }
+
+    /// Sets the VM name (`-name`), reported by `query-name`.
+    pub fn set_name(&self, name: Option<String>) {
+        self.core().name = name;
+    }
+
+    /// Whether entering machine-ready starts the vCPUs (`-S` turns it off).
+    pub fn set_autostart(&self, on: bool) {
+        self.core().autostart = on;
+    }
+
+    /// Moves forward to `target` one phase at a time with defaults for what was not given
+    /// (default machine type, accelerators [`DEFAULT_ACCELS`], then `machine-init` and
+    /// `machine-done`), each step through its command. `log` hears about every default.
+    pub fn advance_to(
+        &self,
+        target: Phase,
+        log: &mut dyn FnMut(String),
+    ) -> Result<(), CommandError> {
+        loop {
+            let phase = self.phase();
+            if phase >= target {
+                return Ok(());
+            }
+            match phase {
+                Phase::NoMachine => {
+                    self.execute(MachineSet::default())?;
+                    let name = self
+                        .core()
+                        .config
+                        .as_ref()
+                        .map(|c| c.type_name.clone())
+                        .unwrap_or_default();
+                    log(format!("no machine was selected; using machine '{name}'"));
+                }
+                Phase::MachineCreated => {
+                    let choice = self.execute(AccelSet {
+                        accel: AccelList::Many(DEFAULT_ACCELS.map(String::from).to_vec()),
+                    })?;
+                    let mut msg = format!("no accelerator was selected; using '{}'", choice.accel);
+                    for r in &choice.rejected {
+                        msg.push_str(&format!(" ({} rejected: {})", r.accel, r.reason));
+                    }
+                    log(msg);
+                }
+                Phase::AccelCreated => {
+                    self.execute(MachineInit {})?;
+                    log("building the machine now (machine-init)".into());
+                }
+                Phase::MachineInit => {
+                    self.execute(MachineDone {})?;
+                }
+                Phase::MachineReady => return Ok(()),
+            }
+        }
+    }
+
+    /// Opens a QMP monitor on `endpoint`; it is live at once.
+    pub fn serve(&self, endpoint: &Endpoint) -> Result<(), ServerError> {
+        let front: Arc<dyn Dispatcher> = Arc::new(QmpFront { vmm: self.clone() });
+        let m = keel_qmp::serve(endpoint, front, self.inner.events.clone())?;
+        self.inner
+            .monitors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(m);
+        Ok(())
+    }
+
+    /// A QMP dispatcher for this VMM, for custom transports.
+    pub fn dispatcher(&self) -> Arc<dyn Dispatcher> {
+        Arc::new(QmpFront { vmm: self.clone() })
+    }
+
+    /// Asks the VMM to shut down (e.g. on a signal); [`Vmm::wait_for_shutdown`] returns.
+    pub fn request_shutdown(&self, cause: ShutdownCause) {
+        self.inner.shutdown.request_now(cause);
+    }
+
+    /// Blocks until a shutdown takes effect, emits SHUTDOWN, and returns its cause.
+    pub fn wait_for_shutdown(&self) -> ShutdownCause {
+        let cause = loop {
+            if let Some(c) = self.inner.shutdown.wait(None) {
+                break c;
+            }
+        };
+        self.core().enter_shutdown(cause);
+        cause
+    }
+
+    /// Lets every QMP client receive what is queued (the SHUTDOWN event), disconnects
+    /// them, and removes the sockets this VMM created. Waits at most `timeout`.
+    pub fn close_monitors(&self, timeout: Duration) {
+        self.inner.events.close_all(timeout);
+        for m in self
+            .inner
+            .monitors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            m.cleanup();
+        }
+    }
+}
+
+/// The QMP side of a [`Vmm`].
+struct QmpFront {
+    vmm: Vmm,
+}
+
+impl Dispatcher for QmpFront {
+    fn dispatch(&self, command: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
+        self.vmm.dispatch_locked(command, args)
+    }
+
+    fn version(&self) -> Value {
+        serde_json::to_value(VersionInfo::current()).unwrap_or(Value::Null)
+    }
+
+    fn after_reply(&self, command: &str) {
+        if command == "quit" {
+            self.vmm.inner.shutdown.release();
+        }
+    }
+}

@@ -1,1 +1,109 @@
-fn main() {}
+//! The `vmm` binary: QEMU's command line onto Keel's lifecycle, then QMP until `quit` or a
+//! signal.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use vmm::cli::{self, Invocation};
+use vmm::{ShutdownCause, Vmm};
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread spawned later) and
+/// returns the set, for a dedicated thread to `sigwait` on.
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t for each call; the signal
+    // numbers are valid; a null old-set pointer is allowed by pthread_sigmask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+fn wait_for_signal(set: libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    loop {
+        // SAFETY: `set` and `sig` are valid for the call; sigwait only writes `sig`.
+        let r = unsafe { libc::sigwait(&set, &mut sig) };
+        if r == 0 {
+            return sig;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let steps = match cli::parse(&args) {
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(1);
+        }
+        Ok(Invocation::Help) => {
+            print!("{}", cli::HELP);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Version) => {
+            let (a, b, c) = vmm::commands::QEMU_DIALECT;
+            println!(
+                "vmm (keel) {}\nQMP dialect of QEMU {a}.{b}.{c}",
+                env!("CARGO_PKG_VERSION")
+            );
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::ListMachines) => {
+            let vmm = Vmm::new();
+            println!("Supported machines are:");
+            if let Ok(list) = vmm.execute(vmm::commands::QueryMachines {}) {
+                for m in list {
+                    let default = if m.is_default { " (default)" } else { "" };
+                    println!("{:<20} {}{default}", m.name, m.description);
+                }
+            }
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::ListAccels) => {
+            let vmm = Vmm::new();
+            println!("Accelerators supported in QEMU binary:");
+            if let Ok(list) = vmm.execute(vmm::commands::QueryAccels {}) {
+                for a in list {
+                    match a.reason {
+                        None => println!("{}", a.name),
+                        Some(r) => println!("{} (unavailable: {r})", a.name),
+                    }
+                }
+            }
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Run(steps)) => steps,
+    };
+
+    let signals = block_shutdown_signals();
+    let vmm = Vmm::new();
+    {
+        let vmm = vmm.clone();
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let sig = wait_for_signal(signals);
+                eprintln!("vmm: terminating on signal {sig}");
+                vmm.request_shutdown(ShutdownCause::HostSignal);
+            });
+        if let Err(e) = spawned {
+            eprintln!("vmm: cannot start the signal thread: {e}");
+            return ExitCode::from(1);
+        }
+    }
+
+    if let Err(e) = cli::execute(&vmm, &steps, &mut |m| eprintln!("vmm: {m}")) {
+        eprintln!("vmm: {e}");
+        vmm.close_monitors(Duration::ZERO);
+        return ExitCode::from(1);
+    }
+    vmm.wait_for_shutdown();
+    vmm.close_monitors(Duration::from_secs(1));
+    ExitCode::SUCCESS
+}

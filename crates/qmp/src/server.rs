@@ -382,18 +382,25 @@ fn run_loop(
     buf: &mut [u8],
     out: &mut Vec<u8>,
 ) -> std::io::Result<()> {
-    loop {
-        if !out.is_empty() {
-            output.write_all(out)?;
-            out.clear();
-            for name in session.take_answered() {
-                dispatcher.after_reply(&name);
-            }
+    // Writes what is pending, then tells the dispatcher which replies went out (even if
+    // the client is gone: a `quit` must still end the process).
+    let flush = |output: &mut File, session: &mut Session, out: &mut Vec<u8>| {
+        let r = if out.is_empty() {
+            Ok(())
+        } else {
+            output.write_all(out)
+        };
+        out.clear();
+        for name in session.take_answered() {
+            dispatcher.after_reply(&name);
         }
+        r
+    };
+    loop {
+        flush(output, session, out)?;
         if outbox.closing() {
             outbox.drain_into(out);
-            output.write_all(out)?;
-            return Ok(());
+            return flush(output, session, out);
         }
         let (in_ready, wake_ready) = wait_readable(input, outbox.wake_fd())?;
         if wake_ready {
@@ -407,8 +414,7 @@ fn run_loop(
             };
             if n == 0 {
                 session.finish(dispatcher, out);
-                output.write_all(out)?;
-                return Ok(());
+                return flush(output, session, out);
             }
             session.input(&buf[..n], dispatcher, out);
         }

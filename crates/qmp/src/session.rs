@@ -85,6 +85,9 @@ impl Session {
                 Err(e) => reply_error(&CommandError::generic(e.0), None),
                 Ok(v) => self.request(v, dispatcher),
             };
+            if let Some(o) = &self.outbox {
+                o.drain_into(out);
+            }
             out.extend_from_slice(reply.as_bytes());
             out.extend_from_slice(b"\r\n");
         }

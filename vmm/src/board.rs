@@ -1,0 +1,317 @@
+//! The machine layer as the VMM sees it: a [`MachineType`] validates a configuration and
+//! builds a [`Board`]; the board does what the lifecycle commands ask.
+//!
+//! `none` lives here so the whole lifecycle runs anywhere. Real machines (microvm from
+//! `keel-machine`) implement the same two traits and are registered with
+//! [`crate::VmmBuilder::machine`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Errors of machine types and boards; the text becomes a QMP `GenericError`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoardError {
+    /// A property the machine type does not have.
+    #[error("Property '{machine}-machine.{property}' not found")]
+    UnknownProperty {
+        /// Machine type name.
+        machine: String,
+        /// Property name.
+        property: String,
+    },
+    /// A configuration value the machine cannot use.
+    #[error("{0}")]
+    Invalid(String),
+    /// The machine cannot take this device.
+    #[error("{0}")]
+    Device(String),
+    /// The machine type exists but cannot run in this build or on this host.
+    #[error("machine type '{machine}' is not available: {reason}")]
+    Unavailable {
+        /// Machine type name.
+        machine: String,
+        /// Why, and what to use instead.
+        reason: String,
+    },
+}
+
+/// What `machine-set` accumulated: the type and its properties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Machine type name.
+    pub type_name: String,
+    /// Guest RAM in bytes (`-m`); the machine's default if unset.
+    pub memory: Option<u64>,
+    /// Number of vCPUs (`-smp`); the machine's default if unset.
+    pub cpus: Option<u32>,
+    /// Kernel image to boot (`-kernel`).
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (`-initrd`).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (`-append`).
+    pub append: Option<String>,
+    /// Serial port backends in order (`-serial`).
+    pub serial: Vec<String>,
+    /// Turn a guest reset into a shutdown (`-no-reboot`).
+    pub no_reboot: bool,
+    /// Machine-specific properties (`-machine TYPE,key=value`).
+    pub props: BTreeMap<String, String>,
+}
+
+/// What `query-machines` says about a machine type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MachineTypeInfo {
+    /// Type name.
+    pub name: String,
+    /// One line for humans.
+    pub description: String,
+    /// Whether `machine-set` without a type picks it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_default: bool,
+    /// Maximum vCPUs.
+    pub cpu_max: u32,
+    /// Whether vCPUs can be hot-plugged.
+    pub hotpluggable_cpus: bool,
+    /// Whether NUMA memory options apply.
+    pub numa_mem_supported: bool,
+    /// Whether the type is deprecated.
+    pub deprecated: bool,
+    /// Whether the machine has ACPI.
+    pub acpi: bool,
+}
+
+/// One vCPU as `query-cpus-fast` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuInfo {
+    /// Index of the vCPU.
+    pub cpu_index: u32,
+    /// QOM path.
+    pub qom_path: String,
+    /// Host thread id running it.
+    pub thread_id: i64,
+    /// QEMU target name (`x86_64`).
+    pub target: String,
+}
+
+/// A kind of machine: validates configurations and builds boards.
+pub trait MachineType: Send + Sync {
+    /// `-machine` name.
+    fn name(&self) -> &'static str;
+    /// What `query-machines` reports (`is_default` is filled in by the VMM).
+    fn info(&self) -> MachineTypeInfo;
+    /// `Ok` if the type can run in this build; otherwise why not.
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Checks a configuration at `machine-set` time, so a bad property fails early.
+    fn check_config(&self, cfg: &MachineConfig) -> Result<(), BoardError>;
+    /// Whether the machine can run on the named accelerator (`accel-set` calls this
+    /// after the accelerator itself probed fine); `Err` says why not.
+    fn check_accel(&self, cfg: &MachineConfig, accel: &str) -> Result<(), String>;
+    /// Builds the board: RAM, onboard devices, vCPUs (`machine-init`).
+    fn create(&self, cfg: &MachineConfig, accel: &str) -> Result<Box<dyn Board>, BoardError>;
+}
+
+/// A built machine, driven by the lifecycle commands.
+pub trait Board: Send {
+    /// Adds a device; `hotplug` is decided by the phase (machine-ready), never by the caller.
+    fn add_device(
+        &mut self,
+        driver: &str,
+        id: Option<&str>,
+        props: &Map<String, Value>,
+        hotplug: bool,
+    ) -> Result<(), BoardError>;
+    /// Entering machine-ready: cold-plugged devices are final (boot order, tables).
+    fn done(&mut self) -> Result<(), BoardError>;
+    /// Starts or resumes the vCPUs (`cont`).
+    fn resume(&mut self) -> Result<(), BoardError>;
+    /// Pauses the vCPUs (`stop`).
+    fn pause(&mut self) -> Result<(), BoardError>;
+    /// Resets the machine (`system_reset`).
+    fn reset(&mut self) -> Result<(), BoardError>;
+    /// The vCPUs.
+    fn cpus(&self) -> Vec<CpuInfo>;
+}
+
+/// QEMU's `none` machine: no RAM, no vCPUs, no buses. It lets every lifecycle step run
+/// and be tested on any host.
+#[derive(Debug, Default)]
+pub struct NoneMachine;
+
+impl MachineType for NoneMachine {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+
+    fn info(&self) -> MachineTypeInfo {
+        MachineTypeInfo {
+            name: "none".into(),
+            description: "empty machine".into(),
+            is_default: false,
+            cpu_max: 1,
+            hotpluggable_cpus: false,
+            numa_mem_supported: false,
+            deprecated: false,
+            acpi: false,
+        }
+    }
+
+    fn check_config(&self, cfg: &MachineConfig) -> Result<(), BoardError> {
+        if let Some(property) = cfg.props.keys().next() {
+            return Err(BoardError::UnknownProperty {
+                machine: "none".into(),
+                property: property.clone(),
+            });
+        }
+        if let Some(n) = cfg.cpus
+            && n != 1
+        {
+            return Err(BoardError::Invalid(format!(
+                "Invalid SMP CPUs {n}. The max CPUs supported by machine 'none' is 1"
+            )));
+        }
+        for (what, set) in [
+            ("kernel", cfg.kernel.is_some()),
+            ("initrd", cfg.initrd.is_some()),
+            ("append", cfg.append.is_some()),
+        ] {
+            if set {
+                return Err(BoardError::Invalid(format!(
+                    "machine 'none' has no RAM and cannot boot anything: '{what}' is not accepted"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_accel(&self, _cfg: &MachineConfig, _accel: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn create(&self, _cfg: &MachineConfig, _accel: &str) -> Result<Box<dyn Board>, BoardError> {
+        Ok(Box::new(NoneBoard))
+    }
+}
+
+/// The board of the `none` machine.
+#[derive(Debug)]
+pub struct NoneBoard;
+
+impl Board for NoneBoard {
+    fn add_device(
+        &mut self,
+        driver: &str,
+        _id: Option<&str>,
+        _props: &Map<String, Value>,
+        _hotplug: bool,
+    ) -> Result<(), BoardError> {
+        Err(BoardError::Device(format!(
+            "No bus found for device '{driver}': machine 'none' has no buses"
+        )))
+    }
+
+    fn done(&mut self) -> Result<(), BoardError> {
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), BoardError> {
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), BoardError> {
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), BoardError> {
+        Ok(())
+    }
+
+    fn cpus(&self) -> Vec<CpuInfo> {
+        Vec::new()
+    }
+}
+
+/// Placeholder for `microvm` until `keel-machine` is wired in: its configuration is
+/// accepted by the `machine-set` schema, but selecting it says clearly that it cannot run.
+#[derive(Debug, Default)]
+pub struct PendingMicrovm;
+
+impl MachineType for PendingMicrovm {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    fn info(&self) -> MachineTypeInfo {
+        MachineTypeInfo {
+            name: "microvm".into(),
+            description: "microvm (i386)".into(),
+            is_default: false,
+            cpu_max: 288,
+            hotpluggable_cpus: false,
+            numa_mem_supported: false,
+            deprecated: false,
+            acpi: true,
+        }
+    }
+
+    fn available(&self) -> Result<(), String> {
+        Err("it is not integrated into this build of the vmm yet; use '-machine none'".into())
+    }
+
+    fn check_config(&self, _cfg: &MachineConfig) -> Result<(), BoardError> {
+        Err(BoardError::Unavailable {
+            machine: "microvm".into(),
+            reason: self.available().err().unwrap_or_default(),
+        })
+    }
+
+    fn check_accel(&self, _cfg: &MachineConfig, _accel: &str) -> Result<(), String> {
+        self.available()
+    }
+
+    fn create(&self, cfg: &MachineConfig, _accel: &str) -> Result<Box<dyn Board>, BoardError> {
+        self.check_config(cfg)?;
+        Err(BoardError::Invalid("microvm cannot be built".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn none_accepts_only_what_it_has() {
+        let m = NoneMachine;
+        let mut cfg = MachineConfig {
+            type_name: "none".into(),
+            ..Default::default()
+        };
+        assert!(m.check_config(&cfg).is_ok());
+        cfg.cpus = Some(2);
+        assert!(
+            m.check_config(&cfg)
+                .unwrap_err()
+                .to_string()
+                .contains("max CPUs")
+        );
+        cfg.cpus = None;
+        cfg.props.insert("pit".into(), "off".into());
+        assert_eq!(
+            m.check_config(&cfg).unwrap_err().to_string(),
+            "Property 'none-machine.pit' not found"
+        );
+        let mut b = m.create(&MachineConfig::default(), "tcg").unwrap();
+        assert!(
+            b.add_device("virtio-rng-device", None, &Map::new(), false)
+                .is_err()
+        );
+        assert!(b.cpus().is_empty());
+        assert!(PendingMicrovm.check_config(&cfg).is_err());
+    }
+}

@@ -1,0 +1,749 @@
+//! The command line, in QEMU's syntax, as an ordered script of commands.
+//!
+//! [`parse`] checks the whole command line first (unknown options, bad values) so that a
+//! mistake is reported on one line with no side effect. [`execute`] then runs the options
+//! strictly left to right, each through the same command handler as its QMP twin: an
+//! option that needs a later phase first advances with defaults (and logs it), one that
+//! needs an earlier phase fails with the command's own `OutOfPhase` message. A monitor is
+//! live from the moment its option runs. At the end the machine is finished and started,
+//! unless `-S` (stay in prelaunch) or `-preconfig` (stop early; QMP finishes the job).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use keel_phase::Phase;
+use keel_qmp::{CommandError, Endpoint};
+use serde_json::{Map, Value};
+
+use crate::Vmm;
+use crate::commands::{AccelList, AccelSet, DeviceAdd, MachineSet};
+
+/// A command-line error: the option as written and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The option or its value is malformed; nothing has been done.
+    #[error("{option}: {message}")]
+    Syntax {
+        /// The option as written (`-m 12Q`).
+        option: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The option's command failed.
+    #[error("{option}: {source}")]
+    Command {
+        /// The option as written.
+        option: String,
+        /// The command's error (the same text QMP would give).
+        #[source]
+        source: CommandError,
+    },
+    /// A monitor could not be opened.
+    #[error("{option}: {source}")]
+    Monitor {
+        /// The option as written.
+        option: String,
+        /// Why.
+        #[source]
+        source: keel_qmp::ServerError,
+    },
+}
+
+/// What one option does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// `machine-set` (`-machine`, `-m`, `-smp`, `-kernel`, `-initrd`, `-append`, `-serial`,
+    /// `-no-reboot`), then `accel-set` for a legacy `-machine ...,accel=a:b`.
+    Machine(MachineSet, Option<Vec<String>>),
+    /// `accel-set` with the accelerators of consecutive `-accel` options.
+    Accel(Vec<String>),
+    /// `device_add`.
+    Device(DeviceAdd),
+    /// `-name`.
+    Name(String),
+    /// `-qmp`, or `-mon` on a `-chardev`.
+    Monitor(Endpoint),
+    /// `-S`.
+    NoAutostart,
+    /// `-preconfig`.
+    Preconfig,
+    /// Accepted for compatibility, nothing to do (`-nodefaults`, `-display none`, ...).
+    Nothing,
+}
+
+/// One option with its action.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The option as written, for messages.
+    pub option: String,
+    /// What it does.
+    pub action: Action,
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone)]
+pub enum Invocation {
+    /// Run these steps.
+    Run(Vec<Step>),
+    /// Print the usage.
+    Help,
+    /// Print the version.
+    Version,
+    /// List the machine types (`-machine help`).
+    ListMachines,
+    /// List the accelerators (`-accel help`).
+    ListAccels,
+}
+
+/// The usage text.
+pub const HELP: &str = "\
+usage: vmm [options]
+
+Keel's VMM. Options are QEMU's and are run strictly left to right; each is the
+same command as its QMP twin and fails the same way when it comes in the wrong
+lifecycle phase (no-machine, machine-created, accel-created, machine-init,
+machine-ready).
+
+Machine (machine-set):
+  -machine|-M TYPE[,prop=value...]  machine type (`-machine help` lists them)
+  -m SIZE                           RAM (default unit MiB; suffixes K M G T)
+  -smp N                            vCPUs
+  -kernel PATH  -initrd PATH  -append CMDLINE
+  -serial BACKEND                   serial port backend
+  -no-reboot                        a guest reset shuts down instead
+Accelerator (accel-set):
+  -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
+Devices (device_add, cold until the machine is ready):
+  -device DRIVER[,id=ID][,prop=value...]
+Monitors (live from the moment they are read):
+  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off | stdio
+  -chardev socket,id=ID,path=PATH,server=on,wait=off  (or host=,port=)
+  -mon chardev=ID,mode=control
+Lifecycle:
+  -S                                stay paused (prelaunch) when ready
+  -preconfig                        stop early and let QMP finish the machine
+                                    (without -machine: wait in no-machine)
+Other:
+  -name NAME  -nodefaults  -no-user-config  -display none  -nographic
+  -h, --help  --version
+";
+
+fn syntax(option: &str, message: impl Into<String>) -> CliError {
+    CliError::Syntax {
+        option: option.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Splits QEMU option text `a=b,c=d` (`,,` is a literal comma); the first item may be a
+/// bare value for `implied`. A bare key elsewhere means `key=on`.
+pub fn split_opts(
+    option: &str,
+    text: &str,
+    implied: Option<&str>,
+) -> Result<Vec<(String, String)>, CliError> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    let mut out = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => out.push((k.to_owned(), v.to_owned())),
+            Some(_) => return Err(syntax(option, format!("invalid parameter '{item}'"))),
+            None if item.is_empty() => {
+                return Err(syntax(option, "empty parameter"));
+            }
+            None => match (i, implied) {
+                (0, Some(key)) => out.push((key.to_owned(), item)),
+                _ => out.push((item, "on".to_owned())),
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a size as `-m` does: a number with an optional fraction and suffix
+/// (B, K, M, G, T, P, E; case-insensitive); without a suffix, `default_unit` applies.
+pub fn parse_size(text: &str, default_unit: u64) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    if num.is_empty() || num.starts_with('.') {
+        return None;
+    }
+    let unit: u64 = match suffix.to_ascii_lowercase().as_str() {
+        "" => default_unit,
+        "b" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        "p" => 1 << 50,
+        "e" => 1 << 60,
+        _ => return None,
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(unit);
+    }
+    let f: f64 = num.parse().ok()?;
+    let bytes = f * unit as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
+        return None;
+    }
+    Some(bytes as u64)
+}
+
+fn on_off(option: &str, key: &str, v: &str) -> Result<bool, CliError> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(syntax(
+            option,
+            format!("Parameter '{key}' expects 'on' or 'off'"),
+        )),
+    }
+}
+
+fn chardev_endpoint(option: &str, text: &str) -> Result<(String, Endpoint), CliError> {
+    let opts = split_opts(option, text, Some("backend"))?;
+    let mut backend = String::new();
+    let mut id = None;
+    let (mut path, mut host, mut port) = (None, None, None);
+    let (mut server, mut wait) = (false, true);
+    for (k, v) in opts {
+        match k.as_str() {
+            "backend" => backend = v,
+            "id" => id = Some(v),
+            "path" => path = Some(v),
+            "host" => host = Some(v),
+            "port" => port = Some(v),
+            "server" => server = on_off(option, &k, &v)?,
+            "wait" => wait = on_off(option, &k, &v)?,
+            "nowait" => wait = false,
+            "telnet" | "tn3270" | "websocket" if on_off(option, &k, &v)? => {
+                return Err(syntax(option, format!("'{k}' is not supported")));
+            }
+            "telnet" | "tn3270" | "websocket" | "mux" | "logfile" | "logappend" | "signal" => {}
+            _ => return Err(syntax(option, format!("Invalid parameter '{k}'"))),
+        }
+    }
+    let id = id.ok_or_else(|| syntax(option, "Parameter 'id' is missing"))?;
+    let ep = match backend.as_str() {
+        "stdio" => Endpoint::Stdio,
+        "socket" => match (path, host, port) {
+            (Some(path), None, None) => Endpoint::Unix {
+                path: PathBuf::from(path),
+                server,
+                wait,
+            },
+            (None, host, Some(port)) => Endpoint::Tcp {
+                host: host
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "0.0.0.0".into()),
+                port: port
+                    .parse()
+                    .map_err(|_| syntax(option, format!("'{port}' is not a TCP port")))?,
+                server,
+                wait,
+            },
+            _ => {
+                return Err(syntax(
+                    option,
+                    "a socket chardev needs either path= or host=/port=",
+                ));
+            }
+        },
+        other => {
+            return Err(syntax(
+                option,
+                format!("chardev backend '{other}' is not supported (use socket or stdio)"),
+            ));
+        }
+    };
+    Ok((id, ep))
+}
+
+fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
+    match key {
+        "kernel" => set.kernel = Some(PathBuf::from(v)),
+        "initrd" => set.initrd = Some(PathBuf::from(v)),
+        "append" => set.append = Some(v.to_owned()),
+        _ => {
+            set.props.insert(key.to_owned(), v.to_owned());
+        }
+    }
+}
+
+/// Checks the whole command line and turns it into steps; nothing is executed.
+pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut chardevs: BTreeMap<String, Endpoint> = BTreeMap::new();
+    let mut i = 0;
+    while i < args.len() {
+        let raw = &args[i];
+        i += 1;
+        if !raw.starts_with('-') || raw == "-" {
+            return Err(syntax(
+                raw,
+                "unexpected argument (disk images are not supported; options start with '-')",
+            ));
+        }
+        let name = raw.strip_prefix("--").unwrap_or(&raw[1..]);
+        let takes_value = matches!(
+            name,
+            "machine"
+                | "M"
+                | "m"
+                | "smp"
+                | "accel"
+                | "name"
+                | "qmp"
+                | "chardev"
+                | "mon"
+                | "display"
+                | "kernel"
+                | "initrd"
+                | "append"
+                | "serial"
+                | "device"
+        );
+        let value = if takes_value {
+            let v = args
+                .get(i)
+                .ok_or_else(|| syntax(raw, "requires an argument"))?;
+            i += 1;
+            Some(v.as_str())
+        } else {
+            None
+        };
+        let option = match value {
+            Some(v) => format!("{raw} {v}"),
+            None => raw.clone(),
+        };
+        let v = value.unwrap_or_default();
+        let action = match name {
+            "h" | "help" => return Ok(Invocation::Help),
+            "version" => return Ok(Invocation::Version),
+            "S" => Action::NoAutostart,
+            "preconfig" => Action::Preconfig,
+            "nodefaults" | "no-user-config" | "nographic" => Action::Nothing,
+            "display" => {
+                let opts = split_opts(&option, v, Some("type"))?;
+                match opts.first() {
+                    Some((k, t)) if k == "type" && t == "none" => Action::Nothing,
+                    _ => {
+                        return Err(syntax(
+                            &option,
+                            "Keel has no display; only '-display none' is accepted",
+                        ));
+                    }
+                }
+            }
+            "machine" | "M" => {
+                let mut set = MachineSet::default();
+                let mut accel = None;
+                for (k, val) in split_opts(&option, v, Some("type"))? {
+                    match k.as_str() {
+                        "type" if val == "help" || val == "?" => {
+                            return Ok(Invocation::ListMachines);
+                        }
+                        "type" => set.type_name = Some(val),
+                        "accel" => {
+                            accel = Some(val.split(':').map(str::to_owned).collect::<Vec<_>>())
+                        }
+                        _ => machine_field(&k, &val, &mut set),
+                    }
+                }
+                Action::Machine(set, accel)
+            }
+            "m" => {
+                let mut set = MachineSet::default();
+                for (k, val) in split_opts(&option, v, Some("size"))? {
+                    match k.as_str() {
+                        "size" => {
+                            set.memory =
+                                Some(parse_size(&val, 1 << 20).ok_or_else(|| {
+                                    syntax(&option, format!("invalid size '{val}'"))
+                                })?)
+                        }
+                        other => {
+                            return Err(syntax(
+                                &option,
+                                format!("Invalid parameter '{other}' (only a size is supported)"),
+                            ));
+                        }
+                    }
+                }
+                Action::Machine(set, None)
+            }
+            "smp" => {
+                let mut set = MachineSet::default();
+                let mut max = None;
+                for (k, val) in split_opts(&option, v, Some("cpus"))? {
+                    let n: u32 = val.parse().map_err(|_| {
+                        syntax(&option, format!("Parameter '{k}' expects a number"))
+                    })?;
+                    match k.as_str() {
+                        "cpus" => set.cpus = Some(n),
+                        "maxcpus" => max = Some(n),
+                        other => {
+                            return Err(syntax(
+                                &option,
+                                format!(
+                                    "Invalid parameter '{other}' (only cpus= and maxcpus= are supported)"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                if let (Some(m), Some(c)) = (max, set.cpus)
+                    && m != c
+                {
+                    return Err(syntax(
+                        &option,
+                        "CPU hot plug is not supported: maxcpus must equal cpus",
+                    ));
+                }
+                set.cpus = set.cpus.or(max);
+                Action::Machine(set, None)
+            }
+            "kernel" | "initrd" | "append" => {
+                let mut set = MachineSet::default();
+                machine_field(name, v, &mut set);
+                Action::Machine(set, None)
+            }
+            "serial" => Action::Machine(
+                MachineSet {
+                    serial: Some(v.to_owned()),
+                    ..MachineSet::default()
+                },
+                None,
+            ),
+            "no-reboot" => Action::Machine(
+                MachineSet {
+                    no_reboot: Some(true),
+                    ..MachineSet::default()
+                },
+                None,
+            ),
+            "accel" => {
+                let opts = split_opts(&option, v, Some("accel"))?;
+                let mut accel = None;
+                for (k, val) in opts {
+                    match k.as_str() {
+                        "accel" if val == "help" || val == "?" => {
+                            return Ok(Invocation::ListAccels);
+                        }
+                        "accel" => accel = Some(val),
+                        other => {
+                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
+                        }
+                    }
+                }
+                let accel = accel.ok_or_else(|| syntax(&option, "Parameter 'accel' is missing"))?;
+                // Consecutive -accel options are one list of fallbacks.
+                if let Some(Step {
+                    action: Action::Accel(list),
+                    option: prev,
+                }) = steps.last_mut()
+                {
+                    list.push(accel);
+                    prev.push(' ');
+                    prev.push_str(&option);
+                    continue;
+                }
+                Action::Accel(vec![accel])
+            }
+            "device" => {
+                let mut dev = DeviceAdd::default();
+                let mut props = Map::new();
+                for (k, val) in split_opts(&option, v, Some("driver"))? {
+                    match k.as_str() {
+                        "driver" => dev.driver = val,
+                        "id" => dev.id = Some(val),
+                        "bus" => dev.bus = Some(val),
+                        _ => {
+                            props.insert(k, Value::String(val));
+                        }
+                    }
+                }
+                if dev.driver.is_empty() {
+                    return Err(syntax(&option, "Parameter 'driver' is missing"));
+                }
+                dev.props = props;
+                Action::Device(dev)
+            }
+            "name" => {
+                let mut guest = None;
+                for (k, val) in split_opts(&option, v, Some("guest"))? {
+                    match k.as_str() {
+                        "guest" => guest = Some(val),
+                        "process" | "debug-threads" => {}
+                        other => {
+                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
+                        }
+                    }
+                }
+                Action::Name(guest.unwrap_or_default())
+            }
+            "qmp" => {
+                Action::Monitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
+            }
+            "chardev" => {
+                let (id, ep) = chardev_endpoint(&option, v)?;
+                if chardevs.contains_key(&id) {
+                    return Err(syntax(&option, format!("Duplicate ID '{id}' for chardev")));
+                }
+                chardevs.insert(id, ep);
+                Action::Nothing
+            }
+            "mon" => {
+                let mut chardev = None;
+                let mut mode = "readline".to_owned();
+                for (k, val) in split_opts(&option, v, Some("chardev"))? {
+                    match k.as_str() {
+                        "chardev" => chardev = Some(val),
+                        "mode" => mode = val,
+                        "pretty" => {
+                            on_off(&option, &k, &val)?;
+                        }
+                        other => {
+                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
+                        }
+                    }
+                }
+                if mode != "control" {
+                    return Err(syntax(
+                        &option,
+                        format!(
+                            "mode={mode} is not supported: Keel serves QMP only (mode=control)"
+                        ),
+                    ));
+                }
+                let id =
+                    chardev.ok_or_else(|| syntax(&option, "Parameter 'chardev' is missing"))?;
+                let ep = chardevs
+                    .remove(&id)
+                    .ok_or_else(|| syntax(&option, format!("chardev \"{id}\" not found")))?;
+                Action::Monitor(ep)
+            }
+            _ => return Err(syntax(raw, "invalid option")),
+        };
+        steps.push(Step { option, action });
+    }
+    Ok(Invocation::Run(steps))
+}
+
+/// Where [`execute`] left the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The phase at the end of the command line.
+    pub phase: Phase,
+    /// Whether `-preconfig` was given.
+    pub preconfig: bool,
+}
+
+fn cmd(option: &str) -> impl FnOnce(CommandError) -> CliError + '_ {
+    move |source| CliError::Command {
+        option: option.to_owned(),
+        source,
+    }
+}
+
+/// Runs the steps left to right on `vmm`, then finishes the machine (see the module
+/// documentation). `log` hears about every default that was filled in.
+pub fn execute(
+    vmm: &Vmm,
+    steps: &[Step],
+    log: &mut dyn FnMut(String),
+) -> Result<Outcome, CliError> {
+    let mut preconfig = false;
+    for step in steps {
+        let opt = step.option.as_str();
+        let mut log_opt = |m: String| log(format!("{opt}: {m}"));
+        match &step.action {
+            Action::Monitor(ep) => vmm.serve(ep).map_err(|source| CliError::Monitor {
+                option: opt.to_owned(),
+                source,
+            })?,
+            Action::Machine(set, accel) => {
+                if set.type_name.is_none() && vmm.phase() == Phase::NoMachine {
+                    log_opt("no -machine before it; using the default machine type".into());
+                }
+                vmm.execute(set.clone()).map_err(cmd(opt))?;
+                if let Some(list) = accel {
+                    vmm.execute(AccelSet {
+                        accel: AccelList::Many(list.clone()),
+                    })
+                    .map_err(cmd(opt))?;
+                }
+            }
+            Action::Accel(list) => {
+                if vmm.phase() < Phase::MachineCreated {
+                    vmm.advance_to(Phase::MachineCreated, &mut log_opt)
+                        .map_err(cmd(opt))?;
+                }
+                let choice = vmm
+                    .execute(AccelSet {
+                        accel: AccelList::Many(list.clone()),
+                    })
+                    .map_err(cmd(opt))?;
+                for r in &choice.rejected {
+                    log_opt(format!(
+                        "accelerator '{}' rejected ({}); falling back to '{}'",
+                        r.accel, r.reason, choice.accel
+                    ));
+                }
+            }
+            Action::Device(dev) => {
+                if vmm.phase() < Phase::MachineInit {
+                    vmm.advance_to(Phase::MachineInit, &mut log_opt)
+                        .map_err(cmd(opt))?;
+                }
+                vmm.execute(dev.clone()).map_err(cmd(opt))?;
+            }
+            Action::Name(n) => vmm.set_name(Some(n.clone())),
+            Action::NoAutostart => vmm.set_autostart(false),
+            Action::Preconfig => preconfig = true,
+            Action::Nothing => {}
+        }
+    }
+    let phase = vmm.phase();
+    if preconfig {
+        // Like QEMU's --preconfig: with a machine, stop once its accelerator exists; with
+        // none, wait in no-machine for a pure-QMP configuration.
+        if phase == Phase::MachineCreated {
+            vmm.advance_to(Phase::AccelCreated, &mut |_| {})
+                .map_err(cmd("-preconfig"))?;
+        }
+    } else {
+        vmm.advance_to(Phase::MachineReady, &mut |_| {})
+            .map_err(cmd("(end of command line)"))?;
+    }
+    Ok(Outcome {
+        phase: vmm.phase(),
+        preconfig,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    fn run_err(s: &str) -> String {
+        match parse(&args(s)) {
+            Ok(Invocation::Run(steps)) => {
+                let vmm = Vmm::new();
+                execute(&vmm, &steps, &mut |_| {}).unwrap_err().to_string()
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M", 1 << 20), Some(256 << 20));
+        assert_eq!(parse_size("256", 1 << 20), Some(256 << 20));
+        assert_eq!(parse_size("1.5G", 1 << 20), Some(3 << 29));
+        assert_eq!(parse_size("2k", 1 << 20), Some(2048));
+        assert_eq!(parse_size("12Q", 1 << 20), None);
+        assert_eq!(parse_size("", 1 << 20), None);
+        assert_eq!(parse_size("99999999999999E", 1 << 20), None);
+    }
+
+    #[test]
+    fn opts_and_commas() {
+        let o = split_opts("-x", "none,a=b,,c,flag", Some("type")).unwrap();
+        assert_eq!(
+            o,
+            vec![
+                ("type".into(), "none".into()),
+                ("a".into(), "b,c".into()),
+                ("flag".into(), "on".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_option() {
+        assert_eq!(run_err("-bogus"), "-bogus: invalid option");
+        assert_eq!(run_err("--m 12Q"), "--m 12Q: invalid size '12Q'");
+        assert_eq!(run_err("-machine"), "-machine: requires an argument");
+        assert!(run_err("-mon chardev=nope,mode=control").contains("chardev \"nope\" not found"));
+        assert!(run_err("-display gtk").starts_with("-display gtk:"));
+    }
+
+    #[test]
+    fn left_to_right_phase_errors() {
+        assert_eq!(
+            run_err("-accel tcg -machine none"),
+            "-machine none: 'machine-set' is not allowed in phase accel-created: it needs no-machine or machine-created"
+        );
+        assert_eq!(
+            run_err("-machine none -accel tcg -m 64M"),
+            "-m 64M: 'machine-set' is not allowed in phase accel-created: it needs no-machine or machine-created"
+        );
+        assert!(run_err("-machine none -device virtio-rng-device").contains("has no buses"));
+        assert_eq!(
+            run_err("-machine none -accel tcg -name x -accel kvm"),
+            "-accel kvm: 'accel-set' is not allowed in phase accel-created: it needs machine-created"
+        );
+        assert!(run_err("-machine microvm").contains("not available"));
+    }
+
+    #[test]
+    fn consecutive_accels_are_fallbacks() {
+        let Invocation::Run(steps) = parse(&args("-M none -accel nope -accel tcg -S")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(steps.len(), 3);
+        let vmm = Vmm::new();
+        let mut logs = Vec::new();
+        let out = execute(&vmm, &steps, &mut |m| logs.push(m)).unwrap();
+        assert_eq!(out.phase, Phase::MachineReady);
+        assert!(logs[0].contains("'nope' rejected"), "{logs:?}");
+        let s = vmm.execute(crate::commands::QueryStatus {}).unwrap();
+        assert_eq!(s.status, keel_phase::RunState::Prelaunch);
+    }
+
+    #[test]
+    fn preconfig_stops_early() {
+        let Invocation::Run(steps) = parse(&args("-preconfig")).unwrap() else {
+            panic!()
+        };
+        let vmm = Vmm::new();
+        assert_eq!(
+            execute(&vmm, &steps, &mut |_| {}).unwrap().phase,
+            Phase::NoMachine
+        );
+        let Invocation::Run(steps) = parse(&args("--preconfig -machine none")).unwrap() else {
+            panic!()
+        };
+        let vmm = Vmm::new();
+        assert_eq!(
+            execute(&vmm, &steps, &mut |_| {}).unwrap().phase,
+            Phase::AccelCreated
+        );
+    }
+}

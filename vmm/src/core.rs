@@ -1,0 +1,446 @@
+//! The VMM's state and the lifecycle transitions the commands perform.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use keel_phase::{Phase, PhaseTracker, RunState};
+use keel_qmp::{CommandError, EventBus, PhaseSource};
+
+use crate::accel::AccelProbe;
+use crate::board::{Board, MachineConfig, MachineType, MachineTypeInfo};
+use crate::commands::{
+    AccelChoice, AccelInfo, AccelRejection, DeviceAdd, KvmInfo, MachineSet, cause_data,
+};
+
+/// Why the VMM is shutting down (QAPI `ShutdownCause`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownCause {
+    /// `quit`.
+    HostQmpQuit,
+    /// SIGINT, SIGTERM or SIGHUP.
+    HostSignal,
+    /// The guest powered off.
+    GuestShutdown,
+    /// The host failed.
+    HostError,
+}
+
+impl ShutdownCause {
+    /// The QAPI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownCause::HostQmpQuit => "host-qmp-quit",
+            ShutdownCause::HostSignal => "host-signal",
+            ShutdownCause::GuestShutdown => "guest-shutdown",
+            ShutdownCause::HostError => "host-error",
+        }
+    }
+
+    /// Whether the guest asked for it.
+    pub fn by_guest(self) -> bool {
+        self == ShutdownCause::GuestShutdown
+    }
+}
+
+#[derive(Debug, Default)]
+struct ShutdownInner {
+    cause: Option<ShutdownCause>,
+    /// The reply of the request that asked for it has gone out.
+    released: bool,
+}
+
+/// A shutdown request, held until the reply of the command that made it is written, so
+/// clients see `{"return": {}}` before the SHUTDOWN event, as with QEMU.
+#[derive(Debug, Default)]
+pub struct ShutdownSignal {
+    inner: Mutex<ShutdownInner>,
+    cv: Condvar,
+}
+
+impl ShutdownSignal {
+    /// Records a request (the first cause wins); it takes effect on [`Self::release`].
+    pub fn request(&self, cause: ShutdownCause) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.cause.get_or_insert(cause);
+    }
+
+    /// Records a request that takes effect at once (signals, guest power-off).
+    pub fn request_now(&self, cause: ShutdownCause) {
+        self.request(cause);
+        self.release();
+    }
+
+    /// Lets a pending request take effect.
+    pub fn release(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.cause.is_some() {
+            g.released = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Whether a request is pending or effective.
+    pub fn requested(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cause
+            .is_some()
+    }
+
+    /// Blocks until a request takes effect (or `timeout` passes); returns its cause.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<ShutdownCause> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        while !g.released {
+            match deadline {
+                None => g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    g = self
+                        .cv
+                        .wait_timeout(g, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        g.cause
+    }
+}
+
+/// Everything the commands act on. Commands reach it through `Vmm::execute` or QMP; it is
+/// never shared without its lock.
+pub struct VmmCore {
+    pub(crate) tracker: PhaseTracker,
+    pub(crate) name: Option<String>,
+    pub(crate) machines: Vec<Arc<dyn MachineType>>,
+    pub(crate) default_machine: &'static str,
+    pub(crate) accels: Vec<Arc<dyn AccelProbe>>,
+    pub(crate) config: Option<MachineConfig>,
+    pub(crate) machine: Option<Arc<dyn MachineType>>,
+    pub(crate) accel: Option<AccelChoice>,
+    pub(crate) board: Option<Box<dyn Board>>,
+    pub(crate) autostart: bool,
+    pub(crate) events: Arc<EventBus>,
+    pub(crate) shutdown: Arc<ShutdownSignal>,
+}
+
+impl std::fmt::Debug for VmmCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmmCore")
+            .field("tracker", &self.tracker)
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("accel", &self.accel)
+            .field("autostart", &self.autostart)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PhaseSource for VmmCore {
+    fn phase(&self) -> Phase {
+        self.tracker.phase()
+    }
+}
+
+fn generic(e: impl std::fmt::Display) -> CommandError {
+    CommandError::generic(e.to_string())
+}
+
+impl VmmCore {
+    /// The run state, or `prelaunch` before machine-ready (what QEMU reports in preconfig).
+    pub fn run_state(&self) -> RunState {
+        self.tracker.run_state().unwrap_or(RunState::Prelaunch)
+    }
+
+    /// The selected configuration, once `machine-set` ran.
+    pub fn machine_config(&self) -> Option<&MachineConfig> {
+        self.config.as_ref()
+    }
+
+    /// The accelerator choice, once `accel-set` ran.
+    pub fn accel_choice(&self) -> Option<&AccelChoice> {
+        self.accel.as_ref()
+    }
+
+    fn find_machine(&self, name: &str) -> Option<Arc<dyn MachineType>> {
+        self.machines.iter().find(|m| m.name() == name).cloned()
+    }
+
+    pub(crate) fn machine_infos(&self) -> Vec<MachineTypeInfo> {
+        self.machines
+            .iter()
+            .filter(|m| m.available().is_ok())
+            .map(|m| {
+                let mut i = m.info();
+                i.is_default = m.name() == self.default_machine;
+                i
+            })
+            .collect()
+    }
+
+    pub(crate) fn accel_infos(&self) -> Vec<AccelInfo> {
+        self.accels
+            .iter()
+            .map(|a| {
+                let probe = a.probe();
+                AccelInfo {
+                    name: a.name().to_owned(),
+                    available: probe.is_ok(),
+                    reason: probe.err(),
+                    selected: self.accel.as_ref().is_some_and(|c| c.accel == a.name()),
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn kvm_info(&self) -> KvmInfo {
+        KvmInfo {
+            enabled: self.accel.as_ref().is_some_and(|c| c.accel == "kvm"),
+            present: self
+                .accels
+                .iter()
+                .any(|a| a.name() == "kvm" && a.probe().is_ok()),
+        }
+    }
+
+    pub(crate) fn machine_set(&mut self, set: MachineSet) -> Result<(), CommandError> {
+        let first = self.tracker.phase() == Phase::NoMachine;
+        let (machine, mut cfg) = if first {
+            let name = set
+                .type_name
+                .clone()
+                .unwrap_or_else(|| self.default_machine.to_owned());
+            let supported: Vec<&str> = self
+                .machines
+                .iter()
+                .filter(|m| m.available().is_ok())
+                .map(|m| m.name())
+                .collect();
+            let m = self.find_machine(&name).ok_or_else(|| {
+                generic(format!(
+                    "unsupported machine type '{name}' (supported: {})",
+                    supported.join(", ")
+                ))
+            })?;
+            if let Err(reason) = m.available() {
+                return Err(generic(format!(
+                    "machine type '{name}' is not available: {reason}"
+                )));
+            }
+            let cfg = MachineConfig {
+                type_name: name,
+                ..MachineConfig::default()
+            };
+            (m, cfg)
+        } else {
+            let (Some(m), Some(cfg)) = (self.machine.clone(), self.config.clone()) else {
+                return Err(generic("no machine configuration exists"));
+            };
+            if let Some(t) = &set.type_name
+                && *t != cfg.type_name
+            {
+                return Err(generic(format!(
+                    "the machine type is already '{}'; it cannot change once set",
+                    cfg.type_name
+                )));
+            }
+            (m, cfg)
+        };
+        if let Some(v) = set.memory {
+            cfg.memory = Some(v);
+        }
+        if let Some(v) = set.cpus {
+            cfg.cpus = Some(v);
+        }
+        if let Some(v) = set.kernel {
+            cfg.kernel = Some(v);
+        }
+        if let Some(v) = set.initrd {
+            cfg.initrd = Some(v);
+        }
+        if let Some(v) = set.append {
+            cfg.append = Some(v);
+        }
+        if let Some(v) = set.serial {
+            cfg.serial.push(v);
+        }
+        if let Some(v) = set.no_reboot {
+            cfg.no_reboot = v;
+        }
+        cfg.props.extend(set.props);
+        machine.check_config(&cfg).map_err(generic)?;
+        if first {
+            self.tracker
+                .advance(Phase::MachineCreated)
+                .map_err(generic)?;
+        }
+        self.machine = Some(machine);
+        self.config = Some(cfg);
+        Ok(())
+    }
+
+    pub(crate) fn accel_set(&mut self, list: &[String]) -> Result<AccelChoice, CommandError> {
+        if list.is_empty() {
+            return Err(generic("accel-set needs at least one accelerator"));
+        }
+        let (Some(machine), Some(cfg)) = (self.machine.clone(), self.config.clone()) else {
+            return Err(generic("no machine configuration exists"));
+        };
+        let known: Vec<&str> = self.accels.iter().map(|a| a.name()).collect();
+        let mut rejected = Vec::new();
+        for name in list {
+            let reason = match self.accels.iter().find(|a| a.name() == name) {
+                None => Err(format!(
+                    "no accelerator of that name (known: {})",
+                    known.join(", ")
+                )),
+                Some(a) => a.probe().and_then(|()| machine.check_accel(&cfg, a.name())),
+            };
+            match reason {
+                Ok(()) => {
+                    self.tracker.advance(Phase::AccelCreated).map_err(generic)?;
+                    let choice = AccelChoice {
+                        accel: name.clone(),
+                        rejected,
+                    };
+                    self.accel = Some(choice.clone());
+                    return Ok(choice);
+                }
+                Err(reason) => rejected.push(AccelRejection {
+                    accel: name.clone(),
+                    reason,
+                }),
+            }
+        }
+        let why: Vec<String> = rejected
+            .iter()
+            .map(|r| format!("{}: {}", r.accel, r.reason))
+            .collect();
+        Err(generic(format!(
+            "no accelerator can run machine '{}' here ({})",
+            cfg.type_name,
+            why.join("; ")
+        )))
+    }
+
+    pub(crate) fn machine_init(&mut self) -> Result<(), CommandError> {
+        let (Some(machine), Some(cfg), Some(accel)) = (
+            self.machine.clone(),
+            self.config.as_ref(),
+            self.accel.as_ref(),
+        ) else {
+            return Err(generic("the machine or its accelerator is missing"));
+        };
+        let board = machine.create(cfg, &accel.accel).map_err(generic)?;
+        self.board = Some(board);
+        self.tracker.advance(Phase::MachineInit).map_err(generic)
+    }
+
+    pub(crate) fn machine_done(&mut self) -> Result<(), CommandError> {
+        if self.tracker.phase() == Phase::AccelCreated {
+            self.machine_init()?;
+        }
+        let board = self
+            .board
+            .as_mut()
+            .ok_or_else(|| generic("the board is missing"))?;
+        board.done().map_err(generic)?;
+        self.tracker.advance(Phase::MachineReady).map_err(generic)?;
+        if self.autostart {
+            self.cont()?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn device_add(&mut self, dev: DeviceAdd) -> Result<(), CommandError> {
+        let hotplug = self.tracker.phase() == Phase::MachineReady;
+        let board = self
+            .board
+            .as_mut()
+            .ok_or_else(|| generic("the board is missing"))?;
+        let mut props = dev.props;
+        if let Some(bus) = dev.bus {
+            props.insert("bus".into(), bus.into());
+        }
+        board
+            .add_device(&dev.driver, dev.id.as_deref(), &props, hotplug)
+            .map_err(generic)
+    }
+
+    pub(crate) fn cont(&mut self) -> Result<(), CommandError> {
+        let state = self.tracker.run_state().map_err(generic)?;
+        match state {
+            RunState::Running => {
+                // QEMU answers a redundant `cont` with STOP then RESUME.
+                self.events.emit("STOP", None);
+                self.events.emit("RESUME", None);
+                Ok(())
+            }
+            RunState::Shutdown | RunState::GuestPanicked | RunState::InternalError => {
+                Err(generic("Resetting the Virtual Machine is required"))
+            }
+            RunState::Suspended => Err(generic(
+                "the guest is suspended; wake it with system_wakeup",
+            )),
+            _ => {
+                if let Some(b) = self.board.as_mut() {
+                    b.resume().map_err(generic)?;
+                }
+                self.tracker
+                    .set_run_state(RunState::Running)
+                    .map_err(generic)?;
+                self.events.emit("RESUME", None);
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn stop(&mut self) -> Result<(), CommandError> {
+        if self.tracker.run_state().map_err(generic)? != RunState::Running {
+            return Ok(());
+        }
+        if let Some(b) = self.board.as_mut() {
+            b.pause().map_err(generic)?;
+        }
+        self.tracker
+            .set_run_state(RunState::Paused)
+            .map_err(generic)?;
+        self.events.emit("STOP", None);
+        Ok(())
+    }
+
+    pub(crate) fn system_reset(&mut self) -> Result<(), CommandError> {
+        let state = self.tracker.run_state().map_err(generic)?;
+        if let Some(b) = self.board.as_mut() {
+            b.reset().map_err(generic)?;
+        }
+        if matches!(
+            state,
+            RunState::Shutdown | RunState::GuestPanicked | RunState::InternalError
+        ) {
+            self.tracker
+                .set_run_state(RunState::Prelaunch)
+                .map_err(generic)?;
+        }
+        self.events.emit(
+            "RESET",
+            Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
+        );
+        Ok(())
+    }
+
+    /// Emits SHUTDOWN and moves a ready machine to the `shutdown` run state.
+    pub(crate) fn enter_shutdown(&mut self, cause: ShutdownCause) {
+        if let Some(b) = self.board.as_mut() {
+            let _ = b.pause();
+        }
+        let _ = self.tracker.set_run_state(RunState::Shutdown);
+        self.events
+            .emit("SHUTDOWN", Some(cause_data(cause.by_guest(), cause)));
+    }
+}
