@@ -1,0 +1,440 @@
+//! ACPI tables for microvm: RSDP, XSDT, a hardware-reduced FADT, MADT and DSDT, laid out in
+//! guest memory from [`crate::layout::ACPI_START`].
+//!
+//! As in QEMU's microvm, the platform is hardware-reduced: there are no PM1 register blocks and
+//! no SCI; power-off and reset go through the ACPI Generic Event Device's sleep control and
+//! reset registers (see `keel_devices::AcpiGed`). The DSDT describes COM1, the GED, a power
+//! button, and one `LNRO0005` node per virtio-mmio device the machine was given, which is how
+//! kernels without `virtio_mmio.device=` support find them.
+
+use acpi_tables::Aml;
+use acpi_tables::aml::{
+    Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
+};
+
+use crate::layout::{ACPI_END, ACPI_START, GED_MMIO_BASE, IOAPIC_ADDR, LAPIC_ADDR};
+
+const OEM_ID: [u8; 6] = *b"KEEL  ";
+const OEM_REVISION: u32 = 1;
+const CREATOR_ID: [u8; 4] = *b"KEEL";
+const CREATOR_REVISION: u32 = 1;
+
+/// A virtio-mmio transport the DSDT announces to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// Base of its MMIO window.
+    pub base: u64,
+    /// Window size.
+    pub size: u64,
+    /// GSI (level-triggered, active high).
+    pub gsi: u32,
+}
+
+/// What the tables describe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpiConfig {
+    /// Number of CPUs (one local APIC each, APIC id = index).
+    pub cpus: u32,
+    /// Whether an IOAPIC exists (MADT entry at [`IOAPIC_ADDR`], GSI base 0).
+    pub ioapic: bool,
+    /// Whether the 8259 pair exists (MADT PCAT_COMPAT).
+    pub pic: bool,
+    /// Whether the MC146818 RTC exists (else the FADT says "no CMOS RTC").
+    pub rtc: bool,
+    /// Whether an i8042 exists (FADT IA-PC boot flag).
+    pub i8042: bool,
+    /// COM1 at 0x3f8 / IRQ 4, if present.
+    pub serial: bool,
+    /// virtio-mmio devices, in the order they were cold-plugged.
+    pub virtio_mmio: Vec<VirtioMmioDevice>,
+}
+
+/// Errors building or placing the tables.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables do not fit the reserved ACPI area below 1 MiB.
+    #[error("ACPI tables need {needed} bytes but only {room} are reserved; use fewer devices")]
+    TooBig {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        room: u64,
+    },
+    /// More virtio-mmio devices than the DSDT can name.
+    #[error("too many virtio-mmio devices for the DSDT ({0}); at most 4096 are supported")]
+    TooManyDevices(usize),
+}
+
+/// The tables, ready to copy into guest memory at their addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpiTables {
+    /// Guest-physical address of the RSDP (what `hvm_start_info.rsdp_paddr` and
+    /// `boot_params.acpi_rsdp_addr` carry).
+    pub rsdp_addr: u64,
+    /// (address, bytes) of every table, RSDP first.
+    pub blobs: Vec<(u64, Vec<u8>)>,
+}
+
+/// The 8-bit checksum byte that makes `data` sum to zero.
+pub fn checksum(data: &[u8]) -> u8 {
+    0u8.wrapping_sub(data.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
+}
+
+/// A system description table under construction: header first, checksum fixed at the end.
+struct Sdt(Vec<u8>);
+
+impl Sdt {
+    fn new(signature: &[u8; 4], revision: u8, table_id: &[u8; 8]) -> Self {
+        let mut v = Vec::with_capacity(256);
+        v.extend_from_slice(signature);
+        v.extend_from_slice(&0u32.to_le_bytes()); // length, fixed in finish()
+        v.push(revision);
+        v.push(0); // checksum
+        v.extend_from_slice(&OEM_ID);
+        v.extend_from_slice(table_id);
+        v.extend_from_slice(&OEM_REVISION.to_le_bytes());
+        v.extend_from_slice(&CREATOR_ID);
+        v.extend_from_slice(&CREATOR_REVISION.to_le_bytes());
+        Self(v)
+    }
+
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn zeros(&mut self, n: usize) -> &mut Self {
+        self.0.resize(self.0.len() + n, 0);
+        self
+    }
+    /// A Generic Address Structure for a byte register in system memory.
+    fn gas_mem8(&mut self, addr: u64) -> &mut Self {
+        self.u8(0).u8(8).u8(0).u8(1).u64(addr)
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let len = self.0.len() as u32;
+        self.0[4..8].copy_from_slice(&len.to_le_bytes());
+        self.0[9] = 0;
+        self.0[9] = checksum(&self.0);
+        self.0
+    }
+}
+
+fn rsdp(xsdt_addr: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(36);
+    v.extend_from_slice(b"RSD PTR ");
+    v.push(0); // checksum of the first 20 bytes
+    v.extend_from_slice(&OEM_ID);
+    v.push(2); // revision: ACPI 2.0+ (XSDT)
+    v.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
+    v.extend_from_slice(&36u32.to_le_bytes());
+    v.extend_from_slice(&xsdt_addr.to_le_bytes());
+    v.push(0); // extended checksum
+    v.extend_from_slice(&[0; 3]);
+    v[8] = checksum(&v[..20]);
+    v[32] = checksum(&v);
+    v
+}
+
+fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
+    const HW_REDUCED_ACPI: u32 = 1 << 20;
+    const RESET_REG_SUP: u32 = 1 << 10;
+    const IAPC_8042: u16 = 1 << 1;
+    const IAPC_NO_VGA: u16 = 1 << 2;
+    const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+    let regs = GED_MMIO_BASE + keel_devices::GED_REGS_OFFSET;
+    let mut iapc = IAPC_NO_VGA;
+    if cfg.i8042 {
+        iapc |= IAPC_8042;
+    }
+    if !cfg.rtc {
+        iapc |= IAPC_NO_CMOS_RTC;
+    }
+    let mut t = Sdt::new(b"FACP", 6, b"KEELFACP");
+    t.u32(0) // FIRMWARE_CTRL: no FACS on a hardware-reduced platform
+        .u32(0) // DSDT (32-bit): use X_DSDT
+        .u8(0)
+        .u8(0) // preferred PM profile: unspecified
+        .u16(0) // SCI_INT: none
+        .u32(0) // SMI_CMD
+        .zeros(4) // ACPI enable/disable, S4BIOS, PSTATE
+        .zeros(8 * 4) // PM1a/b event, PM1a/b control, PM2, PM timer, GPE0/1 blocks
+        .zeros(8) // their lengths, GPE1 base, CST_CNT
+        .zeros(4 + 4) // C2/C3 latency, flush size/stride
+        .zeros(4) // duty offset/width, day/month alarm
+        .u8(if cfg.rtc { 0x32 } else { 0 }) // CENTURY index in CMOS
+        .u16(iapc)
+        .u8(0)
+        .u32(HW_REDUCED_ACPI | RESET_REG_SUP)
+        .gas_mem8(regs + keel_devices::GED_RESET)
+        .u8(keel_devices::GED_RESET_VALUE)
+        .u16(0) // ARM boot arch
+        .u8(5) // FADT minor version (ACPI 6.5)
+        .u64(0) // X_FIRMWARE_CTRL
+        .u64(dsdt_addr)
+        .zeros(8 * 12) // X_ PM blocks
+        .gas_mem8(regs + keel_devices::GED_SLEEP_CTL)
+        .gas_mem8(regs + keel_devices::GED_SLEEP_STS)
+        .u64(u64::from_le_bytes(*b"KEELKEEL")); // hypervisor vendor identity
+    t.finish()
+}
+
+fn madt(cfg: &AcpiConfig) -> Vec<u8> {
+    const PCAT_COMPAT: u32 = 1;
+    let mut t = Sdt::new(b"APIC", 5, b"KEELAPIC");
+    t.u32(LAPIC_ADDR as u32)
+        .u32(if cfg.pic { PCAT_COMPAT } else { 0 });
+    for i in 0..cfg.cpus {
+        // Processor Local APIC: type 0, length 8, UID, APIC id, flags (enabled).
+        t.u8(0).u8(8).u8(i as u8).u8(i as u8).u32(1);
+    }
+    if cfg.ioapic {
+        // I/O APIC: type 1, length 12, id, reserved, address, GSI base.
+        t.u8(1).u8(12).u8(0).u8(0).u32(IOAPIC_ADDR as u32).u32(0);
+    }
+    // Local APIC NMI on LINT1 of every processor: type 4, length 6.
+    t.u8(4).u8(6).u8(0xff).u16(0).u8(1);
+    t.finish()
+}
+
+/// Already-encoded AML, so nodes can be built one at a time.
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+fn encode(obj: &dyn Aml) -> Raw {
+    let mut v = Vec::new();
+    obj.to_aml_bytes(&mut v);
+    Raw(v)
+}
+
+fn device(name: &str, children: &[&dyn Aml]) -> Raw {
+    encode(&Device::new(Path::new(name), children.to_vec()))
+}
+
+fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
+    if cfg.virtio_mmio.len() > 4096 {
+        return Err(AcpiError::TooManyDevices(cfg.virtio_mmio.len()));
+    }
+    let one = 1u8;
+    let zero = 0u8;
+    let mut sb: Vec<Raw> = Vec::new();
+
+    if cfg.serial {
+        let io = IO::new(0x3f8, 0x3f8, 0, 8);
+        let irq = Interrupt::new(true, true, false, false, 4);
+        let crs = ResourceTemplate::new(vec![&io, &irq]);
+        let sta = 0x0fu8;
+        sb.push(device(
+            "COM1",
+            &[
+                &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
+                &Name::new(Path::new("_UID"), &one),
+                &Name::new(Path::new("_STA"), &sta),
+                &Name::new(Path::new("_CRS"), &crs),
+            ],
+        ));
+    }
+
+    let ged_mem = Memory32Fixed::new(true, GED_MMIO_BASE as u32, 4);
+    let ged_crs = ResourceTemplate::new(vec![&ged_mem]);
+    let ged_hid: &'static str = "ACPI0013";
+    let ged_uid: &'static str = "GED";
+    sb.push(device(
+        "GED_",
+        &[
+            &Name::new(Path::new("_HID"), &ged_hid),
+            &Name::new(Path::new("_UID"), &ged_uid),
+            &Name::new(Path::new("_CRS"), &ged_crs),
+        ],
+    ));
+
+    let pwrb_hid: &'static str = "PNP0C0C";
+    sb.push(device(
+        "PWRB",
+        &[
+            &Name::new(Path::new("_HID"), &pwrb_hid),
+            &Name::new(Path::new("_UID"), &zero),
+        ],
+    ));
+
+    // One LNRO0005 node per virtio-mmio transport, as QEMU's microvm writes them.
+    let virtio_hid: &'static str = "LNRO0005";
+    for (i, d) in cfg.virtio_mmio.iter().enumerate() {
+        let mem = Memory32Fixed::new(true, d.base as u32, d.size as u32);
+        let irq = Interrupt::new(true, false, false, false, d.gsi);
+        let crs = ResourceTemplate::new(vec![&mem, &irq]);
+        let uid = i as u32;
+        sb.push(device(
+            &format!("V{i:03X}"),
+            &[
+                &Name::new(Path::new("_HID"), &virtio_hid),
+                &Name::new(Path::new("_UID"), &uid),
+                &Name::new(Path::new("_CCA"), &one),
+                &Name::new(Path::new("_CRS"), &crs),
+            ],
+        ));
+    }
+
+    let mut body: Vec<u8> = Vec::new();
+    let children: Vec<&dyn Aml> = sb.iter().map(|r| r as &dyn Aml).collect();
+    Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
+
+    // \_S5: the sleep type Linux writes to the GED sleep control register to power off.
+    let s5_typ = 5u8;
+    let s5 = Package::new(vec![&s5_typ, &zero, &zero, &zero]);
+    Name::new(Path::new("_S5_"), &s5).to_aml_bytes(&mut body);
+
+    let mut t = Sdt::new(b"DSDT", 2, b"KEELDSDT");
+    t.0.extend_from_slice(&body);
+    Ok(t.finish())
+}
+
+fn align16(x: u64) -> u64 {
+    (x + 15) & !15
+}
+
+/// Builds all tables for `cfg`, placed from [`ACPI_START`].
+pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align16(rsdp_addr + 36);
+    // The XSDT has two entries (FADT, MADT): 36 + 16 bytes.
+    let fadt_addr = align16(xsdt_addr + 36 + 16);
+    let madt_addr = align16(fadt_addr + 276);
+    let madt = madt(cfg);
+    let dsdt_addr = align16(madt_addr + madt.len() as u64);
+    let dsdt = dsdt(cfg)?;
+    let end = dsdt_addr + dsdt.len() as u64;
+    if end > ACPI_END {
+        return Err(AcpiError::TooBig {
+            needed: end - ACPI_START,
+            room: ACPI_END - ACPI_START,
+        });
+    }
+    let mut xsdt = Sdt::new(b"XSDT", 1, b"KEELXSDT");
+    xsdt.u64(fadt_addr).u64(madt_addr);
+    Ok(AcpiTables {
+        rsdp_addr,
+        blobs: vec![
+            (rsdp_addr, rsdp(xsdt_addr)),
+            (xsdt_addr, xsdt.finish()),
+            (fadt_addr, fadt(cfg, dsdt_addr)),
+            (madt_addr, madt),
+            (dsdt_addr, dsdt),
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n_virtio: usize) -> AcpiConfig {
+        AcpiConfig {
+            cpus: 2,
+            ioapic: true,
+            pic: true,
+            rtc: false,
+            i8042: true,
+            serial: true,
+            virtio_mmio: (0..n_virtio)
+                .map(|i| VirtioMmioDevice {
+                    base: crate::layout::VIRTIO_MMIO_BASE + 0x200 * i as u64,
+                    size: 0x200,
+                    gsi: 16 + i as u32,
+                })
+                .collect(),
+        }
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn find(t: &AcpiTables, addr: u64) -> &[u8] {
+        &t.blobs.iter().find(|(a, _)| *a == addr).unwrap().1
+    }
+
+    #[test]
+    fn checksums_and_links() {
+        let t = build(&cfg(2)).unwrap();
+        let rsdp = &t.blobs[0].1;
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(rsdp), 0);
+        for (_, b) in &t.blobs[1..] {
+            assert_eq!(sum(b), 0, "{}", String::from_utf8_lossy(&b[..4]));
+            assert_eq!(
+                u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize,
+                b.len()
+            );
+        }
+        let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+        let xsdt = find(&t, xsdt_addr);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let fadt_addr = u64::from_le_bytes(xsdt[36..44].try_into().unwrap());
+        let madt_addr = u64::from_le_bytes(xsdt[44..52].try_into().unwrap());
+        let fadt = find(&t, fadt_addr);
+        assert_eq!((&fadt[..4], fadt.len()), (&b"FACP"[..], 276));
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
+        // Sleep control register: byte in system memory at the GED.
+        assert_eq!(fadt[244], 0);
+        assert_eq!(
+            u64::from_le_bytes(fadt[248..256].try_into().unwrap()),
+            GED_MMIO_BASE + 0x200
+        );
+        assert_eq!(
+            u64::from_le_bytes(fadt[120..128].try_into().unwrap()),
+            GED_MMIO_BASE + 0x202
+        );
+        assert_eq!(fadt[128], 0x42);
+        let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        assert_eq!(&find(&t, dsdt_addr)[..4], b"DSDT");
+        let madt = find(&t, madt_addr);
+        assert_eq!(&madt[..4], b"APIC");
+        // Two LAPICs, one IOAPIC, one NMI entry.
+        assert_eq!(madt.len(), 44 + 2 * 8 + 12 + 6);
+        assert_eq!(&madt[44..48], &[0, 8, 0, 0]);
+        assert_eq!(&madt[52..56], &[0, 8, 1, 1]);
+        assert_eq!(madt[60], 1);
+    }
+
+    #[test]
+    fn dsdt_lists_virtio_devices() {
+        let t0 = build(&cfg(0)).unwrap();
+        let t3 = build(&cfg(3)).unwrap();
+        let d0 = &t0.blobs[4].1;
+        let d3 = &t3.blobs[4].1;
+        let count = |d: &[u8]| d.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(count(d0), 0);
+        assert_eq!(count(d3), 3);
+        assert!(d3.windows(4).any(|w| w == b"_S5_"));
+        assert!(d3.windows(4).any(|w| w == b"V002"));
+        assert!(d3.windows(8).any(|w| w == b"ACPI0013"));
+    }
+
+    #[test]
+    fn too_many_devices_is_an_error() {
+        assert!(matches!(
+            build(&cfg(5000)),
+            Err(AcpiError::TooManyDevices(5000))
+        ));
+        assert!(matches!(build(&cfg(2000)), Err(AcpiError::TooBig { .. })));
+    }
+}

@@ -1,0 +1,161 @@
+//! The microvm configuration: what `-M microvm,...`, `-m`, `-smp`, `-kernel`, `-initrd`,
+//! `-append`, `-serial` and `-no-reboot` set.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use keel_devices::Capture;
+
+/// QEMU's on/off/auto machine property values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnOffAuto {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+    /// The machine decides (see each property).
+    #[default]
+    Auto,
+}
+
+impl FromStr for OnOffAuto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" | "yes" | "true" => Ok(Self::On),
+            "off" | "no" | "false" => Ok(Self::Off),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!("'{s}' is not a valid value: use on, off or auto")),
+        }
+    }
+}
+
+impl OnOffAuto {
+    /// `true` for On, `false` for Off, `auto` for Auto.
+    pub fn resolve(self, auto: bool) -> bool {
+        match self {
+            Self::On => true,
+            Self::Off => false,
+            Self::Auto => auto,
+        }
+    }
+}
+
+/// Where COM1's output goes (`-serial`); `chardev:ID` is resolved by the VMM to one of these.
+#[derive(Debug, Clone, Default)]
+pub enum SerialBackend {
+    /// Standard output, with standard input fed to the guest (started by `Microvm::start`).
+    #[default]
+    Stdio,
+    /// Standard output only (no input thread).
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// A UART with nothing attached.
+    Null,
+    /// An in-memory buffer (tests, embedders).
+    Capture(Capture),
+    /// No UART at all (QEMU with `-nodefaults` and no `-serial`): port 0x3f8 reads 0xff.
+    None,
+}
+
+/// Everything a microvm is built from. `Default` is QEMU's: 128 MiB, one CPU, every
+/// property `auto`, serial on stdio, the built-in demo guest.
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    /// Guest RAM in bytes (`-m`).
+    pub memory: u64,
+    /// Number of vCPUs (`-smp`).
+    pub cpus: u32,
+    /// `-kernel`: PVH ELF, ELF vmlinux or bzImage. `None` boots the built-in demo guest.
+    pub kernel: Option<PathBuf>,
+    /// `-initrd`.
+    pub initrd: Option<PathBuf>,
+    /// `-append`.
+    pub append: String,
+    /// `rtc=`: MC146818 at 0x70 (auto: on, except under kvm, as QEMU).
+    pub rtc: OnOffAuto,
+    /// `pit=`: i8254 (auto: on).
+    pub pit: OnOffAuto,
+    /// `pic=`: i8259 pair (auto: on).
+    pub pic: OnOffAuto,
+    /// `acpi=`: ACPI tables and the GED power-off/reset registers (auto: on).
+    pub acpi: OnOffAuto,
+    /// `isa-serial=`: COM1 (auto: on).
+    pub isa_serial: OnOffAuto,
+    /// COM1's backend.
+    pub serial: SerialBackend,
+    /// `-no-reboot`: a guest reset request becomes a shutdown.
+    pub no_reboot: bool,
+}
+
+impl Default for MicrovmConfig {
+    fn default() -> Self {
+        Self {
+            memory: 128 << 20,
+            cpus: 1,
+            kernel: None,
+            initrd: None,
+            append: String::new(),
+            rtc: OnOffAuto::Auto,
+            pit: OnOffAuto::Auto,
+            pic: OnOffAuto::Auto,
+            acpi: OnOffAuto::Auto,
+            isa_serial: OnOffAuto::Auto,
+            serial: SerialBackend::Stdio,
+            no_reboot: false,
+        }
+    }
+}
+
+/// Machine properties accepted by [`MicrovmConfig::set_property`] (`-M microvm,NAME=VALUE`).
+pub const MACHINE_PROPERTIES: &[&str] = &["rtc", "pit", "pic", "acpi", "isa-serial"];
+
+impl MicrovmConfig {
+    /// Sets one `-M microvm,NAME=VALUE` property; the error names the accepted ones.
+    pub fn set_property(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let v: OnOffAuto = value
+            .parse()
+            .map_err(|e| format!("microvm property '{name}': {e}"))?;
+        match name {
+            "rtc" => self.rtc = v,
+            "pit" => self.pit = v,
+            "pic" => self.pic = v,
+            "acpi" => self.acpi = v,
+            "isa-serial" => self.isa_serial = v,
+            _ => {
+                return Err(format!(
+                    "microvm has no property '{name}'; accepted: {}",
+                    MACHINE_PROPERTIES.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_parse_like_qemu() {
+        let mut c = MicrovmConfig::default();
+        c.set_property("rtc", "on").unwrap();
+        c.set_property("acpi", "off").unwrap();
+        assert_eq!((c.rtc, c.acpi), (OnOffAuto::On, OnOffAuto::Off));
+        let e = c.set_property("pcie", "on").unwrap_err();
+        assert!(
+            e.contains("accepted: rtc, pit, pic, acpi, isa-serial"),
+            "{e}"
+        );
+        assert!(
+            c.set_property("pit", "maybe")
+                .unwrap_err()
+                .contains("on, off or auto")
+        );
+        assert!(OnOffAuto::Auto.resolve(true));
+        assert!(!OnOffAuto::Off.resolve(true));
+    }
+}

@@ -1,0 +1,643 @@
+//! The `microvm` x86-64 machine (QEMU's name and properties).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use keel_accel::{
+    AccelError, Accelerator, BusDevice, BusError, GuestMemory, IoBuses, IrqChip,
+    MachineRequirements, SystemEvents, Vcpu, Vm,
+};
+use keel_devices::{
+    AcpiGed, CmosMemoryLayout, DebugExit, DebugExitError, GED_MMIO_LEN, I8042, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, I8042Port, Rtc, Serial, SerialError, SerialOutput,
+};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::acpi::{self, AcpiConfig, AcpiError, VirtioMmioDevice};
+use crate::boot::{self, BootConfig, BootError, BootState, KernelImage};
+use crate::config::{MicrovmConfig, SerialBackend};
+use crate::layout::{self, GED_MMIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::runner::{self, CpuInfo, Hub, MachineEvents, Shared};
+
+/// The machine type name.
+pub const MACHINE_NAME: &str = "microvm";
+
+/// Drivers [`Microvm::add_device`] accepts.
+pub const DRIVERS: &[&str] = &["isa-debug-exit"];
+const DEBUG_EXIT_PROPS: &[&str] = &["iobase", "iosize"];
+
+/// The built-in demo guest (src/demo/demo.S), a PVH ELF assembled at build time.
+pub static DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
+
+/// Smallest guest RAM accepted: room for the boot area and a small kernel at 1 MiB.
+pub const MIN_MEMORY: u64 = 2 << 20;
+/// Largest guest RAM accepted.
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Most vCPUs (APIC ids are 8-bit in the MADT entries written here).
+pub const MAX_CPUS: u32 = 255;
+/// virtio-mmio slots: GSIs 16-23 of the IOAPIC, as QEMU's microvm without `ioapic2`.
+pub const VIRTIO_MMIO_SLOTS: u32 = 8;
+const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
+
+/// Errors creating or running the machine; each names what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// `-m` out of range.
+    #[error("memory size {0:#x} is out of range: microvm needs 2 MiB to 1 TiB")]
+    MemorySize(u64),
+    /// `-smp` out of range.
+    #[error("{0} CPUs requested: microvm supports 1 to 255")]
+    Cpus(u32),
+    /// The accelerator refused or failed.
+    #[error("accelerator")]
+    Accel(#[source] AccelError),
+    /// Guest RAM could not be allocated.
+    #[error("cannot allocate {0:#x} bytes of guest RAM")]
+    Ram(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// A device range collides with another.
+    #[error("cannot map {0}")]
+    Bus(String, #[source] BusError),
+    /// The serial backend failed.
+    #[error("serial port")]
+    Serial(#[source] SerialError),
+    /// Unknown `-device` driver.
+    #[error("'{driver}' is not a valid device model name; microvm accepts: {}", DRIVERS.join(", "))]
+    UnknownDriver {
+        /// Driver given.
+        driver: String,
+    },
+    /// Unknown property for a driver.
+    #[error("device '{driver}' has no property '{property}'; accepted: {accepted}")]
+    UnknownProperty {
+        /// Driver.
+        driver: String,
+        /// Property given.
+        property: String,
+        /// Accepted properties.
+        accepted: String,
+    },
+    /// A property value did not parse.
+    #[error("device '{driver}': property '{property}' value '{value}' is not a number")]
+    BadValue {
+        /// Driver.
+        driver: String,
+        /// Property.
+        property: String,
+        /// Value given.
+        value: String,
+    },
+    /// The isa-debug-exit properties are invalid.
+    #[error("invalid isa-debug-exit")]
+    DebugExit(#[source] DebugExitError),
+    /// Operation not valid in the machine's current phase.
+    #[error("{op} is not possible {when}")]
+    Phase {
+        /// What was attempted.
+        op: &'static str,
+        /// Why not now.
+        when: &'static str,
+    },
+    /// No virtio-mmio slot left.
+    #[error("all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are in use")]
+    NoVirtioSlot,
+    /// Building ACPI tables failed.
+    #[error("ACPI tables")]
+    Acpi(#[source] AcpiError),
+    /// Loading the kernel or preparing the boot state failed.
+    #[error("boot")]
+    Boot(#[source] BootError),
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A device added with [`Microvm::add_device`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddedDevice {
+    /// Driver name.
+    pub driver: String,
+    /// Properties as given.
+    pub props: Vec<(String, String)>,
+    /// Port range it occupies.
+    pub pio: Option<(u16, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Init,
+    Ready,
+    Running,
+    Stopped,
+}
+
+/// Which optional onboard devices exist, after resolving `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    /// MC146818 RTC.
+    pub rtc: bool,
+    /// i8254 PIT.
+    pub pit: bool,
+    /// i8259 pair.
+    pub pic: bool,
+    /// ACPI tables and GED.
+    pub acpi: bool,
+    /// COM1.
+    pub isa_serial: bool,
+}
+
+impl Resolved {
+    /// Resolves `auto` as QEMU's microvm does: RTC off under kvm (on otherwise), the rest on.
+    pub fn new(cfg: &MicrovmConfig, accel: &str) -> Self {
+        Self {
+            rtc: cfg.rtc.resolve(accel != "kvm"),
+            pit: cfg.pit.resolve(true),
+            pic: cfg.pic.resolve(true),
+            acpi: cfg.acpi.resolve(true),
+            isa_serial: cfg.isa_serial.resolve(true) && !matches!(cfg.serial, SerialBackend::None),
+        }
+    }
+}
+
+/// What microvm needs from an accelerator (checked before anything is created).
+pub fn requirements(cfg: &MicrovmConfig) -> MachineRequirements {
+    MachineRequirements {
+        machine: MACHINE_NAME.to_string(),
+        vcpus: cfg.cpus,
+        memory: cfg.memory,
+        // microvm always has an IOAPIC (QEMU's too); `pic=off` only drops the MADT flag.
+        irqchip: IrqChip::PicIoapic,
+        pit: cfg.pit.resolve(true),
+    }
+}
+
+/// A microvm: RAM, buses, onboard devices, vCPUs and their threads.
+///
+/// Lifecycle: [`Microvm::new`] (machine-init: RAM, onboard devices, vCPUs) →
+/// [`Microvm::add_device`]* (cold plug) → [`Microvm::finish_init`] (machine-done: ACPI tables
+/// and the boot state from the devices added so far) → [`Microvm::start`] →
+/// [`Microvm::pause`]/[`Microvm::resume`]/[`Microvm::reset`] → [`Microvm::shutdown`].
+pub struct Microvm {
+    cfg: MicrovmConfig,
+    resolved: Resolved,
+    accel_name: &'static str,
+    memory: Arc<GuestMemory>,
+    buses: Arc<IoBuses>,
+    vm: Box<dyn Vm>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    shared: Arc<Shared>,
+    hub: Arc<Hub>,
+    threads: Vec<JoinHandle<()>>,
+    serial: Option<Arc<Serial>>,
+    i8042: Arc<I8042>,
+    rtc: Option<Arc<Rtc>>,
+    devices: Vec<AddedDevice>,
+    virtio_mmio: Vec<VirtioMmioDevice>,
+    firmware_virtio: Vec<VirtioMmioDevice>,
+    boot: Option<BootState>,
+    phase: Phase,
+    input_started: bool,
+}
+
+impl std::fmt::Debug for Microvm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Microvm")
+            .field("accel", &self.accel_name)
+            .field("resolved", &self.resolved)
+            .field("phase", &self.phase)
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map(
+    bus: &keel_accel::Bus,
+    what: &str,
+    base: u64,
+    len: u64,
+    dev: Arc<dyn BusDevice>,
+) -> Result<(), MachineError> {
+    bus.insert(base, len, dev)
+        .map_err(|e| MachineError::Bus(what.to_string(), e))
+}
+
+fn parse_num(s: &str) -> Option<u64> {
+    let s = s.trim();
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+impl Microvm {
+    /// Machine-init: checks `cfg` against `accel`, allocates RAM, creates the VM, the onboard
+    /// devices (COM1 at 0x3f8/IRQ 4, i8042 at 0x60/0x64, the RTC at 0x70 with `rtc=on`, the
+    /// ACPI GED with `acpi=on`, and the backend's platform devices) and the vCPUs.
+    /// System events and vCPU errors are delivered to `events`.
+    pub fn new(
+        cfg: MicrovmConfig,
+        accel: &dyn Accelerator,
+        events: Arc<dyn MachineEvents>,
+    ) -> Result<Self, MachineError> {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&cfg.memory) {
+            return Err(MachineError::MemorySize(cfg.memory));
+        }
+        if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
+            return Err(MachineError::Cpus(cfg.cpus));
+        }
+        let mut cfg = cfg;
+        // Whole pages only.
+        cfg.memory &= !0xfff;
+        let req = requirements(&cfg);
+        accel.check(&req).map_err(MachineError::Accel)?;
+        let resolved = Resolved::new(&cfg, accel.name());
+
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.memory)
+            .into_iter()
+            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        let memory = Arc::new(
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MachineError::Ram(cfg.memory, e))?,
+        );
+        let buses = Arc::new(IoBuses::new());
+        let shared = Shared::new(cfg.cpus);
+        let hub = Arc::new(Hub {
+            no_reboot: cfg.no_reboot,
+            sink: events,
+            shared: shared.clone(),
+        });
+        let sys: Arc<dyn SystemEvents> = hub.clone();
+        let vm = accel
+            .create_vm(&req, memory.clone(), buses.clone(), sys.clone())
+            .map_err(MachineError::Accel)?;
+
+        for (range, dev) in vm.platform_devices() {
+            map(&buses.pio, "platform device", range.base, range.len, dev)?;
+        }
+
+        let serial = if resolved.isa_serial {
+            let output = match &cfg.serial {
+                SerialBackend::Stdio | SerialBackend::Stdout => SerialOutput::Stdout,
+                SerialBackend::File(p) => {
+                    SerialOutput::file(&p.to_string_lossy()).map_err(MachineError::Serial)?
+                }
+                SerialBackend::Null | SerialBackend::None => SerialOutput::Null,
+                SerialBackend::Capture(c) => SerialOutput::Capture(c.clone()),
+            };
+            let irq = vm.irq_line(4).map_err(MachineError::Accel)?;
+            let s = Arc::new(Serial::new(irq, output));
+            map(&buses.pio, "COM1", 0x3f8, Serial::LEN, s.clone())?;
+            Some(s)
+        } else {
+            None
+        };
+
+        let kbd_irq = vm.irq_line(1).map_err(MachineError::Accel)?;
+        let i8042 = Arc::new(I8042::new(sys.clone(), Some(kbd_irq)));
+        map(
+            &buses.pio,
+            "i8042 data port",
+            u64::from(I8042_DATA_PORT),
+            1,
+            Arc::new(I8042Port::data(i8042.clone())),
+        )?;
+        map(
+            &buses.pio,
+            "i8042 command port",
+            u64::from(I8042_COMMAND_PORT),
+            1,
+            Arc::new(I8042Port::command(i8042.clone())),
+        )?;
+
+        let rtc = if resolved.rtc {
+            let rtc = Arc::new(Rtc::new());
+            let (below, above) = layout::split_ram(cfg.memory);
+            rtc.set_memory_layout(CmosMemoryLayout {
+                below_4g: below,
+                above_4g: above,
+            });
+            map(&buses.pio, "RTC", 0x70, Rtc::LEN, rtc.clone())?;
+            Some(rtc)
+        } else {
+            None
+        };
+
+        if resolved.acpi {
+            map(
+                &buses.mmio,
+                "ACPI GED",
+                GED_MMIO_BASE,
+                GED_MMIO_LEN,
+                Arc::new(AcpiGed::new(sys.clone())),
+            )?;
+        }
+
+        let mut vcpus = Vec::with_capacity(cfg.cpus as usize);
+        for i in 0..cfg.cpus {
+            let v = vm.create_vcpu(i).map_err(MachineError::Accel)?;
+            shared.add_kicker(v.kicker());
+            vcpus.push(v);
+        }
+
+        Ok(Self {
+            cfg,
+            resolved,
+            accel_name: accel.name(),
+            memory,
+            buses,
+            vm,
+            vcpus,
+            shared,
+            hub,
+            threads: Vec::new(),
+            serial,
+            i8042,
+            rtc,
+            devices: Vec::new(),
+            virtio_mmio: Vec::new(),
+            firmware_virtio: Vec::new(),
+            boot: None,
+            phase: Phase::Init,
+            input_started: false,
+        })
+    }
+
+    /// Cold-plugs a device (`-device DRIVER,prop=val,...`). Accepted: `isa-debug-exit` with
+    /// `iobase` (default 0x501) and `iosize` (default 2), numbers in decimal or `0x` hex.
+    /// Unknown drivers or properties fail naming what is accepted; nothing is created then.
+    pub fn add_device(
+        &mut self,
+        driver: &str,
+        props: &[(String, String)],
+    ) -> Result<(), MachineError> {
+        if driver != "isa-debug-exit" {
+            return Err(MachineError::UnknownDriver {
+                driver: driver.to_string(),
+            });
+        }
+        if self.phase != Phase::Init {
+            return Err(MachineError::Phase {
+                op: "adding isa-debug-exit",
+                when: "after machine-done: ISA devices cannot be hot-plugged",
+            });
+        }
+        let mut iobase = u64::from(DebugExit::DEFAULT_IOBASE);
+        let mut iosize = u64::from(DebugExit::DEFAULT_IOSIZE);
+        for (k, v) in props {
+            let slot = match k.as_str() {
+                "iobase" => &mut iobase,
+                "iosize" => &mut iosize,
+                _ => {
+                    return Err(MachineError::UnknownProperty {
+                        driver: driver.to_string(),
+                        property: k.clone(),
+                        accepted: DEBUG_EXIT_PROPS.join(", "),
+                    });
+                }
+            };
+            *slot = parse_num(v).ok_or_else(|| MachineError::BadValue {
+                driver: driver.to_string(),
+                property: k.clone(),
+                value: v.clone(),
+            })?;
+        }
+        let sys: Arc<dyn SystemEvents> = self.hub.clone();
+        let dev = DebugExit::new(iobase, iosize, sys).map_err(MachineError::DebugExit)?;
+        map(
+            &self.buses.pio,
+            "isa-debug-exit",
+            iobase,
+            dev.iosize(),
+            Arc::new(dev),
+        )?;
+        self.devices.push(AddedDevice {
+            driver: driver.to_string(),
+            props: props.to_vec(),
+            pio: Some((iobase as u16, iosize)),
+        });
+        Ok(())
+    }
+
+    /// Maps a virtio-mmio transport in the next free slot (window `0xfeb00000 + 0x200*i`,
+    /// GSI `16 + i`, as QEMU's microvm) and returns where it went. Devices registered before
+    /// [`Microvm::finish_init`] appear in the DSDT as `LNRO0005` nodes; later ones do not
+    /// (there is no hot-plug notification on microvm).
+    pub fn add_virtio_mmio(
+        &mut self,
+        dev: Arc<dyn BusDevice>,
+    ) -> Result<VirtioMmioDevice, MachineError> {
+        let i = self.virtio_mmio.len() as u32;
+        if i >= VIRTIO_MMIO_SLOTS {
+            return Err(MachineError::NoVirtioSlot);
+        }
+        let d = VirtioMmioDevice {
+            base: VIRTIO_MMIO_BASE + u64::from(i) * VIRTIO_MMIO_SIZE,
+            size: VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_MMIO_FIRST_GSI + i,
+        };
+        map(&self.buses.mmio, "virtio-mmio", d.base, d.size, dev)?;
+        self.virtio_mmio.push(d);
+        Ok(d)
+    }
+
+    fn acpi_config(&self) -> AcpiConfig {
+        AcpiConfig {
+            cpus: self.cfg.cpus,
+            ioapic: true,
+            pic: self.resolved.pic,
+            rtc: self.resolved.rtc,
+            i8042: true,
+            serial: self.serial.is_some(),
+            virtio_mmio: self.firmware_virtio.clone(),
+        }
+    }
+
+    /// Writes tables and images and computes the boot state (used by finish_init and reset).
+    fn load(&mut self) -> Result<(), MachineError> {
+        let rsdp = if self.resolved.acpi {
+            let tables = acpi::build(&self.acpi_config()).map_err(MachineError::Acpi)?;
+            for (addr, blob) in &tables.blobs {
+                vm_memory::Bytes::write_slice(&*self.memory, blob, GuestAddress(*addr)).map_err(
+                    |source| {
+                        MachineError::Boot(BootError::Memory {
+                            what: "ACPI tables",
+                            source,
+                        })
+                    },
+                )?;
+            }
+            Some(tables.rsdp_addr)
+        } else {
+            None
+        };
+        let kernel = match &self.cfg.kernel {
+            Some(p) => KernelImage::File(p.clone()),
+            None => KernelImage::Bytes("built-in demo guest", DEMO_GUEST),
+        };
+        let e820 = layout::e820_map(self.cfg.memory);
+        let initrd: Option<PathBuf> = self.cfg.initrd.clone();
+        let state = boot::prepare(
+            &self.memory,
+            &BootConfig {
+                kernel: &kernel,
+                initrd: initrd.as_deref(),
+                cmdline: &self.cfg.append,
+                e820: &e820,
+                low_ram_end: layout::split_ram(self.cfg.memory).0,
+                rsdp,
+            },
+        )
+        .map_err(MachineError::Boot)?;
+        self.shared.set_boot_state(0, Some(state));
+        self.boot = Some(state);
+        Ok(())
+    }
+
+    /// Machine-done: gathers the firmware-visible device list (the virtio-mmio devices added so
+    /// far), writes the ACPI tables, loads the kernel (or the demo guest), initrd and command
+    /// line, and prepares the bootstrap processor's entry state. Runs once.
+    pub fn finish_init(&mut self) -> Result<(), MachineError> {
+        if self.phase != Phase::Init {
+            return Err(MachineError::Phase {
+                op: "finish_init",
+                when: "twice",
+            });
+        }
+        self.firmware_virtio = self.virtio_mmio.clone();
+        self.load()?;
+        self.phase = Phase::Ready;
+        Ok(())
+    }
+
+    /// Starts one thread per vCPU (running unless paused before) and, with `-serial stdio`,
+    /// the thread that feeds standard input to COM1.
+    pub fn start(&mut self) -> Result<(), MachineError> {
+        if self.phase != Phase::Ready {
+            return Err(MachineError::Phase {
+                op: "start",
+                when: "before finish_init or after start",
+            });
+        }
+        if matches!(self.cfg.serial, SerialBackend::Stdio)
+            && !self.input_started
+            && let Some(s) = &self.serial
+        {
+            keel_devices::spawn_input_thread(s.clone(), Box::new(std::io::stdin()))
+                .map_err(MachineError::Serial)?;
+            self.input_started = true;
+        }
+        for v in self.vcpus.drain(..) {
+            let t =
+                runner::spawn_vcpu(v, self.shared.clone(), self.hub.clone(), self.buses.clone())
+                    .map_err(MachineError::Thread)?;
+            self.threads.push(t);
+        }
+        self.phase = Phase::Running;
+        Ok(())
+    }
+
+    /// Stops guest execution; returns once every vCPU is parked. Idempotent.
+    pub fn pause(&self) {
+        self.shared.pause();
+    }
+
+    /// Lets the vCPUs run again after [`Microvm::pause`] (or before `start`, so that start
+    /// runs the guest). A machine held by a system event stays held until [`Microvm::reset`].
+    pub fn resume(&self) {
+        self.shared.resume();
+    }
+
+    /// Whether [`Microvm::pause`] is in effect.
+    pub fn is_paused(&self) -> bool {
+        self.shared.is_paused()
+    }
+
+    /// Machine reset (QEMU `system_reset`): parks the vCPUs, resets the onboard devices,
+    /// rewrites the ACPI tables, reloads the kernel, initrd and command line, gives the
+    /// bootstrap processor its entry state again, and continues (stays paused if it was).
+    pub fn reset(&mut self) -> Result<(), MachineError> {
+        if self.phase == Phase::Init {
+            return Err(MachineError::Phase {
+                op: "reset",
+                when: "before finish_init",
+            });
+        }
+        self.shared.hold_and_wait();
+        if let Some(s) = &self.serial {
+            s.reset();
+        }
+        self.i8042.reset();
+        if let Some(r) = &self.rtc {
+            r.reset();
+        }
+        let r = self.load();
+        self.shared.release_after_reset();
+        r
+    }
+
+    /// Stops and joins every vCPU thread. The machine cannot run again afterwards.
+    pub fn shutdown(&mut self) {
+        self.shared.stop();
+        for t in self.threads.drain(..) {
+            // A vCPU thread that panicked has nothing left to clean up.
+            let _ = t.join();
+        }
+        self.phase = Phase::Stopped;
+    }
+
+    /// vCPU indexes and host thread ids (`query-cpus-fast`).
+    pub fn cpu_info(&self) -> Vec<CpuInfo> {
+        self.shared.cpu_info()
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// The PIO and MMIO buses.
+    pub fn buses(&self) -> &Arc<IoBuses> {
+        &self.buses
+    }
+
+    /// The backend VM (for backend-specific extras such as irqfds).
+    pub fn vm(&self) -> &dyn Vm {
+        &*self.vm
+    }
+
+    /// COM1, if present (e.g. to feed input from something other than stdin).
+    pub fn serial(&self) -> Option<&Arc<Serial>> {
+        self.serial.as_ref()
+    }
+
+    /// The accelerator's name.
+    pub fn accel_name(&self) -> &'static str {
+        self.accel_name
+    }
+
+    /// The configuration (memory rounded to pages).
+    pub fn config(&self) -> &MicrovmConfig {
+        &self.cfg
+    }
+
+    /// Onboard devices after resolving `auto`.
+    pub fn resolved(&self) -> Resolved {
+        self.resolved
+    }
+
+    /// Devices added with [`Microvm::add_device`].
+    pub fn devices(&self) -> &[AddedDevice] {
+        &self.devices
+    }
+
+    /// The bootstrap processor's entry state, after [`Microvm::finish_init`].
+    pub fn boot_state(&self) -> Option<BootState> {
+        self.boot
+    }
+}
+
+impl Drop for Microvm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

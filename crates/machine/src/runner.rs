@@ -1,0 +1,504 @@
+//! vCPU threads: one per vCPU, each running `Vcpu::run` → `handle_exit` → `complete_read`.
+//!
+//! Deviation from DESIGN.md §3 ("vCPU threads in vmm"): the threads live here so that an
+//! embedder using only keel-machine and a backend can run a machine; the `vmm` crate drives
+//! them through `Microvm::{start, pause, resume, reset, shutdown}`.
+//!
+//! State machine (one mutex + condvar, [`Control`]): a vCPU runs guest code only while the
+//! machine is neither *paused* (by the user: `stop`/`cont`) nor *held* (by a system event or a
+//! vCPU error, until the caller resets or shuts down) nor *stopping*. To change state the
+//! caller flips the flag, kicks every vCPU out of the backend with its [`Kick`], and (for
+//! pause and reset) waits until every live vCPU thread is parked at the top of its loop.
+//! A reset bumps a boot generation; each vCPU applies its new entry state before it runs again.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use keel_accel::{
+    AccelError, ExitAction, IoBuses, Kick, SystemEvent, SystemEvents, Vcpu, handle_exit,
+};
+
+use crate::boot::BootState;
+
+/// What the machine reports to its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MachineEvent {
+    /// A device or vCPU asked for a reset, power-off, exit or panic. The vCPUs are held
+    /// (not running guest code) until the owner calls `reset()` or `shutdown()`.
+    /// With `no_reboot`, a reset request arrives as [`SystemEvent::Shutdown`].
+    System(SystemEvent),
+    /// A vCPU failed (the backend returned an error); all vCPUs are held.
+    VcpuError {
+        /// vCPU index.
+        index: u32,
+        /// The backend's message.
+        error: String,
+    },
+}
+
+/// Receives [`MachineEvent`]s; called from vCPU threads, must not block for long.
+pub trait MachineEvents: Send + Sync {
+    /// Delivers one event.
+    fn machine_event(&self, event: MachineEvent);
+}
+
+impl MachineEvents for std::sync::mpsc::Sender<MachineEvent> {
+    fn machine_event(&self, event: MachineEvent) {
+        // A dropped receiver means nobody listens any more; nothing to do.
+        let _ = self.send(event);
+    }
+}
+
+impl MachineEvents for std::sync::mpsc::SyncSender<MachineEvent> {
+    fn machine_event(&self, event: MachineEvent) {
+        let _ = self.try_send(event);
+    }
+}
+
+/// A vCPU and the host thread that runs it (for `query-cpus-fast`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuInfo {
+    /// vCPU index (`cpu-index`).
+    pub index: u32,
+    /// Host thread id (`thread-id`), once the vCPU thread has started.
+    pub thread_id: Option<i32>,
+}
+
+#[derive(Debug)]
+struct Control {
+    user_paused: bool,
+    held: bool,
+    stop: bool,
+    parked: u32,
+    alive: u32,
+    boot_gen: u64,
+    thread_ids: Vec<Option<i32>>,
+}
+
+/// State shared by the machine, its vCPU threads and its event hub.
+pub(crate) struct Shared {
+    ctl: Mutex<Control>,
+    cv: Condvar,
+    kickers: Mutex<Vec<Arc<dyn Kick>>>,
+    boot: Mutex<Vec<Option<BootState>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn new(cpus: u32) -> Arc<Self> {
+        Arc::new(Self {
+            ctl: Mutex::new(Control {
+                user_paused: false,
+                held: false,
+                stop: false,
+                parked: 0,
+                alive: 0,
+                boot_gen: 0,
+                thread_ids: vec![None; cpus as usize],
+            }),
+            cv: Condvar::new(),
+            kickers: Mutex::new(Vec::new()),
+            boot: Mutex::new(vec![None; cpus as usize]),
+        })
+    }
+
+    pub(crate) fn add_kicker(&self, k: Arc<dyn Kick>) {
+        lock(&self.kickers).push(k);
+    }
+
+    fn kick_all(&self) {
+        for k in lock(&self.kickers).iter() {
+            k.kick();
+        }
+    }
+
+    /// Sets the entry state vCPU `index` applies before it next runs (after a reset).
+    pub(crate) fn set_boot_state(&self, index: usize, state: Option<BootState>) {
+        if let Some(slot) = lock(&self.boot).get_mut(index) {
+            *slot = state;
+        }
+    }
+
+    /// Stops guest execution until `release` (system events, vCPU errors, resets).
+    pub(crate) fn hold(&self) {
+        lock(&self.ctl).held = true;
+        self.cv.notify_all();
+        self.kick_all();
+    }
+
+    /// Waits until every live vCPU thread is parked.
+    fn wait_parked<'a>(&'a self, mut c: MutexGuard<'a, Control>) -> MutexGuard<'a, Control> {
+        while c.parked < c.alive {
+            c = match self.cv.wait_timeout(c, Duration::from_millis(50)) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+            // A vCPU may have been inside the backend when the first kick landed before its
+            // thread registered; kicking again is harmless.
+            if c.parked < c.alive {
+                drop(c);
+                self.kick_all();
+                c = lock(&self.ctl);
+            }
+        }
+        c
+    }
+
+    pub(crate) fn pause(&self) {
+        lock(&self.ctl).user_paused = true;
+        self.cv.notify_all();
+        self.kick_all();
+        drop(self.wait_parked(lock(&self.ctl)));
+    }
+
+    pub(crate) fn resume(&self) {
+        lock(&self.ctl).user_paused = false;
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        lock(&self.ctl).user_paused
+    }
+
+    /// Holds and waits for every vCPU to park (reset's first half).
+    pub(crate) fn hold_and_wait(&self) {
+        self.hold();
+        drop(self.wait_parked(lock(&self.ctl)));
+    }
+
+    /// New boot states are in place: every vCPU reloads its entry state and may run again
+    /// (unless the user paused the machine).
+    pub(crate) fn release_after_reset(&self) {
+        let mut c = lock(&self.ctl);
+        c.boot_gen += 1;
+        c.held = false;
+        drop(c);
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn stop(&self) {
+        lock(&self.ctl).stop = true;
+        self.cv.notify_all();
+        self.kick_all();
+    }
+
+    pub(crate) fn cpu_info(&self) -> Vec<CpuInfo> {
+        lock(&self.ctl)
+            .thread_ids
+            .iter()
+            .enumerate()
+            .map(|(i, t)| CpuInfo {
+                index: i as u32,
+                thread_id: *t,
+            })
+            .collect()
+    }
+}
+
+/// The [`SystemEvents`] sink devices and the backend report to: applies `no_reboot`, holds
+/// the vCPUs, and forwards to the owner.
+pub(crate) struct Hub {
+    pub(crate) no_reboot: bool,
+    pub(crate) sink: Arc<dyn MachineEvents>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Hub {
+    fn vcpu_error(&self, index: u32, e: &AccelError) {
+        self.shared.hold();
+        self.sink.machine_event(MachineEvent::VcpuError {
+            index,
+            error: e.to_string(),
+        });
+    }
+}
+
+impl SystemEvents for Hub {
+    fn request(&self, event: SystemEvent) {
+        let event = match event {
+            SystemEvent::Reset if self.no_reboot => SystemEvent::Shutdown,
+            e => e,
+        };
+        self.shared.hold();
+        self.sink.machine_event(MachineEvent::System(event));
+    }
+}
+
+fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Starts the thread for `vcpu`.
+pub(crate) fn spawn_vcpu(
+    mut vcpu: Box<dyn Vcpu>,
+    shared: Arc<Shared>,
+    hub: Arc<Hub>,
+    buses: Arc<IoBuses>,
+) -> std::io::Result<JoinHandle<()>> {
+    let index = vcpu.index();
+    {
+        // Counted before the thread exists so that pause() right after start() waits for it.
+        lock(&shared.ctl).alive += 1;
+    }
+    let result = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn({
+            let shared = shared.clone();
+            move || {
+                vcpu_thread(&mut *vcpu, &shared, &hub, &buses);
+                let mut c = lock(&shared.ctl);
+                c.alive -= 1;
+                drop(c);
+                shared.cv.notify_all();
+            }
+        });
+    if result.is_err() {
+        lock(&shared.ctl).alive -= 1;
+    }
+    result
+}
+
+fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses) {
+    let index = vcpu.index();
+    if let Some(t) = lock(&shared.ctl).thread_ids.get_mut(index as usize) {
+        *t = Some(current_tid());
+    }
+    let mut applied_gen = None;
+    loop {
+        // Gate: park while paused or held; leave when stopping.
+        let generation = {
+            let mut c = lock(&shared.ctl);
+            loop {
+                if c.stop {
+                    return;
+                }
+                if !c.user_paused && !c.held {
+                    break;
+                }
+                c.parked += 1;
+                shared.cv.notify_all();
+                c = match shared.cv.wait(c) {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                c.parked -= 1;
+            }
+            c.boot_gen
+        };
+        if applied_gen != Some(generation) {
+            applied_gen = Some(generation);
+            let state = lock(&shared.boot).get(index as usize).copied().flatten();
+            if let Some(st) = state {
+                let r = vcpu
+                    .set_sregs(&st.sregs)
+                    .and_then(|()| vcpu.set_regs(&st.regs));
+                if let Err(e) = r {
+                    hub.vcpu_error(index, &e);
+                    continue;
+                }
+            }
+        }
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) => {
+                hub.vcpu_error(index, &e);
+                continue;
+            }
+        };
+        match handle_exit(&exit, buses) {
+            ExitAction::Resume | ExitAction::CheckRequests => {}
+            ExitAction::CompleteRead(data) => vcpu.complete_read(data),
+            ExitAction::WaitForInterrupt => {
+                // The backend could not wait itself (no interrupt can wake it inside): sleep
+                // briefly or until the machine state changes, then let it re-check.
+                let c = lock(&shared.ctl);
+                if !c.stop && !c.user_paused && !c.held {
+                    drop(shared.cv.wait_timeout(c, Duration::from_millis(1)));
+                }
+            }
+            ExitAction::TripleFault | ExitAction::Reset => hub.request(SystemEvent::Reset),
+            ExitAction::PowerOff => hub.request(SystemEvent::Shutdown),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_accel::{BusDevice, PioAddress, Regs, SpecialRegs, VcpuExit};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::mpsc;
+
+    /// A fake vCPU: each run() does `out 0x80` (or returns Interrupted after a kick).
+    struct FakeVcpu {
+        index: u32,
+        kicked: Arc<AtomicBool>,
+        runs: Arc<AtomicU64>,
+        regs: Arc<Mutex<Regs>>,
+        script: Vec<VcpuExit>,
+    }
+    struct FakeKick(Arc<AtomicBool>);
+    impl Kick for FakeKick {
+        fn kick(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    impl Vcpu for FakeVcpu {
+        fn index(&self) -> u32 {
+            self.index
+        }
+        fn run(&mut self) -> Result<VcpuExit, AccelError> {
+            if self.kicked.swap(false, Ordering::SeqCst) {
+                return Ok(VcpuExit::Interrupted);
+            }
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(200));
+            Ok(self.script.pop().unwrap_or(VcpuExit::IoOut {
+                port: PioAddress(0x80),
+                size: 1,
+                data: 0,
+            }))
+        }
+        fn complete_read(&mut self, _data: u64) {}
+        fn regs(&self) -> Result<Regs, AccelError> {
+            Ok(*self.regs.lock().unwrap())
+        }
+        fn set_regs(&mut self, regs: &Regs) -> Result<(), AccelError> {
+            *self.regs.lock().unwrap() = *regs;
+            Ok(())
+        }
+        fn sregs(&self) -> Result<SpecialRegs, AccelError> {
+            Ok(SpecialRegs::default())
+        }
+        fn set_sregs(&mut self, _sregs: &SpecialRegs) -> Result<(), AccelError> {
+            Ok(())
+        }
+        fn kicker(&self) -> Arc<dyn Kick> {
+            Arc::new(FakeKick(self.kicked.clone()))
+        }
+    }
+
+    struct Exit;
+    impl BusDevice for Exit {
+        fn read(&self, _o: u64, d: &mut [u8]) {
+            d.fill(0);
+        }
+        fn write(&self, _o: u64, _d: &[u8]) {}
+    }
+
+    struct Rig {
+        shared: Arc<Shared>,
+        rx: mpsc::Receiver<MachineEvent>,
+        runs: Vec<Arc<AtomicU64>>,
+        regs: Vec<Arc<Mutex<Regs>>>,
+        threads: Vec<JoinHandle<()>>,
+    }
+
+    fn rig(n: u32, script0: Vec<VcpuExit>) -> Rig {
+        let shared = Shared::new(n);
+        let (tx, rx) = mpsc::channel();
+        let hub = Arc::new(Hub {
+            no_reboot: true,
+            sink: Arc::new(tx),
+            shared: shared.clone(),
+        });
+        let buses = Arc::new(IoBuses::new());
+        buses.pio.insert(0x80, 1, Arc::new(Exit)).unwrap();
+        let mut runs = Vec::new();
+        let mut regs = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..n {
+            let r = Arc::new(AtomicU64::new(0));
+            let g = Arc::new(Mutex::new(Regs::default()));
+            let v = FakeVcpu {
+                index: i,
+                kicked: Arc::new(AtomicBool::new(false)),
+                runs: r.clone(),
+                regs: g.clone(),
+                script: if i == 0 { script0.clone() } else { Vec::new() },
+            };
+            shared.add_kicker(v.kicker());
+            shared.set_boot_state(
+                i as usize,
+                Some(crate::boot::pvh_entry_state(0x1000 + u64::from(i))),
+            );
+            threads
+                .push(spawn_vcpu(Box::new(v), shared.clone(), hub.clone(), buses.clone()).unwrap());
+            runs.push(r);
+            regs.push(g);
+        }
+        Rig {
+            shared,
+            rx,
+            runs,
+            regs,
+            threads,
+        }
+    }
+
+    fn wait_until(f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "condition not reached"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn pause_parks_every_vcpu_and_resume_continues() {
+        let rig = rig(2, Vec::new());
+        wait_until(|| rig.runs.iter().all(|r| r.load(Ordering::SeqCst) > 5));
+        rig.shared.pause();
+        let before: Vec<u64> = rig.runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        std::thread::sleep(Duration::from_millis(20));
+        let after: Vec<u64> = rig.runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        assert_eq!(before, after, "no guest code runs while paused");
+        assert!(rig.shared.cpu_info().iter().all(|c| c.thread_id.is_some()));
+        rig.shared.resume();
+        wait_until(|| rig.runs[0].load(Ordering::SeqCst) > after[0] + 5);
+        rig.shared.stop();
+        for t in rig.threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn entry_state_is_applied_and_reapplied_after_reset() {
+        let rig = rig(1, Vec::new());
+        wait_until(|| rig.regs[0].lock().unwrap().rip == 0x1000);
+        rig.regs[0].lock().unwrap().rip = 0xdead;
+        rig.shared.hold_and_wait();
+        rig.shared
+            .set_boot_state(0, Some(crate::boot::pvh_entry_state(0x2000)));
+        rig.shared.release_after_reset();
+        wait_until(|| rig.regs[0].lock().unwrap().rip == 0x2000);
+        rig.shared.stop();
+        for t in rig.threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn triple_fault_with_no_reboot_is_a_held_shutdown() {
+        let rig = rig(1, vec![VcpuExit::Shutdown]);
+        let ev = rig.rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(ev, MachineEvent::System(SystemEvent::Shutdown));
+        // Held: the vCPU parks and runs no more guest code.
+        drop(rig.shared.wait_parked(lock(&rig.shared.ctl)));
+        let n = rig.runs[0].load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(rig.runs[0].load(Ordering::SeqCst), n);
+        rig.shared.stop();
+        for t in rig.threads {
+            t.join().unwrap();
+        }
+    }
+}
