@@ -133,6 +133,9 @@ pub enum QdevError {
     /// A bus with this name already exists.
     #[error("Bus '{0}' already exists")]
     DuplicateBus(String),
+    /// A bus name that is empty or contains `/`.
+    #[error("Invalid bus name '{0}': it must be non-empty and contain no '/'")]
+    InvalidBusName(String),
     /// A bus's parent path names nothing.
     #[error("Cannot attach bus '{bus}' to '{parent}': no such object")]
     BadBusParent {

@@ -148,6 +148,15 @@ impl DeviceRequest {
     }
 }
 
+/// Deserializes QMP `device_add` arguments (a JSON object) through
+/// [`DeviceRequest::from_qmp`], so a QMP command type can embed the request directly.
+impl<'de> serde::Deserialize<'de> for DeviceRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = Map::<String, Value>::deserialize(d)?;
+        DeviceRequest::from_qmp(&map).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Reads a value up to an unescaped ',' (`,,` is a literal comma); returns it and what follows
 /// the separating comma.
 fn take_value(s: &str) -> (String, &str) {
@@ -261,6 +270,14 @@ mod tests {
             Err(QdevError::MissingDriver)
         ));
         assert!(DeviceRequest::from_qmp_value(&json!([1])).is_err());
+        let r: DeviceRequest =
+            serde_json::from_value(json!({"driver": "x", "id": "y", "p": 1})).unwrap();
+        assert_eq!(
+            r,
+            DeviceRequest::from_qmp_value(&json!({"driver": "x", "id": "y", "p": 1})).unwrap()
+        );
+        let e = serde_json::from_value::<DeviceRequest>(json!({"id": "y"})).unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'driver' is missing");
     }
 
     #[test]

@@ -315,10 +315,10 @@ impl DeviceTree {
     /// Adds a bus. Its name must be unique and its parent must be `/machine` or an existing
     /// device path.
     pub fn add_bus(&mut self, spec: BusSpec) -> Result<(), QdevError> {
-        if self.buses.iter().any(|b| b.name == spec.name)
-            || spec.name.is_empty()
-            || spec.name.contains('/')
-        {
+        if spec.name.is_empty() || spec.name.contains('/') {
+            return Err(QdevError::InvalidBusName(spec.name));
+        }
+        if self.buses.iter().any(|b| b.name == spec.name) {
             return Err(QdevError::DuplicateBus(spec.name));
         }
         if spec.parent != "/machine" && !self.paths.contains_key(&spec.parent) {

@@ -800,3 +800,41 @@ fn device_limit_and_wrappers() {
         .unwrap_err();
     assert_eq!(e.to_string(), "Parameter 'driver' is missing");
 }
+
+#[test]
+fn bus_definition_errors() {
+    let mut r = rig();
+    let e = r
+        .tree
+        .add_bus(BusSpec::new("isa.0", BusType::Isa))
+        .unwrap_err();
+    assert_eq!(e.to_string(), "Bus 'isa.0' already exists");
+    let e = r
+        .tree
+        .add_bus(BusSpec::new("a/b", BusType::Isa))
+        .unwrap_err();
+    assert!(matches!(e, QdevError::InvalidBusName(_)));
+    let e = r
+        .tree
+        .add_bus(BusSpec::new("sub", BusType::Isa).parent("/machine/peripheral/x"))
+        .unwrap_err();
+    assert!(matches!(e, QdevError::BadBusParent { .. }));
+    // A bus hanging off a device: the device cannot go while the bus exists.
+    r.tree
+        .device_add(Phase::MachineInit, &cli("isa-serial,id=bridge"))
+        .unwrap();
+    r.tree
+        .add_bus(
+            BusSpec::new("sub.0", BusType::Other("sub".into()))
+                .parent("/machine/peripheral/bridge"),
+        )
+        .unwrap();
+    assert_eq!(
+        r.tree
+            .qom_get("/machine/peripheral/bridge", "sub.0")
+            .unwrap(),
+        json!("/machine/peripheral/bridge/sub.0")
+    );
+    let e = r.tree.device_del(Phase::MachineInit, "bridge").unwrap_err();
+    assert!(matches!(e, QdevError::HasChildBuses(_)));
+}
