@@ -21,10 +21,20 @@ use crate::chain::{self, ParsedChain};
 /// the line change together under one small lock so an acknowledge racing a new
 /// interrupt cannot leave a set bit with the line low.
 pub struct Interrupt {
-    status: Mutex<u32>,
-    line: Arc<dyn IrqLine>,
+    state: Mutex<IrqState>,
     needs_reset: AtomicBool,
     config_generation: AtomicU32,
+}
+
+struct IrqState {
+    status: u32,
+    line: Arc<dyn IrqLine>,
+}
+
+/// The line of a transport that is not wired yet: every level change is dropped.
+struct Unconnected;
+impl IrqLine for Unconnected {
+    fn set_level(&self, _high: bool) {}
 }
 
 impl fmt::Debug for Interrupt {
@@ -40,17 +50,34 @@ impl Interrupt {
     /// An interrupt with no pending bits that drives `line`.
     pub fn new(line: Arc<dyn IrqLine>) -> Self {
         Self {
-            status: Mutex::new(0),
-            line,
+            state: Mutex::new(IrqState { status: 0, line }),
             needs_reset: AtomicBool::new(false),
             config_generation: AtomicU32::new(0),
         }
     }
 
+    /// An interrupt whose line is connected later with [`Interrupt::connect`].
+    pub fn unconnected() -> Self {
+        Self::new(Arc::new(Unconnected))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IrqState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wires the interrupt to `line` (replacing the previous one, which is lowered);
+    /// the new line takes the current level.
+    pub fn connect(&self, line: Arc<dyn IrqLine>) {
+        let mut st = self.lock();
+        st.line.set_level(false);
+        st.line = line;
+        st.line.set_level(st.status != 0);
+    }
+
     fn raise(&self, bit: u32) {
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        *status |= bit;
-        self.line.set_level(true);
+        let mut st = self.lock();
+        st.status |= bit;
+        st.line.set_level(true);
     }
 
     /// Tells the driver that a queue has new used buffers.
@@ -82,7 +109,7 @@ impl Interrupt {
 
     /// The `InterruptStatus` register.
     pub fn status(&self) -> u32 {
-        *self.status.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock().status
     }
 
     /// The `ConfigGeneration` register.
@@ -92,18 +119,18 @@ impl Interrupt {
 
     /// `InterruptACK`: clears `bits`; the line drops once no bit is left.
     pub fn ack(&self, bits: u32) {
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        *status &= !bits;
-        if *status == 0 {
-            self.line.set_level(false);
+        let mut st = self.lock();
+        st.status &= !bits;
+        if st.status == 0 {
+            st.line.set_level(false);
         }
     }
 
     /// Device reset: no pending interrupt, line low, error state cleared.
     pub(crate) fn reset(&self) {
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        *status = 0;
-        self.line.set_level(false);
+        let mut st = self.lock();
+        st.status = 0;
+        st.line.set_level(false);
         self.needs_reset.store(false, Ordering::Release);
     }
 }
@@ -336,6 +363,17 @@ mod tests {
         irq.reset();
         assert!(!irq.needs_reset());
         assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn late_connect_takes_current_level() {
+        let irq = Interrupt::unconnected();
+        irq.signal_used_queue();
+        let line = Arc::new(Line::default());
+        irq.connect(line.clone());
+        assert_eq!(line.0.lock().unwrap().as_slice(), &[true]);
+        irq.ack(1);
+        assert!(!*line.0.lock().unwrap().last().unwrap());
     }
 
     #[test]

@@ -91,6 +91,14 @@ impl MmioTransport {
         memory: Arc<GuestMemory>,
         irq: Arc<dyn IrqLine>,
     ) -> Self {
+        let t = Self::unconnected(device, memory);
+        t.interrupt.connect(irq);
+        t
+    }
+
+    /// A transport whose interrupt line is wired later with [`MmioTransport::connect_irq`]
+    /// (for machines that pick the slot, and so the GSI, when the device is mapped).
+    pub fn unconnected(device: Arc<Mutex<dyn VirtioDevice>>, memory: Arc<GuestMemory>) -> Self {
         let (device_type, offered, queues) = {
             let d = device.lock().unwrap_or_else(|p| p.into_inner());
             let queues = d
@@ -112,11 +120,16 @@ impl MmioTransport {
                 notify_hook: None,
             }),
             device,
-            interrupt: Arc::new(Interrupt::new(irq)),
+            interrupt: Arc::new(Interrupt::unconnected()),
             memory,
             device_type,
             offered,
         }
+    }
+
+    /// Wires the interrupt to `irq` (the GSI of the slot the transport was mapped at).
+    pub fn connect_irq(&self, irq: Arc<dyn IrqLine>) {
+        self.interrupt.connect(irq);
     }
 
     /// The device behind this transport (shared with an event loop for RX work).
