@@ -1,0 +1,271 @@
+//! Test support: start the real `vmm` binary and talk QMP to it over real sockets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vmm");
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh directory for sockets, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "keel-vmm-test-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `vmm` process, killed on drop.
+pub struct Vmm {
+    pub child: Child,
+    pub dir: TempDir,
+    pub sock: PathBuf,
+}
+
+impl Vmm {
+    /// Starts `vmm ARGS -qmp unix:SOCK,server=on,wait=off` (the monitor first, so that it
+    /// is live whatever the rest does).
+    pub fn start(args: &[&str]) -> Vmm {
+        let dir = TempDir::new();
+        let sock = dir.path("qmp.sock");
+        let spec = format!("unix:{},server=on,wait=off", sock.display());
+        let mut all = vec!["-qmp", spec.as_str()];
+        all.extend_from_slice(args);
+        let child = Command::new(BIN)
+            .args(&all)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Vmm { child, dir, sock }
+    }
+
+    /// The conformance command line: `-machine none -nodefaults -display none` plus `extra`.
+    pub fn start_none(extra: &[&str]) -> Vmm {
+        let mut args = vec!["-machine", "none", "-nodefaults", "-display", "none"];
+        args.extend_from_slice(extra);
+        Vmm::start(&args)
+    }
+
+    /// Connects and reads the greeting.
+    pub fn connect(&mut self) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = UnixStream::connect(&self.sock) {
+                return Client::new(s);
+            }
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                self.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("vmm exited with {st} before accepting: {err}");
+            }
+            assert!(Instant::now() < deadline, "QMP socket never appeared");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Connects, reads the greeting and negotiates.
+    pub fn qmp(&mut self) -> Client {
+        let mut c = self.connect();
+        c.negotiate();
+        c
+    }
+
+    /// Waits for the process to exit (up to 10 s).
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "vmm did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `vmm ARGS` to completion (10 s at most); returns (status, stderr).
+pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vmm {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}
+
+/// A QMP client on a raw socket.
+pub struct Client {
+    pub reader: BufReader<UnixStream>,
+    pub writer: UnixStream,
+    pub greeting: Value,
+    /// Events seen while waiting for replies.
+    pub events: Vec<Value>,
+}
+
+impl Client {
+    pub fn new(s: UnixStream) -> Client {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let writer = s.try_clone().unwrap();
+        let mut c = Client {
+            reader: BufReader::new(s),
+            writer,
+            greeting: Value::Null,
+            events: Vec::new(),
+        };
+        c.greeting = c.read_line_json();
+        c
+    }
+
+    pub fn from_path(p: &Path) -> Client {
+        Client::new(UnixStream::connect(p).unwrap())
+    }
+
+    /// Reads one raw line (with its line ending).
+    pub fn read_raw_line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "connection closed");
+        line
+    }
+
+    pub fn read_line_json(&mut self) -> Value {
+        let line = self.read_raw_line();
+        assert!(line.ends_with("\r\n"), "not CRLF-terminated: {line:?}");
+        assert!(line.is_ascii(), "not ASCII: {line:?}");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Next message that is not an event (events are kept in `self.events`).
+    pub fn recv(&mut self) -> Value {
+        loop {
+            let v = self.read_line_json();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Next event (first from those already seen).
+    pub fn next_event(&mut self) -> Value {
+        if !self.events.is_empty() {
+            return self.events.remove(0);
+        }
+        let v = self.read_line_json();
+        assert!(v.get("event").is_some(), "expected an event, got {v}");
+        v
+    }
+
+    pub fn request(&mut self, raw: &str) -> Value {
+        self.send_raw(raw.as_bytes());
+        self.recv()
+    }
+
+    pub fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let req = if args.is_null() {
+            json!({"execute": name})
+        } else {
+            json!({"execute": name, "arguments": args})
+        };
+        self.request(&req.to_string())
+    }
+
+    /// Runs a command that must succeed; returns its `return`.
+    pub fn ok(&mut self, name: &str, args: Value) -> Value {
+        let r = self.cmd(name, args);
+        assert!(r.get("return").is_some(), "{name} failed: {r}");
+        r["return"].clone()
+    }
+
+    /// Runs a command that must fail with `class`; returns its `desc`.
+    pub fn err(&mut self, name: &str, args: Value, class: &str) -> String {
+        let r = self.cmd(name, args);
+        assert_eq!(r["error"]["class"], class, "{name}: {r}");
+        r["error"]["desc"].as_str().unwrap().to_owned()
+    }
+
+    pub fn negotiate(&mut self) {
+        assert_eq!(
+            self.cmd("qmp_capabilities", Value::Null),
+            json!({"return": {}})
+        );
+    }
+
+    pub fn phase(&mut self) -> String {
+        self.ok("query-phase", Value::Null)["phase"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn status(&mut self) -> String {
+        self.ok("query-status", Value::Null)["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
