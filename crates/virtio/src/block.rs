@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use keel_accel::GuestMemory;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vm_memory::Bytes;
@@ -22,6 +23,11 @@ pub const SECTOR_SIZE: u64 = 512;
 const HEADER_LEN: u64 = 16;
 const CONFIG_LEN: usize = 60;
 const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Most sectors one discard or write-zeroes segment may cover (2 GiB).
+const MAX_RANGE_SECTORS: u32 = 0x40_0000;
+/// Most segments in one discard or write-zeroes request.
+const MAX_RANGE_SEGMENTS: u32 = 32;
+const RANGE_SEGMENT_LEN: u64 = 16;
 
 /// How to build a [`Block`] device: QEMU's `-blockdev driver=file,filename=PATH` plus the
 /// `-device virtio-blk-device` properties that matter.
@@ -35,6 +41,9 @@ pub struct BlockConfig {
     pub serial: Option<String>,
     /// Queue size (`queue-size=`), a power of two; 256 by default as in QEMU.
     pub queue_size: u16,
+    /// Offer discard, served by punching holes in the image (`discard=unmap`).
+    /// Write-zeroes is offered on every writable disk.
+    pub discard: bool,
 }
 
 impl BlockConfig {
@@ -45,6 +54,7 @@ impl BlockConfig {
             read_only: false,
             serial: None,
             queue_size: 256,
+            discard: false,
         }
     }
 }
@@ -81,13 +91,28 @@ impl Block {
                 path: path.clone(),
                 source,
             })?;
-        Self::from_file(
+        let mut block = Self::from_file(
             file,
             &path,
             config.read_only,
             config.serial.as_deref(),
             config.queue_size,
-        )
+        )?;
+        if config.discard && !config.read_only {
+            block.enable_discard();
+        }
+        Ok(block)
+    }
+
+    /// Offers `VIRTIO_BLK_F_DISCARD` (a writable disk only).
+    pub fn enable_discard(&mut self) {
+        if self.read_only {
+            return;
+        }
+        self.features |= 1 << VIRTIO_BLK_F_DISCARD;
+        self.config[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        self.config[40..44].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes());
+        self.config[44..48].copy_from_slice(&1u32.to_le_bytes());
     }
 
     /// Wraps an already open image (`path` is only used in messages).
@@ -118,10 +143,15 @@ impl Block {
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_FLUSH;
+        let mut config = [0u8; CONFIG_LEN];
         if read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            config[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+            config[52..56].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes());
+            config[56] = 1; // write_zeroes_may_unmap
         }
-        let mut config = [0u8; CONFIG_LEN];
         config[0..8].copy_from_slice(&capacity.to_le_bytes());
         config[12..16].copy_from_slice(&seg_max.to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
@@ -215,8 +245,112 @@ impl Block {
                 let written = chain::write_bytes(mem, &req.writable, 0, &self.id[..n]);
                 (VIRTIO_BLK_S_OK as u8, written as u64)
             }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let feature = if kind == VIRTIO_BLK_T_DISCARD {
+                    VIRTIO_BLK_F_DISCARD
+                } else {
+                    VIRTIO_BLK_F_WRITE_ZEROES
+                };
+                if self.features & 1 << feature == 0 {
+                    return (VIRTIO_BLK_S_UNSUPP as u8, 0);
+                }
+                (self.ranges(mem, req, kind, data_out_len), 0)
+            }
             _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
         }
+    }
+
+    /// Discard or write-zeroes: checks every segment first, then applies them.
+    fn ranges(&mut self, mem: &GuestMemory, req: &ParsedChain, kind: u32, len: u64) -> u8 {
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        if len == 0 || !len.is_multiple_of(RANGE_SEGMENT_LEN) {
+            return ioerr;
+        }
+        let count = len / RANGE_SEGMENT_LEN;
+        if count > u64::from(MAX_RANGE_SEGMENTS) {
+            return VIRTIO_BLK_S_UNSUPP as u8;
+        }
+        let mut segs = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let mut raw = [0u8; RANGE_SEGMENT_LEN as usize];
+            let at = HEADER_LEN + i * RANGE_SEGMENT_LEN;
+            if chain::read_bytes(mem, &req.readable, at, &mut raw) != raw.len() {
+                return ioerr;
+            }
+            let [
+                s0,
+                s1,
+                s2,
+                s3,
+                s4,
+                s5,
+                s6,
+                s7,
+                n0,
+                n1,
+                n2,
+                n3,
+                f0,
+                f1,
+                f2,
+                f3,
+            ] = raw;
+            let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+            let sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+            let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+            // Bit 0 is "unmap", meaningful for write-zeroes only; the rest are reserved.
+            let allowed = if kind == VIRTIO_BLK_T_WRITE_ZEROES {
+                1
+            } else {
+                0
+            };
+            if flags & !allowed != 0 {
+                return VIRTIO_BLK_S_UNSUPP as u8;
+            }
+            if sectors > MAX_RANGE_SECTORS {
+                return ioerr;
+            }
+            let bytes = u64::from(sectors) * SECTOR_SIZE;
+            let Some(offset) = self.check_range(sector, bytes) else {
+                return ioerr;
+            };
+            segs.push((offset, bytes));
+        }
+        for (offset, bytes) in segs {
+            let result = if kind == VIRTIO_BLK_T_DISCARD {
+                // Discard is advisory: a file system without hole punching still succeeds.
+                match fallocate(&self.file, PUNCH_HOLE, offset, bytes) {
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                    r => r,
+                }
+            } else {
+                self.zero_range(offset, bytes)
+            };
+            if let Err(e) = result {
+                log::warn!("virtio-blk: range operation at byte {offset} failed: {e}");
+                return ioerr;
+            }
+        }
+        VIRTIO_BLK_S_OK as u8
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes, in place if the file system can.
+    fn zero_range(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        if fallocate(&self.file, ZERO_RANGE, offset, len).is_ok() {
+            return Ok(());
+        }
+        if fallocate(&self.file, PUNCH_HOLE, offset, len).is_ok() {
+            return Ok(());
+        }
+        use std::os::unix::fs::FileExt;
+        let zeroes = [0u8; 64 * 1024];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     /// Byte offset of a whole-sector transfer that fits the disk, or `None`.
@@ -266,6 +400,22 @@ impl Block {
         }
         Ok(())
     }
+}
+
+const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl VirtioDevice for Block {
@@ -693,6 +843,115 @@ mod tests {
         assert!(matches!(Block::new(&c), Err(Error::SerialTooLong(_))));
         c.path = "/nonexistent/keel.img".into();
         assert!(matches!(Block::new(&c), Err(Error::OpenImage { .. })));
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+    use crate::testutil::*;
+    use std::sync::Arc;
+
+    const HDR: u64 = DATA;
+    const STATUS: u64 = DATA + 0x10_0000;
+
+    fn run(block: Block, kind: u32, segs: &[(u64, u32, u32)]) -> (u8, Arc<GuestMemory>) {
+        let mem = memory();
+        let (_, t, _) = transport(block, &mem);
+        let mut q = TestQueue::new(&mem, 0, 16);
+        bring_up(&t, &[&q]);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        fill(&mem, HDR, &h);
+        let mut body = Vec::new();
+        for &(sector, n, flags) in segs {
+            body.extend_from_slice(&sector.to_le_bytes());
+            body.extend_from_slice(&n.to_le_bytes());
+            body.extend_from_slice(&flags.to_le_bytes());
+        }
+        fill(&mem, HDR + 16, &body);
+        q.add(&[(HDR, 16 + body.len() as u32, false), (STATUS, 1, true)]);
+        notify(&t, 0);
+        assert!(!needs_reset(&t));
+        let status = fetch(&mem, STATUS, 1)[0];
+        (status, mem)
+    }
+
+    fn disk(sectors: u64) -> (File, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "keel-virtio-range-{}-{sectors}-{:?}.img",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, vec![0xaa; (sectors * 512) as usize]).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (f, path)
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_zero_the_ranges() {
+        let (f, path) = disk(16);
+        let b = Block::from_file(f.try_clone().unwrap(), "t", false, None, 16).unwrap();
+        assert_ne!(b.features() & 1 << VIRTIO_BLK_F_WRITE_ZEROES, 0);
+        assert_eq!(b.features() & 1 << VIRTIO_BLK_F_DISCARD, 0);
+        let (st, _) = run(b, VIRTIO_BLK_T_WRITE_ZEROES, &[(1, 2, 0), (8, 1, 1)]);
+        assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), 16 * 512, "size kept");
+        assert!(data[..512].iter().all(|&b| b == 0xaa));
+        assert!(data[512..3 * 512].iter().all(|&b| b == 0));
+        assert!(data[3 * 512..8 * 512].iter().all(|&b| b == 0xaa));
+        assert!(data[8 * 512..9 * 512].iter().all(|&b| b == 0));
+
+        let mut b = Block::from_file(f.try_clone().unwrap(), "t", false, None, 16).unwrap();
+        b.enable_discard();
+        let (st, _) = run(b, VIRTIO_BLK_T_DISCARD, &[(12, 4, 0)]);
+        assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[12 * 512..].iter().all(|&b| b == 0));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn bad_ranges_are_refused() {
+        let (f, path) = disk(16);
+        let mk = || {
+            let mut b = Block::from_file(f.try_clone().unwrap(), "t", false, None, 16).unwrap();
+            b.enable_discard();
+            b
+        };
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let unsupp = VIRTIO_BLK_S_UNSUPP as u8;
+        assert_eq!(run(mk(), VIRTIO_BLK_T_DISCARD, &[(15, 2, 0)]).0, ioerr);
+        assert_eq!(
+            run(mk(), VIRTIO_BLK_T_DISCARD, &[(u64::MAX, 1, 0)]).0,
+            ioerr
+        );
+        assert_eq!(
+            run(mk(), VIRTIO_BLK_T_DISCARD, &[(0, 1, 1)]).0,
+            unsupp,
+            "unmap on discard"
+        );
+        assert_eq!(run(mk(), VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 1, 2)]).0, unsupp);
+        assert_eq!(run(mk(), VIRTIO_BLK_T_DISCARD, &[]).0, ioerr);
+        let many = vec![(0u64, 1u32, 0u32); 33];
+        assert_eq!(run(mk(), VIRTIO_BLK_T_DISCARD, &many).0, unsupp);
+        // One bad segment means nothing is touched.
+        assert_eq!(
+            run(mk(), VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 1, 0), (16, 1, 0)]).0,
+            ioerr
+        );
+        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0xaa));
+        // Not offered: read-only disks, discard without the option.
+        let ro = Block::from_file(f.try_clone().unwrap(), "t", true, None, 16).unwrap();
+        assert_eq!(run(ro, VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 1, 0)]).0, unsupp);
+        let plain = Block::from_file(f.try_clone().unwrap(), "t", false, None, 16).unwrap();
+        assert_eq!(run(plain, VIRTIO_BLK_T_DISCARD, &[(0, 1, 0)]).0, unsupp);
         let _ = std::fs::remove_file(&path);
     }
 }
