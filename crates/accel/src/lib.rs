@@ -151,6 +151,11 @@ pub trait Vm: Send + Sync {
     fn platform_devices(&self) -> Vec<(BusRange, Arc<dyn BusDevice>)> {
         Vec::new()
     }
+    /// Puts the backend's own platform state (an in-kernel interrupt controller and PIT) back
+    /// into its power-on state, for `system_reset`. The default has nothing to reset.
+    fn reset(&self) -> Result<(), AccelError> {
+        Ok(())
+    }
 }
 
 /// One virtual CPU. Lives on its own thread; only [`Kick`] crosses threads.
@@ -171,4 +176,14 @@ pub trait Vcpu: Send {
     fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<(), AccelError>;
     /// A handle other threads use to interrupt [`Vcpu::run`].
     fn kicker(&self) -> Arc<dyn Kick>;
+    /// Puts the vCPU back into its power-on state (registers, FPU, MSRs, local APIC, and the
+    /// wait-for-SIPI state of application processors), for `system_reset` and a triple fault
+    /// without `-no-reboot`. The machine then reloads its boot state. A pending kick stays
+    /// pending. The default says the backend cannot do it.
+    fn reset(&mut self) -> Result<(), AccelError> {
+        Err(AccelError::Guest {
+            vcpu: self.index(),
+            reason: "this accelerator cannot reset a vCPU".to_string(),
+        })
+    }
 }
