@@ -12,6 +12,7 @@
 //! | [`Vcpu::run`](keel_accel::Vcpu::run) | `KVM_RUN`; the exit in `kvm_run` becomes an owned [`VcpuExit`](keel_accel::VcpuExit). A `rep ins/outs` exit with `count > 1` is handed out one element per `run()` without re-entering the guest, so the seam's one-value exits stay exact. |
 //! | [`Vcpu::complete_read`](keel_accel::Vcpu::complete_read) | writes the value into the `kvm_run` data area of the pending `in` / MMIO load; KVM finishes the instruction on the next `KVM_RUN` |
 //! | [`Vcpu::kicker`](keel_accel::Vcpu::kicker) | sets a flag, sets `kvm_run.immediate_exit` and sends [`kick_signal`] to the vCPU thread; `run()` returns [`VcpuExit::Interrupted`](keel_accel::VcpuExit::Interrupted) whether the kick lands before or during `KVM_RUN` |
+//! | `Vcpu::reset` / `Vm::reset` | restore the vCPU state captured after setup (regs, sregs, FPU, MSRs, LAPIC, vCPU events, MP state) / the irqchip and PIT state captured after creation (`KVM_SET_IRQCHIP`, `KVM_SET_PIT2`) |
 //! | [`Vcpu::regs`](keel_accel::Vcpu::regs) / [`Vcpu::sregs`](keel_accel::Vcpu::sregs) | `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, field for field |
 //!
 //! Exits KVM should never produce for this configuration (internal errors, failed entries,
@@ -195,7 +196,7 @@ impl KvmAccel {
     }
 
     /// Like [`Accelerator::create_vm`] but returns the concrete [`KvmVm`] (for
-    /// [`KvmVm::irqfd`], [`KvmVm::create_kvm_vcpu`] and [`KvmVcpu::reset`]).
+    /// [`KvmVm::irqfd`] and [`KvmVm::create_kvm_vcpu`]).
     pub fn create_kvm_vm(
         &self,
         req: &MachineRequirements,

@@ -76,7 +76,7 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
     (reg & !0x700) | (mode << 8)
 }
 
-/// Architectural state right after setup; [`KvmVcpu::reset`] goes back to it.
+/// Architectural state right after setup; `Vcpu::reset` goes back to it.
 struct InitialState {
     regs: kvm_regs,
     sregs: kvm_sregs,
@@ -309,29 +309,6 @@ impl KvmVcpu {
     /// `query-cpus-fast`; `None` before the first [`Vcpu::run`].
     pub fn thread_id(&self) -> Option<i32> {
         self.kick.thread()
-    }
-
-    /// Puts the vCPU back into the state it had right after creation (x86 reset state plus
-    /// Keel's CPUID, MSRs, LAPIC and FPU setup), for `system_reset`. A pending `in`/MMIO load
-    /// or string I/O is dropped; a pending kick stays pending.
-    pub fn reset(&mut self) -> Result<(), AccelError> {
-        self.pending_read = None;
-        self.repeat = None;
-        let i = &self.initial;
-        self.fd.set_sregs(&i.sregs).map_err(host("KVM_SET_SREGS"))?;
-        self.fd.set_regs(&i.regs).map_err(host("KVM_SET_REGS"))?;
-        self.fd.set_fpu(&i.fpu).map_err(host("KVM_SET_FPU"))?;
-        set_msrs(&self.fd, self.index, &i.msrs)?;
-        if let Some(l) = &i.lapic {
-            self.fd.set_lapic(l).map_err(host("KVM_SET_LAPIC"))?;
-        }
-        self.fd
-            .set_vcpu_events(&i.events)
-            .map_err(host("KVM_SET_VCPU_EVENTS"))?;
-        self.fd
-            .set_mp_state(i.mp_state)
-            .map_err(host("KVM_SET_MP_STATE"))?;
-        Ok(())
     }
 
     /// The underlying KVM vCPU, for KVM-specific calls the seam does not cover.
@@ -612,6 +589,29 @@ impl Vcpu for KvmVcpu {
 
     fn kicker(&self) -> Arc<dyn Kick> {
         self.kick.clone()
+    }
+
+    /// Restores the state captured right after creation (x86 reset state plus Keel's MSR,
+    /// LAPIC and FPU setup; CPUID is unchanged). A pending `in`/MMIO load or string I/O is
+    /// dropped; a pending kick stays pending.
+    fn reset(&mut self) -> Result<(), AccelError> {
+        self.pending_read = None;
+        self.repeat = None;
+        let i = &self.initial;
+        self.fd.set_sregs(&i.sregs).map_err(host("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&i.regs).map_err(host("KVM_SET_REGS"))?;
+        self.fd.set_fpu(&i.fpu).map_err(host("KVM_SET_FPU"))?;
+        set_msrs(&self.fd, self.index, &i.msrs)?;
+        if let Some(l) = &i.lapic {
+            self.fd.set_lapic(l).map_err(host("KVM_SET_LAPIC"))?;
+        }
+        self.fd
+            .set_vcpu_events(&i.events)
+            .map_err(host("KVM_SET_VCPU_EVENTS"))?;
+        self.fd
+            .set_mp_state(i.mp_state)
+            .map_err(host("KVM_SET_MP_STATE"))?;
+        Ok(())
     }
 }
 

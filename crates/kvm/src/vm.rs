@@ -6,7 +6,8 @@ use keel_accel::{
     AccelError, GuestMemory, IrqChip, IrqLine, MachineRequirements, SystemEvents, Vcpu, Vm,
 };
 use kvm_bindings::{
-    KVM_PIT_SPEAKER_DUMMY, kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
 };
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -38,6 +39,8 @@ pub struct KvmVm {
     supported_cpuid: Vec<kvm_cpuid_entry2>,
     msr_index_list: Vec<u32>,
     created: Mutex<Vec<bool>>,
+    power_on_irqchip: Vec<kvm_irqchip>,
+    power_on_pit: Option<kvm_pit_state2>,
     events: Arc<dyn SystemEvents>,
     memory: Arc<GuestMemory>,
 }
@@ -107,15 +110,30 @@ impl KvmVm {
         }
 
         let irqchip = accel.options.in_kernel_irqchip;
+        let mut power_on_irqchip = Vec::new();
         if irqchip {
             vm.create_irq_chip().map_err(host("KVM_CREATE_IRQCHIP"))?;
+            for chip_id in [
+                KVM_IRQCHIP_PIC_MASTER,
+                KVM_IRQCHIP_PIC_SLAVE,
+                KVM_IRQCHIP_IOAPIC,
+            ] {
+                let mut chip = kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                };
+                vm.get_irqchip(&mut chip).map_err(host("KVM_GET_IRQCHIP"))?;
+                power_on_irqchip.push(chip);
+            }
         }
+        let mut power_on_pit = None;
         if req.pit {
             let cfg = kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
                 ..Default::default()
             };
             vm.create_pit2(cfg).map_err(host("KVM_CREATE_PIT2"))?;
+            power_on_pit = Some(vm.get_pit2().map_err(host("KVM_GET_PIT2"))?);
         }
 
         Ok(Self {
@@ -125,6 +143,8 @@ impl KvmVm {
             supported_cpuid: accel.supported_cpuid.clone(),
             msr_index_list: accel.msr_index_list.clone(),
             created: Mutex::new(vec![false; req.vcpus as usize]),
+            power_on_irqchip,
+            power_on_pit,
             events,
             memory,
         })
@@ -183,8 +203,8 @@ impl KvmVm {
         Ok(fd)
     }
 
-    /// Creates vCPU `index` with its concrete type (KVM-specific calls such as
-    /// [`KvmVcpu::reset`]); [`Vm::create_vcpu`] boxes this.
+    /// Creates vCPU `index` with its concrete type (for KVM-specific calls such as
+    /// [`KvmVcpu::vcpu_fd`]); [`Vm::create_vcpu`] boxes this.
     pub fn create_kvm_vcpu(&self, index: u32) -> Result<KvmVcpu, AccelError> {
         {
             let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
@@ -226,6 +246,16 @@ impl KvmVm {
 impl Vm for KvmVm {
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, AccelError> {
         Ok(Box::new(self.create_kvm_vcpu(index)?))
+    }
+
+    fn reset(&self) -> Result<(), AccelError> {
+        for chip in &self.power_on_irqchip {
+            self.vm.set_irqchip(chip).map_err(host("KVM_SET_IRQCHIP"))?;
+        }
+        if let Some(pit) = &self.power_on_pit {
+            self.vm.set_pit2(pit).map_err(host("KVM_SET_PIT2"))?;
+        }
+        Ok(())
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {

@@ -746,3 +746,39 @@ fn pic_interrupt_through_irq_line_wakes_a_halted_guest() {
         "{got:?}"
     );
 }
+
+#[test]
+fn vm_reset_restores_the_interrupt_controller() {
+    let Some(accel) = accel(KvmOptions::default()) else {
+        return;
+    };
+    let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+    let req = MachineRequirements {
+        machine: "microvm".into(),
+        vcpus: 1,
+        memory: 0x10000,
+        irqchip: IrqChip::PicIoapic,
+        pit: true,
+    };
+    let vm = keel_kvm_vm(&accel, &req, mem);
+    let read = |id| {
+        let mut c = kvm_bindings::kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm.vm_fd().get_irqchip(&mut c).unwrap();
+        // SAFETY: chip 0 is the master PIC, whose member is `pic`.
+        unsafe { c.chip.pic.imr }
+    };
+    let before = read(kvm_bindings::KVM_IRQCHIP_PIC_MASTER);
+    let mut c = kvm_bindings::kvm_irqchip {
+        chip_id: kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+        ..Default::default()
+    };
+    vm.vm_fd().get_irqchip(&mut c).unwrap();
+    c.chip.pic.imr = before ^ 0x5a;
+    vm.vm_fd().set_irqchip(&c).unwrap();
+    assert_eq!(read(kvm_bindings::KVM_IRQCHIP_PIC_MASTER), before ^ 0x5a);
+    Vm::reset(&vm).unwrap();
+    assert_eq!(read(kvm_bindings::KVM_IRQCHIP_PIC_MASTER), before);
+}
