@@ -375,12 +375,8 @@ impl VmmCore {
     pub(crate) fn cont(&mut self) -> Result<(), CommandError> {
         let state = self.tracker.run_state().map_err(generic)?;
         match state {
-            RunState::Running => {
-                // QEMU answers a redundant `cont` with STOP then RESUME.
-                self.events.emit("STOP", None);
-                self.events.emit("RESUME", None);
-                Ok(())
-            }
+            // Already running: nothing to do and, as with QEMU 7.2, no event.
+            RunState::Running => Ok(()),
             RunState::Shutdown | RunState::GuestPanicked | RunState::InternalError => {
                 Err(generic("Resetting the Virtual Machine is required"))
             }

@@ -9,7 +9,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// Events queued for one client beyond this are dropped (oldest first): a client that never
 /// reads must not make the server grow without bound.
@@ -31,12 +31,10 @@ pub struct Event {
 impl Event {
     /// The wire form (without line ending): `{"event": .., "data": .., "timestamp": ..}`.
     pub fn to_json(&self) -> String {
-        let mut ts = Map::new();
-        ts.insert("seconds".into(), self.seconds.into());
-        ts.insert("microseconds".into(), self.microseconds.into());
-        let mut s = String::from("{\"timestamp\": ");
-        crate::json::write_value(&mut s, &Value::Object(ts));
-        s.push_str(", \"event\": ");
+        let mut s = format!(
+            "{{\"timestamp\": {{\"seconds\": {}, \"microseconds\": {}}}, \"event\": ",
+            self.seconds, self.microseconds
+        );
         crate::json::write_str(&mut s, &self.name);
         if let Some(d) = &self.data {
             s.push_str(", \"data\": ");
