@@ -782,3 +782,86 @@ fn vm_reset_restores_the_interrupt_controller() {
     Vm::reset(&vm).unwrap();
     assert_eq!(read(kvm_bindings::KVM_IRQCHIP_PIC_MASTER), before);
 }
+
+#[test]
+fn triple_fault_then_reset_runs_again() {
+    let Some(mut g) = guest(no_irqchip(), &[0x0f, 0x0b]) else {
+        return;
+    };
+    enter_protected_mode(&mut g, 0);
+    let mut s = g.vcpu.sregs().unwrap();
+    s.idt.limit = 0;
+    g.vcpu.set_sregs(&s).unwrap();
+    assert_eq!(run_to_stop(&mut g).0, VcpuExit::Shutdown);
+    // What a VMM does on RESET: reset the vCPU, reload the boot state, run again.
+    g.vcpu.reset().unwrap();
+    // Back at the architectural reset vector, in real mode.
+    let (r, s) = (g.vcpu.regs().unwrap(), g.vcpu.sregs().unwrap());
+    assert_eq!(s.mode(), keel_accel::CpuMode::Real);
+    assert_eq!((r.rip, s.cs.base), (0xfff0, 0xffff_0000));
+    g.mem.write_slice(&[0xf4], GuestAddress(CODE)).unwrap();
+    let mut s = g.vcpu.sregs().unwrap();
+    s.cs.base = 0;
+    s.cs.selector = 0;
+    g.vcpu.set_sregs(&s).unwrap();
+    let mut r = g.vcpu.regs().unwrap();
+    r.rip = CODE;
+    g.vcpu.set_regs(&r).unwrap();
+    assert_eq!(g.vcpu.run().unwrap(), VcpuExit::Halted);
+}
+
+#[test]
+fn bsp_starts_an_ap_with_init_sipi() {
+    // BSP, 32-bit flat:
+    //   mov dword [0xfee00310], 0x01000000   ; ICR high: destination APIC id 1
+    //   mov dword [0xfee00300], 0x00004500   ; ICR low: INIT, assert
+    //   mov dword [0xfee00300], 0x00004602   ; ICR low: STARTUP, vector 2 -> 0x2000
+    //   out 0x98, al ; hlt
+    let bsp = [
+        0xc7, 0x05, 0x10, 0x03, 0xe0, 0xfe, 0x00, 0x00, 0x00, 0x01, //
+        0xc7, 0x05, 0x00, 0x03, 0xe0, 0xfe, 0x00, 0x45, 0x00, 0x00, //
+        0xc7, 0x05, 0x00, 0x03, 0xe0, 0xfe, 0x02, 0x46, 0x00, 0x00, //
+        0xe6, 0x98, 0xf4,
+    ];
+    // AP, real mode at 0200:0000: out 0x99, al ; hlt
+    let ap_code = [0xe6, 0x99, 0xf4];
+    let Some(mut g) = guest_n(KvmOptions::default(), &bsp, 0, 2) else {
+        return;
+    };
+    g.mem.write_slice(&ap_code, GuestAddress(0x2000)).unwrap();
+    enter_protected_mode(&mut g, 0);
+    let mut ap = g._vm.create_vcpu(1).unwrap();
+    let ap_kicker = ap.kicker();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let exit = ap.run();
+        let _ = tx.send((exit, ap.sregs().map(|s| s.cs.base)));
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(rx.try_recv().is_err(), "the AP waits for SIPI");
+    let exit = g.vcpu.run().unwrap();
+    assert_eq!(
+        exit,
+        VcpuExit::IoOut {
+            port: PioAddress(0x98),
+            size: 1,
+            data: 0
+        }
+    );
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    if got.is_err() {
+        ap_kicker.kick();
+    }
+    let (exit, cs_base) = got.expect("the AP did not start");
+    assert!(
+        matches!(
+            exit,
+            Ok(VcpuExit::IoOut {
+                port: PioAddress(0x99),
+                ..
+            })
+        ),
+        "{exit:?}"
+    );
+    assert_eq!(cs_base.unwrap(), 0x2000);
+}
