@@ -161,7 +161,7 @@ if [ -z "$KERNEL_PKG" ]; then
   # The meta package depends on exactly one versioned image: "linux-image-X (= V)".
   read -r _ meta_ver <<< "$(resolve_candidates "$META_PKG")"
   load_records "$META_PKG=$meta_ver"
-  dep=$(field "$META_PKG" "$meta_ver" Depends | tr ',|' '\n\n' | sed 's/^ *//' \
+  dep=$(field "$META_PKG" "$meta_ver" Depends | tr ',|' '\n' | sed 's/^ *//' \
     | grep -E '^linux-image-[0-9]' | head -n1) || true
   KERNEL_PKG=${dep%% *}
   [ -n "$KERNEL_PKG" ] || die "cannot resolve $META_PKG $meta_ver to a versioned linux-image package"
@@ -174,15 +174,23 @@ KERNEL_SHA=$(field "$KERNEL_PKG" "$KERNEL_VER" SHA256)
 KERNEL_FILE=$(field "$KERNEL_PKG" "$KERNEL_VER" Filename)
 BUSYBOX_SHA=$(field "$BUSYBOX_PKG" "$BUSYBOX_VER" SHA256)
 BUSYBOX_FILE=$(field "$BUSYBOX_PKG" "$BUSYBOX_VER" Filename)
-[ -n "$KERNEL_SHA" ] && [ -n "$BUSYBOX_SHA" ] && [ -n "$KERNEL_FILE" ] && [ -n "$BUSYBOX_FILE" ] \
-  || die "apt metadata lacks the SHA256/Filename fields of $KERNEL_PKG or $BUSYBOX_PKG"
+if [ -z "$KERNEL_SHA" ] || [ -z "$BUSYBOX_SHA" ] || [ -z "$KERNEL_FILE" ] || [ -z "$BUSYBOX_FILE" ]; then
+  die "apt metadata lacks the SHA256/Filename fields of $KERNEL_PKG or $BUSYBOX_PKG"
+fi
 
 # The kernel release (uname -r) is the package name without its prefix.
 KREL=${KERNEL_PKG#linux-image-}
 KREL=${KREL%-unsigned}
 
+# The flavour follows the package actually built (--kernel-package may name any).
+case $KREL in
+  *-cloud-amd64) FLAVOUR=cloud ;;
+  *-rt-amd64) FLAVOUR=rt ;;
+  *) FLAVOUR=generic ;;
+esac
 if [ -z "$OUT" ]; then
   OUT=$CACHE/$KREL
+  # Stable paths for tests and benchmarks: current (cloud), current-generic, current-rt.
   LINK=$CACHE/current
   [ "$FLAVOUR" = cloud ] || LINK=$CACHE/current-$FLAVOUR
 else
@@ -220,6 +228,13 @@ up_to_date() {
   [ "$(cat "$OUT/.stamp")" = "$STAMP" ]
 }
 
+# One build per output directory at a time.
+mkdir -p "$OUT"
+if command -v flock >/dev/null 2>&1; then
+  exec 9> "$OUT/.lock"
+  flock 9
+fi
+
 if up_to_date; then
   log "up to date: $KERNEL_PKG $KERNEL_VER, $BUSYBOX_PKG $BUSYBOX_VER"
   print_outputs
@@ -227,7 +242,6 @@ if up_to_date; then
 fi
 
 log "building guest: $KERNEL_PKG $KERNEL_VER, $BUSYBOX_PKG $BUSYBOX_VER -> $OUT"
-mkdir -p "$OUT"
 WORK=$(mktemp -d "$OUT/.work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
@@ -248,7 +262,7 @@ fetch() {
     tmp=$(mktemp -d "$DEBS/.download.XXXXXX")
     (cd "$tmp" && apt-get download -qq "${opts[@]}" "$pkg=$ver" >&2) || { rm -rf "$tmp"; die "apt-get download $pkg=$ver failed"; }
     # apt names the file after the version (epoch colon escaped); keep the archive's name.
-    mv "$tmp"/*.deb "$deb" && rmdir "$tmp" || die "apt-get download $pkg=$ver left no single .deb in $tmp"
+    { mv "$tmp"/*.deb "$deb" && rmdir "$tmp"; } || die "apt-get download $pkg=$ver left no single .deb in $tmp"
   fi
   [ "$(sha256sum "$deb" | cut -d' ' -f1)" = "$sha" ] || die "$deb does not match apt's SHA256 $sha"
   printf '%s\n' "$deb"
@@ -380,7 +394,7 @@ write_virtio_test() {
 # Options on the kernel command line:
 #   keel.blk_sector=N  sector (512 bytes) of /dev/vda to write the test string to (default 8)
 #   keel.ip=ADDR/LEN   address for eth0 (brings it up)   keel.ping=ADDR  peer to ping
-sector=8 ip= peer=
+sector=8 ip='' peer=''
 read -r cmdline < /proc/cmdline
 for arg in $cmdline; do
   case $arg in
