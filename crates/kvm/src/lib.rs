@@ -16,11 +16,58 @@
 //! | [`Vcpu::regs`](keel_accel::Vcpu::regs) / [`Vcpu::sregs`](keel_accel::Vcpu::sregs) | `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, field for field |
 //!
 //! Exits KVM should never produce for this configuration (internal errors, failed entries,
-//! unknown hardware exits) come back as [`AccelError::Guest`] with KVM's reason, never a panic.
-//! `KVM_EXIT_SHUTDOWN` (triple fault) is [`VcpuExit::Shutdown`](keel_accel::VcpuExit::Shutdown); system events `RESET` and
-//! `SHUTDOWN` are [`VcpuExit::Reset`](keel_accel::VcpuExit::Reset) / [`VcpuExit::PowerOff`](keel_accel::VcpuExit::PowerOff); `CRASH` is reported to the
-//! machine's [`SystemEvents`] as [`SystemEvent::Panic`](keel_accel::SystemEvent::Panic) and
-//! `run()` returns [`VcpuExit::Interrupted`](keel_accel::VcpuExit::Interrupted) so the loop looks at its requests.
+//! unknown hardware exits) come back as [`AccelError::Guest`] with KVM's reason (for an
+//! emulation failure, the instruction bytes and RIP), never a panic. `KVM_EXIT_SHUTDOWN`
+//! (triple fault) is `VcpuExit::Shutdown`; the system events `RESET` and `SHUTDOWN` are
+//! `VcpuExit::Reset` / `VcpuExit::PowerOff`; `CRASH` is reported to the machine's
+//! [`SystemEvents`] as `SystemEvent::Panic` and `run()` returns `VcpuExit::Interrupted` so the
+//! loop looks at its requests.
+//!
+//! # Using it
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use keel_accel::{Accelerator, ExitAction, GuestMemory, IoBuses, IrqChip, MachineRequirements,
+//!                  SystemEvent, SystemEvents, Vcpu, handle_exit};
+//!
+//! struct Events;
+//! impl SystemEvents for Events {
+//!     fn request(&self, _: SystemEvent) {}
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let accel = keel_kvm::KvmAccel::new()?; // Err explains what to fix; fall back to tcg
+//! let req = MachineRequirements {
+//!     machine: "microvm".into(), vcpus: 1, memory: 128 << 20,
+//!     irqchip: IrqChip::PicIoapic, pit: true,
+//! };
+//! accel.check(&req)?;
+//! let memory = Arc::new(GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 128 << 20)])?);
+//! let buses = Arc::new(IoBuses::new());
+//! let vm = accel.create_vm(&req, memory, buses.clone(), Arc::new(Events))?;
+//! let mut vcpu = vm.create_vcpu(0)?;
+//! // ... set_regs / set_sregs for the boot protocol, then on the vCPU thread:
+//! loop {
+//!     let exit = vcpu.run()?;
+//!     match handle_exit(&exit, &buses) {
+//!         ExitAction::Resume => {}
+//!         ExitAction::CompleteRead(v) => vcpu.complete_read(v),
+//!         _ => break, // halt, kick, reset, power off: the VMM decides
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The kick uses the real-time signal [`kick_signal`] (a no-op handler is installed when the
+//! first [`KvmAccel`] is opened); a VMM must leave that signal alone. Like Firecracker and
+//! Cloud Hypervisor, the kicker writes `immediate_exit` in the shared `kvm_run` page while
+//! the vCPU thread may be inside `KVM_RUN`; the write is an atomic byte store.
+//!
+//! On KVM-PVM hosts (nested KVM without hardware virtualization exposed) real-mode and CPL0
+//! guest code is emulated instruction by instruction (~1.5 MIPS), and some instructions are
+//! not emulated there (`lock cmpxchg16b`, `xrstor` and `int3` were seen): such a guest stops
+//! with an `AccelError::Guest` naming the instruction bytes.
 
 #![deny(missing_docs)]
 

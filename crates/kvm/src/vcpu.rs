@@ -463,11 +463,11 @@ fn set_msrs(fd: &VcpuFd, vcpu: u32, entries: &[kvm_msr_entry]) -> Result<(), Acc
     })?;
     let n = fd.set_msrs(&msrs).map_err(host("KVM_SET_MSRS"))?;
     if n != entries.len() {
+        let which = entries.get(n).map_or(0, |e| e.index);
         return Err(AccelError::Guest {
             vcpu,
             reason: format!(
-                "KVM refused MSR {:#x} (set {n} of {} boot MSRs)",
-                entries[n].index,
+                "KVM refused MSR {which:#x} (set {n} of {} boot MSRs)",
                 entries.len()
             ),
         });
