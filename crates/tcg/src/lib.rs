@@ -1,4 +1,52 @@
 //! Interpreting x86 backend (tcg) for the keel accelerator seam.
+//!
+//! An x86 interpreter that stands in for KVM: 16-bit real mode, 32-bit protected mode (paging
+//! off, 2-level and PAE paging) and 64-bit long mode with 4-level paging, with the system
+//! architecture Linux needs (IDT delivery with IST, TSS stacks, SYSCALL/SYSRET, MSRs) and the
+//! 8259 PIC / 8254 PIT of [`platform`].
+//!
+//! Speed comes from the techniques of the research notes (x86-interpreter.md §1): decoded
+//! blocks cached per guest-physical page and mode ([`decode`]), invalidated on writes to the
+//! page (self-modifying code and DMA, see [`vm::TcgVm::invalidate_range`]); one handler per
+//! instruction form chosen at translation time; lazy flags ([`cpu::CcOp`]); a software TLB
+//! with host pointers ([`mem`]); chaining between blocks on the same page; bulk `rep movs` /
+//! `rep stos`.
+//!
+//! Entry points: [`TcgAccel`] (the `Accelerator`), [`TcgVm`], [`TcgVcpu`].
 
 #![deny(missing_docs)]
+
+pub mod arith;
+pub mod cpu;
+pub mod cpuid;
+pub mod decode;
+pub mod exc;
+pub mod exec;
+pub mod mem;
 pub mod platform;
+pub mod sse;
+pub mod string;
+pub mod system;
+pub mod vm;
+pub mod x87;
+
+pub use cpuid::CpuidConfig;
+pub use vm::{TcgAccel, TcgVcpu, TcgVm};
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Errors of this crate's own operations.
+#[derive(Debug, thiserror::Error)]
+pub enum TcgError {
+    /// A guest-physical address is not backed by RAM.
+    #[error("guest-physical address {0:#x} is not RAM")]
+    NotRam(u64),
+}
+
+/// Nanoseconds since the first call in this process (the TSC's time base).
+pub fn clock_ns() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let o = ORIGIN.get_or_init(Instant::now);
+    u64::try_from(o.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}

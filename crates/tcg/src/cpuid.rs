@@ -1,0 +1,171 @@
+//! CPUID: a configurable feature set.
+//!
+//! The default advertises what this interpreter implements and what Linux needs
+//! (research §3): fpu tsc msr pae cx8 cmov pat fxsr sse sse2 (leaf 1 EDX), hypervisor
+//! (leaf 1 ECX bit 31), syscall nx lm (leaf 0x8000_0001 EDX), and the hypervisor leaf
+//! 0x4000_0000 with the signature `TCGTCGTCGTCG`. No local APIC is advertised because
+//! none is modelled; the kernel then runs the 8259 PIC.
+
+/// Leaf 1 EDX bits.
+pub mod edx1 {
+    /// x87.
+    pub const FPU: u32 = 1 << 0;
+    /// Page size extension.
+    pub const PSE: u32 = 1 << 3;
+    /// Time-stamp counter.
+    pub const TSC: u32 = 1 << 4;
+    /// RDMSR/WRMSR.
+    pub const MSR: u32 = 1 << 5;
+    /// PAE.
+    pub const PAE: u32 = 1 << 6;
+    /// CMPXCHG8B.
+    pub const CX8: u32 = 1 << 8;
+    /// Local APIC.
+    pub const APIC: u32 = 1 << 9;
+    /// CMOVcc.
+    pub const CMOV: u32 = 1 << 15;
+    /// Page attribute table.
+    pub const PAT: u32 = 1 << 16;
+    /// CLFLUSH.
+    pub const CLFSH: u32 = 1 << 19;
+    /// MMX.
+    pub const MMX: u32 = 1 << 23;
+    /// FXSAVE/FXRSTOR.
+    pub const FXSR: u32 = 1 << 24;
+    /// SSE.
+    pub const SSE: u32 = 1 << 25;
+    /// SSE2.
+    pub const SSE2: u32 = 1 << 26;
+}
+
+/// Leaf 1 ECX bits.
+pub mod ecx1 {
+    /// CMPXCHG16B.
+    pub const CX16: u32 = 1 << 13;
+    /// POPCNT.
+    pub const POPCNT: u32 = 1 << 23;
+    /// Running under a hypervisor.
+    pub const HYPERVISOR: u32 = 1 << 31;
+}
+
+/// Leaf 0x8000_0001 EDX bits.
+pub mod edx81 {
+    /// SYSCALL/SYSRET.
+    pub const SYSCALL: u32 = 1 << 11;
+    /// No-execute.
+    pub const NX: u32 = 1 << 20;
+    /// 1 GiB pages.
+    pub const PDPE1GB: u32 = 1 << 26;
+    /// RDTSCP.
+    pub const RDTSCP: u32 = 1 << 27;
+    /// Long mode.
+    pub const LM: u32 = 1 << 29;
+}
+
+/// Leaf 0x8000_0001 ECX bits.
+pub mod ecx81 {
+    /// LAHF/SAHF in 64-bit mode.
+    pub const LAHF_LM: u32 = 1 << 0;
+    /// LZCNT.
+    pub const ABM: u32 = 1 << 5;
+}
+
+/// The feature words the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuidConfig {
+    /// Vendor string (12 bytes).
+    pub vendor: [u8; 12],
+    /// Leaf 1 EDX.
+    pub edx1: u32,
+    /// Leaf 1 ECX.
+    pub ecx1: u32,
+    /// Leaf 0x8000_0001 EDX.
+    pub edx81: u32,
+    /// Leaf 0x8000_0001 ECX.
+    pub ecx81: u32,
+    /// Hypervisor signature at leaf 0x4000_0000 (12 bytes).
+    pub hv_signature: [u8; 12],
+    /// Processor brand string (48 bytes, leaves 0x8000_0002..4).
+    pub brand: [u8; 48],
+}
+
+impl Default for CpuidConfig {
+    fn default() -> Self {
+        let mut brand = [0u8; 48];
+        let b = b"Keel TCG x86-64 interpreter";
+        brand[..b.len()].copy_from_slice(b);
+        Self {
+            vendor: *b"AuthenticAMD",
+            edx1: edx1::FPU
+                | edx1::PSE
+                | edx1::TSC
+                | edx1::MSR
+                | edx1::PAE
+                | edx1::CX8
+                | edx1::CMOV
+                | edx1::PAT
+                | edx1::CLFSH
+                | edx1::MMX
+                | edx1::FXSR
+                | edx1::SSE
+                | edx1::SSE2,
+            ecx1: ecx1::HYPERVISOR | ecx1::CX16,
+            edx81: edx81::SYSCALL | edx81::NX | edx81::LM | edx81::PDPE1GB,
+            ecx81: ecx81::LAHF_LM,
+            hv_signature: *b"TCGTCGTCGTCG",
+            brand,
+        }
+    }
+}
+
+fn words(b: &[u8]) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    for (i, c) in b.chunks(4).take(4).enumerate() {
+        let mut x = [0u8; 4];
+        x[..c.len()].copy_from_slice(c);
+        w[i] = u32::from_le_bytes(x);
+    }
+    w
+}
+
+impl CpuidConfig {
+    /// Whether LZCNT is advertised (otherwise `F3 0F BD` runs as BSR).
+    pub fn has_lzcnt(&self) -> bool {
+        self.ecx81 & ecx81::ABM != 0
+    }
+
+    /// Whether CMPXCHG16B is advertised.
+    pub fn has_cx16(&self) -> bool {
+        self.ecx1 & ecx1::CX16 != 0
+    }
+
+    /// Answers CPUID for `leaf`/`subleaf` on vCPU `apic_id`: (eax, ebx, ecx, edx).
+    pub fn query(&self, leaf: u32, _subleaf: u32, apic_id: u32) -> (u32, u32, u32, u32) {
+        let v = words(&self.vendor);
+        match leaf {
+            0 => (0xd, v[0], v[2], v[1]),
+            1 => (
+                0x0000_0f61, // family 15, model 6, stepping 1
+                (apic_id << 24) | (1 << 16) | (8 << 8),
+                self.ecx1,
+                self.edx1,
+            ),
+            2..=0xd => (0, 0, 0, 0),
+            0x4000_0000 => {
+                let s = words(&self.hv_signature);
+                (0x4000_0001, s[0], s[1], s[2])
+            }
+            0x4000_0001 => (0, 0, 0, 0),
+            0x8000_0000 => (0x8000_0008, v[0], v[2], v[1]),
+            0x8000_0001 => (0x0000_0f61, 0, self.ecx81, self.edx81),
+            0x8000_0002..=0x8000_0004 => {
+                let i = (leaf - 0x8000_0002) as usize * 16;
+                let w = words(&self.brand[i..i + 16]);
+                (w[0], w[1], w[2], w[3])
+            }
+            0x8000_0005..=0x8000_0007 => (0, 0, 0, 0),
+            0x8000_0008 => (0x0000_3028, 0, 0, 0), // 40 physical, 48 linear address bits
+            _ => (0, 0, 0, 0),
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! Translation of guest code into cached blocks of pre-decoded instructions.
+//!
+//! A block is a straight run of instructions that ends at the first control transfer, at
+//! an instruction that changes the state blocks are specialised on, at 64 instructions,
+//! or at the end of a page. Blocks are keyed by (linear RIP, guest-physical address, mode)
+//! so that both an aliasing mapping and a mode change select a different block; they are
+//! dropped when their page is written (self-modifying code, DMA) or the cache fills up.
+//! Each instruction keeps the handler chosen for its form at translation time, so the
+//! execution loop is an indirect call per instruction with no decoding.
+
+use std::collections::HashMap;
+
+use iced_x86::{
+    Code, Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, OpKind, Register,
+};
+
+use crate::cpu::Cpu;
+use crate::exc::{Ex, Flow, vec};
+use crate::exec;
+use crate::mem::Access;
+
+/// An instruction handler.
+pub type Handler = fn(&mut Cpu, &Insn) -> Flow;
+
+/// Absent base/index register: `Cpu::gpr[16]` is always zero.
+pub const NOREG: u8 = 16;
+
+/// A pre-decoded instruction.
+#[derive(Clone, Debug)]
+pub struct Insn {
+    /// Handler for this form.
+    pub exec: Handler,
+    /// Address of the instruction.
+    pub ip: u64,
+    /// Address of the next instruction.
+    pub next_ip: u64,
+    /// Immediate (sign-extended to 64 bits as the form defines) or branch target.
+    pub imm: u64,
+    /// Memory displacement (absolute address for RIP-relative operands).
+    pub disp: u64,
+    /// Effective-address mask for the address size.
+    pub amask: u64,
+    /// Operand size in bytes.
+    pub size: u8,
+    /// First register operand (GPR index; 16..20 = AH..BH).
+    pub r0: u8,
+    /// Second register operand.
+    pub r1: u8,
+    /// Memory base register or `NOREG`.
+    pub base: u8,
+    /// Memory index register or `NOREG`.
+    pub index: u8,
+    /// log2 of the index scale.
+    pub scale: u8,
+    /// Segment register of the memory operand.
+    pub seg: u8,
+    /// Handler-specific byte (condition code, ALU op).
+    pub aux: u8,
+    /// Full decoded form for the generic handlers.
+    pub instr: Instruction,
+}
+
+/// Maps an iced general-purpose register to (index, size in bytes).
+pub fn gpr(r: Register) -> Option<(u8, u8)> {
+    let n = r as u32;
+    match n {
+        1..=4 => Some(((n - 1) as u8, 1)),
+        5..=8 => Some(((n - 5 + 16) as u8, 1)),
+        9..=20 => Some(((n - 5) as u8, 1)),
+        21..=36 => Some(((n - 21) as u8, 2)),
+        37..=52 => Some(((n - 37) as u8, 4)),
+        53..=68 => Some(((n - 53) as u8, 8)),
+        _ => None,
+    }
+}
+
+/// Maps an iced segment register to our index (same order: ES CS SS DS FS GS).
+pub fn sreg(r: Register) -> Option<usize> {
+    let n = r as u32;
+    (71..=76).contains(&n).then(|| (n - 71) as usize)
+}
+
+/// Maps XMM registers to 0..15.
+pub fn xmm(r: Register) -> Option<usize> {
+    let n = r as u32;
+    (77..=92).contains(&n).then(|| (n - 77) as usize)
+}
+
+fn prepare(instr: &Instruction, bitness: u32) -> Insn {
+    let mut i = Insn {
+        exec: exec::generic,
+        ip: instr.ip(),
+        next_ip: instr.next_ip(),
+        imm: 0,
+        disp: 0,
+        amask: u64::MAX,
+        size: 0,
+        r0: NOREG,
+        r1: NOREG,
+        base: NOREG,
+        index: NOREG,
+        scale: 0,
+        seg: 3,
+        aux: 0,
+        instr: *instr,
+    };
+    let mut regs = [NOREG; 2];
+    let mut nreg = 0;
+    for k in 0..instr.op_count() {
+        match instr.op_kind(k) {
+            OpKind::Register => {
+                if let Some((idx, sz)) = gpr(instr.op_register(k)) {
+                    if i.size == 0 {
+                        i.size = sz;
+                    }
+                    if nreg < 2 {
+                        regs[nreg] = idx;
+                        nreg += 1;
+                    }
+                }
+            }
+            OpKind::Memory => {
+                let base = instr.memory_base();
+                if let Some((b, sz)) = gpr(base) {
+                    i.base = b;
+                    i.amask = match sz {
+                        2 => 0xffff,
+                        4 => 0xffff_ffff,
+                        _ => u64::MAX,
+                    };
+                } else if base == Register::EIP {
+                    i.amask = 0xffff_ffff;
+                }
+                if let Some((x, sz)) = gpr(instr.memory_index()) {
+                    i.index = x;
+                    i.amask = match sz {
+                        2 => 0xffff,
+                        4 => 0xffff_ffff,
+                        _ => u64::MAX,
+                    };
+                }
+                if base == Register::None && instr.memory_index() == Register::None {
+                    // Absolute address: the address size comes from the displacement size.
+                    i.amask = match (bitness, instr.memory_displ_size()) {
+                        (64, 8) => u64::MAX,
+                        (_, 2) => 0xffff,
+                        _ => 0xffff_ffff,
+                    };
+                    if bitness == 64 && instr.memory_displ_size() == 4 {
+                        // [disp32] in 64-bit mode is sign-extended with 64-bit addressing.
+                        i.amask = u64::MAX;
+                    }
+                }
+                i.scale = match instr.memory_index_scale() {
+                    2 => 1,
+                    4 => 2,
+                    8 => 3,
+                    _ => 0,
+                };
+                i.disp = instr.memory_displacement64();
+                i.seg = sreg(instr.memory_segment()).unwrap_or(3) as u8;
+                if i.size == 0 {
+                    i.size = instr.memory_size().size().min(255) as u8;
+                }
+            }
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                i.imm = instr.near_branch_target();
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {
+                i.imm = instr.immediate(k);
+            }
+            _ => {}
+        }
+    }
+    if i.amask == u64::MAX && bitness != 64 {
+        i.amask = if bitness == 32 { 0xffff_ffff } else { 0xffff };
+        if instr.memory_base() == Register::None && instr.memory_index() == Register::None {
+            i.amask = if instr.memory_displ_size() == 2 {
+                0xffff
+            } else {
+                0xffff_ffff
+            };
+        }
+    }
+    i.r0 = regs[0];
+    i.r1 = regs[1];
+    exec::finish(instr, &mut i, bitness);
+    i.exec = exec::select(instr, &i);
+    i
+}
+
+/// A translated block.
+#[derive(Debug)]
+pub struct Block {
+    /// Linear RIP of the first instruction (CS-relative offset).
+    pub rip: u64,
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Mode key.
+    pub mode: u32,
+    /// Instructions.
+    pub insns: Box<[Insn]>,
+    /// Guest-physical pages the code came from (second is `u64::MAX` if unused).
+    pub pages: [u64; 2],
+    /// Cleared when the block is invalidated.
+    pub valid: bool,
+    /// Cached successors: (rip, block index, cache generation).
+    pub links: [std::cell::Cell<(u64, u32, u32)>; 2],
+}
+
+const FAST: usize = 4096;
+
+/// The decoded-block cache of one vCPU.
+#[derive(Debug)]
+pub struct BlockCache {
+    /// All blocks (invalid ones stay until the next flush).
+    pub blocks: Vec<Block>,
+    map: HashMap<(u64, u64, u32), u32>,
+    fast: Box<[(u64, u64, u32, u32)]>,
+    pages: HashMap<u64, Vec<u32>>,
+    /// Bumped on every invalidation; chained links from older generations are ignored.
+    pub generation: u32,
+    /// Blocks translated (statistics).
+    pub translated: u64,
+}
+
+const MAX_BLOCKS: usize = 65536;
+const MAX_INSNS: usize = 64;
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BlockCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self {
+            blocks: Vec::new(),
+            map: HashMap::new(),
+            fast: vec![(u64::MAX, 0, 0, 0); FAST].into_boxed_slice(),
+            pages: HashMap::new(),
+            generation: 1,
+            translated: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn slot(rip: u64) -> usize {
+        ((rip ^ (rip >> 12)) as usize) & (FAST - 1)
+    }
+
+    /// Drops every block.
+    pub fn flush(&mut self, cpu: &mut Cpu) {
+        self.blocks.clear();
+        self.map.clear();
+        self.pages.clear();
+        self.fast.fill((u64::MAX, 0, 0, 0));
+        self.generation = self.generation.wrapping_add(1);
+        cpu.mmu.phys.clear_code();
+    }
+
+    /// Drops the blocks whose code lies in guest-physical page `page`.
+    pub fn invalidate_page(&mut self, cpu: &mut Cpu, page: u64) {
+        let page = page & !0xfff;
+        cpu.mmu.phys.set_code(page, false);
+        if let Some(list) = self.pages.remove(&page) {
+            for b in list {
+                if let Some(blk) = self.blocks.get_mut(b as usize)
+                    && blk.valid
+                {
+                    blk.valid = false;
+                    self.map.remove(&(blk.rip, blk.gpa, blk.mode));
+                }
+            }
+            self.generation = self.generation.wrapping_add(1);
+        }
+    }
+
+    /// Applies the code-page writes the CPU recorded.
+    pub fn process_dirty(&mut self, cpu: &mut Cpu) {
+        if cpu.dirty_code_overflow {
+            cpu.dirty_code_overflow = false;
+            cpu.dirty_code.clear();
+            self.flush(cpu);
+            return;
+        }
+        while let Some(p) = cpu.dirty_code.pop() {
+            self.invalidate_page(cpu, p);
+        }
+    }
+
+    /// Finds or translates the block at the CPU's current RIP.
+    #[inline]
+    pub fn lookup(&mut self, cpu: &mut Cpu) -> Result<u32, Ex> {
+        let rip = cpu.rip;
+        let lin = cpu.ebase[1].wrapping_add(rip) & cpu.lin_mask;
+        let user = cpu.mmu.user;
+        let gpa = match cpu.mmu.lookup_gpa(lin, Access::Fetch, user) {
+            Some(g) => g,
+            None => cpu
+                .translate(lin, Access::Fetch, user)
+                .map_err(fetch_fault)?,
+        };
+        let mode = cpu.mode_key();
+        let s = Self::slot(rip);
+        let f = self.fast[s];
+        if f.0 == rip && f.1 == gpa && f.2 == mode && self.blocks[f.3 as usize].valid {
+            return Ok(f.3);
+        }
+        if let Some(&b) = self.map.get(&(rip, gpa, mode)) {
+            self.fast[s] = (rip, gpa, mode, b);
+            return Ok(b);
+        }
+        let b = self.translate(cpu, rip, lin, gpa, mode)?;
+        self.fast[s] = (rip, gpa, mode, b);
+        Ok(b)
+    }
+
+    fn translate(
+        &mut self,
+        cpu: &mut Cpu,
+        rip: u64,
+        lin: u64,
+        gpa: u64,
+        mode: u32,
+    ) -> Result<u32, Ex> {
+        if self.blocks.len() >= MAX_BLOCKS {
+            self.flush(cpu);
+        }
+        let bitness = mode;
+        let page_off = (lin & 0xfff) as usize;
+        let avail = 4096 - page_off;
+        // Bytes of this page plus up to 15 of the next for a straddling instruction.
+        let mut buf = [0u8; 4096 + 16];
+        cpu.mmu.phys.read(gpa, &mut buf[..avail]);
+        let mut second: Option<u64> = None;
+        let mut insns: Vec<Insn> = Vec::with_capacity(16);
+        let mut decoder = Decoder::with_ip(bitness, &buf[..avail], rip, DecoderOptions::NONE);
+        let mut instr = Instruction::default();
+        let mut pos = 0usize;
+        while insns.len() < MAX_INSNS {
+            decoder.decode_out(&mut instr);
+            if decoder.last_error() == DecoderError::NoMoreBytes {
+                // Instruction straddles the page end: fetch the next page and decode it alone.
+                let lin2 = (lin & !0xfff).wrapping_add(4096);
+                let g2 = match cpu.translate(lin2, Access::Fetch, cpu.mmu.user) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        if insns.is_empty() {
+                            return Err(fetch_fault(e));
+                        }
+                        break;
+                    }
+                };
+                let mut tmp = [0u8; 32];
+                let left = avail - pos;
+                tmp[..left].copy_from_slice(&buf[pos..avail]);
+                cpu.mmu.phys.read(g2, &mut tmp[left..left + 16]);
+                let ip = rip.wrapping_add(pos as u64);
+                let mut d2 = Decoder::with_ip(bitness, &tmp[..left + 16], ip, DecoderOptions::NONE);
+                d2.decode_out(&mut instr);
+                if instr.is_invalid() {
+                    insns.push(ud_insn(ip, bitness));
+                } else {
+                    insns.push(prepare(&instr, bitness));
+                }
+                second = Some(g2 & !0xfff);
+                break;
+            }
+            if instr.is_invalid() {
+                insns.push(ud_insn(instr.ip(), bitness));
+                break;
+            }
+            pos += instr.len();
+            let ins = prepare(&instr, bitness);
+            insns.push(ins);
+            if instr.flow_control() != FlowControl::Next || ends_block(&instr) {
+                break;
+            }
+            if pos >= avail {
+                break;
+            }
+        }
+        let idx = self.blocks.len() as u32;
+        let p0 = gpa & !0xfff;
+        let pages = [p0, second.unwrap_or(u64::MAX)];
+        for &p in pages.iter().filter(|&&p| p != u64::MAX) {
+            cpu.mmu.phys.set_code(p, true);
+            cpu.mmu.flush_write_gpa(p);
+            self.pages.entry(p).or_default().push(idx);
+        }
+        self.blocks.push(Block {
+            rip,
+            gpa,
+            mode,
+            insns: insns.into_boxed_slice(),
+            pages,
+            valid: true,
+            links: Default::default(),
+        });
+        self.map.insert((rip, gpa, mode), idx);
+        self.translated += 1;
+        Ok(idx)
+    }
+}
+
+fn fetch_fault(e: Ex) -> Ex {
+    e
+}
+
+fn ud_insn(ip: u64, bitness: u32) -> Insn {
+    let mut instr = Instruction::default();
+    instr.set_code(Code::INVALID);
+    instr.set_ip(ip);
+    instr.set_next_ip(ip);
+    let mut i = prepare(&instr, bitness);
+    i.exec = exec::raise_ud;
+    i
+}
+
+/// Instructions after which the block must end because they change mode, paging,
+/// segment bases, the interrupt flag or the code itself.
+fn ends_block(instr: &Instruction) -> bool {
+    use iced_x86::Mnemonic as M;
+    matches!(
+        instr.mnemonic(),
+        M::Mov | M::Pop | M::Lss | M::Lds | M::Les | M::Lfs | M::Lgs
+    ) && (0..instr.op_count()).any(|k| {
+        instr.op_kind(k) == OpKind::Register
+            && k == 0
+            && (sreg(instr.op_register(0)).is_some()
+                || (Register::CR0 as u32..Register::CR0 as u32 + 16)
+                    .contains(&(instr.op_register(0) as u32)))
+    }) || matches!(
+        instr.mnemonic(),
+        M::Sti
+            | M::Cli
+            | M::Popf
+            | M::Popfd
+            | M::Popfq
+            | M::Wrmsr
+            | M::Lgdt
+            | M::Lidt
+            | M::Lmsw
+            | M::Clts
+            | M::Invlpg
+            | M::Ltr
+            | M::Lldt
+            | M::Swapgs
+            | M::Hlt
+            | M::Cpuid
+            | M::Wbinvd
+            | M::Invd
+            | M::Fxrstor
+            | M::Fxrstor64
+            | M::Rsm
+            | M::Wrfsbase
+            | M::Wrgsbase
+            | M::Out
+            | M::Outsb
+            | M::Outsw
+            | M::Outsd
+    )
+}
+
+/// Raises #UD at the current instruction.
+pub fn ud() -> Flow {
+    Err(Ex::Fault {
+        vector: vec::UD,
+        error: None,
+    })
+}

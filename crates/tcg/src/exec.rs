@@ -1,0 +1,1228 @@
+//! Instruction semantics: specialised handlers for the hot integer forms and a generic
+//! interpreter (by mnemonic) for everything else.
+
+use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
+
+use crate::cpu::{CcOp, Cpu, fl, sr};
+use crate::decode::{Handler, Insn, gpr, sreg, xmm};
+use crate::exc::{Ex, Flow};
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/// Mask for `size` bytes.
+#[inline(always)]
+pub fn mask(size: u8) -> u64 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        4 => 0xffff_ffff,
+        _ => u64::MAX,
+    }
+}
+
+/// Sign-extends a `size`-byte value.
+#[inline(always)]
+pub fn sext(v: u64, size: u8) -> u64 {
+    match size {
+        1 => v as u8 as i8 as i64 as u64,
+        2 => v as u16 as i16 as i64 as u64,
+        4 => v as u32 as i32 as i64 as u64,
+        _ => v,
+    }
+}
+
+/// Linear address of the memory operand.
+#[inline(always)]
+pub fn ea(cpu: &Cpu, i: &Insn) -> u64 {
+    let off = i
+        .disp
+        .wrapping_add(cpu.gpr[i.base as usize])
+        .wrapping_add(cpu.gpr[i.index as usize] << i.scale)
+        & i.amask;
+    cpu.ebase[i.seg as usize].wrapping_add(off) & cpu.lin_mask
+}
+
+/// Offset (effective address without segment base) of the memory operand.
+#[inline(always)]
+pub fn ea_off(cpu: &Cpu, i: &Insn) -> u64 {
+    i.disp
+        .wrapping_add(cpu.gpr[i.base as usize])
+        .wrapping_add(cpu.gpr[i.index as usize] << i.scale)
+        & i.amask
+}
+
+impl Cpu {
+    /// Reads `size` bytes at `lin`.
+    #[inline(always)]
+    pub fn rd_n(&mut self, lin: u64, size: u8) -> Result<u64, Ex> {
+        match size {
+            1 => self.rd::<1>(lin),
+            2 => self.rd::<2>(lin),
+            4 => self.rd::<4>(lin),
+            _ => self.rd::<8>(lin),
+        }
+    }
+    /// Writes `size` bytes at `lin`.
+    #[inline(always)]
+    pub fn wr_n(&mut self, lin: u64, size: u8, v: u64) -> Flow {
+        match size {
+            1 => self.wr::<1>(lin, v),
+            2 => self.wr::<2>(lin, v),
+            4 => self.wr::<4>(lin, v),
+            _ => self.wr::<8>(lin, v),
+        }
+    }
+
+    /// Pushes `size` bytes.
+    #[inline(always)]
+    pub fn push(&mut self, size: u8, v: u64) -> Flow {
+        let sp = self.gpr[4].wrapping_sub(u64::from(size)) & self.sp_mask;
+        let lin = self.ebase[sr::SS].wrapping_add(sp) & self.lin_mask;
+        self.wr_n(lin, size, v)?;
+        self.gpr[4] = (self.gpr[4] & !self.sp_mask) | sp;
+        Ok(())
+    }
+
+    /// Pops `size` bytes.
+    #[inline(always)]
+    pub fn pop(&mut self, size: u8) -> Result<u64, Ex> {
+        let sp = self.gpr[4] & self.sp_mask;
+        let lin = self.ebase[sr::SS].wrapping_add(sp) & self.lin_mask;
+        let v = self.rd_n(lin, size)?;
+        self.gpr[4] =
+            (self.gpr[4] & !self.sp_mask) | (sp.wrapping_add(u64::from(size)) & self.sp_mask);
+        Ok(v)
+    }
+
+    /// Reads the stack at offset `off` from RSP without popping.
+    pub fn peek(&mut self, off: u64, size: u8) -> Result<u64, Ex> {
+        let sp = self.gpr[4].wrapping_add(off) & self.sp_mask;
+        let lin = self.ebase[sr::SS].wrapping_add(sp) & self.lin_mask;
+        self.rd_n(lin, size)
+    }
+
+    /// Adds to RSP within the stack width.
+    pub fn add_sp(&mut self, n: u64) {
+        let sp = self.gpr[4].wrapping_add(n) & self.sp_mask;
+        self.gpr[4] = (self.gpr[4] & !self.sp_mask) | sp;
+    }
+}
+
+/// Reads operand `k`.
+pub fn rd_op(cpu: &mut Cpu, i: &Insn, k: u32, size: u8) -> Result<u64, Ex> {
+    let ins = &i.instr;
+    match ins.op_kind(k) {
+        OpKind::Register => {
+            let r = ins.op_register(k);
+            if let Some((idx, sz)) = gpr(r) {
+                Ok(cpu.rreg(idx, sz))
+            } else if let Some(s) = sreg(r) {
+                Ok(u64::from(cpu.seg[s].selector))
+            } else {
+                Err(Ex::UD)
+            }
+        }
+        OpKind::Memory => {
+            let a = ea(cpu, i);
+            cpu.rd_n(a, size)
+        }
+        OpKind::Immediate8_2nd => Ok(u64::from(ins.immediate8_2nd())),
+        _ => Ok(ins.immediate(k) & mask(size)),
+    }
+}
+
+/// Writes operand `k`.
+pub fn wr_op(cpu: &mut Cpu, i: &Insn, k: u32, size: u8, v: u64) -> Flow {
+    let ins = &i.instr;
+    match ins.op_kind(k) {
+        OpKind::Register => {
+            if let Some((idx, sz)) = gpr(ins.op_register(k)) {
+                cpu.wreg(idx, sz, v);
+                Ok(())
+            } else {
+                Err(Ex::UD)
+            }
+        }
+        OpKind::Memory => {
+            let a = ea(cpu, i);
+            cpu.wr_n(a, size, v)
+        }
+        _ => Err(Ex::UD),
+    }
+}
+
+/// Size in bytes of operand `k`.
+pub fn op_size(i: &Insn, k: u32) -> u8 {
+    let ins = &i.instr;
+    match ins.op_kind(k) {
+        OpKind::Register => gpr(ins.op_register(k)).map_or(i.size, |(_, s)| s),
+        OpKind::Memory => ins.memory_size().size().min(255) as u8,
+        _ => i.size,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// ALU core
+
+/// ALU operation numbers in opcode order.
+pub mod alu {
+    /// add
+    pub const ADD: u8 = 0;
+    /// or
+    pub const OR: u8 = 1;
+    /// adc
+    pub const ADC: u8 = 2;
+    /// sbb
+    pub const SBB: u8 = 3;
+    /// and
+    pub const AND: u8 = 4;
+    /// sub
+    pub const SUB: u8 = 5;
+    /// xor
+    pub const XOR: u8 = 6;
+    /// cmp
+    pub const CMP: u8 = 7;
+    /// test (and without writeback)
+    pub const TEST: u8 = 8;
+}
+
+/// Performs ALU `op` and records flags; returns the result.
+#[inline(always)]
+pub fn alu_op(cpu: &mut Cpu, op: u8, size: u8, a: u64, b: u64) -> u64 {
+    let m = mask(size);
+    let a = a & m;
+    let b = b & m;
+    match op {
+        alu::ADD => {
+            let r = a.wrapping_add(b) & m;
+            cpu.set_cc(CcOp::Add, size, r, a, b);
+            r
+        }
+        alu::OR => {
+            let r = a | b;
+            cpu.set_cc(CcOp::Logic, size, r, a, b);
+            r
+        }
+        alu::ADC => {
+            let c = u64::from(cpu.cf());
+            let r = a.wrapping_add(b).wrapping_add(c) & m;
+            cpu.set_cc(CcOp::Adc, size, r, a, b);
+            cpu.cc.aux = c;
+            r
+        }
+        alu::SBB => {
+            let c = u64::from(cpu.cf());
+            let r = a.wrapping_sub(b).wrapping_sub(c) & m;
+            cpu.set_cc(CcOp::Sbb, size, r, a, b);
+            cpu.cc.aux = c;
+            r
+        }
+        alu::AND | alu::TEST => {
+            let r = a & b;
+            cpu.set_cc(CcOp::Logic, size, r, a, b);
+            r
+        }
+        alu::XOR => {
+            let r = a ^ b;
+            cpu.set_cc(CcOp::Logic, size, r, a, b);
+            r
+        }
+        _ => {
+            let r = a.wrapping_sub(b) & m;
+            cpu.set_cc(CcOp::Sub, size, r, a, b);
+            r
+        }
+    }
+}
+
+fn alu_mnemonic(m: M) -> Option<u8> {
+    Some(match m {
+        M::Add => alu::ADD,
+        M::Or => alu::OR,
+        M::Adc => alu::ADC,
+        M::Sbb => alu::SBB,
+        M::And => alu::AND,
+        M::Sub => alu::SUB,
+        M::Xor => alu::XOR,
+        M::Cmp => alu::CMP,
+        M::Test => alu::TEST,
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Specialised handlers
+
+fn alu_rr<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let a = cpu.rreg(i.r0, S);
+    let b = cpu.rreg(i.r1, S);
+    let r = alu_op(cpu, OP, S, a, b);
+    if OP != alu::CMP && OP != alu::TEST {
+        cpu.wreg(i.r0, S, r);
+    }
+    Ok(())
+}
+
+fn alu_ri<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let a = cpu.rreg(i.r0, S);
+    let r = alu_op(cpu, OP, S, a, i.imm);
+    if OP != alu::CMP && OP != alu::TEST {
+        cpu.wreg(i.r0, S, r);
+    }
+    Ok(())
+}
+
+fn alu_rm<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let a = cpu.rreg(i.r0, S);
+    let lin = ea(cpu, i);
+    let b = cpu.rd_n(lin, S)?;
+    let r = alu_op(cpu, OP, S, a, b);
+    if OP != alu::CMP && OP != alu::TEST {
+        cpu.wreg(i.r0, S, r);
+    }
+    Ok(())
+}
+
+fn alu_mr<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let a = cpu.rd_n(lin, S)?;
+    let b = cpu.rreg(i.r0, S);
+    let r = alu_op(cpu, OP, S, a, b);
+    if OP != alu::CMP && OP != alu::TEST {
+        cpu.wr_n(lin, S, r)?;
+    }
+    Ok(())
+}
+
+fn alu_mi<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let a = cpu.rd_n(lin, S)?;
+    let r = alu_op(cpu, OP, S, a, i.imm);
+    if OP != alu::CMP && OP != alu::TEST {
+        cpu.wr_n(lin, S, r)?;
+    }
+    Ok(())
+}
+
+fn mov_rr<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = cpu.rreg(i.r1, S);
+    cpu.wreg(i.r0, S, v);
+    Ok(())
+}
+
+fn mov_ri<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    cpu.wreg(i.r0, S, i.imm);
+    Ok(())
+}
+
+fn mov_rm<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let v = cpu.rd_n(lin, S)?;
+    cpu.wreg(i.r0, S, v);
+    Ok(())
+}
+
+fn mov_mr<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let v = cpu.rreg(i.r0, S);
+    cpu.wr_n(lin, S, v)
+}
+
+fn mov_mi<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    cpu.wr_n(lin, S, i.imm)
+}
+
+fn lea<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = ea_off(cpu, i);
+    cpu.wreg(i.r0, S, v);
+    Ok(())
+}
+
+fn incdec_r<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let a = cpu.rreg(i.r0, S);
+    let c = u64::from(cpu.cf());
+    let r = if DEC {
+        a.wrapping_sub(1)
+    } else {
+        a.wrapping_add(1)
+    } & mask(S);
+    cpu.cc = crate::cpu::Cc {
+        op: if DEC { CcOp::Dec } else { CcOp::Inc },
+        size: S,
+        res: r,
+        a,
+        b: 1,
+        aux: c,
+    };
+    cpu.wreg(i.r0, S, r);
+    Ok(())
+}
+
+fn jcc(cpu: &mut Cpu, i: &Insn) -> Flow {
+    if cpu.cond(i.aux) {
+        cpu.rip = i.imm;
+    }
+    Ok(())
+}
+
+fn jmp_rel(cpu: &mut Cpu, i: &Insn) -> Flow {
+    cpu.rip = i.imm;
+    Ok(())
+}
+
+fn call_rel(cpu: &mut Cpu, i: &Insn) -> Flow {
+    cpu.push(i.aux, i.next_ip)?;
+    cpu.rip = i.imm;
+    Ok(())
+}
+
+fn ret_near(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = cpu.pop(i.aux)?;
+    cpu.rip = v;
+    if i.imm != 0 {
+        cpu.add_sp(i.imm);
+    }
+    Ok(())
+}
+
+fn push_r(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = cpu.rreg(i.r0, i.size);
+    cpu.push(i.size, v)
+}
+
+fn pop_r(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = cpu.pop(i.size)?;
+    cpu.wreg(i.r0, i.size, v);
+    Ok(())
+}
+
+fn movzx_rm<const D: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let v = cpu.rd_n(lin, S)?;
+    cpu.wreg(i.r0, D, v);
+    Ok(())
+}
+
+fn movzx_rr<const D: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = cpu.rreg(i.r1, S);
+    cpu.wreg(i.r0, D, v);
+    Ok(())
+}
+
+fn nop(_cpu: &mut Cpu, _i: &Insn) -> Flow {
+    Ok(())
+}
+
+/// Raises #UD.
+pub fn raise_ud(_cpu: &mut Cpu, _i: &Insn) -> Flow {
+    Err(Ex::UD)
+}
+
+macro_rules! by_size {
+    ($f:ident, $op:expr, $s:expr) => {
+        match $s {
+            1 => $f::<$op, 1> as Handler,
+            2 => $f::<$op, 2> as Handler,
+            4 => $f::<$op, 4> as Handler,
+            _ => $f::<$op, 8> as Handler,
+        }
+    };
+}
+
+macro_rules! by_op_size {
+    ($f:ident, $op:expr, $s:expr) => {
+        match $op {
+            alu::ADD => by_size!($f, 0, $s),
+            alu::OR => by_size!($f, 1, $s),
+            alu::ADC => by_size!($f, 2, $s),
+            alu::SBB => by_size!($f, 3, $s),
+            alu::AND => by_size!($f, 4, $s),
+            alu::SUB => by_size!($f, 5, $s),
+            alu::XOR => by_size!($f, 6, $s),
+            alu::CMP => by_size!($f, 7, $s),
+            _ => by_size!($f, 8, $s),
+        }
+    };
+}
+
+macro_rules! sized {
+    ($f:ident, $s:expr) => {
+        match $s {
+            1 => $f::<1> as Handler,
+            2 => $f::<2> as Handler,
+            4 => $f::<4> as Handler,
+            _ => $f::<8> as Handler,
+        }
+    };
+}
+
+fn is_gpr(ins: &Instruction, k: u32) -> bool {
+    ins.op_kind(k) == OpKind::Register && gpr(ins.op_register(k)).is_some()
+}
+
+fn is_imm(ins: &Instruction, k: u32) -> bool {
+    matches!(
+        ins.op_kind(k),
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
+/// Picks the handler for a decoded instruction. `i` has its operand fields filled.
+pub fn select(ins: &Instruction, i: &Insn) -> Handler {
+    let m = ins.mnemonic();
+    let n = ins.op_count();
+    let s = i.size;
+    if let Some(op) = alu_mnemonic(m)
+        && n == 2
+        && !ins.has_lock_prefix()
+    {
+        let (k0, k1) = (ins.op_kind(0), ins.op_kind(1));
+        if is_gpr(ins, 0) && is_gpr(ins, 1) {
+            return by_op_size!(alu_rr, op, s);
+        }
+        if is_gpr(ins, 0) && is_imm(ins, 1) {
+            return by_op_size!(alu_ri, op, s);
+        }
+        if is_gpr(ins, 0) && k1 == OpKind::Memory {
+            return by_op_size!(alu_rm, op, s);
+        }
+        if k0 == OpKind::Memory && is_gpr(ins, 1) {
+            return by_op_size!(alu_mr, op, s);
+        }
+        if k0 == OpKind::Memory && is_imm(ins, 1) {
+            return by_op_size!(alu_mi, op, s);
+        }
+    }
+    match m {
+        M::Mov if n == 2 => {
+            let (k0, k1) = (ins.op_kind(0), ins.op_kind(1));
+            if is_gpr(ins, 0) && is_gpr(ins, 1) {
+                return sized!(mov_rr, s);
+            }
+            if is_gpr(ins, 0) && is_imm(ins, 1) {
+                return sized!(mov_ri, s);
+            }
+            if is_gpr(ins, 0) && k1 == OpKind::Memory {
+                return sized!(mov_rm, s);
+            }
+            if k0 == OpKind::Memory && is_gpr(ins, 1) {
+                return sized!(mov_mr, s);
+            }
+            if k0 == OpKind::Memory && is_imm(ins, 1) {
+                return sized!(mov_mi, s);
+            }
+        }
+        M::Lea if is_gpr(ins, 0) => return sized!(lea, s),
+        M::Inc if is_gpr(ins, 0) => return by_size!(incdec_r, false, s),
+        M::Dec if is_gpr(ins, 0) => return by_size!(incdec_r, true, s),
+        M::Movzx if is_gpr(ins, 0) => {
+            let ss = op_size(i, 1);
+            let mem = ins.op_kind(1) == OpKind::Memory;
+            return match (s, ss, mem) {
+                (4, 1, true) => movzx_rm::<4, 1>,
+                (4, 2, true) => movzx_rm::<4, 2>,
+                (8, 1, true) => movzx_rm::<8, 1>,
+                (8, 2, true) => movzx_rm::<8, 2>,
+                (4, 1, false) => movzx_rr::<4, 1>,
+                (4, 2, false) => movzx_rr::<4, 2>,
+                (8, 1, false) => movzx_rr::<8, 1>,
+                (8, 2, false) => movzx_rr::<8, 2>,
+                _ => generic,
+            };
+        }
+        M::Nop
+        | M::Pause
+        | M::Endbr64
+        | M::Endbr32
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Clflush
+        | M::Clflushopt => return nop,
+        _ => {}
+    }
+    match ins.code().op_code().mnemonic() {
+        _ if m == M::Jmp
+            && matches!(
+                ins.op_kind(0),
+                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+            ) =>
+        {
+            jmp_rel
+        }
+        _ if is_jcc(m)
+            && matches!(
+                ins.op_kind(0),
+                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+            ) =>
+        {
+            jcc
+        }
+        _ if m == M::Call
+            && matches!(
+                ins.op_kind(0),
+                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+            ) =>
+        {
+            call_rel
+        }
+        _ if m == M::Ret => ret_near,
+        _ if m == M::Push && is_gpr(ins, 0) => push_r,
+        _ if m == M::Pop && is_gpr(ins, 0) => pop_r,
+        _ => generic,
+    }
+}
+
+fn is_jcc(m: M) -> bool {
+    matches!(
+        m,
+        M::Jo
+            | M::Jno
+            | M::Jb
+            | M::Jae
+            | M::Je
+            | M::Jne
+            | M::Jbe
+            | M::Ja
+            | M::Js
+            | M::Jns
+            | M::Jp
+            | M::Jnp
+            | M::Jl
+            | M::Jge
+            | M::Jle
+            | M::Jg
+    )
+}
+
+/// Fills handler-specific fields that `select` relies on (condition codes, push sizes).
+pub fn finish(ins: &Instruction, i: &mut Insn, bitness: u32) {
+    let cc = ins.condition_code() as u8;
+    if cc != 0 {
+        i.aux = cc - 1;
+    }
+    match ins.mnemonic() {
+        M::Call | M::Ret => {
+            i.aux = stack_size(ins, bitness);
+            if ins.mnemonic() == M::Ret && ins.op_count() == 1 {
+                i.imm = ins.immediate(0);
+            } else if ins.mnemonic() == M::Ret {
+                i.imm = 0;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Operand size of a near call/ret/push-like instruction from its code's operand size.
+fn stack_size(ins: &Instruction, bitness: u32) -> u8 {
+    let os = ins.code().op_code().operand_size();
+    match os {
+        16 => 2,
+        32 => 4,
+        64 => 8,
+        _ => match bitness {
+            64 => 8,
+            32 => 4,
+            _ => 2,
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Generic interpreter
+
+fn cc_of(ins: &Instruction) -> u8 {
+    (ins.condition_code() as u8).wrapping_sub(1)
+}
+
+/// Executes any instruction by mnemonic. Slower than the specialised handlers.
+pub fn generic(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let ins = &i.instr;
+    let m = ins.mnemonic();
+    let s = i.size;
+    if let Some(op) = alu_mnemonic(m) {
+        let s0 = op_size(i, 0);
+        let a = rd_op(cpu, i, 0, s0)?;
+        let b = rd_op(cpu, i, 1, s0)?;
+        let r = alu_op(cpu, op, s0, a, b);
+        if op != alu::CMP && op != alu::TEST {
+            wr_op(cpu, i, 0, s0, r)?;
+        }
+        return Ok(());
+    }
+    match m {
+        M::Mov => {
+            let k0 = ins.op_kind(0);
+            if k0 == OpKind::Register {
+                let r = ins.op_register(0);
+                if let Some(sg) = sreg(r) {
+                    let v = rd_op(cpu, i, 1, 2)?;
+                    return crate::system::mov_to_sreg(cpu, sg, v as u16);
+                }
+                if is_cr(r) || is_dr(r) {
+                    return crate::system::mov_to_crdr(cpu, i);
+                }
+            }
+            if ins.op_kind(1) == OpKind::Register {
+                let r = ins.op_register(1);
+                if is_cr(r) || is_dr(r) {
+                    return crate::system::mov_from_crdr(cpu, i);
+                }
+                if let Some(sg) = sreg(r) {
+                    let v = u64::from(cpu.seg[sg].selector);
+                    let sz = if k0 == OpKind::Memory {
+                        2
+                    } else {
+                        op_size(i, 0)
+                    };
+                    return wr_op(cpu, i, 0, sz, v);
+                }
+            }
+            let s0 = op_size(i, 0);
+            let v = rd_op(cpu, i, 1, s0)?;
+            wr_op(cpu, i, 0, s0, v)
+        }
+        M::Movzx => {
+            let v = rd_op(cpu, i, 1, op_size(i, 1))?;
+            wr_op(cpu, i, 0, s, v)
+        }
+        M::Movsx | M::Movsxd => {
+            let ss = op_size(i, 1);
+            let v = sext(rd_op(cpu, i, 1, ss)?, ss);
+            wr_op(cpu, i, 0, s, v)
+        }
+        M::Lea => {
+            let v = ea_off(cpu, i);
+            wr_op(cpu, i, 0, s, v)
+        }
+        M::Xchg => {
+            let s0 = op_size(i, 0);
+            let a = rd_op(cpu, i, 0, s0)?;
+            let b = rd_op(cpu, i, 1, s0)?;
+            // Write memory first so a fault leaves registers untouched.
+            if ins.op_kind(0) == OpKind::Memory {
+                wr_op(cpu, i, 0, s0, b)?;
+                wr_op(cpu, i, 1, s0, a)
+            } else {
+                wr_op(cpu, i, 1, s0, a)?;
+                wr_op(cpu, i, 0, s0, b)
+            }
+        }
+        M::Push => {
+            let sz = push_size(cpu, i);
+            let v = match ins.op_kind(0) {
+                OpKind::Register if sreg(ins.op_register(0)).is_some() => {
+                    u64::from(cpu.seg[sreg(ins.op_register(0)).unwrap_or(0)].selector)
+                }
+                OpKind::Memory => {
+                    let a = ea(cpu, i);
+                    cpu.rd_n(a, sz)?
+                }
+                OpKind::Register => rd_op(cpu, i, 0, sz)?,
+                _ => ins.immediate(0) & mask(sz),
+            };
+            cpu.push(sz, v)
+        }
+        M::Pop => {
+            let sz = push_size(cpu, i);
+            if ins.op_kind(0) == OpKind::Register
+                && let Some(sg) = sreg(ins.op_register(0))
+            {
+                let v = cpu.peek(0, sz)?;
+                crate::system::mov_to_sreg(cpu, sg, v as u16)?;
+                cpu.add_sp(u64::from(sz));
+                return Ok(());
+            }
+            let v = cpu.pop(sz)?;
+            if ins.op_kind(0) == OpKind::Memory {
+                // The address is computed after RSP is incremented.
+                let a = ea(cpu, i);
+                if let Err(e) = cpu.wr_n(a, sz, v) {
+                    cpu.add_sp(0u64.wrapping_sub(u64::from(sz)));
+                    return Err(e);
+                }
+                Ok(())
+            } else {
+                wr_op(cpu, i, 0, sz, v)
+            }
+        }
+        M::Pushf | M::Pushfd | M::Pushfq => crate::system::pushf(cpu, i),
+        M::Popf | M::Popfd | M::Popfq => crate::system::popf(cpu, i),
+        M::Pusha | M::Pushad => {
+            let sz = if m == M::Pushad { 4 } else { 2 };
+            let sp = cpu.gpr[4];
+            for r in 0..8u8 {
+                let v = if r == 4 { sp } else { cpu.gpr[r as usize] };
+                cpu.push(sz, v & mask(sz))?;
+            }
+            Ok(())
+        }
+        M::Popa | M::Popad => {
+            let sz = if m == M::Popad { 4 } else { 2 };
+            let mut vals = [0u64; 8];
+            for k in 0..8u64 {
+                vals[7 - k as usize] = cpu.peek(k * u64::from(sz), sz)?;
+            }
+            for r in 0..8u8 {
+                if r != 4 {
+                    cpu.wreg(r, sz, vals[r as usize]);
+                }
+            }
+            cpu.add_sp(8 * u64::from(sz));
+            Ok(())
+        }
+        M::Cbw => {
+            let v = sext(cpu.gpr[0] & 0xff, 1);
+            cpu.wreg(0, 2, v);
+            Ok(())
+        }
+        M::Cwde => {
+            let v = sext(cpu.gpr[0] & 0xffff, 2);
+            cpu.wreg(0, 4, v);
+            Ok(())
+        }
+        M::Cdqe => {
+            cpu.gpr[0] = sext(cpu.gpr[0], 4);
+            Ok(())
+        }
+        M::Cwd | M::Cdq | M::Cqo => {
+            let sz = match m {
+                M::Cwd => 2,
+                M::Cdq => 4,
+                _ => 8,
+            };
+            let neg = cpu.gpr[0] & (1 << (sz * 8 - 1)) != 0;
+            cpu.wreg(2, sz, if neg { u64::MAX } else { 0 });
+            Ok(())
+        }
+        M::Bswap => {
+            let v = cpu.rreg(i.r0, s);
+            let r = match s {
+                4 => u64::from((v as u32).swap_bytes()),
+                8 => v.swap_bytes(),
+                _ => 0, // 16-bit bswap is undefined; hardware gives zero
+            };
+            cpu.wreg(i.r0, s, r);
+            Ok(())
+        }
+        M::Movbe => {
+            let s0 = op_size(i, 0);
+            let v = rd_op(cpu, i, 1, s0)?;
+            let r = match s0 {
+                2 => u64::from((v as u16).swap_bytes()),
+                4 => u64::from((v as u32).swap_bytes()),
+                _ => v.swap_bytes(),
+            };
+            wr_op(cpu, i, 0, s0, r)
+        }
+        M::Cmove
+        | M::Cmovne
+        | M::Cmovb
+        | M::Cmovae
+        | M::Cmovbe
+        | M::Cmova
+        | M::Cmovs
+        | M::Cmovns
+        | M::Cmovp
+        | M::Cmovnp
+        | M::Cmovl
+        | M::Cmovge
+        | M::Cmovle
+        | M::Cmovg
+        | M::Cmovo
+        | M::Cmovno => {
+            let v = rd_op(cpu, i, 1, s)?;
+            if cpu.cond(cc_of(ins)) {
+                wr_op(cpu, i, 0, s, v)
+            } else {
+                // A 32-bit cmov zero-extends even when the condition is false.
+                if s == 4 {
+                    let old = cpu.rreg(i.r0, 4);
+                    cpu.wreg(i.r0, 4, old);
+                }
+                Ok(())
+            }
+        }
+        M::Sete
+        | M::Setne
+        | M::Setb
+        | M::Setae
+        | M::Setbe
+        | M::Seta
+        | M::Sets
+        | M::Setns
+        | M::Setp
+        | M::Setnp
+        | M::Setl
+        | M::Setge
+        | M::Setle
+        | M::Setg
+        | M::Seto
+        | M::Setno => {
+            let v = u64::from(cpu.cond(cc_of(ins)));
+            wr_op(cpu, i, 0, 1, v)
+        }
+        M::Lahf => {
+            let f = cpu.flags() & 0xd5 | 2;
+            cpu.w8(16, f);
+            Ok(())
+        }
+        M::Sahf => {
+            let ah = cpu.r8(16);
+            let f = (cpu.flags() & !0xd5) | (ah & 0xd5);
+            cpu.set_arith_flags(f);
+            Ok(())
+        }
+        M::Xlatb => {
+            let off = cpu.gpr[3].wrapping_add(cpu.gpr[0] & 0xff) & i.amask;
+            let lin = cpu.ebase[i.seg as usize].wrapping_add(off) & cpu.lin_mask;
+            let v = cpu.rd::<1>(lin)?;
+            cpu.w8(0, v);
+            Ok(())
+        }
+        M::Inc | M::Dec | M::Neg | M::Not => {
+            let s0 = op_size(i, 0);
+            let a = rd_op(cpu, i, 0, s0)?;
+            let mk = mask(s0);
+            let r = match m {
+                M::Inc | M::Dec => {
+                    let c = u64::from(cpu.cf());
+                    let r = if m == M::Dec {
+                        a.wrapping_sub(1)
+                    } else {
+                        a.wrapping_add(1)
+                    } & mk;
+                    cpu.cc = crate::cpu::Cc {
+                        op: if m == M::Dec { CcOp::Dec } else { CcOp::Inc },
+                        size: s0,
+                        res: r,
+                        a,
+                        b: 1,
+                        aux: c,
+                    };
+                    r
+                }
+                M::Neg => alu_op(cpu, alu::SUB, s0, 0, a),
+                _ => !a & mk,
+            };
+            wr_op(cpu, i, 0, s0, r)
+        }
+        M::Mul | M::Imul | M::Div | M::Idiv => crate::arith::muldiv(cpu, i),
+        M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {
+            crate::arith::shift(cpu, i)
+        }
+        M::Shld | M::Shrd => crate::arith::shiftd(cpu, i),
+        M::Bt | M::Bts | M::Btr | M::Btc => crate::arith::bit_test(cpu, i),
+        M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt | M::Popcnt => crate::arith::bit_scan(cpu, i),
+        M::Xadd => {
+            let s0 = op_size(i, 0);
+            let a = rd_op(cpu, i, 0, s0)?;
+            let b = rd_op(cpu, i, 1, s0)?;
+            let r = alu_op(cpu, alu::ADD, s0, a, b);
+            wr_op(cpu, i, 0, s0, r)?;
+            wr_op(cpu, i, 1, s0, a)
+        }
+        M::Cmpxchg => {
+            let s0 = op_size(i, 0);
+            let d = rd_op(cpu, i, 0, s0)?;
+            let acc = cpu.rreg(0, s0);
+            alu_op(cpu, alu::CMP, s0, acc, d);
+            if acc == d {
+                let src = rd_op(cpu, i, 1, s0)?;
+                wr_op(cpu, i, 0, s0, src)
+            } else {
+                // The destination is written back with its own value (locked cycle).
+                if ins.op_kind(0) == OpKind::Memory {
+                    wr_op(cpu, i, 0, s0, d)?;
+                }
+                cpu.wreg(0, s0, d);
+                Ok(())
+            }
+        }
+        M::Cmpxchg8b | M::Cmpxchg16b => crate::arith::cmpxchg_wide(cpu, i),
+        M::Daa | M::Das | M::Aaa | M::Aas | M::Aam | M::Aad => crate::arith::bcd(cpu, i),
+        M::Clc => {
+            cpu.set_flag(fl::CF, false);
+            Ok(())
+        }
+        M::Stc => {
+            cpu.set_flag(fl::CF, true);
+            Ok(())
+        }
+        M::Cmc => {
+            let c = cpu.cf();
+            cpu.set_flag(fl::CF, !c);
+            Ok(())
+        }
+        M::Cld => {
+            cpu.rflags &= !fl::DF;
+            Ok(())
+        }
+        M::Std => {
+            cpu.rflags |= fl::DF;
+            Ok(())
+        }
+        M::Jmp => match ins.op_kind(0) {
+            OpKind::FarBranch16 | OpKind::FarBranch32 => {
+                let sel = ins.far_branch_selector();
+                let off = if ins.op_kind(0) == OpKind::FarBranch16 {
+                    u64::from(ins.far_branch16())
+                } else {
+                    u64::from(ins.far_branch32())
+                };
+                crate::system::far_jmp(cpu, sel, off, i)
+            }
+            OpKind::Memory if ins.memory_size().size() > 8 || is_far(ins) => {
+                let (sel, off) = far_ptr(cpu, i)?;
+                crate::system::far_jmp(cpu, sel, off, i)
+            }
+            _ => {
+                let v = rd_op(cpu, i, 0, s)?;
+                cpu.rip = v;
+                Ok(())
+            }
+        },
+        M::Call => match ins.op_kind(0) {
+            OpKind::FarBranch16 | OpKind::FarBranch32 => {
+                let sel = ins.far_branch_selector();
+                let off = if ins.op_kind(0) == OpKind::FarBranch16 {
+                    u64::from(ins.far_branch16())
+                } else {
+                    u64::from(ins.far_branch32())
+                };
+                crate::system::far_call(cpu, sel, off, i)
+            }
+            OpKind::Memory if is_far(ins) => {
+                let (sel, off) = far_ptr(cpu, i)?;
+                crate::system::far_call(cpu, sel, off, i)
+            }
+            _ => {
+                let v = rd_op(cpu, i, 0, s)?;
+                let ps = stack_size(ins, cpu.bitness());
+                cpu.push(ps, i.next_ip)?;
+                cpu.rip = v & mask(ps);
+                Ok(())
+            }
+        },
+        M::Retf => crate::system::far_ret(cpu, i),
+        M::Iret | M::Iretd | M::Iretq => crate::system::iret(cpu, i),
+        M::Jcxz | M::Jecxz | M::Jrcxz => {
+            let sz = match m {
+                M::Jcxz => 2,
+                M::Jecxz => 4,
+                _ => 8,
+            };
+            if cpu.rreg(1, sz) == 0 {
+                cpu.rip = i.imm;
+            }
+            Ok(())
+        }
+        M::Loop | M::Loope | M::Loopne => {
+            let asz = match ins.op_register(1) {
+                Register::CX => 2,
+                Register::ECX => 4,
+                _ => 8,
+            };
+            let c = cpu.rreg(1, asz).wrapping_sub(1) & mask(asz);
+            cpu.wreg(1, asz, c);
+            let take = c != 0
+                && match m {
+                    M::Loope => cpu.zf(),
+                    M::Loopne => !cpu.zf(),
+                    _ => true,
+                };
+            if take {
+                cpu.rip = i.imm;
+            }
+            Ok(())
+        }
+        M::Enter => {
+            let sz = s.max(2);
+            let alloc = u64::from(ins.immediate16());
+            let level = ins.immediate8_2nd() & 31;
+            let bp = cpu.rreg(5, sz);
+            cpu.push(sz, bp)?;
+            let frame = cpu.gpr[4] & mask(sz);
+            for l in 1..u64::from(level) {
+                let off = bp.wrapping_sub(l * u64::from(sz)) & cpu.sp_mask;
+                let lin = cpu.ebase[sr::SS].wrapping_add(off) & cpu.lin_mask;
+                let v = cpu.rd_n(lin, sz)?;
+                cpu.push(sz, v)?;
+            }
+            if level > 0 {
+                cpu.push(sz, frame)?;
+            }
+            cpu.wreg(5, sz, frame);
+            cpu.add_sp(0u64.wrapping_sub(alloc));
+            Ok(())
+        }
+        M::Leave => {
+            let sz = match ins.code().op_code().operand_size() {
+                16 => 2,
+                32 => 4,
+                64 => 8,
+                _ => {
+                    if cpu.bitness() == 64 {
+                        8
+                    } else if cpu.bitness() == 32 {
+                        4
+                    } else {
+                        2
+                    }
+                }
+            };
+            let bp = cpu.gpr[5] & cpu.sp_mask;
+            let lin = cpu.ebase[sr::SS].wrapping_add(bp) & cpu.lin_mask;
+            let v = cpu.rd_n(lin, sz)?;
+            cpu.gpr[4] =
+                (cpu.gpr[4] & !cpu.sp_mask) | (bp.wrapping_add(u64::from(sz)) & cpu.sp_mask);
+            cpu.wreg(5, sz, v);
+            Ok(())
+        }
+        M::Int => Err(Ex::SoftInt(ins.immediate8())),
+        M::Int3 => Err(Ex::SoftInt(3)),
+        M::Into => {
+            if cpu.of() {
+                Err(Ex::SoftInt(4))
+            } else {
+                Ok(())
+            }
+        }
+        M::Int1 => Err(Ex::SoftInt(1)),
+        M::Ud0 | M::Ud1 | M::Ud2 => Err(Ex::UD),
+        M::Nop
+        | M::Pause
+        | M::Endbr64
+        | M::Endbr32
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Clflush
+        | M::Clflushopt
+        | M::Wait => {
+            if m == M::Wait {
+                return crate::x87::fwait(cpu);
+            }
+            Ok(())
+        }
+        M::Movsb
+        | M::Movsw
+        | M::Movsd
+        | M::Movsq
+        | M::Stosb
+        | M::Stosw
+        | M::Stosd
+        | M::Stosq
+        | M::Lodsb
+        | M::Lodsw
+        | M::Lodsd
+        | M::Lodsq
+        | M::Scasb
+        | M::Scasw
+        | M::Scasd
+        | M::Scasq
+        | M::Cmpsb
+        | M::Cmpsw
+        | M::Cmpsd
+        | M::Cmpsq
+        | M::Insb
+        | M::Insw
+        | M::Insd
+        | M::Outsb
+        | M::Outsw
+        | M::Outsd
+            if is_string(ins) =>
+        {
+            crate::string::string_op(cpu, i)
+        }
+        M::In | M::Out => crate::system::in_out(cpu, i),
+        _ => {
+            if let Some(r) = crate::system::exec_system(cpu, i) {
+                return r;
+            }
+            if let Some(r) = crate::sse::exec_sse(cpu, i) {
+                return r;
+            }
+            if let Some(r) = crate::x87::exec_x87(cpu, i) {
+                return r;
+            }
+            Err(Ex::UD)
+        }
+    }
+}
+
+fn is_string(ins: &Instruction) -> bool {
+    // movsd/cmpsd are also SSE2 mnemonics: the string forms have no register operands.
+    (0..ins.op_count())
+        .all(|k| !matches!(ins.op_kind(k), OpKind::Register) || xmm(ins.op_register(k)).is_none())
+}
+
+fn is_cr(r: Register) -> bool {
+    (Register::CR0 as u32..Register::CR0 as u32 + 16).contains(&(r as u32))
+}
+
+fn is_dr(r: Register) -> bool {
+    (Register::DR0 as u32..Register::DR0 as u32 + 16).contains(&(r as u32))
+}
+
+fn is_far(ins: &Instruction) -> bool {
+    use iced_x86::MemorySize as Ms;
+    matches!(
+        ins.memory_size(),
+        Ms::SegPtr16 | Ms::SegPtr32 | Ms::SegPtr64
+    )
+}
+
+/// Reads a far pointer operand (offset then selector).
+pub fn far_ptr(cpu: &mut Cpu, i: &Insn) -> Result<(u16, u64), Ex> {
+    let a = ea(cpu, i);
+    let osz = match i.instr.memory_size().size() {
+        4 => 2,
+        6 => 4,
+        _ => 8,
+    };
+    let off = cpu.rd_n(a, osz)?;
+    let sel = cpu.rd::<2>((a + u64::from(osz)) & cpu.lin_mask)?;
+    Ok((sel as u16, off))
+}
+
+fn push_size(cpu: &Cpu, i: &Insn) -> u8 {
+    let ins = &i.instr;
+    match ins.code().op_code().operand_size() {
+        16 => 2,
+        32 => 4,
+        64 => 8,
+        _ => {
+            if ins.op_kind(0) == OpKind::Register
+                && let Some((_, s)) = gpr(ins.op_register(0))
+            {
+                return s;
+            }
+            match cpu.bitness() {
+                64 => 8,
+                32 => 4,
+                _ => 2,
+            }
+        }
+    }
+}

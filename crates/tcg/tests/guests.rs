@@ -1,0 +1,119 @@
+//! Whole-guest tests: tiny guests assembled in the test, run on the interpreter.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+use keel_accel::{Vcpu, VcpuExit};
+
+#[test]
+fn long_mode_hello_serial_and_halt() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        let mut msg = a.create_label();
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.lea(rsi, ptr(msg)).unwrap();
+        a.mov(dx, 0x3f8u32).unwrap();
+        a.set_label(&mut lp).unwrap();
+        a.lodsb().unwrap();
+        a.test(al, al).unwrap();
+        a.jz(done).unwrap();
+        a.out(dx, al).unwrap();
+        a.jmp(lp).unwrap();
+        a.set_label(&mut done).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut msg).unwrap();
+        a.db(b"Hello from tcg\n\0").unwrap();
+    });
+    h.long_mode(&code);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.serial_text(), "Hello from tcg\n");
+}
+
+#[test]
+fn loop_sum_and_flags() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        let mut lp = a.create_label();
+        a.xor(eax, eax).unwrap();
+        a.mov(ecx, 1000u32).unwrap();
+        a.set_label(&mut lp).unwrap();
+        a.add(rax, rcx).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(lp).unwrap();
+        a.mov(rbx, -1i64).unwrap();
+        a.add(rbx, 1).unwrap(); // CF=1 ZF=1
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    let r = h.regs();
+    assert_eq!(r.rax, 500_500);
+    assert_eq!(r.rbx, 0);
+    assert_eq!(r.rflags & 0x8d5, 0x55); // CF PF AF ZF set; SF OF clear
+}
+
+#[test]
+fn isa_debug_exit_port() {
+    let mut h = Harness::new(16);
+    let code = asm(64, CODE, |a| {
+        a.mov(eax, 0x31u32).unwrap();
+        a.out(0xf4, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    h.run();
+    assert_eq!(*h.exit.0.lock().unwrap(), Some(0x31));
+}
+
+#[test]
+fn pvh_style_32bit_entry_enables_long_mode() {
+    // Start in flat 32-bit protected mode with paging off (PVH), build page tables,
+    // enable PAE + LME + PG, far-jump to 64-bit code and compute there.
+    let mut h = Harness::new(64);
+    let pml4 = 0x20_0000u64;
+    let code64_at = CODE + 0x800;
+    let code = asm(32, CODE, |a| {
+        // PML4[0] -> PDPT, PDPT[0] -> 1 GiB page (PS)
+        a.mov(dword_ptr(pml4 as u32), (pml4 as u32 + 0x1000) | 3)
+            .unwrap();
+        a.mov(dword_ptr(pml4 as u32 + 4), 0u32).unwrap();
+        a.mov(dword_ptr(pml4 as u32 + 0x1000), 0x83u32).unwrap();
+        a.mov(dword_ptr(pml4 as u32 + 0x1004), 0u32).unwrap();
+        a.mov(eax, pml4 as u32).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 0x20).unwrap();
+        a.mov(cr4, eax).unwrap();
+        a.mov(ecx, 0xc000_0080u32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0x100).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.jmp_far(0x28, code64_at as u32).unwrap();
+    });
+    let code64 = asm(64, code64_at, |a| {
+        a.mov(rax, 0x1234_5678_9abc_def0u64).unwrap();
+        a.mov(rbx, rax).unwrap();
+        a.shr(rbx, 32).unwrap();
+        a.hlt().unwrap();
+    });
+    h.protected32(&code);
+    h.write(code64_at, &code64);
+    // GDT entry 0x28: 64-bit code.
+    h.w64(GDT + 0x28, 0x00af_9b00_0000_ffff);
+    let mut s = h.vcpu.sregs().unwrap();
+    s.gdt.limit = 0x2f;
+    h.vcpu.set_sregs(&s).unwrap();
+    assert_eq!(h.run(), VcpuExit::Halted);
+    let r = h.regs();
+    assert_eq!(r.rax, 0x1234_5678_9abc_def0);
+    assert_eq!(r.rbx, 0x1234_5678);
+    let s = h.vcpu.sregs().unwrap();
+    assert!(s.cs.l);
+    assert_eq!(s.efer & 0x500, 0x500);
+}
