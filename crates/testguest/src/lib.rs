@@ -1,3 +1,218 @@
-//! Test guests generated in code for differential and integration tests.
+//! Test guests generated in code, for differential tests (tcg against kvm against a Rust
+//! model of x86) and for benchmarks.
+//!
+//! Every guest is a small bare-metal program assembled here with iced-x86's `code_asm`. It
+//! starts the way a PVH kernel starts (32-bit flat protected mode, paging off), loads its own
+//! GDT (and, for 64-bit guests, page tables and IDT), runs one instruction group, writes text
+//! to the serial port at 0x3f8 and ends with an `out` to `isa-debug-exit` at 0xf4. Nothing here
+//! is an opaque blob: the source of each guest is the Rust function that builds it.
+//!
+//! A [`TestGuest`] can be run two ways:
+//! * raw: copy [`TestGuest::image`] to [`TestGuest::load_addr`] and start a vCPU with
+//!   [`TestGuest::entry`] (what the in-test machines do);
+//! * as a PVH ELF: [`TestGuest::pvh_elf`] gives a file QEMU (and Keel's `-kernel`) boot with
+//!   the `XEN_ELFNOTE_PHYS32_ENTRY` note.
+//!
+//! The serial text is identical either way; guests never read `%ebx` (hvm_start_info).
+//!
+//! This crate is test support: it is never linked into the `vmm` binary.
 
 #![deny(missing_docs)]
+
+mod asm;
+mod elf;
+pub mod guests;
+pub mod ops;
+
+pub use asm::{hash_u64s, layout};
+pub use guests::*;
+
+use keel_accel::{GuestMemory, Regs, Segment, SpecialRegs};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Port of the serial line the guests write their report to.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// Port of QEMU's `isa-debug-exit` (iobase=0xf4,iosize=0x04).
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Guest RAM every guest here fits in (the harnesses use this much; QEMU `-m 32M` works too).
+pub const GUEST_MEM_SIZE: u64 = 32 << 20;
+/// The value a guest writes to [`DEBUG_EXIT_PORT`] when it finished normally.
+pub const EXIT_OK: u8 = 0;
+/// The value a guest writes when it took an exception it did not expect.
+pub const EXIT_UNEXPECTED_EXCEPTION: u8 = 3;
+
+/// Errors building a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The assembler refused an instruction or could not resolve a label (a bug in the
+    /// guest builder, reported rather than panicking).
+    #[error("assembling test guest '{guest}' failed")]
+    Assemble {
+        /// Guest name.
+        guest: String,
+        /// iced-x86's error.
+        #[source]
+        source: iced_x86::IcedError,
+    },
+    /// A part of the guest does not fit the fixed layout in [`layout`].
+    #[error("test guest '{guest}': {what} is {size:#x} bytes, more than the {max:#x} reserved")]
+    TooBig {
+        /// Guest name.
+        guest: String,
+        /// Which part (code, data).
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// Space reserved for it.
+        max: usize,
+    },
+    /// Writing the image into guest memory failed (memory too small).
+    #[error("loading test guest '{guest}' into guest memory failed")]
+    Load {
+        /// Guest name.
+        guest: String,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// The register state a guest starts with: what a PVH loader sets up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryState {
+    /// General registers (RIP = entry point, RFLAGS = 0x2).
+    pub regs: Regs,
+    /// Flat 32-bit protected mode, paging off.
+    pub sregs: SpecialRegs,
+}
+
+impl EntryState {
+    /// The PVH entry state: 32-bit flat code and data segments, CR0.PE only, `rip = entry`,
+    /// `rbx = start_info` (the guests here ignore it).
+    pub fn pvh(entry: u64, start_info: u64) -> Self {
+        let code = Segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x08,
+            type_: 0xb,
+            present: true,
+            dpl: 0,
+            db: true,
+            s: true,
+            l: false,
+            g: true,
+            avl: false,
+            unusable: false,
+        };
+        let data = Segment {
+            selector: 0x10,
+            type_: 0x3,
+            ..code
+        };
+        let tr = Segment {
+            base: 0,
+            limit: 0x67,
+            selector: 0x18,
+            type_: 0xb,
+            s: false,
+            db: false,
+            g: false,
+            ..code
+        };
+        let ldt = Segment {
+            selector: 0,
+            type_: 0x2,
+            s: false,
+            db: false,
+            g: false,
+            limit: 0,
+            present: true,
+            unusable: true,
+            ..code
+        };
+        let sregs = SpecialRegs {
+            cs: code,
+            ds: data,
+            es: data,
+            fs: data,
+            gs: data,
+            ss: data,
+            tr,
+            ldt,
+            cr0: 0x11,
+            ..SpecialRegs::default()
+        };
+        let regs = Regs {
+            rip: entry,
+            rbx: start_info,
+            rflags: 0x2,
+            ..Regs::default()
+        };
+        Self { regs, sregs }
+    }
+}
+
+/// A generated guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestGuest {
+    /// Short name, used in test output and as the ELF file stem.
+    pub name: String,
+    /// Flat image to copy to `load_addr` (code, tables, data).
+    pub image: Vec<u8>,
+    /// Guest-physical address of `image[0]`.
+    pub load_addr: u64,
+    /// Registers at the first instruction (PVH entry state).
+    pub entry: EntryState,
+    /// The serial output a correct CPU produces, when this crate can predict it (from the
+    /// Rust model in [`ops`] or because the guest is deterministic by construction).
+    pub expected_serial: Option<String>,
+    /// The value the guest writes to `isa-debug-exit` on success.
+    pub expected_exit: u8,
+    /// Where the guest leaves per-case result records (see [`ops::CaseResult`]), if any.
+    pub results: Option<ResultArea>,
+    /// Guest instructions executed, when the guest is a benchmark loop (for MIPS).
+    pub instructions: Option<u64>,
+}
+
+/// A block of result records the guest writes to memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResultArea {
+    /// Guest-physical address of the first record.
+    pub addr: u64,
+    /// Number of records.
+    pub count: usize,
+}
+
+impl TestGuest {
+    /// Copies the image into `mem` at `load_addr`.
+    pub fn load(&self, mem: &GuestMemory) -> Result<(), GuestError> {
+        mem.write_slice(&self.image, GuestAddress(self.load_addr))
+            .map_err(|source| GuestError::Load {
+                guest: self.name.clone(),
+                source,
+            })
+    }
+
+    /// The guest as an ELF64 executable with a Xen PVH entry note, bootable with
+    /// `qemu-system-x86_64 -kernel FILE` (and Keel's `-kernel`).
+    pub fn pvh_elf(&self) -> Vec<u8> {
+        elf::pvh_elf(&self.image, self.load_addr, self.entry.regs.rip)
+    }
+
+    /// Reads the result records back from guest memory after a run.
+    pub fn read_results(&self, mem: &GuestMemory) -> Result<Vec<ops::CaseResult>, GuestError> {
+        let Some(area) = self.results else {
+            return Ok(Vec::new());
+        };
+        let mut buf = vec![0u8; area.count * ops::RESULT_SIZE];
+        mem.read_slice(&mut buf, GuestAddress(area.addr))
+            .map_err(|source| GuestError::Load {
+                guest: self.name.clone(),
+                source,
+            })?;
+        Ok(buf
+            .chunks_exact(ops::RESULT_SIZE)
+            .map(ops::CaseResult::from_bytes)
+            .collect())
+    }
+}

@@ -1,0 +1,739 @@
+//! The guest skeleton: fixed memory layout, PVH entry stub, GDT/IDT/page tables, and the
+//! small runtime every guest links (serial print helpers, hashing, exception handlers).
+
+use iced_x86::code_asm::*;
+use iced_x86::{BlockEncoderOptions, Code, IcedError, Instruction};
+
+use crate::{EntryState, GuestError, TestGuest};
+
+/// The fixed guest-physical layout shared by all guests. Guests use absolute addresses, so
+/// the text they print (exception RIPs, for instance) is the same on every backend.
+pub mod layout {
+    /// Where the image is loaded and where the PVH entry stub starts.
+    pub const LOAD: u64 = 0x10_0000;
+    /// Global descriptor table (null, code32 0x08, data 0x10, code64 0x18).
+    pub const GDT: u64 = LOAD + 0x300;
+    /// Pseudo-descriptor for `lgdt`.
+    pub const GDTR: u64 = LOAD + 0x340;
+    /// Pseudo-descriptor for `lidt`.
+    pub const IDTR: u64 = LOAD + 0x350;
+    /// Runtime variables (see the constants below).
+    pub const VARS: u64 = LOAD + 0x400;
+    /// Non-zero: the exception handler resumes at this RIP (and clears it).
+    pub const RESUME: u64 = VARS;
+    /// Number of exceptions taken.
+    pub const EXC_COUNT: u64 = VARS + 0x08;
+    /// Vector of the last exception.
+    pub const LAST_VECTOR: u64 = VARS + 0x10;
+    /// Error code of the last exception (0 when the vector has none).
+    pub const LAST_ERROR: u64 = VARS + 0x18;
+    /// RIP pushed by the last exception.
+    pub const LAST_RIP: u64 = VARS + 0x20;
+    /// CR2 when the last exception was taken.
+    pub const LAST_CR2: u64 = VARS + 0x28;
+    /// Non-zero: a #PF inside [`PF_REGION`] is fixed (P, RW set, NX cleared) and retried.
+    pub const PF_FIXUP: u64 = VARS + 0x30;
+    /// Set by a resumed exception: `0x100 | vector | (resume_rip - fault_rip) << 16`.
+    pub const EXC_MARK: u64 = VARS + 0x38;
+    /// 16 quadwords of scratch for op tests.
+    pub const SCRATCH: u64 = VARS + 0x80;
+    /// Register save area: rax..r15 then rflags (17 quadwords).
+    pub const SAVE: u64 = VARS + 0x100;
+    /// 64-bit interrupt descriptor table (256 gates).
+    pub const IDT: u64 = LOAD + 0x1000;
+    /// Level-4 page table.
+    pub const PML4: u64 = LOAD + 0x2000;
+    /// Page directory pointer table.
+    pub const PDPT: u64 = LOAD + 0x3000;
+    /// Page directory identity-mapping 0-1 GiB with 2 MiB pages.
+    pub const PD0: u64 = LOAD + 0x4000;
+    /// Page directory for 1-2 GiB (entry 0 points at [`PT`]).
+    pub const PD1: u64 = LOAD + 0x5000;
+    /// Page table of [`PF_REGION`] (4 KiB pages).
+    pub const PT: u64 = LOAD + 0x6000;
+    /// Initial stack pointer (the stack is the 4 KiB below it).
+    pub const STACK_TOP: u64 = LOAD + 0x8000;
+    /// Start of the main (32- or 64-bit) code.
+    pub const CODE: u64 = LOAD + 0x8000;
+    /// Space for code.
+    pub const CODE_MAX: usize = 0x18000;
+    /// Start of the guest's data (operand tables, buffers).
+    pub const DATA: u64 = LOAD + 0x2_0000;
+    /// Space for data.
+    pub const DATA_MAX: usize = 0x6_0000;
+    /// Start of the result records (zeroed RAM, not part of the image).
+    pub const RESULTS: u64 = LOAD + 0x8_0000;
+    /// Space for results.
+    pub const RESULTS_MAX: usize = 0x6_0000;
+    /// Virtual base of the 4 KiB-page region used by paging tests.
+    pub const PF_REGION: u64 = 0x4000_0000;
+    /// Physical backing of [`PF_REGION`].
+    pub const PF_PHYS: u64 = 0x20_0000;
+    /// Pages in [`PF_REGION`].
+    pub const PF_PAGES: usize = 16;
+    /// Code segment selectors.
+    pub const SEL_CODE32: u16 = 0x08;
+    /// Flat data selector.
+    pub const SEL_DATA: u16 = 0x10;
+    /// 64-bit code selector.
+    pub const SEL_CODE64: u16 = 0x18;
+}
+
+use layout::*;
+
+/// Page-table entry bits.
+pub(crate) const PTE_P: u64 = 1;
+pub(crate) const PTE_RW: u64 = 2;
+pub(crate) const PTE_PS: u64 = 0x80;
+pub(crate) const PTE_NX: u64 = 1 << 63;
+
+/// Exceptions that push an error code.
+fn has_error_code(v: u32) -> bool {
+    matches!(v, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
+
+/// FNV-style hash the guests compute over quadwords; [`hash_u64s`] is the host twin.
+pub(crate) const HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const HASH_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// The hash the guest's `hash` routine computes over `words`.
+pub fn hash_u64s(words: impl IntoIterator<Item = u64>) -> u64 {
+    words
+        .into_iter()
+        .fold(HASH_SEED, |h, w| (h ^ w).wrapping_mul(HASH_PRIME))
+}
+
+/// Execution mode of a guest's main code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 32-bit flat protected mode, paging off (the PVH entry mode itself).
+    Protected32,
+    /// 64-bit long mode, 4-level paging, CPL 0.
+    Long64,
+}
+
+/// A guest under construction. `a` is the main code's assembler; the helpers below emit
+/// calls into the runtime appended by [`Guest::finish`].
+pub(crate) struct Guest {
+    pub name: String,
+    pub mode: Mode,
+    pub a: CodeAssembler,
+    pub putc: CodeLabel,
+    pub puthex: CodeLabel,
+    pub puts: CodeLabel,
+    pub hash: CodeLabel,
+    exit: CodeLabel,
+    strings: Vec<(CodeLabel, Vec<u8>)>,
+    /// Data placed at [`layout::DATA`].
+    pub data: Vec<u8>,
+    /// Flags of the [`layout::PF_REGION`] PTEs (address bits are added).
+    pub pt_flags: [u64; PF_PAGES],
+    /// Text the guest is expected to print, built alongside the code.
+    pub expect: String,
+    /// False once something was printed whose value the builder cannot predict.
+    pub predicted: bool,
+}
+
+pub(crate) type R<T = ()> = Result<T, IcedError>;
+
+impl Guest {
+    /// Starts a guest: segment reload, stack, IDT (64-bit), zeroed registers.
+    pub fn new(name: &str, mode: Mode) -> R<Self> {
+        let bits = match mode {
+            Mode::Protected32 => 32,
+            Mode::Long64 => 64,
+        };
+        let mut a = CodeAssembler::new(bits)?;
+        let putc = a.create_label();
+        let puthex = a.create_label();
+        let puts = a.create_label();
+        let hash = a.create_label();
+        let exit = a.create_label();
+        let mut g = Self {
+            name: name.to_string(),
+            mode,
+            a,
+            putc,
+            puthex,
+            puts,
+            hash,
+            exit,
+            strings: Vec::new(),
+            data: Vec::new(),
+            pt_flags: [PTE_P | PTE_RW; PF_PAGES],
+            expect: String::new(),
+            predicted: true,
+        };
+        g.prologue()?;
+        Ok(g)
+    }
+
+    fn prologue(&mut self) -> R {
+        let a = &mut self.a;
+        match self.mode {
+            Mode::Long64 => {
+                a.mov(eax, u32::from(SEL_DATA))?;
+                a.mov(ds, ax)?;
+                a.mov(es, ax)?;
+                a.mov(ss, ax)?;
+                a.mov(fs, ax)?;
+                a.mov(gs, ax)?;
+                a.mov(rsp, STACK_TOP)?;
+                a.lidt(ptr(IDTR))?;
+                for r in [
+                    eax, ebx, ecx, edx, esi, edi, ebp, r8d, r9d, r10d, r11d, r12d, r13d, r14d, r15d,
+                ] {
+                    a.xor(r, r)?;
+                }
+            }
+            Mode::Protected32 => {
+                for r in [eax, ebx, ecx, edx, esi, edi, ebp] {
+                    a.xor(r, r)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Prints `s` (and adds it to the expected output).
+    pub fn print(&mut self, s: &str) -> R {
+        self.expect.push_str(s);
+        self.emit_str(s)
+    }
+
+    /// Records that the output from here on is not predicted (register dumps).
+    pub fn unpredicted(&mut self) {
+        self.predicted = false;
+    }
+
+    /// Emits code printing `s` without touching the expected output.
+    pub fn emit_str(&mut self, s: &str) -> R {
+        let l = self.a.create_label();
+        let mut bytes = s.as_bytes().to_vec();
+        bytes.push(0);
+        self.strings.push((l, bytes));
+        match self.mode {
+            Mode::Long64 => {
+                self.a.push(rsi)?;
+                self.a.lea(rsi, ptr(l))?;
+                self.a.call(self.puts)?;
+                self.a.pop(rsi)?;
+            }
+            Mode::Protected32 => {
+                // No RIP-relative addressing in 32-bit code: `call` over the inline string
+                // pushes its address.
+                let (_, bytes) = self.strings.pop().unwrap_or((l, Vec::new()));
+                let mut after = self.a.create_label();
+                self.a.push(esi)?;
+                self.a.call(after)?;
+                self.a.db(&bytes)?;
+                self.a.set_label(&mut after)?;
+                self.a.pop(esi)?;
+                self.a.call(self.puts)?;
+                self.a.pop(esi)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prints the quadword at `addr` as `digits` hex digits, masked with `mask`.
+    pub fn print_hex_mem(&mut self, addr: u64, mask: u64, digits: u32) -> R {
+        let a = &mut self.a;
+        a.push(rax)?;
+        a.push(rcx)?;
+        a.mov(rax, qword_ptr(addr))?;
+        a.mov(rcx, mask)?;
+        a.and(rax, rcx)?;
+        a.mov(ecx, digits.clamp(1, 16))?;
+        a.call(self.puthex)?;
+        a.pop(rcx)?;
+        a.pop(rax)?;
+        Ok(())
+    }
+
+    /// Prints `label` and the hash of `count` quadwords at `addr`, then a newline;
+    /// `expected` is the value the host predicts (None: unknown here).
+    pub fn print_hash(&mut self, label: &str, addr: u64, count: u64, expected: Option<u64>) -> R {
+        self.emit_str(label)?;
+        let a = &mut self.a;
+        a.push(rsi)?;
+        a.push(rcx)?;
+        a.push(rax)?;
+        a.mov(rsi, addr)?;
+        a.mov(rcx, count)?;
+        a.call(self.hash)?;
+        a.mov(ecx, 16)?;
+        a.call(self.puthex)?;
+        a.pop(rax)?;
+        a.pop(rcx)?;
+        a.pop(rsi)?;
+        self.emit_str("\n")?;
+        match expected {
+            Some(h) => self.expect.push_str(&format!("{label}{h:016x}\n")),
+            None => self.predicted = false,
+        }
+        Ok(())
+    }
+
+    /// Stores all general registers and RFLAGS to [`layout::SAVE`] without changing them.
+    pub fn save_regs(&mut self) -> R {
+        let a = &mut self.a;
+        let regs = [
+            rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15,
+        ];
+        for (i, r) in regs.iter().enumerate() {
+            a.mov(qword_ptr(SAVE + 8 * i as u64), *r)?;
+        }
+        a.pushfq()?;
+        a.pop(rax)?;
+        a.mov(qword_ptr(SAVE + 128), rax)?;
+        a.mov(rax, qword_ptr(SAVE))?;
+        Ok(())
+    }
+
+    /// Prints the registers saved by [`Guest::save_regs`] (RSP excluded), RFLAGS masked with
+    /// `flags_mask`. Values are not predicted here.
+    pub fn print_saved_regs(&mut self, flags_mask: u64) -> R {
+        self.unpredicted();
+        let names = [
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15",
+        ];
+        for (i, n) in names.iter().enumerate() {
+            if *n == "rsp" {
+                continue;
+            }
+            self.emit_str(&format!("{n}="))?;
+            self.print_hex_mem(SAVE + 8 * i as u64, u64::MAX, 16)?;
+            self.emit_str(if i % 4 == 3 { "\n" } else { " " })?;
+        }
+        self.emit_str("rflags=")?;
+        self.print_hex_mem(SAVE + 128, flags_mask, 8)?;
+        self.emit_str("\n")?;
+        Ok(())
+    }
+
+    /// Ends the guest: `out` of `code` to isa-debug-exit, then halts forever.
+    pub fn exit(&mut self, code: u8) -> R {
+        let a = &mut self.a;
+        a.mov(eax, u32::from(code))?;
+        a.jmp(self.exit)?;
+        Ok(())
+    }
+
+    /// Emits the runtime routines and the strings.
+    fn runtime(&mut self) -> R {
+        match self.mode {
+            Mode::Long64 => self.runtime64()?,
+            Mode::Protected32 => self.runtime32()?,
+        }
+        let a = &mut self.a;
+        for (mut l, bytes) in std::mem::take(&mut self.strings) {
+            a.set_label(&mut l)?;
+            a.db(&bytes)?;
+        }
+        Ok(())
+    }
+
+    fn runtime64(&mut self) -> R {
+        let a = &mut self.a;
+        // putc: al -> serial.
+        a.set_label(&mut self.putc)?;
+        a.push(rdx)?;
+        a.mov(edx, u32::from(crate::SERIAL_PORT))?;
+        a.out(dx, al)?;
+        a.pop(rdx)?;
+        a.ret()?;
+        // puthex: rax value, ecx digits (1..=16).
+        a.set_label(&mut self.puthex)?;
+        a.push(rax)?;
+        a.push(rbx)?;
+        a.push(rcx)?;
+        a.push(rdx)?;
+        a.mov(rbx, rax)?;
+        a.mov(edx, ecx)?;
+        a.mov(eax, 16)?;
+        a.sub(eax, ecx)?;
+        a.shl(eax, 2)?;
+        a.mov(ecx, eax)?;
+        a.shl(rbx, cl)?;
+        a.mov(ecx, edx)?;
+        let mut lp = a.create_label();
+        let mut digit = a.create_label();
+        a.set_label(&mut lp)?;
+        a.rol(rbx, 4)?;
+        a.mov(eax, ebx)?;
+        a.and(eax, 15)?;
+        a.cmp(eax, 10)?;
+        a.jb(digit)?;
+        a.add(eax, 39)?;
+        a.set_label(&mut digit)?;
+        a.add(eax, 48)?;
+        a.call(self.putc)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.pop(rdx)?;
+        a.pop(rcx)?;
+        a.pop(rbx)?;
+        a.pop(rax)?;
+        a.ret()?;
+        // puts: rsi -> NUL-terminated string.
+        a.set_label(&mut self.puts)?;
+        a.push(rax)?;
+        a.push(rsi)?;
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut lp)?;
+        a.mov(al, byte_ptr(rsi))?;
+        a.test(al, al)?;
+        a.jz(done)?;
+        a.call(self.putc)?;
+        a.inc(rsi)?;
+        a.jmp(lp)?;
+        a.set_label(&mut done)?;
+        a.pop(rsi)?;
+        a.pop(rax)?;
+        a.ret()?;
+        // hash: rsi address, rcx quadwords -> rax.
+        a.set_label(&mut self.hash)?;
+        a.push(rsi)?;
+        a.push(rcx)?;
+        a.push(rbx)?;
+        a.mov(rax, HASH_SEED)?;
+        a.mov(rbx, HASH_PRIME)?;
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.test(rcx, rcx)?;
+        a.jz(done)?;
+        a.set_label(&mut lp)?;
+        a.xor(rax, qword_ptr(rsi))?;
+        a.imul_2(rax, rbx)?;
+        a.add(rsi, 8)?;
+        a.dec(rcx)?;
+        a.jnz(lp)?;
+        a.set_label(&mut done)?;
+        a.pop(rbx)?;
+        a.pop(rcx)?;
+        a.pop(rsi)?;
+        a.ret()?;
+        // exit: al -> isa-debug-exit.
+        a.set_label(&mut self.exit)?;
+        a.mov(edx, u32::from(crate::DEBUG_EXIT_PORT))?;
+        a.out(dx, al)?;
+        let mut h = a.create_label();
+        a.set_label(&mut h)?;
+        a.cli()?;
+        a.hlt()?;
+        a.jmp(h)?;
+        Ok(())
+    }
+
+    fn runtime32(&mut self) -> R {
+        let a = &mut self.a;
+        a.set_label(&mut self.putc)?;
+        a.push(edx)?;
+        a.mov(edx, u32::from(crate::SERIAL_PORT))?;
+        a.out(dx, al)?;
+        a.pop(edx)?;
+        a.ret()?;
+        // puthex: eax value, ecx digits (1..=8).
+        a.set_label(&mut self.puthex)?;
+        a.push(eax)?;
+        a.push(ebx)?;
+        a.push(ecx)?;
+        a.push(edx)?;
+        a.mov(ebx, eax)?;
+        a.mov(edx, ecx)?;
+        a.mov(eax, 8)?;
+        a.sub(eax, ecx)?;
+        a.shl(eax, 2)?;
+        a.mov(ecx, eax)?;
+        a.shl(ebx, cl)?;
+        a.mov(ecx, edx)?;
+        let mut lp = a.create_label();
+        let mut digit = a.create_label();
+        a.set_label(&mut lp)?;
+        a.rol(ebx, 4)?;
+        a.mov(eax, ebx)?;
+        a.and(eax, 15)?;
+        a.cmp(eax, 10)?;
+        a.jb(digit)?;
+        a.add(eax, 39)?;
+        a.set_label(&mut digit)?;
+        a.add(eax, 48)?;
+        a.call(self.putc)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.pop(edx)?;
+        a.pop(ecx)?;
+        a.pop(ebx)?;
+        a.pop(eax)?;
+        a.ret()?;
+        a.set_label(&mut self.puts)?;
+        a.push(eax)?;
+        a.push(esi)?;
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut lp)?;
+        a.mov(al, byte_ptr(esi))?;
+        a.test(al, al)?;
+        a.jz(done)?;
+        a.call(self.putc)?;
+        a.inc(esi)?;
+        a.jmp(lp)?;
+        a.set_label(&mut done)?;
+        a.pop(esi)?;
+        a.pop(eax)?;
+        a.ret()?;
+        // hash is 64-bit only; keep the label bound so `call hash` assembles.
+        a.set_label(&mut self.hash)?;
+        a.ret()?;
+        a.set_label(&mut self.exit)?;
+        a.mov(edx, u32::from(crate::DEBUG_EXIT_PORT))?;
+        a.out(dx, al)?;
+        let mut h = a.create_label();
+        a.set_label(&mut h)?;
+        a.cli()?;
+        a.hlt()?;
+        a.jmp(h)?;
+        Ok(())
+    }
+
+    /// Emits the exception stubs and the common handler; returns the 32 stub labels.
+    fn exception_handlers(&mut self) -> R<Vec<CodeLabel>> {
+        let mut stubs = Vec::with_capacity(32);
+        let mut common = self.a.create_label();
+        for v in 0..32u32 {
+            let mut l = self.a.create_label();
+            self.a.set_label(&mut l)?;
+            if !has_error_code(v) {
+                self.a.push(0)?;
+            }
+            self.a.push(v as i32)?;
+            self.a.jmp(common)?;
+            stubs.push(l);
+        }
+        let mut fatal = self.a.create_label();
+        let mut ret = self.a.create_label();
+        let mut noresume = self.a.create_label();
+        {
+            let a = &mut self.a;
+            a.set_label(&mut common)?;
+            // Frame: vector, error, rip, cs, rflags, rsp, ss; +16 after the two pushes.
+            a.push(rax)?;
+            a.push(rbx)?;
+            a.mov(rax, qword_ptr(rsp + 16))?;
+            a.mov(qword_ptr(LAST_VECTOR), rax)?;
+            a.mov(rax, qword_ptr(rsp + 24))?;
+            a.mov(qword_ptr(LAST_ERROR), rax)?;
+            a.mov(rax, qword_ptr(rsp + 32))?;
+            a.mov(qword_ptr(LAST_RIP), rax)?;
+            a.mov(rax, cr2)?;
+            a.mov(qword_ptr(LAST_CR2), rax)?;
+            a.add(qword_ptr(EXC_COUNT), 1)?;
+            a.mov(rax, qword_ptr(RESUME))?;
+            a.test(rax, rax)?;
+            a.jz(noresume)?;
+            // EXC_MARK = 0x100 | vector | (resume - rip) << 16
+            a.mov(rbx, rax)?;
+            a.sub(rbx, qword_ptr(rsp + 32))?;
+            a.shl(rbx, 16)?;
+            a.or(rbx, qword_ptr(rsp + 16))?;
+            a.or(rbx, 0x100)?;
+            a.mov(qword_ptr(EXC_MARK), rbx)?;
+            a.mov(qword_ptr(rsp + 32), rax)?;
+            a.mov(qword_ptr(RESUME), 0)?;
+            a.jmp(ret)?;
+            a.set_label(&mut noresume)?;
+            a.cmp(qword_ptr(rsp + 16), 14)?;
+            a.jne(fatal)?;
+            a.cmp(qword_ptr(PF_FIXUP), 0)?;
+            a.je(fatal)?;
+            a.mov(rax, cr2)?;
+            a.mov(rbx, PF_REGION)?;
+            a.sub(rax, rbx)?;
+            a.shr(rax, 12)?;
+            a.cmp(rax, PF_PAGES as i32)?;
+            a.jae(fatal)?;
+            a.mov(rbx, PT)?;
+            a.lea(rbx, qword_ptr(rbx + rax * 8))?;
+            a.or(qword_ptr(rbx), (PTE_P | PTE_RW) as i32)?;
+            a.btr(qword_ptr(rbx), 63)?;
+            a.mov(rax, cr2)?;
+            a.invlpg(byte_ptr(rax))?;
+            a.set_label(&mut ret)?;
+            a.pop(rbx)?;
+            a.pop(rax)?;
+            a.add(rsp, 16)?;
+            a.iretq()?;
+        }
+        self.a.set_label(&mut fatal)?;
+        self.emit_str("unexpected exception vector=")?;
+        self.print_hex_mem(LAST_VECTOR, u64::MAX, 2)?;
+        self.emit_str(" error=")?;
+        self.print_hex_mem(LAST_ERROR, u64::MAX, 8)?;
+        self.emit_str(" rip=")?;
+        self.print_hex_mem(LAST_RIP, u64::MAX, 16)?;
+        self.emit_str(" cr2=")?;
+        self.print_hex_mem(LAST_CR2, u64::MAX, 16)?;
+        self.emit_str("\n")?;
+        self.exit(crate::EXIT_UNEXPECTED_EXCEPTION)?;
+        Ok(stubs)
+    }
+
+    /// Assembles everything into a [`TestGuest`].
+    pub fn finish(self) -> Result<TestGuest, GuestError> {
+        let name = self.name.clone();
+        self.finish_inner().map_err(|source| GuestError::Assemble {
+            guest: name,
+            source,
+        })?
+    }
+
+    fn finish_inner(mut self) -> R<Result<TestGuest, GuestError>> {
+        let stubs = match self.mode {
+            Mode::Long64 => self.exception_handlers()?,
+            Mode::Protected32 => Vec::new(),
+        };
+        self.runtime()?;
+        let res = self
+            .a
+            .assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+        let code = res.inner.code_buffer.clone();
+        let mut stub_ips = Vec::with_capacity(stubs.len());
+        for s in &stubs {
+            stub_ips.push(res.label_ip(s)?);
+        }
+        let too_big = |what, size, max| {
+            Ok(Err(GuestError::TooBig {
+                guest: self.name.clone(),
+                what,
+                size,
+                max,
+            }))
+        };
+        if code.len() > CODE_MAX {
+            return too_big("code", code.len(), CODE_MAX);
+        }
+        if self.data.len() > DATA_MAX {
+            return too_big("data", self.data.len(), DATA_MAX);
+        }
+        let entry_code = entry_stub(self.mode)?;
+
+        let image_len = (DATA - LOAD) as usize + self.data.len();
+        let mut img = vec![0u8; image_len];
+        let put = |img: &mut Vec<u8>, addr: u64, bytes: &[u8]| {
+            let off = (addr - LOAD) as usize;
+            img[off..off + bytes.len()].copy_from_slice(bytes);
+        };
+        put(&mut img, LOAD, &entry_code);
+        // GDT: null, code32, data, code64 (accessed bits preset: no descriptor writes).
+        let gdt: [u64; 4] = [
+            0,
+            0x00cf_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00af_9b00_0000_ffff,
+        ];
+        let gdt_bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+        put(&mut img, GDT, &gdt_bytes);
+        let mut gdtr = ((gdt_bytes.len() - 1) as u16).to_le_bytes().to_vec();
+        gdtr.extend_from_slice(&GDT.to_le_bytes());
+        put(&mut img, GDTR, &gdtr);
+        let mut idtr = 0x0fffu16.to_le_bytes().to_vec();
+        idtr.extend_from_slice(&IDT.to_le_bytes());
+        put(&mut img, IDTR, &idtr);
+        for (v, ip) in stub_ips.iter().enumerate() {
+            let lo = (ip & 0xffff)
+                | (u64::from(SEL_CODE64) << 16)
+                | (0x8e00u64 << 32)
+                | ((ip >> 16) & 0xffff) << 48;
+            let hi = ip >> 32;
+            put(&mut img, IDT + 16 * v as u64, &lo.to_le_bytes());
+            put(&mut img, IDT + 16 * v as u64 + 8, &hi.to_le_bytes());
+        }
+        if self.mode == Mode::Long64 {
+            put(&mut img, PML4, &(PDPT | PTE_P | PTE_RW).to_le_bytes());
+            put(&mut img, PDPT, &(PD0 | PTE_P | PTE_RW).to_le_bytes());
+            put(&mut img, PDPT + 8, &(PD1 | PTE_P | PTE_RW).to_le_bytes());
+            for i in 0..512u64 {
+                let e = (i << 21) | PTE_P | PTE_RW | PTE_PS;
+                put(&mut img, PD0 + 8 * i, &e.to_le_bytes());
+            }
+            put(&mut img, PD1, &(PT | PTE_P | PTE_RW).to_le_bytes());
+            for (i, f) in self.pt_flags.iter().enumerate() {
+                let e = (PF_PHYS + 0x1000 * i as u64) | f;
+                put(&mut img, PT + 8 * i as u64, &e.to_le_bytes());
+            }
+        }
+        put(&mut img, CODE, &code);
+        put(&mut img, DATA, &self.data);
+        Ok(Ok(TestGuest {
+            name: self.name,
+            image: img,
+            load_addr: LOAD,
+            entry: EntryState::pvh(LOAD, 0),
+            expected_serial: self.predicted.then_some(self.expect),
+            expected_exit: crate::EXIT_OK,
+            results: None,
+            instructions: None,
+        }))
+    }
+}
+
+/// The 32-bit PVH entry stub at [`layout::LOAD`]: own GDT, flat segments, stack, then either
+/// the 32-bit main code or long mode (PAE, 4-level tables, EFER.LME|NXE, CR0.PG|WP).
+fn entry_stub(mode: Mode) -> R<Vec<u8>> {
+    let build = |reload_ip: u32| -> R<(Vec<u8>, CodeLabel, CodeAssembler)> {
+        let mut a = CodeAssembler::new(32)?;
+        let mut reload = a.create_label();
+        a.cli()?;
+        a.cld()?;
+        a.lgdt(ptr(GDTR as u32))?;
+        a.add_instruction(Instruction::with_far_branch(
+            Code::Jmp_ptr1632,
+            SEL_CODE32,
+            reload_ip,
+        )?)?;
+        a.set_label(&mut reload)?;
+        a.mov(eax, u32::from(SEL_DATA))?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(fs, ax)?;
+        a.mov(gs, ax)?;
+        a.mov(esp, STACK_TOP as u32)?;
+        match mode {
+            Mode::Protected32 => {
+                a.add_instruction(Instruction::with_far_branch(
+                    Code::Jmp_ptr1632,
+                    SEL_CODE32,
+                    CODE as u32,
+                )?)?;
+            }
+            Mode::Long64 => {
+                a.mov(eax, 0x20u32)?; // CR4.PAE
+                a.mov(cr4, eax)?;
+                a.mov(eax, PML4 as u32)?;
+                a.mov(cr3, eax)?;
+                a.mov(ecx, 0xc000_0080u32)?; // EFER
+                a.mov(eax, 0x900u32)?; // LME | NXE
+                a.xor(edx, edx)?;
+                a.wrmsr()?;
+                a.mov(eax, 0x8001_0033u32)?; // PG | WP | NE | ET | MP | PE
+                a.mov(cr0, eax)?;
+                a.add_instruction(Instruction::with_far_branch(
+                    Code::Jmp_ptr1632,
+                    SEL_CODE64,
+                    CODE as u32,
+                )?)?;
+            }
+        }
+        let res = a.assemble_options(LOAD, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+        Ok((res.inner.code_buffer.clone(), reload, a))
+    };
+    // First pass learns where `reload` lands; the far jump has a fixed size.
+    let (_, reload, mut a) = build(0)?;
+    let res = a.assemble_options(LOAD, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let reload_ip = res.label_ip(&reload)? as u32;
+    Ok(build(reload_ip)?.0)
+}

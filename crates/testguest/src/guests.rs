@@ -1,0 +1,688 @@
+//! The guest builders: one per instruction group, plus benchmark loops.
+
+use iced_x86::code_asm::*;
+
+pub use crate::asm::Mode;
+use crate::asm::{Guest, PTE_NX, PTE_P, PTE_RW, R, hash_u64s, layout};
+use crate::ops::{self, Op, OpSpec};
+use crate::{GuestError, TestGuest};
+
+fn build(
+    name: &str,
+    mode: Mode,
+    body: impl FnOnce(&mut Guest) -> R,
+) -> Result<TestGuest, GuestError> {
+    let mut g = Guest::new(name, mode).map_err(|source| GuestError::Assemble {
+        guest: name.to_string(),
+        source,
+    })?;
+    body(&mut g).map_err(|source| GuestError::Assemble {
+        guest: name.to_string(),
+        source,
+    })?;
+    g.finish()
+}
+
+/// Prints the quadword at `addr` (masked) and records `expected` as its predicted text.
+fn print_known(g: &mut Guest, addr: u64, mask: u64, digits: u32, expected: u64) -> R {
+    g.print_hex_mem(addr, mask, digits)?;
+    let shown = expected & mask;
+    let text = format!("{shown:0width$x}", width = digits as usize);
+    let text = text[text.len() - digits as usize..].to_string();
+    g.expect.push_str(&text);
+    Ok(())
+}
+
+/// Prints a banner and exits: the smallest end-to-end check of a backend.
+pub fn hello(mode: Mode) -> Result<TestGuest, GuestError> {
+    let (name, bits) = match mode {
+        Mode::Protected32 => ("hello32", "32-bit protected mode"),
+        Mode::Long64 => ("hello64", "64-bit long mode"),
+    };
+    build(name, mode, |g| {
+        g.print(&format!("Hello from keel-testguest ({bits})\n"))?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
+fn specs(ops: &[Op], widths: &[u32]) -> Vec<(OpSpec, Vec<ops::Case>)> {
+    let mut out = Vec::new();
+    for op in ops {
+        for w in widths {
+            let s = OpSpec::new(*op, *w);
+            if s.is_valid() {
+                out.push((s, ops::edge_cases(s)));
+            }
+        }
+    }
+    out
+}
+
+const WIDTHS: [u32; 4] = [8, 16, 32, 64];
+
+/// add/adc/sub/sbb/and/or/xor/cmp/test/inc/dec/neg/not at all widths, edge operands,
+/// several incoming flag states. Expected output comes from the Rust model.
+pub fn alu() -> Result<TestGuest, GuestError> {
+    ops::ops_guest("alu", &alu_cases())
+}
+
+/// The op specs and cases of [`alu`], for comparing its result records with [`ops::model`].
+pub fn alu_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
+    use Op::*;
+    specs(
+        &[
+            Add, Adc, Sub, Sbb, And, Or, Xor, Cmp, Test, Inc, Dec, Neg, Not,
+        ],
+        &WIDTHS,
+    )
+}
+
+/// shl/shr/sar/rol/ror/rcl/rcr by cl with counts 0, 1, width-1, width, >width, plus the
+/// by-one encodings.
+pub fn shifts() -> Result<TestGuest, GuestError> {
+    ops::ops_guest("shifts", &shifts_cases())
+}
+
+/// The op specs and cases of [`shifts`], for comparing its result records with [`ops::model`].
+pub fn shifts_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
+    use Op::*;
+    specs(
+        &[Shl, Shr, Sar, Rol, Ror, Rcl, Rcr, ShlOne, ShrOne, SarOne],
+        &WIDTHS,
+    )
+}
+
+/// mul/imul (one and two operands)/div/idiv at all widths, including #DE on zero divisors
+/// and quotient overflow (the handler resumes after the instruction and records it).
+pub fn muldiv() -> Result<TestGuest, GuestError> {
+    ops::ops_guest("muldiv", &muldiv_cases())
+}
+
+/// The op specs and cases of [`muldiv`], for comparing its result records with [`ops::model`].
+pub fn muldiv_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
+    use Op::*;
+    specs(&[Mul, Imul1, Imul2, Div, Idiv], &WIDTHS)
+}
+
+/// bt/bts/btr/btc, bsf/bsr, shld/shrd, cmpxchg, xadd, bswap, setcc, cmovcc, cbw/cwd/cdq/cqo.
+pub fn bitops() -> Result<TestGuest, GuestError> {
+    ops::ops_guest("bitops", &bitops_cases())
+}
+
+/// The op specs and cases of [`bitops`], for comparing its result records with [`ops::model`].
+pub fn bitops_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
+    use Op::*;
+    specs(
+        &[
+            Bt, Bts, Btr, Btc, Bsf, Bsr, Shld, Shrd, Cmpxchg, Xadd, Bswap, Setcc, Cmovcc, Cwd,
+        ],
+        &WIDTHS,
+    )
+}
+
+/// movs/stos/lods/cmps/scas in byte/word/dword/qword forms, with `rep`/`repe`/`repne`,
+/// DF clear and set, overlapping copies and zero counts. Prints a hash of the destination
+/// buffer and of a log of (rsi, rdi, rcx, rax, flags incl. DF) after each step, then the
+/// final registers. Not predicted: compared between backends.
+pub fn string_ops() -> Result<TestGuest, GuestError> {
+    build("string", Mode::Long64, |g| {
+        let src = layout::DATA;
+        g.data = (0..512u32)
+            .map(|i| (i.wrapping_mul(37) ^ (i >> 3)) as u8)
+            .collect();
+        let dst = layout::RESULTS;
+        let log = layout::RESULTS + 0x2000;
+        g.print("keel-testguest string\n")?;
+        let mut step = 0u64;
+        // Records registers and flags (arithmetic + DF) into the log.
+        let record = |a: &mut CodeAssembler, step: &mut u64| -> R {
+            let base = log + *step * 40;
+            a.pushfq()?;
+            a.mov(qword_ptr(base), rsi)?;
+            a.mov(qword_ptr(base + 8), rdi)?;
+            a.mov(qword_ptr(base + 16), rcx)?;
+            a.mov(qword_ptr(base + 24), rax)?;
+            a.pop(qword_ptr(base + 32))?;
+            a.and(qword_ptr(base + 32), 0xcd5)?;
+            *step += 1;
+            Ok(())
+        };
+        let a = &mut g.a;
+        // Forward copies of each width.
+        a.cld()?;
+        a.mov(rsi, src)?;
+        a.mov(rdi, dst)?;
+        a.mov(ecx, 37)?;
+        a.rep().movsb()?;
+        record(a, &mut step)?;
+        a.mov(ecx, 13)?;
+        a.rep().movsw()?;
+        record(a, &mut step)?;
+        a.mov(ecx, 7)?;
+        a.rep().movsd()?;
+        record(a, &mut step)?;
+        a.mov(ecx, 5)?;
+        a.rep().movsq()?;
+        record(a, &mut step)?;
+        // Backward copy.
+        a.std()?;
+        a.mov(rsi, src + 255)?;
+        a.mov(rdi, dst + 0x200 + 255)?;
+        a.mov(ecx, 40)?;
+        a.rep().movsb()?;
+        record(a, &mut step)?;
+        a.mov(rsi, src + 0x100)?;
+        a.mov(rdi, dst + 0x280)?;
+        a.mov(ecx, 6)?;
+        a.rep().movsq()?;
+        record(a, &mut step)?;
+        a.cld()?;
+        // Overlapping forward byte copy propagates a pattern.
+        a.mov(rsi, dst)?;
+        a.mov(rdi, dst + 1)?;
+        a.mov(ecx, 64)?;
+        a.rep().movsb()?;
+        record(a, &mut step)?;
+        // Stores.
+        a.mov(rdi, dst + 0x300)?;
+        a.mov(eax, 0x5a)?;
+        a.mov(ecx, 33)?;
+        a.rep().stosb()?;
+        record(a, &mut step)?;
+        a.mov(eax, 0x1122_3344)?;
+        a.mov(ecx, 9)?;
+        a.rep().stosd()?;
+        record(a, &mut step)?;
+        a.mov(rax, 0x0102_0304_0506_0708u64)?;
+        a.mov(ecx, 3)?;
+        a.rep().stosq()?;
+        record(a, &mut step)?;
+        a.std()?;
+        a.mov(eax, 0xbeef)?;
+        a.mov(ecx, 5)?;
+        a.rep().stosw()?;
+        record(a, &mut step)?;
+        a.cld()?;
+        // Loads.
+        a.mov(rsi, src + 3)?;
+        a.lodsb()?;
+        a.lodsq()?;
+        record(a, &mut step)?;
+        a.lodsw()?;
+        a.lodsd()?;
+        record(a, &mut step)?;
+        // Compares: the first 37 bytes of dst equal src... except where the overlap
+        // copy rewrote them; repe stops at the first difference.
+        a.mov(rsi, src)?;
+        a.mov(rdi, dst + 0x300)?;
+        a.mov(ecx, 64)?;
+        a.repe().cmpsb()?;
+        record(a, &mut step)?;
+        a.mov(rsi, dst + 0x300)?;
+        a.mov(rdi, dst + 0x301)?;
+        a.mov(ecx, 64)?;
+        a.repe().cmpsb()?;
+        record(a, &mut step)?;
+        a.mov(rsi, src)?;
+        a.mov(rdi, src + 8)?;
+        a.mov(ecx, 4)?;
+        a.repne().cmpsq()?;
+        record(a, &mut step)?;
+        // Scans.
+        a.mov(rdi, src)?;
+        a.mov(al, byte_ptr(src + 50))?;
+        a.mov(ecx, 200)?;
+        a.repne().scasb()?;
+        record(a, &mut step)?;
+        a.mov(rdi, dst + 0x300)?;
+        a.mov(eax, 0x5a5a)?;
+        a.mov(ecx, 40)?;
+        a.repe().scasw()?;
+        record(a, &mut step)?;
+        a.std()?;
+        a.mov(rdi, src + 100)?;
+        a.mov(eax, u32::MAX)?;
+        a.mov(ecx, 10)?;
+        a.repne().scasd()?;
+        record(a, &mut step)?;
+        a.cld()?;
+        // Zero counts: nothing moves, flags stay as set here.
+        a.mov(eax, 1)?;
+        a.cmp(eax, 2)?;
+        a.xor(ecx, ecx)?;
+        a.rep().movsb()?;
+        a.repe().cmpsb()?;
+        a.repne().scasq()?;
+        record(a, &mut step)?;
+        // Single (non-rep) forms.
+        a.mov(rsi, src + 16)?;
+        a.mov(rdi, dst + 0x400)?;
+        a.movsb()?;
+        a.movsq()?;
+        a.stosd()?;
+        a.cmpsw()?;
+        a.scasb()?;
+        record(a, &mut step)?;
+        g.save_regs()?;
+        g.print_hash("buffer ", dst, 0x480 / 8, None)?;
+        g.print_hash("log ", log, step * 5, None)?;
+        g.print_saved_regs(0xcd5)?;
+        g.print("end\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
+/// Exceptions with precise RIP and error codes: #DE (zero divisor, idiv overflow), #UD
+/// (ud2), #BP (int3, a trap), #GP (non-canonical address; a selector past the GDT limit,
+/// error code = selector), #PF (read and write to a not-present page, write to a read-only
+/// page with CR0.WP, fetch from an NX page). Each prints vector, error code, CR2 and the
+/// distance from the reported RIP to the resume point (0 for traps).
+pub fn exceptions() -> Result<TestGuest, GuestError> {
+    exceptions_without(&[])
+}
+
+/// [`exceptions`] without the cases named in `skip` (e.g. `"bp"`: KVM-PVM cannot emulate
+/// `int3` in guest kernel mode and stops with an internal error).
+pub fn exceptions_without(skip: &[&str]) -> Result<TestGuest, GuestError> {
+    build("exceptions", Mode::Long64, |g| {
+        g.pt_flags[1] = 0; // not present
+        g.pt_flags[2] = PTE_P; // read-only
+        g.pt_flags[3] = PTE_P | PTE_RW | PTE_NX;
+        g.print("keel-testguest exceptions\n")?;
+        let page = |i: u64| layout::PF_REGION + 0x1000 * i;
+        // (name, vector, error, cr2 or None, distance (u64::MAX: print RIP), argument, body)
+        type Body = fn(&mut CodeAssembler, u64) -> R;
+        type ExcCase = (&'static str, u64, u64, Option<u64>, u64, u64, Body);
+        let cases: Vec<ExcCase> = vec![
+            ("de", 0, 0, None, 2, 0, |a, _| {
+                a.xor(ecx, ecx)?;
+                a.div(ecx)
+            }),
+            ("de-overflow", 0, 0, None, 2, 0, |a, _| {
+                a.mov(eax, 0x8000_0000u32)?;
+                a.cdq()?;
+                a.mov(ecx, u32::MAX)?;
+                a.idiv(ecx)
+            }),
+            ("ud", 6, 0, None, 2, 0, |a, _| a.ud2()),
+            ("bp", 3, 0, None, 0, 0, |a, _| a.int3()),
+            ("gp-noncanonical", 13, 0, None, 3, 0, |a, _| {
+                a.mov(rax, 0x8000_0000_0000_0000u64)?;
+                a.mov(rbx, qword_ptr(rax))
+            }),
+            ("gp-selector", 13, 0x40, None, 3, 0, |a, _| {
+                a.mov(eax, 0x40)?;
+                a.mov(ds, ax)
+            }),
+            (
+                "pf-read",
+                14,
+                0,
+                Some(page(1) + 8),
+                3,
+                page(1) + 8,
+                |a, addr| {
+                    a.mov(rax, addr)?;
+                    a.mov(rbx, qword_ptr(rax))
+                },
+            ),
+            (
+                "pf-write",
+                14,
+                2,
+                Some(page(1) + 16),
+                3,
+                page(1) + 16,
+                |a, addr| {
+                    a.mov(rax, addr)?;
+                    a.mov(qword_ptr(rax), rbx)
+                },
+            ),
+            (
+                "pf-write-ro",
+                14,
+                3,
+                Some(page(2) + 24),
+                3,
+                page(2) + 24,
+                |a, addr| {
+                    a.mov(rax, addr)?;
+                    a.mov(qword_ptr(rax), rbx)
+                },
+            ),
+            (
+                "pf-fetch-nx",
+                14,
+                0x11,
+                Some(page(3)),
+                u64::MAX,
+                page(3),
+                |a, addr| {
+                    a.mov(rax, addr)?;
+                    a.jmp(rax)
+                },
+            ),
+        ];
+        let cases: Vec<_> = cases.into_iter().filter(|c| !skip.contains(&c.0)).collect();
+        let n = cases.len() as u64;
+        for (name, vector, error, want_cr2, dist, arg, body) in cases {
+            let a = &mut g.a;
+            let mut after = a.create_label();
+            a.mov(qword_ptr(layout::LAST_VECTOR), 0xff)?;
+            a.mov(qword_ptr(layout::LAST_ERROR), -1)?;
+            a.mov(qword_ptr(layout::EXC_MARK), 0)?;
+            a.lea(r10, ptr(after))?;
+            a.mov(qword_ptr(layout::RESUME), r10)?;
+            body(a, arg)?;
+            a.set_label(&mut after)?;
+            a.mov(eax, u32::from(layout::SEL_DATA))?;
+            a.mov(ds, ax)?;
+            g.print(&format!("{name} v="))?;
+            print_known(g, layout::LAST_VECTOR, 0xff, 2, vector)?;
+            g.print(" e=")?;
+            print_known(g, layout::LAST_ERROR, 0xffff_ffff, 8, error)?;
+            if let Some(c) = want_cr2 {
+                g.print(" cr2=")?;
+                print_known(g, layout::LAST_CR2, u64::MAX, 16, c)?;
+            }
+            if dist == u64::MAX {
+                g.print(" rip=")?;
+                print_known(g, layout::LAST_RIP, u64::MAX, 16, arg)?;
+            } else {
+                // EXC_MARK >> 16 is resume - rip: the instruction length for faults, 0 for traps.
+                g.a.mov(rax, qword_ptr(layout::EXC_MARK))?;
+                g.a.shr(rax, 16)?;
+                g.a.mov(qword_ptr(layout::SCRATCH), rax)?;
+                g.print(" d=")?;
+                print_known(g, layout::SCRATCH, 0xff, 2, dist)?;
+            }
+            g.print("\n")?;
+        }
+        // A read from the read-only page still works.
+        g.a.mov(rax, page(2))?;
+        g.a.mov(rbx, qword_ptr(rax))?;
+        g.print("count=")?;
+        print_known(g, layout::EXC_COUNT, u64::MAX, 4, n)?;
+        g.print("\nend\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
+/// Demand paging in long mode: eight 4 KiB pages start not present; the #PF handler sets
+/// P/RW, `invlpg`s and retries. Checks the data through the faulting mapping and through
+/// the 2 MiB identity alias, the fault count, a CR3 reload, and the Accessed/Dirty bits the
+/// page walker wrote into every level of the tables.
+pub fn paging() -> Result<TestGuest, GuestError> {
+    build("paging", Mode::Long64, |g| {
+        for i in 4..12 {
+            g.pt_flags[i] = 0;
+        }
+        g.print("keel-testguest paging\n")?;
+        let a = &mut g.a;
+        a.mov(qword_ptr(layout::PF_FIXUP), 1)?;
+        // Write i * 0x1111 at offset i*8 of page i, through the 4 KiB mapping.
+        for i in 4..12u64 {
+            a.mov(rax, layout::PF_REGION + 0x1000 * i + 8 * i)?;
+            a.mov(rbx, 0x1111 * i)?;
+            a.mov(qword_ptr(rax), rbx)?;
+        }
+        // Read back through the identity map (2 MiB pages) and sum.
+        a.xor(ecx, ecx)?;
+        for i in 4..12u64 {
+            a.mov(rax, layout::PF_PHYS + 0x1000 * i + 8 * i)?;
+            a.add(rcx, qword_ptr(rax))?;
+        }
+        a.mov(qword_ptr(layout::SCRATCH), rcx)?;
+        // CR3 reload flushes the TLB; reads through the 4 KiB mapping still see the data.
+        a.mov(rax, cr3)?;
+        a.mov(cr3, rax)?;
+        a.xor(ecx, ecx)?;
+        for i in 4..12u64 {
+            a.mov(rax, layout::PF_REGION + 0x1000 * i + 8 * i)?;
+            a.add(rcx, qword_ptr(rax))?;
+            a.invlpg(byte_ptr(rax))?;
+        }
+        a.mov(qword_ptr(layout::SCRATCH + 8), rcx)?;
+        // Read page 12 (present, never touched so far): sets only Accessed.
+        a.mov(rax, layout::PF_REGION + 0x1000 * 12)?;
+        a.mov(rbx, qword_ptr(rax))?;
+        a.mov(qword_ptr(layout::PF_FIXUP), 0)?;
+        let sum: u64 = (4..12u64).map(|i| 0x1111 * i).sum();
+        g.print("faults=")?;
+        print_known(g, layout::EXC_COUNT, u64::MAX, 4, 8)?;
+        g.print(" sum=")?;
+        print_known(g, layout::SCRATCH, u64::MAX, 16, sum)?;
+        g.print(" sum-after-cr3=")?;
+        print_known(g, layout::SCRATCH + 8, u64::MAX, 16, sum)?;
+        g.print("\n")?;
+        // Accessed (0x20) / Dirty (0x40) bits.
+        const A: u64 = 0x20;
+        const D: u64 = 0x40;
+        let entry = |i: usize| -> u64 {
+            let flags = match i {
+                4..=11 => PTE_P | PTE_RW | A | D,
+                12 => PTE_P | PTE_RW | A,
+                _ => PTE_P | PTE_RW,
+            };
+            (layout::PF_PHYS + 0x1000 * i as u64) | flags
+        };
+        let pt_expected = hash_u64s((0..layout::PF_PAGES).map(entry));
+        g.print_hash(
+            "pt ",
+            layout::PT,
+            layout::PF_PAGES as u64,
+            Some(pt_expected),
+        )?;
+        for (name, addr, val) in [
+            ("pd1[0]", layout::PD1, layout::PT | PTE_P | PTE_RW | A),
+            (
+                "pdpt[1]",
+                layout::PDPT + 8,
+                layout::PD1 | PTE_P | PTE_RW | A,
+            ),
+            ("pml4[0]", layout::PML4, layout::PDPT | PTE_P | PTE_RW | A),
+        ] {
+            g.print(&format!("{name}="))?;
+            // Mask off bits a CPU may set in non-leaf entries beyond A (none expected).
+            print_known(g, addr, 0xfff, 3, val)?;
+            g.print(" ")?;
+        }
+        g.print("\nend\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
+/// Port I/O: byte `out`/`in` on the UART scratch register (0x3ff), the line status register
+/// (0x3fd: transmitter empty, 0x60), `rep outsb` of a string to the data port, `insb` and
+/// `rep insb` from the scratch register, with DF both ways.
+pub fn port_io() -> Result<TestGuest, GuestError> {
+    build("portio", Mode::Long64, |g| {
+        let msg = b"outsb says hi\n";
+        g.data = msg.to_vec();
+        g.print("keel-testguest portio\n")?;
+        let a = &mut g.a;
+        a.mov(edx, 0x3ff)?;
+        a.mov(al, 0xa5)?;
+        a.out(dx, al)?;
+        a.xor(eax, eax)?;
+        a.in_(al, dx)?;
+        a.mov(qword_ptr(layout::SCRATCH), rax)?;
+        g.print("scratch=")?;
+        print_known(g, layout::SCRATCH, 0xff, 2, 0xa5)?;
+        g.print("\n")?;
+        let a = &mut g.a;
+        a.mov(edx, 0x3fd)?;
+        a.xor(eax, eax)?;
+        a.in_(al, dx)?;
+        a.and(al, 0x60)?;
+        a.mov(qword_ptr(layout::SCRATCH), rax)?;
+        g.print("lsr=")?;
+        print_known(g, layout::SCRATCH, 0xff, 2, 0x60)?;
+        g.print("\n")?;
+        g.expect.push_str(std::str::from_utf8(msg).unwrap_or(""));
+        let a = &mut g.a;
+        a.cld()?;
+        a.mov(rsi, layout::DATA)?;
+        a.mov(edx, u32::from(crate::SERIAL_PORT))?;
+        a.mov(ecx, msg.len() as u32)?;
+        a.rep().outsb()?;
+        // rsi advanced by the length, rcx is zero.
+        a.mov(rax, layout::DATA + msg.len() as u64)?;
+        a.sub(rax, rsi)?;
+        a.or(rax, rcx)?;
+        a.mov(qword_ptr(layout::SCRATCH), rax)?;
+        g.print("outs-regs=")?;
+        print_known(g, layout::SCRATCH, u64::MAX, 2, 0)?;
+        g.print("\n")?;
+        let a = &mut g.a;
+        a.mov(edx, 0x3ff)?;
+        a.mov(al, 0x3c)?;
+        a.out(dx, al)?;
+        a.mov(rdi, layout::SCRATCH + 8)?;
+        a.mov(qword_ptr(rdi), 0)?;
+        a.insb()?;
+        a.mov(al, 0x7e)?;
+        a.out(dx, al)?;
+        a.mov(ecx, 3)?;
+        a.rep().insb()?;
+        a.std()?;
+        a.mov(al, 0x11)?;
+        a.out(dx, al)?;
+        a.mov(rdi, layout::SCRATCH + 8 + 6)?;
+        a.insb()?;
+        a.cld()?;
+        // rdi went down by one from SCRATCH+14.
+        a.mov(rax, layout::SCRATCH + 8 + 5)?;
+        a.sub(rax, rdi)?;
+        a.mov(qword_ptr(layout::SCRATCH), rax)?;
+        g.print("ins=")?;
+        print_known(g, layout::SCRATCH + 8, u64::MAX, 16, 0x0011_0000_7e7e_7e3c)?;
+        g.print(" rdi-delta=")?;
+        print_known(g, layout::SCRATCH, u64::MAX, 2, 0)?;
+        g.print("\nend\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
+/// Instructions one iteration of [`reg_loop`] executes.
+pub const REG_LOOP_INSNS: u64 = 3;
+/// Instructions one iteration of [`mem_loop`] executes.
+pub const MEM_LOOP_INSNS: u64 = 5;
+
+/// A register-only loop (`add`, `dec`, `jnz`) of `iterations` rounds, for MIPS benches.
+/// Prints the sum 1 + 2 + ... + n (truncated to the mode's width) and exits.
+pub fn reg_loop(mode: Mode, iterations: u64) -> Result<TestGuest, GuestError> {
+    let name = match mode {
+        Mode::Protected32 => "regloop32",
+        Mode::Long64 => "regloop64",
+    };
+    let n = iterations.max(1);
+    let mut t = build(name, mode, |g| {
+        match mode {
+            Mode::Long64 => {
+                let a = &mut g.a;
+                let mut lp = a.create_label();
+                a.mov(rcx, n)?;
+                a.xor(eax, eax)?;
+                a.set_label(&mut lp)?;
+                a.add(rax, rcx)?;
+                a.dec(rcx)?;
+                a.jnz(lp)?;
+                a.mov(qword_ptr(layout::SCRATCH), rax)?;
+                let sum = (u128::from(n) * (u128::from(n) + 1) / 2) as u64;
+                g.print("sum=")?;
+                print_known(g, layout::SCRATCH, u64::MAX, 16, sum)?;
+            }
+            Mode::Protected32 => {
+                let a = &mut g.a;
+                let mut lp = a.create_label();
+                a.mov(ecx, n as u32)?;
+                a.xor(eax, eax)?;
+                a.set_label(&mut lp)?;
+                a.add(eax, ecx)?;
+                a.dec(ecx)?;
+                a.jnz(lp)?;
+                let sum = (u128::from(n as u32) * (u128::from(n as u32) + 1) / 2) as u32;
+                g.expect.push_str(&format!("sum={sum:08x}"));
+                g.emit_str("sum=")?;
+                g.a.mov(ecx, 8)?;
+                g.a.call(g.puthex)?;
+            }
+        }
+        g.print("\n")?;
+        g.exit(crate::EXIT_OK)
+    })?;
+    t.instructions = Some(n * REG_LOOP_INSNS);
+    Ok(t)
+}
+
+/// A load/add/store loop (`mov`, `add`, `mov`, `dec`, `jnz`) over one memory counter.
+pub fn mem_loop(mode: Mode, iterations: u64) -> Result<TestGuest, GuestError> {
+    let name = match mode {
+        Mode::Protected32 => "memloop32",
+        Mode::Long64 => "memloop64",
+    };
+    let n = iterations.max(1);
+    let mut t = build(name, mode, |g| {
+        g.data = vec![0; 8];
+        match mode {
+            Mode::Long64 => {
+                let a = &mut g.a;
+                let mut lp = a.create_label();
+                a.mov(rbx, layout::DATA)?;
+                a.mov(rcx, n)?;
+                a.set_label(&mut lp)?;
+                a.mov(rdx, qword_ptr(rbx))?;
+                a.add(rdx, rcx)?;
+                a.mov(qword_ptr(rbx), rdx)?;
+                a.dec(rcx)?;
+                a.jnz(lp)?;
+                let sum = (u128::from(n) * (u128::from(n) + 1) / 2) as u64;
+                g.print("sum=")?;
+                print_known(g, layout::DATA, u64::MAX, 16, sum)?;
+            }
+            Mode::Protected32 => {
+                let a = &mut g.a;
+                let mut lp = a.create_label();
+                a.mov(ebx, layout::DATA as u32)?;
+                a.mov(ecx, n as u32)?;
+                a.set_label(&mut lp)?;
+                a.mov(edx, dword_ptr(ebx))?;
+                a.add(edx, ecx)?;
+                a.mov(dword_ptr(ebx), edx)?;
+                a.dec(ecx)?;
+                a.jnz(lp)?;
+                let sum = (u128::from(n as u32) * (u128::from(n as u32) + 1) / 2) as u32;
+                g.expect.push_str(&format!("sum={sum:08x}"));
+                g.emit_str("sum=")?;
+                g.a.mov(eax, dword_ptr(ebx))?;
+                g.a.mov(ecx, 8)?;
+                g.a.call(g.puthex)?;
+            }
+        }
+        g.print("\n")?;
+        g.exit(crate::EXIT_OK)
+    })?;
+    t.instructions = Some(n * MEM_LOOP_INSNS);
+    Ok(t)
+}
+
+/// Every guest with default parameters, smallest first.
+pub fn all() -> Vec<Result<TestGuest, GuestError>> {
+    vec![
+        hello(Mode::Protected32),
+        hello(Mode::Long64),
+        port_io(),
+        exceptions(),
+        paging(),
+        string_ops(),
+        alu(),
+        shifts(),
+        muldiv(),
+        bitops(),
+        reg_loop(Mode::Protected32, 1000),
+        reg_loop(Mode::Long64, 1000),
+        mem_loop(Mode::Protected32, 1000),
+        mem_loop(Mode::Long64, 1000),
+    ]
+}
