@@ -165,9 +165,23 @@ impl SerialEvents for InputEvents {
 
 type Uart = vm_superio::Serial<IrqTrigger, InputEvents, Box<dyn Write + Send>>;
 
+const IIR_OFFSET: u8 = 2;
+const FCR_FIFO_ENABLE: u8 = 0x01;
+const IIR_FIFO_BITS: u8 = 0xc0;
+
+struct Inner {
+    uart: Uart,
+    /// FCR bit 0 as the guest last wrote it. vm-superio ignores FCR writes and always reports
+    /// FIFOs in IIR; a 16550A (and QEMU's model) reports them only once enabled.
+    fifo_enabled: bool,
+}
+
 /// A 16550A UART with eight byte-wide registers, mapped at e.g. 0x3f8 (COM1) with IRQ 4.
+///
+/// Power-on state as QEMU's 8250: LCR 0, MCR OUT2, LSR THRE|TEMT, MSR DCD|DSR|CTS, IIR "no
+/// interrupt" without FIFO bits until the guest enables the FIFOs through FCR.
 pub struct Serial {
-    uart: Mutex<Uart>,
+    inner: Mutex<Inner>,
     signal: Arc<SerialInputSignal>,
     irq: Arc<dyn IrqLine>,
 }
@@ -178,6 +192,29 @@ impl std::fmt::Debug for Serial {
     }
 }
 
+fn power_on_uart(
+    irq: &Arc<dyn IrqLine>,
+    signal: &Arc<SerialInputSignal>,
+    out: Box<dyn Write + Send>,
+) -> Uart {
+    let state = vm_superio::serial::SerialState {
+        line_control: 0,
+        ..vm_superio::serial::SerialState::default()
+    };
+    let trigger = IrqTrigger(irq.clone());
+    let events = InputEvents(signal.clone());
+    match vm_superio::Serial::from_state(&state, trigger, events, out) {
+        Ok(u) => u,
+        // Unreachable (the state has an empty FIFO and the trigger cannot fail); keep
+        // vm-superio's defaults rather than panic.
+        Err(_) => vm_superio::Serial::with_events(
+            IrqTrigger(irq.clone()),
+            InputEvents(signal.clone()),
+            Box::new(io::sink()),
+        ),
+    }
+}
+
 impl Serial {
     /// Number of register bytes (the bus range length).
     pub const LEN: u64 = 8;
@@ -185,13 +222,12 @@ impl Serial {
     /// A UART that raises `irq` and writes to `output`.
     pub fn new(irq: Arc<dyn IrqLine>, output: SerialOutput) -> Self {
         let signal = Arc::new(SerialInputSignal::default());
-        let uart = vm_superio::Serial::with_events(
-            IrqTrigger(irq.clone()),
-            InputEvents(signal.clone()),
-            output.into_writer(),
-        );
+        let uart = power_on_uart(&irq, &signal, output.into_writer());
         Self {
-            uart: Mutex::new(uart),
+            inner: Mutex::new(Inner {
+                uart,
+                fifo_enabled: false,
+            }),
             signal,
             irq,
         }
@@ -200,7 +236,15 @@ impl Serial {
     /// Reads register `offset` (0..8); other offsets read 0.
     pub fn read_reg(&self, offset: u64) -> u8 {
         match u8::try_from(offset) {
-            Ok(o) if u64::from(o) < Self::LEN => lock(&self.uart).read(o),
+            Ok(o) if u64::from(o) < Self::LEN => {
+                let mut inner = lock(&self.inner);
+                let v = inner.uart.read(o);
+                if o == IIR_OFFSET && !inner.fifo_enabled {
+                    v & !IIR_FIFO_BITS
+                } else {
+                    v
+                }
+            }
             _ => 0,
         }
     }
@@ -211,13 +255,17 @@ impl Serial {
         if let Ok(o) = u8::try_from(offset)
             && u64::from(o) < Self::LEN
         {
-            let _lost_on_error = lock(&self.uart).write(o, value);
+            let mut inner = lock(&self.inner);
+            if o == IIR_OFFSET {
+                inner.fifo_enabled = value & FCR_FIFO_ENABLE != 0;
+            }
+            let _lost_on_error = inner.uart.write(o, value);
         }
     }
 
     /// Queues host bytes for the guest; returns how many fit (0 when the FIFO is full).
     pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
-        match lock(&self.uart).enqueue_raw_bytes(bytes) {
+        match lock(&self.inner).uart.enqueue_raw_bytes(bytes) {
             Ok(n) => n,
             Err(SuperioError::FullFifo) => 0,
             Err(_) => 0,
@@ -226,21 +274,11 @@ impl Serial {
 
     /// Returns the UART to its power-on register state, keeping its output and interrupt line.
     pub fn reset(&self) {
-        let mut uart = lock(&self.uart);
-        let placeholder: Box<dyn Write + Send> = Box::new(io::sink());
-        let old = std::mem::replace(
-            &mut *uart,
-            vm_superio::Serial::with_events(
-                IrqTrigger(self.irq.clone()),
-                InputEvents(self.signal.clone()),
-                placeholder,
-            ),
-        );
-        *uart = vm_superio::Serial::with_events(
-            IrqTrigger(self.irq.clone()),
-            InputEvents(self.signal.clone()),
-            old.into_writer(),
-        );
+        let mut inner = lock(&self.inner);
+        let placeholder = power_on_uart(&self.irq, &self.signal, Box::new(io::sink()));
+        let old = std::mem::replace(&mut inner.uart, placeholder);
+        inner.uart = power_on_uart(&self.irq, &self.signal, old.into_writer());
+        inner.fifo_enabled = false;
     }
 }
 
@@ -341,6 +379,17 @@ mod tests {
     }
 
     #[test]
+    fn power_on_registers_match_qemu() {
+        let (s, _, _) = uart();
+        let regs: Vec<u8> = (1..8).map(|o| s.read_reg(o)).collect();
+        assert_eq!(regs, [0x00, 0x01, 0x00, 0x08, 0x60, 0xb0, 0x00]);
+        s.write_reg(2, 0x07); // FCR: enable and clear FIFOs
+        assert_eq!(s.read_reg(2), 0xc1);
+        s.write_reg(2, 0x00);
+        assert_eq!(s.read_reg(2), 0x01);
+    }
+
+    #[test]
     fn transmit_interrupt_when_enabled() {
         let (s, _, irq) = uart();
         s.write_reg(1, 0x02); // IER: THR empty
@@ -373,7 +422,7 @@ mod tests {
         s.write_reg(7, 0x55);
         s.enqueue_input(b"x");
         s.reset();
-        assert_eq!(s.read_reg(3), 0x03);
+        assert_eq!(s.read_reg(3), 0x00);
         assert_eq!(s.read_reg(7), 0);
         assert_eq!(s.read_reg(5) & 1, 0);
         s.write_reg(0, b'z');

@@ -84,6 +84,10 @@ pub struct MicrovmConfig {
     pub acpi: OnOffAuto,
     /// `isa-serial=`: COM1 (auto: on).
     pub isa_serial: OnOffAuto,
+    /// `i8042=` (a Keel extension: QEMU's microvm has no i8042): the keyboard controller at
+    /// 0x60/0x64 whose 0xFE command resets the machine (auto: on). `i8042=off` makes the
+    /// port map identical to QEMU's microvm.
+    pub i8042: OnOffAuto,
     /// COM1's backend.
     pub serial: SerialBackend,
     /// `-no-reboot`: a guest reset request becomes a shutdown.
@@ -103,6 +107,7 @@ impl Default for MicrovmConfig {
             pic: OnOffAuto::Auto,
             acpi: OnOffAuto::Auto,
             isa_serial: OnOffAuto::Auto,
+            i8042: OnOffAuto::Auto,
             serial: SerialBackend::Stdio,
             no_reboot: false,
         }
@@ -110,7 +115,7 @@ impl Default for MicrovmConfig {
 }
 
 /// Machine properties accepted by [`MicrovmConfig::set_property`] (`-M microvm,NAME=VALUE`).
-pub const MACHINE_PROPERTIES: &[&str] = &["rtc", "pit", "pic", "acpi", "isa-serial"];
+pub const MACHINE_PROPERTIES: &[&str] = &["rtc", "pit", "pic", "acpi", "isa-serial", "i8042"];
 
 impl MicrovmConfig {
     /// Sets one `-M microvm,NAME=VALUE` property; the error names the accepted ones.
@@ -124,6 +129,7 @@ impl MicrovmConfig {
             "pic" => self.pic = v,
             "acpi" => self.acpi = v,
             "isa-serial" => self.isa_serial = v,
+            "i8042" => self.i8042 = v,
             _ => {
                 return Err(format!(
                     "microvm has no property '{name}'; accepted: {}",
@@ -147,7 +153,7 @@ mod tests {
         assert_eq!((c.rtc, c.acpi), (OnOffAuto::On, OnOffAuto::Off));
         let e = c.set_property("pcie", "on").unwrap_err();
         assert!(
-            e.contains("accepted: rtc, pit, pic, acpi, isa-serial"),
+            e.contains("accepted: rtc, pit, pic, acpi, isa-serial, i8042"),
             "{e}"
         );
         assert!(

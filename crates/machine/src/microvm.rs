@@ -144,6 +144,8 @@ pub struct Resolved {
     pub acpi: bool,
     /// COM1.
     pub isa_serial: bool,
+    /// i8042 keyboard controller.
+    pub i8042: bool,
 }
 
 impl Resolved {
@@ -155,6 +157,7 @@ impl Resolved {
             pic: cfg.pic.resolve(true),
             acpi: cfg.acpi.resolve(true),
             isa_serial: cfg.isa_serial.resolve(true) && !matches!(cfg.serial, SerialBackend::None),
+            i8042: cfg.i8042.resolve(true),
         }
     }
 }
@@ -189,7 +192,7 @@ pub struct Microvm {
     hub: Arc<Hub>,
     threads: Vec<JoinHandle<()>>,
     serial: Option<Arc<Serial>>,
-    i8042: Arc<I8042>,
+    i8042: Option<Arc<I8042>>,
     rtc: Option<Arc<Rtc>>,
     devices: Vec<AddedDevice>,
     virtio_mmio: Vec<VirtioMmioDevice>,
@@ -231,7 +234,7 @@ fn parse_num(s: &str) -> Option<u64> {
 
 impl Microvm {
     /// Machine-init: checks `cfg` against `accel`, allocates RAM, creates the VM, the onboard
-    /// devices (COM1 at 0x3f8/IRQ 4, i8042 at 0x60/0x64, the RTC at 0x70 with `rtc=on`, the
+    /// devices (COM1 at 0x3f8/IRQ 4, i8042 at 0x60/0x64 unless `i8042=off`, the RTC at 0x70 with `rtc=on`, the
     /// ACPI GED with `acpi=on`, and the backend's platform devices) and the vCPUs.
     /// System events and vCPU errors are delivered to `events`.
     pub fn new(
@@ -292,22 +295,27 @@ impl Microvm {
             None
         };
 
-        let kbd_irq = vm.irq_line(1).map_err(MachineError::Accel)?;
-        let i8042 = Arc::new(I8042::new(sys.clone(), Some(kbd_irq)));
-        map(
-            &buses.pio,
-            "i8042 data port",
-            u64::from(I8042_DATA_PORT),
-            1,
-            Arc::new(I8042Port::data(i8042.clone())),
-        )?;
-        map(
-            &buses.pio,
-            "i8042 command port",
-            u64::from(I8042_COMMAND_PORT),
-            1,
-            Arc::new(I8042Port::command(i8042.clone())),
-        )?;
+        let i8042 = if resolved.i8042 {
+            let kbd_irq = vm.irq_line(1).map_err(MachineError::Accel)?;
+            let i8042 = Arc::new(I8042::new(sys.clone(), Some(kbd_irq)));
+            map(
+                &buses.pio,
+                "i8042 data port",
+                u64::from(I8042_DATA_PORT),
+                1,
+                Arc::new(I8042Port::data(i8042.clone())),
+            )?;
+            map(
+                &buses.pio,
+                "i8042 command port",
+                u64::from(I8042_COMMAND_PORT),
+                1,
+                Arc::new(I8042Port::command(i8042.clone())),
+            )?;
+            Some(i8042)
+        } else {
+            None
+        };
 
         let rtc = if resolved.rtc {
             let rtc = Arc::new(Rtc::new());
@@ -446,7 +454,7 @@ impl Microvm {
             ioapic: true,
             pic: self.resolved.pic,
             rtc: self.resolved.rtc,
-            i8042: true,
+            i8042: self.resolved.i8042,
             serial: self.serial.is_some(),
             virtio_mmio: self.firmware_virtio.clone(),
         }
@@ -566,7 +574,9 @@ impl Microvm {
         if let Some(s) = &self.serial {
             s.reset();
         }
-        self.i8042.reset();
+        if let Some(k) = &self.i8042 {
+            k.reset();
+        }
         if let Some(r) = &self.rtc {
             r.reset();
         }

@@ -181,6 +181,16 @@ fn onboard_devices_and_unassigned_ports() {
     assert_eq!(inb(&vm, 0x71), 0xff);
     assert_eq!(inb(&vm, 0x3fd), 0xff);
     assert!(!vm.resolved().rtc);
+
+    // i8042=off: QEMU's microvm port map (no keyboard controller).
+    let cfg = MicrovmConfig {
+        i8042: OnOffAuto::Off,
+        ..quiet()
+    };
+    let (vm, rx) = machine(cfg, "tcg");
+    assert_eq!(inb(&vm, 0x64), 0xff);
+    vm.buses().pio_write(PioAddress(0x64), &[0xfe]);
+    assert!(rx.try_recv().is_err());
 }
 
 #[test]
