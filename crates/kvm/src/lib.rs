@@ -81,6 +81,7 @@ pub use kick::{KICK_SIGNAL_OFFSET, kick_signal};
 pub use vcpu::KvmVcpu;
 pub use vm::KvmVm;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use keel_accel::{
@@ -134,19 +135,26 @@ fn unavailable(reason: impl Into<String>) -> AccelError {
     }
 }
 
-/// Turns the errno of a failed `open("/dev/kvm")` into advice.
-fn open_failure_reason(err: &std::io::Error) -> String {
+/// The KVM device node.
+pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// Turns the errno of a failed `open` of the KVM device into advice.
+fn open_failure_reason(path: &Path, err: &std::io::Error) -> String {
+    let p = path.display();
     match err.raw_os_error() {
-        Some(libc::ENOENT) => "/dev/kvm does not exist: load the KVM module (modprobe kvm_intel \
-             or kvm_amd) or run on a host with hardware virtualization enabled"
-            .to_string(),
-        Some(libc::EACCES) | Some(libc::EPERM) => "no permission to open /dev/kvm: add your user \
-             to group 'kvm' (usermod -aG kvm $USER, then log in again) or adjust its mode"
-            .to_string(),
-        Some(libc::ENXIO) | Some(libc::ENODEV) => "/dev/kvm exists but no KVM driver is bound: \
-             enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd"
-            .to_string(),
-        _ => format!("cannot open /dev/kvm: {err}"),
+        Some(libc::ENOENT) => format!(
+            "{p} does not exist: load the KVM module (modprobe kvm_intel or kvm_amd) or run on \
+             a host with hardware virtualization enabled"
+        ),
+        Some(libc::EACCES) | Some(libc::EPERM) => format!(
+            "no permission to open {p}: add your user to group 'kvm' (usermod -aG kvm $USER, \
+             then log in again) or adjust its mode"
+        ),
+        Some(libc::ENXIO) | Some(libc::ENODEV) => format!(
+            "{p} exists but no KVM driver is bound: enable virtualization (VT-x/AMD-V) in the \
+             firmware and load kvm_intel or kvm_amd"
+        ),
+        _ => format!("cannot open {p}: {err}"),
     }
 }
 
@@ -184,11 +192,31 @@ impl KvmAccel {
 
     /// Opens `/dev/kvm` with `options`.
     pub fn with_options(options: KvmOptions) -> Result<Self, AccelError> {
-        let kvm = Kvm::new().map_err(|e| unavailable(open_failure_reason(&e.into())))?;
+        Self::open(Path::new(KVM_DEVICE), options)
+    }
+
+    /// Opens the KVM device at `path` (normally [`KVM_DEVICE`]) with `options`.
+    pub fn open(path: &Path, options: KvmOptions) -> Result<Self, AccelError> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+            unavailable(format!(
+                "device path {} contains a NUL byte",
+                path.display()
+            ))
+        })?;
+        let kvm = Kvm::new_with_path(&c_path)
+            .map_err(|e| unavailable(open_failure_reason(path, &e.into())))?;
         let api = kvm.get_api_version();
+        if api < 0 {
+            return Err(unavailable(format!(
+                "{} is not a KVM device (KVM_GET_API_VERSION failed)",
+                path.display()
+            )));
+        }
         if api != KVM_API_VERSION as i32 {
             return Err(unavailable(format!(
-                "/dev/kvm speaks KVM API version {api}, Keel needs {KVM_API_VERSION}"
+                "{} speaks KVM API version {api}, Keel needs {KVM_API_VERSION}",
+                path.display()
             )));
         }
         for (cap, what) in REQUIRED_CAPS {
@@ -341,12 +369,31 @@ mod tests {
 
     #[test]
     fn open_failures_give_actionable_reasons() {
-        let r = open_failure_reason(&std::io::Error::from_raw_os_error(libc::ENOENT));
+        let dev = Path::new(KVM_DEVICE);
+        let r = open_failure_reason(dev, &std::io::Error::from_raw_os_error(libc::ENOENT));
         assert!(r.contains("modprobe"), "{r}");
-        let r = open_failure_reason(&std::io::Error::from_raw_os_error(libc::EACCES));
+        let r = open_failure_reason(dev, &std::io::Error::from_raw_os_error(libc::EACCES));
         assert!(r.contains("group 'kvm'"), "{r}");
-        let r = open_failure_reason(&std::io::Error::from_raw_os_error(libc::ENXIO));
+        let r = open_failure_reason(dev, &std::io::Error::from_raw_os_error(libc::ENXIO));
         assert!(r.contains("firmware"), "{r}");
+    }
+
+    #[test]
+    fn a_missing_device_is_unavailable_with_advice() {
+        let e = KvmAccel::open(Path::new("/nonexistent/kvm"), KvmOptions::default()).unwrap_err();
+        assert!(matches!(e, AccelError::Unavailable { accel: "kvm", .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("accelerator 'kvm' is not available: /nonexistent/kvm does not exist"),
+            "{msg}"
+        );
+        assert!(msg.contains("modprobe"), "{msg}");
+    }
+
+    #[test]
+    fn a_device_that_is_not_kvm_is_refused() {
+        let e = KvmAccel::open(Path::new("/dev/null"), KvmOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("not a KVM device"), "{e}");
     }
 
     #[test]
