@@ -481,6 +481,8 @@ impl Vcpu for KvmVcpu {
     }
 
     fn run(&mut self) -> Result<VcpuExit, AccelError> {
+        // A read the caller did not complete is not carried over to a later exit.
+        self.pending_read = None;
         if let Some(exit) = self.next_repeat() {
             return Ok(exit);
         }
