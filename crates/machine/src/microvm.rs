@@ -98,8 +98,10 @@ pub enum MachineError {
         /// Why not now.
         when: &'static str,
     },
-    /// No virtio-mmio slot left.
-    #[error("all {VIRTIO_MMIO_SLOTS} virtio-mmio slots are in use")]
+    /// No virtio-mmio slot left (or no IOAPIC to wire GSIs 16-23 to).
+    #[error(
+        "no virtio-mmio slot: all {VIRTIO_MMIO_SLOTS} are in use, or the accelerator has no IOAPIC for GSIs 16-23"
+    )]
     NoVirtioSlot,
     /// Building ACPI tables failed.
     #[error("ACPI tables")]
@@ -146,6 +148,8 @@ pub struct Resolved {
     pub isa_serial: bool,
     /// i8042 keyboard controller.
     pub i8042: bool,
+    /// Whether the backend has an IOAPIC (known once the VM exists; `true` before).
+    pub ioapic: bool,
 }
 
 impl Resolved {
@@ -158,6 +162,7 @@ impl Resolved {
             acpi: cfg.acpi.resolve(true),
             isa_serial: cfg.isa_serial.resolve(true) && !matches!(cfg.serial, SerialBackend::None),
             i8042: cfg.i8042.resolve(true),
+            ioapic: true,
         }
     }
 }
@@ -277,6 +282,12 @@ impl Microvm {
         for (range, dev) in vm.platform_devices() {
             map(&buses.pio, "platform device", range.base, range.len, dev)?;
         }
+
+        // GSIs above 15 exist only behind an IOAPIC: a backend that can wire GSI 16 has one
+        // (KVM's in-kernel irqchip), one that cannot (the interpreter's 8259 pair) does not, and
+        // the MADT must then not advertise one.
+        let mut resolved = resolved;
+        resolved.ioapic = vm.irq_line(VIRTIO_MMIO_FIRST_GSI).is_ok();
 
         let serial = if resolved.isa_serial {
             let output = match &cfg.serial {
@@ -435,7 +446,7 @@ impl Microvm {
         dev: Arc<dyn BusDevice>,
     ) -> Result<VirtioMmioDevice, MachineError> {
         let i = self.virtio_mmio.len() as u32;
-        if i >= VIRTIO_MMIO_SLOTS {
+        if i >= VIRTIO_MMIO_SLOTS || !self.resolved.ioapic {
             return Err(MachineError::NoVirtioSlot);
         }
         let d = VirtioMmioDevice {
@@ -451,7 +462,7 @@ impl Microvm {
     fn acpi_config(&self) -> AcpiConfig {
         AcpiConfig {
             cpus: self.cfg.cpus,
-            ioapic: true,
+            ioapic: self.resolved.ioapic,
             pic: self.resolved.pic,
             rtc: self.resolved.rtc,
             i8042: self.resolved.i8042,
@@ -560,9 +571,12 @@ impl Microvm {
         self.shared.is_paused()
     }
 
-    /// Machine reset (QEMU `system_reset`): parks the vCPUs, resets the onboard devices,
-    /// rewrites the ACPI tables, reloads the kernel, initrd and command line, gives the
-    /// bootstrap processor its entry state again, and continues (stays paused if it was).
+    /// Machine reset (QEMU `system_reset`): parks the vCPUs, resets the backend's platform
+    /// state (`Vm::reset`) and the onboard devices, rewrites the ACPI tables, reloads the
+    /// kernel, initrd and command line, and continues: every vCPU is reset (`Vcpu::reset`)
+    /// and the bootstrap processor gets its entry state again before it next runs. The machine
+    /// stays paused if it was. On error it stays held (no guest code runs) and the caller
+    /// should shut it down.
     pub fn reset(&mut self) -> Result<(), MachineError> {
         if self.phase == Phase::Init {
             return Err(MachineError::Phase {
@@ -571,6 +585,8 @@ impl Microvm {
             });
         }
         self.shared.hold_and_wait();
+        // On failure the machine stays held: a half-reset machine must not run.
+        self.vm.reset().map_err(MachineError::Accel)?;
         if let Some(s) = &self.serial {
             s.reset();
         }
@@ -580,9 +596,9 @@ impl Microvm {
         if let Some(r) = &self.rtc {
             r.reset();
         }
-        let r = self.load();
+        self.load()?;
         self.shared.release_after_reset();
-        r
+        Ok(())
     }
 
     /// Stops and joins every vCPU thread. The machine cannot run again afterwards.

@@ -291,16 +291,24 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
             c.boot_gen
         };
         if applied_gen != Some(generation) {
+            // After a machine reset (not at first boot) the vCPU returns to its power-on
+            // state first: registers, local APIC, and wait-for-SIPI for application processors.
+            let reset = if applied_gen.is_some() {
+                vcpu.reset()
+            } else {
+                Ok(())
+            };
             applied_gen = Some(generation);
             let state = lock(&shared.boot).get(index as usize).copied().flatten();
-            if let Some(st) = state {
-                let r = vcpu
+            let r = reset.and_then(|()| match state {
+                Some(st) => vcpu
                     .set_sregs(&st.sregs)
-                    .and_then(|()| vcpu.set_regs(&st.regs));
-                if let Err(e) = r {
-                    hub.vcpu_error(index, &e);
-                    continue;
-                }
+                    .and_then(|()| vcpu.set_regs(&st.regs)),
+                None => Ok(()),
+            });
+            if let Err(e) = r {
+                hub.vcpu_error(index, &e);
+                continue;
             }
         }
         let exit = match vcpu.run() {
@@ -380,6 +388,10 @@ mod tests {
         }
         fn kicker(&self) -> Arc<dyn Kick> {
             Arc::new(FakeKick(self.kicked.clone()))
+        }
+        fn reset(&mut self) -> Result<(), AccelError> {
+            *self.regs.lock().unwrap() = Regs::default();
+            Ok(())
         }
     }
 

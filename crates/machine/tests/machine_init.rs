@@ -100,6 +100,9 @@ impl Vcpu for FakeVcpu {
     fn kicker(&self) -> Arc<dyn Kick> {
         Arc::new(NoKick)
     }
+    fn reset(&mut self) -> Result<(), AccelError> {
+        Ok(())
+    }
 }
 
 fn accel(name: &'static str) -> FakeAccel {
