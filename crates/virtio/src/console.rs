@@ -122,7 +122,7 @@ impl Console {
             used = true;
         }
         if used {
-            active.interrupt.signal_used_queue();
+            active.signal_used(RX_QUEUE);
         }
     }
 

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use keel_accel::{GuestMemory, IrqLine};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 
 use crate::Error;
 use crate::chain::{self, ParsedChain};
@@ -312,7 +314,7 @@ impl Active {
                 }
                 Outcome::Broken(msg) => {
                     if used {
-                        self.interrupt.signal_used_queue();
+                        self.signal_used(index);
                     }
                     self.fail(&msg);
                     return;
@@ -320,6 +322,27 @@ impl Active {
             }
         }
         if used {
+            self.signal_used(index);
+        }
+    }
+
+    /// Interrupts for new used buffers on queue `index`, unless the driver set
+    /// `VRING_AVAIL_F_NO_INTERRUPT` (Linux does while it polls, e.g. NAPI). The driver
+    /// re-checks the used ring after clearing the flag, so a skipped interrupt is not lost.
+    pub(crate) fn signal_used(&self, index: usize) {
+        let Some(queue) = self.queues.get(index) else {
+            return;
+        };
+        // Order the used-index store before reading the driver's flags.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let flags: u16 = self
+            .memory
+            .load(
+                vm_memory::GuestAddress(queue.avail_ring()),
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .unwrap_or(0);
+        if u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0 {
             self.interrupt.signal_used_queue();
         }
     }

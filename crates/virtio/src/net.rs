@@ -192,7 +192,7 @@ impl Net {
             used = true;
         };
         if used {
-            active.interrupt.signal_used_queue();
+            active.signal_used(RX_QUEUE);
         }
         state
     }

@@ -168,3 +168,27 @@ mod tests {
         assert_ne!(b, [0u8; 64]);
     }
 }
+
+#[cfg(test)]
+mod suppression_tests {
+    use super::*;
+    use crate::testutil::*;
+
+    #[test]
+    fn no_interrupt_flag_is_honoured() {
+        let mem = memory();
+        let (_, t, line) = transport(Rng::with_source(Box::new(std::io::repeat(1))), &mem);
+        let mut q = TestQueue::new(&mem, 0, 16);
+        bring_up(&t, &[&q]);
+        fill(&mem, q.vq.avail_addr().0, &[1, 0]); // VRING_AVAIL_F_NO_INTERRUPT
+        q.add(&[(DATA, 8, true)]);
+        notify(&t, 0);
+        assert_eq!(q.used_idx(), 1, "request served");
+        assert_eq!(rd(&t, 0x60), 0, "but no interrupt");
+        assert_eq!(line.raises.load(std::sync::atomic::Ordering::SeqCst), 0);
+        fill(&mem, q.vq.avail_addr().0, &[0, 0]);
+        q.add(&[(DATA, 8, true)]);
+        notify(&t, 0);
+        assert_eq!(rd(&t, 0x60), 1);
+    }
+}
