@@ -74,6 +74,8 @@ pub struct DeviceView<'a> {
     pub resources: Option<&'a SlotResources>,
     /// Whether it was created in machine-ready.
     pub hotplugged: bool,
+    /// Whether the board created it ([`crate::DeviceTree::add_onboard`]).
+    pub onboard: bool,
     /// Validated properties, every one present.
     pub props: &'a Props,
 }

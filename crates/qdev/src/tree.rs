@@ -184,6 +184,7 @@ fn view<'a>(dev: &'a Device, bus: &'a str, slots: &'a Slots) -> DeviceView<'a> {
         slot: dev.slot,
         resources: slot_resources(slots, dev.slot),
         hotplugged: dev.hotplugged,
+        onboard: dev.onboard,
         props: &dev.props,
     }
 }
