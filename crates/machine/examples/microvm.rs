@@ -1,8 +1,8 @@
-//! A minimal custom VMM built from keel-kvm and keel-machine only (no QMP, no `vmm`):
+//! A minimal custom VMM built from keel-machine and one backend (keel-kvm or keel-tcg) only (no QMP, no `vmm`):
 //! boots a microvm and ends with the guest's status.
 //!
 //! ```text
-//! cargo run -p keel-machine --example microvm -- [-m MiB] [-smp N] [-kernel F] [-initrd F] [-append S] [-debug-exit]
+//! cargo run -p keel-machine --example microvm -- [-accel kvm|tcg] [-m MiB] [-smp N] [-kernel F] [-initrd F] [-append S] [-no-reboot] [-debug-exit]
 //! ```
 //! With no `-kernel` it runs the built-in demo guest. COM1 is on stdio.
 
@@ -32,6 +32,7 @@ fn run() -> Result<i32, Box<dyn std::error::Error>> {
         ..MicrovmConfig::default()
     };
     let mut debug_exit = false;
+    let mut accel_name = String::from("kvm");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -43,12 +44,17 @@ fn run() -> Result<i32, Box<dyn std::error::Error>> {
             "-append" => cfg.append = val()?,
             "-no-reboot" => cfg.no_reboot = true,
             "-debug-exit" => debug_exit = true,
+            "-accel" => accel_name = val()?,
             other => return Err(format!("unknown option {other}").into()),
         }
     }
-    let accel = keel_kvm::KvmAccel::new()?;
+    let accel: Box<dyn keel_accel::Accelerator> = match accel_name.as_str() {
+        "kvm" => Box::new(keel_kvm::KvmAccel::new()?),
+        "tcg" => Box::new(keel_tcg::TcgAccel::new()),
+        other => return Err(format!("unknown accelerator {other}: use kvm or tcg").into()),
+    };
     let (tx, rx) = mpsc::channel();
-    let mut vm = Microvm::new(cfg, &accel, Arc::new(tx))?;
+    let mut vm = Microvm::new(cfg, &*accel, Arc::new(tx))?;
     if debug_exit {
         vm.add_device(
             "isa-debug-exit",

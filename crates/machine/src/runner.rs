@@ -250,17 +250,45 @@ pub(crate) fn spawn_vcpu(
         .spawn({
             let shared = shared.clone();
             move || {
+                let _exit = ThreadExit {
+                    index,
+                    shared: &shared,
+                    hub: &hub,
+                };
                 vcpu_thread(&mut *vcpu, &shared, &hub, &buses);
-                let mut c = lock(&shared.ctl);
-                c.alive -= 1;
-                drop(c);
-                shared.cv.notify_all();
             }
         });
     if result.is_err() {
         lock(&shared.ctl).alive -= 1;
     }
     result
+}
+
+/// Runs when a vCPU thread ends, normally or by a panic in a backend or device: the thread no
+/// longer counts as live (so `pause` cannot wait for it forever), and a panic is reported as a
+/// vCPU error (which holds the other vCPUs).
+struct ThreadExit<'a> {
+    index: u32,
+    shared: &'a Shared,
+    hub: &'a Hub,
+}
+
+impl Drop for ThreadExit<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.hub.vcpu_error(
+                self.index,
+                &AccelError::Guest {
+                    vcpu: self.index,
+                    reason: "the vCPU thread panicked (a bug in the backend or a device)".into(),
+                },
+            );
+        }
+        let mut c = lock(&self.shared.ctl);
+        c.alive = c.alive.saturating_sub(1);
+        drop(c);
+        self.shared.cv.notify_all();
+    }
 }
 
 fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses) {
@@ -372,7 +400,11 @@ mod tests {
                 data: 0,
             }))
         }
-        fn complete_read(&mut self, _data: u64) {}
+        fn complete_read(&mut self, data: u64) {
+            // The test bus has nothing at 0xdead: an unassigned read, which this fake backend
+            // treats as a bug and panics on.
+            assert_ne!(data, 0xff, "fake backend bug");
+        }
         fn regs(&self) -> Result<Regs, AccelError> {
             Ok(*self.regs.lock().unwrap())
         }
@@ -496,6 +528,26 @@ mod tests {
         for t in rig.threads {
             t.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_panicking_vcpu_is_reported_and_pause_still_returns() {
+        let rig = rig(
+            2,
+            vec![VcpuExit::IoIn {
+                port: PioAddress(0xdead),
+                size: 1,
+            }],
+        );
+        let ev = rig.rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            matches!(ev, MachineEvent::VcpuError { index: 0, .. }),
+            "{ev:?}"
+        );
+        rig.shared.pause();
+        rig.shared.stop();
+        let results: Vec<bool> = rig.threads.into_iter().map(|t| t.join().is_ok()).collect();
+        assert_eq!(results, [false, true]);
     }
 
     #[test]
