@@ -193,6 +193,9 @@ pub enum QdevError {
         #[source]
         source: HookError,
     },
+    /// A partial QOM path that matches more than one object.
+    #[error("Path '{0}' is ambiguous")]
+    AmbiguousPath(String),
     /// A QOM property that does not exist on the object.
     #[error("Property '{path}.{property}' not found")]
     PropertyNotFound {

@@ -55,6 +55,25 @@
 //! # Ok::<(), QdevError>(())
 //! ```
 //!
+//! # Unplug state machine
+//!
+//! ```text
+//!  none ──device_del──► pending ──guest Ejected──► (gone: DEVICE_DELETED)
+//!   ▲  (Async request)    │ │
+//!   │                     │ └──guest Refused──► guest-error ──device_del──► pending
+//!   │                     └──deadline passed──► timed-out  ──device_del──► pending
+//!   └ device_del with an Immediate handler, or any device in machine-init: gone at once.
+//! ```
+//!
+//! * Each request ends exactly once while it is pending: removed (`DEVICE_DELETED`), refused
+//!   or timed out (`DEVICE_UNPLUG_GUEST_ERROR`). Each removed device yields exactly one
+//!   `DEVICE_DELETED`.
+//! * A guest may still eject a device after a refusal or a timeout; it then goes.
+//! * [`DeviceTree::reset`] removes every device whose request is still outstanding
+//!   (`pending` or `timed-out`), as QEMU completes removals on reset; `guest-error` devices
+//!   stay, since the guest declined and the request was withdrawn.
+//! * The id, path and slot of a device are released only when it is gone.
+//!
 //! The crate knows nothing of QMP's wire format, accelerators or machines: a custom VMM can
 //! use it alone. Errors carry their QMP class ([`QdevError::qmp_class`]).
 

@@ -51,7 +51,40 @@ impl DeviceTree {
         if let Some(b) = self.buses.iter().find(|b| b.path == trimmed) {
             return Ok(Obj::Bus(b));
         }
+        if !trimmed.is_empty() && !trimmed.starts_with('/') {
+            return self.resolve_partial(path, trimmed);
+        }
         Err(QdevError::DeviceNotFound(path.to_owned()))
+    }
+
+    /// A partial path (QEMU's): the unique object whose path ends with `/PARTIAL`.
+    fn resolve_partial(&self, path: &str, partial: &str) -> Result<Obj<'_>, QdevError> {
+        let suffix = format!("/{partial}");
+        let mut found: Option<&str> = None;
+        let candidates = CONTAINERS
+            .iter()
+            .map(|c| (*c, true))
+            .chain(self.devices.values().map(|d| (d.path.as_str(), false)))
+            .chain(self.buses.iter().map(|b| (b.path.as_str(), false)));
+        for (p, container) in candidates {
+            let matches = if container {
+                format!("/machine/{p}").ends_with(&suffix)
+            } else {
+                p.ends_with(&suffix)
+            };
+            if matches {
+                if found.is_some() {
+                    return Err(QdevError::AmbiguousPath(path.to_owned()));
+                }
+                found = Some(p);
+            }
+        }
+        match found {
+            Some(p) if CONTAINERS.contains(&p) => self.resolve(&format!("/machine/{p}")),
+            Some(p) => self.resolve(p),
+            None if "/machine".ends_with(&suffix) => Ok(Obj::Machine),
+            None => Err(QdevError::DeviceNotFound(path.to_owned())),
+        }
     }
 
     fn child_buses<'a>(&'a self, parent: &'a str) -> impl Iterator<Item = &'a BusEntry> + 'a {
@@ -67,8 +100,9 @@ impl DeviceTree {
     }
 
     /// `qom-list PATH`: the properties and children of `/machine`, its `peripheral`,
-    /// `peripheral-anon` and `unattached` containers, a device, or a bus. Unknown paths are
-    /// `DeviceNotFound` (as QEMU).
+    /// `peripheral-anon` and `unattached` containers, a device, or a bus. As in QEMU, a path
+    /// without a leading `/` is partial (the unique object whose path ends with it), and
+    /// unknown paths are `DeviceNotFound`.
     pub fn qom_list(&self, path: &str) -> Result<Vec<ObjectPropertyInfo>, QdevError> {
         Ok(match self.resolve(path)? {
             Obj::Machine => {

@@ -838,3 +838,42 @@ fn bus_definition_errors() {
     let e = r.tree.device_del(Phase::MachineInit, "bridge").unwrap_err();
     assert!(matches!(e, QdevError::HasChildBuses(_)));
 }
+
+#[test]
+fn partial_qom_paths() {
+    let mut r = rig();
+    r.tree
+        .device_add(Phase::MachineInit, &cli("isa-debug-exit,id=dbg"))
+        .unwrap();
+    r.tree
+        .device_add(Phase::MachineInit, &cli("virtio-rng-device"))
+        .unwrap();
+    assert_eq!(
+        r.tree.qom_get("dbg", "type").unwrap(),
+        json!("isa-debug-exit")
+    );
+    assert_eq!(
+        r.tree.qom_get("peripheral/dbg", "id").unwrap(),
+        json!("dbg")
+    );
+    assert_eq!(r.tree.qom_get("isa.0", "type").unwrap(), json!("ISA"));
+    assert_eq!(
+        r.tree.qom_get("peripheral", "type").unwrap(),
+        json!("container")
+    );
+    assert!(r.tree.qom_list("machine").is_ok());
+    // device[0] exists in peripheral-anon and unattached.
+    let e = r.tree.qom_get("device[0]", "type").unwrap_err();
+    assert_eq!(
+        (e.qmp_class(), e.to_string().as_str()),
+        ("GenericError", "Path 'device[0]' is ambiguous")
+    );
+    assert_eq!(
+        r.tree.qom_get("unattached/device[0]", "type").unwrap(),
+        json!("i8042")
+    );
+    assert_eq!(
+        r.tree.qom_get("nothing", "type").unwrap_err().qmp_class(),
+        "DeviceNotFound"
+    );
+}
