@@ -132,6 +132,10 @@ pub(crate) struct Guest {
     pub expect: String,
     /// False once something was printed whose value the builder cannot predict.
     pub predicted: bool,
+    /// Extra IDT gates (vector, handler) beyond the 32 exception vectors (64-bit guests).
+    pub gates: Vec<(u8, CodeLabel)>,
+    /// The guest programs the 8259 PIC and 8254 PIT.
+    pub uses_pic_pit: bool,
 }
 
 pub(crate) type R<T = ()> = Result<T, IcedError>;
@@ -163,6 +167,8 @@ impl Guest {
             pt_flags: [PTE_P | PTE_RW; PF_PAGES],
             expect: String::new(),
             predicted: true,
+            gates: Vec::new(),
+            uses_pic_pit: false,
         };
         g.prologue()?;
         Ok(g)
@@ -600,9 +606,12 @@ impl Guest {
             .a
             .assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
         let code = res.inner.code_buffer.clone();
-        let mut stub_ips = Vec::with_capacity(stubs.len());
-        for s in &stubs {
-            stub_ips.push(res.label_ip(s)?);
+        let mut gate_ips: Vec<(u64, u64)> = Vec::with_capacity(stubs.len());
+        for (v, s) in stubs.iter().enumerate() {
+            gate_ips.push((v as u64, res.label_ip(s)?));
+        }
+        for (v, l) in &self.gates {
+            gate_ips.push((u64::from(*v), res.label_ip(l)?));
         }
         let too_big = |what, size, max| {
             Ok(Err(GuestError::TooBig {
@@ -618,7 +627,7 @@ impl Guest {
         if self.data.len() > DATA_MAX {
             return too_big("data", self.data.len(), DATA_MAX);
         }
-        let entry_code = entry_stub(self.mode)?;
+        let entry_code = entry_stub(self.mode, self.uses_pic_pit)?;
 
         let image_len = (DATA - LOAD) as usize + self.data.len();
         let mut img = vec![0u8; image_len];
@@ -642,14 +651,14 @@ impl Guest {
         let mut idtr = 0x0fffu16.to_le_bytes().to_vec();
         idtr.extend_from_slice(&IDT.to_le_bytes());
         put(&mut img, IDTR, &idtr);
-        for (v, ip) in stub_ips.iter().enumerate() {
+        for &(v, ip) in &gate_ips {
             let lo = (ip & 0xffff)
                 | (u64::from(SEL_CODE64) << 16)
                 | (0x8e00u64 << 32)
                 | ((ip >> 16) & 0xffff) << 48;
             let hi = ip >> 32;
-            put(&mut img, IDT + 16 * v as u64, &lo.to_le_bytes());
-            put(&mut img, IDT + 16 * v as u64 + 8, &hi.to_le_bytes());
+            put(&mut img, IDT + 16 * v, &lo.to_le_bytes());
+            put(&mut img, IDT + 16 * v + 8, &hi.to_le_bytes());
         }
         if self.mode == Mode::Long64 {
             put(&mut img, PML4, &(PDPT | PTE_P | PTE_RW).to_le_bytes());
@@ -676,13 +685,18 @@ impl Guest {
             expected_exit: crate::EXIT_OK,
             results: None,
             instructions: None,
+            uses_pic_pit: self.uses_pic_pit,
         }))
     }
 }
 
 /// The 32-bit PVH entry stub at [`layout::LOAD`]: own GDT, flat segments, stack, then either
 /// the 32-bit main code or long mode (PAE, 4-level tables, EFER.LME|NXE, CR0.PG|WP).
-fn entry_stub(mode: Mode) -> R<Vec<u8>> {
+///
+/// With `virtual_wire`, the local APIC (if any) is enabled with LINT0 in ExtINT mode, the
+/// state firmware leaves on a PC, so 8259 interrupts reach the CPU; without a local APIC the
+/// two stores go to unassigned MMIO and are dropped.
+fn entry_stub(mode: Mode, virtual_wire: bool) -> R<Vec<u8>> {
     let build = |reload_ip: u32| -> R<(Vec<u8>, CodeLabel, CodeAssembler)> {
         let mut a = CodeAssembler::new(32)?;
         let mut reload = a.create_label();
@@ -702,6 +716,10 @@ fn entry_stub(mode: Mode) -> R<Vec<u8>> {
         a.mov(fs, ax)?;
         a.mov(gs, ax)?;
         a.mov(esp, STACK_TOP as u32)?;
+        if virtual_wire {
+            a.mov(dword_ptr(0xfee0_00f0u32), 0x1ff)?; // SVR: enabled, spurious vector 0xff
+            a.mov(dword_ptr(0xfee0_0350u32), 0x700)?; // LVT LINT0: ExtINT, unmasked
+        }
         match mode {
             Mode::Protected32 => {
                 a.add_instruction(Instruction::with_far_branch(

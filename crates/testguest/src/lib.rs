@@ -172,6 +172,9 @@ pub struct TestGuest {
     pub results: Option<ResultArea>,
     /// Guest instructions executed, when the guest is a benchmark loop (for MIPS).
     pub instructions: Option<u64>,
+    /// The guest programs the 8259 PIC pair and the 8254 PIT and takes timer interrupts:
+    /// the machine must provide them (`MachineRequirements::pit`).
+    pub uses_pic_pit: bool,
 }
 
 /// A block of result records the guest writes to memory.

@@ -167,6 +167,11 @@ fn port_io() {
 }
 
 #[test]
+fn timer_interrupts_through_pic_and_pit() {
+    differential(keel_testguest::timer, None, None);
+}
+
+#[test]
 fn exceptions() {
     differential(
         keel_testguest::exceptions,

@@ -133,7 +133,7 @@ pub fn run(accel: &dyn Accelerator, guest: &TestGuest, budget: Duration) -> Outc
         vcpus: 1,
         memory: GUEST_MEM_SIZE,
         irqchip: IrqChip::Pic,
-        pit: false,
+        pit: guest.uses_pic_pit,
     };
     if let Err(e) = accel.check(&req) {
         return fail(e.to_string());
