@@ -298,8 +298,9 @@ pub enum Shadow {
 /// Everything a vCPU's instructions can see or change.
 #[derive(Debug)]
 pub struct Cpu {
-    /// RAX..R15 in encoding order; index 16 is a constant zero used for absent base/index.
-    pub gpr: [u64; 17],
+    /// RAX..R15 in encoding order; index 16 is a constant zero used for absent base/index
+    /// (the array has 32 entries so a masked index needs no bounds check; 16..32 stay zero).
+    pub gpr: [u64; 32],
     /// Instruction pointer (during execution: the next instruction's address).
     pub rip: u64,
     /// RFLAGS; the six status flags are valid only when `cc.op` is `Eager`.
@@ -309,7 +310,7 @@ pub struct Cpu {
     /// ES, CS, SS, DS, FS, GS.
     pub seg: [Seg; 6],
     /// Effective segment bases for address computation (zero for ES/CS/SS/DS in 64-bit mode).
-    pub ebase: [u64; 6],
+    pub ebase: [u64; 8],
     /// LDTR.
     pub ldtr: Seg,
     /// Task register.
@@ -403,7 +404,7 @@ impl Cpu {
         cs.base = 0xffff_0000;
         cs.attr = 0x9b;
         let mut c = Self {
-            gpr: [0; 17],
+            gpr: [0; 32],
             rip: 0xfff0,
             rflags: fl::FIXED1,
             cc: Cc::default(),
@@ -415,7 +416,7 @@ impl Cpu {
                 Seg::real(0),
                 Seg::real(0),
             ],
-            ebase: [0; 6],
+            ebase: [0; 8],
             ldtr: Seg {
                 attr: 0x82,
                 limit: 0xffff,
@@ -532,9 +533,9 @@ impl Cpu {
     #[inline(always)]
     pub fn r8(&self, r: u8) -> u64 {
         if r < 16 {
-            self.gpr[r as usize] & 0xff
+            self.gpr[(r & 15) as usize] & 0xff
         } else {
-            (self.gpr[(r - 16) as usize] >> 8) & 0xff
+            (self.gpr[(r & 3) as usize] >> 8) & 0xff
         }
     }
 
@@ -542,10 +543,10 @@ impl Cpu {
     #[inline(always)]
     pub fn w8(&mut self, r: u8, v: u64) {
         if r < 16 {
-            let g = &mut self.gpr[r as usize];
+            let g = &mut self.gpr[(r & 15) as usize];
             *g = (*g & !0xff) | (v & 0xff);
         } else {
-            let g = &mut self.gpr[(r - 16) as usize];
+            let g = &mut self.gpr[(r & 3) as usize];
             *g = (*g & !0xff00) | ((v & 0xff) << 8);
         }
     }
@@ -555,9 +556,9 @@ impl Cpu {
     pub fn rreg(&self, r: u8, size: u8) -> u64 {
         match size {
             1 => self.r8(r),
-            2 => self.gpr[r as usize] & 0xffff,
-            4 => self.gpr[r as usize] & 0xffff_ffff,
-            _ => self.gpr[r as usize],
+            2 => self.gpr[(r & 15) as usize] & 0xffff,
+            4 => self.gpr[(r & 15) as usize] & 0xffff_ffff,
+            _ => self.gpr[(r & 15) as usize],
         }
     }
 
@@ -567,11 +568,11 @@ impl Cpu {
         match size {
             1 => self.w8(r, v),
             2 => {
-                let g = &mut self.gpr[r as usize];
+                let g = &mut self.gpr[(r & 15) as usize];
                 *g = (*g & !0xffff) | (v & 0xffff);
             }
-            4 => self.gpr[r as usize] = v & 0xffff_ffff,
-            _ => self.gpr[r as usize] = v,
+            4 => self.gpr[(r & 15) as usize] = v & 0xffff_ffff,
+            _ => self.gpr[(r & 15) as usize] = v,
         }
     }
 

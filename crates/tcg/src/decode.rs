@@ -15,7 +15,7 @@ use iced_x86::{
 };
 
 use crate::cpu::Cpu;
-use crate::exc::{Ex, Flow, vec};
+use crate::exc::{Ex, Flow, NO_ERR, vec};
 use crate::exec;
 use crate::mem::Access;
 
@@ -476,6 +476,6 @@ fn ends_block(instr: &Instruction) -> bool {
 pub fn ud() -> Flow {
     Err(Ex::Fault {
         vector: vec::UD,
-        error: None,
+        error: NO_ERR,
     })
 }

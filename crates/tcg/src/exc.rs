@@ -38,6 +38,9 @@ pub mod vec {
     pub const XM: u8 = 19;
 }
 
+/// `Ex::Fault::error` value meaning "no error code" (keeps `Ex` register-sized).
+pub const NO_ERR: u32 = u32::MAX;
+
 /// Why an instruction did not simply fall through to the next one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ex {
@@ -45,8 +48,8 @@ pub enum Ex {
     Fault {
         /// Vector.
         vector: u8,
-        /// Error code, for the vectors that push one.
-        error: Option<u32>,
+        /// Error code, or [`NO_ERR`] for vectors that push none.
+        error: u32,
     },
     /// `int n` / `int3` / `into`: delivered as a software interrupt with RIP after the instruction.
     SoftInt(u8),
@@ -59,35 +62,40 @@ pub enum Ex {
 }
 
 impl Ex {
+    /// The error code as an option.
+    #[inline]
+    pub fn code(error: u32) -> Option<u32> {
+        (error != NO_ERR).then_some(error)
+    }
     /// #GP with an error code.
     #[inline]
     pub const fn gp(err: u32) -> Self {
         Ex::Fault {
             vector: vec::GP,
-            error: Some(err),
+            error: err,
         }
     }
     /// #UD.
     pub const UD: Ex = Ex::Fault {
         vector: vec::UD,
-        error: None,
+        error: NO_ERR,
     };
     /// #DE.
     pub const DE: Ex = Ex::Fault {
         vector: vec::DE,
-        error: None,
+        error: NO_ERR,
     };
     /// #NM.
     pub const NM: Ex = Ex::Fault {
         vector: vec::NM,
-        error: None,
+        error: NO_ERR,
     };
     /// #SS with an error code.
     #[inline]
     pub const fn ss(err: u32) -> Self {
         Ex::Fault {
             vector: vec::SS,
-            error: Some(err),
+            error: err,
         }
     }
     /// #NP with an error code.
@@ -95,7 +103,7 @@ impl Ex {
     pub const fn np(err: u32) -> Self {
         Ex::Fault {
             vector: vec::NP,
-            error: Some(err),
+            error: err,
         }
     }
     /// #TS with an error code.
@@ -103,7 +111,7 @@ impl Ex {
     pub const fn ts(err: u32) -> Self {
         Ex::Fault {
             vector: vec::TS,
-            error: Some(err),
+            error: err,
         }
     }
 }

@@ -37,18 +37,18 @@ pub fn sext(v: u64, size: u8) -> u64 {
 pub fn ea(cpu: &Cpu, i: &Insn) -> u64 {
     let off = i
         .disp
-        .wrapping_add(cpu.gpr[i.base as usize])
-        .wrapping_add(cpu.gpr[i.index as usize] << i.scale)
+        .wrapping_add(cpu.gpr[(i.base & 31) as usize])
+        .wrapping_add(cpu.gpr[(i.index & 31) as usize] << (i.scale & 3))
         & i.amask;
-    cpu.ebase[i.seg as usize].wrapping_add(off) & cpu.lin_mask
+    cpu.ebase[(i.seg & 7) as usize].wrapping_add(off) & cpu.lin_mask
 }
 
 /// Offset (effective address without segment base) of the memory operand.
 #[inline(always)]
 pub fn ea_off(cpu: &Cpu, i: &Insn) -> u64 {
     i.disp
-        .wrapping_add(cpu.gpr[i.base as usize])
-        .wrapping_add(cpu.gpr[i.index as usize] << i.scale)
+        .wrapping_add(cpu.gpr[(i.base & 31) as usize])
+        .wrapping_add(cpu.gpr[(i.index & 31) as usize] << (i.scale & 3))
         & i.amask
 }
 
@@ -361,9 +361,7 @@ fn incdec_r<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
 }
 
 fn jcc(cpu: &mut Cpu, i: &Insn) -> Flow {
-    if cpu.cond(i.aux) {
-        cpu.rip = i.imm;
-    }
+    cpu.rip = if cpu.cond(i.aux) { i.imm } else { i.next_ip };
     Ok(())
 }
 
@@ -652,6 +650,7 @@ fn cc_of(ins: &Instruction) -> u8 {
 
 /// Executes any instruction by mnemonic. Slower than the specialised handlers.
 pub fn generic(cpu: &mut Cpu, i: &Insn) -> Flow {
+    cpu.rip = i.next_ip;
     let ins = &i.instr;
     let m = ins.mnemonic();
     let s = i.size;

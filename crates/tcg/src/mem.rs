@@ -453,7 +453,7 @@ impl Cpu {
                 self.cr2 = lin;
                 Err(Ex::Fault {
                     vector: vec::PF,
-                    error: Some(e),
+                    error: e,
                 })
             }
         }

@@ -9,7 +9,7 @@ use iced_x86::{Mnemonic as M, OpKind};
 
 use crate::cpu::{Cpu, Seg, Shadow, cr0, cr4, efer, fl, sr};
 use crate::decode::{Insn, gpr};
-use crate::exc::{Ex, Flow, vec};
+use crate::exc::{Ex, Flow, NO_ERR, vec};
 use crate::exec::{ea, mask, op_size, rd_op, wr_op};
 
 // ---------------------------------------------------------------------------------------
@@ -976,7 +976,7 @@ fn need_cpl0(cpu: &Cpu) -> Flow {
 
 const NOT_MINE: Ex = Ex::Fault {
     vector: 0xff,
-    error: None,
+    error: NO_ERR,
 };
 
 /// System instructions; `None` when `i` is not one of them.

@@ -169,7 +169,6 @@ impl TcgVm {
             pit: self.pit.clone(),
             clock: self.clock.clone(),
             wakeup: self.wakeup.clone(),
-            blocks: 0,
         }
     }
 
@@ -235,7 +234,6 @@ pub struct TcgVcpu {
     pit: Arc<Pit>,
     clock: Arc<MonotonicClock>,
     wakeup: Arc<Wakeup>,
-    blocks: u64,
 }
 
 impl std::fmt::Debug for TcgVcpu {
@@ -249,6 +247,47 @@ impl std::fmt::Debug for TcgVcpu {
 
 enum Stop {
     Exit(VcpuExit),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockEnd {
+    /// Ran to the end; RIP is the successor.
+    Normal,
+    /// Stopped early after an instruction that wrote translated code.
+    Stopped,
+    /// An instruction at `ip` ended with a non-local outcome.
+    Ex(Ex, u64),
+}
+
+/// Executes the instructions of one block.
+///
+/// Branches only end blocks, so only the last instruction can transfer control: RIP is
+/// stored before it (branch handlers overwrite it; the generic handler stores its own),
+/// and after a mid-block stop.
+#[inline(always)]
+fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
+    let n = insns.len();
+    let mut k = 0usize;
+    while k < n {
+        let ins = &insns[k];
+        if k + 1 == n {
+            cpu.rip = ins.next_ip;
+        }
+        if let Err(e) = (ins.exec)(cpu, ins) {
+            cpu.icount += k as u64 + u64::from(!matches!(e, Ex::Fault { .. }));
+            return BlockEnd::Ex(e, ins.ip);
+        }
+        k += 1;
+        if cpu.stop_block {
+            if k < n {
+                cpu.rip = ins.next_ip;
+            }
+            cpu.icount += k as u64;
+            return BlockEnd::Stopped;
+        }
+    }
+    cpu.icount += n as u64;
+    BlockEnd::Normal
 }
 
 impl TcgVcpu {
@@ -298,6 +337,7 @@ impl TcgVcpu {
             match system::deliver(cpu, cur.0, cur.1, soft && first, ext && first) {
                 Ok(()) => return Ok(()),
                 Err(Ex::Fault { vector, error }) => {
+                    let error = Ex::code(error);
                     if cur.0 == vec::DF {
                         return Err(Stop::Exit(VcpuExit::Shutdown));
                     }
@@ -321,7 +361,7 @@ impl TcgVcpu {
         match e {
             Ex::Fault { vector, error } => {
                 self.cpu.rip = ip;
-                self.raise(vector, error, false, false)
+                self.raise(vector, Ex::code(error), false, false)
             }
             Ex::SoftInt(v) => self.raise(v, None, v != 1, false),
             Ex::Halt => {
@@ -335,30 +375,29 @@ impl TcgVcpu {
 
     /// Runs until an exit; the inner loop of [`Vcpu::run`].
     fn run_inner(&mut self) -> Result<VcpuExit, Stop> {
-        let mut next: Option<u32> = None;
+        // Block whose successor link may be filled by the next lookup.
+        let mut prev: Option<u32> = None;
         loop {
             let bits = self.att.bits.load(Ordering::Relaxed);
             if bits != 0 {
-                next = None;
+                prev = None;
                 if let Some(x) = self.process_attention(bits) {
                     return Ok(x);
                 }
             }
-            self.blocks = self.blocks.wrapping_add(1);
-            if self.blocks & 63 == 0 {
-                self.poll_timers();
-            }
-            if !self.cpu.dirty_code.is_empty() || self.cpu.dirty_code_overflow {
+            self.poll_timers();
+            if self.cpu.stop_block {
+                // Code was written outside a block (e.g. by exception delivery).
+                self.cpu.stop_block = false;
                 self.cache.process_dirty(&mut self.cpu);
-                next = None;
+                prev = None;
             }
-            let cpu = &mut self.cpu;
-            let shadow = cpu.shadow == Shadow::Active;
-            if !shadow && cpu.rflags & fl::IF != 0 && self.pic.has_interrupt() {
+            let shadow = self.cpu.shadow == Shadow::Active;
+            if !shadow && self.cpu.rflags & fl::IF != 0 && self.pic.has_interrupt() {
                 if let Some(v) = self.pic.acknowledge() {
                     self.raise(v, None, false, true)?;
                 }
-                next = None;
+                prev = None;
             }
             if self.cpu.halted {
                 if self.cpu.rflags & fl::IF == 0 {
@@ -371,82 +410,103 @@ impl TcgVcpu {
                         .next_deadline_ns()
                         .map(|d| self.clock.instant_at(d));
                     self.wakeup.wait_until(deadline);
-                    self.poll_timers();
                 }
                 continue;
             }
-            let idx = match next.take() {
-                Some(i) => i,
-                None => match self.cache.lookup(&mut self.cpu) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        let ip = self.cpu.rip;
-                        self.handle_ex(e, ip)?;
-                        continue;
+            let mut idx = match self.cache.lookup(&mut self.cpu) {
+                Ok(i) => i,
+                Err(e) => {
+                    let ip = self.cpu.rip;
+                    self.handle_ex(e, ip)?;
+                    prev = None;
+                    continue;
+                }
+            };
+            if let Some(p) = prev.take() {
+                self.link(p, idx);
+            }
+            if shadow {
+                self.cpu.shadow = Shadow::None;
+                let r = exec_block(&mut self.cpu, &self.cache.blocks[idx as usize].insns[..1]);
+                self.after_block(r)?;
+                continue;
+            }
+            // Hot path: run blocks, following cached links, until something needs attention.
+            let mut budget = 64u32;
+            loop {
+                let r = exec_block(&mut self.cpu, &self.cache.blocks[idx as usize].insns);
+                if r != BlockEnd::Normal {
+                    self.after_block(r)?;
+                    break;
+                }
+                budget -= 1;
+                if budget == 0
+                    || self.att.bits.load(Ordering::Relaxed) != 0
+                    || (self.cpu.rflags & fl::IF != 0 && self.pic.has_interrupt())
+                {
+                    break;
+                }
+                match self.follow(idx) {
+                    Some(b) => idx = b,
+                    None => {
+                        prev = Some(idx);
+                        break;
                     }
-                },
-            };
-            let cpu = &mut self.cpu;
-            let blk = &self.cache.blocks[idx as usize];
-            let insns: &[crate::decode::Insn] = if shadow {
-                cpu.shadow = Shadow::None;
-                &blk.insns[..1]
-            } else {
-                &blk.insns
-            };
-            let mut fault: Option<(Ex, u64)> = None;
-            let mut done = 0u64;
-            for ins in insns {
-                cpu.rip = ins.next_ip;
-                done += 1;
-                if let Err(e) = (ins.exec)(cpu, ins) {
-                    fault = Some((e, ins.ip));
-                    break;
-                }
-                if cpu.stop_block {
-                    break;
                 }
             }
-            cpu.icount += done;
-            let stopped = std::mem::take(&mut cpu.stop_block);
-            if let Some((e, ip)) = fault {
-                if matches!(e, Ex::Fault { .. }) {
-                    cpu.icount -= 1;
+        }
+    }
+
+    /// The cached successor of block `idx` for the current RIP.
+    #[inline(always)]
+    fn follow(&self, idx: u32) -> Option<u32> {
+        let blk = &self.cache.blocks[idx as usize];
+        let rip = self.cpu.rip;
+        let generation = self.cache.generation;
+        for l in &blk.links {
+            let (r, b, g) = l.get();
+            if r == rip && g == generation {
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    /// Records `to` as a successor of `from` when both are on one page in one mode.
+    fn link(&self, from: u32, to: u32) {
+        let generation = self.cache.generation;
+        let (Some(f), Some(t)) = (
+            self.cache.blocks.get(from as usize),
+            self.cache.blocks.get(to as usize),
+        ) else {
+            return;
+        };
+        if !f.valid || (f.rip ^ t.rip) & !0xfff != 0 || f.mode != t.mode || t.rip != self.cpu.rip {
+            return;
+        }
+        let slot = if f.links[0].get().2 != generation {
+            0
+        } else {
+            1
+        };
+        f.links[slot].set((t.rip, to, generation));
+    }
+
+    fn after_block(&mut self, r: BlockEnd) -> Result<(), Stop> {
+        match r {
+            BlockEnd::Normal => Ok(()),
+            BlockEnd::Stopped => {
+                self.cpu.stop_block = false;
+                self.cache.process_dirty(&mut self.cpu);
+                Ok(())
+            }
+            BlockEnd::Ex(e, ip) => {
+                if self.cpu.stop_block {
+                    self.cpu.stop_block = false;
+                    self.cache.process_dirty(&mut self.cpu);
                 }
-                self.handle_ex(e, ip)?;
-                continue;
+                self.handle_ex(e, ip)
             }
-            if stopped || shadow {
-                continue;
-            }
-            // Chain to the successor when it is on the same page in the same mode.
-            let rip = self.cpu.rip;
-            let blk = &self.cache.blocks[idx as usize];
-            if (rip ^ blk.rip) & !0xfff != 0 {
-                continue;
-            }
-            let generation = self.cache.generation;
-            let mut found = None;
-            for l in &blk.links {
-                let (r, b, g) = l.get();
-                if r == rip && g == generation {
-                    found = Some(b);
-                    break;
-                }
-            }
-            if found.is_none()
-                && let Ok(b) = self.cache.lookup(&mut self.cpu)
-            {
-                let blk = &self.cache.blocks[idx as usize];
-                let slot = if blk.links[0].get().2 != generation {
-                    0
-                } else {
-                    1
-                };
-                blk.links[slot].set((rip, b, self.cache.generation));
-                found = Some(b);
-            }
-            next = found;
         }
     }
 
