@@ -35,7 +35,14 @@ fn env_num(name: &str, default: usize) -> usize {
 fn start(bin: &str, sock: &Path) -> Child {
     let _ = std::fs::remove_file(sock);
     Command::new(bin)
-        .args(["-machine", "none", "-nodefaults", "-display", "none", "-qmp"])
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+        ])
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -80,7 +87,8 @@ fn measure(bin: &str, sock: &Path, round_trips: usize) -> Sample {
     let greeting = t0.elapsed();
     assert!(line.starts_with("{\"QMP\""), "{bin}: {line}");
 
-    w.write_all(b"{\"execute\": \"qmp_capabilities\"}\n").unwrap();
+    w.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
     read_reply(&mut r, &mut line);
     let req = b"{\"execute\": \"query-status\"}\n";
     let t1 = Instant::now();
@@ -118,8 +126,15 @@ fn bench(name: &str, bin: &str, dir: &Path, runs: usize, round_trips: usize) -> 
     let sock: PathBuf = dir.join(format!("{name}.sock"));
     // One warm-up run (page cache, dynamic loader).
     measure(bin, &sock, 100);
-    let samples: Vec<Sample> = (0..runs).map(|_| measure(bin, &sock, round_trips)).collect();
-    let g = median(samples.iter().map(|s| s.greeting.as_secs_f64() * 1e3).collect());
+    let samples: Vec<Sample> = (0..runs)
+        .map(|_| measure(bin, &sock, round_trips))
+        .collect();
+    let g = median(
+        samples
+            .iter()
+            .map(|s| s.greeting.as_secs_f64() * 1e3)
+            .collect(),
+    );
     let rt = median(samples.iter().map(|s| s.round_trips_per_sec).collect());
     println!(
         "{name:<6} start->greeting median {g:8.3} ms   query-status {rt:10.0} round trips/s   ({runs} runs, {round_trips} round trips each)"

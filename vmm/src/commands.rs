@@ -325,7 +325,7 @@ pub struct AccelInfo {
     pub name: String,
     /// Whether it can be used on this host.
     pub available: bool,
-    /// Why not, if it cannot.
+    /// Why not, if it cannot (or why `accel-set` passed over it for this machine).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Whether `accel-set` chose it.
@@ -686,6 +686,39 @@ impl Handler<VmmCore> for HumanMonitorCommand {
     }
 }
 
+/// `qom-set`: sets a property of a QOM object. Only `/machine` exists so far, and the
+/// `none` machine has no settable property, so this answers QEMU's errors.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QomSet {
+    /// Object path, e.g. `/machine`.
+    pub path: String,
+    /// Property name.
+    pub property: String,
+    /// New value.
+    pub value: Value,
+}
+
+impl Command for QomSet {
+    const NAME: &'static str = "qom-set";
+    const PHASES: PhaseSet = ANY;
+    type Output = ();
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_qom-set-arg",
+            vec![
+                req("path", Type::str()),
+                req("property", Type::str()),
+                req("value", Type::any()),
+            ],
+        )
+    }
+}
+impl Handler<VmmCore> for QomSet {
+    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
+        c.qom_set(&self.path, &self.property, &self.value)
+    }
+}
+
 /// Registers every command and event on `r`.
 pub fn register_all(r: &mut Registry<VmmCore>) {
     r.register::<QueryVersion>();
@@ -709,6 +742,7 @@ pub fn register_all(r: &mut Registry<VmmCore>) {
     r.register::<SystemReset>();
     r.register::<Quit>();
     r.register::<HumanMonitorCommand>();
+    r.register::<QomSet>();
     r.declare_event("RESUME", None);
     r.declare_event("STOP", None);
     r.declare_event("SHUTDOWN", Some(shutdown_event_data("q_obj_SHUTDOWN-arg")));

@@ -188,10 +188,17 @@ impl VmmCore {
             .iter()
             .map(|a| {
                 let probe = a.probe();
+                // Usable here but refused by the machine at accel-set: say why.
+                let refused = self.accel.as_ref().and_then(|c| {
+                    c.rejected
+                        .iter()
+                        .find(|r| r.accel == a.name())
+                        .map(|r| r.reason.clone())
+                });
                 AccelInfo {
                     name: a.name().to_owned(),
                     available: probe.is_ok(),
-                    reason: probe.err(),
+                    reason: probe.err().or(refused),
                     selected: self.accel.as_ref().is_some_and(|c| c.accel == a.name()),
                 }
             })
@@ -428,6 +435,24 @@ impl VmmCore {
             Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
         );
         Ok(())
+    }
+
+    pub(crate) fn qom_set(
+        &mut self,
+        path: &str,
+        property: &str,
+        _value: &serde_json::Value,
+    ) -> Result<(), CommandError> {
+        match (path, self.config.as_ref()) {
+            ("/machine", Some(cfg)) => Err(generic(format!(
+                "Property '{}-machine.{property}' not found",
+                cfg.type_name
+            ))),
+            _ => Err(CommandError::with_class(
+                keel_qmp::ErrorClass::DeviceNotFound,
+                format!("Device '{path}' not found"),
+            )),
+        }
     }
 
     /// Emits SHUTDOWN and moves a ready machine to the `shutdown` run state.

@@ -263,6 +263,13 @@ impl Vmm {
         }
     }
 
+    /// Registers a machine-init-done notifier: it runs once on entering machine-ready (or
+    /// at once if the machine is ready). It runs with the VMM locked, so it must not call
+    /// back into this `Vmm`.
+    pub fn on_machine_ready(&self, notifier: keel_phase::Notifier) {
+        self.core().tracker.add_init_done_notifier(notifier);
+    }
+
     /// Opens a QMP monitor on `endpoint`; it is live at once.
     pub fn serve(&self, endpoint: &Endpoint) -> Result<(), ServerError> {
         let front: Arc<dyn Dispatcher> = Arc::new(QmpFront { vmm: self.clone() });

@@ -555,3 +555,63 @@ fn kvm_is_chosen_where_dev_kvm_opens() {
     let info = c.ok("query-kvm", Value::Null);
     assert_eq!(info, json!({"enabled": kvm, "present": kvm}));
 }
+
+#[test]
+fn missing_any_arg_qom_set() {
+    // qmp-test "missing-any-arg": a missing argument of type 'any' is still missing.
+    let mut vmm = Vmm::start_none(&[]);
+    let mut c = vmm.qmp();
+    let d = c.err(
+        "qom-set",
+        json!({"path": "/machine", "property": "rtc-time"}),
+        "GenericError",
+    );
+    assert_eq!(d, "Parameter 'value' is missing");
+    let d = c.err(
+        "qom-set",
+        json!({"path": "/machine", "property": "rtc-time", "value": 1}),
+        "GenericError",
+    );
+    assert_eq!(d, "Property 'none-machine.rtc-time' not found");
+    c.err(
+        "qom-set",
+        json!({"path": "/nowhere", "property": "x", "value": 1}),
+        "DeviceNotFound",
+    );
+}
+
+#[test]
+fn embedding_api_without_json() {
+    use vmm::commands::*;
+    let v = vmm::Vmm::new();
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = ran.clone();
+    v.on_machine_ready(Box::new(move || {
+        r.store(true, std::sync::atomic::Ordering::SeqCst)
+    }));
+    let events = v.events().subscribe();
+    let e = v.execute(Cont {}).unwrap_err();
+    assert_eq!(e.class(), keel_qmp::ErrorClass::OutOfPhase);
+    v.execute(MachineSet {
+        type_name: Some("none".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let choice = v
+        .execute(AccelSet {
+            accel: AccelList::Many(vec!["nope".into(), "tcg".into()]),
+        })
+        .unwrap();
+    assert_eq!(choice.accel, "tcg");
+    assert_eq!(choice.rejected[0].accel, "nope");
+    v.set_autostart(false);
+    v.execute(MachineDone {}).unwrap();
+    assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(
+        v.execute(QueryPhase {}).unwrap().phase,
+        keel_phase::Phase::MachineReady
+    );
+    v.execute(Cont {}).unwrap();
+    assert_eq!(events.try_recv().unwrap().name, "RESUME");
+    assert!(v.execute(QueryStatus {}).unwrap().running);
+}
