@@ -138,7 +138,9 @@ pub fn shift(cpu: &mut Cpu, i: &Insn) -> Flow {
     let cnt = cnt_raw & if s == 8 { 0x3f } else { 0x1f };
     let a = rd_op(cpu, i, 0, s)?;
     if cnt == 0 {
-        return Ok(());
+        // Flags are untouched, but a 32-bit register destination is still written
+        // (zero-extended), as on hardware.
+        return zero_count_writeback(cpu, i, s, a);
     }
     let mk = mask(s);
     let msb = |v: u64| (v >> (bits - 1)) & 1 != 0;
@@ -231,16 +233,23 @@ pub fn shift(cpu: &mut Cpu, i: &Insn) -> Flow {
     Ok(())
 }
 
+fn zero_count_writeback(cpu: &mut Cpu, i: &Insn, s: u8, a: u64) -> Flow {
+    if s == 4 && i.instr.op_kind(0) == OpKind::Register {
+        wr_op(cpu, i, 0, s, a)?;
+    }
+    Ok(())
+}
+
 /// shld / shrd.
 pub fn shiftd(cpu: &mut Cpu, i: &Insn) -> Flow {
     let ins = &i.instr;
     let s = op_size(i, 0);
     let bits = u32::from(s) * 8;
     let cnt = (rd_op(cpu, i, 2, 1)? as u32) & if s == 8 { 0x3f } else { 0x1f };
-    if cnt == 0 {
-        return Ok(());
-    }
     let a = rd_op(cpu, i, 0, s)?;
+    if cnt == 0 {
+        return zero_count_writeback(cpu, i, s, a);
+    }
     let b = rd_op(cpu, i, 1, s)?;
     let mk = mask(s);
     let (r, cf) = if ins.mnemonic() == M::Shld {
