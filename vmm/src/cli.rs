@@ -120,11 +120,14 @@ Monitors (live from the moment they are read):
   -chardev socket,id=ID,path=PATH,server=on,wait=off  (or host=,port=)
   -mon chardev=ID,mode=control
 Lifecycle:
+  -enable-kvm                       same as -accel kvm
+  -cpu MODEL                        CPU model (a machine property)
   -S                                stay paused (prelaunch) when ready
   -preconfig                        stop early and let QMP finish the machine
                                     (without -machine: wait in no-machine)
 Other:
   -name NAME  -nodefaults  -no-user-config  -display none  -nographic
+  -vga none  -monitor none
   -h, --help  --version
 ";
 
@@ -321,6 +324,9 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "append"
                 | "serial"
                 | "device"
+                | "cpu"
+                | "vga"
+                | "monitor"
         );
         let value = if takes_value {
             let v = args
@@ -342,6 +348,37 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "S" => Action::NoAutostart,
             "preconfig" => Action::Preconfig,
             "nodefaults" | "no-user-config" | "nographic" => Action::Nothing,
+            "vga" | "monitor" if v == "none" => Action::Nothing,
+            "vga" => {
+                return Err(syntax(
+                    &option,
+                    "Keel has no display; only 'none' is accepted",
+                ));
+            }
+            "monitor" => {
+                return Err(syntax(
+                    &option,
+                    "the human monitor is not supported; use -qmp (only '-monitor none' is accepted)",
+                ));
+            }
+            "enable-kvm" => {
+                if let Some(Step {
+                    action: Action::Accel(list),
+                    option: prev,
+                }) = steps.last_mut()
+                {
+                    list.push("kvm".into());
+                    prev.push(' ');
+                    prev.push_str(&option);
+                    continue;
+                }
+                Action::Accel(vec!["kvm".into()])
+            }
+            "cpu" => {
+                let mut set = MachineSet::default();
+                set.props.insert("cpu".into(), v.to_owned());
+                Action::Machine(set, None)
+            }
             "display" => {
                 let opts = split_opts(&option, v, Some("type"))?;
                 match opts.first() {
@@ -394,6 +431,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "smp" => {
                 let mut set = MachineSet::default();
                 let mut max = None;
+                let mut topology: Option<u32> = None;
                 for (k, val) in split_opts(&option, v, Some("cpus"))? {
                     let n: u32 = val.parse().map_err(|_| {
                         syntax(&option, format!("Parameter '{k}' expects a number"))
@@ -401,25 +439,30 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                     match k.as_str() {
                         "cpus" => set.cpus = Some(n),
                         "maxcpus" => max = Some(n),
+                        "sockets" | "dies" | "clusters" | "cores" | "threads" => {
+                            topology = Some(topology.unwrap_or(1).saturating_mul(n));
+                        }
                         other => {
-                            return Err(syntax(
-                                &option,
-                                format!(
-                                    "Invalid parameter '{other}' (only cpus= and maxcpus= are supported)"
-                                ),
-                            ));
+                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
                         }
                     }
                 }
-                if let (Some(m), Some(c)) = (max, set.cpus)
-                    && m != c
-                {
-                    return Err(syntax(
-                        &option,
-                        "CPU hot plug is not supported: maxcpus must equal cpus",
-                    ));
+                let cpus = set.cpus.or(max).or(topology);
+                if let Some(c) = cpus {
+                    if max.is_some_and(|m| m != c) {
+                        return Err(syntax(
+                            &option,
+                            "CPU hot plug is not supported: maxcpus must equal cpus",
+                        ));
+                    }
+                    if topology.is_some_and(|t| t != c) {
+                        return Err(syntax(
+                            &option,
+                            format!("the topology does not give {c} CPUs"),
+                        ));
+                    }
                 }
-                set.cpus = set.cpus.or(max);
+                set.cpus = cpus;
                 Action::Machine(set, None)
             }
             "kernel" | "initrd" | "append" => {
@@ -669,6 +712,23 @@ mod tests {
         assert_eq!(parse_size("12Q", 1 << 20), None);
         assert_eq!(parse_size("", 1 << 20), None);
         assert_eq!(parse_size("99999999999999E", 1 << 20), None);
+    }
+
+    #[test]
+    fn smp_topology() {
+        let one = |s: &str| match parse(&args(s)) {
+            Ok(Invocation::Run(steps)) => match &steps[0].action {
+                Action::Machine(set, _) => Ok(set.cpus),
+                other => panic!("{other:?}"),
+            },
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(one("-smp 2"), Ok(Some(2)));
+        assert_eq!(one("-smp sockets=1,cores=2,threads=2"), Ok(Some(4)));
+        assert_eq!(one("-smp 4,sockets=1,cores=4"), Ok(Some(4)));
+        assert!(one("-smp 4,cores=2").is_err());
+        assert!(one("-smp 2,maxcpus=4").is_err());
     }
 
     #[test]

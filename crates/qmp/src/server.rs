@@ -13,7 +13,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
+
+/// Clients served at once per listening socket; more are refused (closed at once), so a
+/// local client cannot make the server spawn threads without bound.
+pub const MAX_CLIENTS_PER_LISTENER: usize = 64;
 
 use crate::events::EventBus;
 use crate::session::{Dispatcher, Session};
@@ -206,7 +211,7 @@ pub fn serve(
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(io_err("cannot use", "stdout"))?;
-            spawn_connection(input, output, dispatcher, bus);
+            spawn_connection(input, output, dispatcher, bus, None);
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Unix {
@@ -217,17 +222,18 @@ pub fn serve(
             let shown = path.display().to_string();
             let listener =
                 bind_unix_0600(path).map_err(io_err("cannot listen on unix socket", &*shown))?;
+            let count = Arc::new(AtomicUsize::new(0));
             if *wait {
                 let (s, _) = listener
                     .accept()
                     .map_err(io_err("cannot accept on", &*shown))?;
-                start_stream(OwnedFd::from(s), &dispatcher, &bus);
+                start_counted(OwnedFd::from(s), &dispatcher, &bus, &count);
             }
             thread::Builder::new()
                 .name("qmp-accept".into())
                 .spawn(move || {
                     for s in listener.incoming().flatten() {
-                        start_stream(OwnedFd::from(s), &dispatcher, &bus);
+                        start_counted(OwnedFd::from(s), &dispatcher, &bus, &count);
                     }
                 })
                 .map_err(io_err("cannot start a thread for", &*shown))?;
@@ -296,8 +302,35 @@ pub fn serve_stream(stream: UnixStream, dispatcher: Arc<dyn Dispatcher>, bus: Ar
 
 fn start_stream(fd: OwnedFd, dispatcher: &Arc<dyn Dispatcher>, bus: &Arc<EventBus>) {
     match fd.try_clone() {
-        Ok(out) => spawn_connection(fd, out, dispatcher.clone(), bus.clone()),
+        Ok(out) => spawn_connection(fd, out, dispatcher.clone(), bus.clone(), None),
         Err(e) => eprintln!("qmp: cannot serve a client: {e}"),
+    }
+}
+
+/// Like [`start_stream`] for a listener's client, counted against its limit.
+fn start_counted(
+    fd: OwnedFd,
+    dispatcher: &Arc<dyn Dispatcher>,
+    bus: &Arc<EventBus>,
+    count: &Arc<AtomicUsize>,
+) {
+    if count.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS_PER_LISTENER {
+        count.fetch_sub(1, Ordering::SeqCst);
+        eprintln!("qmp: refusing a client: {MAX_CLIENTS_PER_LISTENER} are connected already");
+        return;
+    }
+    match fd.try_clone() {
+        Ok(out) => spawn_connection(
+            fd,
+            out,
+            dispatcher.clone(),
+            bus.clone(),
+            Some(count.clone()),
+        ),
+        Err(e) => {
+            count.fetch_sub(1, Ordering::SeqCst);
+            eprintln!("qmp: cannot serve a client: {e}");
+        }
     }
 }
 
@@ -306,11 +339,21 @@ fn spawn_connection(
     output: OwnedFd,
     dispatcher: Arc<dyn Dispatcher>,
     bus: Arc<EventBus>,
+    count: Option<Arc<AtomicUsize>>,
 ) {
+    let release = count.clone();
     let spawned = thread::Builder::new()
         .name("qmp-client".into())
-        .spawn(move || serve_connection(File::from(input), File::from(output), &*dispatcher, &bus));
+        .spawn(move || {
+            serve_connection(File::from(input), File::from(output), &*dispatcher, &bus);
+            if let Some(c) = count {
+                c.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
     if let Err(e) = spawned {
+        if let Some(c) = release {
+            c.fetch_sub(1, Ordering::SeqCst);
+        }
         eprintln!("qmp: cannot start a client thread: {e}");
     }
 }
