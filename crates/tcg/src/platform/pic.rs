@@ -88,6 +88,8 @@ struct Chip {
     poll: bool,
     /// OCW3 special mask mode.
     special_mask: bool,
+    /// ICW2 was written at least once: the chip has a vector base.
+    initialised: bool,
 }
 
 impl Chip {
@@ -231,6 +233,7 @@ impl Chip {
         match self.init_step {
             1 => {
                 self.vector_base = v & 0xf8;
+                self.initialised = true;
                 self.init_step = if !self.single {
                     2
                 } else if self.expect_icw4 {
@@ -272,9 +275,15 @@ impl PicState {
         self.chips[chip].set_pin(irq & 7, high);
     }
 
-    /// The interrupt acknowledge cycle; `None` when INTR is not asserted.
+    /// The interrupt acknowledge cycle. With no request left, an initialised master answers
+    /// with its IRQ 7 vector and sets no ISR bit (a spurious interrupt); an uninitialised
+    /// one has no vector to give.
     fn acknowledge(&mut self) -> Option<u8> {
-        let irq = self.chips[0].pending(true)?;
+        let Some(irq) = self.chips[0].pending(true) else {
+            return self.chips[0]
+                .initialised
+                .then_some(self.chips[0].vector_base | 7);
+        };
         self.chips[0].ack(irq);
         let vector = if irq == CASCADE_IRQ {
             match self.chips[1].pending(false) {
@@ -383,10 +392,12 @@ impl Pic {
 
     /// Runs the interrupt acknowledge cycle and returns the vector to deliver.
     ///
-    /// `None` when no request is pending any more (it may have been withdrawn between
-    /// [`Pic::has_interrupt`] and this call; the CPU then simply continues). When the master
-    /// selected the cascade but the slave's request vanished, returns the slave's spurious
-    /// IRQ 15 vector, as the hardware does.
+    /// Call it only after [`Pic::has_interrupt`] returned true (with RFLAGS.IF set). If the
+    /// request was withdrawn in between (a level line dropped on another thread), the
+    /// hardware answers the INTA cycle with a spurious IRQ 7 (master) vector and sets no ISR
+    /// bit; so does this. When the master selected the cascade but the slave's request
+    /// vanished, the slave's spurious IRQ 15 vector comes back. `None` only when the master
+    /// was never initialised (no ICW2, so no vector base exists).
     pub fn acknowledge(&self) -> Option<u8> {
         self.with_state(|s| s.acknowledge())
     }
@@ -689,7 +700,27 @@ mod tests {
         pic.set_irq(5, false).unwrap();
         assert_eq!(pic.acknowledge(), Some(0x34));
         pic.write_register(0, 0, 0x20);
-        assert_eq!(pic.acknowledge(), None);
+        assert!(
+            !pic.has_interrupt(),
+            "the level request went away with its line"
+        );
+    }
+
+    #[test]
+    fn spurious_irq7_when_master_request_vanishes() {
+        let pic = Pic::new();
+        assert_eq!(pic.acknowledge(), None, "uninitialised: no vector base");
+        linux_init(&pic, false);
+        pic.write_register(0, 1, 0);
+        pic.write_elcr(0, 0x10); // IRQ 4 level
+        pic.set_irq(4, true).unwrap();
+        assert!(pic.has_interrupt());
+        // The device drops the line before the CPU's INTA cycle.
+        pic.set_irq(4, false).unwrap();
+        assert_eq!(pic.acknowledge(), Some(0x37));
+        // No ISR bit: Linux's spurious check (read ISR, test bit 7) sees it as spurious.
+        pic.write_register(0, 0, 0x0b);
+        assert_eq!(pic.read_register(0, 0), 0);
     }
 
     #[test]
