@@ -16,8 +16,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{
     ACPI_END, ACPI_START, BOOT_STACK, CMDLINE_ADDR, CMDLINE_MAX, E820Entry, GDT_ADDR, HIMEM_START,
-    IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX,
-    PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
+    IDT_ADDR, LINUX_GDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR,
+    PVH_MEMMAP_MAX, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
 };
 
 /// Errors loading a kernel or initrd and preparing the boot state; each says what to change.
@@ -545,19 +545,18 @@ fn write_cmdline(
     )
 }
 
-/// GDT: null, null, then (0x10) 64-bit code, (0x18) data, (0x20) 32-bit code, (0x28) TSS.
-/// PVH uses 0x20/0x18/0x28; the Linux 64-bit entry uses `__BOOT_CS` 0x10 / `__BOOT_DS` 0x18.
-const GDT: [u64; 6] = [
-    0,
-    0,
-    0x00af_9b00_0000_ffff, // 64-bit code, DPL 0
-    0x00cf_9300_0000_ffff, // data, 4 GiB
-    0x00cf_9b00_0000_ffff, // 32-bit code, 4 GiB
-    0x0000_8b00_0000_0067, // busy 32-bit TSS, base 0, limit 0x67
-];
+const CODE32: u64 = 0x00cf_9b00_0000_ffff; // 32-bit code, 4 GiB, DPL 0
+const CODE64: u64 = 0x00af_9b00_0000_ffff; // 64-bit code, DPL 0
+const DATA: u64 = 0x00cf_9300_0000_ffff; // data, 4 GiB
+const TSS: u64 = 0x0000_8b00_0000_0067; // busy 32-bit TSS, base 0, limit 0x67
 
-fn seg_from_gdt(index: u16) -> Segment {
-    let d = GDT[usize::from(index)];
+/// PVH GDT (at [`GDT_ADDR`]): the layout QEMU's and Firecracker's PVH entries use:
+/// code 0x08, data 0x10, TSS 0x18.
+const PVH_GDT: [u64; 4] = [0, CODE32, DATA, TSS];
+/// Linux 64-bit GDT (at [`LINUX_GDT_ADDR`]): `__BOOT_CS` 0x10, `__BOOT_DS` 0x18, TSS 0x20.
+const LINUX_GDT: [u64; 5] = [0, 0, CODE64, DATA, TSS];
+
+fn seg(d: u64, selector: u16) -> Segment {
     let limit_raw = ((d & 0xffff) | ((d >> 32) & 0x000f_0000)) as u32;
     let g = (d >> 55) & 1 == 1;
     Segment {
@@ -567,7 +566,7 @@ fn seg_from_gdt(index: u16) -> Segment {
         } else {
             limit_raw
         },
-        selector: index * 8,
+        selector,
         type_: ((d >> 40) & 0xf) as u8,
         present: (d >> 47) & 1 == 1,
         dpl: ((d >> 45) & 3) as u8,
@@ -580,53 +579,59 @@ fn seg_from_gdt(index: u16) -> Segment {
     }
 }
 
-fn write_gdt(mem: &keel_accel::GuestMemory) -> Result<(), BootError> {
-    let mut b = Vec::with_capacity(GDT.len() * 8);
-    for d in GDT {
-        b.extend_from_slice(&d.to_le_bytes());
-    }
-    write(mem, "GDT", GDT_ADDR, &b)?;
-    write(mem, "IDT", IDT_ADDR, &[0; 8])
+fn write_gdt(mem: &keel_accel::GuestMemory, addr: u64, gdt: &[u64]) -> Result<(), BootError> {
+    let b: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+    write(mem, "GDT", addr, &b)
 }
 
-fn base_sregs() -> SpecialRegs {
+fn sregs_with(
+    gdt_addr: u64,
+    gdt: &[u64],
+    code: u16,
+    data: u16,
+    tss: u16,
+    idt: keel_accel::DescriptorTable,
+) -> SpecialRegs {
+    let d = |sel: u16| seg(gdt[usize::from(sel / 8)], sel);
     SpecialRegs {
-        gdt: keel_accel::DescriptorTable {
-            base: GDT_ADDR,
-            limit: (GDT.len() * 8 - 1) as u16,
-        },
-        idt: keel_accel::DescriptorTable {
-            base: IDT_ADDR,
-            limit: 7,
-        },
-        tr: seg_from_gdt(5),
+        cs: d(code),
+        ds: d(data),
+        es: d(data),
+        fs: d(data),
+        gs: d(data),
+        ss: d(data),
+        tr: d(tss),
         ldt: Segment {
             unusable: true,
             type_: 2,
             ..Segment::default()
         },
+        gdt: keel_accel::DescriptorTable {
+            base: gdt_addr,
+            limit: (gdt.len() * 8 - 1) as u16,
+        },
+        idt,
         apic_base: 0xfee0_0900, // enabled, bootstrap processor
         ..SpecialRegs::default()
     }
 }
 
-/// PVH entry: flat 32-bit protected mode, paging off, `%ebx` → `hvm_start_info`.
+/// PVH entry: flat 32-bit protected mode, paging off, `%ebx` → `hvm_start_info`; CS 0x08,
+/// data segments 0x10 (as QEMU), the IDT left as at reset (base 0, limit 0xffff), and a stack
+/// at [`BOOT_STACK`] so that a guest that pushes before setting its own stack still works.
 pub fn pvh_entry_state(entry: u64) -> BootState {
-    let mut sregs = base_sregs();
-    let code = seg_from_gdt(4);
-    let data = seg_from_gdt(3);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    let idt = keel_accel::DescriptorTable {
+        base: 0,
+        limit: 0xffff,
+    };
+    let mut sregs = sregs_with(GDT_ADDR, &PVH_GDT, 0x08, 0x10, 0x18, idt);
     sregs.cr0 = 0x11; // PE | ET
     BootState {
         protocol: BootProtocol::Pvh,
         regs: Regs {
             rip: entry,
             rbx: PVH_INFO_ADDR,
+            rsp: BOOT_STACK,
             rflags: 0x2,
             ..Regs::default()
         },
@@ -634,17 +639,14 @@ pub fn pvh_entry_state(entry: u64) -> BootState {
     }
 }
 
-/// Linux 64-bit entry: long mode with the boot identity map, `%rsi` → zero page.
+/// Linux 64-bit entry: long mode with the boot identity map, `%rsi` → zero page,
+/// `__BOOT_CS` 0x10 / `__BOOT_DS` 0x18.
 pub fn linux64_entry_state(entry: u64) -> BootState {
-    let mut sregs = base_sregs();
-    let code = seg_from_gdt(2);
-    let data = seg_from_gdt(3);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    let idt = keel_accel::DescriptorTable {
+        base: IDT_ADDR,
+        limit: 7,
+    };
+    let mut sregs = sregs_with(LINUX_GDT_ADDR, &LINUX_GDT, 0x10, 0x18, 0x20, idt);
     sregs.cr0 = 0x8000_0011; // PG | ET | PE
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 = 0x20; // PAE
@@ -783,13 +785,15 @@ pub fn prepare(
         None => None,
     };
     write_cmdline(mem, cfg.cmdline, cmdline_max)?;
-    write_gdt(mem)?;
     match loaded.protocol {
         BootProtocol::Pvh => {
+            write_gdt(mem, GDT_ADDR, &PVH_GDT)?;
             write_pvh_info(mem, initrd, cfg.rsdp, cfg.e820)?;
             Ok(pvh_entry_state(loaded.entry))
         }
         BootProtocol::Linux64 => {
+            write_gdt(mem, LINUX_GDT_ADDR, &LINUX_GDT)?;
+            write(mem, "IDT", IDT_ADDR, &[0; 8])?;
             write_page_tables(mem)?;
             write_zero_page(
                 mem,
@@ -946,6 +950,11 @@ mod tests {
             assert_eq!(st.regs.rbx, PVH_INFO_ADDR);
             assert_eq!(st.sregs.mode(), keel_accel::CpuMode::Protected32);
             assert_eq!(st.sregs.cr0 & 0x8000_0001, 1);
+            assert_eq!((st.sregs.cs.selector, st.sregs.ss.selector), (0x08, 0x10));
+            assert_eq!(st.regs.rsp, BOOT_STACK);
+            let gdt: [u8; 16] = m.read_obj(GuestAddress(st.sregs.gdt.base + 8)).unwrap();
+            assert_eq!(le64(&gdt, 0), Some(CODE32));
+            assert_eq!(le64(&gdt, 8), Some(DATA));
             let bss: [u8; 16] = m.read_obj(GuestAddress(0x100004)).unwrap();
             assert_eq!(bss, [0; 16]);
             let mut info = [0u8; 56];

@@ -1,7 +1,7 @@
 //! The microvm memory map: where RAM, boot structures, ACPI tables and MMIO devices live.
 //!
 //! ```text
-//! 0x0000_0500  GDT (and an empty IDT at 0x520) for the boot entry state
+//! 0x0000_0500  PVH GDT; 0x520 empty IDT and 0x540 GDT for the Linux 64-bit entry
 //! 0x0000_6000  PVH hvm_start_info, module list (0x6100) and memory map (0x6200..0x7000)
 //! 0x0000_7000  Linux zero page (boot_params)
 //! 0x0000_8ff0  boot stack top (Linux 64-bit entry)
@@ -17,10 +17,12 @@
 //! 0xfee0_0000  local APICs
 //! ```
 
-/// GDT used by the boot entry states.
+/// GDT of the PVH entry state.
 pub const GDT_ADDR: u64 = 0x500;
-/// Empty IDT.
+/// Empty IDT of the Linux 64-bit entry state.
 pub const IDT_ADDR: u64 = 0x520;
+/// GDT of the Linux 64-bit entry state.
+pub const LINUX_GDT_ADDR: u64 = 0x540;
 /// PVH `hvm_start_info`.
 pub const PVH_INFO_ADDR: u64 = 0x6000;
 /// PVH module list (the initrd).
