@@ -129,6 +129,9 @@ impl Block {
                 path: path.to_string(),
                 source,
             })?;
+        if !queue_size.is_power_of_two() || queue_size > 32768 {
+            return Err(Error::QueueSize(queue_size));
+        }
         let mut id = [0u8; ID_LEN];
         if let Some(serial) = serial {
             if serial.len() > ID_LEN {
@@ -436,7 +439,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), Error> {
-        self.active = Some(Active::from_activation(activation));
+        self.active = Some(Active::new(activation, &[0])?);
         Ok(())
     }
 
@@ -841,6 +844,9 @@ mod tests {
         let mut c = BlockConfig::new(&path);
         c.serial = Some("x".repeat(21));
         assert!(matches!(Block::new(&c), Err(Error::SerialTooLong(_))));
+        c.serial = None;
+        c.queue_size = 100;
+        assert!(matches!(Block::new(&c), Err(Error::QueueSize(100))));
         c.path = "/nonexistent/keel.img".into();
         assert!(matches!(Block::new(&c), Err(Error::OpenImage { .. })));
         let _ = std::fs::remove_file(&path);

@@ -168,7 +168,7 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), Error> {
-        self.active = Some(Active::from_activation(activation));
+        self.active = Some(Active::new(activation, &[0, 1])?);
         self.process_input();
         Ok(())
     }

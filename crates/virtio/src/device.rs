@@ -209,12 +209,18 @@ pub(crate) enum Outcome {
 }
 
 impl Active {
-    pub(crate) fn from_activation(a: Activation) -> Self {
-        Self {
+    /// Takes over an activation whose queues `required` must all have been made ready.
+    pub(crate) fn new(a: Activation, required: &[u16]) -> Result<Self, Error> {
+        for &index in required {
+            if !a.queues.get(usize::from(index)).is_some_and(|q| q.ready()) {
+                return Err(Error::QueueNotReady(index));
+            }
+        }
+        Ok(Self {
             memory: a.memory,
             queues: a.queues,
             interrupt: a.interrupt,
-        }
+        })
     }
 
     /// Puts the device in its error state and logs why.

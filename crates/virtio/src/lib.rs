@@ -128,6 +128,9 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A queue size that is not a power of two from 1 to 32768.
+    #[error("queue size {0} is invalid: use a power of two from 1 to 32768")]
+    QueueSize(u16),
     /// The driver did not make a queue ready that the device needs.
     #[error("queue {0} was not made ready by the driver")]
     QueueNotReady(u16),

@@ -12,7 +12,7 @@ use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use crate::device::{Activation, Interrupt, VirtioDevice};
-use crate::{MMIO_MAGIC, MMIO_VENDOR_ID, MMIO_VERSION, features};
+use crate::{Error, MMIO_MAGIC, MMIO_VENDOR_ID, MMIO_VERSION, features};
 
 /// Called with the queue index when the driver writes `QueueNotify`, instead of
 /// processing the queue on the writing vCPU thread. A KVM setup registers an ioeventfd
@@ -354,9 +354,9 @@ impl MmioTransport {
             let index = u16::try_from(i).unwrap_or(u16::MAX);
             match self.build_queue(index, q) {
                 Ok(queue) => queues.push(queue),
-                Err(reason) => {
+                Err(e) => {
                     log::warn!(
-                        "virtio-mmio: cannot activate device type {}: queue {index}: {reason}",
+                        "virtio-mmio: cannot activate device type {}: {e}",
                         self.device_type
                     );
                     self.interrupt.set_needs_reset();
@@ -379,10 +379,10 @@ impl MmioTransport {
         }
     }
 
-    fn build_queue(&self, index: u16, q: &QueueRegs) -> Result<Queue, String> {
-        let _ = index;
+    fn build_queue(&self, index: u16, q: &QueueRegs) -> Result<Queue, Error> {
+        let invalid = |reason: String| Error::InvalidQueue { index, reason };
         if !q.ready {
-            return Queue::new(q.max).map_err(|e| format!("max size {}: {e}", q.max));
+            return Queue::new(q.max).map_err(|e| invalid(format!("max size {}: {e}", q.max)));
         }
         let state = QueueState {
             max_size: q.max,
@@ -395,12 +395,13 @@ impl MmioTransport {
             avail_ring: q.avail,
             used_ring: q.used,
         };
-        let queue = Queue::try_from(state).map_err(|e| format!("size {}: {e}", q.size))?;
+        let queue = Queue::try_from(state)
+            .map_err(|e| invalid(format!("size {} or ring alignment: {e}", q.size)))?;
         if !queue.is_valid(&*self.memory) {
-            return Err(format!(
+            return Err(invalid(format!(
                 "rings at {:#x}/{:#x}/{:#x} are not in guest memory",
                 q.desc, q.avail, q.used
-            ));
+            )));
         }
         Ok(queue)
     }
@@ -469,7 +470,6 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Error;
     use crate::testutil::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -145,6 +145,8 @@ impl Net {
             let len = match self.rx_len {
                 Some(len) => len,
                 None => match self.backend.recv(&mut self.rx_frame) {
+                    // A backend at end of file has nothing more to give.
+                    Ok(0) => break RxState::Drained,
                     Ok(len) if len >= NET_HDR_LEN => {
                         self.rx_len = Some(len);
                         len
@@ -243,7 +245,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), Error> {
-        self.active = Some(Active::from_activation(activation));
+        self.active = Some(Active::new(activation, &[0, 1])?);
         self.poll_rx();
         Ok(())
     }
@@ -406,6 +408,16 @@ mod tests {
         tx.store(0, DATA, 64, 1, 0); // NEXT pointing at itself
         tx.publish(0);
         notify(&t, 1);
+        assert!(needs_reset(&t));
+        peer.send(&frame(b"x")).unwrap();
+        assert_eq!(dev.lock().unwrap().poll_rx(), RxState::Inactive);
+    }
+
+    #[test]
+    fn missing_queue_fails_activation() {
+        let (mem, dev, t, peer) = rig();
+        let rx = TestQueue::new(&mem, 0, 256);
+        bring_up(&t, &[&rx]); // transmit queue never made ready
         assert!(needs_reset(&t));
         peer.send(&frame(b"x")).unwrap();
         assert_eq!(dev.lock().unwrap().poll_rx(), RxState::Inactive);

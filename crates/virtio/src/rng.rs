@@ -95,7 +95,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), Error> {
-        self.active = Some(Active::from_activation(activation));
+        self.active = Some(Active::new(activation, &[0])?);
         Ok(())
     }
 
