@@ -42,7 +42,7 @@ pub use block::{Block, BlockConfig};
 pub use console::{Console, ConsoleInput};
 pub use device::{Activation, Interrupt, VirtioDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook};
-pub use net::{Net, NetBackend, NetConfig, RxState};
+pub use net::{Net, NetBackend, NetConfig, RxPoller, RxState};
 pub use notify::QueueEvents;
 pub use rng::Rng;
 pub use slot::{MMIO_WINDOW_SIZE, VirtioMmioSlot};
