@@ -22,6 +22,36 @@
 //!
 //! This crate is separate from `keel-devices` so that embedders of the legacy devices
 //! (serial, i8042, ...) do not pull in virtio-queue.
+//!
+//! # Wiring a device
+//!
+//! QEMU's `-blockdev driver=file,filename=disk.img,node-name=d0` plus
+//! `-device virtio-blk-device,drive=d0` becomes:
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use keel_accel::{GuestMemory, IoBuses, IrqLine};
+//! use keel_virtio::{Block, BlockConfig, MmioTransport, VirtioMmioSlot};
+//! # struct Gsi;
+//! # impl IrqLine for Gsi { fn set_level(&self, _high: bool) {} }
+//! # let path = std::env::temp_dir().join(format!("keel-virtio-doc-{}.img", std::process::id()));
+//! # std::fs::write(&path, vec![0u8; 4096]).unwrap();
+//! # let memory = Arc::new(GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap());
+//! # let buses = IoBuses::new();
+//! # let irq_line: Arc<dyn IrqLine> = Arc::new(Gsi); // from Vm::irq_line(slot.irq)
+//! let mut config = BlockConfig::new(&path); // filename=
+//! config.read_only = false;                 // read-only=on|off
+//! config.serial = Some("disk0".into());     // serial=
+//! let device = Arc::new(Mutex::new(Block::new(&config)?));
+//! let transport = Arc::new(MmioTransport::new(device, memory, irq_line));
+//! let slot = VirtioMmioSlot::new(0xfeb0_0000, 16);
+//! slot.attach(&buses, transport)?;
+//! // Firmware view: a `LNRO0005` DSDT node with Memory32Fixed(slot.base, 0x200) and a
+//! // level, active-high Interrupt(slot.irq); or, for kernels that parse it:
+//! assert_eq!(slot.kernel_cmdline_arg(), "virtio_mmio.device=512@0xfeb00000:16");
+//! # std::fs::remove_file(&path).ok();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![deny(missing_docs)]
 
