@@ -68,13 +68,13 @@ mod tap;
 #[cfg(test)]
 mod testutil;
 
-pub use block::{Block, BlockConfig};
-pub use console::{Console, ConsoleInput};
+pub use block::{Block, BlockConfig, SECTOR_SIZE};
+pub use console::{Console, ConsoleInput, INPUT_CAPACITY};
 pub use device::{Activation, Interrupt, VirtioDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook};
-pub use net::{Net, NetBackend, NetConfig, RxPoller, RxState};
+pub use net::{MAX_FRAME_LEN, NET_HDR_LEN, Net, NetBackend, NetConfig, RxPoller, RxState};
 pub use notify::QueueEvents;
-pub use rng::Rng;
+pub use rng::{MAX_BYTES_PER_REQUEST, Rng};
 pub use slot::{MMIO_WINDOW_SIZE, VirtioMmioSlot};
 pub use tap::Tap;
 
