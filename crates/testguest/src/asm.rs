@@ -96,6 +96,16 @@ fn has_error_code(v: u32) -> bool {
 pub(crate) const HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
 pub(crate) const HASH_PRIME: u64 = 0x0000_0100_0000_01b3;
 
+pub(crate) const HASH32_SEED: u32 = 0x811c_9dc5;
+pub(crate) const HASH32_PRIME: u32 = 0x0100_0193;
+
+/// The hash a 32-bit guest's `hash` routine computes over `words`.
+pub fn hash_u32s(words: impl IntoIterator<Item = u32>) -> u32 {
+    words
+        .into_iter()
+        .fold(HASH32_SEED, |h, w| (h ^ w).wrapping_mul(HASH32_PRIME))
+}
+
 /// The hash the guest's `hash` routine computes over `words`.
 pub fn hash_u64s(words: impl IntoIterator<Item = u64>) -> u64 {
     words
@@ -491,8 +501,24 @@ impl Guest {
         a.pop(esi)?;
         a.pop(eax)?;
         a.ret()?;
-        // hash is 64-bit only; keep the label bound so `call hash` assembles.
+        // hash: esi address, ecx dwords -> eax (FNV-1a-style over dwords, see hash_u32s).
         a.set_label(&mut self.hash)?;
+        a.push(esi)?;
+        a.push(ecx)?;
+        a.mov(eax, HASH32_SEED)?;
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.test(ecx, ecx)?;
+        a.jz(done)?;
+        a.set_label(&mut lp)?;
+        a.xor(eax, dword_ptr(esi))?;
+        a.imul_3(eax, eax, HASH32_PRIME as i32)?;
+        a.add(esi, 4)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.set_label(&mut done)?;
+        a.pop(ecx)?;
+        a.pop(esi)?;
         a.ret()?;
         a.set_label(&mut self.exit)?;
         a.mov(edx, u32::from(crate::DEBUG_EXIT_PORT))?;

@@ -120,6 +120,22 @@ pub fn bitops_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
     )
 }
 
+/// The ALU and shift groups of [`alu`] and [`shifts`] (widths 8-32) in 32-bit protected
+/// mode, the mode a PVH kernel starts in.
+pub fn ops32_alu() -> Result<TestGuest, GuestError> {
+    let mut groups = alu_cases();
+    groups.extend(shifts_cases());
+    ops::ops_guest32("ops32-alu", &groups)
+}
+
+/// The groups of [`muldiv`] (without faulting divisions) and [`bitops`] (without cmovcc)
+/// in 32-bit protected mode.
+pub fn ops32_muldiv_bitops() -> Result<TestGuest, GuestError> {
+    let mut groups = muldiv_cases();
+    groups.extend(bitops_cases());
+    ops::ops_guest32("ops32-muldiv-bitops", &groups)
+}
+
 /// movs/stos/lods/cmps/scas in byte/word/dword/qword forms, with `rep`/`repe`/`repne`,
 /// DF clear and set, overlapping copies and zero counts. Prints a hash of the destination
 /// buffer and of a log of (rsi, rdi, rcx, rax, flags incl. DF) after each step, then the
@@ -837,6 +853,8 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         shifts(),
         muldiv(),
         bitops(),
+        ops32_alu(),
+        ops32_muldiv_bitops(),
         reg_loop(Mode::Protected32, 1000),
         reg_loop(Mode::Long64, 1000),
         mem_loop(Mode::Protected32, 1000),

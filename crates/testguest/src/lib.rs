@@ -24,7 +24,7 @@ mod elf;
 pub mod guests;
 pub mod ops;
 
-pub use asm::{hash_u64s, layout};
+pub use asm::{hash_u32s, hash_u64s, layout};
 pub use guests::*;
 
 use keel_accel::{GuestMemory, Regs, Segment, SpecialRegs};

@@ -12,7 +12,7 @@
 
 use iced_x86::code_asm::*;
 
-use crate::asm::{Guest, Mode, R, hash_u64s, layout};
+use crate::asm::{Guest, Mode, R, hash_u32s, hash_u64s, layout};
 use crate::{GuestError, ResultArea, TestGuest};
 
 /// Size of one case record in guest memory.
@@ -1089,6 +1089,233 @@ fn build_ops(g: &mut Guest, groups: &[(OpSpec, Vec<Case>)]) -> R<usize> {
         let label = format!("{} ", spec.name());
         let words = (cases.len() * RESULT_SIZE / 8) as u64;
         g.print_hash(&label, res_addr, words, Some(hash_u64s(expected)))?;
+        case_off += cases.len() * CASE_SIZE;
+        res_off += cases.len() * RESULT_SIZE;
+    }
+    g.print("end\n")?;
+    g.exit(crate::EXIT_OK)?;
+    Ok(res_off / RESULT_SIZE)
+}
+
+/// The cases [`ops_guest32`] runs for a spec: 32-bit operands, no faulting divisions
+/// (the 32-bit guests have no IDT), and no widths or ops 32-bit mode lacks.
+pub fn cases32(spec: OpSpec, cases: &[Case]) -> Vec<Case> {
+    if !spec.is_valid() || spec.width > 32 || spec.op == Op::Cmovcc {
+        return Vec::new();
+    }
+    cases
+        .iter()
+        .map(|c| {
+            normalize(
+                spec,
+                Case {
+                    a: c.a & 0xffff_ffff,
+                    b: c.b & 0xffff_ffff,
+                    c: c.c & 0xffff_ffff,
+                    flags_in: c.flags_in,
+                },
+            )
+        })
+        .filter(|c| model(spec, c).exc == 0)
+        .collect()
+}
+
+/// Like [`ops_guest`], in 32-bit protected mode (the PVH entry mode, paging off): widths 8,
+/// 16 and 32, records with zero upper halves, one 32-bit hash per spec. Cases are filtered
+/// through [`cases32`].
+pub fn ops_guest32(name: &str, groups: &[(OpSpec, Vec<Case>)]) -> Result<TestGuest, GuestError> {
+    let err = |source| GuestError::Assemble {
+        guest: name.to_string(),
+        source,
+    };
+    let mut g = Guest::new(name, Mode::Protected32).map_err(err)?;
+    let total = build_ops32(&mut g, groups).map_err(err)?;
+    if total * RESULT_SIZE > layout::RESULTS_MAX {
+        return Err(GuestError::TooBig {
+            guest: name.to_string(),
+            what: "results",
+            size: total * RESULT_SIZE,
+            max: layout::RESULTS_MAX,
+        });
+    }
+    let mut t = g.finish()?;
+    t.results = Some(ResultArea {
+        addr: layout::RESULTS,
+        count: total,
+    });
+    Ok(t)
+}
+
+/// What [`ops_guest32`] leaves in its result area, according to [`model`].
+pub fn expected_results32(groups: &[(OpSpec, Vec<Case>)]) -> Vec<CaseResult> {
+    groups
+        .iter()
+        .flat_map(|(s, cases)| cases32(*s, cases).into_iter().map(move |c| model(*s, &c)))
+        .collect()
+}
+
+fn emit_op32(a: &mut CodeAssembler, spec: OpSpec) -> R {
+    use Op::*;
+    let w = spec.width;
+    macro_rules! w32 {
+        (|$x:ident, $y:ident, $d:ident| $body:expr) => {
+            match w {
+                8 => {
+                    let ($x, $y, $d) = (al, bl, dl);
+                    let _ = ($x, $y, $d);
+                    $body
+                }
+                16 => {
+                    let ($x, $y, $d) = (ax, bx, dx);
+                    let _ = ($x, $y, $d);
+                    $body
+                }
+                _ => {
+                    let ($x, $y, $d) = (eax, ebx, edx);
+                    let _ = ($x, $y, $d);
+                    $body
+                }
+            }
+        };
+    }
+    macro_rules! w32nb {
+        (|$x:ident, $y:ident| $body:expr) => {
+            match w {
+                16 => {
+                    let ($x, $y) = (ax, bx);
+                    $body
+                }
+                _ => {
+                    let ($x, $y) = (eax, ebx);
+                    $body
+                }
+            }
+        };
+    }
+    match spec.op {
+        Add => w32!(|x, y, d| a.add(x, y)),
+        Adc => w32!(|x, y, d| a.adc(x, y)),
+        Sub => w32!(|x, y, d| a.sub(x, y)),
+        Sbb => w32!(|x, y, d| a.sbb(x, y)),
+        And => w32!(|x, y, d| a.and(x, y)),
+        Or => w32!(|x, y, d| a.or(x, y)),
+        Xor => w32!(|x, y, d| a.xor(x, y)),
+        Cmp => w32!(|x, y, d| a.cmp(x, y)),
+        Test => w32!(|x, y, d| a.test(x, y)),
+        Inc => w32!(|x, y, d| a.inc(x)),
+        Dec => w32!(|x, y, d| a.dec(x)),
+        Neg => w32!(|x, y, d| a.neg(x)),
+        Not => w32!(|x, y, d| a.not(x)),
+        Shl => w32!(|x, y, d| a.shl(x, cl)),
+        Shr => w32!(|x, y, d| a.shr(x, cl)),
+        Sar => w32!(|x, y, d| a.sar(x, cl)),
+        Rol => w32!(|x, y, d| a.rol(x, cl)),
+        Ror => w32!(|x, y, d| a.ror(x, cl)),
+        Rcl => w32!(|x, y, d| a.rcl(x, cl)),
+        Rcr => w32!(|x, y, d| a.rcr(x, cl)),
+        ShlOne => w32!(|x, y, d| a.shl(x, 1)),
+        ShrOne => w32!(|x, y, d| a.shr(x, 1)),
+        SarOne => w32!(|x, y, d| a.sar(x, 1)),
+        Mul => w32!(|x, y, d| a.mul(y)),
+        Imul1 => w32!(|x, y, d| a.imul(y)),
+        Imul2 => w32nb!(|x, y| a.imul_2(x, y)),
+        Div => w32!(|x, y, d| a.div(y)),
+        Idiv => w32!(|x, y, d| a.idiv(y)),
+        Bt => w32nb!(|x, y| a.bt(x, y)),
+        Bts => w32nb!(|x, y| a.bts(x, y)),
+        Btr => w32nb!(|x, y| a.btr(x, y)),
+        Btc => w32nb!(|x, y| a.btc(x, y)),
+        Bsf => w32nb!(|x, y| a.bsf(x, y)),
+        Bsr => w32nb!(|x, y| a.bsr(x, y)),
+        Shld => w32nb!(|x, y| a.shld(x, y, cl)),
+        Shrd => w32nb!(|x, y| a.shrd(x, y, cl)),
+        Cmpxchg => w32!(|x, y, d| a.cmpxchg(d, y)),
+        Xadd => w32!(|x, y, d| a.xadd(x, y)),
+        Bswap => a.bswap(eax),
+        Cwd => match w {
+            8 => a.cbw(),
+            16 => a.cwd(),
+            _ => a.cdq(),
+        },
+        Setcc => {
+            for cc in 0..16u32 {
+                setcc(a, cc, byte_ptr(layout::SCRATCH + u64::from(cc)))?;
+            }
+            Ok(())
+        }
+        // Excluded by `cases32`.
+        Cmovcc => Ok(()),
+    }
+}
+
+fn build_ops32(g: &mut Guest, groups: &[(OpSpec, Vec<Case>)]) -> R<usize> {
+    g.print(&format!("keel-testguest {}\n", g.name))?;
+    let mut case_off = 0usize;
+    let mut res_off = 0usize;
+    for (spec, cases) in groups {
+        let cases = cases32(*spec, cases);
+        if cases.is_empty() {
+            continue;
+        }
+        let case_addr = (layout::DATA + case_off as u64) as u32;
+        let res_addr = (layout::RESULTS + res_off as u64) as u32;
+        for c in &cases {
+            case_bytes(*spec, c, &mut g.data);
+        }
+        let scratch = layout::SCRATCH as u32;
+        let a = &mut g.a;
+        let mut lp = a.create_label();
+        a.mov(esi, case_addr)?;
+        a.mov(edi, res_addr)?;
+        a.mov(ebp, cases.len() as u32)?;
+        a.set_label(&mut lp)?;
+        a.mov(eax, dword_ptr(esi))?;
+        a.mov(ebx, dword_ptr(esi + 8))?;
+        a.mov(ecx, dword_ptr(esi + 16))?;
+        a.mov(edx, dword_ptr(esi + 16))?;
+        a.push(dword_ptr(esi + 24))?;
+        a.popfd()?;
+        emit_op32(a, *spec)?;
+        a.pushfd()?;
+        a.pop(ecx)?;
+        a.and(ecx, dword_ptr(esi + 32))?;
+        a.mov(dword_ptr(edi), eax)?;
+        a.mov(dword_ptr(edi + 4), 0)?;
+        if spec.op == Op::Setcc {
+            for i in 0..4u32 {
+                a.mov(eax, dword_ptr(scratch + 4 * i))?;
+                a.mov(dword_ptr(edi + 8 + 4 * i), eax)?;
+            }
+        } else {
+            a.mov(dword_ptr(edi + 8), ebx)?;
+            a.mov(dword_ptr(edi + 12), 0)?;
+            a.mov(dword_ptr(edi + 16), edx)?;
+            a.mov(dword_ptr(edi + 20), 0)?;
+        }
+        a.mov(dword_ptr(edi + 24), ecx)?;
+        a.mov(dword_ptr(edi + 28), 0)?;
+        a.mov(dword_ptr(edi + 32), 0)?;
+        a.mov(dword_ptr(edi + 36), 0)?;
+        a.add(esi, CASE_SIZE as i32)?;
+        a.add(edi, RESULT_SIZE as i32)?;
+        a.dec(ebp)?;
+        a.jnz(lp)?;
+        let expected = hash_u32s(cases.iter().flat_map(|c| {
+            model(*spec, c)
+                .words()
+                .into_iter()
+                .flat_map(|q| [q as u32, (q >> 32) as u32])
+        }));
+        let label = format!("{} ", spec.name());
+        g.expect.push_str(&format!("{label}{expected:08x}\n"));
+        g.emit_str(&label)?;
+        let a = &mut g.a;
+        a.mov(esi, res_addr)?;
+        a.mov(ecx, (cases.len() * RESULT_SIZE / 4) as u32)?;
+        a.call(g.hash)?;
+        a.mov(ecx, 8)?;
+        a.call(g.puthex)?;
+        g.emit_str("\n")?;
         case_off += cases.len() * CASE_SIZE;
         res_off += cases.len() * RESULT_SIZE;
     }

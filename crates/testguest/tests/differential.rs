@@ -29,35 +29,42 @@ fn is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
-type Cases = fn() -> Vec<(OpSpec, Vec<Case>)>;
+/// The op cases a table-driven guest ran, in record order: (spec, case) pairs.
+type Cases = fn() -> Vec<(OpSpec, Case)>;
+
+fn flatten64(groups: Vec<(OpSpec, Vec<Case>)>) -> Vec<(OpSpec, Case)> {
+    groups
+        .into_iter()
+        .filter(|(s, _)| s.is_valid())
+        .flat_map(|(s, cs)| cs.into_iter().map(move |c| (s, ops::normalize(s, c))))
+        .collect()
+}
+
+fn flatten32(groups: Vec<(OpSpec, Vec<Case>)>) -> Vec<(OpSpec, Case)> {
+    groups
+        .into_iter()
+        .flat_map(|(s, cs)| ops::cases32(s, &cs).into_iter().map(move |c| (s, c)))
+        .collect()
+}
 
 /// Compares result records with the model; returns readable mismatches (at most 12).
-fn model_mismatches(o: &Outcome, groups: &[(OpSpec, Vec<Case>)]) -> Vec<String> {
+fn model_mismatches(o: &Outcome, cases: &[(OpSpec, Case)]) -> Vec<String> {
     let mut out = Vec::new();
-    let mut i = 0;
-    for (spec, cases) in groups.iter().filter(|(s, _)| s.is_valid()) {
-        for c in cases {
-            let c = ops::normalize(*spec, *c);
-            let want = ops::model(*spec, &c);
-            match o.results.get(i) {
-                Some(got) if *got == want => {}
-                got => {
-                    if out.len() < 12 {
-                        out.push(format!(
-                            "{}: {} a={:#x} b={:#x} c={:#x} flags_in={:#x}\n    got  {:x?}\n    want {:x?}",
-                            o.accel,
-                            spec.name(),
-                            c.a,
-                            c.b,
-                            c.c,
-                            c.flags_in,
-                            got,
-                            want
-                        ));
-                    }
-                }
-            }
-            i += 1;
+    for (i, (spec, c)) in cases.iter().enumerate() {
+        let want = ops::model(*spec, c);
+        let got = o.results.get(i);
+        if got != Some(&want) && out.len() < 12 {
+            out.push(format!(
+                "{}: {} a={:#x} b={:#x} c={:#x} flags_in={:#x}\n    got  {:x?}\n    want {:x?}",
+                o.accel,
+                spec.name(),
+                c.a,
+                c.b,
+                c.c,
+                c.flags_in,
+                got,
+                want
+            ));
         }
     }
     out
@@ -192,7 +199,11 @@ fn string_ops() {
 
 #[test]
 fn alu() {
-    differential(keel_testguest::alu, None, Some(keel_testguest::alu_cases));
+    differential(
+        keel_testguest::alu,
+        None,
+        Some(|| flatten64(keel_testguest::alu_cases())),
+    );
 }
 
 #[test]
@@ -200,7 +211,7 @@ fn shifts() {
     differential(
         keel_testguest::shifts,
         None,
-        Some(keel_testguest::shifts_cases),
+        Some(|| flatten64(keel_testguest::shifts_cases())),
     );
 }
 
@@ -209,7 +220,7 @@ fn muldiv() {
     differential(
         keel_testguest::muldiv,
         None,
-        Some(keel_testguest::muldiv_cases),
+        Some(|| flatten64(keel_testguest::muldiv_cases())),
     );
 }
 
@@ -218,7 +229,33 @@ fn bitops() {
     differential(
         keel_testguest::bitops,
         None,
-        Some(keel_testguest::bitops_cases),
+        Some(|| flatten64(keel_testguest::bitops_cases())),
+    );
+}
+
+#[test]
+fn ops32_alu() {
+    differential(
+        keel_testguest::ops32_alu,
+        None,
+        Some(|| {
+            let mut g = keel_testguest::alu_cases();
+            g.extend(keel_testguest::shifts_cases());
+            flatten32(g)
+        }),
+    );
+}
+
+#[test]
+fn ops32_muldiv_bitops() {
+    differential(
+        keel_testguest::ops32_muldiv_bitops,
+        None,
+        Some(|| {
+            let mut g = keel_testguest::muldiv_cases();
+            g.extend(keel_testguest::bitops_cases());
+            flatten32(g)
+        }),
     );
 }
 
