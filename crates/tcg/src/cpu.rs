@@ -360,6 +360,9 @@ pub struct Cpu {
     pub icount: u64,
     /// Exception currently being delivered (for #DF / triple-fault detection).
     pub delivering: Option<u8>,
+    /// The last exception raised by an instruction: (vector, error code or `u32::MAX`, RIP of
+    /// the instruction), for diagnosing triple faults.
+    pub last_exception: Option<(u8, u32, u64)>,
     /// Set by `hlt`: waiting for an interrupt.
     pub halted: bool,
     /// Memory management unit (TLBs, guest RAM).
@@ -454,6 +457,7 @@ impl Cpu {
             dirty_code_overflow: false,
             icount: 0,
             delivering: None,
+            last_exception: None,
             halted: false,
             mmu: Mmu::new(phys),
             cpuid,

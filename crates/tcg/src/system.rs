@@ -1193,7 +1193,7 @@ fn sys(cpu: &mut Cpu, i: &Insn) -> Flow {
             }
         }
         M::Syscall => syscall(cpu, i),
-        M::Sysret => sysret(cpu, i),
+        M::Sysret | M::Sysretq => sysret(cpu, i),
         M::Lar | M::Lsl => lar_lsl(cpu, i),
         M::Verr | M::Verw => verr(cpu, i),
         M::Lss | M::Lds | M::Les | M::Lfs | M::Lgs => {
@@ -1289,7 +1289,7 @@ fn sysret(cpu: &mut Cpu, i: &Insn) -> Flow {
         return Err(Ex::gp(0));
     }
     let base = ((cpu.msr.star >> 48) & 0xffff) as u16;
-    let to64 = i.instr.code().op_code().operand_size() == 64;
+    let to64 = i.instr.mnemonic() == M::Sysretq || i.instr.code().op_code().operand_size() == 64;
     let rip = if to64 {
         cpu.gpr[1]
     } else {

@@ -331,6 +331,9 @@ impl TcgVcpu {
     /// Delivers an exception with double- and triple-fault handling.
     fn raise(&mut self, v: u8, err: Option<u32>, soft: bool, ext: bool) -> Result<(), Stop> {
         let cpu = &mut self.cpu;
+        if !ext {
+            cpu.last_exception = Some((v, err.unwrap_or(u32::MAX), cpu.rip));
+        }
         let mut cur = (v, err);
         let mut first = true;
         for _ in 0..3 {

@@ -1,0 +1,465 @@
+//! Paging, exceptions, self-modifying code, mode transitions, flags.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+use keel_accel::{Regs, Segment, SpecialRegs, Vcpu, VcpuExit};
+
+const HANDLER: u64 = 0x18_0000;
+
+/// Installs a handler for `vector` that records error code (r15), CR2 (r14), pushed RIP (r13)
+/// and RSP (r12), then halts.
+fn record_handler(h: &Harness, vector: u8, has_err: bool, ist: u8) {
+    let code = asm(64, HANDLER + 0x100 * u64::from(vector), |a| {
+        a.mov(r12, rsp).unwrap();
+        if has_err {
+            a.mov(r15, qword_ptr(rsp)).unwrap();
+            a.mov(r13, qword_ptr(rsp + 8)).unwrap();
+        } else {
+            a.mov(r15, -1i64).unwrap();
+            a.mov(r13, qword_ptr(rsp)).unwrap();
+        }
+        a.mov(r14, cr2).unwrap();
+        a.hlt().unwrap();
+    });
+    h.write(HANDLER + 0x100 * u64::from(vector), &code);
+    h.gate64(vector, HANDLER + 0x100 * u64::from(vector), ist, 0);
+}
+
+const PD: u64 = PML4 + 0x2000;
+const PDPT: u64 = PML4 + 0x1000;
+
+fn pf_case(setup: impl FnOnce(&Harness), body: impl FnOnce(&mut CodeAssembler)) -> (Regs, u64) {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        body(a);
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    record_handler(&h, 14, true, 0);
+    setup(&h);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    let fault_addr = h.vcpu.sregs().unwrap().cr2;
+    (h.regs(), fault_addr)
+}
+
+#[test]
+fn page_fault_not_present_read() {
+    let (r, fault_addr) = pf_case(
+        |h| h.w64(PD + 8 * 10, 0),
+        |a| {
+            a.mov(rax, 0x140_0123u64).unwrap();
+            a.mov(rbx, qword_ptr(rax)).unwrap();
+        },
+    );
+    assert_eq!(r.r15, 0, "not present, read, supervisor");
+    assert_eq!(fault_addr, 0x140_0123);
+    assert_eq!(r.r14, 0x140_0123);
+    // Precise RIP: the faulting instruction is the second one (mov rax, imm64 is 10 bytes).
+    assert_eq!(r.r13, CODE + 10);
+    assert_eq!(r.rbx, 0, "destination untouched");
+}
+
+#[test]
+fn page_fault_write_protect() {
+    let (r, _) = pf_case(
+        |h| h.w64(PD + 8 * 11, (11 << 21) | 0x85),
+        |a| {
+            a.mov(rax, 0x160_0000u64).unwrap();
+            a.mov(qword_ptr(rax), rax).unwrap();
+        },
+    );
+    assert_eq!(r.r15, 3, "present + write");
+}
+
+#[test]
+fn supervisor_write_to_read_only_page_allowed_without_wp() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        a.mov(rax, cr0).unwrap();
+        a.btr(rax, 16).unwrap();
+        a.mov(cr0, rax).unwrap();
+        a.mov(rax, 0x160_0000u64).unwrap();
+        a.mov(qword_ptr(rax), rax).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    record_handler(&h, 14, true, 0);
+    h.w64(PD + 8 * 11, (11 << 21) | 0x85);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.r64(0x160_0000), 0x160_0000);
+}
+
+#[test]
+fn page_fault_nx_fetch() {
+    let (r, fault_addr) = pf_case(
+        |h| {
+            h.w64(PD + 8 * 12, (12 << 21) | 0x87 | (1 << 63));
+            h.write(0x180_0000, &[0xf4]);
+        },
+        |a| {
+            a.mov(rax, 0x180_0000u64).unwrap();
+            a.jmp(rax).unwrap();
+        },
+    );
+    assert_eq!(r.r15, 0x11, "present + instruction fetch");
+    assert_eq!(fault_addr, 0x180_0000);
+    assert_eq!(r.r13, 0x180_0000, "RIP of the fetch");
+}
+
+#[test]
+fn walker_sets_accessed_and_dirty() {
+    let pt = 0x3_0000u64;
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        a.mov(rax, 0x1a0_0000u64).unwrap();
+        a.mov(rbx, qword_ptr(rax)).unwrap();
+        a.mov(qword_ptr(rax + 0x1000), rbx).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    h.w64(PD + 8 * 13, pt | 7);
+    for k in 0..512u64 {
+        h.w64(pt + 8 * k, (0x1a0_0000 + (k << 12)) | 7);
+    }
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.r64(pt) & 0x60, 0x20, "read: accessed, not dirty");
+    assert_eq!(h.r64(pt + 8) & 0x60, 0x60, "write: accessed and dirty");
+    assert_eq!(h.r64(pt + 16) & 0x60, 0, "untouched page");
+    assert_ne!(h.r64(PD + 8 * 13) & 0x20, 0, "PDE accessed");
+    assert_ne!(h.r64(PML4) & 0x20, 0, "PML4E accessed");
+}
+
+#[test]
+fn one_gib_page() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        a.mov(rax, 0x4050_0000u64).unwrap();
+        a.mov(rbx, qword_ptr(rax)).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    h.w64(PDPT + 8, 0x83); // 1 GiB page at physical 0
+    h.w64(0x50_0000, 0xfeed_f00d);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.regs().rbx, 0xfeed_f00d);
+}
+
+#[test]
+fn gp_with_error_code_and_precise_rip() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        a.mov(eax, 0x1234u32).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    record_handler(&h, 13, true, 0);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    let r = h.regs();
+    assert_eq!(r.r15, 0x1234, "the LDT selector (TI set; no LDT loaded)");
+    assert_eq!(r.r13, CODE + 5);
+}
+
+#[test]
+fn divide_error_rip_points_at_div() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        a.xor(ecx, ecx).unwrap();
+        a.mov(eax, 7u32).unwrap();
+        a.div(rcx).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    record_handler(&h, 0, false, 0);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.regs().r13, CODE + 7);
+}
+
+#[test]
+fn ist_stack_switch() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        a.int3().unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    h.w64(TSS + 0x24, 0x7_0008); // IST1, deliberately misaligned: the CPU aligns to 16
+    record_handler(&h, 3, false, 1);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    let r = h.regs();
+    assert_eq!(r.r12, 0x7_0000 - 40, "five qwords pushed on the IST stack");
+    assert_eq!(r.r13, CODE + 1, "int3 pushes the address after it");
+    assert_eq!(h.r64(0x7_0000 - 8), 0x10, "old SS");
+    assert_eq!(h.r64(0x7_0000 - 16), STACK, "old RSP");
+}
+
+#[test]
+fn double_fault_and_triple_fault() {
+    // #GP whose gate is not present -> #NP on delivery -> #DF (contributory pair).
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        a.mov(eax, 0x1234u32).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    record_handler(&h, 8, true, 0);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.regs().r15, 0, "#DF pushes zero");
+
+    // Without a #DF handler either: shutdown.
+    let mut h = Harness::new(64);
+    h.long_mode(&code);
+    assert_eq!(h.run(), VcpuExit::Shutdown);
+}
+
+#[test]
+fn self_modifying_code_same_block_and_cached_block() {
+    let mut h = Harness::new(64);
+    let f = CODE + 0x400;
+    let code = asm(64, CODE, |a| {
+        let mut patch = a.create_label();
+        // Patch an instruction later in this same block.
+        a.mov(byte_ptr(patch) + 1, 42).unwrap();
+        a.set_label(&mut patch).unwrap();
+        a.mov(eax, 1u32).unwrap();
+        // Call a function, patch it, call again: the cached translation must be dropped.
+        a.mov(rsi, f).unwrap();
+        a.call(rsi).unwrap();
+        a.mov(ebx, eax).unwrap();
+        a.mov(byte_ptr(rsi + 1), 9).unwrap();
+        a.call(rsi).unwrap();
+        a.hlt().unwrap();
+    });
+    let func = asm(64, f, |a| {
+        a.mov(eax, 5u32).unwrap();
+        a.ret().unwrap();
+    });
+    h.long_mode(&code);
+    h.write(f, &func);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    let r = h.regs();
+    assert_eq!(r.rbx, 5);
+    assert_eq!(r.rax, 9);
+}
+
+#[test]
+fn invalidate_range_drops_code_written_by_dma() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        a.mov(eax, 1u32).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.regs().rax, 1);
+    // A "device" rewrites the code behind the CPU's back, then says so.
+    let code2 = asm(64, CODE, |a| {
+        a.mov(eax, 2u32).unwrap();
+        a.hlt().unwrap();
+    });
+    h.write(CODE, &code2);
+    h.vm.invalidate_range(CODE, code2.len() as u64);
+    let mut r = h.regs();
+    r.rip = CODE;
+    h.vcpu.set_regs(&r).unwrap();
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.regs().rax, 2);
+}
+
+#[test]
+fn syscall_sysret_and_user_mode_interrupt_uses_rsp0() {
+    let mut h = Harness::new(64);
+    let user = CODE + 0x1000;
+    let entry = CODE + 0x2000;
+    // Kernel: set STAR/LSTAR/SFMASK, iretq to user mode.
+    let code = asm(64, CODE, |a| {
+        a.mov(ecx, 0xc000_0081u32).unwrap(); // STAR: sysret base 0x10 (user cs 0x20|3... see GDT), syscall cs 0x08
+        a.mov(edx, 0x0010_0008u32).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0xc000_0082u32).unwrap();
+        a.mov(eax, entry as u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0xc000_0084u32).unwrap();
+        a.mov(eax, 0x200u32).unwrap(); // mask IF
+        a.wrmsr().unwrap();
+        // iretq frame: SS, RSP, RFLAGS, CS, RIP
+        a.push(0x1b).unwrap();
+        a.push(0x6_0000).unwrap();
+        a.push(0x202).unwrap();
+        a.push(0x23).unwrap();
+        a.mov(rax, user).unwrap();
+        a.push(rax).unwrap();
+        a.iretq().unwrap();
+    });
+    // User: syscall, then int 0x80 (DPL3 gate) which must switch to RSP0.
+    let ucode = asm(64, user, |a| {
+        a.mov(r8, 0x77u64).unwrap();
+        a.syscall().unwrap();
+        a.mov(r10, rsp).unwrap();
+        a.int(0x80).unwrap();
+        a.hlt().unwrap();
+    });
+    // Syscall entry: record CPL-0 state and sysret.
+    let kentry = asm(64, entry, |a| {
+        a.mov(r9, rcx).unwrap();
+        a.sysretq().unwrap();
+    });
+    h.long_mode(&code);
+    h.write(user, &ucode);
+    h.write(entry, &kentry);
+    // GDT for sysret with base 0x10: user CS = 0x20|3 (64-bit), user SS = 0x18|3.
+    h.w64(GDT + 0x18, 0x00cf_f300_0000_ffff);
+    h.w64(GDT + 0x20, 0x00af_fb00_0000_ffff);
+    let mut s = h.vcpu.sregs().unwrap();
+    // Keep the TSS descriptor at 0x28 (written by long_mode).
+    s.gdt.limit = 0x37;
+    h.vcpu.set_sregs(&s).unwrap();
+    h.w64(TSS + 4, 0x5_0000); // RSP0
+    record_handler(&h, 0x80, false, 0);
+    h.gate64(0x80, HANDLER + 0x8000, 0, 3);
+    let x = h.run();
+    assert_eq!(
+        x,
+        VcpuExit::Halted,
+        "last exception {:x?}",
+        h.vcpu.cpu.last_exception
+    );
+    let r = h.regs();
+    assert_eq!(r.r9, user + 12, "RCX = return address after syscall (10-byte mov + 2-byte syscall)");
+    assert_eq!(r.r10, 0x6_0000, "back on the user stack after sysret");
+    assert_eq!(r.r12, 0x5_0000 - 40, "interrupt from CPL3 switched to RSP0");
+    let s = h.vcpu.sregs().unwrap();
+    assert_eq!(s.cs.selector, 8);
+    assert_eq!(h.r64(0x5_0000 - 32), 0x23, "old CS pushed");
+    assert_eq!(h.r64(0x5_0000 - 8), 0x1b, "old SS pushed");
+}
+
+#[test]
+fn real_to_protected_to_long_mode() {
+    let mut h = Harness::new(16);
+    let pm = 0x8000u64;
+    let lm = 0x9000u64;
+    let gdt = 0x7000u64;
+    let pml4 = 0x1_0000u64;
+    let rm = asm(16, 0x7c00, |a| {
+        a.cli().unwrap();
+        a.lgdt(word_ptr(0x6ff0)).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 1).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.jmp_far(0x08, pm as u32).unwrap();
+    });
+    let pmc = asm(32, pm, |a| {
+        a.mov(ax, 0x10).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.mov(esp, 0x7c00u32).unwrap();
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 0x20).unwrap();
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, pml4 as u32).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(ecx, 0xc000_0080u32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0x100).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.jmp_far(0x18, lm as u32).unwrap();
+    });
+    let lmc = asm(64, lm, |a| {
+        a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+        a.push(rax).unwrap();
+        a.pop(rbx).unwrap();
+        a.hlt().unwrap();
+    });
+    h.write(0x7c00, &rm);
+    h.write(pm, &pmc);
+    h.write(lm, &lmc);
+    // GDTR image at 0x6ff0: limit, base.
+    h.write(0x6ff0, &0x1fu16.to_le_bytes());
+    h.write(0x6ff2, &(gdt as u32).to_le_bytes());
+    h.w64(gdt + 8, 0x00cf_9b00_0000_ffff);
+    h.w64(gdt + 0x10, 0x00cf_9300_0000_ffff);
+    h.w64(gdt + 0x18, 0x00af_9b00_0000_ffff);
+    h.w64(pml4, (pml4 + 0x1000) | 3);
+    h.w64(pml4 + 0x1000, 0x83);
+    let real = |sel: u16, code: bool| Segment {
+        base: u64::from(sel) << 4,
+        limit: 0xffff,
+        selector: sel,
+        type_: if code { 0xb } else { 3 },
+        present: true,
+        s: true,
+        ..Default::default()
+    };
+    let s = SpecialRegs {
+        cs: real(0, true),
+        ds: real(0, false),
+        es: real(0, false),
+        fs: real(0, false),
+        gs: real(0, false),
+        ss: real(0, false),
+        cr0: 0x10,
+        idt: keel_accel::DescriptorTable {
+            base: 0,
+            limit: 0x3ff,
+        },
+        ..Default::default()
+    };
+    h.vcpu.set_sregs(&s).unwrap();
+    h.vcpu
+        .set_regs(&Regs {
+            rip: 0x7c00,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.regs().rbx, 0x1122_3344_5566_7788);
+    assert!(h.vcpu.sregs().unwrap().cs.l);
+}
+
+#[test]
+fn alu_flags_match_hand_computed_values() {
+    use keel_tcg::exec::{alu, alu_op};
+    let mut h = Harness::new(1);
+    let cpu = &mut h.vcpu.cpu;
+    // (op, size, a, b, result, flags & (CF|PF|AF|ZF|SF|OF))
+    let cases: &[(u8, u8, u64, u64, u64, u64)] = &[
+        (alu::ADD, 1, 0x7f, 0x01, 0x80, 0x890), // OF SF AF
+        (alu::ADD, 1, 0xff, 0x01, 0x00, 0x55),  // CF PF AF ZF
+        (alu::ADD, 4, 0xffff_ffff, 1, 0, 0x55),
+        (alu::ADD, 8, 1 << 63, 1 << 63, 0, 0x845), // CF PF ZF OF
+        (alu::SUB, 1, 0x00, 0x01, 0xff, 0x95),     // CF PF AF SF
+        (alu::SUB, 2, 0x8000, 1, 0x7fff, 0x814),   // OF AF PF
+        (alu::CMP, 4, 5, 5, 0, 0x44),              // ZF PF
+        (alu::AND, 1, 0xf0, 0x0f, 0, 0x44),        // ZF PF; AF cleared
+        (alu::XOR, 8, u64::MAX, 1, u64::MAX - 1, 0x80), // SF; PF of 0xfe = odd
+        (alu::OR, 2, 0x0100, 0x0003, 0x0103, 0x04),
+    ];
+    for &(op, size, a, b, res, want) in cases {
+        cpu.flush_flags();
+        let r = alu_op(cpu, op, size, a, b);
+        assert_eq!(r, res, "op {op} size {size} {a:#x},{b:#x}");
+        assert_eq!(
+            cpu.flags() & 0x8d5,
+            want,
+            "flags of op {op} size {size} {a:#x},{b:#x}"
+        );
+    }
+    // adc/sbb consume CF.
+    cpu.set_flag(1, true);
+    assert_eq!(alu_op(cpu, alu::ADC, 1, 0xfe, 0x01), 0x00);
+    assert_eq!(cpu.flags() & 0x8d5, 0x55);
+    cpu.set_flag(1, true);
+    assert_eq!(alu_op(cpu, alu::SBB, 1, 0x00, 0x00), 0xff);
+    assert_eq!(cpu.flags() & 0x8d5, 0x95);
+}
