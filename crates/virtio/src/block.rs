@@ -510,6 +510,12 @@ mod tests {
         path: std::path::PathBuf,
     }
 
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
     fn rig(config: impl FnOnce(&mut BlockConfig)) -> Rig {
         let path = image(16);
         let mut c = BlockConfig::new(&path);
@@ -641,7 +647,8 @@ mod tests {
             );
         }
         assert!(!needs_reset(&r.t));
-        assert_eq!(contents(&r.path), contents(&image(16)));
+        let untouched: Vec<u8> = (0..16u8).flat_map(|s| [s; 512]).collect();
+        assert_eq!(contents(&r.path), untouched);
         let _ = std::fs::remove_file(&r.path);
     }
 

@@ -6,15 +6,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use keel_accel::{BusDevice, GuestMemory, IrqLine};
-use keel_virtio::{
-    Block, BlockConfig, Console, MmioTransport, Net, NetBackend, NetConfig, Rng, VirtioDevice,
-};
+use keel_virtio::{Block, Console, MmioTransport, Net, NetBackend, NetConfig, Rng, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x2_0000;
@@ -46,13 +44,20 @@ impl NetBackend for FakeBackend {
     }
 }
 
-fn disk() -> &'static PathBuf {
-    static DISK: OnceLock<PathBuf> = OnceLock::new();
+/// A 64-sector scratch image, unlinked at once so nothing is left behind.
+fn disk() -> &'static File {
+    static DISK: OnceLock<File> = OnceLock::new();
     DISK.get_or_init(|| {
         let path =
             std::env::temp_dir().join(format!("keel-virtio-fuzz-{}.img", std::process::id()));
         std::fs::write(&path, vec![0x5a; 64 * 512]).unwrap();
-        path
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
     })
 }
 
@@ -109,10 +114,13 @@ pub fn run(data: &[u8]) {
     }
     let (device, nqueues): (Arc<Mutex<dyn VirtioDevice>>, usize) = match kind {
         0 => {
-            let mut c = BlockConfig::new(disk());
-            c.read_only = src.u8() & 1 == 1;
-            c.serial = Some("fuzz".into());
-            (Arc::new(Mutex::new(Block::new(&c).unwrap())), 1)
+            let read_only = src.u8() & 1 == 1;
+            let file = disk().try_clone().unwrap();
+            let mut block = Block::from_file(file, "fuzz", read_only, Some("fuzz"), 256).unwrap();
+            if src.u8() & 1 == 1 {
+                block.enable_discard();
+            }
+            (Arc::new(Mutex::new(block)), 1)
         }
         1 => (
             Arc::new(Mutex::new(Rng::with_source(Box::new(io::repeat(0xab))))),
