@@ -7,15 +7,21 @@
 //! `SLP_EN | (SLP_TYP << 2)` to the sleep control register, with `SLP_TYP` taken from the DSDT's
 //! `\_S5` package (5 here, as in QEMU); this device turns that into [`SystemEvent::Shutdown`],
 //! which ends the VMM with status 0. Writing [`GED_RESET_VALUE`] to the reset register gives
-//! [`SystemEvent::Reset`]. The layout is QEMU's: event selector at offset 0 (reads 0: this
-//! device never signals events), the three registers at [`GED_REGS_OFFSET`].
+//! [`SystemEvent::Reset`]. The layout is QEMU's: the 32-bit event selector at offset 0 (read
+//! and cleared by the DSDT's `_EVT` method after the GED interrupt), the three registers at
+//! [`GED_REGS_OFFSET`]. [`AcpiGed::press_power_button`] sets the power-button event and raises
+//! the interrupt; the guest's `_EVT` then notifies the `PWRB` device and an ACPI-aware guest
+//! shuts down (QMP `system_powerdown`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use keel_accel::{BusDevice, SystemEvent, SystemEvents};
+use keel_accel::{BusDevice, IrqLine, SystemEvent, SystemEvents};
 
 /// Offset of the 32-bit event selector (`ESEL` in the DSDT).
 pub const GED_EVENT_SELECTOR_OFFSET: u64 = 0x0;
+/// Event selector bit of the power button (QEMU's `ACPI_GED_PWR_DOWN_EVT`).
+pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 1;
 /// Offset of the sleep/reset register block.
 pub const GED_REGS_OFFSET: u64 = 0x200;
 /// Sleep control register, relative to [`GED_REGS_OFFSET`].
@@ -38,6 +44,8 @@ pub const SLP_TYP_S5: u8 = 5;
 /// GED sleep/reset registers.
 pub struct AcpiGed {
     events: Arc<dyn SystemEvents>,
+    irq: Option<Arc<dyn IrqLine>>,
+    selector: AtomicU32,
 }
 
 impl std::fmt::Debug for AcpiGed {
@@ -47,9 +55,27 @@ impl std::fmt::Debug for AcpiGed {
 }
 
 impl AcpiGed {
-    /// A GED that reports power-off and reset to `events`.
-    pub fn new(events: Arc<dyn SystemEvents>) -> Self {
-        Self { events }
+    /// A GED that reports power-off and reset to `events` and signals events on `irq`.
+    pub fn new(events: Arc<dyn SystemEvents>, irq: Option<Arc<dyn IrqLine>>) -> Self {
+        Self {
+            events,
+            irq,
+            selector: AtomicU32::new(0),
+        }
+    }
+
+    /// Signals the power-button event to the guest (ACPI `system_powerdown`).
+    pub fn press_power_button(&self) {
+        self.selector
+            .fetch_or(GED_EVENT_POWER_BUTTON, Ordering::SeqCst);
+        if let Some(irq) = &self.irq {
+            irq.pulse();
+        }
+    }
+
+    /// Clears pending events (machine reset).
+    pub fn reset(&self) {
+        self.selector.store(0, Ordering::SeqCst);
     }
 
     fn write_byte(&self, offset: u64, value: u8) {
@@ -68,9 +94,15 @@ impl AcpiGed {
 }
 
 impl BusDevice for AcpiGed {
-    fn read(&self, _offset: u64, data: &mut [u8]) {
-        // Nothing is ever pending: the selector, sleep status and reset registers read 0.
+    fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        if offset == GED_EVENT_SELECTOR_OFFSET {
+            // Reading the selector returns the pending events and clears them (as QEMU's).
+            let sel = self.selector.swap(0, Ordering::SeqCst).to_le_bytes();
+            let n = data.len().min(4);
+            data[..n].copy_from_slice(&sel[..n]);
+        }
+        // Sleep status and reset registers read 0.
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
@@ -97,7 +129,7 @@ mod tests {
     #[test]
     fn s5_powers_off_and_reset_value_resets() {
         let rec = Arc::new(Rec::default());
-        let g = AcpiGed::new(rec.clone());
+        let g = AcpiGed::new(rec.clone(), None);
         g.write(GED_REGS_OFFSET + GED_SLEEP_CTL, &[SLP_EN | (5 << 2)]);
         g.write(GED_REGS_OFFSET + GED_SLEEP_CTL, &[5 << 2]); // no SLP_EN
         g.write(GED_REGS_OFFSET + GED_SLEEP_CTL, &[SLP_EN | (3 << 2)]); // S3: ignored
@@ -109,15 +141,39 @@ mod tests {
         );
     }
 
+    struct CountIrq(AtomicU32);
+    impl IrqLine for CountIrq {
+        fn set_level(&self, high: bool) {
+            if high {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[test]
+    fn power_button_raises_the_interrupt_and_the_selector_clears_on_read() {
+        let irq = Arc::new(CountIrq(AtomicU32::new(0)));
+        let g = AcpiGed::new(Arc::new(Rec::default()), Some(irq.clone()));
+        g.press_power_button();
+        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        let mut sel = [0u8; 4];
+        g.read(GED_EVENT_SELECTOR_OFFSET, &mut sel);
+        assert_eq!(u32::from_le_bytes(sel), GED_EVENT_POWER_BUTTON);
+        g.read(GED_EVENT_SELECTOR_OFFSET, &mut sel);
+        assert_eq!(sel, [0; 4]);
+    }
+
     #[test]
     fn hostile_accesses_never_panic() {
         let rec = Arc::new(Rec::default());
-        let g = AcpiGed::new(rec);
+        let g = AcpiGed::new(rec, None);
         for off in [0, 1, 0x1ff, 0x200, 0x201, 0x202, 0x203, u64::MAX] {
             for len in 0..=8 {
                 let mut d = vec![0xaa; len];
                 g.read(off, &mut d);
                 assert!(d.iter().all(|&b| b == 0));
+                g.press_power_button();
+                g.reset();
                 g.write(off, &vec![0x00; len]);
             }
         }

@@ -9,10 +9,15 @@
 
 use acpi_tables::Aml;
 use acpi_tables::aml::{
-    Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
+    And, Device, EISAName, Equal, Field, FieldAccessType, FieldEntry, FieldLockRule,
+    FieldUpdateRule, IO, If, Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion,
+    OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store,
 };
 
 use crate::layout::{ACPI_END, ACPI_START, GED_MMIO_BASE, IOAPIC_ADDR, LAPIC_ADDR};
+
+/// The GED's interrupt (QEMU's microvm uses GSI 9, the traditional SCI).
+pub const GED_GSI: u32 = 9;
 
 const OEM_ID: [u8; 6] = *b"KEEL  ";
 const OEM_REVISION: u32 = 1;
@@ -251,16 +256,44 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
         ));
     }
 
-    let ged_mem = Memory32Fixed::new(true, GED_MMIO_BASE as u32, 4);
-    let ged_crs = ResourceTemplate::new(vec![&ged_mem]);
+    // The GED as QEMU's microvm describes it: one edge-triggered interrupt, the event selector
+    // as a field, and _EVT notifying the power button when its event bit is set.
+    let ged_irq = Interrupt::new(true, true, false, false, GED_GSI);
+    let ged_crs = ResourceTemplate::new(vec![&ged_irq]);
     let ged_hid: &'static str = "ACPI0013";
     let ged_uid: &'static str = "GED";
+    let ged_base = GED_MMIO_BASE as u32;
+    let ged_len = 4u8;
+    let pwr_evt = keel_devices::GED_EVENT_POWER_BUTTON as u8;
+    let notify_status_change = 0x80u8;
+    let evt_test = And::new(&Local(1), &Local(0), &pwr_evt);
+    let evt_eq = Equal::new(&Local(1), &pwr_evt);
+    let pwrb = Path::new("PWRB");
+    let notify = Notify::new(&pwrb, &notify_status_change);
+    let esel = Path::new("ESEL");
+    let store = Store::new(&Local(0), &esel);
+    let when = If::new(&evt_eq, vec![&notify]);
+    let evt = Method::new(Path::new("_EVT"), 1, true, vec![&store, &evt_test, &when]);
     sb.push(device(
         "GED_",
         &[
             &Name::new(Path::new("_HID"), &ged_hid),
             &Name::new(Path::new("_UID"), &ged_uid),
             &Name::new(Path::new("_CRS"), &ged_crs),
+            &OpRegion::new(
+                Path::new("EREG"),
+                OpRegionSpace::SystemMemory,
+                &ged_base,
+                &ged_len,
+            ),
+            &Field::new(
+                Path::new("EREG"),
+                FieldAccessType::DWord,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::WriteAsZeroes,
+                vec![FieldEntry::Named(*b"ESEL", 32)],
+            ),
+            &evt,
         ],
     ));
 
@@ -427,6 +460,8 @@ mod tests {
         assert!(d3.windows(4).any(|w| w == b"_S5_"));
         assert!(d3.windows(4).any(|w| w == b"V002"));
         assert!(d3.windows(8).any(|w| w == b"ACPI0013"));
+        assert!(d3.windows(4).any(|w| w == b"_EVT"));
+        assert!(d3.windows(4).any(|w| w == b"ESEL"));
     }
 
     #[test]
@@ -436,5 +471,32 @@ mod tests {
             Err(AcpiError::TooManyDevices(5000))
         ));
         assert!(matches!(build(&cfg(2000)), Err(AcpiError::TooBig { .. })));
+    }
+}
+/// Developer aid: `cargo test -p keel-machine --lib dump_tables -- --ignored` writes the tables
+/// to /tmp/acpi-*.dat; `iasl -d /tmp/acpi-DSDT.dat` (acpica-tools) disassembles them.
+#[cfg(test)]
+mod dump {
+    #[test]
+    #[ignore = "writes files to /tmp for inspection with iasl"]
+    fn dump_tables() {
+        let cfg = super::AcpiConfig {
+            cpus: 2,
+            ioapic: true,
+            pic: true,
+            rtc: true,
+            i8042: true,
+            serial: true,
+            virtio_mmio: vec![super::VirtioMmioDevice {
+                base: 0xfeb00000,
+                size: 0x200,
+                gsi: 16,
+            }],
+        };
+        let t = super::build(&cfg).unwrap();
+        for (_, b) in &t.blobs[1..] {
+            let name = String::from_utf8_lossy(&b[..4]).to_string();
+            std::fs::write(format!("/tmp/acpi-{name}.dat"), b).unwrap();
+        }
     }
 }

@@ -199,6 +199,7 @@ pub struct Microvm {
     serial: Option<Arc<Serial>>,
     i8042: Option<Arc<I8042>>,
     rtc: Option<Arc<Rtc>>,
+    ged: Option<Arc<AcpiGed>>,
     devices: Vec<AddedDevice>,
     virtio_mmio: Vec<VirtioMmioDevice>,
     firmware_virtio: Vec<VirtioMmioDevice>,
@@ -341,15 +342,20 @@ impl Microvm {
             None
         };
 
-        if resolved.acpi {
+        let ged = if resolved.acpi {
+            let irq = vm.irq_line(acpi::GED_GSI).map_err(MachineError::Accel)?;
+            let ged = Arc::new(AcpiGed::new(sys.clone(), Some(irq)));
             map(
                 &buses.mmio,
                 "ACPI GED",
                 GED_MMIO_BASE,
                 GED_MMIO_LEN,
-                Arc::new(AcpiGed::new(sys.clone())),
+                ged.clone(),
             )?;
-        }
+            Some(ged)
+        } else {
+            None
+        };
 
         let mut vcpus = Vec::with_capacity(cfg.cpus as usize);
         for i in 0..cfg.cpus {
@@ -372,6 +378,7 @@ impl Microvm {
             serial,
             i8042,
             rtc,
+            ged,
             devices: Vec::new(),
             virtio_mmio: Vec::new(),
             firmware_virtio: Vec::new(),
@@ -596,6 +603,9 @@ impl Microvm {
         if let Some(r) = &self.rtc {
             r.reset();
         }
+        if let Some(g) = &self.ged {
+            g.reset();
+        }
         self.load()?;
         self.shared.release_after_reset();
         Ok(())
@@ -609,6 +619,19 @@ impl Microvm {
             let _ = t.join();
         }
         self.phase = Phase::Stopped;
+    }
+
+    /// Presses the ACPI power button (QMP `system_powerdown`): an ACPI-aware guest shuts down
+    /// cleanly and powers off. Returns `false` (nothing happens) with `acpi=off`, as QEMU's
+    /// microvm without ACPI ignores the request.
+    pub fn power_button(&self) -> bool {
+        match &self.ged {
+            Some(g) => {
+                g.press_power_button();
+                true
+            }
+            None => false,
+        }
     }
 
     /// vCPU indexes and host thread ids (`query-cpus-fast`).

@@ -303,6 +303,10 @@ fn reset_line_and_power_off_reach_the_owner() {
         rx.try_recv().unwrap(),
         MachineEvent::System(SystemEvent::Shutdown)
     );
+    assert!(vm.power_button());
+    let mut sel = [0u8; 4];
+    vm.buses().mmio_read(MmioAddress(0xfea0_0000), &mut sel);
+    assert_eq!(sel, [2, 0, 0, 0], "power-button event pending for _EVT");
 
     let cfg = MicrovmConfig {
         no_reboot: true,
