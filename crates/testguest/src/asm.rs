@@ -11,12 +11,16 @@ use crate::{EntryState, GuestError, TestGuest};
 pub mod layout {
     /// Where the image is loaded and where the PVH entry stub starts.
     pub const LOAD: u64 = 0x10_0000;
-    /// Global descriptor table (null, code32 0x08, data 0x10, code64 0x18).
+    /// Global descriptor table: null, code32 0x08, data 0x10, code64 0x18, data 0x20 (the
+    /// SYSCALL stack segment), user code32 0x28, user data 0x30, user code64 0x38, 64-bit TSS
+    /// 0x40 (two slots).
     pub const GDT: u64 = LOAD + 0x300;
     /// Pseudo-descriptor for `lgdt`.
-    pub const GDTR: u64 = LOAD + 0x340;
+    pub const GDTR: u64 = LOAD + 0x380;
     /// Pseudo-descriptor for `lidt`.
-    pub const IDTR: u64 = LOAD + 0x350;
+    pub const IDTR: u64 = LOAD + 0x390;
+    /// 64-bit task state segment (RSP0 = [`STACK_TOP`], no I/O bitmap).
+    pub const TSS: u64 = LOAD + 0x700;
     /// Runtime variables (see the constants below).
     pub const VARS: u64 = LOAD + 0x400;
     /// Non-zero: the exception handler resumes at this RIP (and clears it).
@@ -35,6 +39,9 @@ pub mod layout {
     pub const PF_FIXUP: u64 = VARS + 0x30;
     /// Set by a resumed exception: `0x100 | vector | (resume_rip - fault_rip) << 16`.
     pub const EXC_MARK: u64 = VARS + 0x38;
+    /// Non-zero: an exception with no [`RESUME`] (and no #PF fix-up) jumps here, in kernel
+    /// mode on the exception stack (how user-mode guests end).
+    pub const FINISH: u64 = VARS + 0x40;
     /// 16 quadwords of scratch for op tests.
     pub const SCRATCH: u64 = VARS + 0x80;
     /// Register save area: rax..r15 then rflags (17 quadwords).
@@ -77,6 +84,18 @@ pub mod layout {
     pub const SEL_DATA: u16 = 0x10;
     /// 64-bit code selector.
     pub const SEL_CODE64: u16 = 0x18;
+    /// Kernel data selector that follows [`SEL_CODE64`] (SYSCALL's SS).
+    pub const SEL_DATA64: u16 = 0x20;
+    /// User (DPL 3) 32-bit code selector: the base of STAR's SYSRET field.
+    pub const SEL_USER_CODE32: u16 = 0x28;
+    /// User data selector (RPL 3 to load).
+    pub const SEL_USER_DATA: u16 = 0x30;
+    /// User 64-bit code selector (RPL 3 to load).
+    pub const SEL_USER_CODE64: u16 = 0x38;
+    /// Task state segment selector.
+    pub const SEL_TSS: u16 = 0x40;
+    /// Size of the GDT in bytes (`lgdt` limit + 1).
+    pub const GDT_SIZE: u64 = 0x50;
 }
 
 use layout::*;
@@ -84,6 +103,7 @@ use layout::*;
 /// Page-table entry bits.
 pub(crate) const PTE_P: u64 = 1;
 pub(crate) const PTE_RW: u64 = 2;
+pub(crate) const PTE_US: u64 = 4;
 pub(crate) const PTE_PS: u64 = 0x80;
 pub(crate) const PTE_NX: u64 = 1 << 63;
 
@@ -146,6 +166,9 @@ pub(crate) struct Guest {
     pub gates: Vec<(u8, CodeLabel)>,
     /// The guest programs the 8259 PIC and 8254 PIT.
     pub uses_pic_pit: bool,
+    /// Set the U/S bit in the identity map and the upper levels of [`layout::PF_REGION`]
+    /// (user-mode guests); leaf PTEs of the region keep [`Guest::pt_flags`].
+    pub user_pages: bool,
 }
 
 pub(crate) type R<T = ()> = Result<T, IcedError>;
@@ -179,6 +202,7 @@ impl Guest {
             predicted: true,
             gates: Vec::new(),
             uses_pic_pit: false,
+            user_pages: false,
         };
         g.prologue()?;
         Ok(g)
@@ -577,6 +601,12 @@ impl Guest {
             a.mov(qword_ptr(RESUME), 0)?;
             a.jmp(ret)?;
             a.set_label(&mut noresume)?;
+            let mut not_finish = a.create_label();
+            a.mov(rax, qword_ptr(FINISH))?;
+            a.test(rax, rax)?;
+            a.jz(not_finish)?;
+            a.jmp(rax)?;
+            a.set_label(&mut not_finish)?;
             a.cmp(qword_ptr(rsp + 16), 14)?;
             a.jne(fatal)?;
             a.cmp(qword_ptr(PF_FIXUP), 0)?;
@@ -662,18 +692,29 @@ impl Guest {
             img[off..off + bytes.len()].copy_from_slice(bytes);
         };
         put(&mut img, LOAD, &entry_code);
-        // GDT: null, code32, data, code64 (accessed bits preset: no descriptor writes).
-        let gdt: [u64; 4] = [
+        // GDT (accessed bits preset: the CPU never writes descriptors back).
+        let tss_lo =
+            0x67 | ((TSS & 0xff_ffff) << 16) | (0x89u64 << 40) | ((TSS >> 24) & 0xff) << 56;
+        let gdt: [u64; 10] = [
             0,
             0x00cf_9b00_0000_ffff,
             0x00cf_9300_0000_ffff,
             0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00cf_fb00_0000_ffff,
+            0x00cf_f300_0000_ffff,
+            0x00af_fb00_0000_ffff,
+            tss_lo,
+            TSS >> 32,
         ];
         let gdt_bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
         put(&mut img, GDT, &gdt_bytes);
         let mut gdtr = ((gdt_bytes.len() - 1) as u16).to_le_bytes().to_vec();
         gdtr.extend_from_slice(&GDT.to_le_bytes());
         put(&mut img, GDTR, &gdtr);
+        // TSS: RSP0 at offset 4; I/O map base past the limit (no bitmap).
+        put(&mut img, TSS + 4, &STACK_TOP.to_le_bytes());
+        put(&mut img, TSS + 0x66, &0x68u16.to_le_bytes());
         let mut idtr = 0x0fffu16.to_le_bytes().to_vec();
         idtr.extend_from_slice(&IDT.to_le_bytes());
         put(&mut img, IDTR, &idtr);
@@ -687,14 +728,19 @@ impl Guest {
             put(&mut img, IDT + 16 * v + 8, &hi.to_le_bytes());
         }
         if self.mode == Mode::Long64 {
-            put(&mut img, PML4, &(PDPT | PTE_P | PTE_RW).to_le_bytes());
-            put(&mut img, PDPT, &(PD0 | PTE_P | PTE_RW).to_le_bytes());
-            put(&mut img, PDPT + 8, &(PD1 | PTE_P | PTE_RW).to_le_bytes());
+            let u = if self.user_pages { PTE_US } else { 0 };
+            put(&mut img, PML4, &(PDPT | PTE_P | PTE_RW | u).to_le_bytes());
+            put(&mut img, PDPT, &(PD0 | PTE_P | PTE_RW | u).to_le_bytes());
+            put(
+                &mut img,
+                PDPT + 8,
+                &(PD1 | PTE_P | PTE_RW | u).to_le_bytes(),
+            );
             for i in 0..512u64 {
-                let e = (i << 21) | PTE_P | PTE_RW | PTE_PS;
+                let e = (i << 21) | PTE_P | PTE_RW | PTE_PS | u;
                 put(&mut img, PD0 + 8 * i, &e.to_le_bytes());
             }
-            put(&mut img, PD1, &(PT | PTE_P | PTE_RW).to_le_bytes());
+            put(&mut img, PD1, &(PT | PTE_P | PTE_RW | u).to_le_bytes());
             for (i, f) in self.pt_flags.iter().enumerate() {
                 let e = (PF_PHYS + 0x1000 * i as u64) | f;
                 put(&mut img, PT + 8 * i as u64, &e.to_le_bytes());

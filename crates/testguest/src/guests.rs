@@ -3,7 +3,7 @@
 use iced_x86::code_asm::*;
 
 pub use crate::asm::Mode;
-use crate::asm::{Guest, PTE_NX, PTE_P, PTE_RW, R, hash_u64s, layout};
+use crate::asm::{Guest, PTE_NX, PTE_P, PTE_RW, PTE_US, R, hash_u64s, layout};
 use crate::ops::{self, Op, OpSpec};
 use crate::{GuestError, TestGuest};
 
@@ -289,7 +289,7 @@ pub fn string_ops() -> Result<TestGuest, GuestError> {
 }
 
 /// Exceptions with precise RIP and error codes: #DE (zero divisor, idiv overflow), #UD
-/// (ud2), #BP (int3, a trap), #GP (non-canonical address; a selector past the GDT limit,
+/// (ud2), #BP (int3, a trap), #GP (non-canonical address; selector 0x58, past the GDT limit,
 /// error code = selector), #PF (read and write to a not-present page, write to a read-only
 /// page with CR0.WP, fetch from an NX page). Each prints vector, error code, CR2 and the
 /// distance from the reported RIP to the resume point (0 for traps).
@@ -326,8 +326,8 @@ pub fn exceptions_without(skip: &[&str]) -> Result<TestGuest, GuestError> {
                 a.mov(rax, 0x8000_0000_0000_0000u64)?;
                 a.mov(rbx, qword_ptr(rax))
             }),
-            ("gp-selector", 13, 0x40, None, 3, 0, |a, _| {
-                a.mov(eax, 0x40)?;
+            ("gp-selector", 13, 0x58, None, 3, 0, |a, _| {
+                a.mov(eax, 0x58)?;
                 a.mov(ds, ax)
             }),
             (
@@ -736,6 +736,258 @@ pub fn timer() -> Result<TestGuest, GuestError> {
     })
 }
 
+/// CPL 3 in long mode: `ltr`, `iretq` to user code, SYSCALL/SYSRET (STAR, LSTAR, SFMASK,
+/// EFER.SCE, RCX/R11 contents), and what user mode may not do: `hlt`, `cli`, `in`, `rdmsr`
+/// (#GP(0)), `int3` through a DPL 0 gate (#GP with the IDT error code 0x1a), reading and
+/// writing a supervisor page (#PF 5 and 7). Exceptions arrive on the TSS RSP0 stack and
+/// return to user mode. On KVM-PVM this user code runs natively.
+pub fn usermode() -> Result<TestGuest, GuestError> {
+    usermode_variant(false)
+}
+
+/// [`usermode`] without what KVM-PVM cannot do, to compare kvm with tcg on such hosts:
+/// * a guest-kernel `sysretq` raises #GP there: the SYSCALL handler returns with `iretq`;
+/// * user mode sees the host's selectors (CS 0x33, SS 0x2b), not the guest's: not printed;
+/// * `int3` at CPL 3 arrives as #BP regardless of the gate's DPL: left out.
+pub fn usermode_pvm_safe() -> Result<TestGuest, GuestError> {
+    usermode_variant(true)
+}
+
+fn usermode_variant(pvm_safe: bool) -> Result<TestGuest, GuestError> {
+    let sysret = !pvm_safe;
+    build("usermode", Mode::Long64, |g| {
+        g.user_pages = true;
+        g.pt_flags[5] = PTE_P | PTE_RW; // supervisor page
+        g.pt_flags[6] = PTE_P | PTE_RW | PTE_US; // user page
+        let log = layout::RESULTS;
+        let user_stack = layout::LOAD + 0x7_f000;
+        let page = |i: u64| layout::PF_REGION + 0x1000 * i;
+        let mut syscall_entry = g.a.create_label();
+        let mut user_entry = g.a.create_label();
+        let mut do_exit = g.a.create_label();
+        g.print("keel-testguest usermode\n")?;
+        {
+            let a = &mut g.a;
+            a.mov(eax, u32::from(layout::SEL_TSS))?;
+            a.ltr(ax)?;
+            // EFER.SCE
+            a.mov(ecx, 0xc000_0080u32)?;
+            a.rdmsr()?;
+            a.or(eax, 1)?;
+            a.wrmsr()?;
+            // STAR: SYSCALL CS=0x18 SS=0x20; SYSRET CS=0x38|3 SS=0x30|3.
+            a.mov(ecx, 0xc000_0081u32)?;
+            a.xor(eax, eax)?;
+            a.mov(
+                edx,
+                (u32::from(layout::SEL_USER_CODE32) << 16) | u32::from(layout::SEL_CODE64),
+            )?;
+            a.wrmsr()?;
+            // LSTAR
+            a.mov(ecx, 0xc000_0082u32)?;
+            a.lea(rax, ptr(syscall_entry))?;
+            a.mov(rdx, rax)?;
+            a.shr(rdx, 32)?;
+            a.wrmsr()?;
+            // SFMASK: clear TF, IF, DF on entry.
+            a.mov(ecx, 0xc000_0084u32)?;
+            a.mov(eax, 0x700)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            // iretq to CPL 3 with IF set (nothing can interrupt: no PIC is programmed).
+            a.push(i32::from(layout::SEL_USER_DATA | 3))?;
+            a.mov(rax, user_stack)?;
+            a.push(rax)?;
+            a.push(0x202)?;
+            a.push(i32::from(layout::SEL_USER_CODE64 | 3))?;
+            a.lea(rax, ptr(user_entry))?;
+            a.push(rax)?;
+            a.iretq()?;
+
+            // SYSCALL handler: rax = nr, rdi = arg. nr 60 ends the test; others return
+            // rax + 2 * rdi.
+            a.set_label(&mut syscall_entry)?;
+            a.cmp(eax, 60)?;
+            a.je(do_exit)?;
+            a.lea(rax, qword_ptr(rax + rdi * 2))?;
+            if sysret {
+                a.sysretq()?;
+            } else {
+                // The same return through an interrupt frame (SYSCALL left RSP alone).
+                a.mov(r10, rsp)?;
+                a.push(i32::from(layout::SEL_USER_DATA | 3))?;
+                a.push(r10)?;
+                a.push(r11)?;
+                a.push(i32::from(layout::SEL_USER_CODE64 | 3))?;
+                a.push(rcx)?;
+                a.iretq()?;
+            }
+        }
+
+        // ---- user mode ----
+        let record = |a: &mut CodeAssembler, slot: u64| -> R {
+            let base = log + 0x100 + slot * 32;
+            a.mov(rax, qword_ptr(layout::LAST_VECTOR))?;
+            a.mov(qword_ptr(base), rax)?;
+            a.mov(rax, qword_ptr(layout::LAST_ERROR))?;
+            a.mov(qword_ptr(base + 8), rax)?;
+            a.mov(rax, qword_ptr(layout::LAST_CR2))?;
+            a.mov(qword_ptr(base + 16), rax)?;
+            a.mov(rax, qword_ptr(layout::EXC_MARK))?;
+            a.shr(rax, 16)?;
+            a.mov(qword_ptr(base + 24), rax)
+        };
+        type Body = fn(&mut CodeAssembler, u64) -> R;
+        // (name, vector, error, cr2, instruction length, argument, body)
+        type UserCase = (&'static str, u64, u64, Option<u64>, u64, u64, Body);
+        let mut cases: Vec<UserCase> = vec![
+            ("hlt", 13, 0, None, 1, 0, |a, _| a.hlt()),
+            ("cli", 13, 0, None, 1, 0, |a, _| a.cli()),
+            ("in", 13, 0, None, 2, 0, |a, _| a.in_(al, 0x80)),
+            ("rdmsr", 13, 0, None, 2, 0, |a, _| {
+                a.mov(ecx, 0xc000_0080u32)?;
+                a.rdmsr()
+            }),
+            ("int3", 13, 0x1a, None, 1, 0, |a, _| a.int3()),
+            (
+                "pf-user-read",
+                14,
+                5,
+                Some(page(5) + 8),
+                3,
+                page(5) + 8,
+                |a, addr| {
+                    a.mov(rax, addr)?;
+                    a.mov(rbx, qword_ptr(rax))
+                },
+            ),
+            (
+                "pf-user-write",
+                14,
+                7,
+                Some(page(5) + 16),
+                3,
+                page(5) + 16,
+                |a, addr| {
+                    a.mov(rax, addr)?;
+                    a.mov(qword_ptr(rax), rbx)
+                },
+            ),
+        ];
+        if pvm_safe {
+            cases.retain(|c| c.0 != "int3");
+        }
+        {
+            let a = &mut g.a;
+            a.set_label(&mut user_entry)?;
+            // Selectors as user mode sees them.
+            a.mov(eax, cs)?;
+            a.mov(qword_ptr(log), rax)?;
+            a.mov(eax, ss)?;
+            a.mov(qword_ptr(log + 8), rax)?;
+            // Plain computation at CPL 3.
+            let mut lp = a.create_label();
+            a.mov(ecx, 1000)?;
+            a.xor(eax, eax)?;
+            a.set_label(&mut lp)?;
+            a.add(rax, rcx)?;
+            a.dec(rcx)?;
+            a.jnz(lp)?;
+            a.mov(qword_ptr(log + 16), rax)?;
+            // A user page is usable.
+            a.mov(rax, page(6))?;
+            a.mov(qword_ptr(rax), 0x77)?;
+            a.mov(rbx, qword_ptr(rax))?;
+            a.mov(qword_ptr(log + 24), rbx)?;
+            // SYSCALL: rax = 5 + 2 * 19 = 43; rcx = return RIP; r11 = RFLAGS (0x246).
+            let mut after = a.create_label();
+            a.xor(edx, edx)?;
+            a.mov(eax, 5)?;
+            a.mov(edi, 19)?;
+            a.syscall()?;
+            a.set_label(&mut after)?;
+            a.mov(qword_ptr(log + 32), rax)?;
+            a.lea(rdx, ptr(after))?;
+            a.sub(rcx, rdx)?;
+            a.mov(qword_ptr(log + 40), rcx)?;
+            a.mov(qword_ptr(log + 48), r11)?;
+            a.mov(eax, cs)?;
+            a.mov(qword_ptr(log + 56), rax)?;
+        }
+        for (slot, (_, _, _, _, _, arg, body)) in cases.iter().enumerate() {
+            let a = &mut g.a;
+            let mut after = a.create_label();
+            a.mov(qword_ptr(layout::LAST_VECTOR), 0xff)?;
+            a.mov(qword_ptr(layout::LAST_ERROR), -1)?;
+            a.mov(qword_ptr(layout::LAST_CR2), 0)?;
+            a.mov(qword_ptr(layout::EXC_MARK), 0)?;
+            a.lea(r10, ptr(after))?;
+            a.mov(qword_ptr(layout::RESUME), r10)?;
+            body(a, *arg)?;
+            a.set_label(&mut after)?;
+            record(a, slot as u64)?;
+        }
+        {
+            // End through an exception into kernel mode (KVM-PVM faults port I/O in a guest
+            // kernel entered by SYSCALL, so the SYSCALL exit path is not used for this).
+            let a = &mut g.a;
+            a.lea(rax, ptr(do_exit))?;
+            a.mov(qword_ptr(layout::FINISH), rax)?;
+            a.ud2()?;
+            // ---- back in kernel mode for good ----
+            a.set_label(&mut do_exit)?;
+            a.mov(rsp, layout::STACK_TOP)?;
+        }
+        if !pvm_safe {
+            g.print("cs=")?;
+            print_known(g, log, 0xffff, 4, u64::from(layout::SEL_USER_CODE64 | 3))?;
+            g.print(" ss=")?;
+            print_known(g, log + 8, 0xffff, 4, u64::from(layout::SEL_USER_DATA | 3))?;
+            g.print(" ")?;
+        }
+        g.print("sum=")?;
+        print_known(g, log + 16, u64::MAX, 8, 500_500)?;
+        g.print(" user-page=")?;
+        print_known(g, log + 24, u64::MAX, 2, 0x77)?;
+        g.print("\nsyscall rax=")?;
+        print_known(g, log + 32, u64::MAX, 8, 43)?;
+        g.print(" rcx-delta=")?;
+        print_known(g, log + 40, u64::MAX, 2, 0)?;
+        g.print(" r11=")?;
+        print_known(g, log + 48, u64::MAX, 8, 0x246)?;
+        if !pvm_safe {
+            g.print(" cs-after-sysret=")?;
+            print_known(
+                g,
+                log + 56,
+                0xffff,
+                4,
+                u64::from(layout::SEL_USER_CODE64 | 3),
+            )?;
+        }
+        g.print("\n")?;
+        for (slot, (name, vector, error, want_cr2, len, _, _)) in cases.iter().enumerate() {
+            let base = log + 0x100 + slot as u64 * 32;
+            g.print(&format!("{name} v="))?;
+            print_known(g, base, 0xff, 2, *vector)?;
+            g.print(" e=")?;
+            print_known(g, base + 8, 0xffff_ffff, 8, *error)?;
+            if let Some(c) = want_cr2 {
+                g.print(" cr2=")?;
+                print_known(g, base + 16, u64::MAX, 16, *c)?;
+            }
+            g.print(" d=")?;
+            print_known(g, base + 24, 0xff, 2, *len)?;
+            g.print("\n")?;
+        }
+        g.print("count=")?;
+        // The user cases plus the final ud2.
+        print_known(g, layout::EXC_COUNT, u64::MAX, 4, cases.len() as u64 + 1)?;
+        g.print("\nend\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
 /// Instructions one iteration of [`reg_loop`] executes.
 pub const REG_LOOP_INSNS: u64 = 3;
 /// Instructions one iteration of [`mem_loop`] executes.
@@ -848,6 +1100,7 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         timer(),
         exceptions(),
         paging(),
+        usermode(),
         string_ops(),
         alu(),
         shifts(),
