@@ -297,6 +297,21 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
         ],
     ));
 
+    if cfg.rtc {
+        // The CMOS RTC as a PNP device so the guest binds rtc-cmos to exactly the two ports we
+        // decode. No interrupt is listed: this RTC raises none (alarm and update interrupts are
+        // not modelled), so the guest's RTC driver polls instead of waiting for IRQ 8.
+        let io = IO::new(0x70, 0x70, 1, 2);
+        let crs = ResourceTemplate::new(vec![&io]);
+        sb.push(device(
+            "RTC_",
+            &[
+                &Name::new(Path::new("_HID"), &EISAName::new("PNP0B00")),
+                &Name::new(Path::new("_CRS"), &crs),
+            ],
+        ));
+    }
+
     let pwrb_hid: &'static str = "PNP0C0C";
     sb.push(device(
         "PWRB",
@@ -461,6 +476,13 @@ mod tests {
         assert!(d3.windows(4).any(|w| w == b"V002"));
         assert!(d3.windows(8).any(|w| w == b"ACPI0013"));
         assert!(d3.windows(4).any(|w| w == b"_EVT"));
+        assert!(!d3.windows(4).any(|w| w == b"RTC_"), "rtc=off: no RTC node");
+        let with_rtc = build(&AcpiConfig {
+            rtc: true,
+            ..cfg(0)
+        })
+        .unwrap();
+        assert!(with_rtc.blobs[4].1.windows(4).any(|w| w == b"RTC_"));
         assert!(d3.windows(4).any(|w| w == b"ESEL"));
     }
 
