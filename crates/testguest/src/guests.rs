@@ -120,6 +120,22 @@ pub fn bitops_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
     )
 }
 
+/// movzx/movsx/movsxd, xchg, three-operand imul, cmc/clc/stc and cmpxchg8b.
+pub fn misc() -> Result<TestGuest, GuestError> {
+    ops::ops_guest("misc", &misc_cases())
+}
+
+/// The op specs and cases of [`misc`].
+pub fn misc_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
+    use Op::*;
+    specs(
+        &[
+            Movzx8, Movsx8, Movzx16, Movsx16, Movsxd, Xchg, Imul3, Cmc, Clc, Stc, Cmpxchg8b,
+        ],
+        &WIDTHS,
+    )
+}
+
 /// The ALU and shift groups of [`alu`] and [`shifts`] (widths 8-32) in 32-bit protected
 /// mode, the mode a PVH kernel starts in.
 pub fn ops32_alu() -> Result<TestGuest, GuestError> {
@@ -128,11 +144,12 @@ pub fn ops32_alu() -> Result<TestGuest, GuestError> {
     ops::ops_guest32("ops32-alu", &groups)
 }
 
-/// The groups of [`muldiv`] (without faulting divisions) and [`bitops`] (without cmovcc)
-/// in 32-bit protected mode.
+/// The groups of [`muldiv`] (without faulting divisions), [`bitops`] (without cmovcc) and
+/// [`misc`] (its 8- to 32-bit forms) in 32-bit protected mode.
 pub fn ops32_muldiv_bitops() -> Result<TestGuest, GuestError> {
     let mut groups = muldiv_cases();
     groups.extend(bitops_cases());
+    groups.extend(misc_cases());
     ops::ops_guest32("ops32-muldiv-bitops", &groups)
 }
 
@@ -1106,6 +1123,7 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         shifts(),
         muldiv(),
         bitops(),
+        misc(),
         ops32_alu(),
         ops32_muldiv_bitops(),
         reg_loop(Mode::Protected32, 1000),

@@ -89,6 +89,29 @@ pub enum Op {
     Cmovcc,
     /// `cbw`/`cwd`/`cdq`/`cqo` by width.
     Cwd,
+    /// `movzx rax, bl` (destination width 16/32/64).
+    Movzx8,
+    /// `movsx rax, bl`.
+    Movsx8,
+    /// `movzx eax, bx` (destination width 32/64).
+    Movzx16,
+    /// `movsx eax, bx`.
+    Movsx16,
+    /// `movsxd rax, ebx` (width 64).
+    Movsxd,
+    /// `xchg rax, rbx`.
+    Xchg,
+    /// `imul rax, rbx, imm` (imm -3 for 16-bit, 0x12345 otherwise).
+    Imul3,
+    /// `cmc` (width 64 only: no operands).
+    Cmc,
+    /// `clc`.
+    Clc,
+    /// `stc`.
+    Stc,
+    /// `cmpxchg8b [mem]`: edx:eax = a, ecx:ebx = b, the quadword in memory = c; the memory
+    /// after the instruction is returned in rbx (width 64 only).
+    Cmpxchg8b,
 }
 
 /// One instruction at one operand width.
@@ -122,6 +145,9 @@ impl OpSpec {
             Imul2 | Bt | Bts | Btr | Btc | Bsf | Bsr | Shld | Shrd | Cmovcc => w != 8,
             Bswap => w >= 32,
             Setcc => w == 8,
+            Movzx8 | Movsx8 | Imul3 => w >= 16,
+            Movzx16 | Movsx16 => w >= 32,
+            Movsxd | Cmc | Clc | Stc | Cmpxchg8b => w == 64,
             _ => true,
         }
     }
@@ -281,6 +307,9 @@ pub fn flags_mask(spec: OpSpec, case: &Case) -> u64 {
         Add | Adc | Sub | Sbb | Cmp | Neg | Xadd | Cmpxchg | Inc | Dec => ARITH_FLAGS,
         And | Or | Xor | Test => ARITH_FLAGS & !AF,
         Not | Bswap | Cwd | Setcc | Cmovcc => ARITH_FLAGS,
+        Movzx8 | Movsx8 | Movzx16 | Movsx16 | Movsxd | Xchg => ARITH_FLAGS,
+        Cmc | Clc | Stc | Cmpxchg8b => ARITH_FLAGS,
+        Imul3 => CF | OF,
         Shl | Shr | Sar => {
             if cm == 0 {
                 ARITH_FLAGS
@@ -351,6 +380,11 @@ fn div_len(w: u32) -> u64 {
 }
 
 const CMOV_SRC: u64 = 0x0123_4567_89ab_cd00;
+
+/// The immediate of [`Op::Imul3`] at width `w`.
+fn imul3_imm(w: u32) -> i64 {
+    if w == 16 { -3 } else { 0x12345 }
+}
 
 /// What a correct x86-64 CPU leaves in the result record for this case.
 pub fn model(spec: OpSpec, case: &Case) -> CaseResult {
@@ -671,6 +705,40 @@ pub fn model(spec: OpSpec, case: &Case) -> CaseResult {
                 o_d = wr(c, s, w);
             }
         },
+        Movzx8 => o_a = wr(a, b & 0xff, w),
+        Movsx8 => o_a = wr(a, sext(b, 8) as u64, w),
+        Movzx16 => o_a = wr(a, b & 0xffff, w),
+        Movsx16 => o_a = wr(a, sext(b, 16) as u64, w),
+        Movsxd => o_a = sext(b, 32) as u64,
+        Xchg => {
+            o_a = wr(a, b, w);
+            o_b = wr(b, a, w);
+        }
+        Imul3 => {
+            let p = i128::from(sext(b, w)) * i128::from(imul3_imm(w));
+            let lo = (p as u64) & m;
+            let over = i128::from(sext(lo, w)) != p;
+            set(&mut f, CF, over);
+            set(&mut f, OF, over);
+            o_a = wr(a, lo, w);
+        }
+        Cmc => set(&mut f, CF, cin == 0),
+        Clc => set(&mut f, CF, false),
+        Stc => set(&mut f, CF, true),
+        Cmpxchg8b => {
+            let mem = c;
+            let edx_eax = a;
+            set(&mut f, ZF, mem == edx_eax);
+            if mem == edx_eax {
+                o_b = b;
+                o_a = a & 0xffff_ffff;
+                o_d = a >> 32;
+            } else {
+                o_b = mem;
+                o_a = mem & 0xffff_ffff;
+                o_d = mem >> 32;
+            }
+        }
     }
     CaseResult {
         rax: o_a,
@@ -766,10 +834,10 @@ pub fn edge_cases(spec: OpSpec) -> Vec<Case> {
         _ => {
             for (i, a) in vals.iter().enumerate() {
                 for (j, b) in vals.iter().enumerate() {
-                    if (i + j) % 2 == 1 && !matches!(spec.op, Adc | Sbb | Cmpxchg) {
+                    if (i + j) % 2 == 1 && !matches!(spec.op, Adc | Sbb | Cmpxchg | Cmpxchg8b) {
                         continue;
                     }
-                    let c = if spec.op == Cmpxchg && j % 3 == 0 {
+                    let c = if matches!(spec.op, Cmpxchg | Cmpxchg8b) && j % 3 == 0 {
                         *a
                     } else {
                         vals[(i + 2 * j + 1) % vals.len()]
@@ -946,6 +1014,35 @@ fn emit_op(a: &mut CodeAssembler, spec: OpSpec) -> R {
             32 => a.cdq(),
             _ => a.cqo(),
         },
+        Movzx8 => match w {
+            16 => a.movzx(ax, bl),
+            32 => a.movzx(eax, bl),
+            _ => a.movzx(rax, bl),
+        },
+        Movsx8 => match w {
+            16 => a.movsx(ax, bl),
+            32 => a.movsx(eax, bl),
+            _ => a.movsx(rax, bl),
+        },
+        Movzx16 => match w {
+            32 => a.movzx(eax, bx),
+            _ => a.movzx(rax, bx),
+        },
+        Movsx16 => match w {
+            32 => a.movsx(eax, bx),
+            _ => a.movsx(rax, bx),
+        },
+        Movsxd => a.movsxd(rax, ebx),
+        Xchg => by_width!(w, |x, y, c, d| a.xchg(x, y)),
+        Imul3 => match w {
+            16 => a.imul_3(ax, bx, imul3_imm(16) as i32),
+            32 => a.imul_3(eax, ebx, imul3_imm(32) as i32),
+            _ => a.imul_3(rax, rbx, imul3_imm(64) as i32),
+        },
+        Cmc => a.cmc(),
+        Clc => a.clc(),
+        Stc => a.stc(),
+        Cmpxchg8b => a.cmpxchg8b(qword_ptr(layout::SCRATCH)),
         Setcc => {
             for cc in 0..16u32 {
                 setcc(a, cc, byte_ptr(layout::SCRATCH + u64::from(cc)))?;
@@ -971,6 +1068,9 @@ fn emit_op(a: &mut CodeAssembler, spec: OpSpec) -> R {
 /// Emits what runs after the flags were captured (collecting scratch results).
 fn emit_post(a: &mut CodeAssembler, spec: OpSpec) -> R {
     match spec.op {
+        Op::Cmpxchg8b => {
+            a.mov(rbx, qword_ptr(layout::SCRATCH))?;
+        }
         Op::Setcc => {
             a.mov(rbx, qword_ptr(layout::SCRATCH))?;
             a.mov(rdx, qword_ptr(layout::SCRATCH + 8))?;
@@ -1062,6 +1162,15 @@ fn build_ops(g: &mut Guest, groups: &[(OpSpec, Vec<Case>)]) -> R<usize> {
         a.mov(rcx, qword_ptr(rsi + 16))?;
         a.mov(rdx, qword_ptr(rsi + 16))?;
         a.mov(qword_ptr(layout::EXC_MARK), 0)?;
+        if spec.op == Op::Cmpxchg8b {
+            // memory = c, edx:eax = a, ecx:ebx = b.
+            a.mov(qword_ptr(layout::SCRATCH), rcx)?;
+            a.mov(rdx, rax)?;
+            a.shr(rdx, 32)?;
+            a.mov(eax, eax)?;
+            a.mov(rcx, rbx)?;
+            a.shr(rcx, 32)?;
+        }
         a.push(qword_ptr(rsi + 24))?;
         a.popfq()?;
         emit_op(a, *spec)?;
@@ -1237,6 +1346,23 @@ fn emit_op32(a: &mut CodeAssembler, spec: OpSpec) -> R {
             16 => a.cwd(),
             _ => a.cdq(),
         },
+        Movzx8 => match w {
+            16 => a.movzx(ax, bl),
+            _ => a.movzx(eax, bl),
+        },
+        Movsx8 => match w {
+            16 => a.movsx(ax, bl),
+            _ => a.movsx(eax, bl),
+        },
+        Movzx16 => a.movzx(eax, bx),
+        Movsx16 => a.movsx(eax, bx),
+        Xchg => w32!(|x, y, d| a.xchg(x, y)),
+        Imul3 => match w {
+            16 => a.imul_3(ax, bx, imul3_imm(16) as i32),
+            _ => a.imul_3(eax, ebx, imul3_imm(32) as i32),
+        },
+        // Width 64 only: excluded by `cases32`.
+        Movsxd | Cmc | Clc | Stc | Cmpxchg8b => Ok(()),
         Setcc => {
             for cc in 0..16u32 {
                 setcc(a, cc, byte_ptr(layout::SCRATCH + u64::from(cc)))?;

@@ -250,6 +250,15 @@ fn bitops() {
 }
 
 #[test]
+fn misc() {
+    differential(
+        keel_testguest::misc,
+        None,
+        Some(|| flatten64(keel_testguest::misc_cases())),
+    );
+}
+
+#[test]
 fn ops32_alu() {
     differential(
         keel_testguest::ops32_alu,
@@ -270,6 +279,7 @@ fn ops32_muldiv_bitops() {
         Some(|| {
             let mut g = keel_testguest::muldiv_cases();
             g.extend(keel_testguest::bitops_cases());
+            g.extend(keel_testguest::misc_cases());
             flatten32(g)
         }),
     );

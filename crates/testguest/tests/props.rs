@@ -141,7 +141,9 @@ proptest! {
     #[test]
     fn bitops_match_model(groups in batch(
         &[Op::Bt, Op::Bts, Op::Btr, Op::Btc, Op::Bsf, Op::Bsr, Op::Cmpxchg, Op::Xadd,
-          Op::Bswap, Op::Setcc, Op::Cmovcc, Op::Cwd],
+          Op::Bswap, Op::Setcc, Op::Cmovcc, Op::Cwd, Op::Movzx8, Op::Movsx8, Op::Movzx16,
+          Op::Movsx16, Op::Movsxd, Op::Xchg, Op::Imul3, Op::Cmc, Op::Clc, Op::Stc,
+          Op::Cmpxchg8b],
         false,
     )) {
         check(&groups)?;
