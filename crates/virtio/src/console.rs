@@ -95,6 +95,46 @@ impl Console {
         self.input.clone()
     }
 
+    /// Starts a thread that reads `reader` (a chardev: stdin, a socket) and hands every
+    /// chunk to the guest. The thread ends at end of input or on a read error; a
+    /// thread blocked in `read` cannot be stopped, so it is detached.
+    pub fn spawn_input_reader(
+        device: Arc<Mutex<Console>>,
+        mut reader: Box<dyn std::io::Read + Send>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let input = device.lock().unwrap_or_else(|p| p.into_inner()).input();
+        std::thread::Builder::new()
+            .name("virtio-console-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = match reader.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::warn!("virtio-console: input closed: {e}");
+                            return;
+                        }
+                    };
+                    let mut rest = &buf[..n];
+                    loop {
+                        let taken = input.push(rest);
+                        device
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .process_input();
+                        rest = &rest[taken..];
+                        if rest.is_empty() {
+                            break;
+                        }
+                        // The guest is not reading: wait rather than drop typed input.
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+            })
+    }
+
     /// Moves pending input into the guest's receive buffers, as far as they go.
     pub fn process_input(&mut self) {
         let Some(active) = self.active.as_mut() else {
@@ -255,6 +295,23 @@ mod tests {
         dev.lock().unwrap().process_input();
         assert_eq!(rx.used(2), (2, 1));
         assert_eq!(fetch(&mem, DATA + 0x200, 1), b"x");
+    }
+
+    #[test]
+    fn input_reader_thread_feeds_the_guest() {
+        let mem = memory();
+        let (dev, t, _) = transport(Console::new(Box::new(std::io::sink())), &mem);
+        let mut rx = TestQueue::new(&mem, 0, 64);
+        let tx = TestQueue::new(&mem, 0x4000, 64);
+        bring_up(&t, &[&rx, &tx]);
+        rx.add(&[(DATA, 64, true)]);
+        notify(&t, 0);
+        let thread =
+            Console::spawn_input_reader(dev, Box::new(std::io::Cursor::new(b"echo hi\n".to_vec())))
+                .unwrap();
+        thread.join().unwrap();
+        assert_eq!(rx.used(0), (0, 8));
+        assert_eq!(fetch(&mem, DATA, 8), b"echo hi\n");
     }
 
     #[test]
