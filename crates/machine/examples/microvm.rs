@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run -p keel-machine --example microvm -- [-accel kvm|tcg] [-m MiB] [-smp N] [-kernel F] [-initrd F] [-append S] [-no-reboot] [-debug-exit]
 //! ```
-//! With no `-kernel` it runs the built-in demo guest. COM1 is on stdio.
+//! With no `-kernel` it runs the built-in demo guest. COM1 is on stdio (input and output).
 
 use std::sync::{Arc, mpsc};
 
@@ -28,7 +28,7 @@ fn main() {
 
 fn run() -> Result<i32, Box<dyn std::error::Error>> {
     let mut cfg = MicrovmConfig {
-        serial: SerialBackend::Stdout,
+        serial: SerialBackend::Stdio,
         ..MicrovmConfig::default()
     };
     let mut debug_exit = false;

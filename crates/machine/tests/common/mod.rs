@@ -77,3 +77,40 @@ pub fn run_until_event(vm: &mut Microvm, rx: &mpsc::Receiver<MachineEvent>) -> M
     vm.shutdown();
     ev
 }
+
+/// Assembles `tests/guests/NAME.S` with GNU as/ld (binutils, as the crate's build script) into
+/// a PVH ELF linked like the demo guest, and returns its path.
+pub fn assemble(name: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("keel-guest-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let obj = dir.join("guest.o");
+    let elf = dir.join("guest.elf");
+    let ok = std::process::Command::new("as")
+        .arg("--64")
+        .arg("-o")
+        .arg(&obj)
+        .arg(root.join("tests/guests").join(format!("{name}.S")))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "as failed on {name}.S");
+    let ok = std::process::Command::new("ld")
+        .args([
+            "-m",
+            "elf_x86_64",
+            "-static",
+            "-nostdlib",
+            "--build-id=none",
+        ])
+        .args(["-z", "noexecstack", "--no-warn-rwx-segments", "-T"])
+        .arg(root.join("src/demo/demo.ld"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(&obj)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ld failed on {name}");
+    elf
+}
