@@ -101,6 +101,35 @@ pub enum SerialOutput {
     Null,
     /// Keep in memory.
     Capture(Capture),
+    /// Any writer the embedder supplies (a chardev: socket, pipe, ...).
+    Writer(SharedWriter),
+}
+
+/// A writer shared between the embedder and the UART (`Clone`, so configurations stay `Clone`).
+#[derive(Clone)]
+pub struct SharedWriter(pub Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl SharedWriter {
+    /// Wraps `w`.
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        Self(Arc::new(Mutex::new(w)))
+    }
+}
+
+impl std::fmt::Debug for SharedWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedWriter")
+    }
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        lock(&self.0).flush()
+    }
 }
 
 impl SerialOutput {
@@ -120,6 +149,7 @@ impl SerialOutput {
             SerialOutput::File(f) => Box::new(f),
             SerialOutput::Null => Box::new(io::sink()),
             SerialOutput::Capture(c) => Box::new(c),
+            SerialOutput::Writer(w) => Box::new(w),
         }
     }
 }

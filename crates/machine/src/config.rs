@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use keel_devices::Capture;
+use keel_devices::{Capture, SharedWriter};
 
 /// QEMU's on/off/auto machine property values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,6 +56,9 @@ pub enum SerialBackend {
     Null,
     /// An in-memory buffer (tests, embedders).
     Capture(Capture),
+    /// A writer the embedder supplies (e.g. a `-chardev socket`); input, if any, is fed with
+    /// `keel_devices::spawn_input_thread` or `Serial::enqueue_input` on `Microvm::serial()`.
+    Writer(SharedWriter),
     /// No UART at all (QEMU with `-nodefaults` and no `-serial`): port 0x3f8 reads 0xff.
     None,
 }

@@ -298,6 +298,7 @@ impl Microvm {
                 }
                 SerialBackend::Null | SerialBackend::None => SerialOutput::Null,
                 SerialBackend::Capture(c) => SerialOutput::Capture(c.clone()),
+                SerialBackend::Writer(w) => SerialOutput::Writer(w.clone()),
             };
             let irq = vm.irq_line(4).map_err(MachineError::Accel)?;
             let s = Arc::new(Serial::new(irq, output));

@@ -132,6 +132,24 @@ fn inb(vm: &Microvm, port: u16) -> u8 {
 }
 
 #[test]
+fn microvm_can_move_between_threads() {
+    fn send<T: Send>() {}
+    send::<Microvm>();
+}
+
+#[test]
+fn serial_output_to_an_embedder_writer() {
+    let cap = keel_machine::Capture::new();
+    let cfg = MicrovmConfig {
+        serial: SerialBackend::Writer(keel_machine::SharedWriter::new(Box::new(cap.clone()))),
+        ..MicrovmConfig::default()
+    };
+    let (vm, _rx) = machine(cfg, "tcg");
+    vm.buses().pio_write(PioAddress(0x3f8), b"k");
+    assert_eq!(cap.text(), "k");
+}
+
+#[test]
 fn requirements_and_bad_configs() {
     let req = keel_machine::requirements(&MicrovmConfig::default());
     assert_eq!(req.machine, "microvm");
