@@ -30,7 +30,7 @@ pub use boot::{BootError, BootProtocol, BootState, KernelImage};
 pub use config::{MACHINE_PROPERTIES, MicrovmConfig, OnOffAuto, SerialBackend};
 pub use keel_devices::{Capture, SharedWriter};
 pub use microvm::{
-    AddedDevice, DEMO_GUEST, DRIVERS, MACHINE_NAME, MachineError, Microvm, Resolved,
+    AddedDevice, DEMO_GUEST, DRIVERS, DeviceInfo, MACHINE_NAME, MachineError, Microvm, Resolved,
     VIRTIO_MMIO_SLOTS, requirements,
 };
 pub use runner::{CpuInfo, MachineEvent, MachineEvents};

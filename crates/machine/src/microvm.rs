@@ -114,6 +114,22 @@ pub enum MachineError {
     Thread(#[source] std::io::Error),
 }
 
+/// Where an onboard or added device sits, for device-tree introspection (qdev, `info qtree`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// QEMU's type name (`isa-serial`, `i8042`, `mc146818rtc`, `acpi-ged`, `isa-debug-exit`,
+    /// `virtio-mmio`).
+    pub type_name: &'static str,
+    /// Port ranges (base, length).
+    pub pio: Vec<(u16, u32)>,
+    /// MMIO ranges (base, length).
+    pub mmio: Vec<(u64, u64)>,
+    /// GSI it raises, if any.
+    pub gsi: Option<u32>,
+    /// Created by the machine (onboard) rather than added by the user.
+    pub onboard: bool,
+}
+
 /// A device added with [`Microvm::add_device`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddedDevice {
@@ -673,6 +689,61 @@ impl Microvm {
     /// Onboard devices after resolving `auto`.
     pub fn resolved(&self) -> Resolved {
         self.resolved
+    }
+
+    /// Every device on the machine's buses that the machine created or was given: onboard
+    /// devices first (in creation order), then `add_device` devices, then virtio-mmio windows.
+    /// Backend platform devices (PIC, PIT) are not listed; they belong to the accelerator.
+    pub fn device_info(&self) -> Vec<DeviceInfo> {
+        let mut v = Vec::new();
+        let onboard = |type_name, pio: Vec<(u16, u32)>, mmio: Vec<(u64, u64)>, gsi| DeviceInfo {
+            type_name,
+            pio,
+            mmio,
+            gsi,
+            onboard: true,
+        };
+        if self.serial.is_some() {
+            v.push(onboard("isa-serial", vec![(0x3f8, 8)], vec![], Some(4)));
+        }
+        if self.i8042.is_some() {
+            v.push(onboard(
+                "i8042",
+                vec![(0x60, 1), (0x64, 1)],
+                vec![],
+                Some(1),
+            ));
+        }
+        if self.rtc.is_some() {
+            v.push(onboard("mc146818rtc", vec![(0x70, 2)], vec![], None));
+        }
+        if self.ged.is_some() {
+            v.push(onboard(
+                "acpi-ged",
+                vec![],
+                vec![(GED_MMIO_BASE, GED_MMIO_LEN)],
+                Some(acpi::GED_GSI),
+            ));
+        }
+        for d in &self.devices {
+            v.push(DeviceInfo {
+                type_name: "isa-debug-exit",
+                pio: d.pio.iter().map(|&(b, l)| (b, l as u32)).collect(),
+                mmio: vec![],
+                gsi: None,
+                onboard: false,
+            });
+        }
+        for d in &self.virtio_mmio {
+            v.push(DeviceInfo {
+                type_name: "virtio-mmio",
+                pio: vec![],
+                mmio: vec![(d.base, d.size)],
+                gsi: Some(d.gsi),
+                onboard: false,
+            });
+        }
+        v
     }
 
     /// Devices added with [`Microvm::add_device`].

@@ -241,6 +241,18 @@ fn cold_plug_isa_debug_exit_and_errors() {
     )
     .unwrap();
     assert_eq!(vm.devices().len(), 1);
+    let names: Vec<&str> = vm.device_info().iter().map(|d| d.type_name).collect();
+    assert_eq!(
+        names,
+        [
+            "isa-serial",
+            "i8042",
+            "mc146818rtc",
+            "acpi-ged",
+            "isa-debug-exit"
+        ]
+    );
+    assert_eq!(vm.device_info()[4].pio, [(0xf4, 4)]);
     vm.buses().pio_write(PioAddress(0xf7), &[3]);
     assert_eq!(
         rx.try_recv().unwrap(),
