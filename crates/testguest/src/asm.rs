@@ -42,6 +42,9 @@ pub mod layout {
     /// Non-zero: an exception with no [`RESUME`] (and no #PF fix-up) jumps here, in kernel
     /// mode on the exception stack (how user-mode guests end).
     pub const FINISH: u64 = VARS + 0x40;
+    /// 32-bit guests: log2 of the PTE size of [`PT`] (2: 32-bit paging, 3: PAE) for the
+    /// #PF fix-up.
+    pub const PF_PTE_SHIFT: u64 = VARS + 0x48;
     /// 16 quadwords of scratch for op tests.
     pub const SCRATCH: u64 = VARS + 0x80;
     /// Register save area: rax..r15 then rflags (17 quadwords).
@@ -142,6 +145,18 @@ pub enum Mode {
     Long64,
 }
 
+/// Page-table format a 32-bit guest builds (it turns paging on itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paging32 {
+    /// Two-level 32-bit paging, 4 KiB pages: the page directory at [`layout::PML4`], the
+    /// identity map of 0-4 MiB in a page table at [`layout::PDPT`], [`layout::PF_REGION`] in
+    /// [`layout::PT`].
+    TwoLevel,
+    /// PAE: PDPT at [`layout::PDPT`], 0-1 GiB identity-mapped with 2 MiB pages in
+    /// [`layout::PD0`], [`layout::PF_REGION`] through [`layout::PD1`] and [`layout::PT`].
+    Pae,
+}
+
 /// A guest under construction. `a` is the main code's assembler; the helpers below emit
 /// calls into the runtime appended by [`Guest::finish`].
 pub(crate) struct Guest {
@@ -169,6 +184,8 @@ pub(crate) struct Guest {
     /// Set the U/S bit in the identity map and the upper levels of [`layout::PF_REGION`]
     /// (user-mode guests); leaf PTEs of the region keep [`Guest::pt_flags`].
     pub user_pages: bool,
+    /// 32-bit guests: the page tables to build (paging itself is enabled by the guest).
+    pub paging32: Option<Paging32>,
 }
 
 pub(crate) type R<T = ()> = Result<T, IcedError>;
@@ -203,6 +220,7 @@ impl Guest {
             gates: Vec::new(),
             uses_pic_pit: false,
             user_pages: false,
+            paging32: None,
         };
         g.prologue()?;
         Ok(g)
@@ -227,6 +245,7 @@ impl Guest {
                 }
             }
             Mode::Protected32 => {
+                a.lidt(ptr(IDTR as u32))?;
                 for r in [eax, ebx, ecx, edx, esi, edi, ebp] {
                     a.xor(r, r)?;
                 }
@@ -279,6 +298,18 @@ impl Guest {
     /// Prints the quadword at `addr` as `digits` hex digits, masked with `mask`.
     pub fn print_hex_mem(&mut self, addr: u64, mask: u64, digits: u32) -> R {
         let a = &mut self.a;
+        if self.mode == Mode::Protected32 {
+            // 32-bit guests print the low dword (at most 8 digits).
+            a.push(eax)?;
+            a.push(ecx)?;
+            a.mov(eax, dword_ptr(addr as u32))?;
+            a.and(eax, mask as u32)?;
+            a.mov(ecx, digits.clamp(1, 8))?;
+            a.call(self.puthex)?;
+            a.pop(ecx)?;
+            a.pop(eax)?;
+            return Ok(());
+        }
         a.push(rax)?;
         a.push(rcx)?;
         a.mov(rax, qword_ptr(addr))?;
@@ -643,6 +674,103 @@ impl Guest {
         Ok(stubs)
     }
 
+    /// The 32-bit exception stubs and common handler (same contract as the 64-bit one:
+    /// [`layout::RESUME`], [`layout::FINISH`], the #PF fix-up with [`layout::PF_PTE_SHIFT`]).
+    fn exception_handlers32(&mut self) -> R<Vec<CodeLabel>> {
+        let mut stubs = Vec::with_capacity(32);
+        let mut common = self.a.create_label();
+        for v in 0..32u32 {
+            let mut l = self.a.create_label();
+            self.a.set_label(&mut l)?;
+            if !has_error_code(v) {
+                self.a.push(0)?;
+            }
+            self.a.push(v as i32)?;
+            self.a.jmp(common)?;
+            stubs.push(l);
+        }
+        let mut fatal = self.a.create_label();
+        let mut ret = self.a.create_label();
+        let mut noresume = self.a.create_label();
+        let mut not_finish = self.a.create_label();
+        let mut pae = self.a.create_label();
+        let mut fixed = self.a.create_label();
+        let d = |addr: u64| dword_ptr(addr as u32);
+        {
+            let a = &mut self.a;
+            a.set_label(&mut common)?;
+            // Frame: vector, error, eip, cs, eflags; +8 after the two pushes.
+            a.push(eax)?;
+            a.push(ebx)?;
+            for (var, off) in [(LAST_VECTOR, 8), (LAST_ERROR, 12), (LAST_RIP, 16)] {
+                a.mov(eax, dword_ptr(esp + off))?;
+                a.mov(d(var), eax)?;
+                a.mov(d(var + 4), 0)?;
+            }
+            a.mov(eax, cr2)?;
+            a.mov(d(LAST_CR2), eax)?;
+            a.mov(d(LAST_CR2 + 4), 0)?;
+            a.add(d(EXC_COUNT), 1)?;
+            a.mov(eax, d(RESUME))?;
+            a.test(eax, eax)?;
+            a.jz(noresume)?;
+            a.mov(ebx, eax)?;
+            a.sub(ebx, dword_ptr(esp + 16))?;
+            a.shl(ebx, 16)?;
+            a.or(ebx, dword_ptr(esp + 8))?;
+            a.or(ebx, 0x100)?;
+            a.mov(d(EXC_MARK), ebx)?;
+            a.mov(d(EXC_MARK + 4), 0)?;
+            a.mov(dword_ptr(esp + 16), eax)?;
+            a.mov(d(RESUME), 0)?;
+            a.jmp(ret)?;
+            a.set_label(&mut noresume)?;
+            a.mov(eax, d(FINISH))?;
+            a.test(eax, eax)?;
+            a.jz(not_finish)?;
+            a.jmp(eax)?;
+            a.set_label(&mut not_finish)?;
+            a.cmp(dword_ptr(esp + 8), 14)?;
+            a.jne(fatal)?;
+            a.cmp(d(PF_FIXUP), 0)?;
+            a.je(fatal)?;
+            a.mov(eax, cr2)?;
+            a.sub(eax, PF_REGION as u32)?;
+            a.shr(eax, 12)?;
+            a.cmp(eax, PF_PAGES as i32)?;
+            a.jae(fatal)?;
+            a.cmp(d(PF_PTE_SHIFT), 3)?;
+            a.je(pae)?;
+            a.lea(ebx, dword_ptr(eax * 4 + PT as i32))?;
+            a.or(dword_ptr(ebx), (PTE_P | PTE_RW) as i32)?;
+            a.jmp(fixed)?;
+            a.set_label(&mut pae)?;
+            a.lea(ebx, dword_ptr(eax * 8 + PT as i32))?;
+            a.or(dword_ptr(ebx), (PTE_P | PTE_RW) as i32)?;
+            a.btr(dword_ptr(ebx + 4), 31)?;
+            a.set_label(&mut fixed)?;
+            a.mov(eax, cr2)?;
+            a.invlpg(byte_ptr(eax))?;
+            a.set_label(&mut ret)?;
+            a.pop(ebx)?;
+            a.pop(eax)?;
+            a.add(esp, 8)?;
+            a.iretd()?;
+        }
+        self.a.set_label(&mut fatal)?;
+        self.emit_str("unexpected exception vector=")?;
+        self.print_hex_mem(LAST_VECTOR, 0xff, 2)?;
+        self.emit_str(" error=")?;
+        self.print_hex_mem(LAST_ERROR, u64::MAX, 8)?;
+        self.emit_str(" eip=")?;
+        self.print_hex_mem(LAST_RIP, u64::MAX, 8)?;
+        self.emit_str(" cr2=")?;
+        self.print_hex_mem(LAST_CR2, u64::MAX, 8)?;
+        self.emit_str("\n")?;
+        self.exit(crate::EXIT_UNEXPECTED_EXCEPTION)?;
+        Ok(stubs)
+    }
+
     /// Assembles everything into a [`TestGuest`].
     pub fn finish(self) -> Result<TestGuest, GuestError> {
         let name = self.name.clone();
@@ -655,7 +783,7 @@ impl Guest {
     fn finish_inner(mut self) -> R<Result<TestGuest, GuestError>> {
         let stubs = match self.mode {
             Mode::Long64 => self.exception_handlers()?,
-            Mode::Protected32 => Vec::new(),
+            Mode::Protected32 => self.exception_handlers32()?,
         };
         self.runtime()?;
         let res = self
@@ -719,13 +847,62 @@ impl Guest {
         idtr.extend_from_slice(&IDT.to_le_bytes());
         put(&mut img, IDTR, &idtr);
         for &(v, ip) in &gate_ips {
-            let lo = (ip & 0xffff)
-                | (u64::from(SEL_CODE64) << 16)
-                | (0x8e00u64 << 32)
-                | ((ip >> 16) & 0xffff) << 48;
-            let hi = ip >> 32;
-            put(&mut img, IDT + 16 * v, &lo.to_le_bytes());
-            put(&mut img, IDT + 16 * v + 8, &hi.to_le_bytes());
+            match self.mode {
+                Mode::Long64 => {
+                    let lo = (ip & 0xffff)
+                        | (u64::from(SEL_CODE64) << 16)
+                        | (0x8e00u64 << 32)
+                        | ((ip >> 16) & 0xffff) << 48;
+                    let hi = ip >> 32;
+                    put(&mut img, IDT + 16 * v, &lo.to_le_bytes());
+                    put(&mut img, IDT + 16 * v + 8, &hi.to_le_bytes());
+                }
+                Mode::Protected32 => {
+                    let gate = (ip & 0xffff)
+                        | (u64::from(SEL_CODE32) << 16)
+                        | (0x8e00u64 << 32)
+                        | ((ip >> 16) & 0xffff) << 48;
+                    put(&mut img, IDT + 8 * v, &gate.to_le_bytes());
+                }
+            }
+        }
+        match self.paging32 {
+            Some(Paging32::TwoLevel) if self.mode == Mode::Protected32 => {
+                // PD[0] -> identity PT for 0-4 MiB; PD[256] (1 GiB) -> PT.
+                put(
+                    &mut img,
+                    PML4,
+                    &((PDPT | PTE_P | PTE_RW) as u32).to_le_bytes(),
+                );
+                put(
+                    &mut img,
+                    PML4 + 4 * 256,
+                    &((PT | PTE_P | PTE_RW) as u32).to_le_bytes(),
+                );
+                for i in 0..1024u64 {
+                    let e = ((i << 12) | PTE_P | PTE_RW) as u32;
+                    put(&mut img, PDPT + 4 * i, &e.to_le_bytes());
+                }
+                for (i, f) in self.pt_flags.iter().enumerate() {
+                    let e = ((PF_PHYS + 0x1000 * i as u64) | (f & 0xfff)) as u32;
+                    put(&mut img, PT + 4 * i as u64, &e.to_le_bytes());
+                }
+            }
+            Some(Paging32::Pae) if self.mode == Mode::Protected32 => {
+                // PDPTEs have only P (RW/US are reserved there).
+                put(&mut img, PDPT, &(PD0 | PTE_P).to_le_bytes());
+                put(&mut img, PDPT + 8, &(PD1 | PTE_P).to_le_bytes());
+                for i in 0..512u64 {
+                    let e = (i << 21) | PTE_P | PTE_RW | PTE_PS;
+                    put(&mut img, PD0 + 8 * i, &e.to_le_bytes());
+                }
+                put(&mut img, PD1, &(PT | PTE_P | PTE_RW).to_le_bytes());
+                for (i, f) in self.pt_flags.iter().enumerate() {
+                    let e = (PF_PHYS + 0x1000 * i as u64) | f;
+                    put(&mut img, PT + 8 * i as u64, &e.to_le_bytes());
+                }
+            }
+            _ => {}
         }
         if self.mode == Mode::Long64 {
             let u = if self.user_pages { PTE_US } else { 0 };

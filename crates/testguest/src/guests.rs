@@ -2,8 +2,8 @@
 
 use iced_x86::code_asm::*;
 
-pub use crate::asm::Mode;
-use crate::asm::{Guest, PTE_NX, PTE_P, PTE_RW, PTE_US, R, hash_u64s, layout};
+use crate::asm::{Guest, PTE_NX, PTE_P, PTE_RW, PTE_US, R, hash_u32s, hash_u64s, layout};
+pub use crate::asm::{Mode, Paging32};
 use crate::ops::{self, Op, OpSpec};
 use crate::{GuestError, TestGuest};
 
@@ -517,6 +517,253 @@ pub fn paging() -> Result<TestGuest, GuestError> {
         ] {
             g.print(&format!("{name}="))?;
             // Mask off bits a CPU may set in non-leaf entries beyond A (none expected).
+            print_known(g, addr, 0xfff, 3, val)?;
+            g.print(" ")?;
+        }
+        g.print("\nend\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
+/// Paging in 32-bit protected mode, turned on by the guest: two-level 32-bit paging or PAE
+/// (with EFER.NXE). #PF error codes and CR2 for reads and writes of a not-present page, a
+/// write to a read-only page with CR0.WP and (PAE) a fetch from an NX page; #DE, #UD and
+/// #GP(selector) through a 32-bit IDT; demand paging through the #PF handler with
+/// `invlpg`, data checked through the identity alias and after a CR3 reload; the
+/// Accessed/Dirty bits written into the tables.
+///
+/// KVM-PVM cannot run this: setting CR0.PG outside long mode raises #GP there.
+pub fn paging32(kind: Paging32) -> Result<TestGuest, GuestError> {
+    let name = match kind {
+        Paging32::TwoLevel => "paging32",
+        Paging32::Pae => "paging-pae",
+    };
+    build(name, Mode::Protected32, |g| {
+        g.paging32 = Some(kind);
+        g.pt_flags[1] = 0;
+        g.pt_flags[2] = PTE_P;
+        g.pt_flags[3] = PTE_P | PTE_RW | PTE_NX;
+        for i in 4..12 {
+            g.pt_flags[i] = 0;
+        }
+        let pae = kind == Paging32::Pae;
+        let d = |addr: u64| dword_ptr(addr as u32);
+        g.print(&format!("keel-testguest {name}\n"))?;
+        let a = &mut g.a;
+        a.mov(d(layout::PF_PTE_SHIFT), if pae { 3 } else { 2 })?;
+        if pae {
+            a.mov(eax, 0x20u32)?;
+            a.mov(cr4, eax)?;
+            a.mov(ecx, 0xc000_0080u32)?;
+            a.rdmsr()?;
+            a.or(eax, 0x800)?;
+            a.wrmsr()?;
+            a.mov(eax, layout::PDPT as u32)?;
+        } else {
+            a.mov(eax, layout::PML4 as u32)?;
+        }
+        a.mov(cr3, eax)?;
+        a.mov(eax, 0x8001_0033u32)?;
+        a.mov(cr0, eax)?;
+        let page = |i: u64| (layout::PF_REGION + 0x1000 * i) as u32;
+        type Body = fn(&mut CodeAssembler, u32) -> R;
+        // (name, vector, error, cr2 or None, distance (u32::MAX: print EIP), argument, body)
+        type Case32 = (&'static str, u64, u64, Option<u64>, u64, u32, Body);
+        let mut cases: Vec<Case32> = vec![
+            ("de", 0, 0, None, 2, 0, |a, _| {
+                a.xor(ecx, ecx)?;
+                a.div(ecx)
+            }),
+            ("ud", 6, 0, None, 2, 0, |a, _| a.ud2()),
+            ("gp-selector", 13, 0x58, None, 3, 0, |a, _| {
+                a.mov(eax, 0x58)?;
+                a.mov(ds, ax)
+            }),
+            (
+                "pf-read",
+                14,
+                0,
+                Some(u64::from(page(1) + 8)),
+                2,
+                page(1) + 8,
+                |a, addr| {
+                    a.mov(eax, addr)?;
+                    a.mov(ebx, dword_ptr(eax))
+                },
+            ),
+            (
+                "pf-write",
+                14,
+                2,
+                Some(u64::from(page(1) + 16)),
+                2,
+                page(1) + 16,
+                |a, addr| {
+                    a.mov(eax, addr)?;
+                    a.mov(dword_ptr(eax), ebx)
+                },
+            ),
+            (
+                "pf-write-ro",
+                14,
+                3,
+                Some(u64::from(page(2) + 24)),
+                2,
+                page(2) + 24,
+                |a, addr| {
+                    a.mov(eax, addr)?;
+                    a.mov(dword_ptr(eax), ebx)
+                },
+            ),
+        ];
+        if pae {
+            cases.push((
+                "pf-fetch-nx",
+                14,
+                0x11,
+                Some(u64::from(page(3))),
+                u64::from(u32::MAX),
+                page(3),
+                |a, addr| {
+                    a.mov(eax, addr)?;
+                    a.jmp(eax)
+                },
+            ));
+        }
+        let n = cases.len() as u64;
+        for (cname, vector, error, want_cr2, dist, arg, body) in cases {
+            // RESUME = address right after the body. 32-bit code has no EIP-relative
+            // addressing, so: call/pop to learn EIP, plus the (measured) distance.
+            let body_len = {
+                let mut t = CodeAssembler::new(32)?;
+                body(&mut t, arg)?;
+                t.assemble(0)?.len()
+            };
+            // pop edx (1) + add edx, imm8 (3) + mov [abs32], edx (6) + body.
+            let dist_to_after = 1 + 3 + 6 + body_len;
+            let a = &mut g.a;
+            let mut next = a.create_label();
+            a.mov(d(layout::LAST_VECTOR), 0xff)?;
+            a.mov(d(layout::LAST_ERROR), -1)?;
+            a.mov(d(layout::EXC_MARK), 0)?;
+            a.call(next)?;
+            a.set_label(&mut next)?;
+            a.pop(edx)?;
+            a.add(edx, dist_to_after.min(127) as i32)?;
+            a.mov(d(layout::RESUME), edx)?;
+            body(a, arg)?;
+            a.mov(eax, u32::from(layout::SEL_DATA))?;
+            a.mov(ds, ax)?;
+            g.print(&format!("{cname} v="))?;
+            print_known(g, layout::LAST_VECTOR, 0xff, 2, vector)?;
+            g.print(" e=")?;
+            print_known(g, layout::LAST_ERROR, 0xffff_ffff, 8, error)?;
+            if let Some(c) = want_cr2 {
+                g.print(" cr2=")?;
+                print_known(g, layout::LAST_CR2, 0xffff_ffff, 8, c)?;
+            }
+            if dist == u64::from(u32::MAX) {
+                g.print(" eip=")?;
+                print_known(g, layout::LAST_RIP, 0xffff_ffff, 8, u64::from(arg))?;
+            } else {
+                let a = &mut g.a;
+                a.mov(eax, d(layout::EXC_MARK))?;
+                a.shr(eax, 16)?;
+                a.mov(d(layout::SCRATCH), eax)?;
+                g.print(" d=")?;
+                print_known(g, layout::SCRATCH, 0xff, 2, dist)?;
+            }
+            g.print("\n")?;
+        }
+        // Demand paging.
+        let a = &mut g.a;
+        a.mov(d(layout::PF_FIXUP), 1)?;
+        for i in 4..12u64 {
+            a.mov(eax, page(i) + 8 * i as u32)?;
+            a.mov(dword_ptr(eax), (0x1111 * i) as u32)?;
+        }
+        a.xor(ecx, ecx)?;
+        for i in 4..12u64 {
+            a.mov(eax, (layout::PF_PHYS + 0x1000 * i + 8 * i) as u32)?;
+            a.add(ecx, dword_ptr(eax))?;
+        }
+        a.mov(d(layout::SCRATCH), ecx)?;
+        a.mov(eax, cr3)?;
+        a.mov(cr3, eax)?;
+        a.xor(ecx, ecx)?;
+        for i in 4..12u64 {
+            a.mov(eax, page(i) + 8 * i as u32)?;
+            a.add(ecx, dword_ptr(eax))?;
+            a.invlpg(byte_ptr(eax))?;
+        }
+        a.mov(d(layout::SCRATCH + 8), ecx)?;
+        a.mov(eax, page(12))?;
+        a.mov(ebx, dword_ptr(eax))?;
+        a.mov(d(layout::PF_FIXUP), 0)?;
+        let sum: u64 = (4..12u64).map(|i| 0x1111 * i).sum();
+        g.print("faults=")?;
+        print_known(g, layout::EXC_COUNT, 0xffff, 4, n + 8)?;
+        g.print(" sum=")?;
+        print_known(g, layout::SCRATCH, 0xffff_ffff, 8, sum)?;
+        g.print(" sum-after-cr3=")?;
+        print_known(g, layout::SCRATCH + 8, 0xffff_ffff, 8, sum)?;
+        g.print("\n")?;
+        // Accessed/Dirty bits of PTEs 4..16 (pages 1-3 only faulted: not checked).
+        const A: u64 = 0x20;
+        const D: u64 = 0x40;
+        let entry = |i: usize| -> u64 {
+            let flags = match i {
+                4..=11 => PTE_P | PTE_RW | A | D,
+                12 => PTE_P | PTE_RW | A,
+                _ => PTE_P | PTE_RW,
+            };
+            (layout::PF_PHYS + 0x1000 * i as u64) | flags
+        };
+        let (pte_size, words): (u64, Vec<u32>) = if pae {
+            (
+                8,
+                (4..16)
+                    .flat_map(|i| {
+                        let e = entry(i);
+                        [e as u32, (e >> 32) as u32]
+                    })
+                    .collect(),
+            )
+        } else {
+            (4, (4..16).map(|i| entry(i) as u32).collect())
+        };
+        let h = hash_u32s(words.iter().copied());
+        g.expect.push_str(&format!("pt {h:08x}\n"));
+        g.emit_str("pt ")?;
+        let a = &mut g.a;
+        a.mov(esi, (layout::PT + 4 * pte_size) as u32)?;
+        a.mov(ecx, words.len() as u32)?;
+        a.call(g.hash)?;
+        a.mov(ecx, 8)?;
+        a.call(g.puthex)?;
+        g.emit_str("\n")?;
+        let upper: Vec<(&str, u64, u64)> = if pae {
+            vec![
+                ("pd1[0]", layout::PD1, layout::PT | PTE_P | PTE_RW | A),
+                ("pd0[0]", layout::PD0, 0x80 | PTE_P | PTE_RW | A | D),
+                (
+                    "pd0[1]",
+                    layout::PD0 + 8,
+                    (1 << 21) | 0x80 | PTE_P | PTE_RW | A,
+                ),
+            ]
+        } else {
+            vec![
+                (
+                    "pd[256]",
+                    layout::PML4 + 4 * 256,
+                    layout::PT | PTE_P | PTE_RW | A,
+                ),
+                ("pd[0]", layout::PML4, layout::PDPT | PTE_P | PTE_RW | A),
+            ]
+        };
+        for (uname, addr, val) in upper {
+            g.print(&format!("{uname}="))?;
             print_known(g, addr, 0xfff, 3, val)?;
             g.print(" ")?;
         }
@@ -1117,6 +1364,8 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         timer(),
         exceptions(),
         paging(),
+        paging32(Paging32::TwoLevel),
+        paging32(Paging32::Pae),
         usermode(),
         string_ops(),
         alu(),
