@@ -73,6 +73,20 @@ pub enum BootError {
         /// How many bytes.
         size: u64,
     },
+    /// A file is larger than guest RAM.
+    #[error(
+        "{what} '{path}' is {size} bytes, more than the {ram} bytes of guest RAM below 3 GiB; increase -m"
+    )]
+    FileTooBig {
+        /// `kernel` or `initrd`.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// File size.
+        size: u64,
+        /// RAM available.
+        ram: u64,
+    },
     /// A kernel segment overlaps memory the VMM uses for boot structures.
     #[error(
         "kernel segment at {addr:#x}+{size:#x} overlaps the boot data area ({area}); link the kernel at or above 1 MiB"
@@ -164,10 +178,11 @@ fn read_file(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, Boo
     let f = File::open(path).map_err(err)?;
     let len = f.metadata().map_err(err)?.len();
     if len > limit {
-        return Err(BootError::TooBig {
-            what: format!("{what} '{}'", path.display()),
-            addr: HIMEM_START,
+        return Err(BootError::FileTooBig {
+            what,
+            path: path.to_path_buf(),
             size: len,
+            ram: limit,
         });
     }
     let mut v = Vec::with_capacity(len as usize);

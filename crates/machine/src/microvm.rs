@@ -40,7 +40,8 @@ pub const MAX_CPUS: u32 = 255;
 pub const VIRTIO_MMIO_SLOTS: u32 = 8;
 const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
 
-/// Errors creating or running the machine; each names what to change.
+/// Errors creating or running the machine; each names what to change. Wrapped errors of other
+/// layers (accelerator, boot, ACPI, devices) display as themselves.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     /// `-m` out of range.
@@ -50,8 +51,8 @@ pub enum MachineError {
     #[error("{0} CPUs requested: microvm supports 1 to 255")]
     Cpus(u32),
     /// The accelerator refused or failed.
-    #[error("accelerator")]
-    Accel(#[source] AccelError),
+    #[error(transparent)]
+    Accel(AccelError),
     /// Guest RAM could not be allocated.
     #[error("cannot allocate {0:#x} bytes of guest RAM")]
     Ram(u64, #[source] vm_memory::mmap::FromRangesError),
@@ -59,8 +60,8 @@ pub enum MachineError {
     #[error("cannot map {0}")]
     Bus(String, #[source] BusError),
     /// The serial backend failed.
-    #[error("serial port")]
-    Serial(#[source] SerialError),
+    #[error(transparent)]
+    Serial(SerialError),
     /// Unknown `-device` driver.
     #[error("'{driver}' is not a valid device model name; microvm accepts: {}", DRIVERS.join(", "))]
     UnknownDriver {
@@ -88,8 +89,8 @@ pub enum MachineError {
         value: String,
     },
     /// The isa-debug-exit properties are invalid.
-    #[error("invalid isa-debug-exit")]
-    DebugExit(#[source] DebugExitError),
+    #[error(transparent)]
+    DebugExit(DebugExitError),
     /// Operation not valid in the machine's current phase.
     #[error("{op} is not possible {when}")]
     Phase {
@@ -104,11 +105,11 @@ pub enum MachineError {
     )]
     NoVirtioSlot,
     /// Building ACPI tables failed.
-    #[error("ACPI tables")]
-    Acpi(#[source] AcpiError),
+    #[error(transparent)]
+    Acpi(AcpiError),
     /// Loading the kernel or preparing the boot state failed.
-    #[error("boot")]
-    Boot(#[source] BootError),
+    #[error(transparent)]
+    Boot(BootError),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
