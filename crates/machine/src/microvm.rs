@@ -99,6 +99,9 @@ pub enum MachineError {
         /// Why not now.
         when: &'static str,
     },
+    /// A device was added after machine-done on a bus without hot plug (QEMU's message).
+    #[error("Bus '{0}' does not support hotplugging")]
+    NotHotpluggable(&'static str),
     /// No virtio-mmio slot left (or no IOAPIC to wire GSIs 16-23 to).
     #[error(
         "no virtio-mmio slot: all {VIRTIO_MMIO_SLOTS} are in use, or the accelerator has no IOAPIC for GSIs 16-23"
@@ -420,10 +423,7 @@ impl Microvm {
             });
         }
         if self.phase != Phase::Init {
-            return Err(MachineError::Phase {
-                op: "adding isa-debug-exit",
-                when: "after machine-done: ISA devices cannot be hot-plugged",
-            });
+            return Err(MachineError::NotHotpluggable("isa.0"));
         }
         let mut iobase = u64::from(DebugExit::DEFAULT_IOBASE);
         let mut iosize = u64::from(DebugExit::DEFAULT_IOSIZE);
@@ -589,6 +589,11 @@ impl Microvm {
     /// runs the guest). A machine held by a system event stays held until [`Microvm::reset`].
     pub fn resume(&self) {
         self.shared.resume();
+    }
+
+    /// Whether [`Microvm::start`] has run (the vCPU threads exist).
+    pub fn started(&self) -> bool {
+        matches!(self.phase, Phase::Running | Phase::Stopped)
     }
 
     /// Whether [`Microvm::pause`] is in effect.
