@@ -2,6 +2,22 @@
 //! its memory map and e820, onboard devices, ACPI tables, kernel loading (PVH ELF, ELF vmlinux,
 //! bzImage), a built-in demo guest, and the vCPU threads that run it.
 //!
+//! * **Lifecycle.** [`Microvm::new`] is machine-init (RAM, onboard devices, vCPUs; the
+//!   accelerator checks [`requirements`] first); [`Microvm::add_device`] cold-plugs;
+//!   [`Microvm::finish_init`] is machine-done (ACPI tables and boot data are built from the
+//!   devices added so far, once); then [`Microvm::start`], [`Microvm::pause`],
+//!   [`Microvm::resume`], [`Microvm::reset`], [`Microvm::shutdown`].
+//! * **Events.** Resets, power-off, `isa-debug-exit` and vCPU errors reach the owner as
+//!   [`MachineEvent`]s (an `mpsc::Sender` works as the sink). The vCPUs are held (run no guest
+//!   code) from the event until the owner calls `reset()` or `shutdown()`; with `no_reboot` a
+//!   reset request arrives as a shutdown.
+//! * **Power-off.** `poweroff` in an ACPI guest writes S5 to the GED sleep control register
+//!   (QEMU microvm's layout, see `keel_devices::AcpiGed`): [`SystemEvent::Shutdown`], status 0.
+//! * **vCPU threads live here**, not in `vmm` as DESIGN.md §3 sketches, so that an embedder
+//!   using only keel-machine and a backend can run a machine (see `examples/microvm.rs`).
+//!
+//! [`SystemEvent::Shutdown`]: keel_accel::SystemEvent::Shutdown
+//!
 //! ```no_run
 //! # fn demo(accel: &dyn keel_accel::Accelerator) -> Result<(), keel_machine::MachineError> {
 //! use std::sync::{Arc, mpsc};
