@@ -24,8 +24,8 @@ pub use debug_exit::{DebugExit, DebugExitError};
 pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port};
 pub use rtc::{CmosMemoryLayout, Rtc, RtcDateTime};
 pub use serial::{
-    Capture, IrqTrigger, Serial, SerialError, SerialInputSignal, SerialOutput, SharedWriter,
-    spawn_input_thread,
+    CAPTURE_LIMIT, Capture, IrqTrigger, Serial, SerialError, SerialInputSignal, SerialOutput,
+    SharedWriter, spawn_input_thread,
 };
 
 /// Locks a mutex even if another thread panicked while holding it: device state stays usable
