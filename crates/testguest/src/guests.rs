@@ -305,6 +305,12 @@ pub fn string_ops() -> Result<TestGuest, GuestError> {
     })
 }
 
+/// Every string instruction form against the Rust model ([`crate::strings`]): one hash
+/// per instruction over (rax, rsi, rdi, rcx, flags, buffer hash) of each case.
+pub fn string_model() -> Result<TestGuest, GuestError> {
+    crate::strings::string_guest("strops", &crate::strings::edge_cases())
+}
+
 /// Exceptions with precise RIP and error codes: #DE (zero divisor, idiv overflow), #UD
 /// (ud2), #BP (int3, a trap), #GP (non-canonical address; selector 0x58, past the GDT limit,
 /// error code = selector), #PF (read and write to a not-present page, write to a read-only
@@ -1368,6 +1374,7 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         paging32(Paging32::Pae),
         usermode(),
         string_ops(),
+        string_model(),
         alu(),
         shifts(),
         muldiv(),

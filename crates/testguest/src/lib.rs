@@ -23,6 +23,7 @@ mod asm;
 mod elf;
 pub mod guests;
 pub mod ops;
+pub mod strings;
 
 pub use asm::{hash_u32s, hash_u64s, layout};
 pub use guests::*;
@@ -184,6 +185,8 @@ pub struct ResultArea {
     pub addr: u64,
     /// Number of records.
     pub count: usize,
+    /// Bytes per record ([`ops::RESULT_SIZE`] or [`strings::STR_RESULT_SIZE`]).
+    pub record_size: usize,
 }
 
 impl TestGuest {
@@ -202,20 +205,31 @@ impl TestGuest {
         elf::pvh_elf(&self.image, self.load_addr, self.entry.regs.rip)
     }
 
-    /// Reads the result records back from guest memory after a run.
-    pub fn read_results(&self, mem: &GuestMemory) -> Result<Vec<ops::CaseResult>, GuestError> {
+    /// Reads the raw result area back from guest memory after a run (empty when the guest
+    /// has none).
+    pub fn read_result_bytes(&self, mem: &GuestMemory) -> Result<Vec<u8>, GuestError> {
         let Some(area) = self.results else {
             return Ok(Vec::new());
         };
-        let mut buf = vec![0u8; area.count * ops::RESULT_SIZE];
+        let mut buf = vec![0u8; area.count * area.record_size];
         mem.read_slice(&mut buf, GuestAddress(area.addr))
             .map_err(|source| GuestError::Load {
                 guest: self.name.clone(),
                 source,
             })?;
-        Ok(buf
-            .chunks_exact(ops::RESULT_SIZE)
-            .map(ops::CaseResult::from_bytes)
-            .collect())
+        Ok(buf)
+    }
+
+    /// Reads the [`ops::CaseResult`] records of a table-driven op guest back from guest
+    /// memory after a run (empty for other guests).
+    pub fn read_results(&self, mem: &GuestMemory) -> Result<Vec<ops::CaseResult>, GuestError> {
+        match self.results {
+            Some(a) if a.record_size == ops::RESULT_SIZE => Ok(self
+                .read_result_bytes(mem)?
+                .chunks_exact(ops::RESULT_SIZE)
+                .map(ops::CaseResult::from_bytes)
+                .collect()),
+            _ => Ok(Vec::new()),
+        }
     }
 }

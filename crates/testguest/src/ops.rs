@@ -1124,6 +1124,7 @@ pub fn ops_guest(name: &str, groups: &[(OpSpec, Vec<Case>)]) -> Result<TestGuest
     t.results = Some(ResultArea {
         addr: layout::RESULTS,
         count: total,
+        record_size: RESULT_SIZE,
     });
     Ok(t)
 }
@@ -1251,6 +1252,7 @@ pub fn ops_guest32(name: &str, groups: &[(OpSpec, Vec<Case>)]) -> Result<TestGue
     t.results = Some(ResultArea {
         addr: layout::RESULTS,
         count: total,
+        record_size: RESULT_SIZE,
     });
     Ok(t)
 }

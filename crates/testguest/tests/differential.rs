@@ -338,6 +338,35 @@ fn loops() {
     }
 }
 
+#[test]
+fn string_model() {
+    differential(keel_testguest::string_model, OnPvm::Same, None);
+    // Record by record on tcg, for a readable failure.
+    let guest = keel_testguest::string_model().unwrap();
+    let o = run(common::tcg().as_ref(), &guest, TCG_BUDGET);
+    let got = keel_testguest::strings::parse_results(&o.raw_results);
+    let cases: Vec<_> = keel_testguest::strings::edge_cases()
+        .into_iter()
+        .flat_map(|(_, c)| c)
+        .collect();
+    let bad: Vec<String> = cases
+        .iter()
+        .zip(&got)
+        .filter(|(c, g)| keel_testguest::strings::model(c) != **g)
+        .take(8)
+        .map(|(c, g)| {
+            format!(
+                "{} {:x?}\n    got  {:x?}\n    want {:x?}",
+                c.name(),
+                c,
+                g,
+                keel_testguest::strings::model(c)
+            )
+        })
+        .collect();
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 /// The string guest's output is not predicted; pin what QEMU (TCG and KVM) print for it,
 /// so a single backend run is still checked.
 #[test]

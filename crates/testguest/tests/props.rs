@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::{End, run};
 use keel_testguest::ops::{self, Case, Op, OpSpec};
+use keel_testguest::strings::{self, Rep, StrCase, StrOp};
 use proptest::prelude::*;
 
 const BUDGET: Duration = Duration::from_secs(60);
@@ -100,6 +101,46 @@ fn check(groups: &[(OpSpec, Vec<Case>)]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn str_case() -> impl Strategy<Value = StrCase> {
+    (
+        proptest::sample::select(vec![
+            StrOp::Movs,
+            StrOp::Stos,
+            StrOp::Lods,
+            StrOp::Cmps,
+            StrOp::Scas,
+        ]),
+        proptest::sample::select(vec![1u32, 2, 4, 8]),
+        proptest::sample::select(vec![Rep::None, Rep::Rep, Rep::Repne]),
+        any::<bool>(),
+        0u64..21,
+        (
+            0u64..193,
+            0u64..193,
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+        ),
+    )
+        .prop_map(|(op, size, rep, df, count, (src, dst, rax, flags, seed))| {
+            // Equal data makes repe/repne run longer: reuse the source offset half the time.
+            let dst = if seed & 1 == 0 { src } else { dst };
+            StrCase {
+                op,
+                size,
+                rep,
+                df,
+                count,
+                src,
+                dst,
+                rax,
+                flags_in: flags,
+                seed,
+            }
+            .normalize()
+        })
+}
+
 fn config() -> ProptestConfig {
     ProptestConfig {
         cases: 8,
@@ -147,5 +188,23 @@ proptest! {
         false,
     )) {
         check(&groups)?;
+    }
+
+    #[test]
+    fn string_ops_match_model(cases in proptest::collection::vec(str_case(), 48)) {
+        let guest = strings::string_guest("strprop", &[("all".to_string(), cases.clone())])
+            .expect("guest builds");
+        let mut backends = vec![common::tcg()];
+        if let Some(k) = common::kvm() {
+            backends.push(k);
+        }
+        for b in &backends {
+            let o = run(b.as_ref(), &guest, BUDGET);
+            prop_assert_eq!(&o.end, &End::Exit(0), "{}: {}", o.accel, o.serial);
+            let got = strings::parse_results(&o.raw_results);
+            for (c, g) in cases.iter().zip(&got) {
+                prop_assert_eq!(*g, strings::model(c), "{}: {} {:x?}", o.accel, c.name(), c);
+            }
+        }
     }
 }

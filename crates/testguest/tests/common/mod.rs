@@ -93,8 +93,10 @@ pub struct Outcome {
     pub serial: String,
     /// How it ended.
     pub end: End,
-    /// The guest's result records, if it has any.
+    /// The guest's op result records, if it has any.
     pub results: Vec<CaseResult>,
+    /// The guest's raw result area (any record format).
+    pub raw_results: Vec<u8>,
     /// Wall time of the vCPU loop.
     pub elapsed: Duration,
     /// Number of exits handled.
@@ -109,6 +111,7 @@ pub fn run(accel: &dyn Accelerator, guest: &TestGuest, budget: Duration) -> Outc
         serial: String::new(),
         end: End::Error(e),
         results: Vec::new(),
+        raw_results: Vec::new(),
         elapsed: Duration::ZERO,
         exits: 0,
     };
@@ -205,12 +208,14 @@ pub fn run(accel: &dyn Accelerator, guest: &TestGuest, budget: Duration) -> Outc
     done.store(true, Ordering::SeqCst);
     let _ = watchdog.join();
     let results = guest.read_results(&mem).unwrap_or_default();
+    let raw_results = guest.read_result_bytes(&mem).unwrap_or_default();
     let serial = String::from_utf8_lossy(&serial.out.lock().unwrap()).into_owned();
     Outcome {
         accel: name,
         serial,
         end,
         results,
+        raw_results,
         elapsed,
         exits,
     }
