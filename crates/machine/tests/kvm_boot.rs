@@ -6,11 +6,10 @@
 mod common;
 
 use std::sync::{Arc, mpsc};
-use std::time::Duration;
 
 use common::{hello_code, pvh_elf, run_until_event};
 
-use keel_accel::{Accelerator, SystemEvent};
+use keel_accel::SystemEvent;
 use keel_machine::{Capture, MachineEvent, Microvm, MicrovmConfig, SerialBackend};
 
 fn kvm() -> Option<keel_kvm::KvmAccel> {
@@ -101,40 +100,5 @@ fn hello_pvh_guest_under_kvm_exits_through_isa_debug_exit() {
 #[test]
 fn pause_resume_and_reset_a_running_guest_under_kvm() {
     let Some(accel) = kvm() else { return };
-    // Prints "A" and spins forever.
-    let code = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xeb, 0xfe];
-    let dir = std::env::temp_dir().join(format!("keel-spin-{}.elf", std::process::id()));
-    std::fs::write(&dir, pvh_elf(&code)).unwrap();
-    let cap = Capture::new();
-    let cfg = MicrovmConfig {
-        kernel: Some(dir.clone()),
-        cpus: 2,
-        serial: SerialBackend::Capture(cap.clone()),
-        ..MicrovmConfig::default()
-    };
-    let (tx, rx) = mpsc::channel();
-    let mut vm = Microvm::new(cfg, &accel, Arc::new(tx)).unwrap();
-    vm.finish_init().unwrap();
-    vm.start().unwrap();
-    let wait_for = |want: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while cap.text() != want {
-            assert!(std::time::Instant::now() < deadline, "got {:?}", cap.text());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    wait_for("A");
-    vm.pause();
-    assert!(vm.is_paused());
-    let cpus = vm.cpu_info();
-    assert_eq!(cpus.len(), 2);
-    assert!(cpus.iter().all(|c| c.thread_id.is_some_and(|t| t > 0)));
-    vm.resume();
-    // Reset reloads the image and restarts the bootstrap processor: a second "A".
-    vm.reset().unwrap();
-    wait_for("AA");
-    vm.shutdown();
-    std::fs::remove_file(&dir).unwrap();
-    assert!(rx.try_recv().is_err(), "no system event expected");
-    let _ = accel.name();
+    common::pause_resume_reset(&accel, 2);
 }

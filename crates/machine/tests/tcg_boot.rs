@@ -95,3 +95,8 @@ fn serial_input_is_interrupt_driven_under_tcg() {
     std::fs::remove_dir_all(elf.parent().unwrap()).unwrap();
     assert_eq!(ev, MachineEvent::System(SystemEvent::Exit(11)));
 }
+
+#[test]
+fn pause_resume_and_reset_a_running_guest_under_tcg() {
+    common::pause_resume_reset(&keel_tcg::TcgAccel::new(), 1);
+}

@@ -114,3 +114,48 @@ pub fn assemble(name: &str) -> std::path::PathBuf {
     assert!(ok, "ld failed on {name}");
     elf
 }
+
+/// Boots a guest that prints "A" and spins, pauses it (every vCPU parks, thread ids known),
+/// resumes it, resets it (a second "A": the image was reloaded and the BSP restarted) and
+/// shuts it down; no system event may arrive.
+pub fn pause_resume_reset(accel: &dyn keel_accel::Accelerator, cpus: u32) {
+    use keel_machine::{Capture, MicrovmConfig, SerialBackend};
+    use std::sync::Arc;
+    let code = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xeb, 0xfe];
+    let path = std::env::temp_dir().join(format!(
+        "keel-spin-{}-{}.elf",
+        accel.name(),
+        std::process::id()
+    ));
+    std::fs::write(&path, pvh_elf(&code)).unwrap();
+    let cap = Capture::new();
+    let cfg = MicrovmConfig {
+        kernel: Some(path.clone()),
+        cpus,
+        serial: SerialBackend::Capture(cap.clone()),
+        ..MicrovmConfig::default()
+    };
+    let (tx, rx) = mpsc::channel();
+    let mut vm = Microvm::new(cfg, accel, Arc::new(tx)).unwrap();
+    vm.finish_init().unwrap();
+    vm.start().unwrap();
+    let wait_for = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while cap.text() != want {
+            assert!(std::time::Instant::now() < deadline, "got {:?}", cap.text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for("A");
+    vm.pause();
+    assert!(vm.is_paused());
+    let cpu_info = vm.cpu_info();
+    assert_eq!(cpu_info.len(), cpus as usize);
+    assert!(cpu_info.iter().all(|c| c.thread_id.is_some_and(|t| t > 0)));
+    vm.resume();
+    vm.reset().unwrap();
+    wait_for("AA");
+    vm.shutdown();
+    std::fs::remove_file(&path).unwrap();
+    assert!(rx.try_recv().is_err(), "no system event expected");
+}
