@@ -1373,6 +1373,7 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         paging32(Paging32::TwoLevel),
         paging32(Paging32::Pae),
         usermode(),
+        crate::simd::sse(),
         string_ops(),
         string_model(),
         alu(),

@@ -23,10 +23,12 @@ mod asm;
 mod elf;
 pub mod guests;
 pub mod ops;
+mod simd;
 pub mod strings;
 
 pub use asm::{hash_u32s, hash_u64s, layout};
 pub use guests::*;
+pub use simd::sse;
 
 use keel_accel::{GuestMemory, Regs, Segment, SpecialRegs};
 use vm_memory::{Bytes, GuestAddress};

@@ -222,6 +222,11 @@ fn exceptions() {
 }
 
 #[test]
+fn sse_x87_fxsave() {
+    differential(keel_testguest::sse, OnPvm::Same, None);
+}
+
+#[test]
 fn paging32() {
     differential(
         || keel_testguest::paging32(Paging32::TwoLevel),
