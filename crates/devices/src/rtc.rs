@@ -4,16 +4,19 @@
 //! changes by writing the time registers. Register B selects BCD or binary and 12- or 24-hour
 //! format (power-on: BCD, 24-hour, as QEMU); register A's update-in-progress bit is set for the
 //! last 244 µs of every second, so guests that wait for it behave as on hardware; setting
-//! register B's SET bit freezes the clock while the guest writes it. Register C's flags are
-//! computed when read (update-ended once a second, alarm when the alarm registers match);
-//! this model raises no IRQ 8 (periodic and alarm interrupts are not delivered).
+//! register B's SET bit freezes the clock while the guest writes it. Register C collects the
+//! update-ended (once a second), alarm (alarm registers match, with QEMU's "don't care" values
+//! 0xC0-0xFF) and periodic (rate from register A) flags; when one is enabled in register B the
+//! IRQ line (IRQ 8) goes high until the guest reads register C, as on a PC. A timer thread,
+//! started the first time the guest enables one of these interrupts, produces them on time;
+//! without interrupts the flags are computed when register C is read.
 //! CMOS bytes 0x15-0x18, 0x30-0x31, 0x34-0x35 and 0x5b-0x5d carry the memory size the way
 //! QEMU's microvm fills them ([`Rtc::set_memory_layout`]).
 
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keel_accel::BusDevice;
+use keel_accel::{BusDevice, IrqLine};
 
 use crate::lock;
 
@@ -43,6 +46,7 @@ const B_24H: u8 = 0x02;
 const C_IRQF: u8 = 0x80;
 const C_AF: u8 = 0x20;
 const C_UF: u8 = 0x10;
+const C_PF: u8 = 0x40;
 const D_VRT: u8 = 0x80;
 
 const NANOS: i128 = 1_000_000_000;
@@ -148,14 +152,37 @@ struct State {
     offset: i128,
     /// While register B's SET bit is on: the frozen guest time, seconds.
     frozen: Option<i64>,
-    /// Guest second at the last read of register C (for the update-ended flag).
-    last_c_second: i64,
+    /// Guest second at the last update of the flags (for update-ended and alarm).
+    last_tick_second: i64,
+    /// Register C: flags collected since the guest last read it.
+    c: u8,
+    /// Host time of the next periodic flag, while a rate is programmed.
+    pf_next: Option<i128>,
+    /// Whether the IRQ line is high (until register C is read).
+    irq_high: bool,
+    /// The timer thread exists.
+    thread: bool,
+    /// The device is gone: the timer thread must end.
+    stop: bool,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    cv: Condvar,
+    clock: Clock,
+    irq: Option<Arc<dyn IrqLine>>,
 }
 
 /// The RTC/CMOS device (two ports: index and data).
 pub struct Rtc {
-    state: Mutex<State>,
-    clock: Clock,
+    inner: Arc<Inner>,
+}
+
+impl Drop for Rtc {
+    fn drop(&mut self) {
+        lock(&self.inner.state).stop = true;
+        self.inner.cv.notify_all();
+    }
 }
 
 impl std::fmt::Debug for Rtc {
@@ -183,37 +210,49 @@ impl Rtc {
     /// Number of ports (index, data).
     pub const LEN: u64 = 2;
 
-    /// An RTC on the host's clock.
+    /// An RTC on the host's clock without an interrupt line.
     pub fn new() -> Self {
-        Self::with_clock(Box::new(host_clock))
+        Self::with_clock(Box::new(host_clock), None)
     }
 
-    /// An RTC on `clock` (tests use a fixed one).
-    pub fn with_clock(clock: Clock) -> Self {
+    /// An RTC on the host's clock raising `irq` (IRQ 8).
+    pub fn with_irq(irq: Arc<dyn IrqLine>) -> Self {
+        Self::with_clock(Box::new(host_clock), Some(irq))
+    }
+
+    /// An RTC on `clock` (tests use a fixed one), raising `irq` if given.
+    pub fn with_clock(clock: Clock, irq: Option<Arc<dyn IrqLine>>) -> Self {
         let mut cmos = [0u8; 128];
         cmos[usize::from(REG_A)] = 0x26;
         cmos[usize::from(REG_B)] = B_24H;
         cmos[usize::from(REG_D)] = D_VRT;
-        let rtc = Self {
-            state: Mutex::new(State {
-                index: 0,
-                cmos,
-                offset: 0,
-                frozen: None,
-                last_c_second: 0,
+        let now = clock();
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    index: 0,
+                    cmos,
+                    offset: 0,
+                    frozen: None,
+                    last_tick_second: now.div_euclid(NANOS) as i64,
+                    c: 0,
+                    pf_next: None,
+                    irq_high: false,
+                    thread: false,
+                    stop: false,
+                }),
+                cv: Condvar::new(),
+                clock,
+                irq,
             }),
-            clock,
-        };
-        let now = rtc.guest_nanos(&lock(&rtc.state));
-        lock(&rtc.state).last_c_second = now.div_euclid(NANOS) as i64;
-        rtc
+        }
     }
 
     /// Fills the memory-size bytes as QEMU's microvm does.
     pub fn set_memory_layout(&self, mem: CmosMemoryLayout) {
         const KIB: u64 = 1024;
         const MIB: u64 = 1024 * KIB;
-        let mut s = lock(&self.state);
+        let mut s = lock(&self.inner.state);
         let mut set = |i: usize, v: u64| s.cmos[i] = v as u8;
         let base = (mem.below_4g / KIB).min(640);
         set(0x15, base);
@@ -234,18 +273,139 @@ impl Rtc {
 
     /// A CMOS byte as the guest would read it through the data port (for tests and firmware).
     pub fn cmos_byte(&self, index: u8) -> u8 {
-        let mut s = lock(&self.state);
-        self.read_reg(&mut s, index & 0x7f)
+        let mut s = lock(&self.inner.state);
+        self.inner.read_reg(&mut s, index & 0x7f)
     }
 
-    /// Resets the index and control registers; time and CMOS contents persist (battery-backed).
+    /// Resets the index and control registers and lowers the IRQ; time and CMOS contents
+    /// persist (battery-backed).
     pub fn reset(&self) {
-        let mut s = lock(&self.state);
+        let inner = &self.inner;
+        let mut s = lock(&inner.state);
         s.index = 0;
         s.cmos[usize::from(REG_B)] &= !(B_PIE | B_AIE | B_UIE | B_SET);
-        s.cmos[usize::from(REG_C)] = 0;
+        s.c = 0;
+        s.pf_next = None;
         if let Some(f) = s.frozen.take() {
-            s.offset = i128::from(f) * NANOS - (self.clock)();
+            s.offset = i128::from(f) * NANOS - (inner.clock)();
+        }
+        inner.set_irq(&mut s, false);
+        drop(s);
+        inner.cv.notify_all();
+    }
+}
+
+/// Nanoseconds between periodic flags for register A's rate select (0 = off).
+fn periodic_nanos(a: u8) -> Option<i128> {
+    let rate = a & 0x0f;
+    if rate == 0 {
+        return None;
+    }
+    // 32.768 kHz divided by 2^(rate-1); rates 1 and 2 behave as 8 and 9.
+    let exp = if rate < 3 { rate + 7 } else { rate } - 1;
+    Some((NANOS << exp) / 32_768)
+}
+
+impl Inner {
+    fn set_irq(&self, s: &mut State, high: bool) {
+        if s.irq_high != high {
+            s.irq_high = high;
+            if let Some(irq) = &self.irq {
+                irq.set_level(high);
+            }
+        }
+    }
+
+    fn alarm_matches(&self, s: &State, t: &RtcDateTime) -> bool {
+        let hit = |reg: u8, enc: u8| {
+            let a = s.cmos[usize::from(reg)];
+            a & 0xc0 == 0xc0 || a == enc
+        };
+        hit(REG_SECONDS_ALARM, self.encode(s, t.second))
+            && hit(REG_MINUTES_ALARM, self.encode(s, t.minute))
+            && hit(REG_HOURS_ALARM, self.encode_hour(s, t.hour))
+    }
+
+    /// Brings register C up to date and drives the IRQ line.
+    fn tick(&self, s: &mut State) {
+        let now = (self.clock)();
+        let guest = self.guest_nanos(s);
+        let second = guest.div_euclid(NANOS) as i64;
+        if s.frozen.is_none() && second != s.last_tick_second {
+            s.c |= C_UF;
+            // The alarm repeats at most daily: look at no more than a day of missed seconds.
+            let from = (s.last_tick_second + 1).max(second - 86_399);
+            if (from..=second).any(|t| self.alarm_matches(s, &RtcDateTime::from_unix(t))) {
+                s.c |= C_AF;
+            }
+            s.last_tick_second = second;
+        }
+        match periodic_nanos(s.cmos[usize::from(REG_A)]) {
+            None => s.pf_next = None,
+            Some(period) => match s.pf_next {
+                None => s.pf_next = Some(now + period),
+                Some(next) if now >= next => {
+                    s.c |= C_PF;
+                    s.pf_next = Some(next + period * ((now - next) / period + 1));
+                }
+                Some(_) => {}
+            },
+        }
+        let enabled = s.cmos[usize::from(REG_B)] & (B_PIE | B_AIE | B_UIE);
+        if s.c & enabled != 0 {
+            s.c |= C_IRQF;
+            self.set_irq(s, true);
+        }
+    }
+
+    /// How long the timer thread may sleep before the next enabled event.
+    fn next_wait(&self, s: &State) -> Option<Duration> {
+        let b = s.cmos[usize::from(REG_B)];
+        let mut wait: Option<i128> = None;
+        if b & (B_UIE | B_AIE) != 0 && s.frozen.is_none() {
+            let guest = self.guest_nanos(s);
+            wait = Some(NANOS - guest.rem_euclid(NANOS));
+        }
+        if b & B_PIE != 0
+            && let Some(next) = s.pf_next
+        {
+            let d = (next - (self.clock)()).max(0);
+            wait = Some(wait.map_or(d, |w| w.min(d)));
+        }
+        wait.map(|w| Duration::from_nanos(w.clamp(0, NANOS) as u64))
+    }
+
+    /// Starts the timer thread the first time an interrupt is enabled (and an IRQ exists).
+    fn ensure_thread(self: &Arc<Self>, s: &mut State) {
+        let b = s.cmos[usize::from(REG_B)];
+        if s.thread || self.irq.is_none() || b & (B_PIE | B_AIE | B_UIE) == 0 {
+            return;
+        }
+        let inner = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("rtc-timer".into())
+            .spawn(move || inner.timer_thread());
+        // Without the thread the flags are still computed when register C is read.
+        s.thread = spawned.is_ok();
+    }
+
+    fn timer_thread(&self) {
+        let mut s = lock(&self.state);
+        loop {
+            if s.stop {
+                return;
+            }
+            self.tick(&mut s);
+            s = match self.next_wait(&s) {
+                Some(d) => match self.cv.wait_timeout(s, d) {
+                    Ok((g, _)) => g,
+                    Err(p) => p.into_inner().0,
+                },
+                None => match self.cv.wait(s) {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                },
+            };
         }
     }
 
@@ -310,30 +470,10 @@ impl Rtc {
                 a | if in_update { A_UIP } else { 0 }
             }
             REG_C => {
-                let b = s.cmos[usize::from(REG_B)];
-                let second = nanos.div_euclid(NANOS) as i64;
-                let mut flags = 0;
-                if s.frozen.is_none() && second != s.last_c_second {
-                    flags |= C_UF;
-                }
-                s.last_c_second = second;
-                let alarm_match = |reg: u8, v: u32| {
-                    let a = s.cmos[usize::from(reg)];
-                    a & 0xc0 == 0xc0 || a == self.encode(s, v)
-                };
-                if alarm_match(REG_SECONDS_ALARM, t.second)
-                    && alarm_match(REG_MINUTES_ALARM, t.minute)
-                    && {
-                        let a = s.cmos[usize::from(REG_HOURS_ALARM)];
-                        a & 0xc0 == 0xc0 || a == self.encode_hour(s, t.hour)
-                    }
-                {
-                    flags |= C_AF;
-                }
-                if flags & b & (B_AIE | B_UIE) != 0 {
-                    flags |= C_IRQF;
-                }
-                flags
+                self.tick(s);
+                let c = std::mem::take(&mut s.c);
+                self.set_irq(s, false);
+                c
             }
             REG_D => D_VRT,
             _ => s.cmos[usize::from(index & 0x7f)],
@@ -398,13 +538,14 @@ impl BusDevice for Rtc {
     fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         let Some(b) = data.first_mut() else { return };
-        let mut s = lock(&self.state);
+        let inner = &self.inner;
+        let mut s = lock(&inner.state);
         match offset {
             // The index port is write-only on real chips; QEMU reads 0xff.
             0 => *b = 0xff,
             1 => {
                 let idx = s.index;
-                *b = self.read_reg(&mut s, idx);
+                *b = inner.read_reg(&mut s, idx);
             }
             _ => {}
         }
@@ -412,13 +553,21 @@ impl BusDevice for Rtc {
 
     fn write(&self, offset: u64, data: &[u8]) {
         let Some(&v) = data.first() else { return };
-        let mut s = lock(&self.state);
+        let inner = &self.inner;
+        let mut s = lock(&inner.state);
         match offset {
             // Bit 7 of the index is the NMI mask on a PC; it is not part of the index.
             0 => s.index = v & 0x7f,
             1 => {
                 let idx = s.index;
-                self.write_reg(&mut s, idx, v);
+                inner.write_reg(&mut s, idx, v);
+                if matches!(idx, REG_A | REG_B) || idx <= REG_HOURS_ALARM {
+                    // Interrupt enables, rate or time changed: new deadlines.
+                    inner.tick(&mut s);
+                    inner.ensure_thread(&mut s);
+                    drop(s);
+                    inner.cv.notify_all();
+                }
             }
             _ => {}
         }
@@ -428,14 +577,16 @@ impl BusDevice for Rtc {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, Ordering};
 
     // 2026-11-25 19:48:45 UTC, a Wednesday.
     const T0: i64 = 1_795_636_125;
 
     fn fixed(at: Arc<AtomicI64>) -> Rtc {
-        Rtc::with_clock(Box::new(move || i128::from(at.load(Ordering::SeqCst))))
+        Rtc::with_clock(
+            Box::new(move || i128::from(at.load(Ordering::SeqCst))),
+            None,
+        )
     }
 
     fn rd(r: &Rtc, idx: u8) -> u8 {
@@ -527,6 +678,69 @@ mod tests {
         now.fetch_add(1_000_000_000, Ordering::SeqCst);
         assert_eq!(rd(&r, REG_C) & (C_UF | C_IRQF), C_UF | C_IRQF);
         assert_eq!(rd(&r, REG_C) & C_UF, 0);
+    }
+
+    #[test]
+    fn alarm_and_periodic_flags_with_a_fixed_clock() {
+        let now = Arc::new(AtomicI64::new(T0 * 1_000_000_000));
+        let r = fixed(now.clone());
+        // Alarm at 19:48:47 (BCD), two seconds ahead; hours "don't care".
+        wr(&r, REG_SECONDS_ALARM, 0x47);
+        wr(&r, REG_MINUTES_ALARM, 0x48);
+        wr(&r, REG_HOURS_ALARM, 0xc0);
+        wr(&r, REG_B, B_24H | B_AIE);
+        rd(&r, REG_C);
+        now.fetch_add(1_000_000_000, Ordering::SeqCst);
+        assert_eq!(rd(&r, REG_C) & C_AF, 0);
+        now.fetch_add(2_000_000_000, Ordering::SeqCst);
+        assert_eq!(rd(&r, REG_C) & (C_AF | C_IRQF), C_AF | C_IRQF);
+        // Periodic: rate 6 is 1024 Hz.
+        wr(&r, REG_A, 0x26);
+        wr(&r, REG_B, B_24H | B_PIE);
+        rd(&r, REG_C);
+        now.fetch_add(2_000_000, Ordering::SeqCst);
+        assert_eq!(rd(&r, REG_C) & (C_PF | C_IRQF), C_PF | C_IRQF);
+        assert_eq!(periodic_nanos(0x23), Some(122_070));
+        assert_eq!(periodic_nanos(0x2f), Some(500_000_000));
+        assert_eq!(periodic_nanos(0x21), Some(3_906_250));
+        assert_eq!(periodic_nanos(0x20), None);
+    }
+
+    #[derive(Default)]
+    struct Level(Mutex<Vec<bool>>);
+    impl IrqLine for Level {
+        fn set_level(&self, high: bool) {
+            self.0.lock().unwrap().push(high);
+        }
+    }
+
+    #[test]
+    fn periodic_interrupt_is_raised_by_the_timer_thread_and_lowered_by_reading_c() {
+        let irq = Arc::new(Level::default());
+        let r = Rtc::with_irq(irq.clone());
+        wr(&r, REG_A, 0x26); // 1024 Hz
+        wr(&r, REG_B, B_24H | B_PIE);
+        let wait_high = || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while irq.0.lock().unwrap().last() != Some(&true) {
+                assert!(std::time::Instant::now() < deadline, "no IRQ 8");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait_high();
+        assert_ne!(rd(&r, REG_C) & C_PF, 0);
+        assert_eq!(irq.0.lock().unwrap().last(), Some(&false));
+        wait_high();
+        wr(&r, REG_B, B_24H);
+        rd(&r, REG_C);
+        let n = irq.0.lock().unwrap().len();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            irq.0.lock().unwrap().len(),
+            n,
+            "no interrupts once disabled"
+        );
+        drop(r); // ends the timer thread
     }
 
     #[test]

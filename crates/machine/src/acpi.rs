@@ -298,11 +298,11 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     ));
 
     if cfg.rtc {
-        // The CMOS RTC as a PNP device so the guest binds rtc-cmos to exactly the two ports we
-        // decode. No interrupt is listed: this RTC raises none (alarm and update interrupts are
-        // not modelled), so the guest's RTC driver polls instead of waiting for IRQ 8.
+        // The CMOS RTC as a PNP device (ports 0x70-0x71, IRQ 8 edge/active high), so the
+        // guest binds rtc-cmos to exactly what the device decodes.
         let io = IO::new(0x70, 0x70, 1, 2);
-        let crs = ResourceTemplate::new(vec![&io]);
+        let irq = Interrupt::new(true, true, false, false, 8);
+        let crs = ResourceTemplate::new(vec![&io, &irq]);
         sb.push(device(
             "RTC_",
             &[

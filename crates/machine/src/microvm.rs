@@ -351,7 +351,8 @@ impl Microvm {
         };
 
         let rtc = if resolved.rtc {
-            let rtc = Arc::new(Rtc::new());
+            let irq = vm.irq_line(8).map_err(MachineError::Accel)?;
+            let rtc = Arc::new(Rtc::with_irq(irq));
             let (below, above) = layout::split_ram(cfg.memory);
             rtc.set_memory_layout(CmosMemoryLayout {
                 below_4g: below,
@@ -721,7 +722,7 @@ impl Microvm {
             ));
         }
         if self.rtc.is_some() {
-            v.push(onboard("mc146818rtc", vec![(0x70, 2)], vec![], None));
+            v.push(onboard("mc146818rtc", vec![(0x70, 2)], vec![], Some(8)));
         }
         if self.ged.is_some() {
             v.push(onboard(
