@@ -591,7 +591,7 @@ impl Cpu {
             res,
             a,
             b,
-            aux: self.cc.aux,
+            aux: 0,
         };
     }
 

@@ -105,7 +105,6 @@ impl Default for CpuidConfig {
                 | edx1::CMOV
                 | edx1::PAT
                 | edx1::CLFSH
-                | edx1::MMX
                 | edx1::FXSR
                 | edx1::SSE
                 | edx1::SSE2,

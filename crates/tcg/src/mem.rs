@@ -63,6 +63,11 @@ impl PhysMem {
         }
     }
 
+    /// The same memory and buses with no code pages marked (for a CPU reset).
+    pub fn fresh(&self) -> Self {
+        Self::new(self._mem.clone(), self.buses.clone())
+    }
+
     #[inline]
     fn region(&self, gpa: u64) -> Option<usize> {
         // Few regions (one or two): linear scan beats anything fancier.

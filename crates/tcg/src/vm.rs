@@ -630,6 +630,15 @@ impl Vcpu for TcgVcpu {
         Ok(())
     }
 
+    fn reset(&mut self) -> Result<(), AccelError> {
+        let phys = self.cpu.mmu.phys.fresh();
+        let cpuid = self.cpu.cpuid.clone();
+        let index = self.cpu.index;
+        self.cpu = Cpu::new(phys, cpuid, index);
+        self.cache = BlockCache::new();
+        Ok(())
+    }
+
     fn kicker(&self) -> Arc<dyn Kick> {
         Arc::new(VcpuHandle {
             att: self.att.clone(),

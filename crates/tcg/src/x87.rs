@@ -285,6 +285,7 @@ pub fn exec_x87(cpu: &mut Cpu, i: &Insn) -> Option<Flow> {
             | M::Fsin
             | M::Fcos
             | M::Fsincos
+            | M::Emms
     );
     if !is_fpu {
         return None;
@@ -538,6 +539,8 @@ fn x87(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
             cpu.fpu.tags &= !(1 << ((cpu.fpu.top + r) & 7));
         }
         M::Fnop => {}
+        // EMMS marks every x87 register empty (Linux runs it on AMD to scrub FIP/FDP).
+        M::Emms => cpu.fpu.tags = 0,
         M::Fincstp => cpu.fpu.top = (cpu.fpu.top + 1) & 7,
         M::Fdecstp => cpu.fpu.top = (cpu.fpu.top + 7) & 7,
         M::Fnstenv | M::Fstenv => {

@@ -117,3 +117,22 @@ fn pvh_style_32bit_entry_enables_long_mode() {
     assert!(s.cs.l);
     assert_eq!(s.efer & 0x500, 0x500);
 }
+
+#[test]
+fn amd_fxsave_leak_sequence_runs() {
+    // Linux on AMD: fnclex; emms; fildl (scrubs FIP/FDP before fxrstor).
+    let mut h = Harness::new(16);
+    let code = asm(64, CODE, |a| {
+        a.fnclex().unwrap();
+        a.emms().unwrap();
+        a.fild(dword_ptr(rsp)).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    assert_eq!(
+        h.run(),
+        VcpuExit::Halted,
+        "{:x?}",
+        h.vcpu.cpu.last_exception
+    );
+}

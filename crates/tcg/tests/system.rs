@@ -331,7 +331,11 @@ fn syscall_sysret_and_user_mode_interrupt_uses_rsp0() {
         h.vcpu.cpu.last_exception
     );
     let r = h.regs();
-    assert_eq!(r.r9, user + 12, "RCX = return address after syscall (10-byte mov + 2-byte syscall)");
+    assert_eq!(
+        r.r9,
+        user + 12,
+        "RCX = return address after syscall (10-byte mov + 2-byte syscall)"
+    );
     assert_eq!(r.r10, 0x6_0000, "back on the user stack after sysret");
     assert_eq!(r.r12, 0x5_0000 - 40, "interrupt from CPL3 switched to RSP0");
     let s = h.vcpu.sregs().unwrap();
