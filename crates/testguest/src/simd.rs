@@ -202,8 +202,8 @@ fn float_cases() -> Vec<IntCase> {
         ("sqrtsd", |a| a.sqrtsd(xmm0, xmm0), pd(FA.sqrt(), hi)),
         ("minsd", |a| a.minsd(xmm0, xmm1), pd(FA.min(FB), hi)),
         ("maxsd", |a| a.maxsd(xmm0, xmm1), pd(FA.max(FB), hi)),
-        ("addpd", |a| a.addpd(xmm0, xmm1), pd(FA + FB, hi + -1.0)),
-        ("mulpd", |a| a.mulpd(xmm0, xmm1), pd(FA * FB, hi * -1.0)),
+        ("addpd", |a| a.addpd(xmm0, xmm1), pd(FA + FB, hi - 1.0)),
+        ("mulpd", |a| a.mulpd(xmm0, xmm1), pd(FA * FB, -hi)),
     ]
 }
 
