@@ -228,6 +228,9 @@ impl SystemEvents for Hub {
     }
 }
 
+const HALT_BACKOFF_MIN: Duration = Duration::from_millis(1);
+const HALT_BACKOFF_MAX: Duration = Duration::from_millis(100);
+
 fn current_tid() -> i32 {
     // SAFETY: gettid has no preconditions and cannot fail.
     unsafe { libc::gettid() }
@@ -297,6 +300,7 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
         *t = Some(current_tid());
     }
     let mut applied_gen = None;
+    let mut halt_backoff = HALT_BACKOFF_MIN;
     loop {
         // Gate: park while paused or held; leave when stopping.
         let generation = {
@@ -346,16 +350,24 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
                 continue;
             }
         };
-        match handle_exit(&exit, buses) {
+        let action = handle_exit(&exit, buses);
+        if action != ExitAction::WaitForInterrupt {
+            halt_backoff = HALT_BACKOFF_MIN;
+        }
+        match action {
             ExitAction::Resume | ExitAction::CheckRequests => {}
             ExitAction::CompleteRead(data) => vcpu.complete_read(data),
             ExitAction::WaitForInterrupt => {
-                // The backend could not wait itself (no interrupt can wake it inside): sleep
-                // briefly or until the machine state changes, then let it re-check.
+                // The backend cannot wait itself (e.g. `cli; hlt`: nothing but a reset wakes the
+                // CPU). Sleep until the machine state changes, or briefly and then let the
+                // backend look again; the sleep doubles while the vCPU stays halted (1 ms to
+                // 100 ms), so a dead CPU costs next to nothing and a woken one waits little.
                 let c = lock(&shared.ctl);
                 if !c.stop && !c.user_paused && !c.held {
-                    drop(shared.cv.wait_timeout(c, Duration::from_millis(1)));
+                    drop(shared.cv.wait_timeout(c, halt_backoff));
                 }
+                halt_backoff = (halt_backoff * 2).min(HALT_BACKOFF_MAX);
+                continue;
             }
             ExitAction::TripleFault | ExitAction::Reset => hub.request(SystemEvent::Reset),
             ExitAction::PowerOff => hub.request(SystemEvent::Shutdown),
@@ -548,6 +560,19 @@ mod tests {
         rig.shared.stop();
         let results: Vec<bool> = rig.threads.into_iter().map(|t| t.join().is_ok()).collect();
         assert_eq!(results, [false, true]);
+    }
+
+    #[test]
+    fn a_dead_halted_vcpu_backs_off_and_still_pauses() {
+        let rig = rig(1, vec![VcpuExit::Halted; 10_000]);
+        std::thread::sleep(Duration::from_millis(300));
+        let runs = rig.runs[0].load(Ordering::SeqCst);
+        assert!(runs < 50, "{runs} runs in 300 ms: no back-off");
+        rig.shared.pause();
+        rig.shared.stop();
+        for t in rig.threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
