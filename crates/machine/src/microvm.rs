@@ -464,14 +464,32 @@ impl Microvm {
     }
 
     /// Maps a virtio-mmio transport in the next free slot (window `0xfeb00000 + 0x200*i`,
-    /// GSI `16 + i`, as QEMU's microvm) and returns where it went. Devices registered before
-    /// [`Microvm::finish_init`] appear in the DSDT as `LNRO0005` nodes; later ones do not
-    /// (there is no hot-plug notification on microvm).
+    /// GSI `16 + i`, as QEMU's microvm) and returns where it went; the DSDT lists it as an
+    /// `LNRO0005` node. Only before [`Microvm::finish_init`]: microvm's virtio-mmio buses have
+    /// no hot-plug, so later calls fail with QEMU's "Bus 'virtio-mmio-bus.N' does not support
+    /// hotplugging".
     pub fn add_virtio_mmio(
         &mut self,
         dev: Arc<dyn BusDevice>,
     ) -> Result<VirtioMmioDevice, MachineError> {
         let i = self.virtio_mmio.len() as u32;
+        if self.phase != Phase::Init {
+            const BUSES: [&str; VIRTIO_MMIO_SLOTS as usize] = [
+                "virtio-mmio-bus.0",
+                "virtio-mmio-bus.1",
+                "virtio-mmio-bus.2",
+                "virtio-mmio-bus.3",
+                "virtio-mmio-bus.4",
+                "virtio-mmio-bus.5",
+                "virtio-mmio-bus.6",
+                "virtio-mmio-bus.7",
+            ];
+            let bus = BUSES
+                .get(i as usize)
+                .copied()
+                .unwrap_or("virtio-mmio-bus.0");
+            return Err(MachineError::NotHotpluggable(bus));
+        }
         if i >= VIRTIO_MMIO_SLOTS || !self.resolved.ioapic {
             return Err(MachineError::NoVirtioSlot);
         }
