@@ -778,6 +778,68 @@ pub fn paging32(kind: Paging32) -> Result<TestGuest, GuestError> {
     })
 }
 
+/// Self-modifying and cross-modifying code, which a decoded-block cache must notice:
+/// code written into a buffer and called, rewritten and called again (same address,
+/// new bytes); code written through one virtual mapping of a physical page and executed
+/// through another (the identity alias); and a store that patches the immediate of the
+/// very next instruction.
+pub fn smc() -> Result<TestGuest, GuestError> {
+    build("smc", Mode::Long64, |g| {
+        g.print("keel-testguest smc\n")?;
+        let buf = layout::DATA + 0x1000;
+        let alias_virt = layout::PF_REGION + 0x1000 * 7;
+        let alias_phys = layout::PF_PHYS + 0x1000 * 7;
+        let out = layout::SCRATCH;
+        // `mov eax, imm32; ret` = B8 imm32 C3, written as one qword (low 6 bytes).
+        let code = |imm: u32| -> u64 { 0xb8 | (u64::from(imm) << 8) | (0xc3 << 40) };
+        g.data = vec![0; 0x2000];
+        let a = &mut g.a;
+        for (i, imm) in [0x1111_1111u32, 0x2222_2222, 0x3333_3333]
+            .iter()
+            .enumerate()
+        {
+            a.mov(rax, code(*imm))?;
+            a.mov(rbx, buf)?;
+            a.mov(qword_ptr(rbx), rax)?;
+            a.call(rbx)?;
+            a.mov(qword_ptr(out + 8 * i as u64), rax)?;
+        }
+        // Write through PF_REGION page 7, execute through the identity map of the same
+        // physical page; twice.
+        for (i, imm) in [0x4444_4444u32, 0x5555_5555].iter().enumerate() {
+            a.mov(rax, code(*imm))?;
+            a.mov(rbx, alias_virt)?;
+            a.mov(qword_ptr(rbx), rax)?;
+            a.mov(rbx, alias_phys)?;
+            a.call(rbx)?;
+            a.mov(qword_ptr(out + 24 + 8 * i as u64), rax)?;
+        }
+        // Patch the immediate of the next instruction: `mov al, 0` becomes `mov al, 0x42`.
+        let mut target = a.create_label();
+        a.xor(eax, eax)?;
+        a.lea(rbx, ptr(target))?;
+        a.mov(byte_ptr(rbx + 1), 0x42)?;
+        a.set_label(&mut target)?;
+        a.mov(al, 0u32)?;
+        a.mov(qword_ptr(out + 40), rax)?;
+        let want = [
+            0x1111_1111u64,
+            0x2222_2222,
+            0x3333_3333,
+            0x4444_4444,
+            0x5555_5555,
+            0x42,
+        ];
+        for (i, w) in want.iter().enumerate() {
+            g.print(&format!("r{i}="))?;
+            print_known(g, out + 8 * i as u64, 0xffff_ffff, 8, *w)?;
+            g.print(if i % 3 == 2 { "\n" } else { " " })?;
+        }
+        g.print("end\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
 /// Port I/O: byte `out`/`in` on the UART scratch register (0x3ff), the line status register
 /// (0x3fd: transmitter empty, 0x60), `rep outsb` of a string to the data port, `insb` and
 /// `rep insb` from the scratch register, with DF both ways.
@@ -1370,6 +1432,7 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         timer(),
         exceptions(),
         paging(),
+        smc(),
         paging32(Paging32::TwoLevel),
         paging32(Paging32::Pae),
         usermode(),

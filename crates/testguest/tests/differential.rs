@@ -222,6 +222,11 @@ fn exceptions() {
 }
 
 #[test]
+fn self_modifying_code() {
+    differential(keel_testguest::smc, OnPvm::Same, None);
+}
+
+#[test]
 fn sse_x87_fxsave() {
     differential(keel_testguest::sse, OnPvm::Same, None);
 }
