@@ -39,6 +39,10 @@ pub const MAX_CPUS: u32 = 255;
 /// virtio-mmio slots: GSIs 16-23 of the IOAPIC, as QEMU's microvm without `ioapic2`.
 pub const VIRTIO_MMIO_SLOTS: u32 = 8;
 const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
+/// ISA IRQs for virtio-mmio devices when the backend has only the 8259 pair (no IOAPIC):
+/// the lines no microvm device uses (0 timer, 1 i8042, 2 cascade, 4 COM1, 8 RTC, 9 GED and 13
+/// FPU are taken; 7 and 15 carry the PICs' spurious interrupts).
+const VIRTIO_PIC_IRQS: [u32; 7] = [5, 6, 10, 11, 12, 14, 3];
 
 /// Errors creating or running the machine; each names what to change. Wrapped errors of other
 /// layers (accelerator, boot, ACPI, devices) display as themselves.
@@ -102,11 +106,9 @@ pub enum MachineError {
     /// A device was added after machine-done on a bus without hot plug (QEMU's message).
     #[error("Bus '{0}' does not support hotplugging")]
     NotHotpluggable(&'static str),
-    /// No virtio-mmio slot left (or no IOAPIC to wire GSIs 16-23 to).
-    #[error(
-        "no virtio-mmio slot: all {VIRTIO_MMIO_SLOTS} are in use, or the accelerator has no IOAPIC for GSIs 16-23"
-    )]
-    NoVirtioSlot,
+    /// No virtio-mmio slot left.
+    #[error("no virtio-mmio slot left: this machine has {0} (one per free interrupt line)")]
+    NoVirtioSlot(u32),
     /// Building ACPI tables failed.
     #[error(transparent)]
     Acpi(AcpiError),
@@ -464,7 +466,8 @@ impl Microvm {
     }
 
     /// Maps a virtio-mmio transport in the next free slot (window `0xfeb00000 + 0x200*i`,
-    /// GSI `16 + i`, as QEMU's microvm) and returns where it went; the DSDT lists it as an
+    /// GSI `16 + i` as QEMU's microvm; with a backend that has no IOAPIC, one of the free ISA
+    /// IRQs 5, 6, 10, 11, 12, 14, 3) and returns where it went; the DSDT lists it as an
     /// `LNRO0005` node. Only before [`Microvm::finish_init`]: microvm's virtio-mmio buses have
     /// no hot-plug, so later calls fail with QEMU's "Bus 'virtio-mmio-bus.N' does not support
     /// hotplugging".
@@ -490,13 +493,23 @@ impl Microvm {
                 .unwrap_or("virtio-mmio-bus.0");
             return Err(MachineError::NotHotpluggable(bus));
         }
-        if i >= VIRTIO_MMIO_SLOTS || !self.resolved.ioapic {
-            return Err(MachineError::NoVirtioSlot);
-        }
+        let gsi = if self.resolved.ioapic {
+            (i < VIRTIO_MMIO_SLOTS).then_some(VIRTIO_MMIO_FIRST_GSI + i)
+        } else {
+            VIRTIO_PIC_IRQS.get(i as usize).copied()
+        };
+        let Some(gsi) = gsi else {
+            let slots = if self.resolved.ioapic {
+                VIRTIO_MMIO_SLOTS
+            } else {
+                VIRTIO_PIC_IRQS.len() as u32
+            };
+            return Err(MachineError::NoVirtioSlot(slots));
+        };
         let d = VirtioMmioDevice {
             base: VIRTIO_MMIO_BASE + u64::from(i) * VIRTIO_MMIO_SIZE,
             size: VIRTIO_MMIO_SIZE,
-            gsi: VIRTIO_MMIO_FIRST_GSI + i,
+            gsi,
         };
         map(&self.buses.mmio, "virtio-mmio", d.base, d.size, dev)?;
         self.virtio_mmio.push(d);

@@ -100,3 +100,56 @@ fn serial_input_is_interrupt_driven_under_tcg() {
 fn pause_resume_and_reset_a_running_guest_under_tcg() {
     common::pause_resume_reset(&keel_tcg::TcgAccel::new(), 1);
 }
+
+/// The interpreter has no IOAPIC: the MADT advertises none and virtio-mmio devices get free
+/// ISA IRQs instead of GSIs 16-23.
+#[test]
+fn without_an_ioapic_virtio_gets_isa_irqs_and_the_madt_lists_none() {
+    struct Window;
+    impl keel_accel::BusDevice for Window {
+        fn read(&self, _o: u64, d: &mut [u8]) {
+            d.fill(0);
+        }
+        fn write(&self, _o: u64, _d: &[u8]) {}
+    }
+    let accel = keel_tcg::TcgAccel::new();
+    let cfg = MicrovmConfig {
+        serial: SerialBackend::Null,
+        ..MicrovmConfig::default()
+    };
+    let (tx, _rx) = mpsc::channel();
+    let mut vm = Microvm::new(cfg, &accel, Arc::new(tx)).unwrap();
+    assert!(!vm.resolved().ioapic);
+    let gsis: Vec<u32> = (0..7)
+        .map(|_| vm.add_virtio_mmio(Arc::new(Window)).unwrap().gsi)
+        .collect();
+    assert_eq!(gsis, [5, 6, 10, 11, 12, 14, 3]);
+    assert!(vm.add_virtio_mmio(Arc::new(Window)).is_err());
+    vm.finish_init().unwrap();
+    use vm_memory::{Bytes, GuestAddress};
+    let mut rsdp = [0u8; 36];
+    vm.memory()
+        .read_slice(&mut rsdp, GuestAddress(keel_machine::layout::ACPI_START))
+        .unwrap();
+    let xsdt = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+    let mut x = [0u8; 52];
+    vm.memory().read_slice(&mut x, GuestAddress(xsdt)).unwrap();
+    let madt_addr = u64::from_le_bytes(x[44..52].try_into().unwrap());
+    let mut hdr = [0u8; 8];
+    vm.memory()
+        .read_slice(&mut hdr, GuestAddress(madt_addr))
+        .unwrap();
+    let len = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
+    let mut madt = vec![0u8; len];
+    vm.memory()
+        .read_slice(&mut madt, GuestAddress(madt_addr))
+        .unwrap();
+    // Walk the entries: one local APIC, one LAPIC NMI, no IOAPIC (type 1).
+    let mut types = Vec::new();
+    let mut off = 44;
+    while off + 2 <= madt.len() {
+        types.push(madt[off]);
+        off += usize::from(madt[off + 1]).max(2);
+    }
+    assert_eq!(types, [0, 4]);
+}
