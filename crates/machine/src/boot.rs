@@ -1100,4 +1100,24 @@ mod tests {
             let _ = parse_elf(&base[..n]);
         }
     }
+
+    #[test]
+    fn hostile_bzimage_headers_never_panic() {
+        let base = synth_bzimage(1);
+        let m = mem();
+        for i in 0x1f0..0x270 {
+            for v in [0u8, 0x7f, 0xff] {
+                let mut b = base.clone();
+                b[i] = v;
+                let _ = boot(KernelImage::Bytes("fuzz", leak(b)), None, &m);
+            }
+        }
+        for n in [0x203, 0x206, 0x400, 0xa00, 0xa01] {
+            let _ = boot(
+                KernelImage::Bytes("short", leak(base[..n].to_vec())),
+                None,
+                &m,
+            );
+        }
+    }
 }
