@@ -1245,6 +1245,17 @@ fn usermode_variant(pvm_safe: bool) -> Result<TestGuest, GuestError> {
             a.mov(qword_ptr(log + 48), r11)?;
             a.mov(eax, cs)?;
             a.mov(qword_ptr(log + 56), rax)?;
+            // popfq at CPL 3 with IOPL 0 leaves IF and IOPL alone (no fault).
+            a.pushfq()?;
+            a.pop(rax)?;
+            a.and(eax, !0x200)?;
+            a.or(eax, 0x3000)?;
+            a.push(rax)?;
+            a.popfq()?;
+            a.pushfq()?;
+            a.pop(rbx)?;
+            a.and(ebx, 0x3200)?;
+            a.mov(qword_ptr(log + 64), rbx)?;
         }
         for (slot, (_, _, _, _, _, arg, body)) in cases.iter().enumerate() {
             let a = &mut g.a;
@@ -1281,6 +1292,8 @@ fn usermode_variant(pvm_safe: bool) -> Result<TestGuest, GuestError> {
         print_known(g, log + 16, u64::MAX, 8, 500_500)?;
         g.print(" user-page=")?;
         print_known(g, log + 24, u64::MAX, 2, 0x77)?;
+        g.print(" popf-if-iopl=")?;
+        print_known(g, log + 64, u64::MAX, 4, 0x200)?;
         g.print("\nsyscall rax=")?;
         print_known(g, log + 32, u64::MAX, 8, 43)?;
         g.print(" rcx-delta=")?;
