@@ -15,6 +15,29 @@
 //!
 //! The serial text is identical either way; guests never read `%ebx` (hvm_start_info).
 //!
+//! # The guests ([`all`] builds each with default parameters)
+//!
+//! | builder | mode | what it checks | output predicted by |
+//! |---|---|---|---|
+//! | [`hello`] | 32/64 | the entry path, serial, isa-debug-exit | construction |
+//! | [`port_io`] | 64 | `in`/`out`, `rep outsb`, `insb` with DF both ways | construction |
+//! | [`timer`] | 64 | 8259 init, PIT mode 2 IRQ 0 in `hlt`, latch, read-back, port 0x61 | construction |
+//! | [`exceptions`] | 64 | #DE #UD #BP #GP #PF: vectors, error codes, CR2, precise RIP | construction |
+//! | [`paging`] | 64 | demand paging, `invlpg`, CR3 reload, Accessed/Dirty bits | construction |
+//! | [`smc`] | 64 | self- and cross-modifying code | construction |
+//! | [`paging32`] | 32 | two-level and PAE paging (NX), 32-bit IDT, #PF codes | construction |
+//! | [`usermode`] | 64/CPL3 | TSS RSP0, `iretq` to CPL 3, SYSCALL/SYSRET, user #GP/#PF, `popfq` | construction |
+//! | [`sse`] | 64/CPL3 | SSE2 integer and float, conversions, `(u)comisd`, x87, `fxsave` | Rust arithmetic |
+//! | [`string_ops`] | 64 | a scripted sequence of string instructions | QEMU (pinned in tests) |
+//! | [`string_model`] | 64 | every string op/size/prefix/DF | [`strings::model`] |
+//! | [`alu`], [`shifts`], [`muldiv`], [`bitops`], [`misc`] | 64 | integer ops at widths 8-64, edge operands, flags | [`ops::model`] |
+//! | [`ops32_alu`], [`ops32_muldiv_bitops`] | 32 | the same tables in 32-bit mode | [`ops::model`] |
+//! | [`reg_loop`], [`mem_loop`] | 32/64 | benchmark loops with an iteration count | construction |
+//!
+//! Every predicted output was checked against QEMU 7.2 (`-M microvm`, tcg and kvm; `timer`
+//! on `-M pc`, microvm has no port 0x61) on the development host; the few places where
+//! KVM-PVM or QEMU differ are documented on the builders and in `tests/differential.rs`.
+//!
 //! This crate is test support: it is never linked into the `vmm` binary.
 
 #![deny(missing_docs)]
