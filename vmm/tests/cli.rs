@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{BIN, Client, TempDir, Vmm, run_to_end};
+use common::{BIN, Client, Guard, TempDir, Vmm, run_to_end};
 use serde_json::{Value, json};
 
 fn one_line_error(args: &[&str], expect: &str) {
@@ -186,8 +186,8 @@ fn chardev_and_mon() {
     let dir = TempDir::new();
     let sock = dir.path("mon.sock");
     let chardev = format!("socket,id=mon0,path={},server=on,wait=off", sock.display());
-    let mut child = Command::new(BIN)
-        .args([
+    let mut child = Guard::spawn(
+        &[
             "-machine",
             "none",
             "-chardev",
@@ -195,11 +195,10 @@ fn chardev_and_mon() {
             "-mon",
             "chardev=mon0,mode=control",
             "-S",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+        Stdio::null(),
+        Stdio::null(),
+    );
     let mut c = loop {
         if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
             break Client::new(s);
@@ -209,7 +208,7 @@ fn chardev_and_mon() {
     c.negotiate();
     assert_eq!(c.status(), "prelaunch");
     c.ok("quit", Value::Null);
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
 }
 
 #[test]
@@ -218,12 +217,11 @@ fn tcp_monitor() {
     let port = listener.local_addr().unwrap().port();
     drop(listener);
     let spec = format!("tcp:127.0.0.1:{port},server=on,wait=off");
-    let mut child = Command::new(BIN)
-        .args(["-machine", "none", "-qmp", &spec])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard::spawn(
+        &["-machine", "none", "-qmp", &spec],
+        Stdio::null(),
+        Stdio::null(),
+    );
     let s = loop {
         if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             break s;
@@ -241,20 +239,18 @@ fn tcp_monitor() {
     line.clear();
     r.read_line(&mut line).unwrap();
     assert_eq!(line, "{\"return\": {}}\r\n");
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
 }
 
 #[test]
 fn stdio_monitor() {
-    let mut child = Command::new(BIN)
-        .args(["-machine", "none", "-qmp", "stdio", "-S"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut child = Guard::spawn(
+        &["-machine", "none", "-qmp", "stdio", "-S"],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    let mut input = child.0.stdin.take().unwrap();
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     let greeting: Value = serde_json::from_str(&line).unwrap();
@@ -270,7 +266,7 @@ fn stdio_monitor() {
     assert_eq!(r["id"], 7);
     assert_eq!(r["return"]["status"], "prelaunch");
     input.write_all(b"{'execute':'quit'}\n").unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
 }
 
 #[test]
@@ -278,12 +274,11 @@ fn wait_on_blocks_until_a_client_connects() {
     let dir = TempDir::new();
     let sock = dir.path("w.sock");
     let spec = format!("unix:{},server=on", sock.display());
-    let mut child = Command::new(BIN)
-        .args(["-qmp", &spec, "-machine", "none", "-S"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard::spawn(
+        &["-qmp", &spec, "-machine", "none", "-S"],
+        Stdio::null(),
+        Stdio::null(),
+    );
     let mut c = loop {
         if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
             break Client::new(s);
@@ -302,5 +297,5 @@ fn wait_on_blocks_until_a_client_connects() {
     }
     assert_eq!(phase, "machine-ready");
     c.ok("quit", Value::Null);
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
 }

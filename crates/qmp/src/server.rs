@@ -320,13 +320,22 @@ fn start_counted(
         return;
     }
     match fd.try_clone() {
-        Ok(out) => spawn_connection(
-            fd,
-            out,
-            dispatcher.clone(),
-            bus.clone(),
-            Some(count.clone()),
-        ),
+        Ok(out) => {
+            // Greet from the accepting thread: the client gets its first line without
+            // waiting for a new thread to be scheduled.
+            let mut f = File::from(out);
+            if f.write_all(&Session::greeting(&**dispatcher)).is_err() {
+                count.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            spawn_connection(
+                fd,
+                OwnedFd::from(f),
+                dispatcher.clone(),
+                bus.clone(),
+                Some(count.clone()),
+            )
+        }
         Err(e) => {
             count.fetch_sub(1, Ordering::SeqCst);
             eprintln!("qmp: cannot serve a client: {e}");
@@ -342,10 +351,13 @@ fn spawn_connection(
     count: Option<Arc<AtomicUsize>>,
 ) {
     let release = count.clone();
+    // Listener clients were greeted by the accepting thread already.
+    let greeted = count.is_some();
     let spawned = thread::Builder::new()
         .name("qmp-client".into())
         .spawn(move || {
-            serve_connection(File::from(input), File::from(output), &*dispatcher, &bus);
+            let (input, output) = (File::from(input), File::from(output));
+            serve_connection(input, output, &*dispatcher, &bus, greeted);
             if let Some(c) = count {
                 c.fetch_sub(1, Ordering::SeqCst);
             }
@@ -393,6 +405,7 @@ fn serve_connection(
     mut output: File,
     dispatcher: &dyn Dispatcher,
     bus: &EventBus,
+    greeted: bool,
 ) {
     let outbox = match bus.attach() {
         Ok(o) => o,
@@ -403,7 +416,11 @@ fn serve_connection(
     };
     let mut session = Session::new(Some(outbox.clone()));
     let mut buf = vec![0u8; 64 << 10];
-    let mut out = Session::greeting(dispatcher);
+    let mut out = if greeted {
+        Vec::new()
+    } else {
+        Session::greeting(dispatcher)
+    };
     let _ = run_loop(
         &mut input,
         &mut output,

@@ -122,6 +122,44 @@ impl Drop for Vmm {
     }
 }
 
+/// A child process killed on drop, so a failing test never leaves a `vmm` behind (one
+/// holding the test harness's pipes would make `cargo test` wait forever).
+pub struct Guard(pub Child);
+
+impl Guard {
+    /// Starts `vmm ARGS` with the given stdin/stdout (stderr discarded).
+    pub fn spawn(args: &[&str], stdin: Stdio, stdout: Stdio) -> Guard {
+        Guard(
+            Command::new(BIN)
+                .args(args)
+                .stdin(stdin)
+                .stdout(stdout)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Waits for exit (10 s at most).
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "vmm did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs `vmm ARGS` to completion (10 s at most); returns (status, stderr).
 pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
     let mut child = Command::new(BIN)
