@@ -125,11 +125,129 @@ pub fn muldiv(cpu: &mut Cpu, i: &Insn) -> Flow {
     Ok(())
 }
 
-/// rol ror rcl rcr shl sal shr sar.
+/// Shift/rotate kinds for [`shift_core`].
+pub mod sh {
+    /// shl/sal
+    pub const SHL: u8 = 0;
+    /// shr
+    pub const SHR: u8 = 1;
+    /// sar
+    pub const SAR: u8 = 2;
+    /// rol
+    pub const ROL: u8 = 3;
+    /// ror
+    pub const ROR: u8 = 4;
+    /// rcl
+    pub const RCL: u8 = 5;
+    /// rcr
+    pub const RCR: u8 = 6;
+}
+
+/// Shifts/rotates `a` (size `s`) by a count already masked to 5/6 bits and non-zero;
+/// sets flags and returns the result.
+#[inline(always)]
+pub fn shift_core(cpu: &mut Cpu, op: u8, s: u8, a: u64, cnt: u32) -> u64 {
+    let bits = u32::from(s) * 8;
+    let mk = mask(s);
+    let msb = |v: u64| (v >> (bits - 1)) & 1 != 0;
+    let set_cf_of = |cpu: &mut Cpu, cf: bool, of: bool| {
+        cpu.flush_flags();
+        cpu.rflags = (cpu.rflags & !(fl::CF | fl::OF))
+            | if cf { fl::CF } else { 0 }
+            | if of { fl::OF } else { 0 };
+    };
+    match op {
+        sh::SHL => {
+            let r = if cnt >= bits { 0 } else { (a << cnt) & mk };
+            let cf = if cnt > bits {
+                false
+            } else {
+                (a >> (bits - cnt)) & 1 != 0
+            };
+            cpu.set_flags_res(s, r, cf, msb(r) ^ cf, false);
+            r
+        }
+        sh::SHR => {
+            let r = if cnt >= bits { 0 } else { a >> cnt };
+            let cf = if cnt > bits {
+                false
+            } else {
+                (a >> (cnt - 1)) & 1 != 0
+            };
+            cpu.set_flags_res(s, r, cf, msb(a), false);
+            r
+        }
+        sh::SAR => {
+            let sa = sext(a, s) as i64;
+            let r = ((sa >> cnt.min(bits - 1)) as u64) & mk;
+            let cf = (sa >> (cnt.min(bits) - 1)) & 1 != 0;
+            cpu.set_flags_res(s, r, cf, false, false);
+            r
+        }
+        sh::ROL => {
+            let c = cnt % bits;
+            let r = if c == 0 {
+                a
+            } else {
+                ((a << c) | (a >> (bits - c))) & mk
+            };
+            let cf = r & 1 != 0;
+            set_cf_of(cpu, cf, msb(r) ^ cf);
+            r
+        }
+        sh::ROR => {
+            let c = cnt % bits;
+            let r = if c == 0 {
+                a
+            } else {
+                ((a >> c) | (a << (bits - c))) & mk
+            };
+            set_cf_of(cpu, msb(r), msb(r) ^ ((r >> (bits - 2)) & 1 != 0));
+            r
+        }
+        _ => {
+            let c = cnt % (bits + 1);
+            let mut v = u128::from(a) | (u128::from(cpu.cf()) << bits);
+            let w = bits + 1;
+            let wm = (1u128 << w) - 1;
+            if c != 0 {
+                v = if op == sh::RCL {
+                    ((v << c) | (v >> (w - c))) & wm
+                } else {
+                    ((v >> c) | (v << (w - c))) & wm
+                };
+            }
+            let r = (v as u64) & mk;
+            let cf = (v >> bits) & 1 != 0;
+            let of = if op == sh::RCL {
+                msb(r) ^ cf
+            } else {
+                msb(r) ^ ((r >> (bits - 2)) & 1 != 0)
+            };
+            set_cf_of(cpu, cf, of);
+            r
+        }
+    }
+}
+
+/// The [`sh`] kind of a shift/rotate mnemonic.
+pub fn shift_kind(m: M) -> Option<u8> {
+    Some(match m {
+        M::Shl | M::Sal => sh::SHL,
+        M::Shr => sh::SHR,
+        M::Sar => sh::SAR,
+        M::Rol => sh::ROL,
+        M::Ror => sh::ROR,
+        M::Rcl => sh::RCL,
+        M::Rcr => sh::RCR,
+        _ => return None,
+    })
+}
+
+/// rol ror rcl rcr shl sal shr sar (any operand form).
 pub fn shift(cpu: &mut Cpu, i: &Insn) -> Flow {
     let ins = &i.instr;
     let s = op_size(i, 0);
-    let bits = u32::from(s) * 8;
     let cnt_raw = if ins.op_count() == 1 {
         1
     } else {
@@ -142,94 +260,14 @@ pub fn shift(cpu: &mut Cpu, i: &Insn) -> Flow {
         // (zero-extended), as on hardware.
         return zero_count_writeback(cpu, i, s, a);
     }
-    let mk = mask(s);
-    let msb = |v: u64| (v >> (bits - 1)) & 1 != 0;
-    let (r, cf, of) = match ins.mnemonic() {
-        M::Shl | M::Sal => {
-            let r = if cnt >= bits { 0 } else { (a << cnt) & mk };
-            let cf = if cnt > bits {
-                false
-            } else {
-                (a >> (bits - cnt)) & 1 != 0
-            };
-            (r, cf, msb(r) ^ cf)
-        }
-        M::Shr => {
-            let r = if cnt >= bits { 0 } else { a >> cnt };
-            let cf = if cnt > bits {
-                false
-            } else {
-                (a >> (cnt - 1)) & 1 != 0
-            };
-            (r, cf, msb(a))
-        }
-        M::Sar => {
-            let sa = sext(a, s) as i64;
-            let c = cnt.min(bits - 1);
-            let r = ((sa >> c) as u64) & mk;
-            let cf = (sa >> (cnt.min(bits) - 1)) & 1 != 0;
-            (r, cf, false)
-        }
-        M::Rol => {
-            let c = cnt % bits;
-            let r = if c == 0 {
-                a
-            } else {
-                ((a << c) | (a >> (bits - c))) & mk
-            };
-            let cf = r & 1 != 0;
-            let r2 = r;
-            cpu.flush_flags();
-            let f = (cpu.rflags & !(fl::CF | fl::OF))
-                | if cf { fl::CF } else { 0 }
-                | if msb(r2) ^ cf { fl::OF } else { 0 };
-            cpu.rflags = f;
-            return wr_op(cpu, i, 0, s, r2);
-        }
-        M::Ror => {
-            let c = cnt % bits;
-            let r = if c == 0 {
-                a
-            } else {
-                ((a >> c) | (a << (bits - c))) & mk
-            };
-            let cf = msb(r);
-            let of = msb(r) ^ ((r >> (bits - 2)) & 1 != 0);
-            cpu.flush_flags();
-            cpu.rflags = (cpu.rflags & !(fl::CF | fl::OF))
-                | if cf { fl::CF } else { 0 }
-                | if of { fl::OF } else { 0 };
-            return wr_op(cpu, i, 0, s, r);
-        }
-        M::Rcl | M::Rcr => {
-            let c = cnt % (bits + 1);
-            let mut v = u128::from(a) | (u128::from(cpu.cf()) << bits);
-            let w = bits + 1;
-            let wm = (1u128 << w) - 1;
-            if c != 0 {
-                v = if ins.mnemonic() == M::Rcl {
-                    ((v << c) | (v >> (w - c))) & wm
-                } else {
-                    ((v >> c) | (v << (w - c))) & wm
-                };
-            }
-            let r = (v as u64) & mk;
-            let cf = (v >> bits) & 1 != 0;
-            let of = if ins.mnemonic() == M::Rcl {
-                msb(r) ^ cf
-            } else {
-                msb(r) ^ ((r >> (bits - 2)) & 1 != 0)
-            };
-            cpu.flush_flags();
-            cpu.rflags = (cpu.rflags & !(fl::CF | fl::OF))
-                | if cf { fl::CF } else { 0 }
-                | if of { fl::OF } else { 0 };
-            return wr_op(cpu, i, 0, s, r);
-        }
-        _ => return Err(Ex::UD),
-    };
-    wr_op(cpu, i, 0, s, r)?;
-    cpu.set_flags_res(s, r, cf, of, false);
+    let op = shift_kind(ins.mnemonic()).ok_or(Ex::UD)?;
+    // Compute on a copy of the flags so a faulting write leaves them untouched.
+    let saved = (cpu.cc, cpu.rflags);
+    let r = shift_core(cpu, op, s, a, cnt);
+    if let Err(e) = wr_op(cpu, i, 0, s, r) {
+        (cpu.cc, cpu.rflags) = saved;
+        return Err(e);
+    }
     Ok(())
 }
 

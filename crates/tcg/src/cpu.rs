@@ -446,6 +446,8 @@ impl Cpu {
                 apic_base: 0xfee0_0000 | if index == 0 { 1 << 8 } else { 0 },
                 pat: 0x0007_0406_0007_0406,
                 misc_enable: 1,
+                // The TSC counts from zero at reset.
+                tsc_offset: 0u64.wrapping_sub(crate::host_tsc()),
                 ..Msrs::default()
             },
             xmm: [0; 16],

@@ -409,6 +409,120 @@ fn movzx_rr<const D: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     Ok(())
 }
 
+/// Shift/rotate of a register by an immediate (`CL == false`) or by CL.
+fn shift_r<const OP: u8, const S: u8, const CL: bool>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let raw = if CL { cpu.gpr[1] } else { i.imm };
+    let cnt = (raw as u32) & if S == 8 { 0x3f } else { 0x1f };
+    let a = cpu.rreg(i.r0, S);
+    let r = if cnt == 0 {
+        a
+    } else {
+        crate::arith::shift_core(cpu, OP, S, a, cnt)
+    };
+    cpu.wreg(i.r0, S, r);
+    Ok(())
+}
+
+fn imul_res(cpu: &mut Cpu, s: u8, a: u64, b: u64) -> u64 {
+    let p = i128::from(sext(a, s) as i64) * i128::from(sext(b, s) as i64);
+    let r = (p as u64) & mask(s);
+    let of = p != i128::from(sext(r, s) as i64);
+    cpu.set_flags_res(s, r, of, of, false);
+    r
+}
+
+fn imul_rr<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let (a, b) = (cpu.rreg(i.r0, S), cpu.rreg(i.r1, S));
+    let r = imul_res(cpu, S, a, b);
+    cpu.wreg(i.r0, S, r);
+    Ok(())
+}
+
+fn imul_rm<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let b = cpu.rd_n(lin, S)?;
+    let a = cpu.rreg(i.r0, S);
+    let r = imul_res(cpu, S, a, b);
+    cpu.wreg(i.r0, S, r);
+    Ok(())
+}
+
+fn imul_rri<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let a = cpu.rreg(i.r1, S);
+    let r = imul_res(cpu, S, a, i.imm);
+    cpu.wreg(i.r0, S, r);
+    Ok(())
+}
+
+fn imul_rmi<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let a = cpu.rd_n(lin, S)?;
+    let r = imul_res(cpu, S, a, i.imm);
+    cpu.wreg(i.r0, S, r);
+    Ok(())
+}
+
+fn movsx_rr<const D: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = sext(cpu.rreg(i.r1, S), S);
+    cpu.wreg(i.r0, D, v);
+    Ok(())
+}
+
+fn movsx_rm<const D: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let v = sext(cpu.rd_n(lin, S)?, S);
+    cpu.wreg(i.r0, D, v);
+    Ok(())
+}
+
+fn cmov_rr<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = if cpu.cond(i.aux) {
+        cpu.rreg(i.r1, S)
+    } else {
+        cpu.rreg(i.r0, S)
+    };
+    cpu.wreg(i.r0, S, v);
+    Ok(())
+}
+
+fn cmov_rm<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let m = cpu.rd_n(lin, S)?;
+    let v = if cpu.cond(i.aux) {
+        m
+    } else {
+        cpu.rreg(i.r0, S)
+    };
+    cpu.wreg(i.r0, S, v);
+    Ok(())
+}
+
+fn setcc_r(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = u64::from(cpu.cond(i.aux));
+    cpu.w8(i.r0, v);
+    Ok(())
+}
+
+fn neg_r<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let a = cpu.rreg(i.r0, S);
+    let r = alu_op(cpu, alu::SUB, S, 0, a);
+    cpu.wreg(i.r0, S, r);
+    Ok(())
+}
+
+fn not_r<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let a = cpu.rreg(i.r0, S);
+    cpu.wreg(i.r0, S, !a);
+    Ok(())
+}
+
+fn xchg_rr<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let (a, b) = (cpu.rreg(i.r0, S), cpu.rreg(i.r1, S));
+    cpu.wreg(i.r0, S, b);
+    cpu.wreg(i.r1, S, a);
+    Ok(())
+}
+
 fn nop(_cpu: &mut Cpu, _i: &Insn) -> Flow {
     Ok(())
 }
@@ -551,6 +665,55 @@ pub fn select(ins: &Instruction, i: &Insn) -> Handler {
         | M::Prefetchw
         | M::Clflush
         | M::Clflushopt => return nop,
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror if is_gpr(ins, 0) => {
+            let op = crate::arith::shift_kind(m).unwrap_or(0);
+            let cl = n == 2 && ins.op_kind(1) == OpKind::Register;
+            return shift_handler(op, s, cl);
+        }
+        M::Imul if n == 2 && is_gpr(ins, 0) => {
+            return if is_gpr(ins, 1) {
+                sized!(imul_rr, s)
+            } else {
+                sized!(imul_rm, s)
+            };
+        }
+        M::Imul if n == 3 && is_gpr(ins, 0) => {
+            return if is_gpr(ins, 1) {
+                sized!(imul_rri, s)
+            } else {
+                sized!(imul_rmi, s)
+            };
+        }
+        M::Movsx | M::Movsxd if is_gpr(ins, 0) => {
+            let ss = op_size(i, 1);
+            let mem = ins.op_kind(1) == OpKind::Memory;
+            return match (s, ss, mem) {
+                (2, 1, false) => movsx_rr::<2, 1>,
+                (4, 1, false) => movsx_rr::<4, 1>,
+                (4, 2, false) => movsx_rr::<4, 2>,
+                (8, 1, false) => movsx_rr::<8, 1>,
+                (8, 2, false) => movsx_rr::<8, 2>,
+                (8, 4, false) => movsx_rr::<8, 4>,
+                (2, 1, true) => movsx_rm::<2, 1>,
+                (4, 1, true) => movsx_rm::<4, 1>,
+                (4, 2, true) => movsx_rm::<4, 2>,
+                (8, 1, true) => movsx_rm::<8, 1>,
+                (8, 2, true) => movsx_rm::<8, 2>,
+                (8, 4, true) => movsx_rm::<8, 4>,
+                _ => generic,
+            };
+        }
+        _ if is_cmov(m) && is_gpr(ins, 0) => {
+            return if is_gpr(ins, 1) {
+                sized!(cmov_rr, s)
+            } else {
+                sized!(cmov_rm, s)
+            };
+        }
+        _ if is_setcc(m) && is_gpr(ins, 0) => return setcc_r,
+        M::Neg if is_gpr(ins, 0) => return sized!(neg_r, s),
+        M::Not if is_gpr(ins, 0) => return sized!(not_r, s),
+        M::Xchg if is_gpr(ins, 0) && is_gpr(ins, 1) => return sized!(xchg_rr, s),
         _ => {}
     }
     match ins.code().op_code().mnemonic() {
@@ -585,6 +748,75 @@ pub fn select(ins: &Instruction, i: &Insn) -> Handler {
     }
 }
 
+fn shift_handler(op: u8, s: u8, cl: bool) -> Handler {
+    use crate::arith::sh;
+    macro_rules! by_s {
+        ($op:expr) => {
+            match (s, cl) {
+                (1, false) => shift_r::<{ $op }, 1, false> as Handler,
+                (2, false) => shift_r::<{ $op }, 2, false>,
+                (4, false) => shift_r::<{ $op }, 4, false>,
+                (8, false) => shift_r::<{ $op }, 8, false>,
+                (1, true) => shift_r::<{ $op }, 1, true>,
+                (2, true) => shift_r::<{ $op }, 2, true>,
+                (4, true) => shift_r::<{ $op }, 4, true>,
+                _ => shift_r::<{ $op }, 8, true>,
+            }
+        };
+    }
+    match op {
+        sh::SHL => by_s!(sh::SHL),
+        sh::SHR => by_s!(sh::SHR),
+        sh::SAR => by_s!(sh::SAR),
+        sh::ROL => by_s!(sh::ROL),
+        _ => by_s!(sh::ROR),
+    }
+}
+
+fn is_cmov(m: M) -> bool {
+    matches!(
+        m,
+        M::Cmove
+            | M::Cmovne
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+            | M::Cmovo
+            | M::Cmovno
+    )
+}
+
+fn is_setcc(m: M) -> bool {
+    matches!(
+        m,
+        M::Sete
+            | M::Setne
+            | M::Setb
+            | M::Setae
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+            | M::Seto
+            | M::Setno
+    )
+}
+
 fn is_jcc(m: M) -> bool {
     matches!(
         m,
@@ -614,6 +846,7 @@ pub fn finish(ins: &Instruction, i: &mut Insn, bitness: u32) {
         i.aux = cc - 1;
     }
     match ins.mnemonic() {
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror if ins.op_count() == 1 => i.imm = 1,
         M::Call | M::Ret => {
             i.aux = stack_size(ins, bitness);
             if ins.mnemonic() == M::Ret && ins.op_count() == 1 {

@@ -44,7 +44,23 @@ pub enum TcgError {
     NotRam(u64),
 }
 
-/// Nanoseconds since the first call in this process (the TSC's time base).
+/// The host's time-stamp counter (constant-rate on the hosts this runs on), used as the
+/// guest's TSC so that `rdtsc` costs a host `rdtsc` rather than a clock read. Falls back to
+/// [`clock_ns`] on other architectures.
+#[inline]
+pub fn host_tsc() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC has no memory effects and exists on every x86-64 CPU.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        clock_ns()
+    }
+}
+
+/// Nanoseconds since the first call in this process.
 pub fn clock_ns() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let o = ORIGIN.get_or_init(Instant::now);

@@ -170,6 +170,115 @@ fn fcmp(pred: u8, a: f64, b: f64) -> bool {
     }
 }
 
+/// MXCSR exception flags.
+mod mx {
+    pub const IE: u32 = 1;
+    pub const DE: u32 = 2;
+    pub const ZE: u32 = 4;
+    pub const OE: u32 = 8;
+    pub const UE: u32 = 16;
+    pub const PE: u32 = 32;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Sqrt,
+    MinMax,
+    /// Compare with a predicate (signalling for LT/LE/NLT/NLE).
+    Cmp(u8),
+}
+
+fn is_snan64(v: f64) -> bool {
+    v.is_nan() && v.to_bits() & (1 << 51) == 0
+}
+
+fn is_snan32(v: f32) -> bool {
+    v.is_nan() && v.to_bits() & (1 << 22) == 0
+}
+
+/// The MXCSR status flags one arithmetic operation raises. `a`, `b` and `r` are the
+/// operands and result (f32 values widened exactly when `single`); `snan` says whether an
+/// operand was a signalling NaN in its own format.
+fn fp_flags(op: FOp, a: f64, b: f64, r: f64, single: bool, snan: bool) -> u32 {
+    let mut f = 0;
+    let unary = op == FOp::Sqrt;
+    let (min_normal, max) = if single {
+        (f64::from(f32::MIN_POSITIVE), f64::from(f32::MAX))
+    } else {
+        (f64::MIN_POSITIVE, f64::MAX)
+    };
+    let denormal = |x: f64| x != 0.0 && x.is_finite() && x.abs() < min_normal;
+    let any_nan = if unary {
+        b.is_nan()
+    } else {
+        a.is_nan() || b.is_nan()
+    };
+    if snan {
+        return mx::IE;
+    }
+    match op {
+        FOp::MinMax if any_nan => return mx::IE,
+        FOp::Cmp(p) if any_nan => {
+            return if matches!(p & 7, 1 | 2 | 5 | 6) {
+                mx::IE
+            } else {
+                0
+            };
+        }
+        FOp::MinMax | FOp::Cmp(_) => {
+            return if denormal(a) || denormal(b) {
+                mx::DE
+            } else {
+                0
+            };
+        }
+        _ => {}
+    }
+    if any_nan {
+        return 0;
+    }
+    if r.is_nan() {
+        return mx::IE;
+    }
+    if (!unary && denormal(a)) || denormal(b) {
+        f |= mx::DE;
+    }
+    if op == FOp::Div && b == 0.0 && a.is_finite() {
+        return f | mx::ZE;
+    }
+    let finite_in = (unary || a.is_finite()) && b.is_finite();
+    if !finite_in {
+        return f;
+    }
+    if r.is_infinite() || r.abs() > max {
+        return f | mx::OE | mx::PE;
+    }
+    let inexact = match op {
+        FOp::Add | FOp::Sub => {
+            let b2 = if op == FOp::Sub { -b } else { b };
+            let s = a + b2;
+            let bb = s - a;
+            let err = (a - (s - bb)) + (b2 - bb);
+            s != r || err != 0.0
+        }
+        FOp::Mul => a.mul_add(b, -r) != 0.0,
+        FOp::Div => r.mul_add(b, -a) != 0.0,
+        FOp::Sqrt => r.mul_add(r, -b) != 0.0,
+        _ => false,
+    };
+    if inexact {
+        f |= mx::PE;
+        if denormal(r) || r == 0.0 {
+            f |= mx::UE;
+        }
+    }
+    f
+}
+
 fn minf(a: f64, b: f64) -> f64 {
     // SSE min/max return the second operand when either is NaN or both are zero.
     if a < b { a } else { b }
@@ -507,6 +616,16 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
                 let s = rd_x(cpu, i, 1, 8, false)?;
                 (f64::from_bits(cpu.xmm[d] as u64), f64::from_bits(s as u64))
             };
+            let single = matches!(m, Comiss | Ucomiss);
+            let snan = if single {
+                is_snan32(a as f32) || is_snan32(b as f32)
+            } else {
+                is_snan64(a) || is_snan64(b)
+            };
+            let nan = a.is_nan() || b.is_nan();
+            if snan || (nan && matches!(m, Comiss | Comisd)) {
+                cpu.mxcsr |= mx::IE;
+            }
             let f = if a.is_nan() || b.is_nan() {
                 fl::ZF | fl::PF | fl::CF
             } else if a < b {
@@ -524,6 +643,14 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
             let v = crate::exec::rd_op(cpu, i, 1, s)?;
             let iv = crate::exec::sext(v, s) as i64;
             let d = dst_x(i)?;
+            let exact = if m == Cvtsi2ss {
+                (iv as f32) as i128 == i128::from(iv)
+            } else {
+                (iv as f64) as i128 == i128::from(iv)
+            };
+            if !exact {
+                cpu.mxcsr |= mx::PE;
+            }
             if m == Cvtsi2ss {
                 let f = iv as f32;
                 cpu.xmm[d] = (cpu.xmm[d] & !0xffff_ffffu128) | u128::from(f.to_bits());
@@ -534,17 +661,27 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
             Ok(())
         }
         Cvttss2si | Cvtss2si | Cvttsd2si | Cvtsd2si => {
-            let v = if matches!(m, Cvttss2si | Cvtss2si) {
+            let src = if matches!(m, Cvttss2si | Cvtss2si) {
                 f64::from(f32::from_bits(rd_x(cpu, i, 1, 4, false)? as u32))
             } else {
                 f64::from_bits(rd_x(cpu, i, 1, 8, false)? as u64)
             };
             let v = if matches!(m, Cvttss2si | Cvttsd2si) {
-                v.trunc()
+                src.trunc()
             } else {
-                round_mxcsr(cpu, v)
+                round_mxcsr(cpu, src)
             };
             let (g, s) = gpr(ins.op_register(0)).ok_or(Ex::UD)?;
+            let lim = if s == 8 {
+                9.223_372_036_854_776e18
+            } else {
+                2_147_483_648.0
+            };
+            if v.is_nan() || v >= lim || v < -lim {
+                cpu.mxcsr |= mx::IE;
+            } else if v != src {
+                cpu.mxcsr |= mx::PE;
+            }
             cpu.wreg(g, s, f2i(v, s));
             Ok(())
         }
@@ -622,6 +759,16 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
             let s = f32::from_bits(rd_x(cpu, i, 1, 4, false)? as u32);
             let d = dst_x(i)?;
             let a = f32::from_bits(cpu.xmm[d] as u32);
+            let fop = match m {
+                Addss => Some(FOp::Add),
+                Subss => Some(FOp::Sub),
+                Mulss => Some(FOp::Mul),
+                Divss => Some(FOp::Div),
+                Sqrtss => Some(FOp::Sqrt),
+                Minss | Maxss => Some(FOp::MinMax),
+                Cmpss => Some(FOp::Cmp(ins.immediate8())),
+                _ => None,
+            };
             let r = match m {
                 Addss => (a + s).to_bits(),
                 Subss => (a - s).to_bits(),
@@ -640,6 +787,15 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
                     }
                 }
             };
+            if let Some(op) = fop {
+                let snan = is_snan32(s) || (op != FOp::Sqrt && is_snan32(a));
+                let rf = if matches!(op, FOp::Cmp(_)) {
+                    0.0
+                } else {
+                    f64::from(f32::from_bits(r))
+                };
+                cpu.mxcsr |= fp_flags(op, f64::from(a), f64::from(s), rf, true, snan);
+            }
             cpu.xmm[d] = (cpu.xmm[d] & !0xffff_ffffu128) | u128::from(r);
             Ok(())
         }
@@ -647,6 +803,15 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
             let s = f64::from_bits(rd_x(cpu, i, 1, 8, false)? as u64);
             let d = dst_x(i)?;
             let a = f64::from_bits(cpu.xmm[d] as u64);
+            let fop = match m {
+                Addsd => FOp::Add,
+                Subsd => FOp::Sub,
+                Mulsd => FOp::Mul,
+                Divsd => FOp::Div,
+                Sqrtsd => FOp::Sqrt,
+                Minsd | Maxsd => FOp::MinMax,
+                _ => FOp::Cmp(ins.immediate8()),
+            };
             let r = match m {
                 Addsd => (a + s).to_bits(),
                 Subsd => (a - s).to_bits(),
@@ -663,6 +828,13 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
                     }
                 }
             };
+            let snan = is_snan64(s) || (fop != FOp::Sqrt && is_snan64(a));
+            let rf = if matches!(fop, FOp::Cmp(_)) {
+                0.0
+            } else {
+                f64::from_bits(r)
+            };
+            cpu.mxcsr |= fp_flags(fop, a, s, rf, false, snan);
             cpu.xmm[d] = (cpu.xmm[d] & !u128::from(u64::MAX)) | u128::from(r);
             Ok(())
         }

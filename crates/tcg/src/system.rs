@@ -908,9 +908,9 @@ pub fn write_msr(cpu: &mut Cpu, n: u32, v: u64) -> Flow {
     Ok(())
 }
 
-/// The time-stamp counter: host nanoseconds since the vCPU was created (1 GHz) plus offset.
+/// The time-stamp counter: the host's TSC plus the guest's offset (WRMSR to IA32_TSC).
 pub fn tsc(cpu: &Cpu) -> u64 {
-    (crate::clock_ns()).wrapping_add(cpu.msr.tsc_offset)
+    crate::host_tsc().wrapping_add(cpu.msr.tsc_offset)
 }
 
 // ---------------------------------------------------------------------------------------

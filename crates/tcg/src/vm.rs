@@ -169,6 +169,7 @@ impl TcgVm {
             pit: self.pit.clone(),
             clock: self.clock.clone(),
             wakeup: self.wakeup.clone(),
+            next_poll: 0,
         }
     }
 
@@ -234,6 +235,7 @@ pub struct TcgVcpu {
     pit: Arc<Pit>,
     clock: Arc<MonotonicClock>,
     wakeup: Arc<Wakeup>,
+    next_poll: u64,
 }
 
 impl std::fmt::Debug for TcgVcpu {
@@ -330,6 +332,18 @@ impl TcgVcpu {
 
     /// Delivers an exception with double- and triple-fault handling.
     fn raise(&mut self, v: u8, err: Option<u32>, soft: bool, ext: bool) -> Result<(), Stop> {
+        self.raise_at(v, err, soft, ext, 0)
+    }
+
+    /// [`Self::raise`] for a software interrupt at `soft_ip`.
+    fn raise_at(
+        &mut self,
+        v: u8,
+        err: Option<u32>,
+        soft: bool,
+        ext: bool,
+        soft_ip: u64,
+    ) -> Result<(), Stop> {
         let cpu = &mut self.cpu;
         if !ext {
             cpu.last_exception = Some((v, err.unwrap_or(u32::MAX), cpu.rip));
@@ -341,6 +355,11 @@ impl TcgVcpu {
                 Ok(()) => return Ok(()),
                 Err(Ex::Fault { vector, error }) => {
                     let error = Ex::code(error);
+                    if first && soft {
+                        // A software interrupt whose delivery faults reports the fault at
+                        // the INT instruction itself.
+                        cpu.rip = soft_ip;
+                    }
                     if cur.0 == vec::DF {
                         return Err(Stop::Exit(VcpuExit::Shutdown));
                     }
@@ -366,7 +385,7 @@ impl TcgVcpu {
                 self.cpu.rip = ip;
                 self.raise(vector, Ex::code(error), false, false)
             }
-            Ex::SoftInt(v) => self.raise(v, None, v != 1, false),
+            Ex::SoftInt(v) => self.raise_at(v, None, v != 1, false, ip),
             Ex::Halt => {
                 self.cpu.halted = true;
                 Ok(())
@@ -388,7 +407,11 @@ impl TcgVcpu {
                     return Ok(x);
                 }
             }
-            self.poll_timers();
+            if self.cpu.icount >= self.next_poll {
+                // Reading the clock costs as much as a few blocks: do it every ~50k instructions.
+                self.next_poll = self.cpu.icount + 50_000;
+                self.poll_timers();
+            }
             if self.cpu.stop_block {
                 // Code was written outside a block (e.g. by exception delivery).
                 self.cpu.stop_block = false;
@@ -414,6 +437,7 @@ impl TcgVcpu {
                         .map(|d| self.clock.instant_at(d));
                     self.wakeup.wait_until(deadline);
                 }
+                self.poll_timers();
                 continue;
             }
             let mut idx = match self.cache.lookup(&mut self.cpu) {
@@ -636,6 +660,7 @@ impl Vcpu for TcgVcpu {
         let index = self.cpu.index;
         self.cpu = Cpu::new(phys, cpuid, index);
         self.cache = BlockCache::new();
+        self.next_poll = 0;
         Ok(())
     }
 
