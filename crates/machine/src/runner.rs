@@ -11,6 +11,7 @@
 //! pause and reset) waits until every live vCPU thread is parked at the top of its loop.
 //! A reset bumps a boot generation; each vCPU applies its new entry state before it runs again.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -82,6 +83,8 @@ pub(crate) struct Shared {
     cv: Condvar,
     kickers: Mutex<Vec<Arc<dyn Kick>>>,
     boot: Mutex<Vec<Option<BootState>>>,
+    /// Bumped on every change of `ctl` that a running vCPU must notice.
+    epoch: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,6 +106,7 @@ impl Shared {
             cv: Condvar::new(),
             kickers: Mutex::new(Vec::new()),
             boot: Mutex::new(vec![None; cpus as usize]),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -124,8 +128,15 @@ impl Shared {
     }
 
     /// Stops guest execution until `release` (system events, vCPU errors, resets).
+    /// Changes the control state and tells running vCPUs to look at it.
+    fn update(&self, f: impl FnOnce(&mut Control)) {
+        let mut c = lock(&self.ctl);
+        f(&mut c);
+        self.epoch.fetch_add(1, Ordering::Release);
+    }
+
     pub(crate) fn hold(&self) {
-        lock(&self.ctl).held = true;
+        self.update(|c| c.held = true);
         self.cv.notify_all();
         self.kick_all();
     }
@@ -149,14 +160,14 @@ impl Shared {
     }
 
     pub(crate) fn pause(&self) {
-        lock(&self.ctl).user_paused = true;
+        self.update(|c| c.user_paused = true);
         self.cv.notify_all();
         self.kick_all();
         drop(self.wait_parked(lock(&self.ctl)));
     }
 
     pub(crate) fn resume(&self) {
-        lock(&self.ctl).user_paused = false;
+        self.update(|c| c.user_paused = false);
         self.cv.notify_all();
     }
 
@@ -173,15 +184,15 @@ impl Shared {
     /// New boot states are in place: every vCPU reloads its entry state and may run again
     /// (unless the user paused the machine).
     pub(crate) fn release_after_reset(&self) {
-        let mut c = lock(&self.ctl);
-        c.boot_gen += 1;
-        c.held = false;
-        drop(c);
+        self.update(|c| {
+            c.boot_gen += 1;
+            c.held = false;
+        });
         self.cv.notify_all();
     }
 
     pub(crate) fn stop(&self) {
-        lock(&self.ctl).stop = true;
+        self.update(|c| c.stop = true);
         self.cv.notify_all();
         self.kick_all();
     }
@@ -301,9 +312,15 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
     }
     let mut applied_gen = None;
     let mut halt_backoff = HALT_BACKOFF_MIN;
+    // Fast path: the control state changes rarely, so a vCPU takes the control lock only when
+    // the epoch moved since it last looked (one atomic load per exit otherwise).
+    let mut seen_epoch = None;
+    let mut generation = 0;
     loop {
         // Gate: park while paused or held; leave when stopping.
-        let generation = {
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        if seen_epoch != Some(epoch) {
+            seen_epoch = Some(epoch);
             let mut c = lock(&shared.ctl);
             loop {
                 if c.stop {
@@ -320,8 +337,8 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
                 };
                 c.parked -= 1;
             }
-            c.boot_gen
-        };
+            generation = c.boot_gen;
+        }
         if applied_gen != Some(generation) {
             // After a machine reset (not at first boot) the vCPU returns to its power-on
             // state first: registers, local APIC, and wait-for-SIPI for application processors.
