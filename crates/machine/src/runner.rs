@@ -51,6 +51,9 @@ impl MachineEvents for std::sync::mpsc::Sender<MachineEvent> {
     }
 }
 
+/// A bounded channel never blocks a vCPU thread: when it is full the event is dropped. The
+/// vCPUs are held after any event, so at most one event per vCPU is in flight; a bound of
+/// the vCPU count (or more) loses nothing.
 impl MachineEvents for std::sync::mpsc::SyncSender<MachineEvent> {
     fn machine_event(&self, event: MachineEvent) {
         let _ = self.try_send(event);
