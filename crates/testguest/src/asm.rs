@@ -45,6 +45,13 @@ pub mod layout {
     /// 32-bit guests: log2 of the PTE size of [`PT`] (2: 32-bit paging, 3: PAE) for the
     /// #PF fix-up.
     pub const PF_PTE_SHIFT: u64 = VARS + 0x48;
+    /// RSP in the exception handler right after the CPU pushed its frame (64-bit guests):
+    /// shows which stack (RSP0, IST) the CPU switched to.
+    pub const LAST_RSP: u64 = VARS + 0x50;
+    /// CS of the interrupted code, from the exception frame (64-bit guests).
+    pub const LAST_CS: u64 = VARS + 0x58;
+    /// Top of the IST1 stack for guests that use it (the 4 KiB below it are reserved).
+    pub const IST1_TOP: u64 = LOAD + 0x7_d000;
     /// 16 quadwords of scratch for op tests.
     pub const SCRATCH: u64 = VARS + 0x80;
     /// Register save area: rax..r15 then rflags (17 quadwords).
@@ -617,6 +624,11 @@ impl Guest {
             a.mov(qword_ptr(LAST_RIP), rax)?;
             a.mov(rax, cr2)?;
             a.mov(qword_ptr(LAST_CR2), rax)?;
+            a.mov(rax, qword_ptr(rsp + 40))?;
+            a.mov(qword_ptr(LAST_CS), rax)?;
+            // RSP before the stub's two pushes and our two: the CPU-pushed frame's base.
+            a.lea(rax, qword_ptr(rsp + 32))?;
+            a.mov(qword_ptr(LAST_RSP), rax)?;
             a.add(qword_ptr(EXC_COUNT), 1)?;
             a.mov(rax, qword_ptr(RESUME))?;
             a.test(rax, rax)?;
@@ -932,6 +944,7 @@ impl Guest {
             entry: EntryState::pvh(LOAD, 0),
             expected_serial: self.predicted.then_some(self.expect),
             expected_exit: crate::EXIT_OK,
+            ends_in_triple_fault: false,
             results: None,
             instructions: None,
             uses_pic_pit: self.uses_pic_pit,

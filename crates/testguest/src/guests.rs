@@ -840,6 +840,155 @@ pub fn smc() -> Result<TestGuest, GuestError> {
     })
 }
 
+/// Interrupt and exception delivery beyond single faults: `int 0x80` through a DPL 0 gate
+/// from CPL 0 and through a DPL 3 trap gate from CPL 3 (stack switch to TSS.RSP0, CS in
+/// the frame, return with `iretq`); a double fault (a #GP whose gate is not present gives
+/// #NP, and two contributory exceptions make #DF) delivered on the IST1 stack.
+pub fn interrupts() -> Result<TestGuest, GuestError> {
+    interrupts_variant(false)
+}
+
+/// [`interrupts`] with only the double fault: KVM-PVM cannot run `int 0x80` at CPL 0 (the
+/// VM stops with an emulation failure, like `int3`) and delivers it as #UD at CPL 3.
+pub fn interrupts_pvm_safe() -> Result<TestGuest, GuestError> {
+    interrupts_variant(true)
+}
+
+fn interrupts_variant(pvm_safe: bool) -> Result<TestGuest, GuestError> {
+    build("interrupts", Mode::Long64, |g| {
+        g.user_pages = true;
+        let log = layout::RESULTS;
+        let user_stack = layout::LOAD + 0x7_f000;
+        let gate = |v: u64| layout::IDT + 16 * v;
+        let mut int80 = g.a.create_label();
+        let mut start = g.a.create_label();
+        let mut user_entry = g.a.create_label();
+        let mut back_in_kernel = g.a.create_label();
+        g.a.jmp(start)?;
+        {
+            // int 0x80 handler: records CS and RSP of its frame, returns rdi + 1 in rax.
+            let a = &mut g.a;
+            a.set_label(&mut int80)?;
+            a.mov(rax, qword_ptr(rsp + 8))?;
+            a.mov(qword_ptr(layout::LAST_CS), rax)?;
+            a.mov(qword_ptr(layout::LAST_RSP), rsp)?;
+            a.lea(rax, qword_ptr(rdi + 1))?;
+            a.iretq()?;
+            a.set_label(&mut start)?;
+        }
+        g.gates.push((0x80, int80));
+        g.print("keel-testguest interrupts\n")?;
+        let a = &mut g.a;
+        a.mov(eax, u32::from(layout::SEL_TSS))?;
+        a.ltr(ax)?;
+        if !pvm_safe {
+            // From CPL 0 through the DPL 0 interrupt gate.
+            a.mov(edi, 41)?;
+            a.int(0x80)?;
+            a.mov(qword_ptr(log), rax)?;
+            a.mov(rax, qword_ptr(layout::LAST_CS))?;
+            a.mov(qword_ptr(log + 8), rax)?;
+            // The handler ran on the same stack: frame right below our RSP.
+            a.mov(rax, rsp)?;
+            a.sub(rax, qword_ptr(layout::LAST_RSP))?;
+            a.mov(qword_ptr(log + 16), rax)?;
+        }
+        if !pvm_safe {
+            // Make gate 0x80 a DPL 3 trap gate and go to user mode.
+            a.mov(byte_ptr(gate(0x80) + 5), 0xef)?;
+            a.push(i32::from(layout::SEL_USER_DATA | 3))?;
+            a.mov(rax, user_stack)?;
+            a.push(rax)?;
+            a.push(0x202)?;
+            a.push(i32::from(layout::SEL_USER_CODE64 | 3))?;
+            a.lea(rax, ptr(user_entry))?;
+            a.push(rax)?;
+            a.iretq()?;
+            a.set_label(&mut user_entry)?;
+            a.mov(edi, 99)?;
+            a.int(0x80)?;
+            a.mov(qword_ptr(log + 24), rax)?;
+            // Back to kernel mode through #UD and FINISH.
+            a.lea(rax, ptr(back_in_kernel))?;
+            a.mov(qword_ptr(layout::FINISH), rax)?;
+            a.ud2()?;
+            a.set_label(&mut back_in_kernel)?;
+            a.mov(rsp, layout::STACK_TOP)?;
+            a.mov(qword_ptr(layout::FINISH), 0)?;
+            // The user-mode int 0x80 frame: CS was the user selector, the stack was RSP0.
+            a.mov(rax, qword_ptr(layout::LAST_CS))?;
+            a.mov(qword_ptr(log + 32), rax)?;
+            a.mov(rax, layout::STACK_TOP)?;
+            a.sub(rax, qword_ptr(layout::LAST_RSP))?;
+            a.mov(qword_ptr(log + 40), rax)?;
+        }
+        // Double fault on IST1: gate 8 uses IST 1, gate 13 is made not present.
+        a.mov(rax, layout::IST1_TOP)?;
+        a.mov(qword_ptr(layout::TSS + 0x24), rax)?;
+        a.mov(byte_ptr(gate(8) + 4), 1)?;
+        a.mov(byte_ptr(gate(13) + 5), 0x0e)?;
+        let mut after = a.create_label();
+        a.lea(r10, ptr(after))?;
+        a.mov(qword_ptr(layout::RESUME), r10)?;
+        a.mov(eax, 0x58)?;
+        a.mov(ds, ax)?;
+        a.set_label(&mut after)?;
+        a.mov(byte_ptr(gate(13) + 5), 0x8e)?;
+        a.mov(rax, qword_ptr(layout::LAST_VECTOR))?;
+        a.mov(qword_ptr(log + 48), rax)?;
+        a.mov(rax, qword_ptr(layout::LAST_ERROR))?;
+        a.mov(qword_ptr(log + 56), rax)?;
+        a.mov(rax, layout::IST1_TOP)?;
+        a.sub(rax, qword_ptr(layout::LAST_RSP))?;
+        a.mov(qword_ptr(log + 64), rax)?;
+        let lines: [(&str, u64, u64, u32, u64); 9] = [
+            ("int80-rax", log, 0xff, 2, 42),
+            ("cs", log + 8, 0xffff, 4, u64::from(layout::SEL_CODE64)),
+            ("frame-below-rsp", log + 16, 0xff, 2, 40),
+            ("user-int80-rax", log + 24, 0xff, 2, 100),
+            (
+                "cs",
+                log + 32,
+                0xffff,
+                4,
+                u64::from(layout::SEL_USER_CODE64 | 3),
+            ),
+            ("frame-below-rsp0", log + 40, 0xff, 2, 40),
+            ("df-vector", log + 48, 0xff, 2, 8),
+            ("error", log + 56, 0xffff, 4, 0),
+            // The saved RIP sits 40 bytes below the IST top (the error code below it).
+            ("frame-below-ist1", log + 64, 0xff, 2, 40),
+        ];
+        let skip = if pvm_safe { 6 } else { 0 };
+        for (i, (name, addr, mask, digits, want)) in lines.iter().enumerate().skip(skip) {
+            g.print(&format!("{name}="))?;
+            print_known(g, *addr, *mask, *digits, *want)?;
+            g.print(if i % 3 == 2 { "\n" } else { " " })?;
+        }
+        g.print("end\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
+/// An exception with no usable IDT (limit 0) escalates to a triple fault: the run must
+/// end in a shutdown (KVM_EXIT_SHUTDOWN; QEMU resets or, with `-no-reboot`, exits).
+pub fn triple_fault() -> Result<TestGuest, GuestError> {
+    let mut t = build("triplefault", Mode::Long64, |g| {
+        g.print("keel-testguest triplefault\n")?;
+        let a = &mut g.a;
+        a.mov(qword_ptr(layout::SCRATCH), 0)?;
+        a.mov(qword_ptr(layout::SCRATCH + 8), 0)?;
+        a.lidt(ptr(layout::SCRATCH))?;
+        a.ud2()?;
+        g.print("not reached\n")?;
+        g.unpredicted();
+        g.exit(crate::EXIT_OK)
+    })?;
+    t.expected_serial = Some("keel-testguest triplefault\n".to_string());
+    t.ends_in_triple_fault = true;
+    Ok(t)
+}
+
 /// Port I/O: byte `out`/`in` on the UART scratch register (0x3ff), the line status register
 /// (0x3fd: transmitter empty, 0x60), `rep outsb` of a string to the data port, `insb` and
 /// `rep insb` from the scratch register, with DF both ways.
@@ -1446,6 +1595,8 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         exceptions(),
         paging(),
         smc(),
+        interrupts(),
+        triple_fault(),
         paging32(Paging32::TwoLevel),
         paging32(Paging32::Pae),
         usermode(),

@@ -194,6 +194,8 @@ pub struct TestGuest {
     pub expected_serial: Option<String>,
     /// The value the guest writes to `isa-debug-exit` on success.
     pub expected_exit: u8,
+    /// The guest ends in a triple fault (a shutdown) instead of writing `isa-debug-exit`.
+    pub ends_in_triple_fault: bool,
     /// Where the guest leaves per-case result records (see [`ops::CaseResult`]), if any.
     pub results: Option<ResultArea>,
     /// Guest instructions executed, when the guest is a benchmark loop (for MIPS).

@@ -14,6 +14,8 @@
 //!   instead of #GP(0x1a); port I/O in a guest kernel entered by SYSCALL raises #GP. The
 //!   usermode guest has a PVM-safe variant (`usermode_pvm_safe`) for kvm on PVM.
 //!
+//! * `int n` at CPL0 stops the VM like `int3`, and at CPL3 arrives as #UD: the interrupts
+//!   guest has a PVM-safe variant (double fault on IST only).
 //! * setting CR0.PG outside long mode raises #GP: the 32-bit paging guests do not run on
 //!   kvm there.
 //!
@@ -96,11 +98,15 @@ fn check_one(
 ) -> (Outcome, Vec<String>) {
     let o = run(accel, guest, budget);
     let mut problems = Vec::new();
-    if o.end != End::Exit(guest.expected_exit) {
+    let want_end = if guest.ends_in_triple_fault {
+        End::TripleFault
+    } else {
+        End::Exit(guest.expected_exit)
+    };
+    if o.end != want_end {
         problems.push(format!(
-            "{}: expected isa-debug-exit {:#x}; {}",
+            "{}: expected {want_end:?}; {}",
             o.accel,
-            guest.expected_exit,
             describe(&o)
         ));
     }
@@ -224,6 +230,20 @@ fn exceptions() {
 #[test]
 fn self_modifying_code() {
     differential(keel_testguest::smc, OnPvm::Same, None);
+}
+
+#[test]
+fn interrupts_int80_rsp0_ist_double_fault() {
+    differential(
+        keel_testguest::interrupts,
+        OnPvm::Variant(&keel_testguest::interrupts_pvm_safe),
+        None,
+    );
+}
+
+#[test]
+fn triple_fault_shuts_down() {
+    differential(keel_testguest::triple_fault, OnPvm::Same, None);
 }
 
 #[test]
