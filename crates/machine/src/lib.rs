@@ -42,11 +42,12 @@ pub mod layout;
 mod microvm;
 mod runner;
 
+pub use acpi::VirtioMmioDevice;
 pub use boot::{BootError, BootProtocol, BootState, KernelImage};
 pub use config::{MACHINE_PROPERTIES, MicrovmConfig, OnOffAuto, SerialBackend};
 pub use keel_devices::{Capture, SharedWriter};
 pub use microvm::{
-    AddedDevice, DEMO_GUEST, DRIVERS, DeviceInfo, MACHINE_NAME, MachineError, Microvm, Resolved,
-    VIRTIO_MMIO_SLOTS, requirements,
+    AddedDevice, DEMO_GUEST, DRIVERS, DeviceInfo, MACHINE_NAME, MAX_CPUS, MAX_MEMORY, MIN_MEMORY,
+    MachineError, Microvm, Resolved, VIRTIO_MMIO_SLOTS, requirements,
 };
 pub use runner::{CpuInfo, MachineEvent, MachineEvents};
