@@ -262,9 +262,10 @@ fn parse_num(s: &str) -> Option<u64> {
 
 impl Microvm {
     /// Machine-init: checks `cfg` against `accel`, allocates RAM, creates the VM, the onboard
-    /// devices (COM1 at 0x3f8/IRQ 4, i8042 at 0x60/0x64 unless `i8042=off`, the RTC at 0x70 with `rtc=on`, the
-    /// ACPI GED with `acpi=on`, and the backend's platform devices) and the vCPUs.
-    /// System events and vCPU errors are delivered to `events`.
+    /// devices (COM1 at 0x3f8/IRQ 4, i8042 at 0x60/0x64 unless `i8042=off`, the RTC at 0x70
+    /// with IRQ 8 when `rtc` resolves on, the ACPI GED at 0xfea00000 with IRQ 9 when `acpi`
+    /// does, and the backend's platform devices) and the vCPUs. System events and vCPU errors
+    /// are delivered to `events`.
     pub fn new(
         cfg: MicrovmConfig,
         accel: &dyn Accelerator,
