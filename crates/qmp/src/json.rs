@@ -538,9 +538,20 @@ fn parse_string(tok: &[u8]) -> Result<String, JsonError> {
                 .iter()
                 .position(|&c| c == b'\\')
                 .map_or(body.len(), |p| i + p);
-            let run = std::str::from_utf8(&body[i..end])
-                .map_err(|_| perr("invalid UTF-8 sequence in string"))?;
-            out.push_str(run);
+            // Modified UTF-8 (QEMU's input encoding) spells U+0000 as C0 80.
+            for (k, part) in body[i..end].split(|&c| c == 0xc0).enumerate() {
+                let part = if k == 0 {
+                    part
+                } else if let Some(rest) = part.strip_prefix(&[0x80]) {
+                    out.push('\0');
+                    rest
+                } else {
+                    return Err(perr("invalid UTF-8 sequence in string"));
+                };
+                let run = std::str::from_utf8(part)
+                    .map_err(|_| perr("invalid UTF-8 sequence in string"))?;
+                out.push_str(run);
+            }
             i = end;
             continue;
         }
@@ -602,7 +613,18 @@ pub fn write_value(out: &mut String, v: &Value) {
         Value::Null => out.push_str("null"),
         Value::Bool(true) => out.push_str("true"),
         Value::Bool(false) => out.push_str("false"),
-        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::Number(n) => match n.as_f64() {
+            // Integral doubles print without a fraction, as QEMU's "%.17g" does.
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e17 => {
+                if f == 0.0 && f.is_sign_negative() {
+                    // "-0" would read back as the integer 0.
+                    out.push_str("-0.0");
+                } else {
+                    out.push_str(&format!("{}", f as i64));
+                }
+            }
+            _ => out.push_str(&n.to_string()),
+        },
         Value::String(s) => write_str(out, s),
         Value::Array(a) => {
             out.push('[');
@@ -764,6 +786,12 @@ mod tests {
         );
         assert_eq!(errs(b"]"), vec!["JSON parse error, expecting value"]);
         assert_eq!(errs(b"01"), vec!["JSON parse error, stray '01'"]);
+        assert_eq!(errs(b"['a\xc0\x80b']"), vec!["ok [\"a\\u0000b\"]"]);
+        assert_eq!(
+            errs(b"['\xc0']"),
+            vec!["JSON parse error, invalid UTF-8 sequence in string"]
+        );
+        assert_eq!(to_string(&json!([100.0, 1.5, -0.0])), "[100, 1.5, -0.0]");
         assert_eq!(
             errs(b"[18446744073709551615, -9223372036854775808]"),
             vec!["ok [18446744073709551615,-9223372036854775808]"]

@@ -238,8 +238,10 @@ impl Type {
             Type::Array(elem) => {
                 let list = v.as_array().ok_or_else(wrong_type)?;
                 for (i, e) in list.iter().enumerate() {
-                    let p = match **elem {
-                        Type::Enum { .. } => "null".to_owned(),
+                    // QEMU names a list element `path[i]`, except when an enum rejects
+                    // the value, where its visitor has no name and says 'null'.
+                    let p = match (&**elem, e) {
+                        (Type::Enum { .. }, Value::String(_)) => "null".to_owned(),
                         _ => format!("{path}[{i}]"),
                     };
                     elem.validate(e, &p)?;
@@ -416,6 +418,10 @@ mod tests {
         assert_eq!(
             check(json!({"command-line": "x", "enable": ["nope"]})),
             Err("Parameter 'null' does not accept value 'nope'".into())
+        );
+        assert_eq!(
+            check(json!({"command-line": "x", "enable": [1]})),
+            Err("Invalid parameter type for 'enable[0]', expected: string".into())
         );
         assert_eq!(check(json!({"command-line": "x", "cpu-index": 3})), Ok(()));
     }

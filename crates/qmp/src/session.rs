@@ -17,6 +17,9 @@ pub trait Dispatcher: Send + Sync + 'static {
     fn dispatch(&self, command: &str, args: Map<String, Value>) -> Result<Value, CommandError>;
     /// The `version` member of the greeting: `query-version`'s result.
     fn version(&self) -> Value;
+    /// Called before each request is handled, negotiation included; may block (a VMM
+    /// still running its command line holds requests here).
+    fn before_request(&self) {}
     /// Called once the reply to `command` has been written to the client (e.g. `quit`
     /// may now end the process).
     fn after_reply(&self, _command: &str) {}
@@ -100,6 +103,7 @@ impl Session {
     }
 
     fn request(&mut self, v: Value, dispatcher: &dyn Dispatcher) -> String {
+        dispatcher.before_request();
         let Value::Object(mut obj) = v else {
             return reply_error(
                 &CommandError::generic("QMP input must be a JSON object"),
