@@ -721,7 +721,8 @@ impl Cpu {
     /// Replaces the status flags (eager) keeping the other bits.
     #[inline]
     pub fn set_arith_flags(&mut self, f: u64) {
-        self.flush_flags();
+        // All six are replaced, so the lazy record need not be materialised first.
+        self.cc.op = CcOp::Eager;
         self.rflags = (self.rflags & !fl::ARITH) | (f & fl::ARITH);
     }
 
@@ -778,6 +779,19 @@ impl Cpu {
                     if cc >> 1 == 6 { a < b } else { a <= b }
                 }
                 _ => return self.cond_slow(cc),
+            };
+            return r ^ (cc & 1 != 0);
+        }
+        if c.op == CcOp::Logic {
+            // CF = OF = 0.
+            let sf = c.res & sign_bit(c.size) != 0;
+            let zf = c.res == 0;
+            let r = match cc >> 1 {
+                0 | 1 => false,
+                2 | 3 => zf,
+                4 | 6 => sf,
+                5 => parity(c.res),
+                _ => zf || sf,
             };
             return r ^ (cc & 1 != 0);
         }
