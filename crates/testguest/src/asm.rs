@@ -50,6 +50,8 @@ pub mod layout {
     pub const LAST_RSP: u64 = VARS + 0x50;
     /// CS of the interrupted code, from the exception frame (64-bit guests).
     pub const LAST_CS: u64 = VARS + 0x58;
+    /// The memory operand of memory-form op tests (one quadword).
+    pub const MEMOP: u64 = VARS + 0x60;
     /// Top of the IST1 stack for guests that use it (the 4 KiB below it are reserved).
     pub const IST1_TOP: u64 = LOAD + 0x7_d000;
     /// 16 quadwords of scratch for op tests.

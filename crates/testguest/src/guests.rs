@@ -136,6 +136,36 @@ pub fn misc_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
     )
 }
 
+/// The read-modify-write forms: ALU, unary, shift/rotate, `bt*`, `shld`/`shrd` and `xadd`
+/// with a memory destination, at all widths (memory writes do not zero-extend).
+pub fn alu_mem() -> Result<TestGuest, GuestError> {
+    ops::ops_guest("alu-mem", &alu_mem_cases())
+}
+
+/// The op specs and cases of [`alu_mem`].
+pub fn alu_mem_cases() -> Vec<(OpSpec, Vec<ops::Case>)> {
+    use Op::*;
+    let mut out = Vec::new();
+    for op in [
+        Add, Adc, Sub, Sbb, And, Or, Xor, Cmp, Test, Inc, Dec, Neg, Not, Shl, Shr, Sar, Rol, Ror,
+        Rcl, Rcr, ShlOne, ShrOne, SarOne, Bt, Bts, Btr, Btc, Shld, Shrd, Xadd,
+    ] {
+        for w in WIDTHS {
+            let s = OpSpec::mem(op, w);
+            if s.is_valid() {
+                // Every other edge case keeps the guest small.
+                let cases = ops::edge_cases(OpSpec::new(op, w))
+                    .into_iter()
+                    .step_by(2)
+                    .map(|c| ops::normalize(s, c))
+                    .collect();
+                out.push((s, cases));
+            }
+        }
+    }
+    out
+}
+
 /// The ALU and shift groups of [`alu`] and [`shifts`] (widths 8-32) in 32-bit protected
 /// mode, the mode a PVH kernel starts in.
 pub fn ops32_alu() -> Result<TestGuest, GuestError> {
@@ -1608,6 +1638,7 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         muldiv(),
         bitops(),
         misc(),
+        alu_mem(),
         ops32_alu(),
         ops32_muldiv_bitops(),
         reg_loop(Mode::Protected32, 1000),

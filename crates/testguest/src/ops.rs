@@ -121,24 +121,81 @@ pub struct OpSpec {
     pub op: Op,
     /// Operand width in bits: 8, 16, 32 or 64.
     pub width: u32,
+    /// The destination (`rax`'s role) is a memory operand instead: the read-modify-write
+    /// path. The value starts as `a` and is returned in the record's `rax`.
+    pub mem: bool,
 }
 
 impl OpSpec {
-    /// Creates a spec.
+    /// Creates a register-form spec.
     pub const fn new(op: Op, width: u32) -> Self {
-        Self { op, width }
+        Self {
+            op,
+            width,
+            mem: false,
+        }
     }
 
-    /// Name used in the guest's output, e.g. `add32`.
+    /// Creates a memory-destination spec (see [`OpSpec::mem`]).
+    pub const fn mem(op: Op, width: u32) -> Self {
+        Self {
+            op,
+            width,
+            mem: true,
+        }
+    }
+
+    /// Name used in the guest's output, e.g. `add32` or `add32m`.
     pub fn name(&self) -> String {
-        format!("{}{}", format!("{:?}", self.op).to_lowercase(), self.width)
+        format!(
+            "{}{}{}",
+            format!("{:?}", self.op).to_lowercase(),
+            self.width,
+            if self.mem { "m" } else { "" }
+        )
     }
 
-    /// Whether the instruction exists at this width.
+    /// Whether the instruction exists at this width (and in memory form, if asked).
     pub fn is_valid(&self) -> bool {
         use Op::*;
         let w = self.width;
         if !matches!(w, 8 | 16 | 32 | 64) {
+            return false;
+        }
+        if self.mem
+            && !matches!(
+                self.op,
+                Add | Adc
+                    | Sub
+                    | Sbb
+                    | And
+                    | Or
+                    | Xor
+                    | Cmp
+                    | Test
+                    | Inc
+                    | Dec
+                    | Neg
+                    | Not
+                    | Shl
+                    | Shr
+                    | Sar
+                    | Rol
+                    | Ror
+                    | Rcl
+                    | Rcr
+                    | ShlOne
+                    | ShrOne
+                    | SarOne
+                    | Bt
+                    | Bts
+                    | Btr
+                    | Btc
+                    | Shld
+                    | Shrd
+                    | Xadd
+            )
+        {
             return false;
         }
         match self.op {
@@ -350,11 +407,17 @@ pub fn flags_mask(spec: OpSpec, case: &Case) -> u64 {
 
 /// Keeps a case inside what the architecture defines, so tcg, kvm and the model must agree:
 /// * arithmetic flags only in `flags_in`;
+/// * memory-form `bt*` offsets stay inside the operand;
 /// * 16-bit `shld`/`shrd` counts above 16 are undefined: the count is reduced to 0..=16;
 /// * 32-bit `cmpxchg` and `bsf`/`bsr` with a zero source differ between CPUs in whether the
 ///   untouched register's upper half is cleared: those registers get zero upper halves.
 pub fn normalize(spec: OpSpec, mut case: Case) -> Case {
     case.flags_in &= ARITH_FLAGS;
+    // A memory `bt*` with a register offset addresses memory beyond the operand; keep the
+    // offset inside it.
+    if spec.mem && matches!(spec.op, Op::Bt | Op::Bts | Op::Btr | Op::Btc) {
+        case.b &= u64::from(spec.width - 1);
+    }
     match (spec.op, spec.width) {
         (Op::Shld | Op::Shrd, 16) if case.c & 31 > 16 => {
             case.c = (case.c & !31) | ((case.c & 31) % 17);
@@ -740,6 +803,10 @@ pub fn model(spec: OpSpec, case: &Case) -> CaseResult {
             }
         }
     }
+    if spec.mem {
+        // A memory destination is written (or not) at its width only: no zero-extension.
+        o_a = (a & !m) | (o_a & m);
+    }
     CaseResult {
         rax: o_a,
         rbx: o_b,
@@ -948,8 +1015,97 @@ macro_rules! cmov_cc {
     };
 }
 
+macro_rules! by_width_mem {
+    ($w:expr, |$m:ident, $rb:ident| $body:expr) => {
+        match $w {
+            8 => {
+                let ($m, $rb) = (byte_ptr(layout::MEMOP), bl);
+                let _ = $rb;
+                $body
+            }
+            16 => {
+                let ($m, $rb) = (word_ptr(layout::MEMOP), bx);
+                let _ = $rb;
+                $body
+            }
+            32 => {
+                let ($m, $rb) = (dword_ptr(layout::MEMOP), ebx);
+                let _ = $rb;
+                $body
+            }
+            _ => {
+                let ($m, $rb) = (qword_ptr(layout::MEMOP), rbx);
+                let _ = $rb;
+                $body
+            }
+        }
+    };
+}
+
+macro_rules! by_width_mem_nb {
+    ($w:expr, |$m:ident, $rb:ident| $body:expr) => {
+        match $w {
+            16 => {
+                let ($m, $rb) = (word_ptr(layout::MEMOP), bx);
+                $body
+            }
+            32 => {
+                let ($m, $rb) = (dword_ptr(layout::MEMOP), ebx);
+                $body
+            }
+            _ => {
+                let ($m, $rb) = (qword_ptr(layout::MEMOP), rbx);
+                $body
+            }
+        }
+    };
+}
+
+/// Emits the memory-destination form (see [`OpSpec::mem`]).
+fn emit_op_mem(a: &mut CodeAssembler, spec: OpSpec) -> R {
+    use Op::*;
+    let w = spec.width;
+    match spec.op {
+        Add => by_width_mem!(w, |m, y| a.add(m, y)),
+        Adc => by_width_mem!(w, |m, y| a.adc(m, y)),
+        Sub => by_width_mem!(w, |m, y| a.sub(m, y)),
+        Sbb => by_width_mem!(w, |m, y| a.sbb(m, y)),
+        And => by_width_mem!(w, |m, y| a.and(m, y)),
+        Or => by_width_mem!(w, |m, y| a.or(m, y)),
+        Xor => by_width_mem!(w, |m, y| a.xor(m, y)),
+        Cmp => by_width_mem!(w, |m, y| a.cmp(m, y)),
+        Test => by_width_mem!(w, |m, y| a.test(m, y)),
+        Inc => by_width_mem!(w, |m, y| a.inc(m)),
+        Dec => by_width_mem!(w, |m, y| a.dec(m)),
+        Neg => by_width_mem!(w, |m, y| a.neg(m)),
+        Not => by_width_mem!(w, |m, y| a.not(m)),
+        Shl => by_width_mem!(w, |m, y| a.shl(m, cl)),
+        Shr => by_width_mem!(w, |m, y| a.shr(m, cl)),
+        Sar => by_width_mem!(w, |m, y| a.sar(m, cl)),
+        Rol => by_width_mem!(w, |m, y| a.rol(m, cl)),
+        Ror => by_width_mem!(w, |m, y| a.ror(m, cl)),
+        Rcl => by_width_mem!(w, |m, y| a.rcl(m, cl)),
+        Rcr => by_width_mem!(w, |m, y| a.rcr(m, cl)),
+        ShlOne => by_width_mem!(w, |m, y| a.shl(m, 1)),
+        ShrOne => by_width_mem!(w, |m, y| a.shr(m, 1)),
+        SarOne => by_width_mem!(w, |m, y| a.sar(m, 1)),
+        Bt => by_width_mem_nb!(w, |m, y| a.bt(m, y)),
+        Bts => by_width_mem_nb!(w, |m, y| a.bts(m, y)),
+        Btr => by_width_mem_nb!(w, |m, y| a.btr(m, y)),
+        Btc => by_width_mem_nb!(w, |m, y| a.btc(m, y)),
+        Shld => by_width_mem_nb!(w, |m, y| a.shld(m, y, cl)),
+        Shrd => by_width_mem_nb!(w, |m, y| a.shrd(m, y, cl)),
+        Xadd => by_width_mem!(w, |m, y| a.xadd(m, y)),
+        // Not valid in memory form (`OpSpec::is_valid`).
+        _ => Ok(()),
+    }
+}
+
 /// Emits the instruction under test (between the flags load and the flags capture).
 fn emit_op(a: &mut CodeAssembler, spec: OpSpec) -> R {
+    if spec.mem {
+        return emit_op_mem(a, spec);
+    }
     use Op::*;
     let w = spec.width;
     match spec.op {
@@ -1067,6 +1223,10 @@ fn emit_op(a: &mut CodeAssembler, spec: OpSpec) -> R {
 
 /// Emits what runs after the flags were captured (collecting scratch results).
 fn emit_post(a: &mut CodeAssembler, spec: OpSpec) -> R {
+    if spec.mem {
+        a.mov(rax, qword_ptr(layout::MEMOP))?;
+        return Ok(());
+    }
     match spec.op {
         Op::Cmpxchg8b => {
             a.mov(rbx, qword_ptr(layout::SCRATCH))?;
@@ -1163,6 +1323,9 @@ fn build_ops(g: &mut Guest, groups: &[(OpSpec, Vec<Case>)]) -> R<usize> {
         a.mov(rcx, qword_ptr(rsi + 16))?;
         a.mov(rdx, qword_ptr(rsi + 16))?;
         a.mov(qword_ptr(layout::EXC_MARK), 0)?;
+        if spec.mem {
+            a.mov(qword_ptr(layout::MEMOP), rax)?;
+        }
         if spec.op == Op::Cmpxchg8b {
             // memory = c, edx:eax = a, ecx:ebx = b.
             a.mov(qword_ptr(layout::SCRATCH), rcx)?;
@@ -1210,7 +1373,7 @@ fn build_ops(g: &mut Guest, groups: &[(OpSpec, Vec<Case>)]) -> R<usize> {
 /// The cases [`ops_guest32`] runs for a spec: 32-bit operands, no faulting divisions
 /// (the 32-bit guests have no IDT), and no widths or ops 32-bit mode lacks.
 pub fn cases32(spec: OpSpec, cases: &[Case]) -> Vec<Case> {
-    if !spec.is_valid() || spec.width > 32 || spec.op == Op::Cmovcc {
+    if !spec.is_valid() || spec.width > 32 || spec.op == Op::Cmovcc || spec.mem {
         return Vec::new();
     }
     cases

@@ -334,6 +334,15 @@ fn misc() {
 }
 
 #[test]
+fn alu_mem() {
+    differential(
+        keel_testguest::alu_mem,
+        OnPvm::Same,
+        Some(|| flatten64(keel_testguest::alu_mem_cases())),
+    );
+}
+
+#[test]
 fn ops32_alu() {
     differential(
         keel_testguest::ops32_alu,

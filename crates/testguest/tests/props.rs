@@ -49,9 +49,26 @@ fn shift_case(w: u32) -> impl Strategy<Value = Case> {
 
 /// One batch: `PER_SPEC` cases for every valid (op, width).
 fn batch(ops_: &'static [Op], shift_like: bool) -> impl Strategy<Value = Vec<(OpSpec, Vec<Case>)>> {
+    batch_of(ops_, shift_like, false)
+}
+
+/// Like [`batch`], in memory-destination form when `mem`.
+fn batch_of(
+    ops_: &'static [Op],
+    shift_like: bool,
+    mem: bool,
+) -> impl Strategy<Value = Vec<(OpSpec, Vec<Case>)>> {
     let specs: Vec<OpSpec> = ops_
         .iter()
-        .flat_map(|op| [8, 16, 32, 64].map(|w| OpSpec::new(*op, w)))
+        .flat_map(|op| {
+            [8, 16, 32, 64].map(|w| {
+                if mem {
+                    OpSpec::mem(*op, w)
+                } else {
+                    OpSpec::new(*op, w)
+                }
+            })
+        })
         .filter(|s| s.is_valid())
         .collect();
     let strategies: Vec<_> = specs
@@ -206,5 +223,16 @@ proptest! {
                 prop_assert_eq!(*g, strings::model(c), "{}: {} {:x?}", o.accel, c.name(), c);
             }
         }
+    }
+
+    #[test]
+    fn memory_forms_match_model(groups in batch_of(
+        &[Op::Add, Op::Adc, Op::Sub, Op::Sbb, Op::And, Op::Or, Op::Xor, Op::Cmp, Op::Test,
+          Op::Inc, Op::Dec, Op::Neg, Op::Not, Op::Shl, Op::Shr, Op::Sar, Op::Rol, Op::Ror,
+          Op::Rcl, Op::Rcr, Op::Bt, Op::Bts, Op::Btr, Op::Btc, Op::Shld, Op::Shrd, Op::Xadd],
+        true,
+        true,
+    )) {
+        check(&groups)?;
     }
 }
