@@ -615,6 +615,9 @@ pub fn execute(
     steps: &[Step],
     log: &mut dyn FnMut(String),
 ) -> Result<Outcome, CliError> {
+    // Monitors opened below accept and greet clients at once, but their commands run
+    // only once the whole command line has been processed.
+    let _hold = vmm.hold_qmp();
     let mut preconfig = false;
     for step in steps {
         let opt = step.option.as_str();

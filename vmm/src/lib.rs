@@ -23,7 +23,7 @@ pub mod cli;
 pub mod commands;
 mod core;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use keel_phase::{Phase, PhaseTracker};
@@ -44,6 +44,34 @@ struct Inner {
     events: Arc<EventBus>,
     shutdown: Arc<ShutdownSignal>,
     monitors: Mutex<Vec<Monitor>>,
+    /// While set, QMP commands wait (the command line is still being run).
+    held: Mutex<usize>,
+    released: Condvar,
+}
+
+/// Keeps QMP clients' commands waiting while it lives (see [`Vmm::hold_qmp`]).
+#[must_use = "commands are held only while the guard lives"]
+pub struct QmpHold {
+    vmm: Vmm,
+}
+
+impl std::fmt::Debug for QmpHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QmpHold")
+    }
+}
+
+impl Drop for QmpHold {
+    fn drop(&mut self) {
+        let mut n = self
+            .vmm
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        self.vmm.inner.released.notify_all();
+    }
 }
 
 /// One virtual machine and its lifecycle; cheap to clone (all clones are the same VMM).
@@ -135,6 +163,8 @@ impl VmmBuilder {
                 events,
                 shutdown,
                 monitors: Mutex::new(Vec::new()),
+                held: Mutex::new(0),
+                released: Condvar::new(),
             }),
         }
     }
@@ -190,6 +220,26 @@ impl Vmm {
     fn dispatch_locked(&self, name: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
         let mut core = self.core();
         self.inner.registry.dispatch(&mut core, name, args)
+    }
+
+    /// Makes QMP requests wait until the returned guard is dropped. Monitors still accept
+    /// and greet clients; their requests (negotiation included) wait. The
+    /// command line holds QMP while it runs, so a client never sees it half done (QEMU
+    /// likewise serves monitors only once its command line is processed).
+    pub fn hold_qmp(&self) -> QmpHold {
+        *self.inner.held.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        QmpHold { vmm: self.clone() }
+    }
+
+    fn wait_qmp_released(&self) {
+        let mut n = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = self
+                .inner
+                .released
+                .wait(n)
+                .unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// The current lifecycle phase.
@@ -327,6 +377,10 @@ struct QmpFront {
 impl Dispatcher for QmpFront {
     fn dispatch(&self, command: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
         self.vmm.dispatch_locked(command, args)
+    }
+
+    fn before_request(&self) {
+        self.vmm.wait_qmp_released();
     }
 
     fn version(&self) -> Value {
