@@ -1019,6 +1019,209 @@ pub fn triple_fault() -> Result<TestGuest, GuestError> {
     Ok(t)
 }
 
+/// Addressing and the instructions around it that kernels lean on: `lea` with SIB,
+/// scale and displacement (64- and 32-bit results), 32-bit address-size wrap-around
+/// (`67` prefix), FS/GS bases from MSRs with `fs:`/`gs:` overrides and `swapgs`, bit-string
+/// `bt`/`bts` on memory with large positive and negative offsets, `xlat`, stack ops
+/// (`push imm`, 16-bit push, `ret imm16`, `enter`/`leave`), `loop`/`loopnz`/`jrcxz`, and
+/// locked read-modify-write (`lock xadd`, `lock cmpxchg`, `xchg` with memory).
+pub fn addressing() -> Result<TestGuest, GuestError> {
+    build("addressing", Mode::Long64, |g| {
+        g.print("keel-testguest addressing\n")?;
+        let out = layout::RESULTS;
+        let bits = layout::DATA; // 64 bytes of bit-string pattern, 64 bytes in
+        let pattern: Vec<u8> = (0..192u32).map(|i| (i * 29 + 7) as u8).collect();
+        g.data = pattern.clone();
+        let fs_area = layout::DATA + 0x1000;
+        let gs_area = layout::DATA + 0x2000;
+        let kgs_area = layout::DATA + 0x3000;
+        g.data.resize(0x3100, 0);
+        for (area, v) in [(fs_area, 0xf5u64), (gs_area, 0x65), (kgs_area, 0x6b)] {
+            let off = (area - layout::DATA) as usize + 8;
+            g.data[off..off + 8].copy_from_slice(&(v * 0x0101_0101).to_le_bytes());
+        }
+        let mut want: Vec<(&str, u64)> = Vec::new();
+        let mut slot = 0u64;
+        let a = &mut g.a;
+        let mut store =
+            |a: &mut CodeAssembler, r: AsmRegister64, name: &'static str, w: u64| -> R {
+                a.mov(qword_ptr(out + 8 * slot), r)?;
+                want.push((name, w));
+                slot += 1;
+                Ok(())
+            };
+        // lea
+        a.mov(rbx, 0x1000_0000_0000u64)?;
+        a.mov(rcx, 0x123u64)?;
+        a.lea(rax, qword_ptr(rbx + rcx * 8 + 0x1234_5678))?;
+        store(a, rax, "lea64", 0x1000_0000_0000 + 0x123 * 8 + 0x1234_5678)?;
+        a.mov(rbx, 0xffff_ffff_ffff_fff0u64)?;
+        a.lea(eax, dword_ptr(rbx + rcx * 2 - 5))?;
+        store(
+            a,
+            rax,
+            "lea32",
+            (0xffff_ffff_ffff_fff0u64.wrapping_add(0x246).wrapping_sub(5)) & 0xffff_ffff,
+        )?;
+        a.mov(rax, u64::MAX)?;
+        a.lea(ax, word_ptr(rcx + rcx * 4 + 1))?;
+        store(a, rax, "lea16", 0xffff_ffff_ffff_0000 | (0x123 * 5 + 1))?;
+        // 32-bit address wrap: [ebx + ecx*4] with ebx = 0xfffffff0, ecx = 8 -> 0x10.
+        a.mov(qword_ptr(0x10u64), 0x5a5a)?;
+        a.mov(ebx, 0xffff_fff0u32)?;
+        a.mov(ecx, 8)?;
+        a.mov(eax, dword_ptr(ebx + ecx * 4))?;
+        store(a, rax, "addr32-wrap", 0x5a5a)?;
+        // FS/GS bases and swapgs.
+        for (msr, base) in [
+            (0xc000_0100u32, fs_area),
+            (0xc000_0101, gs_area),
+            (0xc000_0102, kgs_area),
+        ] {
+            a.mov(ecx, msr)?;
+            a.mov(eax, base as u32)?;
+            a.mov(edx, (base >> 32) as u32)?;
+            a.wrmsr()?;
+        }
+        a.mov(rax, qword_ptr(8).fs())?;
+        store(a, rax, "fs:8", 0xf5 * 0x0101_0101)?;
+        a.mov(rax, qword_ptr(8).gs())?;
+        store(a, rax, "gs:8", 0x65 * 0x0101_0101)?;
+        a.swapgs()?;
+        a.mov(rax, qword_ptr(8).gs())?;
+        store(a, rax, "swapgs-gs:8", 0x6b * 0x0101_0101)?;
+        a.mov(ecx, 0xc000_0102u32)?;
+        a.rdmsr()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        store(a, rax, "kernel-gs-base", gs_area)?;
+        a.swapgs()?;
+        // Bit strings: bt with a register offset reaches outside the operand.
+        a.mov(rbx, bits + 64)?;
+        for (name, off) in [("bt+1000", 1000i64), ("bt-9", -9), ("bt+70", 70)] {
+            a.mov(rax, off as u64)?;
+            a.xor(edx, edx)?;
+            a.bt(qword_ptr(rbx), rax)?;
+            a.setc(dl)?;
+            let byte = (64 + off.div_euclid(8)) as usize;
+            let bit = off.rem_euclid(8);
+            let v = pattern.get(byte).copied().unwrap_or(0);
+            store(a, rdx, name, u64::from((v >> bit) & 1))?;
+        }
+        // bts at offset -13: sets bit 3 of byte 62 (relative to `bits`).
+        a.mov(rax, -13i64 as u64)?;
+        a.bts(dword_ptr(rbx), eax)?;
+        a.movzx(eax, byte_ptr(bits + 62))?;
+        store(a, rax, "bts-13", u64::from(pattern[62] | 8))?;
+        // xlat: al = [rbx + al].
+        a.mov(rbx, bits)?;
+        a.mov(eax, 0xff05u32)?;
+        a.xlatb()?;
+        store(a, rax, "xlat", 0xff00 | u64::from(pattern[5]))?;
+        // Stack: push imm (sign-extended), 16-bit push, ret imm16, enter/leave.
+        a.mov(r12, rsp)?;
+        a.push(-2)?;
+        a.pop(rax)?;
+        store(a, rax, "push-imm", u64::MAX - 1)?;
+        a.push(0x1234)?;
+        a.pop(rax)?;
+        a.mov(rax, rsp)?;
+        a.push(ax)?;
+        a.mov(rdx, rsp)?;
+        a.pop(ax)?;
+        a.sub(rax, rdx)?;
+        store(a, rax, "push16-delta", 2)?;
+        let mut callee = a.create_label();
+        let mut after_call = a.create_label();
+        a.push(0x11)?;
+        a.push(0x22)?;
+        a.call(callee)?;
+        a.jmp(after_call)?;
+        a.set_label(&mut callee)?;
+        a.ret_1(16)?;
+        a.set_label(&mut after_call)?;
+        a.mov(rax, r12)?;
+        a.sub(rax, rsp)?;
+        store(a, rax, "ret-imm16-delta", 0)?;
+        a.mov(rbp, 0x7777u64)?;
+        a.enter(32, 0)?;
+        a.mov(rax, r12)?;
+        a.sub(rax, rsp)?;
+        a.mov(rdx, rbp)?;
+        a.leave()?;
+        store(a, rax, "enter-depth", 40)?;
+        a.sub(rdx, r12)?;
+        store(a, rdx, "enter-rbp", (-8i64) as u64)?;
+        store(a, rbp, "leave-rbp", 0x7777)?;
+        a.mov(rax, r12)?;
+        a.sub(rax, rsp)?;
+        store(a, rax, "leave-delta", 0)?;
+        // loop / loopnz / jrcxz
+        let mut l1 = a.create_label();
+        a.mov(ecx, 5)?;
+        a.xor(eax, eax)?;
+        a.set_label(&mut l1)?;
+        a.add(eax, 3)?;
+        a.loop_(l1)?;
+        store(a, rax, "loop", 15)?;
+        let mut l2 = a.create_label();
+        a.mov(ecx, 10)?;
+        a.xor(edx, edx)?;
+        a.set_label(&mut l2)?;
+        a.inc(edx)?;
+        a.cmp(edx, 4)?;
+        a.loopne(l2)?;
+        a.shl(rcx, 8)?;
+        a.or(rdx, rcx)?;
+        store(a, rdx, "loopnz", (6 << 8) | 4)?;
+        let mut zero = a.create_label();
+        let mut done = a.create_label();
+        a.xor(ecx, ecx)?;
+        a.mov(eax, 1)?;
+        a.jrcxz(zero)?;
+        a.mov(eax, 2)?;
+        a.jmp(done)?;
+        a.set_label(&mut zero)?;
+        a.mov(eax, 3)?;
+        a.set_label(&mut done)?;
+        store(a, rax, "jrcxz", 3)?;
+        // Locked read-modify-write on memory.
+        let m = layout::SCRATCH;
+        a.mov(qword_ptr(m), 100)?;
+        a.mov(eax, 5)?;
+        a.lock().xadd(qword_ptr(m), rax)?;
+        a.mov(rdx, qword_ptr(m))?;
+        a.shl(rdx, 16)?;
+        a.or(rax, rdx)?;
+        store(a, rax, "lock-xadd", (105 << 16) | 100)?;
+        a.mov(eax, 105)?;
+        a.mov(ebx, 7)?;
+        a.lock().cmpxchg(qword_ptr(m), rbx)?;
+        a.setz(dl)?;
+        a.movzx(edx, dl)?;
+        a.mov(rax, qword_ptr(m))?;
+        a.shl(rdx, 16)?;
+        a.or(rax, rdx)?;
+        store(a, rax, "lock-cmpxchg", (1 << 16) | 7)?;
+        a.mov(eax, 9)?;
+        a.xchg(qword_ptr(m), rax)?;
+        a.mov(rdx, qword_ptr(m))?;
+        a.shl(rdx, 16)?;
+        a.or(rax, rdx)?;
+        store(a, rax, "xchg-mem", (9 << 16) | 7)?;
+        for (i, (name, w)) in want.iter().enumerate() {
+            g.print(&format!("{name}="))?;
+            print_known(g, out + 8 * i as u64, u64::MAX, 16, *w)?;
+            g.print(if i % 2 == 1 { "\n" } else { " " })?;
+        }
+        if want.len() % 2 == 1 {
+            g.print("\n")?;
+        }
+        g.print("end\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
 /// Port I/O: byte `out`/`in` on the UART scratch register (0x3ff), the line status register
 /// (0x3fd: transmitter empty, 0x60), `rep outsb` of a string to the data port, `insb` and
 /// `rep insb` from the scratch register, with DF both ways.
@@ -1627,6 +1830,7 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
         smc(),
         interrupts(),
         triple_fault(),
+        addressing(),
         paging32(Paging32::TwoLevel),
         paging32(Paging32::Pae),
         usermode(),

@@ -25,12 +25,16 @@
 //! | [`exceptions`] | 64 | #DE #UD #BP #GP #PF: vectors, error codes, CR2, precise RIP | construction |
 //! | [`paging`] | 64 | demand paging, `invlpg`, CR3 reload, Accessed/Dirty bits | construction |
 //! | [`smc`] | 64 | self- and cross-modifying code | construction |
+//! | [`interrupts`] | 64/CPL3 | `int 0x80` through DPL 0/3 gates, RSP0, #DF on IST1 | construction |
+//! | [`triple_fault`] | 64 | an exception with no IDT ends in a shutdown | construction |
+//! | [`addressing`] | 64 | `lea`, `67` wrap, FS/GS/`swapgs`, bit strings, stack ops, `loop`, `lock` | construction |
 //! | [`paging32`] | 32 | two-level and PAE paging (NX), 32-bit IDT, #PF codes | construction |
 //! | [`usermode`] | 64/CPL3 | TSS RSP0, `iretq` to CPL 3, SYSCALL/SYSRET, user #GP/#PF, `popfq` | construction |
 //! | [`sse`] | 64/CPL3 | SSE2 integer and float, conversions, `(u)comisd`, x87, `fxsave` | Rust arithmetic |
 //! | [`string_ops`] | 64 | a scripted sequence of string instructions | QEMU (pinned in tests) |
 //! | [`string_model`] | 64 | every string op/size/prefix/DF | [`strings::model`] |
 //! | [`alu`], [`shifts`], [`muldiv`], [`bitops`], [`misc`] | 64 | integer ops at widths 8-64, edge operands, flags | [`ops::model`] |
+//! | [`alu_mem`] | 64 | the read-modify-write (memory destination) forms | [`ops::model`] |
 //! | [`ops32_alu`], [`ops32_muldiv_bitops`] | 32 | the same tables in 32-bit mode | [`ops::model`] |
 //! | [`reg_loop`], [`mem_loop`] | 32/64 | benchmark loops with an iteration count | construction |
 //!

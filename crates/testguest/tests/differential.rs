@@ -242,6 +242,11 @@ fn interrupts_int80_rsp0_ist_double_fault() {
 }
 
 #[test]
+fn addressing_segments_stack_bitstrings_locks() {
+    differential(keel_testguest::addressing, OnPvm::Same, None);
+}
+
+#[test]
 fn triple_fault_shuts_down() {
     differential(keel_testguest::triple_fault, OnPvm::Same, None);
 }
