@@ -724,6 +724,44 @@ mod tests {
     }
 
     #[test]
+    fn icw1_ltim_makes_every_input_level_triggered_and_needs_new_edges() {
+        let pic = Pic::new();
+        pic.set_irq(5, true).unwrap();
+        // ICW1 with LTIM, single chip, ICW4; vectors at 0x50, then unmask all.
+        pic.write_register(0, 0, 0x1b);
+        pic.write_register(0, 1, 0x50);
+        pic.write_register(0, 1, 0x01);
+        pic.write_register(0, 1, 0x00);
+        // Level mode: the high line is requested at once.
+        assert_eq!(pic.acknowledge(), Some(0x55));
+        pic.write_register(0, 0, 0x20);
+        assert!(pic.has_interrupt(), "still high: requested again");
+        pic.set_irq(5, false).unwrap();
+        assert!(!pic.has_interrupt());
+        // Re-initialised in edge mode, a line that is already high needs a new edge.
+        pic.set_irq(6, true).unwrap();
+        pic.write_register(0, 0, 0x13);
+        pic.write_register(0, 1, 0x50);
+        pic.write_register(0, 1, 0x01);
+        pic.write_register(0, 1, 0x00);
+        assert!(!pic.has_interrupt());
+        pic.set_irq(6, false).unwrap();
+        pic.set_irq(6, true).unwrap();
+        assert_eq!(pic.acknowledge(), Some(0x56));
+    }
+
+    #[test]
+    fn irr_read_shows_masked_requests() {
+        let pic = Pic::new();
+        linux_init(&pic, false);
+        pic.set_irq(3, true).unwrap();
+        pic.set_irq(7, true).unwrap();
+        assert!(!pic.has_interrupt(), "masked");
+        pic.write_register(0, 0, 0x0a);
+        assert_eq!(pic.read_register(0, 0), 0x88);
+    }
+
+    #[test]
     fn auto_eoi_leaves_isr_clear() {
         let pic = Pic::new();
         linux_init(&pic, true);
