@@ -13,6 +13,55 @@
 //! `rep stos`.
 //!
 //! Entry points: [`TcgAccel`] (the `Accelerator`), [`TcgVm`], [`TcgVcpu`].
+//!
+//! # Instruction coverage
+//!
+//! Implemented (all operand sizes and addressing forms iced-x86 decodes for them):
+//! * integer: mov movzx movsx movsxd lea xchg xadd cmpxchg cmpxchg8b cmpxchg16b push pop
+//!   pusha popa pushf popf add or adc sbb and sub xor cmp test inc dec neg not mul imul
+//!   (1/2/3 operands) div idiv (#DE) rol ror rcl rcr shl sal shr sar shld shrd bt bts btr btc
+//!   bsf bsr tzcnt (runs as bsf) lzcnt (bsr unless ABM is advertised) popcnt bswap movbe
+//!   cbw cwde cdqe cwd cdq cqo cmovcc setcc lahf sahf xlat clc stc cmc cld std
+//!   daa das aaa aas aam aad enter leave nop (all multi-byte forms) endbr32/64 pause
+//!   prefetch* lfence mfence sfence clflush(opt) ud0/ud1/ud2 (#UD);
+//! * control: jmp jcc jcxz/jecxz/jrcxz loop/loope/loopne call ret (near, far, with imm)
+//!   iret/iretd/iretq int n int3 int1 into hlt;
+//! * strings: movs stos lods scas cmps ins outs in every size with rep/repe/repne
+//!   (`rep movs`/`rep stos` forward: bulk per page);
+//! * system: mov to/from CR0/2/3/4/8 and DR0-7, lgdt lidt sgdt sidt lldt sldt ltr str
+//!   lmsw smsw clts invlpg wbinvd invd swapgs syscall sysret cpuid rdtsc rdtscp rdmsr wrmsr
+//!   (EFER STAR LSTAR CSTAR SFMASK FS/GS/KERNEL_GS base TSC TSC_AUX APIC_BASE PAT
+//!   MISC_ENABLE SYSENTER_*; microcode revision reads 0; others #GP) lar lsl verr verw arpl
+//!   lds les lfs lgs lss mov/push/pop sreg in out cli sti rd/wr fs/gs base (with CR4.FSGSBASE);
+//! * x87: fninit fnstcw fldcw fnstsw fnclex fld fst fstp fild fist fistp fisttp fadd/fsub/
+//!   fsubr/fmul/fdiv/fdivr (+p, +i) fchs fabs fsqrt frndint fscale fprem fprem1 fxch fld1
+//!   fldz fldpi fldl2e fldl2t fldlg2 fldln2 f2xm1 fyl2x fsin fcos fptan fpatan fsincos
+//!   fxtract fcom/fcomp/fcompp fucom* fcomi* fucomi* fcmovcc ftst fxam ffree fnop
+//!   fincstp fdecstp fnstenv fldenv fwait emms fxsave fxrstor (64-bit forms too); values
+//!   are held as f64;
+//! * SSE/SSE2: movaps movups movapd movupd movdqa movdqu movss movsd movq movd movlps
+//!   movhps movlpd movhpd movhlps movlhps movnt* movmskps movmskpd pmovmskb maskmovdqu
+//!   pxor por pand pandn xorps/pd andps/pd andnps/pd orps/pd padd{b,w,d,q} psub{b,w,d,q}
+//!   padd/psub{s,us}{b,w} pmullw pmulhw pmulhuw pmuludq pmaddwd pavgb pavgw pminub pmaxub
+//!   pminsw pmaxsw psadbw pcmpeq{b,w,d} pcmpgt{b,w,d} psll/psrl/psra (xmm and imm) pslldq
+//!   psrldq pshufd pshuflw pshufhw punpck{l,h}{bw,wd,dq,qdq} packsswb packssdw packuswb
+//!   shufps shufpd unpck{l,h}{ps,pd} pinsrw pextrw add/sub/mul/div/sqrt/min/max/cmp
+//!   {ss,sd,ps,pd} comiss comisd ucomiss ucomisd cvtsi2ss cvtsi2sd cvtss2sd cvtsd2ss
+//!   cvt(t)ss2si cvt(t)sd2si cvtdq2ps cvtdq2pd cvt(t)ps2dq cvt(t)pd2dq cvtps2pd cvtpd2ps
+//!   rcpps rcpss rsqrtps rsqrtss ldmxcsr stmxcsr.
+//!
+//! Raise #UD: MMX register forms (MMX is not advertised), SSE3 and later, AVX (VEX/EVEX are
+//! not decoded), xgetbv/xsetbv/xsave*, sysenter/sysexit, rdrand/rdseed, rdpmc, invpcid,
+//! monitor/mwait, vmcall/vmmcall, rsm, and anything iced-x86 does not decode. Legacy-mode
+//! SYSCALL/SYSRET (outside long mode) raise #UD as on Intel.
+//!
+//! # Not modelled
+//! Hardware task switching (task gates, TSS far jumps, iret with NT) and call gates raise
+//! #GP; segment limits are not checked on data accesses; the PAE PDPTEs are read at walk
+//! time instead of being cached at CR3 load; global pages are flushed with everything else;
+//! SIMD floating-point exceptions are never raised (MXCSR flags are set for scalar ops and
+//! conversions), packed ops do not update MXCSR flags; x87 precision is f64; one vCPU (no
+//! local APIC, so no INIT/SIPI).
 
 #![deny(missing_docs)]
 
