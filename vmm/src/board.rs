@@ -117,6 +117,34 @@ pub trait MachineType: Send + Sync {
     fn create(&self, cfg: &MachineConfig, accel: &str) -> Result<Box<dyn Board>, BoardError>;
 }
 
+/// Something the running machine reports (from its vCPU threads, via a channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoardEvent {
+    /// The guest powered off (ACPI S5, or a reset with `-no-reboot`).
+    GuestShutdown,
+    /// The guest asked for a reset (i8042, triple fault, ACPI reset).
+    GuestReset,
+    /// The guest wrote `isa-debug-exit`: the process ends with this status.
+    GuestExit(i32),
+    /// The guest reported a panic.
+    GuestPanic,
+    /// A vCPU failed; the machine is held.
+    InternalError(String),
+}
+
+/// A device property given as JSON (QMP) or text (`-device`), as the text QEMU's option
+/// syntax would carry: strings as they are, numbers in decimal, booleans as on/off.
+pub fn prop_string(name: &str, v: &Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(if *b { "on" } else { "off" }.to_owned()),
+        _ => Err(format!(
+            "Parameter '{name}' expects a string, number or boolean"
+        )),
+    }
+}
+
 /// A built machine, driven by the lifecycle commands.
 pub trait Board: Send {
     /// Adds a device; `hotplug` is decided by the phase (machine-ready), never by the caller.
@@ -137,6 +165,16 @@ pub trait Board: Send {
     fn reset(&mut self) -> Result<(), BoardError>;
     /// The vCPUs.
     fn cpus(&self) -> Vec<CpuInfo>;
+    /// The channel of [`BoardEvent`]s, taken once by the VMM right after creation.
+    fn take_events(&mut self) -> Option<std::sync::mpsc::Receiver<BoardEvent>> {
+        None
+    }
+    /// Presses the ACPI power button (`system_powerdown`); `false` if the machine has none.
+    fn power_button(&mut self) -> bool {
+        false
+    }
+    /// Stops the vCPU threads for good (the process is ending).
+    fn shutdown(&mut self) {}
 }
 
 /// QEMU's `none` machine: no RAM, no vCPUs, no buses. It lets every lifecycle step run
@@ -237,50 +275,6 @@ impl Board for NoneBoard {
     }
 }
 
-/// Placeholder for `microvm` until `keel-machine` is wired in: its configuration is
-/// accepted by the `machine-set` schema, but selecting it says clearly that it cannot run.
-#[derive(Debug, Default)]
-pub struct PendingMicrovm;
-
-impl MachineType for PendingMicrovm {
-    fn name(&self) -> &'static str {
-        "microvm"
-    }
-
-    fn info(&self) -> MachineTypeInfo {
-        MachineTypeInfo {
-            name: "microvm".into(),
-            description: "microvm (i386)".into(),
-            is_default: false,
-            cpu_max: 288,
-            hotpluggable_cpus: false,
-            numa_mem_supported: false,
-            deprecated: false,
-            acpi: true,
-        }
-    }
-
-    fn available(&self) -> Result<(), String> {
-        Err("it is not integrated into this build of the vmm yet; use '-machine none'".into())
-    }
-
-    fn check_config(&self, _cfg: &MachineConfig) -> Result<(), BoardError> {
-        Err(BoardError::Unavailable {
-            machine: "microvm".into(),
-            reason: self.available().err().unwrap_or_default(),
-        })
-    }
-
-    fn check_accel(&self, _cfg: &MachineConfig, _accel: &str) -> Result<(), String> {
-        self.available()
-    }
-
-    fn create(&self, cfg: &MachineConfig, _accel: &str) -> Result<Box<dyn Board>, BoardError> {
-        self.check_config(cfg)?;
-        Err(BoardError::Invalid("microvm cannot be built".into()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +306,5 @@ mod tests {
                 .is_err()
         );
         assert!(b.cpus().is_empty());
-        assert!(PendingMicrovm.check_config(&cfg).is_err());
     }
 }

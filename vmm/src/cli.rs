@@ -771,7 +771,7 @@ mod tests {
             run_err("-machine none -accel tcg -name x -accel kvm"),
             "-accel kvm: 'accel-set' is not allowed in phase accel-created: it needs machine-created"
         );
-        assert!(run_err("-machine microvm").contains("not available"));
+        assert!(run_err("-machine microvm,bogus=on").contains("bogus"));
     }
 
     #[test]

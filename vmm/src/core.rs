@@ -456,9 +456,47 @@ impl VmmCore {
     }
 
     /// Emits SHUTDOWN and moves a ready machine to the `shutdown` run state.
+    /// The guest reset the machine (i8042, triple fault without `-no-reboot`).
+    pub(crate) fn guest_reset(&mut self) {
+        if let Some(b) = self.board.as_mut()
+            && let Err(e) = b.reset()
+        {
+            eprintln!("vmm: guest reset failed: {e}");
+            self.internal_error();
+            return;
+        }
+        self.events.emit(
+            "RESET",
+            Some(serde_json::json!({"guest": true, "reason": "guest-reset"})),
+        );
+    }
+
+    /// The guest reported a panic: the run state says so (QEMU's default action is to pause).
+    pub(crate) fn guest_panicked(&mut self) {
+        if let Some(b) = self.board.as_mut() {
+            let _ = b.pause();
+        }
+        let _ = self.tracker.set_run_state(RunState::GuestPanicked);
+        self.events.emit(
+            "GUEST_PANICKED",
+            Some(serde_json::json!({"action": "pause"})),
+        );
+    }
+
+    /// A vCPU failed; the machine is held and reports `internal-error`.
+    pub(crate) fn internal_error(&mut self) {
+        if let Some(b) = self.board.as_mut() {
+            let _ = b.pause();
+        }
+        if self.tracker.set_run_state(RunState::InternalError).is_ok() {
+            self.events.emit("STOP", None);
+        }
+    }
+
     pub(crate) fn enter_shutdown(&mut self, cause: ShutdownCause) {
         if let Some(b) = self.board.as_mut() {
             let _ = b.pause();
+            b.shutdown();
         }
         let _ = self.tracker.set_run_state(RunState::Shutdown);
         self.events

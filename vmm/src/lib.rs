@@ -22,8 +22,10 @@ pub mod board;
 pub mod cli;
 pub mod commands;
 mod core;
+pub mod microvm;
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use keel_phase::{Phase, PhaseTracker};
@@ -35,7 +37,7 @@ use serde_json::{Map, Value};
 pub use crate::core::{ShutdownCause, ShutdownSignal, VmmCore};
 
 use crate::accel::{AccelProbe, KvmProbe, TcgProbe};
-use crate::board::{MachineType, NoneMachine, PendingMicrovm};
+use crate::board::{BoardEvent, MachineType, NoneMachine};
 use crate::commands::{AccelList, AccelSet, MachineDone, MachineInit, MachineSet, VersionInfo};
 
 struct Inner {
@@ -47,6 +49,8 @@ struct Inner {
     /// While set, QMP commands wait (the command line is still being run).
     held: Mutex<usize>,
     released: Condvar,
+    /// Process exit status the guest asked for (`isa-debug-exit`); 0 otherwise.
+    exit_status: AtomicI32,
 }
 
 /// Keeps QMP clients' commands waiting while it lives (see [`Vmm::hold_qmp`]).
@@ -108,8 +112,8 @@ impl std::fmt::Debug for VmmBuilder {
 impl Default for VmmBuilder {
     fn default() -> Self {
         VmmBuilder {
-            machines: vec![Arc::new(NoneMachine), Arc::new(PendingMicrovm)],
-            default_machine: "none",
+            machines: vec![Arc::new(NoneMachine), Arc::new(microvm::MicrovmType)],
+            default_machine: "microvm",
             accels: vec![Arc::new(KvmProbe), Arc::new(TcgProbe)],
         }
     }
@@ -165,6 +169,7 @@ impl VmmBuilder {
                 monitors: Mutex::new(Vec::new()),
                 held: Mutex::new(0),
                 released: Condvar::new(),
+                exit_status: AtomicI32::new(0),
             }),
         }
     }
@@ -199,7 +204,9 @@ impl Vmm {
     pub fn execute<K: Handler<VmmCore>>(&self, cmd: K) -> Result<K::Output, CommandError> {
         let r = {
             let mut core = self.core();
-            self.inner.registry.execute(&mut core, cmd)
+            let r = self.inner.registry.execute(&mut core, cmd);
+            self.watch_board(&mut core);
+            r
         };
         // A direct caller has its answer now: a requested shutdown may proceed.
         self.inner.shutdown.release();
@@ -219,7 +226,57 @@ impl Vmm {
 
     fn dispatch_locked(&self, name: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
         let mut core = self.core();
-        self.inner.registry.dispatch(&mut core, name, args)
+        let r = self.inner.registry.dispatch(&mut core, name, args);
+        self.watch_board(&mut core);
+        r
+    }
+
+    /// Once a board exists, handles its events on a thread of their own (never on a vCPU
+    /// thread, which must not wait for the VMM's lock).
+    fn watch_board(&self, core: &mut VmmCore) {
+        let Some(rx) = core.board.as_mut().and_then(|b| b.take_events()) else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("board-events".into())
+            .spawn(move || {
+                while let Ok(ev) = rx.recv() {
+                    if !Vmm::board_event(&weak, ev) {
+                        break;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("vmm: cannot watch the machine's events: {e}");
+        }
+    }
+
+    /// Acts on one board event; `false` once the VMM is gone.
+    fn board_event(weak: &Weak<Inner>, ev: BoardEvent) -> bool {
+        let Some(inner) = weak.upgrade() else {
+            return false;
+        };
+        let vmm = Vmm { inner };
+        match ev {
+            BoardEvent::GuestShutdown => vmm.request_shutdown(ShutdownCause::GuestShutdown),
+            BoardEvent::GuestExit(status) => {
+                vmm.inner.exit_status.store(status, Ordering::SeqCst);
+                vmm.request_shutdown(ShutdownCause::GuestShutdown);
+            }
+            BoardEvent::GuestReset => vmm.core().guest_reset(),
+            BoardEvent::GuestPanic => vmm.core().guest_panicked(),
+            BoardEvent::InternalError(msg) => {
+                eprintln!("vmm: {msg}");
+                vmm.core().internal_error();
+            }
+        }
+        true
+    }
+
+    /// The process exit status: what the guest wrote to `isa-debug-exit`, else 0.
+    pub fn exit_status(&self) -> i32 {
+        self.inner.exit_status.load(Ordering::SeqCst)
     }
 
     /// Makes QMP requests wait until the returned guard is dropped. Monitors still accept

@@ -105,5 +105,6 @@ fn main() -> ExitCode {
     }
     vmm.wait_for_shutdown();
     vmm.close_monitors(Duration::from_secs(1));
-    ExitCode::SUCCESS
+    // As QEMU's exit(): only the low 8 bits of isa-debug-exit's (value << 1) | 1 survive.
+    ExitCode::from((vmm.exit_status() & 0xff) as u8)
 }

@@ -98,7 +98,14 @@ fn order_errors_use_the_commands_messages() {
         &["-machine", "none,pit=off"],
         "Property 'none-machine.pit' not found",
     );
-    last_line_error(&["-machine", "microvm"], "'microvm' is not available");
+    last_line_error(
+        &["-machine", "microvm,hpet=on"],
+        "Property 'microvm-machine.hpet' not found",
+    );
+    last_line_error(
+        &["-machine", "microvm", "-kernel", "/nonexistent/vmlinux"],
+        "could not open kernel file '/nonexistent/vmlinux'",
+    );
     last_line_error(
         &["-machine", "none", "-smp", "4"],
         "max CPUs supported by machine 'none' is 1",
@@ -113,16 +120,16 @@ fn order_errors_use_the_commands_messages() {
 fn later_phase_options_advance_with_defaults_and_say_so() {
     // -device needs machine-init: machine, accelerator and board are made first (logged),
     // then the none machine refuses the device itself.
-    let (status, err) = run_to_end(&["-device", "virtio-rng-device"]);
+    let (status, err) = run_to_end(&["-device", "no-such-device"]);
     assert_eq!(status.code(), Some(1));
-    assert!(err.contains("using machine 'none'"), "{err}");
+    assert!(err.contains("using machine 'microvm'"), "{err}");
     assert!(err.contains("no accelerator was selected"), "{err}");
-    assert!(err.contains("no buses"), "{err}");
+    assert!(err.contains("no-such-device"), "{err}");
 }
 
 #[test]
 fn defaults_run_the_machine() {
-    let mut vmm = Vmm::start(&["-name", "guest0"]);
+    let mut vmm = Vmm::start(&["-M", "none", "-name", "guest0"]);
     let mut c = vmm.qmp();
     assert_eq!(c.phase(), "machine-ready");
     assert_eq!(c.status(), "running");
@@ -298,4 +305,37 @@ fn wait_on_blocks_until_a_client_connects() {
     assert_eq!(phase, "machine-ready");
     c.ok("quit", Value::Null);
     assert!(child.wait().success());
+}
+
+#[test]
+fn no_arguments_boot_the_demo_guest_and_exit_zero() {
+    // The README's run command: microvm, kvm with fallback to tcg, the built-in guest.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("Hello from the Keel demo guest, running on kvm")
+            || stdout.contains("Hello from the Keel demo guest, running on tcg"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn demo_guest_names_the_forced_accelerator() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["-M", "microvm", "-accel", "tcg", "-nographic"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("running on tcg"), "{stdout}");
 }
