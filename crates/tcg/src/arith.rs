@@ -411,14 +411,14 @@ pub fn cmpxchg_wide(cpu: &mut Cpu, i: &Insn) -> Flow {
             return Err(Ex::gp(0));
         }
         let lo = cpu.rd::<8>(a)?;
-        let hi = cpu.rd::<8>(a + 8)?;
+        let hi = cpu.rd::<8>(a.wrapping_add(8))?;
         if lo == cpu.gpr[0] && hi == cpu.gpr[2] {
             cpu.wr::<8>(a, cpu.gpr[3])?;
-            cpu.wr::<8>(a + 8, cpu.gpr[1])?;
+            cpu.wr::<8>(a.wrapping_add(8), cpu.gpr[1])?;
             cpu.set_flag(fl::ZF, true);
         } else {
             cpu.wr::<8>(a, lo)?;
-            cpu.wr::<8>(a + 8, hi)?;
+            cpu.wr::<8>(a.wrapping_add(8), hi)?;
             cpu.gpr[0] = lo;
             cpu.gpr[2] = hi;
             cpu.set_flag(fl::ZF, false);

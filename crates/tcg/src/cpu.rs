@@ -130,7 +130,7 @@ pub struct Seg {
     pub base: u64,
     /// Limit in bytes (already scaled).
     pub limit: u32,
-    /// Descriptor attribute bits in VMX layout: type[3:0] S[4] DPL[6:5] P[7] AVL[12] L[13] D/B[14] G[15];
+    /// Descriptor attribute bits in VMX layout: type (bits 0-3), S (4), DPL (5-6), P (7), AVL (12), L (13), D/B (14), G (15);
     /// bit 16 marks an unusable (null) segment.
     pub attr: u32,
 }

@@ -157,8 +157,8 @@ pub fn op_size(i: &Insn, k: u32) -> u8 {
     let ins = &i.instr;
     match ins.op_kind(k) {
         OpKind::Register => gpr(ins.op_register(k)).map_or(i.size, |(_, s)| s),
-        OpKind::Memory => ins.memory_size().size().min(255) as u8,
-        _ => i.size,
+        OpKind::Memory => ins.memory_size().size().clamp(1, 255) as u8,
+        _ => i.size.max(1),
     }
 }
 
@@ -1434,7 +1434,7 @@ pub fn far_ptr(cpu: &mut Cpu, i: &Insn) -> Result<(u16, u64), Ex> {
         _ => 8,
     };
     let off = cpu.rd_n(a, osz)?;
-    let sel = cpu.rd::<2>((a + u64::from(osz)) & cpu.lin_mask)?;
+    let sel = cpu.rd::<2>(a.wrapping_add(u64::from(osz)) & cpu.lin_mask)?;
     Ok((sel as u16, off))
 }
 

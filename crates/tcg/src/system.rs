@@ -52,7 +52,7 @@ pub fn desc_to_seg(sel: u16, d: u64) -> Seg {
 
 fn set_accessed(cpu: &mut Cpu, d: u64, a: u64) -> Flow {
     if d & (1 << 40) == 0 {
-        cpu.wr_as::<1>(a + 5, (d >> 40) | 1, false)?;
+        cpu.wr_as::<1>(a.wrapping_add(5), (d >> 40) | 1, false)?;
     }
     Ok(())
 }
@@ -505,7 +505,7 @@ pub fn deliver(cpu: &mut Cpu, v: u8, error: Option<u32>, soft: bool, ext: bool) 
     cpu.halted = false;
     if !cpu.protected() {
         // Real mode: IVT.
-        let a = cpu.idt.0 + u64::from(v) * 4;
+        let a = cpu.idt.0.wrapping_add(u64::from(v) * 4);
         if u64::from(v) * 4 + 3 > u64::from(cpu.idt.1) {
             return Err(Ex::gp(gate_err));
         }
@@ -529,7 +529,7 @@ pub fn deliver(cpu: &mut Cpu, v: u8, error: Option<u32>, soft: bool, ext: bool) 
     let ga = cpu.idt.0.wrapping_add(u64::from(v) * gsize);
     let lo = cpu.rd_as::<8>(ga, false)?;
     let hi = if long {
-        cpu.rd_as::<8>(ga + 8, false)?
+        cpu.rd_as::<8>(ga.wrapping_add(8), false)?
     } else {
         0
     };
@@ -586,9 +586,9 @@ pub fn deliver(cpu: &mut Cpu, v: u8, error: Option<u32>, soft: bool, ext: bool) 
     if long {
         let ist = (lo >> 32) & 7;
         let mut sp = if ist != 0 {
-            cpu.rd_as::<8>(cpu.tr.base + 0x24 + (ist - 1) * 8, false)?
+            cpu.rd_as::<8>(cpu.tr.base.wrapping_add(0x24 + (ist - 1) * 8), false)?
         } else if new_cpl < cpu.cpl {
-            cpu.rd_as::<8>(cpu.tr.base + 4 + u64::from(new_cpl) * 8, false)?
+            cpu.rd_as::<8>(cpu.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8), false)?
         } else {
             cpu.gpr[4]
         };
@@ -617,8 +617,10 @@ pub fn deliver(cpu: &mut Cpu, v: u8, error: Option<u32>, soft: bool, ext: bool) 
         let gsz: u8 = if gate32 { 4 } else { 2 };
         let (mut sp, ssbase, spmask, new_ss) = if new_cpl < cpu.cpl {
             // Stack from the 32-bit TSS.
-            let esp = cpu.rd_as::<4>(cpu.tr.base + 4 + u64::from(new_cpl) * 8, false)?;
-            let ss = cpu.rd_as::<2>(cpu.tr.base + 8 + u64::from(new_cpl) * 8, false)? as u16;
+            let esp =
+                cpu.rd_as::<4>(cpu.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8), false)?;
+            let ss =
+                cpu.rd_as::<2>(cpu.tr.base.wrapping_add(8 + u64::from(new_cpl) * 8), false)? as u16;
             if ss & !3 == 0 {
                 return Err(Ex::ts(extb));
             }
@@ -923,12 +925,12 @@ pub fn io_bitmap_check(cpu: &mut Cpu, port: u16, size: u8) -> Flow {
     if !cpu.protected() || (ty != 9 && ty != 0xb) || cpu.tr.limit < 0x67 {
         return Err(Ex::gp(0));
     }
-    let base = cpu.rd_as::<2>(cpu.tr.base + 0x66, false)?;
+    let base = cpu.rd_as::<2>(cpu.tr.base.wrapping_add(0x66), false)?;
     let byte = base + u64::from(port / 8);
     if byte + 1 > u64::from(cpu.tr.limit) {
         return Err(Ex::gp(0));
     }
-    let w = cpu.rd_as::<2>(cpu.tr.base + byte, false)?;
+    let w = cpu.rd_as::<2>(cpu.tr.base.wrapping_add(byte), false)?;
     let bits = ((1u64 << size) - 1) << (port % 8);
     if w & bits != 0 {
         return Err(Ex::gp(0));
@@ -1044,9 +1046,9 @@ fn sys(cpu: &mut Cpu, i: &Insn) -> Flow {
             let a = ea(cpu, i);
             let lim = cpu.rd::<2>(a)? as u16;
             let base = if cpu.code64() {
-                cpu.rd::<8>(a + 2)?
+                cpu.rd::<8>(a.wrapping_add(2))?
             } else {
-                let b = cpu.rd::<4>((a + 2) & cpu.lin_mask)?;
+                let b = cpu.rd::<4>(a.wrapping_add(2) & cpu.lin_mask)?;
                 if i.size == 2 || ins.code().op_code().operand_size() == 16 {
                     b & 0xff_ffff
                 } else {
@@ -1069,9 +1071,9 @@ fn sys(cpu: &mut Cpu, i: &Insn) -> Flow {
             };
             cpu.wr::<2>(a, u64::from(lim)).and_then(|_| {
                 if cpu.code64() {
-                    cpu.wr::<8>(a + 2, base)
+                    cpu.wr::<8>(a.wrapping_add(2), base)
                 } else {
-                    cpu.wr::<4>((a + 2) & cpu.lin_mask, base & 0xffff_ffff)
+                    cpu.wr::<4>(a.wrapping_add(2) & cpu.lin_mask, base & 0xffff_ffff)
                 }
             })
         }
@@ -1097,7 +1099,7 @@ fn sys(cpu: &mut Cpu, i: &Insn) -> Flow {
                 return Err(Ex::np(u32::from(sel & !3)));
             }
             if cpu.long_mode() {
-                let hi = cpu.rd_as::<8>(a + 8, false)?;
+                let hi = cpu.rd_as::<8>(a.wrapping_add(8), false)?;
                 s.base |= (hi & 0xffff_ffff) << 32;
             }
             cpu.ldtr = s;
@@ -1118,11 +1120,11 @@ fn sys(cpu: &mut Cpu, i: &Insn) -> Flow {
                 return Err(Ex::np(u32::from(sel & !3)));
             }
             if cpu.long_mode() {
-                let hi = cpu.rd_as::<8>(a + 8, false)?;
+                let hi = cpu.rd_as::<8>(a.wrapping_add(8), false)?;
                 s.base |= (hi & 0xffff_ffff) << 32;
             }
             // Mark busy in the descriptor and the cache.
-            cpu.wr_as::<1>(a + 5, (d >> 40) | 2, false)?;
+            cpu.wr_as::<1>(a.wrapping_add(5), (d >> 40) | 2, false)?;
             s.attr |= 2;
             cpu.tr = s;
             Ok(())
@@ -1207,7 +1209,7 @@ fn sys(cpu: &mut Cpu, i: &Insn) -> Flow {
             let sz = op_size(i, 0);
             let a = ea(cpu, i);
             let off = cpu.rd_n(a, sz)?;
-            let sel = cpu.rd::<2>((a + u64::from(sz)) & cpu.lin_mask)? as u16;
+            let sel = cpu.rd::<2>(a.wrapping_add(u64::from(sz)) & cpu.lin_mask)? as u16;
             match mov_to_sreg(cpu, s, sel) {
                 Ok(()) | Err(Ex::EndBlock) => {}
                 Err(e) => return Err(e),
@@ -1300,7 +1302,7 @@ fn sysret(cpu: &mut Cpu, i: &Insn) -> Flow {
     }
     if to64 {
         cpu.seg[sr::CS] = Seg {
-            selector: (base + 16) | 3,
+            selector: base.wrapping_add(16) | 3,
             base: 0,
             limit: 0xffff_ffff,
             attr: 0xa0fb,
@@ -1314,7 +1316,7 @@ fn sysret(cpu: &mut Cpu, i: &Insn) -> Flow {
         };
     }
     cpu.seg[sr::SS] = Seg {
-        selector: (base + 8) | 3,
+        selector: base.wrapping_add(8) | 3,
         base: 0,
         limit: 0xffff_ffff,
         attr: 0xc0f3,

@@ -547,18 +547,18 @@ fn x87(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
             let a = ea(cpu, i);
             let tw = full_tag_word(cpu);
             cpu.wr::<4>(a, u64::from(cpu.fpu.cw))?;
-            cpu.wr::<4>(a + 4, u64::from(cpu.fsw()))?;
-            cpu.wr::<4>(a + 8, u64::from(tw))?;
+            cpu.wr::<4>(a.wrapping_add(4), u64::from(cpu.fsw()))?;
+            cpu.wr::<4>(a.wrapping_add(8), u64::from(tw))?;
             for k in 3..7 {
-                cpu.wr::<4>(a + 4 * k, 0)?;
+                cpu.wr::<4>(a.wrapping_add(4 * k), 0)?;
             }
             cpu.fpu.cw |= 0x3f;
         }
         M::Fldenv => {
             let a = ea(cpu, i);
             cpu.fpu.cw = cpu.rd::<2>(a)? as u16;
-            let sw = cpu.rd::<2>(a + 4)? as u16;
-            let tw = cpu.rd::<2>(a + 8)? as u16;
+            let sw = cpu.rd::<2>(a.wrapping_add(4))? as u16;
+            let tw = cpu.rd::<2>(a.wrapping_add(8))? as u16;
             cpu.fpu.sw = sw;
             cpu.fpu.top = ((sw >> 11) & 7) as u8;
             cpu.fpu.tags = (0..8).fold(0u8, |t, k| t | (u8::from((tw >> (2 * k)) & 3 != 3) << k));
@@ -614,9 +614,9 @@ fn fxsave(cpu: &mut Cpu, i: &Insn) -> Flow {
     // Probe both ends first so a fault leaves memory untouched.
     let u = cpu.mmu.user;
     cpu.translate(a, crate::mem::Access::Write, u)?;
-    cpu.translate(a + 511, crate::mem::Access::Write, u)?;
+    cpu.translate(a.wrapping_add(511), crate::mem::Access::Write, u)?;
     for (k, c) in img.chunks(16).enumerate() {
-        cpu.write_bytes(a + 16 * k as u64, c, u)?;
+        cpu.write_bytes(a.wrapping_add(16 * k as u64), c, u)?;
     }
     Ok(())
 }
@@ -629,7 +629,11 @@ fn fxrstor(cpu: &mut Cpu, i: &Insn) -> Flow {
     let mut img = [0u8; 512];
     let u = cpu.mmu.user;
     for k in 0..32 {
-        cpu.read_bytes(a + 16 * k as u64, &mut img[16 * k..16 * k + 16], u)?;
+        cpu.read_bytes(
+            a.wrapping_add(16 * k as u64),
+            &mut img[16 * k..16 * k + 16],
+            u,
+        )?;
     }
     let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
     if mxcsr & !0xffff != 0 {

@@ -680,6 +680,30 @@ mod tests {
         assert_eq!(rises(&probe), 2);
     }
 
+    /// Linux's PIT clockevent in one-shot mode: `pit_set_oneshot` writes 0x38 (mode 4) and
+    /// `pit_next_event` writes each delta; every programmed delta gives exactly one IRQ 0.
+    #[test]
+    fn linux_oneshot_mode4_one_irq_per_programmed_delta() {
+        let (pit, clock, probe) = setup();
+        pit.write_port(3, 0x38);
+        for (k, delta) in [1193u16, 100, 30_000].iter().enumerate() {
+            pit.write_port(0, *delta as u8);
+            pit.write_port(0, (*delta >> 8) as u8);
+            let dl = pit.next_deadline_ns().unwrap();
+            assert!(dl > clock.now_ns());
+            clock.set(dl - 1);
+            pit.poll();
+            assert_eq!(rises(&probe), k as u64);
+            clock.set(dl);
+            pit.poll();
+            assert_eq!(rises(&probe), k as u64 + 1);
+            assert_eq!(pit.next_deadline_ns(), None, "one-shot: nothing more due");
+            clock.advance(10_000_000);
+            pit.poll();
+            assert_eq!(rises(&probe), k as u64 + 1);
+        }
+    }
+
     /// Linux `pit_calibrate_tsc`: gate on, speaker off, channel 2 mode 0, then spin on
     /// port 0x61 bit 5.
     #[test]
