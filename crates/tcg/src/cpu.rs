@@ -247,7 +247,8 @@ pub struct Cc {
 
 #[inline(always)]
 fn sign_bit(size: u8) -> u64 {
-    1u64 << (u32::from(size) * 8 - 1)
+    // `size` is 1, 2, 4 or 8; anything else is treated as 8 rather than trusted.
+    1u64 << ((u32::from(size) * 8).wrapping_sub(1) & 63)
 }
 
 #[inline(always)]
@@ -773,7 +774,7 @@ impl Cpu {
                 2 => c.res == 0,
                 3 => c.a <= c.b,
                 6 | 7 => {
-                    let sh = 64 - u32::from(c.size) * 8;
+                    let sh = 64u32.saturating_sub(u32::from(c.size) * 8) & 63;
                     let a = ((c.a << sh) as i64) >> sh;
                     let b = ((c.b << sh) as i64) >> sh;
                     if cc >> 1 == 6 { a < b } else { a <= b }
