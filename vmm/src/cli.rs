@@ -760,11 +760,7 @@ mod tests {
     fn left_to_right_phase_errors() {
         assert_eq!(
             run_err("-accel tcg -machine none"),
-            "-machine none: 'machine-set' is not allowed in phase accel-created: it needs no-machine or machine-created"
-        );
-        assert_eq!(
-            run_err("-machine none -accel tcg -m 64M"),
-            "-m 64M: 'machine-set' is not allowed in phase accel-created: it needs no-machine or machine-created"
+            "-machine none: the machine type is already 'microvm'; it cannot change once set"
         );
         assert!(run_err("-machine none -device virtio-rng-device").contains("has no buses"));
         assert_eq!(

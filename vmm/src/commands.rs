@@ -419,7 +419,10 @@ pub struct MachineSet {
 
 impl Command for MachineSet {
     const NAME: &'static str = "machine-set";
-    const PHASES: PhaseSet = PhaseSet::until(Phase::MachineCreated);
+    // As QEMU's PHASE_ACCEL_CREATED: the machine's properties are not applied until the board
+    // is built, so `-m`, `-kernel`, `-append` may follow `-accel` (QEMU command lines do).
+    // The type itself is fixed from machine-created on.
+    const PHASES: PhaseSet = PhaseSet::until(Phase::AccelCreated);
     type Output = ();
     fn arguments() -> Type {
         Type::Object {

@@ -281,6 +281,15 @@ impl VmmCore {
         }
         cfg.props.extend(set.props);
         machine.check_config(&cfg).map_err(generic)?;
+        // Once an accelerator accepted the machine, a change must still suit it.
+        if let Some(choice) = &self.accel {
+            machine.check_accel(&cfg, &choice.accel).map_err(|reason| {
+                generic(format!(
+                    "accelerator '{}' cannot run the machine with this change: {reason}",
+                    choice.accel
+                ))
+            })?;
+        }
         if first {
             self.tracker
                 .advance(Phase::MachineCreated)
