@@ -213,6 +213,33 @@ pub struct Block {
     pub valid: bool,
     /// Cached successors: (rip, block index, cache generation).
     pub links: [std::cell::Cell<(u64, u32, u32)>; 2],
+    /// Bytes of code in the first page and their hash: a lookup re-checks them, so code
+    /// rewritten behind the CPU's back (device DMA, the VMM) is noticed even when nobody
+    /// called [`crate::vm::TcgVm::invalidate_range`].
+    pub code_len: u32,
+    /// Hash of those bytes.
+    pub code_hash: u64,
+}
+
+/// A cheap hash of `len` bytes of guest RAM at `gpa` (clipped to its page; 0 outside RAM).
+fn code_hash(cpu: &Cpu, gpa: u64, len: u32) -> u64 {
+    let n = (len as usize).min(4096 - (gpa & 0xfff) as usize);
+    let Some(host) = cpu.mmu.phys.host(gpa) else {
+        return 0;
+    };
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ n as u64;
+    let mut off = 0;
+    while off < n {
+        let k = (n - off).min(8);
+        let mut w = [0u8; 8];
+        // SAFETY: `host` maps the rest of this page in live guest RAM and `off + k <= n`
+        // stays inside it; `w` is a local buffer.
+        unsafe { std::ptr::copy_nonoverlapping((host + off) as *const u8, w.as_mut_ptr(), k) };
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0100_0000_01b3);
+        h ^= h >> 29;
+        off += k;
+    }
+    h
 }
 
 const FAST: usize = 4096;
@@ -313,12 +340,19 @@ impl BlockCache {
         let mode = cpu.mode_key();
         let s = Self::slot(rip);
         let f = self.fast[s];
-        if f.0 == rip && f.1 == gpa && f.2 == mode && self.blocks[f.3 as usize].valid {
-            return Ok(f.3);
-        }
-        if let Some(&b) = self.map.get(&(rip, gpa, mode)) {
-            self.fast[s] = (rip, gpa, mode, b);
-            return Ok(b);
+        let hit = if f.0 == rip && f.1 == gpa && f.2 == mode && self.blocks[f.3 as usize].valid {
+            Some(f.3)
+        } else {
+            self.map.get(&(rip, gpa, mode)).copied()
+        };
+        if let Some(b) = hit {
+            let blk = &self.blocks[b as usize];
+            if code_hash(cpu, gpa, blk.code_len) == blk.code_hash {
+                self.fast[s] = (rip, gpa, mode, b);
+                return Ok(b);
+            }
+            // The bytes changed without a write we saw: drop the page's translations.
+            self.invalidate_page(cpu, gpa);
         }
         let b = self.translate(cpu, rip, lin, gpa, mode)?;
         self.fast[s] = (rip, gpa, mode, b);
@@ -398,6 +432,9 @@ impl BlockCache {
             cpu.mmu.flush_write_gpa(p);
             self.pages.entry(p).or_default().push(idx);
         }
+        let end = insns.last().map_or(rip, |i| i.next_ip);
+        let code_len = (end.wrapping_sub(rip) as u32).min(avail as u32);
+        let code_hash = code_hash(cpu, gpa, code_len);
         self.blocks.push(Block {
             rip,
             gpa,
@@ -406,6 +443,8 @@ impl BlockCache {
             pages,
             valid: true,
             links: Default::default(),
+            code_len,
+            code_hash,
         });
         self.map.insert((rip, gpa, mode), idx);
         self.translated += 1;

@@ -467,3 +467,25 @@ fn alu_flags_match_hand_computed_values() {
     assert_eq!(alu_op(cpu, alu::SBB, 1, 0x00, 0x00), 0xff);
     assert_eq!(cpu.flags() & 0x8d5, 0x95);
 }
+
+#[test]
+fn code_rewritten_without_notification_is_noticed_on_lookup() {
+    // A device (or the VMM) rewrites code and does not call invalidate_range.
+    let mut h = Harness::new(16);
+    let code = asm(64, CODE, |a| {
+        a.mov(eax, 1u32).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    let code2 = asm(64, CODE, |a| {
+        a.mov(eax, 3u32).unwrap();
+        a.hlt().unwrap();
+    });
+    h.write(CODE, &code2);
+    let mut r = h.regs();
+    r.rip = CODE;
+    h.vcpu.set_regs(&r).unwrap();
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.regs().rax, 3);
+}
