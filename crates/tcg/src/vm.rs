@@ -268,27 +268,29 @@ enum BlockEnd {
 /// and after a mid-block stop.
 #[inline(always)]
 fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
-    let n = insns.len();
-    let mut k = 0usize;
-    while k < n {
-        let ins = &insns[k];
-        if k + 1 == n {
-            cpu.rip = ins.next_ip;
-        }
+    let Some((last, body)) = insns.split_last() else {
+        return BlockEnd::Normal;
+    };
+    for (k, ins) in body.iter().enumerate() {
         if let Err(e) = (ins.exec)(cpu, ins) {
             cpu.icount += k as u64 + u64::from(!matches!(e, Ex::Fault { .. }));
             return BlockEnd::Ex(e, ins.ip);
         }
-        k += 1;
         if cpu.stop_block {
-            if k < n {
-                cpu.rip = ins.next_ip;
-            }
-            cpu.icount += k as u64;
+            cpu.rip = ins.next_ip;
+            cpu.icount += k as u64 + 1;
             return BlockEnd::Stopped;
         }
     }
-    cpu.icount += n as u64;
+    cpu.rip = last.next_ip;
+    if let Err(e) = (last.exec)(cpu, last) {
+        cpu.icount += body.len() as u64 + u64::from(!matches!(e, Ex::Fault { .. }));
+        return BlockEnd::Ex(e, last.ip);
+    }
+    cpu.icount += insns.len() as u64;
+    if cpu.stop_block {
+        return BlockEnd::Stopped;
+    }
     BlockEnd::Normal
 }
 
