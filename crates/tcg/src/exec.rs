@@ -1265,9 +1265,9 @@ pub fn generic(cpu: &mut Cpu, i: &Insn) -> Flow {
             Ok(())
         }
         M::Loop | M::Loope | M::Loopne => {
-            let asz = match ins.op_register(1) {
-                Register::CX => 2,
-                Register::ECX => 4,
+            let asz = match ins.code().op_code().address_size() {
+                16 => 2,
+                32 => 4,
                 _ => 8,
             };
             let c = cpu.rreg(1, asz).wrapping_sub(1) & mask(asz);
@@ -1284,7 +1284,7 @@ pub fn generic(cpu: &mut Cpu, i: &Insn) -> Flow {
             Ok(())
         }
         M::Enter => {
-            let sz = s.max(2);
+            let sz = stack_size(ins, cpu.bitness());
             let alloc = u64::from(ins.immediate16());
             let level = ins.immediate8_2nd() & 31;
             let bp = cpu.rreg(5, sz);
