@@ -489,3 +489,141 @@ fn code_rewritten_without_notification_is_noticed_on_lookup() {
     assert_eq!(h.run(), VcpuExit::Halted);
     assert_eq!(h.regs().rax, 3);
 }
+
+/// 32-bit protected mode with 2-level paging: a 4 KiB mapping and a 4 MiB PSE page.
+#[test]
+fn legacy_two_level_paging_with_pse() {
+    let mut h = Harness::new(16);
+    let pd = 0x20_0000u32;
+    let pt = 0x20_1000u32;
+    let code = asm(32, CODE, |a| {
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 0x10).unwrap(); // PSE
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, pd).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        // Linear 0x4000_0000 -> physical 0x30_0000 (4 KiB page); write through it.
+        a.mov(dword_ptr(0x4000_0010u32), 0x1234_5678u32).unwrap();
+        // Linear 0x8040_0000 -> 4 MiB page at physical 0x40_0000.
+        a.mov(ebx, dword_ptr(0x8040_0020u32)).unwrap();
+        a.hlt().unwrap();
+    });
+    h.protected32(&code);
+    // Identity map the first 4 MiB (code, stack, tables) with a PSE page.
+    h.write(u64::from(pd), &0x0000_0083u32.to_le_bytes());
+    // PDE for 0x4000_0000 (index 256) -> page table.
+    h.write(u64::from(pd) + 256 * 4, &(pt | 3).to_le_bytes());
+    h.write(u64::from(pt), &0x30_0003u32.to_le_bytes());
+    // PDE for 0x8040_0000 (index 513) -> 4 MiB page at 0x40_0000.
+    h.write(u64::from(pd) + 513 * 4, &0x40_0083u32.to_le_bytes());
+    h.write(0x40_0020, &0xabcd_ef01u32.to_le_bytes());
+    assert_eq!(
+        h.run(),
+        VcpuExit::Halted,
+        "{:x?}",
+        h.vcpu.cpu.last_exception
+    );
+    assert_eq!(h.r64(0x30_0010) & 0xffff_ffff, 0x1234_5678);
+    assert_eq!(h.regs().rbx, 0xabcd_ef01);
+    let pte = h.r64(u64::from(pt)) & 0xffff_ffff;
+    assert_eq!(pte & 0x60, 0x60, "4 KiB PTE accessed and dirty");
+    let pde = h.r64(u64::from(pd) + 513 * 4) & 0xffff_ffff;
+    assert_eq!(pde & 0x60, 0x20, "4 MiB PDE accessed only");
+}
+
+/// 32-bit protected mode with PAE paging (no long mode): a 2 MiB page above 4 GiB linear
+/// is impossible here, so map linear 0xC000_0000 to physical 0x60_0000.
+#[test]
+fn pae_paging_in_32_bit_mode() {
+    let mut h = Harness::new(16);
+    let pdpt = 0x20_0000u32;
+    let pd0 = 0x20_1000u32;
+    let pd3 = 0x20_2000u32;
+    let code = asm(32, CODE, |a| {
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 0x20).unwrap(); // PAE
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, pdpt).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.mov(ebx, dword_ptr(0xc000_0040u32)).unwrap();
+        a.hlt().unwrap();
+    });
+    h.protected32(&code);
+    h.w64(u64::from(pdpt), u64::from(pd0) | 1);
+    h.w64(u64::from(pdpt) + 24, u64::from(pd3) | 1);
+    h.w64(u64::from(pd0), 0x83); // identity 2 MiB at 0
+    h.w64(u64::from(pd3), 0x60_0083); // 0xC000_0000 -> 0x60_0000
+    h.write(0x60_0040, &0x5566_7788u32.to_le_bytes());
+    assert_eq!(
+        h.run(),
+        VcpuExit::Halted,
+        "{:x?}",
+        h.vcpu.cpu.last_exception
+    );
+    assert_eq!(h.regs().rbx, 0x5566_7788);
+}
+
+/// A PIT interrupt reaches a guest spinning with interrupts enabled (no `hlt`).
+#[test]
+fn timer_interrupt_preempts_a_busy_loop() {
+    let mut h = Harness::new(16);
+    let handler = 0x18_0000u64;
+    let code = asm(64, CODE, |a| {
+        let mut spin = a.create_label();
+        // 8259: vectors 0x20/0x28, only IRQ0 unmasked.
+        for (port, v) in [
+            (0x20u8, 0x11u8),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0xa0, 0x11),
+            (0xa1, 0x28),
+            (0xa1, 2),
+            (0xa1, 1),
+            (0x21, 0xfe),
+            (0xa1, 0xff),
+        ] {
+            a.mov(al, v as u32).unwrap();
+            a.out(port as u32, al).unwrap();
+        }
+        // PIT channel 0, mode 2, ~1 ms.
+        a.mov(al, 0x34u32).unwrap();
+        a.out(0x43, al).unwrap();
+        a.mov(al, 0xa9u32).unwrap();
+        a.out(0x40, al).unwrap();
+        a.mov(al, 0x04u32).unwrap();
+        a.out(0x40, al).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.sti().unwrap();
+        a.set_label(&mut spin).unwrap();
+        a.inc(rcx).unwrap();
+        a.jmp(spin).unwrap();
+    });
+    let hcode = asm(64, handler, |a| {
+        a.mov(r15, rcx).unwrap();
+        a.mov(r14, qword_ptr(rsp)).unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    h.write(handler, &hcode);
+    h.gate64(0x20, handler, 0, 0);
+    assert_eq!(
+        h.run(),
+        VcpuExit::Halted,
+        "{:x?}",
+        h.vcpu.cpu.last_exception
+    );
+    let r = h.regs();
+    assert!(r.r15 > 0, "the loop ran before the tick");
+    assert!(
+        r.r14 >= CODE && r.r14 < CODE + 0x100,
+        "interrupted inside the loop: {:#x}",
+        r.r14
+    );
+}
