@@ -213,31 +213,32 @@ pub struct Block {
     pub valid: bool,
     /// Cached successors: (rip, block index, cache generation).
     pub links: [std::cell::Cell<(u64, u32, u32)>; 2],
-    /// Bytes of code in the first page and their hash: a lookup re-checks them, so code
+    /// Bytes of code in the first page; a lookup re-checks their fingerprint, so code
     /// rewritten behind the CPU's back (device DMA, the VMM) is noticed even when nobody
     /// called [`crate::vm::TcgVm::invalidate_range`].
     pub code_len: u32,
-    /// Hash of those bytes.
+    /// Fingerprint of those bytes (see `code_hash`).
     pub code_hash: u64,
 }
 
-/// A cheap hash of `len` bytes of guest RAM at `gpa` (clipped to its page; 0 outside RAM).
+/// A cheap fingerprint of the `len` code bytes at `gpa` (clipped to its page; 0 outside
+/// RAM): the first 16 and the last 8 bytes. A page rewritten by DMA almost surely changes
+/// them; writes by the CPU itself are caught exactly by the write-protection of code pages.
 fn code_hash(cpu: &Cpu, gpa: u64, len: u32) -> u64 {
     let n = (len as usize).min(4096 - (gpa & 0xfff) as usize);
     let Some(host) = cpu.mmu.phys.host(gpa) else {
         return 0;
     };
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ n as u64;
-    let mut off = 0;
-    while off < n {
-        let k = (n - off).min(8);
+    let tail = n.saturating_sub(8);
+    for off in [0usize, 8, tail] {
+        let k = n.saturating_sub(off).min(8);
         let mut w = [0u8; 8];
         // SAFETY: `host` maps the rest of this page in live guest RAM and `off + k <= n`
         // stays inside it; `w` is a local buffer.
         unsafe { std::ptr::copy_nonoverlapping((host + off) as *const u8, w.as_mut_ptr(), k) };
         h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0100_0000_01b3);
         h ^= h >> 29;
-        off += k;
     }
     h
 }
