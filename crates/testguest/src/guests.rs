@@ -480,12 +480,14 @@ pub fn exceptions_without(skip: &[&str]) -> Result<TestGuest, GuestError> {
 /// Demand paging in long mode: eight 4 KiB pages start not present; the #PF handler sets
 /// P/RW, `invlpg`s and retries. Checks the data through the faulting mapping and through
 /// the 2 MiB identity alias, the fault count, a CR3 reload, and the Accessed/Dirty bits the
-/// page walker wrote into every level of the tables.
+/// page walker wrote into every level of the tables; CR0.WP (a supervisor write to a
+/// read-only page succeeds with WP clear and faults with WP set).
 pub fn paging() -> Result<TestGuest, GuestError> {
     build("paging", Mode::Long64, |g| {
         for i in 4..12 {
             g.pt_flags[i] = 0;
         }
+        g.pt_flags[13] = PTE_P; // read-only: CR0.WP decides whether CPL 0 may write
         g.print("keel-testguest paging\n")?;
         let a = &mut g.a;
         a.mov(qword_ptr(layout::PF_FIXUP), 1)?;
@@ -516,13 +518,37 @@ pub fn paging() -> Result<TestGuest, GuestError> {
         a.mov(rax, layout::PF_REGION + 0x1000 * 12)?;
         a.mov(rbx, qword_ptr(rax))?;
         a.mov(qword_ptr(layout::PF_FIXUP), 0)?;
+        // CR0.WP clear: a supervisor write to the read-only page 13 succeeds (and sets
+        // Accessed and Dirty); with WP set again the same write faults with error code 3.
+        a.mov(rax, cr0)?;
+        a.btr(rax, 16)?;
+        a.mov(cr0, rax)?;
+        a.mov(rax, layout::PF_REGION + 0x1000 * 13)?;
+        a.mov(qword_ptr(rax), 0x1313)?;
+        a.mov(rax, cr0)?;
+        a.bts(rax, 16)?;
+        a.mov(cr0, rax)?;
+        let mut after_wp = a.create_label();
+        a.lea(r10, ptr(after_wp))?;
+        a.mov(qword_ptr(layout::RESUME), r10)?;
+        a.mov(qword_ptr(layout::LAST_ERROR), -1)?;
+        a.mov(rax, layout::PF_REGION + 0x1000 * 13 + 8)?;
+        a.mov(qword_ptr(rax), rbx)?;
+        a.set_label(&mut after_wp)?;
+        a.mov(rax, layout::PF_PHYS + 0x1000 * 13)?;
+        a.mov(rax, qword_ptr(rax))?;
+        a.mov(qword_ptr(layout::SCRATCH + 16), rax)?;
         let sum: u64 = (4..12u64).map(|i| 0x1111 * i).sum();
         g.print("faults=")?;
-        print_known(g, layout::EXC_COUNT, u64::MAX, 4, 8)?;
+        print_known(g, layout::EXC_COUNT, u64::MAX, 4, 9)?;
         g.print(" sum=")?;
         print_known(g, layout::SCRATCH, u64::MAX, 16, sum)?;
         g.print(" sum-after-cr3=")?;
         print_known(g, layout::SCRATCH + 8, u64::MAX, 16, sum)?;
+        g.print("\nwp0-write=")?;
+        print_known(g, layout::SCRATCH + 16, u64::MAX, 4, 0x1313)?;
+        g.print(" wp1-write-error=")?;
+        print_known(g, layout::LAST_ERROR, 0xff, 2, 3)?;
         g.print("\n")?;
         // Accessed (0x20) / Dirty (0x40) bits.
         const A: u64 = 0x20;
@@ -531,6 +557,7 @@ pub fn paging() -> Result<TestGuest, GuestError> {
             let flags = match i {
                 4..=11 => PTE_P | PTE_RW | A | D,
                 12 => PTE_P | PTE_RW | A,
+                13 => PTE_P | A | D,
                 _ => PTE_P | PTE_RW,
             };
             (layout::PF_PHYS + 0x1000 * i as u64) | flags
