@@ -9,7 +9,8 @@
 //! blocks cached per guest-physical page and mode ([`decode`]), invalidated on writes to the
 //! page (self-modifying code and DMA, see [`vm::TcgVm::invalidate_range`]); one handler per
 //! instruction form chosen at translation time; lazy flags ([`cpu::CcOp`]); a software TLB
-//! with host pointers ([`mem`]); chaining between blocks on the same page; bulk `rep movs` /
+//! with host pointers ([`mem`]); chaining between blocks (across pages only while the fetch
+//! TLB still maps the target page); bulk `rep movs` /
 //! `rep stos`.
 //!
 //! Entry points: [`TcgAccel`] (the `Accelerator`), [`TcgVm`], [`TcgVcpu`].

@@ -17,7 +17,7 @@ use crate::cpu::{Cpu, Seg, Shadow, fl, sr};
 use crate::cpuid::CpuidConfig;
 use crate::decode::BlockCache;
 use crate::exc::{Ex, vec};
-use crate::mem::PhysMem;
+use crate::mem::{Access, PhysMem};
 use crate::platform::pic::Pic;
 use crate::platform::pit::Pit;
 use crate::platform::{Clock, MonotonicClock, Wakeup};
@@ -495,13 +495,26 @@ impl TcgVcpu {
         for l in &blk.links {
             let (r, b, g) = l.get();
             if r == rip && g == generation {
-                return Some(b);
+                if (rip ^ blk.rip) & !0xfff == 0 {
+                    // Same page: mapped like the block we are in.
+                    return Some(b);
+                }
+                // Another page: follow only while the fetch TLB still maps it to the
+                // guest-physical page the target was translated from.
+                let lin = self.cpu.ebase[1].wrapping_add(rip) & self.cpu.lin_mask;
+                let t = &self.cache.blocks[b as usize];
+                return (self
+                    .cpu
+                    .mmu
+                    .lookup_gpa(lin, Access::Fetch, self.cpu.mmu.user)
+                    == Some(t.gpa))
+                .then_some(b);
             }
         }
         None
     }
 
-    /// Records `to` as a successor of `from` when both are on one page in one mode.
+    /// Records `to` as a successor of `from` (same mode; `to` starts at the current RIP).
     fn link(&self, from: u32, to: u32) {
         let generation = self.cache.generation;
         let (Some(f), Some(t)) = (
@@ -510,7 +523,7 @@ impl TcgVcpu {
         ) else {
             return;
         };
-        if !f.valid || (f.rip ^ t.rip) & !0xfff != 0 || f.mode != t.mode || t.rip != self.cpu.rip {
+        if !f.valid || f.mode != t.mode || t.rip != self.cpu.rip {
             return;
         }
         let slot = if f.links[0].get().2 != generation {
