@@ -627,3 +627,74 @@ fn timer_interrupt_preempts_a_busy_loop() {
         r.r14
     );
 }
+
+/// Real mode: `int n` through the IVT, `iret`, a 16-bit string copy and segment arithmetic.
+#[test]
+fn real_mode_ivt_interrupt_and_iret() {
+    let mut h = Harness::new(4);
+    let code = asm(16, 0x7c00, |a| {
+        a.mov(ax, 0x1000).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(word_ptr(0x10), 0x4142).unwrap(); // 0x10010
+        a.xor(ax, ax).unwrap();
+        a.mov(es, ax).unwrap();
+        a.mov(si, 0x10).unwrap();
+        a.mov(di, 0x600).unwrap();
+        a.mov(cx, 2).unwrap();
+        a.cld().unwrap();
+        a.rep().movsb().unwrap(); // ds:si -> es:di
+        a.int(0x21).unwrap();
+        a.mov(dx, ax).unwrap();
+        a.hlt().unwrap();
+    });
+    let handler = asm(16, 0x8000, |a| {
+        a.mov(ax, 0x55aa).unwrap();
+        a.iret().unwrap();
+    });
+    h.write(0x7c00, &code);
+    h.write(0x8000, &handler);
+    // IVT entry 0x21 -> 0000:8000
+    h.write(0x21 * 4, &[0x00, 0x80, 0x00, 0x00]);
+    let real = |sel: u16, code: bool| Segment {
+        base: u64::from(sel) << 4,
+        limit: 0xffff,
+        selector: sel,
+        type_: if code { 0xb } else { 3 },
+        present: true,
+        s: true,
+        ..Default::default()
+    };
+    let s = SpecialRegs {
+        cs: real(0, true),
+        ds: real(0, false),
+        es: real(0, false),
+        fs: real(0, false),
+        gs: real(0, false),
+        ss: real(0, false),
+        cr0: 0x10,
+        idt: keel_accel::DescriptorTable {
+            base: 0,
+            limit: 0x3ff,
+        },
+        ..Default::default()
+    };
+    h.vcpu.set_sregs(&s).unwrap();
+    h.vcpu
+        .set_regs(&Regs {
+            rip: 0x7c00,
+            rsp: 0x7000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        h.run(),
+        VcpuExit::Halted,
+        "{:x?}",
+        h.vcpu.cpu.last_exception
+    );
+    let r = h.regs();
+    assert_eq!(r.rdx & 0xffff, 0x55aa);
+    assert_eq!(r.rsp, 0x7000, "iret popped the frame");
+    assert_eq!(h.r64(0x600) & 0xffff, 0x4142);
+}
