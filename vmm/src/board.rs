@@ -7,9 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use keel_qdev::{DeviceTree, EventSink};
 use serde::Serialize;
-use serde_json::{Map, Value};
+
+use crate::backends::Backends;
 
 /// Errors of machine types and boards; the text becomes a QMP `GenericError`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,8 +116,41 @@ pub trait MachineType: Send + Sync {
     /// Whether the machine can run on the named accelerator (`accel-set` calls this
     /// after the accelerator itself probed fine); `Err` says why not.
     fn check_accel(&self, cfg: &MachineConfig, accel: &str) -> Result<(), String>;
-    /// Builds the board: RAM, onboard devices, vCPUs (`machine-init`).
-    fn create(&self, cfg: &MachineConfig, accel: &str) -> Result<Box<dyn Board>, BoardError>;
+    /// Builds the board: RAM, onboard devices, vCPUs, its device tree (`machine-init`).
+    fn create(
+        &self,
+        cfg: &MachineConfig,
+        accel: &str,
+        ctx: &BoardContext,
+    ) -> Result<Box<dyn Board>, BoardError>;
+}
+
+/// What the VMM hands a machine type when it builds a board: the backends devices look up at
+/// realize time, and where device events (`DEVICE_DELETED`, ...) go.
+#[derive(Clone)]
+pub struct BoardContext {
+    /// Block, network and character backends (`blockdev-add`, `netdev_add`, `chardev-add`).
+    pub backends: Arc<Backends>,
+    /// Device events, forwarded to QMP clients.
+    pub events: Arc<dyn EventSink>,
+}
+
+impl std::fmt::Debug for BoardContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoardContext")
+            .field("backends", &self.backends)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for BoardContext {
+    /// No backends; events dropped (tests, dry runs).
+    fn default() -> Self {
+        Self {
+            backends: Arc::new(Backends::new()),
+            events: Arc::new(keel_qdev::NoEvents),
+        }
+    }
 }
 
 /// Something the running machine reports (from its vCPU threads, via a channel).
@@ -132,29 +168,13 @@ pub enum BoardEvent {
     InternalError(String),
 }
 
-/// A device property given as JSON (QMP) or text (`-device`), as the text QEMU's option
-/// syntax would carry: strings as they are, numbers in decimal, booleans as on/off.
-pub fn prop_string(name: &str, v: &Value) -> Result<String, String> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Number(n) => Ok(n.to_string()),
-        Value::Bool(b) => Ok(if *b { "on" } else { "off" }.to_owned()),
-        _ => Err(format!(
-            "Parameter '{name}' expects a string, number or boolean"
-        )),
-    }
-}
-
 /// A built machine, driven by the lifecycle commands.
 pub trait Board: Send {
-    /// Adds a device; `hotplug` is decided by the phase (machine-ready), never by the caller.
-    fn add_device(
-        &mut self,
-        driver: &str,
-        id: Option<&str>,
-        props: &Map<String, Value>,
-        hotplug: bool,
-    ) -> Result<(), BoardError>;
+    /// The machine's device tree: `device_add`/`-device`, `device_del` and the QOM queries
+    /// go through it, and it decides cold or hot plug from the phase.
+    fn devices(&self) -> &DeviceTree;
+    /// The device tree, for changes.
+    fn devices_mut(&mut self) -> &mut DeviceTree;
     /// Entering machine-ready: cold-plugged devices are final (boot order, tables).
     fn done(&mut self) -> Result<(), BoardError>;
     /// Starts or resumes the vCPUs (`cont`).
@@ -232,26 +252,28 @@ impl MachineType for NoneMachine {
         Ok(())
     }
 
-    fn create(&self, _cfg: &MachineConfig, _accel: &str) -> Result<Box<dyn Board>, BoardError> {
-        Ok(Box::new(NoneBoard))
+    fn create(
+        &self,
+        _cfg: &MachineConfig,
+        _accel: &str,
+        _ctx: &BoardContext,
+    ) -> Result<Box<dyn Board>, BoardError> {
+        Ok(Box::new(NoneBoard(crate::devices::empty_tree())))
     }
 }
 
-/// The board of the `none` machine.
+/// The board of the `none` machine: a device tree without buses, so every `device_add`
+/// fails naming the bus type the device needs.
 #[derive(Debug)]
-pub struct NoneBoard;
+pub struct NoneBoard(DeviceTree);
 
 impl Board for NoneBoard {
-    fn add_device(
-        &mut self,
-        driver: &str,
-        _id: Option<&str>,
-        _props: &Map<String, Value>,
-        _hotplug: bool,
-    ) -> Result<(), BoardError> {
-        Err(BoardError::Device(format!(
-            "No bus found for device '{driver}': machine 'none' has no buses"
-        )))
+    fn devices(&self) -> &DeviceTree {
+        &self.0
+    }
+
+    fn devices_mut(&mut self) -> &mut DeviceTree {
+        &mut self.0
     }
 
     fn done(&mut self) -> Result<(), BoardError> {
@@ -300,9 +322,12 @@ mod tests {
             m.check_config(&cfg).unwrap_err().to_string(),
             "Property 'none-machine.pit' not found"
         );
-        let mut b = m.create(&MachineConfig::default(), "tcg").unwrap();
+        let mut b = m
+            .create(&MachineConfig::default(), "tcg", &BoardContext::default())
+            .unwrap();
         assert!(
-            b.add_device("virtio-rng-device", None, &Map::new(), false)
+            b.devices_mut()
+                .device_add_cli(keel_phase::Phase::MachineInit, "virtio-rng-device")
                 .is_err()
         );
         assert!(b.cpus().is_empty());

@@ -16,7 +16,9 @@ use keel_qmp::{CommandError, Endpoint};
 use serde_json::{Map, Value};
 
 use crate::Vmm;
-use crate::commands::{AccelList, AccelSet, DeviceAdd, MachineSet};
+use crate::commands::{
+    AccelList, AccelSet, BlockdevAdd, ChardevAdd, DeviceAdd, MachineSet, NetdevAdd,
+};
 
 /// A command-line error: the option as written and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,12 @@ pub enum Action {
     Accel(Vec<String>),
     /// `device_add`.
     Device(DeviceAdd),
+    /// `blockdev-add` (`-blockdev`, `-drive`).
+    Blockdev(BlockdevAdd),
+    /// `netdev_add` (`-netdev`).
+    Netdev(NetdevAdd),
+    /// `chardev-add` (`-chardev file|null|stdio`; socket chardevs serve `-mon`).
+    Chardev(ChardevAdd),
     /// `-name`.
     Name(String),
     /// `-qmp`, or `-mon` on a `-chardev`.
@@ -115,6 +123,14 @@ Accelerator (accel-set):
   -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
 Devices (device_add, cold until the machine is ready):
   -device DRIVER[,id=ID][,prop=value...]
+    isa-debug-exit[,iobase=N,iosize=N]  virtio-rng-device
+    virtio-blk-device,drive=NODE[,serial=S,read-only=on]
+    virtio-net-device,netdev=ID[,mac=MAC]  virtconsole,chardev=ID
+Backends (from the start; devices name them):
+  -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
+  -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
+  -netdev tap,id=ID,ifname=IF,script=no,downscript=no
+  -chardev file,id=ID,path=PATH | -chardev null,id=ID
 Monitors (live from the moment they are read):
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off | stdio
   -chardev socket,id=ID,path=PATH,server=on,wait=off  (or host=,port=)
@@ -281,6 +297,101 @@ fn chardev_endpoint(option: &str, text: &str) -> Result<(String, Endpoint), CliE
     Ok((id, ep))
 }
 
+/// `-blockdev driver=file,filename=PATH,node-name=N[,read-only=on]` or the shorthand
+/// `-drive file=PATH,if=none,id=N,format=raw[,readonly=on]`.
+fn blockdev(name: &str, option: &str, text: &str) -> Result<BlockdevAdd, CliError> {
+    let mut driver = None;
+    let (mut file, mut node, mut ro) = (None, None, false);
+    for (k, v) in split_opts(option, text, None)? {
+        match (name, k.as_str()) {
+            ("blockdev", "driver") => driver = Some(v),
+            ("blockdev", "filename") | ("drive", "file") => file = Some(v),
+            ("blockdev", "node-name") | ("drive", "id") => node = Some(v),
+            ("blockdev", "read-only") | ("drive", "readonly") => ro = on_off(option, &k, &v)?,
+            ("drive", "if") if v == "none" => {}
+            ("drive", "format") if v == "raw" => {}
+            ("drive", "if" | "format") => {
+                return Err(syntax(
+                    option,
+                    format!("{k}={v} is not supported (use if=none,format=raw and a -device)"),
+                ));
+            }
+            ("blockdev", "discard" | "cache.direct" | "aio") | ("drive", "cache" | "aio") => {}
+            _ => return Err(syntax(option, format!("Invalid parameter '{k}'"))),
+        }
+    }
+    let driver = match name {
+        "drive" => "file".to_owned(),
+        _ => driver.ok_or_else(|| syntax(option, "Parameter 'driver' is missing"))?,
+    };
+    let key = if name == "drive" { "id" } else { "node-name" };
+    Ok(BlockdevAdd {
+        driver,
+        node_name: node.ok_or_else(|| syntax(option, format!("Parameter '{key}' is missing")))?,
+        filename: file
+            .ok_or_else(|| syntax(option, "Parameter 'filename' is missing"))?
+            .into(),
+        read_only: Some(ro),
+    })
+}
+
+/// `-netdev tap,id=N,ifname=IF,script=no,downscript=no`.
+fn netdev(option: &str, text: &str) -> Result<NetdevAdd, CliError> {
+    let mut n = NetdevAdd {
+        kind: String::new(),
+        id: String::new(),
+        ifname: None,
+        script: None,
+        downscript: None,
+    };
+    for (k, v) in split_opts(option, text, Some("type"))? {
+        match k.as_str() {
+            "type" => n.kind = v,
+            "id" => n.id = v,
+            "ifname" => n.ifname = Some(v),
+            "script" => n.script = Some(v),
+            "downscript" => n.downscript = Some(v),
+            "vhost" if v == "off" => {}
+            _ => return Err(syntax(option, format!("Invalid parameter '{k}'"))),
+        }
+    }
+    if n.id.is_empty() {
+        return Err(syntax(option, "Parameter 'id' is missing"));
+    }
+    Ok(n)
+}
+
+/// `-chardev file,id=ID,path=PATH`, `-chardev null,id=ID`, `-chardev stdio,id=ID` as device
+/// backends; `None` for the other backends (sockets for `-mon`).
+fn char_backend(option: &str, text: &str) -> Result<Option<ChardevAdd>, CliError> {
+    let opts = split_opts(option, text, Some("backend"))?;
+    let kind = opts
+        .iter()
+        .find(|(k, _)| k == "backend")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    if !matches!(kind.as_str(), "file" | "null") {
+        return Ok(None);
+    }
+    let (mut id, mut path) = (None, None);
+    for (k, v) in opts {
+        match k.as_str() {
+            "backend" => {}
+            "id" => id = Some(v),
+            "path" if kind == "file" => path = Some(v),
+            "append" | "logfile" | "logappend" => {}
+            _ => return Err(syntax(option, format!("Invalid parameter '{k}'"))),
+        }
+    }
+    let id = id.ok_or_else(|| syntax(option, "Parameter 'id' is missing"))?;
+    let backend = match (kind.as_str(), path) {
+        ("file", Some(p)) => serde_json::json!({"type": "file", "data": {"out": p}}),
+        ("file", None) => return Err(syntax(option, "Parameter 'path' is missing")),
+        _ => serde_json::json!({"type": "null", "data": {}}),
+    };
+    Ok(Some(ChardevAdd { id, backend }))
+}
+
 fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
     match key {
         "kernel" => set.kernel = Some(PathBuf::from(v)),
@@ -324,6 +435,9 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "append"
                 | "serial"
                 | "device"
+                | "blockdev"
+                | "drive"
+                | "netdev"
                 | "cpu"
                 | "vga"
                 | "monitor"
@@ -547,14 +661,19 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "qmp" => {
                 Action::Monitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
             }
-            "chardev" => {
-                let (id, ep) = chardev_endpoint(&option, v)?;
-                if chardevs.contains_key(&id) {
-                    return Err(syntax(&option, format!("Duplicate ID '{id}' for chardev")));
+            "blockdev" | "drive" => Action::Blockdev(blockdev(name, &option, v)?),
+            "netdev" => Action::Netdev(netdev(&option, v)?),
+            "chardev" => match char_backend(&option, v)? {
+                Some(c) => Action::Chardev(c),
+                None => {
+                    let (id, ep) = chardev_endpoint(&option, v)?;
+                    if chardevs.contains_key(&id) {
+                        return Err(syntax(&option, format!("Duplicate ID '{id}' for chardev")));
+                    }
+                    chardevs.insert(id, ep);
+                    Action::Nothing
                 }
-                chardevs.insert(id, ep);
-                Action::Nothing
-            }
+            },
             "mon" => {
                 let mut chardev = None;
                 let mut mode = "readline".to_owned();
@@ -663,6 +782,13 @@ pub fn execute(
                 }
                 vmm.execute(dev.clone()).map_err(cmd(opt))?;
             }
+            Action::Blockdev(b) => {
+                vmm.execute(b.clone()).map_err(cmd(opt))?;
+            }
+            Action::Netdev(n) => vmm.execute(n.clone()).map_err(cmd(opt))?,
+            Action::Chardev(c) => {
+                vmm.execute(c.clone()).map_err(cmd(opt))?;
+            }
             Action::Name(n) => vmm.set_name(Some(n.clone())),
             Action::NoAutostart => vmm.set_autostart(false),
             Action::Preconfig => preconfig = true,
@@ -762,7 +888,10 @@ mod tests {
             run_err("-accel tcg -machine none"),
             "-machine none: the machine type is already 'microvm'; it cannot change once set"
         );
-        assert!(run_err("-machine none -device virtio-rng-device").contains("has no buses"));
+        assert!(
+            run_err("-machine none -device virtio-rng-device")
+                .contains("bus found for device 'virtio-rng-device'")
+        );
         assert_eq!(
             run_err("-machine none -accel tcg -name x -accel kvm"),
             "-accel kvm: 'accel-set' is not allowed in phase accel-created: it needs machine-created"

@@ -722,6 +722,407 @@ impl Handler<VmmCore> for QomSet {
     }
 }
 
+// ---------------------------------------------------------------- devices
+
+/// `device_del`: removes a device by id or QOM path (see `keel_qdev::DeviceTree::device_del`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeviceDel {
+    /// Device id or canonical path.
+    pub id: String,
+}
+
+impl Command for DeviceDel {
+    const NAME: &'static str = "device_del";
+    const PHASES: PhaseSet = keel_qdev::DEVICE_DEL_PHASES;
+    type Output = ();
+    fn arguments() -> Type {
+        Type::object("q_obj_device_del-arg", vec![req("id", Type::str())])
+    }
+}
+impl Handler<VmmCore> for DeviceDel {
+    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
+        c.device_del(&self.id)
+    }
+}
+
+fn object_property_info() -> Type {
+    Type::object(
+        "ObjectPropertyInfo",
+        vec![
+            req("name", Type::str()),
+            req("type", Type::str()),
+            opt("description", Type::str()),
+            opt("default-value", Type::any()),
+        ],
+    )
+}
+
+/// `qom-list`: the properties (children, links, values) of a QOM object.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QomList {
+    /// Object path, absolute or partial.
+    pub path: String,
+}
+
+impl Command for QomList {
+    const NAME: &'static str = "qom-list";
+    const PHASES: PhaseSet = ANY;
+    type Output = Vec<keel_qdev::ObjectPropertyInfo>;
+    fn arguments() -> Type {
+        Type::object("q_obj_qom-list-arg", vec![req("path", Type::str())])
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::array(object_property_info()))
+    }
+}
+impl Handler<VmmCore> for QomList {
+    fn handle(
+        self,
+        c: &mut VmmCore,
+        _: &Registry<VmmCore>,
+    ) -> Result<Vec<keel_qdev::ObjectPropertyInfo>, CommandError> {
+        c.with_tree(|t| t.qom_list(&self.path))
+            .map_err(|e| crate::devices::qdev_error(&e))
+    }
+}
+
+/// `qom-get`: one property of a QOM object.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QomGet {
+    /// Object path.
+    pub path: String,
+    /// Property name.
+    pub property: String,
+}
+
+impl Command for QomGet {
+    const NAME: &'static str = "qom-get";
+    const PHASES: PhaseSet = ANY;
+    type Output = Value;
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_qom-get-arg",
+            vec![req("path", Type::str()), req("property", Type::str())],
+        )
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::any())
+    }
+}
+impl Handler<VmmCore> for QomGet {
+    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<Value, CommandError> {
+        c.with_tree(|t| t.qom_get(&self.path, &self.property))
+            .map_err(|e| crate::devices::qdev_error(&e))
+    }
+}
+
+/// `qom-list-types`: the device types (and their abstract parents).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct QomListTypes {
+    /// Only types that are or derive from this one.
+    pub implements: Option<String>,
+    /// Include abstract types.
+    #[serde(rename = "abstract")]
+    pub include_abstract: Option<bool>,
+}
+
+impl Command for QomListTypes {
+    const NAME: &'static str = "qom-list-types";
+    const PHASES: PhaseSet = ANY;
+    type Output = Vec<keel_qdev::ObjectTypeInfo>;
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_qom-list-types-arg",
+            vec![
+                opt("implements", Type::str()),
+                opt("abstract", Type::bool()),
+            ],
+        )
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::array(Type::object(
+            "ObjectTypeInfo",
+            vec![
+                req("name", Type::str()),
+                opt("abstract", Type::bool()),
+                opt("parent", Type::str()),
+            ],
+        )))
+    }
+}
+impl Handler<VmmCore> for QomListTypes {
+    fn handle(
+        self,
+        c: &mut VmmCore,
+        _: &Registry<VmmCore>,
+    ) -> Result<Vec<keel_qdev::ObjectTypeInfo>, CommandError> {
+        Ok(c.with_tree(|t| {
+            t.qom_list_types(
+                self.implements.as_deref(),
+                self.include_abstract.unwrap_or(false),
+            )
+        }))
+    }
+}
+
+/// `device-list-properties`: the properties a device type accepts.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeviceListProperties {
+    /// Device type name.
+    pub typename: String,
+}
+
+impl Command for DeviceListProperties {
+    const NAME: &'static str = "device-list-properties";
+    const PHASES: PhaseSet = ANY;
+    type Output = Vec<keel_qdev::ObjectPropertyInfo>;
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_device-list-properties-arg",
+            vec![req("typename", Type::str())],
+        )
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::array(object_property_info()))
+    }
+}
+impl Handler<VmmCore> for DeviceListProperties {
+    fn handle(
+        self,
+        c: &mut VmmCore,
+        _: &Registry<VmmCore>,
+    ) -> Result<Vec<keel_qdev::ObjectPropertyInfo>, CommandError> {
+        c.with_tree(|t| t.device_list_properties(&self.typename))
+            .map_err(|e| crate::devices::qdev_error(&e))
+    }
+}
+
+no_args_command!(
+    /// `x-query-device-tree`: every bus with its devices (path, id, bus, hotplugged,
+    /// onboard, slot resources, unplug state, properties).
+    XQueryDeviceTree, "x-query-device-tree", ANY, Vec<keel_qdev::BusNode>,
+    Some(Type::array(Type::Object {
+        name: "x-DeviceTreeBus",
+        members: vec![
+            req("name", Type::str()),
+            req("type", Type::str()),
+            req("path", Type::str()),
+            req("hotpluggable", Type::bool()),
+            opt("slots", Type::int()),
+            req("devices", Type::array(Type::Object {
+                name: "x-DeviceTreeDevice",
+                members: vec![
+                    opt("id", Type::str()),
+                    req("type", Type::str()),
+                    req("path", Type::str()),
+                    req("bus", Type::str()),
+                    req("hotplugged", Type::bool()),
+                    req("onboard", Type::bool()),
+                    opt("slot", Type::int()),
+                    opt("resources", Type::any()),
+                    req("unplug-state", Type::str()),
+                    req("props", Type::any()),
+                ],
+                extra: None,
+            })),
+        ],
+        extra: None,
+    }))
+);
+impl Handler<VmmCore> for XQueryDeviceTree {
+    fn handle(
+        self,
+        c: &mut VmmCore,
+        _: &Registry<VmmCore>,
+    ) -> Result<Vec<keel_qdev::BusNode>, CommandError> {
+        Ok(c.with_tree(|t| t.query_tree()))
+    }
+}
+
+no_args_command!(
+    /// `system_powerdown`: presses the ACPI power button (POWERDOWN).
+    SystemPowerdown, "system_powerdown", READY, (), None
+);
+impl Handler<VmmCore> for SystemPowerdown {
+    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
+        c.system_powerdown()
+    }
+}
+
+// ---------------------------------------------------------------- backends
+
+/// `blockdev-add` with `driver: "file"` (a raw image).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevAdd {
+    /// Only `file`.
+    pub driver: String,
+    /// Node name, referenced by a device's `drive=`.
+    pub node_name: String,
+    /// Image path.
+    pub filename: PathBuf,
+    /// Open read-only.
+    pub read_only: Option<bool>,
+}
+
+impl Command for BlockdevAdd {
+    const NAME: &'static str = "blockdev-add";
+    const PHASES: PhaseSet = ANY;
+    type Output = ();
+    fn arguments() -> Type {
+        Type::object(
+            "BlockdevOptions",
+            vec![
+                req("driver", Type::str()),
+                req("node-name", Type::str()),
+                req("filename", Type::str()),
+                opt("read-only", Type::bool()),
+            ],
+        )
+    }
+}
+impl Handler<VmmCore> for BlockdevAdd {
+    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
+        if self.driver != "file" {
+            return Err(CommandError::generic(format!(
+                "blockdev driver '{}' is not supported (use driver=file with a raw image)",
+                self.driver
+            )));
+        }
+        c.backends
+            .add_block(
+                &self.node_name,
+                crate::backends::BlockBackend {
+                    filename: self.filename,
+                    read_only: self.read_only.unwrap_or(false),
+                },
+            )
+            .map_err(|e| CommandError::generic(e.to_string()))
+    }
+}
+
+/// `netdev_add` with `type: "tap"`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NetdevAdd {
+    /// Only `tap`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Netdev id, referenced by a device's `netdev=`.
+    pub id: String,
+    /// Host tap interface.
+    pub ifname: Option<String>,
+    /// Must be `no` (Keel runs no scripts).
+    pub script: Option<String>,
+    /// Must be `no`.
+    pub downscript: Option<String>,
+}
+
+impl Command for NetdevAdd {
+    const NAME: &'static str = "netdev_add";
+    const PHASES: PhaseSet = ANY;
+    type Output = ();
+    fn arguments() -> Type {
+        Type::object(
+            "Netdev",
+            vec![
+                req("type", Type::str()),
+                req("id", Type::str()),
+                opt("ifname", Type::str()),
+                opt("script", Type::str()),
+                opt("downscript", Type::str()),
+            ],
+        )
+    }
+}
+impl Handler<VmmCore> for NetdevAdd {
+    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
+        if self.kind != "tap" {
+            return Err(CommandError::generic(format!(
+                "netdev type '{}' is not supported (use type=tap)",
+                self.kind
+            )));
+        }
+        for (k, v) in [("script", &self.script), ("downscript", &self.downscript)] {
+            if let Some(v) = v
+                && v != "no"
+            {
+                return Err(CommandError::generic(format!(
+                    "Parameter '{k}' must be 'no': Keel does not run network scripts"
+                )));
+            }
+        }
+        let ifname = self.ifname.ok_or_else(|| {
+            CommandError::generic("Parameter 'ifname' is missing (name the host tap interface)")
+        })?;
+        c.backends
+            .add_net(&self.id, crate::backends::NetBackend { ifname })
+            .map_err(|e| CommandError::generic(e.to_string()))
+    }
+}
+
+/// `chardev-add` for the `file`, `null` and `stdio` backends
+/// (`{"id": "c0", "backend": {"type": "file", "data": {"out": "PATH"}}}`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChardevAdd {
+    /// Chardev id, referenced by a device's `chardev=`.
+    pub id: String,
+    /// `{"type": ..., "data": {...}}`.
+    pub backend: Value,
+}
+
+impl Command for ChardevAdd {
+    const NAME: &'static str = "chardev-add";
+    const PHASES: PhaseSet = ANY;
+    type Output = Map<String, Value>;
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_chardev-add-arg",
+            vec![req("id", Type::str()), req("backend", Type::any())],
+        )
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::object("ChardevReturn", vec![opt("pty", Type::str())]))
+    }
+}
+impl Handler<VmmCore> for ChardevAdd {
+    fn handle(
+        self,
+        c: &mut VmmCore,
+        _: &Registry<VmmCore>,
+    ) -> Result<Map<String, Value>, CommandError> {
+        use crate::backends::CharBackend;
+        let kind = self.backend.get("type").and_then(Value::as_str);
+        let data = self.backend.get("data");
+        let backend = match kind {
+            Some("null") => CharBackend::Null,
+            Some("stdio") => CharBackend::Stdio,
+            Some("file") => {
+                let out = data.and_then(|d| d.get("out")).and_then(Value::as_str);
+                match out {
+                    Some(p) if !p.is_empty() => CharBackend::File { path: p.into() },
+                    _ => {
+                        return Err(CommandError::generic(
+                            "Parameter 'backend.data.out' is missing (the output file)",
+                        ));
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(CommandError::generic(format!(
+                    "chardev backend '{other}' is not supported for devices (use file, null or stdio)"
+                )));
+            }
+            None => {
+                return Err(CommandError::generic("Parameter 'backend.type' is missing"));
+            }
+        };
+        c.backends
+            .add_chardev(&self.id, backend)
+            .map_err(|e| CommandError::generic(e.to_string()))?;
+        Ok(Map::new())
+    }
+}
+
 /// Registers every command and event on `r`.
 pub fn register_all(r: &mut Registry<VmmCore>) {
     r.register::<QueryVersion>();
@@ -746,6 +1147,31 @@ pub fn register_all(r: &mut Registry<VmmCore>) {
     r.register::<Quit>();
     r.register::<HumanMonitorCommand>();
     r.register::<QomSet>();
+    r.register::<DeviceDel>();
+    r.register::<QomList>();
+    r.register::<QomGet>();
+    r.register::<QomListTypes>();
+    r.register::<DeviceListProperties>();
+    r.register::<XQueryDeviceTree>();
+    r.register::<SystemPowerdown>();
+    r.register::<BlockdevAdd>();
+    r.register::<NetdevAdd>();
+    r.register::<ChardevAdd>();
+    let device_event = || {
+        Some(Type::object(
+            "q_obj_DEVICE_DELETED-arg",
+            vec![opt("device", Type::str()), req("path", Type::str())],
+        ))
+    };
+    r.declare_event("DEVICE_DELETED", device_event());
+    r.declare_event(
+        "DEVICE_UNPLUG_GUEST_ERROR",
+        Some(Type::object(
+            "q_obj_DEVICE_UNPLUG_GUEST_ERROR-arg",
+            vec![opt("device", Type::str()), req("path", Type::str())],
+        )),
+    );
+    r.declare_event("POWERDOWN", None);
     r.declare_event("RESUME", None);
     r.declare_event("STOP", None);
     r.declare_event("SHUTDOWN", Some(shutdown_event_data("q_obj_SHUTDOWN-arg")));

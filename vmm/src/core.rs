@@ -4,13 +4,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use keel_phase::{Phase, PhaseTracker, RunState};
+use keel_qdev::{DeviceRequest, DeviceTree};
 use keel_qmp::{CommandError, EventBus, PhaseSource};
 
 use crate::accel::AccelProbe;
+use crate::backends::Backends;
+use crate::board::BoardContext;
 use crate::board::{Board, MachineConfig, MachineType, MachineTypeInfo};
 use crate::commands::{
     AccelChoice, AccelInfo, AccelRejection, DeviceAdd, KvmInfo, MachineSet, cause_data,
 };
+use crate::devices::{QmpEvents, empty_tree, qdev_error};
 
 /// Why the VMM is shutting down (QAPI `ShutdownCause`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +128,7 @@ pub struct VmmCore {
     pub(crate) machine: Option<Arc<dyn MachineType>>,
     pub(crate) accel: Option<AccelChoice>,
     pub(crate) board: Option<Box<dyn Board>>,
+    pub(crate) backends: Arc<Backends>,
     pub(crate) autostart: bool,
     pub(crate) events: Arc<EventBus>,
     pub(crate) shutdown: Arc<ShutdownSignal>,
@@ -352,7 +357,11 @@ impl VmmCore {
         ) else {
             return Err(generic("the machine or its accelerator is missing"));
         };
-        let board = machine.create(cfg, &accel.accel).map_err(generic)?;
+        let ctx = BoardContext {
+            backends: self.backends.clone(),
+            events: Arc::new(QmpEvents(self.events.clone())),
+        };
+        let board = machine.create(cfg, &accel.accel, &ctx).map_err(generic)?;
         self.board = Some(board);
         self.tracker.advance(Phase::MachineInit).map_err(generic)
     }
@@ -373,19 +382,62 @@ impl VmmCore {
         Ok(())
     }
 
+    /// `device_add` / `-device`: one path through the board's device tree, which decides
+    /// cold or hot plug from the phase.
     pub(crate) fn device_add(&mut self, dev: DeviceAdd) -> Result<(), CommandError> {
-        let hotplug = self.tracker.phase() == Phase::MachineReady;
+        let phase = self.tracker.phase();
+        let mut args = dev.props;
+        args.insert("driver".into(), dev.driver.into());
+        if let Some(id) = dev.id {
+            args.insert("id".into(), id.into());
+        }
+        if let Some(bus) = dev.bus {
+            args.insert("bus".into(), bus.into());
+        }
+        let req = DeviceRequest::from_qmp(&args).map_err(|e| qdev_error(&e))?;
         let board = self
             .board
             .as_mut()
             .ok_or_else(|| generic("the board is missing"))?;
-        let mut props = dev.props;
-        if let Some(bus) = dev.bus {
-            props.insert("bus".into(), bus.into());
-        }
         board
-            .add_device(&dev.driver, dev.id.as_deref(), &props, hotplug)
-            .map_err(generic)
+            .devices_mut()
+            .device_add(phase, &req)
+            .map(|_| ())
+            .map_err(|e| qdev_error(&e))
+    }
+
+    /// `device_del`: removal at once in machine-init; in machine-ready only on buses with
+    /// a hotplug handler (microvm has none).
+    pub(crate) fn device_del(&mut self, id: &str) -> Result<(), CommandError> {
+        let phase = self.tracker.phase();
+        let board = self
+            .board
+            .as_mut()
+            .ok_or_else(|| generic("the board is missing"))?;
+        board
+            .devices_mut()
+            .device_del(phase, id)
+            .map(|_| ())
+            .map_err(|e| qdev_error(&e))
+    }
+
+    /// Runs `f` on the board's device tree, or on an empty one before a board exists
+    /// (introspection works in every phase).
+    pub(crate) fn with_tree<T>(&self, f: impl FnOnce(&DeviceTree) -> T) -> T {
+        match self.board.as_ref() {
+            Some(b) => f(b.devices()),
+            None => f(&empty_tree()),
+        }
+    }
+
+    /// `system_powerdown`: emits POWERDOWN and presses the ACPI power button if the machine
+    /// has one (the guest decides what to do, as in QEMU; without one nothing happens).
+    pub(crate) fn system_powerdown(&mut self) -> Result<(), CommandError> {
+        self.events.emit("POWERDOWN", None);
+        if let Some(b) = self.board.as_mut() {
+            b.power_button();
+        }
+        Ok(())
     }
 
     pub(crate) fn cont(&mut self) -> Result<(), CommandError> {

@@ -18,10 +18,12 @@
 #![deny(missing_docs)]
 
 pub mod accel;
+pub mod backends;
 pub mod board;
 pub mod cli;
 pub mod commands;
 mod core;
+pub mod devices;
 pub mod microvm;
 
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -156,6 +158,7 @@ impl VmmBuilder {
             machine: None,
             accel: None,
             board: None,
+            backends: Arc::new(backends::Backends::new()),
             autostart: true,
             events: events.clone(),
             shutdown: shutdown.clone(),

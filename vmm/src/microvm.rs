@@ -5,19 +5,29 @@
 //! arrive on vCPU threads; they are forwarded as [`BoardEvent`]s over a channel, so the VMM
 //! handles them on its own thread and never takes its lock on a vCPU thread.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use keel_accel::{Accelerator, SystemEvent};
+use keel_accel::{Accelerator, BusDevice, SystemEvent};
 use keel_machine::{
-    MACHINE_PROPERTIES, MachineEvent, MachineEvents, Microvm, MicrovmConfig, SerialBackend,
-    requirements,
+    MACHINE_PROPERTIES, MachineError, MachineEvent, MachineEvents, Microvm, MicrovmConfig,
+    SerialBackend, requirements,
 };
-use serde_json::{Map, Value};
+use keel_qdev::{
+    BusSpec, BusType, DeviceHooks, DeviceKey, DeviceRequest, DeviceTree, DeviceView, HookError,
+    QdevError, SlotResources, Window,
+};
+use keel_virtio::{
+    Block, BlockConfig, Console, MmioTransport, Net, NetConfig, Rng, RxPoller, VirtioDevice,
+};
 
-use crate::board::{Board, BoardError, BoardEvent, CpuInfo, MachineConfig, MachineType};
-use crate::board::{MachineTypeInfo, prop_string};
+use crate::backends::{Backends, CharBackend};
+use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
+use crate::board::{MachineType, MachineTypeInfo};
+use crate::devices::{CONSOLE_DRIVER, VIRTIO_MMIO_TRANSPORT, registry};
 
 /// The accelerator backends this build has, by `-accel` name.
 pub fn make_accel(name: &str) -> Result<Box<dyn Accelerator>, String> {
@@ -122,7 +132,12 @@ impl MachineType for MicrovmType {
         a.check(&requirements(&m)).map_err(|e| e.to_string())
     }
 
-    fn create(&self, cfg: &MachineConfig, accel: &str) -> Result<Box<dyn Board>, BoardError> {
+    fn create(
+        &self,
+        cfg: &MachineConfig,
+        accel: &str,
+        ctx: &BoardContext,
+    ) -> Result<Box<dyn Board>, BoardError> {
         let m = microvm_config(cfg)?;
         let a = make_accel(accel).map_err(|reason| BoardError::Unavailable {
             machine: "microvm".into(),
@@ -131,11 +146,7 @@ impl MachineType for MicrovmType {
         let (tx, rx) = channel();
         let sink: Arc<dyn MachineEvents> = Arc::new(Forward(tx));
         let vm = Microvm::new(m, a.as_ref(), sink).map_err(|e| BoardError::Invalid(chain(&e)))?;
-        Ok(Box::new(MicrovmBoard {
-            vm,
-            events: Some(rx),
-            started: false,
-        }))
+        Ok(Box::new(MicrovmBoard::new(vm, ctx, rx)?))
     }
 }
 
@@ -169,65 +180,306 @@ impl MachineEvents for Forward {
     }
 }
 
+/// One virtio-mmio window of the machine. Until a device is realized in it, it reads as a
+/// transport with device ID 0, which guests skip (as QEMU's empty microvm transports do).
+#[derive(Debug, Default)]
+struct SlotProxy(RwLock<Option<Arc<MmioTransport>>>);
+
+impl SlotProxy {
+    fn get(&self) -> Option<Arc<MmioTransport>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, t: Option<Arc<MmioTransport>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+}
+
+impl BusDevice for SlotProxy {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        if let Some(t) = self.get() {
+            return t.read(offset, data);
+        }
+        data.fill(0);
+        if data.len() == 4 {
+            let v = match offset {
+                0x0 => keel_virtio::MMIO_MAGIC,
+                0x4 => keel_virtio::MMIO_VERSION,
+                0xc => keel_virtio::MMIO_VENDOR_ID,
+                _ => 0,
+            };
+            data.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        if let Some(t) = self.get() {
+            t.write(offset, data);
+        }
+    }
+}
+
+/// A virtio device shared by its transport and, for virtio-net, the RX thread.
+type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
+
+/// What a realized user device holds on to until it is unrealized.
+enum Realized {
+    DebugExit { iobase: u64 },
+    Virtio { slot: usize, _rx: Option<RxPoller> },
+}
+
+/// qdev's realize/unrealize for the microvm: maps `isa-debug-exit` through
+/// [`Microvm::add_device`] and puts virtio devices behind an [`MmioTransport`] in their
+/// slot's window. Onboard devices exist already (the machine built them).
+struct MicrovmHooks {
+    vm: Arc<Mutex<Microvm>>,
+    backends: Arc<Backends>,
+    slots: Vec<Arc<SlotProxy>>,
+    realized: HashMap<DeviceKey, Realized>,
+}
+
+impl MicrovmHooks {
+    fn lock(&self) -> MutexGuard<'_, Microvm> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn virtio_device(
+        &self,
+        dev: &DeviceView<'_>,
+    ) -> Result<(SharedVirtio, Option<RxPoller>), HookError> {
+        let p = dev.props;
+        Ok(match dev.driver {
+            "virtio-blk-device" => {
+                let b = self.backends.block(p.str("drive").unwrap_or_default())?;
+                let mut cfg = BlockConfig::new(&b.filename);
+                cfg.read_only = b.read_only || p.bool("read-only").unwrap_or(false);
+                cfg.serial = p.str("serial").filter(|s| !s.is_empty()).map(str::to_owned);
+                if let Some(q) = p.u64("queue-size") {
+                    cfg.queue_size = u16::try_from(q).map_err(|_| "queue-size too large")?;
+                }
+                (Arc::new(Mutex::new(Block::new(&cfg)?)), None)
+            }
+            "virtio-rng-device" => (Arc::new(Mutex::new(Rng::new()?)), None),
+            "virtio-net-device" => {
+                let n = self.backends.net(p.str("netdev").unwrap_or_default())?;
+                let mac = NetConfig::parse_mac(p.str("mac").unwrap_or_default())?;
+                let net = Arc::new(Mutex::new(Net::with_tap(&n.ifname, NetConfig { mac })?));
+                let rx = RxPoller::spawn(net.clone())?;
+                (net, Some(rx))
+            }
+            CONSOLE_DRIVER => {
+                let c = self
+                    .backends
+                    .chardev(p.str("chardev").unwrap_or_default())?;
+                let out: Box<dyn Write + Send> = match c {
+                    CharBackend::File { path } => Box::new(
+                        std::fs::File::create(&path)
+                            .map_err(|e| format!("Could not open '{}': {e}", path.display()))?,
+                    ),
+                    CharBackend::Null => Box::new(std::io::sink()),
+                    CharBackend::Stdio => Box::new(std::io::stdout()),
+                };
+                (Arc::new(Mutex::new(Console::new(out))), None)
+            }
+            other => return Err(format!("microvm cannot realize '{other}'").into()),
+        })
+    }
+}
+
+impl DeviceHooks for MicrovmHooks {
+    fn realize(&mut self, dev: &DeviceView<'_>) -> Result<(), HookError> {
+        if dev.onboard {
+            return Ok(());
+        }
+        if dev.driver == "isa-debug-exit" {
+            let iobase = dev.props.u64("iobase").unwrap_or(0x501);
+            let iosize = dev.props.u64("iosize").unwrap_or(2);
+            self.lock()
+                .add_device(
+                    "isa-debug-exit",
+                    &[
+                        ("iobase".to_owned(), iobase.to_string()),
+                        ("iosize".to_owned(), iosize.to_string()),
+                    ],
+                )
+                .map_err(|e| chain(&e))?;
+            self.realized
+                .insert(dev.key, Realized::DebugExit { iobase });
+            return Ok(());
+        }
+        let (slot, gsi) = match (dev.slot, dev.resources.and_then(|r| r.irq)) {
+            (Some(s), Some(g)) => (s as usize, g),
+            _ => return Err(format!("'{}' needs a virtio-mmio slot", dev.driver).into()),
+        };
+        let proxy = self
+            .slots
+            .get(slot)
+            .cloned()
+            .ok_or_else(|| format!("virtio-mmio slot {slot} does not exist"))?;
+        let (device, rx) = self.virtio_device(dev)?;
+        let (memory, irq) = {
+            let vm = self.lock();
+            (vm.memory().clone(), vm.vm().irq_line(gsi)?)
+        };
+        // Queue notifications are processed on the vCPU thread that wrote QueueNotify
+        // (inline, the transport's default); the RX side of virtio-net has its own thread.
+        proxy.set(Some(Arc::new(MmioTransport::new(device, memory, irq))));
+        self.realized
+            .insert(dev.key, Realized::Virtio { slot, _rx: rx });
+        Ok(())
+    }
+
+    fn unrealize(&mut self, dev: &DeviceView<'_>) {
+        match self.realized.remove(&dev.key) {
+            Some(Realized::DebugExit { iobase }) => {
+                if let Err(e) = self.lock().buses().pio.remove(iobase) {
+                    eprintln!("vmm: unmapping isa-debug-exit at {iobase:#x}: {e}");
+                }
+            }
+            Some(Realized::Virtio { slot, _rx }) => {
+                if let Some(p) = self.slots.get(slot) {
+                    p.set(None);
+                }
+                // `_rx` is dropped here: the RX thread stops.
+            }
+            None => {}
+        }
+    }
+}
+
 /// A running (or ready) microvm.
 struct MicrovmBoard {
-    vm: Microvm,
+    vm: Arc<Mutex<Microvm>>,
+    tree: DeviceTree,
     events: Option<Receiver<BoardEvent>>,
     started: bool,
 }
 
+impl MicrovmBoard {
+    fn lock(&self) -> MutexGuard<'_, Microvm> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Maps every virtio-mmio window the machine has (eagerly, as QEMU's microvm creates all
+    /// its transports) and builds the device tree: onboard devices under
+    /// `/machine/unattached`, `isa.0`, and one `virtio-mmio-bus.N` per transport.
+    fn new(
+        mut vm: Microvm,
+        ctx: &BoardContext,
+        events: Receiver<BoardEvent>,
+    ) -> Result<Self, BoardError> {
+        let mut slots = Vec::new();
+        let mut windows = Vec::new();
+        for _ in 0..keel_machine::VIRTIO_MMIO_SLOTS {
+            let proxy = Arc::new(SlotProxy::default());
+            match vm.add_virtio_mmio(proxy.clone()) {
+                Ok(w) => {
+                    slots.push(proxy);
+                    windows.push(w);
+                }
+                Err(MachineError::NoVirtioSlot(_)) => break,
+                Err(e) => return Err(BoardError::Invalid(chain(&e))),
+            }
+        }
+        let onboard: Vec<&'static str> = vm
+            .device_info()
+            .into_iter()
+            .filter(|d| d.onboard)
+            .map(|d| d.type_name)
+            .collect();
+        let vm = Arc::new(Mutex::new(vm));
+        let hooks = MicrovmHooks {
+            vm: vm.clone(),
+            backends: ctx.backends.clone(),
+            slots,
+            realized: HashMap::new(),
+        };
+        let mut tree = DeviceTree::new(registry(), Box::new(hooks), ctx.events.clone());
+        let e = |e: QdevError| BoardError::Invalid(e.qmp_desc());
+        tree.add_bus(BusSpec::new("main-system-bus", BusType::System))
+            .map_err(e)?;
+        tree.add_bus(BusSpec::new("isa.0", BusType::Isa))
+            .map_err(e)?;
+        let init = keel_phase::Phase::MachineInit;
+        for name in onboard {
+            if tree.registry().get(name).is_some() {
+                tree.add_onboard(init, &DeviceRequest::new(name))
+                    .map_err(e)?;
+            }
+        }
+        for (i, w) in windows.iter().enumerate() {
+            let t = tree
+                .add_onboard(init, &DeviceRequest::new(VIRTIO_MMIO_TRANSPORT))
+                .map_err(e)?;
+            let slot = SlotResources {
+                mmio: Some(Window {
+                    base: w.base,
+                    len: w.size,
+                }),
+                pio: None,
+                irq: Some(w.gsi),
+            };
+            tree.add_bus(
+                BusSpec::new(format!("virtio-mmio-bus.{i}"), BusType::VirtioMmio)
+                    .parent(t.path)
+                    .slots(vec![slot]),
+            )
+            .map_err(e)?;
+        }
+        Ok(Self {
+            vm,
+            tree,
+            events: Some(events),
+            started: false,
+        })
+    }
+}
+
 impl Board for MicrovmBoard {
-    fn add_device(
-        &mut self,
-        driver: &str,
-        id: Option<&str>,
-        props: &Map<String, Value>,
-        hotplug: bool,
-    ) -> Result<(), BoardError> {
-        if hotplug {
-            return Err(BoardError::Device(format!(
-                "Bus 'isa.0' does not support hotplugging (device '{}', driver '{driver}')",
-                id.unwrap_or("")
-            )));
-        }
-        let mut list = Vec::with_capacity(props.len());
-        for (k, v) in props {
-            list.push((k.clone(), prop_string(k, v).map_err(BoardError::Device)?));
-        }
-        self.vm
-            .add_device(driver, &list)
-            .map_err(|e| BoardError::Device(chain(&e)))
+    fn devices(&self) -> &DeviceTree {
+        &self.tree
+    }
+
+    fn devices_mut(&mut self) -> &mut DeviceTree {
+        &mut self.tree
     }
 
     fn done(&mut self) -> Result<(), BoardError> {
-        self.vm
+        self.lock()
             .finish_init()
             .map_err(|e| BoardError::Invalid(chain(&e)))
     }
 
     fn resume(&mut self) -> Result<(), BoardError> {
         if self.started {
-            self.vm.resume();
+            self.lock().resume();
             Ok(())
         } else {
             self.started = true;
-            self.vm.start().map_err(|e| BoardError::Invalid(chain(&e)))
+            self.lock()
+                .start()
+                .map_err(|e| BoardError::Invalid(chain(&e)))
         }
     }
 
     fn pause(&mut self) -> Result<(), BoardError> {
         if self.started {
-            self.vm.pause();
+            self.lock().pause();
         }
         Ok(())
     }
 
     fn reset(&mut self) -> Result<(), BoardError> {
-        self.vm.reset().map_err(|e| BoardError::Invalid(chain(&e)))
+        self.lock()
+            .reset()
+            .map_err(|e| BoardError::Invalid(chain(&e)))?;
+        // Completes outstanding unplug requests, as a QEMU system reset does.
+        self.tree.reset();
+        Ok(())
     }
 
     fn cpus(&self) -> Vec<CpuInfo> {
-        self.vm
+        self.lock()
             .cpu_info()
             .into_iter()
             .map(|c| CpuInfo {
@@ -244,10 +496,10 @@ impl Board for MicrovmBoard {
     }
 
     fn power_button(&mut self) -> bool {
-        self.vm.power_button()
+        self.lock().power_button()
     }
 
     fn shutdown(&mut self) {
-        self.vm.shutdown();
+        self.lock().shutdown();
     }
 }

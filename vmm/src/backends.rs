@@ -1,0 +1,260 @@
+//! Device backends (`blockdev-add`, `netdev_add`, `chardev-add` and their command-line
+//! forms), kept by the VMM from no-machine on and looked up by a device's `drive=`,
+//! `netdev=` or `chardev=` property when it is realized.
+//!
+//! Only what the backend *is* lives here (a file name, an interface name); the device models
+//! in `keel-virtio` open them at realize time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// Most backends of each kind; more are refused (the store is client-controlled).
+pub const MAX_BACKENDS: usize = 256;
+
+/// A raw image (`-blockdev driver=file,...` / `blockdev-add`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockBackend {
+    /// Image path.
+    pub filename: PathBuf,
+    /// Opened read-only.
+    pub read_only: bool,
+}
+
+/// A network backend (`-netdev tap,...` / `netdev_add`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetBackend {
+    /// Host tap interface name.
+    pub ifname: String,
+}
+
+/// A character backend (`-chardev file|null,...` / `chardev-add`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "type")]
+pub enum CharBackend {
+    /// Output goes to a file (created or truncated when the device opens it).
+    File {
+        /// File path.
+        path: PathBuf,
+    },
+    /// Output is dropped.
+    Null,
+    /// Output goes to the VMM's standard output.
+    Stdio,
+}
+
+/// Errors of the backend store; the text becomes a QMP `GenericError`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The id or node name is taken.
+    #[error("Duplicate {kind} ID '{id}'")]
+    Duplicate {
+        /// `node-name`, `netdev` or `chardev`.
+        kind: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// An id that QEMU would not accept.
+    #[error("Invalid {kind} ID '{id}': use letters, digits, '-', '.', '_', starting with a letter")]
+    BadId {
+        /// Kind of backend.
+        kind: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// Too many backends of one kind.
+    #[error("too many {0} backends (at most {MAX_BACKENDS})")]
+    Full(&'static str),
+    /// The backend cannot be used as given.
+    #[error("{0}")]
+    Invalid(String),
+    /// A device names a backend that does not exist.
+    #[error("{kind} '{id}' not found (add it first with {command})")]
+    NotFound {
+        /// `Drive`, `Netdev` or `Chardev`.
+        kind: &'static str,
+        /// The id the device gave.
+        id: String,
+        /// The command that creates it.
+        command: &'static str,
+    },
+}
+
+fn check_id(kind: &'static str, id: &str) -> Result<(), BackendError> {
+    if keel_qdev::id_wellformed(id) {
+        Ok(())
+    } else {
+        Err(BackendError::BadId {
+            kind,
+            id: id.to_owned(),
+        })
+    }
+}
+
+fn insert<T>(
+    map: &mut BTreeMap<String, T>,
+    kind: &'static str,
+    id: &str,
+    value: T,
+) -> Result<(), BackendError> {
+    check_id(kind, id)?;
+    if map.contains_key(id) {
+        return Err(BackendError::Duplicate {
+            kind,
+            id: id.to_owned(),
+        });
+    }
+    if map.len() >= MAX_BACKENDS {
+        return Err(BackendError::Full(kind));
+    }
+    map.insert(id.to_owned(), value);
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    block: BTreeMap<String, BlockBackend>,
+    net: BTreeMap<String, NetBackend>,
+    chardev: BTreeMap<String, CharBackend>,
+}
+
+/// The backend store, shared by the VMM core (commands) and the board (realize).
+#[derive(Debug, Default)]
+pub struct Backends(Mutex<Inner>);
+
+impl Backends {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `blockdev-add` with `driver=file`: the file must exist (and be a regular file or a
+    /// block device) now, as QEMU opens it at this point.
+    pub fn add_block(&self, node_name: &str, b: BlockBackend) -> Result<(), BackendError> {
+        match std::fs::metadata(&b.filename) {
+            Ok(m) if !m.is_dir() => {}
+            Ok(_) => {
+                return Err(BackendError::Invalid(format!(
+                    "Could not open '{}': Is a directory",
+                    b.filename.display()
+                )));
+            }
+            Err(e) => {
+                return Err(BackendError::Invalid(format!(
+                    "Could not open '{}': {e}",
+                    b.filename.display()
+                )));
+            }
+        }
+        insert(&mut self.lock().block, "node-name", node_name, b)
+    }
+
+    /// `netdev_add` with `type=tap`.
+    pub fn add_net(&self, id: &str, n: NetBackend) -> Result<(), BackendError> {
+        if n.ifname.is_empty() || n.ifname.len() >= libc::IFNAMSIZ {
+            return Err(BackendError::Invalid(format!(
+                "tap interface name '{}' must have 1 to {} characters",
+                n.ifname,
+                libc::IFNAMSIZ - 1
+            )));
+        }
+        insert(&mut self.lock().net, "netdev", id, n)
+    }
+
+    /// `chardev-add`.
+    pub fn add_chardev(&self, id: &str, c: CharBackend) -> Result<(), BackendError> {
+        insert(&mut self.lock().chardev, "chardev", id, c)
+    }
+
+    /// The block backend a device's `drive=` names.
+    pub fn block(&self, id: &str) -> Result<BlockBackend, BackendError> {
+        self.lock()
+            .block
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound {
+                kind: "Drive",
+                id: id.to_owned(),
+                command: "blockdev-add or -blockdev",
+            })
+    }
+
+    /// The network backend a device's `netdev=` names.
+    pub fn net(&self, id: &str) -> Result<NetBackend, BackendError> {
+        self.lock()
+            .net
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound {
+                kind: "Netdev",
+                id: id.to_owned(),
+                command: "netdev_add or -netdev",
+            })
+    }
+
+    /// The character backend a device's `chardev=` names.
+    pub fn chardev(&self, id: &str) -> Result<CharBackend, BackendError> {
+        self.lock()
+            .chardev
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound {
+                kind: "Chardev",
+                id: id.to_owned(),
+                command: "chardev-add or -chardev",
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_and_lookups() {
+        let b = Backends::new();
+        let file = std::env::temp_dir().join(format!("keel-backends-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let blk = BlockBackend {
+            filename: file.clone(),
+            read_only: false,
+        };
+        b.add_block("d0", blk.clone()).unwrap();
+        assert_eq!(
+            b.add_block("d0", blk.clone()).unwrap_err().to_string(),
+            "Duplicate node-name ID 'd0'"
+        );
+        assert!(b.add_block("0bad", blk).is_err());
+        assert_eq!(b.block("d0").unwrap().filename, file);
+        assert!(b.block("nope").unwrap_err().to_string().contains("'nope'"));
+        let missing = BlockBackend {
+            filename: "/nonexistent/keel".into(),
+            read_only: true,
+        };
+        assert!(
+            b.add_block("d1", missing)
+                .unwrap_err()
+                .to_string()
+                .contains("Could not open")
+        );
+        assert!(
+            b.add_net(
+                "n0",
+                NetBackend {
+                    ifname: "x".repeat(20)
+                }
+            )
+            .is_err()
+        );
+        b.add_chardev("c0", CharBackend::Null).unwrap();
+        assert_eq!(b.chardev("c0").unwrap(), CharBackend::Null);
+        std::fs::remove_file(&file).ok();
+    }
+}

@@ -1,0 +1,165 @@
+//! The qdev device model (`keel-qdev`) as the VMM uses it: the device types Keel's machines
+//! offer, the event sink that turns device events into QMP events, and the mapping of
+//! qdev errors onto QMP error classes.
+//!
+//! The device *semantics* (ids, paths, phases, cold/hot plug, unplug) are `keel-qdev`'s; the
+//! device *behaviour* is `keel-virtio`'s and `keel-devices`'; the machine-specific realize
+//! hooks live with the machine (`crate::microvm`).
+//!
+//! # Console
+//!
+//! `keel-virtio`'s console is a single-port virtio console device (no multiport, no control
+//! queue). It is exposed under QEMU's port driver name `virtconsole`, sitting directly on a
+//! virtio-mmio bus, with `chardev=ID` naming its backend:
+//! `-chardev file,id=c0,path=out.txt -device virtconsole,chardev=c0`. QEMU's two-step
+//! `virtio-serial-device` + `virtconsole` is not modelled; Linux shows the device as `hvc0`
+//! either way.
+
+use std::sync::Arc;
+
+use keel_qdev::{
+    BusType, DeviceEvent, DeviceTree, DeviceType, EventSink, NoHooks, PropSpec, QdevError,
+    TypeRegistry,
+};
+use keel_qmp::{CommandError, ErrorClass, EventBus};
+
+/// Driver name of the single-port virtio console (see the module documentation).
+pub const CONSOLE_DRIVER: &str = "virtconsole";
+
+/// Type name of the onboard virtio-mmio transports (QEMU's `virtio-mmio`).
+pub const VIRTIO_MMIO_TRANSPORT: &str = "virtio-mmio";
+
+/// The device types Keel knows: what `-device help`-like introspection
+/// (`qom-list-types`, `device-list-properties`) reports, for every machine.
+pub fn registry() -> TypeRegistry {
+    let mut r = TypeRegistry::new();
+    let types = [
+        DeviceType::new("isa-debug-exit", BusType::Isa)
+            .description(
+                "ISA debug exit device: a guest write of V ends the VMM with status (V<<1)|1",
+            )
+            .prop(
+                PropSpec::uint32("iobase")
+                    .default_u64(0x501)
+                    .range(0, 0xffff)
+                    .description("first I/O port"),
+            )
+            .prop(
+                PropSpec::uint32("iosize")
+                    .default_u64(2)
+                    .range(1, 4)
+                    .description("number of I/O ports (1, 2 or 4)"),
+            ),
+        DeviceType::new("virtio-blk-device", BusType::VirtioMmio)
+            .description("virtio block device (raw image)")
+            .prop(PropSpec::string("drive").description("block backend node name (blockdev-add)"))
+            .prop(
+                PropSpec::string("serial")
+                    .default_str("")
+                    .description("serial number the guest reads (at most 20 bytes)"),
+            )
+            .prop(
+                PropSpec::bool("read-only")
+                    .default_bool(false)
+                    .description("expose the disk read-only"),
+            )
+            .prop(
+                PropSpec::uint16("queue-size")
+                    .default_u64(256)
+                    .range(2, 1024)
+                    .description("virtqueue size (a power of two)"),
+            ),
+        DeviceType::new("virtio-rng-device", BusType::VirtioMmio)
+            .description("virtio entropy device (host /dev/urandom)"),
+        DeviceType::new("virtio-net-device", BusType::VirtioMmio)
+            .description("virtio network device (tap backend)")
+            .prop(PropSpec::string("netdev").description("network backend id (netdev_add)"))
+            .prop(
+                PropSpec::string("mac")
+                    .default_str("52:54:00:12:34:56")
+                    .description("guest MAC address"),
+            ),
+        DeviceType::new(CONSOLE_DRIVER, BusType::VirtioMmio)
+            .description("single-port virtio console (hvc0 in Linux)")
+            .prop(PropSpec::string("chardev").description("character backend id (chardev-add)")),
+        // Onboard devices: the board creates them, users cannot.
+        DeviceType::new("isa-serial", BusType::Isa)
+            .description("16550A UART (COM1)")
+            .user_creatable(false),
+        DeviceType::new("i8042", BusType::Isa)
+            .description("i8042 keyboard controller")
+            .user_creatable(false),
+        DeviceType::new("mc146818rtc", BusType::Isa)
+            .description("MC146818 real-time clock")
+            .user_creatable(false),
+        DeviceType::new("acpi-ged", BusType::System)
+            .description("ACPI generic event device (power button, sleep control)")
+            .user_creatable(false),
+        DeviceType::new(VIRTIO_MMIO_TRANSPORT, BusType::System)
+            .description("virtio-mmio transport (one virtio-mmio bus each)")
+            .user_creatable(false),
+    ];
+    for t in types {
+        // Static, distinct names: registration cannot fail.
+        if let Err(e) = r.register(t) {
+            eprintln!("vmm: device type registration failed: {e}");
+        }
+    }
+    r
+}
+
+/// A tree with Keel's types and no buses: what the `none` machine has, and what
+/// introspection answers before any machine exists.
+pub fn empty_tree() -> DeviceTree {
+    DeviceTree::new(registry(), Box::new(NoHooks), Arc::new(keel_qdev::NoEvents))
+}
+
+/// Forwards `DEVICE_DELETED` / `DEVICE_UNPLUG_GUEST_ERROR` to QMP clients.
+#[derive(Debug)]
+pub struct QmpEvents(pub Arc<EventBus>);
+
+impl EventSink for QmpEvents {
+    fn emit(&self, event: DeviceEvent) {
+        self.0.emit(event.name(), Some(event.data()));
+    }
+}
+
+/// A qdev error as a QMP error: its class and its message with sources.
+pub fn qdev_error(e: &QdevError) -> CommandError {
+    let class = match e.qmp_class() {
+        "OutOfPhase" => ErrorClass::OutOfPhase,
+        "DeviceNotFound" => ErrorClass::DeviceNotFound,
+        _ => ErrorClass::GenericError,
+    };
+    CommandError::with_class(class, e.qmp_desc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_phase::Phase;
+
+    #[test]
+    fn types_validate_like_qemu() {
+        let mut t = empty_tree();
+        // No buses (the none machine): nothing can be added, and the message says why.
+        let e = t
+            .device_add_cli(Phase::MachineInit, "virtio-rng-device")
+            .unwrap_err();
+        assert!(e.to_string().contains("virtio-mmio"), "{e}");
+        let e = t
+            .device_add_cli(Phase::MachineInit, "isa-serial")
+            .unwrap_err();
+        assert_eq!(qdev_error(&e).class(), ErrorClass::GenericError);
+        let props = t.device_list_properties("virtio-blk-device").unwrap();
+        assert!(props.iter().any(|p| p.name == "drive"));
+        assert!(
+            t.qom_list_types(Some("virtio-device"), false)
+                .iter()
+                .any(|i| i.name == "virtio-blk-device")
+                || t.qom_list_types(None, false)
+                    .iter()
+                    .any(|i| i.name == "virtio-blk-device")
+        );
+    }
+}

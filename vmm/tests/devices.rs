@@ -1,0 +1,480 @@
+//! The device model through the real binary: the pure-QMP flow of the qdev issue
+//! (machine-set microvm, accel-set, machine-init, cold `device_add`, machine-done, hot plug
+//! refused, `device_del` and error cases), the same devices from the command line giving
+//! the same tree, and `isa-debug-exit` ending the process with the guest's status.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Client, TempDir, Vmm};
+use serde_json::{Value, json};
+
+/// A raw disk image with a known first sector.
+fn disk(dir: &TempDir) -> String {
+    let p = dir.path("disk.img");
+    let mut data = vec![0u8; 1 << 20];
+    data[..16].copy_from_slice(b"keel-disk-marker");
+    std::fs::write(&p, data).unwrap();
+    p.display().to_string()
+}
+
+/// The devices of `x-query-device-tree` by id: (bus, path, hotplugged, unplug-state).
+fn user_devices(tree: &Value) -> Vec<(String, String, String, bool, String)> {
+    let mut v = Vec::new();
+    for bus in tree.as_array().unwrap() {
+        for d in bus["devices"].as_array().unwrap() {
+            if let Some(id) = d["id"].as_str() {
+                v.push((
+                    id.to_owned(),
+                    d["bus"].as_str().unwrap().to_owned(),
+                    d["path"].as_str().unwrap().to_owned(),
+                    d["hotplugged"].as_bool().unwrap(),
+                    d["unplug-state"].as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+fn peripherals(c: &mut Client) -> Vec<String> {
+    let list = c.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    let mut names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"].as_str().unwrap_or("").starts_with("child<"))
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Brings a `-preconfig` VMM through the pure-QMP flow; returns the device tree.
+fn pure_qmp(c: &mut Client, image: &str) -> Value {
+    // Backends exist from no-machine on.
+    assert_eq!(c.phase(), "no-machine");
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "file", "filename": image, "node-name": "d0"}),
+    );
+    let d = c.err(
+        "blockdev-add",
+        json!({"driver": "file", "filename": image, "node-name": "d0"}),
+        "GenericError",
+    );
+    assert!(d.contains("'d0'"), "{d}");
+    c.ok("machine-set", json!({"type": "microvm"}));
+    c.ok("accel-set", json!({"accel": "tcg"}));
+
+    // Too early for devices: refused, nothing moves.
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtio-rng-device"}),
+        "OutOfPhase",
+    );
+    assert!(d.contains("machine-init"), "{d}");
+    assert_eq!(c.phase(), "accel-created");
+
+    c.ok("machine-init", Value::Null);
+    assert_eq!(c.phase(), "machine-init");
+
+    // Cold plug.
+    c.ok(
+        "device_add",
+        json!({"driver": "isa-debug-exit", "id": "dbg", "iobase": 0xf4, "iosize": 4}),
+    );
+    c.ok(
+        "device_add",
+        json!({"driver": "virtio-rng-device", "id": "rng0"}),
+    );
+    c.ok(
+        "device_add",
+        json!({"driver": "virtio-blk-device", "id": "disk0", "drive": "d0", "serial": "abc"}),
+    );
+
+    // Errors name what is wrong and create nothing.
+    let before = peripherals(c);
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtio-rng-device", "id": "rng0"}),
+        "GenericError",
+    );
+    assert!(d.contains("rng0"), "{d}");
+    let d = c.err(
+        "device_add",
+        json!({"driver": "no-such-device", "id": "x1"}),
+        "GenericError",
+    );
+    assert!(d.contains("no-such-device"), "{d}");
+    let d = c.err(
+        "device_add",
+        json!({"driver": "isa-debug-exit", "id": "x2", "iosize": 8}),
+        "GenericError",
+    );
+    assert!(d.contains("iosize"), "{d}");
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtio-rng-device", "id": "x3", "colour": "red"}),
+        "GenericError",
+    );
+    assert!(d.contains("colour"), "{d}");
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtio-blk-device", "id": "x4", "drive": "nope"}),
+        "GenericError",
+    );
+    assert!(d.contains("nope"), "{d}");
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtio-blk-device", "id": "x5"}),
+        "GenericError",
+    );
+    assert!(d.contains("drive"), "{d}");
+    let d = c.err(
+        "device_add",
+        json!({"driver": "isa-serial", "id": "x6"}),
+        "GenericError",
+    );
+    assert!(d.contains("isa-serial"), "{d}");
+    let d = c.err("device_del", json!({"id": "nope"}), "DeviceNotFound");
+    assert!(d.contains("nope"), "{d}");
+    assert_eq!(peripherals(c), before);
+    assert_eq!(before, ["dbg", "disk0", "rng0"]);
+
+    // A device deleted in machine-init goes at once (with DEVICE_DELETED), and its id and
+    // slot are free again.
+    c.ok(
+        "device_add",
+        json!({"driver": "virtio-rng-device", "id": "tmp"}),
+    );
+    c.ok("device_del", json!({"id": "tmp"}));
+    let ev = c.next_event();
+    assert_eq!(ev["event"], "DEVICE_DELETED");
+    assert_eq!(
+        ev["data"],
+        json!({"device": "tmp", "path": "/machine/peripheral/tmp"})
+    );
+    assert_eq!(peripherals(c), before);
+
+    c.ok("machine-done", Value::Null);
+    assert_eq!(c.phase(), "machine-ready");
+
+    // Hot plug on microvm's virtio-mmio buses: refused as QEMU does.
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtio-blk-device", "id": "disk1", "drive": "d0"}),
+        "GenericError",
+    );
+    assert!(d.contains("does not support hotplugging"), "{d}");
+    assert!(d.starts_with("Bus 'virtio-mmio-bus."), "{d}");
+    let d = c.err(
+        "device_add",
+        json!({"driver": "isa-debug-exit", "id": "dbg2", "iobase": 0x600}),
+        "GenericError",
+    );
+    assert_eq!(d, "Bus 'isa.0' does not support hotplugging");
+    let d = c.err("device_del", json!({"id": "dbg"}), "GenericError");
+    assert!(d.contains("does not support hotplugging"), "{d}");
+    let d = c.err("device_del", json!({"id": "nope"}), "DeviceNotFound");
+    assert_eq!(d, "Device 'nope' not found");
+    assert_eq!(peripherals(c), before);
+
+    // Out of phase: refused, phase and status unchanged.
+    let status = c.status();
+    for (cmd, args) in [
+        ("machine-init", Value::Null),
+        ("machine-set", json!({"type": "microvm"})),
+        ("accel-set", json!({"accel": "tcg"})),
+        ("machine-done", Value::Null),
+    ] {
+        c.err(cmd, args, "OutOfPhase");
+        assert_eq!(c.phase(), "machine-ready");
+        assert_eq!(c.status(), status);
+    }
+
+    // Introspection.
+    assert_eq!(
+        c.ok(
+            "qom-get",
+            json!({"path": "/machine/peripheral/dbg", "property": "iobase"})
+        ),
+        json!(0xf4)
+    );
+    assert_eq!(
+        c.ok("qom-get", json!({"path": "dbg", "property": "hotplugged"})),
+        json!(false)
+    );
+    let types = c.ok("qom-list-types", Value::Null);
+    for t in [
+        "isa-debug-exit",
+        "virtio-blk-device",
+        "virtio-net-device",
+        "virtio-rng-device",
+        "virtconsole",
+    ] {
+        assert!(
+            types.as_array().unwrap().iter().any(|x| x["name"] == t),
+            "{t} missing from {types}"
+        );
+    }
+    let props = c.ok(
+        "device-list-properties",
+        json!({"typename": "virtio-blk-device"}),
+    );
+    assert!(
+        props
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "drive")
+    );
+    c.err(
+        "device-list-properties",
+        json!({"typename": "nope"}),
+        "DeviceNotFound",
+    );
+
+    let tree = c.ok("x-query-device-tree", Value::Null);
+    assert_eq!(
+        user_devices(&tree),
+        [
+            (
+                "dbg".into(),
+                "isa.0".into(),
+                "/machine/peripheral/dbg".into(),
+                false,
+                "none".into()
+            ),
+            (
+                "disk0".into(),
+                "virtio-mmio-bus.1".into(),
+                "/machine/peripheral/disk0".into(),
+                false,
+                "none".into()
+            ),
+            (
+                "rng0".into(),
+                "virtio-mmio-bus.0".into(),
+                "/machine/peripheral/rng0".into(),
+                false,
+                "none".into()
+            ),
+        ]
+    );
+    // Onboard devices are there, under /machine/unattached, and cannot be removed.
+    let isa = tree
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "isa.0")
+        .unwrap();
+    let serial = isa["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["type"] == "isa-serial")
+        .unwrap();
+    assert_eq!(serial["onboard"], true);
+    let path = serial["path"].as_str().unwrap().to_owned();
+    assert!(path.starts_with("/machine/unattached/device["), "{path}");
+    c.err("device_del", json!({"id": path}), "GenericError");
+    tree
+}
+
+#[test]
+fn pure_qmp_flow_and_command_line_give_the_same_tree() {
+    let dir = TempDir::new();
+    let image = disk(&dir);
+
+    let mut vmm = Vmm::start(&["-preconfig", "-S"]);
+    let mut c = vmm.qmp();
+    let qmp_tree = pure_qmp(&mut c, &image);
+    assert!(
+        c.events.iter().all(|e| e["event"] != "DEVICE_DELETED"),
+        "{:?}",
+        c.events
+    );
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+
+    let blockdev = format!("driver=file,filename={image},node-name=d0");
+    let mut vmm = Vmm::start(&[
+        "-S",
+        "-machine",
+        "microvm",
+        "-accel",
+        "tcg",
+        "-blockdev",
+        &blockdev,
+        "-device",
+        "isa-debug-exit,id=dbg,iobase=0xf4,iosize=0x4",
+        "-device",
+        "virtio-rng-device,id=rng0",
+        "-device",
+        "virtio-blk-device,id=disk0,drive=d0,serial=abc",
+    ]);
+    let mut c = vmm.qmp();
+    assert_eq!(c.phase(), "machine-ready");
+    let cli_tree = c.ok("x-query-device-tree", Value::Null);
+    assert_eq!(cli_tree, qmp_tree);
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+
+    // The -drive shorthand reaches the same backend.
+    let drive = format!("file={image},if=none,id=d0,format=raw");
+    let mut vmm = Vmm::start(&[
+        "-S",
+        "-machine",
+        "microvm",
+        "-accel",
+        "tcg",
+        "-drive",
+        &drive,
+        "-device",
+        "isa-debug-exit,id=dbg,iobase=0xf4,iosize=0x4",
+        "-device",
+        "virtio-rng-device,id=rng0",
+        "-device",
+        "virtio-blk-device,id=disk0,drive=d0,serial=abc",
+    ]);
+    let mut c = vmm.qmp();
+    assert_eq!(c.ok("x-query-device-tree", Value::Null), qmp_tree);
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+}
+
+#[test]
+fn command_line_errors_name_the_option() {
+    let (st, err) = common::run_to_end(&[
+        "-machine",
+        "microvm",
+        "-accel",
+        "tcg",
+        "-device",
+        "virtio-blk-device,drive=missing",
+    ]);
+    assert!(!st.success());
+    assert!(
+        err.contains("-device virtio-blk-device,drive=missing"),
+        "{err}"
+    );
+    assert!(err.contains("missing"), "{err}");
+    let (st, err) = common::run_to_end(&["-netdev", "user,id=n0"]);
+    assert!(!st.success());
+    assert!(err.contains("netdev type 'user'"), "{err}");
+}
+
+#[test]
+fn backends_and_devices_on_the_none_machine() {
+    let mut vmm = Vmm::start(&["-preconfig", "-S"]);
+    let mut c = vmm.qmp();
+    c.ok(
+        "chardev-add",
+        json!({"id": "c0", "backend": {"type": "null", "data": {}}}),
+    );
+    c.err(
+        "chardev-add",
+        json!({"id": "c0", "backend": {"type": "null", "data": {}}}),
+        "GenericError",
+    );
+    c.ok(
+        "netdev_add",
+        json!({"type": "tap", "id": "n0", "ifname": "keeltap0", "script": "no", "downscript": "no"}),
+    );
+    let d = c.err(
+        "netdev_add",
+        json!({"type": "tap", "id": "n1", "ifname": "t", "script": "/etc/qemu-ifup"}),
+        "GenericError",
+    );
+    assert!(d.contains("script"), "{d}");
+    c.ok("machine-set", json!({"type": "none"}));
+    c.ok("accel-set", json!({"accel": "tcg"}));
+    c.ok("machine-init", Value::Null);
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtio-rng-device"}),
+        "GenericError",
+    );
+    assert!(d.contains("bus found"), "{d}");
+    assert_eq!(c.ok("x-query-device-tree", Value::Null), json!([]));
+    c.ok("machine-done", Value::Null);
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+}
+
+/// Runs a PVH test guest that ends with `out 0xf4, 0`; the process must exit with
+/// `(0 << 1) | 1` = 1 and the guest's serial text on standard output.
+fn debug_exit_on(accel: &str) {
+    let dir = TempDir::new();
+    let guest = keel_testguest::hello(keel_testguest::Mode::Long64).unwrap();
+    let kernel = dir.path("hello.elf");
+    std::fs::write(&kernel, guest.pvh_elf()).unwrap();
+    let kernel = kernel.display().to_string();
+    let mut child = Command::new(common::BIN)
+        .args([
+            "-machine",
+            "microvm",
+            "-accel",
+            accel,
+            "-m",
+            "32",
+            "-kernel",
+            &kernel,
+            "-nodefaults",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the guest did not exit through isa-debug-exit under {accel}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        status.code(),
+        Some((i32::from(keel_testguest::EXIT_OK) << 1) | 1),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("Hello from keel-testguest"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+}
+
+#[test]
+fn isa_debug_exit_ends_the_process_tcg() {
+    debug_exit_on("tcg");
+}
+
+#[test]
+fn isa_debug_exit_ends_the_process_kvm() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("skipped: /dev/kvm is not usable here");
+        return;
+    }
+    debug_exit_on("kvm");
+}
