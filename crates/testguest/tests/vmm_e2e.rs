@@ -1,11 +1,13 @@
 //! End to end through the `vmm` binary: every predicted guest booted as a PVH ELF with
-//! QEMU's command line (`-M microvm -accel tcg|kvm -m 32M ... -kernel G.elf -device
-//! isa-debug-exit,iobase=0xf4,iosize=0x04`) must print exactly the predicted text and exit
-//! with status 1 (the guest wrote 0), as `qemu-system-x86_64` does with the same files.
+//! QEMU's command line (`-M microvm -accel tcg|kvm -m 32M -nodefaults -no-user-config
+//! -display none -serial stdio -kernel G.elf -device isa-debug-exit,iobase=0xf4,iosize=0x04`)
+//! must print exactly the predicted text and exit with status 1 (the guest wrote 0), as
+//! `qemu-system-x86_64` does with the same files.
 //!
 //! The binary is `$KEEL_VMM`, or `vmm` next to this test's target directory (built by
-//! `cargo test --workspace` / nextest). The test skips, saying why, when there is no such
-//! binary or it does not offer the microvm machine yet.
+//! `cargo test --workspace` / nextest; with `-p keel-testguest` alone, build `-p vmm` first
+//! or an older binary is tested). The test skips, saying why, when there is no such binary
+//! or it does not offer the microvm machine.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -48,11 +50,12 @@ fn run_vmm(vmm: &Path, accel: &str, elf: &Path, timeout: Duration) -> Run {
             "none",
             "-serial",
             "stdio",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-kernel",
         ])
         .arg(elf)
+        // After -kernel: the vmm reads its command line left to right and -device builds
+        // the machine (the order of issue 3's reference command line).
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
