@@ -375,15 +375,22 @@ impl BlockCache {
         let page_off = (lin & 0xfff) as usize;
         let avail = 4096 - page_off;
         // Bytes of this page plus up to 15 of the next for a straddling instruction.
-        let mut buf = [0u8; 4096 + 16];
-        cpu.mmu.phys.read(gpa, &mut buf[..avail]);
+        let mut buf = [0u8; MAX_INSNS * 15 + 16];
+        let window = avail.min(MAX_INSNS * 15 + 16);
+        cpu.mmu.phys.read(gpa, &mut buf[..window]);
         let mut second: Option<u64> = None;
         let mut insns: Vec<Insn> = Vec::with_capacity(16);
-        let mut decoder = Decoder::with_ip(bitness, &buf[..avail], rip, DecoderOptions::NONE);
+        // 64 instructions of at most 15 bytes fit in 960 bytes: no need to copy the whole page.
+        let chunk = avail.min(MAX_INSNS * 15 + 16);
+        let mut decoder = Decoder::with_ip(bitness, &buf[..chunk], rip, DecoderOptions::NONE);
         let mut instr = Instruction::default();
         let mut pos = 0usize;
         while insns.len() < MAX_INSNS {
             decoder.decode_out(&mut instr);
+            if decoder.last_error() == DecoderError::NoMoreBytes && chunk < avail {
+                // End of the decode window, not of the page: the next block starts here.
+                break;
+            }
             if decoder.last_error() == DecoderError::NoMoreBytes {
                 // Instruction straddles the page end: fetch the next page and decode it alone.
                 let lin2 = (lin & !0xfff).wrapping_add(4096);

@@ -593,9 +593,10 @@ pub fn select(ins: &Instruction, i: &Insn) -> Handler {
     let m = ins.mnemonic();
     let n = ins.op_count();
     let s = i.size;
+    // LOCK needs nothing extra with one vCPU: an instruction is never interleaved with
+    // another vCPU's accesses. (iced rejects LOCK on forms that do not allow it.)
     if let Some(op) = alu_mnemonic(m)
         && n == 2
-        && !ins.has_lock_prefix()
     {
         let (k0, k1) = (ins.op_kind(0), ins.op_kind(1));
         if is_gpr(ins, 0) && is_gpr(ins, 1) {
