@@ -136,3 +136,57 @@ fn amd_fxsave_leak_sequence_runs() {
         h.vcpu.cpu.last_exception
     );
 }
+
+#[test]
+fn hlt_with_interrupts_enabled_sleeps_until_kicked() {
+    let mut h = Harness::new(16);
+    let code = asm(64, CODE, |a| {
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    let k = h.vcpu.kicker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        k.kick();
+    });
+    let start = std::time::Instant::now();
+    assert_eq!(h.vcpu.run().unwrap(), VcpuExit::Interrupted);
+    assert!(start.elapsed() >= std::time::Duration::from_millis(40));
+    t.join().unwrap();
+    // Still halted at the first hlt: the next run sleeps again rather than spinning.
+    assert_eq!(h.regs().rip, CODE + 2);
+}
+
+#[test]
+fn fxsave_fxrstor_round_trip() {
+    let mut h = Harness::new(16);
+    let code = asm(64, CODE, |a| {
+        a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+        a.movq(xmm3, rax).unwrap();
+        a.fld1().unwrap();
+        a.fldpi().unwrap();
+        a.fxsave(ptr(0x30_0000u64)).unwrap();
+        a.pxor(xmm3, xmm3).unwrap();
+        a.fninit().unwrap();
+        a.fxrstor(ptr(0x30_0000u64)).unwrap();
+        a.movq(rbx, xmm3).unwrap();
+        a.fstp(qword_ptr(0x30_1000u64)).unwrap(); // pi
+        a.fstp(qword_ptr(0x30_1008u64)).unwrap(); // 1.0
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    assert_eq!(
+        h.run(),
+        VcpuExit::Halted,
+        "{:x?}",
+        h.vcpu.cpu.last_exception
+    );
+    assert_eq!(h.regs().rbx, 0x1122_3344_5566_7788);
+    assert_eq!(f64::from_bits(h.r64(0x30_1000)), std::f64::consts::PI);
+    assert_eq!(f64::from_bits(h.r64(0x30_1008)), 1.0);
+    // FCW, MXCSR in the image.
+    assert_eq!(h.r64(0x30_0000) & 0xffff, 0x037f);
+    assert_eq!(h.r64(0x30_0018) & 0xffff_ffff, 0x1f80);
+}
