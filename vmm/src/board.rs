@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keel_qdev::{DeviceTree, EventSink};
+use keel_phase::Phase;
+use keel_qdev::{Added, DeviceRequest, DeviceTree, EventSink, QdevError};
 use serde::Serialize;
 
 use crate::backends::Backends;
@@ -175,6 +176,11 @@ pub trait Board: Send {
     fn devices(&self) -> &DeviceTree;
     /// The device tree, for changes.
     fn devices_mut(&mut self) -> &mut DeviceTree;
+    /// `device_add` / `-device` on this board; the tree decides cold or hot from `phase`.
+    /// Boards override it to add the child buses some devices bring.
+    fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
+        self.devices_mut().device_add(phase, req)
+    }
     /// Entering machine-ready: cold-plugged devices are final (boot order, tables).
     fn done(&mut self) -> Result<(), BoardError>;
     /// Starts or resumes the vCPUs (`cont`).

@@ -400,7 +400,6 @@ impl VmmCore {
             .as_mut()
             .ok_or_else(|| generic("the board is missing"))?;
         board
-            .devices_mut()
             .device_add(phase, &req)
             .map(|_| ())
             .map_err(|e| qdev_error(&e))

@@ -8,12 +8,13 @@
 //!
 //! # Console
 //!
-//! `keel-virtio`'s console is a single-port virtio console device (no multiport, no control
-//! queue). It is exposed under QEMU's port driver name `virtconsole`, sitting directly on a
-//! virtio-mmio bus, with `chardev=ID` naming its backend:
-//! `-chardev file,id=c0,path=out.txt -device virtconsole,chardev=c0`. QEMU's two-step
-//! `virtio-serial-device` + `virtconsole` is not modelled; Linux shows the device as `hvc0`
-//! either way.
+//! QEMU's two-step form is accepted as it is written for QEMU:
+//! `-device virtio-serial-device[,id=S] -chardev file,id=c0,path=out.txt
+//! -device virtconsole,chardev=c0`. `virtio-serial-device` takes a virtio-mmio slot and
+//! gets a child bus of type `virtio-serial-bus` (named `S.0`, or `virtio-serial-bus.N`
+//! after its slot without an id) with room for **one** port, because `keel-virtio`'s
+//! console is a single-port device (no multiport, no control queue): the guest sees one
+//! console, `hvc0`. Until a `virtconsole` is plugged, the device's output is dropped.
 
 use std::sync::Arc;
 
@@ -25,6 +26,22 @@ use keel_qmp::{CommandError, ErrorClass, EventBus};
 
 /// Driver name of the single-port virtio console (see the module documentation).
 pub const CONSOLE_DRIVER: &str = "virtconsole";
+
+/// Driver name of the virtio console device that carries the `virtconsole` port.
+pub const SERIAL_DRIVER: &str = "virtio-serial-device";
+
+/// The bus a `virtio-serial-device` provides for its port.
+pub fn serial_bus_type() -> BusType {
+    BusType::Other("virtio-serial-bus".to_owned())
+}
+
+/// Name of the port bus of a `virtio-serial-device` with `id` in virtio-mmio `slot`.
+pub fn serial_bus_name(id: Option<&str>, slot: Option<u32>) -> String {
+    match id {
+        Some(id) => format!("{id}.0"),
+        None => format!("virtio-serial-bus.{}", slot.unwrap_or(0)),
+    }
+}
 
 /// Type name of the onboard virtio-mmio transports (QEMU's `virtio-mmio`).
 pub const VIRTIO_MMIO_TRANSPORT: &str = "virtio-mmio";
@@ -79,8 +96,10 @@ pub fn registry() -> TypeRegistry {
                     .default_str("52:54:00:12:34:56")
                     .description("guest MAC address"),
             ),
-        DeviceType::new(CONSOLE_DRIVER, BusType::VirtioMmio)
-            .description("single-port virtio console (hvc0 in Linux)")
+        DeviceType::new(SERIAL_DRIVER, BusType::VirtioMmio)
+            .description("virtio console device; carries one virtconsole port"),
+        DeviceType::new(CONSOLE_DRIVER, serial_bus_type())
+            .description("console port on a virtio-serial-device (hvc0 in Linux)")
             .prop(PropSpec::string("chardev").description("character backend id (chardev-add)")),
         // Onboard devices: the board creates them, users cannot.
         DeviceType::new("isa-serial", BusType::Isa)

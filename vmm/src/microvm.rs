@@ -16,9 +16,10 @@ use keel_machine::{
     MACHINE_PROPERTIES, MachineError, MachineEvent, MachineEvents, Microvm, MicrovmConfig,
     SerialBackend, requirements,
 };
+use keel_phase::Phase;
 use keel_qdev::{
-    BusSpec, BusType, DeviceHooks, DeviceKey, DeviceRequest, DeviceTree, DeviceView, HookError,
-    QdevError, SlotResources, Window,
+    Added, BusSpec, BusType, DeviceHooks, DeviceKey, DeviceRequest, DeviceTree, DeviceView,
+    HookError, QdevError, SlotResources, Window,
 };
 use keel_virtio::{
     Block, BlockConfig, Console, MmioTransport, Net, NetConfig, Rng, RxPoller, VirtioDevice,
@@ -27,7 +28,10 @@ use keel_virtio::{
 use crate::backends::{Backends, CharBackend};
 use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
 use crate::board::{MachineType, MachineTypeInfo};
-use crate::devices::{CONSOLE_DRIVER, VIRTIO_MMIO_TRANSPORT, registry};
+use crate::devices::{
+    CONSOLE_DRIVER, SERIAL_DRIVER, VIRTIO_MMIO_TRANSPORT, registry, serial_bus_name,
+    serial_bus_type,
+};
 
 /// The accelerator backends this build has, by `-accel` name.
 pub fn make_accel(name: &str) -> Result<Box<dyn Accelerator>, String> {
@@ -226,6 +230,7 @@ type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
 enum Realized {
     DebugExit { iobase: u64 },
     Virtio { slot: usize, _rx: Option<RxPoller> },
+    Port { slot: usize, gsi: u32 },
 }
 
 /// qdev's realize/unrealize for the microvm: maps `isa-debug-exit` through
@@ -236,11 +241,42 @@ struct MicrovmHooks {
     backends: Arc<Backends>,
     slots: Vec<Arc<SlotProxy>>,
     realized: HashMap<DeviceKey, Realized>,
+    /// Port buses of `virtio-serial-device`s: bus name → (slot, GSI).
+    serial_buses: HashMap<String, (usize, u32)>,
 }
 
 impl MicrovmHooks {
     fn lock(&self) -> MutexGuard<'_, Microvm> {
         self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts `device` behind a fresh transport in `slot`'s window, interrupting on `gsi`.
+    fn attach(&self, slot: usize, gsi: u32, device: SharedVirtio) -> Result<(), HookError> {
+        let proxy = self
+            .slots
+            .get(slot)
+            .ok_or_else(|| format!("virtio-mmio slot {slot} does not exist"))?;
+        let (memory, irq) = {
+            let vm = self.lock();
+            (vm.memory().clone(), vm.vm().irq_line(gsi)?)
+        };
+        // Queue notifications are processed on the vCPU thread that wrote QueueNotify
+        // (inline, the transport's default); the RX side of virtio-net has its own thread.
+        proxy.set(Some(Arc::new(MmioTransport::new(device, memory, irq))));
+        Ok(())
+    }
+
+    /// A console port writing to the backend `chardev=` names.
+    fn console(&self, chardev: &str) -> Result<SharedVirtio, HookError> {
+        let out: Box<dyn Write + Send> = match self.backends.chardev(chardev)? {
+            CharBackend::File { path } => Box::new(
+                std::fs::File::create(&path)
+                    .map_err(|e| format!("Could not open '{}': {e}", path.display()))?,
+            ),
+            CharBackend::Null => Box::new(std::io::sink()),
+            CharBackend::Stdio => Box::new(std::io::stdout()),
+        };
+        Ok(Arc::new(Mutex::new(Console::new(out))))
     }
 
     fn virtio_device(
@@ -267,20 +303,11 @@ impl MicrovmHooks {
                 let rx = RxPoller::spawn(net.clone())?;
                 (net, Some(rx))
             }
-            CONSOLE_DRIVER => {
-                let c = self
-                    .backends
-                    .chardev(p.str("chardev").unwrap_or_default())?;
-                let out: Box<dyn Write + Send> = match c {
-                    CharBackend::File { path } => Box::new(
-                        std::fs::File::create(&path)
-                            .map_err(|e| format!("Could not open '{}': {e}", path.display()))?,
-                    ),
-                    CharBackend::Null => Box::new(std::io::sink()),
-                    CharBackend::Stdio => Box::new(std::io::stdout()),
-                };
-                (Arc::new(Mutex::new(Console::new(out))), None)
-            }
+            // The port comes later (virtconsole); until then output is dropped.
+            SERIAL_DRIVER => (
+                Arc::new(Mutex::new(Console::new(Box::new(std::io::sink())))),
+                None,
+            ),
             other => return Err(format!("microvm cannot realize '{other}'").into()),
         })
     }
@@ -307,23 +334,26 @@ impl DeviceHooks for MicrovmHooks {
                 .insert(dev.key, Realized::DebugExit { iobase });
             return Ok(());
         }
+        if dev.driver == CONSOLE_DRIVER {
+            let (slot, gsi) = *self
+                .serial_buses
+                .get(dev.bus)
+                .ok_or_else(|| format!("bus '{}' is not a virtio-serial bus", dev.bus))?;
+            let console = self.console(dev.props.str("chardev").unwrap_or_default())?;
+            self.attach(slot, gsi, console)?;
+            self.realized.insert(dev.key, Realized::Port { slot, gsi });
+            return Ok(());
+        }
         let (slot, gsi) = match (dev.slot, dev.resources.and_then(|r| r.irq)) {
             (Some(s), Some(g)) => (s as usize, g),
             _ => return Err(format!("'{}' needs a virtio-mmio slot", dev.driver).into()),
         };
-        let proxy = self
-            .slots
-            .get(slot)
-            .cloned()
-            .ok_or_else(|| format!("virtio-mmio slot {slot} does not exist"))?;
         let (device, rx) = self.virtio_device(dev)?;
-        let (memory, irq) = {
-            let vm = self.lock();
-            (vm.memory().clone(), vm.vm().irq_line(gsi)?)
-        };
-        // Queue notifications are processed on the vCPU thread that wrote QueueNotify
-        // (inline, the transport's default); the RX side of virtio-net has its own thread.
-        proxy.set(Some(Arc::new(MmioTransport::new(device, memory, irq))));
+        self.attach(slot, gsi, device)?;
+        if dev.driver == SERIAL_DRIVER {
+            self.serial_buses
+                .insert(serial_bus_name(dev.id, dev.slot), (slot, gsi));
+        }
         self.realized
             .insert(dev.key, Realized::Virtio { slot, _rx: rx });
         Ok(())
@@ -340,7 +370,18 @@ impl DeviceHooks for MicrovmHooks {
                 if let Some(p) = self.slots.get(slot) {
                     p.set(None);
                 }
+                if dev.driver == SERIAL_DRIVER {
+                    self.serial_buses.remove(&serial_bus_name(dev.id, dev.slot));
+                }
                 // `_rx` is dropped here: the RX thread stops.
+            }
+            Some(Realized::Port { slot, gsi }) => {
+                // Back to a port-less console device.
+                let idle: SharedVirtio =
+                    Arc::new(Mutex::new(Console::new(Box::new(std::io::sink()))));
+                if let Err(e) = self.attach(slot, gsi, idle) {
+                    eprintln!("vmm: detaching virtconsole: {e}");
+                }
             }
             None => {}
         }
@@ -393,6 +434,7 @@ impl MicrovmBoard {
             backends: ctx.backends.clone(),
             slots,
             realized: HashMap::new(),
+            serial_buses: HashMap::new(),
         };
         let mut tree = DeviceTree::new(registry(), Box::new(hooks), ctx.events.clone());
         let e = |e: QdevError| BoardError::Invalid(e.qmp_desc());
@@ -442,6 +484,25 @@ impl Board for MicrovmBoard {
 
     fn devices_mut(&mut self) -> &mut DeviceTree {
         &mut self.tree
+    }
+
+    /// A `virtio-serial-device` brings its port bus (one slot: keel-virtio's console is
+    /// single-port); if the bus cannot be added, the device goes again.
+    fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
+        let added = self.tree.device_add(phase, req)?;
+        if req.driver == SERIAL_DRIVER {
+            let bus = BusSpec::new(
+                serial_bus_name(req.id.as_deref(), added.slot),
+                serial_bus_type(),
+            )
+            .parent(added.path.clone())
+            .slots(vec![SlotResources::default()]);
+            if let Err(e) = self.tree.add_bus(bus) {
+                let _ = self.tree.device_del(phase, &added.path);
+                return Err(e);
+            }
+        }
+        Ok(added)
     }
 
     fn done(&mut self) -> Result<(), BoardError> {

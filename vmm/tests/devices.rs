@@ -478,3 +478,83 @@ fn isa_debug_exit_ends_the_process_kvm() {
     }
     debug_exit_on("kvm");
 }
+
+#[test]
+fn virtconsole_sits_on_the_virtio_serial_device_bus() {
+    let dir = TempDir::new();
+    let out = dir.path("hvc0.out").display().to_string();
+    let chardev = format!("file,id=c0,path={out}");
+    let mut vmm = Vmm::start(&[
+        "-S",
+        "-machine",
+        "microvm",
+        "-accel",
+        "tcg",
+        "-chardev",
+        &chardev,
+        "-chardev",
+        "null,id=c1",
+        "-device",
+        "virtio-serial-device,id=vs",
+        "-device",
+        "virtconsole,chardev=c0,id=con0",
+    ]);
+    let mut c = vmm.qmp();
+    let tree = c.ok("x-query-device-tree", Value::Null);
+    let bus = tree
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "vs.0")
+        .unwrap_or_else(|| panic!("no port bus in {tree}"));
+    assert_eq!(bus["type"], "virtio-serial-bus");
+    assert_eq!(bus["path"], "/machine/peripheral/vs/vs.0");
+    assert_eq!(bus["devices"][0]["id"], "con0");
+    // The chardev file is opened when the port is realized.
+    assert!(std::path::Path::new(&out).exists());
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+
+    // One port per device (keel-virtio's console is single-port); an unknown chardev is named.
+    let mut vmm = Vmm::start(&["-preconfig", "-S"]);
+    let mut c = vmm.qmp();
+    c.ok(
+        "chardev-add",
+        json!({"id": "c1", "backend": {"type": "null", "data": {}}}),
+    );
+    c.ok("machine-set", json!({"type": "microvm"}));
+    c.ok("accel-set", json!({"accel": "tcg"}));
+    c.ok("machine-init", Value::Null);
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtconsole", "chardev": "c1"}),
+        "GenericError",
+    );
+    assert!(d.contains("virtio-serial-bus"), "{d}");
+    c.ok("device_add", json!({"driver": "virtio-serial-device"}));
+    let d = c.err(
+        "device_add",
+        json!({"driver": "virtconsole", "chardev": "nope"}),
+        "GenericError",
+    );
+    assert!(d.contains("'nope'"), "{d}");
+    c.ok(
+        "device_add",
+        json!({"driver": "virtconsole", "chardev": "c1"}),
+    );
+    c.err(
+        "device_add",
+        json!({"driver": "virtconsole", "chardev": "c1"}),
+        "GenericError",
+    );
+    let tree = c.ok("x-query-device-tree", Value::Null);
+    assert!(
+        tree.as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["name"] == "virtio-serial-bus.0" && b["devices"][0]["type"] == "virtconsole"),
+        "{tree}"
+    );
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+}
