@@ -7,15 +7,18 @@
 //! seconds of work to rise above process start-up noise), `KEEL_BENCH_RUNS` (repetitions,
 //! best is reported, default 3), `KEEL_BENCH_NO_QEMU=1` to skip QEMU.
 //!
-//! MIPS = loop instructions / wall time. For tcg the time is the vCPU loop only; for QEMU it
-//! is the process wall time minus the median wall time of the same guest with 1,000
-//! iterations (start-up and shutdown), as in research/x86-interpreter.md §2.1.
+//! MIPS = loop instructions / wall time. For in-process tcg the time is the vCPU loop only;
+//! for QEMU and for Keel's `vmm` binary (`$KEEL_VMM` or `vmm` in the target directory, run
+//! with QEMU's command line and `-accel tcg`) it is the process wall time minus the median
+//! wall time of the same guest with 1,000 iterations (start-up and shutdown), as in
+//! research/x86-interpreter.md §2.1.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -66,12 +69,13 @@ fn qemu_available() -> bool {
             .unwrap_or(false)
 }
 
-/// Wall time of one QEMU process booting `guest` as a PVH ELF.
-fn qemu_once(guest: &TestGuest, dir: &std::path::Path) -> Option<Duration> {
+/// Wall time of one `program` process (QEMU or Keel's vmm, same command line) booting
+/// `guest` as a PVH ELF.
+fn process_once(program: &Path, guest: &TestGuest, dir: &Path) -> Option<Duration> {
     let path = dir.join(format!("{}.elf", guest.name));
     std::fs::write(&path, guest.pvh_elf()).ok()?;
     let start = Instant::now();
-    let out = Command::new("qemu-system-x86_64")
+    let out = Command::new(program)
         .args([
             "-M",
             "microvm",
@@ -85,32 +89,51 @@ fn qemu_once(guest: &TestGuest, dir: &std::path::Path) -> Option<Duration> {
             "none",
             "-serial",
             "stdio",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-kernel",
         ])
         .arg(&path)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .stdin(Stdio::null())
         .output()
         .ok()?;
     let t = start.elapsed();
     let serial = String::from_utf8_lossy(&out.stdout);
-    check_output("qemu", guest, &serial);
+    check_output(&program.display().to_string(), guest, &serial);
     // isa-debug-exit with value 0 ends QEMU with status 1.
     (out.status.code() == Some(1)).then_some(t)
 }
 
-fn qemu_time(guest: &TestGuest, small: &TestGuest, runs: u64) -> Option<Duration> {
+/// Best process time for `guest` minus the median start-up cost (`small`), per §2.1.
+fn process_time(
+    program: &Path,
+    guest: &TestGuest,
+    small: &TestGuest,
+    runs: u64,
+) -> Option<Duration> {
     let dir = std::env::temp_dir().join(format!("keel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).ok()?;
-    let mut base: Vec<Duration> = (0..3).filter_map(|_| qemu_once(small, &dir)).collect();
+    let mut base: Vec<Duration> = (0..3)
+        .filter_map(|_| process_once(program, small, &dir))
+        .collect();
     base.sort();
     let startup = *base.get(base.len() / 2)?;
-    let best = (0..runs).filter_map(|_| qemu_once(guest, &dir)).min()?;
+    let best = (0..runs)
+        .filter_map(|_| process_once(program, guest, &dir))
+        .min()?;
     let _ = std::fs::remove_dir_all(&dir);
     // Less than twice the start-up time is mostly noise: report nothing rather than a
     // made-up number.
     (best > startup * 2).then(|| best - startup)
+}
+
+/// Keel's `vmm` binary: `$KEEL_VMM`, or `vmm` in this bench's target directory.
+fn vmm_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KEEL_VMM") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("vmm");
+    p.exists().then_some(p)
 }
 
 fn mips(insns: u64, t: Duration) -> f64 {
@@ -126,10 +149,17 @@ fn main() {
     if !qemu {
         println!("qemu-system-x86_64 not found (or KEEL_BENCH_NO_QEMU set): tcg only");
     }
-    println!("iterations per loop: {iters} (tcg), {qemu_iters} (qemu), best of {runs} runs");
+    let vmm = vmm_binary();
+    match &vmm {
+        Some(v) => println!("vmm binary: {} (same command line as QEMU)", v.display()),
+        None => println!("no vmm binary (build -p vmm --release or set KEEL_VMM): in-process only"),
+    }
     println!(
-        "{:<12} {:>14} {:>10} {:>10} {:>8}",
-        "guest", "instructions", "keel MIPS", "qemu MIPS", "ratio"
+        "iterations per loop: {iters} (in-process tcg and vmm), {qemu_iters} (qemu), best of {runs} runs"
+    );
+    println!(
+        "{:<12} {:>14} {:>10} {:>10} {:>10} {:>8}",
+        "guest", "instructions", "keel MIPS", "vmm MIPS", "qemu MIPS", "ratio"
     );
     type Build = fn(Mode, u64) -> Result<TestGuest, keel_testguest::GuestError>;
     let loops: [(Build, Mode); 4] = [
@@ -143,10 +173,15 @@ fn main() {
         let small = build(mode, 1000).unwrap();
         let insns = guest.instructions.unwrap_or(0);
         let keel = tcg_time(&guest, runs).map(|t| mips(insns, t));
+        let v = vmm
+            .as_deref()
+            .and_then(|p| process_time(p, &guest, &small, runs))
+            .map(|t| mips(insns, t));
         let q = if qemu {
             let big = build(mode, qemu_iters).unwrap();
             let qinsns = big.instructions.unwrap_or(0);
-            qemu_time(&big, &small, runs).map(|t| mips(qinsns, t))
+            process_time(Path::new("qemu-system-x86_64"), &big, &small, runs)
+                .map(|t| mips(qinsns, t))
         } else {
             None
         };
@@ -156,15 +191,16 @@ fn main() {
             _ => "-".to_string(),
         };
         println!(
-            "{:<12} {:>14} {:>10} {:>10} {:>8}",
+            "{:<12} {:>14} {:>10} {:>10} {:>10} {:>8}",
             guest.name,
             insns,
             fmt(keel),
+            fmt(v),
             fmt(q),
             ratio
         );
     }
     println!(
-        "ratio = keel MIPS / qemu MIPS (QEMU TCG is a JIT; research §0: 2.1-2.7 G insn/s on a tight loop)"
+        "ratio = keel MIPS (in-process vCPU loop) / qemu MIPS; vmm = the vmm binary measured like qemu (process time minus start-up). QEMU TCG is a JIT (research §0: 2.1-2.7 G insn/s on a tight loop)"
     );
 }
