@@ -45,6 +45,17 @@ pub fn hello(mode: Mode) -> Result<TestGuest, GuestError> {
     })
 }
 
+/// Prints a line and writes `code` to isa-debug-exit: QEMU (and the vmm) then exit with
+/// status `(code << 1) | 1`. Checks that the status reaches the process.
+pub fn exit_with(code: u8) -> Result<TestGuest, GuestError> {
+    let mut t = build("exitcode", Mode::Long64, |g| {
+        g.print(&format!("exiting with {code:#04x}\n"))?;
+        g.exit(code)
+    })?;
+    t.expected_exit = code;
+    Ok(t)
+}
+
 fn specs(ops: &[Op], widths: &[u32]) -> Vec<(OpSpec, Vec<ops::Case>)> {
     let mut out = Vec::new();
     for op in ops {
@@ -1850,6 +1861,7 @@ pub fn all() -> Vec<Result<TestGuest, GuestError>> {
     vec![
         hello(Mode::Protected32),
         hello(Mode::Long64),
+        exit_with(0x2a),
         port_io(),
         timer(),
         exceptions(),

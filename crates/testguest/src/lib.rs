@@ -20,6 +20,7 @@
 //! | builder | mode | what it checks | output predicted by |
 //! |---|---|---|---|
 //! | [`hello`] | 32/64 | the entry path, serial, isa-debug-exit | construction |
+//! | [`exit_with`] | 64 | an isa-debug-exit status other than 0 reaches the process | construction |
 //! | [`port_io`] | 64 | `in`/`out`, `rep outsb`, `insb` with DF both ways | construction |
 //! | [`timer`] | 64 | 8259 init, PIT mode 2 IRQ 0 in `hlt`, latch, read-back, port 0x61 | construction |
 //! | [`exceptions`] | 64 | #DE #UD #BP #GP #PF: vectors, error codes, CR2, precise RIP | construction |

@@ -209,6 +209,11 @@ fn hello64() {
 }
 
 #[test]
+fn exit_status() {
+    differential(|| keel_testguest::exit_with(0x2a), OnPvm::Same, None);
+}
+
+#[test]
 fn port_io() {
     differential(keel_testguest::port_io, OnPvm::Same, None);
 }
