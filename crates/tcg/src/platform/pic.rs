@@ -65,8 +65,8 @@ struct Chip {
     ltim: bool,
     /// Vector base from ICW2 (low 3 bits clear).
     vector_base: u8,
-    /// The input that currently has the lowest priority is `(lowest + 1) & 7`... stored as the
-    /// input with the highest priority.
+    /// The input with the highest priority (0 after ICW1; rotation and OCW2 "set priority"
+    /// move it). Priorities descend from it: `highest`, `highest + 1`, ... modulo 8.
     highest: u8,
     /// Next step of the initialisation sequence (0 = operational).
     init_step: u8,
