@@ -1,0 +1,161 @@
+//! The Debian guest from `scripts/build-guest.sh` with `keel.mode=virtio-test`: it reads a
+//! string the host put on a virtio-blk disk, writes one back, reads entropy from
+//! virtio-rng and prints on hvc0 (see scripts/README.md for the markers).
+//!
+//! Needs `$KEEL_GUEST_DIR` or `~/.cache/keel-guest/current` with `vmlinux` (or `bzImage`)
+//! and `initramfs-virtio.cpio.gz`; without them the test prints why and passes, unless
+//! `KEEL_REQUIRE_GUEST=1`. `KEEL_LINUX_ACCEL` picks the accelerator (default `tcg`).
+//! Run with `cargo test -p vmm --release --test linux_virtio -- --ignored --nocapture`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::TempDir;
+
+const HOST_MARKER: &[u8] = b"KEEL-HOST-MARKER 7f3a9c written by the host";
+const GUEST_WROTE: &[u8] = b"KEEL-GUEST-WROTE-THIS sector=8\n";
+
+fn guest_files() -> Option<(PathBuf, PathBuf)> {
+    let dir = std::env::var_os("KEEL_GUEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel-guest/current"))
+        })?;
+    let kernel = ["vmlinux", "bzImage"]
+        .iter()
+        .map(|k| dir.join(k))
+        .find(|p| p.is_file())?;
+    let initrd = dir.join("initramfs-virtio.cpio.gz");
+    initrd.is_file().then_some((kernel, initrd))
+}
+
+#[test]
+#[ignore = "Linux does not reach userspace under Keel yet: under tcg the boot is still being \
+            brought up, and this host's KVM fails to emulate a cmpxchg16b early in boot"]
+fn linux_guest_uses_virtio_blk_rng_and_console() {
+    let Some((kernel, initrd)) = guest_files() else {
+        let why = "skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)";
+        assert!(
+            std::env::var("KEEL_REQUIRE_GUEST").as_deref() != Ok("1"),
+            "{why}"
+        );
+        eprintln!("{why}");
+        return;
+    };
+    let accel = std::env::var("KEEL_LINUX_ACCEL").unwrap_or_else(|_| "tcg".into());
+    let dir = TempDir::new();
+    let disk = dir.path("disk.img");
+    let mut image = vec![0u8; 1 << 20];
+    image[..HOST_MARKER.len()].copy_from_slice(HOST_MARKER);
+    std::fs::write(&disk, &image).unwrap();
+    let hvc0 = dir.path("hvc0.out");
+    let append = format!(
+        "console=ttyS0 quiet keel.mode=virtio-test tsc_early_khz={}",
+        keel_tcg::guest_tsc_khz()
+    );
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let chardev = format!("file,id=c0,path={}", hvc0.display());
+    let mut child = Command::new(common::BIN)
+        .args([
+            "-M",
+            "microvm",
+            "-accel",
+            &accel,
+            "-m",
+            "256M",
+            "-nodefaults",
+        ])
+        .args(["-no-reboot", "-serial", "stdio", "-append", &append])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-device,drive=d0,serial=keel0",
+        ])
+        .args(["-device", "virtio-rng-device"])
+        .args(["-device", "virtio-serial-device", "-chardev", &chardev])
+        .args(["-device", "virtconsole,chardev=c0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = Arc::new(Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let sink = out.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if out.lock().unwrap().contains("KEEL-VIRTIO-TEST-DONE") {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Give the guest a moment to power off, then make sure the process is gone.
+    let end = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    let text = out.lock().unwrap().clone();
+    assert!(
+        text.contains("KEEL-VIRTIO-TEST-DONE"),
+        "guest output:\n{text}"
+    );
+
+    // virtio-blk: the guest read the host's string and wrote its own at sector 8.
+    let shown = String::from_utf8_lossy(HOST_MARKER).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("KEEL-VDA-TEXT") && l.contains(&shown)),
+        "{text}"
+    );
+    assert!(text.contains("KEEL-VDA-WRITE OK"), "{text}");
+    let image = std::fs::read(&disk).unwrap();
+    assert_eq!(&image[8 * 512..8 * 512 + GUEST_WROTE.len()], GUEST_WROTE);
+    // virtio-rng: 64 hex digits.
+    let rng = text
+        .lines()
+        .find_map(|l| l.strip_prefix("KEEL-RNG "))
+        .unwrap_or_else(|| panic!("no KEEL-RNG line in\n{text}"));
+    assert!(
+        rng.trim().len() == 64 && rng.trim().chars().all(|c| c.is_ascii_hexdigit()),
+        "{rng}"
+    );
+    // virtio-console: hvc0 output reached the chardev file.
+    assert!(text.contains("KEEL-HVC0 OK"), "{text}");
+    let hvc = std::fs::read_to_string(&hvc0).unwrap_or_default();
+    assert!(
+        hvc.contains("KEEL-HVC0-HELLO from the guest"),
+        "hvc0: {hvc:?}"
+    );
+}
