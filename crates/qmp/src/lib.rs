@@ -25,7 +25,10 @@ mod session;
 
 pub use error::{CommandError, ErrorClass};
 pub use events::{Event, EventBus};
-pub use registry::{Command, CommandInfo, Handler, PhaseSource, Registry, capabilities_arguments};
+pub use registry::{
+    Command, CommandInfo, Handler, PhaseSource, Registry, capabilities_arguments,
+    executing_out_of_band, run_out_of_band,
+};
 pub use schema::{Builtin, Member, Type};
 pub use server::{Endpoint, Monitor, ServerError, serve, serve_stream};
-pub use session::{Dispatcher, Session, reply_error};
+pub use session::{Dispatcher, Message, REQ_QUEUE_LEN_MAX, Session, reply_error, respond_command};

@@ -7,6 +7,7 @@
 //! declared [`Type`] → typed deserialisation → handler → result. The same path serves typed
 //! Rust callers through [`Registry::execute`], so an embedder needs no JSON.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use keel_phase::{Phase, PhaseSet};
@@ -29,6 +30,10 @@ pub trait Command: DeserializeOwned + 'static {
     const NAME: &'static str;
     /// Phases in which the command is valid; the dispatcher refuses it elsewhere.
     const PHASES: PhaseSet;
+    /// Whether a client may run it with `exec-oob` (QEMU's `allow-oob`). Such a command
+    /// may run on a monitor's reader thread while an in-band command of the same client
+    /// is still executing, so it must be quick and must not wait for in-band work.
+    const ALLOW_OOB: bool = false;
     /// What a successful run returns.
     type Output: Serialize;
     /// The arguments' type (an object type); no arguments by default.
@@ -55,6 +60,7 @@ type RunFn<C> = fn(&mut C, &Registry<C>, Map<String, Value>) -> Result<Value, Co
 
 struct Entry<C> {
     phases: PhaseSet,
+    allow_oob: bool,
     arguments: Type,
     returns: Option<Type>,
     hint: fn(Phase) -> Option<&'static str>,
@@ -129,6 +135,31 @@ fn no_hint(_: Phase) -> Option<&'static str> {
     None
 }
 
+thread_local! {
+    /// Set while this thread runs an `exec-oob` request (see [`run_out_of_band`]).
+    static OUT_OF_BAND: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the current thread is running an `exec-oob` request. [`Registry::dispatch`]
+/// consults it; a [`crate::Dispatcher`] not built on a registry should too.
+pub fn executing_out_of_band() -> bool {
+    OUT_OF_BAND.with(Cell::get)
+}
+
+/// Runs `f` marked as out-of-band: a [`Registry::dispatch`] inside it refuses commands
+/// not declared [`Command::ALLOW_OOB`] with QEMU's "does not support OOB" error. The
+/// mark is restored afterwards, also if `f` unwinds.
+pub fn run_out_of_band<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OUT_OF_BAND.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(OUT_OF_BAND.with(|c| c.replace(true)));
+    f()
+}
+
 impl<C: PhaseSource> Default for Registry<C> {
     fn default() -> Self {
         Self::new()
@@ -147,6 +178,7 @@ impl<C: PhaseSource> Registry<C> {
             "qmp_capabilities",
             Entry {
                 phases: PhaseSet::ANY,
+                allow_oob: false,
                 arguments: capabilities_arguments(),
                 returns: None,
                 hint: no_hint,
@@ -168,6 +200,7 @@ impl<C: PhaseSource> Registry<C> {
             name,
             Entry {
                 phases: K::PHASES,
+                allow_oob: K::ALLOW_OOB,
                 arguments: K::arguments(),
                 returns: K::returns(),
                 hint: K::phase_hint,
@@ -204,7 +237,13 @@ impl<C: PhaseSource> Registry<C> {
         }
     }
 
-    /// Runs a request given as JSON: lookup, phase check, argument validation, handler.
+    /// Whether a command may run with `exec-oob`; `None` if there is no such command.
+    pub fn allows_oob(&self, name: &str) -> Option<bool> {
+        self.commands.get(name).map(|e| e.allow_oob)
+    }
+
+    /// Runs a request given as JSON in QEMU's order: lookup, OOB permission (when called
+    /// inside [`run_out_of_band`]), phase check, argument validation, handler.
     pub fn dispatch(
         &self,
         ctx: &mut C,
@@ -215,6 +254,11 @@ impl<C: PhaseSource> Registry<C> {
             .commands
             .get(name)
             .ok_or_else(|| CommandError::CommandNotFound(name.to_owned()))?;
+        if !entry.allow_oob && executing_out_of_band() {
+            return Err(CommandError::generic(format!(
+                "The command {name} does not support OOB"
+            )));
+        }
         Self::phase_check(name, entry.phases, entry.hint, ctx.phase())?;
         entry.arguments.validate_members(&args, "")?;
         (entry.run)(ctx, self, args)
@@ -250,12 +294,19 @@ impl<C: PhaseSource> Registry<C> {
         let empty = Type::empty();
         for (name, e) in &self.commands {
             let ret = e.returns.clone().unwrap_or_else(Type::empty);
-            entities.push(json!({
+            let mut info = json!({
                 "name": name,
                 "meta-type": "command",
                 "arg-type": e.arguments.name(),
                 "ret-type": ret.name(),
-            }));
+            });
+            // SchemaInfoCommand's `*allow-oob` is present only when true, as in QEMU.
+            if e.allow_oob
+                && let Some(m) = info.as_object_mut()
+            {
+                m.insert("allow-oob".into(), Value::Bool(true));
+            }
+            entities.push(info);
             e.arguments.collect_schema(&mut types);
             ret.collect_schema(&mut types);
         }
@@ -357,5 +408,51 @@ mod tests {
         assert!(names.contains(&"q_obj_bump-arg"));
         assert!(names.contains(&"int"));
         assert!(names.contains(&"q_empty"));
+    }
+
+    #[derive(Deserialize)]
+    struct Peek {}
+    impl Command for Peek {
+        const NAME: &'static str = "peek";
+        const PHASES: PhaseSet = PhaseSet::ANY;
+        const ALLOW_OOB: bool = true;
+        type Output = u32;
+        fn returns() -> Option<Type> {
+            Some(Type::int())
+        }
+    }
+    impl Handler<Ctx> for Peek {
+        fn handle(self, ctx: &mut Ctx, _: &Registry<Ctx>) -> Result<u32, CommandError> {
+            Ok(ctx.hits)
+        }
+    }
+
+    #[test]
+    fn out_of_band_permission() {
+        let mut reg = Registry::<Ctx>::new();
+        reg.register::<Bump>();
+        reg.register::<Peek>();
+        let mut ctx = Ctx {
+            phase: Phase::AccelCreated,
+            hits: 0,
+        };
+        assert_eq!(reg.allows_oob("peek"), Some(true));
+        assert_eq!(reg.allows_oob("bump"), Some(false));
+        assert_eq!(reg.allows_oob("qmp_capabilities"), Some(false));
+        assert_eq!(reg.allows_oob("nope"), None);
+        run_out_of_band(|| {
+            assert!(executing_out_of_band());
+            assert_eq!(reg.dispatch(&mut ctx, "peek", Map::new()), Ok(json!(0)));
+            // QEMU's order: lookup, then OOB permission, then the phase.
+            let e = reg.dispatch(&mut ctx, "bump", Map::new()).unwrap_err();
+            assert_eq!(e.to_string(), "The command bump does not support OOB");
+            let e = reg.dispatch(&mut ctx, "nope", Map::new()).unwrap_err();
+            assert_eq!(e.class(), ErrorClass::CommandNotFound);
+        });
+        assert!(!executing_out_of_band());
+        let schema = reg.schema();
+        let find = |n: &str| schema.iter().find(|s| s["name"] == n).unwrap().clone();
+        assert_eq!(find("peek")["allow-oob"], json!(true));
+        assert!(find("bump").get("allow-oob").is_none());
     }
 }

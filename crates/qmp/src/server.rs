@@ -4,6 +4,15 @@
 //! accepts any number of clients at once (QEMU serves one at a time). A client's thread
 //! waits with `poll(2)` on its input and on its event wake-up socket, so events reach it
 //! while it is idle, and a client that does not read only ever blocks its own thread.
+//!
+//! Out-of-band execution: socket monitors (unix, TCP, [`serve_stream`]) offer the `oob`
+//! capability, as QEMU does for socket chardevs. Once a client enables it, the client's
+//! thread keeps reading: in-band requests go to a queue of [`REQ_QUEUE_LEN_MAX`] that a
+//! worker thread runs in order (reading pauses while the queue is full), and `exec-oob`
+//! requests run at once on the reading thread, so their replies can overtake in-band
+//! ones. Writes of both threads are serialised per reply. The stdio monitor does not
+//! offer `oob`: QEMU's stdio chardev has no I/O-thread support either, and a stdio
+//! client is normally a single scripted pipe.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -12,16 +21,17 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 /// Clients served at once per listening socket; more are refused (closed at once), so a
 /// local client cannot make the server spawn threads without bound.
 pub const MAX_CLIENTS_PER_LISTENER: usize = 64;
 
-use crate::events::EventBus;
-use crate::session::{Dispatcher, Session};
+use crate::events::{EventBus, Outbox};
+use crate::session::{Dispatcher, Message, REQ_QUEUE_LEN_MAX, Session, respond_command};
 
 /// Errors setting up a transport.
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +221,7 @@ pub fn serve(
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(io_err("cannot use", "stdout"))?;
-            spawn_connection(input, output, dispatcher, bus, None);
+            spawn_connection(input, output, dispatcher, bus, None, false);
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Unix {
@@ -302,7 +312,7 @@ pub fn serve_stream(stream: UnixStream, dispatcher: Arc<dyn Dispatcher>, bus: Ar
 
 fn start_stream(fd: OwnedFd, dispatcher: &Arc<dyn Dispatcher>, bus: &Arc<EventBus>) {
     match fd.try_clone() {
-        Ok(out) => spawn_connection(fd, out, dispatcher.clone(), bus.clone(), None),
+        Ok(out) => spawn_connection(fd, out, dispatcher.clone(), bus.clone(), None, true),
         Err(e) => eprintln!("qmp: cannot serve a client: {e}"),
     }
 }
@@ -324,7 +334,9 @@ fn start_counted(
             // Greet from the accepting thread: the client gets its first line without
             // waiting for a new thread to be scheduled.
             let mut f = File::from(out);
-            if f.write_all(&Session::greeting(&**dispatcher)).is_err() {
+            if f.write_all(&Session::greeting(&**dispatcher, true))
+                .is_err()
+            {
                 count.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
@@ -334,6 +346,7 @@ fn start_counted(
                 dispatcher.clone(),
                 bus.clone(),
                 Some(count.clone()),
+                true,
             )
         }
         Err(e) => {
@@ -349,6 +362,7 @@ fn spawn_connection(
     dispatcher: Arc<dyn Dispatcher>,
     bus: Arc<EventBus>,
     count: Option<Arc<AtomicUsize>>,
+    offer_oob: bool,
 ) {
     let release = count.clone();
     // Listener clients were greeted by the accepting thread already.
@@ -357,7 +371,7 @@ fn spawn_connection(
         .name("qmp-client".into())
         .spawn(move || {
             let (input, output) = (File::from(input), File::from(output));
-            serve_connection(input, output, &*dispatcher, &bus, greeted);
+            serve_connection(input, output, &*dispatcher, &bus, greeted, offer_oob);
             if let Some(c) = count {
                 c.fetch_sub(1, Ordering::SeqCst);
             }
@@ -406,6 +420,7 @@ fn serve_connection(
     dispatcher: &dyn Dispatcher,
     bus: &EventBus,
     greeted: bool,
+    offer_oob: bool,
 ) {
     let outbox = match bus.attach() {
         Ok(o) => o,
@@ -414,12 +429,12 @@ fn serve_connection(
             return;
         }
     };
-    let mut session = Session::new(Some(outbox.clone()));
+    let mut session = Session::with_oob(Some(outbox.clone()), offer_oob);
     let mut buf = vec![0u8; 64 << 10];
     let mut out = if greeted {
         Vec::new()
     } else {
-        Session::greeting(dispatcher)
+        Session::greeting(dispatcher, offer_oob)
     };
     let _ = run_loop(
         &mut input,
@@ -437,7 +452,7 @@ fn run_loop(
     input: &mut File,
     output: &mut File,
     dispatcher: &dyn Dispatcher,
-    outbox: &crate::events::Outbox,
+    outbox: &Outbox,
     session: &mut Session,
     buf: &mut [u8],
     out: &mut Vec<u8>,
@@ -472,11 +487,148 @@ fn run_loop(
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            let mut msgs = Vec::new();
             if n == 0 {
-                session.finish(dispatcher, out);
+                session.parse_end(&mut msgs);
+            } else {
+                session.parse(&buf[..n], &mut msgs);
+            }
+            let mut msgs = msgs.into_iter();
+            // One request at a time until the client enables OOB (QEMU: without OOB one
+            // command is queued and reading waits for it).
+            while !session.oob_enabled() {
+                let Some(m) = msgs.next() else { break };
+                let reply = session.respond(m, dispatcher);
+                outbox.drain_into(out);
+                out.extend_from_slice(reply.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            if session.oob_enabled() {
+                flush(output, session, out)?;
+                let oob = OobConnection {
+                    dispatcher,
+                    outbox,
+                    output: Mutex::new(output),
+                };
+                return oob.run(input, session, buf, msgs.collect(), n == 0);
+            }
+            if n == 0 {
                 return flush(output, session, out);
             }
-            session.input(&buf[..n], dispatcher, out);
         }
+    }
+}
+
+/// A connection with OOB enabled: the reading thread answers `exec-oob` requests itself
+/// and hands in-band ones to a worker through a bounded queue.
+struct OobConnection<'a> {
+    dispatcher: &'a dyn Dispatcher,
+    outbox: &'a Outbox,
+    output: Mutex<&'a mut File>,
+}
+
+impl OobConnection<'_> {
+    /// Writes the queued events and then `reply` (if any) as one piece, so replies and
+    /// events of the two threads never interleave within a line.
+    fn send(&self, reply: Option<&str>) -> std::io::Result<()> {
+        let mut out = self.output.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = Vec::new();
+        self.outbox.drain_into(&mut bytes);
+        if let Some(r) = reply {
+            bytes.extend_from_slice(r.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        out.write_all(&bytes)
+    }
+
+    /// Runs one request on the calling thread and writes its reply.
+    fn answer(&self, m: Message) -> std::io::Result<()> {
+        let (reply, name) = respond_command(m, true, self.dispatcher);
+        let r = self.send(Some(&reply));
+        if let Some(name) = name {
+            self.dispatcher.after_reply(&name);
+        }
+        r
+    }
+
+    fn run(
+        &self,
+        input: &mut File,
+        session: &mut Session,
+        buf: &mut [u8],
+        pending: Vec<Message>,
+        eof: bool,
+    ) -> std::io::Result<()> {
+        thread::scope(|scope| {
+            let (queue, requests) = sync_channel::<Message>(REQ_QUEUE_LEN_MAX);
+            let worker = thread::Builder::new()
+                .name("qmp-worker".into())
+                .spawn_scoped(scope, move || {
+                    for m in requests {
+                        // A closing monitor drops what is still queued, as QEMU does.
+                        if self.outbox.closing() || self.answer(m).is_err() {
+                            break;
+                        }
+                    }
+                })?;
+            // Out-of-band requests now; in-band ones wait for the worker (blocking
+            // here, and so pausing reading, while the queue is full).
+            let handle = |m: Message| -> std::io::Result<bool> {
+                if Session::is_out_of_band(&m) {
+                    self.answer(m)?;
+                    Ok(true)
+                } else {
+                    Ok(queue.send(m).is_ok())
+                }
+            };
+            let result = (|| {
+                for m in pending {
+                    if !handle(m)? {
+                        return Ok(());
+                    }
+                }
+                if eof {
+                    return Ok(());
+                }
+                loop {
+                    if self.outbox.closing() {
+                        return self.send(None);
+                    }
+                    let (in_ready, wake_ready) = wait_readable(input, self.outbox.wake_fd())?;
+                    if wake_ready {
+                        self.send(None)?;
+                    }
+                    if !in_ready {
+                        continue;
+                    }
+                    let n = match input.read(buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    };
+                    let mut msgs = Vec::new();
+                    if n == 0 {
+                        session.parse_end(&mut msgs);
+                    } else {
+                        session.parse(&buf[..n], &mut msgs);
+                    }
+                    for m in msgs {
+                        if !handle(m)? {
+                            return Ok(());
+                        }
+                    }
+                    if n == 0 {
+                        return Ok(());
+                    }
+                }
+            })();
+            // The worker finishes what is queued, then the connection ends.
+            drop(queue);
+            let _ = worker.join();
+            result
+        })
     }
 }
