@@ -1123,6 +1123,71 @@ impl Handler<VmmCore> for ChardevAdd {
     }
 }
 
+// ---------------------------------------------------------------- yank (OOB-capable)
+
+fn yank_instance() -> Type {
+    let kind = Type::Enum {
+        name: "YankInstanceType",
+        values: &["block-node", "chardev", "migration"],
+    };
+    let members = vec![
+        req("type", kind),
+        opt("node-name", Type::str()),
+        opt("id", Type::str()),
+    ];
+    Type::object("YankInstance", members)
+}
+
+/// `query-yank`: the instances `yank` could cut loose. Keel has no yankable connections
+/// (no network block devices, socket chardevs or migration), so the list is empty.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct QueryYank {}
+impl Command for QueryYank {
+    const NAME: &'static str = "query-yank";
+    const PHASES: PhaseSet = ANY;
+    const ALLOW_OOB: bool = true;
+    type Output = Vec<Value>;
+    fn returns() -> Option<Type> {
+        Some(Type::array(yank_instance()))
+    }
+}
+impl Handler<VmmCore> for QueryYank {
+    fn handle(self, _: &mut VmmCore, _: &Registry<VmmCore>) -> Result<Vec<Value>, CommandError> {
+        Ok(Vec::new())
+    }
+}
+
+/// `yank`: drops the connections of the given instances without waiting for them; an
+/// empty list succeeds, any instance fails because none exists (see [`QueryYank`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Yank {
+    /// Instances to yank.
+    pub instances: Vec<Value>,
+}
+impl Command for Yank {
+    const NAME: &'static str = "yank";
+    const PHASES: PhaseSet = ANY;
+    const ALLOW_OOB: bool = true;
+    type Output = ();
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_yank-arg",
+            vec![req("instances", Type::array(yank_instance()))],
+        )
+    }
+}
+impl Handler<VmmCore> for Yank {
+    fn handle(self, _: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
+        match self.instances.is_empty() {
+            true => Ok(()),
+            false => Err(CommandError::with_class(
+                keel_qmp::ErrorClass::DeviceNotFound,
+                "Instance not found",
+            )),
+        }
+    }
+}
+
 /// Registers every command and event on `r`.
 pub fn register_all(r: &mut Registry<VmmCore>) {
     r.register::<QueryVersion>();
@@ -1157,6 +1222,8 @@ pub fn register_all(r: &mut Registry<VmmCore>) {
     r.register::<BlockdevAdd>();
     r.register::<NetdevAdd>();
     r.register::<ChardevAdd>();
+    r.register::<QueryYank>();
+    r.register::<Yank>();
     let device_event = || {
         Some(Type::object(
             "q_obj_DEVICE_DELETED-arg",

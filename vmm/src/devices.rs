@@ -35,11 +35,13 @@ pub fn serial_bus_type() -> BusType {
     BusType::Other("virtio-serial-bus".to_owned())
 }
 
-/// Name of the port bus of a `virtio-serial-device` with `id` in virtio-mmio `slot`.
-pub fn serial_bus_name(id: Option<&str>, slot: Option<u32>) -> String {
+/// Name of the port bus of a `virtio-serial-device` with `id` in virtio-mmio window
+/// `window` (QEMU names it after the id, else after the bus type and a counter; Keel uses
+/// the window index as the counter, so names stay unique).
+pub fn serial_bus_name(id: Option<&str>, window: Option<usize>) -> String {
     match id {
         Some(id) => format!("{id}.0"),
-        None => format!("virtio-serial-bus.{}", slot.unwrap_or(0)),
+        None => format!("virtio-serial-bus.{}", window.unwrap_or(0)),
     }
 }
 

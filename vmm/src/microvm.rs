@@ -241,8 +241,10 @@ struct MicrovmHooks {
     backends: Arc<Backends>,
     slots: Vec<Arc<SlotProxy>>,
     realized: HashMap<DeviceKey, Realized>,
-    /// Port buses of `virtio-serial-device`s: bus name → (slot, GSI).
+    /// Port buses of `virtio-serial-device`s: bus name → (window, GSI).
     serial_buses: HashMap<String, (usize, u32)>,
+    /// virtio-mmio bus name → index of its window in `slots`.
+    windows: HashMap<String, usize>,
 }
 
 impl MicrovmHooks {
@@ -344,15 +346,15 @@ impl DeviceHooks for MicrovmHooks {
             self.realized.insert(dev.key, Realized::Port { slot, gsi });
             return Ok(());
         }
-        let (slot, gsi) = match (dev.slot, dev.resources.and_then(|r| r.irq)) {
-            (Some(s), Some(g)) => (s as usize, g),
+        let (slot, gsi) = match (self.windows.get(dev.bus), dev.resources.and_then(|r| r.irq)) {
+            (Some(&w), Some(g)) => (w, g),
             _ => return Err(format!("'{}' needs a virtio-mmio slot", dev.driver).into()),
         };
         let (device, rx) = self.virtio_device(dev)?;
         self.attach(slot, gsi, device)?;
         if dev.driver == SERIAL_DRIVER {
             self.serial_buses
-                .insert(serial_bus_name(dev.id, dev.slot), (slot, gsi));
+                .insert(serial_bus_name(dev.id, Some(slot)), (slot, gsi));
         }
         self.realized
             .insert(dev.key, Realized::Virtio { slot, _rx: rx });
@@ -371,7 +373,8 @@ impl DeviceHooks for MicrovmHooks {
                     p.set(None);
                 }
                 if dev.driver == SERIAL_DRIVER {
-                    self.serial_buses.remove(&serial_bus_name(dev.id, dev.slot));
+                    self.serial_buses
+                        .remove(&serial_bus_name(dev.id, Some(slot)));
                 }
                 // `_rx` is dropped here: the RX thread stops.
             }
@@ -388,10 +391,17 @@ impl DeviceHooks for MicrovmHooks {
     }
 }
 
+/// Name of the virtio-mmio bus of window `i` (QEMU's).
+fn virtio_bus_name(i: usize) -> String {
+    format!("virtio-mmio-bus.{i}")
+}
+
 /// A running (or ready) microvm.
 struct MicrovmBoard {
     vm: Arc<Mutex<Microvm>>,
     tree: DeviceTree,
+    /// virtio-mmio bus name → window index (as the hooks have it).
+    windows: HashMap<String, usize>,
     events: Option<Receiver<BoardEvent>>,
     started: bool,
 }
@@ -429,12 +439,16 @@ impl MicrovmBoard {
             .map(|d| d.type_name)
             .collect();
         let vm = Arc::new(Mutex::new(vm));
+        let names: HashMap<String, usize> = (0..windows.len())
+            .map(|i| (virtio_bus_name(i), i))
+            .collect();
         let hooks = MicrovmHooks {
             vm: vm.clone(),
             backends: ctx.backends.clone(),
             slots,
             realized: HashMap::new(),
             serial_buses: HashMap::new(),
+            windows: names.clone(),
         };
         let mut tree = DeviceTree::new(registry(), Box::new(hooks), ctx.events.clone());
         let e = |e: QdevError| BoardError::Invalid(e.qmp_desc());
@@ -462,7 +476,7 @@ impl MicrovmBoard {
                 irq: Some(w.gsi),
             };
             tree.add_bus(
-                BusSpec::new(format!("virtio-mmio-bus.{i}"), BusType::VirtioMmio)
+                BusSpec::new(virtio_bus_name(i), BusType::VirtioMmio)
                     .parent(t.path)
                     .slots(vec![slot]),
             )
@@ -471,6 +485,7 @@ impl MicrovmBoard {
         Ok(Self {
             vm,
             tree,
+            windows: names,
             events: Some(events),
             started: false,
         })
@@ -491,8 +506,9 @@ impl Board for MicrovmBoard {
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
         let added = self.tree.device_add(phase, req)?;
         if req.driver == SERIAL_DRIVER {
+            let window = self.windows.get(&added.bus).copied();
             let bus = BusSpec::new(
-                serial_bus_name(req.id.as_deref(), added.slot),
+                serial_bus_name(req.id.as_deref(), window),
                 serial_bus_type(),
             )
             .parent(added.path.clone())
@@ -562,5 +578,142 @@ impl Board for MicrovmBoard {
 
     fn shutdown(&mut self) {
         self.lock().shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::BlockBackend;
+
+    fn board() -> (MicrovmBoard, Arc<Backends>) {
+        let cfg = MicrovmConfig {
+            memory: 16 << 20,
+            serial: SerialBackend::Null,
+            ..MicrovmConfig::default()
+        };
+        let (tx, rx) = channel();
+        let sink: Arc<dyn MachineEvents> = Arc::new(Forward(tx));
+        let accel = keel_tcg::TcgAccel::new();
+        let vm = Microvm::new(cfg, &accel, sink).unwrap();
+        let backends = Arc::new(Backends::new());
+        let ctx = BoardContext {
+            backends: backends.clone(),
+            events: Arc::new(keel_qdev::NoEvents),
+        };
+        (MicrovmBoard::new(vm, &ctx, rx).unwrap(), backends)
+    }
+
+    fn mmio32(b: &MicrovmBoard, addr: u64) -> u32 {
+        let mut d = [0u8; 4];
+        b.lock().buses().mmio.read(addr, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn add(b: &mut MicrovmBoard, arg: &str) -> Result<Added, QdevError> {
+        b.device_add(Phase::MachineInit, &DeviceRequest::parse_cli(arg).unwrap())
+    }
+
+    #[test]
+    fn virtio_devices_appear_in_their_slot_windows() {
+        let (mut b, backends) = board();
+        let base = keel_machine::layout::VIRTIO_MMIO_BASE;
+        let size = keel_machine::layout::VIRTIO_MMIO_SIZE;
+        // Every window is mapped and empty: magic, version 2, device ID 0.
+        assert_eq!(mmio32(&b, base), keel_virtio::MMIO_MAGIC);
+        assert_eq!(mmio32(&b, base + 4), 2);
+        assert_eq!(mmio32(&b, base + 8), 0);
+
+        let img = std::env::temp_dir().join(format!("keel-vmm-blk-{}", std::process::id()));
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        backends
+            .add_block(
+                "d0",
+                BlockBackend {
+                    filename: img.clone(),
+                    read_only: false,
+                },
+            )
+            .unwrap();
+        let rng = add(&mut b, "virtio-rng-device,id=rng0").unwrap();
+        assert_eq!(rng.slot, Some(0));
+        let blk = add(&mut b, "virtio-blk-device,id=disk0,drive=d0").unwrap();
+        assert_eq!(blk.bus, "virtio-mmio-bus.1");
+        assert_eq!(mmio32(&b, base + 8), 4); // VIRTIO_ID_RNG
+        assert_eq!(mmio32(&b, base + size + 8), 2); // VIRTIO_ID_BLOCK
+        // Config space: capacity in sectors.
+        assert_eq!(mmio32(&b, base + size + 0x100), 2048);
+
+        // An unknown backend fails the realize: nothing is created, the slot stays empty.
+        assert!(add(&mut b, "virtio-blk-device,id=disk1,drive=nope").is_err());
+        assert_eq!(mmio32(&b, base + 2 * size + 8), 0);
+        assert!(b.devices().find("disk1").is_none());
+
+        // Deleting in machine-init empties the window again and frees the slot.
+        b.devices_mut()
+            .device_del(Phase::MachineInit, "rng0")
+            .unwrap();
+        assert_eq!(mmio32(&b, base + 8), 0);
+        let again = add(&mut b, "virtio-rng-device").unwrap();
+        assert_eq!(again.slot, Some(0));
+        assert_eq!(mmio32(&b, base + 8), 4);
+        std::fs::remove_file(&img).ok();
+    }
+
+    #[test]
+    fn anonymous_serial_devices_get_distinct_port_buses() {
+        let (mut b, backends) = board();
+        backends.add_chardev("c0", CharBackend::Null).unwrap();
+        add(&mut b, "virtio-rng-device").unwrap();
+        add(&mut b, "virtio-serial-device").unwrap();
+        add(&mut b, "virtio-serial-device").unwrap();
+        let names: Vec<String> = b
+            .devices()
+            .query_tree()
+            .into_iter()
+            .filter(|n| n.bus_type == "virtio-serial-bus")
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, ["virtio-serial-bus.1", "virtio-serial-bus.2"]);
+        add(&mut b, "virtconsole,chardev=c0,bus=virtio-serial-bus.2").unwrap();
+        let base = keel_machine::layout::VIRTIO_MMIO_BASE;
+        let size = keel_machine::layout::VIRTIO_MMIO_SIZE;
+        assert_eq!(mmio32(&b, base + 2 * size + 8), 3); // VIRTIO_ID_CONSOLE
+    }
+
+    #[test]
+    fn isa_debug_exit_is_mapped_and_unmapped() {
+        let (mut b, _) = board();
+        add(&mut b, "isa-debug-exit,id=dbg,iobase=0x600,iosize=1").unwrap();
+        assert!(
+            b.lock()
+                .buses()
+                .pio
+                .ranges()
+                .iter()
+                .any(|r| r.base == 0x600)
+        );
+        // Overlapping ports: the machine refuses, the tree creates nothing.
+        assert!(add(&mut b, "isa-debug-exit,id=dbg2,iobase=0x600,iosize=1").is_err());
+        assert!(b.devices().find("dbg2").is_none());
+        b.devices_mut()
+            .device_del(Phase::MachineInit, "dbg")
+            .unwrap();
+        assert!(
+            !b.lock()
+                .buses()
+                .pio
+                .ranges()
+                .iter()
+                .any(|r| r.base == 0x600)
+        );
+        // Onboard devices are in the tree.
+        let tree = b.devices().query_tree();
+        let isa = tree.iter().find(|n| n.name == "isa.0").unwrap();
+        assert!(
+            isa.devices
+                .iter()
+                .any(|d| d.driver == "isa-serial" && d.onboard)
+        );
     }
 }

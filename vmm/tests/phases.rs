@@ -32,6 +32,7 @@ fn args_for(cmd: &str) -> Value {
         "netdev_add" => json!({"type": "tap", "id": "n0", "ifname": "tap-keel0",
                                "script": "no", "downscript": "no"}),
         "chardev-add" => json!({"id": "c0", "backend": {"type": "null", "data": {}}}),
+        "yank" => json!({"instances": []}),
         _ => Value::Null,
     }
 }

@@ -130,6 +130,51 @@ fn qmp_protocol_p1_to_p9() {
     }
 }
 
+/// qmp-test's `oob` cases O1-O4 (O5/O6 need a blocking command; the keel-qmp crate's
+/// tests/oob.rs covers them), plus the OOB-capable yank commands.
+#[test]
+fn qmp_oob_o1_to_o4() {
+    let mut vmm = Vmm::start_none(&[]);
+    let mut c = vmm.connect();
+    // O1
+    assert_eq!(c.greeting["QMP"]["capabilities"][0], "oob");
+    // O2
+    let r = c.request("{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': [ 'cap-does-not-exist' ] } }");
+    assert_eq!(r["error"]["class"], "GenericError");
+    assert_eq!(
+        r["error"]["desc"],
+        "Parameter 'null' does not accept value 'cap-does-not-exist'"
+    );
+    // O3
+    let r = c.request("{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': [ 'oob' ] } }");
+    assert_eq!(r, json!({"return": {}}));
+    // O4
+    let r = c.request("{ 'exec-oob': 'query-cpus-fast' }");
+    assert_eq!(r["error"]["class"], "GenericError");
+    assert_eq!(
+        r["error"]["desc"],
+        "The command query-cpus-fast does not support OOB"
+    );
+    let r = c.request("{ 'exec-oob': 'query-yank', 'id': 1 }");
+    assert_eq!(r, json!({"return": [], "id": 1}));
+    let r = c.request("{ 'exec-oob': 'yank', 'arguments': { 'instances': [] }, 'id': 2 }");
+    assert_eq!(r, json!({"return": {}, "id": 2}));
+    let r = c.request(
+        "{ 'exec-oob': 'yank', 'arguments': { 'instances': [ { 'type': 'migration' } ] } }",
+    );
+    assert_eq!(r["error"]["class"], "DeviceNotFound");
+    // In-band use is unchanged.
+    let r = c.request("{ 'execute': 'query-yank', 'id': 3 }");
+    assert_eq!(r, json!({"return": [], "id": 3}));
+    // query-qmp-schema marks them allow-oob.
+    let r = c.request("{ 'execute': 'query-qmp-schema' }");
+    let schema = r["return"].as_array().unwrap();
+    let find = |n: &str| schema.iter().find(|e| e["name"] == n).unwrap();
+    assert_eq!(find("yank")["allow-oob"], true);
+    assert_eq!(find("query-yank")["allow-oob"], true);
+    assert!(find("query-cpus-fast").get("allow-oob").is_none());
+}
+
 #[test]
 fn qmp_preconfig_c1_to_c7() {
     let mut vmm = Vmm::start_none(&["-preconfig"]);
