@@ -139,7 +139,9 @@ fn qmp_oob_o1_to_o4() {
     // O1
     assert_eq!(c.greeting["QMP"]["capabilities"][0], "oob");
     // O2
-    let r = c.request("{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': [ 'cap-does-not-exist' ] } }");
+    let r = c.request(
+        "{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': [ 'cap-does-not-exist' ] } }",
+    );
     assert_eq!(r["error"]["class"], "GenericError");
     assert_eq!(
         r["error"]["desc"],
