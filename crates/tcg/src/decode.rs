@@ -376,12 +376,27 @@ impl BlockCache {
         let avail = 4096 - page_off;
         // Bytes of this page plus up to 15 of the next for a straddling instruction.
         let mut buf = [0u8; MAX_INSNS * 15 + 16];
-        let window = avail.min(MAX_INSNS * 15 + 16);
-        cpu.mmu.phys.read(gpa, &mut buf[..window]);
+        // Code outside RAM (a ROM behind a device) is fetched one instruction at a time and
+        // never cached as a long block: devices see byte reads only.
+        let in_ram = cpu.mmu.phys.host(gpa).is_some();
+        let window = if in_ram {
+            avail.min(MAX_INSNS * 15 + 16)
+        } else {
+            avail.min(15)
+        };
+        if in_ram {
+            cpu.mmu.phys.read(gpa, &mut buf[..window]);
+        } else {
+            for (k, b) in buf[..window].iter_mut().enumerate() {
+                let mut one = [0u8; 1];
+                cpu.mmu.phys.read(gpa + k as u64, &mut one);
+                *b = one[0];
+            }
+        }
         let mut second: Option<u64> = None;
         let mut insns: Vec<Insn> = Vec::with_capacity(16);
         // 64 instructions of at most 15 bytes fit in 960 bytes: no need to copy the whole page.
-        let chunk = avail.min(MAX_INSNS * 15 + 16);
+        let chunk = window;
         let mut decoder = Decoder::with_ip(bitness, &buf[..chunk], rip, DecoderOptions::NONE);
         let mut instr = Instruction::default();
         let mut pos = 0usize;
@@ -428,9 +443,13 @@ impl BlockCache {
             if instr.flow_control() != FlowControl::Next || ends_block(&instr) {
                 break;
             }
-            if pos >= avail {
+            if pos >= avail || !in_ram {
                 break;
             }
+        }
+        if insns.is_empty() {
+            // Defensive: a block always makes progress or faults.
+            insns.push(ud_insn(rip, bitness));
         }
         let idx = self.blocks.len() as u32;
         let p0 = gpa & !0xfff;

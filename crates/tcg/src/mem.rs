@@ -29,6 +29,16 @@ struct Region {
     code: Vec<u8>,
 }
 
+/// The largest device access size (8, 4, 2 or 1) that fits in `left` bytes.
+fn mmio_chunk(left: usize) -> usize {
+    match left {
+        8.. => 8,
+        4..=7 => 4,
+        2..=3 => 2,
+        _ => 1,
+    }
+}
+
 /// Guest-physical memory: RAM regions as host addresses, everything else through the MMIO bus.
 #[derive(Debug)]
 pub struct PhysMem {
@@ -118,7 +128,18 @@ impl PhysMem {
             Some(h) => unsafe {
                 std::ptr::copy_nonoverlapping(h as *const u8, buf.as_mut_ptr(), buf.len())
             },
-            None => self.buses.mmio_read(MmioAddress(gpa), buf),
+            None => {
+                // Devices take accesses of 1, 2, 4 or 8 bytes: split wider ones.
+                let mut off = 0;
+                while off < buf.len() {
+                    let n = mmio_chunk(buf.len() - off);
+                    self.buses.mmio_read(
+                        MmioAddress(gpa.wrapping_add(off as u64)),
+                        &mut buf[off..off + n],
+                    );
+                    off += n;
+                }
+            }
         }
     }
 
@@ -129,7 +150,17 @@ impl PhysMem {
             Some(h) => unsafe {
                 std::ptr::copy_nonoverlapping(buf.as_ptr(), h as *mut u8, buf.len())
             },
-            None => self.buses.mmio_write(MmioAddress(gpa), buf),
+            None => {
+                let mut off = 0;
+                while off < buf.len() {
+                    let n = mmio_chunk(buf.len() - off);
+                    self.buses.mmio_write(
+                        MmioAddress(gpa.wrapping_add(off as u64)),
+                        &buf[off..off + n],
+                    );
+                    off += n;
+                }
+            }
         }
     }
 

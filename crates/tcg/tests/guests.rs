@@ -190,3 +190,47 @@ fn fxsave_fxrstor_round_trip() {
     assert_eq!(h.r64(0x30_0000) & 0xffff, 0x037f);
     assert_eq!(h.r64(0x30_0018) & 0xffff_ffff, 0x1f80);
 }
+
+/// A ROM outside RAM: serves bytes of a small program, one access at a time.
+struct Rom(Vec<u8>, std::sync::Mutex<usize>);
+impl keel_accel::BusDevice for Rom {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let mut widest = self.1.lock().unwrap();
+        *widest = (*widest).max(data.len());
+        for (k, b) in data.iter_mut().enumerate() {
+            *b = self.0.get(offset as usize + k).copied().unwrap_or(0xf4);
+        }
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) {}
+}
+
+#[test]
+fn code_runs_from_a_device_outside_ram() {
+    let mut h = Harness::new(16);
+    let rom_at = 0xfff0_0000u64;
+    let prog = asm(64, rom_at, |a| {
+        a.mov(eax, 7u32).unwrap();
+        a.add(eax, 5).unwrap();
+        a.hlt().unwrap();
+    });
+    let rom = std::sync::Arc::new(Rom(prog, std::sync::Mutex::new(0)));
+    h.buses.mmio.insert(rom_at, 0x1000, rom.clone()).unwrap();
+    let jump = asm(64, CODE, |a| {
+        a.mov(rax, rom_at).unwrap();
+        a.jmp(rax).unwrap();
+    });
+    h.long_mode(&jump);
+    // Map the ROM's linear address 1:1 (PDPT entry 3 as a 1 GiB page).
+    h.w64(PML4 + 0x1000 + 3 * 8, 0xc000_0083);
+    assert_eq!(
+        h.run(),
+        VcpuExit::Halted,
+        "{:x?}",
+        h.vcpu.cpu.last_exception
+    );
+    assert_eq!(h.regs().rax, 12);
+    assert!(
+        *rom.1.lock().unwrap() <= 8,
+        "device accesses stay within 8 bytes"
+    );
+}
