@@ -86,12 +86,15 @@ pub use vm::{TcgAccel, TcgVcpu, TcgVm};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-/// Errors of this crate's own operations.
+/// Errors of this crate's own operations (reported to callers as [`keel_accel::AccelError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum TcgError {
-    /// A guest-physical address is not backed by RAM.
-    #[error("guest-physical address {0:#x} is not RAM")]
-    NotRam(u64),
+    /// The interrupt line does not exist on the 8259 pair.
+    #[error("tcg routes GSIs 0-15 to the 8259 pair only (no IOAPIC is modelled)")]
+    NoSuchGsi(#[source] platform::pic::PicError),
+    /// Only the bootstrap processor exists.
+    #[error("tcg runs one vCPU (no local APIC to start others); vCPU {0} was requested")]
+    OneVcpu(u32),
 }
 
 /// The host's time-stamp counter (constant-rate on the hosts this runs on), used as the
