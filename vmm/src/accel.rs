@@ -1,9 +1,7 @@
 //! Which accelerators this host offers, as `accel-set` and `query-accels` see them.
 //!
 //! A probe only answers "could this backend run here?". The real backends (`keel-kvm`,
-//! `keel-tcg`) replace these probes when machines are integrated.
-
-use std::fs::OpenOptions;
+//! `keel-tcg`) build the VMs; the KVM probe asks `keel-kvm` itself.
 
 /// An accelerator the VMM knows by name.
 pub trait AccelProbe: Send + Sync {
@@ -13,7 +11,7 @@ pub trait AccelProbe: Send + Sync {
     fn probe(&self) -> Result<(), String>;
 }
 
-/// KVM: usable when `/dev/kvm` opens read-write.
+/// KVM: usable when `keel-kvm` can open `/dev/kvm` with the capabilities it needs.
 #[derive(Debug, Default)]
 pub struct KvmProbe;
 
@@ -22,13 +20,12 @@ impl AccelProbe for KvmProbe {
         "kvm"
     }
 
+    /// The KVM backend's own check (`/dev/kvm` opens and has the capabilities Keel
+    /// needs), the same answer `keel_kvm::query_kvm` gives for `present`.
     fn probe(&self) -> Result<(), String> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
+        keel_kvm::KvmAccel::new()
             .map(|_| ())
-            .map_err(|e| format!("Could not access KVM kernel module: /dev/kvm: {e}"))
+            .map_err(|e| e.to_string())
     }
 }
 
