@@ -201,20 +201,24 @@ impl Vm for TcgVm {
         if index != 0 {
             return Err(AccelError::Guest {
                 vcpu: index,
-                reason: "tcg runs one vCPU".into(),
+                reason: crate::TcgError::OneVcpu(index).to_string(),
             });
         }
         Ok(Box::new(self.create_tcg_vcpu(index)))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {
-        self.pic
-            .irq_line(gsi)
-            .map_err(|e| AccelError::Incompatible {
+        self.pic.irq_line(gsi).map_err(|e| {
+            let e = crate::TcgError::NoSuchGsi(e);
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            AccelError::Incompatible {
                 accel: NAME,
                 machine: String::new(),
-                reason: e.to_string(),
-            })
+                reason: format!("{e}{cause}"),
+            }
+        })
     }
 
     fn platform_devices(&self) -> Vec<(BusRange, Arc<dyn BusDevice>)> {
