@@ -223,6 +223,9 @@ impl BusDevice for SlotProxy {
     }
 }
 
+/// Offset of the virtio-mmio `Status` register.
+const VIRTIO_MMIO_STATUS: u64 = 0x70;
+
 /// A virtio device shared by its transport and, for virtio-net, the RX thread.
 type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
 
@@ -359,6 +362,17 @@ impl DeviceHooks for MicrovmHooks {
         self.realized
             .insert(dev.key, Realized::Virtio { slot, _rx: rx });
         Ok(())
+    }
+
+    /// System reset: virtio devices go back to their power-on state through the transport's
+    /// own reset path (a write of 0 to `Status`), as a driver reset would.
+    fn reset(&mut self, dev: &DeviceView<'_>) {
+        if let Some(Realized::Virtio { slot, .. } | Realized::Port { slot, .. }) =
+            self.realized.get(&dev.key)
+            && let Some(t) = self.slots.get(*slot).and_then(|p| p.get())
+        {
+            t.write(VIRTIO_MMIO_STATUS, &0u32.to_le_bytes());
+        }
     }
 
     fn unrealize(&mut self, dev: &DeviceView<'_>) {
@@ -643,6 +657,14 @@ mod tests {
         assert_eq!(mmio32(&b, base + size + 8), 2); // VIRTIO_ID_BLOCK
         // Config space: capacity in sectors.
         assert_eq!(mmio32(&b, base + size + 0x100), 2048);
+
+        // A system reset puts the device back to status 0 (the driver must start over).
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&1u32.to_le_bytes()); // ACKNOWLEDGE
+        b.lock().buses().mmio.write(base + 0x70, &w);
+        assert_eq!(mmio32(&b, base + 0x70), 1);
+        b.tree.reset();
+        assert_eq!(mmio32(&b, base + 0x70), 0);
 
         // An unknown backend fails the realize: nothing is created, the slot stays empty.
         assert!(add(&mut b, "virtio-blk-device,id=disk1,drive=nope").is_err());
