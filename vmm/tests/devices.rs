@@ -558,3 +558,90 @@ fn virtconsole_sits_on_the_virtio_serial_device_bus() {
     c.ok("quit", Value::Null);
     assert!(vmm.wait().success());
 }
+
+/// virtio-net on a tap the VMM opens itself, inside a network namespace of its own
+/// (`unshare -n`), so the host's interfaces are never touched. Skips with the reason when
+/// namespaces or /dev/net/tun are not usable here.
+#[test]
+fn virtio_net_realizes_on_a_tap_in_a_private_namespace() {
+    let usable = Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .is_ok();
+    if !usable || !tun {
+        eprintln!("skipped: needs 'unshare -n' and /dev/net/tun (unshare: {usable}, tun: {tun})");
+        return;
+    }
+    let dir = TempDir::new();
+    let sock = dir.path("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let mut child = Command::new("unshare")
+        .args([
+            "-n",
+            common::BIN,
+            "-qmp",
+            &qmp,
+            "-S",
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+        ])
+        .args([
+            "-netdev",
+            "tap,id=n0,ifname=keeltap0,script=no,downscript=no",
+        ])
+        .args([
+            "-device",
+            "virtio-net-device,id=nic0,netdev=n0,mac=52:54:00:12:34:57",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut c = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+            break Client::new(s);
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("vmm exited ({st}): {err}");
+        }
+        assert!(Instant::now() < deadline, "no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    c.negotiate();
+    assert_eq!(c.phase(), "machine-ready");
+    let tree = c.ok("x-query-device-tree", Value::Null);
+    let nic = user_devices(&tree);
+    assert_eq!(nic.len(), 1);
+    assert_eq!(nic[0].0, "nic0");
+    assert_eq!(
+        c.ok("qom-get", json!({"path": "nic0", "property": "mac"})),
+        json!("52:54:00:12:34:57")
+    );
+    c.ok("quit", Value::Null);
+    assert!(child.wait().unwrap().success());
+
+    // A bad MAC fails the realize and names it.
+    let (st, err) = common::run_to_end(&[
+        "-M",
+        "microvm",
+        "-accel",
+        "tcg",
+        "-netdev",
+        "tap,id=n0,ifname=keeltap1,script=no,downscript=no",
+        "-device",
+        "virtio-net-device,netdev=n0,mac=01:00:00:00:00:01",
+    ]);
+    assert!(!st.success());
+    assert!(err.contains("01:00:00:00:00:01"), "{err}");
+}
