@@ -14,6 +14,19 @@
 //! vmm.execute(MachineDone {}).unwrap();
 //! assert!(vmm.execute(QueryStatus {}).unwrap().running);
 //! ```
+//!
+//! # Devices
+//!
+//! Every board owns a `keel_qdev::DeviceTree` ([`board::Board::devices`]). `-device` and
+//! QMP `device_add` become the same `keel_qdev::DeviceRequest` and go through
+//! [`board::Board::device_add`]; the tree decides cold plug (machine-init) or hot plug
+//! (machine-ready, refused on microvm's buses, which have no hotplug handler) from the phase
+//! alone. `device_del`, `qom-list`, `qom-get`, `qom-list-types`, `device-list-properties` and
+//! `x-query-device-tree` read or change the same tree; device events reach QMP clients
+//! through [`devices::QmpEvents`]. Backends (`blockdev-add`, `netdev_add`, `chardev-add` and
+//! their command-line forms) live in [`backends::Backends`] from no-machine on and are
+//! looked up by `drive=`/`netdev=`/`chardev=` when a device is realized
+//! ([`microvm`] maps them onto `keel-virtio` devices behind an MMIO transport).
 
 #![deny(missing_docs)]
 
