@@ -424,9 +424,15 @@ fn shift_r<const OP: u8, const S: u8, const CL: bool>(cpu: &mut Cpu, i: &Insn) -
 }
 
 fn imul_res(cpu: &mut Cpu, s: u8, a: u64, b: u64) -> u64 {
-    let p = i128::from(sext(a, s) as i64) * i128::from(sext(b, s) as i64);
-    let r = (p as u64) & mask(s);
-    let of = p != i128::from(sext(r, s) as i64);
+    let (r, of) = if s == 8 {
+        let (p, of) = (a as i64).overflowing_mul(b as i64);
+        (p as u64, of)
+    } else {
+        // Narrower products fit in i64 exactly.
+        let p = (sext(a, s) as i64) * (sext(b, s) as i64);
+        let r = (p as u64) & mask(s);
+        (r, p != sext(r, s) as i64)
+    };
     cpu.set_flags_res(s, r, of, of, false);
     r
 }
