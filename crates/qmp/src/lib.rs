@@ -6,9 +6,13 @@
 //!   and the lifecycle phases where they are valid; dispatch enforces the phases
 //!   (`OutOfPhase`) and validates arguments with QEMU's messages; `query-commands` and
 //!   `query-qmp-schema` come from the same declarations.
-//! * [`Session`]: greeting, capabilities negotiation, request checks, `id` echo, replies.
+//! * [`Session`]: greeting, capabilities negotiation (`oob` where offered), request checks,
+//!   `id` echo, replies; `exec-oob` requests run only for commands declared
+//!   [`Command::ALLOW_OOB`].
 //! * [`EventBus`]: timestamped events to every negotiated client.
-//! * [`server`]: unix/TCP/stdio transports, many clients per listening socket.
+//! * [`server`]: unix/TCP/stdio transports, many clients per listening socket; socket
+//!   clients that enable `oob` get a reader that runs `exec-oob` at once and a worker
+//!   that runs in-band requests in order.
 //!
 //! The crate knows nothing about machines: a VMM implements [`Dispatcher`] (usually on
 //! top of a [`Registry`] of its own context type) and registers its command handlers.
