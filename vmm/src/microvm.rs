@@ -682,6 +682,85 @@ mod tests {
         std::fs::remove_file(&img).ok();
     }
 
+    fn mmio_w32(b: &MicrovmBoard, addr: u64, v: u32) {
+        b.lock().buses().mmio.write(addr, &v.to_le_bytes());
+    }
+
+    /// A driver's-eye run through the real machine: negotiate, set up queue 0 in guest RAM,
+    /// submit a virtio-blk read of sector 0, notify, and find the image's bytes in RAM, the
+    /// used ring advanced and the interrupt raised.
+    #[test]
+    fn virtio_blk_reads_the_backend_through_guest_memory() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (mut b, backends) = board();
+        let img = std::env::temp_dir().join(format!("keel-vmm-e2e-{}", std::process::id()));
+        let mut data = vec![0u8; 1 << 20];
+        data[..20].copy_from_slice(b"keel sector 0 marker");
+        std::fs::write(&img, &data).unwrap();
+        backends
+            .add_block(
+                "d0",
+                BlockBackend {
+                    filename: img.clone(),
+                    read_only: true,
+                },
+            )
+            .unwrap();
+        add(&mut b, "virtio-blk-device,drive=d0").unwrap();
+        let base = keel_machine::layout::VIRTIO_MMIO_BASE;
+        let (desc, avail, used, hdr, buf, status) = (
+            0x10000u64, 0x11000u64, 0x12000u64, 0x13000u64, 0x14000u64, 0x15000u64,
+        );
+
+        mmio_w32(&b, base + 0x70, 1); // ACKNOWLEDGE
+        mmio_w32(&b, base + 0x70, 3); // DRIVER
+        mmio_w32(&b, base + 0x24, 1); // DriverFeaturesSel = 1
+        mmio_w32(&b, base + 0x20, 1); // VERSION_1 (bit 32)
+        mmio_w32(&b, base + 0x70, 11); // FEATURES_OK
+        assert_eq!(mmio32(&b, base + 0x70), 11);
+        mmio_w32(&b, base + 0x30, 0); // QueueSel
+        assert!(mmio32(&b, base + 0x34) >= 8);
+        mmio_w32(&b, base + 0x38, 8); // QueueNum
+        for (off, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+            mmio_w32(&b, base + off, addr as u32);
+            mmio_w32(&b, base + off + 4, 0);
+        }
+        mmio_w32(&b, base + 0x44, 1); // QueueReady
+        mmio_w32(&b, base + 0x70, 15); // DRIVER_OK
+
+        let mem = b.lock().memory().clone();
+        // Request header: type IN (0), reserved, sector 0.
+        mem.write_slice(&[0u8; 16], GuestAddress(hdr)).unwrap();
+        // Descriptors: header (read), data (write), status (write).
+        let d = |addr: u64, len: u32, flags: u16, next: u16| {
+            let mut e = Vec::with_capacity(16);
+            e.extend_from_slice(&addr.to_le_bytes());
+            e.extend_from_slice(&len.to_le_bytes());
+            e.extend_from_slice(&flags.to_le_bytes());
+            e.extend_from_slice(&next.to_le_bytes());
+            e
+        };
+        let mut table = d(hdr, 16, 1, 1);
+        table.extend(d(buf, 512, 1 | 2, 2));
+        table.extend(d(status, 1, 2, 0));
+        mem.write_slice(&table, GuestAddress(desc)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        // Available ring: flags 0, idx 1, ring[0] = descriptor 0.
+        mem.write_slice(&[0, 0, 1, 0, 0, 0], GuestAddress(avail))
+            .unwrap();
+        mmio_w32(&b, base + 0x50, 0); // QueueNotify (processed inline, as under tcg)
+
+        let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+        assert_eq!(used_idx, 1);
+        let st: u8 = mem.read_obj(GuestAddress(status)).unwrap();
+        assert_eq!(st, 0, "VIRTIO_BLK_S_OK");
+        let mut sector = [0u8; 20];
+        mem.read_slice(&mut sector, GuestAddress(buf)).unwrap();
+        assert_eq!(&sector, b"keel sector 0 marker");
+        assert_eq!(mmio32(&b, base + 0x60) & 1, 1, "used-buffer interrupt");
+        std::fs::remove_file(&img).ok();
+    }
+
     #[test]
     fn anonymous_serial_devices_get_distinct_port_buses() {
         let (mut b, backends) = board();
