@@ -101,6 +101,7 @@ impl Dispatcher for TestVmm {
 }
 
 struct Client {
+    bus: Arc<EventBus>,
     rd: BufReader<UnixStream>,
     wr: UnixStream,
     unblock: Sender<()>,
@@ -121,10 +122,12 @@ impl Client {
             started: Mutex::new(started_tx),
         });
         let (ours, theirs) = UnixStream::pair().unwrap();
-        serve_stream(theirs, vmm, EventBus::new());
+        let bus = EventBus::new();
+        serve_stream(theirs, vmm, bus.clone());
         ours.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         let mut c = Client {
+            bus,
             rd: BufReader::new(ours.try_clone().unwrap()),
             wr: ours,
             unblock: gate_tx,
@@ -314,4 +317,43 @@ fn capabilities_and_oob_in_one_write() {
     assert_eq!(c.recv()["id"], "o");
     c.unblock.send(()).unwrap();
     assert_eq!(c.recv()["id"], "b");
+}
+
+#[test]
+fn events_flow_while_an_in_band_command_blocks() {
+    let (mut c, _) = Client::connect();
+    c.negotiate_oob();
+    c.send("{'execute': 'block', 'id': 'b'}");
+    c.started.recv_timeout(Duration::from_secs(20)).unwrap();
+    c.bus.emit("TEST_EVENT", Some(json!({"n": 1})));
+    let e = c.recv();
+    assert_eq!(e["event"], "TEST_EVENT");
+    assert_eq!(e["data"], json!({"n": 1}));
+    c.unblock.send(()).unwrap();
+    assert_eq!(c.recv()["id"], "b");
+}
+
+#[test]
+fn queued_requests_are_answered_after_end_of_input() {
+    let (mut c, _) = Client::connect();
+    c.negotiate_oob();
+    c.send("{'execute': 'block', 'id': 'b'}{'execute': 'quick', 'id': 'q'}");
+    c.started.recv_timeout(Duration::from_secs(20)).unwrap();
+    c.wr.shutdown(std::net::Shutdown::Write).unwrap();
+    c.unblock.send(()).unwrap();
+    assert_eq!(c.recv()["id"], "b");
+    assert_eq!(c.recv()["id"], "q");
+    let mut rest = String::new();
+    assert_eq!(c.rd.read_line(&mut rest).unwrap(), 0, "{rest:?}");
+}
+
+#[test]
+fn closing_the_bus_ends_an_oob_connection() {
+    let (mut c, _) = Client::connect();
+    c.negotiate_oob();
+    c.send("{'exec-oob': 'ping', 'id': 1}");
+    assert_eq!(c.recv()["id"], 1);
+    assert!(c.bus.close_all(Duration::from_secs(20)));
+    let mut rest = String::new();
+    assert_eq!(c.rd.read_line(&mut rest).unwrap(), 0, "{rest:?}");
 }
