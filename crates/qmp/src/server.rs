@@ -5,14 +5,14 @@
 //! waits with `poll(2)` on its input and on its event wake-up socket, so events reach it
 //! while it is idle, and a client that does not read only ever blocks its own thread.
 //!
-//! Out-of-band execution: socket monitors (unix, TCP, [`serve_stream`]) offer the `oob`
-//! capability, as QEMU does for socket chardevs. Once a client enables it, the client's
-//! thread keeps reading: in-band requests go to a queue of [`REQ_QUEUE_LEN_MAX`] that a
-//! worker thread runs in order (reading pauses while the queue is full), and `exec-oob`
-//! requests run at once on the reading thread, so their replies can overtake in-band
-//! ones. Writes of both threads are serialised per reply. The stdio monitor does not
-//! offer `oob`: QEMU's stdio chardev has no I/O-thread support either, and a stdio
-//! client is normally a single scripted pipe.
+//! Out-of-band execution: every monitor (unix, TCP, [`serve_stream`], stdio) offers the
+//! `oob` capability. QEMU offers it when the monitor's chardev can move to the monitor
+//! I/O thread, which is any chardev class with `chr_update_read_handler`: sockets, and
+//! on POSIX also the fd-based ones behind `stdio` and `pipe`. Once a client enables it,
+//! the client's thread keeps reading: in-band requests go to a queue of
+//! [`REQ_QUEUE_LEN_MAX`] that a worker thread runs in order (reading pauses while the
+//! queue is full), and `exec-oob` requests run at once on the reading thread, so their
+//! replies can overtake in-band ones. Writes of both threads are serialised per reply.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -221,7 +221,7 @@ pub fn serve(
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(io_err("cannot use", "stdout"))?;
-            spawn_connection(input, output, dispatcher, bus, None, false);
+            spawn_connection(input, output, dispatcher, bus, None, true);
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Unix {
