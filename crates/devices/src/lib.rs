@@ -1,6 +1,7 @@
 //! Device register machines for Keel's x86 machines: the 8250 UART (on vm-superio), an i8042
-//! keyboard controller, QEMU's `isa-debug-exit`, an MC146818 RTC/CMOS and the ACPI Generic
-//! Event Device registers microvm uses to power off and reset.
+//! keyboard controller, QEMU's `isa-debug-exit`, an MC146818 RTC/CMOS, the ACPI Generic
+//! Event Device registers microvm uses to power off and reset, and the ACPI PM1/PM-timer
+//! register block used instead when the platform has no IOAPIC.
 //!
 //! Every device here is a register machine in the vm-superio style: it knows its registers,
 //! its interrupt output (an [`keel_accel::IrqLine`]) and the [`keel_accel::SystemEvents`] sink
@@ -11,6 +12,7 @@
 #![deny(missing_docs)]
 
 mod acpi_ged;
+mod acpi_pm;
 mod debug_exit;
 mod i8042;
 mod rtc;
@@ -19,6 +21,10 @@ mod serial;
 pub use acpi_ged::{
     AcpiGed, GED_EVENT_POWER_BUTTON, GED_EVENT_SELECTOR_OFFSET, GED_MMIO_LEN, GED_REGS_OFFSET,
     GED_RESET, GED_RESET_VALUE, GED_SLEEP_CTL, GED_SLEEP_STS,
+};
+pub use acpi_pm::{
+    ACPI_PM_LEN, AcpiPm, PM_SLP_TYP_S5, PM_TIMER_HZ, PM_TMR_LEN, PM_TMR_OFFSET, PM1_CNT_LEN,
+    PM1_CNT_OFFSET, PM1_EVT_LEN, PM1_EVT_OFFSET, PM1_PWRBTN, PM1_TMR,
 };
 pub use debug_exit::{DebugExit, DebugExitError};
 pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port};
