@@ -47,8 +47,12 @@ pub const PM1_PWRBTN: u16 = 1 << 8;
 const PM1_WAK_STS: u16 = 1 << 15;
 /// Status bits this device implements (others read 0 and cannot be set).
 const PM1_STS_MASK: u16 = PM1_TMR | PM1_PWRBTN | PM1_WAK_STS;
-/// Enable bits this device implements.
+/// Enable bits that raise the SCI (the events this device can signal).
 const PM1_EN_MASK: u16 = PM1_TMR | PM1_PWRBTN;
+/// Enable bits that hold what the guest writes: also GBL_EN (5), SLPBTN_EN (9) and
+/// RTC_EN (10), whose events never occur here but which Linux enables and reads back to
+/// check that the fixed event exists (else it logs "Could not enable ... event").
+const PM1_EN_STORED: u16 = PM1_EN_MASK | (1 << 5) | (1 << 9) | (1 << 10);
 
 /// PM1_CNT: SCI enabled (always set: there is no SMI handler to switch from).
 const SCI_EN: u16 = 1 << 0;
@@ -212,7 +216,7 @@ impl BusDevice for AcpiPm {
         // PM1_STS is write-1-to-clear.
         r.sts &= !sts_clear;
         if en_written {
-            r.en = u16::from_le_bytes(en) & PM1_EN_MASK;
+            r.en = u16::from_le_bytes(en) & PM1_EN_STORED;
         }
         if cnt_written {
             let v = u16::from_le_bytes(cnt);
@@ -309,6 +313,13 @@ mod tests {
         assert!(!irq.0.load(Ordering::SeqCst));
         pm.reset();
         assert_eq!(r16(&pm, 2), 0);
+        // Enables of fixed events that never fire still read back (Linux checks), and
+        // unimplemented bits read 0.
+        pm.write(2, &0xffffu16.to_le_bytes());
+        assert_eq!(
+            r16(&pm, 2),
+            PM1_TMR | PM1_PWRBTN | (1 << 5) | (1 << 9) | (1 << 10)
+        );
     }
 
     #[test]

@@ -1,11 +1,22 @@
-//! ACPI tables for microvm: RSDP, XSDT, a hardware-reduced FADT, MADT and DSDT, laid out in
-//! guest memory from [`crate::layout::ACPI_START`].
+//! ACPI tables for microvm: RSDP, XSDT, FADT, MADT and DSDT (and a FACS when needed), laid
+//! out in guest memory from [`crate::layout::ACPI_START`].
 //!
-//! As in QEMU's microvm, the platform is hardware-reduced: there are no PM1 register blocks and
-//! no SCI; power-off and reset go through the ACPI Generic Event Device's sleep control and
-//! reset registers (see `keel_devices::AcpiGed`). The DSDT describes COM1, the GED, a power
-//! button, and one `LNRO0005` node per virtio-mmio device the machine was given, which is how
-//! kernels without `virtio_mmio.device=` support find them.
+//! With an IOAPIC, as in QEMU's microvm, the platform is hardware-reduced: there are no PM1
+//! register blocks and no SCI; power-off and reset go through the ACPI Generic Event Device's
+//! sleep control and reset registers (see `keel_devices::AcpiGed`), and the DSDT describes the
+//! GED and a power button device.
+//!
+//! Without an IOAPIC (a backend with only the 8259 pair, such as the interpreter) the FADT is a
+//! full one instead ([`AcpiConfig::pm_base`]): Linux treats a hardware-reduced platform as
+//! having no legacy PIC, so interrupts arriving through the 8259 would be taken as exceptions.
+//! The full FADT points at the PIIX4/ICH9-style PM1a event/control blocks and PM timer of
+//! `keel_devices::AcpiPm`, with the SCI on ISA IRQ 9 and the fixed power button; power-off
+//! writes `SLP_EN` with the `\_S5` type to PM1a control. The PM timer also gives Linux a
+//! reference clock for TSC calibration. The reset register stays the GED's.
+//!
+//! In both cases the DSDT describes COM1, the RTC, and one `LNRO0005` node per virtio-mmio
+//! device the machine was given, which is how kernels without `virtio_mmio.device=` support
+//! find them.
 
 use acpi_tables::Aml;
 use acpi_tables::aml::{
@@ -52,7 +63,15 @@ pub struct AcpiConfig {
     pub serial: bool,
     /// virtio-mmio devices, in the order they were cold-plugged.
     pub virtio_mmio: Vec<VirtioMmioDevice>,
+    /// `Some(port)`: a full (not hardware-reduced) FADT whose PM1a event block, PM1a control
+    /// block and PM timer are the `keel_devices::AcpiPm` register block at this I/O port, SCI
+    /// on [`SCI_IRQ`], plus a FACS. `None`: hardware-reduced with the GED (needs an IOAPIC
+    /// under Linux).
+    pub pm_base: Option<u16>,
 }
+
+/// The SCI's ISA IRQ with the PM register block (as on PIIX4/ICH9 PCs).
+pub const SCI_IRQ: u16 = 9;
 
 /// Errors building or placing the tables.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,7 +95,7 @@ pub struct AcpiTables {
     /// Guest-physical address of the RSDP (what `hvm_start_info.rsdp_paddr` and
     /// `boot_params.acpi_rsdp_addr` carry).
     pub rsdp_addr: u64,
-    /// (address, bytes) of every table, RSDP first.
+    /// (address, bytes) of every table: RSDP, XSDT, FADT, MADT, DSDT, then the FACS if any.
     pub blobs: Vec<(u64, Vec<u8>)>,
 }
 
@@ -127,6 +146,17 @@ impl Sdt {
     fn gas_mem8(&mut self, addr: u64) -> &mut Self {
         self.u8(0).u8(8).u8(0).u8(1).u64(addr)
     }
+    /// A Generic Address Structure for an I/O port block of `bytes` bytes (0: none).
+    fn gas_io(&mut self, port: u16, bytes: u8, access: u8) -> &mut Self {
+        if bytes == 0 {
+            return self.zeros(12);
+        }
+        self.u8(1)
+            .u8(bytes * 8)
+            .u8(0)
+            .u8(access)
+            .u64(u64::from(port))
+    }
     fn finish(mut self) -> Vec<u8> {
         let len = self.0.len() as u32;
         self.0[4..8].copy_from_slice(&len.to_le_bytes());
@@ -152,9 +182,13 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
     v
 }
 
-fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
-    const HW_REDUCED_ACPI: u32 = 1 << 20;
+fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
+    const WBINVD: u32 = 1 << 0;
+    const PROC_C1: u32 = 1 << 2;
+    const SLP_BUTTON: u32 = 1 << 5;
     const RESET_REG_SUP: u32 = 1 << 10;
+    const HW_REDUCED_ACPI: u32 = 1 << 20;
+    const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
     const IAPC_8042: u16 = 1 << 1;
     const IAPC_NO_VGA: u16 = 1 << 2;
     const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
@@ -166,33 +200,85 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
     if !cfg.rtc {
         iapc |= IAPC_NO_CMOS_RTC;
     }
+    // Register blocks: (port, length) of PM1a event, PM1a control and PM timer.
+    let (evt, cnt, tmr, flags, sci) = match cfg.pm_base {
+        Some(base) => {
+            iapc |= IAPC_LEGACY_DEVICES;
+            let at = |off: u64| base.wrapping_add(off as u16);
+            (
+                (at(keel_devices::PM1_EVT_OFFSET), keel_devices::PM1_EVT_LEN),
+                (at(keel_devices::PM1_CNT_OFFSET), keel_devices::PM1_CNT_LEN),
+                (at(keel_devices::PM_TMR_OFFSET), keel_devices::PM_TMR_LEN),
+                // As QEMU's pc FADT: WBINVD works, C1 supported, no fixed sleep button (the
+                // fixed power button exists: PWR_BUTTON clear); 24-bit timer (TMR_VAL_EXT
+                // clear).
+                WBINVD | PROC_C1 | SLP_BUTTON | RESET_REG_SUP,
+                SCI_IRQ,
+            )
+        }
+        None => ((0, 0), (0, 0), (0, 0), HW_REDUCED_ACPI | RESET_REG_SUP, 0),
+    };
     let mut t = Sdt::new(b"FACP", 6, b"KEELFACP");
-    t.u32(0) // FIRMWARE_CTRL: no FACS on a hardware-reduced platform
+    t.u32(facs_addr.unwrap_or(0) as u32) // FIRMWARE_CTRL (FACS below 1 MiB)
         .u32(0) // DSDT (32-bit): use X_DSDT
         .u8(0)
         .u8(0) // preferred PM profile: unspecified
-        .u16(0) // SCI_INT: none
-        .u32(0) // SMI_CMD
+        .u16(sci) // SCI_INT
+        .u32(0) // SMI_CMD: none, the platform is always in ACPI mode
         .zeros(4) // ACPI enable/disable, S4BIOS, PSTATE
-        .zeros(8 * 4) // PM1a/b event, PM1a/b control, PM2, PM timer, GPE0/1 blocks
-        .zeros(8) // their lengths, GPE1 base, CST_CNT
-        .zeros(4 + 4) // C2/C3 latency, flush size/stride
+        .u32(u32::from(evt.0)) // PM1a_EVT_BLK
+        .u32(0) // PM1b_EVT_BLK
+        .u32(u32::from(cnt.0)) // PM1a_CNT_BLK
+        .u32(0) // PM1b_CNT_BLK
+        .u32(0) // PM2_CNT_BLK
+        .u32(u32::from(tmr.0)) // PM_TMR_BLK
+        .u32(0) // GPE0_BLK
+        .u32(0) // GPE1_BLK
+        .u8(evt.1)
+        .u8(cnt.1)
+        .u8(0) // PM2_CNT_LEN
+        .u8(tmr.1)
+        .zeros(4) // GPE0/GPE1 lengths, GPE1 base, CST_CNT
+        .u16(0xfff) // P_LVL2_LAT: C2 not supported (as QEMU)
+        .u16(0xfff) // P_LVL3_LAT: C3 not supported
+        .zeros(4) // flush size/stride
         .zeros(4) // duty offset/width, day/month alarm
         .u8(if cfg.rtc { 0x32 } else { 0 }) // CENTURY index in CMOS
         .u16(iapc)
         .u8(0)
-        .u32(HW_REDUCED_ACPI | RESET_REG_SUP)
+        .u32(flags)
         .gas_mem8(regs + keel_devices::GED_RESET)
         .u8(keel_devices::GED_RESET_VALUE)
         .u16(0) // ARM boot arch
         .u8(5) // FADT minor version (ACPI 6.5)
-        .u64(0) // X_FIRMWARE_CTRL
+        .u64(0) // X_FIRMWARE_CTRL (FIRMWARE_CTRL is used)
         .u64(dsdt_addr)
-        .zeros(8 * 12) // X_ PM blocks
-        .gas_mem8(regs + keel_devices::GED_SLEEP_CTL)
-        .gas_mem8(regs + keel_devices::GED_SLEEP_STS)
-        .u64(u64::from_le_bytes(*b"KEELKEEL")); // hypervisor vendor identity
+        .gas_io(evt.0, evt.1, 0) // X_PM1a_EVT_BLK
+        .zeros(12) // X_PM1b_EVT_BLK
+        .gas_io(cnt.0, cnt.1, 0) // X_PM1a_CNT_BLK
+        .zeros(12 * 2) // X_PM1b_CNT_BLK, X_PM2_CNT_BLK
+        .gas_io(tmr.0, tmr.1, 3) // X_PM_TMR_BLK (dword access)
+        .zeros(12 * 2); // X_GPE0_BLK, X_GPE1_BLK
+    if cfg.pm_base.is_some() {
+        // Sleep control/status registers are for hardware-reduced platforms only.
+        t.zeros(12 * 2);
+    } else {
+        t.gas_mem8(regs + keel_devices::GED_SLEEP_CTL)
+            .gas_mem8(regs + keel_devices::GED_SLEEP_STS);
+    }
+    t.u64(u64::from_le_bytes(*b"KEELKEEL")); // hypervisor vendor identity
     t.finish()
+}
+
+/// The Firmware ACPI Control Structure a full FADT points at: no waking vector, no global
+/// lock owner, no S4BIOS (version 2, 64 bytes, no checksum).
+fn facs() -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(b"FACS");
+    v.extend_from_slice(&64u32.to_le_bytes());
+    v.resize(64, 0);
+    v[32] = 2; // version
+    v
 }
 
 fn madt(cfg: &AcpiConfig) -> Vec<u8> {
@@ -232,31 +318,11 @@ fn device(name: &str, children: &[&dyn Aml]) -> Raw {
     encode(&Device::new(Path::new(name), children.to_vec()))
 }
 
-fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
-    if cfg.virtio_mmio.len() > 4096 {
-        return Err(AcpiError::TooManyDevices(cfg.virtio_mmio.len()));
-    }
-    let one = 1u8;
+/// The hardware-reduced platform's nodes: the GED as QEMU's microvm describes it (one
+/// edge-triggered interrupt, the event selector as a field, and _EVT notifying the power button
+/// when its event bit is set) and the power button device it notifies.
+fn hw_reduced_nodes(sb: &mut Vec<Raw>) {
     let zero = 0u8;
-    let mut sb: Vec<Raw> = Vec::new();
-
-    if cfg.serial {
-        let io = IO::new(0x3f8, 0x3f8, 0, 8);
-        let irq = Interrupt::new(true, true, false, false, 4);
-        let crs = ResourceTemplate::new(vec![&io, &irq]);
-        let sta = 0x0fu8;
-        sb.push(device(
-            "COM1",
-            &[
-                &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
-                &Name::new(Path::new("_UID"), &one),
-                &Name::new(Path::new("_STA"), &sta),
-                &Name::new(Path::new("_CRS"), &crs),
-            ],
-        ));
-    }
-
-    // The GED as QEMU's microvm describes it: one edge-triggered interrupt, the event selector
     // as a field, and _EVT notifying the power button when its event bit is set.
     let ged_irq = Interrupt::new(true, true, false, false, GED_GSI);
     let ged_crs = ResourceTemplate::new(vec![&ged_irq]);
@@ -297,6 +363,44 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
         ],
     ));
 
+    let pwrb_hid: &'static str = "PNP0C0C";
+    sb.push(device(
+        "PWRB",
+        &[
+            &Name::new(Path::new("_HID"), &pwrb_hid),
+            &Name::new(Path::new("_UID"), &zero),
+        ],
+    ));
+}
+
+fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
+    if cfg.virtio_mmio.len() > 4096 {
+        return Err(AcpiError::TooManyDevices(cfg.virtio_mmio.len()));
+    }
+    let one = 1u8;
+    let zero = 0u8;
+    let mut sb: Vec<Raw> = Vec::new();
+
+    if cfg.serial {
+        let io = IO::new(0x3f8, 0x3f8, 0, 8);
+        let irq = Interrupt::new(true, true, false, false, 4);
+        let crs = ResourceTemplate::new(vec![&io, &irq]);
+        let sta = 0x0fu8;
+        sb.push(device(
+            "COM1",
+            &[
+                &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
+                &Name::new(Path::new("_UID"), &one),
+                &Name::new(Path::new("_STA"), &sta),
+                &Name::new(Path::new("_CRS"), &crs),
+            ],
+        ));
+    }
+
+    if cfg.pm_base.is_none() {
+        hw_reduced_nodes(&mut sb);
+    }
+
     if cfg.rtc {
         // The CMOS RTC as a PNP device (ports 0x70-0x71, IRQ 8 edge/active high), so the
         // guest binds rtc-cmos to exactly what the device decodes.
@@ -311,15 +415,6 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
             ],
         ));
     }
-
-    let pwrb_hid: &'static str = "PNP0C0C";
-    sb.push(device(
-        "PWRB",
-        &[
-            &Name::new(Path::new("_HID"), &pwrb_hid),
-            &Name::new(Path::new("_UID"), &zero),
-        ],
-    ));
 
     // One LNRO0005 node per virtio-mmio transport, as QEMU's microvm writes them.
     let virtio_hid: &'static str = "LNRO0005";
@@ -343,8 +438,13 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     let children: Vec<&dyn Aml> = sb.iter().map(|r| r as &dyn Aml).collect();
     Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
 
-    // \_S5: the sleep type Linux writes to the GED sleep control register to power off.
-    let s5_typ = 5u8;
+    // \_S5: the sleep type Linux writes to the GED sleep control register (hardware-reduced)
+    // or to PM1a control's SLP_TYP (full FADT) to power off.
+    let s5_typ = if cfg.pm_base.is_some() {
+        keel_devices::PM_SLP_TYP_S5
+    } else {
+        keel_devices::SLP_TYP_S5
+    };
     let s5 = Package::new(vec![&s5_typ, &zero, &zero, &zero]);
     Name::new(Path::new("_S5_"), &s5).to_aml_bytes(&mut body);
 
@@ -363,7 +463,9 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     let xsdt_addr = align16(rsdp_addr + 36);
     // The XSDT has two entries (FADT, MADT): 36 + 16 bytes.
     let fadt_addr = align16(xsdt_addr + 36 + 16);
-    let madt_addr = align16(fadt_addr + 276);
+    // The FACS must be 64-byte aligned; only a full FADT has one.
+    let facs_addr = cfg.pm_base.map(|_| (fadt_addr + 276 + 63) & !63);
+    let madt_addr = align16(facs_addr.map_or(fadt_addr + 276, |a| a + 64));
     let madt = madt(cfg);
     let dsdt_addr = align16(madt_addr + madt.len() as u64);
     let dsdt = dsdt(cfg)?;
@@ -376,16 +478,17 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     }
     let mut xsdt = Sdt::new(b"XSDT", 1, b"KEELXSDT");
     xsdt.u64(fadt_addr).u64(madt_addr);
-    Ok(AcpiTables {
-        rsdp_addr,
-        blobs: vec![
-            (rsdp_addr, rsdp(xsdt_addr)),
-            (xsdt_addr, xsdt.finish()),
-            (fadt_addr, fadt(cfg, dsdt_addr)),
-            (madt_addr, madt),
-            (dsdt_addr, dsdt),
-        ],
-    })
+    let mut blobs = vec![
+        (rsdp_addr, rsdp(xsdt_addr)),
+        (xsdt_addr, xsdt.finish()),
+        (fadt_addr, fadt(cfg, dsdt_addr, facs_addr)),
+        (madt_addr, madt),
+        (dsdt_addr, dsdt),
+    ];
+    if let Some(a) = facs_addr {
+        blobs.push((a, facs()));
+    }
+    Ok(AcpiTables { rsdp_addr, blobs })
 }
 
 #[cfg(test)]
@@ -407,6 +510,7 @@ mod tests {
                     gsi: 16 + i as u32,
                 })
                 .collect(),
+            pm_base: None,
         }
     }
 
@@ -487,6 +591,67 @@ mod tests {
     }
 
     #[test]
+    fn without_ioapic_the_fadt_is_full_with_pm_blocks_sci_and_facs() {
+        let t = build(&AcpiConfig {
+            ioapic: false,
+            pm_base: Some(0x600),
+            ..cfg(1)
+        })
+        .unwrap();
+        assert_eq!(t.blobs.len(), 6);
+        for (_, b) in &t.blobs[1..5] {
+            assert_eq!(sum(b), 0, "{}", String::from_utf8_lossy(&b[..4]));
+        }
+        let fadt = &t.blobs[2].1;
+        let u16_at = |o: usize| u16::from_le_bytes(fadt[o..o + 2].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(fadt[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(fadt[o..o + 8].try_into().unwrap());
+        let flags = u32_at(112);
+        assert_eq!(flags & (1 << 20), 0, "not hardware-reduced");
+        assert_eq!(flags & 0b10_0101, 0b10_0101, "WBINVD, PROC_C1, SLP_BUTTON");
+        assert_eq!(flags & (1 << 4), 0, "fixed power button present");
+        assert_eq!(flags & (1 << 8), 0, "24-bit PM timer");
+        assert_eq!(u16_at(46), 9, "SCI_INT");
+        assert_eq!(u32_at(48), 0, "no SMI_CMD");
+        assert_eq!((u32_at(56), u32_at(64), u32_at(76)), (0x600, 0x604, 0x608));
+        assert_eq!(&fadt[88..92], &[4, 2, 0, 4]);
+        assert_eq!(u16_at(109) & 0b11, 0b11, "LEGACY_DEVICES and 8042");
+        // X_ forms: system I/O, bit widths 32/16/32.
+        assert_eq!(&fadt[148..152], &[1, 32, 0, 0]);
+        assert_eq!(u64_at(152), 0x600);
+        assert_eq!(&fadt[172..176], &[1, 16, 0, 0]);
+        assert_eq!(u64_at(176), 0x604);
+        assert_eq!(&fadt[208..212], &[1, 32, 0, 3]);
+        assert_eq!(u64_at(212), 0x608);
+        // No sleep control/status registers; the reset register is still the GED's.
+        assert!(fadt[244..268].iter().all(|&b| b == 0));
+        assert_eq!(u64_at(120), GED_MMIO_BASE + 0x202);
+        // FACS: 64-byte aligned, pointed at by FIRMWARE_CTRL.
+        let (facs_addr, facs) = &t.blobs[5];
+        assert_eq!(u64::from(u32_at(36)), *facs_addr);
+        assert_eq!(facs_addr % 64, 0);
+        assert_eq!((&facs[..4], facs.len()), (&b"FACS"[..], 64));
+        // No table overlaps another.
+        let mut spans: Vec<(u64, u64)> = t
+            .blobs
+            .iter()
+            .map(|(a, b)| (*a, a + b.len() as u64))
+            .collect();
+        spans.sort();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "{spans:x?}");
+        // DSDT: no GED or PWRB node (the fixed power button is used), \_S5 = 5 as AcpiPm.
+        let dsdt = &t.blobs[4].1;
+        assert!(!dsdt.windows(8).any(|w| w == b"ACPI0013"));
+        assert!(!dsdt.windows(4).any(|w| w == b"PWRB"));
+        let s5 = dsdt.windows(4).position(|w| w == b"_S5_").unwrap();
+        // NameOp "_S5_" PackageOp PkgLength NumElements BytePrefix 5.
+        assert_eq!(dsdt[s5 + 4], 0x12);
+        assert_eq!(&dsdt[s5 + 7..s5 + 9], &[0x0a, keel_devices::PM_SLP_TYP_S5]);
+        // The MADT advertises no IOAPIC.
+        assert_eq!(t.blobs[3].1.len(), 44 + 2 * 8 + 6);
+    }
+
+    #[test]
     fn too_many_devices_is_an_error() {
         assert!(matches!(
             build(&cfg(5000)),
@@ -514,6 +679,7 @@ mod dump {
                 size: 0x200,
                 gsi: 16,
             }],
+            pm_base: std::env::var("KEEL_DUMP_PM").ok().map(|_| 0x600),
         };
         let t = super::build(&cfg).unwrap();
         for (_, b) in &t.blobs[1..] {

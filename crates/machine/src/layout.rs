@@ -9,6 +9,7 @@
 //! 0x0002_0000  kernel command line (up to 64 KiB)
 //! 0x0009_fc00  end of base RAM (EBDA reserved up to 0xa0000)
 //! 0x000e_0000  ACPI tables (RSDP first), reserved up to 1 MiB
+//! port 0x600   ACPI PM1a event/control blocks and PM timer (only without an IOAPIC)
 //! 0x0010_0000  kernel; initrd at the top of RAM below 3 GiB
 //! 0xc000_0000  start of the 32-bit MMIO hole (RAM beyond it continues at 4 GiB)
 //! 0xfea0_0000  ACPI GED (sleep control/status and reset registers at +0x200)
@@ -57,6 +58,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// 4 GiB: RAM beyond the hole continues here.
 pub const FOUR_GIB: u64 = 1 << 32;
+/// I/O port of the ACPI PM register block (`keel_devices::AcpiPm`), ICH9's PMBASE; used
+/// only when the backend has no IOAPIC and the FADT is therefore a full one.
+pub const ACPI_PM_BASE: u16 = 0x600;
 /// ACPI Generic Event Device registers (QEMU microvm's address).
 pub const GED_MMIO_BASE: u64 = 0xfea0_0000;
 /// First virtio-mmio window (QEMU microvm's address).

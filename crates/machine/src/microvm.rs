@@ -9,15 +9,15 @@ use keel_accel::{
     MachineRequirements, SystemEvents, Vcpu, Vm,
 };
 use keel_devices::{
-    AcpiGed, CmosMemoryLayout, DebugExit, DebugExitError, GED_MMIO_LEN, I8042, I8042_COMMAND_PORT,
-    I8042_DATA_PORT, I8042Port, Rtc, Serial, SerialError, SerialOutput,
+    ACPI_PM_LEN, AcpiGed, AcpiPm, CmosMemoryLayout, DebugExit, DebugExitError, GED_MMIO_LEN, I8042,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, Rtc, Serial, SerialError, SerialOutput,
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::acpi::{self, AcpiConfig, AcpiError, VirtioMmioDevice};
 use crate::boot::{self, BootConfig, BootError, BootState, KernelImage};
 use crate::config::{MicrovmConfig, SerialBackend};
-use crate::layout::{self, GED_MMIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::layout::{self, ACPI_PM_BASE, GED_MMIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::runner::{self, CpuInfo, Hub, MachineEvents, Shared};
 
 /// The machine type name.
@@ -40,7 +40,7 @@ pub const MAX_CPUS: u32 = 255;
 pub const VIRTIO_MMIO_SLOTS: u32 = 8;
 const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
 /// ISA IRQs for virtio-mmio devices when the backend has only the 8259 pair (no IOAPIC):
-/// the lines no microvm device uses (0 timer, 1 i8042, 2 cascade, 4 COM1, 8 RTC, 9 GED and 13
+/// the lines no microvm device uses (0 timer, 1 i8042, 2 cascade, 4 COM1, 8 RTC, 9 GED or SCI and 13
 /// FPU are taken; 7 and 15 carry the PICs' spurious interrupts).
 const VIRTIO_PIC_IRQS: [u32; 7] = [5, 6, 10, 11, 12, 14, 3];
 
@@ -222,6 +222,7 @@ pub struct Microvm {
     i8042: Option<Arc<I8042>>,
     rtc: Option<Arc<Rtc>>,
     ged: Option<Arc<AcpiGed>>,
+    pm: Option<Arc<AcpiPm>>,
     devices: Vec<AddedDevice>,
     virtio_mmio: Vec<VirtioMmioDevice>,
     firmware_virtio: Vec<VirtioMmioDevice>,
@@ -367,9 +368,33 @@ impl Microvm {
             None
         };
 
+        // Without an IOAPIC the FADT is a full one (see crate::acpi) and the PM register block
+        // carries the SCI, power button and power-off; the GED then only provides the reset
+        // register and raises no interrupt.
+        let pm = if resolved.acpi && !resolved.ioapic {
+            let sci = vm
+                .irq_line(u32::from(acpi::SCI_IRQ))
+                .map_err(MachineError::Accel)?;
+            let pm = Arc::new(AcpiPm::new(sys.clone(), Some(sci)));
+            map(
+                &buses.pio,
+                "ACPI PM registers",
+                u64::from(ACPI_PM_BASE),
+                ACPI_PM_LEN,
+                pm.clone(),
+            )?;
+            Some(pm)
+        } else {
+            None
+        };
+
         let ged = if resolved.acpi {
-            let irq = vm.irq_line(acpi::GED_GSI).map_err(MachineError::Accel)?;
-            let ged = Arc::new(AcpiGed::new(sys.clone(), Some(irq)));
+            let irq = if pm.is_some() {
+                None
+            } else {
+                Some(vm.irq_line(acpi::GED_GSI).map_err(MachineError::Accel)?)
+            };
+            let ged = Arc::new(AcpiGed::new(sys.clone(), irq));
             map(
                 &buses.mmio,
                 "ACPI GED",
@@ -404,6 +429,7 @@ impl Microvm {
             i8042,
             rtc,
             ged,
+            pm,
             devices: Vec::new(),
             virtio_mmio: Vec::new(),
             firmware_virtio: Vec::new(),
@@ -526,6 +552,7 @@ impl Microvm {
             i8042: self.resolved.i8042,
             serial: self.serial.is_some(),
             virtio_mmio: self.firmware_virtio.clone(),
+            pm_base: self.pm.is_some().then_some(ACPI_PM_BASE),
         }
     }
 
@@ -662,6 +689,9 @@ impl Microvm {
         if let Some(g) = &self.ged {
             g.reset();
         }
+        if let Some(p) = &self.pm {
+            p.reset();
+        }
         self.load()?;
         self.shared.release_after_reset();
         Ok(())
@@ -681,6 +711,11 @@ impl Microvm {
     /// cleanly and powers off. Returns `false` (nothing happens) with `acpi=off`, as QEMU's
     /// microvm without ACPI ignores the request.
     pub fn power_button(&self) -> bool {
+        if let Some(p) = &self.pm {
+            // Full ACPI (no IOAPIC): the fixed power button, PWRBTN_STS and the SCI.
+            p.press_power_button();
+            return true;
+        }
         match &self.ged {
             Some(g) => {
                 g.press_power_button();
@@ -761,7 +796,15 @@ impl Microvm {
                 "acpi-ged",
                 vec![],
                 vec![(GED_MMIO_BASE, GED_MMIO_LEN)],
-                Some(acpi::GED_GSI),
+                self.pm.is_none().then_some(acpi::GED_GSI),
+            ));
+        }
+        if self.pm.is_some() {
+            v.push(onboard(
+                "acpi-pm",
+                vec![(ACPI_PM_BASE, ACPI_PM_LEN as u32)],
+                vec![],
+                Some(u32::from(acpi::SCI_IRQ)),
             ));
         }
         for d in &self.devices {
