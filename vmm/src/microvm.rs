@@ -785,17 +785,17 @@ mod tests {
     #[test]
     fn isa_debug_exit_is_mapped_and_unmapped() {
         let (mut b, _) = board();
-        add(&mut b, "isa-debug-exit,id=dbg,iobase=0x600,iosize=1").unwrap();
+        add(&mut b, "isa-debug-exit,id=dbg,iobase=0x520,iosize=1").unwrap();
         assert!(
             b.lock()
                 .buses()
                 .pio
                 .ranges()
                 .iter()
-                .any(|r| r.base == 0x600)
+                .any(|r| r.base == 0x520)
         );
         // Overlapping ports: the machine refuses, the tree creates nothing.
-        assert!(add(&mut b, "isa-debug-exit,id=dbg2,iobase=0x600,iosize=1").is_err());
+        assert!(add(&mut b, "isa-debug-exit,id=dbg2,iobase=0x520,iosize=1").is_err());
         assert!(b.devices().find("dbg2").is_none());
         b.devices_mut()
             .device_del(Phase::MachineInit, "dbg")
@@ -806,7 +806,7 @@ mod tests {
                 .pio
                 .ranges()
                 .iter()
-                .any(|r| r.base == 0x600)
+                .any(|r| r.base == 0x520)
         );
         // Onboard devices are in the tree.
         let tree = b.devices().query_tree();
