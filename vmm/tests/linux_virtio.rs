@@ -5,7 +5,7 @@
 //! Needs `$KEEL_GUEST_DIR` or `~/.cache/keel-guest/current` with `vmlinux` (or `bzImage`)
 //! and `initramfs-virtio.cpio.gz`; without them the test prints why and passes, unless
 //! `KEEL_REQUIRE_GUEST=1`. `KEEL_LINUX_ACCEL` picks the accelerator (default `tcg`).
-//! Run with `cargo test -p vmm --release --test linux_virtio -- --ignored --nocapture`.
+//! Takes about 10 s under tcg: `cargo test -p vmm --test linux_virtio -- --nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -37,8 +37,6 @@ fn guest_files() -> Option<(PathBuf, PathBuf)> {
 }
 
 #[test]
-#[ignore = "Linux does not reach userspace under Keel yet: under tcg the boot is still being \
-            brought up, and this host's KVM fails to emulate a cmpxchg16b early in boot"]
 fn linux_guest_uses_virtio_blk_rng_and_console() {
     let Some((kernel, initrd)) = guest_files() else {
         let why = "skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)";
