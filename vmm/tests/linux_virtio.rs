@@ -5,7 +5,8 @@
 //! Needs `$KEEL_GUEST_DIR` or `~/.cache/keel-guest/current` with `vmlinux` (or `bzImage`)
 //! and `initramfs-virtio.cpio.gz`; without them the test prints why and passes, unless
 //! `KEEL_REQUIRE_GUEST=1`. `KEEL_LINUX_ACCEL` picks the accelerator (default `tcg`).
-//! Takes about 10 s under tcg: `cargo test -p vmm --test linux_virtio -- --nocapture`.
+//! Each test takes 10-30 s under tcg: `cargo test -p vmm --test linux_virtio -- --nocapture`.
+//! The virtio-net test also needs `unshare -n` and /dev/net/tun (it skips otherwise).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -155,5 +156,108 @@ fn linux_guest_uses_virtio_blk_rng_and_console() {
     assert!(
         hvc.contains("KEEL-HVC0-HELLO from the guest"),
         "hvc0: {hvc:?}"
+    );
+}
+
+/// virtio-net: the guest configures eth0 and pings the host end of a tap the VMM opens,
+/// all inside a network namespace of the test's own (`unshare -n`), so no host interface
+/// is touched. Skips with the reason when namespaces or /dev/net/tun are not usable.
+#[test]
+fn linux_guest_pings_the_host_over_virtio_net() {
+    let Some((kernel, initrd)) = guest_files() else {
+        let why = "skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)";
+        assert!(
+            std::env::var("KEEL_REQUIRE_GUEST").as_deref() != Ok("1"),
+            "{why}"
+        );
+        eprintln!("{why}");
+        return;
+    };
+    let unshare = Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .is_ok();
+    if !unshare || !tun {
+        eprintln!("skipped: needs 'unshare -n' and /dev/net/tun (unshare: {unshare}, tun: {tun})");
+        return;
+    }
+    let accel = std::env::var("KEEL_LINUX_ACCEL").unwrap_or_else(|_| "tcg".into());
+    let append = format!(
+        "console=ttyS0 quiet keel.mode=virtio-test tsc_early_khz={} \
+         keel.ip=10.0.9.2/24 keel.ping=10.0.9.1",
+        keel_tcg::guest_tsc_khz()
+    );
+    // Inside the namespace: start the VMM (it creates the tap), give the host end an
+    // address once the interface exists, and wait for the VMM.
+    let script = r#"
+        "$@" &
+        pid=$!
+        i=0
+        while ! ip link show keeltap0 >/dev/null 2>&1; do
+            i=$((i + 1)); [ $i -gt 200 ] && break; sleep 0.05
+        done
+        ip addr add 10.0.9.1/24 dev keeltap0 && ip link set keeltap0 up
+        wait $pid
+    "#;
+    let mut child = Command::new("unshare")
+        .args(["-n", "sh", "-c", script, "sh", common::BIN])
+        .args([
+            "-M",
+            "microvm",
+            "-accel",
+            &accel,
+            "-m",
+            "256M",
+            "-nodefaults",
+        ])
+        .args(["-no-reboot", "-serial", "stdio", "-append", &append])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-netdev",
+            "tap,id=n0,ifname=keeltap0,script=no,downscript=no",
+        ])
+        .args([
+            "-device",
+            "virtio-net-device,netdev=n0,mac=52:54:00:12:34:58",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = reader.join().unwrap();
+    assert!(
+        text.contains("KEEL-NET-UP 10.0.9.2/24"),
+        "guest output:\n{text}"
+    );
+    assert!(
+        text.contains("KEEL-PING OK 10.0.9.1"),
+        "guest output:\n{text}"
     );
 }
