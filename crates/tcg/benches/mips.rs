@@ -2,6 +2,10 @@
 //!
 //! Run: `cargo bench -p keel-tcg --bench mips`. Prints MIPS for one long run of each loop,
 //! then lets criterion measure (its throughput line, in Melem/s, is MIPS as well).
+//!
+//! `MIPS_N=<iterations>` changes the loop count of the long run and `MIPS_ONLY=1` skips
+//! criterion: e.g. run the bench binary under `valgrind --tool=callgrind` with two values of
+//! `MIPS_N` and divide the difference in host instructions by the difference in guest ones.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/common/mod.rs"]
@@ -70,7 +74,10 @@ fn bench(c: &mut Criterion) {
         ("reg_loop", reg_loop as fn(u32) -> Vec<u8>, 3u64),
         ("mem_loop", mem_loop as fn(u32) -> Vec<u8>, 5u64),
     ] {
-        let n = 50_000_000u32;
+        let n = std::env::var("MIPS_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50_000_000u32);
         let (insns, wall, cpu) = run_guest(&f(n));
         assert!(insns >= u64::from(n) * per);
         println!(
@@ -80,6 +87,9 @@ fn bench(c: &mut Criterion) {
             insns as f64 / wall.as_secs_f64() / 1e6,
             wall.as_secs_f64(),
         );
+        if std::env::var_os("MIPS_ONLY").is_some() {
+            continue;
+        }
         let small = 2_000_000u32;
         let code = f(small);
         let mut g = c.benchmark_group("tcg_mips");

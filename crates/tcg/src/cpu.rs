@@ -767,11 +767,14 @@ impl Cpu {
     #[inline(always)]
     pub fn cond(&self, cc: u8) -> bool {
         let c = &self.cc;
+        if cc >> 1 == 2 {
+            // ZF alone: the result is zero whatever the lazy kind.
+            return self.zf() ^ (cc & 1 != 0);
+        }
         // Fast paths for compare-then-branch.
         if c.op == CcOp::Sub {
             let r = match cc >> 1 {
                 1 => c.a < c.b,
-                2 => c.res == 0,
                 3 => c.a <= c.b,
                 6 | 7 => {
                     let sh = 64u32.saturating_sub(u32::from(c.size) * 8) & 63;
@@ -789,15 +792,12 @@ impl Cpu {
             let zf = c.res == 0;
             let r = match cc >> 1 {
                 0 | 1 => false,
-                2 | 3 => zf,
+                3 => zf,
                 4 | 6 => sf,
                 5 => parity(c.res),
                 _ => zf || sf,
             };
             return r ^ (cc & 1 != 0);
-        }
-        if cc >> 1 == 2 {
-            return self.zf() ^ (cc & 1 != 0);
         }
         self.cond_slow(cc)
     }

@@ -192,7 +192,7 @@ fn prepare(instr: &Instruction, bitness: u32) -> Insn {
     i.r0 = regs[0];
     i.r1 = regs[1];
     exec::finish(instr, &mut i, bitness);
-    i.exec = exec::select(instr, &i);
+    i.exec = exec::select(instr, &i, bitness);
     i
 }
 

@@ -4,7 +4,7 @@
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::cpu::{CcOp, Cpu, fl, sr};
-use crate::decode::{Handler, Insn, gpr, sreg, xmm};
+use crate::decode::{Handler, Insn, NOREG, gpr, sreg, xmm};
 use crate::exc::{Ex, Flow};
 
 // ---------------------------------------------------------------------------------------
@@ -316,14 +316,73 @@ fn mov_ri<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     Ok(())
 }
 
-fn mov_rm<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+// The load/store handlers try the TLB hit inline and leave everything else to a cold
+// out-of-line copy, so that the hit path needs no saved registers or stack frame.
+
+/// Linear address of a memory operand that [`is_flat`] accepted: base plus displacement.
+#[inline(always)]
+fn ea_flat(cpu: &Cpu, i: &Insn) -> u64 {
+    i.disp.wrapping_add(cpu.gpr[(i.base & 31) as usize])
+}
+
+/// Whether [`ea_flat`] computes the operand's address: 64-bit code (blocks are specialised
+/// on it, and there ES/CS/SS/DS have base 0 and linear addresses are not truncated), a
+/// segment other than FS/GS, no index register and 64-bit addressing.
+fn is_flat(i: &Insn, bitness: u32) -> bool {
+    bitness == 64 && i.seg < 4 && i.index == NOREG && i.amask == u64::MAX
+}
+
+/// The address of `mov`'s memory operand: [`ea_flat`] for handlers chosen by [`is_flat`].
+#[inline(always)]
+fn ea_f<const FLAT: bool>(cpu: &Cpu, i: &Insn) -> u64 {
+    if FLAT { ea_flat(cpu, i) } else { ea(cpu, i) }
+}
+
+fn mov_rm<const S: u8, const FLAT: bool>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea_f::<FLAT>(cpu, i);
+    let hit = match S {
+        1 => cpu.rd_fast::<1>(lin),
+        2 => cpu.rd_fast::<2>(lin),
+        4 => cpu.rd_fast::<4>(lin),
+        _ => cpu.rd_fast::<8>(lin),
+    };
+    match hit {
+        Some(v) => {
+            cpu.wreg(i.r0, S, v);
+            Ok(())
+        }
+        None => mov_rm_slow::<S>(cpu, i),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn mov_rm_slow<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let lin = ea(cpu, i);
     let v = cpu.rd_n(lin, S)?;
     cpu.wreg(i.r0, S, v);
     Ok(())
 }
 
-fn mov_mr<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+fn mov_mr<const S: u8, const FLAT: bool>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea_f::<FLAT>(cpu, i);
+    let v = cpu.rreg(i.r0, S);
+    let hit = match S {
+        1 => cpu.wr_fast::<1>(lin, v),
+        2 => cpu.wr_fast::<2>(lin, v),
+        4 => cpu.wr_fast::<4>(lin, v),
+        _ => cpu.wr_fast::<8>(lin, v),
+    };
+    if hit {
+        Ok(())
+    } else {
+        mov_mr_slow::<S>(cpu, i)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn mov_mr_slow<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let lin = ea(cpu, i);
     let v = cpu.rreg(i.r0, S);
     cpu.wr_n(lin, S, v)
@@ -363,6 +422,36 @@ fn incdec_r<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
 fn jcc(cpu: &mut Cpu, i: &Insn) -> Flow {
     cpu.rip = if cpu.cond(i.aux) { i.imm } else { i.next_ip };
     Ok(())
+}
+
+/// [`jcc`] with the condition fixed at translation time, so that `cond` folds to the few
+/// tests that condition needs (e.g. `jnz` after `dec`: one compare of the lazy result).
+fn jcc_c<const CC: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    cpu.rip = if cpu.cond(CC) { i.imm } else { i.next_ip };
+    Ok(())
+}
+
+/// The [`jcc_c`] instance for condition `cc` (0..15, Jcc encoding order).
+fn jcc_handler(cc: u8) -> Handler {
+    match cc {
+        0 => jcc_c::<0>,
+        1 => jcc_c::<1>,
+        2 => jcc_c::<2>,
+        3 => jcc_c::<3>,
+        4 => jcc_c::<4>,
+        5 => jcc_c::<5>,
+        6 => jcc_c::<6>,
+        7 => jcc_c::<7>,
+        8 => jcc_c::<8>,
+        9 => jcc_c::<9>,
+        10 => jcc_c::<10>,
+        11 => jcc_c::<11>,
+        12 => jcc_c::<12>,
+        13 => jcc_c::<13>,
+        14 => jcc_c::<14>,
+        15 => jcc_c::<15>,
+        _ => jcc,
+    }
 }
 
 fn jmp_rel(cpu: &mut Cpu, i: &Insn) -> Flow {
@@ -566,6 +655,14 @@ macro_rules! by_op_size {
 }
 
 macro_rules! sized {
+    ($f:ident, $s:expr, $x:expr) => {
+        match $s {
+            1 => $f::<1, $x> as Handler,
+            2 => $f::<2, $x> as Handler,
+            4 => $f::<4, $x> as Handler,
+            _ => $f::<8, $x> as Handler,
+        }
+    };
     ($f:ident, $s:expr) => {
         match $s {
             1 => $f::<1> as Handler,
@@ -594,8 +691,9 @@ fn is_imm(ins: &Instruction, k: u32) -> bool {
     )
 }
 
-/// Picks the handler for a decoded instruction. `i` has its operand fields filled.
-pub fn select(ins: &Instruction, i: &Insn) -> Handler {
+/// Picks the handler for a decoded instruction. `i` has its operand fields filled;
+/// `bitness` is the code size of the block being translated (16, 32 or 64).
+pub fn select(ins: &Instruction, i: &Insn, bitness: u32) -> Handler {
     let m = ins.mnemonic();
     let n = ins.op_count();
     let s = i.size;
@@ -631,10 +729,18 @@ pub fn select(ins: &Instruction, i: &Insn) -> Handler {
                 return sized!(mov_ri, s);
             }
             if is_gpr(ins, 0) && k1 == OpKind::Memory {
-                return sized!(mov_rm, s);
+                return if is_flat(i, bitness) {
+                    sized!(mov_rm, s, true)
+                } else {
+                    sized!(mov_rm, s, false)
+                };
             }
             if k0 == OpKind::Memory && is_gpr(ins, 1) {
-                return sized!(mov_mr, s);
+                return if is_flat(i, bitness) {
+                    sized!(mov_mr, s, true)
+                } else {
+                    sized!(mov_mr, s, false)
+                };
             }
             if k0 == OpKind::Memory && is_imm(ins, 1) {
                 return sized!(mov_mi, s);
@@ -738,7 +844,7 @@ pub fn select(ins: &Instruction, i: &Insn) -> Handler {
                 OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
             ) =>
         {
-            jcc
+            jcc_handler((ins.condition_code() as u8).wrapping_sub(1))
         }
         _ if m == M::Call
             && matches!(

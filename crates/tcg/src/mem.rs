@@ -543,6 +543,36 @@ impl Cpu {
         Ok(())
     }
 
+    /// The TLB-hit half of [`Self::rd`]: `None` when the access needs the slow path
+    /// (TLB miss, page crossing, MMIO), which the caller then takes out of line.
+    #[inline(always)]
+    pub fn rd_fast<const N: usize>(&self, lin: u64) -> Option<u64> {
+        if (lin & 0xfff) as usize <= 4096 - N
+            && let Some(h) = self.mmu.lookup(lin, Access::Read, self.mmu.user)
+        {
+            let mut b = [0u8; 8];
+            // SAFETY: a TLB hit maps this whole page to live guest RAM; the access stays in it.
+            unsafe { std::ptr::copy_nonoverlapping(h as *const u8, b.as_mut_ptr(), N) };
+            return Some(u64::from_le_bytes(b));
+        }
+        None
+    }
+
+    /// The TLB-hit half of [`Self::wr`]: false (nothing written) when the access needs the
+    /// slow path. Write-TLB entries never map code pages, so no translated code changes.
+    #[inline(always)]
+    pub fn wr_fast<const N: usize>(&mut self, lin: u64, v: u64) -> bool {
+        if (lin & 0xfff) as usize <= 4096 - N
+            && let Some(h) = self.mmu.lookup(lin, Access::Write, self.mmu.user)
+        {
+            let b = v.to_le_bytes();
+            // SAFETY: a write-TLB hit maps this page to live, non-code guest RAM.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, N) };
+            return true;
+        }
+        false
+    }
+
     /// Writes `N` bytes at linear `lin` with the current privilege.
     #[inline(always)]
     pub fn wr<const N: usize>(&mut self, lin: u64, v: u64) -> Result<(), Ex> {

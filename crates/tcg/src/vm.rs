@@ -255,6 +255,9 @@ enum Stop {
     Exit(VcpuExit),
 }
 
+/// Chained blocks run between two checks for attention, interrupts and timers.
+const CHAIN_CHECK: u32 = 32;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BlockEnd {
     /// Ran to the end; RIP is the successor.
@@ -275,14 +278,20 @@ fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
     let Some((last, body)) = insns.split_last() else {
         return BlockEnd::Normal;
     };
-    for (k, ins) in body.iter().enumerate() {
+    // The index of an instruction is recomputed from its address on the rare early exits
+    // instead of being counted in the loop.
+    let index = |ins: &crate::decode::Insn| {
+        (ins as *const crate::decode::Insn as usize - body.as_ptr() as usize)
+            / std::mem::size_of::<crate::decode::Insn>()
+    };
+    for ins in body {
         if let Err(e) = (ins.exec)(cpu, ins) {
-            cpu.icount += k as u64 + u64::from(!matches!(e, Ex::Fault { .. }));
+            cpu.icount += index(ins) as u64 + u64::from(!matches!(e, Ex::Fault { .. }));
             return BlockEnd::Ex(e, ins.ip);
         }
         if cpu.stop_block {
             cpu.rip = ins.next_ip;
-            cpu.icount += k as u64 + 1;
+            cpu.icount += index(ins) as u64 + 1;
             return BlockEnd::Stopped;
         }
     }
@@ -465,7 +474,11 @@ impl TcgVcpu {
                 continue;
             }
             // Hot path: run blocks, following cached links, until something needs attention.
-            let mut budget = 64u32;
+            // Attention (kicks, invalidations), pending interrupts and the timer poll are
+            // checked every `CHAIN_CHECK` blocks rather than after each one: that bounds their
+            // latency to a few thousand guest instructions and keeps the per-block cost to a
+            // counter decrement.
+            let mut budget = CHAIN_CHECK;
             loop {
                 let r = exec_block(&mut self.cpu, &self.cache.blocks[idx as usize].insns);
                 if r != BlockEnd::Normal {
@@ -473,11 +486,14 @@ impl TcgVcpu {
                     break;
                 }
                 budget -= 1;
-                if budget == 0
-                    || self.att.bits.load(Ordering::Relaxed) != 0
-                    || (self.cpu.rflags & fl::IF != 0 && self.pic.has_interrupt())
-                {
-                    break;
+                if budget == 0 {
+                    if self.att.bits.load(Ordering::Relaxed) != 0
+                        || (self.cpu.rflags & fl::IF != 0 && self.pic.has_interrupt())
+                        || self.cpu.icount >= self.next_poll
+                    {
+                        break;
+                    }
+                    budget = CHAIN_CHECK;
                 }
                 match self.follow(idx) {
                     Some(b) => idx = b,
