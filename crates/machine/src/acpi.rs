@@ -661,7 +661,8 @@ mod tests {
     }
 }
 /// Developer aid: `cargo test -p keel-machine --lib dump_tables -- --ignored` writes the tables
-/// to /tmp/acpi-*.dat; `iasl -d /tmp/acpi-DSDT.dat` (acpica-tools) disassembles them.
+/// to /tmp/acpi-*.dat; `iasl -d /tmp/acpi-DSDT.dat` (acpica-tools) disassembles them. With
+/// `KEEL_DUMP_PM=1` it writes the full-FADT variant (PM block at 0x600, no IOAPIC case).
 #[cfg(test)]
 mod dump {
     #[test]

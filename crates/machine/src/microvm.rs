@@ -265,7 +265,8 @@ impl Microvm {
     /// Machine-init: checks `cfg` against `accel`, allocates RAM, creates the VM, the onboard
     /// devices (COM1 at 0x3f8/IRQ 4, i8042 at 0x60/0x64 unless `i8042=off`, the RTC at 0x70
     /// with IRQ 8 when `rtc` resolves on, the ACPI GED at 0xfea00000 with IRQ 9 when `acpi`
-    /// does, and the backend's platform devices) and the vCPUs. System events and vCPU errors
+    /// does (without an IOAPIC: also the ACPI PM block at port 0x600 with the SCI on IRQ 9,
+    /// the GED then keeping only its reset register), and the backend's platform devices) and the vCPUs. System events and vCPU errors
     /// are delivered to `events`.
     pub fn new(
         cfg: MicrovmConfig,
@@ -708,7 +709,9 @@ impl Microvm {
     }
 
     /// Presses the ACPI power button (QMP `system_powerdown`): an ACPI-aware guest shuts down
-    /// cleanly and powers off. Returns `false` (nothing happens) with `acpi=off`, as QEMU's
+    /// cleanly and powers off. With an IOAPIC this is the GED's power-button event; without
+    /// one (full FADT) it sets PWRBTN_STS in the PM block, which raises the SCI (IRQ 9) once
+    /// the guest enabled the fixed power-button event. Returns `false` (nothing happens) with `acpi=off`, as QEMU's
     /// microvm without ACPI ignores the request.
     pub fn power_button(&self) -> bool {
         if let Some(p) = &self.pm {
