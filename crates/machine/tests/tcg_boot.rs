@@ -153,3 +153,51 @@ fn without_an_ioapic_virtio_gets_isa_irqs_and_the_madt_lists_none() {
     }
     assert_eq!(types, [0, 4]);
 }
+
+/// Without an IOAPIC the machine maps the ACPI PM block at 0x600 (what the full FADT points
+/// at): the PM timer counts, SCI_EN reads set, and SLP_EN with `\_S5`'s type powers off.
+#[test]
+fn tcg_machine_maps_the_acpi_pm_block_and_s5_powers_off() {
+    use keel_accel::PioAddress;
+    let accel = keel_tcg::TcgAccel::new();
+    let cfg = MicrovmConfig {
+        serial: SerialBackend::Null,
+        ..MicrovmConfig::default()
+    };
+    let (tx, rx) = mpsc::channel();
+    let mut vm = Microvm::new(cfg, &accel, Arc::new(tx)).unwrap();
+    vm.finish_init().unwrap();
+    let pm = vm
+        .device_info()
+        .into_iter()
+        .find(|d| d.type_name == "acpi-pm")
+        .unwrap();
+    assert_eq!((pm.pio, pm.gsi), (vec![(0x600, 12)], Some(9)));
+    let ged = vm
+        .device_info()
+        .into_iter()
+        .find(|d| d.type_name == "acpi-ged")
+        .unwrap();
+    assert_eq!(ged.gsi, None, "the SCI, not the GED, owns IRQ 9");
+    let timer = |vm: &Microvm| {
+        let mut b = [0u8; 4];
+        vm.buses().pio_read(PioAddress(0x608), &mut b);
+        u32::from_le_bytes(b)
+    };
+    let t0 = timer(&vm);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_ne!(timer(&vm), t0);
+    let mut cnt = [0u8; 2];
+    vm.buses().pio_read(PioAddress(0x604), &mut cnt);
+    assert_eq!(cnt[0] & 1, 1, "SCI_EN");
+    assert!(vm.power_button());
+    let mut sts = [0u8; 2];
+    vm.buses().pio_read(PioAddress(0x600), &mut sts);
+    assert_eq!(u16::from_le_bytes(sts) & (1 << 8), 1 << 8, "PWRBTN_STS");
+    vm.buses()
+        .pio_write(PioAddress(0x604), &((1u16 << 13) | (5 << 10)).to_le_bytes());
+    assert_eq!(
+        rx.try_recv().unwrap(),
+        MachineEvent::System(SystemEvent::Shutdown)
+    );
+}
