@@ -255,6 +255,9 @@ enum Stop {
     Exit(VcpuExit),
 }
 
+/// Set in a link's block index when the successor starts on another page than the block.
+const CROSS_PAGE: u32 = 1 << 31;
+
 /// Chained blocks run between two checks for attention, interrupts and timers.
 const CHAIN_CHECK: u32 = 32;
 
@@ -278,29 +281,34 @@ fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
     let Some((last, body)) = insns.split_last() else {
         return BlockEnd::Normal;
     };
-    // The index of an instruction is recomputed from its address on the rare early exits
-    // instead of being counted in the loop.
+    // Counted up front, so that nothing but the instruction pointer stays live across the
+    // calls; an early exit takes back what did not retire. The index of an instruction is
+    // recomputed from its address there instead of being counted in the loop.
+    let n = insns.len() as u64;
+    cpu.icount += n;
     let index = |ins: &crate::decode::Insn| {
-        (ins as *const crate::decode::Insn as usize - body.as_ptr() as usize)
-            / std::mem::size_of::<crate::decode::Insn>()
+        ((ins as *const crate::decode::Insn as usize - insns.as_ptr() as usize)
+            / std::mem::size_of::<crate::decode::Insn>()) as u64
     };
     for ins in body {
         if let Err(e) = (ins.exec)(cpu, ins) {
-            cpu.icount += index(ins) as u64 + u64::from(!matches!(e, Ex::Fault { .. }));
+            let retired = index(ins) + u64::from(!matches!(e, Ex::Fault { .. }));
+            cpu.icount -= n - retired;
             return BlockEnd::Ex(e, ins.ip);
         }
         if cpu.stop_block {
             cpu.rip = ins.next_ip;
-            cpu.icount += index(ins) as u64 + 1;
+            cpu.icount -= n - (index(ins) + 1);
             return BlockEnd::Stopped;
         }
     }
     cpu.rip = last.next_ip;
     if let Err(e) = (last.exec)(cpu, last) {
-        cpu.icount += body.len() as u64 + u64::from(!matches!(e, Ex::Fault { .. }));
+        if matches!(e, Ex::Fault { .. }) {
+            cpu.icount -= 1;
+        }
         return BlockEnd::Ex(e, last.ip);
     }
-    cpu.icount += insns.len() as u64;
     if cpu.stop_block {
         return BlockEnd::Stopped;
     }
@@ -515,10 +523,11 @@ impl TcgVcpu {
         for l in &blk.links {
             let (r, b, g) = l.get();
             if r == rip && g == generation {
-                if (rip ^ blk.rip) & !0xfff == 0 {
+                if b & CROSS_PAGE == 0 {
                     // Same page: mapped like the block we are in.
                     return Some(b);
                 }
+                let b = b & !CROSS_PAGE;
                 // Another page: follow only while the fetch TLB still maps it to the
                 // guest-physical page the target was translated from.
                 let lin = self.cpu.ebase[1].wrapping_add(rip) & self.cpu.lin_mask;
@@ -551,7 +560,13 @@ impl TcgVcpu {
         } else {
             1
         };
-        f.links[slot].set((t.rip, to, generation));
+        // Block indices stay far below bit 31 (the cache holds at most 65536 blocks).
+        let cross = if (t.rip ^ f.rip) & !0xfff != 0 {
+            CROSS_PAGE
+        } else {
+            0
+        };
+        f.links[slot].set((t.rip, to | cross, generation));
     }
 
     fn after_block(&mut self, r: BlockEnd) -> Result<(), Stop> {
