@@ -400,8 +400,31 @@ fn lea<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
 }
 
 fn incdec_r<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    // CF survives inc/dec: take it from the lazy record for the usual predecessors here,
+    // and leave the others to a cold copy (a jump table here costs every inc/dec).
+    let c = &cpu.cc;
+    let cf = if c.op == CcOp::Sub {
+        c.a < c.b
+    } else if c.op == CcOp::Add {
+        c.res < c.a
+    } else if c.op == CcOp::Inc || c.op == CcOp::Dec || c.op == CcOp::Logic {
+        c.op != CcOp::Logic && c.aux != 0
+    } else {
+        return incdec_r_slow::<DEC, S>(cpu, i);
+    };
+    incdec_r_with::<DEC, S>(cpu, i, cf)
+}
+
+#[cold]
+#[inline(never)]
+fn incdec_r_slow<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let cf = cpu.cf();
+    incdec_r_with::<DEC, S>(cpu, i, cf)
+}
+
+#[inline(always)]
+fn incdec_r_with<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn, cf: bool) -> Flow {
     let a = cpu.rreg(i.r0, S);
-    let c = u64::from(cpu.cf());
     let r = if DEC {
         a.wrapping_sub(1)
     } else {
@@ -413,7 +436,7 @@ fn incdec_r<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
         res: r,
         a,
         b: 1,
-        aux: c,
+        aux: u64::from(cf),
     };
     cpu.wreg(i.r0, S, r);
     Ok(())

@@ -234,3 +234,64 @@ fn code_runs_from_a_device_outside_ram() {
         "device accesses stay within 8 bytes"
     );
 }
+
+/// inc/dec keep CF from whatever set the flags before them: the specialised handler reads
+/// it inline after add/sub/inc/dec/logic ops and through the general path otherwise.
+#[test]
+fn inc_dec_preserve_carry_from_every_flag_kind() {
+    let mut h = Harness::new(64);
+    let code = asm(64, CODE, |a| {
+        // Each case leaves CF in bit k of rbx via adc after the inc/dec.
+        a.xor(ebx, ebx).unwrap();
+        let case = |a: &mut CodeAssembler, k: u32, set: &dyn Fn(&mut CodeAssembler)| {
+            set(a);
+            a.inc(rcx).unwrap();
+            a.dec(rdx).unwrap();
+            a.mov(esi, 0u32).unwrap();
+            a.adc(esi, 0).unwrap(); // esi = CF
+            a.shl(esi, k).unwrap();
+            a.or(ebx, esi).unwrap();
+        };
+        // add with carry out: CF=1 (bit 0).
+        case(a, 0, &|a| {
+            a.mov(rax, -1i64).unwrap();
+            a.add(rax, 2).unwrap();
+        });
+        // sub with borrow: CF=1 (bit 1).
+        case(a, 1, &|a| {
+            a.mov(eax, 1u32).unwrap();
+            a.sub(eax, 2).unwrap();
+        });
+        // logic op: CF=0 (bit 2 stays clear).
+        case(a, 2, &|a| {
+            a.stc().unwrap();
+            a.xor(eax, eax).unwrap();
+        });
+        // stc (eager flags): CF=1 (bit 3).
+        case(a, 3, &|a| {
+            a.stc().unwrap();
+        });
+        // adc with carry out (general path): CF=1 (bit 4).
+        case(a, 4, &|a| {
+            a.stc().unwrap();
+            a.mov(rax, -1i64).unwrap();
+            a.adc(rax, 0).unwrap();
+        });
+        // sbb without borrow (general path): CF=0 (bit 5 stays clear).
+        case(a, 5, &|a| {
+            a.clc().unwrap();
+            a.mov(eax, 5u32).unwrap();
+            a.sbb(eax, 1).unwrap();
+        });
+        // inc after inc after add with carry: CF=1 still (bit 6).
+        case(a, 6, &|a| {
+            a.mov(rax, -1i64).unwrap();
+            a.add(rax, 1).unwrap();
+            a.inc(rdi).unwrap();
+        });
+        a.hlt().unwrap();
+    });
+    h.long_mode(&code);
+    assert_eq!(h.run(), VcpuExit::Halted);
+    assert_eq!(h.regs().rbx, 0b101_1011);
+}
