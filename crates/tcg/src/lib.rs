@@ -11,7 +11,10 @@
 //! instruction form chosen at translation time; lazy flags ([`cpu::CcOp`]); a software TLB
 //! with host pointers ([`mem`]); chaining between blocks (across pages only while the fetch
 //! TLB still maps the target page); bulk `rep movs` /
-//! `rep stos`.
+//! `rep stos`. Chained blocks look at kicks, pending interrupts and timers every 32 blocks
+//! rather than after each one (bounding their latency to a few thousand guest
+//! instructions); `jcc` handlers are chosen per condition; loads and stores keep only the
+//! TLB hit inline.
 //!
 //! Entry points: [`TcgAccel`] (the `Accelerator`), [`TcgVm`], [`TcgVcpu`].
 //!
