@@ -23,9 +23,7 @@ impl AccelProbe for KvmProbe {
     /// The KVM backend's own check (`/dev/kvm` opens and has the capabilities Keel
     /// needs), the same answer `keel_kvm::query_kvm` gives for `present`.
     fn probe(&self) -> Result<(), String> {
-        keel_kvm::KvmAccel::new()
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        crate::microvm::kvm().map(|_| ())
     }
 }
 

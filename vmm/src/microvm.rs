@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use keel_accel::{Accelerator, BusDevice, SystemEvent};
 use keel_machine::{
@@ -33,13 +33,23 @@ use crate::devices::{
     serial_bus_type,
 };
 
+/// The process's one KVM handle: opening `/dev/kvm` and reading its CPUID and MSR lists
+/// costs about a millisecond each time, and probe, `accel-set` and machine-init all need it.
+pub fn kvm() -> Result<Arc<keel_kvm::KvmAccel>, String> {
+    static KVM: OnceLock<Result<Arc<keel_kvm::KvmAccel>, String>> = OnceLock::new();
+    KVM.get_or_init(|| {
+        keel_kvm::KvmAccel::new()
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+}
+
 /// The accelerator backends this build has, by `-accel` name.
-pub fn make_accel(name: &str) -> Result<Box<dyn Accelerator>, String> {
+pub fn make_accel(name: &str) -> Result<Arc<dyn Accelerator>, String> {
     match name {
-        "kvm" => keel_kvm::KvmAccel::new()
-            .map(|a| Box::new(a) as Box<dyn Accelerator>)
-            .map_err(|e| e.to_string()),
-        "tcg" => Ok(Box::new(keel_tcg::TcgAccel::new())),
+        "kvm" => kvm().map(|a| a as Arc<dyn Accelerator>),
+        "tcg" => Ok(Arc::new(keel_tcg::TcgAccel::new())),
         other => Err(format!("no accelerator named '{other}' (known: kvm, tcg)")),
     }
 }
