@@ -25,8 +25,9 @@ in few centiseconds.
 
 QEMU's TCG TSC runs at the host's rate; microvm has no HPET or PM timer, and on
 a loaded host the kernel's TSC calibration can fail and the boot hang, so QEMU
-gets tsc_early_khz=<host rate> on its command line (--no-qemu-tsc-khz drops
-it). Keel's command line is the one above.
+gets tsc_early_khz=<host rate> on its command line (so does a "keel" side
+whose binary is named qemu*; --no-qemu-tsc-khz drops it). Keel's command line
+is the one above.
 
 The guest comes from scripts/build-guest.sh ($KEEL_GUEST_DIR, else
 ~/.cache/keel-guest/current). Keel's binary is $VMM (default
@@ -138,8 +139,8 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def fmt(v, unit=" MB/s"):
-    return "-" if v is None else "%.1f%s" % (v, unit)
+def fmt(v, unit=" MB/s", digits=1):
+    return "-" if v is None else "%.*f%s" % (digits, v, unit)
 
 
 def main():
@@ -184,7 +185,7 @@ def main():
 
     def cmd(binary, side):
         a = append
-        if side == "qemu" and khz:
+        if khz and (side == "qemu" or os.path.basename(binary).startswith("qemu")):
             a = "console=ttyS0 tsc_early_khz=%d keel.mode=blk-bench keel.mb=%d" % (khz, args.mb)
         return [binary, "-M", "microvm", "-accel", args.accel, "-m", args.memory,
                 "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
@@ -241,7 +242,7 @@ def main():
                                           fmt(v["read_mbps"]), fmt(v["write_mbps"])))
         if "ratio_read" in summary:
             print("ratio keel/qemu: read %s  write %s" % (
-                fmt(summary["ratio_read"], "x"), fmt(summary["ratio_write"], "x")))
+                fmt(summary["ratio_read"], "x", 2), fmt(summary["ratio_write"], "x", 2)))
     failed = any(v["ok"] == 0 for v in s.values())
     return 1 if failed else 0
 

@@ -11,8 +11,9 @@
 #   initramfs.cpio.gz         busybox /init: mounts /proc /sys /dev, prints
 #                             "KEEL-GUEST-READY ...", then keel.mode=poweroff
 #                             (default) powers off, keel.mode=shell runs a shell
-#   initramfs-virtio.cpio.gz  the same plus the kernel's virtio modules and
-#                             keel.mode=virtio-test (see the init text below)
+#   initramfs-virtio.cpio.gz  the same plus the kernel's virtio modules,
+#                             keel.mode=virtio-test and keel.mode=blk-bench
+#                             (see the init text below)
 #   manifest                  package versions, hashes and facts of this build
 #
 # Idempotent: when every output exists and the package versions (and this
