@@ -226,6 +226,13 @@ impl Vm for TcgVm {
         v.extend(self.pit.bus_devices());
         v
     }
+
+    /// Machine reset: the PIT and the PIC pair go back to their power-on state.
+    fn reset(&self) -> Result<(), AccelError> {
+        self.pit.reset();
+        self.pic.reset();
+        Ok(())
+    }
 }
 
 /// A vCPU running on the interpreter.

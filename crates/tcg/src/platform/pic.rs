@@ -402,6 +402,19 @@ impl Pic {
         self.with_state(|s| s.acknowledge())
     }
 
+    /// System reset: both chips return to their power-on state (uninitialised, nothing in
+    /// service or requested, ELCR clear), but the input pins keep the levels the devices
+    /// drive, so a level held across the reset is seen again once the guest programs the pair.
+    pub fn reset(&self) {
+        self.with_state(|s| {
+            let pins = [s.chips[0].pins, s.chips[1].pins];
+            *s = PicState::default();
+            for (chip, p) in pins.into_iter().enumerate() {
+                s.chips[chip].pins = p;
+            }
+        });
+    }
+
     /// Drives ISA input `irq` (0-15) high or low.
     pub fn set_irq(&self, irq: u8, high: bool) -> Result<(), PicError> {
         if irq > 15 {
@@ -591,6 +604,29 @@ mod tests {
         let chip = usize::from(irq >= 8);
         let m = pic.read_register(chip, 1);
         pic.write_register(chip, 1, m & !(1 << (irq & 7)));
+    }
+
+    #[test]
+    fn reset_returns_to_power_on_but_keeps_held_levels() {
+        let pic = Pic::new();
+        linux_init(&pic, false);
+        pic.write_register(0, 1, 0xa5);
+        pic.write_elcr(0, 1 << 4);
+        pic.set_irq(4, true).unwrap();
+        pic.reset();
+        assert_eq!(pic.read_register(0, 1), 0, "IMR cleared");
+        assert_eq!(pic.read_elcr(0), 0, "ELCR cleared");
+        assert!(
+            !pic.has_interrupt(),
+            "nothing requested before the guest programs it"
+        );
+        assert_eq!(pic.acknowledge(), None, "no vector base until ICW2 again");
+        linux_init(&pic, false);
+        pic.write_elcr(0, 1 << 4);
+        unmask(&pic, 4);
+        // The device still holds IRQ 4 high: as a level input it is requested again.
+        assert!(pic.has_interrupt());
+        assert_eq!(pic.acknowledge(), Some(0x34));
     }
 
     #[test]

@@ -357,6 +357,18 @@ impl Pit {
         }
     }
 
+    /// System reset: every channel unprogrammed, channel 2's gate and the speaker bits low,
+    /// no IRQ 0 deadline (the power-on state of [`Pit::new`]).
+    pub fn reset(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *s = PitState::default();
+        s.channels[0].gate = true;
+        s.channels[1].gate = true;
+        self.deadline.store(NO_DEADLINE, Ordering::Release);
+        drop(s);
+        self.irq.set_level(false);
+    }
+
     /// The clock time (ns, on the PIT's [`Clock`]) of the next IRQ 0 edge, or `None`.
     /// One atomic load: cheap enough for the vCPU to read per block.
     #[inline]
@@ -595,6 +607,20 @@ mod tests {
 
     fn rises(p: &Probe) -> u64 {
         p.rises.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn reset_stops_the_periodic_tick() {
+        let (pit, clock, probe) = setup();
+        pit.write_port(3, 0x34);
+        pit.write_port(0, 0x00);
+        pit.write_port(0, 0x10);
+        assert!(pit.next_deadline_ns().is_some());
+        pit.reset();
+        assert_eq!(pit.next_deadline_ns(), None, "no tick after reset");
+        clock.advance(1_000_000_000);
+        pit.poll();
+        assert_eq!(rises(&probe), 0, "an unprogrammed PIT raises nothing");
     }
 
     /// Linux `setup_pit_timer` / `init_pit_timer` periodic: mode 2, LATCH for HZ=250.
