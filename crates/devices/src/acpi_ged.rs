@@ -116,15 +116,8 @@ impl BusDevice for AcpiGed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
-    #[derive(Default)]
-    struct Rec(Mutex<Vec<SystemEvent>>);
-    impl SystemEvents for Rec {
-        fn request(&self, e: SystemEvent) {
-            self.0.lock().unwrap().push(e);
-        }
-    }
+    use crate::test_util::Rec;
 
     #[test]
     fn s5_powers_off_and_reset_value_resets() {

@@ -240,13 +240,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-    #[derive(Default)]
-    struct Rec(Mutex<Vec<SystemEvent>>);
-    impl SystemEvents for Rec {
-        fn request(&self, e: SystemEvent) {
-            self.0.lock().unwrap().push(e);
-        }
-    }
+    use crate::test_util::Rec;
 
     #[derive(Default)]
     struct Level(AtomicBool, AtomicU32);

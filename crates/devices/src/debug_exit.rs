@@ -101,15 +101,8 @@ impl BusDevice for DebugExit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
-    #[derive(Default)]
-    struct Rec(Mutex<Vec<SystemEvent>>);
-    impl SystemEvents for Rec {
-        fn request(&self, e: SystemEvent) {
-            self.0.lock().unwrap().push(e);
-        }
-    }
+    use crate::test_util::Rec;
 
     #[test]
     fn write_exits_with_qemu_status() {

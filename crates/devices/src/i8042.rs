@@ -272,13 +272,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    #[derive(Default)]
-    struct Rec(Mutex<Vec<SystemEvent>>);
-    impl SystemEvents for Rec {
-        fn request(&self, e: SystemEvent) {
-            self.0.lock().unwrap().push(e);
-        }
-    }
+    use crate::test_util::Rec;
     #[derive(Default)]
     struct CountIrq(AtomicU32);
     impl IrqLine for CountIrq {

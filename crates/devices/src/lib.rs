@@ -39,3 +39,20 @@ pub use serial::{
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Shared helpers for this crate's unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use keel_accel::{SystemEvent, SystemEvents};
+    use std::sync::Mutex;
+
+    /// Records every [`SystemEvent`] a device raises, in order.
+    #[derive(Default)]
+    pub(crate) struct Rec(pub(crate) Mutex<Vec<SystemEvent>>);
+
+    impl SystemEvents for Rec {
+        fn request(&self, e: SystemEvent) {
+            self.0.lock().unwrap().push(e);
+        }
+    }
+}
