@@ -1198,22 +1198,7 @@ pub fn generic(cpu: &mut Cpu, i: &Insn) -> Flow {
             };
             wr_op(cpu, i, 0, s0, r)
         }
-        M::Cmove
-        | M::Cmovne
-        | M::Cmovb
-        | M::Cmovae
-        | M::Cmovbe
-        | M::Cmova
-        | M::Cmovs
-        | M::Cmovns
-        | M::Cmovp
-        | M::Cmovnp
-        | M::Cmovl
-        | M::Cmovge
-        | M::Cmovle
-        | M::Cmovg
-        | M::Cmovo
-        | M::Cmovno => {
+        m if is_cmov(m) => {
             let v = rd_op(cpu, i, 1, s)?;
             if cpu.cond(cc_of(ins)) {
                 wr_op(cpu, i, 0, s, v)
