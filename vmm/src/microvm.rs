@@ -22,7 +22,8 @@ use keel_qdev::{
     HookError, QdevError, SlotResources, Window,
 };
 use keel_virtio::{
-    Block, BlockConfig, Console, MmioTransport, Net, NetConfig, Rng, RxPoller, VirtioDevice,
+    Block, BlockConfig, Console, IoWorker, MmioTransport, Net, NetConfig, Rng, RxPoller,
+    VirtioDevice, VirtioMmioSlot,
 };
 
 use crate::backends::{Backends, CharBackend};
@@ -253,6 +254,10 @@ struct MicrovmHooks {
     vm: Arc<Mutex<Microvm>>,
     backends: Arc<Backends>,
     slots: Vec<Arc<SlotProxy>>,
+    /// Guest-physical base of each slot's window.
+    bases: Vec<u64>,
+    /// The queue worker of each slot's transport (ioeventfd/irqfd under kvm).
+    workers: Vec<Option<IoWorker>>,
     realized: HashMap<DeviceKey, Realized>,
     /// Port buses of `virtio-serial-device`s: bus name → (window, GSI).
     serial_buses: HashMap<String, (usize, u32)>,
@@ -265,20 +270,38 @@ impl MicrovmHooks {
         self.vm.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Puts `device` behind a fresh transport in `slot`'s window, interrupting on `gsi`.
-    fn attach(&self, slot: usize, gsi: u32, device: SharedVirtio) -> Result<(), HookError> {
-        let proxy = self
-            .slots
-            .get(slot)
-            .ok_or_else(|| format!("virtio-mmio slot {slot} does not exist"))?;
-        let (memory, irq) = {
-            let vm = self.lock();
-            (vm.memory().clone(), vm.vm().irq_line(gsi)?)
+    /// Puts `device` behind a fresh transport in `slot`'s window, interrupting on `gsi`,
+    /// with its queues processed by an [`IoWorker`] thread: guest notifies arrive through
+    /// ioeventfds and the interrupt through a resampled irqfd under kvm, through the MMIO
+    /// write and the IRQ line under tcg. The RX side of virtio-net has its own thread.
+    fn attach(&mut self, slot: usize, gsi: u32, device: SharedVirtio) -> Result<(), HookError> {
+        let (Some(proxy), Some(&base)) = (self.slots.get(slot).cloned(), self.bases.get(slot))
+        else {
+            return Err(format!("virtio-mmio slot {slot} does not exist").into());
         };
-        // Queue notifications are processed on the vCPU thread that wrote QueueNotify
-        // (inline, the transport's default); the RX side of virtio-net has its own thread.
-        proxy.set(Some(Arc::new(MmioTransport::new(device, memory, irq))));
+        self.detach(slot);
+        let vm = self.vm.clone();
+        let vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+        let irq = vm.vm().irq_line(gsi)?;
+        let transport = Arc::new(MmioTransport::new(device, vm.memory().clone(), irq));
+        let worker = IoWorker::start(vm.vm(), VirtioMmioSlot::new(base, gsi), transport.clone())
+            .map_err(|e| chain(&e))?;
+        proxy.set(Some(transport));
+        if let Some(w) = self.workers.get_mut(slot) {
+            *w = Some(worker);
+        }
         Ok(())
+    }
+
+    /// Empties `slot`: stops its worker and removes its ioeventfds and irqfd, so another
+    /// device can take the window.
+    fn detach(&mut self, slot: usize) {
+        if let Some(p) = self.slots.get(slot) {
+            p.set(None);
+        }
+        if let Some(w) = self.workers.get_mut(slot).and_then(Option::take) {
+            w.stop(self.lock().vm());
+        }
     }
 
     /// A console port writing to the backend `chardev=` names.
@@ -393,9 +416,7 @@ impl DeviceHooks for MicrovmHooks {
                 }
             }
             Some(Realized::Virtio { slot, _rx }) => {
-                if let Some(p) = self.slots.get(slot) {
-                    p.set(None);
-                }
+                self.detach(slot);
                 if dev.driver == SERIAL_DRIVER {
                     self.serial_buses
                         .remove(&serial_bus_name(dev.id, Some(slot)));
@@ -469,6 +490,8 @@ impl MicrovmBoard {
         let hooks = MicrovmHooks {
             vm: vm.clone(),
             backends: ctx.backends.clone(),
+            workers: slots.iter().map(|_| None).collect(),
+            bases: windows.iter().map(|w| w.base).collect(),
             slots,
             realized: HashMap::new(),
             serial_buses: HashMap::new(),
@@ -758,15 +781,26 @@ mod tests {
         // Available ring: flags 0, idx 1, ring[0] = descriptor 0.
         mem.write_slice(&[0, 0, 1, 0, 0, 0], GuestAddress(avail))
             .unwrap();
-        mmio_w32(&b, base + 0x50, 0); // QueueNotify (processed inline, as under tcg)
+        mmio_w32(&b, base + 0x50, 0); // QueueNotify: the slot's worker thread processes it
 
-        let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
-        assert_eq!(used_idx, 1);
+        let start = std::time::Instant::now();
+        let mut used_idx: u16 = 0;
+        while used_idx != 1 && start.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            used_idx = mem.read_obj(GuestAddress(used + 2)).unwrap();
+        }
+        assert_eq!(used_idx, 1, "the worker completed the request");
         let st: u8 = mem.read_obj(GuestAddress(status)).unwrap();
         assert_eq!(st, 0, "VIRTIO_BLK_S_OK");
         let mut sector = [0u8; 20];
         mem.read_slice(&mut sector, GuestAddress(buf)).unwrap();
         assert_eq!(&sector, b"keel sector 0 marker");
+        // InterruptStatus is set right after the used ring is published.
+        while mmio32(&b, base + 0x60) & 1 == 0
+            && start.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(mmio32(&b, base + 0x60) & 1, 1, "used-buffer interrupt");
         std::fs::remove_file(&img).ok();
     }

@@ -6,6 +6,12 @@
 //! the interpreter (which has no such page) produce the same values, and [`handle_exit`]
 //! turns any exit plus the buses into the next [`ExitAction`] without touching a backend.
 //!
+//! Backends that can signal eventfds themselves (KVM) also offer [`Vm::register_ioevent`]
+//! (a guest write becomes an eventfd signal without a vCPU exit) and [`Vm::register_irqfd`]
+//! (an eventfd write raises an interrupt without a vCPU thread); the defaults say
+//! [`AccelError::Unsupported`], and callers then keep the MMIO handler and [`Vm::irq_line`]
+//! (the interpreter's path).
+//!
 //! Lock order (documented once, relied on everywhere): a bus map lock is taken before a
 //! device's own lock; device handlers never change a bus map while handling an access.
 
@@ -20,6 +26,8 @@ pub use exit::{ExitAction, VcpuExit, handle_exit};
 pub use regs::{CpuMode, DescriptorTable, Regs, Segment, SpecialRegs};
 
 use std::sync::Arc;
+
+pub use vmm_sys_util::eventfd::EventFd;
 
 /// Guest RAM as every backend and device sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap;
@@ -53,6 +61,15 @@ pub enum AccelError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// The backend does not offer this feature; the caller uses its fallback (for example
+    /// the MMIO-handler path instead of an ioeventfd under the interpreter).
+    #[error("accelerator '{accel}' does not support {what}")]
+    Unsupported {
+        /// Backend name.
+        accel: &'static str,
+        /// The feature, e.g. `ioeventfd`.
+        what: &'static str,
     },
     /// The guest did something the backend cannot continue from.
     #[error("vCPU {vcpu}: {reason}")]
@@ -118,6 +135,23 @@ pub trait IrqLine: Send + Sync {
     }
 }
 
+/// Which guest writes to a registered address signal an ioeventfd
+/// ([`Vm::register_ioevent`]). A sized match needs a write of exactly that width and value;
+/// other writes to the address reach the MMIO bus as usual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEventMatch {
+    /// Any write of any width.
+    Any,
+    /// A 1-byte write of this value.
+    U8(u8),
+    /// A 2-byte write of this value.
+    U16(u16),
+    /// A 4-byte write of this value (a virtio-mmio `QueueNotify` with the queue index).
+    U32(u32),
+    /// An 8-byte write of this value.
+    U64(u64),
+}
+
 /// Makes a running vCPU return from [`Vcpu::run`] with [`VcpuExit::Interrupted`] soon.
 pub trait Kick: Send + Sync {
     /// Asks the vCPU to leave guest mode; safe to call from any thread, any number of times.
@@ -155,6 +189,64 @@ pub trait Vm: Send + Sync {
     /// into its power-on state, for `system_reset`. The default has nothing to reset.
     fn reset(&self) -> Result<(), AccelError> {
         Ok(())
+    }
+    /// Signals `fd` (adds 1 to it) when a vCPU writes at MMIO address `addr` in a way that
+    /// `matches`, instead of returning a [`VcpuExit::MmioWrite`]: the write never leaves the
+    /// backend, and a device's event loop waiting on `fd` does the work (KVM's
+    /// `KVM_IOEVENTFD`). The default says [`AccelError::Unsupported`]; callers then keep
+    /// the MMIO handler on the bus, which sees these writes as usual.
+    fn register_ioevent(
+        &self,
+        addr: MmioAddress,
+        matches: IoEventMatch,
+        fd: &EventFd,
+    ) -> Result<(), AccelError> {
+        let _ = (addr, matches, fd);
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "ioeventfd",
+        })
+    }
+    /// Removes a registration made with [`Vm::register_ioevent`] (same arguments).
+    fn unregister_ioevent(
+        &self,
+        addr: MmioAddress,
+        matches: IoEventMatch,
+        fd: &EventFd,
+    ) -> Result<(), AccelError> {
+        let _ = (addr, matches, fd);
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "ioeventfd",
+        })
+    }
+    /// Binds `trigger` to interrupt input `gsi`: a write to `trigger` asserts the line without
+    /// a trip through this process's vCPU threads (KVM's `KVM_IRQFD`).
+    ///
+    /// Without `resample` each write is an edge (assert then deassert). With `resample`
+    /// the line is level-triggered: it stays asserted until the guest's EOI, then the
+    /// backend deasserts it and signals `resample`; a device whose interrupt is still
+    /// pending writes `trigger` again (KVM's `KVM_IRQFD_FLAG_RESAMPLE`). The default says
+    /// [`AccelError::Unsupported`]; callers then use [`Vm::irq_line`].
+    fn register_irqfd(
+        &self,
+        gsi: u32,
+        trigger: &EventFd,
+        resample: Option<&EventFd>,
+    ) -> Result<(), AccelError> {
+        let _ = (gsi, trigger, resample);
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "irqfd",
+        })
+    }
+    /// Removes a binding made with [`Vm::register_irqfd`].
+    fn unregister_irqfd(&self, gsi: u32, trigger: &EventFd) -> Result<(), AccelError> {
+        let _ = (gsi, trigger);
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "irqfd",
+        })
     }
 }
 

@@ -8,6 +8,8 @@
 //! | [`Accelerator::check`] | `KVM_CAP_MAX_VCPUS`, `KVM_CAP_IRQCHIP`, `KVM_CAP_PIT2`, the guest-physical address width from CPUID leaf 0x8000_0008 |
 //! | [`Accelerator::create_vm`] | `KVM_CREATE_VM`, the identity map and TSS pages just below the BIOS area (0xfffb_c000..0xfffc_0000), one `KVM_SET_USER_MEMORY_REGION` per region of the `GuestMemory`, `KVM_CREATE_IRQCHIP` (8259 pair + IOAPIC + LAPICs), `KVM_CREATE_PIT2` when the machine wants a PIT |
 //! | [`Vm::irq_line`] | `KVM_IRQ_LINE` on that GSI; [`KvmVm::irqfd`] gives an eventfd bound with `KVM_IRQFD` for event loops |
+//! | [`Vm::register_ioevent`](keel_accel::Vm::register_ioevent) | `KVM_IOEVENTFD` on an MMIO address, with a datamatch of the write's width (or none, any width): the write signals the eventfd in the kernel and the vCPU does not exit |
+//! | [`Vm::register_irqfd`](keel_accel::Vm::register_irqfd) | `KVM_IRQFD` on the GSI; with a resample eventfd `KVM_IRQFD_FLAG_RESAMPLE` (level-triggered: asserted until the guest's EOI, then deasserted and the resample eventfd signalled) |
 //! | [`Vm::create_vcpu`] | `KVM_CREATE_VCPU`, CPUID from `KVM_GET_SUPPORTED_CPUID` shaped per vCPU (see [`cpuid`]), boot MSRs, LAPIC LINT0 = ExtINT / LINT1 = NMI, x87/SSE control words |
 //! | [`Vcpu::run`](keel_accel::Vcpu::run) | `KVM_RUN`; the exit in `kvm_run` becomes an owned [`VcpuExit`](keel_accel::VcpuExit). A `rep ins/outs` exit with `count > 1` is handed out one element per `run()` without re-entering the guest, so the seam's one-value exits stay exact. |
 //! | [`Vcpu::complete_read`](keel_accel::Vcpu::complete_read) | writes the value into the `kvm_run` data area of the pending `in` / MMIO load; KVM finishes the instruction on the next `KVM_RUN` |

@@ -3,13 +3,14 @@
 use std::sync::{Arc, Mutex};
 
 use keel_accel::{
-    AccelError, GuestMemory, IrqChip, IrqLine, MachineRequirements, SystemEvents, Vcpu, Vm,
+    AccelError, GuestMemory, IoEventMatch, IrqChip, IrqLine, MachineRequirements, MmioAddress,
+    SystemEvents, Vcpu, Vm,
 };
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
     kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -264,6 +265,65 @@ impl Vm for KvmVm {
             vm: self.vm.clone(),
             gsi,
         }))
+    }
+
+    fn register_ioevent(
+        &self,
+        addr: MmioAddress,
+        matches: IoEventMatch,
+        fd: &EventFd,
+    ) -> Result<(), AccelError> {
+        let a = IoEventAddress::Mmio(addr.0);
+        match matches {
+            IoEventMatch::Any => self.vm.register_ioevent(fd, &a, NoDatamatch),
+            IoEventMatch::U8(v) => self.vm.register_ioevent(fd, &a, v),
+            IoEventMatch::U16(v) => self.vm.register_ioevent(fd, &a, v),
+            IoEventMatch::U32(v) => self.vm.register_ioevent(fd, &a, v),
+            IoEventMatch::U64(v) => self.vm.register_ioevent(fd, &a, v),
+        }
+        .map_err(host("KVM_IOEVENTFD"))
+    }
+
+    fn unregister_ioevent(
+        &self,
+        addr: MmioAddress,
+        matches: IoEventMatch,
+        fd: &EventFd,
+    ) -> Result<(), AccelError> {
+        let a = IoEventAddress::Mmio(addr.0);
+        match matches {
+            IoEventMatch::Any => self.vm.unregister_ioevent(fd, &a, NoDatamatch),
+            IoEventMatch::U8(v) => self.vm.unregister_ioevent(fd, &a, v),
+            IoEventMatch::U16(v) => self.vm.unregister_ioevent(fd, &a, v),
+            IoEventMatch::U32(v) => self.vm.unregister_ioevent(fd, &a, v),
+            IoEventMatch::U64(v) => self.vm.unregister_ioevent(fd, &a, v),
+        }
+        .map_err(host("KVM_IOEVENTFD (deassign)"))
+    }
+
+    fn register_irqfd(
+        &self,
+        gsi: u32,
+        trigger: &EventFd,
+        resample: Option<&EventFd>,
+    ) -> Result<(), AccelError> {
+        self.check_gsi(gsi)?;
+        match resample {
+            None => self
+                .vm
+                .register_irqfd(trigger, gsi)
+                .map_err(host("KVM_IRQFD")),
+            Some(r) => self
+                .vm
+                .register_irqfd_with_resample(trigger, r, gsi)
+                .map_err(host("KVM_IRQFD (resample)")),
+        }
+    }
+
+    fn unregister_irqfd(&self, gsi: u32, trigger: &EventFd) -> Result<(), AccelError> {
+        self.vm
+            .unregister_irqfd(trigger, gsi)
+            .map_err(host("KVM_IRQFD (deassign)"))
     }
 }
 

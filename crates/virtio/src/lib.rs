@@ -9,6 +9,9 @@
 //! * [`Interrupt`] is the device's side of the interrupt: the interrupt status register,
 //!   the level-triggered [`keel_accel::IrqLine`], the `DEVICE_NEEDS_RESET` flag and the
 //!   config generation, shared by the transport and whatever thread processes a queue.
+//! * [`IoWorker`] processes a transport's queues on an event-loop thread: guest notifies
+//!   arrive through ioeventfds under KVM (no vCPU exit) or through the MMIO write under
+//!   tcg, and the interrupt goes through a resampled irqfd under KVM ([`IrqfdLine`]).
 //! * [`VirtioMmioSlot`] describes where a device sits (MMIO window, IRQ) so a machine can
 //!   list it in the ACPI DSDT (`LNRO0005`) or on the kernel command line.
 //!
@@ -67,6 +70,7 @@ mod slot;
 mod tap;
 #[cfg(test)]
 mod testutil;
+mod worker;
 
 pub use block::{Block, BlockConfig, SECTOR_SIZE};
 pub use console::{Console, ConsoleInput, INPUT_CAPACITY};
@@ -77,6 +81,7 @@ pub use notify::QueueEvents;
 pub use rng::{MAX_BYTES_PER_REQUEST, Rng};
 pub use slot::{MMIO_WINDOW_SIZE, VirtioMmioSlot};
 pub use tap::Tap;
+pub use worker::{IoWorker, IrqfdLine};
 
 /// The `Magic` register value: "virt" in little-endian ASCII.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -161,6 +166,15 @@ pub enum Error {
     /// A queue size that is not a power of two from 1 to 32768.
     #[error("queue size {0} is invalid: use a power of two from 1 to 32768")]
     QueueSize(u16),
+    /// The queue worker (event loop) could not be set up.
+    #[error("cannot start the virtio queue worker ({what})")]
+    Worker {
+        /// Which step failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The driver did not make a queue ready that the device needs.
     #[error("queue {0} was not made ready by the driver")]
     QueueNotReady(u16),

@@ -137,6 +137,11 @@ impl MmioTransport {
         &self.device
     }
 
+    /// Number of queues of the device (the `QueueSel` values that exist).
+    pub fn queue_count(&self) -> usize {
+        self.lock_regs().queues.len()
+    }
+
     /// The interrupt state (status register, level line, error flag).
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt
