@@ -447,6 +447,10 @@ struct MicrovmBoard {
     tree: DeviceTree,
     /// virtio-mmio bus name → window index (as the hooks have it).
     windows: HashMap<String, usize>,
+    /// The windows' contents, shared with the hooks (read at machine-done).
+    slots: Vec<Arc<SlotProxy>>,
+    /// Base address of each window, by index.
+    bases: Vec<u64>,
     events: Option<Receiver<BoardEvent>>,
     started: bool,
 }
@@ -492,7 +496,7 @@ impl MicrovmBoard {
             backends: ctx.backends.clone(),
             workers: slots.iter().map(|_| None).collect(),
             bases: windows.iter().map(|w| w.base).collect(),
-            slots,
+            slots: slots.clone(),
             realized: HashMap::new(),
             serial_buses: HashMap::new(),
             windows: names.clone(),
@@ -533,6 +537,8 @@ impl MicrovmBoard {
             vm,
             tree,
             windows: names,
+            bases: windows.iter().map(|w| w.base).collect(),
+            slots,
             events: Some(events),
             started: false,
         })
@@ -568,9 +574,19 @@ impl Board for MicrovmBoard {
         Ok(added)
     }
 
+    /// Machine-done: the machine writes its tables and command line listing only the
+    /// virtio-mmio windows that hold a (necessarily cold-plugged) device now; empty windows
+    /// stay mapped but unannounced, as QEMU's microvm skips transports with an empty bus.
     fn done(&mut self) -> Result<(), BoardError> {
+        let cold: Vec<u64> = self
+            .slots
+            .iter()
+            .zip(&self.bases)
+            .filter(|(p, _)| p.get().is_some())
+            .map(|(_, &b)| b)
+            .collect();
         self.lock()
-            .finish_init()
+            .finish_init_with(|d| cold.contains(&d.base))
             .map_err(|e| BoardError::Invalid(chain(&e)))
     }
 
@@ -634,11 +650,14 @@ mod tests {
     use crate::backends::BlockBackend;
 
     fn board() -> (MicrovmBoard, Arc<Backends>) {
-        let cfg = MicrovmConfig {
+        board_with(MicrovmConfig {
             memory: 16 << 20,
             serial: SerialBackend::Null,
             ..MicrovmConfig::default()
-        };
+        })
+    }
+
+    fn board_with(cfg: MicrovmConfig) -> (MicrovmBoard, Arc<Backends>) {
         let (tx, rx) = channel();
         let sink: Arc<dyn MachineEvents> = Arc::new(Forward(tx));
         let accel = keel_tcg::TcgAccel::new();
@@ -803,6 +822,88 @@ mod tests {
         }
         assert_eq!(mmio32(&b, base + 0x60) & 1, 1, "used-buffer interrupt");
         std::fs::remove_file(&img).ok();
+    }
+
+    fn count(hay: &[u8], needle: &[u8]) -> usize {
+        hay.windows(needle.len()).filter(|w| *w == needle).count()
+    }
+
+    /// Machine-done lists only the windows holding a cold-plugged device: two DSDT nodes for
+    /// two devices, although all eight windows are mapped.
+    #[test]
+    fn dsdt_lists_only_cold_plugged_virtio_devices() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (mut b, backends) = board();
+        backends.add_chardev("c0", CharBackend::Null).unwrap();
+        add(&mut b, "virtio-rng-device").unwrap();
+        add(&mut b, "virtio-serial-device,id=ser").unwrap();
+        add(&mut b, "virtconsole,chardev=c0,bus=ser.0").unwrap();
+        // A device added and deleted again in machine-init leaves no trace.
+        add(&mut b, "virtio-rng-device,id=gone").unwrap();
+        b.devices_mut()
+            .device_del(Phase::MachineInit, "gone")
+            .unwrap();
+        b.done().unwrap();
+        let base = keel_machine::layout::VIRTIO_MMIO_BASE;
+        let size = keel_machine::layout::VIRTIO_MMIO_SIZE;
+        let listed: Vec<u64> = b.lock().firmware_virtio().iter().map(|d| d.base).collect();
+        assert_eq!(listed, [base, base + size]);
+        let mem = b.lock().memory().clone();
+        let (start, end) = (
+            keel_machine::layout::ACPI_START,
+            keel_machine::layout::ACPI_END,
+        );
+        let mut tables = vec![0u8; (end - start) as usize];
+        mem.read_slice(&mut tables, GuestAddress(start)).unwrap();
+        assert_eq!(count(&tables, b"LNRO0005"), 2, "one DSDT node per device");
+        // Hot plug stays refused, and the slot count is unchanged.
+        assert!(
+            b.device_add(
+                Phase::MachineReady,
+                &DeviceRequest::parse_cli("virtio-blk-device,drive=x").unwrap()
+            )
+            .is_err()
+        );
+    }
+
+    /// `acpi=off` with a `-kernel`: the devices go on the kernel command line instead
+    /// (QEMU's `auto-kernel-cmdline`, on by default); `auto-kernel-cmdline=off` drops them.
+    #[test]
+    fn acpi_off_puts_cold_plugged_devices_on_the_kernel_command_line() {
+        use vm_memory::{Bytes, GuestAddress};
+        let kernel = std::env::temp_dir().join(format!("keel-vmm-pvh-{}", std::process::id()));
+        std::fs::write(&kernel, keel_machine::DEMO_GUEST).unwrap();
+        for auto in ["on", "off"] {
+            let mut cfg = MicrovmConfig {
+                memory: 16 << 20,
+                serial: SerialBackend::Null,
+                kernel: Some(kernel.clone()),
+                append: "console=ttyS0".into(),
+                ..MicrovmConfig::default()
+            };
+            cfg.set_property("acpi", "off").unwrap();
+            cfg.set_property("auto-kernel-cmdline", auto).unwrap();
+            let (mut b, _) = board_with(cfg);
+            add(&mut b, "virtio-rng-device").unwrap();
+            b.done().unwrap();
+            let d = b.lock().firmware_virtio()[0];
+            let mem = b.lock().memory().clone();
+            let mut line = vec![0u8; 256];
+            mem.read_slice(&mut line, GuestAddress(keel_machine::layout::CMDLINE_ADDR))
+                .unwrap();
+            let line = String::from_utf8_lossy(&line[..line.iter().position(|&c| c == 0).unwrap()])
+                .into_owned();
+            let want = format!(
+                "console=ttyS0 virtio_mmio.device=512@{:#x}:{}",
+                d.base, d.gsi
+            );
+            if auto == "on" {
+                assert_eq!(line, want);
+            } else {
+                assert_eq!(line, "console=ttyS0");
+            }
+        }
+        std::fs::remove_file(&kernel).ok();
     }
 
     #[test]

@@ -91,6 +91,12 @@ pub struct MicrovmConfig {
     /// 0x60/0x64 whose 0xFE command resets the machine (auto: on). `i8042=off` makes the
     /// port map identical to QEMU's microvm.
     pub i8042: OnOffAuto,
+    /// `auto-kernel-cmdline=` (QEMU's microvm property, default on): with ACPI off and a
+    /// `-kernel`, append `virtio_mmio.device=512@0xBASE:IRQ` to the kernel command line
+    /// for every cold-plugged virtio-mmio device, for kernels built with
+    /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (Debian's are not; they need `acpi=on`, where
+    /// the DSDT lists the devices instead and nothing is appended, as in QEMU).
+    pub auto_kernel_cmdline: OnOffAuto,
     /// COM1's backend.
     pub serial: SerialBackend,
     /// `-no-reboot`: a guest reset request becomes a shutdown.
@@ -111,6 +117,7 @@ impl Default for MicrovmConfig {
             acpi: OnOffAuto::Auto,
             isa_serial: OnOffAuto::Auto,
             i8042: OnOffAuto::Auto,
+            auto_kernel_cmdline: OnOffAuto::Auto,
             serial: SerialBackend::Stdio,
             no_reboot: false,
         }
@@ -118,7 +125,15 @@ impl Default for MicrovmConfig {
 }
 
 /// Machine properties accepted by [`MicrovmConfig::set_property`] (`-M microvm,NAME=VALUE`).
-pub const MACHINE_PROPERTIES: &[&str] = &["rtc", "pit", "pic", "acpi", "isa-serial", "i8042"];
+pub const MACHINE_PROPERTIES: &[&str] = &[
+    "rtc",
+    "pit",
+    "pic",
+    "acpi",
+    "isa-serial",
+    "i8042",
+    "auto-kernel-cmdline",
+];
 
 impl MicrovmConfig {
     /// Sets one `-M microvm,NAME=VALUE` property; the error names the accepted ones.
@@ -133,6 +148,7 @@ impl MicrovmConfig {
             "acpi" => self.acpi = v,
             "isa-serial" => self.isa_serial = v,
             "i8042" => self.i8042 = v,
+            "auto-kernel-cmdline" => self.auto_kernel_cmdline = v,
             _ => {
                 return Err(format!(
                     "microvm has no property '{name}'; accepted: {}",

@@ -581,12 +581,13 @@ impl Microvm {
         };
         let e820 = layout::e820_map(self.cfg.memory);
         let initrd: Option<PathBuf> = self.cfg.initrd.clone();
+        let cmdline = self.kernel_cmdline();
         let state = boot::prepare(
             &self.memory,
             &BootConfig {
                 kernel: &kernel,
                 initrd: initrd.as_deref(),
-                cmdline: &self.cfg.append,
+                cmdline: &cmdline,
                 e820: &e820,
                 low_ram_end: layout::split_ram(self.cfg.memory).0,
                 rsdp,
@@ -598,20 +599,64 @@ impl Microvm {
         Ok(())
     }
 
-    /// Machine-done: gathers the firmware-visible device list (the virtio-mmio devices added so
-    /// far), writes the ACPI tables, loads the kernel (or the demo guest), initrd and command
-    /// line, and prepares the bootstrap processor's entry state. Runs once.
+    /// `-append` plus, with ACPI off, a `-kernel` and `auto-kernel-cmdline` on (QEMU's
+    /// rule), one `virtio_mmio.device=512@0xBASE:GSI` per cold-plugged virtio-mmio device.
+    fn kernel_cmdline(&self) -> String {
+        let mut cmdline = self.cfg.append.clone();
+        if !self.resolved.acpi
+            && self.cfg.kernel.is_some()
+            && self.cfg.auto_kernel_cmdline.resolve(true)
+        {
+            for d in &self.firmware_virtio {
+                if !cmdline.is_empty() {
+                    cmdline.push(' ');
+                }
+                cmdline.push_str(&format!(
+                    "virtio_mmio.device={}@{:#x}:{}",
+                    d.size, d.base, d.gsi
+                ));
+            }
+        }
+        cmdline
+    }
+
+    /// Machine-done: gathers the firmware-visible device list (every virtio-mmio window added
+    /// so far), writes the ACPI tables, loads the kernel (or the demo guest), initrd and
+    /// command line, and prepares the bootstrap processor's entry state. Runs once.
     pub fn finish_init(&mut self) -> Result<(), MachineError> {
+        self.finish_init_with(|_| true)
+    }
+
+    /// [`Microvm::finish_init`] for a machine whose virtio-mmio windows are mapped eagerly
+    /// (QEMU's microvm creates all its transports): the machine-init-done step lists only the
+    /// windows for which `cold_plugged` is true (those holding a device at this point) in the
+    /// DSDT, and in the kernel command line with `acpi=off` and `auto-kernel-cmdline=on`.
+    /// Empty windows stay mapped (they read as device ID 0) but the guest is not told of them.
+    pub fn finish_init_with(
+        &mut self,
+        cold_plugged: impl Fn(&VirtioMmioDevice) -> bool,
+    ) -> Result<(), MachineError> {
         if self.phase != Phase::Init {
             return Err(MachineError::Phase {
                 op: "finish_init",
                 when: "twice",
             });
         }
-        self.firmware_virtio = self.virtio_mmio.clone();
+        self.firmware_virtio = self
+            .virtio_mmio
+            .iter()
+            .filter(|d| cold_plugged(d))
+            .copied()
+            .collect();
         self.load()?;
         self.phase = Phase::Ready;
         Ok(())
+    }
+
+    /// The virtio-mmio devices the guest is told of (DSDT nodes, or `virtio_mmio.device=`
+    /// entries), fixed at machine-done; empty before.
+    pub fn firmware_virtio(&self) -> &[VirtioMmioDevice] {
+        &self.firmware_virtio
     }
 
     /// Starts one thread per vCPU (running unless paused before) and, with `-serial stdio`,
