@@ -451,6 +451,7 @@ impl BlockCache {
             // Defensive: a block always makes progress or faults.
             insns.push(ud_insn(rip, bitness));
         }
+        elide_dead_flags(&mut insns);
         let idx = self.blocks.len() as u32;
         let p0 = gpa & !0xfff;
         let pages = [p0, second.unwrap_or(u64::MAX)];
@@ -476,6 +477,31 @@ impl BlockCache {
         self.map.insert((rip, gpa, mode), idx);
         self.translated += 1;
         Ok(idx)
+    }
+}
+
+/// Gives the instructions whose six status flags are dead a handler that skips them (see
+/// [`exec::FlagUse`]): walking backwards, a result is dead when a later instruction
+/// overwrites all six before anything could read them. Everything that may fault counts as
+/// a reader, because an exception frame holds RFLAGS; the flags are live at the end of the
+/// block; and the first instruction keeps its flags, because after `sti` or `mov ss` the
+/// loop runs a block's first instruction alone and may then deliver an interrupt.
+fn elide_dead_flags(insns: &mut [Insn]) {
+    let mut live = true;
+    for (k, i) in insns.iter_mut().enumerate().rev() {
+        match exec::flag_use(&i.instr, i) {
+            exec::FlagUse::Pass => {}
+            exec::FlagUse::Use => live = true,
+            exec::FlagUse::Kill => {
+                if !live
+                    && k > 0
+                    && let Some(h) = exec::select_noflags(&i.instr, i)
+                {
+                    i.exec = h;
+                }
+                live = false;
+            }
+        }
     }
 }
 
@@ -544,4 +570,122 @@ pub fn ud() -> Flow {
         vector: vec::UD,
         error: NO_ERR,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use keel_accel::IoBuses;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::cpu::{Seg, fl, sr};
+    use crate::mem::PhysMem;
+
+    const CODE: u64 = 0x1000;
+
+    /// A real-mode CPU with `code` at 0:0x1000.
+    fn cpu_with(code: &[u8]) -> Cpu {
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        mem.write_slice(code, GuestAddress(CODE)).unwrap();
+        let phys = PhysMem::new(mem, Arc::new(IoBuses::new()));
+        let mut cpu = Cpu::new(phys, Default::default(), 0);
+        cpu.seg[sr::CS] = Seg::real(0);
+        cpu.refresh_mode();
+        cpu.rip = CODE;
+        cpu
+    }
+
+    /// Translates the block at RIP: (handlers as chosen by `select`, handlers kept).
+    fn handlers(cpu: &mut Cpu, cache: &mut BlockCache) -> (Vec<usize>, Vec<usize>) {
+        let b = cache.lookup(cpu).unwrap();
+        let blk = &cache.blocks[b as usize];
+        let chosen = blk
+            .insns
+            .iter()
+            .map(|i| exec::select(&i.instr, i, 16) as usize)
+            .collect();
+        let kept = blk.insns.iter().map(|i| i.exec as usize).collect();
+        (chosen, kept)
+    }
+
+    /// Runs the block at RIP to its end.
+    fn run_block(cpu: &mut Cpu, cache: &mut BlockCache) {
+        let b = cache.lookup(cpu).unwrap();
+        let insns = cache.blocks[b as usize].insns.clone();
+        for i in insns.iter() {
+            cpu.rip = i.next_ip;
+            (i.exec)(cpu, i).unwrap();
+        }
+    }
+
+    #[test]
+    fn dead_flags_are_skipped_and_results_kept() {
+        // mov ax,1; add ax,0xffff; shl bx,3; imul cx,dx; sub si,di; neg bp; imul di,si,5;
+        // sar dx,1; cmp ax,bx; jmp $+2
+        let code = [
+            0xb8, 0x01, 0x00, 0x05, 0xff, 0xff, 0xc1, 0xe3, 0x03, 0x0f, 0xaf, 0xca, 0x29, 0xfe,
+            0xf7, 0xdd, 0x6b, 0xfe, 0x05, 0xd1, 0xfa, 0x39, 0xd8, 0xeb, 0x00,
+        ];
+        let mut cpu = cpu_with(&code);
+        cpu.gpr[3] = 0x1234; // bx
+        cpu.gpr[1] = 7; // cx
+        cpu.gpr[2] = 0x8006; // dx
+        cpu.gpr[5] = 0x10; // bp
+        cpu.gpr[6] = 0x100; // si
+        cpu.gpr[7] = 0x20; // di
+        let mut cache = BlockCache::new();
+        let (chosen, kept) = handlers(&mut cpu, &mut cache);
+        // add, shl, imul, sub, neg, imul, sar: dead (cmp overwrites); cmp and mov: kept.
+        for k in 1..=7 {
+            assert_ne!(chosen[k], kept[k], "instruction {k} keeps its flags");
+        }
+        assert_eq!(chosen[0], kept[0]);
+        assert_eq!(chosen[8], kept[8]);
+        run_block(&mut cpu, &mut cache);
+        assert_eq!(cpu.gpr[0], 0); // 1 + 0xffff
+        assert_eq!(cpu.gpr[3], 0x91a0); // 0x1234 << 3
+        assert_eq!(cpu.gpr[1], (7 * 0x8006) & 0xffff);
+        assert_eq!(cpu.gpr[6], 0xe0); // 0x100 - 0x20
+        assert_eq!(cpu.gpr[5], 0xfff0); // -0x10
+        assert_eq!(cpu.gpr[7], 0x460); // 0xe0 * 5
+        assert_eq!(cpu.gpr[2], 0xc003); // 0x8006 >> 1, arithmetic
+        // Flags of `cmp ax, bx` (0 - 0x91a0): CF, no ZF, SF clear, OF clear.
+        let f = cpu.flags();
+        assert_eq!(f & (fl::CF | fl::ZF | fl::SF | fl::OF), fl::CF);
+    }
+
+    #[test]
+    fn flags_before_a_possible_fault_or_a_reader_stay() {
+        // add ax,bx; mov cx,[bx]; cmp ax,bx; add ax,bx; adc dx,0; shl bx,cl; sub ax,1; jmp $+2
+        let code = [
+            0x01, 0xd8, 0x8b, 0x0f, 0x39, 0xd8, 0x01, 0xd8, 0x83, 0xd2, 0x00, 0xd3, 0xe3, 0x83,
+            0xe8, 0x01, 0xeb, 0x00,
+        ];
+        let mut cpu = cpu_with(&code);
+        let mut cache = BlockCache::new();
+        let (chosen, kept) = handlers(&mut cpu, &mut cache);
+        // The load may fault: the first add's flags stay (it is also the first instruction).
+        assert_eq!(chosen[0], kept[0]);
+        // cmp: overwritten by the add after it with nothing in between: dead.
+        assert_ne!(chosen[2], kept[2]);
+        // add before adc (reads CF): kept. shl by CL may leave the flags: sub's are kept
+        // because the block ends after it.
+        assert_eq!(chosen[3], kept[3]);
+        assert_eq!(chosen[6], kept[6]);
+    }
+
+    #[test]
+    fn first_instruction_keeps_its_flags() {
+        // add ax,bx; sub ax,1; jmp $+2
+        let code = [0x01, 0xd8, 0x83, 0xe8, 0x01, 0xeb, 0x00];
+        let mut cpu = cpu_with(&code);
+        let mut cache = BlockCache::new();
+        let (chosen, kept) = handlers(&mut cpu, &mut cache);
+        assert_eq!(chosen, kept);
+    }
 }
