@@ -293,6 +293,18 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     if cfg.ioapic {
         // I/O APIC: type 1, length 12, id, reserved, address, GSI base.
         t.u8(1).u8(12).u8(0).u8(0).u32(IOAPIC_ADDR as u32).u32(0);
+        if cfg.pm_base.is_some() {
+            // Interrupt source override for the SCI (type 2, length 10, ISA bus, source
+            // IRQ, GSI, flags): level-triggered, active high, as the PM block drives it. ISA
+            // IRQ 0 keeps GSI 0 (the interpreter's PIT drives IOAPIC pin 0).
+            const ACTIVE_HIGH_LEVEL: u16 = 0b01 | (0b11 << 2);
+            t.u8(2)
+                .u8(10)
+                .u8(0)
+                .u8(SCI_IRQ as u8)
+                .u32(u32::from(SCI_IRQ))
+                .u16(ACTIVE_HIGH_LEVEL);
+        }
     }
     // Local APIC NMI on LINT1 of every processor: type 4, length 6.
     t.u8(4).u8(6).u8(0xff).u16(0).u8(1);
@@ -520,6 +532,25 @@ mod tests {
 
     fn find(t: &AcpiTables, addr: u64) -> &[u8] {
         &t.blobs.iter().find(|(a, _)| *a == addr).unwrap().1
+    }
+
+    #[test]
+    fn ioapic_with_pm_block_overrides_the_sci_only() {
+        // The interpreter with local APICs: full FADT, IOAPIC, SCI level/active-high on GSI 9,
+        // ISA IRQ 0 identity-mapped (no override).
+        let mut c = cfg(0);
+        c.pm_base = Some(0x600);
+        let t = build(&c).unwrap();
+        let madt = t
+            .blobs
+            .iter()
+            .map(|(_, b)| b)
+            .find(|b| &b[..4] == b"APIC")
+            .unwrap();
+        assert_eq!(madt.len(), 44 + 2 * 8 + 12 + 10 + 6);
+        let iso = &madt[44 + 16 + 12..44 + 16 + 12 + 10];
+        assert_eq!(iso, &[2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0]);
+        assert_eq!(&madt[82..84], &[4, 6], "LINT1 NMI entry follows");
     }
 
     #[test]

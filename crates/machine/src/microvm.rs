@@ -310,8 +310,9 @@ impl Microvm {
         }
 
         // GSIs above 15 exist only behind an IOAPIC: a backend that can wire GSI 16 has one
-        // (KVM's in-kernel irqchip), one that cannot (the interpreter's 8259 pair) does not, and
-        // the MADT must then not advertise one.
+        // (KVM's in-kernel irqchip, the interpreter with local APICs), one that cannot (the
+        // interpreter's 8259 pair alone, its one-vCPU default) does not, and the MADT must
+        // then not advertise one.
         let mut resolved = resolved;
         resolved.ioapic = vm.irq_line(VIRTIO_MMIO_FIRST_GSI).is_ok();
 
@@ -371,8 +372,12 @@ impl Microvm {
 
         // Without an IOAPIC the FADT is a full one (see crate::acpi) and the PM register block
         // carries the SCI, power button and power-off; the GED then only provides the reset
-        // register and raises no interrupt.
-        let pm = if resolved.acpi && !resolved.ioapic {
+        // register and raises no interrupt. The interpreter keeps that platform with an IOAPIC
+        // too (-smp > 1): it has no paravirtual clock, so Linux needs the PM timer as the
+        // reference for TSC calibration and the PIT as its early timer, which a
+        // hardware-reduced FADT takes away.
+        let pm_block = !resolved.ioapic || accel.name() == "tcg";
+        let pm = if resolved.acpi && pm_block {
             let sci = vm
                 .irq_line(u32::from(acpi::SCI_IRQ))
                 .map_err(MachineError::Accel)?;

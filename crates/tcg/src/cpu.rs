@@ -372,6 +372,8 @@ pub struct Cpu {
     pub cpuid: crate::cpuid::CpuidConfig,
     /// vCPU index (APIC ID).
     pub index: u32,
+    /// The local APIC, when the VM has them (IA32_APIC_BASE reads and writes go to it).
+    pub lapic: Option<std::sync::Arc<crate::platform::lapic::Lapic>>,
 }
 
 /// Model-specific registers the interpreter keeps.
@@ -465,6 +467,7 @@ impl Cpu {
             mmu: Mmu::new(phys),
             cpuid,
             index,
+            lapic: None,
         };
         c.gpr[2] = 0x600; // EDX: family/model/stepping at reset
         c.refresh_mode();

@@ -3,8 +3,11 @@
 //! The default advertises what this interpreter implements and what Linux needs
 //! (research §3): fpu tsc msr pae cx8 cmov pat fxsr sse sse2 (leaf 1 EDX), hypervisor
 //! (leaf 1 ECX bit 31), syscall nx lm (leaf 0x8000_0001 EDX), and the hypervisor leaf
-//! 0x4000_0000 with the signature `TCGTCGTCGTCG`. No local APIC is advertised because
-//! none is modelled; the kernel then runs the 8259 PIC.
+//! 0x4000_0000 with the signature `TCGTCGTCGTCG`, and the invariant TSC (leaf 0x8000_0007
+//! EDX bit 8: the guest TSC is the host's constant-rate TSC plus an offset shared by all
+//! vCPUs, so Linux keeps the TSC as clocksource with several CPUs). The local APIC bit is
+//! added by [`crate::vm::TcgVm`] when the VM has local APICs (see [`crate::vm::ApicMode`]);
+//! without it the kernel runs the 8259 PIC.
 
 /// Leaf 1 EDX bits.
 pub mod edx1 {
@@ -70,6 +73,12 @@ pub mod ecx81 {
     pub const ABM: u32 = 1 << 5;
 }
 
+/// Leaf 0x8000_0007 EDX bits.
+pub mod edx87 {
+    /// Invariant TSC (constant rate in every power state).
+    pub const INVARIANT_TSC: u32 = 1 << 8;
+}
+
 /// The feature words the guest sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpuidConfig {
@@ -83,6 +92,8 @@ pub struct CpuidConfig {
     pub edx81: u32,
     /// Leaf 0x8000_0001 ECX.
     pub ecx81: u32,
+    /// Leaf 0x8000_0007 EDX (advanced power management).
+    pub edx87: u32,
     /// Hypervisor signature at leaf 0x4000_0000 (12 bytes).
     pub hv_signature: [u8; 12],
     /// Processor brand string (48 bytes, leaves 0x8000_0002..4).
@@ -111,6 +122,7 @@ impl Default for CpuidConfig {
             ecx1: ecx1::HYPERVISOR | ecx1::CX16,
             edx81: edx81::SYSCALL | edx81::NX | edx81::LM | edx81::PDPE1GB,
             ecx81: ecx81::LAHF_LM,
+            edx87: edx87::INVARIANT_TSC,
             hv_signature: *b"TCGTCGTCGTCG",
             brand,
         }
@@ -145,6 +157,7 @@ impl CpuidConfig {
             0 => (0xd, v[0], v[2], v[1]),
             1 => (
                 0x0000_0f61, // family 15, model 6, stepping 1
+                // APIC ID, one logical processor per package, CLFLUSH line size 64.
                 (apic_id << 24) | (1 << 16) | (8 << 8),
                 self.ecx1,
                 self.edx1,
@@ -162,7 +175,8 @@ impl CpuidConfig {
                 let w = words(&self.brand[i..i + 16]);
                 (w[0], w[1], w[2], w[3])
             }
-            0x8000_0005..=0x8000_0007 => (0, 0, 0, 0),
+            0x8000_0005..=0x8000_0006 => (0, 0, 0, 0),
+            0x8000_0007 => (0, 0, 0, self.edx87),
             0x8000_0008 => (0x0000_3028, 0, 0, 0), // 40 physical, 48 linear address bits
             _ => (0, 0, 0, 0),
         }

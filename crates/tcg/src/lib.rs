@@ -92,11 +92,16 @@ use std::time::Instant;
 /// Errors of this crate's own operations (reported to callers as [`keel_accel::AccelError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum TcgError {
-    /// The interrupt line does not exist on the 8259 pair.
-    #[error("tcg routes GSIs 0-15 to the 8259 pair only (no IOAPIC is modelled)")]
+    /// The interrupt line does not exist on the 8259 pair (a VM without IOAPIC).
+    #[error("this tcg VM routes GSIs 0-15 to the 8259 pair only (it has no IOAPIC)")]
     NoSuchGsi(#[source] platform::pic::PicError),
-    /// Only the bootstrap processor exists.
-    #[error("tcg runs one vCPU (no local APIC to start others); vCPU {0} was requested")]
+    /// The GSI does not exist on the IOAPIC.
+    #[error("tcg routes GSIs 0-23 to the IOAPIC (0-15 also to the 8259 pair)")]
+    NoSuchIoapicPin(#[source] platform::ioapic::IoapicError),
+    /// A VM without local APICs has only the bootstrap processor.
+    #[error(
+        "this tcg VM has no local APICs to start other vCPUs (ApicMode::Off); vCPU {0} was requested"
+    )]
     OneVcpu(u32),
 }
 

@@ -872,7 +872,13 @@ fn canonical(v: u64) -> bool {
 pub fn write_msr(cpu: &mut Cpu, n: u32, v: u64) -> Flow {
     match n {
         msr::TSC => cpu.msr.tsc_offset = v.wrapping_sub(tsc(cpu).wrapping_sub(cpu.msr.tsc_offset)),
-        msr::APIC_BASE => cpu.msr.apic_base = v & !0x6ff,
+        msr::APIC_BASE => match &cpu.lapic {
+            Some(l) => {
+                l.set_apic_base(v);
+                cpu.msr.apic_base = l.apic_base();
+            }
+            None => cpu.msr.apic_base = v & !0x6ff,
+        },
         0x174..=0x176 => cpu.msr.sysenter[(n - 0x174) as usize] = v,
         msr::MISC_ENABLE => cpu.msr.misc_enable = v,
         msr::PAT => cpu.msr.pat = v,

@@ -1,12 +1,37 @@
 //! The accelerator seam for the interpreter: [`TcgAccel`], [`TcgVm`], [`TcgVcpu`].
 //!
 //! The VM owns the 8259 PIC pair and the 8254 PIT (from [`crate::platform`]); the machine maps
-//! them on its PIO bus through [`keel_accel::Vm::platform_devices`]. Port and MMIO accesses
-//! go from the interpreter straight to the machine's buses (the same [`IoBuses`] KVM exits
-//! are dispatched to), so `run` never returns `IoIn`/`MmioRead` and `complete_read` is unused.
+//! them on its PIO bus through [`keel_accel::Vm::platform_devices`]. With local APICs
+//! ([`ApicMode`]) it also owns one [`Lapic`] per vCPU and an [`Ioapic`], and maps their
+//! windows (0xfee00000, 0xfec00000) on the machine's MMIO bus itself when the VM is created.
+//! Port and MMIO accesses go from the interpreter straight to the machine's buses (the same
+//! [`IoBuses`] KVM exits are dispatched to), so `run` never returns `IoIn`/`MmioRead` and
+//! `complete_read` is unused.
+//!
+//! # Several vCPUs: one execution lock
+//!
+//! Guest memory is shared by the vCPU threads, but the interpreter's LOCK-prefixed
+//! read-modify-write instructions and its page-walk Accessed/Dirty updates are plain loads and
+//! stores, not host atomics. So, as QEMU's TCG did before multi-threaded TCG, only one vCPU
+//! interprets at a time: each [`TcgVm`] has one execution lock ([`ExecLock`], a ticket lock, so
+//! hand-over is first come first served). A vCPU holds it while it runs guest code and gives it
+//! up
+//! * after a slice of [`SLICE_NS`] when another vCPU is waiting (checked at the timer poll,
+//!   every ~50k instructions),
+//! * while halted (`hlt`) or waiting for a start-up IPI, and
+//! * whenever `run` returns to the machine's vCPU loop.
+//!
+//! Devices (the machine's buses) are called inline with the lock held; they serialise
+//! themselves and never wait for a vCPU. After another vCPU ran, the incoming one bumps its
+//! block-cache generation, so every block it enters is looked up again and its code
+//! fingerprint re-checked (writes to code by another vCPU are otherwise only seen through
+//! that fingerprint, see the crate docs).
+//!
+//! Application processors start in wait-for-SIPI: INIT then a start-up IPI from another
+//! vCPU's ICR puts them in real mode at `CS = vector << 8`, `IP = 0`.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use keel_accel::{
     AccelError, Accelerator, BusDevice, BusRange, GuestMemory, IoBuses, IrqChip, IrqLine, Kick,
@@ -18,6 +43,8 @@ use crate::cpuid::CpuidConfig;
 use crate::decode::BlockCache;
 use crate::exc::{Ex, vec};
 use crate::mem::{Access, PhysMem};
+use crate::platform::ioapic::{IOAPIC_BASE, IOAPIC_LEN, Ioapic, IoapicMmio};
+use crate::platform::lapic::{self, ApicBus, EoiListener, LAPIC_BASE, LAPIC_LEN, Lapic, LapicMmio};
 use crate::platform::pic::Pic;
 use crate::platform::pit::Pit;
 use crate::platform::{Clock, MonotonicClock, Wakeup};
@@ -25,15 +52,49 @@ use crate::system;
 
 const NAME: &str = "tcg";
 
+/// The most vCPUs a VM may have (APIC IDs are the vCPU indices; xAPIC flat logical mode
+/// addresses eight, physical mode up to 255).
+pub const MAX_VCPUS: u32 = 64;
+
+/// How long a vCPU keeps the execution lock while another one waits for it.
+pub const SLICE_NS: u64 = 2_000_000;
+
+/// Whether the VM has local APICs and an IOAPIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApicMode {
+    /// Only with more than one vCPU (the default). A one-vCPU VM then keeps the 8259-only
+    /// platform (no APIC in CPUID, no IOAPIC, so the machine builds its PM-block ACPI
+    /// tables), which boots Linux fastest here.
+    #[default]
+    Auto,
+    /// Always: every vCPU has a local APIC (enabled, advertised in CPUID) and GSIs 0-23 reach
+    /// the IOAPIC (0-15 the 8259 pair too).
+    On,
+    /// Never; more than one vCPU is then refused.
+    Off,
+}
+
+impl ApicMode {
+    fn enabled(self, vcpus: u32) -> bool {
+        match self {
+            Self::Auto => vcpus > 1,
+            Self::On => true,
+            Self::Off => false,
+        }
+    }
+}
+
 /// The interpreting accelerator; always available.
 #[derive(Debug, Clone, Default)]
 pub struct TcgAccel {
-    /// CPUID the guest sees.
+    /// CPUID the guest sees (the APIC bit is added when the VM has local APICs).
     pub cpuid: CpuidConfig,
+    /// Local APIC / IOAPIC policy.
+    pub apic: ApicMode,
 }
 
 impl TcgAccel {
-    /// An accelerator with the default CPUID (see [`CpuidConfig`]).
+    /// An accelerator with the default CPUID (see [`CpuidConfig`]) and [`ApicMode::Auto`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -45,18 +106,25 @@ impl Accelerator for TcgAccel {
     }
 
     fn check(&self, req: &MachineRequirements) -> Result<(), AccelError> {
-        let bad = |reason: &str| AccelError::Incompatible {
+        let bad = |reason: String| AccelError::Incompatible {
             accel: NAME,
             machine: req.machine.clone(),
-            reason: reason.to_string(),
+            reason,
         };
-        if req.vcpus != 1 {
+        if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
+            return Err(bad(format!(
+                "tcg runs 1 to {MAX_VCPUS} vCPUs, {} were requested",
+                req.vcpus
+            )));
+        }
+        if req.vcpus > 1 && !self.apic.enabled(req.vcpus) {
             return Err(bad(
-                "tcg runs one vCPU: no local APIC is modelled, so application processors cannot be started (use -smp 1)",
+                "more than one vCPU needs local APICs to start the others (APIC mode is off)"
+                    .to_string(),
             ));
         }
         match req.irqchip {
-            // GSIs 0-15 go to the 8259 pair; no IOAPIC is modelled and none is advertised.
+            // GSIs 0-15 go to the 8259 pair; with APICs, 0-23 also to the IOAPIC.
             IrqChip::Pic | IrqChip::PicIoapic => Ok(()),
         }
     }
@@ -69,11 +137,12 @@ impl Accelerator for TcgAccel {
         events: Arc<dyn SystemEvents>,
     ) -> Result<Box<dyn Vm>, AccelError> {
         self.check(req)?;
-        Ok(Box::new(TcgVm::new(
+        Ok(Box::new(TcgVm::with_apic(
             memory,
             buses,
             events,
             self.cpuid.clone(),
+            self.apic.enabled(req.vcpus),
         )?))
     }
 }
@@ -87,6 +156,8 @@ struct Attention {
 
 const ATT_KICK: u32 = 1;
 const ATT_INVAL: u32 = 2;
+/// The local APIC has an event (INIT, SIPI, NMI) or a new interrupt.
+const ATT_APIC: u32 = 4;
 
 struct VcpuHandle {
     att: Arc<Attention>,
@@ -100,6 +171,78 @@ impl Kick for VcpuHandle {
     }
 }
 
+#[derive(Debug, Default)]
+struct Tickets {
+    next: u64,
+    serving: u64,
+}
+
+/// The VM's execution lock: a fair (ticket) lock only one interpreting vCPU holds.
+#[derive(Debug, Default)]
+pub struct ExecLock {
+    tickets: Mutex<Tickets>,
+    cv: Condvar,
+    waiting: AtomicU32,
+    /// Ticket of the last holder's vCPU index + 1 (0: none), to notice a hand-over.
+    last_owner: AtomicU64,
+}
+
+impl ExecLock {
+    /// An unowned lock.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Waits for the lock in arrival order. Returns `true` when another owner held it since
+    /// `owner` last released it.
+    pub fn acquire(&self, owner: u32) -> bool {
+        let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = t.next;
+        t.next += 1;
+        if t.serving != mine {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            while t.serving != mine {
+                t = self.cv.wait(t).unwrap_or_else(|p| p.into_inner());
+            }
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        drop(t);
+        let me = u64::from(owner) + 1;
+        self.last_owner.swap(me, Ordering::AcqRel) != me
+    }
+
+    /// Hands the lock to the next waiter.
+    pub fn release(&self) {
+        let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        t.serving += 1;
+        drop(t);
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.cv.notify_all();
+        }
+    }
+
+    /// Whether another vCPU waits for the lock (one atomic load).
+    #[inline]
+    pub fn contended(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Releases the execution lock when `run` returns or unwinds.
+struct ExecGuard(Arc<ExecLock>);
+
+impl Drop for ExecGuard {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// Local APICs and IOAPIC of a VM that has them.
+struct Apics {
+    bus: Arc<ApicBus>,
+    ioapic: Arc<Ioapic>,
+}
+
 /// A VM running on the interpreter.
 pub struct TcgVm {
     memory: Arc<GuestMemory>,
@@ -107,69 +250,175 @@ pub struct TcgVm {
     _events: Arc<dyn SystemEvents>,
     pic: Arc<Pic>,
     pit: Arc<Pit>,
+    apics: Option<Apics>,
     clock: Arc<MonotonicClock>,
-    wakeup: Arc<Wakeup>,
     cpuid: CpuidConfig,
+    exec: Arc<ExecLock>,
+    /// IA32_TSC offset every vCPU starts with (TSC 0 at VM creation or reset), so that the
+    /// vCPUs' TSCs agree as on one board (Linux checks for warps between CPUs).
+    tsc_origin: Arc<AtomicU64>,
     vcpus: Mutex<Vec<Weak<Attention>>>,
+    /// Every vCPU's wake-up flag (the 8259's INTR wakes them all; those whose APIC does not
+    /// take ExtINT go back to sleep).
+    wakeups: Arc<Mutex<Vec<Arc<Wakeup>>>>,
 }
 
 impl std::fmt::Debug for TcgVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcgVm")
             .field("pic", &self.pic)
+            .field("apic", &self.apics.is_some())
             .finish_non_exhaustive()
     }
 }
 
+/// A GSI: the 8259 input (ISA IRQs 0-15) and the IOAPIC pin of the same number.
+struct GsiLine {
+    pic: Option<Arc<dyn IrqLine>>,
+    ioapic: Arc<dyn IrqLine>,
+}
+
+impl IrqLine for GsiLine {
+    fn set_level(&self, high: bool) {
+        if let Some(p) = &self.pic {
+            p.set_level(high);
+        }
+        self.ioapic.set_level(high);
+    }
+}
+
+fn guest_err(e: impl std::fmt::Display) -> AccelError {
+    AccelError::Guest {
+        vcpu: 0,
+        reason: e.to_string(),
+    }
+}
+
 impl TcgVm {
-    /// Creates the VM, its PIC and PIT.
+    /// Creates a VM with the PIC and PIT only (no local APIC, one vCPU).
     pub fn new(
         memory: Arc<GuestMemory>,
         buses: Arc<IoBuses>,
         events: Arc<dyn SystemEvents>,
         cpuid: CpuidConfig,
     ) -> Result<Self, AccelError> {
+        Self::with_apic(memory, buses, events, cpuid, false)
+    }
+
+    /// Creates the VM, its PIC and PIT, and with `apic` the IOAPIC and the APIC bus (each
+    /// vCPU gets its local APIC at creation); the APIC windows are mapped on `buses.mmio`.
+    pub fn with_apic(
+        memory: Arc<GuestMemory>,
+        buses: Arc<IoBuses>,
+        events: Arc<dyn SystemEvents>,
+        mut cpuid: CpuidConfig,
+        apic: bool,
+    ) -> Result<Self, AccelError> {
         let pic = Arc::new(Pic::new());
         let clock = Arc::new(MonotonicClock::new());
-        let irq0 = pic.irq_line(0).map_err(|e| AccelError::Guest {
-            vcpu: 0,
-            reason: e.to_string(),
-        })?;
+        let apics = if apic {
+            let bus = Arc::new(ApicBus::new());
+            let ioapic = Arc::new(Ioapic::new(bus.clone()));
+            let listener: Arc<dyn EoiListener> = ioapic.clone();
+            bus.set_eoi_listener(Arc::downgrade(&listener));
+            buses
+                .mmio
+                .insert(LAPIC_BASE, LAPIC_LEN, Arc::new(LapicMmio::new(bus.clone())))
+                .map_err(guest_err)?;
+            buses
+                .mmio
+                .insert(
+                    IOAPIC_BASE,
+                    IOAPIC_LEN,
+                    Arc::new(IoapicMmio(ioapic.clone())),
+                )
+                .map_err(guest_err)?;
+            cpuid.edx1 |= crate::cpuid::edx1::APIC;
+            Some(Apics { bus, ioapic })
+        } else {
+            None
+        };
+        let irq0: Arc<dyn IrqLine> = match &apics {
+            // The PIT's output reaches 8259 input 0 and IOAPIC pin 0 (no interrupt source
+            // override: ISA IRQ 0 = GSI 0).
+            Some(a) => Arc::new(GsiLine {
+                pic: Some(pic.irq_line(0).map_err(guest_err)?),
+                ioapic: a.ioapic.irq_line(0).map_err(guest_err)?,
+            }),
+            None => pic.irq_line(0).map_err(guest_err)?,
+        };
         let pit = Arc::new(Pit::new(irq0, clock.clone() as Arc<dyn Clock>));
-        let wakeup = Arc::new(Wakeup::new());
-        let w = wakeup.clone();
-        pic.set_wakeup(move || w.notify());
+        let wakeups: Arc<Mutex<Vec<Arc<Wakeup>>>> = Arc::default();
+        let w = wakeups.clone();
+        pic.set_wakeup(move || {
+            for x in w.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                x.notify();
+            }
+        });
         Ok(Self {
             memory,
             buses,
             _events: events,
             pic,
             pit,
+            apics,
             clock,
-            wakeup,
             cpuid,
+            exec: Arc::new(ExecLock::new()),
+            tsc_origin: Arc::new(AtomicU64::new(0u64.wrapping_sub(crate::host_tsc()))),
             vcpus: Mutex::new(Vec::new()),
+            wakeups,
         })
     }
 
-    /// Creates the concrete vCPU (the trait method boxes this).
+    /// Creates the concrete vCPU (the trait method boxes this). With local APICs, a vCPU
+    /// other than 0 is an application processor and waits for INIT/SIPI.
     pub fn create_tcg_vcpu(&self, index: u32) -> TcgVcpu {
         let phys = PhysMem::new(self.memory.clone(), self.buses.clone());
-        let cpu = Cpu::new(phys, self.cpuid.clone(), index);
+        let mut cpu = Cpu::new(phys, self.cpuid.clone(), index);
         let att = Arc::new(Attention::default());
+        let wakeup = Arc::new(Wakeup::new());
         self.vcpus
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(&att));
+        self.wakeups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(wakeup.clone());
+        let lapic = self.apics.as_ref().map(|a| {
+            let l = Arc::new(Lapic::new(
+                index,
+                true,
+                self.clock.clone() as Arc<dyn Clock>,
+            ));
+            let (at, w) = (att.clone(), wakeup.clone());
+            l.set_signal(Arc::new(move || {
+                at.bits.fetch_or(ATT_APIC, Ordering::AcqRel);
+                w.notify();
+            }));
+            a.bus.attach(l.clone());
+            l
+        });
+        if let Some(l) = &lapic {
+            cpu.msr.apic_base = l.apic_base();
+        }
+        cpu.msr.tsc_offset = self.tsc_origin.load(Ordering::Acquire);
+        cpu.lapic = lapic.clone();
         TcgVcpu {
             cpu,
             cache: BlockCache::new(),
             att,
             pic: self.pic.clone(),
             pit: self.pit.clone(),
+            lapic: lapic.clone(),
             clock: self.clock.clone(),
-            wakeup: self.wakeup.clone(),
+            wakeup,
+            exec: self.exec.clone(),
+            tsc_origin: self.tsc_origin.clone(),
             next_poll: 0,
+            slice_end: 0,
+            wait_sipi: lapic.as_ref().is_some_and(|l| !l.is_bsp()),
         }
     }
 
@@ -194,22 +443,32 @@ impl TcgVm {
     pub fn pic(&self) -> &Arc<Pic> {
         &self.pic
     }
+
+    /// The IOAPIC, when the VM has APICs.
+    pub fn ioapic(&self) -> Option<&Arc<Ioapic>> {
+        self.apics.as_ref().map(|a| &a.ioapic)
+    }
 }
 
 impl Vm for TcgVm {
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, AccelError> {
-        if index != 0 {
+        if index != 0 && self.apics.is_none() {
             return Err(AccelError::Guest {
                 vcpu: index,
                 reason: crate::TcgError::OneVcpu(index).to_string(),
+            });
+        }
+        if index >= MAX_VCPUS {
+            return Err(AccelError::Guest {
+                vcpu: index,
+                reason: format!("tcg supports at most {MAX_VCPUS} vCPUs"),
             });
         }
         Ok(Box::new(self.create_tcg_vcpu(index)))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {
-        self.pic.irq_line(gsi).map_err(|e| {
-            let e = crate::TcgError::NoSuchGsi(e);
+        let err = |e: crate::TcgError| {
             let cause = std::error::Error::source(&e)
                 .map(|c| format!(": {c}"))
                 .unwrap_or_default();
@@ -218,7 +477,25 @@ impl Vm for TcgVm {
                 machine: String::new(),
                 reason: format!("{e}{cause}"),
             }
-        })
+        };
+        match &self.apics {
+            None => self
+                .pic
+                .irq_line(gsi)
+                .map_err(|e| err(crate::TcgError::NoSuchGsi(e))),
+            Some(a) => {
+                let ioapic = a
+                    .ioapic
+                    .irq_line(gsi)
+                    .map_err(|e| err(crate::TcgError::NoSuchIoapicPin(e)))?;
+                let pic = if gsi < 16 {
+                    self.pic.irq_line(gsi).ok()
+                } else {
+                    None
+                };
+                Ok(Arc::new(GsiLine { pic, ioapic }))
+            }
+        }
     }
 
     fn platform_devices(&self) -> Vec<(BusRange, Arc<dyn BusDevice>)> {
@@ -227,10 +504,16 @@ impl Vm for TcgVm {
         v
     }
 
-    /// Machine reset: the PIT and the PIC pair go back to their power-on state.
+    /// Machine reset: the PIT, the PIC pair and the IOAPIC go back to their power-on state
+    /// (the local APICs are reset with their vCPUs).
     fn reset(&self) -> Result<(), AccelError> {
+        self.tsc_origin
+            .store(0u64.wrapping_sub(crate::host_tsc()), Ordering::Release);
         self.pit.reset();
         self.pic.reset();
+        if let Some(a) = &self.apics {
+            a.ioapic.reset();
+        }
         Ok(())
     }
 }
@@ -244,9 +527,16 @@ pub struct TcgVcpu {
     att: Arc<Attention>,
     pic: Arc<Pic>,
     pit: Arc<Pit>,
+    lapic: Option<Arc<Lapic>>,
     clock: Arc<MonotonicClock>,
     wakeup: Arc<Wakeup>,
+    exec: Arc<ExecLock>,
+    tsc_origin: Arc<AtomicU64>,
     next_poll: u64,
+    /// Clock time until which this vCPU keeps the execution lock when others wait.
+    slice_end: u64,
+    /// An application processor that has not received its start-up IPI yet.
+    wait_sipi: bool,
 }
 
 impl std::fmt::Debug for TcgVcpu {
@@ -323,15 +613,121 @@ fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
 }
 
 impl TcgVcpu {
-    fn poll_timers(&self) {
-        if let Some(d) = self.pit.next_deadline_ns()
-            && self.clock.now_ns() >= d
+    /// Polls the PIT and the local APIC timer against the clock, and hands the execution lock
+    /// over when another vCPU waits and this one's slice is used up.
+    fn poll_timers(&mut self) {
+        let pit_due = self.pit.next_deadline_ns();
+        let apic_due = self.lapic.as_ref().and_then(|l| l.next_deadline_ns());
+        let contended = self.exec.contended();
+        if pit_due.is_none() && apic_due.is_none() && !contended {
+            return;
+        }
+        let now = self.clock.now_ns();
+        if pit_due.is_some_and(|d| now >= d) {
+            self.pit.poll_at(now);
+        }
+        if let Some(l) = &self.lapic
+            && apic_due.is_some_and(|d| now >= d)
         {
-            self.pit.poll();
+            l.poll_timer(now);
+        }
+        if contended && now >= self.slice_end {
+            self.exec.release();
+            self.reacquire();
         }
     }
 
-    fn process_attention(&mut self, bits: u32) -> Option<VcpuExit> {
+    /// Takes the execution lock back after giving it up; after another vCPU ran, chained
+    /// links are dropped so that every block's code fingerprint is checked again on entry.
+    fn reacquire(&mut self) {
+        if self.exec.acquire(self.cpu.index) {
+            self.cache.generation = self.cache.generation.wrapping_add(1);
+        }
+        self.slice_end = self.clock.now_ns().saturating_add(SLICE_NS);
+    }
+
+    /// Sleeps without the execution lock until woken (interrupt, APIC event, kick) or until
+    /// `deadline_ns` on the VM clock.
+    fn idle(&mut self, deadline_ns: Option<u64>) {
+        self.exec.release();
+        self.wakeup
+            .wait_until(deadline_ns.map(|d| self.clock.instant_at(d)));
+        self.reacquire();
+    }
+
+    /// Whether an interrupt waits for the CPU (RFLAGS.IF aside): from the local APIC, or the
+    /// 8259's INTR when it reaches the CPU (no APIC, APIC disabled, LINT0 in ExtINT mode).
+    #[inline(always)]
+    fn irq_pending(&self) -> bool {
+        match &self.lapic {
+            None => self.pic.has_interrupt(),
+            Some(l) => l.has_interrupt() || (l.accepts_pic() && self.pic.has_interrupt()),
+        }
+    }
+
+    /// The interrupt acknowledge cycle: the local APIC's vector first, then the 8259's.
+    fn irq_ack(&self) -> Option<u8> {
+        match &self.lapic {
+            None => self.pic.acknowledge(),
+            Some(l) => l.acknowledge().or_else(|| {
+                (l.accepts_pic() && self.pic.has_interrupt())
+                    .then(|| self.pic.acknowledge())
+                    .flatten()
+            }),
+        }
+    }
+
+    /// INIT: the CPU returns to its reset state (the TSC and IA32_APIC_BASE are kept) and its
+    /// local APIC to its power-on registers; an application processor then waits for SIPI.
+    fn init_cpu(&mut self) {
+        let phys = self.cpu.mmu.phys.fresh();
+        let lapic = self.cpu.lapic.take();
+        let apic_base = self.cpu.msr.apic_base;
+        let tsc_offset = self.cpu.msr.tsc_offset;
+        self.cpu = Cpu::new(phys, self.cpu.cpuid.clone(), self.cpu.index);
+        self.cpu.msr.apic_base = apic_base;
+        self.cpu.msr.tsc_offset = tsc_offset;
+        self.cpu.lapic = lapic;
+        self.cache = BlockCache::new();
+        if let Some(l) = &self.lapic {
+            l.init_reset();
+            self.wait_sipi = !l.is_bsp();
+        }
+    }
+
+    /// Start-up IPI: real mode at `vector << 8 : 0`.
+    fn start_up(&mut self, vector: u8) {
+        let sel = u16::from(vector) << 8;
+        let mut cs = Seg::real(sel);
+        cs.attr = 0x9b;
+        self.cpu.seg[sr::CS] = cs;
+        self.cpu.rip = 0;
+        self.cpu.halted = false;
+        self.wait_sipi = false;
+        self.cpu.refresh_mode();
+    }
+
+    /// Takes the local APIC's INIT / SIPI / NMI events.
+    fn apic_events(&mut self) -> Result<(), Stop> {
+        let Some(l) = self.lapic.clone() else {
+            return Ok(());
+        };
+        let ev = l.take_events();
+        if ev & lapic::event::INIT != 0 {
+            self.init_cpu();
+        }
+        if ev & lapic::event::SIPI != 0 && self.wait_sipi {
+            self.start_up(l.sipi_vector());
+        }
+        if ev & lapic::event::NMI != 0 && !self.wait_sipi {
+            // NMI blocking until IRET is not modelled.
+            self.cpu.halted = false;
+            self.raise(vec::NMI, None, false, true)?;
+        }
+        Ok(())
+    }
+
+    fn process_attention(&mut self, bits: u32) -> Result<Option<VcpuExit>, Stop> {
         if bits & ATT_INVAL != 0 {
             self.att.bits.fetch_and(!ATT_INVAL, Ordering::AcqRel);
             let list: Vec<(u64, u64)> = std::mem::take(
@@ -353,11 +749,15 @@ impl TcgVcpu {
                 }
             }
         }
+        if bits & ATT_APIC != 0 {
+            self.att.bits.fetch_and(!ATT_APIC, Ordering::AcqRel);
+            self.apic_events()?;
+        }
         if bits & ATT_KICK != 0 {
             self.att.bits.fetch_and(!ATT_KICK, Ordering::AcqRel);
-            return Some(VcpuExit::Interrupted);
+            return Ok(Some(VcpuExit::Interrupted));
         }
-        None
+        Ok(None)
     }
 
     /// Delivers an exception with double- and triple-fault handling.
@@ -433,9 +833,14 @@ impl TcgVcpu {
             let bits = self.att.bits.load(Ordering::Relaxed);
             if bits != 0 {
                 prev = None;
-                if let Some(x) = self.process_attention(bits) {
+                if let Some(x) = self.process_attention(bits)? {
                     return Ok(x);
                 }
+            }
+            if self.wait_sipi {
+                // An application processor before its start-up IPI runs nothing.
+                self.idle(None);
+                continue;
             }
             if self.cpu.icount >= self.next_poll {
                 // Reading the clock costs as much as a few blocks: do it every ~50k instructions.
@@ -449,8 +854,8 @@ impl TcgVcpu {
                 prev = None;
             }
             let shadow = self.cpu.shadow == Shadow::Active;
-            if !shadow && self.cpu.rflags & fl::IF != 0 && self.pic.has_interrupt() {
-                if let Some(v) = self.pic.acknowledge() {
+            if !shadow && self.cpu.rflags & fl::IF != 0 && self.irq_pending() {
+                if let Some(v) = self.irq_ack() {
                     self.raise(v, None, false, true)?;
                 }
                 prev = None;
@@ -460,12 +865,14 @@ impl TcgVcpu {
                     return Ok(VcpuExit::Halted);
                 }
                 // Sleep until an interrupt, a kick or the next timer deadline.
-                if !self.pic.has_interrupt() {
-                    let deadline = self
-                        .pit
-                        .next_deadline_ns()
-                        .map(|d| self.clock.instant_at(d));
-                    self.wakeup.wait_until(deadline);
+                if !self.irq_pending() {
+                    let pit = self.pit.next_deadline_ns();
+                    let apic = self.lapic.as_ref().and_then(|l| l.next_deadline_ns());
+                    let deadline = match (pit, apic) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    self.idle(deadline);
                 }
                 self.poll_timers();
                 continue;
@@ -503,9 +910,16 @@ impl TcgVcpu {
                 budget -= 1;
                 if budget == 0 {
                     if self.att.bits.load(Ordering::Relaxed) != 0
-                        || (self.cpu.rflags & fl::IF != 0 && self.pic.has_interrupt())
+                        || (self.cpu.rflags & fl::IF != 0 && self.irq_pending())
                         || self.cpu.icount >= self.next_poll
                     {
+                        break;
+                    }
+                    if self.exec.contended() && self.spin_wait(idx) {
+                        // A spin-wait loop (`pause`) while another vCPU waits for the
+                        // execution lock: let it run, it is likely the one to end the wait.
+                        self.exec.release();
+                        self.reacquire();
                         break;
                     }
                     budget = CHAIN_CHECK;
@@ -519,6 +933,18 @@ impl TcgVcpu {
                 }
             }
         }
+    }
+
+    /// Whether block `idx` is a spin-wait loop body: it contains `pause` (Linux's
+    /// `cpu_relax()`) and branches back to its own start. Only looked at when another vCPU
+    /// waits for the execution lock.
+    fn spin_wait(&self, idx: u32) -> bool {
+        let blk = &self.cache.blocks[idx as usize];
+        blk.rip == self.cpu.rip
+            && blk
+                .insns
+                .iter()
+                .any(|i| i.instr.mnemonic() == iced_x86::Mnemonic::Pause)
     }
 
     /// The cached successor of block `idx` for the current RIP.
@@ -606,6 +1032,10 @@ impl Vcpu for TcgVcpu {
     }
 
     fn run(&mut self) -> Result<VcpuExit, AccelError> {
+        // MMIO to 0xfee00000 from this thread reaches this vCPU's local APIC.
+        lapic::set_current(self.lapic.clone());
+        self.reacquire();
+        let _held = ExecGuard(self.exec.clone());
         match self.run_inner() {
             Ok(x) => Ok(x),
             Err(Stop::Exit(x)) => Ok(x),
@@ -700,7 +1130,13 @@ impl Vcpu for TcgVcpu {
         c.cr4 = s.cr4;
         c.cr8 = s.cr8;
         c.efer = s.efer;
-        c.msr.apic_base = s.apic_base;
+        match &c.lapic {
+            Some(l) => {
+                l.set_apic_base(s.apic_base);
+                c.msr.apic_base = l.apic_base();
+            }
+            None => c.msr.apic_base = s.apic_base,
+        }
         c.cpl = if c.protected() {
             c.seg[sr::SS].dpl()
         } else {
@@ -716,8 +1152,17 @@ impl Vcpu for TcgVcpu {
         let cpuid = self.cpu.cpuid.clone();
         let index = self.cpu.index;
         self.cpu = Cpu::new(phys, cpuid, index);
+        // Every vCPU's TSC counts from the same origin (the VM's last reset).
+        self.cpu.msr.tsc_offset = self.tsc_origin.load(Ordering::Acquire);
         self.cache = BlockCache::new();
         self.next_poll = 0;
+        if let Some(l) = &self.lapic {
+            l.set_apic_base(LAPIC_BASE | lapic::APIC_BASE_ENABLE);
+            l.init_reset();
+            self.cpu.msr.apic_base = l.apic_base();
+            self.cpu.lapic = Some(l.clone());
+            self.wait_sipi = !l.is_bsp();
+        }
         Ok(())
     }
 

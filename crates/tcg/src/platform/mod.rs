@@ -1,5 +1,6 @@
 //! User-space PC platform devices the interpreter needs because it has no in-kernel irqchip:
-//! the 8259A interrupt controller pair ([`pic`]) and the 8254 interval timer ([`pit`]).
+//! the 8259A interrupt controller pair ([`pic`]), the 8254 interval timer ([`pit`]), and for
+//! VMs with APICs the per-vCPU local APIC ([`lapic`]) and the IOAPIC ([`ioapic`]).
 //!
 //! # How the interpreter uses them
 //!
@@ -13,7 +14,14 @@
 //!   PIT deadline passes, whichever comes first; it must never sleep past the deadline.
 //!   [`pic::Pic::set_wakeup`] connects the PIC's output to that `Wakeup`, so a device thread
 //!   raising a line wakes a halted vCPU.
+//! * With a local APIC, the check is [`lapic::Lapic::has_interrupt`] first (acknowledged with
+//!   [`lapic::Lapic::acknowledge`]), then the 8259's INTR if [`lapic::Lapic::accepts_pic`]
+//!   (APIC disabled or LINT0 in ExtINT mode). The APIC timer is polled like the PIT, and
+//!   INIT / start-up / NMI arrive as events the vCPU takes with
+//!   [`lapic::Lapic::take_events`].
 
+pub mod ioapic;
+pub mod lapic;
 pub mod pic;
 pub mod pit;
 
