@@ -98,6 +98,10 @@ pub struct CpuidConfig {
     pub hv_signature: [u8; 12],
     /// Processor brand string (48 bytes, leaves 0x8000_0002..4).
     pub brand: [u8; 48],
+    /// Cores in the one package (leaf 0x8000_0008 ECX): every vCPU of a VM is a core of the
+    /// same socket, so Linux treats them as siblings (and an application processor takes the
+    /// BSP's delay-loop calibration instead of measuring its own against the timer tick).
+    pub cores: u32,
 }
 
 impl Default for CpuidConfig {
@@ -125,6 +129,7 @@ impl Default for CpuidConfig {
             edx87: edx87::INVARIANT_TSC,
             hv_signature: *b"TCGTCGTCGTCG",
             brand,
+            cores: 1,
         }
     }
 }
@@ -177,7 +182,9 @@ impl CpuidConfig {
             }
             0x8000_0005..=0x8000_0006 => (0, 0, 0, 0),
             0x8000_0007 => (0, 0, 0, self.edx87),
-            0x8000_0008 => (0x0000_3028, 0, 0, 0), // 40 physical, 48 linear address bits
+            // 40 physical, 48 linear address bits; cores - 1 in ECX[7:0], the APIC-ID core
+            // bits derived from it.
+            0x8000_0008 => (0x0000_3028, 0, self.cores.clamp(1, 256) - 1, 0),
             _ => (0, 0, 0, 0),
         }
     }

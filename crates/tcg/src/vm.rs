@@ -137,11 +137,13 @@ impl Accelerator for TcgAccel {
         events: Arc<dyn SystemEvents>,
     ) -> Result<Box<dyn Vm>, AccelError> {
         self.check(req)?;
+        let mut cpuid = self.cpuid.clone();
+        cpuid.cores = req.vcpus;
         Ok(Box::new(TcgVm::with_apic(
             memory,
             buses,
             events,
-            self.cpuid.clone(),
+            cpuid,
             self.apic.enabled(req.vcpus),
         )?))
     }

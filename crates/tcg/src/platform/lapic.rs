@@ -112,6 +112,9 @@ const LVT_WRITABLE: [u32; 6] = [0x3_00ff, 0x1_07ff, 0x1_07ff, 0x1_a7ff, 0x1_a7ff
 
 const SVR_ENABLE: u32 = 1 << 8;
 
+/// Most periodic timer expiries kept for late delivery.
+const TIMER_BACKLOG_MAX: u32 = 64;
+
 const ESR_SEND_ILLEGAL: u32 = 1 << 5;
 const ESR_RECV_ILLEGAL: u32 = 1 << 6;
 
@@ -225,6 +228,8 @@ struct Regs {
     timer_start: u64,
     /// Next expiry on the clock (`u64::MAX`: none).
     timer_deadline: u64,
+    /// Periodic expiries not yet delivered (see [`Lapic::poll_timer`]).
+    timer_backlog: u32,
 }
 
 impl Regs {
@@ -252,6 +257,7 @@ impl Regs {
             timer_divide: 0,
             timer_start: 0,
             timer_deadline: u64::MAX,
+            timer_backlog: 0,
         }
     }
 
@@ -473,6 +479,12 @@ impl Lapic {
             let (i, b) = (usize::from(v >> 5), 1u32 << (v & 31));
             r.irr[i] &= !b;
             r.isr[i] |= b;
+            let lvt = r.lvt[LVT_TIMER];
+            if r.timer_backlog > 0 && lvt as u8 == v && lvt & LVT_MASKED == 0 {
+                // The next late periodic tick: pending now, taken after this one's EOI.
+                r.timer_backlog -= 1;
+                r.irr[i] |= b;
+            }
             Some(v)
         })
     }
@@ -509,22 +521,42 @@ impl Lapic {
 
     /// Brings the timer up to date with the clock at `now`: an expiry raises the LVT timer
     /// vector (unless masked) and re-arms a periodic timer.
+    ///
+    /// Periodic expiries the vCPU could not take in time (it waited for the execution lock or
+    /// the host did not schedule it; the vector was still pending) are kept in a small backlog
+    /// and delivered one after another, each as soon as the previous one was acknowledged, as
+    /// KVM's PIT re-injects lost ticks: a guest counting periodic ticks (Linux's jiffies before
+    /// it switches to one-shot mode) would otherwise fall behind its TSC and distrust it.
     pub fn poll_timer(&self, now: u64) {
         self.with(|r| {
             if r.timer_deadline > now {
                 return;
             }
             let lvt = r.lvt[LVT_TIMER];
+            let mut expiries = 1u64;
             if r.lvt[LVT_TIMER] & LVT_PERIODIC != 0 && r.period_ns() > 0 {
                 let period = r.period_ns();
                 let n = (now - r.timer_start) / period;
+                expiries = n.max(1);
                 r.timer_start += n * period;
                 r.timer_deadline = r.timer_start + period;
             } else {
                 r.timer_deadline = u64::MAX;
             }
             if lvt & LVT_MASKED == 0 {
-                r.set_irr(lvt as u8, false);
+                let v = lvt as u8;
+                let (i, b) = (usize::from(v >> 5), 1u32 << (v & 31));
+                let lost = if r.irr[i] & b != 0 {
+                    expiries
+                } else {
+                    r.set_irr(v, false);
+                    expiries - 1
+                };
+                if lvt & LVT_PERIODIC != 0 {
+                    r.timer_backlog = (u64::from(r.timer_backlog) + lost)
+                        .min(u64::from(TIMER_BACKLOG_MAX))
+                        as u32;
+                }
             }
         });
     }
@@ -669,6 +701,9 @@ impl Lapic {
                     }
                     let was_periodic = r.lvt[LVT_TIMER] & LVT_PERIODIC != 0;
                     r.lvt[i] = val;
+                    if i == LVT_TIMER && val & (LVT_PERIODIC | LVT_MASKED) != LVT_PERIODIC {
+                        r.timer_backlog = 0;
+                    }
                     if i == LVT_TIMER && was_periodic != (val & LVT_PERIODIC != 0) {
                         // A mode change keeps counting from where the count is now.
                         let count = r.current_count(now);
@@ -681,6 +716,7 @@ impl Lapic {
                     }
                 }
                 reg::TIMER_INITIAL => {
+                    r.timer_backlog = 0;
                     r.timer_initial = v;
                     r.timer_start = now;
                     r.timer_deadline = if v == 0 {
@@ -1090,22 +1126,48 @@ mod tests {
         a.write_reg(reg::LVT_TIMER, LVT_PERIODIC | 0x30);
         a.write_reg(reg::TIMER_INITIAL, 100);
         assert_eq!(a.next_deadline_ns(), Some(1100));
-        // Three and a half periods late: one interrupt, next deadline on the period grid.
-        clock.0.store(1000 + 350, Ordering::SeqCst);
+        // Half a period late: one interrupt, next deadline on the period grid.
+        clock.0.store(1000 + 150, Ordering::SeqCst);
         a.poll_timer(clock.now_ns());
         assert_eq!(a.acknowledge(), Some(0x30));
-        assert_eq!(a.next_deadline_ns(), Some(1400));
+        assert_eq!(a.next_deadline_ns(), Some(1200));
         assert_eq!(a.read_reg(reg::TIMER_CURRENT), 50);
         // Masked: counts, no interrupt.
         a.write_reg(reg::LVT_TIMER, LVT_PERIODIC | LVT_MASKED | 0x30);
-        clock.0.store(1400, Ordering::SeqCst);
+        clock.0.store(1200, Ordering::SeqCst);
         a.poll_timer(clock.now_ns());
         a.write_reg(reg::EOI, 0);
         assert!(!a.has_interrupt());
-        assert_eq!(a.next_deadline_ns(), Some(1500));
+        assert_eq!(a.next_deadline_ns(), Some(1300));
         // Initial count 0 stops it.
         a.write_reg(reg::TIMER_INITIAL, 0);
         assert_eq!(a.next_deadline_ns(), None);
+    }
+
+    #[test]
+    fn late_periodic_ticks_are_delivered_one_per_eoi() {
+        let (_b, l, clock, _s) = rig(1);
+        let a = &l[0];
+        enable(a);
+        a.write_reg(reg::TIMER_DIVIDE, 0xb);
+        a.write_reg(reg::LVT_TIMER, LVT_PERIODIC | 0x30);
+        a.write_reg(reg::TIMER_INITIAL, 100);
+        // Polled 3.5 periods late: three expiries, one delivered now, two kept.
+        clock.0.store(1000 + 350, Ordering::SeqCst);
+        a.poll_timer(clock.now_ns());
+        for _ in 0..3 {
+            assert_eq!(a.acknowledge(), Some(0x30));
+            assert!(!a.has_interrupt(), "the next waits for the EOI");
+            a.write_reg(reg::EOI, 0);
+        }
+        assert!(!a.has_interrupt(), "backlog drained");
+        // Reprogramming drops the backlog.
+        clock.0.store(1000 + 1000, Ordering::SeqCst);
+        a.poll_timer(clock.now_ns());
+        a.write_reg(reg::TIMER_INITIAL, 100);
+        assert_eq!(a.acknowledge(), Some(0x30));
+        a.write_reg(reg::EOI, 0);
+        assert!(!a.has_interrupt());
     }
 
     #[test]
