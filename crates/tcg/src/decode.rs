@@ -623,6 +623,88 @@ mod tests {
         }
     }
 
+    /// Runs blocks as the vCPU loop does (RIP stored before the last instruction; an
+    /// `EndBlock` resumes at RIP; code writes processed between blocks) until RIP is `end`.
+    fn run_until(cpu: &mut Cpu, cache: &mut BlockCache, end: u64) {
+        for _ in 0..100 {
+            if cpu.rip == end {
+                return;
+            }
+            if cpu.stop_block {
+                cpu.stop_block = false;
+                cache.process_dirty(cpu);
+            }
+            let b = cache.lookup(cpu).unwrap();
+            let insns = cache.blocks[b as usize].insns.clone();
+            let (last, body) = insns.split_last().unwrap();
+            let mut ended = false;
+            for i in body {
+                match (i.exec)(cpu, i) {
+                    Ok(()) => {}
+                    Err(Ex::EndBlock) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(e) => panic!("{e:?} at {:#x}", i.ip),
+                }
+            }
+            if !ended {
+                cpu.rip = last.next_ip;
+                match (last.exec)(cpu, last) {
+                    Ok(()) | Err(Ex::EndBlock) => {}
+                    Err(e) => panic!("{e:?} at {:#x}", last.ip),
+                }
+            }
+        }
+        panic!("did not reach {end:#x}");
+    }
+
+    #[test]
+    fn a_write_to_the_next_instruction_ends_the_block() {
+        // add [bx], al patches the immediate of `mov cl, 1` four instructions later.
+        let code = [
+            0xbb, 0x0b, 0x10, // mov bx, 0x100b
+            0xb0, 0x41, // mov al, 0x41
+            0x00, 0x07, // add [bx], al
+            0x90, 0x90, 0x90, // nop x3
+            0xb1, 0x01, // 0x100a: mov cl, 1 (becomes 0x42)
+            0xeb, 0x00, // 0x100c: jmp 0x100e
+        ];
+        let mut cpu = cpu_with(&code);
+        let mut cache = BlockCache::new();
+        run_until(&mut cpu, &mut cache, 0x100e);
+        assert_eq!(cpu.gpr[1] & 0xff, 0x42);
+
+        // push ax writes `mov cl, 0x42` over `mov cl, 1`.
+        let code = [
+            0xbc, 0x0e, 0x10, // mov sp, 0x100e
+            0xb8, 0xb1, 0x42, // mov ax, 0x42b1
+            0x50, // push ax
+            0x90, 0x90, 0x90, 0x90, 0x90, // nop x5
+            0xb1, 0x01, // 0x100c: mov cl, 1
+            0xeb, 0x00, // 0x100e: jmp 0x1010
+        ];
+        let mut cpu = cpu_with(&code);
+        let mut cache = BlockCache::new();
+        run_until(&mut cpu, &mut cache, 0x1010);
+        assert_eq!(cpu.gpr[1] & 0xff, 0x42);
+        assert_eq!(cpu.gpr[4] & 0xffff, 0x100c);
+
+        // A call whose return address lands on the code page still goes to its target.
+        let code = [
+            0xbc, 0x00, 0x11, // mov sp, 0x1100
+            0xe8, 0x02, 0x00, // call 0x1008
+            0xeb, 0xfe, // 0x1006: jmp $
+            0xb1, 0x42, // 0x1008: mov cl, 0x42
+            0xeb, 0x00, // jmp 0x100c
+        ];
+        let mut cpu = cpu_with(&code);
+        let mut cache = BlockCache::new();
+        run_until(&mut cpu, &mut cache, 0x100c);
+        assert_eq!(cpu.gpr[1] & 0xff, 0x42);
+        assert_eq!(cpu.gpr[4] & 0xffff, 0x10fe);
+    }
+
     #[test]
     fn dead_flags_are_skipped_and_results_kept() {
         // mov ax,1; add ax,0xffff; shl bx,3; imul cx,dx; sub si,di; neg bp; imul di,si,5;

@@ -253,6 +253,28 @@ fn alu_mnemonic(m: M) -> Option<u8> {
 
 // ---------------------------------------------------------------------------------------
 // Specialised handlers
+//
+// A write to a page that holds translated code (only the slow path of a write can do that:
+// write-TLB entries never map such pages) sets `Cpu::stop_block`; the block must not run
+// another instruction, which may be the one just rewritten. The block loop does not look at
+// the flag between instructions: every handler that writes memory ends with
+// `end_if_code_written`, which turns it into `Ex::EndBlock` with RIP at the successor.
+
+/// Ends the block after a non-branch instruction that wrote translated code.
+#[inline(always)]
+fn end_if_code_written(cpu: &mut Cpu, i: &Insn) -> Flow {
+    if cpu.stop_block {
+        return code_written(cpu, i.next_ip);
+    }
+    Ok(())
+}
+
+#[cold]
+#[inline(never)]
+fn code_written(cpu: &mut Cpu, next: u64) -> Flow {
+    cpu.rip = next;
+    Err(Ex::EndBlock)
+}
 
 fn alu_rr<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let a = cpu.rreg(i.r0, S);
@@ -291,6 +313,7 @@ fn alu_mr<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let r = alu_op(cpu, OP, S, a, b);
     if OP != alu::CMP && OP != alu::TEST {
         cpu.wr_n(lin, S, r)?;
+        return end_if_code_written(cpu, i);
     }
     Ok(())
 }
@@ -301,6 +324,7 @@ fn alu_mi<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let r = alu_op(cpu, OP, S, a, i.imm);
     if OP != alu::CMP && OP != alu::TEST {
         cpu.wr_n(lin, S, r)?;
+        return end_if_code_written(cpu, i);
     }
     Ok(())
 }
@@ -385,12 +409,14 @@ fn mov_mr<const S: u8, const FLAT: bool>(cpu: &mut Cpu, i: &Insn) -> Flow {
 fn mov_mr_slow<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let lin = ea(cpu, i);
     let v = cpu.rreg(i.r0, S);
-    cpu.wr_n(lin, S, v)
+    cpu.wr_n(lin, S, v)?;
+    end_if_code_written(cpu, i)
 }
 
 fn mov_mi<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let lin = ea(cpu, i);
-    cpu.wr_n(lin, S, i.imm)
+    cpu.wr_n(lin, S, i.imm)?;
+    end_if_code_written(cpu, i)
 }
 
 fn lea<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
@@ -485,6 +511,10 @@ fn jmp_rel(cpu: &mut Cpu, i: &Insn) -> Flow {
 fn call_rel(cpu: &mut Cpu, i: &Insn) -> Flow {
     cpu.push(i.aux, i.next_ip)?;
     cpu.rip = i.imm;
+    if cpu.stop_block {
+        // The return address went to a code page; RIP is already the target.
+        return Err(Ex::EndBlock);
+    }
     Ok(())
 }
 
@@ -499,7 +529,8 @@ fn ret_near(cpu: &mut Cpu, i: &Insn) -> Flow {
 
 fn push_r(cpu: &mut Cpu, i: &Insn) -> Flow {
     let v = cpu.rreg(i.r0, i.size);
-    cpu.push(i.size, v)
+    cpu.push(i.size, v)?;
+    end_if_code_written(cpu, i)
 }
 
 fn pop_r(cpu: &mut Cpu, i: &Insn) -> Flow {
@@ -1187,6 +1218,15 @@ fn cc_of(ins: &Instruction) -> u8 {
 
 /// Executes any instruction by mnemonic. Slower than the specialised handlers.
 pub fn generic(cpu: &mut Cpu, i: &Insn) -> Flow {
+    generic_body(cpu, i)?;
+    // `generic_body` has set RIP (to the next instruction or a branch target).
+    if cpu.stop_block {
+        return Err(Ex::EndBlock);
+    }
+    Ok(())
+}
+
+fn generic_body(cpu: &mut Cpu, i: &Insn) -> Flow {
     cpu.rip = i.next_ip;
     let ins = &i.instr;
     let m = ins.mnemonic();
