@@ -589,16 +589,14 @@ fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
         ((ins as *const crate::decode::Insn as usize - insns.as_ptr() as usize)
             / std::mem::size_of::<crate::decode::Insn>()) as u64
     };
+    // A handler that wrote translated code ends the block itself (`Ex::EndBlock` with RIP at
+    // its successor, see `exec`), so `stop_block` is looked at once per block, not per
+    // instruction.
     for ins in body {
         if let Err(e) = (ins.exec)(cpu, ins) {
             let retired = index(ins) + u64::from(!matches!(e, Ex::Fault { .. }));
             cpu.icount -= n - retired;
             return BlockEnd::Ex(e, ins.ip);
-        }
-        if cpu.stop_block {
-            cpu.rip = ins.next_ip;
-            cpu.icount -= n - (index(ins) + 1);
-            return BlockEnd::Stopped;
         }
     }
     cpu.rip = last.next_ip;
