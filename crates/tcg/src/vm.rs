@@ -22,10 +22,16 @@
 //! * whenever `run` returns to the machine's vCPU loop.
 //!
 //! Devices (the machine's buses) are called inline with the lock held; they serialise
-//! themselves and never wait for a vCPU. After another vCPU ran, the incoming one bumps its
-//! block-cache generation, so every block it enters is looked up again and its code
-//! fingerprint re-checked (writes to code by another vCPU are otherwise only seen through
-//! that fingerprint, see the crate docs).
+//! themselves and never wait for a vCPU.
+//!
+//! Code written by another vCPU: each vCPU's block cache write-protects the pages *it*
+//! translated, so a vCPU notices its own writes to them exactly; those pages are then also
+//! queued for every other vCPU, which drops its translations of them before it runs again
+//! (the same path as [`TcgVm::invalidate_range`] for DMA). A write to a page only another
+//! vCPU has translated is not trapped; the other vCPU notices it through the code fingerprint
+//! its block lookup re-checks (first 16 and last 8 bytes of the block), as for DMA without
+//! `invalidate_range`. Linux patches kernel text (static keys, alternatives) on pages every
+//! vCPU runs, which the first path covers.
 //!
 //! Application processors start in wait-for-SIPI: INIT then a start-up IPI from another
 //! vCPU's ICR puts them in real mode at `CS = vector << 8`, `IP = 0`.
@@ -239,6 +245,29 @@ impl Drop for ExecGuard {
     }
 }
 
+/// Queues "drop translations of `[gpa, gpa+len)`" for every vCPU of `list` but `except`.
+fn post_invalidation(
+    list: &Mutex<Vec<Weak<Attention>>>,
+    except: Option<&Arc<Attention>>,
+    gpa: u64,
+    len: u64,
+) {
+    let list = list.lock().unwrap_or_else(|p| p.into_inner());
+    for v in list.iter().filter_map(Weak::upgrade) {
+        if except.is_some_and(|e| Arc::ptr_eq(e, &v)) {
+            continue;
+        }
+        let mut p = v.pending_inval.lock().unwrap_or_else(|p| p.into_inner());
+        if p.len() < 256 {
+            p.push((gpa, len));
+        } else {
+            p.clear();
+            p.push((0, u64::MAX));
+        }
+        v.bits.fetch_or(ATT_INVAL, Ordering::AcqRel);
+    }
+}
+
 /// Local APICs and IOAPIC of a VM that has them.
 struct Apics {
     bus: Arc<ApicBus>,
@@ -259,7 +288,7 @@ pub struct TcgVm {
     /// IA32_TSC offset every vCPU starts with (TSC 0 at VM creation or reset), so that the
     /// vCPUs' TSCs agree as on one board (Linux checks for warps between CPUs).
     tsc_origin: Arc<AtomicU64>,
-    vcpus: Mutex<Vec<Weak<Attention>>>,
+    vcpus: Arc<Mutex<Vec<Weak<Attention>>>>,
     /// Every vCPU's wake-up flag (the 8259's INTR wakes them all; those whose APIC does not
     /// take ExtINT go back to sleep).
     wakeups: Arc<Mutex<Vec<Arc<Wakeup>>>>,
@@ -368,7 +397,7 @@ impl TcgVm {
             cpuid,
             exec: Arc::new(ExecLock::new()),
             tsc_origin: Arc::new(AtomicU64::new(0u64.wrapping_sub(crate::host_tsc()))),
-            vcpus: Mutex::new(Vec::new()),
+            vcpus: Arc::default(),
             wakeups,
         })
     }
@@ -417,6 +446,7 @@ impl TcgVm {
             clock: self.clock.clone(),
             wakeup,
             exec: self.exec.clone(),
+            peers: self.vcpus.clone(),
             tsc_origin: self.tsc_origin.clone(),
             next_poll: 0,
             slice_end: 0,
@@ -428,17 +458,7 @@ impl TcgVm {
     /// (device DMA, the VMM loading an image): translated code from those pages is dropped
     /// before the vCPU runs its next block.
     pub fn invalidate_range(&self, gpa: u64, len: u64) {
-        let list = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
-        for v in list.iter().filter_map(Weak::upgrade) {
-            let mut p = v.pending_inval.lock().unwrap_or_else(|p| p.into_inner());
-            if p.len() < 256 {
-                p.push((gpa, len));
-            } else {
-                p.clear();
-                p.push((0, u64::MAX));
-            }
-            v.bits.fetch_or(ATT_INVAL, Ordering::AcqRel);
-        }
+        post_invalidation(&self.vcpus, None, gpa, len);
     }
 
     /// The PIC, for tests and machines that wire lines themselves.
@@ -533,6 +553,8 @@ pub struct TcgVcpu {
     clock: Arc<MonotonicClock>,
     wakeup: Arc<Wakeup>,
     exec: Arc<ExecLock>,
+    /// Every vCPU's attention bits (this one's included), to pass on code-page writes.
+    peers: Arc<Mutex<Vec<Weak<Attention>>>>,
     tsc_origin: Arc<AtomicU64>,
     next_poll: u64,
     /// Clock time until which this vCPU keeps the execution lock when others wait.
@@ -637,13 +659,50 @@ impl TcgVcpu {
         }
     }
 
-    /// Takes the execution lock back after giving it up; after another vCPU ran, chained
-    /// links are dropped so that every block's code fingerprint is checked again on entry.
+    /// Takes the execution lock back after giving it up. Code pages other vCPUs wrote in the
+    /// meantime are dropped from the block cache before anything else runs.
     fn reacquire(&mut self) {
-        if self.exec.acquire(self.cpu.index) {
-            self.cache.generation = self.cache.generation.wrapping_add(1);
+        self.exec.acquire(self.cpu.index);
+        if self.att.bits.load(Ordering::Acquire) & ATT_INVAL != 0 {
+            self.take_invalidations();
         }
         self.slice_end = self.clock.now_ns().saturating_add(SLICE_NS);
+    }
+
+    /// Applies this vCPU's own writes to translated code, after passing them on to the other
+    /// vCPUs (which may have translated the same pages: text patching by the guest kernel).
+    fn process_dirty(&mut self) {
+        if self.cpu.dirty_code_overflow {
+            post_invalidation(&self.peers, Some(&self.att), 0, u64::MAX);
+        } else {
+            for &p in &self.cpu.dirty_code {
+                post_invalidation(&self.peers, Some(&self.att), p, 4096);
+            }
+        }
+        self.cache.process_dirty(&mut self.cpu);
+    }
+
+    /// Drops the translations other vCPUs or devices asked to drop.
+    fn take_invalidations(&mut self) {
+        self.att.bits.fetch_and(!ATT_INVAL, Ordering::AcqRel);
+        let list: Vec<(u64, u64)> = std::mem::take(
+            &mut *self
+                .att
+                .pending_inval
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (gpa, len) in list {
+            if len > 64 * 4096 {
+                self.cache.flush(&mut self.cpu);
+                break;
+            }
+            let mut p = gpa & !0xfff;
+            while p < gpa.saturating_add(len) {
+                self.cache.invalidate_page(&mut self.cpu, p);
+                p += 4096;
+            }
+        }
     }
 
     /// Sleeps without the execution lock until woken (interrupt, APIC event, kick) or until
@@ -729,25 +788,7 @@ impl TcgVcpu {
 
     fn process_attention(&mut self, bits: u32) -> Result<Option<VcpuExit>, Stop> {
         if bits & ATT_INVAL != 0 {
-            self.att.bits.fetch_and(!ATT_INVAL, Ordering::AcqRel);
-            let list: Vec<(u64, u64)> = std::mem::take(
-                &mut *self
-                    .att
-                    .pending_inval
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-            for (gpa, len) in list {
-                if len > 64 * 4096 {
-                    self.cache.flush(&mut self.cpu);
-                    break;
-                }
-                let mut p = gpa & !0xfff;
-                while p < gpa.saturating_add(len) {
-                    self.cache.invalidate_page(&mut self.cpu, p);
-                    p += 4096;
-                }
-            }
+            self.take_invalidations();
         }
         if bits & ATT_APIC != 0 {
             self.att.bits.fetch_and(!ATT_APIC, Ordering::AcqRel);
@@ -850,7 +891,7 @@ impl TcgVcpu {
             if self.cpu.stop_block {
                 // Code was written outside a block (e.g. by exception delivery).
                 self.cpu.stop_block = false;
-                self.cache.process_dirty(&mut self.cpu);
+                self.process_dirty();
                 prev = None;
             }
             let shadow = self.cpu.shadow == Shadow::Active;
@@ -1007,13 +1048,13 @@ impl TcgVcpu {
             BlockEnd::Normal => Ok(()),
             BlockEnd::Stopped => {
                 self.cpu.stop_block = false;
-                self.cache.process_dirty(&mut self.cpu);
+                self.process_dirty();
                 Ok(())
             }
             BlockEnd::Ex(e, ip) => {
                 if self.cpu.stop_block {
                     self.cpu.stop_block = false;
-                    self.cache.process_dirty(&mut self.cpu);
+                    self.process_dirty();
                 }
                 self.handle_ex(e, ip)
             }
