@@ -3,7 +3,7 @@
 //! An x86 interpreter that stands in for KVM: 16-bit real mode, 32-bit protected mode (paging
 //! off, 2-level and PAE paging) and 64-bit long mode with 4-level paging, with the system
 //! architecture Linux needs (IDT delivery with IST, TSS stacks, SYSCALL/SYSRET, MSRs) and the
-//! 8259 PIC / 8254 PIT of [`platform`].
+//! 8259 PIC / 8254 PIT (plus local APICs and an IOAPIC with several vCPUs) of [`platform`].
 //!
 //! Speed comes from the techniques of the research notes (x86-interpreter.md §1): decoded
 //! blocks cached per guest-physical page and mode ([`decode`]), invalidated on writes to the
@@ -64,8 +64,14 @@
 //! #GP; segment limits are not checked on data accesses; the PAE PDPTEs are read at walk
 //! time instead of being cached at CR3 load; global pages are flushed with everything else;
 //! SIMD floating-point exceptions are never raised (MXCSR flags are set for scalar ops and
-//! conversions), packed ops do not update MXCSR flags; x87 precision is f64; one vCPU (no
-//! local APIC, so no INIT/SIPI).
+//! conversions), packed ops do not update MXCSR flags; x87 precision is f64.
+//!
+//! # Several vCPUs
+//! With more than one vCPU ([`vm::ApicMode`]) each vCPU has a local APIC and the VM an IOAPIC
+//! ([`platform::lapic`], [`platform::ioapic`]); application processors start through
+//! INIT/SIPI. The vCPUs run on their own host threads but interpret one at a time under the
+//! VM's execution lock (see [`vm`]), so LOCK-prefixed instructions and page-table A/D updates
+//! stay atomic with respect to the other vCPUs without host atomics in the hot paths.
 
 #![deny(missing_docs)]
 

@@ -1214,3 +1214,35 @@ impl Vcpu for TcgVcpu {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn exec_lock_hands_over_in_arrival_order() {
+        let l = Arc::new(ExecLock::new());
+        l.acquire(0);
+        assert!(!l.contended());
+        let l2 = l.clone();
+        let (tx, rx) = mpsc::channel();
+        let t = std::thread::spawn(move || {
+            l2.acquire(1);
+            tx.send(()).unwrap();
+            l2.release();
+        });
+        while !l.contended() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(rx.try_recv().is_err(), "the waiter runs only after release");
+        l.release();
+        // Asking again queues behind the waiter: it has run by the time we get the lock.
+        l.acquire(0);
+        assert!(rx.try_recv().is_ok());
+        assert!(!l.contended());
+        l.release();
+        t.join().unwrap();
+    }
+}

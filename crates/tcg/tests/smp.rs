@@ -1,0 +1,249 @@
+//! Two vCPUs on one interpreter VM, each on its own host thread as the machine runs them: the
+//! bootstrap processor starts the application processor with INIT and a start-up IPI through
+//! its local APIC, the AP runs real-mode code at `vector << 12`, both then hammer one counter
+//! with `lock inc` (exact only because one vCPU interprets at a time), and after switching to
+//! protected mode the AP sends a fixed IPI that reaches the BSP's interrupt handler (the BSP
+//! waits for it in `hlt`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use iced_x86::code_asm::*;
+use keel_accel::{
+    IoBuses, Regs, Segment, SpecialRegs, SystemEvent, SystemEvents, Vcpu, VcpuExit, Vm,
+};
+use keel_tcg::TcgVm;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const BSP_CODE: u64 = 0x10_0000;
+const AP_CODE: u64 = 0x8000; // SIPI vector 8
+const GDT: u64 = 0x1000;
+const IDT: u64 = 0x2000;
+const ISR: u64 = 0x3000;
+const FLAG: u64 = 0x7000;
+const COUNTER: u64 = 0x7004;
+const AP_DONE: u64 = 0x7008;
+const IPI_SEEN: u64 = 0x700c;
+const ROUNDS: u32 = 20_000;
+
+struct NoEvents;
+impl SystemEvents for NoEvents {
+    fn request(&self, _e: SystemEvent) {}
+}
+
+fn flat32() -> SpecialRegs {
+    let seg = |sel: u16, code: bool| Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: sel,
+        type_: if code { 0xb } else { 3 },
+        present: true,
+        dpl: 0,
+        db: true,
+        s: true,
+        l: false,
+        g: true,
+        avl: false,
+        unusable: false,
+    };
+    let mut s = SpecialRegs {
+        cs: seg(0x10, true),
+        ds: seg(0x18, false),
+        es: seg(0x18, false),
+        fs: seg(0x18, false),
+        gs: seg(0x18, false),
+        ss: seg(0x18, false),
+        ..Default::default()
+    };
+    s.tr = Segment {
+        limit: 0x67,
+        type_: 0xb,
+        present: true,
+        ..Default::default()
+    };
+    s.gdt.base = GDT;
+    s.gdt.limit = 0x1f;
+    s.idt.base = IDT;
+    s.idt.limit = 0x7ff;
+    s.cr0 = 0x11;
+    s.apic_base = 0xfee0_0900;
+    s
+}
+
+fn bsp_code() -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let lapic = |off: u32| dword_ptr(0xfee0_0000u32 + off);
+    a.mov(lapic(0xf0), 0x1ffu32).unwrap(); // SVR: software enable
+    a.mov(lapic(0x310), 1u32 << 24).unwrap(); // destination: APIC 1
+    a.mov(lapic(0x300), 0x0000_c500u32).unwrap(); // INIT, level assert
+    a.mov(lapic(0x300), 0x0000_8500u32).unwrap(); // INIT, level de-assert (ignored)
+    a.mov(lapic(0x300), 0x0000_0608u32).unwrap(); // start-up, vector 8
+    let mut wait = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.pause().unwrap();
+    a.cmp(dword_ptr(FLAG as u32), 0x600du32).unwrap();
+    a.jne(wait).unwrap();
+    a.sti().unwrap();
+    a.mov(ecx, ROUNDS).unwrap();
+    let mut l = a.create_label();
+    a.set_label(&mut l).unwrap();
+    a.lock().inc(dword_ptr(COUNTER as u32)).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(l).unwrap();
+    let mut done = a.create_label();
+    a.set_label(&mut done).unwrap();
+    a.pause().unwrap();
+    a.cmp(dword_ptr(AP_DONE as u32), 1u32).unwrap();
+    a.jne(done).unwrap();
+    // Wait (halted, interrupts on) for the AP's fixed IPI; its handler sets IPI_SEEN.
+    let mut idle = a.create_label();
+    a.set_label(&mut idle).unwrap();
+    a.cmp(dword_ptr(IPI_SEEN as u32), 1u32).unwrap();
+    let mut out = a.create_label();
+    a.je(out).unwrap();
+    a.hlt().unwrap();
+    a.jmp(idle).unwrap();
+    a.set_label(&mut out).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    a.assemble(BSP_CODE).unwrap()
+}
+
+fn isr_code() -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(dword_ptr(IPI_SEEN as u32), 1u32).unwrap();
+    a.mov(dword_ptr(0xfee0_00b0u32), 0u32).unwrap(); // EOI
+    a.iretd().unwrap();
+    a.assemble(ISR).unwrap()
+}
+
+const AP_CODE32: u64 = 0x8100;
+const GDTR: u64 = 0x7100;
+
+/// Real mode at the SIPI address: flag, counter loop, then into protected mode (as Linux's
+/// trampoline does) to reach the local APIC above 1 MiB.
+fn ap_code() -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.xor(ax, ax).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(dword_ptr(FLAG as u32), 0x600du32).unwrap();
+    a.mov(ecx, ROUNDS).unwrap();
+    let mut l = a.create_label();
+    a.set_label(&mut l).unwrap();
+    a.lock().inc(dword_ptr(COUNTER as u32)).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(l).unwrap();
+    a.mov(dword_ptr(AP_DONE as u32), 1u32).unwrap();
+    a.lgdt(word_ptr(GDTR as u32)).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.or(eax, 1).unwrap();
+    a.mov(cr0, eax).unwrap();
+    let mut v = a.assemble(AP_CODE).unwrap();
+    // jmp far dword 0x10:AP_CODE32
+    v.extend_from_slice(&[0x66, 0xea]);
+    v.extend_from_slice(&(AP_CODE32 as u32).to_le_bytes());
+    v.extend_from_slice(&0x10u16.to_le_bytes());
+    v
+}
+
+/// Protected mode: a fixed IPI (vector 0x40) to APIC 0, then halt for good.
+fn ap_code32() -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(ax, 0x18).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(dword_ptr(0xfee0_0310u32), 0u32).unwrap();
+    a.mov(dword_ptr(0xfee0_0300u32), 0x40u32).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    a.assemble(AP_CODE32).unwrap()
+}
+
+#[test]
+fn bsp_starts_ap_with_init_sipi_and_lock_inc_is_atomic_across_vcpus() {
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
+    let buses = Arc::new(IoBuses::new());
+    let vm = TcgVm::with_apic(
+        mem.clone(),
+        buses.clone(),
+        Arc::new(NoEvents),
+        Default::default(),
+        true,
+    )
+    .unwrap();
+    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    for (k, d) in gdt.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
+    }
+    // Interrupt gate for vector 0x40 -> ISR.
+    let gate = (ISR & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((ISR >> 16) << 48);
+    mem.write_obj(gate, GuestAddress(IDT + 8 * 0x40)).unwrap();
+    mem.write_slice(&bsp_code(), GuestAddress(BSP_CODE))
+        .unwrap();
+    mem.write_slice(&isr_code(), GuestAddress(ISR)).unwrap();
+    mem.write_slice(&ap_code(), GuestAddress(AP_CODE)).unwrap();
+    mem.write_slice(&ap_code32(), GuestAddress(AP_CODE32))
+        .unwrap();
+    mem.write_obj(0x1fu16, GuestAddress(GDTR)).unwrap();
+    mem.write_obj(GDT as u32, GuestAddress(GDTR + 2)).unwrap();
+
+    let mut bsp = vm.create_vcpu(0).unwrap();
+    let ap = vm.create_vcpu(1).unwrap();
+    bsp.set_sregs(&flat32()).unwrap();
+    bsp.set_regs(&Regs {
+        rip: BSP_CODE,
+        rsp: 0x9_0000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    // The AP gets no entry state: it waits for SIPI.
+    let (tx, rx) = mpsc::channel();
+    let kick_ap = ap.kicker();
+    let kick_bsp = bsp.kicker();
+    let spawn = |mut v: Box<dyn Vcpu>, tx: mpsc::Sender<(u32, VcpuExit)>| {
+        std::thread::spawn(move || {
+            let i = v.index();
+            loop {
+                let x = v.run().unwrap();
+                match x {
+                    VcpuExit::Interrupted => {}
+                    _ => {
+                        let _ = tx.send((i, x));
+                        return v;
+                    }
+                }
+            }
+        })
+    };
+    let t_ap = spawn(ap, tx.clone());
+    // The AP must stay parked without a SIPI.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(rx.try_recv().is_err());
+    let t_bsp = spawn(bsp, tx);
+    let mut halted = Vec::new();
+    for _ in 0..2 {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(e) => halted.push(e),
+            Err(_) => {
+                kick_ap.kick();
+                kick_bsp.kick();
+                panic!("vCPUs did not halt: {halted:?}");
+            }
+        }
+    }
+    halted.sort_by_key(|h| h.0);
+    assert_eq!(halted, [(0, VcpuExit::Halted), (1, VcpuExit::Halted)]);
+    let _ = (t_ap.join().unwrap(), t_bsp.join().unwrap());
+    let r = |a: u64| mem.read_obj::<u32>(GuestAddress(a)).unwrap();
+    assert_eq!(r(FLAG), 0x600d, "the AP ran its real-mode start-up code");
+    assert_eq!(r(COUNTER), 2 * ROUNDS, "lock inc lost updates");
+    assert_eq!(r(AP_DONE), 1);
+    assert_eq!(
+        r(IPI_SEEN),
+        1,
+        "the AP's fixed IPI reached the BSP's handler"
+    );
+}
