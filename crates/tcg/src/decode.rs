@@ -233,11 +233,19 @@ fn code_hash(cpu: &Cpu, gpa: u64, len: u32) -> u64 {
     let tail = n.saturating_sub(8);
     for off in [0usize, 8, tail] {
         let k = n.saturating_sub(off).min(8);
-        let mut w = [0u8; 8];
-        // SAFETY: `host` maps the rest of this page in live guest RAM and `off + k <= n`
-        // stays inside it; `w` is a local buffer.
-        unsafe { std::ptr::copy_nonoverlapping((host + off) as *const u8, w.as_mut_ptr(), k) };
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0100_0000_01b3);
+        let w = if k == 8 {
+            // SAFETY: `host` maps the rest of this page in live guest RAM and `off + 8 <= n`
+            // stays inside it. (A fixed-size read: no call to memcpy on every lookup.)
+            unsafe { std::ptr::read_unaligned((host + off) as *const u64) }.to_le()
+        } else {
+            let mut w = [0u8; 8];
+            for (j, b) in w.iter_mut().enumerate().take(k) {
+                // SAFETY: as above, `off + j < off + k <= n`.
+                *b = unsafe { std::ptr::read((host + off + j) as *const u8) };
+            }
+            u64::from_le_bytes(w)
+        };
+        h = (h ^ w).wrapping_mul(0x0100_0000_01b3);
         h ^= h >> 29;
     }
     h

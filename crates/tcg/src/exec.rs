@@ -310,20 +310,35 @@ fn alu_mr<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let lin = ea(cpu, i);
     let a = cpu.rd_n(lin, S)?;
     let b = cpu.rreg(i.r0, S);
-    let r = alu_op(cpu, OP, S, a, b);
-    if OP != alu::CMP && OP != alu::TEST {
-        cpu.wr_n(lin, S, r)?;
-        return end_if_code_written(cpu, i);
-    }
-    Ok(())
+    alu_m_finish::<OP, S>(cpu, i, lin, a, b)
 }
 
 fn alu_mi<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let lin = ea(cpu, i);
     let a = cpu.rd_n(lin, S)?;
-    let r = alu_op(cpu, OP, S, a, i.imm);
+    alu_m_finish::<OP, S>(cpu, i, lin, a, i.imm)
+}
+
+/// The ALU step and write-back of a memory destination. `adc`/`sbb` read CF: if the write
+/// faults, the flags go back to what they were, so that the instruction runs again with the
+/// same carry after the fault is handled.
+#[inline(always)]
+fn alu_m_finish<const OP: u8, const S: u8>(
+    cpu: &mut Cpu,
+    i: &Insn,
+    lin: u64,
+    a: u64,
+    b: u64,
+) -> Flow {
+    let saved = (OP == alu::ADC || OP == alu::SBB).then_some(cpu.cc);
+    let r = alu_op(cpu, OP, S, a, b);
     if OP != alu::CMP && OP != alu::TEST {
-        cpu.wr_n(lin, S, r)?;
+        if let Err(e) = cpu.wr_n(lin, S, r) {
+            if let Some(cc) = saved {
+                cpu.cc = cc;
+            }
+            return Err(e);
+        }
         return end_if_code_written(cpu, i);
     }
     Ok(())
@@ -466,6 +481,29 @@ fn incdec_r_with<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn, cf: bool
     };
     cpu.wreg(i.r0, S, r);
     Ok(())
+}
+
+/// `inc`/`dec` of memory. The write comes before the flags change, so that a faulting
+/// write leaves them (CF is carried through) as they were.
+fn incdec_m<const DEC: bool, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let lin = ea(cpu, i);
+    let a = cpu.rd_n(lin, S)?;
+    let r = if DEC {
+        a.wrapping_sub(1)
+    } else {
+        a.wrapping_add(1)
+    } & mask(S);
+    cpu.wr_n(lin, S, r)?;
+    let cf = cpu.cf();
+    cpu.cc = crate::cpu::Cc {
+        op: if DEC { CcOp::Dec } else { CcOp::Inc },
+        size: S,
+        res: r,
+        a,
+        b: 1,
+        aux: u64::from(cf),
+    };
+    end_if_code_written(cpu, i)
 }
 
 fn jcc(cpu: &mut Cpu, i: &Insn) -> Flow {
@@ -803,6 +841,8 @@ pub fn select(ins: &Instruction, i: &Insn, bitness: u32) -> Handler {
         M::Lea if is_gpr(ins, 0) => return sized!(lea, s),
         M::Inc if is_gpr(ins, 0) => return by_size!(incdec_r, false, s),
         M::Dec if is_gpr(ins, 0) => return by_size!(incdec_r, true, s),
+        M::Inc if ins.op_kind(0) == OpKind::Memory => return by_size!(incdec_m, false, s),
+        M::Dec if ins.op_kind(0) == OpKind::Memory => return by_size!(incdec_m, true, s),
         M::Movzx if is_gpr(ins, 0) => {
             let ss = op_size(i, 1);
             let mem = ins.op_kind(1) == OpKind::Memory;
