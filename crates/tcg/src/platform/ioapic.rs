@@ -367,6 +367,29 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_register_traffic_never_panics() {
+        let (io, l) = rig();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = if x & 1 == 0 { 0 } else { 0x10 };
+            if x & 2 != 0 {
+                io.write(off, (x >> 16) as u32);
+            } else {
+                let _ = io.read(off);
+            }
+            let _ = io.set_pin(((x >> 8) % 30) as u32, x & 4 != 0);
+            io.eoi((x >> 24) as u8);
+            for a in &l {
+                let _ = a.acknowledge();
+                let _ = a.write_reg(reg::EOI, 0);
+            }
+        }
+    }
+
+    #[test]
     fn logical_destination_and_reset_keeps_levels() {
         let (io, l) = rig();
         l[0].write_reg(reg::LDR, 0x01 << 24);

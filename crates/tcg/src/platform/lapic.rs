@@ -17,9 +17,15 @@
 //!   modes; LVT LINT1 as NMI; thermal, performance and error LVTs as registers (only the
 //!   error LVT ever fires).
 //!
-//! Not modelled: x2APIC and the TSC-deadline timer (neither is advertised), the remote read
-//! register, arbitration priority, SMI, focus processor checking, LINT level-triggered
-//! remote IRR, NMI blocking until IRET (an NMI is delivered as soon as the vCPU looks).
+//! The periodic timer's period has a floor of 200 µs (as KVM's), and periodic expiries a
+//! vCPU could not take in time are re-injected one per EOI from a small backlog (see
+//! [`Lapic::poll_timer`]).
+//!
+//! Not modelled: x2APIC and the TSC-deadline timer (neither is advertised), relocating the
+//! APIC window through IA32_APIC_BASE, CR8 as an alias of TPR (64-bit Linux uses the MMIO
+//! TPR), the remote read register, arbitration priority, SMI, focus processor checking, LINT
+//! level-triggered remote IRR, NMI blocking until IRET (an NMI is delivered as soon as the
+//! vCPU looks).
 //!
 //! # Concurrency
 //! Each [`Lapic`] keeps its registers behind one mutex and publishes what its vCPU must look
@@ -111,6 +117,10 @@ const LVT_PERIODIC: u32 = 1 << 17;
 const LVT_WRITABLE: [u32; 6] = [0x3_00ff, 0x1_07ff, 0x1_07ff, 0x1_a7ff, 0x1_a7ff, 0x1_00ff];
 
 const SVR_ENABLE: u32 = 1 << 8;
+
+/// Shortest period of the periodic timer (KVM's default floor): a guest cannot make its vCPU
+/// thread spin on a nanosecond timer.
+const MIN_PERIOD_NS: u64 = 200_000;
 
 /// Most periodic timer expiries kept for late delivery.
 const TIMER_BACKLOG_MAX: u32 = 64;
@@ -268,7 +278,12 @@ impl Regs {
     }
 
     fn period_ns(&self) -> u64 {
-        u64::from(self.timer_initial) << self.divide_shift()
+        let p = u64::from(self.timer_initial) << self.divide_shift();
+        if self.lvt[LVT_TIMER] & LVT_PERIODIC != 0 && p > 0 {
+            p.max(MIN_PERIOD_NS)
+        } else {
+            p
+        }
     }
 
     fn current_count(&self, now: u64) -> u32 {
@@ -536,7 +551,7 @@ impl Lapic {
             let mut expiries = 1u64;
             if r.lvt[LVT_TIMER] & LVT_PERIODIC != 0 && r.period_ns() > 0 {
                 let period = r.period_ns();
-                let n = (now - r.timer_start) / period;
+                let n = now.saturating_sub(r.timer_start) / period;
                 expiries = n.max(1);
                 r.timer_start += n * period;
                 r.timer_deadline = r.timer_start + period;
@@ -710,8 +725,9 @@ impl Lapic {
                         if count == 0 {
                             r.timer_deadline = u64::MAX;
                         } else {
-                            r.timer_deadline = now + (u64::from(count) << r.divide_shift());
-                            r.timer_start = r.timer_deadline - r.period_ns();
+                            r.timer_deadline =
+                                now.saturating_add(u64::from(count) << r.divide_shift());
+                            r.timer_start = r.timer_deadline.saturating_sub(r.period_ns());
                         }
                     }
                 }
@@ -730,8 +746,8 @@ impl Lapic {
                     let count = r.current_count(now);
                     r.timer_divide = v & 0xb;
                     if r.timer_deadline != u64::MAX && count > 0 {
-                        r.timer_deadline = now + (u64::from(count) << r.divide_shift());
-                        r.timer_start = r.timer_deadline - r.period_ns().min(r.timer_deadline);
+                        r.timer_deadline = now.saturating_add(u64::from(count) << r.divide_shift());
+                        r.timer_start = r.timer_deadline.saturating_sub(r.period_ns());
                     }
                 }
                 // ID is read-only here (the APIC ID is the vCPU index); the rest is
@@ -1124,24 +1140,39 @@ mod tests {
         enable(a);
         a.write_reg(reg::TIMER_DIVIDE, 0xb); // divide by 1
         a.write_reg(reg::LVT_TIMER, LVT_PERIODIC | 0x30);
-        a.write_reg(reg::TIMER_INITIAL, 100);
-        assert_eq!(a.next_deadline_ns(), Some(1100));
+        a.write_reg(reg::TIMER_INITIAL, 1_000_000);
+        assert_eq!(a.next_deadline_ns(), Some(1000 + 1_000_000));
         // Half a period late: one interrupt, next deadline on the period grid.
-        clock.0.store(1000 + 150, Ordering::SeqCst);
+        clock.0.store(1000 + 1_500_000, Ordering::SeqCst);
         a.poll_timer(clock.now_ns());
         assert_eq!(a.acknowledge(), Some(0x30));
-        assert_eq!(a.next_deadline_ns(), Some(1200));
-        assert_eq!(a.read_reg(reg::TIMER_CURRENT), 50);
+        assert_eq!(a.next_deadline_ns(), Some(1000 + 2_000_000));
+        assert_eq!(a.read_reg(reg::TIMER_CURRENT), 500_000);
         // Masked: counts, no interrupt.
         a.write_reg(reg::LVT_TIMER, LVT_PERIODIC | LVT_MASKED | 0x30);
-        clock.0.store(1200, Ordering::SeqCst);
+        clock.0.store(1000 + 2_000_000, Ordering::SeqCst);
         a.poll_timer(clock.now_ns());
         a.write_reg(reg::EOI, 0);
         assert!(!a.has_interrupt());
-        assert_eq!(a.next_deadline_ns(), Some(1300));
+        assert_eq!(a.next_deadline_ns(), Some(1000 + 3_000_000));
         // Initial count 0 stops it.
         a.write_reg(reg::TIMER_INITIAL, 0);
         assert_eq!(a.next_deadline_ns(), None);
+    }
+
+    #[test]
+    fn periodic_period_has_a_floor() {
+        let (_b, l, _clock, _s) = rig(1);
+        let a = &l[0];
+        enable(a);
+        a.write_reg(reg::TIMER_DIVIDE, 0xb);
+        a.write_reg(reg::LVT_TIMER, LVT_PERIODIC | 0x30);
+        a.write_reg(reg::TIMER_INITIAL, 1);
+        assert_eq!(a.next_deadline_ns(), Some(1000 + MIN_PERIOD_NS));
+        // One-shot keeps the exact count.
+        a.write_reg(reg::LVT_TIMER, 0x30);
+        a.write_reg(reg::TIMER_INITIAL, 1);
+        assert_eq!(a.next_deadline_ns(), Some(1001));
     }
 
     #[test]
@@ -1151,9 +1182,9 @@ mod tests {
         enable(a);
         a.write_reg(reg::TIMER_DIVIDE, 0xb);
         a.write_reg(reg::LVT_TIMER, LVT_PERIODIC | 0x30);
-        a.write_reg(reg::TIMER_INITIAL, 100);
+        a.write_reg(reg::TIMER_INITIAL, 1_000_000);
         // Polled 3.5 periods late: three expiries, one delivered now, two kept.
-        clock.0.store(1000 + 350, Ordering::SeqCst);
+        clock.0.store(1000 + 3_500_000, Ordering::SeqCst);
         a.poll_timer(clock.now_ns());
         for _ in 0..3 {
             assert_eq!(a.acknowledge(), Some(0x30));
@@ -1162,9 +1193,9 @@ mod tests {
         }
         assert!(!a.has_interrupt(), "backlog drained");
         // Reprogramming drops the backlog.
-        clock.0.store(1000 + 1000, Ordering::SeqCst);
+        clock.0.store(1000 + 10_000_000, Ordering::SeqCst);
         a.poll_timer(clock.now_ns());
-        a.write_reg(reg::TIMER_INITIAL, 100);
+        a.write_reg(reg::TIMER_INITIAL, 1_000_000);
         assert_eq!(a.acknowledge(), Some(0x30));
         a.write_reg(reg::EOI, 0);
         assert!(!a.has_interrupt());
@@ -1186,6 +1217,33 @@ mod tests {
         assert_eq!(l[0].read_reg(reg::TMR + 0x30), 1 << 1);
         assert_eq!(l[0].acknowledge(), Some(0x61));
         assert_eq!(l[0].write_reg(reg::EOI, 0), Action::EoiBroadcast(0x61));
+    }
+
+    #[test]
+    fn arbitrary_register_traffic_never_panics() {
+        let (bus, l, clock, _s) = rig(2);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let r = next();
+            let apic = &l[(r & 1) as usize];
+            let off = (r >> 8) & 0xff0;
+            let v = (next() >> 16) as u32;
+            if r & 2 != 0 {
+                bus.perform(apic.write_reg(off, v));
+            } else {
+                let _ = apic.read_reg(off);
+            }
+            clock.0.fetch_add(r >> 40, Ordering::SeqCst);
+            apic.poll_timer(clock.now_ns());
+            let _ = apic.acknowledge();
+            let _ = apic.take_events();
+        }
     }
 
     #[test]
