@@ -460,6 +460,7 @@ impl BlockCache {
             insns.push(ud_insn(rip, bitness));
         }
         elide_dead_flags(&mut insns);
+        fuse_cmp_jcc(&mut insns);
         let idx = self.blocks.len() as u32;
         let p0 = gpa & !0xfff;
         let pages = [p0, second.unwrap_or(u64::MAX)];
@@ -511,6 +512,29 @@ fn elide_dead_flags(insns: &mut [Insn]) {
             }
         }
     }
+}
+
+/// Gives a block-ending `cmp`/`test` + `jcc` pair one entry with a fused handler (see
+/// `exec::select_cmp_jcc`); the handler counts the extra instruction in `icount`. Neither
+/// instruction can fault. Not when the compare is the block's first instruction: after
+/// `sti` or `mov ss` the loop runs the first entry alone, which must be one instruction.
+fn fuse_cmp_jcc(insns: &mut Vec<Insn>) {
+    let n = insns.len();
+    if n < 3 {
+        return;
+    }
+    let (a, b) = (&insns[n - 2], &insns[n - 1]);
+    let Some(h) = exec::select_cmp_jcc(&a.instr, a, &b.instr) else {
+        return;
+    };
+    let mut f = b.clone();
+    f.exec = h;
+    f.r0 = a.r0;
+    f.r1 = a.r1;
+    f.size = a.size;
+    f.disp = a.imm;
+    insns.truncate(n - 2);
+    insns.push(f);
 }
 
 fn fetch_fault(e: Ex) -> Ex {
@@ -711,6 +735,64 @@ mod tests {
         run_until(&mut cpu, &mut cache, 0x100c);
         assert_eq!(cpu.gpr[1] & 0xff, 0x42);
         assert_eq!(cpu.gpr[4] & 0xffff, 0x10fe);
+    }
+
+    #[test]
+    fn compare_and_branch_run_as_one_entry() {
+        // mov ax,5; cmp ax,bx; jb 0x1010 / mov ax,5; test al,4; jnz 0x1010
+        for (code, bx, taken, cf, zf) in [
+            (
+                &[0xb8, 0x05, 0x00, 0x39, 0xd8, 0x72, 0x09][..],
+                7u64,
+                true,
+                true,
+                false,
+            ),
+            (
+                &[0xb8, 0x05, 0x00, 0x39, 0xd8, 0x72, 0x09][..],
+                5,
+                false,
+                false,
+                true,
+            ),
+            (
+                &[0xb8, 0x05, 0x00, 0xa8, 0x04, 0x75, 0x09][..],
+                0,
+                true,
+                false,
+                false,
+            ),
+            (
+                &[0xb8, 0x05, 0x00, 0xa8, 0x02, 0x75, 0x09][..],
+                0,
+                false,
+                false,
+                true,
+            ),
+        ] {
+            let mut cpu = cpu_with(code);
+            cpu.gpr[3] = bx;
+            let mut cache = BlockCache::new();
+            let b = cache.lookup(&mut cpu).unwrap();
+            let insns = cache.blocks[b as usize].insns.clone();
+            assert_eq!(insns.len(), 2, "the pair is one entry");
+            // As the block loop does: count the entries, then run them.
+            cpu.icount += insns.len() as u64;
+            for i in insns.iter() {
+                cpu.rip = i.next_ip;
+                (i.exec)(&mut cpu, i).unwrap();
+            }
+            assert_eq!(cpu.icount, 3);
+            assert_eq!(cpu.rip, if taken { 0x1010 } else { 0x1007 });
+            let f = cpu.flags();
+            assert_eq!(f & fl::CF != 0, cf);
+            assert_eq!(f & fl::ZF != 0, zf);
+        }
+        // A compare that starts the block stays a separate entry.
+        let mut cpu = cpu_with(&[0x39, 0xd8, 0x72, 0x09]);
+        let mut cache = BlockCache::new();
+        let b = cache.lookup(&mut cpu).unwrap();
+        assert_eq!(cache.blocks[b as usize].insns.len(), 2);
     }
 
     #[test]
