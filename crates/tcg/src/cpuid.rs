@@ -5,8 +5,9 @@
 //! (leaf 1 ECX bit 31), syscall nx lm (leaf 0x8000_0001 EDX), and the hypervisor leaf
 //! 0x4000_0000 with the signature `TCGTCGTCGTCG`, and the invariant TSC (leaf 0x8000_0007
 //! EDX bit 8: the guest TSC is the host's constant-rate TSC plus an offset shared by all
-//! vCPUs, so Linux keeps the TSC as clocksource with several CPUs). The local APIC bit is
-//! added by [`crate::vm::TcgVm`] when the VM has local APICs (see [`crate::vm::ApicMode`]);
+//! vCPUs, so Linux keeps the TSC as clocksource with several CPUs). The local APIC and
+//! TSC-deadline bits are added by [`crate::vm::TcgVm`] when the VM has local APICs (see
+//! [`crate::vm::ApicMode`]);
 //! without it the kernel runs the 8259 PIC.
 
 /// Leaf 1 EDX bits.
@@ -47,6 +48,8 @@ pub mod ecx1 {
     pub const CX16: u32 = 1 << 13;
     /// POPCNT.
     pub const POPCNT: u32 = 1 << 23;
+    /// Local APIC timer TSC-deadline mode.
+    pub const TSC_DEADLINE: u32 = 1 << 24;
     /// Running under a hypervisor.
     pub const HYPERVISOR: u32 = 1 << 31;
 }

@@ -813,6 +813,8 @@ pub mod msr {
     pub const TSC: u32 = 0x10;
     /// APIC base.
     pub const APIC_BASE: u32 = 0x1b;
+    /// TSC deadline (local APIC timer).
+    pub const TSC_DEADLINE: u32 = 0x6e0;
     /// Microcode revision (reads zero).
     pub const UCODE_REV: u32 = 0x8b;
     /// SYSENTER CS.
@@ -847,6 +849,10 @@ pub fn read_msr(cpu: &Cpu, n: u32) -> Option<u64> {
         msr::TSC => tsc(cpu),
         msr::APIC_BASE => cpu.msr.apic_base,
         msr::UCODE_REV => 0,
+        msr::TSC_DEADLINE => match &cpu.lapic {
+            Some(l) if l.has_tsc_deadline() => l.tsc_deadline(),
+            _ => return None,
+        },
         0x174..=0x176 => cpu.msr.sysenter[(n - 0x174) as usize],
         msr::MISC_ENABLE => cpu.msr.misc_enable,
         msr::PAT => cpu.msr.pat,
@@ -872,6 +878,10 @@ fn canonical(v: u64) -> bool {
 pub fn write_msr(cpu: &mut Cpu, n: u32, v: u64) -> Flow {
     match n {
         msr::TSC => cpu.msr.tsc_offset = v.wrapping_sub(tsc(cpu).wrapping_sub(cpu.msr.tsc_offset)),
+        msr::TSC_DEADLINE => match &cpu.lapic {
+            Some(l) if l.has_tsc_deadline() => l.set_tsc_deadline(v, tsc(cpu)),
+            _ => return Err(Ex::gp(0)),
+        },
         msr::APIC_BASE => match &cpu.lapic {
             Some(l) => {
                 l.set_apic_base(v);

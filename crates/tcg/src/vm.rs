@@ -365,6 +365,7 @@ impl TcgVm {
                 )
                 .map_err(guest_err)?;
             cpuid.edx1 |= crate::cpuid::edx1::APIC;
+            cpuid.ecx1 |= crate::cpuid::ecx1::TSC_DEADLINE;
             Some(Apics { bus, ioapic })
         } else {
             None
@@ -418,11 +419,10 @@ impl TcgVm {
             .unwrap_or_else(|p| p.into_inner())
             .push(wakeup.clone());
         let lapic = self.apics.as_ref().map(|a| {
-            let l = Arc::new(Lapic::new(
-                index,
-                true,
-                self.clock.clone() as Arc<dyn Clock>,
-            ));
+            let l = Arc::new(
+                Lapic::new(index, true, self.clock.clone() as Arc<dyn Clock>)
+                    .with_tsc_deadline(crate::guest_tsc_khz()),
+            );
             let (at, w) = (att.clone(), wakeup.clone());
             l.set_signal(Arc::new(move || {
                 at.bits.fetch_or(ATT_APIC, Ordering::AcqRel);

@@ -21,7 +21,11 @@
 //! vCPU could not take in time are re-injected one per EOI from a small backlog (see
 //! [`Lapic::poll_timer`]).
 //!
-//! Not modelled: x2APIC and the TSC-deadline timer (neither is advertised), relocating the
+//! The TSC-deadline mode (LVT timer mode 2, IA32_TSC_DEADLINE) exists when the APIC is
+//! created [`Lapic::with_tsc_deadline`]: the deadline is converted to the host clock at the
+//! guest TSC rate when it is written.
+//!
+//! Not modelled: x2APIC (not advertised), relocating the
 //! APIC window through IA32_APIC_BASE, CR8 as an alias of TPR (64-bit Linux uses the MMIO
 //! TPR), the remote read register, arbitration priority, SMI, focus processor checking, LINT
 //! level-triggered remote IRR, NMI blocking until IRET (an NMI is delivered as soon as the
@@ -113,6 +117,8 @@ const LVT_LINT1: usize = 4;
 const LVT_ERROR: usize = 5;
 const LVT_MASKED: u32 = 1 << 16;
 const LVT_PERIODIC: u32 = 1 << 17;
+const LVT_TSC_DEADLINE: u32 = 1 << 18;
+const LVT_TIMER_MODE: u32 = LVT_PERIODIC | LVT_TSC_DEADLINE;
 /// Writable bits per LVT entry: timer, thermal, perf, LINT0, LINT1, error.
 const LVT_WRITABLE: [u32; 6] = [0x3_00ff, 0x1_07ff, 0x1_07ff, 0x1_a7ff, 0x1_a7ff, 0x1_00ff];
 
@@ -240,6 +246,8 @@ struct Regs {
     timer_deadline: u64,
     /// Periodic expiries not yet delivered (see [`Lapic::poll_timer`]).
     timer_backlog: u32,
+    /// IA32_TSC_DEADLINE (guest TSC value; 0 = disarmed).
+    tsc_deadline: u64,
 }
 
 impl Regs {
@@ -268,7 +276,12 @@ impl Regs {
             timer_start: 0,
             timer_deadline: u64::MAX,
             timer_backlog: 0,
+            tsc_deadline: 0,
         }
+    }
+
+    fn deadline_mode(&self) -> bool {
+        self.lvt[LVT_TIMER] & LVT_TIMER_MODE == LVT_TSC_DEADLINE
     }
 
     /// Bus-clock ticks per timer count, log2 (divide configuration bits 0, 1 and 3).
@@ -287,7 +300,7 @@ impl Regs {
     }
 
     fn current_count(&self, now: u64) -> u32 {
-        if self.timer_initial == 0 {
+        if self.timer_initial == 0 || self.deadline_mode() {
             return 0;
         }
         let period = self.period_ns();
@@ -368,6 +381,8 @@ pub struct Lapic {
     sipi_vector: AtomicU32,
     /// Timer deadline mirror for the vCPU's polling (`u64::MAX`: none).
     deadline: AtomicU64,
+    /// Guest TSC rate for the TSC-deadline mode (0: the mode does not exist).
+    tsc_khz: u64,
     signal: OnceLock<Arc<dyn Fn() + Send + Sync>>,
 }
 
@@ -399,10 +414,51 @@ impl Lapic {
             events: AtomicU32::new(0),
             sipi_vector: AtomicU32::new(0),
             deadline: AtomicU64::new(u64::MAX),
+            tsc_khz: 0,
             signal: OnceLock::new(),
         };
         l.with(|_| {});
         l
+    }
+
+    /// Enables the TSC-deadline timer mode (LVT timer mode 2 and IA32_TSC_DEADLINE), with the
+    /// guest TSC counting at `tsc_khz`; 0 leaves it out (the mode bit is then reserved).
+    pub fn with_tsc_deadline(mut self, tsc_khz: u64) -> Self {
+        self.tsc_khz = tsc_khz;
+        self
+    }
+
+    /// Whether the TSC-deadline mode exists (for CPUID leaf 1 ECX bit 24).
+    pub fn has_tsc_deadline(&self) -> bool {
+        self.tsc_khz != 0
+    }
+
+    /// Reads IA32_TSC_DEADLINE: the armed deadline, 0 once it fired or outside TSC-deadline
+    /// mode.
+    pub fn tsc_deadline(&self) -> u64 {
+        let r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+        if r.deadline_mode() { r.tsc_deadline } else { 0 }
+    }
+
+    /// Writes IA32_TSC_DEADLINE with the guest TSC at `tsc_now`: arms the timer for when the
+    /// TSC reaches `v` (at once if it already has), 0 disarms. Ignored outside TSC-deadline
+    /// mode, as on hardware.
+    pub fn set_tsc_deadline(&self, v: u64, tsc_now: u64) {
+        let now = self.clock.now_ns();
+        let khz = self.tsc_khz;
+        self.with(|r| {
+            if khz == 0 || !r.deadline_mode() {
+                return;
+            }
+            r.tsc_deadline = v;
+            r.timer_deadline = if v == 0 {
+                u64::MAX
+            } else {
+                let ticks = u128::from(v.saturating_sub(tsc_now));
+                let ns = u64::try_from(ticks * 1_000_000 / u128::from(khz)).unwrap_or(u64::MAX);
+                now.saturating_add(ns)
+            };
+        });
     }
 
     /// Sets the callback that wakes this APIC's vCPU (called outside the APIC's lock whenever
@@ -549,7 +605,10 @@ impl Lapic {
             }
             let lvt = r.lvt[LVT_TIMER];
             let mut expiries = 1u64;
-            if r.lvt[LVT_TIMER] & LVT_PERIODIC != 0 && r.period_ns() > 0 {
+            if r.deadline_mode() {
+                r.tsc_deadline = 0;
+                r.timer_deadline = u64::MAX;
+            } else if r.lvt[LVT_TIMER] & LVT_PERIODIC != 0 && r.period_ns() > 0 {
                 let period = r.period_ns();
                 let n = now.saturating_sub(r.timer_start) / period;
                 expiries = n.max(1);
@@ -650,6 +709,7 @@ impl Lapic {
     pub fn write_reg(&self, offset: u64, v: u32) -> Action {
         let now = self.clock.now_ns();
         let index = self.index;
+        let tsc_deadline_ok = self.tsc_khz != 0;
         self.with(|r| {
             let mut action = Action::None;
             let errors_before = r.esr_pending;
@@ -710,16 +770,35 @@ impl Lapic {
                 }
                 0x320..=0x370 => {
                     let i = ((offset - reg::LVT_TIMER) >> 4) as usize;
-                    let mut val = v & LVT_WRITABLE[i];
+                    let mut writable = LVT_WRITABLE[i];
+                    if i == LVT_TIMER && tsc_deadline_ok {
+                        writable |= LVT_TSC_DEADLINE;
+                    }
+                    let mut val = v & writable;
                     if r.svr & SVR_ENABLE == 0 {
                         val |= LVT_MASKED;
                     }
                     let was_periodic = r.lvt[LVT_TIMER] & LVT_PERIODIC != 0;
+                    let old_mode = r.lvt[LVT_TIMER] & LVT_TIMER_MODE;
                     r.lvt[i] = val;
+                    if i == LVT_TIMER
+                        && old_mode != val & LVT_TIMER_MODE
+                        && (old_mode == LVT_TSC_DEADLINE
+                            || val & LVT_TIMER_MODE == LVT_TSC_DEADLINE)
+                    {
+                        // Entering or leaving TSC-deadline mode disarms the timer.
+                        r.tsc_deadline = 0;
+                        r.timer_initial = 0;
+                        r.timer_deadline = u64::MAX;
+                    }
                     if i == LVT_TIMER && val & (LVT_PERIODIC | LVT_MASKED) != LVT_PERIODIC {
                         r.timer_backlog = 0;
                     }
-                    if i == LVT_TIMER && was_periodic != (val & LVT_PERIODIC != 0) {
+                    if i == LVT_TIMER
+                        && !r.deadline_mode()
+                        && old_mode != LVT_TSC_DEADLINE
+                        && was_periodic != (val & LVT_PERIODIC != 0)
+                    {
                         // A mode change keeps counting from where the count is now.
                         let count = r.current_count(now);
                         if count == 0 {
@@ -731,6 +810,8 @@ impl Lapic {
                         }
                     }
                 }
+                // The initial count is ignored in TSC-deadline mode.
+                reg::TIMER_INITIAL if r.deadline_mode() => {}
                 reg::TIMER_INITIAL => {
                     r.timer_backlog = 0;
                     r.timer_initial = v;
@@ -1158,6 +1239,46 @@ mod tests {
         // Initial count 0 stops it.
         a.write_reg(reg::TIMER_INITIAL, 0);
         assert_eq!(a.next_deadline_ns(), None);
+    }
+
+    #[test]
+    fn tsc_deadline_mode_fires_once_and_reads_zero_after() {
+        let clock = Arc::new(ManualClock(AtomicU64::new(1000)));
+        // 1 MHz TSC: one tick per microsecond.
+        let a = Lapic::new(0, true, clock.clone()).with_tsc_deadline(1000);
+        enable(&a);
+        // Not in deadline mode: the MSR write is ignored.
+        a.set_tsc_deadline(500, 100);
+        assert_eq!(a.tsc_deadline(), 0);
+        assert_eq!(a.next_deadline_ns(), None);
+        a.write_reg(reg::LVT_TIMER, LVT_TSC_DEADLINE | 0xef);
+        assert_eq!(a.read_reg(reg::LVT_TIMER), LVT_TSC_DEADLINE | 0xef);
+        a.set_tsc_deadline(500, 100);
+        assert_eq!(a.tsc_deadline(), 500);
+        assert_eq!(a.next_deadline_ns(), Some(1000 + 400_000));
+        // The initial count is ignored, the current count reads 0.
+        a.write_reg(reg::TIMER_INITIAL, 5);
+        assert_eq!(a.read_reg(reg::TIMER_CURRENT), 0);
+        assert_eq!(a.next_deadline_ns(), Some(1000 + 400_000));
+        clock.0.store(1000 + 400_000, Ordering::SeqCst);
+        a.poll_timer(clock.now_ns());
+        assert_eq!(a.acknowledge(), Some(0xef));
+        assert_eq!(a.tsc_deadline(), 0);
+        assert_eq!(a.next_deadline_ns(), None);
+        // A deadline in the past fires at the next poll; 0 disarms; leaving the mode disarms.
+        a.set_tsc_deadline(50, 100);
+        assert_eq!(a.next_deadline_ns(), Some(1000 + 400_000));
+        a.set_tsc_deadline(0, 100);
+        assert_eq!(a.next_deadline_ns(), None);
+        a.set_tsc_deadline(10_000, 100);
+        a.write_reg(reg::LVT_TIMER, 0xef);
+        assert_eq!(a.next_deadline_ns(), None);
+        assert_eq!(a.tsc_deadline(), 0);
+        // Without the feature the mode bit is reserved.
+        let b = Lapic::new(1, true, clock);
+        enable(&b);
+        b.write_reg(reg::LVT_TIMER, LVT_TSC_DEADLINE | 0xef);
+        assert_eq!(b.read_reg(reg::LVT_TIMER), 0xef);
     }
 
     #[test]
