@@ -7,8 +7,7 @@
 //! EDX bit 8: the guest TSC is the host's constant-rate TSC plus an offset shared by all
 //! vCPUs, so Linux keeps the TSC as clocksource with several CPUs). The local APIC and
 //! TSC-deadline bits are added by [`crate::vm::TcgVm`] when the VM has local APICs (see
-//! [`crate::vm::ApicMode`]);
-//! without it the kernel runs the 8259 PIC.
+//! [`crate::vm::ApicMode`]); without them the kernel runs the 8259 PIC.
 
 /// Leaf 1 EDX bits.
 pub mod edx1 {

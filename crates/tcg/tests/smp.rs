@@ -247,3 +247,123 @@ fn bsp_starts_ap_with_init_sipi_and_lock_inc_is_atomic_across_vcpus() {
         "the AP's fixed IPI reached the BSP's handler"
     );
 }
+
+const READY: u64 = 0x7200;
+const SEEN_PIC: u64 = 0x7204;
+const SEEN_IOAPIC: u64 = 0x7208;
+const ISR_PIC: u64 = 0x3100;
+const ISR_IOAPIC: u64 = 0x3200;
+
+/// With the local APIC enabled, the 8259 still reaches the BSP through LINT0 in ExtINT
+/// (virtual-wire) mode, and an IOAPIC pin reaches it as a fixed vector; both from a device
+/// thread while the vCPU waits in `hlt`.
+#[test]
+fn pic_through_lint0_extint_and_ioapic_pin_reach_the_bsp() {
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
+    let buses = Arc::new(IoBuses::new());
+    let vm = TcgVm::with_apic(
+        mem.clone(),
+        buses.clone(),
+        Arc::new(NoEvents),
+        Default::default(),
+        true,
+    )
+    .unwrap();
+    for (r, d) in vm.platform_devices() {
+        buses.pio.insert(r.base, r.len, d).unwrap();
+    }
+    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    for (k, d) in gdt.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
+    }
+    let gate = |isr: u64| (isr & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((isr >> 16) << 48);
+    mem.write_obj(gate(ISR_PIC), GuestAddress(IDT + 8 * 0x21))
+        .unwrap();
+    mem.write_obj(gate(ISR_IOAPIC), GuestAddress(IDT + 8 * 0x50))
+        .unwrap();
+
+    let mut a = CodeAssembler::new(32).unwrap();
+    // 8259 master: vector base 0x20, only IRQ 1 unmasked.
+    for (port, v) in [
+        (0x20u16, 0x11u8),
+        (0x21, 0x20),
+        (0x21, 4),
+        (0x21, 1),
+        (0x21, 0xfd),
+    ] {
+        a.mov(al, v as u32).unwrap();
+        a.out(port as u32, al).unwrap();
+    }
+    a.mov(dword_ptr(0xfee0_00f0u32), 0x1ffu32).unwrap();
+    // IOAPIC pin 3: vector 0x50, edge, physical destination 0.
+    a.mov(dword_ptr(0xfec0_0000u32), 0x10u32 + 2 * 3).unwrap();
+    a.mov(dword_ptr(0xfec0_0010u32), 0x50u32).unwrap();
+    a.sti().unwrap();
+    a.mov(dword_ptr(READY as u32), 1u32).unwrap();
+    for flag in [SEEN_PIC, SEEN_IOAPIC] {
+        let mut l = a.create_label();
+        let mut next = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.cmp(dword_ptr(flag as u32), 1u32).unwrap();
+        a.je(next).unwrap();
+        a.hlt().unwrap();
+        a.jmp(l).unwrap();
+        a.set_label(&mut next).unwrap();
+        a.nop().unwrap();
+    }
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    mem.write_slice(&a.assemble(BSP_CODE).unwrap(), GuestAddress(BSP_CODE))
+        .unwrap();
+    let mut h = CodeAssembler::new(32).unwrap();
+    h.mov(dword_ptr(SEEN_PIC as u32), 1u32).unwrap();
+    h.mov(al, 0x20u32).unwrap();
+    h.out(0x20u32, al).unwrap(); // 8259 EOI
+    h.iretd().unwrap();
+    mem.write_slice(&h.assemble(ISR_PIC).unwrap(), GuestAddress(ISR_PIC))
+        .unwrap();
+    let mut h = CodeAssembler::new(32).unwrap();
+    h.mov(dword_ptr(SEEN_IOAPIC as u32), 1u32).unwrap();
+    h.mov(dword_ptr(0xfee0_00b0u32), 0u32).unwrap(); // LAPIC EOI
+    h.iretd().unwrap();
+    mem.write_slice(&h.assemble(ISR_IOAPIC).unwrap(), GuestAddress(ISR_IOAPIC))
+        .unwrap();
+
+    let mut bsp = vm.create_vcpu(0).unwrap();
+    bsp.set_sregs(&flat32()).unwrap();
+    bsp.set_regs(&Regs {
+        rip: BSP_CODE,
+        rsp: 0x9_0000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let kick = bsp.kicker();
+    let t = std::thread::spawn(move || {
+        loop {
+            match bsp.run().unwrap() {
+                VcpuExit::Interrupted => {}
+                x => return x,
+            }
+        }
+    });
+    let r = |a: u64| mem.read_obj::<u32>(GuestAddress(a)).unwrap();
+    let wait = |a: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while r(a) != 1 {
+            if std::time::Instant::now() > deadline {
+                kick.kick();
+                panic!("guest flag {a:#x} not set");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    wait(READY);
+    std::thread::sleep(Duration::from_millis(20));
+    vm.irq_line(1).unwrap().pulse();
+    wait(SEEN_PIC);
+    assert_eq!(r(SEEN_IOAPIC), 0, "pin 1's redirection entry is masked");
+    vm.irq_line(3).unwrap().pulse();
+    wait(SEEN_IOAPIC);
+    assert_eq!(t.join().unwrap(), VcpuExit::Halted);
+}
