@@ -12,7 +12,10 @@
 //! The full FADT points at the PIIX4/ICH9-style PM1a event/control blocks and PM timer of
 //! `keel_devices::AcpiPm`, with the SCI on ISA IRQ 9 and the fixed power button; power-off
 //! writes `SLP_EN` with the `\_S5` type to PM1a control. The PM timer also gives Linux a
-//! reference clock for TSC calibration. The reset register stays the GED's.
+//! reference clock for TSC calibration. The reset register stays the GED's. The interpreter
+//! keeps this full FADT when it has local APICs and an IOAPIC (`-smp` > 1, see
+//! `keel_tcg::ApicMode`): the MADT then lists the IOAPIC and an interrupt source override
+//! making the SCI (ISA IRQ 9 = GSI 9) level-triggered, active high; ISA IRQ 0 stays GSI 0.
 //!
 //! In both cases the DSDT describes COM1, the RTC, and one `LNRO0005` node per virtio-mmio
 //! device the machine was given, which is how kernels without `virtio_mmio.device=` support

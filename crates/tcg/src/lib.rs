@@ -90,7 +90,7 @@ pub mod vm;
 pub mod x87;
 
 pub use cpuid::CpuidConfig;
-pub use vm::{TcgAccel, TcgVcpu, TcgVm};
+pub use vm::{ApicMode, TcgAccel, TcgVcpu, TcgVm};
 
 use std::sync::OnceLock;
 use std::time::Instant;
