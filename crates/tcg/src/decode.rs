@@ -58,6 +58,9 @@ pub struct Insn {
     pub aux: u8,
     /// Full decoded form for the generic handlers.
     pub instr: Instruction,
+    /// Micro-ops of an entry that stands for a run of register instructions (see
+    /// `exec::run_uops`).
+    pub uops: Option<Box<[exec::Uop]>>,
 }
 
 /// Maps an iced general-purpose register to (index, size in bytes).
@@ -103,6 +106,7 @@ fn prepare(instr: &Instruction, bitness: u32) -> Insn {
         seg: 3,
         aux: 0,
         instr: *instr,
+        uops: None,
     };
     let mut regs = [NOREG; 2];
     let mut nreg = 0;
@@ -459,7 +463,8 @@ impl BlockCache {
             // Defensive: a block always makes progress or faults.
             insns.push(ud_insn(rip, bitness));
         }
-        elide_dead_flags(&mut insns);
+        let dead = elide_dead_flags(&mut insns);
+        fuse_uops(&mut insns, &dead);
         fuse_cmp_jcc(&mut insns);
         let idx = self.blocks.len() as u32;
         let p0 = gpa & !0xfff;
@@ -495,7 +500,10 @@ impl BlockCache {
 /// a reader, because an exception frame holds RFLAGS; the flags are live at the end of the
 /// block; and the first instruction keeps its flags, because after `sti` or `mov ss` the
 /// loop runs a block's first instruction alone and may then deliver an interrupt.
-fn elide_dead_flags(insns: &mut [Insn]) {
+///
+/// Returns, per instruction, whether its flags were found dead.
+fn elide_dead_flags(insns: &mut [Insn]) -> Vec<bool> {
+    let mut dead = vec![false; insns.len()];
     let mut live = true;
     for (k, i) in insns.iter_mut().enumerate().rev() {
         match exec::flag_use(&i.instr, i) {
@@ -507,11 +515,51 @@ fn elide_dead_flags(insns: &mut [Insn]) {
                     && let Some(h) = exec::select_noflags(&i.instr, i)
                 {
                     i.exec = h;
+                    dead[k] = true;
                 }
                 live = false;
             }
         }
     }
+    dead
+}
+
+/// Gives each run of two or more instructions that have micro-ops (see `exec::uop_of`) one
+/// entry run by `exec::run_uops`. Neither the first instruction of the block (after `sti`
+/// the loop runs the first entry alone) nor the last (RIP is stored before it) joins a run.
+fn fuse_uops(insns: &mut Vec<Insn>, dead: &[bool]) {
+    let n = insns.len();
+    if n < 4 {
+        return;
+    }
+    let ops: Vec<Option<exec::Uop>> = insns
+        .iter()
+        .enumerate()
+        .map(|(k, i)| {
+            if k == 0 || k + 1 == n {
+                None
+            } else {
+                exec::uop_of(&i.instr, i, dead.get(k).copied().unwrap_or(false))
+            }
+        })
+        .collect();
+    let mut out: Vec<Insn> = Vec::with_capacity(n);
+    let mut k = 0;
+    while k < n {
+        let len = ops[k..].iter().take_while(|o| o.is_some()).count();
+        if len >= 2 {
+            let mut f = insns[k].clone();
+            f.exec = exec::run_uops;
+            f.next_ip = insns[k + len - 1].next_ip;
+            f.uops = Some(ops[k..k + len].iter().flatten().copied().collect());
+            out.push(f);
+            k += len;
+        } else {
+            out.push(insns[k].clone());
+            k += 1;
+        }
+    }
+    *insns = out;
 }
 
 /// Gives a block-ending `cmp`/`test` + `jcc` pair one entry with a fused handler (see
@@ -524,6 +572,9 @@ fn fuse_cmp_jcc(insns: &mut Vec<Insn>) {
         return;
     }
     let (a, b) = (&insns[n - 2], &insns[n - 1]);
+    if a.uops.is_some() {
+        return;
+    }
     let Some(h) = exec::select_cmp_jcc(&a.instr, a, &b.instr) else {
         return;
     };
@@ -735,6 +786,123 @@ mod tests {
         run_until(&mut cpu, &mut cache, 0x100c);
         assert_eq!(cpu.gpr[1] & 0xff, 0x42);
         assert_eq!(cpu.gpr[4] & 0xffff, 0x10fe);
+    }
+
+    /// A CPU in 64-bit mode (paging off, which the interpreter allows) with `code` at 0x1000.
+    fn cpu64_with(code: &[u8]) -> Cpu {
+        let mut cpu = cpu_with(code);
+        cpu.cr0 |= crate::cpu::cr0::PE;
+        cpu.efer |= crate::cpu::efer::LME | crate::cpu::efer::LMA;
+        cpu.seg[sr::CS].attr |= 1 << 13;
+        cpu.refresh_mode();
+        assert_eq!(cpu.bitness(), 64);
+        cpu
+    }
+
+    /// Random register-only sequences: the translated block (dead flags, micro-op runs,
+    /// fused compare-and-branch) must leave the registers, flags and instruction count
+    /// exactly as the plain per-instruction handlers do.
+    #[test]
+    fn fused_blocks_match_plain_handlers() {
+        use iced_x86::code_asm::*;
+        let r64 = [rax, rcx, rdx, rbx, rsi, rdi, r8, r9, r10, r13, r15];
+        let r32 = [eax, ecx, edx, ebx, esi, edi, r8d, r9d, r10d, r13d, r15d];
+        let r8s = [al, cl, dl, bl, sil, dil, r8b, r13b];
+        let r16 = [ax, cx, dx, bx, si, di, r8w, r13w];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for case in 0..400 {
+            let mut a = CodeAssembler::new(64).unwrap();
+            let len = 2 + rnd(24);
+            for _ in 0..len {
+                let (x, y) = (r64[rnd(r64.len())], r64[rnd(r64.len())]);
+                let (x32, y32) = (r32[rnd(r32.len())], r32[rnd(r32.len())]);
+                let imm = [0i32, 1, 3, -1, 0x7fff_ffff, -0x8000_0000, 0x1234][rnd(7)];
+                match rnd(30) {
+                    0 => a.mov(x, y),
+                    1 => a.mov(x32, y32),
+                    2 => a.mov(x, 0x1234_5678_9abc_def0u64),
+                    3 => a.add(x, y),
+                    4 => a.add(x32, imm),
+                    5 => a.sub(x, imm),
+                    6 => a.sub(x32, y32),
+                    7 => a.and(x, y),
+                    8 => a.or(x32, imm),
+                    9 => a.xor(x, y),
+                    10 => a.xor(x32, x32),
+                    11 => a.imul_2(x, y),
+                    12 => a.imul_3(x32, y32, imm),
+                    13 => a.neg(x),
+                    14 => a.not(x32),
+                    15 => a.shl(x, (1 + rnd(63)) as u32),
+                    16 => a.shr(x32, (1 + rnd(31)) as u32),
+                    17 => a.sar(x, (1 + rnd(63)) as u32),
+                    18 => a.sar(x32, (1 + rnd(31)) as u32),
+                    19 => a.lea(x, qword_ptr(y + r64[rnd(r64.len())] * 4 + 0x10)),
+                    20 => a.lea(x32, dword_ptr(y32 + imm)),
+                    21 => a.movzx(x32, r8s[rnd(r8s.len())]),
+                    22 => a.movsx(x, r16[rnd(r16.len())]),
+                    23 => a.movsxd(x, y32),
+                    24 => a.cmp(x, y),
+                    25 => a.test(x32, y32),
+                    26 => a.adc(x, y),
+                    27 => a.setb(r8s[rnd(r8s.len())]),
+                    28 => a.cmovl(x, y),
+                    _ => a.inc(x32),
+                }
+                .unwrap();
+            }
+            let mut end = a.create_label();
+            if rnd(2) == 0 {
+                a.cmp(r64[rnd(r64.len())], r64[rnd(r64.len())]).unwrap();
+                a.jl(end).unwrap();
+            }
+            a.jmp(end).unwrap();
+            a.set_label(&mut end).unwrap();
+            a.nop().unwrap();
+            let code = a.assemble(CODE).unwrap();
+            let mut init = [0u64; 16];
+            for (k, v) in init.iter_mut().enumerate() {
+                *v = (k as u64 + 1).wrapping_mul(0x0123_4567_89ab_cdef) ^ (case as u64) << 40;
+            }
+            // Translated block.
+            let mut cpu = cpu64_with(&code);
+            cpu.gpr[..16].copy_from_slice(&init);
+            let mut cache = BlockCache::new();
+            let b = cache.lookup(&mut cpu).unwrap();
+            let insns = cache.blocks[b as usize].insns.clone();
+            cpu.icount += insns.len() as u64;
+            let (last, body) = insns.split_last().unwrap();
+            for i in body {
+                (i.exec)(&mut cpu, i).unwrap();
+            }
+            cpu.rip = last.next_ip;
+            (last.exec)(&mut cpu, last).unwrap();
+            // Plain handlers, one instruction at a time.
+            let mut plain = cpu64_with(&code);
+            plain.gpr[..16].copy_from_slice(&init);
+            let mut d = Decoder::with_ip(64, &code, CODE, DecoderOptions::NONE);
+            let mut count = 0;
+            for ins in d.iter() {
+                count += 1;
+                let i = prepare(&ins, 64);
+                let h = exec::select(&ins, &i, 64);
+                plain.rip = i.next_ip;
+                h(&mut plain, &i).unwrap();
+                if ins.flow_control() != FlowControl::Next {
+                    break;
+                }
+            }
+            assert_eq!(cpu.gpr, plain.gpr, "case {case}: registers");
+            assert_eq!(cpu.flags(), plain.flags(), "case {case}: flags");
+            assert_eq!(cpu.rip, plain.rip, "case {case}: rip");
+            assert_eq!(cpu.icount, count, "case {case}: icount");
+        }
     }
 
     #[test]

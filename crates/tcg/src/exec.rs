@@ -1124,6 +1124,258 @@ fn shift_r_nf<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
 }
 
 // ---------------------------------------------------------------------------------------
+// Register micro-op runs
+//
+// A straight run of register-only instructions that neither read flags nor produce live
+// ones (moves, `lea`, extensions, and arithmetic whose flags the dead-flag pass found dead)
+// is given one block entry holding compact micro-ops, which `run_uops` executes in a
+// plain loop over a `match`: no indirect call, result check or spill per instruction.
+// None of them can fault, so an exception never lands in the middle of a run.
+
+/// Micro-op kinds of [`Uop`] (`d`, `s`, `x` registers, `imm` immediate; results are cut to
+/// the operand size by [`Uop::mask`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum UopOp {
+    /// No effect (`nop`, `cmp`/`test` with dead flags).
+    Nop,
+    /// `d = s`
+    Mov,
+    /// `d = imm`
+    MovI,
+    /// `d += s`
+    Add,
+    /// `d += imm`
+    AddI,
+    /// `d -= s`
+    Sub,
+    /// `d -= imm`
+    SubI,
+    /// `d &= s`
+    And,
+    /// `d &= imm`
+    AndI,
+    /// `d |= s`
+    Or,
+    /// `d |= imm`
+    OrI,
+    /// `d ^= s`
+    Xor,
+    /// `d ^= imm`
+    XorI,
+    /// `d *= s` (low half)
+    Imul,
+    /// `d = s * imm` (low half)
+    ImulI,
+    /// `d = -d`
+    Neg,
+    /// `d = !d`
+    Not,
+    /// `d <<= imm`
+    Shl,
+    /// `d >>= imm`, 64-bit logical
+    Shr64,
+    /// `d >>= imm`, 32-bit logical
+    Shr32,
+    /// `d >>= imm`, 64-bit arithmetic
+    Sar64,
+    /// `d >>= imm`, 32-bit arithmetic
+    Sar32,
+    /// `d = imm + s + (x << sc)`
+    Lea,
+    /// `d = s & 0xff`
+    Zx8,
+    /// `d = s & 0xffff`
+    Zx16,
+    /// `d = sign-extended low byte of s`
+    Sx8,
+    /// `d = sign-extended low 16 bits of s`
+    Sx16,
+    /// `d = sign-extended low 32 bits of s`
+    Sx32,
+}
+
+/// One register micro-op; registers are GPR indices 0..15, 16 reads as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uop {
+    /// Kind.
+    pub op: UopOp,
+    /// Destination register.
+    pub d: u8,
+    /// Source register.
+    pub s: u8,
+    /// Index register (`lea`).
+    pub x: u8,
+    /// Index scale as a shift (`lea`).
+    pub sc: u8,
+    /// Result mask: all ones, or the low 32 bits (32-bit writes zero-extend).
+    pub mask: u64,
+    /// Immediate, shift count or displacement.
+    pub imm: u64,
+}
+
+/// The micro-op for `ins` (prepared as `i`), if it has one; `flags_dead` says whether the
+/// dead-flag pass found its flag results dead.
+pub fn uop_of(ins: &Instruction, i: &Insn, flags_dead: bool) -> Option<Uop> {
+    let m = ins.mnemonic();
+    let n = ins.op_count();
+    let mut u = Uop {
+        op: UopOp::Nop,
+        d: i.r0 & 15,
+        s: i.r1 & 31,
+        x: NOREG,
+        sc: 0,
+        mask: if i.size == 8 { u64::MAX } else { 0xffff_ffff },
+        imm: i.imm,
+    };
+    if matches!(m, M::Nop | M::Endbr64 | M::Endbr32 | M::Pause)
+        || (flags_dead && matches!(m, M::Cmp | M::Test) && n == 2 && regs_only(ins))
+    {
+        // Writes nothing: the mask and registers do not matter.
+        u.d = 0;
+        return Some(u);
+    }
+    // Only 32- and 64-bit operations on the sixteen GPRs (no AH..BH, no merging writes).
+    if !(i.size == 4 || i.size == 8) || i.r0 >= 16 {
+        return None;
+    }
+    let rr = n == 2 && is_gpr(ins, 1);
+    if rr && i.r1 >= 16 {
+        return None;
+    }
+    u.op = match m {
+        M::Mov if n == 2 && regs_only(ins) => {
+            if rr {
+                UopOp::Mov
+            } else {
+                UopOp::MovI
+            }
+        }
+        M::Lea if is_gpr(ins, 0) => {
+            // 64-bit addressing, or 32-bit addressing into a 32-bit register.
+            if !(i.amask == u64::MAX || (i.amask == 0xffff_ffff && i.size == 4)) {
+                return None;
+            }
+            u.s = i.base & 31;
+            u.x = i.index & 31;
+            u.sc = i.scale & 3;
+            u.imm = i.disp;
+            UopOp::Lea
+        }
+        M::Movzx | M::Movsx | M::Movsxd if rr => match (m, op_size(i, 1)) {
+            (M::Movzx, 1) => UopOp::Zx8,
+            (M::Movzx, 2) => UopOp::Zx16,
+            (M::Movsx, 1) => UopOp::Sx8,
+            (M::Movsx, 2) => UopOp::Sx16,
+            (M::Movsxd, 4) => UopOp::Sx32,
+            _ => return None,
+        },
+        M::Not if n == 1 && regs_only(ins) => UopOp::Not,
+        _ if !flags_dead || flag_use(ins, i) != FlagUse::Kill => return None,
+        M::Add => {
+            if rr {
+                UopOp::Add
+            } else {
+                UopOp::AddI
+            }
+        }
+        M::Sub => {
+            if rr {
+                UopOp::Sub
+            } else {
+                UopOp::SubI
+            }
+        }
+        M::And => {
+            if rr {
+                UopOp::And
+            } else {
+                UopOp::AndI
+            }
+        }
+        M::Or => {
+            if rr {
+                UopOp::Or
+            } else {
+                UopOp::OrI
+            }
+        }
+        M::Xor => {
+            if rr {
+                UopOp::Xor
+            } else {
+                UopOp::XorI
+            }
+        }
+        M::Neg => UopOp::Neg,
+        M::Imul if n == 2 => UopOp::Imul,
+        M::Imul => UopOp::ImulI,
+        M::Shl | M::Sal | M::Shr | M::Sar => {
+            u.imm = u64::from(shift_count(i));
+            match (m, i.size == 8) {
+                (M::Shr, true) => UopOp::Shr64,
+                (M::Shr, false) => UopOp::Shr32,
+                (M::Sar, true) => UopOp::Sar64,
+                (M::Sar, false) => UopOp::Sar32,
+                _ => UopOp::Shl,
+            }
+        }
+        _ => return None,
+    };
+    Some(u)
+}
+
+/// Runs the micro-ops of a fused entry (see [`uop_of`]); `icount` takes the instructions
+/// beyond the first.
+pub fn run_uops(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let Some(ops) = i.uops.as_deref() else {
+        return Ok(());
+    };
+    let g = &mut cpu.gpr;
+    for u in ops {
+        let s = g[(u.s & 31) as usize];
+        let dv = g[(u.d & 15) as usize];
+        let v = match u.op {
+            UopOp::Nop => continue,
+            UopOp::Mov => s,
+            UopOp::MovI => u.imm,
+            UopOp::Add => dv.wrapping_add(s),
+            UopOp::AddI => dv.wrapping_add(u.imm),
+            UopOp::Sub => dv.wrapping_sub(s),
+            UopOp::SubI => dv.wrapping_sub(u.imm),
+            UopOp::And => dv & s,
+            UopOp::AndI => dv & u.imm,
+            UopOp::Or => dv | s,
+            UopOp::OrI => dv | u.imm,
+            UopOp::Xor => dv ^ s,
+            UopOp::XorI => dv ^ u.imm,
+            UopOp::Imul => dv.wrapping_mul(s),
+            UopOp::ImulI => s.wrapping_mul(u.imm),
+            UopOp::Neg => dv.wrapping_neg(),
+            UopOp::Not => !dv,
+            // Counts are non-zero and below the operand width (masked at translation).
+            UopOp::Shl => dv << (u.imm & 63),
+            UopOp::Shr64 => dv >> (u.imm & 63),
+            UopOp::Shr32 => (dv & 0xffff_ffff) >> (u.imm & 31),
+            UopOp::Sar64 => ((dv as i64) >> (u.imm & 63)) as u64,
+            UopOp::Sar32 => ((dv as u32 as i32) >> (u.imm & 31)) as u64,
+            UopOp::Lea => u
+                .imm
+                .wrapping_add(s)
+                .wrapping_add(g[(u.x & 31) as usize] << (u.sc & 3)),
+            UopOp::Zx8 => s & 0xff,
+            UopOp::Zx16 => s & 0xffff,
+            UopOp::Sx8 => s as u8 as i8 as i64 as u64,
+            UopOp::Sx16 => s as u16 as i16 as i64 as u64,
+            UopOp::Sx32 => s as u32 as i32 as i64 as u64,
+        };
+        g[(u.d & 15) as usize] = v & u.mask;
+    }
+    cpu.icount += (ops.len() as u64).saturating_sub(1);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // Compare-and-branch pairs
 //
 // Most blocks end in `cmp`/`test` and a conditional jump. The translator gives such a pair
