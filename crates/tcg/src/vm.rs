@@ -24,14 +24,12 @@
 //! Devices (the machine's buses) are called inline with the lock held; they serialise
 //! themselves and never wait for a vCPU.
 //!
-//! Code written by another vCPU: each vCPU's block cache write-protects the pages *it*
-//! translated, so a vCPU notices its own writes to them exactly; those pages are then also
-//! queued for every other vCPU, which drops its translations of them before it runs again
-//! (the same path as [`TcgVm::invalidate_range`] for DMA). A write to a page only another
-//! vCPU has translated is not trapped; the other vCPU notices it through the code fingerprint
-//! its block lookup re-checks (first 16 and last 8 bytes of the block), as for DMA without
-//! `invalidate_range`. Linux patches kernel text (static keys, alternatives) on pages every
-//! vCPU runs, which the first path covers.
+//! Code written by another vCPU (cross-modifying code): each vCPU's block cache
+//! write-protects, in that vCPU's TLB, the pages it translated; a page any vCPU starts
+//! translating is also queued for the others, which write-protect it before they run again
+//! (`CodePages`). So a write by any vCPU to code any vCPU translated traps; the writer drops
+//! its own translations of the page and queues the page for every other vCPU, which drops
+//! them before it runs again (the same path as [`TcgVm::invalidate_range`] for DMA).
 //!
 //! Application processors start in wait-for-SIPI: INIT then a start-up IPI from another
 //! vCPU's ICR puts them in real mode at `CS = vector << 8`, `IP = 0`.
@@ -160,12 +158,38 @@ impl Accelerator for TcgAccel {
 struct Attention {
     bits: AtomicU32,
     pending_inval: Mutex<Vec<(u64, u64)>>,
+    /// Pages another vCPU started translating code from: this vCPU must trap its writes to
+    /// them (see [`CodePages`]).
+    pending_code: Mutex<CodeMarks>,
 }
+
+/// Code pages to write-protect, queued for a vCPU.
+#[derive(Debug, Default)]
+struct CodeMarks {
+    pages: Vec<u64>,
+    /// The queue overflowed: write-protect everything in the VM-wide set.
+    resync: bool,
+}
+
+/// Most queued code pages per vCPU before it resynchronises from the VM-wide set.
+const MAX_CODE_MARKS: usize = 4096;
+
+/// The guest-physical pages some vCPU of the VM holds translated code from.
+///
+/// Each vCPU's block cache write-protects (in that vCPU's TLB) only the pages *it*
+/// translated. With several vCPUs, a page one of them starts translating is also queued for
+/// every other vCPU, which write-protects it before it runs again; so a write by any vCPU to
+/// code any vCPU translated traps, and the writer passes the page on for invalidation (see
+/// `TcgVcpu::process_dirty`). A page leaves the set when every vCPU is told to drop its
+/// translations of it.
+type CodePages = Arc<Mutex<std::collections::HashSet<u64>>>;
 
 const ATT_KICK: u32 = 1;
 const ATT_INVAL: u32 = 2;
 /// The local APIC has an event (INIT, SIPI, NMI) or a new interrupt.
 const ATT_APIC: u32 = 4;
+/// Code pages to write-protect are queued in `pending_code`.
+const ATT_CODE: u32 = 8;
 
 struct VcpuHandle {
     att: Arc<Attention>,
@@ -268,6 +292,39 @@ fn post_invalidation(
     }
 }
 
+/// Removes `[gpa, gpa+len)` from the VM-wide code pages (every vCPU is being told to drop
+/// them); ranges past the per-page limit of `TcgVcpu::take_invalidations` flush everything.
+fn forget_code(pages: &Mutex<std::collections::HashSet<u64>>, gpa: u64, len: u64) {
+    let mut set = pages.lock().unwrap_or_else(|p| p.into_inner());
+    if len > 64 * 4096 {
+        set.clear();
+        return;
+    }
+    let mut p = gpa & !0xfff;
+    while p < gpa.saturating_add(len) {
+        set.remove(&p);
+        p += 4096;
+    }
+}
+
+/// Queues code page `page` for write protection on every vCPU of `list` but `except`.
+fn post_code_page(list: &Mutex<Vec<Weak<Attention>>>, except: &Arc<Attention>, page: u64) {
+    let list = list.lock().unwrap_or_else(|p| p.into_inner());
+    for v in list.iter().filter_map(Weak::upgrade) {
+        if Arc::ptr_eq(except, &v) {
+            continue;
+        }
+        let mut m = v.pending_code.lock().unwrap_or_else(|p| p.into_inner());
+        if m.pages.len() < MAX_CODE_MARKS {
+            m.pages.push(page);
+        } else {
+            m.pages.clear();
+            m.resync = true;
+        }
+        v.bits.fetch_or(ATT_CODE, Ordering::AcqRel);
+    }
+}
+
 /// Local APICs and IOAPIC of a VM that has them.
 struct Apics {
     bus: Arc<ApicBus>,
@@ -289,6 +346,7 @@ pub struct TcgVm {
     /// vCPUs' TSCs agree as on one board (Linux checks for warps between CPUs).
     tsc_origin: Arc<AtomicU64>,
     vcpus: Arc<Mutex<Vec<Weak<Attention>>>>,
+    code_pages: CodePages,
     /// Every vCPU's wake-up flag (the 8259's INTR wakes them all; those whose APIC does not
     /// take ExtINT go back to sleep).
     wakeups: Arc<Mutex<Vec<Arc<Wakeup>>>>,
@@ -399,6 +457,7 @@ impl TcgVm {
             exec: Arc::new(ExecLock::new()),
             tsc_origin: Arc::new(AtomicU64::new(0u64.wrapping_sub(crate::host_tsc()))),
             vcpus: Arc::default(),
+            code_pages: Arc::default(),
             wakeups,
         })
     }
@@ -447,6 +506,8 @@ impl TcgVm {
             wakeup,
             exec: self.exec.clone(),
             peers: self.vcpus.clone(),
+            code_pages: self.apics.as_ref().map(|_| self.code_pages.clone()),
+            blocks_seen: 0,
             tsc_origin: self.tsc_origin.clone(),
             next_poll: 0,
             slice_end: 0,
@@ -458,6 +519,7 @@ impl TcgVm {
     /// (device DMA, the VMM loading an image): translated code from those pages is dropped
     /// before the vCPU runs its next block.
     pub fn invalidate_range(&self, gpa: u64, len: u64) {
+        forget_code(&self.code_pages, gpa, len);
         post_invalidation(&self.vcpus, None, gpa, len);
     }
 
@@ -531,6 +593,8 @@ impl Vm for TcgVm {
     fn reset(&self) -> Result<(), AccelError> {
         self.tsc_origin
             .store(0u64.wrapping_sub(crate::host_tsc()), Ordering::Release);
+        // Every vCPU starts over with an empty block cache.
+        forget_code(&self.code_pages, 0, u64::MAX);
         self.pit.reset();
         self.pic.reset();
         if let Some(a) = &self.apics {
@@ -555,6 +619,11 @@ pub struct TcgVcpu {
     exec: Arc<ExecLock>,
     /// Every vCPU's attention bits (this one's included), to pass on code-page writes.
     peers: Arc<Mutex<Vec<Weak<Attention>>>>,
+    /// The VM-wide code pages; `None` with a single vCPU (no local APICs).
+    code_pages: Option<CodePages>,
+    /// Blocks in the cache after the last look, to notice a full flush (which drops the
+    /// write protection of every page, including other vCPUs' code pages).
+    blocks_seen: usize,
     tsc_origin: Arc<AtomicU64>,
     next_poll: u64,
     /// Clock time until which this vCPU keeps the execution lock when others wait.
@@ -661,8 +730,12 @@ impl TcgVcpu {
     /// meantime are dropped from the block cache before anything else runs.
     fn reacquire(&mut self) {
         self.exec.acquire(self.cpu.index);
-        if self.att.bits.load(Ordering::Acquire) & ATT_INVAL != 0 {
+        let bits = self.att.bits.load(Ordering::Acquire);
+        if bits & ATT_INVAL != 0 {
             self.take_invalidations();
+        }
+        if bits & ATT_CODE != 0 {
+            self.take_code_marks();
         }
         self.slice_end = self.clock.now_ns().saturating_add(SLICE_NS);
     }
@@ -671,13 +744,76 @@ impl TcgVcpu {
     /// vCPUs (which may have translated the same pages: text patching by the guest kernel).
     fn process_dirty(&mut self) {
         if self.cpu.dirty_code_overflow {
+            if let Some(c) = &self.code_pages {
+                forget_code(c, 0, u64::MAX);
+            }
             post_invalidation(&self.peers, Some(&self.att), 0, u64::MAX);
         } else {
             for &p in &self.cpu.dirty_code {
+                if let Some(c) = &self.code_pages {
+                    forget_code(c, p, 4096);
+                }
                 post_invalidation(&self.peers, Some(&self.att), p, 4096);
             }
         }
         self.cache.process_dirty(&mut self.cpu);
+        self.check_flush();
+    }
+
+    /// Publishes the pages of block `idx`, just translated, to the other vCPUs.
+    fn publish_code(&mut self, idx: u32) {
+        let Some(c) = &self.code_pages else { return };
+        let Some(blk) = self.cache.blocks.get(idx as usize) else {
+            return;
+        };
+        for p in blk.pages.into_iter().filter(|&p| p != u64::MAX) {
+            let new = c.lock().unwrap_or_else(|e| e.into_inner()).insert(p);
+            if new {
+                post_code_page(&self.peers, &self.att, p);
+            }
+        }
+    }
+
+    /// Write-protects the code pages other vCPUs queued for this one.
+    fn take_code_marks(&mut self) {
+        self.att.bits.fetch_and(!ATT_CODE, Ordering::AcqRel);
+        let m = std::mem::take(
+            &mut *self
+                .att
+                .pending_code
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if m.resync {
+            self.resync_code();
+            return;
+        }
+        for p in m.pages {
+            self.cpu.mmu.phys.set_code(p, true);
+            self.cpu.mmu.flush_write_gpa(p);
+        }
+    }
+
+    /// Write-protects every page of the VM-wide set (after this vCPU's block cache flushed all
+    /// its marks, or its queue overflowed).
+    fn resync_code(&mut self) {
+        let Some(c) = &self.code_pages else { return };
+        let set = c.lock().unwrap_or_else(|p| p.into_inner());
+        for &p in set.iter() {
+            self.cpu.mmu.phys.set_code(p, true);
+        }
+        drop(set);
+        self.cpu.mmu.flush();
+    }
+
+    /// Notices a full flush of the block cache (it clears every page's write protection).
+    #[inline]
+    fn check_flush(&mut self) {
+        let n = self.cache.blocks.len();
+        if n < self.blocks_seen && self.code_pages.is_some() {
+            self.resync_code();
+        }
+        self.blocks_seen = n;
     }
 
     /// Drops the translations other vCPUs or devices asked to drop.
@@ -701,6 +837,7 @@ impl TcgVcpu {
                 p += 4096;
             }
         }
+        self.check_flush();
     }
 
     /// Sleeps without the execution lock until woken (interrupt, APIC event, kick) or until
@@ -746,6 +883,9 @@ impl TcgVcpu {
         self.cpu.msr.tsc_offset = tsc_offset;
         self.cpu.lapic = lapic;
         self.cache = BlockCache::new();
+        self.blocks_seen = 0;
+        // The fresh memory view write-protects nothing: protect the other vCPUs' code pages.
+        self.resync_code();
         if let Some(l) = &self.lapic {
             l.init_reset();
             self.wait_sipi = !l.is_bsp();
@@ -787,6 +927,9 @@ impl TcgVcpu {
     fn process_attention(&mut self, bits: u32) -> Result<Option<VcpuExit>, Stop> {
         if bits & ATT_INVAL != 0 {
             self.take_invalidations();
+        }
+        if bits & ATT_CODE != 0 {
+            self.take_code_marks();
         }
         if bits & ATT_APIC != 0 {
             self.att.bits.fetch_and(!ATT_APIC, Ordering::AcqRel);
@@ -916,6 +1059,7 @@ impl TcgVcpu {
                 self.poll_timers();
                 continue;
             }
+            let translated = self.cache.translated;
             let mut idx = match self.cache.lookup(&mut self.cpu) {
                 Ok(i) => i,
                 Err(e) => {
@@ -925,6 +1069,10 @@ impl TcgVcpu {
                     continue;
                 }
             };
+            if self.code_pages.is_some() && self.cache.translated != translated {
+                self.check_flush();
+                self.publish_code(idx);
+            }
             if let Some(p) = prev.take() {
                 self.link(p, idx);
             }
@@ -1194,6 +1342,8 @@ impl Vcpu for TcgVcpu {
         // Every vCPU's TSC counts from the same origin (the VM's last reset).
         self.cpu.msr.tsc_offset = self.tsc_origin.load(Ordering::Acquire);
         self.cache = BlockCache::new();
+        self.blocks_seen = 0;
+        self.resync_code();
         self.next_poll = 0;
         if let Some(l) = &self.lapic {
             l.set_apic_base(LAPIC_BASE | lapic::APIC_BASE_ENABLE);

@@ -367,3 +367,112 @@ fn pic_through_lint0_extint_and_ioapic_pin_reach_the_bsp() {
     wait(SEEN_IOAPIC);
     assert_eq!(t.join().unwrap(), VcpuExit::Halted);
 }
+
+const FUNC: u64 = 0x9000;
+const RESULT: u64 = 0x7300;
+const CALLED: u64 = 0x7304;
+
+/// Cross-modifying code: the BSP keeps calling a function only it has executed (so only its
+/// block cache holds it, entered through chained links); the AP, in real mode, rewrites an
+/// immediate in the middle of it (outside the bytes a block lookup fingerprints). The BSP
+/// must see the new code.
+#[test]
+fn code_written_by_one_vcpu_is_retranslated_by_another() {
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
+    let buses = Arc::new(IoBuses::new());
+    let vm = TcgVm::with_apic(
+        mem.clone(),
+        buses,
+        Arc::new(NoEvents),
+        Default::default(),
+        true,
+    )
+    .unwrap();
+    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    for (k, d) in gdt.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
+    }
+    // FUNC: 20 nops, mov eax, 1, 20 nops, ret.
+    let mut f = vec![0x90u8; 20];
+    f.extend_from_slice(&[0xb8, 1, 0, 0, 0]);
+    f.extend_from_slice(&[0x90; 20]);
+    f.push(0xc3);
+    mem.write_slice(&f, GuestAddress(FUNC)).unwrap();
+
+    let mut a = CodeAssembler::new(32).unwrap();
+    let lapic = |off: u32| dword_ptr(0xfee0_0000u32 + off);
+    a.mov(lapic(0xf0), 0x1ffu32).unwrap();
+    a.mov(lapic(0x310), 1u32 << 24).unwrap();
+    a.mov(lapic(0x300), 0x0000_c500u32).unwrap();
+    a.mov(lapic(0x300), 0x0000_0608u32).unwrap();
+    a.mov(esi, FUNC as u32).unwrap();
+    let mut l = a.create_label();
+    a.set_label(&mut l).unwrap();
+    a.call(esi).unwrap();
+    a.mov(dword_ptr(RESULT as u32), eax).unwrap();
+    a.mov(dword_ptr(CALLED as u32), 1u32).unwrap();
+    a.cmp(eax, 2).unwrap();
+    a.jne(l).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    mem.write_slice(&a.assemble(BSP_CODE).unwrap(), GuestAddress(BSP_CODE))
+        .unwrap();
+
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.xor(ax, ax).unwrap();
+    a.mov(ds, ax).unwrap();
+    let mut w = a.create_label();
+    a.set_label(&mut w).unwrap();
+    a.pause().unwrap();
+    a.cmp(dword_ptr(CALLED as u32), 1u32).unwrap();
+    a.jne(w).unwrap();
+    // Let the BSP run the function many more times from its cache first.
+    a.mov(ecx, 200_000u32).unwrap();
+    let mut d = a.create_label();
+    a.set_label(&mut d).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(d).unwrap();
+    a.mov(byte_ptr(FUNC as u32 + 21), 2u32).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    mem.write_slice(&a.assemble(AP_CODE).unwrap(), GuestAddress(AP_CODE))
+        .unwrap();
+
+    let mut bsp = vm.create_vcpu(0).unwrap();
+    let ap = vm.create_vcpu(1).unwrap();
+    bsp.set_sregs(&flat32()).unwrap();
+    bsp.set_regs(&Regs {
+        rip: BSP_CODE,
+        rsp: 0x9_0000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let kicks = [bsp.kicker(), ap.kicker()];
+    for v in [bsp, ap] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut v = v;
+            loop {
+                match v.run().unwrap() {
+                    VcpuExit::Interrupted => {}
+                    x => {
+                        let _ = tx.send((v.index(), x));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    for _ in 0..2 {
+        if let Err(e) = rx.recv_timeout(Duration::from_secs(30)) {
+            for k in &kicks {
+                k.kick();
+            }
+            let r = mem.read_obj::<u32>(GuestAddress(RESULT)).unwrap();
+            panic!("a vCPU did not halt ({e}); the BSP's function returned {r}");
+        }
+    }
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(RESULT)).unwrap(), 2);
+}
