@@ -85,7 +85,10 @@ fn debian_boots_with_two_cpus_and_powers_off_under_tcg() {
         "{text}"
     );
     assert!(text.contains("smp: Brought up 1 node, 2 CPUs"), "{text}");
-    assert!(text.contains("ACPI: Using IOAPIC for interrupt routing"), "{text}");
+    assert!(
+        text.contains("ACPI: Using IOAPIC for interrupt routing"),
+        "{text}"
+    );
     assert!(
         text.contains("Preparing to enter system sleep state S5"),
         "{text}"
