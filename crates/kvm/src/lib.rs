@@ -6,7 +6,7 @@
 //! |---|---|
 //! | [`KvmAccel::new`] | opens `/dev/kvm`, checks the API version and the capabilities every VM needs; the error says what the user can do (load the module, join group `kvm`, ...) |
 //! | [`Accelerator::check`] | `KVM_CAP_MAX_VCPUS`, `KVM_CAP_IRQCHIP`, `KVM_CAP_PIT2`, the guest-physical address width from CPUID leaf 0x8000_0008 |
-//! | [`Accelerator::create_vm`] | `KVM_CREATE_VM`, the identity map and TSS pages just below the BIOS area (0xfffb_c000..0xfffc_0000), one `KVM_SET_USER_MEMORY_REGION` per region of the `GuestMemory`, `KVM_CREATE_IRQCHIP` (8259 pair + IOAPIC + LAPICs), `KVM_CREATE_PIT2` when the machine wants a PIT |
+//! | [`Accelerator::create_vm`] | `KVM_CREATE_VM`, the identity map and TSS pages just below the BIOS area (0xfffb_c000..0xfffc_0000), one `KVM_SET_USER_MEMORY_REGION` per region of the `GuestMemory`, `KVM_CREATE_IRQCHIP` (8259 pair + IOAPIC + LAPICs); when the machine wants a PIT, `KVM_CREATE_PIT2` on the guest's first access to ports 0x40–0x43/0x61 (a VM with a PIT costs ~10 ms more to destroy; the access is replayed against the new PIT, see `pit.rs`) |
 //! | [`Vm::irq_line`] | `KVM_IRQ_LINE` on that GSI; [`KvmVm::irqfd`] gives an eventfd bound with `KVM_IRQFD` for event loops |
 //! | [`Vm::register_ioevent`](keel_accel::Vm::register_ioevent) | `KVM_IOEVENTFD` on an MMIO address, with a datamatch of the write's width (or none, any width): the write signals the eventfd in the kernel and the vCPU does not exit |
 //! | [`Vm::register_irqfd`](keel_accel::Vm::register_irqfd) | `KVM_IRQFD` on the GSI; with a resample eventfd `KVM_IRQFD_FLAG_RESAMPLE` (level-triggered: asserted until the guest's EOI, then deasserted and the resample eventfd signalled) |
@@ -75,6 +75,7 @@
 
 pub mod cpuid;
 mod kick;
+mod pit;
 mod regs;
 mod vcpu;
 mod vm;

@@ -20,9 +20,11 @@ use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd, VmFd};
 
 use crate::cpuid::{CpuTopology, vcpu_cpuid};
 use crate::kick;
+use crate::pit::LazyPit;
 use crate::regs::{regs_from_kvm, regs_to_kvm, sregs_from_kvm, sregs_to_kvm};
+use vm_memory::Bytes;
 
-fn host(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> AccelError {
+pub(crate) fn host(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> AccelError {
     move |e| AccelError::Host {
         what,
         source: e.into(),
@@ -39,6 +41,7 @@ pub(crate) struct VcpuSetup<'a> {
     pub msr_index_list: &'a [u32],
     pub memory: Arc<GuestMemory>,
     pub events: Arc<dyn SystemEvents>,
+    pub pit: Arc<LazyPit>,
 }
 
 /// MSRs given defined boot values (as Firecracker does): SYSENTER/SYSCALL entry points zero,
@@ -200,6 +203,7 @@ pub struct KvmVcpu {
     repeat: Option<Repeat>,
     initial: InitialState,
     events: Arc<dyn SystemEvents>,
+    pit: Arc<LazyPit>,
     _memory: Arc<GuestMemory>,
 }
 
@@ -301,6 +305,7 @@ impl KvmVcpu {
             repeat: None,
             initial,
             events: s.events,
+            pit: s.pit,
             _memory: s.memory,
         })
     }
@@ -402,6 +407,95 @@ impl KvmVcpu {
             .ok_or_else(|| self.guest("empty string I/O".to_string()))
     }
 
+    /// The guest touched a PIT port while no in-kernel PIT existed (see the `pit` module):
+    /// creates it, completes the pending access without entering the guest, and rewinds to the
+    /// `in`/`out` so that the next `KVM_RUN` executes it against the PIT. `false` when the
+    /// access cannot be replayed (string I/O) and goes to the bus as an ordinary exit.
+    fn replay_on_new_pit(&mut self, port: u16) -> Result<bool, AccelError> {
+        // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the valid union member.
+        let io = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.io };
+        let (count, size) = (io.count, io.size);
+        let at_exit = self.fd.get_regs().map_err(host("KVM_GET_REGS"))?;
+        self.pit.ensure()?;
+        if count != 1 {
+            return Ok(false);
+        }
+        self.immediate_exit().store(1, Ordering::SeqCst);
+        let completed = self.fd.run().map(|_| ()).map_err(|e| e.errno());
+        self.immediate_exit().store(0, Ordering::SeqCst);
+        match completed {
+            Err(libc::EINTR) => {}
+            Ok(()) => {
+                return Err(self.guest(format!(
+                    "KVM exited again while completing the first access to PIT port {port:#x}"
+                )));
+            }
+            Err(errno) => {
+                return Err(host("KVM_RUN")(vmm_sys_util::errno::Error::new(errno)));
+            }
+        }
+        let after = self.fd.get_regs().map_err(host("KVM_GET_REGS"))?;
+        let mut rewind = at_exit;
+        if after.rip == at_exit.rip {
+            // The exit came with RIP already past the instruction: KVM's instruction emulator
+            // (real mode, or guest kernels on KVM-PVM) finishes an `out` before exiting.
+            rewind.rip = at_exit
+                .rip
+                .checked_sub(self.io_insn_len_before(at_exit.rip, port, size)?)
+                .ok_or_else(|| self.guest("port I/O at RIP 0".to_string()))?;
+        }
+        self.fd.set_regs(&rewind).map_err(host("KVM_SET_REGS"))?;
+        Ok(true)
+    }
+
+    /// The length of the `in`/`out` on `port` that ends at `rip`, read from guest memory:
+    /// `E4`–`E7 ib` (imm8 port) or `EC`–`EF` (port in DX), with an operand-size prefix when
+    /// the access size is not the code's default.
+    fn io_insn_len_before(&self, rip: u64, port: u16, size: u8) -> Result<u64, AccelError> {
+        let sregs = self.fd.get_sregs().map_err(host("KVM_GET_SREGS"))?;
+        let linear = sregs.cs.base.wrapping_add(rip);
+        let mut bytes = [0u8; 3];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            let addr = linear.wrapping_sub(3 - i as u64);
+            let t = self.fd.translate_gva(addr).map_err(host("KVM_TRANSLATE"))?;
+            if t.valid == 0 {
+                return Err(self.guest(format!(
+                    "cannot read the instruction before RIP {rip:#x} (linear {addr:#x} unmapped)"
+                )));
+            }
+            self._memory
+                .read_slice(
+                    std::slice::from_mut(b),
+                    vm_memory::GuestAddress(t.physical_address),
+                )
+                .map_err(|e| self.guest(format!("cannot read the port I/O instruction: {e}")))?;
+        }
+        let opcode_len = if matches!(bytes[1], 0xe4..=0xe7) && u16::from(bytes[2]) == port {
+            2
+        } else if matches!(bytes[2], 0xec..=0xef) {
+            1
+        } else {
+            return Err(self.guest(format!(
+                "no in/out on port {port:#x} ends at RIP {rip:#x} (bytes {bytes:02x?})"
+            )));
+        };
+        let default_size = if sregs.cs.l != 0 || sregs.cs.db != 0 {
+            4
+        } else {
+            2
+        };
+        if size != 1 && size != default_size {
+            if bytes[2 - opcode_len] != 0x66 {
+                return Err(self.guest(format!(
+                    "a {size}-byte in/out on port {port:#x} without an operand-size prefix \
+                     before RIP {rip:#x} (bytes {bytes:02x?})"
+                )));
+            }
+            return Ok(opcode_len as u64 + 1);
+        }
+        Ok(opcode_len as u64)
+    }
+
     fn guest(&self, reason: String) -> AccelError {
         AccelError::Guest {
             vcpu: self.index,
@@ -499,7 +593,15 @@ impl Vcpu for KvmVcpu {
                     out,
                     data,
                     len,
-                } => self.io_exit(port, out, data, len),
+                } => {
+                    if self.pit.claims(port) && self.replay_on_new_pit(port)? {
+                        if self.kick.take() {
+                            return Ok(VcpuExit::Interrupted);
+                        }
+                        continue;
+                    }
+                    self.io_exit(port, out, data, len)
+                }
                 Raw::MmioRead { addr, slot } => {
                     self.pending_read = Some(slot);
                     Ok(VcpuExit::MmioRead {

@@ -7,14 +7,15 @@ use keel_accel::{
     SystemEvents, Vcpu, Vm,
 };
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
-    kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_cpuid_entry2,
+    kvm_irqchip, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::KvmAccel;
+use crate::pit::LazyPit;
 use crate::vcpu::{KvmVcpu, VcpuSetup};
 
 /// Guest-physical page KVM uses for the real-mode identity page table (one page).
@@ -41,7 +42,7 @@ pub struct KvmVm {
     msr_index_list: Vec<u32>,
     created: Mutex<Vec<bool>>,
     power_on_irqchip: Vec<kvm_irqchip>,
-    power_on_pit: Option<kvm_pit_state2>,
+    pit: Arc<LazyPit>,
     events: Arc<dyn SystemEvents>,
     memory: Arc<GuestMemory>,
 }
@@ -127,25 +128,19 @@ impl KvmVm {
                 power_on_irqchip.push(chip);
             }
         }
-        let mut power_on_pit = None;
-        if req.pit {
-            let cfg = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            vm.create_pit2(cfg).map_err(host("KVM_CREATE_PIT2"))?;
-            power_on_pit = Some(vm.get_pit2().map_err(host("KVM_GET_PIT2"))?);
-        }
+        // The PIT is created on the guest's first access to its ports: see the `pit` module.
+        let vm = Arc::new(vm);
+        let pit = Arc::new(LazyPit::new(vm.clone(), req.pit));
 
         Ok(Self {
-            vm: Arc::new(vm),
+            vm,
             req: req.clone(),
             irqchip,
             supported_cpuid: accel.supported_cpuid.clone(),
             msr_index_list: accel.msr_index_list.clone(),
             created: Mutex::new(vec![false; req.vcpus as usize]),
             power_on_irqchip,
-            power_on_pit,
+            pit,
             events,
             memory,
         })
@@ -155,6 +150,12 @@ impl KvmVm {
     /// (ioeventfds, dirty logging).
     pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm
+    }
+
+    /// Whether the in-kernel PIT exists yet (it is created on the guest's first access to
+    /// its ports, see the crate docs).
+    pub fn pit_created(&self) -> bool {
+        self.pit.created()
     }
 
     /// Whether the in-kernel irqchip exists.
@@ -240,6 +241,7 @@ impl KvmVm {
             msr_index_list: &self.msr_index_list,
             memory: self.memory.clone(),
             events: self.events.clone(),
+            pit: self.pit.clone(),
         })
     }
 }
@@ -253,10 +255,7 @@ impl Vm for KvmVm {
         for chip in &self.power_on_irqchip {
             self.vm.set_irqchip(chip).map_err(host("KVM_SET_IRQCHIP"))?;
         }
-        if let Some(pit) = &self.power_on_pit {
-            self.vm.set_pit2(pit).map_err(host("KVM_SET_PIT2"))?;
-        }
-        Ok(())
+        self.pit.reset()
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {
