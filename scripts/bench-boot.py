@@ -6,13 +6,17 @@ For each side the same command line is run several times (interleaved):
     VMM -M microvm -accel tcg -m 256M -nodefaults -no-user-config -nographic
         -serial stdio -kernel K -initrd I -append A
 
-and three things are measured per run:
+and four things are measured per run:
 
 * process start -> the marker line (KEEL-GUEST-READY) on the serial console,
 * process start -> process exit (the guest powers off),
-* peak RSS of the VMM process (ru_maxrss from wait4).
+* peak RSS of the VMM process (ru_maxrss from wait4),
+* CPU time of the VMM process (user + system, from wait4): on a shared, loaded host
+  the wall times of both sides stretch with the load; CPU time moves much less.
 
-Medians over the successful runs and the Keel/QEMU ratios are printed. A side
+Medians over the successful runs and the Keel/QEMU ratios are printed.
+`--baseline BIN` adds a third side, another Keel binary (e.g. a build before a
+change), run interleaved with the other two, and prints its ratios as well. A side
 that fails or times out is reported ("keel: did not reach marker within 60s")
 and the other side is still measured.
 
@@ -79,6 +83,7 @@ class Run:
         self.status = None  # exit status (negative: killed by that signal)
         self.rss_kib = None  # peak RSS in KiB
         self.uptime = None  # guest uptime printed with the marker
+        self.cpu = None  # user + system CPU seconds of the process
         self.error = None  # why the run failed, if it did
         self.tail = b""  # last bytes of output, for failure reports
 
@@ -155,6 +160,7 @@ def boot_once(cmd, timeout, marker, log_path=None):
         proc.returncode = os.waitstatus_to_exitcode(status)
         run.status = proc.returncode
         run.rss_kib = rusage.ru_maxrss
+        run.cpu = rusage.ru_utime + rusage.ru_stime
         if run.marker is None:
             run.error = "did not reach marker within %gs" % timeout
         else:
@@ -163,6 +169,7 @@ def boot_once(cmd, timeout, marker, log_path=None):
         run.status, rusage, t_exit = waited
         run.exit = t_exit - start
         run.rss_kib = rusage.ru_maxrss
+        run.cpu = rusage.ru_utime + rusage.ru_stime
         if run.marker is None:
             run.error = "exited with status %d before the marker" % run.status
         elif run.status != 0:
@@ -202,6 +209,7 @@ def summarize(name, runs):
         "rss_kib": median([r.rss_kib for r in ok]),
         "rss_kib_max": max([r.rss_kib for r in ok], default=None),
         "guest_uptime_s": median([r.uptime for r in ok if r.uptime is not None]),
+        "cpu_s": median([r.cpu for r in ok]),
         "marker_all_s": [r.marker for r in runs],
         "exit_all_s": [r.exit for r in runs],
         "rss_all_kib": [r.rss_kib for r in runs],
@@ -222,6 +230,7 @@ def main():
                    help="Keel's binary ($VMM, default target/release/vmm)")
     p.add_argument("--qemu", default=os.environ.get("QEMU") or "qemu-system-x86_64",
                    help="QEMU's binary ($QEMU, default qemu-system-x86_64)")
+    p.add_argument("--baseline", help="a second Keel binary, measured as side 'base' (before/after)")
     p.add_argument("--guest-dir", default=guest_dir, help="build-guest.sh output (default %(default)s)")
     p.add_argument("--kernel", help="kernel image (default GUEST_DIR/vmlinux; try bzImage)")
     p.add_argument("--initrd", help="initramfs (default GUEST_DIR/initramfs.cpio.gz)")
@@ -229,7 +238,7 @@ def main():
     p.add_argument("--accel", default="tcg", help="accelerator for both sides (default tcg)")
     p.add_argument("-m", "--memory", default="256M", help="guest RAM (default 256M)")
     p.add_argument("--marker", default=MARKER.decode(), help="marker line prefix (default %(default)s)")
-    p.add_argument("--only", choices=["keel", "qemu"], help="measure one side only")
+    p.add_argument("--only", choices=["keel", "base", "qemu"], help="measure one side only")
     p.add_argument("--log-dir", help="keep each run's console output here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("extra", nargs="*", help="extra VMM arguments for both sides (after --)")
@@ -246,51 +255,67 @@ def main():
         os.makedirs(args.log_dir, exist_ok=True)
 
     common = vm_args(args)
-    sides = [("keel", args.vmm), ("qemu", args.qemu)]
+    sides = [("keel", args.vmm)]
+    if args.baseline:
+        sides.append(("base", args.baseline))
+    sides.append(("qemu", args.qemu))
     if args.only:
         sides = [s for s in sides if s[0] == args.only]
     runs = {name: [] for name, _ in sides}
     print("# %s" % " ".join(["VMM"] + [repr(a) if " " in a else a for a in common]), file=sys.stderr)
-    print("# keel=%s qemu=%s runs=%d timeout=%gs load=%s" % (
-        args.vmm, args.qemu, args.runs, args.timeout,
+    print("# keel=%s%s qemu=%s runs=%d timeout=%gs load=%s" % (
+        args.vmm, " base=%s" % args.baseline if args.baseline else "", args.qemu, args.runs, args.timeout,
         " ".join("%.2f" % x for x in os.getloadavg())), file=sys.stderr)
     for i in range(args.runs):
         for name, binary in sides:
             log = os.path.join(args.log_dir, "%s-%d.log" % (name, i)) if args.log_dir else None
             r = boot_once([binary] + common, args.timeout, args.marker.encode(), log)
             runs[name].append(r)
-            print("%s run %d: marker %s, exit %s, status %s, peak RSS %s, guest uptime %s%s" % (
-                name, i + 1, fmt_s(r.marker), fmt_s(r.exit), r.status, fmt_mib(r.rss_kib),
+            print("%s run %d: marker %s, exit %s, status %s, peak RSS %s, CPU %s, guest uptime %s%s" % (
+                name, i + 1, fmt_s(r.marker), fmt_s(r.exit), r.status, fmt_mib(r.rss_kib), fmt_s(r.cpu),
                 "-" if r.uptime is None else "%.2f s" % r.uptime,
                 "" if r.error is None else "  [%s]" % r.error), file=sys.stderr)
 
     summary = {name: summarize(name, rs) for name, rs in runs.items()}
-    result = {"command": common, "keel_binary": args.vmm, "qemu_binary": args.qemu, "sides": summary}
-    if "keel" in summary and "qemu" in summary:
-        k, q = summary["keel"], summary["qemu"]
-        result["ratio_keel_over_qemu"] = {
-            "marker": ratio(k["marker_s"], q["marker_s"]),
-            "exit": ratio(k["exit_s"], q["exit_s"]),
-            "rss": ratio(k["rss_kib"], q["rss_kib"]),
+    result = {"command": common, "keel_binary": args.vmm, "qemu_binary": args.qemu, "sides": summary,
+              "load_end": os.getloadavg()}
+    if args.baseline:
+        result["baseline_binary"] = args.baseline
+
+    def ratios(a, b):
+        return {
+            "marker": ratio(a["marker_s"], b["marker_s"]),
+            "exit": ratio(a["exit_s"], b["exit_s"]),
+            "rss": ratio(a["rss_kib"], b["rss_kib"]),
+            "cpu": ratio(a["cpu_s"], b["cpu_s"]),
         }
+
+    for a, b in (("keel", "qemu"), ("base", "qemu"), ("keel", "base")):
+        if a in summary and b in summary:
+            result["ratio_%s_over_%s" % (a, b)] = ratios(summary[a], summary[b])
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print("%-5s %7s %14s %14s %16s %14s" % ("side", "ok", "to marker", "to exit", "peak RSS", "guest uptime"))
+        print("%-5s %7s %14s %14s %16s %12s %14s" % (
+            "side", "ok", "to marker", "to exit", "peak RSS", "CPU", "guest uptime"))
         for name, s in summary.items():
-            print("%-5s %3d/%-3d %14s %14s %16s %14s" % (
+            print("%-5s %3d/%-3d %14s %14s %16s %12s %14s" % (
                 name, s["ok"], s["runs"], fmt_s(s["marker_s"]), fmt_s(s["exit_s"]),
-                fmt_mib(s["rss_kib"]), fmt_s(s["guest_uptime_s"])))
+                fmt_mib(s["rss_kib"]), fmt_s(s["cpu_s"]), fmt_s(s["guest_uptime_s"])))
             if s["ok"] < s["runs"]:
                 first = next(r for r in runs[name] if r.error)
                 print("%s: %s (%d of %d runs failed)" % (name, first.error, s["runs"] - s["ok"], s["runs"]))
                 tail = first.tail.decode("utf-8", "replace").strip().splitlines()[-3:]
                 for line in tail:
                     print("  | %s" % line)
-        rr = result.get("ratio_keel_over_qemu")
-        if rr:
-            print("ratio keel/qemu (medians; < 1 means Keel is faster/smaller): marker %s, exit %s, peak RSS %s" % tuple(
-                "-" if v is None else "%.2fx" % v for v in (rr["marker"], rr["exit"], rr["rss"])))
+        for a, b in (("keel", "qemu"), ("base", "qemu"), ("keel", "base")):
+            rr = result.get("ratio_%s_over_%s" % (a, b))
+            if rr:
+                print("ratio %s/%s (medians; < 1 means %s is faster/smaller): marker %s, exit %s, "
+                      "peak RSS %s, CPU %s" % ((a, b, a) + tuple(
+                          "-" if v is None else "%.2fx" % v
+                          for v in (rr["marker"], rr["exit"], rr["rss"], rr["cpu"]))))
+        print("load average at the end: %s" % " ".join("%.2f" % x for x in os.getloadavg()))
     failed = any(s["ok"] == 0 for s in summary.values())
     return 1 if failed else 0
 
