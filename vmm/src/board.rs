@@ -134,6 +134,21 @@ pub struct BoardContext {
     pub backends: Arc<Backends>,
     /// Device events, forwarded to QMP clients.
     pub events: Arc<dyn EventSink>,
+    /// What a guest write to `isa-debug-exit` does.
+    pub guest_exit: GuestExitPolicy,
+}
+
+/// What happens when the guest asks to end the process (`isa-debug-exit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GuestExitPolicy {
+    /// The VMM shuts down in order (vCPUs stopped, monitors told, `SHUTDOWN` sent) and
+    /// [`Vmm::exit_status`](crate::Vmm::exit_status) holds the status: right for an embedder.
+    #[default]
+    Shutdown,
+    /// The process exits at once from the vCPU thread with the guest's status, as QEMU's
+    /// device calls `exit()`: the `vmm` binary's choice, where a test guest's last write
+    /// should end the process without a round of thread hand-offs.
+    ExitProcess,
 }
 
 impl std::fmt::Debug for BoardContext {
@@ -150,6 +165,7 @@ impl Default for BoardContext {
         Self {
             backends: Arc::new(Backends::new()),
             events: Arc::new(keel_qdev::NoEvents),
+            guest_exit: GuestExitPolicy::Shutdown,
         }
     }
 }

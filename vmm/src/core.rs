@@ -9,8 +9,8 @@ use keel_qmp::{CommandError, EventBus, PhaseSource};
 
 use crate::accel::AccelProbe;
 use crate::backends::Backends;
-use crate::board::BoardContext;
 use crate::board::{Board, MachineConfig, MachineType, MachineTypeInfo};
+use crate::board::{BoardContext, GuestExitPolicy};
 use crate::commands::{
     AccelChoice, AccelInfo, AccelRejection, DeviceAdd, KvmInfo, MachineSet, cause_data,
 };
@@ -130,6 +130,7 @@ pub struct VmmCore {
     pub(crate) board: Option<Box<dyn Board>>,
     pub(crate) backends: Arc<Backends>,
     pub(crate) autostart: bool,
+    pub(crate) guest_exit: GuestExitPolicy,
     pub(crate) events: Arc<EventBus>,
     pub(crate) shutdown: Arc<ShutdownSignal>,
 }
@@ -360,6 +361,7 @@ impl VmmCore {
         let ctx = BoardContext {
             backends: self.backends.clone(),
             events: Arc::new(QmpEvents(self.events.clone())),
+            guest_exit: self.guest_exit,
         };
         let board = machine.create(cfg, &accel.accel, &ctx).map_err(generic)?;
         self.board = Some(board);

@@ -49,6 +49,7 @@ use keel_qmp::{
 };
 use serde_json::{Map, Value};
 
+pub use crate::board::GuestExitPolicy;
 pub use crate::core::{ShutdownCause, ShutdownSignal, VmmCore};
 
 use crate::accel::{AccelProbe, KvmProbe, TcgProbe};
@@ -173,6 +174,7 @@ impl VmmBuilder {
             board: None,
             backends: Arc::new(backends::Backends::new()),
             autostart: true,
+            guest_exit: GuestExitPolicy::Shutdown,
             events: events.clone(),
             shutdown: shutdown.clone(),
         };
@@ -288,6 +290,12 @@ impl Vmm {
             }
         }
         true
+    }
+
+    /// Chooses what a guest write to `isa-debug-exit` does for machines created from now on
+    /// (see [`GuestExitPolicy`]; the default shuts the VMM down in order).
+    pub fn set_guest_exit_policy(&self, policy: GuestExitPolicy) {
+        self.core().guest_exit = policy;
     }
 
     /// The process exit status: what the guest wrote to `isa-debug-exit`, else 0.

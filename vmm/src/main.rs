@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use vmm::cli::{self, Invocation};
-use vmm::{ShutdownCause, Vmm};
+use vmm::{GuestExitPolicy, ShutdownCause, Vmm};
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread spawned later) and
 /// returns the set, for a dedicated thread to `sigwait` on.
@@ -83,6 +83,8 @@ fn main() -> ExitCode {
 
     let signals = block_shutdown_signals();
     let vmm = Vmm::new();
+    // As QEMU: a guest write to isa-debug-exit ends the process there and then.
+    vmm.set_guest_exit_policy(GuestExitPolicy::ExitProcess);
     {
         let vmm = vmm.clone();
         let spawned = std::thread::Builder::new()

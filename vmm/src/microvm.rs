@@ -28,7 +28,7 @@ use keel_virtio::{
 
 use crate::backends::{Backends, CharBackend};
 use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
-use crate::board::{MachineType, MachineTypeInfo};
+use crate::board::{GuestExitPolicy, MachineType, MachineTypeInfo};
 use crate::devices::{
     CONSOLE_DRIVER, SERIAL_DRIVER, VIRTIO_MMIO_TRANSPORT, registry, serial_bus_name,
     serial_bus_type,
@@ -159,7 +159,10 @@ impl MachineType for MicrovmType {
             reason,
         })?;
         let (tx, rx) = channel();
-        let sink: Arc<dyn MachineEvents> = Arc::new(Forward(tx));
+        let sink: Arc<dyn MachineEvents> = Arc::new(Forward {
+            tx,
+            guest_exit: ctx.guest_exit,
+        });
         let vm = Microvm::new(m, a.as_ref(), sink).map_err(|e| BoardError::Invalid(chain(&e)))?;
         Ok(Box::new(MicrovmBoard::new(vm, ctx, rx)?))
     }
@@ -177,10 +180,21 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-struct Forward(Sender<BoardEvent>);
+struct Forward {
+    tx: Sender<BoardEvent>,
+    guest_exit: GuestExitPolicy,
+}
 
 impl MachineEvents for Forward {
     fn machine_event(&self, event: MachineEvent) {
+        if let (MachineEvent::System(SystemEvent::Exit(code)), GuestExitPolicy::ExitProcess) =
+            (&event, self.guest_exit)
+        {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().flush();
+            std::process::exit(*code);
+        }
         let ev = match event {
             MachineEvent::System(SystemEvent::Shutdown) => BoardEvent::GuestShutdown,
             MachineEvent::System(SystemEvent::Reset) => BoardEvent::GuestReset,
@@ -191,7 +205,7 @@ impl MachineEvents for Forward {
             }
         };
         // Nobody listening any more means the VMM is going away.
-        let _ = self.0.send(ev);
+        let _ = self.tx.send(ev);
     }
 }
 
@@ -659,13 +673,17 @@ mod tests {
 
     fn board_with(cfg: MicrovmConfig) -> (MicrovmBoard, Arc<Backends>) {
         let (tx, rx) = channel();
-        let sink: Arc<dyn MachineEvents> = Arc::new(Forward(tx));
+        let sink: Arc<dyn MachineEvents> = Arc::new(Forward {
+            tx,
+            guest_exit: GuestExitPolicy::Shutdown,
+        });
         let accel = keel_tcg::TcgAccel::new();
         let vm = Microvm::new(cfg, &accel, sink).unwrap();
         let backends = Arc::new(Backends::new());
         let ctx = BoardContext {
             backends: backends.clone(),
             events: Arc::new(keel_qdev::NoEvents),
+            guest_exit: GuestExitPolicy::Shutdown,
         };
         (MicrovmBoard::new(vm, &ctx, rx).unwrap(), backends)
     }
