@@ -577,6 +577,52 @@ fn pop_r(cpu: &mut Cpu, i: &Insn) -> Flow {
     Ok(())
 }
 
+// 64-bit stack forms for 64-bit code (blocks are specialised on it): SS has base 0 and
+// neither addresses nor RSP are truncated, so the stack slot is RSP itself. The TLB hit
+// is inline; everything else goes to the general handler. A write-TLB hit never maps a
+// code page, so the fast paths need no check for written code.
+
+fn push64(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let v = cpu.gpr[(i.r0 & 15) as usize];
+    let sp = cpu.gpr[4].wrapping_sub(8);
+    if cpu.wr_fast::<8>(sp, v) {
+        cpu.gpr[4] = sp;
+        return Ok(());
+    }
+    push_r(cpu, i)
+}
+
+fn pop64(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let sp = cpu.gpr[4];
+    if let Some(v) = cpu.rd_fast::<8>(sp) {
+        // RSP moves first: `pop rsp` loads the value read.
+        cpu.gpr[4] = sp.wrapping_add(8);
+        cpu.gpr[(i.r0 & 15) as usize] = v;
+        return Ok(());
+    }
+    pop_r(cpu, i)
+}
+
+fn call64(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let sp = cpu.gpr[4].wrapping_sub(8);
+    if cpu.wr_fast::<8>(sp, i.next_ip) {
+        cpu.gpr[4] = sp;
+        cpu.rip = i.imm;
+        return Ok(());
+    }
+    call_rel(cpu, i)
+}
+
+fn ret64(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let sp = cpu.gpr[4];
+    if let Some(v) = cpu.rd_fast::<8>(sp) {
+        cpu.gpr[4] = sp.wrapping_add(8).wrapping_add(i.imm);
+        cpu.rip = v;
+        return Ok(());
+    }
+    ret_near(cpu, i)
+}
+
 fn movzx_rm<const D: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let lin = ea(cpu, i);
     let v = cpu.rd_n(lin, S)?;
@@ -946,10 +992,17 @@ pub fn select(ins: &Instruction, i: &Insn, bitness: u32) -> Handler {
                 OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
             ) =>
         {
-            call_rel
+            if bitness == 64 && i.aux == 8 {
+                call64
+            } else {
+                call_rel
+            }
         }
+        _ if m == M::Ret && bitness == 64 && i.aux == 8 => ret64,
         _ if m == M::Ret => ret_near,
+        _ if m == M::Push && is_gpr(ins, 0) && bitness == 64 && s == 8 => push64,
         _ if m == M::Push && is_gpr(ins, 0) => push_r,
+        _ if m == M::Pop && is_gpr(ins, 0) && bitness == 64 && s == 8 => pop64,
         _ if m == M::Pop && is_gpr(ins, 0) => pop_r,
         _ => generic,
     }
