@@ -315,6 +315,11 @@ impl Microvm {
         // then not advertise one.
         let mut resolved = resolved;
         resolved.ioapic = vm.irq_line(VIRTIO_MMIO_FIRST_GSI).is_ok();
+        // Without ACPI nothing tells the guest about the interpreter's IOAPIC (there is no MP
+        // table either), so its devices stay on 8259 IRQs.
+        if !resolved.acpi && accel.name() == "tcg" {
+            resolved.ioapic = false;
+        }
 
         let serial = if resolved.isa_serial {
             let output = match &cfg.serial {
