@@ -315,9 +315,12 @@ impl Microvm {
         // then not advertise one.
         let mut resolved = resolved;
         resolved.ioapic = vm.irq_line(VIRTIO_MMIO_FIRST_GSI).is_ok();
-        // Without ACPI nothing tells the guest about the interpreter's IOAPIC (there is no MP
-        // table either), so its devices stay on 8259 IRQs.
-        if !resolved.acpi && accel.name() == "tcg" {
+        // The interpreter has an IOAPIC only with local APICs, i.e. with more than one vCPU
+        // (keel_tcg::ApicMode::Auto); its platform then differs from KVM's in two ways.
+        let tcg_smp = accel.name() == "tcg" && cfg.cpus > 1;
+        // Without ACPI nothing tells the guest about that IOAPIC (there is no MP table
+        // either), so the devices stay on 8259 IRQs.
+        if !resolved.acpi && tcg_smp {
             resolved.ioapic = false;
         }
 
@@ -377,11 +380,11 @@ impl Microvm {
 
         // Without an IOAPIC the FADT is a full one (see crate::acpi) and the PM register block
         // carries the SCI, power button and power-off; the GED then only provides the reset
-        // register and raises no interrupt. The interpreter keeps that platform with an IOAPIC
-        // too (-smp > 1): it has no paravirtual clock, so Linux needs the PM timer as the
-        // reference for TSC calibration and the PIT as its early timer, which a
+        // register and raises no interrupt. The interpreter keeps that platform with its
+        // IOAPIC too (-smp > 1): it has no paravirtual clock, so Linux needs the PM timer as
+        // the reference for TSC calibration and the PIT as its early timer, which a
         // hardware-reduced FADT takes away.
-        let pm_block = !resolved.ioapic || accel.name() == "tcg";
+        let pm_block = !resolved.ioapic || tcg_smp;
         let pm = if resolved.acpi && pm_block {
             let sci = vm
                 .irq_line(u32::from(acpi::SCI_IRQ))
