@@ -1369,6 +1369,37 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
+    fn req(vcpus: u32) -> MachineRequirements {
+        MachineRequirements {
+            machine: "microvm".into(),
+            vcpus,
+            memory: 256 << 20,
+            irqchip: IrqChip::PicIoapic,
+            pit: true,
+        }
+    }
+
+    #[test]
+    fn check_accepts_1_to_max_vcpus_and_needs_apics_for_more_than_one() {
+        let auto = TcgAccel::new();
+        assert!(auto.check(&req(1)).is_ok());
+        assert!(auto.check(&req(2)).is_ok());
+        assert!(auto.check(&req(MAX_VCPUS)).is_ok());
+        for bad in [0, MAX_VCPUS + 1] {
+            let e = auto.check(&req(bad)).unwrap_err().to_string();
+            assert!(e.contains(&format!("1 to {MAX_VCPUS} vCPUs")), "{e}");
+        }
+        let off = TcgAccel {
+            apic: ApicMode::Off,
+            ..TcgAccel::new()
+        };
+        assert!(off.check(&req(1)).is_ok());
+        let e = off.check(&req(2)).unwrap_err().to_string();
+        assert!(e.contains("local APICs"), "{e}");
+        assert!(ApicMode::Auto.enabled(2) && !ApicMode::Auto.enabled(1));
+        assert!(ApicMode::On.enabled(1));
+    }
+
     #[test]
     fn exec_lock_hands_over_in_arrival_order() {
         let l = Arc::new(ExecLock::new());
