@@ -215,8 +215,6 @@ pub struct ExecLock {
     tickets: Mutex<Tickets>,
     cv: Condvar,
     waiting: AtomicU32,
-    /// Ticket of the last holder's vCPU index + 1 (0: none), to notice a hand-over.
-    last_owner: AtomicU64,
 }
 
 impl ExecLock {
@@ -225,9 +223,9 @@ impl ExecLock {
         Self::default()
     }
 
-    /// Waits for the lock in arrival order. Returns `true` when another owner held it since
-    /// `owner` last released it.
-    pub fn acquire(&self, owner: u32) -> bool {
+    /// Waits for the lock, in arrival order. Every `acquire` must be paired with one
+    /// [`ExecLock::release`] by the same holder.
+    pub fn acquire(&self) {
         let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let mine = t.next;
         t.next += 1;
@@ -238,9 +236,6 @@ impl ExecLock {
             }
             self.waiting.fetch_sub(1, Ordering::AcqRel);
         }
-        drop(t);
-        let me = u64::from(owner) + 1;
-        self.last_owner.swap(me, Ordering::AcqRel) != me
     }
 
     /// Hands the lock to the next waiter.
@@ -729,7 +724,7 @@ impl TcgVcpu {
     /// Takes the execution lock back after giving it up. Code pages other vCPUs wrote in the
     /// meantime are dropped from the block cache before anything else runs.
     fn reacquire(&mut self) {
-        self.exec.acquire(self.cpu.index);
+        self.exec.acquire();
         let bits = self.att.bits.load(Ordering::Acquire);
         if bits & ATT_INVAL != 0 {
             self.take_invalidations();
@@ -1403,12 +1398,12 @@ mod tests {
     #[test]
     fn exec_lock_hands_over_in_arrival_order() {
         let l = Arc::new(ExecLock::new());
-        l.acquire(0);
+        l.acquire();
         assert!(!l.contended());
         let l2 = l.clone();
         let (tx, rx) = mpsc::channel();
         let t = std::thread::spawn(move || {
-            l2.acquire(1);
+            l2.acquire();
             tx.send(()).unwrap();
             l2.release();
         });
@@ -1418,7 +1413,7 @@ mod tests {
         assert!(rx.try_recv().is_err(), "the waiter runs only after release");
         l.release();
         // Asking again queues behind the waiter: it has run by the time we get the lock.
-        l.acquire(0);
+        l.acquire();
         assert!(rx.try_recv().is_ok());
         assert!(!l.contended());
         l.release();
