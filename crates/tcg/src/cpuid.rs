@@ -5,9 +5,17 @@
 //! (leaf 1 ECX bit 31), syscall nx lm (leaf 0x8000_0001 EDX), and the hypervisor leaf
 //! 0x4000_0000 with the signature `TCGTCGTCGTCG`, and the invariant TSC (leaf 0x8000_0007
 //! EDX bit 8: the guest TSC is the host's constant-rate TSC plus an offset shared by all
-//! vCPUs, so Linux keeps the TSC as clocksource with several CPUs). The local APIC and
-//! TSC-deadline bits are added by [`crate::vm::TcgVm`] when the VM has local APICs (see
-//! [`crate::vm::ApicMode`]); without them the kernel runs the 8259 PIC.
+//! vCPUs, so Linux keeps the TSC as clocksource with several CPUs). The local APIC bit is
+//! added by [`crate::vm::TcgVm`] when the VM has local APICs (see [`crate::vm::ApicMode`]);
+//! without it the kernel runs the 8259 PIC.
+//!
+//! The local APICs implement the TSC-deadline timer, but it is advertised (leaf 1 ECX bit 24,
+//! [`ecx1::TSC_DEADLINE`]) only when a caller sets it here. It saves Linux the 100 ms
+//! calibration of the APIC timer (a `-smp 2` boot took 7.73 s instead of 8.29 s), but a
+//! one-shot timer cannot make up for ticks the vCPU takes late (waiting for the execution
+//! lock, or not scheduled by a loaded host), and early in boot, while Linux still counts
+//! periodic ticks, lost ones made it distrust its TSC in 3 of 4 boots on a loaded host. The
+//! periodic timer re-injects late ticks, so it is the default.
 
 /// Leaf 1 EDX bits.
 pub mod edx1 {

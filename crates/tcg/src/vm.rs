@@ -17,7 +17,10 @@
 //! hand-over is first come first served). A vCPU holds it while it runs guest code and gives it
 //! up
 //! * after a slice of [`SLICE_NS`] when another vCPU is waiting (checked at the timer poll,
-//!   every ~50k instructions),
+//!   every ~50k instructions), or at that poll already when the waiter was woken from `hlt`
+//!   by an interrupt or its timer ([`ExecLock::acquire_urgent`]): a guest's tick must not
+//!   wait for another vCPU's slice, or it falls behind the TSC,
+//! * when it spins in a `pause` loop while another vCPU waits (likely the one it waits for),
 //! * while halted (`hlt`) or waiting for a start-up IPI, and
 //! * whenever `run` returns to the machine's vCPU loop.
 //!
@@ -215,6 +218,9 @@ pub struct ExecLock {
     tickets: Mutex<Tickets>,
     cv: Condvar,
     waiting: AtomicU32,
+    /// Waiters that have an interrupt or event to handle (woken from `hlt`): the holder hands
+    /// over at its next timer poll instead of at the end of its slice.
+    urgent: AtomicU32,
 }
 
 impl ExecLock {
@@ -236,6 +242,20 @@ impl ExecLock {
             }
             self.waiting.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    /// [`ExecLock::acquire`] for a vCPU that has work that should not wait for the holder's
+    /// slice to end (a timer or device interrupt woke it).
+    pub fn acquire_urgent(&self) {
+        self.urgent.fetch_add(1, Ordering::AcqRel);
+        self.acquire();
+        self.urgent.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether a waiter acquired with [`ExecLock::acquire_urgent`] (one atomic load).
+    #[inline]
+    pub fn urgent(&self) -> bool {
+        self.urgent.load(Ordering::Relaxed) > 0
     }
 
     /// Hands the lock to the next waiter.
@@ -418,9 +438,9 @@ impl TcgVm {
                 )
                 .map_err(guest_err)?;
             cpuid.edx1 |= crate::cpuid::edx1::APIC;
-            cpuid.ecx1 |= crate::cpuid::ecx1::TSC_DEADLINE;
             Some(Apics { bus, ioapic })
         } else {
+            cpuid.ecx1 &= !crate::cpuid::ecx1::TSC_DEADLINE;
             None
         };
         let irq0: Arc<dyn IrqLine> = match &apics {
@@ -472,10 +492,17 @@ impl TcgVm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(wakeup.clone());
+        // The TSC-deadline mode exists when the CPUID the guest sees says so (not by default:
+        // see `CpuidConfig`).
+        let tsc_deadline_khz = if self.cpuid.ecx1 & crate::cpuid::ecx1::TSC_DEADLINE != 0 {
+            crate::guest_tsc_khz()
+        } else {
+            0
+        };
         let lapic = self.apics.as_ref().map(|a| {
             let l = Arc::new(
                 Lapic::new(index, true, self.clock.clone() as Arc<dyn Clock>)
-                    .with_tsc_deadline(crate::guest_tsc_khz()),
+                    .with_tsc_deadline(tsc_deadline_khz),
             );
             let (at, w) = (att.clone(), wakeup.clone());
             l.set_signal(Arc::new(move || {
@@ -715,16 +742,20 @@ impl TcgVcpu {
         {
             l.poll_timer(now);
         }
-        if contended && now >= self.slice_end {
+        if contended && (now >= self.slice_end || self.exec.urgent()) {
             self.exec.release();
-            self.reacquire();
+            self.reacquire(false);
         }
     }
 
     /// Takes the execution lock back after giving it up. Code pages other vCPUs wrote in the
     /// meantime are dropped from the block cache before anything else runs.
-    fn reacquire(&mut self) {
-        self.exec.acquire();
+    fn reacquire(&mut self, urgent: bool) {
+        if urgent {
+            self.exec.acquire_urgent();
+        } else {
+            self.exec.acquire();
+        }
         let bits = self.att.bits.load(Ordering::Acquire);
         if bits & ATT_INVAL != 0 {
             self.take_invalidations();
@@ -841,7 +872,7 @@ impl TcgVcpu {
         self.exec.release();
         self.wakeup
             .wait_until(deadline_ns.map(|d| self.clock.instant_at(d)));
-        self.reacquire();
+        self.reacquire(true);
     }
 
     /// Whether an interrupt waits for the CPU (RFLAGS.IF aside): from the local APIC, or the
@@ -1101,7 +1132,7 @@ impl TcgVcpu {
                         // A spin-wait loop (`pause`) while another vCPU waits for the
                         // execution lock: let it run, it is likely the one to end the wait.
                         self.exec.release();
-                        self.reacquire();
+                        self.reacquire(false);
                         break;
                     }
                     budget = CHAIN_CHECK;
@@ -1216,7 +1247,7 @@ impl Vcpu for TcgVcpu {
     fn run(&mut self) -> Result<VcpuExit, AccelError> {
         // MMIO to 0xfee00000 from this thread reaches this vCPU's local APIC.
         lapic::set_current(self.lapic.clone());
-        self.reacquire();
+        self.reacquire(true);
         let _held = ExecGuard(self.exec.clone());
         match self.run_inner() {
             Ok(x) => Ok(x),
