@@ -543,6 +543,10 @@ fn fuse_uops(insns: &mut Vec<Insn>, dead: &[bool]) {
             }
         })
         .collect();
+    if !ops.windows(2).any(|w| w[0].is_some() && w[1].is_some()) {
+        // No run: keep the block as it is (no copy).
+        return;
+    }
     let mut out: Vec<Insn> = Vec::with_capacity(n);
     let mut k = 0;
     while k < n {
