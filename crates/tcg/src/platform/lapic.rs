@@ -727,7 +727,9 @@ impl Lapic {
                 reg::LDR => r.ldr = v & 0xff00_0000,
                 reg::DFR => r.dfr = v | 0x0fff_ffff,
                 reg::SVR => {
-                    r.svr = v & 0x13ff;
+                    // Vector, software enable, focus checking (EOI-broadcast suppression is
+                    // not offered by the version register).
+                    r.svr = v & 0x3ff;
                     if v & SVR_ENABLE == 0 {
                         for l in &mut r.lvt {
                             *l |= LVT_MASKED;
