@@ -43,9 +43,10 @@ fn guest_dir() -> Option<PathBuf> {
     None
 }
 
-#[test]
-fn debian_boots_with_two_cpus_and_powers_off_under_tcg() {
-    let Some(dir) = guest_dir() else { return };
+fn machine(
+    dir: &std::path::Path,
+    append: &str,
+) -> (Microvm, Capture, mpsc::Receiver<MachineEvent>) {
     let accel = keel_tcg::TcgAccel::new();
     let cap = Capture::new();
     let cfg = MicrovmConfig {
@@ -53,12 +54,19 @@ fn debian_boots_with_two_cpus_and_powers_off_under_tcg() {
         memory: 256 << 20,
         kernel: Some(dir.join("vmlinux")),
         initrd: Some(dir.join("initramfs.cpio.gz")),
-        append: "console=ttyS0".to_string(),
+        append: append.to_string(),
         serial: SerialBackend::Capture(cap.clone()),
         ..MicrovmConfig::default()
     };
     let (tx, rx) = mpsc::channel();
-    let mut vm = Microvm::new(cfg, &accel, Arc::new(tx)).unwrap();
+    let vm = Microvm::new(cfg, &accel, Arc::new(tx)).unwrap();
+    (vm, cap, rx)
+}
+
+#[test]
+fn debian_boots_with_two_cpus_and_powers_off_under_tcg() {
+    let Some(dir) = guest_dir() else { return };
+    let (mut vm, cap, rx) = machine(&dir, "console=ttyS0");
     assert!(
         vm.resolved().ioapic,
         "tcg with two vCPUs has local APICs and an IOAPIC"
@@ -104,4 +112,34 @@ fn debian_boots_with_two_cpus_and_powers_off_under_tcg() {
     ] {
         assert!(!text.contains(bad), "{bad:?} in:\n{text}");
     }
+}
+
+/// A guest reboot resets the machine: the AP goes back to wait-for-SIPI and the second boot
+/// starts it again.
+#[test]
+fn debian_brings_up_both_cpus_again_after_a_reboot_under_tcg() {
+    let Some(dir) = guest_dir() else { return };
+    let (mut vm, cap, rx) = machine(&dir, "console=ttyS0 keel.off=reboot");
+    vm.finish_init().unwrap();
+    vm.start().unwrap();
+    for boot in 1..=2 {
+        let ev = rx.recv_timeout(TIMEOUT);
+        assert_eq!(
+            ev,
+            Ok(MachineEvent::System(SystemEvent::Reset)),
+            "boot {boot}:\n{}",
+            cap.text()
+        );
+        if boot == 1 {
+            vm.reset().unwrap();
+        }
+    }
+    vm.shutdown();
+    let text = cap.text();
+    assert_eq!(
+        text.matches("smp: Brought up 1 node, 2 CPUs").count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(text.matches("KEEL-GUEST-READY").count(), 2, "{text}");
 }
