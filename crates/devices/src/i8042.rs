@@ -6,9 +6,12 @@
 //! output port (0xD0/0xD1; clearing bit 0 resets the CPU), 0xD2 (write keyboard output
 //! buffer) and the reset pulse 0xFE (any 0xF0-0xFF command with bit 0 clear). A keyboard that
 //! acknowledges every command is attached (identify 0xF2 answers `AB 83`, reset 0xFF answers
-//! `AA`); there is no auxiliary (mouse) device, so AUX commands get no answer and a guest
-//! concludes that no mouse port exists. Output bytes raise IRQ 1 when the configuration byte
-//! enables keyboard interrupts.
+//! `AA`); there is no auxiliary (mouse) port, and the controller says so at once rather than
+//! by silence: the AUX interface test (0xA9) answers 0x02 (clock line stuck high: nothing
+//! there) and the AUX loopback (0xD3) returns its byte as keyboard data (without the AUX
+//! status bit), which Linux's `i8042_check_aux` reads as "no AUX port" immediately. Without
+//! answers each of the two waits out the driver's 500 ms command timeout (1 s of every Linux
+//! boot). Output bytes raise IRQ 1 when the configuration byte enables keyboard interrupts.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -23,9 +26,14 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 
 const STATUS_OBF: u8 = 0x01;
+/// AUX interface test result: clock line stuck high (no device, no port).
+const AUX_TEST_CLOCK_HIGH: u8 = 0x02;
 const STATUS_SYS: u8 = 0x04;
 const STATUS_CMD: u8 = 0x08;
 const STATUS_UNLOCKED: u8 = 0x10;
+/// Status bit 5: the output byte came from the AUX (mouse) port; never set here.
+#[cfg(test)]
+const STATUS_AUXDATA: u8 = 0x20;
 
 const CTR_KBD_INT: u8 = 0x01;
 const CTR_KBD_DISABLE: u8 = 0x10;
@@ -44,8 +52,10 @@ enum Pending {
     WriteCtr,
     WriteOutport,
     WriteKbdOutbuf,
-    /// A parameter for the absent auxiliary device (0xD3 loopback, 0xD4 write): swallowed.
+    /// A byte for the absent auxiliary device (0xD4): swallowed.
     AuxByte,
+    /// The byte of an AUX loopback (0xD3): comes back as keyboard data.
+    AuxLoop,
 }
 
 #[derive(Debug)]
@@ -135,6 +145,7 @@ impl I8042 {
             0x60 => s.pending = Pending::WriteCtr,
             0xa7 => s.ctr |= CTR_AUX_DISABLE,
             0xa8 => s.ctr &= !CTR_AUX_DISABLE,
+            0xa9 => reply = Some(AUX_TEST_CLOCK_HIGH),
             0xaa => {
                 s.status |= STATUS_SYS;
                 reply = Some(0x55);
@@ -145,7 +156,8 @@ impl I8042 {
             0xd0 => reply = Some(s.outport),
             0xd1 => s.pending = Pending::WriteOutport,
             0xd2 => s.pending = Pending::WriteKbdOutbuf,
-            0xd3 | 0xd4 => s.pending = Pending::AuxByte,
+            0xd3 => s.pending = Pending::AuxLoop,
+            0xd4 => s.pending = Pending::AuxByte,
             0xf0..=0xff => reset = cmd & 1 == 0,
             _ => {}
         }
@@ -179,6 +191,7 @@ impl I8042 {
             }
             Pending::WriteKbdOutbuf => irq = Self::push(&mut s, value),
             Pending::AuxByte => {}
+            Pending::AuxLoop => irq = Self::push(&mut s, value),
             Pending::None => {
                 let replies: &[u8] = match value {
                     0xff => &[0xfa, 0xaa],
@@ -329,9 +342,14 @@ mod tests {
         assert_eq!(d.read_status() & STATUS_SYS, STATUS_SYS);
         d.write_command(0xab);
         assert_eq!(d.read_data(), 0x00);
-        // AUX loopback gets no answer: no mouse port.
+        // No mouse port, said at once: the AUX loopback byte comes back as keyboard data
+        // (no AUX status bit) and the AUX interface test fails.
         d.write_command(0xd3);
         d.write_data(0x5a);
+        assert_eq!(d.read_status() & (STATUS_OBF | STATUS_AUXDATA), STATUS_OBF);
+        assert_eq!(d.read_data(), 0x5a);
+        d.write_command(0xa9);
+        assert_eq!(d.read_data(), AUX_TEST_CLOCK_HIGH);
         assert_eq!(d.read_status() & STATUS_OBF, 0);
         // Interrupts on: keyboard identify answers through IRQ 1.
         d.write_command(0x60);
