@@ -366,6 +366,8 @@ pub struct Cpu {
     pub last_exception: Option<(u8, u32, u64)>,
     /// Set by `hlt`: waiting for an interrupt.
     pub halted: bool,
+    /// An NMI is being handled: further NMIs wait until the next IRET.
+    pub nmi_blocked: bool,
     /// Memory management unit (TLBs, guest RAM).
     pub mmu: Mmu,
     /// CPUID configuration.
@@ -464,6 +466,7 @@ impl Cpu {
             delivering: None,
             last_exception: None,
             halted: false,
+            nmi_blocked: false,
             mmu: Mmu::new(phys),
             cpuid,
             index,

@@ -367,6 +367,8 @@ pub fn popf(cpu: &mut Cpu, i: &Insn) -> Flow {
 
 /// iret / iretd / iretq.
 pub fn iret(cpu: &mut Cpu, i: &Insn) -> Flow {
+    // IRET ends NMI blocking (SDM 6.7.1).
+    cpu.nmi_blocked = false;
     let os: u8 = match i.instr.mnemonic() {
         M::Iretq => 8,
         M::Iretd => 4,

@@ -535,6 +535,7 @@ impl TcgVm {
             next_poll: 0,
             slice_end: 0,
             wait_sipi: lapic.as_ref().is_some_and(|l| !l.is_bsp()),
+            nmi_pending: false,
         }
     }
 
@@ -653,6 +654,8 @@ pub struct TcgVcpu {
     slice_end: u64,
     /// An application processor that has not received its start-up IPI yet.
     wait_sipi: bool,
+    /// An NMI arrived while NMIs were blocked.
+    nmi_pending: bool,
 }
 
 impl std::fmt::Debug for TcgVcpu {
@@ -909,6 +912,7 @@ impl TcgVcpu {
         self.cpu.msr.apic_base = apic_base;
         self.cpu.msr.tsc_offset = tsc_offset;
         self.cpu.lapic = lapic;
+        self.nmi_pending = false;
         self.cache = BlockCache::new();
         self.blocks_seen = 0;
         // The fresh memory view write-protects nothing: protect the other vCPUs' code pages.
@@ -944,9 +948,19 @@ impl TcgVcpu {
             self.start_up(l.sipi_vector());
         }
         if ev & lapic::event::NMI != 0 && !self.wait_sipi {
-            // NMI blocking until IRET is not modelled.
+            // One NMI is latched while another is being handled.
+            self.nmi_pending = true;
+        }
+        self.deliver_nmi()
+    }
+
+    /// Delivers the latched NMI unless an NMI handler is still running (until its IRET).
+    fn deliver_nmi(&mut self) -> Result<(), Stop> {
+        if self.nmi_pending && !self.cpu.nmi_blocked && !self.wait_sipi {
+            self.nmi_pending = false;
             self.cpu.halted = false;
             self.raise(vec::NMI, None, false, true)?;
+            self.cpu.nmi_blocked = true;
         }
         Ok(())
     }
@@ -1050,6 +1064,10 @@ impl TcgVcpu {
                 // An application processor before its start-up IPI runs nothing.
                 self.idle(None);
                 continue;
+            }
+            if self.nmi_pending {
+                prev = None;
+                self.deliver_nmi()?;
             }
             if self.cpu.icount >= self.next_poll {
                 // Reading the clock costs as much as a few blocks: do it every ~50k instructions.
@@ -1371,6 +1389,7 @@ impl Vcpu for TcgVcpu {
         self.cache = BlockCache::new();
         self.blocks_seen = 0;
         self.resync_code();
+        self.nmi_pending = false;
         self.next_poll = 0;
         if let Some(l) = &self.lapic {
             l.set_apic_base(LAPIC_BASE | lapic::APIC_BASE_ENABLE);

@@ -476,3 +476,86 @@ fn code_written_by_one_vcpu_is_retranslated_by_another() {
     }
     assert_eq!(mem.read_obj::<u32>(GuestAddress(RESULT)).unwrap(), 2);
 }
+
+const NMI_COUNT: u64 = 0x7400;
+const NMI_SEEN_INSIDE: u64 = 0x7404;
+const NMI_ISR: u64 = 0x3300;
+
+/// An NMI is not nested: a self-NMI sent from inside the NMI handler runs only after the
+/// handler's IRET.
+#[test]
+fn nmis_are_blocked_until_iret() {
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
+    let vm = TcgVm::with_apic(
+        mem.clone(),
+        Arc::new(IoBuses::new()),
+        Arc::new(NoEvents),
+        Default::default(),
+        true,
+    )
+    .unwrap();
+    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    for (k, d) in gdt.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
+    }
+    let gate = (NMI_ISR & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((NMI_ISR >> 16) << 48);
+    mem.write_obj(gate, GuestAddress(IDT + 8 * 2)).unwrap();
+    let self_nmi = |a: &mut CodeAssembler| {
+        a.mov(dword_ptr(0xfee0_0300u32), (1u32 << 18) | 0x400)
+            .unwrap();
+    };
+    let mut h = CodeAssembler::new(32).unwrap();
+    h.inc(dword_ptr(NMI_COUNT as u32)).unwrap();
+    h.cmp(dword_ptr(NMI_COUNT as u32), 1u32).unwrap();
+    let mut done = h.create_label();
+    h.jne(done).unwrap();
+    self_nmi(&mut h);
+    // Give a nested NMI every chance to arrive before IRET.
+    h.mov(ecx, 100_000u32).unwrap();
+    let mut l = h.create_label();
+    h.set_label(&mut l).unwrap();
+    h.dec(ecx).unwrap();
+    h.jnz(l).unwrap();
+    h.mov(eax, dword_ptr(NMI_COUNT as u32)).unwrap();
+    h.mov(dword_ptr(NMI_SEEN_INSIDE as u32), eax).unwrap();
+    h.set_label(&mut done).unwrap();
+    h.iretd().unwrap();
+    mem.write_slice(&h.assemble(NMI_ISR).unwrap(), GuestAddress(NMI_ISR))
+        .unwrap();
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(dword_ptr(0xfee0_00f0u32), 0x1ffu32).unwrap();
+    self_nmi(&mut a);
+    let mut w = a.create_label();
+    a.set_label(&mut w).unwrap();
+    a.cmp(dword_ptr(NMI_COUNT as u32), 2u32).unwrap();
+    a.jne(w).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    mem.write_slice(&a.assemble(BSP_CODE).unwrap(), GuestAddress(BSP_CODE))
+        .unwrap();
+    let mut bsp = vm.create_vcpu(0).unwrap();
+    bsp.set_sregs(&flat32()).unwrap();
+    bsp.set_regs(&Regs {
+        rip: BSP_CODE,
+        rsp: 0x9_0000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut n = 0;
+    let x = loop {
+        match bsp.run().unwrap() {
+            VcpuExit::Interrupted => n += 1,
+            x => break x,
+        }
+        assert!(n < 1_000_000);
+    };
+    assert_eq!(x, VcpuExit::Halted);
+    let r = |a: u64| mem.read_obj::<u32>(GuestAddress(a)).unwrap();
+    assert_eq!(
+        r(NMI_SEEN_INSIDE),
+        1,
+        "the second NMI nested inside the first"
+    );
+    assert_eq!(r(NMI_COUNT), 2, "the latched NMI ran after IRET");
+}

@@ -25,11 +25,13 @@
 //! created [`Lapic::with_tsc_deadline`]: the deadline is converted to the host clock at the
 //! guest TSC rate when it is written.
 //!
-//! Not modelled: x2APIC (not advertised), relocating the
-//! APIC window through IA32_APIC_BASE, CR8 as an alias of TPR (64-bit Linux uses the MMIO
-//! TPR), the remote read register, arbitration priority, SMI, focus processor checking, LINT
-//! level-triggered remote IRR, NMI blocking until IRET (an NMI is delivered as soon as the
-//! vCPU looks).
+//! An NMI is handed to the vCPU as an event; the vCPU blocks further NMIs until the next
+//! IRET and latches one meanwhile (`crate::vm`).
+//!
+//! Not modelled: x2APIC (not advertised), relocating the APIC window through
+//! IA32_APIC_BASE, CR8 as an alias of TPR (64-bit Linux uses the MMIO TPR), the remote read
+//! register, arbitration priority, SMI, focus processor checking, LINT level-triggered remote
+//! IRR.
 //!
 //! # Concurrency
 //! Each [`Lapic`] keeps its registers behind one mutex and publishes what its vCPU must look
