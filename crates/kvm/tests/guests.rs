@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -12,21 +14,15 @@ use std::time::Duration;
 
 use keel_accel::{
     Accelerator, BusDevice, ExitAction, GuestMemory, IoBuses, IrqChip, MachineRequirements,
-    MmioAddress, PioAddress, Segment, SystemEvent, SystemEvents, Vcpu, VcpuExit, Vm, handle_exit,
+    MmioAddress, PioAddress, Segment, Vcpu, VcpuExit, Vm, handle_exit,
 };
 use keel_kvm::{KvmAccel, KvmOptions};
 use vm_memory::{Bytes, GuestAddress};
 
+use common::{Events, accel, no_irqchip, requirements, start_real_mode};
+
 const RAM: u64 = 0x10_0000;
 const CODE: u64 = 0x1000;
-
-#[derive(Default)]
-struct Events(Mutex<Vec<SystemEvent>>);
-impl SystemEvents for Events {
-    fn request(&self, event: SystemEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-}
 
 /// Records writes; a read returns `base + number of reads so far` in every byte's low byte, or
 /// the last byte written plus one when `latch` is set.
@@ -65,34 +61,12 @@ struct Guest {
     buses: Arc<IoBuses>,
 }
 
-fn accel(opts: KvmOptions) -> Option<KvmAccel> {
-    match KvmAccel::with_options(opts) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-    }
-}
-
-fn no_irqchip() -> KvmOptions {
-    KvmOptions {
-        in_kernel_irqchip: false,
-    }
-}
-
 /// A 1 MiB VM with `code` at 0x1000 and vCPU `index` (of `count`) in real mode at CS:IP 0:0x1000.
 fn guest_n(opts: KvmOptions, code: &[u8], index: u32, count: u32) -> Option<Guest> {
     let accel = accel(opts)?;
     let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
     mem.write_slice(code, GuestAddress(CODE)).unwrap();
-    let req = MachineRequirements {
-        machine: "test".into(),
-        vcpus: count,
-        memory: RAM,
-        irqchip: IrqChip::PicIoapic,
-        pit: false,
-    };
+    let req = requirements("test", count, RAM, false);
     let buses = Arc::new(IoBuses::new());
     let vm = accel
         .create_vm(
@@ -103,17 +77,7 @@ fn guest_n(opts: KvmOptions, code: &[u8], index: u32, count: u32) -> Option<Gues
         )
         .unwrap();
     let mut vcpu = vm.create_vcpu(index).unwrap();
-    let mut s = vcpu.sregs().unwrap();
-    for seg in [&mut s.cs, &mut s.ds, &mut s.es, &mut s.ss] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    vcpu.set_sregs(&s).unwrap();
-    let mut r = vcpu.regs().unwrap();
-    r.rip = CODE;
-    r.rsp = 0x8000;
-    r.rflags = 2;
-    vcpu.set_regs(&r).unwrap();
+    start_real_mode(vcpu.as_mut(), CODE);
     Some(Guest {
         _vm: vm,
         vcpu,
@@ -263,13 +227,7 @@ fn guest_small(code: &[u8]) -> Option<Guest> {
     let accel = accel(no_irqchip())?;
     let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
     mem.write_slice(code, GuestAddress(CODE)).unwrap();
-    let req = MachineRequirements {
-        machine: "test".into(),
-        vcpus: 1,
-        memory: 0x10000,
-        irqchip: IrqChip::PicIoapic,
-        pit: false,
-    };
+    let req = requirements("test", 1, 0x10000, false);
     let buses = Arc::new(IoBuses::new());
     let vm = accel
         .create_vm(
@@ -280,16 +238,7 @@ fn guest_small(code: &[u8]) -> Option<Guest> {
         )
         .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut s = vcpu.sregs().unwrap();
-    for seg in [&mut s.cs, &mut s.ds, &mut s.es, &mut s.ss] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    vcpu.set_sregs(&s).unwrap();
-    let mut r = vcpu.regs().unwrap();
-    r.rip = CODE;
-    r.rflags = 2;
-    vcpu.set_regs(&r).unwrap();
+    start_real_mode(vcpu.as_mut(), CODE);
     Some(Guest {
         _vm: vm,
         vcpu,

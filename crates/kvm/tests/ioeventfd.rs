@@ -4,29 +4,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 
 use keel_accel::{
-    AccelError, Accelerator, EventFd, ExitAction, GuestMemory, IoBuses, IoEventMatch, IrqChip,
-    MachineRequirements, MmioAddress, SystemEvent, SystemEvents, VcpuExit, handle_exit,
+    AccelError, Accelerator, EventFd, ExitAction, GuestMemory, IoBuses, IoEventMatch, MmioAddress,
+    VcpuExit, handle_exit,
 };
+use keel_kvm::KvmOptions;
 use vm_memory::{Bytes, GuestAddress};
 
-struct Events;
-impl SystemEvents for Events {
-    fn request(&self, _: SystemEvent) {}
-}
+use common::{Events, accel, requirements, start_real_mode};
 
 const NOTIFY: u64 = 0xd0050;
 
 #[test]
 fn matching_writes_signal_the_eventfd_without_an_exit() {
-    let accel = match keel_kvm::KvmAccel::new() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            return;
-        }
+    let Some(accel) = accel(KvmOptions::default()) else {
+        return;
     };
     // mov ax,0xd000 ; mov ds,ax
     // mov dword [0x50],1 ; mov dword [0x50],2 ; mov word [0x50],1 ; mov dword [0x50],1
@@ -43,16 +39,10 @@ fn matching_writes_signal_the_eventfd_without_an_exit() {
     // 64 KiB of RAM, so 0xd0000 is MMIO.
     let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
     mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
-    let req = MachineRequirements {
-        machine: "test".into(),
-        vcpus: 1,
-        memory: 0x10000,
-        irqchip: IrqChip::PicIoapic,
-        pit: false,
-    };
+    let req = requirements("test", 1, 0x10000, false);
     let buses = Arc::new(IoBuses::new());
     let vm = accel
-        .create_vm(&req, mem, buses.clone(), Arc::new(Events))
+        .create_vm(&req, mem, buses.clone(), Arc::new(Events::default()))
         .unwrap();
     let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let m = IoEventMatch::U32(1);
@@ -62,16 +52,7 @@ fn matching_writes_signal_the_eventfd_without_an_exit() {
     assert!(vm.register_ioevent(MmioAddress(NOTIFY), m, &again).is_err());
 
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut s = vcpu.sregs().unwrap();
-    for seg in [&mut s.cs, &mut s.ds, &mut s.es, &mut s.ss] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    vcpu.set_sregs(&s).unwrap();
-    let mut r = vcpu.regs().unwrap();
-    r.rip = 0x1000;
-    r.rflags = 2;
-    vcpu.set_regs(&r).unwrap();
+    start_real_mode(vcpu.as_mut(), 0x1000);
 
     let mut writes = Vec::new();
     let mut unregistered = false;
@@ -106,23 +87,18 @@ fn matching_writes_signal_the_eventfd_without_an_exit() {
 
 #[test]
 fn irqfd_needs_a_valid_gsi_and_can_be_removed() {
-    let accel = match keel_kvm::KvmAccel::new() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            return;
-        }
+    let Some(accel) = accel(KvmOptions::default()) else {
+        return;
     };
     let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
-    let req = MachineRequirements {
-        machine: "test".into(),
-        vcpus: 1,
-        memory: 0x10000,
-        irqchip: IrqChip::PicIoapic,
-        pit: false,
-    };
+    let req = requirements("test", 1, 0x10000, false);
     let vm = accel
-        .create_vm(&req, mem, Arc::new(IoBuses::new()), Arc::new(Events))
+        .create_vm(
+            &req,
+            mem,
+            Arc::new(IoBuses::new()),
+            Arc::new(Events::default()),
+        )
         .unwrap();
     let trigger = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();

@@ -5,59 +5,30 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
+mod common;
 
-use keel_accel::{
-    ExitAction, GuestMemory, IoBuses, IrqChip, MachineRequirements, SystemEvent, SystemEvents,
-    Vcpu, VcpuExit, Vm, handle_exit,
-};
-use keel_kvm::{KvmAccel, KvmVm};
+use std::sync::Arc;
+
+use keel_accel::{ExitAction, GuestMemory, IoBuses, Vcpu, VcpuExit, Vm, handle_exit};
+use keel_kvm::{KvmOptions, KvmVm};
 use vm_memory::{Bytes, GuestAddress};
+
+use common::{Events, accel, requirements, start_real_mode};
 
 const RAM: u64 = 0x10_0000;
 const CODE: u64 = 0x1000;
 
-#[derive(Default)]
-struct Events(Mutex<Vec<SystemEvent>>);
-impl SystemEvents for Events {
-    fn request(&self, event: SystemEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-}
-
 /// A real-mode guest at 0:0x1000 on a VM that wants a PIT (`pit`), with the in-kernel irqchip.
 fn guest(code: &[u8], pit: bool) -> Option<(KvmVm, Box<dyn Vcpu>)> {
-    let accel = match KvmAccel::new() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            return None;
-        }
-    };
+    let accel = accel(KvmOptions::default())?;
     let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
     mem.write_slice(code, GuestAddress(CODE)).unwrap();
-    let req = MachineRequirements {
-        machine: "microvm".into(),
-        vcpus: 1,
-        memory: RAM,
-        irqchip: IrqChip::PicIoapic,
-        pit,
-    };
+    let req = requirements("microvm", 1, RAM, pit);
     let vm = accel
         .create_kvm_vm(&req, mem, Arc::new(Events::default()))
         .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut s = vcpu.sregs().unwrap();
-    for seg in [&mut s.cs, &mut s.ds, &mut s.es, &mut s.ss] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    vcpu.set_sregs(&s).unwrap();
-    let mut r = vcpu.regs().unwrap();
-    r.rip = CODE;
-    r.rsp = 0x8000;
-    r.rflags = 2;
-    vcpu.set_regs(&r).unwrap();
+    start_real_mode(vcpu.as_mut(), CODE);
     Some((vm, vcpu))
 }
 
