@@ -32,6 +32,23 @@ fn host(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> AccelE
     }
 }
 
+/// Evaluates `$call` with `$v` bound to the datamatch value of `$m` in the integer type whose
+/// width KVM matches (kvm-ioctls takes the width from the type), or to `NoDatamatch`.
+macro_rules! with_datamatch {
+    ($m:expr, |$v:ident| $call:expr) => {
+        match $m {
+            IoEventMatch::Any => {
+                let $v = NoDatamatch;
+                $call
+            }
+            IoEventMatch::U8($v) => $call,
+            IoEventMatch::U16($v) => $call,
+            IoEventMatch::U32($v) => $call,
+            IoEventMatch::U64($v) => $call,
+        }
+    };
+}
+
 /// A VM created by [`KvmAccel`].
 pub struct KvmVm {
     // Field order is drop order: the VM fd goes before the memory it maps.
@@ -273,14 +290,8 @@ impl Vm for KvmVm {
         fd: &EventFd,
     ) -> Result<(), AccelError> {
         let a = IoEventAddress::Mmio(addr.0);
-        match matches {
-            IoEventMatch::Any => self.vm.register_ioevent(fd, &a, NoDatamatch),
-            IoEventMatch::U8(v) => self.vm.register_ioevent(fd, &a, v),
-            IoEventMatch::U16(v) => self.vm.register_ioevent(fd, &a, v),
-            IoEventMatch::U32(v) => self.vm.register_ioevent(fd, &a, v),
-            IoEventMatch::U64(v) => self.vm.register_ioevent(fd, &a, v),
-        }
-        .map_err(host("KVM_IOEVENTFD"))
+        with_datamatch!(matches, |v| self.vm.register_ioevent(fd, &a, v))
+            .map_err(host("KVM_IOEVENTFD"))
     }
 
     fn unregister_ioevent(
@@ -290,14 +301,8 @@ impl Vm for KvmVm {
         fd: &EventFd,
     ) -> Result<(), AccelError> {
         let a = IoEventAddress::Mmio(addr.0);
-        match matches {
-            IoEventMatch::Any => self.vm.unregister_ioevent(fd, &a, NoDatamatch),
-            IoEventMatch::U8(v) => self.vm.unregister_ioevent(fd, &a, v),
-            IoEventMatch::U16(v) => self.vm.unregister_ioevent(fd, &a, v),
-            IoEventMatch::U32(v) => self.vm.unregister_ioevent(fd, &a, v),
-            IoEventMatch::U64(v) => self.vm.unregister_ioevent(fd, &a, v),
-        }
-        .map_err(host("KVM_IOEVENTFD (deassign)"))
+        with_datamatch!(matches, |v| self.vm.unregister_ioevent(fd, &a, v))
+            .map_err(host("KVM_IOEVENTFD (deassign)"))
     }
 
     fn register_irqfd(
