@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod debian;
+
 use std::path::PathBuf;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -21,26 +23,7 @@ use keel_machine::{Capture, MachineEvent, Microvm, MicrovmConfig, SerialBackend}
 const TIMEOUT: Duration = Duration::from_secs(300);
 
 fn guest_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("KEEL_GUEST_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/keel-guest/current"),
-    };
-    let missing: Vec<_> = ["vmlinux", "initramfs.cpio.gz"]
-        .iter()
-        .filter(|f| !dir.join(f).is_file())
-        .collect();
-    if missing.is_empty() {
-        return Some(dir);
-    }
-    let why = format!(
-        "guest files {missing:?} missing in {} (run scripts/build-guest.sh or set KEEL_GUEST_DIR)",
-        dir.display()
-    );
-    if std::env::var("KEEL_REQUIRE_GUEST").as_deref() == Ok("1") {
-        panic!("KEEL_REQUIRE_GUEST=1 but {why}");
-    }
-    eprintln!("skipping: {why}");
-    None
+    debian::guest_dir(&["vmlinux", "initramfs.cpio.gz"])
 }
 
 fn machine(
