@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use keel_phase::{Phase, PhaseSet, RunState};
 use keel_qmp::schema::{opt, req};
-use keel_qmp::{Builtin, Command, CommandError, CommandInfo, Handler, Registry, Type};
+use keel_qmp::{Builtin, Command, CommandError, CommandInfo, ContextFree, Handler, Registry, Type};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -1151,8 +1151,8 @@ impl Command for QueryYank {
         Some(Type::array(yank_instance()))
     }
 }
-impl Handler<VmmCore> for QueryYank {
-    fn handle(self, _: &mut VmmCore, _: &Registry<VmmCore>) -> Result<Vec<Value>, CommandError> {
+impl ContextFree for QueryYank {
+    fn handle(self) -> Result<Vec<Value>, CommandError> {
         Ok(Vec::new())
     }
 }
@@ -1176,8 +1176,8 @@ impl Command for Yank {
         )
     }
 }
-impl Handler<VmmCore> for Yank {
-    fn handle(self, _: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
+impl ContextFree for Yank {
+    fn handle(self) -> Result<(), CommandError> {
         match self.instances.is_empty() {
             true => Ok(()),
             false => Err(CommandError::with_class(
@@ -1222,8 +1222,9 @@ pub fn register_all(r: &mut Registry<VmmCore>) {
     r.register::<BlockdevAdd>();
     r.register::<NetdevAdd>();
     r.register::<ChardevAdd>();
-    r.register::<QueryYank>();
-    r.register::<Yank>();
+    // Out-of-band commands that need no VMM state: answered without its lock.
+    r.register_context_free::<QueryYank>();
+    r.register_context_free::<Yank>();
     let device_event = || {
         Some(Type::object(
             "q_obj_DEVICE_DELETED-arg",

@@ -43,9 +43,10 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use keel_phase::{Phase, PhaseTracker};
+use keel_phase::{Phase, PhaseTracker, PhaseWatch};
 use keel_qmp::{
     CommandError, Dispatcher, Endpoint, EventBus, Handler, Monitor, Registry, ServerError,
+    run_out_of_band,
 };
 use serde_json::{Map, Value};
 
@@ -67,6 +68,8 @@ struct Inner {
     released: Condvar,
     /// Process exit status the guest asked for (`isa-debug-exit`); 0 otherwise.
     exit_status: AtomicI32,
+    /// The phase, readable without `core`'s lock (out-of-band commands).
+    phase: PhaseWatch,
 }
 
 /// Keeps QMP clients' commands waiting while it lives (see [`Vmm::hold_qmp`]).
@@ -162,8 +165,10 @@ impl VmmBuilder {
         let shutdown = Arc::new(ShutdownSignal::default());
         let mut registry = Registry::new();
         commands::register_all(&mut registry);
+        let tracker = PhaseTracker::new();
+        let phase = tracker.watch();
         let core = VmmCore {
-            tracker: PhaseTracker::new(),
+            tracker,
             name: None,
             machines: self.machines,
             default_machine: self.default_machine,
@@ -188,6 +193,7 @@ impl VmmBuilder {
                 held: Mutex::new(0),
                 released: Condvar::new(),
                 exit_status: AtomicI32::new(0),
+                phase,
             }),
         }
     }
@@ -460,6 +466,24 @@ impl Dispatcher for QmpFront {
         self.vmm.dispatch_locked(command, args)
     }
 
+    /// `exec-oob` of a command that needs no VMM state runs without the state lock, so it
+    /// is answered while an in-band command of any client still holds it; others (which
+    /// the registry refuses out of band anyway) take the ordinary path.
+    fn dispatch_oob(&self, command: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
+        run_out_of_band(|| {
+            let phase = self.vmm.inner.phase.phase();
+            match self
+                .vmm
+                .inner
+                .registry
+                .dispatch_context_free(phase, command, args.clone())
+            {
+                Some(r) => r,
+                None => self.vmm.dispatch_locked(command, args),
+            }
+        })
+    }
+
     fn before_request(&self) {
         self.vmm.wait_qmp_released();
     }
@@ -472,5 +496,38 @@ impl Dispatcher for QmpFront {
         if command == "quit" {
             self.vmm.inner.shutdown.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn exec_oob_of_a_stateless_command_does_not_wait_for_the_state_lock() {
+        let vmm = Vmm::new();
+        let front = QmpFront { vmm: vmm.clone() };
+        // An in-band command in progress holds the VMM's state.
+        let busy = vmm.core();
+        let (tx, rx) = mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let _ = tx.send(front.dispatch_oob("query-yank", Map::new()));
+            // A command that needs the state waits for it, and is then refused as not OOB.
+            let _ = tx.send(front.dispatch_oob("query-status", Map::new()));
+        });
+        // Generous: this only fails if the OOB command waits for the lock held above.
+        let first = rx.recv_timeout(Duration::from_secs(30));
+        assert_eq!(first, Ok(Ok(Value::Array(Vec::new()))));
+        assert!(rx.try_recv().is_err(), "query-status ran while the lock was held");
+        drop(busy);
+        let second = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            second.unwrap_err().to_string(),
+            "The command query-status does not support OOB"
+        );
+        t.join().unwrap();
     }
 }

@@ -7,7 +7,8 @@
 #![deny(missing_docs)]
 
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -218,6 +219,26 @@ pub struct PhaseTracker {
     phase: Phase,
     run_state: Option<RunState>,
     notifiers: Mutex<Vec<Notifier>>,
+    watch: PhaseWatch,
+}
+
+/// A read-only view of a [`PhaseTracker`]'s phase that needs no lock: for threads that must
+/// not wait for whoever owns the tracker (QMP out-of-band commands check their phase with
+/// it while an in-band command holds the VMM's state).
+#[derive(Debug, Clone)]
+pub struct PhaseWatch(Arc<AtomicU8>);
+
+impl PhaseWatch {
+    /// The tracker's current phase.
+    pub fn phase(&self) -> Phase {
+        let i = usize::from(self.0.load(Ordering::Acquire));
+        Phase::ALL.get(i).copied().unwrap_or(Phase::NoMachine)
+    }
+
+    fn set(&self, p: Phase) {
+        let i = Phase::ALL.iter().position(|&q| q == p).unwrap_or(0);
+        self.0.store(i as u8, Ordering::Release);
+    }
 }
 
 impl fmt::Debug for PhaseTracker {
@@ -242,7 +263,13 @@ impl PhaseTracker {
             phase: Phase::NoMachine,
             run_state: None,
             notifiers: Mutex::new(Vec::new()),
+            watch: PhaseWatch(Arc::new(AtomicU8::new(0))),
         }
+    }
+
+    /// A lock-free view of this tracker's phase that follows every [`PhaseTracker::advance`].
+    pub fn watch(&self) -> PhaseWatch {
+        self.watch.clone()
     }
 
     /// Current phase.
@@ -265,6 +292,7 @@ impl PhaseTracker {
             });
         }
         self.phase = to;
+        self.watch.set(to);
         if to == Phase::MachineReady {
             self.run_state = Some(RunState::Prelaunch);
             let pending =
@@ -323,6 +351,21 @@ mod tests {
             "\"guest-panicked\""
         );
         assert!("preconfig".parse::<Phase>().is_err());
+    }
+
+    #[test]
+    fn a_watch_follows_the_tracker_from_another_thread() {
+        let mut t = PhaseTracker::new();
+        let w = t.watch();
+        assert_eq!(w.phase(), Phase::NoMachine);
+        for p in &Phase::ALL[1..] {
+            t.advance(*p).unwrap();
+            let w = w.clone();
+            assert_eq!(std::thread::spawn(move || w.phase()).join().unwrap(), *p);
+        }
+        // A refused advance leaves the watch where it was.
+        assert!(t.advance(Phase::MachineInit).is_err());
+        assert_eq!(w.phase(), Phase::MachineReady);
     }
 
     #[test]

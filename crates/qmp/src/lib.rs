@@ -30,7 +30,7 @@ mod session;
 pub use error::{CommandError, ErrorClass};
 pub use events::{Event, EventBus};
 pub use registry::{
-    Command, CommandInfo, Handler, PhaseSource, Registry, capabilities_arguments,
+    Command, CommandInfo, ContextFree, Handler, PhaseSource, Registry, capabilities_arguments,
     executing_out_of_band, run_out_of_band,
 };
 pub use schema::{Builtin, Member, Type};

@@ -56,7 +56,16 @@ pub trait Handler<C>: Command {
     fn handle(self, ctx: &mut C, registry: &Registry<C>) -> Result<Self::Output, CommandError>;
 }
 
+/// How an out-of-band command runs without any context: it must not need the VMM's state,
+/// so that an `exec-oob` request is answered while an in-band command holds that state
+/// (QEMU runs such commands on the monitor's I/O thread, outside the big lock).
+pub trait ContextFree: Command {
+    /// Runs the command; the phase has already been checked.
+    fn handle(self) -> Result<Self::Output, CommandError>;
+}
+
 type RunFn<C> = fn(&mut C, &Registry<C>, Map<String, Value>) -> Result<Value, CommandError>;
+type FreeFn = fn(Map<String, Value>) -> Result<Value, CommandError>;
 
 struct Entry<C> {
     phases: PhaseSet,
@@ -65,6 +74,8 @@ struct Entry<C> {
     returns: Option<Type>,
     hint: fn(Phase) -> Option<&'static str>,
     run: RunFn<C>,
+    /// Set for [`ContextFree`] commands: runs without the context.
+    free: Option<FreeFn>,
 }
 
 /// A command as `query-commands` lists it.
@@ -110,9 +121,28 @@ fn run_entry<C, K: Handler<C>>(
     reg: &Registry<C>,
     args: Map<String, Value>,
 ) -> Result<Value, CommandError> {
-    let cmd: K = serde_json::from_value(Value::Object(args))
-        .map_err(|e| CommandError::generic(format!("Invalid arguments for '{}': {e}", K::NAME)))?;
-    let out = cmd.handle(ctx, reg)?;
+    let out = parse::<K>(args)?.handle(ctx, reg)?;
+    to_reply::<K>(out)
+}
+
+fn run_free<K: ContextFree>(args: Map<String, Value>) -> Result<Value, CommandError> {
+    to_reply::<K>(ContextFree::handle(parse::<K>(args)?)?)
+}
+
+fn run_free_in_band<C, K: ContextFree>(
+    _: &mut C,
+    _: &Registry<C>,
+    args: Map<String, Value>,
+) -> Result<Value, CommandError> {
+    run_free::<K>(args)
+}
+
+fn parse<K: Command>(args: Map<String, Value>) -> Result<K, CommandError> {
+    serde_json::from_value(Value::Object(args))
+        .map_err(|e| CommandError::generic(format!("Invalid arguments for '{}': {e}", K::NAME)))
+}
+
+fn to_reply<K: Command>(out: K::Output) -> Result<Value, CommandError> {
     if K::returns().is_none() {
         return Ok(Value::Object(Map::new()));
     }
@@ -183,6 +213,7 @@ impl<C: PhaseSource> Registry<C> {
                 returns: None,
                 hint: no_hint,
                 run: capabilities_complete::<C>,
+                free: None,
             },
         );
         r
@@ -205,8 +236,58 @@ impl<C: PhaseSource> Registry<C> {
                 returns: K::returns(),
                 hint: K::phase_hint,
                 run: run_entry::<C, K>,
+                free: None,
             },
         );
+    }
+
+    /// Registers a command that needs no context (see [`ContextFree`]): in band it runs
+    /// like any other, and [`Registry::dispatch_context_free`] runs it without the context.
+    pub fn register_context_free<K: ContextFree>(&mut self) {
+        self.commands.insert(
+            K::NAME,
+            Entry {
+                phases: K::PHASES,
+                allow_oob: K::ALLOW_OOB,
+                arguments: K::arguments(),
+                returns: K::returns(),
+                hint: K::phase_hint,
+                run: run_free_in_band::<C, K>,
+                free: Some(run_free::<K>),
+            },
+        );
+    }
+
+    /// Runs a request without the context if its command is [`ContextFree`], in the same
+    /// order as [`Registry::dispatch`] (OOB permission, phase check against `phase`,
+    /// arguments, handler). `None`: the command needs the context (or does not exist); the
+    /// caller then takes whatever lock guards it and uses [`Registry::dispatch`].
+    pub fn dispatch_context_free(
+        &self,
+        phase: Phase,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> Option<Result<Value, CommandError>> {
+        let entry = self.commands.get(name)?;
+        let free = entry.free?;
+        Some(Self::admit(entry, name, phase, &args).and_then(|()| free(args)))
+    }
+
+    /// The checks before a handler runs, in QEMU's order: OOB permission (inside
+    /// [`run_out_of_band`]), phase, arguments.
+    fn admit(
+        entry: &Entry<C>,
+        name: &str,
+        phase: Phase,
+        args: &Map<String, Value>,
+    ) -> Result<(), CommandError> {
+        if !entry.allow_oob && executing_out_of_band() {
+            return Err(CommandError::generic(format!(
+                "The command {name} does not support OOB"
+            )));
+        }
+        Self::phase_check(name, entry.phases, entry.hint, phase)?;
+        entry.arguments.validate_members(args, "")
     }
 
     /// Declares an event and the type of its `data` (for `query-qmp-schema`).
@@ -254,13 +335,7 @@ impl<C: PhaseSource> Registry<C> {
             .commands
             .get(name)
             .ok_or_else(|| CommandError::CommandNotFound(name.to_owned()))?;
-        if !entry.allow_oob && executing_out_of_band() {
-            return Err(CommandError::generic(format!(
-                "The command {name} does not support OOB"
-            )));
-        }
-        Self::phase_check(name, entry.phases, entry.hint, ctx.phase())?;
-        entry.arguments.validate_members(&args, "")?;
+        Self::admit(entry, name, ctx.phase(), &args)?;
         (entry.run)(ctx, self, args)
     }
 
@@ -425,6 +500,75 @@ mod tests {
         fn handle(self, ctx: &mut Ctx, _: &Registry<Ctx>) -> Result<u32, CommandError> {
             Ok(ctx.hits)
         }
+    }
+
+    /// Echoes its argument; needs no context. OOB-capable only in ready machines.
+    #[derive(Deserialize)]
+    struct Echo {
+        v: u32,
+    }
+    impl Command for Echo {
+        const NAME: &'static str = "echo";
+        const PHASES: PhaseSet = PhaseSet::from(Phase::MachineReady);
+        const ALLOW_OOB: bool = true;
+        type Output = u32;
+        fn arguments() -> Type {
+            Type::object("q_obj_echo-arg", vec![req("v", Type::int())])
+        }
+        fn returns() -> Option<Type> {
+            Some(Type::int())
+        }
+    }
+    impl ContextFree for Echo {
+        fn handle(self) -> Result<u32, CommandError> {
+            Ok(self.v)
+        }
+    }
+
+    #[test]
+    fn context_free_commands_run_with_or_without_the_context() {
+        let mut reg = Registry::<Ctx>::new();
+        reg.register::<Bump>();
+        reg.register_context_free::<Echo>();
+        let ready = Phase::MachineReady;
+        // Without the context, with the same checks as dispatch.
+        assert_eq!(
+            reg.dispatch_context_free(ready, "echo", args(json!({"v": 7}))),
+            Some(Ok(json!(7)))
+        );
+        let e = reg
+            .dispatch_context_free(Phase::MachineInit, "echo", args(json!({"v": 7})))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.class(), ErrorClass::OutOfPhase);
+        let e = reg
+            .dispatch_context_free(ready, "echo", Map::new())
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'v' is missing");
+        assert!(
+            run_out_of_band(|| reg.dispatch_context_free(ready, "echo", args(json!({"v": 1}))))
+                .is_some_and(|r| r == Ok(json!(1)))
+        );
+        // Commands that need the context, and unknown ones, are the caller's.
+        assert!(
+            reg.dispatch_context_free(ready, "bump", Map::new())
+                .is_none()
+        );
+        assert!(
+            reg.dispatch_context_free(ready, "nope", Map::new())
+                .is_none()
+        );
+        // In band it is an ordinary command.
+        let mut ctx = Ctx {
+            phase: ready,
+            hits: 0,
+        };
+        assert_eq!(
+            reg.dispatch(&mut ctx, "echo", args(json!({"v": 3}))),
+            Ok(json!(3))
+        );
+        assert_eq!(reg.allows_oob("echo"), Some(true));
     }
 
     #[test]
