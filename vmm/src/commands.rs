@@ -680,9 +680,39 @@ impl Handler<VmmCore> for HumanMonitorCommand {
                     v.qemu.major, v.qemu.minor, v.qemu.micro, v.package
                 ))
             }
+            ["info", "kvm"] => {
+                let k = c.kvm_info();
+                let state = match (k.present, k.enabled) {
+                    (false, _) => "not compiled",
+                    (true, true) => "enabled",
+                    (true, false) => "disabled",
+                };
+                Ok(format!("kvm support: {state}\r\n"))
+            }
+            ["info", "cpus"] => {
+                // As QEMU: the monitor's current CPU (the first) is starred.
+                let cpus = c.board.as_ref().map(|b| b.cpus()).unwrap_or_default();
+                Ok(cpus
+                    .iter()
+                    .enumerate()
+                    .map(|(i, cpu)| {
+                        let mark = if i == 0 { '*' } else { ' ' };
+                        format!(
+                            "{mark} CPU #{}: thread_id={}\r\n",
+                            cpu.cpu_index, cpu.thread_id
+                        )
+                    })
+                    .collect())
+            }
+            ["info", "name"] => Ok(c
+                .name
+                .as_ref()
+                .map(|n| format!("{n}\r\n"))
+                .unwrap_or_default()),
             _ => Err(CommandError::generic(format!(
-                "HMP command '{}' is not supported; Keel's human monitor knows only \
-                 'info status' and 'info version' (use the QMP commands instead)",
+                "HMP command '{}' is not supported; Keel's human monitor knows 'info status', \
+                 'info version', 'info kvm', 'info cpus' and 'info name' (use the QMP commands \
+                 instead)",
                 self.command_line.trim()
             ))),
         }

@@ -668,3 +668,62 @@ fn embedding_api_without_json() {
     assert_eq!(events.try_recv().unwrap().name, "RESUME");
     assert!(v.execute(QueryStatus {}).unwrap().running);
 }
+
+#[test]
+fn hmp_info_commands_answer_as_qemu() {
+    // A real (paused) machine with two vCPUs under the interpreter.
+    let mut vmm = Vmm::start(&[
+        "-M",
+        "microvm",
+        "-accel",
+        "tcg",
+        "-smp",
+        "2",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-name",
+        "keel-hmp",
+        "-S",
+    ]);
+    let mut c = vmm.qmp();
+    let hmp = |c: &mut common::Client, line: &str| {
+        c.ok("human-monitor-command", json!({ "command-line": line }))
+    };
+    assert_eq!(hmp(&mut c, "info name"), "keel-hmp\r\n");
+    let kvm = c.ok("query-kvm", Value::Null);
+    let want = match (kvm["present"].as_bool(), kvm["enabled"].as_bool()) {
+        (Some(true), Some(true)) => "kvm support: enabled\r\n",
+        (Some(true), _) => "kvm support: disabled\r\n",
+        _ => "kvm support: not compiled\r\n",
+    };
+    assert_eq!(hmp(&mut c, "info kvm"), want);
+    assert_eq!(kvm["enabled"], false, "tcg was asked for");
+    // One line per vCPU with the thread query-cpus-fast reports; the first is current.
+    let cpus = c.ok("query-cpus-fast", Value::Null);
+    let lines: Vec<String> = cpus
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, cpu)| {
+            format!(
+                "{} CPU #{}: thread_id={}\r\n",
+                if i == 0 { '*' } else { ' ' },
+                cpu["cpu-index"],
+                cpu["thread-id"]
+            )
+        })
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(hmp(&mut c, "info cpus"), lines.concat());
+    let d = c.err(
+        "human-monitor-command",
+        json!({"command-line": "info mtree"}),
+        "GenericError",
+    );
+    assert!(
+        d.starts_with("HMP command 'info mtree' is not supported"),
+        "{d}"
+    );
+}
