@@ -727,6 +727,79 @@ fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
     BlockEnd::Normal
 }
 
+/// The cached successor of `blk` (an element of `blocks`) for the CPU's current RIP, among
+/// the links made in cache generation `generation`.
+#[inline(always)]
+fn follow(
+    blocks: &[crate::decode::Block],
+    blk: &crate::decode::Block,
+    cpu: &Cpu,
+    generation: u32,
+) -> Option<u32> {
+    let rip = cpu.rip;
+    for l in &blk.links {
+        let (r, b, g) = l.get();
+        if r == rip && g == generation {
+            if b & CROSS_PAGE == 0 {
+                // Same page: mapped like the block we are in.
+                return Some(b);
+            }
+            let b = b & !CROSS_PAGE;
+            // Another page: follow only while the fetch TLB still maps it to the
+            // guest-physical page the target was translated from.
+            let lin = cpu.ebase[1].wrapping_add(rip) & cpu.lin_mask;
+            let t = blocks.get(b as usize)?;
+            return (cpu.mmu.lookup_gpa(lin, Access::Fetch, cpu.mmu.user) == Some(t.gpa))
+                .then_some(b);
+        }
+    }
+    None
+}
+
+/// Why [`run_chain`] returned.
+enum Chain {
+    /// A block ended other than normally.
+    End(BlockEnd),
+    /// Block `.0` ran normally and has no cached successor for the current RIP.
+    Miss(u32),
+    /// Block `.0` ran normally as the last of `CHAIN_CHECK` chained blocks: time to look at
+    /// attention, interrupts and timers before following its successor.
+    Budget(u32),
+    /// The block index was out of the cache (not expected: links carry the generation).
+    Lost,
+}
+
+/// Runs block `idx` and the cached successors after it, up to `CHAIN_CHECK` blocks.
+///
+/// Kept out of line from [`TcgVcpu::run_inner`] on purpose: inlined there, the compiler
+/// spilled the CPU pointer and the chain state to the stack around every handler call.
+#[inline(never)]
+fn run_chain(
+    cpu: &mut Cpu,
+    blocks: &[crate::decode::Block],
+    generation: u32,
+    mut idx: u32,
+) -> Chain {
+    let mut budget = CHAIN_CHECK;
+    loop {
+        let Some(blk) = blocks.get(idx as usize) else {
+            return Chain::Lost;
+        };
+        let r = exec_block(cpu, &blk.insns);
+        if r != BlockEnd::Normal {
+            return Chain::End(r);
+        }
+        budget -= 1;
+        if budget == 0 {
+            return Chain::Budget(idx);
+        }
+        match follow(blocks, blk, cpu, generation) {
+            Some(b) => idx = b,
+            None => return Chain::Miss(idx),
+        }
+    }
+}
+
 impl TcgVcpu {
     /// Polls the PIT and the local APIC timer against the clock, and hands the execution lock
     /// over when another vCPU waits and this one's slice is used up.
@@ -1132,35 +1205,46 @@ impl TcgVcpu {
             // checked every `CHAIN_CHECK` blocks rather than after each one: that bounds their
             // latency to a few thousand guest instructions and keeps the per-block cost to a
             // counter decrement.
-            let mut budget = CHAIN_CHECK;
+            //
+            // The chain itself runs in `run_chain`, a small function of its own: its registers
+            // hold only what the chain needs (the CPU, the block, the budget) instead of
+            // sharing them with this loop's state.
             loop {
-                let r = exec_block(&mut self.cpu, &self.cache.blocks[idx as usize].insns);
-                if r != BlockEnd::Normal {
-                    self.after_block(r)?;
-                    break;
-                }
-                budget -= 1;
-                if budget == 0 {
-                    if self.att.bits.load(Ordering::Relaxed) != 0
-                        || (self.cpu.rflags & fl::IF != 0 && self.irq_pending())
-                        || self.cpu.icount >= self.next_poll
-                    {
+                let generation = self.cache.generation;
+                match run_chain(&mut self.cpu, &self.cache.blocks, generation, idx) {
+                    Chain::End(r) => {
+                        self.after_block(r)?;
                         break;
                     }
-                    if self.exec.contended() && self.spin_wait(idx) {
-                        // A spin-wait loop (`pause`) while another vCPU waits for the
-                        // execution lock: let it run, it is likely the one to end the wait.
-                        self.exec.release();
-                        self.reacquire(false);
+                    Chain::Miss(i) => {
+                        prev = Some(i);
                         break;
                     }
-                    budget = CHAIN_CHECK;
-                }
-                match self.follow(idx) {
-                    Some(b) => idx = b,
-                    None => {
-                        prev = Some(idx);
-                        break;
+                    Chain::Lost => break,
+                    Chain::Budget(i) => {
+                        if self.att.bits.load(Ordering::Relaxed) != 0
+                            || (self.cpu.rflags & fl::IF != 0 && self.irq_pending())
+                            || self.cpu.icount >= self.next_poll
+                        {
+                            break;
+                        }
+                        if self.exec.contended() && self.spin_wait(i) {
+                            // A spin-wait loop (`pause`) while another vCPU waits for the
+                            // execution lock: let it run, it is likely the one to end the wait.
+                            self.exec.release();
+                            self.reacquire(false);
+                            break;
+                        }
+                        let Some(blk) = self.cache.blocks.get(i as usize) else {
+                            break;
+                        };
+                        match follow(&self.cache.blocks, blk, &self.cpu, generation) {
+                            Some(b) => idx = b,
+                            None => {
+                                prev = Some(i);
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -1177,35 +1261,6 @@ impl TcgVcpu {
                 .insns
                 .iter()
                 .any(|i| i.instr.mnemonic() == iced_x86::Mnemonic::Pause)
-    }
-
-    /// The cached successor of block `idx` for the current RIP.
-    #[inline(always)]
-    fn follow(&self, idx: u32) -> Option<u32> {
-        let blk = &self.cache.blocks[idx as usize];
-        let rip = self.cpu.rip;
-        let generation = self.cache.generation;
-        for l in &blk.links {
-            let (r, b, g) = l.get();
-            if r == rip && g == generation {
-                if b & CROSS_PAGE == 0 {
-                    // Same page: mapped like the block we are in.
-                    return Some(b);
-                }
-                let b = b & !CROSS_PAGE;
-                // Another page: follow only while the fetch TLB still maps it to the
-                // guest-physical page the target was translated from.
-                let lin = self.cpu.ebase[1].wrapping_add(rip) & self.cpu.lin_mask;
-                let t = &self.cache.blocks[b as usize];
-                return (self
-                    .cpu
-                    .mmu
-                    .lookup_gpa(lin, Access::Fetch, self.cpu.mmu.user)
-                    == Some(t.gpa))
-                .then_some(b);
-            }
-        }
-        None
     }
 
     /// Records `to` as a successor of `from` (same mode; `to` starts at the current RIP).
