@@ -521,7 +521,10 @@ mod tests {
         // Generous: this only fails if the OOB command waits for the lock held above.
         let first = rx.recv_timeout(Duration::from_secs(30));
         assert_eq!(first, Ok(Ok(Value::Array(Vec::new()))));
-        assert!(rx.try_recv().is_err(), "query-status ran while the lock was held");
+        assert!(
+            rx.try_recv().is_err(),
+            "query-status ran while the lock was held"
+        );
         drop(busy);
         let second = rx.recv_timeout(Duration::from_secs(30)).unwrap();
         assert_eq!(
