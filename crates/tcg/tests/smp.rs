@@ -73,6 +73,31 @@ fn flat32() -> SpecialRegs {
     s
 }
 
+/// A 2 MiB VM with local APICs and an IOAPIC (mapped on `buses`), a flat 32-bit GDT at
+/// [`GDT`] (code 0x10, data 0x18) and nothing else.
+fn apic_vm(buses: Arc<IoBuses>) -> (Arc<GuestMemoryMmap>, TcgVm) {
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
+    let vm = TcgVm::with_apic(
+        mem.clone(),
+        buses,
+        Arc::new(NoEvents),
+        Default::default(),
+        true,
+    )
+    .unwrap();
+    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    for (k, d) in gdt.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
+    }
+    (mem, vm)
+}
+
+/// A 32-bit interrupt gate (selector 0x10, present, DPL 0) to `isr`, as IDT entry `vector`.
+fn set_gate(mem: &GuestMemoryMmap, vector: u64, isr: u64) {
+    let gate = (isr & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((isr >> 16) << 48);
+    mem.write_obj(gate, GuestAddress(IDT + 8 * vector)).unwrap();
+}
+
 fn bsp_code() -> Vec<u8> {
     let mut a = CodeAssembler::new(32).unwrap();
     let lapic = |off: u32| dword_ptr(0xfee0_0000u32 + off);
@@ -163,23 +188,10 @@ fn ap_code32() -> Vec<u8> {
 
 #[test]
 fn bsp_starts_ap_with_init_sipi_and_lock_inc_is_atomic_across_vcpus() {
-    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
     let buses = Arc::new(IoBuses::new());
-    let vm = TcgVm::with_apic(
-        mem.clone(),
-        buses.clone(),
-        Arc::new(NoEvents),
-        Default::default(),
-        true,
-    )
-    .unwrap();
-    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-    for (k, d) in gdt.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
-    }
+    let (mem, vm) = apic_vm(buses.clone());
     // Interrupt gate for vector 0x40 -> ISR.
-    let gate = (ISR & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((ISR >> 16) << 48);
-    mem.write_obj(gate, GuestAddress(IDT + 8 * 0x40)).unwrap();
+    set_gate(&mem, 0x40, ISR);
     mem.write_slice(&bsp_code(), GuestAddress(BSP_CODE))
         .unwrap();
     mem.write_slice(&isr_code(), GuestAddress(ISR)).unwrap();
@@ -259,28 +271,13 @@ const ISR_IOAPIC: u64 = 0x3200;
 /// thread while the vCPU waits in `hlt`.
 #[test]
 fn pic_through_lint0_extint_and_ioapic_pin_reach_the_bsp() {
-    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
     let buses = Arc::new(IoBuses::new());
-    let vm = TcgVm::with_apic(
-        mem.clone(),
-        buses.clone(),
-        Arc::new(NoEvents),
-        Default::default(),
-        true,
-    )
-    .unwrap();
+    let (mem, vm) = apic_vm(buses.clone());
     for (r, d) in vm.platform_devices() {
         buses.pio.insert(r.base, r.len, d).unwrap();
     }
-    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-    for (k, d) in gdt.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
-    }
-    let gate = |isr: u64| (isr & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((isr >> 16) << 48);
-    mem.write_obj(gate(ISR_PIC), GuestAddress(IDT + 8 * 0x21))
-        .unwrap();
-    mem.write_obj(gate(ISR_IOAPIC), GuestAddress(IDT + 8 * 0x50))
-        .unwrap();
+    set_gate(&mem, 0x21, ISR_PIC);
+    set_gate(&mem, 0x50, ISR_IOAPIC);
 
     let mut a = CodeAssembler::new(32).unwrap();
     // 8259 master: vector base 0x20, only IRQ 1 unmasked.
@@ -378,20 +375,7 @@ const CALLED: u64 = 0x7304;
 /// must see the new code.
 #[test]
 fn code_written_by_one_vcpu_is_retranslated_by_another() {
-    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
-    let buses = Arc::new(IoBuses::new());
-    let vm = TcgVm::with_apic(
-        mem.clone(),
-        buses,
-        Arc::new(NoEvents),
-        Default::default(),
-        true,
-    )
-    .unwrap();
-    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-    for (k, d) in gdt.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
-    }
+    let (mem, vm) = apic_vm(Arc::new(IoBuses::new()));
     // FUNC: 20 nops, mov eax, 1, 20 nops, ret.
     let mut f = vec![0x90u8; 20];
     f.extend_from_slice(&[0xb8, 1, 0, 0, 0]);
@@ -485,21 +469,8 @@ const NMI_ISR: u64 = 0x3300;
 /// handler's IRET.
 #[test]
 fn nmis_are_blocked_until_iret() {
-    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
-    let vm = TcgVm::with_apic(
-        mem.clone(),
-        Arc::new(IoBuses::new()),
-        Arc::new(NoEvents),
-        Default::default(),
-        true,
-    )
-    .unwrap();
-    let gdt = [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-    for (k, d) in gdt.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(GDT + 8 * k as u64)).unwrap();
-    }
-    let gate = (NMI_ISR & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((NMI_ISR >> 16) << 48);
-    mem.write_obj(gate, GuestAddress(IDT + 8 * 2)).unwrap();
+    let (mem, vm) = apic_vm(Arc::new(IoBuses::new()));
+    set_gate(&mem, 2, NMI_ISR);
     let self_nmi = |a: &mut CodeAssembler| {
         a.mov(dword_ptr(0xfee0_0300u32), (1u32 << 18) | 0x400)
             .unwrap();
