@@ -7,21 +7,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use keel_accel::{
-    IoBuses, Regs, Segment, SpecialRegs, SystemEvent, SystemEvents, Vcpu, VcpuExit, Vm,
-};
+use keel_accel::{IoBuses, Regs, SpecialRegs, SystemEvent, SystemEvents, Vcpu, VcpuExit, Vm};
 use keel_tcg::TcgVm;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const BSP_CODE: u64 = 0x10_0000;
 const AP_CODE: u64 = 0x8000; // SIPI vector 8
-const GDT: u64 = 0x1000;
-const IDT: u64 = 0x2000;
+use common::{GDT, IDT};
 const ISR: u64 = 0x3000;
 const FLAG: u64 = 0x7000;
 const COUNTER: u64 = 0x7004;
@@ -35,40 +34,9 @@ impl SystemEvents for NoEvents {
 }
 
 fn flat32() -> SpecialRegs {
-    let seg = |sel: u16, code: bool| Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: sel,
-        type_: if code { 0xb } else { 3 },
-        present: true,
-        dpl: 0,
-        db: true,
-        s: true,
-        l: false,
-        g: true,
-        avl: false,
-        unusable: false,
-    };
-    let mut s = SpecialRegs {
-        cs: seg(0x10, true),
-        ds: seg(0x18, false),
-        es: seg(0x18, false),
-        fs: seg(0x18, false),
-        gs: seg(0x18, false),
-        ss: seg(0x18, false),
-        ..Default::default()
-    };
-    s.tr = Segment {
-        limit: 0x67,
-        type_: 0xb,
-        present: true,
-        ..Default::default()
-    };
-    s.gdt.base = GDT;
-    s.gdt.limit = 0x1f;
+    let mut s = common::flat32_sregs();
     s.idt.base = IDT;
     s.idt.limit = 0x7ff;
-    s.cr0 = 0x11;
     s.apic_base = 0xfee0_0900;
     s
 }

@@ -200,38 +200,7 @@ impl Harness {
         for (k, d) in gdt.iter().enumerate() {
             self.w64(GDT + 8 * k as u64, *d);
         }
-        let seg = |sel: u16, code: bool| Segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: sel,
-            type_: if code { 0xb } else { 3 },
-            present: true,
-            dpl: 0,
-            db: true,
-            s: true,
-            l: false,
-            g: true,
-            avl: false,
-            unusable: false,
-        };
-        let mut s = SpecialRegs {
-            cs: seg(0x10, true),
-            ds: seg(0x18, false),
-            es: seg(0x18, false),
-            fs: seg(0x18, false),
-            gs: seg(0x18, false),
-            ss: seg(0x18, false),
-            ..Default::default()
-        };
-        s.tr = Segment {
-            limit: 0x67,
-            type_: 0xb,
-            present: true,
-            ..Default::default()
-        };
-        s.gdt.base = GDT;
-        s.gdt.limit = 0x1f;
-        s.cr0 = 0x11;
+        let s = flat32_sregs();
         self.vcpu.set_sregs(&s).unwrap();
         self.vcpu
             .set_regs(&Regs {
@@ -273,4 +242,42 @@ pub fn asm(bits: u32, ip: u64, f: impl FnOnce(&mut iced_x86::code_asm::CodeAssem
     let mut a = iced_x86::code_asm::CodeAssembler::new(bits).unwrap();
     f(&mut a);
     a.assemble(ip).unwrap()
+}
+
+/// Flat 32-bit protected mode (paging off): CS 0x10 and data 0x18 over the 4 GiB segments of
+/// the GDT at [`GDT`], a busy 32-bit TSS.
+pub fn flat32_sregs() -> SpecialRegs {
+    let seg = |sel: u16, code: bool| Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: sel,
+        type_: if code { 0xb } else { 3 },
+        present: true,
+        dpl: 0,
+        db: true,
+        s: true,
+        l: false,
+        g: true,
+        avl: false,
+        unusable: false,
+    };
+    let mut s = SpecialRegs {
+        cs: seg(0x10, true),
+        ds: seg(0x18, false),
+        es: seg(0x18, false),
+        fs: seg(0x18, false),
+        gs: seg(0x18, false),
+        ss: seg(0x18, false),
+        ..Default::default()
+    };
+    s.tr = Segment {
+        limit: 0x67,
+        type_: 0xb,
+        present: true,
+        ..Default::default()
+    };
+    s.gdt.base = GDT;
+    s.gdt.limit = 0x1f;
+    s.cr0 = 0x11;
+    s
 }
