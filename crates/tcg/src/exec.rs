@@ -1255,6 +1255,10 @@ pub struct Uop {
     pub op: UopOp,
     /// Destination register.
     pub d: u8,
+    /// Register whose value the kinds that update `d` (`d += s`, `d <<= imm`, ...) take as
+    /// their first operand: `d` itself, or the source of a 64-bit `mov d, a` folded into
+    /// this micro-op (see [`fold_moves`]).
+    pub a: u8,
     /// Source register.
     pub s: u8,
     /// Index register (`lea`).
@@ -1275,6 +1279,7 @@ pub fn uop_of(ins: &Instruction, i: &Insn, flags_dead: bool) -> Option<Uop> {
     let mut u = Uop {
         op: UopOp::Nop,
         d: i.r0 & 15,
+        a: i.r0 & 15,
         s: i.r1 & 31,
         x: NOREG,
         sc: 0,
@@ -1387,7 +1392,7 @@ pub fn run_uops(cpu: &mut Cpu, i: &Insn) -> Flow {
     let g = &mut cpu.gpr;
     for u in ops {
         let s = g[(u.s & 31) as usize];
-        let dv = g[(u.d & 15) as usize];
+        let dv = g[(u.a & 15) as usize];
         let v = match u.op {
             UopOp::Nop => continue,
             UopOp::Mov => s,
@@ -1424,8 +1429,92 @@ pub fn run_uops(cpu: &mut Cpu, i: &Insn) -> Flow {
         };
         g[(u.d & 15) as usize] = v & u.mask;
     }
-    cpu.icount += (ops.len() as u64).saturating_sub(1);
+    // The entry's `aux` holds how many instructions the run stands for (folded moves have no
+    // micro-op of their own).
+    cpu.icount += u64::from(i.aux).saturating_sub(1);
     Ok(())
+}
+
+/// Whether `op` computes its result from the old value of its destination (read through
+/// [`Uop::a`]).
+fn updates_dest(op: UopOp) -> bool {
+    use UopOp::*;
+    matches!(
+        op,
+        Add | AddI
+            | Sub
+            | SubI
+            | And
+            | AndI
+            | Or
+            | OrI
+            | Xor
+            | XorI
+            | Imul
+            | Neg
+            | Not
+            | Shl
+            | Shr64
+            | Shr32
+            | Sar64
+            | Sar32
+    )
+}
+
+/// Whether `u` reads register `r`.
+fn uop_reads(u: &Uop, r: u8) -> bool {
+    use UopOp::*;
+    let src = match u.op {
+        Nop | MovI => false,
+        Neg | Not | AddI | SubI | AndI | OrI | XorI | Shl | Shr64 | Shr32 | Sar64 | Sar32 => false,
+        Lea => u.s == r || u.x == r,
+        Mov | Add | Sub | And | Or | Xor | Imul | ImulI | Zx8 | Zx16 | Sx8 | Sx16 | Sx32 => {
+            u.s == r
+        }
+    };
+    src || (updates_dest(u.op) && u.a == r)
+}
+
+/// Folds each 64-bit `mov d, s` of a run into the next micro-op that touches `d`, when that
+/// one updates `d` from its old value: `mov rax, rcx; imul rax, r9` becomes `rax = rcx * r9`,
+/// one micro-op instead of two (compilers emit this copy-then-operate pair for most
+/// three-operand expressions). Nothing between the two may read or write `d` or write `s`.
+pub fn fold_moves(ops: &mut Vec<Uop>) {
+    let mut k = 0;
+    while k < ops.len() {
+        let p = ops[k];
+        let mut folded = false;
+        if p.op == UopOp::Mov && p.mask == u64::MAX && p.s < 16 {
+            let (d, s) = (p.d, p.s);
+            for j in k + 1..ops.len() {
+                let q = ops[j];
+                if q.op == UopOp::Nop {
+                    continue;
+                }
+                if q.d == d || uop_reads(&q, d) {
+                    // The first micro-op that touches `d`.
+                    if q.d == d && updates_dest(q.op) && q.a == d {
+                        let mut f = q;
+                        f.a = s;
+                        if uop_reads(&Uop { a: NOREG, ..q }, d) {
+                            // `d` is also the source (`add rax, rax`): it still holds `s`.
+                            f.s = s;
+                        }
+                        ops[j] = f;
+                        ops.remove(k);
+                        folded = true;
+                    }
+                    break;
+                }
+                if q.d == s {
+                    break;
+                }
+            }
+        }
+        if !folded {
+            k += 1;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
