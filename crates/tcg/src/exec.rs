@@ -1391,41 +1391,42 @@ pub fn run_uops(cpu: &mut Cpu, i: &Insn) -> Flow {
     };
     let g = &mut cpu.gpr;
     for u in ops {
-        let s = g[(u.s & 31) as usize];
-        let dv = g[(u.a & 15) as usize];
+        // Each kind reads only the registers it uses (a `mov` loads one, an immediate none).
+        let s = || g[(u.s & 31) as usize];
+        let dv = || g[(u.a & 15) as usize];
         let v = match u.op {
             UopOp::Nop => continue,
-            UopOp::Mov => s,
+            UopOp::Mov => s(),
             UopOp::MovI => u.imm,
-            UopOp::Add => dv.wrapping_add(s),
-            UopOp::AddI => dv.wrapping_add(u.imm),
-            UopOp::Sub => dv.wrapping_sub(s),
-            UopOp::SubI => dv.wrapping_sub(u.imm),
-            UopOp::And => dv & s,
-            UopOp::AndI => dv & u.imm,
-            UopOp::Or => dv | s,
-            UopOp::OrI => dv | u.imm,
-            UopOp::Xor => dv ^ s,
-            UopOp::XorI => dv ^ u.imm,
-            UopOp::Imul => dv.wrapping_mul(s),
-            UopOp::ImulI => s.wrapping_mul(u.imm),
-            UopOp::Neg => dv.wrapping_neg(),
-            UopOp::Not => !dv,
+            UopOp::Add => dv().wrapping_add(s()),
+            UopOp::AddI => dv().wrapping_add(u.imm),
+            UopOp::Sub => dv().wrapping_sub(s()),
+            UopOp::SubI => dv().wrapping_sub(u.imm),
+            UopOp::And => dv() & s(),
+            UopOp::AndI => dv() & u.imm,
+            UopOp::Or => dv() | s(),
+            UopOp::OrI => dv() | u.imm,
+            UopOp::Xor => dv() ^ s(),
+            UopOp::XorI => dv() ^ u.imm,
+            UopOp::Imul => dv().wrapping_mul(s()),
+            UopOp::ImulI => s().wrapping_mul(u.imm),
+            UopOp::Neg => dv().wrapping_neg(),
+            UopOp::Not => !dv(),
             // Counts are non-zero and below the operand width (masked at translation).
-            UopOp::Shl => dv << (u.imm & 63),
-            UopOp::Shr64 => dv >> (u.imm & 63),
-            UopOp::Shr32 => (dv & 0xffff_ffff) >> (u.imm & 31),
-            UopOp::Sar64 => ((dv as i64) >> (u.imm & 63)) as u64,
-            UopOp::Sar32 => ((dv as u32 as i32) >> (u.imm & 31)) as u64,
+            UopOp::Shl => dv() << (u.imm & 63),
+            UopOp::Shr64 => dv() >> (u.imm & 63),
+            UopOp::Shr32 => (dv() & 0xffff_ffff) >> (u.imm & 31),
+            UopOp::Sar64 => ((dv() as i64) >> (u.imm & 63)) as u64,
+            UopOp::Sar32 => ((dv() as u32 as i32) >> (u.imm & 31)) as u64,
             UopOp::Lea => u
                 .imm
-                .wrapping_add(s)
+                .wrapping_add(s())
                 .wrapping_add(g[(u.x & 31) as usize] << (u.sc & 3)),
-            UopOp::Zx8 => s & 0xff,
-            UopOp::Zx16 => s & 0xffff,
-            UopOp::Sx8 => s as u8 as i8 as i64 as u64,
-            UopOp::Sx16 => s as u16 as i16 as i64 as u64,
-            UopOp::Sx32 => s as u32 as i32 as i64 as u64,
+            UopOp::Zx8 => s() & 0xff,
+            UopOp::Zx16 => s() & 0xffff,
+            UopOp::Sx8 => s() as u8 as i8 as i64 as u64,
+            UopOp::Sx16 => s() as u16 as i16 as i64 as u64,
+            UopOp::Sx32 => s() as u32 as i32 as i64 as u64,
         };
         g[(u.d & 15) as usize] = v & u.mask;
     }
