@@ -1030,6 +1030,11 @@ pub enum FlagUse {
     Use,
 }
 
+/// The register-register form when `rr`, else the register-immediate one.
+fn reg_or_imm(rr: bool, reg: UopOp, imm: UopOp) -> UopOp {
+    if rr { reg } else { imm }
+}
+
 /// Whether the instruction's explicit operands are all general registers or immediates,
 /// with a register first.
 fn regs_only(ins: &Instruction) -> bool {
@@ -1330,41 +1335,11 @@ pub fn uop_of(ins: &Instruction, i: &Insn, flags_dead: bool) -> Option<Uop> {
         },
         M::Not if n == 1 && regs_only(ins) => UopOp::Not,
         _ if !flags_dead || flag_use(ins, i) != FlagUse::Kill => return None,
-        M::Add => {
-            if rr {
-                UopOp::Add
-            } else {
-                UopOp::AddI
-            }
-        }
-        M::Sub => {
-            if rr {
-                UopOp::Sub
-            } else {
-                UopOp::SubI
-            }
-        }
-        M::And => {
-            if rr {
-                UopOp::And
-            } else {
-                UopOp::AndI
-            }
-        }
-        M::Or => {
-            if rr {
-                UopOp::Or
-            } else {
-                UopOp::OrI
-            }
-        }
-        M::Xor => {
-            if rr {
-                UopOp::Xor
-            } else {
-                UopOp::XorI
-            }
-        }
+        M::Add => reg_or_imm(rr, UopOp::Add, UopOp::AddI),
+        M::Sub => reg_or_imm(rr, UopOp::Sub, UopOp::SubI),
+        M::And => reg_or_imm(rr, UopOp::And, UopOp::AndI),
+        M::Or => reg_or_imm(rr, UopOp::Or, UopOp::OrI),
+        M::Xor => reg_or_imm(rr, UopOp::Xor, UopOp::XorI),
         M::Neg => UopOp::Neg,
         M::Imul if n == 2 => UopOp::Imul,
         M::Imul => UopOp::ImulI,
