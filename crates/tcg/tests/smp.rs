@@ -66,6 +66,20 @@ fn set_gate(mem: &GuestMemoryMmap, vector: u64, isr: u64) {
     mem.write_obj(gate, GuestAddress(IDT + 8 * vector)).unwrap();
 }
 
+/// vCPU 0 in flat 32-bit mode at [`BSP_CODE`], stack at 0x9_0000.
+fn bsp_at_code(vm: &TcgVm) -> Box<dyn Vcpu> {
+    let mut bsp = vm.create_vcpu(0).unwrap();
+    bsp.set_sregs(&flat32()).unwrap();
+    bsp.set_regs(&Regs {
+        rip: BSP_CODE,
+        rsp: 0x9_0000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    bsp
+}
+
 fn bsp_code() -> Vec<u8> {
     let mut a = CodeAssembler::new(32).unwrap();
     let lapic = |off: u32| dword_ptr(0xfee0_0000u32 + off);
@@ -169,16 +183,8 @@ fn bsp_starts_ap_with_init_sipi_and_lock_inc_is_atomic_across_vcpus() {
     mem.write_obj(0x1fu16, GuestAddress(GDTR)).unwrap();
     mem.write_obj(GDT as u32, GuestAddress(GDTR + 2)).unwrap();
 
-    let mut bsp = vm.create_vcpu(0).unwrap();
+    let bsp = bsp_at_code(&vm);
     let ap = vm.create_vcpu(1).unwrap();
-    bsp.set_sregs(&flat32()).unwrap();
-    bsp.set_regs(&Regs {
-        rip: BSP_CODE,
-        rsp: 0x9_0000,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
     // The AP gets no entry state: it waits for SIPI.
     let (tx, rx) = mpsc::channel();
     let kick_ap = ap.kicker();
@@ -294,15 +300,7 @@ fn pic_through_lint0_extint_and_ioapic_pin_reach_the_bsp() {
     mem.write_slice(&h.assemble(ISR_IOAPIC).unwrap(), GuestAddress(ISR_IOAPIC))
         .unwrap();
 
-    let mut bsp = vm.create_vcpu(0).unwrap();
-    bsp.set_sregs(&flat32()).unwrap();
-    bsp.set_regs(&Regs {
-        rip: BSP_CODE,
-        rsp: 0x9_0000,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut bsp = bsp_at_code(&vm);
     let kick = bsp.kicker();
     let t = std::thread::spawn(move || {
         loop {
@@ -390,16 +388,8 @@ fn code_written_by_one_vcpu_is_retranslated_by_another() {
     mem.write_slice(&a.assemble(AP_CODE).unwrap(), GuestAddress(AP_CODE))
         .unwrap();
 
-    let mut bsp = vm.create_vcpu(0).unwrap();
+    let bsp = bsp_at_code(&vm);
     let ap = vm.create_vcpu(1).unwrap();
-    bsp.set_sregs(&flat32()).unwrap();
-    bsp.set_regs(&Regs {
-        rip: BSP_CODE,
-        rsp: 0x9_0000,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let (tx, rx) = mpsc::channel();
     let kicks = [bsp.kicker(), ap.kicker()];
     for v in [bsp, ap] {
@@ -472,15 +462,7 @@ fn nmis_are_blocked_until_iret() {
     a.hlt().unwrap();
     mem.write_slice(&a.assemble(BSP_CODE).unwrap(), GuestAddress(BSP_CODE))
         .unwrap();
-    let mut bsp = vm.create_vcpu(0).unwrap();
-    bsp.set_sregs(&flat32()).unwrap();
-    bsp.set_regs(&Regs {
-        rip: BSP_CODE,
-        rsp: 0x9_0000,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut bsp = bsp_at_code(&vm);
     let mut n = 0;
     let x = loop {
         match bsp.run().unwrap() {
