@@ -100,48 +100,31 @@ fn pure_qmp(c: &mut Client, image: &str) -> Value {
 
     // Errors name what is wrong and create nothing.
     let before = peripherals(c);
-    let d = c.err(
-        "device_add",
-        json!({"driver": "virtio-rng-device", "id": "rng0"}),
-        "GenericError",
-    );
-    assert!(d.contains("rng0"), "{d}");
-    let d = c.err(
-        "device_add",
-        json!({"driver": "no-such-device", "id": "x1"}),
-        "GenericError",
-    );
-    assert!(d.contains("no-such-device"), "{d}");
-    let d = c.err(
-        "device_add",
-        json!({"driver": "isa-debug-exit", "id": "x2", "iosize": 8}),
-        "GenericError",
-    );
-    assert!(d.contains("iosize"), "{d}");
-    let d = c.err(
-        "device_add",
-        json!({"driver": "virtio-rng-device", "id": "x3", "colour": "red"}),
-        "GenericError",
-    );
-    assert!(d.contains("colour"), "{d}");
-    let d = c.err(
-        "device_add",
-        json!({"driver": "virtio-blk-device", "id": "x4", "drive": "nope"}),
-        "GenericError",
-    );
-    assert!(d.contains("nope"), "{d}");
-    let d = c.err(
-        "device_add",
-        json!({"driver": "virtio-blk-device", "id": "x5"}),
-        "GenericError",
-    );
-    assert!(d.contains("drive"), "{d}");
-    let d = c.err(
-        "device_add",
-        json!({"driver": "isa-serial", "id": "x6"}),
-        "GenericError",
-    );
-    assert!(d.contains("isa-serial"), "{d}");
+    for (args, names) in [
+        // An id in use.
+        (json!({"driver": "virtio-rng-device", "id": "rng0"}), "rng0"),
+        (
+            json!({"driver": "no-such-device", "id": "x1"}),
+            "no-such-device",
+        ),
+        (
+            json!({"driver": "isa-debug-exit", "id": "x2", "iosize": 8}),
+            "iosize",
+        ),
+        (
+            json!({"driver": "virtio-rng-device", "id": "x3", "colour": "red"}),
+            "colour",
+        ),
+        (
+            json!({"driver": "virtio-blk-device", "id": "x4", "drive": "nope"}),
+            "nope",
+        ),
+        (json!({"driver": "virtio-blk-device", "id": "x5"}), "drive"),
+        (json!({"driver": "isa-serial", "id": "x6"}), "isa-serial"),
+    ] {
+        let d = c.err("device_add", args, "GenericError");
+        assert!(d.contains(names), "{d}");
+    }
     let d = c.err("device_del", json!({"id": "nope"}), "DeviceNotFound");
     assert!(d.contains("nope"), "{d}");
     assert_eq!(peripherals(c), before);

@@ -23,6 +23,40 @@ use common::TempDir;
 const HOST_MARKER: &[u8] = b"KEEL-HOST-MARKER 7f3a9c written by the host";
 const GUEST_WROTE: &[u8] = b"KEEL-GUEST-WROTE-THIS sector=8\n";
 
+/// The part of the command line both guests share: microvm, 256 MiB, serial on stdio, no
+/// reboot, the kernel, its initramfs and command line.
+fn guest_args(
+    accel: &str,
+    append: &str,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = [
+        "-M",
+        "microvm",
+        "-accel",
+        accel,
+        "-m",
+        "256M",
+        "-nodefaults",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-append",
+        append,
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    args.extend([
+        "-kernel".into(),
+        kernel.into(),
+        "-initrd".into(),
+        initrd.into(),
+    ]);
+    args
+}
+
 fn guest_files() -> Option<(PathBuf, PathBuf)> {
     let dir = std::env::var_os("KEEL_GUEST_DIR")
         .map(PathBuf::from)
@@ -62,20 +96,7 @@ fn linux_guest_uses_virtio_blk_rng_and_console() {
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
     let chardev = format!("file,id=c0,path={}", hvc0.display());
     let mut child = Command::new(common::BIN)
-        .args([
-            "-M",
-            "microvm",
-            "-accel",
-            &accel,
-            "-m",
-            "256M",
-            "-nodefaults",
-        ])
-        .args(["-no-reboot", "-serial", "stdio", "-append", &append])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
+        .args(guest_args(&accel, &append, &kernel, &initrd))
         .args([
             "-drive",
             &drive,
@@ -206,20 +227,7 @@ fn linux_guest_pings_the_host_over_virtio_net() {
     "#;
     let mut child = Command::new("unshare")
         .args(["-n", "sh", "-c", script, "sh", common::BIN])
-        .args([
-            "-M",
-            "microvm",
-            "-accel",
-            &accel,
-            "-m",
-            "256M",
-            "-nodefaults",
-        ])
-        .args(["-no-reboot", "-serial", "stdio", "-append", &append])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
+        .args(guest_args(&accel, &append, &kernel, &initrd))
         .args([
             "-netdev",
             "tap,id=n0,ifname=keeltap0,script=no,downscript=no",
