@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use iced_x86::code_asm::*;
-use keel_accel::{Regs, Segment, SpecialRegs, Vcpu, VcpuExit};
+use keel_accel::{Regs, Vcpu, VcpuExit};
 
 const HANDLER: u64 = 0x18_0000;
 
@@ -395,30 +395,7 @@ fn real_to_protected_to_long_mode() {
     h.w64(gdt + 0x18, 0x00af_9b00_0000_ffff);
     h.w64(pml4, (pml4 + 0x1000) | 3);
     h.w64(pml4 + 0x1000, 0x83);
-    let real = |sel: u16, code: bool| Segment {
-        base: u64::from(sel) << 4,
-        limit: 0xffff,
-        selector: sel,
-        type_: if code { 0xb } else { 3 },
-        present: true,
-        s: true,
-        ..Default::default()
-    };
-    let s = SpecialRegs {
-        cs: real(0, true),
-        ds: real(0, false),
-        es: real(0, false),
-        fs: real(0, false),
-        gs: real(0, false),
-        ss: real(0, false),
-        cr0: 0x10,
-        idt: keel_accel::DescriptorTable {
-            base: 0,
-            limit: 0x3ff,
-        },
-        ..Default::default()
-    };
-    h.vcpu.set_sregs(&s).unwrap();
+    h.vcpu.set_sregs(&common::real_mode_sregs()).unwrap();
     h.vcpu
         .set_regs(&Regs {
             rip: 0x7c00,
@@ -655,30 +632,7 @@ fn real_mode_ivt_interrupt_and_iret() {
     h.write(0x8000, &handler);
     // IVT entry 0x21 -> 0000:8000
     h.write(0x21 * 4, &[0x00, 0x80, 0x00, 0x00]);
-    let real = |sel: u16, code: bool| Segment {
-        base: u64::from(sel) << 4,
-        limit: 0xffff,
-        selector: sel,
-        type_: if code { 0xb } else { 3 },
-        present: true,
-        s: true,
-        ..Default::default()
-    };
-    let s = SpecialRegs {
-        cs: real(0, true),
-        ds: real(0, false),
-        es: real(0, false),
-        fs: real(0, false),
-        gs: real(0, false),
-        ss: real(0, false),
-        cr0: 0x10,
-        idt: keel_accel::DescriptorTable {
-            base: 0,
-            limit: 0x3ff,
-        },
-        ..Default::default()
-    };
-    h.vcpu.set_sregs(&s).unwrap();
+    h.vcpu.set_sregs(&common::real_mode_sregs()).unwrap();
     h.vcpu
         .set_regs(&Regs {
             rip: 0x7c00,

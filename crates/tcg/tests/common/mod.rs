@@ -281,3 +281,29 @@ pub fn flat32_sregs() -> SpecialRegs {
     s.cr0 = 0x11;
     s
 }
+
+/// Real mode at segment 0 everywhere, the IVT at 0 (the state after a reset with CS:IP
+/// moved to low memory).
+pub fn real_mode_sregs() -> SpecialRegs {
+    let real = |code: bool| Segment {
+        limit: 0xffff,
+        type_: if code { 0xb } else { 3 },
+        present: true,
+        s: true,
+        ..Default::default()
+    };
+    SpecialRegs {
+        cs: real(true),
+        ds: real(false),
+        es: real(false),
+        fs: real(false),
+        gs: real(false),
+        ss: real(false),
+        cr0: 0x10,
+        idt: keel_accel::DescriptorTable {
+            base: 0,
+            limit: 0x3ff,
+        },
+        ..Default::default()
+    }
+}
