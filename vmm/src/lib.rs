@@ -471,16 +471,14 @@ impl Dispatcher for QmpFront {
     /// the registry refuses out of band anyway) take the ordinary path.
     fn dispatch_oob(&self, command: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
         run_out_of_band(|| {
-            let phase = self.vmm.inner.phase.phase();
-            match self
-                .vmm
-                .inner
-                .registry
-                .dispatch_context_free(phase, command, args.clone())
-            {
-                Some(r) => r,
-                None => self.vmm.dispatch_locked(command, args),
+            let registry = &self.vmm.inner.registry;
+            if !registry.is_context_free(command) {
+                return self.vmm.dispatch_locked(command, args);
             }
+            let phase = self.vmm.inner.phase.phase();
+            registry
+                .dispatch_context_free(phase, command, args)
+                .unwrap_or_else(|| Err(CommandError::CommandNotFound(command.to_owned())))
         })
     }
 

@@ -258,6 +258,12 @@ impl<C: PhaseSource> Registry<C> {
         );
     }
 
+    /// Whether `name` is a [`ContextFree`] command, which
+    /// [`Registry::dispatch_context_free`] runs without the context.
+    pub fn is_context_free(&self, name: &str) -> bool {
+        self.commands.get(name).is_some_and(|e| e.free.is_some())
+    }
+
     /// Runs a request without the context if its command is [`ContextFree`], in the same
     /// order as [`Registry::dispatch`] (OOB permission, phase check against `phase`,
     /// arguments, handler). `None`: the command needs the context (or does not exist); the
