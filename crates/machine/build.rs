@@ -1,4 +1,5 @@
-//! Builds the demo guest (src/demo/demo.S) into a PVH ELF with GNU `as` and `ld` (binutils).
+//! Builds the demo guest (src/demo/demo.S) into a PVH ELF with GNU `as` and `ld` (binutils),
+//! when the `demo-guest` feature is on.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,6 +16,10 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
 }
 
 fn main() -> Result<(), String> {
+    // Only the `demo-guest` feature needs binutils.
+    if std::env::var_os("CARGO_FEATURE_DEMO_GUEST").is_none() {
+        return Ok(());
+    }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("cargo did not set OUT_DIR")?);
     let obj = out.join("demo.o");
     let elf = out.join("demo.elf");

@@ -7,14 +7,15 @@ use keel_phase::{Phase, PhaseTracker, RunState};
 use keel_qdev::{DeviceRequest, DeviceTree};
 use keel_qmp::{CommandError, EventBus, PhaseSource};
 
-use crate::accel::AccelProbe;
-use crate::backends::Backends;
-use crate::board::{Board, MachineConfig, MachineType, MachineTypeInfo};
-use crate::board::{BoardContext, GuestExitPolicy};
 use crate::commands::{
     AccelChoice, AccelInfo, AccelRejection, DeviceAdd, KvmInfo, MachineSet, cause_data,
 };
-use crate::devices::{QmpEvents, empty_tree, qdev_error};
+use crate::devices::{QmpEvents, qdev_error};
+use keel_accel::{AccelProbe, Accelerator};
+use keel_machine::backends::Backends;
+use keel_machine::board::{Board, BoardError, MachineConfig, MachineType, MachineTypeInfo};
+use keel_machine::board::{BoardContext, GuestExitPolicy};
+use keel_machine::device_types::empty_tree;
 
 /// Why the VMM is shutting down (QAPI `ShutdownCause`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +128,8 @@ pub struct VmmCore {
     pub(crate) config: Option<MachineConfig>,
     pub(crate) machine: Option<Arc<dyn MachineType>>,
     pub(crate) accel: Option<AccelChoice>,
+    /// The opened accelerator `accel` names; the machine is built on it.
+    pub(crate) accelerator: Option<Arc<dyn Accelerator>>,
     pub(crate) board: Option<Box<dyn Board>>,
     pub(crate) backends: Arc<Backends>,
     pub(crate) autostart: bool,
@@ -155,6 +158,23 @@ impl PhaseSource for VmmCore {
 
 fn generic(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
+}
+
+/// A machine's error as a QMP `GenericError`: the message and its causes on one line.
+fn board_error(e: BoardError) -> CommandError {
+    CommandError::generic(chain(&e))
+}
+
+/// An error and its sources, joined with ": ".
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 impl VmmCore {
@@ -193,7 +213,7 @@ impl VmmCore {
         self.accels
             .iter()
             .map(|a| {
-                let probe = a.probe();
+                let probe = a.open().map(drop).map_err(|e| e.to_string());
                 // Usable here but refused by the machine at accel-set: say why.
                 let refused = self.accel.as_ref().and_then(|c| {
                     c.rejected
@@ -217,7 +237,7 @@ impl VmmCore {
             present: self
                 .accels
                 .iter()
-                .any(|a| a.name() == "kvm" && a.probe().is_ok()),
+                .any(|a| a.name() == "kvm" && a.open().is_ok()),
         }
     }
 
@@ -240,11 +260,7 @@ impl VmmCore {
                     supported.join(", ")
                 ))
             })?;
-            if let Err(reason) = m.available() {
-                return Err(generic(format!(
-                    "machine type '{name}' is not available: {reason}"
-                )));
-            }
+            m.available().map_err(board_error)?;
             let cfg = MachineConfig {
                 type_name: name,
                 ..MachineConfig::default()
@@ -286,13 +302,14 @@ impl VmmCore {
             cfg.no_reboot = v;
         }
         cfg.props.extend(set.props);
-        machine.check_config(&cfg).map_err(generic)?;
+        machine.check_config(&cfg).map_err(board_error)?;
         // Once an accelerator accepted the machine, a change must still suit it.
-        if let Some(choice) = &self.accel {
-            machine.check_accel(&cfg, &choice.accel).map_err(|reason| {
+        if let (Some(choice), Some(accel)) = (&self.accel, &self.accelerator) {
+            machine.check_accel(&cfg, accel.as_ref()).map_err(|e| {
                 generic(format!(
-                    "accelerator '{}' cannot run the machine with this change: {reason}",
-                    choice.accel
+                    "accelerator '{}' cannot run the machine with this change: {}",
+                    choice.accel,
+                    chain(&e)
                 ))
             })?;
         }
@@ -316,21 +333,27 @@ impl VmmCore {
         let known: Vec<&str> = self.accels.iter().map(|a| a.name()).collect();
         let mut rejected = Vec::new();
         for name in list {
-            let reason = match self.accels.iter().find(|a| a.name() == name) {
+            let opened = match self.accels.iter().find(|a| a.name() == name) {
                 None => Err(format!(
                     "no accelerator of that name (known: {})",
                     known.join(", ")
                 )),
-                Some(a) => a.probe().and_then(|()| machine.check_accel(&cfg, a.name())),
+                Some(a) => a.open().map_err(|e| e.to_string()).and_then(|accel| {
+                    machine
+                        .check_accel(&cfg, accel.as_ref())
+                        .map(|()| accel)
+                        .map_err(|e| chain(&e))
+                }),
             };
-            match reason {
-                Ok(()) => {
+            match opened {
+                Ok(accel) => {
                     self.tracker.advance(Phase::AccelCreated).map_err(generic)?;
                     let choice = AccelChoice {
                         accel: name.clone(),
                         rejected,
                     };
                     self.accel = Some(choice.clone());
+                    self.accelerator = Some(accel);
                     return Ok(choice);
                 }
                 Err(reason) => rejected.push(AccelRejection {
@@ -354,7 +377,7 @@ impl VmmCore {
         let (Some(machine), Some(cfg), Some(accel)) = (
             self.machine.clone(),
             self.config.as_ref(),
-            self.accel.as_ref(),
+            self.accelerator.clone(),
         ) else {
             return Err(generic("the machine or its accelerator is missing"));
         };
@@ -363,7 +386,7 @@ impl VmmCore {
             events: Arc::new(QmpEvents(self.events.clone())),
             guest_exit: self.guest_exit,
         };
-        let board = machine.create(cfg, &accel.accel, &ctx).map_err(generic)?;
+        let board = machine.create(cfg, accel, &ctx).map_err(board_error)?;
         self.board = Some(board);
         self.tracker.advance(Phase::MachineInit).map_err(generic)
     }
@@ -376,7 +399,7 @@ impl VmmCore {
             .board
             .as_mut()
             .ok_or_else(|| generic("the board is missing"))?;
-        board.done().map_err(generic)?;
+        board.done().map_err(board_error)?;
         self.tracker.advance(Phase::MachineReady).map_err(generic)?;
         if self.autostart {
             self.cont()?;
@@ -454,7 +477,7 @@ impl VmmCore {
             )),
             _ => {
                 if let Some(b) = self.board.as_mut() {
-                    b.resume().map_err(generic)?;
+                    b.resume().map_err(board_error)?;
                 }
                 self.tracker
                     .set_run_state(RunState::Running)
@@ -470,7 +493,7 @@ impl VmmCore {
             return Ok(());
         }
         if let Some(b) = self.board.as_mut() {
-            b.pause().map_err(generic)?;
+            b.pause().map_err(board_error)?;
         }
         self.tracker
             .set_run_state(RunState::Paused)
@@ -482,7 +505,7 @@ impl VmmCore {
     pub(crate) fn system_reset(&mut self) -> Result<(), CommandError> {
         let state = self.tracker.run_state().map_err(generic)?;
         if let Some(b) = self.board.as_mut() {
-            b.reset().map_err(generic)?;
+            b.reset().map_err(board_error)?;
         }
         if matches!(
             state,
@@ -523,7 +546,7 @@ impl VmmCore {
         if let Some(b) = self.board.as_mut()
             && let Err(e) = b.reset()
         {
-            eprintln!("vmm: guest reset failed: {e}");
+            log::error!("guest reset failed: {e}");
             self.internal_error();
             return;
         }

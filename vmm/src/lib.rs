@@ -30,14 +30,14 @@
 
 #![deny(missing_docs)]
 
-pub mod accel;
-pub mod backends;
-pub mod board;
 pub mod cli;
 pub mod commands;
 mod core;
 pub mod devices;
-pub mod microvm;
+
+/// The machine seam and the backends, from `keel-machine` (re-exported so that embedders
+/// of `vmm` name one crate).
+pub use keel_machine::{backends, board};
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -53,7 +53,9 @@ use serde_json::{Map, Value};
 pub use crate::board::GuestExitPolicy;
 pub use crate::core::{ShutdownCause, ShutdownSignal, VmmCore};
 
-use crate::accel::{AccelProbe, KvmProbe, TcgProbe};
+use keel_accel::AccelProbe;
+use keel_machine::MicrovmType;
+
 use crate::board::{BoardEvent, MachineType, NoneMachine};
 use crate::commands::{AccelList, AccelSet, MachineDone, MachineInit, MachineSet, VersionInfo};
 
@@ -109,11 +111,17 @@ impl std::fmt::Debug for Vmm {
     }
 }
 
-/// Chooses the machine types and accelerators a [`Vmm`] offers.
+/// Chooses the machine types, accelerators and QMP commands a [`Vmm`] offers.
+///
+/// The defaults are Keel's own: machines `none` and `microvm`, the accelerators this build
+/// has (`kvm`, `tcg`: Cargo features of the same names), and every built-in command. An
+/// embedder adds its own of each kind; they run exactly like the built-in ones (the same
+/// phase checks, the same fallback from one accelerator to the next).
 pub struct VmmBuilder {
     machines: Vec<Arc<dyn MachineType>>,
     default_machine: &'static str,
     accels: Vec<Arc<dyn AccelProbe>>,
+    registry: Registry<VmmCore>,
 }
 
 impl std::fmt::Debug for VmmBuilder {
@@ -128,12 +136,26 @@ impl std::fmt::Debug for VmmBuilder {
     }
 }
 
+/// The accelerators compiled into this build, in the default order of preference.
+fn builtin_accels() -> Vec<Arc<dyn AccelProbe>> {
+    #[allow(unused_mut)] // empty when both features are off
+    let mut v: Vec<Arc<dyn AccelProbe>> = Vec::new();
+    #[cfg(feature = "kvm")]
+    v.push(Arc::new(keel_kvm::KvmProbe));
+    #[cfg(feature = "tcg")]
+    v.push(Arc::new(keel_tcg::TcgProbe));
+    v
+}
+
 impl Default for VmmBuilder {
     fn default() -> Self {
+        let mut registry = Registry::new();
+        commands::register_all(&mut registry);
         VmmBuilder {
-            machines: vec![Arc::new(NoneMachine), Arc::new(microvm::MicrovmType)],
+            machines: vec![Arc::new(NoneMachine), Arc::new(MicrovmType)],
             default_machine: "microvm",
-            accels: vec![Arc::new(KvmProbe), Arc::new(TcgProbe)],
+            accels: builtin_accels(),
+            registry,
         }
     }
 }
@@ -152,10 +174,18 @@ impl VmmBuilder {
         self
     }
 
-    /// Adds (or replaces, by name) an accelerator.
+    /// Adds (or replaces, by name) an accelerator; `-accel NAME` and `accel-set` find it.
     pub fn accel(mut self, a: Arc<dyn AccelProbe>) -> Self {
         self.accels.retain(|x| x.name() != a.name());
         self.accels.push(a);
+        self
+    }
+
+    /// Adds (or replaces, by name) a QMP command: it is served to QMP clients, listed by
+    /// `query-commands` and `query-qmp-schema` with its phases, and runs through
+    /// [`Vmm::execute`] like the built-in ones.
+    pub fn command<K: Handler<VmmCore>>(mut self) -> Self {
+        self.registry.register::<K>();
         self
     }
 
@@ -163,8 +193,7 @@ impl VmmBuilder {
     pub fn build(self) -> Vmm {
         let events = EventBus::new();
         let shutdown = Arc::new(ShutdownSignal::default());
-        let mut registry = Registry::new();
-        commands::register_all(&mut registry);
+        let registry = self.registry;
         let tracker = PhaseTracker::new();
         let phase = tracker.watch();
         let core = VmmCore {
@@ -176,6 +205,7 @@ impl VmmBuilder {
             config: None,
             machine: None,
             accel: None,
+            accelerator: None,
             board: None,
             backends: Arc::new(backends::Backends::new()),
             autostart: true,
@@ -272,7 +302,7 @@ impl Vmm {
                 }
             });
         if let Err(e) = spawned {
-            eprintln!("vmm: cannot watch the machine's events: {e}");
+            log::error!("cannot watch the machine's events: {e}");
         }
     }
 
@@ -291,9 +321,10 @@ impl Vmm {
             BoardEvent::GuestReset => vmm.core().guest_reset(),
             BoardEvent::GuestPanic => vmm.core().guest_panicked(),
             BoardEvent::InternalError(msg) => {
-                eprintln!("vmm: {msg}");
+                log::error!("{msg}");
                 vmm.core().internal_error();
             }
+            other => log::warn!("unhandled machine event {other:?}"),
         }
         true
     }

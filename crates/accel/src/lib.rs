@@ -19,10 +19,12 @@
 
 mod bus;
 mod exit;
+mod probe;
 mod regs;
 
 pub use bus::{Bus, BusDevice, BusError, BusRange, IoBuses, MmioAddress, PioAddress};
 pub use exit::{ExitAction, VcpuExit, handle_exit};
+pub use probe::AccelProbe;
 pub use regs::{CpuMode, DescriptorTable, Regs, Segment, SpecialRegs};
 
 use std::sync::Arc;

@@ -76,11 +76,13 @@
 pub mod cpuid;
 mod kick;
 mod pit;
+mod probe;
 mod regs;
 mod vcpu;
 mod vm;
 
 pub use kick::{KICK_SIGNAL_OFFSET, kick_signal};
+pub use probe::{KvmProbe, shared};
 pub use vcpu::KvmVcpu;
 pub use vm::KvmVm;
 

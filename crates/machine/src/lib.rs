@@ -1,6 +1,17 @@
-//! Machine models for Keel: the `microvm` x86-64 machine (QEMU's name and properties) with
-//! its memory map and e820, onboard devices, ACPI tables, kernel loading (PVH ELF, ELF vmlinux,
-//! bzImage), a built-in demo guest, and the vCPU threads that run it.
+//! Machine models for Keel and the seam a VMM drives them through.
+//!
+//! * **The seam** ([`board`]): a [`MachineType`](board::MachineType) validates a
+//!   configuration, accepts or refuses an opened accelerator and builds a
+//!   [`Board`](board::Board), which owns its device tree and does what the lifecycle commands
+//!   ask. A VMM holds a list of machine types and never names a concrete one; the machine
+//!   types here are [`NoneMachine`](board::NoneMachine) and [`MicrovmType`].
+//! * **microvm**: QEMU's `microvm` x86-64 machine (its name and properties) with its memory
+//!   map and e820, onboard devices, ACPI tables, kernel loading (PVH ELF, ELF vmlinux,
+//!   bzImage), a built-in demo guest, and the vCPU threads that run it. [`Microvm`] is the
+//!   model an embedder can drive directly; [`MicrovmType`] puts it behind the seam with a
+//!   qdev device tree and the device back ends.
+//! * **Backends** ([`backends`]): the block, network and character backends devices look up
+//!   by id when they are realized.
 //!
 //! * **Lifecycle.** [`Microvm::new`] is machine-init (RAM, onboard devices, vCPUs; the
 //!   accelerator checks [`requirements`] first); [`Microvm::add_device`] cold-plugs;
@@ -13,8 +24,8 @@
 //!   reset request arrives as a shutdown.
 //! * **Power-off.** `poweroff` in an ACPI guest writes S5 to the GED sleep control register
 //!   (QEMU microvm's layout, see `keel_devices::AcpiGed`): [`SystemEvent::Shutdown`], status 0.
-//! * **vCPU threads live here**, not in `vmm` as DESIGN.md §3 sketches, so that an embedder
-//!   using only keel-machine and a backend can run a machine (see `examples/microvm.rs`).
+//! * **vCPU threads live here**, not in the assembling `vmm` crate, so that an embedder using
+//!   only keel-machine and a backend can run a machine (see `examples/custom_vmm.rs`).
 //!
 //! [`SystemEvent::Shutdown`]: keel_accel::SystemEvent::Shutdown
 //!
@@ -36,18 +47,25 @@
 #![deny(missing_docs)]
 
 pub mod acpi;
+pub mod backends;
+pub mod board;
 pub mod boot;
 pub mod config;
+pub mod device_types;
 pub mod layout;
 mod microvm;
+mod microvm_board;
 mod runner;
 
 pub use acpi::VirtioMmioDevice;
 pub use boot::{BootError, BootProtocol, BootState, KernelImage};
 pub use config::{MACHINE_PROPERTIES, MicrovmConfig, OnOffAuto, SerialBackend};
 pub use keel_devices::{Capture, SharedWriter};
+#[cfg(feature = "demo-guest")]
+pub use microvm::DEMO_GUEST;
 pub use microvm::{
-    AddedDevice, DEMO_GUEST, DRIVERS, DeviceInfo, MACHINE_NAME, MAX_CPUS, MAX_MEMORY, MIN_MEMORY,
-    MachineError, Microvm, Resolved, VIRTIO_MMIO_SLOTS, requirements,
+    AddedDevice, DRIVERS, DeviceInfo, MACHINE_NAME, MAX_CPUS, MAX_MEMORY, MIN_MEMORY, MachineError,
+    Microvm, Resolved, VIRTIO_MMIO_SLOTS, requirements,
 };
+pub use microvm_board::{MicrovmType, microvm_config};
 pub use runner::{CpuInfo, MachineEvent, MachineEvents};

@@ -27,7 +27,10 @@ pub const MACHINE_NAME: &str = "microvm";
 pub const DRIVERS: &[&str] = &["isa-debug-exit"];
 const DEBUG_EXIT_PROPS: &[&str] = &["iobase", "iosize"];
 
-/// The built-in demo guest (src/demo/demo.S), a PVH ELF assembled at build time.
+/// The built-in demo guest (src/demo/demo.S), a PVH ELF assembled at build time with GNU
+/// `as`/`ld` (the `demo-guest` feature, on by default; embedders that always pass a kernel
+/// can turn it off and need no binutils).
+#[cfg(feature = "demo-guest")]
 pub static DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 
 /// Smallest guest RAM accepted: room for the boot area and a small kernel at 1 MiB.
@@ -47,7 +50,11 @@ const VIRTIO_PIC_IRQS: [u32; 7] = [5, 6, 10, 11, 12, 14, 3];
 /// Errors creating or running the machine; each names what to change. Wrapped errors of other
 /// layers (accelerator, boot, ACPI, devices) display as themselves.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MachineError {
+    /// No `-kernel` was given and this build has no built-in demo guest.
+    #[error("no kernel to boot: give -kernel (this build has no built-in demo guest)")]
+    NoKernel,
     /// `-m` out of range.
     #[error("memory size {0:#x} is out of range: microvm needs 2 MiB to 1 TiB")]
     MemorySize(u64),
@@ -590,7 +597,10 @@ impl Microvm {
         };
         let kernel = match &self.cfg.kernel {
             Some(p) => KernelImage::File(p.clone()),
+            #[cfg(feature = "demo-guest")]
             None => KernelImage::Bytes("built-in demo guest", DEMO_GUEST),
+            #[cfg(not(feature = "demo-guest"))]
+            None => return Err(MachineError::NoKernel),
         };
         let e820 = layout::e820_map(self.cfg.memory);
         let initrd: Option<PathBuf> = self.cfg.initrd.clone();

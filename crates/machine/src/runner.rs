@@ -1,8 +1,8 @@
 //! vCPU threads: one per vCPU, each running `Vcpu::run` → `handle_exit` → `complete_read`.
 //!
-//! Deviation from DESIGN.md §3 ("vCPU threads in vmm"): the threads live here so that an
-//! embedder using only keel-machine and a backend can run a machine; the `vmm` crate drives
-//! them through `Microvm::{start, pause, resume, reset, shutdown}`.
+//! The threads live in the machine crate, not in the assembling `vmm` crate, so that an
+//! embedder using only keel-machine and a backend can run a machine; boards drive them
+//! through `Microvm::{start, pause, resume, reset, shutdown}`.
 //!
 //! State machine (one mutex + condvar, [`Control`]): a vCPU runs guest code only while the
 //! machine is neither *paused* (by the user: `stop`/`cont`) nor *held* (by a system event or a

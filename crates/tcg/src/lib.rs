@@ -83,6 +83,7 @@ pub mod exc;
 pub mod exec;
 pub mod mem;
 pub mod platform;
+mod probe;
 pub mod sse;
 pub mod string;
 pub mod system;
@@ -90,6 +91,7 @@ pub mod vm;
 pub mod x87;
 
 pub use cpuid::CpuidConfig;
+pub use probe::TcgProbe;
 pub use vm::{ApicMode, TcgAccel, TcgVcpu, TcgVm};
 
 use std::sync::OnceLock;

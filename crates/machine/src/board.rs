@@ -1,22 +1,27 @@
-//! The machine layer as the VMM sees it: a [`MachineType`] validates a configuration and
-//! builds a [`Board`]; the board does what the lifecycle commands ask.
+//! The machine seam: a [`MachineType`] validates a configuration, says which accelerators
+//! can run it and builds a [`Board`]; the board does what the lifecycle commands ask.
 //!
-//! `none` lives here so the whole lifecycle runs anywhere. Real machines (microvm from
-//! `keel-machine`) implement the same two traits and are registered with
-//! [`crate::VmmBuilder::machine`].
+//! A VMM (the `vmm` crate, or an embedder's own) holds a list of machine types and drives
+//! them through the phases; it never names a concrete machine. A new machine is a type that
+//! implements these two traits, in this crate or any other, registered with the VMM's builder.
+//! `none` lives here so the whole lifecycle runs anywhere.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use keel_accel::{AccelError, Accelerator};
 use keel_phase::Phase;
 use keel_qdev::{Added, DeviceRequest, DeviceTree, EventSink, QdevError};
 use serde::Serialize;
 
+use crate::MachineError;
 use crate::backends::Backends;
 
-/// Errors of machine types and boards; the text becomes a QMP `GenericError`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Errors of machine types and boards; the text (with its sources) becomes a QMP
+/// `GenericError`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BoardError {
     /// A property the machine type does not have.
     #[error("Property '{machine}-machine.{property}' not found")]
@@ -40,6 +45,16 @@ pub enum BoardError {
         /// Why, and what to use instead.
         reason: String,
     },
+    /// The accelerator cannot serve this machine (its own words).
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    /// Building or driving the machine model failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// The device model refused (onboard devices, buses); the message already carries the
+    /// causes, so it is not repeated as a source.
+    #[error("{}", .0.qmp_desc())]
+    Qdev(QdevError),
 }
 
 /// What `machine-set` accumulated: the type and its properties.
@@ -108,20 +123,21 @@ pub trait MachineType: Send + Sync {
     fn name(&self) -> &'static str;
     /// What `query-machines` reports (`is_default` is filled in by the VMM).
     fn info(&self) -> MachineTypeInfo;
-    /// `Ok` if the type can run in this build; otherwise why not.
-    fn available(&self) -> Result<(), String> {
+    /// `Ok` if the type can run in this build; otherwise [`BoardError::Unavailable`].
+    fn available(&self) -> Result<(), BoardError> {
         Ok(())
     }
     /// Checks a configuration at `machine-set` time, so a bad property fails early.
     fn check_config(&self, cfg: &MachineConfig) -> Result<(), BoardError>;
-    /// Whether the machine can run on the named accelerator (`accel-set` calls this
-    /// after the accelerator itself probed fine); `Err` says why not.
-    fn check_accel(&self, cfg: &MachineConfig, accel: &str) -> Result<(), String>;
-    /// Builds the board: RAM, onboard devices, vCPUs, its device tree (`machine-init`).
+    /// Whether the machine can run on `accel` (`accel-set` calls this with each opened
+    /// accelerator in the user's order); `Err` says why not.
+    fn check_accel(&self, cfg: &MachineConfig, accel: &dyn Accelerator) -> Result<(), BoardError>;
+    /// Builds the board on `accel`: RAM, onboard devices, vCPUs, its device tree
+    /// (`machine-init`).
     fn create(
         &self,
         cfg: &MachineConfig,
-        accel: &str,
+        accel: Arc<dyn Accelerator>,
         ctx: &BoardContext,
     ) -> Result<Box<dyn Board>, BoardError>;
 }
@@ -142,7 +158,7 @@ pub struct BoardContext {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum GuestExitPolicy {
     /// The VMM shuts down in order (vCPUs stopped, monitors told, `SHUTDOWN` sent) and
-    /// [`Vmm::exit_status`](crate::Vmm::exit_status) holds the status: right for an embedder.
+    /// the VMM's exit status holds it: right for an embedder.
     #[default]
     Shutdown,
     /// The process exits at once from the vCPU thread with the guest's status, as QEMU's
@@ -172,6 +188,7 @@ impl Default for BoardContext {
 
 /// Something the running machine reports (from its vCPU threads, via a channel).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BoardEvent {
     /// The guest powered off (ACPI S5, or a reset with `-no-reboot`).
     GuestShutdown,
@@ -270,17 +287,21 @@ impl MachineType for NoneMachine {
         Ok(())
     }
 
-    fn check_accel(&self, _cfg: &MachineConfig, _accel: &str) -> Result<(), String> {
+    fn check_accel(
+        &self,
+        _cfg: &MachineConfig,
+        _accel: &dyn Accelerator,
+    ) -> Result<(), BoardError> {
         Ok(())
     }
 
     fn create(
         &self,
         _cfg: &MachineConfig,
-        _accel: &str,
+        _accel: Arc<dyn Accelerator>,
         _ctx: &BoardContext,
     ) -> Result<Box<dyn Board>, BoardError> {
-        Ok(Box::new(NoneBoard(crate::devices::empty_tree())))
+        Ok(Box::new(NoneBoard(crate::device_types::empty_tree())))
     }
 }
 
@@ -345,7 +366,11 @@ mod tests {
             "Property 'none-machine.pit' not found"
         );
         let mut b = m
-            .create(&MachineConfig::default(), "tcg", &BoardContext::default())
+            .create(
+                &MachineConfig::default(),
+                Arc::new(keel_tcg::TcgAccel::new()),
+                &BoardContext::default(),
+            )
             .unwrap();
         assert!(
             b.devices_mut()

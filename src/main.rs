@@ -1,6 +1,7 @@
 //! The `vmm` binary: QEMU's command line onto Keel's lifecycle, then QMP until `quit` or a
 //! signal.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -35,7 +36,57 @@ fn wait_for_signal(set: libc::sigset_t) -> i32 {
     }
 }
 
+/// The binary's one log sink: library crates log through `log`, this prints to stderr.
+///
+/// A quiet, successful run prints nothing (as QEMU's does): by default only warnings and
+/// errors pass, as `vmm: message`. `KEEL_LOG=info|debug|trace` (or `off`) changes the level;
+/// above `warn` each line also names its level and module.
+struct StderrLogger {
+    level: log::LevelFilter,
+}
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, meta: &log::Metadata<'_>) -> bool {
+        meta.level() <= self.level
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        // A closed stderr has nowhere to report to.
+        let _ = if self.level > log::LevelFilter::Warn {
+            writeln!(
+                err,
+                "vmm: {} {}: {}",
+                record.level(),
+                record.target(),
+                record.args()
+            )
+        } else {
+            writeln!(err, "vmm: {}", record.args())
+        };
+    }
+
+    fn flush(&self) {
+        let _ = std::io::stderr().flush();
+    }
+}
+
+fn install_logger() {
+    let level = std::env::var("KEEL_LOG")
+        .ok()
+        .and_then(|v| v.parse::<log::LevelFilter>().ok())
+        .unwrap_or(log::LevelFilter::Warn);
+    let logger = Box::leak(Box::new(StderrLogger { level }));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 fn main() -> ExitCode {
+    install_logger();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let steps = match cli::parse(&args) {
         Err(e) => {
@@ -100,7 +151,7 @@ fn main() -> ExitCode {
         }
     }
 
-    if let Err(e) = cli::execute(&vmm, &steps, &mut |m| eprintln!("vmm: {m}")) {
+    if let Err(e) = cli::execute(&vmm, &steps, &mut |m| log::info!("{m}")) {
         eprintln!("vmm: {e}");
         vmm.close_monitors(Duration::ZERO);
         return ExitCode::from(1);

@@ -1,5 +1,5 @@
-//! The `microvm` machine type: `keel-machine`'s [`Microvm`] behind the VMM's
-//! [`MachineType`] / [`Board`] traits, on the real accelerators (`keel-kvm`, `keel-tcg`).
+//! The `microvm` machine type: the [`Microvm`] model behind the [`MachineType`] / [`Board`]
+//! seam, with its device tree (qdev) and the realize hooks that put user devices into it.
 //!
 //! The machine's system events (power-off, reset, `isa-debug-exit`, panic, vCPU errors)
 //! arrive on vCPU threads; they are forwarded as [`BoardEvent`]s over a channel, so the VMM
@@ -9,13 +9,9 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use keel_accel::{Accelerator, BusDevice, SystemEvent};
-use keel_machine::{
-    MACHINE_PROPERTIES, MachineError, MachineEvent, MachineEvents, Microvm, MicrovmConfig,
-    SerialBackend, requirements,
-};
 use keel_phase::Phase;
 use keel_qdev::{
     Added, BusSpec, BusType, DeviceHooks, DeviceKey, DeviceRequest, DeviceTree, DeviceView,
@@ -29,31 +25,14 @@ use keel_virtio::{
 use crate::backends::{Backends, CharBackend};
 use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
 use crate::board::{GuestExitPolicy, MachineType, MachineTypeInfo};
-use crate::devices::{
+use crate::device_types::{
     CONSOLE_DRIVER, SERIAL_DRIVER, VIRTIO_MMIO_TRANSPORT, registry, serial_bus_name,
     serial_bus_type,
 };
-
-/// The process's one KVM handle: opening `/dev/kvm` and reading its CPUID and MSR lists
-/// costs about a millisecond each time, and probe, `accel-set` and machine-init all need it.
-pub fn kvm() -> Result<Arc<keel_kvm::KvmAccel>, String> {
-    static KVM: OnceLock<Result<Arc<keel_kvm::KvmAccel>, String>> = OnceLock::new();
-    KVM.get_or_init(|| {
-        keel_kvm::KvmAccel::new()
-            .map(Arc::new)
-            .map_err(|e| e.to_string())
-    })
-    .clone()
-}
-
-/// The accelerator backends this build has, by `-accel` name.
-pub fn make_accel(name: &str) -> Result<Arc<dyn Accelerator>, String> {
-    match name {
-        "kvm" => kvm().map(|a| a as Arc<dyn Accelerator>),
-        "tcg" => Ok(Arc::new(keel_tcg::TcgAccel::new())),
-        other => Err(format!("no accelerator named '{other}' (known: kvm, tcg)")),
-    }
-}
+use crate::{
+    MACHINE_PROPERTIES, MachineError, MachineEvent, MachineEvents, Microvm, MicrovmConfig,
+    SerialBackend, requirements,
+};
 
 /// QEMU's `microvm`: a minimal x86-64 machine without PCI, booting a kernel directly.
 #[derive(Debug, Default)]
@@ -121,7 +100,7 @@ pub fn microvm_config(cfg: &MachineConfig) -> Result<MicrovmConfig, BoardError> 
 
 impl MachineType for MicrovmType {
     fn name(&self) -> &'static str {
-        keel_machine::MACHINE_NAME
+        crate::MACHINE_NAME
     }
 
     fn info(&self) -> MachineTypeInfo {
@@ -141,29 +120,24 @@ impl MachineType for MicrovmType {
         microvm_config(cfg).map(|_| ())
     }
 
-    fn check_accel(&self, cfg: &MachineConfig, accel: &str) -> Result<(), String> {
-        let m = microvm_config(cfg).map_err(|e| e.to_string())?;
-        let a = make_accel(accel)?;
-        a.check(&requirements(&m)).map_err(|e| e.to_string())
+    fn check_accel(&self, cfg: &MachineConfig, accel: &dyn Accelerator) -> Result<(), BoardError> {
+        let m = microvm_config(cfg)?;
+        Ok(accel.check(&requirements(&m))?)
     }
 
     fn create(
         &self,
         cfg: &MachineConfig,
-        accel: &str,
+        accel: Arc<dyn Accelerator>,
         ctx: &BoardContext,
     ) -> Result<Box<dyn Board>, BoardError> {
         let m = microvm_config(cfg)?;
-        let a = make_accel(accel).map_err(|reason| BoardError::Unavailable {
-            machine: "microvm".into(),
-            reason,
-        })?;
         let (tx, rx) = channel();
         let sink: Arc<dyn MachineEvents> = Arc::new(Forward {
             tx,
             guest_exit: ctx.guest_exit,
         });
-        let vm = Microvm::new(m, a.as_ref(), sink).map_err(|e| BoardError::Invalid(chain(&e)))?;
+        let vm = Microvm::new(m, accel.as_ref(), sink)?;
         Ok(Box::new(MicrovmBoard::new(vm, ctx, rx)?))
     }
 }
@@ -426,7 +400,7 @@ impl DeviceHooks for MicrovmHooks {
         match self.realized.remove(&dev.key) {
             Some(Realized::DebugExit { iobase }) => {
                 if let Err(e) = self.lock().buses().pio.remove(iobase) {
-                    eprintln!("vmm: unmapping isa-debug-exit at {iobase:#x}: {e}");
+                    log::warn!("unmapping isa-debug-exit at {iobase:#x}: {e}");
                 }
             }
             Some(Realized::Virtio { slot, _rx }) => {
@@ -442,7 +416,7 @@ impl DeviceHooks for MicrovmHooks {
                 let idle: SharedVirtio =
                     Arc::new(Mutex::new(Console::new(Box::new(std::io::sink()))));
                 if let Err(e) = self.attach(slot, gsi, idle) {
-                    eprintln!("vmm: detaching virtconsole: {e}");
+                    log::warn!("detaching virtconsole: {e}");
                 }
             }
             None => {}
@@ -484,7 +458,7 @@ impl MicrovmBoard {
     ) -> Result<Self, BoardError> {
         let mut slots = Vec::new();
         let mut windows = Vec::new();
-        for _ in 0..keel_machine::VIRTIO_MMIO_SLOTS {
+        for _ in 0..crate::VIRTIO_MMIO_SLOTS {
             let proxy = Arc::new(SlotProxy::default());
             match vm.add_virtio_mmio(proxy.clone()) {
                 Ok(w) => {
@@ -492,7 +466,7 @@ impl MicrovmBoard {
                     windows.push(w);
                 }
                 Err(MachineError::NoVirtioSlot(_)) => break,
-                Err(e) => return Err(BoardError::Invalid(chain(&e))),
+                Err(e) => return Err(e.into()),
             }
         }
         let onboard: Vec<&'static str> = vm
@@ -516,7 +490,7 @@ impl MicrovmBoard {
             windows: names.clone(),
         };
         let mut tree = DeviceTree::new(registry(), Box::new(hooks), ctx.events.clone());
-        let e = |e: QdevError| BoardError::Invalid(e.qmp_desc());
+        let e = BoardError::Qdev;
         tree.add_bus(BusSpec::new("main-system-bus", BusType::System))
             .map_err(e)?;
         tree.add_bus(BusSpec::new("isa.0", BusType::Isa))
@@ -601,7 +575,7 @@ impl Board for MicrovmBoard {
             .collect();
         self.lock()
             .finish_init_with(|d| cold.contains(&d.base))
-            .map_err(|e| BoardError::Invalid(chain(&e)))
+            .map_err(BoardError::from)
     }
 
     fn resume(&mut self) -> Result<(), BoardError> {
@@ -610,9 +584,7 @@ impl Board for MicrovmBoard {
             Ok(())
         } else {
             self.started = true;
-            self.lock()
-                .start()
-                .map_err(|e| BoardError::Invalid(chain(&e)))
+            self.lock().start().map_err(BoardError::from)
         }
     }
 
@@ -624,9 +596,7 @@ impl Board for MicrovmBoard {
     }
 
     fn reset(&mut self) -> Result<(), BoardError> {
-        self.lock()
-            .reset()
-            .map_err(|e| BoardError::Invalid(chain(&e)))?;
+        self.lock().reset().map_err(BoardError::from)?;
         // Completes outstanding unplug requests, as a QEMU system reset does.
         self.tree.reset();
         Ok(())
@@ -701,8 +671,8 @@ mod tests {
     #[test]
     fn virtio_devices_appear_in_their_slot_windows() {
         let (mut b, backends) = board();
-        let base = keel_machine::layout::VIRTIO_MMIO_BASE;
-        let size = keel_machine::layout::VIRTIO_MMIO_SIZE;
+        let base = crate::layout::VIRTIO_MMIO_BASE;
+        let size = crate::layout::VIRTIO_MMIO_SIZE;
         // Every window is mapped and empty: magic, version 2, device ID 0.
         assert_eq!(mmio32(&b, base), keel_virtio::MMIO_MAGIC);
         assert_eq!(mmio32(&b, base + 4), 2);
@@ -777,7 +747,7 @@ mod tests {
             )
             .unwrap();
         add(&mut b, "virtio-blk-device,drive=d0").unwrap();
-        let base = keel_machine::layout::VIRTIO_MMIO_BASE;
+        let base = crate::layout::VIRTIO_MMIO_BASE;
         let (desc, avail, used, hdr, buf, status) = (
             0x10000u64, 0x11000u64, 0x12000u64, 0x13000u64, 0x14000u64, 0x15000u64,
         );
@@ -862,15 +832,12 @@ mod tests {
             .device_del(Phase::MachineInit, "gone")
             .unwrap();
         b.done().unwrap();
-        let base = keel_machine::layout::VIRTIO_MMIO_BASE;
-        let size = keel_machine::layout::VIRTIO_MMIO_SIZE;
+        let base = crate::layout::VIRTIO_MMIO_BASE;
+        let size = crate::layout::VIRTIO_MMIO_SIZE;
         let listed: Vec<u64> = b.lock().firmware_virtio().iter().map(|d| d.base).collect();
         assert_eq!(listed, [base, base + size]);
         let mem = b.lock().memory().clone();
-        let (start, end) = (
-            keel_machine::layout::ACPI_START,
-            keel_machine::layout::ACPI_END,
-        );
+        let (start, end) = (crate::layout::ACPI_START, crate::layout::ACPI_END);
         let mut tables = vec![0u8; (end - start) as usize];
         mem.read_slice(&mut tables, GuestAddress(start)).unwrap();
         assert_eq!(count(&tables, b"LNRO0005"), 2, "one DSDT node per device");
@@ -890,7 +857,7 @@ mod tests {
     fn acpi_off_puts_cold_plugged_devices_on_the_kernel_command_line() {
         use vm_memory::{Bytes, GuestAddress};
         let kernel = std::env::temp_dir().join(format!("keel-vmm-pvh-{}", std::process::id()));
-        std::fs::write(&kernel, keel_machine::DEMO_GUEST).unwrap();
+        std::fs::write(&kernel, crate::DEMO_GUEST).unwrap();
         for auto in ["on", "off"] {
             let mut cfg = MicrovmConfig {
                 memory: 16 << 20,
@@ -907,7 +874,7 @@ mod tests {
             let d = b.lock().firmware_virtio()[0];
             let mem = b.lock().memory().clone();
             let mut line = vec![0u8; 256];
-            mem.read_slice(&mut line, GuestAddress(keel_machine::layout::CMDLINE_ADDR))
+            mem.read_slice(&mut line, GuestAddress(crate::layout::CMDLINE_ADDR))
                 .unwrap();
             let line = String::from_utf8_lossy(&line[..line.iter().position(|&c| c == 0).unwrap()])
                 .into_owned();
@@ -940,8 +907,8 @@ mod tests {
             .collect();
         assert_eq!(names, ["virtio-serial-bus.1", "virtio-serial-bus.2"]);
         add(&mut b, "virtconsole,chardev=c0,bus=virtio-serial-bus.2").unwrap();
-        let base = keel_machine::layout::VIRTIO_MMIO_BASE;
-        let size = keel_machine::layout::VIRTIO_MMIO_SIZE;
+        let base = crate::layout::VIRTIO_MMIO_BASE;
+        let size = crate::layout::VIRTIO_MMIO_SIZE;
         assert_eq!(mmio32(&b, base + 2 * size + 8), 3); // VIRTIO_ID_CONSOLE
     }
 
