@@ -16,6 +16,7 @@ use keel_machine::backends::Backends;
 use keel_machine::board::{Board, BoardError, MachineConfig, MachineType, MachineTypeInfo};
 use keel_machine::board::{BoardContext, GuestExitPolicy};
 use keel_machine::device_types::empty_tree;
+use keel_machine::factory::DeviceFactory;
 
 /// Why the VMM is shutting down (QAPI `ShutdownCause`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +133,8 @@ pub struct VmmCore {
     pub(crate) accelerator: Option<Arc<dyn Accelerator>>,
     pub(crate) board: Option<Box<dyn Board>>,
     pub(crate) backends: Arc<Backends>,
+    /// Device types the embedder added ([`crate::VmmBuilder::device_type`]).
+    pub(crate) device_types: Vec<Arc<dyn DeviceFactory>>,
     pub(crate) autostart: bool,
     pub(crate) guest_exit: GuestExitPolicy,
     pub(crate) events: Arc<EventBus>,
@@ -385,6 +388,7 @@ impl VmmCore {
             backends: self.backends.clone(),
             events: Arc::new(QmpEvents(self.events.clone())),
             guest_exit: self.guest_exit,
+            device_types: self.device_types.clone(),
         };
         let board = machine.create(cfg, accel, &ctx).map_err(board_error)?;
         self.board = Some(board);

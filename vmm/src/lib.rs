@@ -55,6 +55,7 @@ pub use crate::core::{ShutdownCause, ShutdownSignal, VmmCore};
 
 use keel_accel::AccelProbe;
 use keel_machine::MicrovmType;
+use keel_machine::factory::DeviceFactory;
 
 use crate::board::{BoardEvent, MachineType, NoneMachine};
 use crate::commands::{AccelList, AccelSet, MachineDone, MachineInit, MachineSet, VersionInfo};
@@ -122,6 +123,7 @@ pub struct VmmBuilder {
     default_machine: &'static str,
     accels: Vec<Arc<dyn AccelProbe>>,
     registry: Registry<VmmCore>,
+    device_types: Vec<Arc<dyn DeviceFactory>>,
 }
 
 impl std::fmt::Debug for VmmBuilder {
@@ -156,6 +158,7 @@ impl Default for VmmBuilder {
             default_machine: "microvm",
             accels: builtin_accels(),
             registry,
+            device_types: Vec::new(),
         }
     }
 }
@@ -178,6 +181,13 @@ impl VmmBuilder {
     pub fn accel(mut self, a: Arc<dyn AccelProbe>) -> Self {
         self.accels.retain(|x| x.name() != a.name());
         self.accels.push(a);
+        self
+    }
+
+    /// Adds a device type: boards that can map it offer it to `-device`/`device_add` and
+    /// list it in `qom-list-types` and `device-list-properties`.
+    pub fn device_type(mut self, f: Arc<dyn DeviceFactory>) -> Self {
+        self.device_types.push(f);
         self
     }
 
@@ -208,6 +218,7 @@ impl VmmBuilder {
             accelerator: None,
             board: None,
             backends: Arc::new(backends::Backends::new()),
+            device_types: self.device_types,
             autostart: true,
             guest_exit: GuestExitPolicy::Shutdown,
             events: events.clone(),

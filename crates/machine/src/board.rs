@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::MachineError;
 use crate::backends::Backends;
+use crate::factory::DeviceFactory;
 
 /// Errors of machine types and boards; the text (with its sources) becomes a QMP
 /// `GenericError`.
@@ -152,6 +153,8 @@ pub struct BoardContext {
     pub events: Arc<dyn EventSink>,
     /// What a guest write to `isa-debug-exit` does.
     pub guest_exit: GuestExitPolicy,
+    /// Device types added by the embedder, offered by every board that can map them.
+    pub device_types: Vec<Arc<dyn DeviceFactory>>,
 }
 
 /// What happens when the guest asks to end the process (`isa-debug-exit`).
@@ -182,6 +185,7 @@ impl Default for BoardContext {
             backends: Arc::new(Backends::new()),
             events: Arc::new(keel_qdev::NoEvents),
             guest_exit: GuestExitPolicy::Shutdown,
+            device_types: Vec::new(),
         }
     }
 }

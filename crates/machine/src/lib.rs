@@ -52,6 +52,7 @@ pub mod board;
 pub mod boot;
 pub mod config;
 pub mod device_types;
+pub mod factory;
 pub mod layout;
 mod microvm;
 mod microvm_board;

@@ -811,6 +811,11 @@ impl Microvm {
         &self.buses
     }
 
+    /// Where devices raise reset, power-off and exit requests for this machine.
+    pub fn system_events(&self) -> Arc<dyn SystemEvents> {
+        self.hub.clone()
+    }
+
     /// The backend VM (for backend-specific extras such as irqfds).
     pub fn vm(&self) -> &dyn Vm {
         &*self.vm

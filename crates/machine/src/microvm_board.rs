@@ -29,6 +29,7 @@ use crate::device_types::{
     CONSOLE_DRIVER, SERIAL_DRIVER, VIRTIO_MMIO_TRANSPORT, registry, serial_bus_name,
     serial_bus_type,
 };
+use crate::factory::{DeviceFactory, DeviceHost, Space, unmap};
 use crate::{
     MACHINE_PROPERTIES, MachineError, MachineEvent, MachineEvents, Microvm, MicrovmConfig,
     SerialBackend, requirements,
@@ -230,9 +231,19 @@ type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
 
 /// What a realized user device holds on to until it is unrealized.
 enum Realized {
-    DebugExit { iobase: u64 },
-    Virtio { slot: usize, _rx: Option<RxPoller> },
-    Port { slot: usize, gsi: u32 },
+    DebugExit {
+        iobase: u64,
+    },
+    /// A device of a [`DeviceFactory`]: the bus ranges it mapped.
+    Factory(Vec<(Space, u64)>),
+    Virtio {
+        slot: usize,
+        _rx: Option<RxPoller>,
+    },
+    Port {
+        slot: usize,
+        gsi: u32,
+    },
 }
 
 /// qdev's realize/unrealize for the microvm: maps `isa-debug-exit` through
@@ -251,6 +262,8 @@ struct MicrovmHooks {
     serial_buses: HashMap<String, (usize, u32)>,
     /// virtio-mmio bus name → index of its window in `slots`.
     windows: HashMap<String, usize>,
+    /// Device types from outside the machine, by name.
+    factories: HashMap<String, Arc<dyn DeviceFactory>>,
 }
 
 impl MicrovmHooks {
@@ -344,6 +357,19 @@ impl DeviceHooks for MicrovmHooks {
         if dev.onboard {
             return Ok(());
         }
+        if let Some(factory) = self.factories.get(dev.driver).cloned() {
+            let vm = self.lock();
+            let mut host = DeviceHost::new(vm.buses(), vm.memory(), vm.vm(), vm.system_events());
+            let r = factory.realize(dev, &mut host);
+            let mappings = host.into_mappings();
+            if let Err(e) = r {
+                unmap(vm.buses(), &mappings);
+                return Err(e);
+            }
+            drop(vm);
+            self.realized.insert(dev.key, Realized::Factory(mappings));
+            return Ok(());
+        }
         if dev.driver == "isa-debug-exit" {
             let iobase = dev.props.u64("iobase").unwrap_or(0x501);
             let iosize = dev.props.u64("iosize").unwrap_or(2);
@@ -398,6 +424,7 @@ impl DeviceHooks for MicrovmHooks {
 
     fn unrealize(&mut self, dev: &DeviceView<'_>) {
         match self.realized.remove(&dev.key) {
+            Some(Realized::Factory(mappings)) => unmap(self.lock().buses(), &mappings),
             Some(Realized::DebugExit { iobase }) => {
                 if let Err(e) = self.lock().buses().pio.remove(iobase) {
                     log::warn!("unmapping isa-debug-exit at {iobase:#x}: {e}");
@@ -488,8 +515,17 @@ impl MicrovmBoard {
             realized: HashMap::new(),
             serial_buses: HashMap::new(),
             windows: names.clone(),
+            factories: ctx
+                .device_types
+                .iter()
+                .map(|f| (f.qdev_type().name().to_owned(), f.clone()))
+                .collect(),
         };
-        let mut tree = DeviceTree::new(registry(), Box::new(hooks), ctx.events.clone());
+        let mut types = registry();
+        for f in &ctx.device_types {
+            types.register(f.qdev_type()).map_err(BoardError::Qdev)?;
+        }
+        let mut tree = DeviceTree::new(types, Box::new(hooks), ctx.events.clone());
         let e = BoardError::Qdev;
         tree.add_bus(BusSpec::new("main-system-bus", BusType::System))
             .map_err(e)?;
@@ -654,6 +690,7 @@ mod tests {
             backends: backends.clone(),
             events: Arc::new(keel_qdev::NoEvents),
             guest_exit: GuestExitPolicy::Shutdown,
+            device_types: Vec::new(),
         };
         (MicrovmBoard::new(vm, &ctx, rx).unwrap(), backends)
     }
