@@ -62,6 +62,7 @@ pub trait BusDevice: Send + Sync {
 
 /// Errors changing a bus map.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BusError {
     /// The new range overlaps one already mapped.
     #[error(

@@ -4,6 +4,7 @@ use crate::bus::{IoBuses, MmioAddress, PioAddress};
 
 /// Why [`crate::Vcpu::run`] returned. Owned: borrows nothing from the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VcpuExit {
     /// `in` of `size` bytes (1, 2 or 4); answer with [`crate::Vcpu::complete_read`].
     IoIn {

@@ -36,6 +36,7 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap;
 
 /// Errors of the accelerator layer; backends map their own failures onto these.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AccelError {
     /// The backend cannot be used on this host (no device node, no permission, missing capability).
     #[error("accelerator '{accel}' is not available: {reason}")]
@@ -109,6 +110,7 @@ pub struct MachineRequirements {
 
 /// A system-level request raised by a device or a vCPU (reset line, power off, test exit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SystemEvent {
     /// Reset the machine (i8042 0xFE, triple fault without `-no-reboot`).
     Reset,

@@ -75,6 +75,10 @@ fn run() -> Result<i32, Box<dyn std::error::Error>> {
             MachineEvent::System(SystemEvent::Shutdown) => 0,
             MachineEvent::System(SystemEvent::Exit(code)) => code,
             MachineEvent::System(SystemEvent::Panic) => 1,
+            MachineEvent::System(other) => {
+                eprintln!("unexpected system event {other:?}");
+                1
+            }
             MachineEvent::VcpuError { index, error } => {
                 eprintln!("vCPU {index}: {error}");
                 1

@@ -46,6 +46,9 @@ pub enum BoardError {
         /// Why, and what to use instead.
         reason: String,
     },
+    /// A machine property cannot be set as given.
+    #[error(transparent)]
+    Property(#[from] crate::config::PropertyError),
     /// The accelerator cannot serve this machine (its own words).
     #[error(transparent)]
     Accel(#[from] AccelError),

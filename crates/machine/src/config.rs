@@ -6,6 +6,31 @@ use std::str::FromStr;
 
 use keel_devices::{Capture, SharedWriter};
 
+/// A machine property that cannot be set as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PropertyError {
+    /// The value is not one the property takes.
+    #[error("microvm property '{name}': '{value}' is not a valid value: use on, off or auto")]
+    BadValue {
+        /// Property name.
+        name: String,
+        /// The value given.
+        value: String,
+    },
+    /// The machine has no such property.
+    #[error("microvm has no property '{name}'; accepted: {}", MACHINE_PROPERTIES.join(", "))]
+    Unknown {
+        /// Property name.
+        name: String,
+    },
+}
+
+/// A value that is not on, off or auto.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a valid value: use on, off or auto")]
+pub struct BadOnOffAuto(pub String);
+
 /// QEMU's on/off/auto machine property values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnOffAuto {
@@ -19,14 +44,14 @@ pub enum OnOffAuto {
 }
 
 impl FromStr for OnOffAuto {
-    type Err = String;
+    type Err = BadOnOffAuto;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "on" | "yes" | "true" => Ok(Self::On),
             "off" | "no" | "false" => Ok(Self::Off),
             "auto" => Ok(Self::Auto),
-            _ => Err(format!("'{s}' is not a valid value: use on, off or auto")),
+            _ => Err(BadOnOffAuto(s.to_owned())),
         }
     }
 }
@@ -137,10 +162,11 @@ pub const MACHINE_PROPERTIES: &[&str] = &[
 
 impl MicrovmConfig {
     /// Sets one `-M microvm,NAME=VALUE` property; the error names the accepted ones.
-    pub fn set_property(&mut self, name: &str, value: &str) -> Result<(), String> {
-        let v: OnOffAuto = value
-            .parse()
-            .map_err(|e| format!("microvm property '{name}': {e}"))?;
+    pub fn set_property(&mut self, name: &str, value: &str) -> Result<(), PropertyError> {
+        let v: OnOffAuto = value.parse().map_err(|_| PropertyError::BadValue {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        })?;
         match name {
             "rtc" => self.rtc = v,
             "pit" => self.pit = v,
@@ -150,10 +176,9 @@ impl MicrovmConfig {
             "i8042" => self.i8042 = v,
             "auto-kernel-cmdline" => self.auto_kernel_cmdline = v,
             _ => {
-                return Err(format!(
-                    "microvm has no property '{name}'; accepted: {}",
-                    MACHINE_PROPERTIES.join(", ")
-                ));
+                return Err(PropertyError::Unknown {
+                    name: name.to_owned(),
+                });
             }
         }
         Ok(())
@@ -170,7 +195,7 @@ mod tests {
         c.set_property("rtc", "on").unwrap();
         c.set_property("acpi", "off").unwrap();
         assert_eq!((c.rtc, c.acpi), (OnOffAuto::On, OnOffAuto::Off));
-        let e = c.set_property("pcie", "on").unwrap_err();
+        let e = c.set_property("pcie", "on").unwrap_err().to_string();
         assert!(
             e.contains("accepted: rtc, pit, pic, acpi, isa-serial, i8042"),
             "{e}"
@@ -178,6 +203,7 @@ mod tests {
         assert!(
             c.set_property("pit", "maybe")
                 .unwrap_err()
+                .to_string()
                 .contains("on, off or auto")
         );
         assert!(OnOffAuto::Auto.resolve(true));

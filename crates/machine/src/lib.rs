@@ -60,7 +60,9 @@ mod runner;
 
 pub use acpi::VirtioMmioDevice;
 pub use boot::{BootError, BootProtocol, BootState, KernelImage};
-pub use config::{MACHINE_PROPERTIES, MicrovmConfig, OnOffAuto, SerialBackend};
+pub use config::{
+    BadOnOffAuto, MACHINE_PROPERTIES, MicrovmConfig, OnOffAuto, PropertyError, SerialBackend,
+};
 pub use keel_devices::{Capture, SharedWriter};
 #[cfg(feature = "demo-guest")]
 pub use microvm::DEMO_GUEST;

@@ -94,7 +94,7 @@ pub fn microvm_config(cfg: &MachineConfig) -> Result<MicrovmConfig, BoardError> 
                 property: k.clone(),
             });
         }
-        m.set_property(k, v).map_err(BoardError::Invalid)?;
+        m.set_property(k, v).map_err(BoardError::Property)?;
     }
     Ok(m)
 }
@@ -175,6 +175,9 @@ impl MachineEvents for Forward {
             MachineEvent::System(SystemEvent::Reset) => BoardEvent::GuestReset,
             MachineEvent::System(SystemEvent::Exit(code)) => BoardEvent::GuestExit(code),
             MachineEvent::System(SystemEvent::Panic) => BoardEvent::GuestPanic,
+            MachineEvent::System(other) => {
+                BoardEvent::InternalError(format!("unhandled system event {other:?}"))
+            }
             MachineEvent::VcpuError { index, error } => {
                 BoardEvent::InternalError(format!("vCPU {index}: {error}"))
             }

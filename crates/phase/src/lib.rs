@@ -192,6 +192,7 @@ impl fmt::Debug for PhaseSet {
 
 /// Lifecycle errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PhaseError {
     /// An attempt to skip or go back; phases move one step forward only.
     #[error("cannot advance from {from} to {to}: phases move forward one step at a time")]

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// QMP error classes: QEMU's (`qapi/error.json`) plus Keel's `OutOfPhase`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum ErrorClass {
     /// Everything without a more specific class.
     GenericError,
@@ -36,6 +37,7 @@ impl ErrorClass {
 
 /// Why a command failed. Its `Display` text is the QMP `desc`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CommandError {
     /// The command is declared for other phases; nothing was changed.
     #[error("'{command}' is not allowed in phase {phase}: it needs {}{}", needs.describe(), hint.map(|h| format!(" ({h})")).unwrap_or_default())]

@@ -35,6 +35,7 @@ use crate::session::{Dispatcher, Message, REQ_QUEUE_LEN_MAX, Session, respond_co
 
 /// Errors setting up a transport.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
     /// The endpoint text could not be understood.
     #[error("{0}")]
@@ -313,7 +314,7 @@ pub fn serve_stream(stream: UnixStream, dispatcher: Arc<dyn Dispatcher>, bus: Ar
 fn start_stream(fd: OwnedFd, dispatcher: &Arc<dyn Dispatcher>, bus: &Arc<EventBus>) {
     match fd.try_clone() {
         Ok(out) => spawn_connection(fd, out, dispatcher.clone(), bus.clone(), None, true),
-        Err(e) => eprintln!("qmp: cannot serve a client: {e}"),
+        Err(e) => log::warn!("cannot serve a client: {e}"),
     }
 }
 
@@ -326,7 +327,7 @@ fn start_counted(
 ) {
     if count.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS_PER_LISTENER {
         count.fetch_sub(1, Ordering::SeqCst);
-        eprintln!("qmp: refusing a client: {MAX_CLIENTS_PER_LISTENER} are connected already");
+        log::warn!("refusing a client: {MAX_CLIENTS_PER_LISTENER} are connected already");
         return;
     }
     match fd.try_clone() {
@@ -351,7 +352,7 @@ fn start_counted(
         }
         Err(e) => {
             count.fetch_sub(1, Ordering::SeqCst);
-            eprintln!("qmp: cannot serve a client: {e}");
+            log::warn!("cannot serve a client: {e}");
         }
     }
 }
@@ -380,7 +381,7 @@ fn spawn_connection(
         if let Some(c) = release {
             c.fetch_sub(1, Ordering::SeqCst);
         }
-        eprintln!("qmp: cannot start a client thread: {e}");
+        log::warn!("cannot start a client thread: {e}");
     }
 }
 
@@ -425,7 +426,7 @@ fn serve_connection(
     let outbox = match bus.attach() {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("qmp: cannot serve a client: {e}");
+            log::warn!("cannot serve a client: {e}");
             return;
         }
     };
