@@ -75,19 +75,15 @@
 
 #![deny(missing_docs)]
 
-pub mod arith;
 pub mod cpu;
 pub mod cpuid;
 pub mod decode;
 pub mod exc;
 pub mod exec;
+pub mod insn;
 pub mod mem;
 pub mod platform;
-pub mod sse;
-pub mod string;
-pub mod system;
 pub mod vm;
-pub mod x87;
 
 pub use cpuid::CpuidConfig;
 pub use vm::{ApicMode, TcgAccel, TcgVcpu, TcgVm};

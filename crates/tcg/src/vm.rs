@@ -49,13 +49,13 @@ use crate::cpu::{Cpu, Seg, Shadow, fl, sr};
 use crate::cpuid::CpuidConfig;
 use crate::decode::BlockCache;
 use crate::exc::{Ex, vec};
+use crate::exec::system;
 use crate::mem::{Access, PhysMem};
 use crate::platform::ioapic::{IOAPIC_BASE, IOAPIC_LEN, Ioapic, IoapicMmio};
 use crate::platform::lapic::{self, ApicBus, EoiListener, LAPIC_BASE, LAPIC_LEN, Lapic, LapicMmio};
 use crate::platform::pic::Pic;
 use crate::platform::pit::Pit;
 use crate::platform::{Clock, MonotonicClock, Wakeup};
-use crate::system;
 
 const NAME: &str = "tcg";
 
@@ -693,7 +693,7 @@ enum BlockEnd {
 /// stored before it (branch handlers overwrite it; the generic handler stores its own),
 /// and after a mid-block stop.
 #[inline(always)]
-fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
+fn exec_block(cpu: &mut Cpu, insns: &[crate::insn::Insn]) -> BlockEnd {
     let Some((last, body)) = insns.split_last() else {
         return BlockEnd::Normal;
     };
