@@ -15,7 +15,7 @@ use iced_x86::{
 };
 
 use crate::cpu::Cpu;
-use crate::exc::{Ex, Flow, NO_ERR, vec};
+use crate::exc::Ex;
 use crate::exec;
 use crate::insn::{Insn, NOREG, Uop, gpr, sreg};
 use crate::mem::Access;
@@ -586,14 +586,6 @@ fn ends_block(instr: &Instruction) -> bool {
     )
 }
 
-/// Raises #UD at the current instruction.
-pub fn ud() -> Flow {
-    Err(Ex::Fault {
-        vector: vec::UD,
-        error: NO_ERR,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -730,8 +722,8 @@ mod tests {
     /// A CPU in 64-bit mode (paging off, which the interpreter allows) with `code` at 0x1000.
     fn cpu64_with(code: &[u8]) -> Cpu {
         let mut cpu = cpu_with(code);
-        cpu.cr0 |= crate::cpu::cr0::PE;
-        cpu.efer |= crate::cpu::efer::LME | crate::cpu::efer::LMA;
+        cpu.cr0 |= crate::regs::cr0::PE;
+        cpu.efer |= crate::regs::efer::LME | crate::regs::efer::LMA;
         cpu.seg[sr::CS].attr |= 1 << 13;
         cpu.refresh_mode();
         assert_eq!(cpu.bitness(), 64);

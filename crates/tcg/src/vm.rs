@@ -50,12 +50,14 @@ use crate::cpuid::CpuidConfig;
 use crate::decode::BlockCache;
 use crate::exc::{Ex, vec};
 use crate::exec::system;
+use crate::insn::Insn;
 use crate::mem::{Access, PhysMem};
-use crate::platform::ioapic::{IOAPIC_BASE, IOAPIC_LEN, Ioapic, IoapicMmio};
+use crate::platform::ioapic::{IOAPIC_BASE, IOAPIC_LEN, Ioapic, IoapicError, IoapicMmio};
 use crate::platform::lapic::{self, ApicBus, EoiListener, LAPIC_BASE, LAPIC_LEN, Lapic, LapicMmio};
-use crate::platform::pic::Pic;
+use crate::platform::pic::{Pic, PicError};
 use crate::platform::pit::Pit;
 use crate::platform::{Clock, MonotonicClock, Wakeup};
+use crate::time::{guest_tsc_khz, host_tsc};
 
 const NAME: &str = "tcg";
 
@@ -90,6 +92,22 @@ impl ApicMode {
             Self::Off => false,
         }
     }
+}
+
+/// Errors of this crate's own operations (reported to callers as [`keel_accel::AccelError`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TcgError {
+    /// The interrupt line does not exist on the 8259 pair (a VM without IOAPIC).
+    #[error("this tcg VM routes GSIs 0-15 to the 8259 pair only (it has no IOAPIC)")]
+    NoSuchGsi(#[source] PicError),
+    /// The GSI does not exist on the IOAPIC.
+    #[error("tcg routes GSIs 0-23 to the IOAPIC (0-15 also to the 8259 pair)")]
+    NoSuchIoapicPin(#[source] IoapicError),
+    /// A VM without local APICs has only the bootstrap processor.
+    #[error(
+        "this tcg VM has no local APICs to start other vCPUs (ApicMode::Off); vCPU {0} was requested"
+    )]
+    OneVcpu(u32),
 }
 
 /// The interpreting accelerator; always available.
@@ -471,7 +489,7 @@ impl TcgVm {
             clock,
             cpuid,
             exec: Arc::new(ExecLock::new()),
-            tsc_origin: Arc::new(AtomicU64::new(0u64.wrapping_sub(crate::host_tsc()))),
+            tsc_origin: Arc::new(AtomicU64::new(0u64.wrapping_sub(host_tsc()))),
             vcpus: Arc::default(),
             code_pages: Arc::default(),
             wakeups,
@@ -496,7 +514,7 @@ impl TcgVm {
         // The TSC-deadline mode exists when the CPUID the guest sees says so (not by default:
         // see `CpuidConfig`).
         let tsc_deadline_khz = if self.cpuid.ecx1 & crate::cpuid::ecx1::TSC_DEADLINE != 0 {
-            crate::guest_tsc_khz()
+            guest_tsc_khz()
         } else {
             0
         };
@@ -563,7 +581,7 @@ impl Vm for TcgVm {
         if index != 0 && self.apics.is_none() {
             return Err(AccelError::Guest {
                 vcpu: index,
-                reason: crate::TcgError::OneVcpu(index).to_string(),
+                reason: TcgError::OneVcpu(index).to_string(),
             });
         }
         if index >= MAX_VCPUS {
@@ -576,7 +594,7 @@ impl Vm for TcgVm {
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {
-        let err = |e: crate::TcgError| {
+        let err = |e: TcgError| {
             let cause = std::error::Error::source(&e)
                 .map(|c| format!(": {c}"))
                 .unwrap_or_default();
@@ -590,12 +608,12 @@ impl Vm for TcgVm {
             None => self
                 .pic
                 .irq_line(gsi)
-                .map_err(|e| err(crate::TcgError::NoSuchGsi(e))),
+                .map_err(|e| err(TcgError::NoSuchGsi(e))),
             Some(a) => {
                 let ioapic = a
                     .ioapic
                     .irq_line(gsi)
-                    .map_err(|e| err(crate::TcgError::NoSuchIoapicPin(e)))?;
+                    .map_err(|e| err(TcgError::NoSuchIoapicPin(e)))?;
                 let pic = if gsi < 16 {
                     self.pic.irq_line(gsi).ok()
                 } else {
@@ -616,7 +634,7 @@ impl Vm for TcgVm {
     /// (the local APICs are reset with their vCPUs).
     fn reset(&self) -> Result<(), AccelError> {
         self.tsc_origin
-            .store(0u64.wrapping_sub(crate::host_tsc()), Ordering::Release);
+            .store(0u64.wrapping_sub(host_tsc()), Ordering::Release);
         // Every vCPU starts over with an empty block cache.
         forget_code(&self.code_pages, 0, u64::MAX);
         self.pit.reset();
@@ -693,7 +711,7 @@ enum BlockEnd {
 /// stored before it (branch handlers overwrite it; the generic handler stores its own),
 /// and after a mid-block stop.
 #[inline(always)]
-fn exec_block(cpu: &mut Cpu, insns: &[crate::insn::Insn]) -> BlockEnd {
+fn exec_block(cpu: &mut Cpu, insns: &[Insn]) -> BlockEnd {
     let Some((last, body)) = insns.split_last() else {
         return BlockEnd::Normal;
     };

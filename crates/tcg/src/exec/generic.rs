@@ -7,7 +7,7 @@ use super::alu::{self, alu_mnemonic, alu_op};
 use super::operands::{ea, ea_off, far_ptr, mask, op_size, rd_op, sext, wr_op};
 use super::{arith, sse, string, system, x87};
 use crate::cpu::{CcOp, Cpu, fl, sr};
-use crate::exc::{Ex, Flow};
+use crate::exc::{Ex, Flow, vec};
 use crate::insn::{Insn, gpr, sreg, xmm};
 
 fn cc_of(ins: &Instruction) -> u8 {
@@ -454,15 +454,15 @@ fn generic_body(cpu: &mut Cpu, i: &Insn) -> Flow {
             Ok(())
         }
         M::Int => Err(Ex::SoftInt(ins.immediate8())),
-        M::Int3 => Err(Ex::SoftInt(3)),
+        M::Int3 => Err(Ex::SoftInt(vec::BP)),
         M::Into => {
             if cpu.of() {
-                Err(Ex::SoftInt(4))
+                Err(Ex::SoftInt(vec::OF))
             } else {
                 Ok(())
             }
         }
-        M::Int1 => Err(Ex::SoftInt(1)),
+        M::Int1 => Err(Ex::SoftInt(vec::DB)),
         M::Ud0 | M::Ud1 | M::Ud2 => Err(Ex::UD),
         M::Nop
         | M::Pause

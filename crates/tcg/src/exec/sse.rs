@@ -8,9 +8,10 @@
 use iced_x86::{Mnemonic as M, OpKind};
 
 use super::operands::ea;
-use crate::cpu::{Cpu, cr0, cr4, fl};
+use crate::cpu::{Cpu, fl};
 use crate::exc::{Ex, Flow};
 use crate::insn::{Insn, gpr, xmm};
+use crate::regs::{cr0, cr4};
 
 fn b16(x: u128) -> [u8; 16] {
     x.to_le_bytes()

@@ -8,9 +8,10 @@
 use iced_x86::{Mnemonic as M, OpKind};
 
 use super::operands::{ea, mask, op_size, rd_op, wr_op};
-use crate::cpu::{Cpu, Seg, Shadow, cr0, cr4, efer, fl, sr};
+use crate::cpu::{Cpu, Seg, Shadow, fl, sr};
 use crate::exc::{Ex, Flow, NO_ERR, vec};
 use crate::insn::{Insn, gpr};
+use crate::regs::{cr0, cr4, efer};
 
 // ---------------------------------------------------------------------------------------
 // Descriptors
@@ -929,7 +930,7 @@ pub fn write_msr(cpu: &mut Cpu, n: u32, v: u64) -> Flow {
 
 /// The time-stamp counter: the host's TSC plus the guest's offset (WRMSR to IA32_TSC).
 pub fn tsc(cpu: &Cpu) -> u64 {
-    crate::host_tsc().wrapping_add(cpu.msr.tsc_offset)
+    crate::time::host_tsc().wrapping_add(cpu.msr.tsc_offset)
 }
 
 // ---------------------------------------------------------------------------------------
