@@ -307,8 +307,6 @@ pub struct Cpu {
     pub dirty_code_overflow: bool,
     /// Instructions retired (for MIPS accounting and the TSC).
     pub icount: u64,
-    /// Exception currently being delivered (for #DF / triple-fault detection).
-    pub delivering: Option<u8>,
     /// The last exception raised by an instruction: (vector, error code or `u32::MAX`, RIP of
     /// the instruction), for diagnosing triple faults.
     pub last_exception: Option<(u8, u32, u64)>,
@@ -411,7 +409,6 @@ impl Cpu {
             dirty_code: Vec::new(),
             dirty_code_overflow: false,
             icount: 0,
-            delivering: None,
             last_exception: None,
             halted: false,
             nmi_blocked: false,

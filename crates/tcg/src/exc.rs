@@ -49,8 +49,6 @@ pub enum Ex {
     Halt,
     /// State the block was specialised on changed: look up the next block afresh.
     EndBlock,
-    /// Triple fault.
-    Shutdown,
 }
 
 impl Ex {

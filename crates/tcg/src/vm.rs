@@ -70,6 +70,7 @@ pub const SLICE_NS: u64 = 2_000_000;
 
 /// Whether the VM has local APICs and an IOAPIC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ApicMode {
     /// Only with more than one vCPU (the default). A one-vCPU VM then keeps the 8259-only
     /// platform (no APIC in CPUID, no IOAPIC), which boots Linux fastest here: with `On` a
@@ -564,16 +565,6 @@ impl TcgVm {
         forget_code(&self.code_pages, gpa, len);
         post_invalidation(&self.vcpus, None, gpa, len);
     }
-
-    /// The PIC, for tests and machines that wire lines themselves.
-    pub fn pic(&self) -> &Arc<Pic> {
-        &self.pic
-    }
-
-    /// The IOAPIC, when the VM has APICs.
-    pub fn ioapic(&self) -> Option<&Arc<Ioapic>> {
-        self.apics.as_ref().map(|a| &a.ioapic)
-    }
 }
 
 impl Vm for TcgVm {
@@ -648,10 +639,10 @@ impl Vm for TcgVm {
 
 /// A vCPU running on the interpreter.
 pub struct TcgVcpu {
-    /// Architectural state (public for tests and debuggers).
-    pub cpu: Cpu,
+    /// Architectural state.
+    pub(crate) cpu: Cpu,
     /// Decoded-block cache.
-    pub cache: BlockCache,
+    pub(crate) cache: BlockCache,
     att: Arc<Attention>,
     pic: Arc<Pic>,
     pit: Arc<Pit>,
@@ -1135,7 +1126,6 @@ impl TcgVcpu {
                 Ok(())
             }
             Ex::EndBlock => Ok(()),
-            Ex::Shutdown => Err(Stop::Exit(VcpuExit::Shutdown)),
         }
     }
 
@@ -1329,6 +1319,12 @@ impl TcgVcpu {
     pub fn icount(&self) -> u64 {
         self.cpu.icount
     }
+
+    /// The last exception an instruction raised: (vector, error code or `u32::MAX`, RIP of
+    /// the instruction), for diagnosing triple faults in tests; `None` before the first one.
+    pub fn last_exception(&self) -> Option<(u8, u32, u64)> {
+        self.cpu.last_exception
+    }
 }
 
 impl Vcpu for TcgVcpu {
@@ -1488,6 +1484,8 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
     fn req(vcpus: u32) -> MachineRequirements {
         MachineRequirements {
             machine: "microvm".into(),
@@ -1542,5 +1540,39 @@ mod tests {
         assert!(!l.contended());
         l.release();
         t.join().unwrap();
+    }
+
+    /// The 8259 pair as Linux programs it, driven through the VM's port bus.
+    #[test]
+    fn linux_init_8259a_then_irq4_gives_vector_0x34() {
+        struct NoEvents;
+        impl SystemEvents for NoEvents {
+            fn request(&self, _e: keel_accel::SystemEvent) {}
+        }
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let buses = Arc::new(IoBuses::new());
+        let vm = TcgVm::new(mem, buses.clone(), Arc::new(NoEvents), Default::default()).unwrap();
+        for (r, d) in vm.platform_devices() {
+            buses.pio.insert(r.base, r.len, d).unwrap();
+        }
+        let pic = &vm.pic;
+        let out = |port: u16, v: u8| buses.pio_write(keel_accel::PioAddress(port), &[v]);
+        out(0x21, 0xff);
+        out(0x20, 0x11);
+        out(0x21, 0x30);
+        out(0x21, 0x04);
+        out(0x21, 0x01);
+        out(0xa0, 0x11);
+        out(0xa1, 0x38);
+        out(0xa1, 0x02);
+        out(0xa1, 0x01);
+        out(0x21, 0xfb);
+        out(0xa1, 0xff);
+        // Unmask IRQ 4 as the serial driver does.
+        out(0x21, 0xeb);
+        pic.set_irq(4, true).unwrap();
+        assert!(pic.has_interrupt());
+        assert_eq!(pic.acknowledge(), Some(0x34));
     }
 }

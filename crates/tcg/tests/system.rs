@@ -328,7 +328,7 @@ fn syscall_sysret_and_user_mode_interrupt_uses_rsp0() {
         x,
         VcpuExit::Halted,
         "last exception {:x?}",
-        h.vcpu.cpu.last_exception
+        h.vcpu.last_exception()
     );
     let r = h.regs();
     assert_eq!(
@@ -460,12 +460,7 @@ fn legacy_two_level_paging_with_pse() {
     // PDE for 0x8040_0000 (index 513) -> 4 MiB page at 0x40_0000.
     h.write(u64::from(pd) + 513 * 4, &0x40_0083u32.to_le_bytes());
     h.write(0x40_0020, &0xabcd_ef01u32.to_le_bytes());
-    assert_eq!(
-        h.run(),
-        VcpuExit::Halted,
-        "{:x?}",
-        h.vcpu.cpu.last_exception
-    );
+    assert_eq!(h.run(), VcpuExit::Halted, "{:x?}", h.vcpu.last_exception());
     assert_eq!(h.r64(0x30_0010) & 0xffff_ffff, 0x1234_5678);
     assert_eq!(h.regs().rbx, 0xabcd_ef01);
     let pte = h.r64(u64::from(pt)) & 0xffff_ffff;
@@ -500,12 +495,7 @@ fn pae_paging_in_32_bit_mode() {
     h.w64(u64::from(pd0), 0x83); // identity 2 MiB at 0
     h.w64(u64::from(pd3), 0x60_0083); // 0xC000_0000 -> 0x60_0000
     h.write(0x60_0040, &0x5566_7788u32.to_le_bytes());
-    assert_eq!(
-        h.run(),
-        VcpuExit::Halted,
-        "{:x?}",
-        h.vcpu.cpu.last_exception
-    );
+    assert_eq!(h.run(), VcpuExit::Halted, "{:x?}", h.vcpu.last_exception());
     assert_eq!(h.regs().rbx, 0x5566_7788);
 }
 
@@ -553,12 +543,7 @@ fn timer_interrupt_preempts_a_busy_loop() {
     h.long_mode(&code);
     h.write(handler, &hcode);
     h.gate64(0x20, handler, 0, 0);
-    assert_eq!(
-        h.run(),
-        VcpuExit::Halted,
-        "{:x?}",
-        h.vcpu.cpu.last_exception
-    );
+    assert_eq!(h.run(), VcpuExit::Halted, "{:x?}", h.vcpu.last_exception());
     let r = h.regs();
     assert!(r.r15 > 0, "the loop ran before the tick");
     assert!(
@@ -604,12 +589,7 @@ fn real_mode_ivt_interrupt_and_iret() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(
-        h.run(),
-        VcpuExit::Halted,
-        "{:x?}",
-        h.vcpu.cpu.last_exception
-    );
+    assert_eq!(h.run(), VcpuExit::Halted, "{:x?}", h.vcpu.last_exception());
     let r = h.regs();
     assert_eq!(r.rdx & 0xffff, 0x55aa);
     assert_eq!(r.rsp, 0x7000, "iret popped the frame");

@@ -565,11 +565,6 @@ impl Lapic {
         self.events.swap(0, Ordering::AcqRel)
     }
 
-    /// Whether events are pending (without taking them).
-    pub fn has_events(&self) -> bool {
-        self.events.load(Ordering::Acquire) != 0
-    }
-
     /// The vector of the last start-up IPI.
     pub fn sipi_vector(&self) -> u8 {
         self.sipi_vector.load(Ordering::Acquire) as u8
