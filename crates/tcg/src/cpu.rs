@@ -5,7 +5,9 @@
 //! (a conditional jump reads one or two, `pushf` reads all). Flags that hardware leaves
 //! undefined are given fixed values, documented at [`CcOp`].
 
-use crate::mem::{Mmu, PhysMem};
+use crate::exc::{Ex, vec};
+use crate::mem::{Access, Mmu, PAGE, PAGE_MASK, PhysMem};
+use crate::regs::{cr0, efer};
 
 /// RFLAGS bits.
 pub mod fl {
@@ -49,60 +51,6 @@ pub mod fl {
     pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
     /// Bits software can change at CPL0 with popf (64-bit view).
     pub const WRITABLE: u64 = ARITH | TF | IF | DF | IOPL | NT | RF | AC | ID | VIF | VIP;
-}
-
-/// CR0 bits.
-pub mod cr0 {
-    /// Protection enable.
-    pub const PE: u64 = 1 << 0;
-    /// Monitor coprocessor.
-    pub const MP: u64 = 1 << 1;
-    /// x87 emulation.
-    pub const EM: u64 = 1 << 2;
-    /// Task switched.
-    pub const TS: u64 = 1 << 3;
-    /// Extension type (always one).
-    pub const ET: u64 = 1 << 4;
-    /// Numeric error.
-    pub const NE: u64 = 1 << 5;
-    /// Write protect.
-    pub const WP: u64 = 1 << 16;
-    /// Alignment mask.
-    pub const AM: u64 = 1 << 18;
-    /// Not write-through.
-    pub const NW: u64 = 1 << 29;
-    /// Cache disable.
-    pub const CD: u64 = 1 << 30;
-    /// Paging.
-    pub const PG: u64 = 1 << 31;
-}
-
-/// CR4 bits the interpreter looks at.
-pub mod cr4 {
-    /// Page size extension (4 MiB pages in 2-level paging).
-    pub const PSE: u64 = 1 << 4;
-    /// Physical address extension.
-    pub const PAE: u64 = 1 << 5;
-    /// Page global enable.
-    pub const PGE: u64 = 1 << 7;
-    /// OS supports FXSAVE.
-    pub const OSFXSR: u64 = 1 << 9;
-    /// OS supports unmasked SIMD exceptions.
-    pub const OSXMMEXCPT: u64 = 1 << 10;
-    /// FS/GS base instructions.
-    pub const FSGSBASE: u64 = 1 << 16;
-}
-
-/// EFER bits.
-pub mod efer {
-    /// SYSCALL enable.
-    pub const SCE: u64 = 1 << 0;
-    /// Long mode enable.
-    pub const LME: u64 = 1 << 8;
-    /// Long mode active.
-    pub const LMA: u64 = 1 << 10;
-    /// No-execute enable.
-    pub const NXE: u64 = 1 << 11;
 }
 
 /// Segment register indices (iced order is different; see `decode`).
@@ -162,7 +110,7 @@ impl Seg {
         }
     }
     /// Converts to the seam's representation.
-    pub fn to_api(&self) -> keel_accel::Segment {
+    pub fn to_api(self) -> keel_accel::Segment {
         keel_accel::Segment {
             base: self.base,
             limit: self.limit,
@@ -359,8 +307,6 @@ pub struct Cpu {
     pub dirty_code_overflow: bool,
     /// Instructions retired (for MIPS accounting and the TSC).
     pub icount: u64,
-    /// Exception currently being delivered (for #DF / triple-fault detection).
-    pub delivering: Option<u8>,
     /// The last exception raised by an instruction: (vector, error code or `u32::MAX`, RIP of
     /// the instruction), for diagnosing triple faults.
     pub last_exception: Option<(u8, u32, u64)>,
@@ -452,7 +398,7 @@ impl Cpu {
                 pat: 0x0007_0406_0007_0406,
                 misc_enable: 1,
                 // The TSC counts from zero at reset.
-                tsc_offset: 0u64.wrapping_sub(crate::host_tsc()),
+                tsc_offset: 0u64.wrapping_sub(crate::time::host_tsc()),
                 ..Msrs::default()
             },
             xmm: [0; 16],
@@ -463,7 +409,6 @@ impl Cpu {
             dirty_code: Vec::new(),
             dirty_code_overflow: false,
             icount: 0,
-            delivering: None,
             last_exception: None,
             halted: false,
             nmi_blocked: false,
@@ -835,5 +780,174 @@ impl Cpu {
     /// Effective CPL-3 check helper: whether IOPL permits I/O at the current privilege.
     pub fn io_allowed(&self) -> bool {
         !self.protected() || (!self.vm86() && u64::from(self.cpl) <= (self.rflags >> 12) & 3)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Linear memory access (through the MMU's software TLB)
+
+impl Cpu {
+    /// Translates with fault delivery semantics: #PF sets CR2.
+    #[inline]
+    pub fn translate(&mut self, lin: u64, acc: Access, user: bool) -> Result<u64, Ex> {
+        match self.mmu.translate(lin, acc, user) {
+            Ok(g) => Ok(g),
+            Err(u32::MAX) => Err(Ex::gp(0)),
+            Err(e) => {
+                self.cr2 = lin;
+                Err(Ex::Fault {
+                    vector: vec::PF,
+                    error: e,
+                })
+            }
+        }
+    }
+
+    /// Reads `N` bytes (1, 2, 4, 8) at linear `lin` with the current privilege.
+    #[inline(always)]
+    pub fn rd<const N: usize>(&mut self, lin: u64) -> Result<u64, Ex> {
+        let user = self.mmu.user;
+        self.rd_as::<N>(lin, user)
+    }
+
+    /// Reads with an explicit privilege (`user = false` for implicit supervisor accesses).
+    #[inline(always)]
+    pub fn rd_as<const N: usize>(&mut self, lin: u64, user: bool) -> Result<u64, Ex> {
+        if (lin & 0xfff) as usize <= 4096 - N
+            && let Some(h) = self.mmu.lookup(lin, Access::Read, user)
+        {
+            let mut b = [0u8; 8];
+            // SAFETY: a TLB hit maps this whole page to live guest RAM; the access stays in it.
+            unsafe { std::ptr::copy_nonoverlapping(h as *const u8, b.as_mut_ptr(), N) };
+            return Ok(u64::from_le_bytes(b));
+        }
+        self.rd_slow(lin, N, user)
+    }
+
+    #[inline(never)]
+    fn rd_slow(&mut self, lin: u64, n: usize, user: bool) -> Result<u64, Ex> {
+        let mut b = [0u8; 16];
+        self.read_bytes(lin, &mut b[..n], user)?;
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
+    }
+
+    /// Reads up to 16 bytes at `lin`, crossing pages as needed; faults before any side effect.
+    pub fn read_bytes(&mut self, lin: u64, buf: &mut [u8], user: bool) -> Result<(), Ex> {
+        let n = buf.len();
+        let first = (PAGE - (lin & 0xfff)) as usize;
+        if n <= first {
+            let g = self.translate(lin, Access::Read, user)?;
+            self.mmu.phys.read(g, buf);
+        } else {
+            let g0 = self.translate(lin, Access::Read, user)?;
+            let lin1 = lin.wrapping_add(first as u64);
+            let g1 = self.translate(lin1, Access::Read, user)?;
+            let (a, b) = buf.split_at_mut(first);
+            self.mmu.phys.read(g0, a);
+            self.mmu.phys.read(g1, b);
+        }
+        Ok(())
+    }
+
+    /// The TLB-hit half of [`Self::rd`]: `None` when the access needs the slow path
+    /// (TLB miss, page crossing, MMIO), which the caller then takes out of line.
+    #[inline(always)]
+    pub fn rd_fast<const N: usize>(&self, lin: u64) -> Option<u64> {
+        if (lin & 0xfff) as usize <= 4096 - N
+            && let Some(h) = self.mmu.lookup(lin, Access::Read, self.mmu.user)
+        {
+            let mut b = [0u8; 8];
+            // SAFETY: a TLB hit maps this whole page to live guest RAM; the access stays in it.
+            unsafe { std::ptr::copy_nonoverlapping(h as *const u8, b.as_mut_ptr(), N) };
+            return Some(u64::from_le_bytes(b));
+        }
+        None
+    }
+
+    /// The TLB-hit half of [`Self::wr`]: false (nothing written) when the access needs the
+    /// slow path. Write-TLB entries never map code pages, so no translated code changes.
+    #[inline(always)]
+    pub fn wr_fast<const N: usize>(&mut self, lin: u64, v: u64) -> bool {
+        if (lin & 0xfff) as usize <= 4096 - N
+            && let Some(h) = self.mmu.lookup(lin, Access::Write, self.mmu.user)
+        {
+            let b = v.to_le_bytes();
+            // SAFETY: a write-TLB hit maps this page to live, non-code guest RAM.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, N) };
+            return true;
+        }
+        false
+    }
+
+    /// Writes `N` bytes at linear `lin` with the current privilege.
+    #[inline(always)]
+    pub fn wr<const N: usize>(&mut self, lin: u64, v: u64) -> Result<(), Ex> {
+        let user = self.mmu.user;
+        self.wr_as::<N>(lin, v, user)
+    }
+
+    /// Writes with an explicit privilege.
+    #[inline(always)]
+    pub fn wr_as<const N: usize>(&mut self, lin: u64, v: u64, user: bool) -> Result<(), Ex> {
+        if (lin & 0xfff) as usize <= 4096 - N
+            && let Some(h) = self.mmu.lookup(lin, Access::Write, user)
+        {
+            let b = v.to_le_bytes();
+            // SAFETY: a write-TLB hit maps this page to live, non-code guest RAM.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, N) };
+            return Ok(());
+        }
+        let b = v.to_le_bytes();
+        self.write_bytes(lin, &b[..N], user)
+    }
+
+    /// Writes up to 16 bytes at `lin`, crossing pages; translates both pages before writing.
+    #[inline(never)]
+    pub fn write_bytes(&mut self, lin: u64, buf: &[u8], user: bool) -> Result<(), Ex> {
+        let n = buf.len();
+        let first = (PAGE - (lin & 0xfff)) as usize;
+        if n <= first {
+            let g = self.translate(lin, Access::Write, user)?;
+            self.phys_write(g, buf);
+        } else {
+            let g0 = self.translate(lin, Access::Write, user)?;
+            let lin1 = lin.wrapping_add(first as u64);
+            let g1 = self.translate(lin1, Access::Write, user)?;
+            self.phys_write(g0, &buf[..first]);
+            self.phys_write(g1, &buf[first..]);
+        }
+        Ok(())
+    }
+
+    /// Physical write that notices translated code on the page.
+    pub fn phys_write(&mut self, gpa: u64, buf: &[u8]) {
+        if self.mmu.phys.is_code(gpa) {
+            self.note_code_write(gpa);
+        }
+        self.mmu.phys.write(gpa, buf);
+    }
+
+    /// Records that the code page of `gpa` was written; the block loop invalidates it.
+    pub fn note_code_write(&mut self, gpa: u64) {
+        self.mmu.phys.set_code(gpa, false);
+        if self.dirty_code.len() < 64 {
+            self.dirty_code.push(gpa & PAGE_MASK);
+        } else {
+            self.dirty_code_overflow = true;
+        }
+        self.stop_block = true;
+    }
+
+    /// Host pointer for `len` bytes at `lin` if they lie in one RAM page reachable for `acc`
+    /// (used by bulk string operations). Translates (and may fault).
+    pub fn host_span(&mut self, lin: u64, acc: Access) -> Result<Option<(usize, u64)>, Ex> {
+        let user = self.mmu.user;
+        let g = self.translate(lin, acc, user)?;
+        if acc == Access::Write && self.mmu.phys.is_code(g) {
+            return Ok(None);
+        }
+        Ok(self.mmu.phys.host(g).map(|h| (h, g)))
     }
 }

@@ -39,8 +39,6 @@ pub mod edx1 {
     pub const PAT: u32 = 1 << 16;
     /// CLFLUSH.
     pub const CLFSH: u32 = 1 << 19;
-    /// MMX.
-    pub const MMX: u32 = 1 << 23;
     /// FXSAVE/FXRSTOR.
     pub const FXSR: u32 = 1 << 24;
     /// SSE.
@@ -53,8 +51,6 @@ pub mod edx1 {
 pub mod ecx1 {
     /// CMPXCHG16B.
     pub const CX16: u32 = 1 << 13;
-    /// POPCNT.
-    pub const POPCNT: u32 = 1 << 23;
     /// Local APIC timer TSC-deadline mode.
     pub const TSC_DEADLINE: u32 = 1 << 24;
     /// Running under a hypervisor.
@@ -69,8 +65,6 @@ pub mod edx81 {
     pub const NX: u32 = 1 << 20;
     /// 1 GiB pages.
     pub const PDPE1GB: u32 = 1 << 26;
-    /// RDTSCP.
-    pub const RDTSCP: u32 = 1 << 27;
     /// Long mode.
     pub const LM: u32 = 1 << 29;
 }

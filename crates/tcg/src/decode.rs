@@ -15,80 +15,10 @@ use iced_x86::{
 };
 
 use crate::cpu::Cpu;
-use crate::exc::{Ex, Flow, NO_ERR, vec};
+use crate::exc::Ex;
 use crate::exec;
+use crate::insn::{Insn, NOREG, Uop, gpr, sreg};
 use crate::mem::Access;
-
-/// An instruction handler.
-pub type Handler = fn(&mut Cpu, &Insn) -> Flow;
-
-/// Absent base/index register: `Cpu::gpr[16]` is always zero.
-pub const NOREG: u8 = 16;
-
-/// A pre-decoded instruction.
-#[derive(Clone, Debug)]
-pub struct Insn {
-    /// Handler for this form.
-    pub exec: Handler,
-    /// Address of the instruction.
-    pub ip: u64,
-    /// Address of the next instruction.
-    pub next_ip: u64,
-    /// Immediate (sign-extended to 64 bits as the form defines) or branch target.
-    pub imm: u64,
-    /// Memory displacement (absolute address for RIP-relative operands).
-    pub disp: u64,
-    /// Effective-address mask for the address size.
-    pub amask: u64,
-    /// Operand size in bytes.
-    pub size: u8,
-    /// First register operand (GPR index; 16..20 = AH..BH).
-    pub r0: u8,
-    /// Second register operand.
-    pub r1: u8,
-    /// Memory base register or `NOREG`.
-    pub base: u8,
-    /// Memory index register or `NOREG`.
-    pub index: u8,
-    /// log2 of the index scale.
-    pub scale: u8,
-    /// Segment register of the memory operand.
-    pub seg: u8,
-    /// Handler-specific byte (condition code, ALU op; the instructions a micro-op run stands
-    /// for).
-    pub aux: u8,
-    /// Full decoded form for the generic handlers.
-    pub instr: Instruction,
-    /// Micro-ops of an entry that stands for a run of register instructions (see
-    /// `exec::run_uops`).
-    pub uops: Option<Box<[exec::Uop]>>,
-}
-
-/// Maps an iced general-purpose register to (index, size in bytes).
-pub fn gpr(r: Register) -> Option<(u8, u8)> {
-    let n = r as u32;
-    match n {
-        1..=4 => Some(((n - 1) as u8, 1)),
-        5..=8 => Some(((n - 5 + 16) as u8, 1)),
-        9..=20 => Some(((n - 5) as u8, 1)),
-        21..=36 => Some(((n - 21) as u8, 2)),
-        37..=52 => Some(((n - 37) as u8, 4)),
-        53..=68 => Some(((n - 53) as u8, 8)),
-        _ => None,
-    }
-}
-
-/// Maps an iced segment register to our index (same order: ES CS SS DS FS GS).
-pub fn sreg(r: Register) -> Option<usize> {
-    let n = r as u32;
-    (71..=76).contains(&n).then(|| (n - 71) as usize)
-}
-
-/// Maps XMM registers to 0..15.
-pub fn xmm(r: Register) -> Option<usize> {
-    let n = r as u32;
-    (77..=92).contains(&n).then(|| (n - 77) as usize)
-}
 
 fn prepare(instr: &Instruction, bitness: u32) -> Insn {
     let mut i = Insn {
@@ -533,7 +463,7 @@ fn fuse_uops(insns: &mut Vec<Insn>, dead: &[bool]) {
     if n < 4 {
         return;
     }
-    let ops: Vec<Option<exec::Uop>> = insns
+    let ops: Vec<Option<Uop>> = insns
         .iter()
         .enumerate()
         .map(|(k, i)| {
@@ -556,7 +486,7 @@ fn fuse_uops(insns: &mut Vec<Insn>, dead: &[bool]) {
             let mut f = insns[k].clone();
             f.exec = exec::run_uops;
             f.next_ip = insns[k + len - 1].next_ip;
-            let mut run: Vec<exec::Uop> = ops[k..k + len].iter().flatten().copied().collect();
+            let mut run: Vec<Uop> = ops[k..k + len].iter().flatten().copied().collect();
             exec::fold_moves(&mut run);
             // Runs stay within a block (at most `MAX_INSNS` instructions).
             f.aux = u8::try_from(len).unwrap_or(u8::MAX);
@@ -654,14 +584,6 @@ fn ends_block(instr: &Instruction) -> bool {
             | M::Outsw
             | M::Outsd
     )
-}
-
-/// Raises #UD at the current instruction.
-pub fn ud() -> Flow {
-    Err(Ex::Fault {
-        vector: vec::UD,
-        error: NO_ERR,
-    })
 }
 
 #[cfg(test)]
@@ -800,8 +722,8 @@ mod tests {
     /// A CPU in 64-bit mode (paging off, which the interpreter allows) with `code` at 0x1000.
     fn cpu64_with(code: &[u8]) -> Cpu {
         let mut cpu = cpu_with(code);
-        cpu.cr0 |= crate::cpu::cr0::PE;
-        cpu.efer |= crate::cpu::efer::LME | crate::cpu::efer::LMA;
+        cpu.cr0 |= crate::regs::cr0::PE;
+        cpu.efer |= crate::regs::efer::LME | crate::regs::efer::LMA;
         cpu.seg[sr::CS].attr |= 1 << 13;
         cpu.refresh_mode();
         assert_eq!(cpu.bitness(), 64);

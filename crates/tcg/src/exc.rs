@@ -12,8 +12,6 @@ pub mod vec {
     pub const BP: u8 = 3;
     /// Overflow.
     pub const OF: u8 = 4;
-    /// BOUND range exceeded.
-    pub const BR: u8 = 5;
     /// Invalid opcode.
     pub const UD: u8 = 6;
     /// Device not available.
@@ -30,12 +28,6 @@ pub mod vec {
     pub const GP: u8 = 13;
     /// Page fault.
     pub const PF: u8 = 14;
-    /// x87 floating-point error.
-    pub const MF: u8 = 16;
-    /// Alignment check.
-    pub const AC: u8 = 17;
-    /// SIMD floating-point exception.
-    pub const XM: u8 = 19;
 }
 
 /// `Ex::Fault::error` value meaning "no error code" (keeps `Ex` register-sized).
@@ -57,8 +49,6 @@ pub enum Ex {
     Halt,
     /// State the block was specialised on changed: look up the next block afresh.
     EndBlock,
-    /// Triple fault.
-    Shutdown,
 }
 
 impl Ex {

@@ -3,13 +3,13 @@
 //! An x86 interpreter that stands in for KVM: 16-bit real mode, 32-bit protected mode (paging
 //! off, 2-level and PAE paging) and 64-bit long mode with 4-level paging, with the system
 //! architecture Linux needs (IDT delivery with IST, TSS stacks, SYSCALL/SYSRET, MSRs) and the
-//! 8259 PIC / 8254 PIT (plus local APICs and an IOAPIC with several vCPUs) of [`platform`].
+//! 8259 PIC / 8254 PIT (plus local APICs and an IOAPIC with several vCPUs) of `platform`.
 //!
-//! Speed comes from the techniques of the research notes (x86-interpreter.md §1): decoded
-//! blocks cached per guest-physical page and mode ([`decode`]), invalidated on writes to the
-//! page (self-modifying code and DMA, see [`vm::TcgVm::invalidate_range`]); one handler per
-//! instruction form chosen at translation time; lazy flags ([`cpu::CcOp`]); a software TLB
-//! with host pointers ([`mem`]); chaining between blocks (across pages only while the fetch
+//! Speed comes from the techniques that took Bochs and QEMU from tens to hundreds of MIPS: decoded
+//! blocks cached per guest-physical page and mode (`decode`), invalidated on writes to the
+//! page (self-modifying code and DMA, see [`TcgVm::invalidate_range`]); one handler per
+//! instruction form chosen at translation time; lazy flags (`cpu::CcOp`); a software TLB
+//! with host pointers (`mem`); chaining between blocks (across pages only while the fetch
 //! TLB still maps the target page); bulk `rep movs` /
 //! `rep stos`. Chained blocks look at kicks, pending interrupts and timers every 32 blocks
 //! rather than after each one (bounding their latency to a few thousand guest
@@ -17,6 +17,21 @@
 //! TLB hit inline.
 //!
 //! Entry points: [`TcgAccel`] (the `Accelerator`), [`TcgVm`], [`TcgVcpu`].
+//!
+//! # Module layers
+//! The modules form a tree whose imports are a DAG: a module uses only modules of lower
+//! layers (and its own submodules), never one of its own layer above it or a higher one.
+//! 1. leaves, no imports from this crate: `exc` (exceptions and `Flow`), `regs` (control
+//!    register and EFER bits), `cpuid`, `time` (host TSC), `platform` (PIC, PIT, local APIC,
+//!    IOAPIC device models);
+//! 2. `mem`: physical memory, page walker, software TLB (uses `regs`, `exc`);
+//! 3. `cpu`: architectural state, lazy flags, linear memory access through the TLB;
+//! 4. `insn`: the pre-decoded instruction record, handler type and micro-op record;
+//! 5. `exec`: instruction semantics, itself layered (see its module doc): `operands` (the
+//!    leaf) → `alu` → groups (`arith`, `system` → `string`, `x87`, `sse`) → `handlers`,
+//!    `generic` → `select`, `dead_flags` → `uops`, `cmp_jcc`;
+//! 6. `decode`: translation into cached blocks (chooses handlers through `exec`);
+//! 7. `vm`: the accelerator, VM and vCPU loop; the public API is re-exported from here.
 //!
 //! # Instruction coverage
 //!
@@ -67,87 +82,28 @@
 //! conversions), packed ops do not update MXCSR flags; x87 precision is f64.
 //!
 //! # Several vCPUs
-//! With more than one vCPU ([`vm::ApicMode`]) each vCPU has a local APIC and the VM an IOAPIC
-//! ([`platform::lapic`], [`platform::ioapic`]); application processors start through
+//! With more than one vCPU ([`ApicMode`]) each vCPU has a local APIC and the VM an IOAPIC
+//! (`platform::lapic`, `platform::ioapic`); application processors start through
 //! INIT/SIPI. The vCPUs run on their own host threads but interpret one at a time under the
-//! VM's execution lock (see [`vm`]), so LOCK-prefixed instructions and page-table A/D updates
+//! VM's execution lock (see `vm`), so LOCK-prefixed instructions and page-table A/D updates
 //! stay atomic with respect to the other vCPUs without host atomics in the hot paths.
 
 #![deny(missing_docs)]
 
-pub mod arith;
-pub mod cpu;
-pub mod cpuid;
-pub mod decode;
-pub mod exc;
-pub mod exec;
-pub mod mem;
-pub mod platform;
+mod cpu;
+mod cpuid;
+mod decode;
+mod exc;
+mod exec;
+mod insn;
+mod mem;
+mod platform;
 mod probe;
-pub mod sse;
-pub mod string;
-pub mod system;
-pub mod vm;
-pub mod x87;
+mod regs;
+mod time;
+mod vm;
 
 pub use cpuid::CpuidConfig;
 pub use probe::TcgProbe;
+pub use time::guest_tsc_khz;
 pub use vm::{ApicMode, TcgAccel, TcgVcpu, TcgVm};
-
-use std::sync::OnceLock;
-use std::time::Instant;
-
-/// Errors of this crate's own operations (reported to callers as [`keel_accel::AccelError`]).
-#[derive(Debug, thiserror::Error)]
-pub enum TcgError {
-    /// The interrupt line does not exist on the 8259 pair (a VM without IOAPIC).
-    #[error("this tcg VM routes GSIs 0-15 to the 8259 pair only (it has no IOAPIC)")]
-    NoSuchGsi(#[source] platform::pic::PicError),
-    /// The GSI does not exist on the IOAPIC.
-    #[error("tcg routes GSIs 0-23 to the IOAPIC (0-15 also to the 8259 pair)")]
-    NoSuchIoapicPin(#[source] platform::ioapic::IoapicError),
-    /// A VM without local APICs has only the bootstrap processor.
-    #[error(
-        "this tcg VM has no local APICs to start other vCPUs (ApicMode::Off); vCPU {0} was requested"
-    )]
-    OneVcpu(u32),
-}
-
-/// The host's time-stamp counter (constant-rate on the hosts this runs on), used as the
-/// guest's TSC so that `rdtsc` costs a host `rdtsc` rather than a clock read. Falls back to
-/// [`clock_ns`] on other architectures.
-#[inline]
-pub fn host_tsc() -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: RDTSC has no memory effects and exists on every x86-64 CPU.
-        unsafe { core::arch::x86_64::_rdtsc() }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        clock_ns()
-    }
-}
-
-/// The guest TSC frequency in kHz (the host TSC's rate, measured once against the monotonic
-/// clock over about 20 ms). A machine can pass it as `tsc_early_khz=` on a Linux command
-/// line so that the kernel does not calibrate against the PIT, which a busy host makes
-/// unreliable under an interpreter.
-pub fn guest_tsc_khz() -> u64 {
-    static KHZ: OnceLock<u64> = OnceLock::new();
-    *KHZ.get_or_init(|| {
-        let t0 = Instant::now();
-        let c0 = host_tsc();
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let c1 = host_tsc();
-        let ns = t0.elapsed().as_nanos().max(1);
-        u64::try_from(u128::from(c1.wrapping_sub(c0)) * 1_000_000 / ns).unwrap_or(0)
-    })
-}
-
-/// Nanoseconds since the first call in this process.
-pub fn clock_ns() -> u64 {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    let o = ORIGIN.get_or_init(Instant::now);
-    u64::try_from(o.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}

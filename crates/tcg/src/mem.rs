@@ -12,11 +12,12 @@ use std::sync::Arc;
 use keel_accel::{GuestMemory, IoBuses, MmioAddress};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
-use crate::cpu::{Cpu, cr0, cr4, efer};
-use crate::exc::{Ex, vec};
+use crate::regs::{cr0, cr4, efer};
 
-const PAGE: u64 = 4096;
-const PAGE_MASK: u64 = !(PAGE - 1);
+/// Page size.
+pub(crate) const PAGE: u64 = 4096;
+/// Mask of a page's base address.
+pub(crate) const PAGE_MASK: u64 = !(PAGE - 1);
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 const TLB_SIZE: usize = 256;
 
@@ -235,13 +236,6 @@ pub struct Mmu {
     nxe: bool,
     pse: bool,
     large_seen: bool,
-}
-
-/// Outcome of a successful translation.
-#[derive(Debug, Clone, Copy)]
-pub struct Translation {
-    /// Guest-physical address.
-    pub gpa: u64,
 }
 
 impl Mmu {
@@ -475,171 +469,5 @@ impl Mmu {
                 self.phys.write(a, &bytes[..esize as usize]);
             }
         }
-    }
-}
-
-impl Cpu {
-    /// Translates with fault delivery semantics: #PF sets CR2.
-    #[inline]
-    pub fn translate(&mut self, lin: u64, acc: Access, user: bool) -> Result<u64, Ex> {
-        match self.mmu.translate(lin, acc, user) {
-            Ok(g) => Ok(g),
-            Err(u32::MAX) => Err(Ex::gp(0)),
-            Err(e) => {
-                self.cr2 = lin;
-                Err(Ex::Fault {
-                    vector: vec::PF,
-                    error: e,
-                })
-            }
-        }
-    }
-
-    /// Reads `N` bytes (1, 2, 4, 8) at linear `lin` with the current privilege.
-    #[inline(always)]
-    pub fn rd<const N: usize>(&mut self, lin: u64) -> Result<u64, Ex> {
-        let user = self.mmu.user;
-        self.rd_as::<N>(lin, user)
-    }
-
-    /// Reads with an explicit privilege (`user = false` for implicit supervisor accesses).
-    #[inline(always)]
-    pub fn rd_as<const N: usize>(&mut self, lin: u64, user: bool) -> Result<u64, Ex> {
-        if (lin & 0xfff) as usize <= 4096 - N
-            && let Some(h) = self.mmu.lookup(lin, Access::Read, user)
-        {
-            let mut b = [0u8; 8];
-            // SAFETY: a TLB hit maps this whole page to live guest RAM; the access stays in it.
-            unsafe { std::ptr::copy_nonoverlapping(h as *const u8, b.as_mut_ptr(), N) };
-            return Ok(u64::from_le_bytes(b));
-        }
-        self.rd_slow(lin, N, user)
-    }
-
-    #[inline(never)]
-    fn rd_slow(&mut self, lin: u64, n: usize, user: bool) -> Result<u64, Ex> {
-        let mut b = [0u8; 16];
-        self.read_bytes(lin, &mut b[..n], user)?;
-        Ok(u64::from_le_bytes([
-            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-        ]))
-    }
-
-    /// Reads up to 16 bytes at `lin`, crossing pages as needed; faults before any side effect.
-    pub fn read_bytes(&mut self, lin: u64, buf: &mut [u8], user: bool) -> Result<(), Ex> {
-        let n = buf.len();
-        let first = (PAGE - (lin & 0xfff)) as usize;
-        if n <= first {
-            let g = self.translate(lin, Access::Read, user)?;
-            self.mmu.phys.read(g, buf);
-        } else {
-            let g0 = self.translate(lin, Access::Read, user)?;
-            let lin1 = lin.wrapping_add(first as u64);
-            let g1 = self.translate(lin1, Access::Read, user)?;
-            let (a, b) = buf.split_at_mut(first);
-            self.mmu.phys.read(g0, a);
-            self.mmu.phys.read(g1, b);
-        }
-        Ok(())
-    }
-
-    /// The TLB-hit half of [`Self::rd`]: `None` when the access needs the slow path
-    /// (TLB miss, page crossing, MMIO), which the caller then takes out of line.
-    #[inline(always)]
-    pub fn rd_fast<const N: usize>(&self, lin: u64) -> Option<u64> {
-        if (lin & 0xfff) as usize <= 4096 - N
-            && let Some(h) = self.mmu.lookup(lin, Access::Read, self.mmu.user)
-        {
-            let mut b = [0u8; 8];
-            // SAFETY: a TLB hit maps this whole page to live guest RAM; the access stays in it.
-            unsafe { std::ptr::copy_nonoverlapping(h as *const u8, b.as_mut_ptr(), N) };
-            return Some(u64::from_le_bytes(b));
-        }
-        None
-    }
-
-    /// The TLB-hit half of [`Self::wr`]: false (nothing written) when the access needs the
-    /// slow path. Write-TLB entries never map code pages, so no translated code changes.
-    #[inline(always)]
-    pub fn wr_fast<const N: usize>(&mut self, lin: u64, v: u64) -> bool {
-        if (lin & 0xfff) as usize <= 4096 - N
-            && let Some(h) = self.mmu.lookup(lin, Access::Write, self.mmu.user)
-        {
-            let b = v.to_le_bytes();
-            // SAFETY: a write-TLB hit maps this page to live, non-code guest RAM.
-            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, N) };
-            return true;
-        }
-        false
-    }
-
-    /// Writes `N` bytes at linear `lin` with the current privilege.
-    #[inline(always)]
-    pub fn wr<const N: usize>(&mut self, lin: u64, v: u64) -> Result<(), Ex> {
-        let user = self.mmu.user;
-        self.wr_as::<N>(lin, v, user)
-    }
-
-    /// Writes with an explicit privilege.
-    #[inline(always)]
-    pub fn wr_as<const N: usize>(&mut self, lin: u64, v: u64, user: bool) -> Result<(), Ex> {
-        if (lin & 0xfff) as usize <= 4096 - N
-            && let Some(h) = self.mmu.lookup(lin, Access::Write, user)
-        {
-            let b = v.to_le_bytes();
-            // SAFETY: a write-TLB hit maps this page to live, non-code guest RAM.
-            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, N) };
-            return Ok(());
-        }
-        let b = v.to_le_bytes();
-        self.write_bytes(lin, &b[..N], user)
-    }
-
-    /// Writes up to 16 bytes at `lin`, crossing pages; translates both pages before writing.
-    #[inline(never)]
-    pub fn write_bytes(&mut self, lin: u64, buf: &[u8], user: bool) -> Result<(), Ex> {
-        let n = buf.len();
-        let first = (PAGE - (lin & 0xfff)) as usize;
-        if n <= first {
-            let g = self.translate(lin, Access::Write, user)?;
-            self.phys_write(g, buf);
-        } else {
-            let g0 = self.translate(lin, Access::Write, user)?;
-            let lin1 = lin.wrapping_add(first as u64);
-            let g1 = self.translate(lin1, Access::Write, user)?;
-            self.phys_write(g0, &buf[..first]);
-            self.phys_write(g1, &buf[first..]);
-        }
-        Ok(())
-    }
-
-    /// Physical write that notices translated code on the page.
-    pub fn phys_write(&mut self, gpa: u64, buf: &[u8]) {
-        if self.mmu.phys.is_code(gpa) {
-            self.note_code_write(gpa);
-        }
-        self.mmu.phys.write(gpa, buf);
-    }
-
-    /// Records that the code page of `gpa` was written; the block loop invalidates it.
-    pub fn note_code_write(&mut self, gpa: u64) {
-        self.mmu.phys.set_code(gpa, false);
-        if self.dirty_code.len() < 64 {
-            self.dirty_code.push(gpa & PAGE_MASK);
-        } else {
-            self.dirty_code_overflow = true;
-        }
-        self.stop_block = true;
-    }
-
-    /// Host pointer for `len` bytes at `lin` if they lie in one RAM page reachable for `acc`
-    /// (used by bulk string operations). Translates (and may fault).
-    pub fn host_span(&mut self, lin: u64, acc: Access) -> Result<Option<(usize, u64)>, Ex> {
-        let user = self.mmu.user;
-        let g = self.translate(lin, acc, user)?;
-        if acc == Access::Write && self.mmu.phys.is_code(g) {
-            return Ok(None);
-        }
-        Ok(self.mmu.phys.host(g).map(|h| (h, g)))
     }
 }

@@ -49,13 +49,15 @@ use crate::cpu::{Cpu, Seg, Shadow, fl, sr};
 use crate::cpuid::CpuidConfig;
 use crate::decode::BlockCache;
 use crate::exc::{Ex, vec};
+use crate::exec::system;
+use crate::insn::Insn;
 use crate::mem::{Access, PhysMem};
-use crate::platform::ioapic::{IOAPIC_BASE, IOAPIC_LEN, Ioapic, IoapicMmio};
+use crate::platform::ioapic::{IOAPIC_BASE, IOAPIC_LEN, Ioapic, IoapicError, IoapicMmio};
 use crate::platform::lapic::{self, ApicBus, EoiListener, LAPIC_BASE, LAPIC_LEN, Lapic, LapicMmio};
-use crate::platform::pic::Pic;
+use crate::platform::pic::{Pic, PicError};
 use crate::platform::pit::Pit;
 use crate::platform::{Clock, MonotonicClock, Wakeup};
-use crate::system;
+use crate::time::{guest_tsc_khz, host_tsc};
 
 const NAME: &str = "tcg";
 
@@ -68,6 +70,7 @@ pub const SLICE_NS: u64 = 2_000_000;
 
 /// Whether the VM has local APICs and an IOAPIC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ApicMode {
     /// Only with more than one vCPU (the default). A one-vCPU VM then keeps the 8259-only
     /// platform (no APIC in CPUID, no IOAPIC), which boots Linux fastest here: with `On` a
@@ -90,6 +93,22 @@ impl ApicMode {
             Self::Off => false,
         }
     }
+}
+
+/// Errors of this crate's own operations (reported to callers as [`keel_accel::AccelError`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TcgError {
+    /// The interrupt line does not exist on the 8259 pair (a VM without IOAPIC).
+    #[error("this tcg VM routes GSIs 0-15 to the 8259 pair only (it has no IOAPIC)")]
+    NoSuchGsi(#[source] PicError),
+    /// The GSI does not exist on the IOAPIC.
+    #[error("tcg routes GSIs 0-23 to the IOAPIC (0-15 also to the 8259 pair)")]
+    NoSuchIoapicPin(#[source] IoapicError),
+    /// A VM without local APICs has only the bootstrap processor.
+    #[error(
+        "this tcg VM has no local APICs to start other vCPUs (ApicMode::Off); vCPU {0} was requested"
+    )]
+    OneVcpu(u32),
 }
 
 /// The interpreting accelerator; always available.
@@ -471,7 +490,7 @@ impl TcgVm {
             clock,
             cpuid,
             exec: Arc::new(ExecLock::new()),
-            tsc_origin: Arc::new(AtomicU64::new(0u64.wrapping_sub(crate::host_tsc()))),
+            tsc_origin: Arc::new(AtomicU64::new(0u64.wrapping_sub(host_tsc()))),
             vcpus: Arc::default(),
             code_pages: Arc::default(),
             wakeups,
@@ -496,7 +515,7 @@ impl TcgVm {
         // The TSC-deadline mode exists when the CPUID the guest sees says so (not by default:
         // see `CpuidConfig`).
         let tsc_deadline_khz = if self.cpuid.ecx1 & crate::cpuid::ecx1::TSC_DEADLINE != 0 {
-            crate::guest_tsc_khz()
+            guest_tsc_khz()
         } else {
             0
         };
@@ -546,16 +565,6 @@ impl TcgVm {
         forget_code(&self.code_pages, gpa, len);
         post_invalidation(&self.vcpus, None, gpa, len);
     }
-
-    /// The PIC, for tests and machines that wire lines themselves.
-    pub fn pic(&self) -> &Arc<Pic> {
-        &self.pic
-    }
-
-    /// The IOAPIC, when the VM has APICs.
-    pub fn ioapic(&self) -> Option<&Arc<Ioapic>> {
-        self.apics.as_ref().map(|a| &a.ioapic)
-    }
 }
 
 impl Vm for TcgVm {
@@ -563,7 +572,7 @@ impl Vm for TcgVm {
         if index != 0 && self.apics.is_none() {
             return Err(AccelError::Guest {
                 vcpu: index,
-                reason: crate::TcgError::OneVcpu(index).to_string(),
+                reason: TcgError::OneVcpu(index).to_string(),
             });
         }
         if index >= MAX_VCPUS {
@@ -576,7 +585,7 @@ impl Vm for TcgVm {
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {
-        let err = |e: crate::TcgError| {
+        let err = |e: TcgError| {
             let cause = std::error::Error::source(&e)
                 .map(|c| format!(": {c}"))
                 .unwrap_or_default();
@@ -590,12 +599,12 @@ impl Vm for TcgVm {
             None => self
                 .pic
                 .irq_line(gsi)
-                .map_err(|e| err(crate::TcgError::NoSuchGsi(e))),
+                .map_err(|e| err(TcgError::NoSuchGsi(e))),
             Some(a) => {
                 let ioapic = a
                     .ioapic
                     .irq_line(gsi)
-                    .map_err(|e| err(crate::TcgError::NoSuchIoapicPin(e)))?;
+                    .map_err(|e| err(TcgError::NoSuchIoapicPin(e)))?;
                 let pic = if gsi < 16 {
                     self.pic.irq_line(gsi).ok()
                 } else {
@@ -616,7 +625,7 @@ impl Vm for TcgVm {
     /// (the local APICs are reset with their vCPUs).
     fn reset(&self) -> Result<(), AccelError> {
         self.tsc_origin
-            .store(0u64.wrapping_sub(crate::host_tsc()), Ordering::Release);
+            .store(0u64.wrapping_sub(host_tsc()), Ordering::Release);
         // Every vCPU starts over with an empty block cache.
         forget_code(&self.code_pages, 0, u64::MAX);
         self.pit.reset();
@@ -630,10 +639,10 @@ impl Vm for TcgVm {
 
 /// A vCPU running on the interpreter.
 pub struct TcgVcpu {
-    /// Architectural state (public for tests and debuggers).
-    pub cpu: Cpu,
+    /// Architectural state.
+    pub(crate) cpu: Cpu,
     /// Decoded-block cache.
-    pub cache: BlockCache,
+    pub(crate) cache: BlockCache,
     att: Arc<Attention>,
     pic: Arc<Pic>,
     pit: Arc<Pit>,
@@ -693,7 +702,7 @@ enum BlockEnd {
 /// stored before it (branch handlers overwrite it; the generic handler stores its own),
 /// and after a mid-block stop.
 #[inline(always)]
-fn exec_block(cpu: &mut Cpu, insns: &[crate::decode::Insn]) -> BlockEnd {
+fn exec_block(cpu: &mut Cpu, insns: &[Insn]) -> BlockEnd {
     let Some((last, body)) = insns.split_last() else {
         return BlockEnd::Normal;
     };
@@ -1117,7 +1126,6 @@ impl TcgVcpu {
                 Ok(())
             }
             Ex::EndBlock => Ok(()),
-            Ex::Shutdown => Err(Stop::Exit(VcpuExit::Shutdown)),
         }
     }
 
@@ -1311,6 +1319,12 @@ impl TcgVcpu {
     pub fn icount(&self) -> u64 {
         self.cpu.icount
     }
+
+    /// The last exception an instruction raised: (vector, error code or `u32::MAX`, RIP of
+    /// the instruction), for diagnosing triple faults in tests; `None` before the first one.
+    pub fn last_exception(&self) -> Option<(u8, u32, u64)> {
+        self.cpu.last_exception
+    }
 }
 
 impl Vcpu for TcgVcpu {
@@ -1470,6 +1484,8 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
     fn req(vcpus: u32) -> MachineRequirements {
         MachineRequirements {
             machine: "microvm".into(),
@@ -1524,5 +1540,39 @@ mod tests {
         assert!(!l.contended());
         l.release();
         t.join().unwrap();
+    }
+
+    /// The 8259 pair as Linux programs it, driven through the VM's port bus.
+    #[test]
+    fn linux_init_8259a_then_irq4_gives_vector_0x34() {
+        struct NoEvents;
+        impl SystemEvents for NoEvents {
+            fn request(&self, _e: keel_accel::SystemEvent) {}
+        }
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let buses = Arc::new(IoBuses::new());
+        let vm = TcgVm::new(mem, buses.clone(), Arc::new(NoEvents), Default::default()).unwrap();
+        for (r, d) in vm.platform_devices() {
+            buses.pio.insert(r.base, r.len, d).unwrap();
+        }
+        let pic = &vm.pic;
+        let out = |port: u16, v: u8| buses.pio_write(keel_accel::PioAddress(port), &[v]);
+        out(0x21, 0xff);
+        out(0x20, 0x11);
+        out(0x21, 0x30);
+        out(0x21, 0x04);
+        out(0x21, 0x01);
+        out(0xa0, 0x11);
+        out(0xa1, 0x38);
+        out(0xa1, 0x02);
+        out(0xa1, 0x01);
+        out(0x21, 0xfb);
+        out(0xa1, 0xff);
+        // Unmask IRQ 4 as the serial driver does.
+        out(0x21, 0xeb);
+        pic.set_irq(4, true).unwrap();
+        assert!(pic.has_interrupt());
+        assert_eq!(pic.acknowledge(), Some(0x34));
     }
 }

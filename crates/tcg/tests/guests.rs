@@ -129,12 +129,7 @@ fn amd_fxsave_leak_sequence_runs() {
         a.hlt().unwrap();
     });
     h.long_mode(&code);
-    assert_eq!(
-        h.run(),
-        VcpuExit::Halted,
-        "{:x?}",
-        h.vcpu.cpu.last_exception
-    );
+    assert_eq!(h.run(), VcpuExit::Halted, "{:x?}", h.vcpu.last_exception());
 }
 
 #[test]
@@ -177,12 +172,7 @@ fn fxsave_fxrstor_round_trip() {
         a.hlt().unwrap();
     });
     h.long_mode(&code);
-    assert_eq!(
-        h.run(),
-        VcpuExit::Halted,
-        "{:x?}",
-        h.vcpu.cpu.last_exception
-    );
+    assert_eq!(h.run(), VcpuExit::Halted, "{:x?}", h.vcpu.last_exception());
     assert_eq!(h.regs().rbx, 0x1122_3344_5566_7788);
     assert_eq!(f64::from_bits(h.r64(0x30_1000)), std::f64::consts::PI);
     assert_eq!(f64::from_bits(h.r64(0x30_1008)), 1.0);
@@ -222,12 +212,7 @@ fn code_runs_from_a_device_outside_ram() {
     h.long_mode(&jump);
     // Map the ROM's linear address 1:1 (PDPT entry 3 as a 1 GiB page).
     h.w64(PML4 + 0x1000 + 3 * 8, 0xc000_0083);
-    assert_eq!(
-        h.run(),
-        VcpuExit::Halted,
-        "{:x?}",
-        h.vcpu.cpu.last_exception
-    );
+    assert_eq!(h.run(), VcpuExit::Halted, "{:x?}", h.vcpu.last_exception());
     assert_eq!(h.regs().rax, 12);
     assert!(
         *rom.1.lock().unwrap() <= 8,

@@ -40,12 +40,7 @@ fn guest(op: &dyn Fn(&mut CodeAssembler), x: u128, y: u128) -> (u128, u64, u64) 
     h.long_mode(&code);
     h.write(DATA, &x.to_le_bytes());
     h.write(DATA + 16, &y.to_le_bytes());
-    assert_eq!(
-        h.run(),
-        VcpuExit::Halted,
-        "{:x?}",
-        h.vcpu.cpu.last_exception
-    );
+    assert_eq!(h.run(), VcpuExit::Halted, "{:x?}", h.vcpu.last_exception());
     let mut b = [0u8; 16];
     for (k, v) in b.iter_mut().enumerate() {
         let q = h.r64(DATA + 32 + (k as u64 & !7));

@@ -10,8 +10,8 @@
 //! MIPS = loop instructions / wall time. For in-process tcg the time is the vCPU loop only;
 //! for QEMU and for Keel's `vmm` binary (`$KEEL_VMM` or `vmm` in the target directory, run
 //! with QEMU's command line and `-accel tcg`) it is the process wall time minus the median
-//! wall time of the same guest with 1,000 iterations (start-up and shutdown), as in
-//! research/x86-interpreter.md §2.1.
+//! wall time of the same guest with 1,000 iterations (start-up and shutdown), so that
+//! process start-up and shutdown cancel out of the ratio.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -71,14 +71,10 @@ pub mod reg {
     pub const VERSION: u64 = 0x30;
     /// Task priority.
     pub const TPR: u64 = 0x80;
-    /// Arbitration priority.
-    pub const APR: u64 = 0x90;
     /// Processor priority.
     pub const PPR: u64 = 0xa0;
     /// End of interrupt.
     pub const EOI: u64 = 0xb0;
-    /// Remote read.
-    pub const RRD: u64 = 0xc0;
     /// Logical destination.
     pub const LDR: u64 = 0xd0;
     /// Destination format.
@@ -100,8 +96,10 @@ pub mod reg {
     /// LVT timer (the six LVT entries follow at 0x10 steps).
     pub const LVT_TIMER: u64 = 0x320;
     /// LVT LINT0.
+    #[cfg(test)]
     pub const LVT_LINT0: u64 = 0x350;
     /// LVT LINT1.
+    #[cfg(test)]
     pub const LVT_LINT1: u64 = 0x360;
     /// LVT error.
     pub const LVT_ERROR: u64 = 0x370;
@@ -567,11 +565,6 @@ impl Lapic {
         self.events.swap(0, Ordering::AcqRel)
     }
 
-    /// Whether events are pending (without taking them).
-    pub fn has_events(&self) -> bool {
-        self.events.load(Ordering::Acquire) != 0
-    }
-
     /// The vector of the last start-up IPI.
     pub fn sipi_vector(&self) -> u8 {
         self.sipi_vector.load(Ordering::Acquire) as u8
@@ -699,7 +692,7 @@ impl Lapic {
             reg::ESR => r.esr,
             reg::ICR_LO => r.icr_lo,
             reg::ICR_HI => r.icr_hi,
-            0x320..=0x370 => r.lvt[((offset - reg::LVT_TIMER) >> 4) as usize],
+            reg::LVT_TIMER..=reg::LVT_ERROR => r.lvt[((offset - reg::LVT_TIMER) >> 4) as usize],
             reg::TIMER_INITIAL => r.timer_initial,
             reg::TIMER_CURRENT => r.current_count(now),
             reg::TIMER_DIVIDE => r.timer_divide,
@@ -772,7 +765,7 @@ impl Lapic {
                         });
                     }
                 }
-                0x320..=0x370 => {
+                reg::LVT_TIMER..=reg::LVT_ERROR => {
                     let i = ((offset - reg::LVT_TIMER) >> 4) as usize;
                     let mut writable = LVT_WRITABLE[i];
                     if i == LVT_TIMER && tsc_deadline_ok {

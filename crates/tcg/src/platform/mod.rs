@@ -83,6 +83,7 @@ impl Wakeup {
     }
 
     /// Like [`Wakeup::wait_until`] with a relative timeout.
+    #[cfg(test)]
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.wait_until(Instant::now().checked_add(timeout))
     }

@@ -381,19 +381,15 @@ impl Pit {
 
     /// Brings IRQ 0 up to date with the clock: signals a rising edge if channel 0's OUT rose
     /// since the last poll (several missed periods give one edge) and refreshes the deadline.
+    #[cfg(test)]
     pub fn poll(&self) {
         self.poll_at(self.clock.now_ns());
     }
 
-    /// [`Pit::poll`] with a time the caller already read from the same [`Clock`] (saves a
+    /// `Pit::poll` with a time the caller already read from the same [`Clock`] (saves a
     /// clock read when the vCPU has just compared it with [`Pit::next_deadline_ns`]).
     pub fn poll_at(&self, now_ns: u64) {
         self.with_state(now_ns, |_| {});
-    }
-
-    /// The clock this PIT counts on (to compare with [`Pit::next_deadline_ns`]).
-    pub fn clock(&self) -> &Arc<dyn Clock> {
-        &self.clock
     }
 
     /// Reads port `PIT_PORT + offset` (0-2: counters, 3: reads as 0xff like the chip's

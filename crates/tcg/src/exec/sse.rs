@@ -7,10 +7,11 @@
 
 use iced_x86::{Mnemonic as M, OpKind};
 
-use crate::cpu::{Cpu, cr0, cr4, fl};
-use crate::decode::{Insn, gpr, xmm};
+use super::operands::ea;
+use crate::cpu::{Cpu, fl};
 use crate::exc::{Ex, Flow};
-use crate::exec::ea;
+use crate::insn::{Insn, gpr, xmm};
+use crate::regs::{cr0, cr4};
 
 fn b16(x: u128) -> [u8; 16] {
     x.to_le_bytes()
@@ -482,9 +483,9 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
             wr_x(cpu, i, 0, 16, v, false)
         }
         Movnti => {
-            let s = crate::exec::op_size(i, 0);
-            let v = crate::exec::rd_op(cpu, i, 1, s)?;
-            crate::exec::wr_op(cpu, i, 0, s, v)
+            let s = super::operands::op_size(i, 0);
+            let v = super::operands::rd_op(cpu, i, 1, s)?;
+            super::operands::wr_op(cpu, i, 0, s, v)
         }
         Movss | Movsd => {
             let n = if m == Movss { 4 } else { 8 };
@@ -639,9 +640,9 @@ fn sse(cpu: &mut Cpu, i: &Insn, m: M) -> Flow {
             Ok(())
         }
         Cvtsi2ss | Cvtsi2sd => {
-            let s = crate::exec::op_size(i, 1);
-            let v = crate::exec::rd_op(cpu, i, 1, s)?;
-            let iv = crate::exec::sext(v, s) as i64;
+            let s = super::operands::op_size(i, 1);
+            let v = super::operands::rd_op(cpu, i, 1, s)?;
+            let iv = super::operands::sext(v, s) as i64;
             let d = dst_x(i)?;
             let exact = if m == Cvtsi2ss {
                 (iv as f32) as i128 == i128::from(iv)

@@ -5,10 +5,11 @@
 
 use iced_x86::{Mnemonic as M, OpKind};
 
+use super::alu::{self, alu_op};
+use super::operands::mask;
 use crate::cpu::{Cpu, fl, sr};
-use crate::decode::{Insn, sreg};
 use crate::exc::{Ex, Flow};
-use crate::exec::{alu, alu_op, mask};
+use crate::insn::{Insn, sreg};
 use crate::mem::Access;
 
 const BUDGET: u64 = 1 << 16;
@@ -58,7 +59,7 @@ pub fn string_op(cpu: &mut Cpu, i: &Insn) -> Flow {
     };
     if matches!(kind, Kind::Ins | Kind::Outs) && !cpu.io_allowed() {
         let port = cpu.gpr[2] as u16;
-        crate::system::io_bitmap_check(cpu, port, esz)?;
+        super::system::io_bitmap_check(cpu, port, esz)?;
     }
     let mut amask = u64::MAX;
     let mut src_seg = sr::DS;

@@ -7,10 +7,11 @@
 
 use iced_x86::{Mnemonic as M, OpKind};
 
-use crate::cpu::{Cpu, Seg, Shadow, cr0, cr4, efer, fl, sr};
-use crate::decode::{Insn, gpr};
+use super::operands::{ea, mask, op_size, rd_op, wr_op};
+use crate::cpu::{Cpu, Seg, Shadow, fl, sr};
 use crate::exc::{Ex, Flow, NO_ERR, vec};
-use crate::exec::{ea, mask, op_size, rd_op, wr_op};
+use crate::insn::{Insn, gpr};
+use crate::regs::{cr0, cr4, efer};
 
 // ---------------------------------------------------------------------------------------
 // Descriptors
@@ -473,11 +474,6 @@ pub fn iret(cpu: &mut Cpu, i: &Insn) -> Flow {
 // ---------------------------------------------------------------------------------------
 // Interrupt and exception delivery
 
-/// Whether the vector pushes an error code when raised as an exception.
-pub fn has_error_code(v: u8) -> bool {
-    matches!(v, 8 | 10..=14 | 17 | 21 | 29 | 30)
-}
-
 fn push_on(cpu: &mut Cpu, sp: &mut u64, spmask: u64, base: u64, size: u8, v: u64) -> Flow {
     *sp = sp.wrapping_sub(u64::from(size)) & spmask;
     let lin = base.wrapping_add(*sp) & cpu.lin_mask_for_delivery();
@@ -819,8 +815,10 @@ pub mod msr {
     pub const TSC_DEADLINE: u32 = 0x6e0;
     /// Microcode revision (reads zero).
     pub const UCODE_REV: u32 = 0x8b;
-    /// SYSENTER CS.
+    /// SYSENTER CS (then ESP, EIP).
     pub const SYSENTER_CS: u32 = 0x174;
+    /// SYSENTER EIP, the last of the three SYSENTER MSRs.
+    pub const SYSENTER_EIP: u32 = 0x176;
     /// Misc enable.
     pub const MISC_ENABLE: u32 = 0x1a0;
     /// PAT.
@@ -855,7 +853,7 @@ pub fn read_msr(cpu: &Cpu, n: u32) -> Option<u64> {
             Some(l) if l.has_tsc_deadline() => l.tsc_deadline(),
             _ => return None,
         },
-        0x174..=0x176 => cpu.msr.sysenter[(n - 0x174) as usize],
+        msr::SYSENTER_CS..=msr::SYSENTER_EIP => cpu.msr.sysenter[(n - msr::SYSENTER_CS) as usize],
         msr::MISC_ENABLE => cpu.msr.misc_enable,
         msr::PAT => cpu.msr.pat,
         msr::EFER => cpu.efer,
@@ -891,7 +889,9 @@ pub fn write_msr(cpu: &mut Cpu, n: u32, v: u64) -> Flow {
             }
             None => cpu.msr.apic_base = v & !0x6ff,
         },
-        0x174..=0x176 => cpu.msr.sysenter[(n - 0x174) as usize] = v,
+        msr::SYSENTER_CS..=msr::SYSENTER_EIP => {
+            cpu.msr.sysenter[(n - msr::SYSENTER_CS) as usize] = v
+        }
         msr::MISC_ENABLE => cpu.msr.misc_enable = v,
         msr::PAT => cpu.msr.pat = v,
         msr::EFER => {
@@ -930,7 +930,7 @@ pub fn write_msr(cpu: &mut Cpu, n: u32, v: u64) -> Flow {
 
 /// The time-stamp counter: the host's TSC plus the guest's offset (WRMSR to IA32_TSC).
 pub fn tsc(cpu: &Cpu) -> u64 {
-    crate::host_tsc().wrapping_add(cpu.msr.tsc_offset)
+    crate::time::host_tsc().wrapping_add(cpu.msr.tsc_offset)
 }
 
 // ---------------------------------------------------------------------------------------

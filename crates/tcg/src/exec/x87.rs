@@ -6,10 +6,11 @@
 
 use iced_x86::{Mnemonic as M, OpKind, Register};
 
-use crate::cpu::{Cpu, cr0, fl};
-use crate::decode::{Insn, gpr};
+use super::operands::ea;
+use crate::cpu::{Cpu, fl};
 use crate::exc::{Ex, Flow};
-use crate::exec::ea;
+use crate::insn::{Insn, gpr};
+use crate::regs::cr0;
 
 /// Converts an 80-bit extended value to f64.
 pub fn f80_to_f64(b: [u8; 10]) -> f64 {

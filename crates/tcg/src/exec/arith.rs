@@ -2,10 +2,10 @@
 
 use iced_x86::{Mnemonic as M, OpKind};
 
+use super::operands::{ea, mask, op_size, rd_op, sext, wr_op};
 use crate::cpu::{Cpu, fl};
-use crate::decode::Insn;
 use crate::exc::{Ex, Flow};
-use crate::exec::{ea, mask, op_size, rd_op, sext, wr_op};
+use crate::insn::Insn;
 
 /// mul, imul (1/2/3 operands), div, idiv.
 pub fn muldiv(cpu: &mut Cpu, i: &Insn) -> Flow {
