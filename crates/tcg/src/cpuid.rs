@@ -1,7 +1,7 @@
 //! CPUID: a configurable feature set.
 //!
 //! The default advertises what this interpreter implements and what Linux needs
-//! (research §3): fpu tsc msr pae cx8 cmov pat fxsr sse sse2 (leaf 1 EDX), hypervisor
+//! (the features a Debian 6.1 kernel needs to boot): fpu tsc msr pae cx8 cmov pat fxsr sse sse2 (leaf 1 EDX), hypervisor
 //! (leaf 1 ECX bit 31), syscall nx lm (leaf 0x8000_0001 EDX), and the hypervisor leaf
 //! 0x4000_0000 with the signature `TCGTCGTCGTCG`, and the invariant TSC (leaf 0x8000_0007
 //! EDX bit 8: the guest TSC is the host's constant-rate TSC plus an offset shared by all

@@ -201,6 +201,6 @@ fn main() {
         );
     }
     println!(
-        "ratio = keel MIPS (in-process vCPU loop) / qemu MIPS; vmm = the vmm binary measured like qemu (process time minus start-up). QEMU TCG is a JIT (research §0: 2.1-2.7 G insn/s on a tight loop)"
+        "ratio = keel MIPS (in-process vCPU loop) / qemu MIPS; vmm = the vmm binary measured like qemu (process time minus start-up). QEMU TCG is a JIT (2.1-2.7 G insn/s measured on a tight loop on this kind of host)"
     );
 }
