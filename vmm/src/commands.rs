@@ -8,7 +8,7 @@ use keel_phase::RunState;
 use keel_qmp::{CommandError, Handler, Registry};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 pub use keel_qapi::block::*;
 pub use keel_qapi::char::*;
@@ -196,11 +196,7 @@ impl Handler<VmmCore> for NetdevAdd {
 }
 
 impl Handler<VmmCore> for ChardevAdd {
-    fn handle(
-        self,
-        c: &mut VmmCore,
-        _: &Registry<VmmCore>,
-    ) -> Result<Map<String, Value>, CommandError> {
+    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<ChardevReturn, CommandError> {
         use crate::backends::CharBackend;
         let kind = self.backend.get("type").and_then(Value::as_str);
         let data = self.backend.get("data");
@@ -230,7 +226,7 @@ impl Handler<VmmCore> for ChardevAdd {
         c.backends
             .add_chardev(&self.id, backend)
             .map_err(|e| CommandError::generic(e.to_string()))?;
-        Ok(Map::new())
+        Ok(ChardevReturn::default())
     }
 }
 

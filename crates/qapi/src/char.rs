@@ -3,7 +3,7 @@
 use keel_qmp::schema::{opt, req};
 use keel_qmp::{Command, Type};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::ANY;
 
@@ -20,7 +20,7 @@ pub struct ChardevAdd {
 impl Command for ChardevAdd {
     const NAME: &'static str = "chardev-add";
     const PHASES: keel_phase::PhaseSet = ANY;
-    type Output = Map<String, Value>;
+    type Output = ChardevReturn;
     fn arguments() -> Type {
         Type::object(
             "q_obj_chardev-add-arg",
@@ -30,4 +30,12 @@ impl Command for ChardevAdd {
     fn returns() -> Option<Type> {
         Some(Type::object("ChardevReturn", vec![opt("pty", Type::str())]))
     }
+}
+
+/// `chardev-add`'s answer (QAPI `ChardevReturn`): `{}` for Keel's backends, which have no pty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChardevReturn {
+    /// The pty's path, for `pty` backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pty: Option<String>,
 }
