@@ -321,9 +321,10 @@ macro_rules! check_all {
         context_free: [$($f:path),* $(,)?] $(,)?
     ) => {{
         let mut failures = Vec::new();
-        let mut names = Vec::new();
-        $(names.push(check::<$h>(&mut failures));)*
-        $(names.push(check::<$f>(&mut failures));)*
+        let names = vec![
+            $(check::<$h>(&mut failures),)*
+            $(check::<$f>(&mut failures),)*
+        ];
         (names, failures)
     }};
 }
