@@ -79,7 +79,7 @@ struct Entry<C> {
 }
 
 /// A command as `query-commands` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CommandInfo {
     /// QMP name.
     pub name: String,

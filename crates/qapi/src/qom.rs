@@ -1,0 +1,157 @@
+//! QOM objects and types (QEMU's `qapi/qom.json`).
+
+use keel_qmp::schema::{opt, req};
+use keel_qmp::{Command, Type};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ANY;
+
+/// One entry of `device-list-properties` / `qom-list` (QAPI `ObjectPropertyInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectPropertyInfo {
+    /// Property name.
+    pub name: String,
+    /// Type name, e.g. `uint32`, `bool`, `child<isa-debug-exit>`, `link<ISA>`.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Description.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Default value.
+    #[serde(rename = "default-value", skip_serializing_if = "Option::is_none")]
+    pub default_value: Option<Value>,
+}
+
+/// One entry of `qom-list-types` (QAPI `ObjectTypeInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectTypeInfo {
+    /// Type name.
+    pub name: String,
+    /// Present and true for abstract types.
+    #[serde(
+        rename = "abstract",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub is_abstract: bool,
+    /// Parent type name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+/// `qom-set`: sets a property of a QOM object. Only `/machine` exists so far, and the
+/// `none` machine has no settable property, so this answers QEMU's errors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QomSet {
+    /// Object path, e.g. `/machine`.
+    pub path: String,
+    /// Property name.
+    pub property: String,
+    /// New value.
+    pub value: Value,
+}
+
+impl Command for QomSet {
+    const NAME: &'static str = "qom-set";
+    const PHASES: keel_phase::PhaseSet = ANY;
+    type Output = ();
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_qom-set-arg",
+            vec![
+                req("path", Type::str()),
+                req("property", Type::str()),
+                req("value", Type::any()),
+            ],
+        )
+    }
+}
+pub(crate) fn object_property_info() -> Type {
+    Type::object(
+        "ObjectPropertyInfo",
+        vec![
+            req("name", Type::str()),
+            req("type", Type::str()),
+            opt("description", Type::str()),
+            opt("default-value", Type::any()),
+        ],
+    )
+}
+/// `qom-list`: the properties (children, links, values) of a QOM object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QomList {
+    /// Object path, absolute or partial.
+    pub path: String,
+}
+
+impl Command for QomList {
+    const NAME: &'static str = "qom-list";
+    const PHASES: keel_phase::PhaseSet = ANY;
+    type Output = Vec<ObjectPropertyInfo>;
+    fn arguments() -> Type {
+        Type::object("q_obj_qom-list-arg", vec![req("path", Type::str())])
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::array(object_property_info()))
+    }
+}
+
+/// `qom-get`: one property of a QOM object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QomGet {
+    /// Object path.
+    pub path: String,
+    /// Property name.
+    pub property: String,
+}
+
+impl Command for QomGet {
+    const NAME: &'static str = "qom-get";
+    const PHASES: keel_phase::PhaseSet = ANY;
+    type Output = Value;
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_qom-get-arg",
+            vec![req("path", Type::str()), req("property", Type::str())],
+        )
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::any())
+    }
+}
+
+/// `qom-list-types`: the device types (and their abstract parents).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QomListTypes {
+    /// Only types that are or derive from this one.
+    pub implements: Option<String>,
+    /// Include abstract types.
+    #[serde(rename = "abstract")]
+    pub include_abstract: Option<bool>,
+}
+
+impl Command for QomListTypes {
+    const NAME: &'static str = "qom-list-types";
+    const PHASES: keel_phase::PhaseSet = ANY;
+    type Output = Vec<ObjectTypeInfo>;
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_qom-list-types-arg",
+            vec![
+                opt("implements", Type::str()),
+                opt("abstract", Type::bool()),
+            ],
+        )
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::array(Type::object(
+            "ObjectTypeInfo",
+            vec![
+                req("name", Type::str()),
+                opt("abstract", Type::bool()),
+                opt("parent", Type::str()),
+            ],
+        )))
+    }
+}
