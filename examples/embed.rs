@@ -440,7 +440,11 @@ fn real_main() -> Result<(), Box<dyn std::error::Error>> {
         vmm.exit_status()
     );
 
-    run(&vmm, "x-counter-get", json!({ "id": "ctr0" }))?;
+    let after = run(&vmm, "x-counter-get", json!({ "id": "ctr0" }))?;
+    // The guest read 1, 2, 3 and wrote 3 + 0x1000 back.
+    if after[0]["reads"] != 3 || after[0]["last-write"] != 0x1003 {
+        return Err(format!("the guest did not drive keel-counter as expected: {after}").into());
+    }
     let _ = run(&vmm, "x-counter-get", json!({ "id": "nope" }));
     let reply = qmp_over_socket(
         &sock,
