@@ -10,7 +10,7 @@
 //! `qemu-system-x86_64` (or `$QEMU`) runs. `KEEL_BENCH_RUNS` (default 15) and
 //! `KEEL_BENCH_ROUNDTRIPS` (default 20000) scale the work.
 //!
-//! Run: `cargo bench -p vmm --bench qmp`.
+//! Run: `cargo bench --bench qmp`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -139,6 +139,7 @@ impl std::fmt::Debug for VmmBuilder {
 }
 
 /// The accelerators compiled into this build, in the default order of preference.
+#[allow(clippy::vec_init_then_push)] // each push depends on a feature: no `vec![]` literal
 fn builtin_accels() -> Vec<Arc<dyn AccelProbe>> {
     #[allow(unused_mut)] // empty when both features are off
     let mut v: Vec<Arc<dyn AccelProbe>> = Vec::new();
