@@ -2,13 +2,13 @@
 //! mode and walks it through the lifecycle phases, printing `query-phase` at each step.
 //!
 //! ```text
-//! cargo build --release && cargo run --release --example qmp_client -- [PATH/TO/vmm]
+//! cargo run --release --example qmp_client -- [PATH/TO/vmm]
 //! ```
 //!
 //! Without an argument the binary is looked up next to this example's own executable
 //! (`target/<profile>/examples/qmp_client` → `target/<profile>/vmm`). Cargo builds a
-//! package's binaries for its tests and benchmarks but not for its examples, hence the
-//! `cargo build` first (same profile). The VMM runs
+//! package's binaries for its tests and benchmarks but not for its examples, so under
+//! `cargo run` the example first runs `cargo build --bin vmm` in its own profile. The VMM runs
 //! `vmm -preconfig -S -qmp unix:SOCK,server=on,wait=off`: it waits in phase no-machine for
 //! QMP to choose everything, and `-S` keeps the guest stopped once the machine is ready.
 //!
@@ -116,6 +116,23 @@ fn vmm_path() -> Result<PathBuf, String> {
         .and_then(|examples| examples.parent())
         .map(|profile| profile.join("vmm"))
         .ok_or("cannot locate the target directory")?;
+    // Under `cargo run` the binary may be missing or stale (Cargo builds a package's binaries
+    // for its tests and benches, not for its examples): build it in the same profile.
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let release = bin
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n == "release");
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bin", "vmm"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !status.success() {
+            return Err(format!("building vmm failed: {status}"));
+        }
+    }
     if bin.is_file() {
         Ok(bin)
     } else {

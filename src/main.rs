@@ -151,7 +151,7 @@ fn main() -> ExitCode {
         }
     }
 
-    if let Err(e) = cli::execute(&vmm, &steps, &mut |m| log::info!("{m}")) {
+    if let Err(e) = cli::execute(&vmm, &steps) {
         eprintln!("vmm: {e}");
         vmm.close_monitors(Duration::ZERO);
         return ExitCode::from(1);

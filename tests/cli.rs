@@ -120,12 +120,23 @@ fn order_errors_use_the_commands_messages() {
 
 #[test]
 fn later_phase_options_advance_with_defaults_and_say_so() {
-    // -device needs machine-init: machine, accelerator and board are made first (logged),
-    // then the none machine refuses the device itself.
-    let (status, err) = run_to_end(&["-device", "no-such-device"]);
-    assert_eq!(status.code(), Some(1));
+    // -device needs machine-init: machine, accelerator and board are made first (logged at
+    // info level, so only with KEEL_LOG=info), then the machine refuses the device itself.
+    let out = std::process::Command::new(common::BIN)
+        .args(["-device", "no-such-device"])
+        .env("KEEL_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("using machine 'microvm'"), "{err}");
     assert!(err.contains("no accelerator was selected"), "{err}");
+    assert!(err.contains("no-such-device"), "{err}");
+    // Without it, only the error is printed: one line.
+    let (status, err) = run_to_end(&["-device", "no-such-device"]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("no-such-device"), "{err}");
 }
 
