@@ -113,6 +113,18 @@ impl BusDevice for AcpiGed {
     }
 }
 
+impl AcpiGed {
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "acpi-ged";
+
+    /// The qdev type: onboard (the board creates it, `-device` cannot), no properties.
+    pub fn qdev_type() -> keel_qdev::DeviceType {
+        keel_qdev::DeviceType::new(Self::QDEV_TYPE, keel_qdev::BusType::System)
+            .description("ACPI generic event device (power button, sleep control)")
+            .user_creatable(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,9 +7,11 @@
 use std::sync::Arc;
 
 use keel_accel::{BusDevice, SystemEvent, SystemEvents};
+use keel_qdev::{BusType, DeviceType, PropSpec, Props};
 
 /// Errors building an `isa-debug-exit` from user properties.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DebugExitError {
     /// `iosize` is zero or larger than the port space.
     #[error("isa-debug-exit: iosize {0:#x} is invalid: use a value from 1 to 0x10000")]
@@ -22,6 +24,57 @@ pub enum DebugExitError {
         /// Requested size.
         iosize: u64,
     },
+}
+
+/// The validated properties of an `isa-debug-exit`: ports `[iobase, iobase + iosize)`.
+///
+/// QEMU's properties are `uint32` and QEMU maps any region; Keel accepts what fits the 64 KiB
+/// port space: `iobase` 0..=0xffff, `iosize` 1..=0x10000, and `iobase + iosize <= 0x10000`.
+/// (`iosize` is the number of ports, not the access width: every access of 1 to 4 bytes at
+/// any of the ports exits.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugExitConfig {
+    /// First port.
+    pub iobase: u16,
+    /// Number of ports (1..=0x10000, so a `u32`).
+    pub iosize: u32,
+}
+
+impl Default for DebugExitConfig {
+    /// QEMU's defaults: `iobase=0x501,iosize=0x02`.
+    fn default() -> Self {
+        Self {
+            iobase: DebugExit::DEFAULT_IOBASE,
+            iosize: DebugExit::DEFAULT_IOSIZE.into(),
+        }
+    }
+}
+
+impl DebugExitConfig {
+    /// Checks a port range: `iosize` 1..=0x10000 and the range inside the port space.
+    pub fn new(iobase: u64, iosize: u64) -> Result<Self, DebugExitError> {
+        if iosize == 0 || iosize > 0x1_0000 {
+            return Err(DebugExitError::BadSize(iosize));
+        }
+        match (u16::try_from(iobase), u32::try_from(iosize)) {
+            (Ok(base), Ok(size)) if iobase + iosize <= 0x1_0000 => Ok(Self {
+                iobase: base,
+                iosize: size,
+            }),
+            _ => Err(DebugExitError::OutOfRange { iobase, iosize }),
+        }
+    }
+
+    /// From the properties [`DebugExit::qdev_type`] validated (a property missing from
+    /// `props` takes its default). The cross-check `iobase + iosize <= 0x10000`, which no
+    /// single property range expresses, is done here.
+    pub fn from_props(props: &Props) -> Result<Self, DebugExitError> {
+        let d = Self::default();
+        Self::new(
+            props.u64("iobase").unwrap_or(d.iobase.into()),
+            props.u64("iosize").unwrap_or(d.iosize.into()),
+        )
+    }
 }
 
 /// The `isa-debug-exit` device.
@@ -46,24 +99,59 @@ impl DebugExit {
     /// QEMU's default `iosize`.
     pub const DEFAULT_IOSIZE: u16 = 0x02;
 
-    /// A device at `[iobase, iobase + iosize)` reporting to `events`.
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "isa-debug-exit";
+
+    /// The qdev type: `isa-debug-exit` on the ISA bus, properties `iobase` and `iosize`
+    /// (see [`DebugExitConfig`] for the ranges).
+    pub fn qdev_type() -> DeviceType {
+        DeviceType::new(Self::QDEV_TYPE, BusType::Isa)
+            .description(
+                "ISA debug exit device: a guest write of V ends the VMM with status (V<<1)|1",
+            )
+            .prop(
+                PropSpec::uint32("iobase")
+                    .default_u64(Self::DEFAULT_IOBASE.into())
+                    .range(0, 0xffff)
+                    .description("first I/O port"),
+            )
+            .prop(
+                PropSpec::uint32("iosize")
+                    .default_u64(Self::DEFAULT_IOSIZE.into())
+                    .range(1, 0x1_0000)
+                    .description("number of I/O ports (iobase + iosize must not pass port 0xffff)"),
+            )
+    }
+
+    /// A device on the ports `config` names, reporting to `events`.
+    pub fn from_config(config: DebugExitConfig, events: Arc<dyn SystemEvents>) -> Self {
+        Self {
+            iobase: config.iobase,
+            // iosize is 1..=0x10000 by construction.
+            iosize: u16::try_from(config.iosize.saturating_sub(1)).unwrap_or(u16::MAX),
+            events,
+        }
+    }
+
+    /// A device at `[iobase, iobase + iosize)` reporting to `events`: [`DebugExitConfig::new`]
+    /// then [`DebugExit::from_config`].
     pub fn new(
         iobase: u64,
         iosize: u64,
         events: Arc<dyn SystemEvents>,
     ) -> Result<Self, DebugExitError> {
-        if iosize == 0 || iosize > 0x1_0000 {
-            return Err(DebugExitError::BadSize(iosize));
-        }
-        if iobase.checked_add(iosize).is_none_or(|end| end > 0x1_0000) {
-            return Err(DebugExitError::OutOfRange { iobase, iosize });
-        }
-        Ok(Self {
-            // Both checked above to fit the 16-bit port space.
-            iobase: iobase as u16,
-            iosize: (iosize - 1) as u16,
+        Ok(Self::from_config(
+            DebugExitConfig::new(iobase, iosize)?,
             events,
-        })
+        ))
+    }
+
+    /// The ports it occupies.
+    pub fn config(&self) -> DebugExitConfig {
+        DebugExitConfig {
+            iobase: self.iobase,
+            iosize: u32::from(self.iosize) + 1,
+        }
     }
 
     /// First port.
@@ -135,6 +223,64 @@ mod tests {
         assert!(DebugExit::new(u64::MAX, 2, rec.clone()).is_err());
         let d = DebugExit::new(0xfffe, 2, rec).unwrap();
         assert_eq!((d.iobase(), d.iosize()), (0xfffe, 2));
+    }
+
+    #[test]
+    fn config_from_props() {
+        use keel_qdev::RawValue;
+        let t = DebugExit::qdev_type();
+        let props = |raw: &[(&str, &str)]| {
+            let raw: Vec<_> = raw
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), RawValue::Str((*v).to_owned())))
+                .collect();
+            t.validate(&raw)
+        };
+        let d = DebugExitConfig::from_props(&props(&[]).unwrap()).unwrap();
+        assert_eq!(
+            d,
+            DebugExitConfig {
+                iobase: 0x501,
+                iosize: 2
+            }
+        );
+        assert_eq!(d, DebugExitConfig::default());
+        let c =
+            DebugExitConfig::from_props(&props(&[("iobase", "0xf4"), ("iosize", "0x04")]).unwrap());
+        assert_eq!(
+            c,
+            Ok(DebugExitConfig {
+                iobase: 0xf4,
+                iosize: 4
+            })
+        );
+        let c =
+            DebugExitConfig::from_props(&props(&[("iobase", "0"), ("iosize", "0x10000")]).unwrap());
+        assert_eq!(
+            c,
+            Ok(DebugExitConfig {
+                iobase: 0,
+                iosize: 0x1_0000
+            })
+        );
+        let c = c.unwrap();
+        let dev = DebugExit::from_config(c, Arc::new(Rec::default()));
+        assert_eq!((dev.iobase(), dev.iosize()), (0, 0x1_0000));
+        assert_eq!(dev.config(), c);
+        // Each property in range, the sum not.
+        let e =
+            DebugExitConfig::from_props(&props(&[("iobase", "0xffff"), ("iosize", "2")]).unwrap());
+        assert_eq!(
+            e,
+            Err(DebugExitError::OutOfRange {
+                iobase: 0xffff,
+                iosize: 2
+            })
+        );
+        // The type refuses what no port range can hold.
+        assert!(props(&[("iosize", "0")]).is_err());
+        assert!(props(&[("iosize", "0x10001")]).is_err());
+        assert!(props(&[("iobase", "0x10000")]).is_err());
     }
 
     #[test]

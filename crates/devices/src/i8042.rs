@@ -280,6 +280,18 @@ impl BusDevice for I8042Port {
     }
 }
 
+impl I8042 {
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "i8042";
+
+    /// The qdev type: onboard (the board creates it, `-device` cannot), no properties.
+    pub fn qdev_type() -> keel_qdev::DeviceType {
+        keel_qdev::DeviceType::new(Self::QDEV_TYPE, keel_qdev::BusType::Isa)
+            .description("i8042 keyboard controller")
+            .user_creatable(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,11 @@
 //! it reports resets and power-off to, and nothing about buses or backends. Each device type
 //! also implements [`keel_accel::BusDevice`] with one lock per device so a machine can map it
 //! on a PIO or MMIO bus directly. Guest accesses of any offset, size or value never panic.
+//!
+//! Each device also describes itself to the device model: `X::QDEV_TYPE` is its QEMU type
+//! name, `X::qdev_type()` its [`keel_qdev::DeviceType`] (bus, properties with defaults and
+//! ranges, description), and [`qdev_types`] lists them all. A user-creatable device has a
+//! typed configuration built from the validated properties ([`DebugExitConfig::from_props`]).
 
 #![deny(missing_docs)]
 
@@ -26,7 +31,7 @@ pub use acpi_pm::{
     ACPI_PM_LEN, AcpiPm, PM_SLP_TYP_S5, PM_TIMER_HZ, PM_TMR_LEN, PM_TMR_OFFSET, PM1_CNT_LEN,
     PM1_CNT_OFFSET, PM1_EVT_LEN, PM1_EVT_OFFSET, PM1_PWRBTN, PM1_TMR,
 };
-pub use debug_exit::{DebugExit, DebugExitError};
+pub use debug_exit::{DebugExit, DebugExitConfig, DebugExitError};
 pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port};
 pub use rtc::{CmosMemoryLayout, Rtc, RtcDateTime};
 pub use serial::{
@@ -34,10 +39,34 @@ pub use serial::{
     SharedWriter, spawn_input_thread,
 };
 
+/// The qdev types of this crate's devices, for a machine to register in one line:
+/// `isa-debug-exit` (user-creatable) and the onboard `isa-serial`, `i8042`, `mc146818rtc`
+/// and `acpi-ged`.
+pub fn qdev_types() -> Vec<keel_qdev::DeviceType> {
+    vec![
+        DebugExit::qdev_type(),
+        Serial::qdev_type(),
+        I8042::qdev_type(),
+        Rtc::qdev_type(),
+        AcpiGed::qdev_type(),
+    ]
+}
+
 /// Locks a mutex even if another thread panicked while holding it: device state stays usable
 /// (a register machine has no invariant a panic elsewhere could break half-way).
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod qdev_tests {
+    #[test]
+    fn types_register() {
+        let mut r = keel_qdev::TypeRegistry::new();
+        for t in super::qdev_types() {
+            r.register(t).unwrap();
+        }
+    }
 }
 
 /// Shared helpers for this crate's unit tests.

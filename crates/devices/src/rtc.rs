@@ -574,6 +574,18 @@ impl BusDevice for Rtc {
     }
 }
 
+impl Rtc {
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "mc146818rtc";
+
+    /// The qdev type: onboard (the board creates it, `-device` cannot), no properties.
+    pub fn qdev_type() -> keel_qdev::DeviceType {
+        keel_qdev::DeviceType::new(Self::QDEV_TYPE, keel_qdev::BusType::Isa)
+            .description("MC146818 real-time clock")
+            .user_creatable(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

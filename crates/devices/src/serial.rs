@@ -19,6 +19,7 @@ use crate::lock;
 
 /// Errors of the serial device and its input thread.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SerialError {
     /// The serial output file could not be opened.
     #[error("cannot open serial output file {path}")]
@@ -356,6 +357,18 @@ pub fn spawn_input_thread(
             }
         })
         .map_err(SerialError::SpawnInput)
+}
+
+impl Serial {
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "isa-serial";
+
+    /// The qdev type: onboard (the board creates it, `-device` cannot), no properties.
+    pub fn qdev_type() -> keel_qdev::DeviceType {
+        keel_qdev::DeviceType::new(Self::QDEV_TYPE, keel_qdev::BusType::Isa)
+            .description("16550A UART (COM1)")
+            .user_creatable(false)
+    }
 }
 
 #[cfg(test)]

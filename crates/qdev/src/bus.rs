@@ -33,6 +33,7 @@ pub struct SlotResources {
 
 /// How many devices a bus takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Slots {
     /// Any number (system bus, ISA bus: devices carry their own addresses).
     Unlimited,
@@ -42,6 +43,7 @@ pub enum Slots {
 
 /// How an accepted unplug request proceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum UnplugMode {
     /// The guest must release the device; it stays until
     /// [`crate::DeviceTree::guest_answer`] reports the outcome, a reset, or forever (with a

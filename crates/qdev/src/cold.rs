@@ -14,6 +14,7 @@ use crate::types::BusType;
 
 /// Which devices a collector wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeviceFilter {
     /// Every cold device.
     All,

@@ -10,6 +10,7 @@ pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// Every failing operation of [`crate::DeviceTree`] leaves the tree exactly as it was.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum QdevError {
     /// A command came in a phase where it is not valid; the QMP layer formats it as class
     /// `OutOfPhase`.

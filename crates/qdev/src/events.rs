@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 /// A device event, in QMP's shape (`name()` + `data()`; the QMP layer adds the timestamp).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeviceEvent {
     /// `DEVICE_DELETED {device?, path}`: the device is gone; its id and slot are free.
     DeviceDeleted {

@@ -15,6 +15,8 @@
 //!   [`GuestAnswer`], a timeout ([`Clock`]), or a reset ends it, with `DEVICE_DELETED` /
 //!   `DEVICE_UNPLUG_GUEST_ERROR` through an [`EventSink`].
 //! * [`collect_on_machine_ready`] gathers cold devices once for firmware tables.
+//! * [`keyval`] is the one parser of QEMU's option syntax (`a=b,c=d`, `,,`, sizes, on/off)
+//!   for `-device`, `-machine`, `-object`, `-chardev` and the backends.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -83,6 +85,7 @@ mod bus;
 mod cold;
 mod error;
 mod events;
+pub mod keyval;
 mod prop;
 mod qom;
 mod request;
@@ -95,7 +98,8 @@ pub use bus::{
 pub use cold::{ColdDevice, ColdSnapshot, DeviceFilter, collect_on_machine_ready};
 pub use error::{HookError, QdevError};
 pub use events::{Clock, DeviceEvent, EventLog, EventSink, ManualClock, MonotonicClock, NoEvents};
-pub use prop::{PropKind, PropSpec, PropValue, Props, parse_bool, parse_int, parse_size};
+pub use keyval::{parse_bool, parse_int, parse_size};
+pub use prop::{PropError, PropKind, PropSpec, PropValue, Props};
 pub use request::{DeviceRequest, RawValue, id_wellformed};
 pub use tree::{
     Added, BusNode, DEFAULT_MAX_DEVICES, DEFAULT_UNPLUG_TIMEOUT, DEVICE_ADD_PHASES,

@@ -1,13 +1,16 @@
 //! Typed device properties: their kinds, defaults, validation, and the parsers for the string
-//! syntax of `-device` (QEMU's) and the JSON values of `device_add`.
+//! values of `-device` (QEMU's, through [`crate::keyval`]) and the JSON values of `device_add`.
 
 use std::fmt;
 
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 
+pub use crate::keyval::{parse_bool, parse_int, parse_size};
+
 /// The type of a property, with its constraints.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PropKind {
     /// Any string.
     Str,
@@ -70,6 +73,7 @@ impl PropKind {
 
 /// A validated property value.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PropValue {
     /// A `Bool` property.
     Bool(bool),
@@ -142,6 +146,21 @@ impl Serialize for PropValue {
             PropValue::Uint(v) => s.serialize_u64(*v),
             PropValue::Str(v) => s.serialize_str(v),
         }
+    }
+}
+
+/// A value a property does not accept. The message says what the property expects
+/// ([`PropKind::expected`]), e.g. `expects a uint32 between 1 and 4 (...)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{expected}")]
+pub struct PropError {
+    expected: String,
+}
+
+impl PropError {
+    /// What the property accepts, in words.
+    pub fn expected(&self) -> &str {
+        &self.expected
     }
 }
 
@@ -327,14 +346,16 @@ impl PropSpec {
     }
 
     /// Parses and validates the string form (`-device`, or a JSON string).
-    /// The error is the "expected" text.
-    pub fn parse_str(&self, text: &str) -> Result<PropValue, String> {
-        parse_str(&self.kind, text).map_err(|()| self.kind.expected())
+    /// The error says what the property expects.
+    pub fn parse_str(&self, text: &str) -> Result<PropValue, PropError> {
+        parse_str(&self.kind, text).map_err(|()| PropError {
+            expected: self.kind.expected(),
+        })
     }
 
     /// Validates a JSON value: the matching JSON type, or a string in the `-device` syntax (so
     /// that `device_add` and `-device` accept the same things; QEMU's JSON path is stricter).
-    pub fn parse_json(&self, value: &Value) -> Result<PropValue, String> {
+    pub fn parse_json(&self, value: &Value) -> Result<PropValue, PropError> {
         if let Value::String(s) = value {
             return self.parse_str(s);
         }
@@ -351,7 +372,9 @@ impl PropSpec {
             (PropKind::Size, Value::Number(n)) => n.as_u64().map(PropValue::Uint),
             _ => None,
         };
-        ok.ok_or_else(|| self.kind.expected())
+        ok.ok_or_else(|| PropError {
+            expected: self.kind.expected(),
+        })
     }
 }
 
@@ -376,92 +399,6 @@ fn parse_str(kind: &PropKind, text: &str) -> Result<PropValue, ()> {
             .map(|v| PropValue::Str(v.clone()))
             .ok_or(()),
     }
-}
-
-/// QEMU's boolean spellings (`qapi_bool_parse`).
-pub fn parse_bool(text: &str) -> Option<bool> {
-    match text {
-        "on" | "yes" | "true" | "y" => Some(true),
-        "off" | "no" | "false" | "n" => Some(false),
-        _ => None,
-    }
-}
-
-/// An integer in C's base-0 syntax as QEMU's string visitor reads it: optional sign, then
-/// `0x` hex, `0` octal, or decimal. Returns `None` on junk or overflow of `i128`.
-pub fn parse_int(text: &str) -> Option<i128> {
-    let (neg, rest) = match text.as_bytes().first()? {
-        b'-' => (true, &text[1..]),
-        b'+' => (false, &text[1..]),
-        _ => (false, text),
-    };
-    let (radix, digits) =
-        if let Some(h) = rest.strip_prefix("0x").or_else(|| rest.strip_prefix("0X")) {
-            (16, h)
-        } else if rest.len() > 1 && rest.starts_with('0') {
-            (8, &rest[1..])
-        } else {
-            (10, rest)
-        };
-    let magnitude = parse_digits(digits, radix)?;
-    Some(if neg { -magnitude } else { magnitude })
-}
-
-fn parse_digits(digits: &str, radix: u32) -> Option<i128> {
-    if digits.is_empty() {
-        return None;
-    }
-    let mut acc: i128 = 0;
-    for c in digits.chars() {
-        let d = c.to_digit(radix)?;
-        acc = acc.checked_mul(radix.into())?.checked_add(d.into())?;
-        // Anything past u64::MAX is rejected by every kind; stop early on long inputs.
-        if acc > i128::from(u64::MAX) {
-            return None;
-        }
-    }
-    Some(acc)
-}
-
-/// QEMU's size syntax (`qemu_strtosz`): a decimal number with an optional fraction and an
-/// optional suffix `B K M G T P E` (any case, powers of 1024), or a `0x` hex number without
-/// fraction. A fraction needs a suffix larger than bytes.
-pub fn parse_size(text: &str) -> Option<u64> {
-    if let Some(h) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        return parse_digits(h, 16).and_then(|v| u64::try_from(v).ok());
-    }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    let shift = match suffix {
-        "" | "b" | "B" => 0,
-        "k" | "K" => 10,
-        "m" | "M" => 20,
-        "g" | "G" => 30,
-        "t" | "T" => 40,
-        "p" | "P" => 50,
-        "e" | "E" => 60,
-        _ => return None,
-    };
-    let (int_part, frac_part) = match number.split_once('.') {
-        Some((i, f)) => (i, Some(f)),
-        None => (number, None),
-    };
-    let int = u128::try_from(parse_digits(int_part, 10)?).ok()?;
-    let mut total = int.checked_shl(shift)?;
-    if let Some(frac) = frac_part {
-        if shift == 0 || frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        // 19 digits fit in a u64 and resolve far below a byte at any suffix up to E (2^60);
-        // later digits cannot change the result by more than a byte.
-        let frac = &frac[..frac.len().min(19)];
-        let num = u128::try_from(parse_digits(frac, 10)?).ok()?;
-        let den = 10u128.checked_pow(u32::try_from(frac.len()).ok()?)?;
-        total = total.checked_add((num << shift) / den)?;
-    }
-    u64::try_from(total).ok()
 }
 
 /// The validated properties of one device instance, in the type's declaration order, every
@@ -524,37 +461,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bools_as_qemu() {
-        for t in ["on", "yes", "true", "y"] {
-            assert_eq!(parse_bool(t), Some(true));
-        }
-        for f in ["off", "no", "false", "n"] {
-            assert_eq!(parse_bool(f), Some(false));
-        }
-        for bad in ["", "ON", "1", "0", "enable"] {
-            assert_eq!(parse_bool(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn ints_base_zero() {
-        assert_eq!(parse_int("0xf4"), Some(0xf4));
-        assert_eq!(parse_int("0XF4"), Some(0xf4));
-        assert_eq!(parse_int("010"), Some(8));
-        assert_eq!(parse_int("0"), Some(0));
-        assert_eq!(parse_int("-12"), Some(-12));
-        assert_eq!(parse_int("+7"), Some(7));
-        assert_eq!(parse_int("0x"), None);
-        assert_eq!(parse_int("08"), None);
-        assert_eq!(parse_int("12a"), None);
-        assert_eq!(parse_int(""), None);
-        assert_eq!(parse_int("-"), None);
-        assert_eq!(parse_int(&"9".repeat(400)), None);
-        assert_eq!(parse_int("18446744073709551615"), Some(u64::MAX.into()));
-        assert_eq!(parse_int("18446744073709551616"), None);
-    }
-
-    #[test]
     fn uint_ranges() {
         let p = PropSpec::uint16("iobase").default_u64(0x501);
         assert_eq!(p.parse_str("0xf4"), Ok(PropValue::Uint(0xf4)));
@@ -566,35 +472,11 @@ mod tests {
         assert!(r.parse_str("5").is_err());
         assert_eq!(r.parse_str("4"), Ok(PropValue::Uint(4)));
         assert!(r.parse_str("4").is_ok());
-        let e = r.parse_str("9").unwrap_err();
+        let e = r.parse_str("9").unwrap_err().to_string();
         assert!(e.contains("between 1 and 4"), "{e}");
         let i = PropSpec::int32("x").range(-5, 5);
         assert_eq!(i.parse_str("-5"), Ok(PropValue::Int(-5)));
         assert!(i.parse_str("-6").is_err());
-    }
-
-    #[test]
-    fn sizes_as_qemu() {
-        assert_eq!(parse_size("0"), Some(0));
-        assert_eq!(parse_size("512"), Some(512));
-        assert_eq!(parse_size("512B"), Some(512));
-        assert_eq!(parse_size("4k"), Some(4096));
-        assert_eq!(parse_size("4K"), Some(4096));
-        assert_eq!(parse_size("1M"), Some(1 << 20));
-        assert_eq!(parse_size("1.5G"), Some(3 << 29));
-        assert_eq!(parse_size("0.99999999999999999999K"), Some(1023));
-        assert_eq!(parse_size("0.5E"), Some(1 << 59));
-        assert_eq!(parse_size("0x1000"), Some(4096));
-        assert_eq!(parse_size("15E"), Some(15 << 60));
-        assert_eq!(parse_size("16E"), None);
-        assert_eq!(parse_size("1.5"), None);
-        assert_eq!(parse_size("1.5B"), None);
-        assert_eq!(parse_size("1Q"), None);
-        assert_eq!(parse_size("k"), None);
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("1.G"), None);
-        assert_eq!(parse_size("1..5G"), None);
-        assert_eq!(parse_size("-1"), None);
     }
 
     #[test]
@@ -617,7 +499,8 @@ mod tests {
             Ok(PropValue::Str("b".into()))
         );
         let err = e.parse_json(&Value::from("c")).unwrap_err();
-        assert_eq!(err, "expects one of: a, b");
+        assert_eq!(err.to_string(), "expects one of: a, b");
+        assert_eq!(err.expected(), "expects one of: a, b");
         let s = PropSpec::string("s");
         assert!(s.parse_json(&Value::from(3)).is_err());
     }

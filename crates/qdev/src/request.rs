@@ -4,9 +4,11 @@
 use serde_json::{Map, Value};
 
 use crate::error::QdevError;
+use crate::keyval::Syntax;
 
 /// A property value as received, before the device type validates it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum RawValue {
     /// From the command line (or any string): parsed with the `-device` syntax.
     Str(String),
@@ -64,45 +66,25 @@ impl DeviceRequest {
         self
     }
 
-    /// Parses a `-device` argument in QEMU's option syntax: `DRIVER[,key=value]...`, where
-    /// `,,` stands for a literal comma, `driver=` may be spelled out, and a bare `key` means
-    /// `key=on`. When a key repeats the last one wins.
+    /// Parses a `-device` argument with [`Syntax::DEVICE`] (QEMU's QemuOpts dialect):
+    /// `DRIVER[,key=value]...`, where `,,` stands for a literal comma, `driver=` may be spelled
+    /// out, a bare `key` means `key=on` and `nokey` means `key=off`. When a property repeats,
+    /// every occurrence is kept in order and validation takes the last.
     pub fn parse_cli(text: &str) -> Result<Self, QdevError> {
-        let bad = |reason| QdevError::BadOption {
-            text: text.to_owned(),
-            reason,
-        };
+        let opts = Syntax::DEVICE
+            .parse(text)
+            .map_err(|e| QdevError::BadOption {
+                text: text.to_owned(),
+                reason: e.reason(),
+            })?;
         let mut driver: Option<String> = None;
         let mut req = DeviceRequest::new("");
-        let mut rest = text;
-        let mut first = true;
-        loop {
-            // A name runs to '=' or ','; the first element without '=' is the driver.
-            let name_end = rest.find(['=', ',']).unwrap_or(rest.len());
-            let has_value = rest.as_bytes().get(name_end) == Some(&b'=');
-            let (name, value, after) = if first && !has_value {
-                let (v, after) = take_value(rest);
-                ("driver".to_owned(), v, after)
-            } else if has_value {
-                let (v, after) = take_value(&rest[name_end + 1..]);
-                (rest[..name_end].to_owned(), v, after)
-            } else {
-                let after = rest.get(name_end + 1..).unwrap_or("");
-                (rest[..name_end].to_owned(), "on".to_owned(), after)
-            };
-            first = false;
-            if name.is_empty() {
-                return Err(bad("empty parameter name"));
-            }
+        for (name, value) in opts {
             match name.as_str() {
                 "driver" => driver = Some(value),
                 "id" => req.id = Some(value),
                 "bus" => req.bus = Some(value),
                 _ => req.props.push((name, RawValue::Str(value))),
-            }
-            rest = after;
-            if rest.is_empty() {
-                break;
             }
         }
         req.driver = driver
@@ -155,30 +137,6 @@ impl<'de> serde::Deserialize<'de> for DeviceRequest {
         let map = Map::<String, Value>::deserialize(d)?;
         DeviceRequest::from_qmp(&map).map_err(serde::de::Error::custom)
     }
-}
-
-/// Reads a value up to an unescaped ',' (`,,` is a literal comma); returns it and what follows
-/// the separating comma.
-fn take_value(s: &str) -> (String, &str) {
-    let mut out = String::new();
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    let mut start = 0;
-    while i < bytes.len() {
-        if bytes[i] == b',' {
-            if bytes.get(i + 1) == Some(&b',') {
-                out.push_str(&s[start..=i]);
-                i += 2;
-                start = i;
-                continue;
-            }
-            out.push_str(&s[start..i]);
-            return (out, &s[i + 1..]);
-        }
-        i += 1;
-    }
-    out.push_str(&s[start..]);
-    (out, "")
 }
 
 /// Whether `id` is an identifier as QEMU requires (`id_wellformed`): a letter, then letters,

@@ -12,6 +12,7 @@ use crate::request::RawValue;
 
 /// The kind of bus a device plugs into. The spellings are QEMU's bus type names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BusType {
     /// The system bus (memory-mapped platform devices), QEMU's `System`.
     System,
@@ -172,12 +173,12 @@ impl DeviceType {
             };
             match parsed {
                 Ok(v) => values[idx] = Some(v),
-                Err(expected) => {
+                Err(e) => {
                     return Err(QdevError::InvalidValue {
                         driver: self.name.clone(),
                         property: name.clone(),
                         value: value.quoted(),
-                        expected,
+                        expected: e.expected().to_owned(),
                     });
                 }
             }

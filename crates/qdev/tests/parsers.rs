@@ -98,3 +98,51 @@ proptest! {
         let _ = r.tree.device_del(Phase::MachineReady, &p);
     }
 }
+
+/// A key the option syntax can carry: non-empty, no `,` or `=` (QEMU ends a key at either).
+fn kv_key() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9._-]{0,8}"
+}
+
+proptest! {
+    /// Escaping round-trips: `Options` printed with `keyval::escape` parse back to the same
+    /// pairs in both dialects, whatever commas and `=` the values hold.
+    #[test]
+    fn keyval_escaping_round_trips(
+        pairs in proptest::collection::vec((kv_key(), "[a-z0-9,=. ]{0,10}"), 0..6),
+    ) {
+        let opts: keyval::Options = pairs.iter().cloned().collect();
+        let text = opts.to_string();
+        for syntax in [keyval::Syntax::qemu_opts(None), keyval::Syntax::BLOCKDEV, keyval::Syntax::DEVICE] {
+            prop_assert_eq!(syntax.parse(&text), Ok(opts.clone()), "{}", text);
+        }
+        // With an implied key, an escaped first value comes back under that key.
+        if let Some((_, v)) = pairs.first() {
+            let implied = format!("{}{}", keyval::escape(v), if pairs.len() > 1 { "," } else { "" });
+            let rest: keyval::Options = pairs[1..].iter().cloned().collect();
+            let parsed = keyval::Syntax::OBJECT.parse(&format!("{implied}{rest}"));
+            if !v.is_empty() && !v.contains('=') {
+                let parsed = parsed.unwrap();
+                prop_assert_eq!(parsed.iter().next(), Some(("qom-type", v.as_str())));
+            }
+        }
+    }
+
+    /// No input makes the parser or the value helpers panic.
+    #[test]
+    fn keyval_never_panics(s in any::<String>(), t in "[a-z0-9,=.x+ -]{0,24}") {
+        for text in [s.as_str(), t.as_str()] {
+            for syntax in [keyval::Syntax::DEVICE, keyval::Syntax::OBJECT, keyval::Syntax::BLOCKDEV] {
+                if let Ok(o) = syntax.parse(text) {
+                    // What parses, prints, and parses again to the same options.
+                    prop_assert_eq!(keyval::Syntax::BLOCKDEV.parse(&o.to_string()), Ok(o));
+                }
+            }
+            let _ = keyval::parse_bool(text);
+            let _ = keyval::parse_int(text);
+            let _ = keyval::parse_size(text);
+            let _ = keyval::parse_size_unit(text, 1 << 20);
+            let _ = DeviceRequest::parse_cli(text);
+        }
+    }
+}

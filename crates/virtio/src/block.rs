@@ -1,5 +1,6 @@
 //! virtio-blk (`virtio-blk-device`) over a raw image file.
 
+use keel_qdev::{BusType, DeviceType, PropSpec, Props};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::path::PathBuf;
@@ -551,6 +552,97 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+}
+
+/// The validated `-device virtio-blk-device` properties ([`Block::qdev_type`]). The image
+/// comes from the block backend `drive` names, which the caller looks up:
+///
+/// ```ignore
+/// let p = BlockProps::from_props(dev.props)?;
+/// let backend = backends.block(&p.drive)?;
+/// let block = Block::new(&p.config(&backend.filename, backend.read_only))?;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockProps {
+    /// Block backend node name (`drive=`).
+    pub drive: String,
+    /// Serial number the guest reads (`serial=`; empty means none), at most 20 bytes.
+    pub serial: Option<String>,
+    /// `read-only=on`.
+    pub read_only: bool,
+    /// `queue-size=`, a power of two.
+    pub queue_size: u16,
+}
+
+impl BlockProps {
+    /// From the properties [`Block::qdev_type`] validated. Checks what the type's ranges
+    /// cannot: the serial's length and that the queue size is a power of two.
+    pub fn from_props(props: &Props) -> Result<Self, Error> {
+        let missing = |property| Error::Property {
+            driver: Block::QDEV_TYPE,
+            property,
+        };
+        let drive = props.str("drive").ok_or_else(|| missing("drive"))?;
+        let serial = props.str("serial").filter(|s| !s.is_empty());
+        if let Some(s) = serial
+            && s.len() > ID_LEN
+        {
+            return Err(Error::SerialTooLong(s.to_owned()));
+        }
+        let queue_size = props
+            .u64("queue-size")
+            .map_or(Ok(256), u16::try_from)
+            .map_err(|_| missing("queue-size"))?;
+        if !queue_size.is_power_of_two() || queue_size > 32768 {
+            return Err(Error::QueueSize(queue_size));
+        }
+        Ok(Self {
+            drive: drive.to_owned(),
+            serial: serial.map(str::to_owned),
+            read_only: props.bool("read-only").unwrap_or(false),
+            queue_size,
+        })
+    }
+
+    /// The device configuration for the image at `path`; the disk is read-only if either
+    /// the device (`read-only=on`) or the backend says so.
+    pub fn config(&self, path: impl Into<PathBuf>, backend_read_only: bool) -> BlockConfig {
+        BlockConfig {
+            read_only: self.read_only || backend_read_only,
+            serial: self.serial.clone(),
+            queue_size: self.queue_size,
+            ..BlockConfig::new(path)
+        }
+    }
+}
+
+impl Block {
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "virtio-blk-device";
+
+    /// The qdev type: `virtio-blk-device` on a virtio-mmio bus, properties `drive`
+    /// (required), `serial`, `read-only`, `queue-size`. See [`BlockProps`].
+    pub fn qdev_type() -> DeviceType {
+        DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
+            .description("virtio block device (raw image)")
+            .prop(PropSpec::string("drive").description("block backend node name (blockdev-add)"))
+            .prop(
+                PropSpec::string("serial")
+                    .default_str("")
+                    .description("serial number the guest reads (at most 20 bytes)"),
+            )
+            .prop(
+                PropSpec::bool("read-only")
+                    .default_bool(false)
+                    .description("expose the disk read-only"),
+            )
+            .prop(
+                PropSpec::uint16("queue-size")
+                    .default_u64(256)
+                    .range(2, 1024)
+                    .description("virtqueue size (a power of two)"),
+            )
     }
 }
 

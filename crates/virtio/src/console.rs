@@ -7,6 +7,7 @@
 //! simpler device; a machine maps QEMU's `-device virtio-serial-device -device
 //! virtconsole,chardev=ID` pair onto one [`Console`].
 
+use keel_qdev::{BusType, DeviceType, PropSpec, Props};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -231,6 +232,70 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+}
+
+/// The validated `-device virtconsole` properties ([`Console::port_qdev_type`]). The output
+/// comes from the character backend `chardev` names, which the caller looks up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsolePortProps {
+    /// Character backend id (`chardev=`).
+    pub chardev: String,
+}
+
+impl ConsolePortProps {
+    /// From the properties [`Console::port_qdev_type`] validated.
+    pub fn from_props(props: &Props) -> Result<Self, Error> {
+        let chardev = props.str("chardev").ok_or(Error::Property {
+            driver: Console::PORT_QDEV_TYPE,
+            property: "chardev",
+        })?;
+        Ok(Self {
+            chardev: chardev.to_owned(),
+        })
+    }
+}
+
+/// QEMU's two-step console, as Keel models it: `-device virtio-serial-device[,id=S]` takes a
+/// virtio-mmio slot and provides a bus of type `virtio-serial-bus` with room for **one**
+/// port, `-device virtconsole,chardev=C` plugs the port (the guest's `hvc0`). The console is
+/// a single-port device (no multiport, no control queue); until a port is plugged its
+/// output is dropped.
+impl Console {
+    /// QEMU's type name of the device.
+    pub const QDEV_TYPE: &'static str = "virtio-serial-device";
+    /// QEMU's type name of the console port.
+    pub const PORT_QDEV_TYPE: &'static str = "virtconsole";
+    /// The type name of the bus the device provides for its port.
+    pub const PORT_BUS_TYPE: &'static str = "virtio-serial-bus";
+
+    /// The qdev type of the device: `virtio-serial-device` on a virtio-mmio bus.
+    pub fn qdev_type() -> DeviceType {
+        DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
+            .description("virtio console device; carries one virtconsole port")
+    }
+
+    /// The qdev type of the port: `virtconsole` on a `virtio-serial-bus`, property
+    /// `chardev` (required). See [`ConsolePortProps`].
+    pub fn port_qdev_type() -> DeviceType {
+        DeviceType::new(Self::PORT_QDEV_TYPE, Self::port_bus_type())
+            .description("console port on a virtio-serial-device (hvc0 in Linux)")
+            .prop(PropSpec::string("chardev").description("character backend id (chardev-add)"))
+    }
+
+    /// The bus type a `virtio-serial-device` provides for its port.
+    pub fn port_bus_type() -> BusType {
+        BusType::Other(Self::PORT_BUS_TYPE.to_owned())
+    }
+
+    /// Name of the port bus of a `virtio-serial-device` with `id` in virtio-mmio window
+    /// `window`: QEMU names it after the id (`ID.0`), else after the bus type and a counter;
+    /// the window index serves as the counter, so names stay unique.
+    pub fn port_bus_name(id: Option<&str>, window: Option<usize>) -> String {
+        match id {
+            Some(id) => format!("{id}.0"),
+            None => format!("{}.{}", Self::PORT_BUS_TYPE, window.unwrap_or(0)),
+        }
     }
 }
 

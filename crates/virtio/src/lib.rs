@@ -23,6 +23,13 @@
 //! it); request-level errors (bad sector, write to a read-only disk) are answered with an
 //! error status. Nothing a guest writes can panic or hang the VMM.
 //!
+//! Each device describes itself to the device model next to its implementation:
+//! `X::QDEV_TYPE` is its QEMU type name, `X::qdev_type()` its [`keel_qdev::DeviceType`]
+//! (bus, properties with defaults and ranges, description), and [`qdev_types`] lists them
+//! all. The properties of a realized device become a typed value in one call
+//! ([`BlockProps::from_props`], [`NetProps::from_props`], [`ConsolePortProps::from_props`]);
+//! the caller looks up the backend they name.
+//!
 //! This crate is separate from `keel-devices` so that embedders of the legacy devices
 //! (serial, i8042, ...) do not pull in virtio-queue.
 //!
@@ -72,11 +79,13 @@ mod tap;
 mod testutil;
 mod worker;
 
-pub use block::{Block, BlockConfig, SECTOR_SIZE};
-pub use console::{Console, ConsoleInput, INPUT_CAPACITY};
+pub use block::{Block, BlockConfig, BlockProps, SECTOR_SIZE};
+pub use console::{Console, ConsoleInput, ConsolePortProps, INPUT_CAPACITY};
 pub use device::{Activation, Interrupt, VirtioDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook};
-pub use net::{MAX_FRAME_LEN, NET_HDR_LEN, Net, NetBackend, NetConfig, RxPoller, RxState};
+pub use net::{
+    MAX_FRAME_LEN, NET_HDR_LEN, Net, NetBackend, NetConfig, NetProps, RxPoller, RxState,
+};
 pub use notify::QueueEvents;
 pub use rng::{MAX_BYTES_PER_REQUEST, Rng};
 pub use slot::{MMIO_WINDOW_SIZE, VirtioMmioSlot};
@@ -100,9 +109,126 @@ pub mod features {
     pub const VERSION_1: u64 = 1 << 32;
 }
 
+/// The qdev types of this crate's devices, for a machine to register in one line:
+/// `virtio-blk-device`, `virtio-rng-device`, `virtio-net-device`, `virtio-serial-device`,
+/// `virtconsole`, and the onboard `virtio-mmio` transport.
+pub fn qdev_types() -> Vec<keel_qdev::DeviceType> {
+    vec![
+        Block::qdev_type(),
+        Rng::qdev_type(),
+        Net::qdev_type(),
+        Console::qdev_type(),
+        Console::port_qdev_type(),
+        MmioTransport::qdev_type(),
+    ]
+}
+
+#[cfg(test)]
+mod qdev_tests {
+    use super::*;
+    use keel_qdev::{RawValue, TypeRegistry};
+
+    fn validate(t: &keel_qdev::DeviceType, raw: &[(&str, &str)]) -> keel_qdev::Props {
+        let raw: Vec<_> = raw
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), RawValue::Str((*v).to_owned())))
+            .collect();
+        t.validate(&raw).unwrap()
+    }
+
+    #[test]
+    fn types_register() {
+        let mut r = TypeRegistry::new();
+        for t in qdev_types() {
+            r.register(t).unwrap();
+        }
+    }
+
+    #[test]
+    fn block_props() {
+        let t = Block::qdev_type();
+        let p = BlockProps::from_props(&validate(&t, &[("drive", "d0")])).unwrap();
+        assert_eq!(
+            p,
+            BlockProps {
+                drive: "d0".into(),
+                serial: None,
+                read_only: false,
+                queue_size: 256
+            }
+        );
+        let c = p.config("/x.img", true);
+        assert!(c.read_only);
+        assert_eq!(c.queue_size, 256);
+        let p = validate(
+            &t,
+            &[
+                ("drive", "d"),
+                ("serial", "s,n"),
+                ("read-only", "on"),
+                ("queue-size", "64"),
+            ],
+        );
+        let p = BlockProps::from_props(&p).unwrap();
+        assert_eq!(
+            (p.serial.as_deref(), p.read_only, p.queue_size),
+            (Some("s,n"), true, 64)
+        );
+        assert!(p.config("/x", false).read_only);
+        let p = validate(&t, &[("drive", "d"), ("queue-size", "100")]);
+        assert!(matches!(
+            BlockProps::from_props(&p),
+            Err(Error::QueueSize(100))
+        ));
+        let p = validate(&t, &[("drive", "d"), ("serial", &"x".repeat(21))]);
+        assert!(matches!(
+            BlockProps::from_props(&p),
+            Err(Error::SerialTooLong(_))
+        ));
+        // Required: the type refuses a request without drive.
+        assert!(t.validate(&[]).is_err());
+        let e = BlockProps::from_props(&keel_qdev::Props::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Property 'virtio-blk-device.drive' is missing or invalid"
+        );
+    }
+
+    #[test]
+    fn net_and_console_props() {
+        let t = Net::qdev_type();
+        let p = NetProps::from_props(&validate(&t, &[("netdev", "n0")])).unwrap();
+        assert_eq!(p.config(), NetConfig::default());
+        assert_eq!(p.netdev, "n0");
+        let p = validate(&t, &[("netdev", "n0"), ("mac", "02:00:00:00:00:01")]);
+        assert_eq!(NetProps::from_props(&p).unwrap().mac, [2, 0, 0, 0, 0, 1]);
+        let p = validate(&t, &[("netdev", "n0"), ("mac", "01:00:00:00:00:01")]);
+        assert!(matches!(
+            NetProps::from_props(&p),
+            Err(Error::InvalidMac(_))
+        ));
+        let t = Console::port_qdev_type();
+        assert_eq!(t.bus_type(), &Console::port_bus_type());
+        let p = ConsolePortProps::from_props(&validate(&t, &[("chardev", "c0")])).unwrap();
+        assert_eq!(p.chardev, "c0");
+        assert_eq!(Console::port_bus_name(Some("s"), Some(3)), "s.0");
+        assert_eq!(Console::port_bus_name(None, Some(3)), "virtio-serial-bus.3");
+    }
+}
+
 /// Errors of the virtio devices and their backends.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// A device property is missing or has the wrong type: the properties did not come from
+    /// the device's own qdev type.
+    #[error("Property '{driver}.{property}' is missing or invalid")]
+    Property {
+        /// Device type.
+        driver: &'static str,
+        /// Property name.
+        property: &'static str,
+    },
     /// The disk image could not be opened.
     #[error(
         "cannot open disk image '{path}' (check the path and permissions, or use read-only=on)"

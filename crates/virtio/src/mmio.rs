@@ -472,6 +472,18 @@ impl BusDevice for MmioTransport {
     }
 }
 
+impl MmioTransport {
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "virtio-mmio";
+
+    /// The qdev type: onboard (one virtio-mmio bus each), on the system bus.
+    pub fn qdev_type() -> keel_qdev::DeviceType {
+        keel_qdev::DeviceType::new(Self::QDEV_TYPE, keel_qdev::BusType::System)
+            .description("virtio-mmio transport (one virtio-mmio bus each)")
+            .user_creatable(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! virtio-net (`virtio-net-device`) over a tap interface or any [`NetBackend`].
 
+use keel_qdev::{BusType, DeviceType, PropSpec, Props};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -336,6 +337,62 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.rx_len = None;
+    }
+}
+
+/// The validated `-device virtio-net-device` properties ([`Net::qdev_type`]). The tap comes
+/// from the network backend `netdev` names, which the caller looks up:
+///
+/// ```ignore
+/// let p = NetProps::from_props(dev.props)?;
+/// let net = Net::with_tap(&backends.net(&p.netdev)?.ifname, p.config())?;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetProps {
+    /// Network backend id (`netdev=`).
+    pub netdev: String,
+    /// Guest MAC address (`mac=`).
+    pub mac: [u8; 6],
+}
+
+impl NetProps {
+    /// From the properties [`Net::qdev_type`] validated; parses the MAC address.
+    pub fn from_props(props: &Props) -> Result<Self, Error> {
+        let netdev = props.str("netdev").ok_or(Error::Property {
+            driver: Net::QDEV_TYPE,
+            property: "netdev",
+        })?;
+        let mac = match props.str("mac") {
+            Some(m) => NetConfig::parse_mac(m)?,
+            None => NetConfig::default().mac,
+        };
+        Ok(Self {
+            netdev: netdev.to_owned(),
+            mac,
+        })
+    }
+
+    /// The device configuration.
+    pub fn config(&self) -> NetConfig {
+        NetConfig { mac: self.mac }
+    }
+}
+
+impl Net {
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "virtio-net-device";
+
+    /// The qdev type: `virtio-net-device` on a virtio-mmio bus, properties `netdev`
+    /// (required) and `mac`. See [`NetProps`].
+    pub fn qdev_type() -> DeviceType {
+        DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
+            .description("virtio network device (tap backend)")
+            .prop(PropSpec::string("netdev").description("network backend id (netdev_add)"))
+            .prop(
+                PropSpec::string("mac")
+                    .default_str("52:54:00:12:34:56")
+                    .description("guest MAC address"),
+            )
     }
 }
 

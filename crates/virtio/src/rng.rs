@@ -1,5 +1,6 @@
 //! virtio-rng (`virtio-rng-device`), fed from the host's `/dev/urandom`.
 
+use keel_qdev::{BusType, DeviceType};
 use std::fs::File;
 use std::io::Read;
 
@@ -109,6 +110,18 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+}
+
+impl Rng {
+    /// QEMU's type name.
+    pub const QDEV_TYPE: &'static str = "virtio-rng-device";
+
+    /// The qdev type: `virtio-rng-device` on a virtio-mmio bus, no properties
+    /// ([`Rng::new`] takes none).
+    pub fn qdev_type() -> DeviceType {
+        DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
+            .description("virtio entropy device (host /dev/urandom)")
     }
 }
 
