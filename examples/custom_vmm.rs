@@ -82,13 +82,7 @@ fn run() -> Result<i32, Box<dyn std::error::Error>> {
     let (tx, rx) = mpsc::channel();
     let mut vm = Microvm::new(cfg, accel.as_ref(), Arc::new(tx))?;
     if debug_exit {
-        vm.add_device(
-            "isa-debug-exit",
-            &[
-                ("iobase".into(), "0xf4".into()),
-                ("iosize".into(), "4".into()),
-            ],
-        )?;
+        vm.add_debug_exit(keel_devices::DebugExitConfig::new(0xf4, 4)?)?;
     }
     vm.finish_init()?;
     vm.start()?;

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use keel_phase::Phase;
+use keel_qdev::keyval;
 use keel_qmp::{CommandError, Endpoint};
 use serde_json::{Map, Value};
 
@@ -154,88 +155,22 @@ fn syntax(option: &str, message: impl Into<String>) -> CliError {
     }
 }
 
-/// Splits QEMU option text `a=b,c=d` (`,,` is a literal comma); the first item may be a
-/// bare value for `implied`. A bare key elsewhere means `key=on`.
+/// Splits QEMU option text `a=b,c=d` with the one option parser (`keel_qdev::keyval`,
+/// QemuOpts dialect): `,,` is a literal comma, the first item may be a bare value for
+/// `implied`, a bare `key` elsewhere means `key=on` (`nokey`: `key=off`).
 pub fn split_opts(
     option: &str,
     text: &str,
     implied: Option<&str>,
 ) -> Result<Vec<(String, String)>, CliError> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
-    let mut out = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        match item.split_once('=') {
-            Some((k, v)) if !k.is_empty() => out.push((k.to_owned(), v.to_owned())),
-            Some(_) => return Err(syntax(option, format!("invalid parameter '{item}'"))),
-            None if item.is_empty() => {
-                return Err(syntax(option, "empty parameter"));
-            }
-            None => match (i, implied) {
-                (0, Some(key)) => out.push((key.to_owned(), item)),
-                _ => out.push((item, "on".to_owned())),
-            },
-        }
-    }
-    Ok(out)
-}
-
-/// Parses a size as `-m` does: a number with an optional fraction and suffix
-/// (B, K, M, G, T, P, E; case-insensitive); without a suffix, `default_unit` applies.
-pub fn parse_size(text: &str, default_unit: u64) -> Option<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    if num.is_empty() || num.starts_with('.') {
-        return None;
-    }
-    let unit: u64 = match suffix.to_ascii_lowercase().as_str() {
-        "" => default_unit,
-        "b" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        "p" => 1 << 50,
-        "e" => 1 << 60,
-        _ => return None,
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(unit);
-    }
-    let f: f64 = num.parse().ok()?;
-    let bytes = f * unit as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
-        return None;
-    }
-    Some(bytes as u64)
+    keyval::parse(text, implied)
+        .map(keyval::Options::into_vec)
+        .map_err(|e| syntax(option, e.to_string()))
 }
 
 fn on_off(option: &str, key: &str, v: &str) -> Result<bool, CliError> {
-    match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(syntax(
-            option,
-            format!("Parameter '{key}' expects 'on' or 'off'"),
-        )),
-    }
+    keyval::parse_bool(v)
+        .ok_or_else(|| syntax(option, format!("Parameter '{key}' expects 'on' or 'off'")))
 }
 
 fn chardev_endpoint(option: &str, text: &str) -> Result<(String, Endpoint), CliError> {
@@ -528,7 +463,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                     match k.as_str() {
                         "size" => {
                             set.memory =
-                                Some(parse_size(&val, 1 << 20).ok_or_else(|| {
+                                Some(keyval::parse_size_unit(&val, 1 << 20).ok_or_else(|| {
                                     syntax(&option, format!("invalid size '{val}'"))
                                 })?)
                         }
@@ -834,13 +769,14 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("256M", 1 << 20), Some(256 << 20));
-        assert_eq!(parse_size("256", 1 << 20), Some(256 << 20));
-        assert_eq!(parse_size("1.5G", 1 << 20), Some(3 << 29));
-        assert_eq!(parse_size("2k", 1 << 20), Some(2048));
-        assert_eq!(parse_size("12Q", 1 << 20), None);
-        assert_eq!(parse_size("", 1 << 20), None);
-        assert_eq!(parse_size("99999999999999E", 1 << 20), None);
+        let size = |t| keyval::parse_size_unit(t, 1 << 20);
+        assert_eq!(size("256M"), Some(256 << 20));
+        assert_eq!(size("256"), Some(256 << 20));
+        assert_eq!(size("1.5G"), Some(3 << 29));
+        assert_eq!(size("2k"), Some(2048));
+        assert_eq!(size("12Q"), None);
+        assert_eq!(size(""), None);
+        assert_eq!(size("99999999999999E"), None);
     }
 
     #[test]

@@ -47,11 +47,11 @@ impl FromStr for OnOffAuto {
     type Err = BadOnOffAuto;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "on" | "yes" | "true" => Ok(Self::On),
-            "off" | "no" | "false" => Ok(Self::Off),
-            "auto" => Ok(Self::Auto),
-            _ => Err(BadOnOffAuto(s.to_owned())),
+        match (s, keel_qdev::keyval::parse_bool(s)) {
+            ("auto", _) => Ok(Self::Auto),
+            (_, Some(true)) => Ok(Self::On),
+            (_, Some(false)) => Ok(Self::Off),
+            (_, None) => Err(BadOnOffAuto(s.to_owned())),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The device types Keel's machines offer, as the qdev device model (`keel-qdev`) sees them.
 //!
-//! The device *semantics* (ids, paths, phases, cold/hot plug, unplug) are `keel-qdev`'s; the
-//! device *behaviour* is `keel-virtio`'s and `keel-devices`'; the machine-specific realize
-//! hooks live with the machine (`crate::microvm_board`).
+//! Each type is defined once, next to its implementation (`keel-devices`, `keel-virtio`):
+//! its name, bus, properties with defaults and ranges, and a typed constructor from the
+//! validated properties. This module only lists them for the boards; the device *semantics*
+//! (ids, paths, phases, cold/hot plug, unplug) are `keel-qdev`'s, and the realize hooks that
+//! put a device into a machine live with the machine (`crate::microvm_board`).
 //!
 //! # Console
 //!
@@ -16,103 +18,27 @@
 
 use std::sync::Arc;
 
-use keel_qdev::{BusType, DeviceTree, DeviceType, NoHooks, PropSpec, TypeRegistry};
-
-/// Driver name of the single-port virtio console (see the module documentation).
-pub const CONSOLE_DRIVER: &str = "virtconsole";
-
-/// Driver name of the virtio console device that carries the `virtconsole` port.
-pub const SERIAL_DRIVER: &str = "virtio-serial-device";
-
-/// The bus a `virtio-serial-device` provides for its port.
-pub fn serial_bus_type() -> BusType {
-    BusType::Other("virtio-serial-bus".to_owned())
-}
-
-/// Name of the port bus of a `virtio-serial-device` with `id` in virtio-mmio window
-/// `window` (QEMU names it after the id, else after the bus type and a counter; Keel uses
-/// the window index as the counter, so names stay unique).
-pub fn serial_bus_name(id: Option<&str>, window: Option<usize>) -> String {
-    match id {
-        Some(id) => format!("{id}.0"),
-        None => format!("virtio-serial-bus.{}", window.unwrap_or(0)),
-    }
-}
-
-/// Type name of the onboard virtio-mmio transports (QEMU's `virtio-mmio`).
-pub const VIRTIO_MMIO_TRANSPORT: &str = "virtio-mmio";
+use keel_devices::{AcpiGed, DebugExit, I8042, Rtc, Serial};
+use keel_qdev::{DeviceTree, NoHooks, TypeRegistry};
+use keel_virtio::{Block, Console, MmioTransport, Net, Rng};
 
 /// The device types Keel knows: what `-device help`-like introspection
-/// (`qom-list-types`, `device-list-properties`) reports, for every machine.
+/// (`qom-list-types`, `device-list-properties`) reports, for every machine. User-creatable
+/// types first, then the onboard ones the boards create.
 pub fn registry() -> TypeRegistry {
     let mut r = TypeRegistry::new();
     let types = [
-        DeviceType::new("isa-debug-exit", BusType::Isa)
-            .description(
-                "ISA debug exit device: a guest write of V ends the VMM with status (V<<1)|1",
-            )
-            .prop(
-                PropSpec::uint32("iobase")
-                    .default_u64(0x501)
-                    .range(0, 0xffff)
-                    .description("first I/O port"),
-            )
-            .prop(
-                PropSpec::uint32("iosize")
-                    .default_u64(2)
-                    .range(1, 4)
-                    .description("number of I/O ports (1, 2 or 4)"),
-            ),
-        DeviceType::new("virtio-blk-device", BusType::VirtioMmio)
-            .description("virtio block device (raw image)")
-            .prop(PropSpec::string("drive").description("block backend node name (blockdev-add)"))
-            .prop(
-                PropSpec::string("serial")
-                    .default_str("")
-                    .description("serial number the guest reads (at most 20 bytes)"),
-            )
-            .prop(
-                PropSpec::bool("read-only")
-                    .default_bool(false)
-                    .description("expose the disk read-only"),
-            )
-            .prop(
-                PropSpec::uint16("queue-size")
-                    .default_u64(256)
-                    .range(2, 1024)
-                    .description("virtqueue size (a power of two)"),
-            ),
-        DeviceType::new("virtio-rng-device", BusType::VirtioMmio)
-            .description("virtio entropy device (host /dev/urandom)"),
-        DeviceType::new("virtio-net-device", BusType::VirtioMmio)
-            .description("virtio network device (tap backend)")
-            .prop(PropSpec::string("netdev").description("network backend id (netdev_add)"))
-            .prop(
-                PropSpec::string("mac")
-                    .default_str("52:54:00:12:34:56")
-                    .description("guest MAC address"),
-            ),
-        DeviceType::new(SERIAL_DRIVER, BusType::VirtioMmio)
-            .description("virtio console device; carries one virtconsole port"),
-        DeviceType::new(CONSOLE_DRIVER, serial_bus_type())
-            .description("console port on a virtio-serial-device (hvc0 in Linux)")
-            .prop(PropSpec::string("chardev").description("character backend id (chardev-add)")),
-        // Onboard devices: the board creates them, users cannot.
-        DeviceType::new("isa-serial", BusType::Isa)
-            .description("16550A UART (COM1)")
-            .user_creatable(false),
-        DeviceType::new("i8042", BusType::Isa)
-            .description("i8042 keyboard controller")
-            .user_creatable(false),
-        DeviceType::new("mc146818rtc", BusType::Isa)
-            .description("MC146818 real-time clock")
-            .user_creatable(false),
-        DeviceType::new("acpi-ged", BusType::System)
-            .description("ACPI generic event device (power button, sleep control)")
-            .user_creatable(false),
-        DeviceType::new(VIRTIO_MMIO_TRANSPORT, BusType::System)
-            .description("virtio-mmio transport (one virtio-mmio bus each)")
-            .user_creatable(false),
+        DebugExit::qdev_type(),
+        Block::qdev_type(),
+        Rng::qdev_type(),
+        Net::qdev_type(),
+        Console::qdev_type(),
+        Console::port_qdev_type(),
+        Serial::qdev_type(),
+        I8042::qdev_type(),
+        Rtc::qdev_type(),
+        AcpiGed::qdev_type(),
+        MmioTransport::qdev_type(),
     ];
     for t in types {
         // Static, distinct names: registration cannot fail.
@@ -135,6 +61,17 @@ mod tests {
     use keel_phase::Phase;
 
     #[test]
+    fn every_type_of_the_device_crates_is_offered() {
+        let r = registry();
+        for t in keel_devices::qdev_types()
+            .into_iter()
+            .chain(keel_virtio::qdev_types())
+        {
+            assert!(r.get(t.name()).is_some(), "{} missing", t.name());
+        }
+    }
+
+    #[test]
     fn types_validate_like_qemu() {
         let mut t = empty_tree();
         // No buses (the none machine): nothing can be added, and the message says why.
@@ -149,12 +86,9 @@ mod tests {
         let props = t.device_list_properties("virtio-blk-device").unwrap();
         assert!(props.iter().any(|p| p.name == "drive"));
         assert!(
-            t.qom_list_types(Some("virtio-device"), false)
+            t.qom_list_types(None, false)
                 .iter()
                 .any(|i| i.name == "virtio-blk-device")
-                || t.qom_list_types(None, false)
-                    .iter()
-                    .any(|i| i.name == "virtio-blk-device")
         );
     }
 }

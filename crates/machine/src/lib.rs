@@ -14,7 +14,7 @@
 //!   by id when they are realized.
 //!
 //! * **Lifecycle.** [`Microvm::new`] is machine-init (RAM, onboard devices, vCPUs; the
-//!   accelerator checks [`requirements`] first); [`Microvm::add_device`] cold-plugs;
+//!   accelerator checks [`requirements`] first); [`Microvm::add_debug_exit`] cold-plugs;
 //!   [`Microvm::finish_init`] is machine-done (ACPI tables and boot data are built from the
 //!   devices added so far, once); then [`Microvm::start`], [`Microvm::pause`],
 //!   [`Microvm::resume`], [`Microvm::reset`], [`Microvm::shutdown`].
@@ -36,7 +36,7 @@
 //!
 //! let (tx, rx) = mpsc::channel::<MachineEvent>();
 //! let mut vm = Microvm::new(MicrovmConfig::default(), accel, Arc::new(tx))?;
-//! vm.add_device("isa-debug-exit", &[("iobase".into(), "0xf4".into())])?;
+//! vm.add_debug_exit(keel_devices::DebugExitConfig::new(0xf4, 4)?)?;
 //! vm.finish_init()?;
 //! vm.start()?;
 //! let event = rx.recv(); // e.g. System(Shutdown) when the demo guest powers off
@@ -67,8 +67,8 @@ pub use keel_devices::{Capture, SharedWriter};
 #[cfg(feature = "demo-guest")]
 pub use microvm::DEMO_GUEST;
 pub use microvm::{
-    AddedDevice, DRIVERS, DeviceInfo, MACHINE_NAME, MAX_CPUS, MAX_MEMORY, MIN_MEMORY, MachineError,
-    Microvm, Resolved, VIRTIO_MMIO_SLOTS, requirements,
+    AddedDevice, DeviceInfo, MACHINE_NAME, MAX_CPUS, MAX_MEMORY, MIN_MEMORY, MachineError, Microvm,
+    Resolved, VIRTIO_MMIO_SLOTS, requirements,
 };
 pub use microvm_board::{MicrovmType, microvm_config};
 pub use runner::{CpuInfo, MachineEvent, MachineEvents};

@@ -9,8 +9,9 @@ use keel_accel::{
     MachineRequirements, SystemEvents, Vcpu, Vm,
 };
 use keel_devices::{
-    ACPI_PM_LEN, AcpiGed, AcpiPm, CmosMemoryLayout, DebugExit, DebugExitError, GED_MMIO_LEN, I8042,
-    I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, Rtc, Serial, SerialError, SerialOutput,
+    ACPI_PM_LEN, AcpiGed, AcpiPm, CmosMemoryLayout, DebugExit, DebugExitConfig, DebugExitError,
+    GED_MMIO_LEN, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, Rtc, Serial, SerialError,
+    SerialOutput,
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -22,10 +23,6 @@ use crate::runner::{self, CpuInfo, Hub, MachineEvents, Shared};
 
 /// The machine type name.
 pub const MACHINE_NAME: &str = "microvm";
-
-/// Drivers [`Microvm::add_device`] accepts.
-pub const DRIVERS: &[&str] = &["isa-debug-exit"];
-const DEBUG_EXIT_PROPS: &[&str] = &["iobase", "iosize"];
 
 /// The built-in demo guest (src/demo/demo.S), a PVH ELF assembled at build time with GNU
 /// `as`/`ld` (the `demo-guest` feature, on by default; embedders that always pass a kernel
@@ -73,32 +70,6 @@ pub enum MachineError {
     /// The serial backend failed.
     #[error(transparent)]
     Serial(SerialError),
-    /// Unknown `-device` driver.
-    #[error("'{driver}' is not a valid device model name; microvm accepts: {}", DRIVERS.join(", "))]
-    UnknownDriver {
-        /// Driver given.
-        driver: String,
-    },
-    /// Unknown property for a driver.
-    #[error("device '{driver}' has no property '{property}'; accepted: {accepted}")]
-    UnknownProperty {
-        /// Driver.
-        driver: String,
-        /// Property given.
-        property: String,
-        /// Accepted properties.
-        accepted: String,
-    },
-    /// A property value did not parse.
-    #[error("device '{driver}': property '{property}' value '{value}' is not a number")]
-    BadValue {
-        /// Driver.
-        driver: String,
-        /// Property.
-        property: String,
-        /// Value given.
-        value: String,
-    },
     /// The isa-debug-exit properties are invalid.
     #[error(transparent)]
     DebugExit(DebugExitError),
@@ -143,15 +114,13 @@ pub struct DeviceInfo {
     pub onboard: bool,
 }
 
-/// A device added with [`Microvm::add_device`].
+/// A device added with [`Microvm::add_debug_exit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddedDevice {
     /// Driver name.
-    pub driver: String,
-    /// Properties as given.
-    pub props: Vec<(String, String)>,
-    /// Port range it occupies.
-    pub pio: Option<(u16, u64)>,
+    pub driver: &'static str,
+    /// Port range it occupies (base, length).
+    pub pio: (u16, u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +180,7 @@ pub fn requirements(cfg: &MicrovmConfig) -> MachineRequirements {
 /// A microvm: RAM, buses, onboard devices, vCPUs and their threads.
 ///
 /// Lifecycle: [`Microvm::new`] (machine-init: RAM, onboard devices, vCPUs) →
-/// [`Microvm::add_device`]* (cold plug) → [`Microvm::finish_init`] (machine-done: ACPI tables
+/// [`Microvm::add_debug_exit`]* (cold plug) → [`Microvm::finish_init`] (machine-done: ACPI tables
 /// and the boot state from the devices added so far) → [`Microvm::start`] →
 /// [`Microvm::pause`]/[`Microvm::resume`]/[`Microvm::reset`] → [`Microvm::shutdown`].
 pub struct Microvm {
@@ -258,14 +227,6 @@ fn map(
 ) -> Result<(), MachineError> {
     bus.insert(base, len, dev)
         .map_err(|e| MachineError::Bus(what.to_string(), e))
-}
-
-fn parse_num(s: &str) -> Option<u64> {
-    let s = s.trim();
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => s.parse().ok(),
-    }
 }
 
 impl Microvm {
@@ -460,57 +421,40 @@ impl Microvm {
         })
     }
 
-    /// Cold-plugs a device (`-device DRIVER,prop=val,...`). Accepted: `isa-debug-exit` with
-    /// `iobase` (default 0x501) and `iosize` (default 2), numbers in decimal or `0x` hex.
-    /// Unknown drivers or properties fail naming what is accepted; nothing is created then.
-    pub fn add_device(
-        &mut self,
-        driver: &str,
-        props: &[(String, String)],
-    ) -> Result<(), MachineError> {
-        if driver != "isa-debug-exit" {
-            return Err(MachineError::UnknownDriver {
-                driver: driver.to_string(),
-            });
-        }
+    /// Cold-plugs an `isa-debug-exit` (its one definition, properties and limits, is
+    /// `keel_devices::DebugExitConfig`). Only before [`Microvm::finish_init`]: the ISA bus
+    /// has no hot plug.
+    pub fn add_debug_exit(&mut self, cfg: DebugExitConfig) -> Result<(), MachineError> {
         if self.phase != Phase::Init {
             return Err(MachineError::NotHotpluggable("isa.0"));
         }
-        let mut iobase = u64::from(DebugExit::DEFAULT_IOBASE);
-        let mut iosize = u64::from(DebugExit::DEFAULT_IOSIZE);
-        for (k, v) in props {
-            let slot = match k.as_str() {
-                "iobase" => &mut iobase,
-                "iosize" => &mut iosize,
-                _ => {
-                    return Err(MachineError::UnknownProperty {
-                        driver: driver.to_string(),
-                        property: k.clone(),
-                        accepted: DEBUG_EXIT_PROPS.join(", "),
-                    });
-                }
-            };
-            *slot = parse_num(v).ok_or_else(|| MachineError::BadValue {
-                driver: driver.to_string(),
-                property: k.clone(),
-                value: v.clone(),
-            })?;
-        }
         let sys: Arc<dyn SystemEvents> = self.hub.clone();
-        let dev = DebugExit::new(iobase, iosize, sys).map_err(MachineError::DebugExit)?;
+        let dev = DebugExit::from_config(cfg, sys);
         map(
             &self.buses.pio,
-            "isa-debug-exit",
-            iobase,
-            dev.iosize(),
+            DebugExit::QDEV_TYPE,
+            u64::from(cfg.iobase),
+            u64::from(cfg.iosize),
             Arc::new(dev),
         )?;
         self.devices.push(AddedDevice {
-            driver: driver.to_string(),
-            props: props.to_vec(),
-            pio: Some((iobase as u16, iosize)),
+            driver: DebugExit::QDEV_TYPE,
+            pio: (cfg.iobase, cfg.iosize),
         });
         Ok(())
+    }
+
+    /// Removes the device added at I/O port `iobase` (unplug while the machine is being
+    /// built); `false` if there is none.
+    pub fn remove_device_at(&mut self, iobase: u16) -> bool {
+        let Some(i) = self.devices.iter().position(|d| d.pio.0 == iobase) else {
+            return false;
+        };
+        self.devices.remove(i);
+        if let Err(e) = self.buses.pio.remove(u64::from(iobase)) {
+            log::warn!("unmapping the device at port {iobase:#x}: {e}");
+        }
+        true
     }
 
     /// Maps a virtio-mmio transport in the next free slot (window `0xfeb00000 + 0x200*i`,
@@ -842,7 +786,7 @@ impl Microvm {
     }
 
     /// Every device on the machine's buses that the machine created or was given: onboard
-    /// devices first (in creation order), then `add_device` devices, then virtio-mmio windows.
+    /// devices first (in creation order), then `add_debug_exit` devices, then virtio-mmio windows.
     /// Backend platform devices (PIC, PIT) are not listed; they belong to the accelerator.
     pub fn device_info(&self) -> Vec<DeviceInfo> {
         let mut v = Vec::new();
@@ -885,8 +829,8 @@ impl Microvm {
         }
         for d in &self.devices {
             v.push(DeviceInfo {
-                type_name: "isa-debug-exit",
-                pio: d.pio.iter().map(|&(b, l)| (b, l as u32)).collect(),
+                type_name: d.driver,
+                pio: vec![d.pio],
                 mmio: vec![],
                 gsi: None,
                 onboard: false,
@@ -904,7 +848,7 @@ impl Microvm {
         v
     }
 
-    /// Devices added with [`Microvm::add_device`].
+    /// Devices added with [`Microvm::add_debug_exit`].
     pub fn devices(&self) -> &[AddedDevice] {
         &self.devices
     }

@@ -12,23 +12,21 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use keel_accel::{Accelerator, BusDevice, SystemEvent};
+use keel_devices::{DebugExit, DebugExitConfig};
 use keel_phase::Phase;
 use keel_qdev::{
     Added, BusSpec, BusType, DeviceHooks, DeviceKey, DeviceRequest, DeviceTree, DeviceView,
     HookError, QdevError, SlotResources, Window,
 };
 use keel_virtio::{
-    Block, BlockConfig, Console, IoWorker, MmioTransport, Net, NetConfig, Rng, RxPoller,
-    VirtioDevice, VirtioMmioSlot,
+    Block, BlockProps, Console, ConsolePortProps, IoWorker, MmioTransport, Net, NetProps, Rng,
+    RxPoller, VirtioDevice, VirtioMmioSlot,
 };
 
 use crate::backends::{Backends, CharBackend};
 use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
 use crate::board::{GuestExitPolicy, MachineType, MachineTypeInfo};
-use crate::device_types::{
-    CONSOLE_DRIVER, SERIAL_DRIVER, VIRTIO_MMIO_TRANSPORT, registry, serial_bus_name,
-    serial_bus_type,
-};
+use crate::device_types::registry;
 use crate::factory::{DeviceFactory, DeviceHost, Space, unmap};
 use crate::{
     MACHINE_PROPERTIES, MachineError, MachineEvent, MachineEvents, Microvm, MicrovmConfig,
@@ -235,7 +233,7 @@ type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
 /// What a realized user device holds on to until it is unrealized.
 enum Realized {
     DebugExit {
-        iobase: u64,
+        iobase: u16,
     },
     /// A device of a [`DeviceFactory`]: the bus ranges it mapped.
     Factory(Vec<(Space, u64)>),
@@ -250,7 +248,7 @@ enum Realized {
 }
 
 /// qdev's realize/unrealize for the microvm: maps `isa-debug-exit` through
-/// [`Microvm::add_device`] and puts virtio devices behind an [`MmioTransport`] in their
+/// [`Microvm::add_debug_exit`], devices of a [`DeviceFactory`] through a [`DeviceHost`], and puts virtio devices behind an [`MmioTransport`] in their
 /// slot's window. Onboard devices exist already (the machine built them).
 struct MicrovmHooks {
     vm: Arc<Mutex<Microvm>>,
@@ -327,26 +325,22 @@ impl MicrovmHooks {
     ) -> Result<(SharedVirtio, Option<RxPoller>), HookError> {
         let p = dev.props;
         Ok(match dev.driver {
-            "virtio-blk-device" => {
-                let b = self.backends.block(p.str("drive").unwrap_or_default())?;
-                let mut cfg = BlockConfig::new(&b.filename);
-                cfg.read_only = b.read_only || p.bool("read-only").unwrap_or(false);
-                cfg.serial = p.str("serial").filter(|s| !s.is_empty()).map(str::to_owned);
-                if let Some(q) = p.u64("queue-size") {
-                    cfg.queue_size = u16::try_from(q).map_err(|_| "queue-size too large")?;
-                }
+            Block::QDEV_TYPE => {
+                let props = BlockProps::from_props(p)?;
+                let b = self.backends.block(&props.drive)?;
+                let cfg = props.config(&b.filename, b.read_only);
                 (Arc::new(Mutex::new(Block::new(&cfg)?)), None)
             }
-            "virtio-rng-device" => (Arc::new(Mutex::new(Rng::new()?)), None),
-            "virtio-net-device" => {
-                let n = self.backends.net(p.str("netdev").unwrap_or_default())?;
-                let mac = NetConfig::parse_mac(p.str("mac").unwrap_or_default())?;
-                let net = Arc::new(Mutex::new(Net::with_tap(&n.ifname, NetConfig { mac })?));
+            Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
+            Net::QDEV_TYPE => {
+                let props = NetProps::from_props(p)?;
+                let n = self.backends.net(&props.netdev)?;
+                let net = Arc::new(Mutex::new(Net::with_tap(&n.ifname, props.config())?));
                 let rx = RxPoller::spawn(net.clone())?;
                 (net, Some(rx))
             }
             // The port comes later (virtconsole); until then output is dropped.
-            SERIAL_DRIVER => (
+            Console::QDEV_TYPE => (
                 Arc::new(Mutex::new(Console::new(Box::new(std::io::sink())))),
                 None,
             ),
@@ -373,28 +367,20 @@ impl DeviceHooks for MicrovmHooks {
             self.realized.insert(dev.key, Realized::Factory(mappings));
             return Ok(());
         }
-        if dev.driver == "isa-debug-exit" {
-            let iobase = dev.props.u64("iobase").unwrap_or(0x501);
-            let iosize = dev.props.u64("iosize").unwrap_or(2);
-            self.lock()
-                .add_device(
-                    "isa-debug-exit",
-                    &[
-                        ("iobase".to_owned(), iobase.to_string()),
-                        ("iosize".to_owned(), iosize.to_string()),
-                    ],
-                )
-                .map_err(|e| chain(&e))?;
+        if dev.driver == DebugExit::QDEV_TYPE {
+            let cfg = DebugExitConfig::from_props(dev.props)?;
+            self.lock().add_debug_exit(cfg).map_err(|e| chain(&e))?;
             self.realized
-                .insert(dev.key, Realized::DebugExit { iobase });
+                .insert(dev.key, Realized::DebugExit { iobase: cfg.iobase });
             return Ok(());
         }
-        if dev.driver == CONSOLE_DRIVER {
+        if dev.driver == Console::PORT_QDEV_TYPE {
             let (slot, gsi) = *self
                 .serial_buses
                 .get(dev.bus)
                 .ok_or_else(|| format!("bus '{}' is not a virtio-serial bus", dev.bus))?;
-            let console = self.console(dev.props.str("chardev").unwrap_or_default())?;
+            let props = ConsolePortProps::from_props(dev.props)?;
+            let console = self.console(&props.chardev)?;
             self.attach(slot, gsi, console)?;
             self.realized.insert(dev.key, Realized::Port { slot, gsi });
             return Ok(());
@@ -405,9 +391,9 @@ impl DeviceHooks for MicrovmHooks {
         };
         let (device, rx) = self.virtio_device(dev)?;
         self.attach(slot, gsi, device)?;
-        if dev.driver == SERIAL_DRIVER {
+        if dev.driver == Console::QDEV_TYPE {
             self.serial_buses
-                .insert(serial_bus_name(dev.id, Some(slot)), (slot, gsi));
+                .insert(Console::port_bus_name(dev.id, Some(slot)), (slot, gsi));
         }
         self.realized
             .insert(dev.key, Realized::Virtio { slot, _rx: rx });
@@ -429,15 +415,13 @@ impl DeviceHooks for MicrovmHooks {
         match self.realized.remove(&dev.key) {
             Some(Realized::Factory(mappings)) => unmap(self.lock().buses(), &mappings),
             Some(Realized::DebugExit { iobase }) => {
-                if let Err(e) = self.lock().buses().pio.remove(iobase) {
-                    log::warn!("unmapping isa-debug-exit at {iobase:#x}: {e}");
-                }
+                self.lock().remove_device_at(iobase);
             }
             Some(Realized::Virtio { slot, _rx }) => {
                 self.detach(slot);
-                if dev.driver == SERIAL_DRIVER {
+                if dev.driver == Console::QDEV_TYPE {
                     self.serial_buses
-                        .remove(&serial_bus_name(dev.id, Some(slot)));
+                        .remove(&Console::port_bus_name(dev.id, Some(slot)));
                 }
                 // `_rx` is dropped here: the RX thread stops.
             }
@@ -543,7 +527,7 @@ impl MicrovmBoard {
         }
         for (i, w) in windows.iter().enumerate() {
             let t = tree
-                .add_onboard(init, &DeviceRequest::new(VIRTIO_MMIO_TRANSPORT))
+                .add_onboard(init, &DeviceRequest::new(MmioTransport::QDEV_TYPE))
                 .map_err(e)?;
             let slot = SlotResources {
                 mmio: Some(Window {
@@ -585,11 +569,11 @@ impl Board for MicrovmBoard {
     /// single-port); if the bus cannot be added, the device goes again.
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
         let added = self.tree.device_add(phase, req)?;
-        if req.driver == SERIAL_DRIVER {
+        if req.driver == Console::QDEV_TYPE {
             let window = self.windows.get(&added.bus).copied();
             let bus = BusSpec::new(
-                serial_bus_name(req.id.as_deref(), window),
-                serial_bus_type(),
+                Console::port_bus_name(req.id.as_deref(), window),
+                Console::port_bus_type(),
             )
             .parent(added.path.clone())
             .slots(vec![SlotResources::default()]);

@@ -60,14 +60,8 @@ fn hello_pvh_guest_under_kvm_exits_through_isa_debug_exit() {
     };
     let (tx, rx) = mpsc::channel();
     let mut vm = Microvm::new(cfg, &accel, Arc::new(tx)).unwrap();
-    vm.add_device(
-        "isa-debug-exit",
-        &[
-            ("iobase".into(), "0xf4".into()),
-            ("iosize".into(), "0x04".into()),
-        ],
-    )
-    .unwrap();
+    vm.add_debug_exit(keel_devices::DebugExitConfig::new(0xf4, 4).unwrap())
+        .unwrap();
     vm.finish_init().unwrap();
     std::fs::remove_file(&dir).unwrap();
 
