@@ -107,8 +107,9 @@ fn pure_qmp(c: &mut Client, image: &str) -> Value {
             json!({"driver": "no-such-device", "id": "x1"}),
             "no-such-device",
         ),
+        // Ports past the end of the I/O space.
         (
-            json!({"driver": "isa-debug-exit", "id": "x2", "iosize": 8}),
+            json!({"driver": "isa-debug-exit", "id": "x2", "iobase": 0xfffe, "iosize": 8}),
             "iosize",
         ),
         (
