@@ -878,6 +878,7 @@ mod tests {
     /// `acpi=off` with a `-kernel`: the devices go on the kernel command line instead
     /// (QEMU's `auto-kernel-cmdline`, on by default); `auto-kernel-cmdline=off` drops them.
     #[test]
+    #[cfg(feature = "demo-guest")]
     fn acpi_off_puts_cold_plugged_devices_on_the_kernel_command_line() {
         use vm_memory::{Bytes, GuestAddress};
         let kernel = std::env::temp_dir().join(format!("keel-vmm-pvh-{}", std::process::id()));
