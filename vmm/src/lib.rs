@@ -26,7 +26,7 @@
 //! through [`devices::QmpEvents`]. Backends (`blockdev-add`, `netdev_add`, `chardev-add` and
 //! their command-line forms) live in [`backends::Backends`] from no-machine on and are
 //! looked up by `drive=`/`netdev=`/`chardev=` when a device is realized
-//! ([`microvm`] maps them onto `keel-virtio` devices behind an MMIO transport).
+//! (`keel_machine::MicrovmType` maps them onto `keel-virtio` devices behind an MMIO transport).
 
 #![deny(missing_docs)]
 

@@ -4,7 +4,7 @@
 //! [`keel_qmp::Command`] impl the name, phases, out-of-band permission and the QAPI schema
 //! of arguments and result, which `query-qmp-schema` reports and the registry validates
 //! against. The modules follow QEMU's `qapi/*.json`: [`machine`], [`qdev`], [`qom`],
-//! [`block`], [`net`], [`char`] and [`misc`]. What a command does is not here: the VMM
+//! [`block`], [`net`], [`char`](mod@char) and [`misc`]. What a command does is not here: the VMM
 //! implements [`keel_qmp::Handler`] for each (commands that need no VMM state implement
 //! [`keel_qmp::ContextFree`] here).
 //!
