@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vmm::cli::{self, Invocation};
+use vmm::cli::{self, Action, Invocation};
 use vmm::{GuestExitPolicy, ShutdownCause, Vmm};
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread spawned later) and
@@ -85,6 +85,90 @@ fn install_logger() {
     }
 }
 
+/// The pid file this process wrote (`-pidfile`), removed when the process exits, as QEMU.
+static PIDFILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+extern "C" fn remove_pidfile() {
+    if let Some(p) = PIDFILE.get() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Writes the pid file; it is removed at exit.
+fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::write(path, format!("{}\n", std::process::id()))?;
+    if PIDFILE.set(path.to_owned()).is_ok() {
+        // SAFETY: registers a plain `extern "C"` function without arguments; it only reads
+        // a OnceLock and removes a file.
+        unsafe { libc::atexit(remove_pidfile) };
+    }
+    Ok(())
+}
+
+/// `-daemonize`, first half: forks before any thread exists. The parent waits until the
+/// child says the command line ran (its monitors listen, the pid file is written) and exits 0,
+/// or exits 1 if the child fails first; the child goes on in a new session and returns the
+/// pipe end to report on.
+fn daemonize() -> Result<std::fs::File, String> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!(
+            "cannot daemonize: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the process is single-threaded here (nothing has been spawned yet), so the
+    // child may run arbitrary code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!(
+            "cannot daemonize: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: both descriptors came from pipe2 above and are owned by nothing else; each
+    // side closes the end it does not use.
+    let (read_end, write_end) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    if pid > 0 {
+        drop(write_end);
+        let mut status = [1u8];
+        let ok = matches!((&read_end).read(&mut status), Ok(1)) && status[0] == 0;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+    drop(read_end);
+    // SAFETY: setsid has no memory effects; failure (already a group leader) is harmless.
+    unsafe { libc::setsid() };
+    Ok(write_end)
+}
+
+/// `-daemonize`, second half: tells the waiting parent that the VMM is up, and detaches
+/// standard input and output from the terminal (errors keep going to standard error until
+/// then, so the user sees why a start failed).
+fn daemon_ready(mut pipe: std::fs::File) {
+    let _ = pipe.write_all(&[0]);
+    drop(pipe);
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in [0, 1, 2] {
+            // SAFETY: dup2 onto the standard descriptors with a valid open file; no memory
+            // is involved.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
 fn main() -> ExitCode {
     install_logger();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -132,6 +216,22 @@ fn main() -> ExitCode {
         Ok(Invocation::Run(steps)) => steps,
     };
 
+    let pidfile = steps.iter().rev().find_map(|s| match &s.action {
+        Action::PidFile(p) => Some(p.clone()),
+        _ => None,
+    });
+    let daemon = if steps.iter().any(|s| matches!(s.action, Action::Daemonize)) {
+        match daemonize() {
+            Ok(pipe) => Some(pipe),
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
+
     let signals = block_shutdown_signals();
     let vmm = Vmm::new();
     // As QEMU: a guest write to isa-debug-exit ends the process there and then.
@@ -155,6 +255,16 @@ fn main() -> ExitCode {
         eprintln!("vmm: {e}");
         vmm.close_monitors(Duration::ZERO);
         return ExitCode::from(1);
+    }
+    if let Some(p) = &pidfile
+        && let Err(e) = write_pidfile(p)
+    {
+        eprintln!("vmm: cannot write pid file {}: {e}", p.display());
+        vmm.close_monitors(Duration::ZERO);
+        return ExitCode::from(1);
+    }
+    if let Some(pipe) = daemon {
+        daemon_ready(pipe);
     }
     vmm.wait_for_shutdown();
     vmm.close_monitors(Duration::from_secs(1));

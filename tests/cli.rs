@@ -82,19 +82,34 @@ fn bad_options_fail_on_one_line_without_side_effects() {
 
 #[test]
 fn order_errors_use_the_commands_messages() {
-    last_line_error(
-        &["-accel", "tcg", "-machine", "none"],
-        "-machine none: the machine type is already 'microvm'; it cannot change once set",
-    );
     // Machine properties may follow -accel (as on QEMU's command line) until the board is
-    // built; after that they are out of phase.
+    // built; after that they are out of phase, and the error says what to move where.
     last_line_error(
         &["-machine", "none", "-accel", "tcg", "-smp", "2"],
         "-smp 2: Invalid SMP CPUs 2",
     );
     last_line_error(
-        &["-M", "none", "-accel", "tcg", "-S", "-accel", "kvm"],
-        "-accel kvm: 'accel-set' is not allowed in phase accel-created: it needs machine-created",
+        &["-M", "microvm", "-device", "isa-debug-exit", "-m", "256M"],
+        "-m 256M: 'machine-set' is not allowed in phase machine-init: it needs no-machine, \
+         machine-created or accel-created; the machine is sized when it is built: give \
+         -machine, -m, -smp and -cpu before the first -device",
+    );
+    last_line_error(
+        &[
+            "-M",
+            "microvm",
+            "-device",
+            "isa-debug-exit",
+            "-accel",
+            "tcg",
+        ],
+        "-accel tcg: 'accel-set' is not allowed in phase machine-init: it needs machine-created; \
+         give -accel before the first -device",
+    );
+    last_line_error(&["-cpu", "pentium9"], "unable to find CPU model 'pentium9'");
+    last_line_error(
+        &["-M", "microvm", "-accel", "tcg", "-cpu", "host"],
+        "CPU model 'host' requires KVM",
     );
     last_line_error(
         &["-machine", "none,pit=off"],
@@ -116,6 +131,199 @@ fn order_errors_use_the_commands_messages() {
         &["-machine", "none", "-kernel", "/vmlinuz"],
         "'kernel' is not accepted",
     );
+}
+
+/// Options in the orders QEMU users write them: the machine-sizing ones wait for the machine,
+/// `-accel`s are fallbacks wherever they stand, what is read at the first reset (`-kernel`,
+/// `-append`, `-serial`, `-no-reboot`, `-name`, `-uuid`) may follow `-device`, and a clean
+/// run prints nothing on stderr.
+#[test]
+fn qemu_orders_run_and_stay_quiet() {
+    let kernel = std::env::temp_dir().join(format!("keel-order-{}.elf", std::process::id()));
+    std::fs::write(&kernel, keel_machine::DEMO_GUEST).unwrap();
+    let k = kernel.to_str().unwrap();
+    for args in [
+        // -kernel after -device (QEMU's documentation and scripts do this all the time).
+        vec![
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-m",
+            "128M",
+            "-nodefaults",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+            k,
+            "-serial",
+            "stdio",
+        ],
+        // -m and -smp before -M, -accel before -M, -accel fallbacks split by other options.
+        vec![
+            "-m",
+            "64M",
+            "-accel",
+            "kvm",
+            "-smp",
+            "1",
+            "-M",
+            "microvm",
+            "-S",
+            "-accel",
+            "tcg",
+            "-no-reboot",
+            "-kernel",
+            k,
+            "-name",
+            "g",
+            "-uuid",
+            "12345678-9abc-def0-1234-56789abcdef0",
+            "-cpu",
+            "max",
+        ],
+    ] {
+        let is_s = args.contains(&"-S");
+        if is_s {
+            let mut vmm = Vmm::start(&args);
+            let mut c = vmm.qmp();
+            assert_eq!(c.status(), "prelaunch");
+            assert_eq!(
+                c.ok("query-uuid", Value::Null),
+                json!({"UUID": "12345678-9abc-def0-1234-56789abcdef0"})
+            );
+            let cpus = c.ok("query-cpus-fast", Value::Null);
+            assert_eq!(cpus.as_array().unwrap().len(), 1);
+            c.ok("cont", Value::Null);
+            vmm.wait();
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut vmm.child.stderr.take().unwrap(), &mut err).unwrap();
+            // A host without KVM gets QEMU's warning for the skipped -accel kvm; nothing else.
+            assert!(err.lines().all(|l| l.contains("rejected")), "stderr: {err}");
+        } else {
+            let out = std::process::Command::new(BIN)
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}");
+            assert!(stdout.contains("running on tcg"), "{stdout}");
+            assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{args:?}");
+        }
+    }
+    std::fs::remove_file(&kernel).ok();
+}
+
+/// `-preconfig` with only backends waits in no-machine: `-serial` and `-chardev` never
+/// create a machine.
+#[test]
+fn backends_alone_create_no_machine() {
+    let mut vmm = Vmm::start(&[
+        "-preconfig",
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "null",
+    ]);
+    let mut c = vmm.qmp();
+    assert_eq!(c.phase(), "no-machine");
+    // The serial backend waits for the machine built later over QMP.
+    c.ok(
+        "machine-set",
+        json!({"type": "microvm", "memory": 16 << 20}),
+    );
+    c.ok("accel-set", json!({"accel": "tcg"}));
+    c.ok("machine-done", Value::Null);
+    assert_eq!(c.status(), "prelaunch");
+    c.ok("quit", Value::Null);
+    vmm.wait();
+}
+
+/// `-pidfile` and `-daemonize` as libvirt's probe uses them: the parent exits 0 once the
+/// monitor listens, the pid file names the daemon, which serves QMP until killed.
+#[test]
+fn daemonize_writes_the_pidfile_once_the_monitor_listens() {
+    let dir = TempDir::new();
+    let sock = dir.path("qmp.sock");
+    let pidfile = dir.path("qmp.pid");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let status = std::process::Command::new(BIN)
+        .args([
+            "-S",
+            "-no-user-config",
+            "-nodefaults",
+            "-nographic",
+            "-machine",
+            "none,accel=kvm:tcg",
+            "-qmp",
+            &qmp,
+            "-pidfile",
+        ])
+        .arg(&pidfile)
+        .arg("-daemonize")
+        .stdin(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(sock.exists(), "the monitor listens before the parent exits");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut c = Client::new(std::os::unix::net::UnixStream::connect(&sock).unwrap());
+    c.negotiate();
+    assert_eq!(c.phase(), "machine-ready");
+    // SAFETY: plain kill(2) of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let start = std::time::Instant::now();
+    // SAFETY: kill with signal 0 only checks for existence.
+    while unsafe { libc::kill(pid, 0) } == 0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A monitor on an inherited socket (`-chardev socket,fd=N`): QEMU's Python `QEMUMachine`
+/// passes one end of a socketpair this way.
+#[test]
+fn monitor_on_an_inherited_socket() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args([
+        "-M",
+        "none",
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-chardev",
+        &format!("socket,id=mon,fd={fd}"),
+        "-mon",
+        "chardev=mon,mode=control",
+    ])
+    .stdin(std::process::Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe fcntl is called, on a descriptor
+    // this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(theirs);
+    let mut c = Client::new(ours);
+    c.negotiate();
+    assert_eq!(c.status(), "prelaunch");
+    c.ok("quit", Value::Null);
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]

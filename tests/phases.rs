@@ -33,6 +33,7 @@ fn args_for(cmd: &str) -> Value {
                                "script": "no", "downscript": "no"}),
         "chardev-add" => json!({"id": "c0", "backend": {"type": "null", "data": {}}}),
         "yank" => json!({"instances": []}),
+        "serial-add" => json!({"backend": "null"}),
         _ => Value::Null,
     }
 }

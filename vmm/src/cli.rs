@@ -18,7 +18,8 @@ use serde_json::{Map, Value};
 
 use crate::Vmm;
 use crate::commands::{
-    AccelList, AccelSet, BlockdevAdd, ChardevAdd, DeviceAdd, MachineSet, NetdevAdd,
+    AccelList, AccelSet, BlockdevAdd, BootSet, ChardevAdd, DeviceAdd, MachineSet, NetdevAdd,
+    SerialAdd,
 };
 
 /// A command-line error: the option as written and what is wrong with it.
@@ -41,6 +42,17 @@ pub enum CliError {
         #[source]
         source: CommandError,
     },
+    /// The option came after something that fixed what it changes; nothing was done.
+    #[error("{option}: {source}; {hint}")]
+    Order {
+        /// The option as written.
+        option: String,
+        /// The command's out-of-phase error.
+        #[source]
+        source: CommandError,
+        /// What to move where.
+        hint: &'static str,
+    },
     /// A monitor could not be opened.
     #[error("{option}: {source}")]
     Monitor {
@@ -55,9 +67,22 @@ pub enum CliError {
 /// What one option does.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// `machine-set` (`-machine`, `-m`, `-smp`, `-kernel`, `-initrd`, `-append`, `-serial`,
-    /// `-no-reboot`), then `accel-set` for a legacy `-machine ...,accel=a:b`.
+    /// `machine-set` (`-machine`, `-m`, `-smp`, `-cpu`): what sizes the machine, consumed
+    /// when it is built; then `accel-set` for a legacy `-machine ...,accel=a:b`. Without
+    /// `-machine` before it, the values wait for the machine rather than create one.
     Machine(MachineSet, Option<Vec<String>>),
+    /// `boot-set` (`-kernel`, `-initrd`, `-append`, `-no-reboot`): read when the machine
+    /// becomes ready, so valid until then.
+    Boot(BootSet),
+    /// `serial-add` (`-serial`): a backend; it never creates a machine.
+    Serial(String),
+    /// `-uuid`.
+    Uuid(String),
+    /// `-pidfile PATH`: the process's pid is written there once the command line ran (the
+    /// binary's job; [`execute`] ignores it).
+    PidFile(PathBuf),
+    /// `-daemonize`: detach once the command line ran (the binary's job).
+    Daemonize,
     /// `accel-set` with the accelerators of consecutive `-accel` options.
     Accel(Vec<String>),
     /// `device_add`.
@@ -113,13 +138,15 @@ same command as its QMP twin and fails the same way when it comes in the wrong
 lifecycle phase (no-machine, machine-created, accel-created, machine-init,
 machine-ready).
 
-Machine (machine-set):
+Machine (machine-set; sizes the machine, so before the first -device):
   -machine|-M TYPE[,prop=value...]  machine type (`-machine help` lists them)
   -m SIZE                           RAM (default unit MiB; suffixes K M G T)
   -smp N                            vCPUs
+  -cpu MODEL                        max, host (kvm only), qemu64, kvm64: one model
+Boot (boot-set; read when the machine is ready, so anywhere before that):
   -kernel PATH  -initrd PATH  -append CMDLINE
-  -serial BACKEND                   serial port backend
   -no-reboot                        a guest reset shuts down instead
+  -serial BACKEND                   serial port backend: stdio, null, none, file:PATH
 Accelerator (accel-set):
   -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
 Devices (device_add, cold until the machine is ready):
@@ -134,16 +161,18 @@ Backends (from the start; devices name them):
   -chardev file,id=ID,path=PATH | -chardev null,id=ID
 Monitors (live from the moment they are read):
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off | stdio
-  -chardev socket,id=ID,path=PATH,server=on,wait=off  (or host=,port=)
+  -chardev socket,id=ID,path=PATH,server=on,wait=off  (or host=,port=, or fd=N)
   -mon chardev=ID,mode=control
 Lifecycle:
   -enable-kvm                       same as -accel kvm
-  -cpu MODEL                        CPU model (a machine property)
   -S                                stay paused (prelaunch) when ready
   -preconfig                        stop early and let QMP finish the machine
                                     (without -machine: wait in no-machine)
+Process:
+  -pidfile PATH                     write the pid once the command line ran
+  -daemonize                        detach once the command line ran
 Other:
-  -name NAME  -nodefaults  -no-user-config  -display none  -nographic
+  -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
   -vga none  -monitor none
   -h, --help  --version
 ";
@@ -177,13 +206,14 @@ fn chardev_endpoint(option: &str, text: &str) -> Result<(String, Endpoint), CliE
     let opts = split_opts(option, text, Some("backend"))?;
     let mut backend = String::new();
     let mut id = None;
-    let (mut path, mut host, mut port) = (None, None, None);
+    let (mut path, mut host, mut port, mut fd) = (None, None, None, None);
     let (mut server, mut wait) = (false, true);
     for (k, v) in opts {
         match k.as_str() {
             "backend" => backend = v,
             "id" => id = Some(v),
             "path" => path = Some(v),
+            "fd" => fd = Some(v),
             "host" => host = Some(v),
             "port" => port = Some(v),
             "server" => server = on_off(option, &k, &v)?,
@@ -200,6 +230,22 @@ fn chardev_endpoint(option: &str, text: &str) -> Result<(String, Endpoint), CliE
     let ep = match backend.as_str() {
         "stdio" => Endpoint::Stdio,
         "socket" => match (path, host, port) {
+            (None, None, None) if fd.is_some() => Endpoint::Fd {
+                fd: fd
+                    .as_deref()
+                    .and_then(|f| f.parse().ok())
+                    .filter(|&n: &i32| n >= 0)
+                    .ok_or_else(|| {
+                        syntax(option, "Parameter 'fd' expects a file descriptor number")
+                    })?,
+                server,
+            },
+            _ if fd.is_some() => {
+                return Err(syntax(
+                    option,
+                    "fd= cannot be combined with path= or host=/port=",
+                ));
+            }
             (Some(path), None, None) => Endpoint::Unix {
                 path: PathBuf::from(path),
                 server,
@@ -218,7 +264,7 @@ fn chardev_endpoint(option: &str, text: &str) -> Result<(String, Endpoint), CliE
             _ => {
                 return Err(syntax(
                     option,
-                    "a socket chardev needs either path= or host=/port=",
+                    "a socket chardev needs path=, host=/port= or fd=",
                 ));
             }
         },
@@ -329,6 +375,7 @@ fn char_backend(option: &str, text: &str) -> Result<Option<ChardevAdd>, CliError
 
 fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
     match key {
+        // QEMU's machine properties of the same names are the boot options.
         "kernel" => set.kernel = Some(PathBuf::from(v)),
         "initrd" => set.initrd = Some(PathBuf::from(v)),
         "append" => set.append = Some(v.to_owned()),
@@ -336,6 +383,37 @@ fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
             set.props.insert(key.to_owned(), v.to_owned());
         }
     }
+}
+
+/// QEMU's `-uuid` form: 8-4-4-4-12 hex digits.
+fn uuid_ok(v: &str) -> bool {
+    let groups: Vec<&str> = v.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `-device` as JSON (`{"driver": ..., "id": ..., ...}`, libvirt's form).
+fn device_json(option: &str, v: &str) -> Result<DeviceAdd, CliError> {
+    let mut map: Map<String, Value> =
+        serde_json::from_str(v).map_err(|e| syntax(option, format!("invalid JSON: {e}")))?;
+    let text = |map: &mut Map<String, Value>, k: &str| -> Result<Option<String>, CliError> {
+        match map.remove(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(syntax(option, format!("Parameter '{k}' expects a string"))),
+        }
+    };
+    let driver =
+        text(&mut map, "driver")?.ok_or_else(|| syntax(option, "Parameter 'driver' is missing"))?;
+    Ok(DeviceAdd {
+        driver,
+        id: text(&mut map, "id")?,
+        bus: text(&mut map, "bus")?,
+        props: map,
+    })
 }
 
 /// Checks the whole command line and turns it into steps; nothing is executed.
@@ -376,6 +454,8 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "cpu"
                 | "vga"
                 | "monitor"
+                | "uuid"
+                | "pidfile"
         );
         let value = if takes_value {
             let v = args
@@ -514,25 +594,27 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 set.cpus = cpus;
                 Action::Machine(set, None)
             }
-            "kernel" | "initrd" | "append" => {
-                let mut set = MachineSet::default();
-                machine_field(name, v, &mut set);
-                Action::Machine(set, None)
-            }
-            "serial" => Action::Machine(
-                MachineSet {
-                    serial: Some(v.to_owned()),
-                    ..MachineSet::default()
-                },
-                None,
-            ),
-            "no-reboot" => Action::Machine(
-                MachineSet {
-                    no_reboot: Some(true),
-                    ..MachineSet::default()
-                },
-                None,
-            ),
+            "kernel" => Action::Boot(BootSet {
+                kernel: Some(PathBuf::from(v)),
+                ..BootSet::default()
+            }),
+            "initrd" => Action::Boot(BootSet {
+                initrd: Some(PathBuf::from(v)),
+                ..BootSet::default()
+            }),
+            "append" => Action::Boot(BootSet {
+                append: Some(v.to_owned()),
+                ..BootSet::default()
+            }),
+            "no-reboot" => Action::Boot(BootSet {
+                no_reboot: Some(true),
+                ..BootSet::default()
+            }),
+            "serial" => Action::Serial(v.to_owned()),
+            "uuid" if uuid_ok(v) => Action::Uuid(v.to_ascii_lowercase()),
+            "uuid" => return Err(syntax(&option, "Invalid UUID")),
+            "pidfile" => Action::PidFile(PathBuf::from(v)),
+            "daemonize" => Action::Daemonize,
             "accel" => {
                 let opts = split_opts(&option, v, Some("accel"))?;
                 let mut accel = None;
@@ -561,6 +643,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 }
                 Action::Accel(vec![accel])
             }
+            "device" if v.trim_start().starts_with('{') => Action::Device(device_json(&option, v)?),
             "device" => {
                 let mut dev = DeviceAdd::default();
                 let mut props = Map::new();
@@ -671,44 +754,55 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
     // only once the whole command line has been processed.
     let _hold = vmm.hold_qmp();
     let mut preconfig = false;
+    // Machine values (`-m`, `-smp`, `-cpu`, `-machine` without a type) read before any
+    // `-machine TYPE` wait for the machine instead of creating the default one, and `-accel`
+    // options (each one a fallback for the ones before, wherever they stand, as in QEMU)
+    // wait until something needs the accelerator.
+    let mut pending = Pending::default();
     for step in steps {
         let opt = step.option.as_str();
+        match &step.action {
+            Action::Machine(set, accel)
+                if set.type_name.is_none() && vmm.phase() == Phase::NoMachine =>
+            {
+                pending.machine(opt, set.clone());
+                if let Some(list) = accel {
+                    pending.accel(opt, list);
+                }
+                continue;
+            }
+            Action::Machine(set, accel) if set.type_name.is_some() => {
+                let set = match pending.values.take() {
+                    Some((_, earlier)) => merge(earlier, set.clone()),
+                    None => set.clone(),
+                };
+                vmm.execute(set).map_err(order(opt, SIZE_HINT))?;
+                if let Some(list) = accel {
+                    pending.accel(opt, list);
+                }
+                continue;
+            }
+            Action::Accel(list) if vmm.phase() <= Phase::MachineCreated => {
+                pending.accel(opt, list);
+                continue;
+            }
+            Action::Accel(_) | Action::Device(_) => pending.flush(vmm)?,
+            _ => {}
+        }
         let mut log_opt = |m: String| log::info!("{opt}: {m}");
         match &step.action {
             Action::Monitor(ep) => vmm.serve(ep).map_err(|source| CliError::Monitor {
                 option: opt.to_owned(),
                 source,
             })?,
-            Action::Machine(set, accel) => {
-                if set.type_name.is_none() && vmm.phase() == Phase::NoMachine {
-                    log_opt("no -machine before it; using the default machine type".into());
-                }
-                vmm.execute(set.clone()).map_err(cmd(opt))?;
-                if let Some(list) = accel {
-                    vmm.execute(AccelSet {
-                        accel: AccelList::Many(list.clone()),
-                    })
-                    .map_err(cmd(opt))?;
-                }
+            Action::Machine(set, _) => {
+                vmm.execute(set.clone()).map_err(order(opt, SIZE_HINT))?;
             }
             Action::Accel(list) => {
-                if vmm.phase() < Phase::MachineCreated {
-                    vmm.advance_to(Phase::MachineCreated, &mut log_opt)
-                        .map_err(cmd(opt))?;
-                }
-                let choice = vmm
-                    .execute(AccelSet {
-                        accel: AccelList::Many(list.clone()),
-                    })
-                    .map_err(cmd(opt))?;
-                for r in &choice.rejected {
-                    log::warn!(
-                        "{opt}: accelerator '{}' rejected ({}); falling back to '{}'",
-                        r.accel,
-                        r.reason,
-                        choice.accel
-                    );
-                }
+                vmm.execute(AccelSet {
+                    accel: AccelList::Many(list.clone()),
+                })
+                .map_err(order(opt, "give -accel before the first -device"))?;
             }
             Action::Device(dev) => {
                 if vmm.phase() < Phase::MachineInit {
@@ -717,6 +811,12 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
                 }
                 vmm.execute(dev.clone()).map_err(cmd(opt))?;
             }
+            Action::Boot(b) => vmm.execute(b.clone()).map_err(cmd(opt))?,
+            Action::Serial(backend) => vmm
+                .execute(SerialAdd {
+                    backend: backend.clone(),
+                })
+                .map_err(cmd(opt))?,
             Action::Blockdev(b) => {
                 vmm.execute(b.clone()).map_err(cmd(opt))?;
             }
@@ -725,11 +825,13 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
                 vmm.execute(c.clone()).map_err(cmd(opt))?;
             }
             Action::Name(n) => vmm.set_name(Some(n.clone())),
+            Action::Uuid(u) => vmm.set_uuid(Some(u.clone())),
             Action::NoAutostart => vmm.set_autostart(false),
             Action::Preconfig => preconfig = true,
-            Action::Nothing => {}
+            Action::PidFile(_) | Action::Daemonize | Action::Nothing => {}
         }
     }
+    pending.flush(vmm)?;
     let phase = vmm.phase();
     if preconfig {
         // Like QEMU's --preconfig: with a machine, stop once its accelerator exists; with
@@ -746,6 +848,98 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
         phase: vmm.phase(),
         preconfig,
     })
+}
+
+/// `later` over `earlier`: what the later option sets wins, machine properties are merged.
+fn merge(earlier: MachineSet, later: MachineSet) -> MachineSet {
+    let mut props = earlier.props;
+    props.extend(later.props);
+    MachineSet {
+        type_name: later.type_name.or(earlier.type_name),
+        memory: later.memory.or(earlier.memory),
+        cpus: later.cpus.or(earlier.cpus),
+        kernel: later.kernel.or(earlier.kernel),
+        initrd: later.initrd.or(earlier.initrd),
+        append: later.append.or(earlier.append),
+        serial: later.serial.or(earlier.serial),
+        no_reboot: later.no_reboot.or(earlier.no_reboot),
+        props,
+    }
+}
+
+/// What to move where when a machine-sizing option comes too late.
+const SIZE_HINT: &str = "the machine is sized when it is built: give -machine, -m, -smp and -cpu before the first -device";
+
+/// Options [`execute`] holds until something needs what they configure.
+#[derive(Default)]
+struct Pending {
+    /// Machine values before any `-machine TYPE`, with the first such option (for messages).
+    values: Option<(String, MachineSet)>,
+    /// `-accel` fallbacks in order, with the first such option.
+    accels: Option<(String, Vec<String>)>,
+}
+
+impl Pending {
+    fn machine(&mut self, opt: &str, set: MachineSet) {
+        self.values = Some(match self.values.take() {
+            Some((first, earlier)) => (first, merge(earlier, set)),
+            None => (opt.to_owned(), set),
+        });
+    }
+
+    fn accel(&mut self, opt: &str, list: &[String]) {
+        match &mut self.accels {
+            Some((_, all)) => all.extend_from_slice(list),
+            None => self.accels = Some((opt.to_owned(), list.to_vec())),
+        }
+    }
+
+    /// Creates the machine (the default type, with the values given) if none exists yet,
+    /// then chooses the accelerator among the `-accel` fallbacks given.
+    fn flush(&mut self, vmm: &Vmm) -> Result<(), CliError> {
+        if let Some((first, set)) = self.values.take() {
+            if set.type_name.is_none() {
+                log::info!("{first}: no -machine given; using the default machine type");
+            }
+            vmm.execute(set).map_err(order(&first, SIZE_HINT))?;
+        }
+        let Some((first, list)) = self.accels.take() else {
+            return Ok(());
+        };
+        if vmm.phase() < Phase::MachineCreated {
+            vmm.advance_to(Phase::MachineCreated, &mut |m| log::info!("{first}: {m}"))
+                .map_err(cmd(&first))?;
+        }
+        let choice = vmm
+            .execute(AccelSet {
+                accel: AccelList::Many(list),
+            })
+            .map_err(order(&first, "give -accel before the first -device"))?;
+        for r in &choice.rejected {
+            log::warn!(
+                "{first}: accelerator '{}' rejected ({}); falling back to '{}'",
+                r.accel,
+                r.reason,
+                choice.accel
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A command's error; out of phase, with `hint` saying what to move where.
+fn order<'a>(option: &'a str, hint: &'static str) -> impl FnOnce(CommandError) -> CliError + 'a {
+    move |source| match source {
+        CommandError::OutOfPhase { .. } => CliError::Order {
+            option: option.to_owned(),
+            source,
+            hint,
+        },
+        source => CliError::Command {
+            option: option.to_owned(),
+            source,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -820,19 +1014,31 @@ mod tests {
 
     #[test]
     fn left_to_right_phase_errors() {
-        assert_eq!(
-            run_err("-accel tcg -machine none"),
-            "-machine none: the machine type is already 'microvm'; it cannot change once set"
-        );
         assert!(
             run_err("-machine none -device virtio-rng-device")
                 .contains("bus found for device 'virtio-rng-device'")
         );
         assert_eq!(
-            run_err("-machine none -accel tcg -name x -accel kvm"),
-            "-accel kvm: 'accel-set' is not allowed in phase accel-created: it needs machine-created"
+            run_err("-machine microvm -m 16M -device isa-debug-exit -accel kvm")
+                .split(';')
+                .next_back(),
+            Some(" give -accel before the first -device")
         );
         assert!(run_err("-machine microvm,bogus=on").contains("bogus"));
+    }
+
+    #[test]
+    fn accel_and_machine_values_wait_for_the_machine() {
+        // -accel before -machine, and -m before it: QEMU's orders.
+        let Invocation::Run(steps) =
+            parse(&args("-accel tcg -m 64M -machine none -S -accel kvm")).unwrap()
+        else {
+            panic!()
+        };
+        let vmm = Vmm::new();
+        execute(&vmm, &steps).unwrap();
+        let cfg = vmm.execute(crate::commands::QueryAccels {}).unwrap();
+        assert!(cfg.iter().any(|a| a.name == "tcg" && a.selected), "{cfg:?}");
     }
 
     #[test]

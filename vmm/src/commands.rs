@@ -50,6 +50,9 @@ handlers! {
     QueryCommands => |_, _, r| Ok(r.commands());
     QueryQmpSchema => |_, _, r| Ok(r.schema());
     QueryName => |_, c, _| Ok(NameInfo { name: c.name.clone() });
+    QueryUuid => |_, c, _| Ok(UuidInfo {
+        uuid: c.uuid.clone().unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".into()),
+    });
     QueryStatus => |_, c, _| {
         let status = c.run_state();
         Ok(StatusInfo { running: status.is_running(), singlestep: false, status })
@@ -60,6 +63,8 @@ handlers! {
     QueryKvm => |_, c, _| Ok(c.kvm_info());
     QueryCpusFast => |_, c, _| qapi(c.board.as_ref().map(|b| b.cpus()).unwrap_or_default());
     MachineSet => |a, c, _| c.machine_set(a);
+    BootSet => |a, c, _| c.boot_set(a);
+    SerialAdd => |a, c, _| c.serial_add(a.backend);
     AccelSet => |a, c, _| c.accel_set(&match a.accel {
         AccelList::One(a) => vec![a],
         AccelList::Many(v) => v,

@@ -8,7 +8,7 @@ use keel_qdev::{DeviceRequest, DeviceTree};
 use keel_qmp::{CommandError, EventBus, PhaseSource};
 
 use crate::commands::{
-    AccelChoice, AccelInfo, AccelRejection, DeviceAdd, KvmInfo, MachineSet, cause_data,
+    AccelChoice, AccelInfo, AccelRejection, BootSet, DeviceAdd, KvmInfo, MachineSet, cause_data,
 };
 use crate::devices::{QmpEvents, qdev_error};
 use keel_accel::{AccelProbe, Accelerator};
@@ -123,10 +123,15 @@ impl ShutdownSignal {
 pub struct VmmCore {
     pub(crate) tracker: PhaseTracker,
     pub(crate) name: Option<String>,
+    /// `-uuid`, lower case.
+    pub(crate) uuid: Option<String>,
     pub(crate) machines: Vec<Arc<dyn MachineType>>,
     pub(crate) default_machine: &'static str,
     pub(crate) accels: Vec<Arc<dyn AccelProbe>>,
     pub(crate) config: Option<MachineConfig>,
+    /// `boot-set` and `serial-add` values given before a machine exists; the machine
+    /// created next starts from them.
+    pub(crate) pending: MachineConfig,
     pub(crate) machine: Option<Arc<dyn MachineType>>,
     pub(crate) accel: Option<AccelChoice>,
     /// The opened accelerator `accel` names; the machine is built on it.
@@ -266,7 +271,7 @@ impl VmmCore {
             m.available().map_err(board_error)?;
             let cfg = MachineConfig {
                 type_name: name,
-                ..MachineConfig::default()
+                ..self.pending.clone()
             };
             (m, cfg)
         } else {
@@ -323,7 +328,51 @@ impl VmmCore {
         }
         self.machine = Some(machine);
         self.config = Some(cfg);
+        if first {
+            self.pending = MachineConfig::default();
+        }
         Ok(())
+    }
+
+    /// Applies `change` to the machine's configuration, or to the pending one before a
+    /// machine exists; an existing machine checks the result (and an accepted accelerator
+    /// still has to suit it), and a refused change leaves everything as it was.
+    fn change_config(
+        &mut self,
+        change: impl FnOnce(&mut MachineConfig),
+    ) -> Result<(), CommandError> {
+        let (Some(machine), Some(cfg)) = (self.machine.clone(), self.config.as_ref()) else {
+            change(&mut self.pending);
+            return Ok(());
+        };
+        let mut cfg = cfg.clone();
+        change(&mut cfg);
+        machine.check_config(&cfg).map_err(board_error)?;
+        self.config = Some(cfg);
+        Ok(())
+    }
+
+    /// `boot-set`: values read when the machine becomes ready.
+    pub(crate) fn boot_set(&mut self, set: BootSet) -> Result<(), CommandError> {
+        self.change_config(|cfg| {
+            if let Some(v) = set.kernel {
+                cfg.kernel = Some(v);
+            }
+            if let Some(v) = set.initrd {
+                cfg.initrd = Some(v);
+            }
+            if let Some(v) = set.append {
+                cfg.append = Some(v);
+            }
+            if let Some(v) = set.no_reboot {
+                cfg.no_reboot = v;
+            }
+        })
+    }
+
+    /// `serial-add`: the backend of the next serial port.
+    pub(crate) fn serial_add(&mut self, backend: String) -> Result<(), CommandError> {
+        self.change_config(|cfg| cfg.serial.push(backend))
     }
 
     pub(crate) fn accel_set(&mut self, list: &[String]) -> Result<AccelChoice, CommandError> {
@@ -403,7 +452,11 @@ impl VmmCore {
             .board
             .as_mut()
             .ok_or_else(|| generic("the board is missing"))?;
-        board.done().map_err(board_error)?;
+        let cfg = self
+            .config
+            .as_ref()
+            .ok_or_else(|| generic("the machine configuration is missing"))?;
+        board.done(cfg).map_err(board_error)?;
         self.tracker.advance(Phase::MachineReady).map_err(generic)?;
         if self.autostart {
             self.cont()?;

@@ -210,10 +210,12 @@ impl VmmBuilder {
         let core = VmmCore {
             tracker,
             name: None,
+            uuid: None,
             machines: self.machines,
             default_machine: self.default_machine,
             accels: self.accels,
             config: None,
+            pending: board::MachineConfig::default(),
             machine: None,
             accel: None,
             accelerator: None,
@@ -390,6 +392,11 @@ impl Vmm {
     /// Sets the VM name (`-name`), reported by `query-name`.
     pub fn set_name(&self, name: Option<String>) {
         self.core().name = name;
+    }
+
+    /// Sets the VM's UUID (`-uuid`), reported by `query-uuid`.
+    pub fn set_uuid(&self, uuid: Option<String>) {
+        self.core().uuid = uuid;
     }
 
     /// Whether entering machine-ready starts the vCPUs (`-S` turns it off).

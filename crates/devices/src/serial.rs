@@ -303,6 +303,28 @@ impl Serial {
         }
     }
 
+    /// Sends the UART's output to `output` from now on, keeping its register state and
+    /// interrupt line (a backend connected after the machine was built).
+    pub fn set_output(&self, output: SerialOutput) {
+        let mut inner = lock(&self.inner);
+        let state = inner.uart.state();
+        let placeholder = power_on_uart(&self.irq, &self.signal, Box::new(io::sink()));
+        let old = std::mem::replace(&mut inner.uart, placeholder);
+        // The old writer is dropped (a file it had open is closed).
+        drop(old.into_writer());
+        inner.uart = match vm_superio::Serial::from_state(
+            &state,
+            IrqTrigger(self.irq.clone()),
+            InputEvents(self.signal.clone()),
+            output.into_writer(),
+        ) {
+            Ok(u) => u,
+            // from_state refuses only an over-full FIFO, which a state read back from a
+            // UART cannot have; fall back to power-on state rather than panic.
+            Err(_) => power_on_uart(&self.irq, &self.signal, Box::new(io::sink())),
+        };
+    }
+
     /// Returns the UART to its power-on register state, keeping its output and interrupt line.
     pub fn reset(&self) {
         let mut inner = lock(&self.inner);

@@ -221,8 +221,10 @@ pub trait Board: Send {
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
         self.devices_mut().device_add(phase, req)
     }
-    /// Entering machine-ready: cold-plugged devices are final (boot order, tables).
-    fn done(&mut self) -> Result<(), BoardError>;
+    /// Entering machine-ready: cold-plugged devices are final (boot order, tables), and
+    /// `cfg` has the values read now rather than at machine-init (kernel, initrd, command
+    /// line, serial backends, `no-reboot`), which may have changed since [`MachineType::create`].
+    fn done(&mut self, cfg: &MachineConfig) -> Result<(), BoardError>;
     /// Starts or resumes the vCPUs (`cont`).
     fn resume(&mut self) -> Result<(), BoardError>;
     /// Pauses the vCPUs (`stop`).
@@ -326,7 +328,7 @@ impl Board for NoneBoard {
         &mut self.0
     }
 
-    fn done(&mut self) -> Result<(), BoardError> {
+    fn done(&mut self, _cfg: &MachineConfig) -> Result<(), BoardError> {
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 use keel_accel::{
@@ -49,6 +50,11 @@ const VIRTIO_PIC_IRQS: [u32; 7] = [5, 6, 10, 11, 12, 14, 3];
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MachineError {
+    /// COM1's presence was fixed when the machine was built.
+    #[error(
+        "whether COM1 exists is decided when the machine is built: give -serial before the first -device"
+    )]
+    SerialFixed,
     /// No `-kernel` was given and this build has no built-in demo guest.
     #[error("no kernel to boot: give -kernel (this build has no built-in demo guest)")]
     NoKernel,
@@ -218,6 +224,19 @@ impl std::fmt::Debug for Microvm {
     }
 }
 
+/// Where COM1's bytes go for `backend`.
+fn serial_output(backend: &SerialBackend) -> Result<SerialOutput, MachineError> {
+    Ok(match backend {
+        SerialBackend::Stdio | SerialBackend::Stdout => SerialOutput::Stdout,
+        SerialBackend::File(p) => {
+            SerialOutput::file(&p.to_string_lossy()).map_err(MachineError::Serial)?
+        }
+        SerialBackend::Null | SerialBackend::None => SerialOutput::Null,
+        SerialBackend::Capture(c) => SerialOutput::Capture(c.clone()),
+        SerialBackend::Writer(w) => SerialOutput::Writer(w.clone()),
+    })
+}
+
 fn map(
     bus: &keel_accel::Bus,
     what: &str,
@@ -264,7 +283,7 @@ impl Microvm {
         let buses = Arc::new(IoBuses::new());
         let shared = Shared::new(cfg.cpus);
         let hub = Arc::new(Hub {
-            no_reboot: cfg.no_reboot,
+            no_reboot: cfg.no_reboot.into(),
             sink: events,
             shared: shared.clone(),
         });
@@ -293,15 +312,7 @@ impl Microvm {
         }
 
         let serial = if resolved.isa_serial {
-            let output = match &cfg.serial {
-                SerialBackend::Stdio | SerialBackend::Stdout => SerialOutput::Stdout,
-                SerialBackend::File(p) => {
-                    SerialOutput::file(&p.to_string_lossy()).map_err(MachineError::Serial)?
-                }
-                SerialBackend::Null | SerialBackend::None => SerialOutput::Null,
-                SerialBackend::Capture(c) => SerialOutput::Capture(c.clone()),
-                SerialBackend::Writer(w) => SerialOutput::Writer(w.clone()),
-            };
+            let output = serial_output(&cfg.serial)?;
             let irq = vm.irq_line(4).map_err(MachineError::Accel)?;
             let s = Arc::new(Serial::new(irq, output));
             map(&buses.pio, "COM1", 0x3f8, Serial::LEN, s.clone())?;
@@ -419,6 +430,51 @@ impl Microvm {
             phase: Phase::Init,
             input_started: false,
         })
+    }
+
+    /// Replaces what is read at machine-done (kernel, initrd, command line) and what a guest
+    /// reset does, after [`Microvm::new`]: these are not part of the machine's shape, so a
+    /// VMM may take them until the machine is finished. Only before [`Microvm::finish_init`].
+    pub fn set_boot(
+        &mut self,
+        kernel: Option<PathBuf>,
+        initrd: Option<PathBuf>,
+        append: String,
+        no_reboot: bool,
+    ) -> Result<(), MachineError> {
+        if self.phase != Phase::Init {
+            return Err(MachineError::Phase {
+                op: "set_boot",
+                when: "after finish_init",
+            });
+        }
+        self.cfg.kernel = kernel;
+        self.cfg.initrd = initrd;
+        self.cfg.append = append;
+        self.cfg.no_reboot = no_reboot;
+        self.hub.no_reboot.store(no_reboot, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Connects COM1 to another backend before the machine starts. Whether COM1 exists was
+    /// decided when the machine was built (`-serial none` has none), so that cannot change
+    /// here: the error says to give `-serial` earlier.
+    pub fn set_serial(&mut self, backend: SerialBackend) -> Result<(), MachineError> {
+        if self.phase != Phase::Init {
+            return Err(MachineError::Phase {
+                op: "set_serial",
+                when: "after finish_init",
+            });
+        }
+        let would = self.cfg.isa_serial.resolve(true) && !matches!(backend, SerialBackend::None);
+        if would != self.resolved.isa_serial {
+            return Err(MachineError::SerialFixed);
+        }
+        if let Some(s) = &self.serial {
+            s.set_output(serial_output(&backend)?);
+        }
+        self.cfg.serial = backend;
+        Ok(())
     }
 
     /// Cold-plugs an `isa-debug-exit` (its one definition, properties and limits, is

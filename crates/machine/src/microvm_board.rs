@@ -61,6 +61,32 @@ fn serial_backend(list: &[String]) -> Result<SerialBackend, BoardError> {
     })
 }
 
+/// The machine property `-cpu` sets.
+pub const CPU_PROPERTY: &str = "cpu";
+
+/// CPU models `-cpu` accepts. Keel presents one CPU model per accelerator (the
+/// interpreter's feature set under tcg, the host's as KVM filters it under kvm): `max`
+/// names it, `host` too but only under kvm (as QEMU), and `qemu64`/`kvm64`, QEMU's
+/// defaults that libvirt passes, select the same model (their exact feature lists are not
+/// reproduced). Feature switches (`+x`, `-x`, `x=on`) are refused rather than ignored.
+pub const CPU_MODELS: &[&str] = &["max", "host", "qemu64", "kvm64"];
+
+fn cpu_model(spec: &str) -> Result<&str, BoardError> {
+    let (model, features) = spec.split_once(',').unwrap_or((spec, ""));
+    if !CPU_MODELS.contains(&model) {
+        return Err(BoardError::Invalid(format!(
+            "unable to find CPU model '{model}' (Keel offers: {})",
+            CPU_MODELS.join(", ")
+        )));
+    }
+    if !features.is_empty() {
+        return Err(BoardError::Invalid(format!(
+            "-cpu {spec}: CPU feature switches are not supported; give the model alone"
+        )));
+    }
+    Ok(model)
+}
+
 /// Turns the VMM's accumulated `machine-set` into a microvm configuration.
 pub fn microvm_config(cfg: &MachineConfig) -> Result<MicrovmConfig, BoardError> {
     let mut m = MicrovmConfig::default();
@@ -86,6 +112,10 @@ pub fn microvm_config(cfg: &MachineConfig) -> Result<MicrovmConfig, BoardError> 
     m.no_reboot = cfg.no_reboot;
     m.serial = serial_backend(&cfg.serial)?;
     for (k, v) in &cfg.props {
+        if k == CPU_PROPERTY {
+            cpu_model(v)?;
+            continue;
+        }
         if !MACHINE_PROPERTIES.contains(&k.as_str()) {
             return Err(BoardError::UnknownProperty {
                 machine: "microvm".into(),
@@ -121,6 +151,12 @@ impl MachineType for MicrovmType {
 
     fn check_accel(&self, cfg: &MachineConfig, accel: &dyn Accelerator) -> Result<(), BoardError> {
         let m = microvm_config(cfg)?;
+        if let Some(spec) = cfg.props.get(CPU_PROPERTY)
+            && cpu_model(spec)? == "host"
+            && accel.name() != "kvm"
+        {
+            return Err(BoardError::Invalid("CPU model 'host' requires KVM".into()));
+        }
         Ok(accel.check(&requirements(&m))?)
     }
 
@@ -137,7 +173,9 @@ impl MachineType for MicrovmType {
             guest_exit: ctx.guest_exit,
         });
         let vm = Microvm::new(m, accel.as_ref(), sink)?;
-        Ok(Box::new(MicrovmBoard::new(vm, ctx, rx)?))
+        let mut board = MicrovmBoard::new(vm, ctx, rx)?;
+        board.serial = cfg.serial.clone();
+        Ok(Box::new(board))
     }
 }
 
@@ -455,6 +493,8 @@ struct MicrovmBoard {
     bases: Vec<u64>,
     events: Option<Receiver<BoardEvent>>,
     started: bool,
+    /// The `-serial` backends COM1 is connected to (as given at machine-init, or since).
+    serial: Vec<String>,
 }
 
 impl MicrovmBoard {
@@ -552,6 +592,7 @@ impl MicrovmBoard {
             slots,
             events: Some(events),
             started: false,
+            serial: Vec::new(),
         })
     }
 }
@@ -588,7 +629,16 @@ impl Board for MicrovmBoard {
     /// Machine-done: the machine writes its tables and command line listing only the
     /// virtio-mmio windows that hold a (necessarily cold-plugged) device now; empty windows
     /// stay mapped but unannounced, as QEMU's microvm skips transports with an empty bus.
-    fn done(&mut self) -> Result<(), BoardError> {
+    fn done(&mut self, cfg: &MachineConfig) -> Result<(), BoardError> {
+        let m = microvm_config(cfg)?;
+        {
+            let mut vm = self.lock();
+            vm.set_boot(m.kernel, m.initrd, m.append, m.no_reboot)?;
+            if cfg.serial != self.serial {
+                vm.set_serial(m.serial)?;
+            }
+        }
+        self.serial = cfg.serial.clone();
         let cold: Vec<u64> = self
             .slots
             .iter()
@@ -656,15 +706,22 @@ mod tests {
     use super::*;
     use crate::backends::BlockBackend;
 
-    fn board() -> (MicrovmBoard, Arc<Backends>) {
-        board_with(MicrovmConfig {
-            memory: 16 << 20,
-            serial: SerialBackend::Null,
-            ..MicrovmConfig::default()
-        })
+    /// What `machine-set` gives for a 16 MiB microvm with its serial port on `null`.
+    fn small() -> MachineConfig {
+        MachineConfig {
+            type_name: "microvm".into(),
+            memory: Some(16 << 20),
+            serial: vec!["null".into()],
+            ..MachineConfig::default()
+        }
     }
 
-    fn board_with(cfg: MicrovmConfig) -> (MicrovmBoard, Arc<Backends>) {
+    fn board() -> (MicrovmBoard, Arc<Backends>) {
+        board_with(&small())
+    }
+
+    fn board_with(cfg: &MachineConfig) -> (MicrovmBoard, Arc<Backends>) {
+        let cfg = microvm_config(cfg).unwrap();
         let (tx, rx) = channel();
         let sink: Arc<dyn MachineEvents> = Arc::new(Forward {
             tx,
@@ -679,7 +736,9 @@ mod tests {
             guest_exit: GuestExitPolicy::Shutdown,
             device_types: Vec::new(),
         };
-        (MicrovmBoard::new(vm, &ctx, rx).unwrap(), backends)
+        let mut b = MicrovmBoard::new(vm, &ctx, rx).unwrap();
+        b.serial = vec!["null".into()];
+        (b, backends)
     }
 
     fn mmio32(b: &MicrovmBoard, addr: u64) -> u32 {
@@ -855,7 +914,7 @@ mod tests {
         b.devices_mut()
             .device_del(Phase::MachineInit, "gone")
             .unwrap();
-        b.done().unwrap();
+        b.done(&small()).unwrap();
         let base = crate::layout::VIRTIO_MMIO_BASE;
         let size = crate::layout::VIRTIO_MMIO_SIZE;
         let listed: Vec<u64> = b.lock().firmware_virtio().iter().map(|d| d.base).collect();
@@ -884,18 +943,14 @@ mod tests {
         let kernel = std::env::temp_dir().join(format!("keel-vmm-pvh-{}", std::process::id()));
         std::fs::write(&kernel, crate::DEMO_GUEST).unwrap();
         for auto in ["on", "off"] {
-            let mut cfg = MicrovmConfig {
-                memory: 16 << 20,
-                serial: SerialBackend::Null,
-                kernel: Some(kernel.clone()),
-                append: "console=ttyS0".into(),
-                ..MicrovmConfig::default()
-            };
-            cfg.set_property("acpi", "off").unwrap();
-            cfg.set_property("auto-kernel-cmdline", auto).unwrap();
-            let (mut b, _) = board_with(cfg);
+            let mut cfg = small();
+            cfg.kernel = Some(kernel.clone());
+            cfg.append = Some("console=ttyS0".into());
+            cfg.props.insert("acpi".into(), "off".into());
+            cfg.props.insert("auto-kernel-cmdline".into(), auto.into());
+            let (mut b, _) = board_with(&cfg);
             add(&mut b, "virtio-rng-device").unwrap();
-            b.done().unwrap();
+            b.done(&cfg).unwrap();
             let d = b.lock().firmware_virtio()[0];
             let mem = b.lock().memory().clone();
             let mut line = vec![0u8; 256];

@@ -216,7 +216,8 @@ impl Shared {
 /// The [`SystemEvents`] sink devices and the backend report to: applies `no_reboot`, holds
 /// the vCPUs, and forwards to the owner.
 pub(crate) struct Hub {
-    pub(crate) no_reboot: bool,
+    /// Read on every reset request, so `-no-reboot` given after machine-init still applies.
+    pub(crate) no_reboot: std::sync::atomic::AtomicBool,
     pub(crate) sink: Arc<dyn MachineEvents>,
     pub(crate) shared: Arc<Shared>,
 }
@@ -234,7 +235,7 @@ impl Hub {
 impl SystemEvents for Hub {
     fn request(&self, event: SystemEvent) {
         let event = match event {
-            SystemEvent::Reset if self.no_reboot => SystemEvent::Shutdown,
+            SystemEvent::Reset if self.no_reboot.load(Ordering::Relaxed) => SystemEvent::Shutdown,
             e => e,
         };
         self.shared.hold();
@@ -479,7 +480,7 @@ mod tests {
         let shared = Shared::new(n);
         let (tx, rx) = mpsc::channel();
         let hub = Arc::new(Hub {
-            no_reboot: true,
+            no_reboot: true.into(),
             sink: Arc::new(tx),
             shared: shared.clone(),
         });

@@ -267,6 +267,65 @@ impl Command for MachineSet {
     }
 }
 
+/// `boot-set`: what the board reads when it first resets, not when it is built: the kernel,
+/// initrd and command line, and what a guest reset does. Valid until the machine is ready,
+/// from no-machine on (without a machine yet, the values wait for it), so `-kernel` may
+/// follow `-device` as QEMU users write it. Unset fields keep their value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BootSet {
+    /// Kernel image path (`-kernel`).
+    pub kernel: Option<PathBuf>,
+    /// Initrd path (`-initrd`).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (`-append`).
+    pub append: Option<String>,
+    /// Turn guest resets into shutdowns (`-no-reboot`).
+    pub no_reboot: Option<bool>,
+}
+
+impl Command for BootSet {
+    const NAME: &'static str = "boot-set";
+    const PHASES: PhaseSet = PhaseSet::until(Phase::MachineInit);
+    type Output = ();
+    fn arguments() -> Type {
+        Type::Object {
+            name: "q_obj_boot-set-arg",
+            members: vec![
+                opt("kernel", Type::str()),
+                opt("initrd", Type::str()),
+                opt("append", Type::str()),
+                opt("no-reboot", Type::bool()),
+            ],
+            extra: None,
+        }
+    }
+}
+
+/// `serial-add`: the backend of the next serial port (`-serial`: `stdio`, `null`, `none`,
+/// `file:PATH`). A backend, not a machine property: it never creates a machine, and the
+/// board connects it when it is built or, for a port that exists already, when the machine
+/// becomes ready.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialAdd {
+    /// The backend, as `-serial` takes it.
+    pub backend: String,
+}
+
+impl Command for SerialAdd {
+    const NAME: &'static str = "serial-add";
+    const PHASES: PhaseSet = PhaseSet::until(Phase::MachineInit);
+    type Output = ();
+    fn arguments() -> Type {
+        Type::Object {
+            name: "q_obj_serial-add-arg",
+            members: vec![req("backend", Type::str())],
+            extra: None,
+        }
+    }
+}
+
 /// Accelerators to try, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -112,6 +112,20 @@ no_args_command!(
     Some(Type::object("NameInfo", vec![opt("name", Type::str())]))
 );
 
+/// What `query-uuid` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UuidInfo {
+    /// The `-uuid` given, or all zeros.
+    #[serde(rename = "UUID")]
+    pub uuid: String,
+}
+
+no_args_command!(
+    /// `query-uuid`: the VM's UUID (`-uuid`), all zeros when none was given, as QEMU.
+    QueryUuid, "query-uuid", ANY, UuidInfo,
+    Some(Type::object("UuidInfo", vec![req("UUID", Type::str())]))
+);
+
 no_args_command!(
     /// `quit`: ends the process after the reply (SHUTDOWN).
     Quit, "quit", ANY, (), None

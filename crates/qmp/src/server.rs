@@ -78,6 +78,15 @@ pub enum Endpoint {
     },
     /// Standard input and output.
     Stdio,
+    /// A socket the process inherited as file descriptor `fd` (`-chardev socket,fd=N`):
+    /// a listening socket with `server` (libvirt's monitor), else a connected one (the other
+    /// end of a `socketpair`, as QEMU's Python `QEMUMachine` passes it).
+    Fd {
+        /// The descriptor number.
+        fd: i32,
+        /// Listening (`server=on`) or connected.
+        server: bool,
+    },
 }
 
 fn on_off(key: &str, v: Option<&str>) -> Result<bool, ServerError> {
@@ -205,6 +214,42 @@ fn io_err(
     }
 }
 
+/// Takes ownership of inherited descriptor `fd`, after checking that it is an open socket
+/// that nothing in this process owns yet (each number may be taken once).
+fn take_socket_fd(fd: i32) -> Result<OwnedFd, ServerError> {
+    static TAKEN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+    let bad = |reason: &str| ServerError::Syntax(format!("fd={fd}: {reason}"));
+    if fd <= 2 {
+        return Err(bad("not a socket this process inherited (0-2 are stdio)"));
+    }
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    if taken.contains(&fd) {
+        return Err(bad("already in use by another monitor"));
+    }
+    // SAFETY: fstat only writes the zero-initialised stat buffer we own; an invalid fd makes
+    // it fail with EBADF, which is reported.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(ServerError::Io {
+            what: "cannot use inherited descriptor",
+            target: fd.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad("not a socket"));
+    }
+    // Not inherited further by programs this process might run.
+    // SAFETY: F_SETFD on a descriptor just checked to be open; no memory is involved.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    taken.push(fd);
+    // SAFETY: the descriptor is open (fstat succeeded), is a socket, and no other owner in
+    // this process exists: numbers are handed out once (TAKEN), and the process was given it
+    // by its parent for this purpose.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// Starts a monitor on `endpoint`. Listening sockets accept clients on a thread of their
 /// own; with `wait`, the first client is accepted before this returns (QEMU's `wait=on`).
 pub fn serve(
@@ -289,6 +334,23 @@ pub fn serve(
                     }
                 })
                 .map_err(io_err("cannot start a thread for", &*addr))?;
+            Ok(Monitor { socket_path: None })
+        }
+        Endpoint::Fd { fd, server: true } => {
+            let listener = UnixListener::from(take_socket_fd(*fd)?);
+            let count = Arc::new(AtomicUsize::new(0));
+            thread::Builder::new()
+                .name("qmp-accept".into())
+                .spawn(move || {
+                    for s in listener.incoming().flatten() {
+                        start_counted(OwnedFd::from(s), &dispatcher, &bus, &count);
+                    }
+                })
+                .map_err(io_err("cannot start a thread for", format!("fd={fd}")))?;
+            Ok(Monitor { socket_path: None })
+        }
+        Endpoint::Fd { fd, server: false } => {
+            start_stream(take_socket_fd(*fd)?, &dispatcher, &bus);
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Tcp {
