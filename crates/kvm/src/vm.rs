@@ -212,9 +212,11 @@ impl KvmVm {
     /// without a trip through this process's vCPU threads (for device event loops).
     pub fn irqfd(&self, gsi: u32) -> Result<EventFd, AccelError> {
         self.check_gsi(gsi)?;
-        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| AccelError::Host {
-            what: "eventfd",
-            source,
+        let fd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+            AccelError::Host {
+                what: "eventfd",
+                source,
+            }
         })?;
         self.vm
             .register_irqfd(&fd, gsi)

@@ -83,6 +83,15 @@ pub enum BackendError {
     },
 }
 
+/// An OS error as QEMU words it: the system's message without Rust's " (os error N)".
+pub fn os_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_owned(),
+        _ => text,
+    }
+}
+
 fn check_id(kind: &'static str, id: &str) -> Result<(), BackendError> {
     if keel_qdev::id_wellformed(id) {
         Ok(())
@@ -114,9 +123,40 @@ fn insert<T>(
     Ok(())
 }
 
+/// One device's use of a block backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BlockUse {
+    lease: u64,
+    /// The device writes the image.
+    writes: bool,
+    /// The device lets others write it (`share-rw=on`).
+    shares_write: bool,
+}
+
+/// A device's claim on a block backend, released when dropped (the device is gone).
+#[derive(Debug)]
+pub struct BlockLease {
+    backends: std::sync::Weak<Backends>,
+    node: String,
+    lease: u64,
+}
+
+impl Drop for BlockLease {
+    fn drop(&mut self) {
+        if let Some(b) = self.backends.upgrade()
+            && let Some(users) = b.lock().block_users.get_mut(&self.node)
+        {
+            users.retain(|u| u.lease != self.lease);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     block: BTreeMap<String, BlockBackend>,
+    /// Devices using each block node.
+    block_users: BTreeMap<String, Vec<BlockUse>>,
+    next_lease: u64,
     net: BTreeMap<String, NetBackend>,
     chardev: BTreeMap<String, CharBackend>,
 }
@@ -148,8 +188,9 @@ impl Backends {
             }
             Err(e) => {
                 return Err(BackendError::Invalid(format!(
-                    "Could not open '{}': {e}",
-                    b.filename.display()
+                    "Could not open '{}': {}",
+                    b.filename.display(),
+                    os_reason(&e)
                 )));
             }
         }
@@ -168,9 +209,27 @@ impl Backends {
         insert(&mut self.lock().net, "netdev", id, n)
     }
 
-    /// `chardev-add`.
+    /// `chardev-add`. A `file` backend is created (or truncated) now, as QEMU opens it at
+    /// this point, so a path into a missing directory fails here and not when a device uses it.
     pub fn add_chardev(&self, id: &str, c: CharBackend) -> Result<(), BackendError> {
-        insert(&mut self.lock().chardev, "chardev", id, c)
+        let mut inner = self.lock();
+        check_id("chardev", id)?;
+        if inner.chardev.contains_key(id) {
+            return Err(BackendError::Duplicate {
+                kind: "chardev",
+                id: id.to_owned(),
+            });
+        }
+        if let CharBackend::File { path } = &c {
+            std::fs::File::create(path).map_err(|e| {
+                BackendError::Invalid(format!(
+                    "Could not open '{}': {}",
+                    path.display(),
+                    os_reason(&e)
+                ))
+            })?;
+        }
+        insert(&mut inner.chardev, "chardev", id, c)
     }
 
     /// The block backend a device's `drive=` names.
@@ -184,6 +243,59 @@ impl Backends {
                 id: id.to_owned(),
                 command: "blockdev-add or -blockdev",
             })
+    }
+
+    /// Claims block node `id` for a device that `writes` (or only reads) it and does or does
+    /// not let others write it (`share-rw`): one writer per image unless every user shares
+    /// writes, as QEMU's permission model. The claim ends when the lease is dropped.
+    pub fn attach_block(
+        self: &std::sync::Arc<Self>,
+        id: &str,
+        writes: bool,
+        shares_write: bool,
+    ) -> Result<BlockLease, BackendError> {
+        let mut inner = self.lock();
+        if !inner.block.contains_key(id) {
+            return Err(BackendError::NotFound {
+                kind: "Drive",
+                id: id.to_owned(),
+                command: "blockdev-add or -blockdev",
+            });
+        }
+        let users = inner.block_users.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        let conflict = users
+            .iter()
+            .any(|u| (writes && !u.shares_write) || (u.writes && !shares_write));
+        if conflict {
+            return Err(BackendError::Invalid(format!(
+                "Drive '{id}' is already in use by another device (give share-rw=on to every \
+                 device that should share it for writing)"
+            )));
+        }
+        let lease = inner.next_lease;
+        inner.next_lease += 1;
+        inner
+            .block_users
+            .entry(id.to_owned())
+            .or_default()
+            .push(BlockUse {
+                lease,
+                writes,
+                shares_write,
+            });
+        Ok(BlockLease {
+            backends: std::sync::Arc::downgrade(self),
+            node: id.to_owned(),
+            lease,
+        })
+    }
+
+    /// Whether a device uses block node `id` (it cannot be deleted then).
+    pub fn block_in_use(&self, id: &str) -> bool {
+        self.lock()
+            .block_users
+            .get(id)
+            .is_some_and(|u| !u.is_empty())
     }
 
     /// The network backend a device's `netdev=` names.

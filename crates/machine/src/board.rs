@@ -61,6 +61,50 @@ pub enum BoardError {
     Qdev(QdevError),
 }
 
+/// Checks that `bytes` of guest RAM can be backed on this host: no more than its RAM plus
+/// swap (`/proc/meminfo`). Guest RAM is mapped lazily, so without this check an oversized
+/// `-m` is accepted and the process then grows until the host runs out. The error names the
+/// numbers; where `/proc/meminfo` cannot be read, nothing is refused.
+pub fn check_host_memory(ram_name: &str, bytes: u64) -> Result<(), BoardError> {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return Ok(());
+    };
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    };
+    let (Some(ram), swap) = (field("MemTotal:"), field("SwapTotal:").unwrap_or(0)) else {
+        return Ok(());
+    };
+    if bytes > ram.saturating_add(swap) {
+        return Err(BoardError::Invalid(format!(
+            "cannot set up guest memory '{ram_name}': {} requested, but this host has {} of RAM \
+             and {} of swap",
+            human_size(bytes),
+            human_size(ram),
+            human_size(swap)
+        )));
+    }
+    Ok(())
+}
+
+/// A size in QEMU's style: `1 GiB`, `23.4 GiB`, `512 MiB`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if v.fract() == 0.0 {
+        format!("{v} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 /// What `machine-set` accumulated: the type and its properties.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MachineConfig {

@@ -73,6 +73,19 @@ pub enum BootError {
         /// How many bytes.
         size: u64,
     },
+    /// Something is placed where no amount of RAM would put guest memory (above the 3 GiB
+    /// of low RAM, or past the end of the address space): more `-m` would not help.
+    #[error(
+        "{what} at {addr:#x} ({size:#x} bytes) lies outside the guest RAM below 3 GiB that Keel loads images into; this image cannot be booted directly"
+    )]
+    OutsideRam {
+        /// What was being placed.
+        what: String,
+        /// Where.
+        addr: u64,
+        /// How many bytes.
+        size: u64,
+    },
     /// A file is larger than guest RAM.
     #[error(
         "{what} '{path}' is {size} bytes, more than the {ram} bytes of guest RAM below 3 GiB; increase -m"
@@ -228,6 +241,13 @@ fn check_segment(
     size: u64,
 ) -> Result<(), BootError> {
     let end = addr.checked_add(size);
+    if end.is_none_or(|e| e > crate::layout::MMIO_HOLE_START) {
+        return Err(BootError::OutsideRam {
+            what: "kernel segment".into(),
+            addr,
+            size,
+        });
+    }
     if end.is_none_or(|e| e > low_ram_end) || !mem.check_range(GuestAddress(addr), size as usize) {
         return Err(BootError::TooBig {
             what: "kernel segment".into(),
@@ -1072,6 +1092,11 @@ mod tests {
         let e = boot(KernelImage::Bytes("big", leak(huge)), None, &m).unwrap_err();
         assert!(matches!(e, BootError::TooBig { .. }), "{e}");
         assert!(e.to_string().contains("increase -m"));
+        // A segment where no guest RAM can ever be: not a matter of -m.
+        let high = synth_elf(true, 0xffff_ffff_ffff_f000, &[0xf4], 0, Some(0x100000));
+        let e = boot(KernelImage::Bytes("high", leak(high)), None, &m).unwrap_err();
+        assert!(matches!(e, BootError::OutsideRam { .. }), "{e}");
+        assert!(!e.to_string().contains("-m"), "{e}");
         let low = synth_elf(true, 0x7000, &[0xf4], 0, Some(0x7000));
         assert!(matches!(
             boot(KernelImage::Bytes("low", leak(low)), None, &m),

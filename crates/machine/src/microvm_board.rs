@@ -93,15 +93,20 @@ pub fn microvm_config(cfg: &MachineConfig) -> Result<MicrovmConfig, BoardError> 
     if let Some(mem) = cfg.memory {
         m.memory = mem;
     }
+    crate::board::check_host_memory("microvm.ram", m.memory)?;
     if let Some(n) = cfg.cpus {
         m.cpus = n;
     }
     for (what, path) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
-        if let Some(p) = path
-            && !p.is_file()
-        {
+        if let Some(p) = path {
+            let reason = match std::fs::metadata(p) {
+                Ok(m) if m.is_file() => continue,
+                Ok(m) if m.is_dir() => "Is a directory".to_owned(),
+                Ok(_) => "not a regular file (a kernel or initrd must be a file)".to_owned(),
+                Err(e) => crate::backends::os_reason(&e),
+            };
             return Err(BoardError::Invalid(format!(
-                "could not open {what} file '{}': no such file",
+                "could not open {what} file '{}': {reason}",
                 p.display()
             )));
         }
@@ -265,6 +270,14 @@ impl BusDevice for SlotProxy {
 /// Offset of the virtio-mmio `Status` register.
 const VIRTIO_MMIO_STATUS: u64 = 0x70;
 
+/// What a realized virtio device keeps alive until it is unrealized: the RX thread of a
+/// virtio-net, the claim of a virtio-blk on its drive.
+#[allow(dead_code)] // held for its Drop
+enum Keep {
+    Rx(RxPoller),
+    Block(crate::backends::BlockLease),
+}
+
 /// A virtio device shared by its transport and, for virtio-net, the RX thread.
 type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
 
@@ -277,7 +290,7 @@ enum Realized {
     Factory(Vec<(Space, u64)>),
     Virtio {
         slot: usize,
-        _rx: Option<RxPoller>,
+        _keep: Option<Keep>,
     },
     Port {
         slot: usize,
@@ -360,14 +373,20 @@ impl MicrovmHooks {
     fn virtio_device(
         &self,
         dev: &DeviceView<'_>,
-    ) -> Result<(SharedVirtio, Option<RxPoller>), HookError> {
+    ) -> Result<(SharedVirtio, Option<Keep>), HookError> {
         let p = dev.props;
         Ok(match dev.driver {
             Block::QDEV_TYPE => {
                 let props = BlockProps::from_props(p)?;
                 let b = self.backends.block(&props.drive)?;
                 let cfg = props.config(&b.filename, b.read_only);
-                (Arc::new(Mutex::new(Block::new(&cfg)?)), None)
+                let lease =
+                    self.backends
+                        .attach_block(&props.drive, !cfg.read_only, props.share_rw)?;
+                (
+                    Arc::new(Mutex::new(Block::new(&cfg)?)),
+                    Some(Keep::Block(lease)),
+                )
             }
             Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
             Net::QDEV_TYPE => {
@@ -375,7 +394,7 @@ impl MicrovmHooks {
                 let n = self.backends.net(&props.netdev)?;
                 let net = Arc::new(Mutex::new(Net::with_tap(&n.ifname, props.config())?));
                 let rx = RxPoller::spawn(net.clone())?;
-                (net, Some(rx))
+                (net, Some(Keep::Rx(rx)))
             }
             // The port comes later (virtconsole); until then output is dropped.
             Console::QDEV_TYPE => (
@@ -427,14 +446,14 @@ impl DeviceHooks for MicrovmHooks {
             (Some(&w), Some(g)) => (w, g),
             _ => return Err(format!("'{}' needs a virtio-mmio slot", dev.driver).into()),
         };
-        let (device, rx) = self.virtio_device(dev)?;
+        let (device, keep) = self.virtio_device(dev)?;
         self.attach(slot, gsi, device)?;
         if dev.driver == Console::QDEV_TYPE {
             self.serial_buses
                 .insert(Console::port_bus_name(dev.id, Some(slot)), (slot, gsi));
         }
         self.realized
-            .insert(dev.key, Realized::Virtio { slot, _rx: rx });
+            .insert(dev.key, Realized::Virtio { slot, _keep: keep });
         Ok(())
     }
 
@@ -455,13 +474,13 @@ impl DeviceHooks for MicrovmHooks {
             Some(Realized::DebugExit { iobase }) => {
                 self.lock().remove_device_at(iobase);
             }
-            Some(Realized::Virtio { slot, _rx }) => {
+            Some(Realized::Virtio { slot, _keep }) => {
                 self.detach(slot);
                 if dev.driver == Console::QDEV_TYPE {
                     self.serial_buses
                         .remove(&Console::port_bus_name(dev.id, Some(slot)));
                 }
-                // `_rx` is dropped here: the RX thread stops.
+                // `_keep` is dropped here: the RX thread stops, the drive is released.
             }
             Some(Realized::Port { slot, gsi }) => {
                 // Back to a port-less console device.

@@ -573,6 +573,9 @@ pub struct BlockProps {
     pub read_only: bool,
     /// `queue-size=`, a power of two.
     pub queue_size: u16,
+    /// `share-rw=on`: other devices may write the same image (QEMU's property; without it a
+    /// writer excludes every other user of the drive).
+    pub share_rw: bool,
 }
 
 impl BlockProps {
@@ -602,6 +605,7 @@ impl BlockProps {
             serial: serial.map(str::to_owned),
             read_only: props.bool("read-only").unwrap_or(false),
             queue_size,
+            share_rw: props.bool("share-rw").unwrap_or(false),
         })
     }
 
@@ -642,6 +646,11 @@ impl Block {
                     .default_u64(256)
                     .range(2, 1024)
                     .description("virtqueue size (a power of two)"),
+            )
+            .prop(
+                PropSpec::bool("share-rw")
+                    .default_bool(false)
+                    .description("let other devices write the same drive"),
             )
     }
 }

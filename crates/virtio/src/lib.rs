@@ -154,7 +154,8 @@ mod qdev_tests {
                 drive: "d0".into(),
                 serial: None,
                 read_only: false,
-                queue_size: 256
+                queue_size: 256,
+                share_rw: false
             }
         );
         let c = p.config("/x.img", true);

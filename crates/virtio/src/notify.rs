@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::QueueNotifyHook;
 
@@ -25,7 +25,7 @@ impl QueueEvents {
     /// Eventfds for a device with `queues` queues.
     pub fn new(queues: usize) -> io::Result<Self> {
         let fds = (0..queues)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self { fds })
     }

@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 
 use keel_accel::{AccelError, IoEventMatch, IrqLine, MmioAddress, Vm};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents, VirtioMmioSlot};
 
@@ -57,8 +57,8 @@ impl IrqfdLine {
     /// Two fresh non-blocking eventfds, not bound to anything yet.
     pub fn new() -> io::Result<Self> {
         Ok(Self {
-            trigger: EventFd::new(EFD_NONBLOCK)?,
-            resample: EventFd::new(EFD_NONBLOCK)?,
+            trigger: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+            resample: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
             wanted: AtomicBool::new(false),
         })
     }
@@ -159,7 +159,9 @@ impl IoWorker {
             }
             None => None,
         };
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(worker_error("creating eventfd"))?);
+        let stop = Arc::new(
+            EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(worker_error("creating eventfd"))?,
+        );
         let mut worker = Self {
             stop: Arc::clone(&stop),
             thread: None,
