@@ -15,6 +15,7 @@ lines and compares the failing steps with its list of known gaps.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gzip
 import hashlib
 import io
@@ -101,6 +102,8 @@ class Scenario:
         signal.signal(signal.SIGALRM, self._timeout)
         signal.alarm(timeout)
         self.current = "start"
+        # Clean up (kill what the scenario started) however the script ends.
+        atexit.register(self._cleanup)
         print(f"scenario {name}: emulator {self.emulator}", flush=True)
 
     def _timeout(self, *_: Any) -> None:
@@ -123,7 +126,8 @@ class Scenario:
         self.cleanups.clear()
         if not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
+        elif self.tmp.exists() and not getattr(self, "_kept", False):
+            self._kept = True
             print(f"kept {self.tmp}")
 
     def skip(self, reason: str) -> None:
