@@ -422,7 +422,7 @@ impl VmmCore {
 
     fn cpu_props(&self) -> Result<Vec<ObjectPropertyInfo>, CommandError> {
         let mut v = vec![prop("type", "string", None)];
-        for (n, _) in crate::cpu_model::features(&self.cpuid()?) {
+        for (n, _) in crate::cpu_model::features_with_aliases(&self.cpuid()?) {
             v.push(prop(n, "bool", None));
         }
         for (n, t) in [
@@ -450,7 +450,7 @@ impl VmmCore {
             return Ok(json!("max-x86_64-cpu"));
         }
         let cpuid = self.cpuid()?;
-        if let Some((_, on)) = crate::cpu_model::features(&cpuid)
+        if let Some((_, on)) = crate::cpu_model::features_with_aliases(&cpuid)
             .into_iter()
             .find(|(n, _)| *n == property)
         {
@@ -661,7 +661,7 @@ handlers! {
             other => return Err(CommandError::generic(format!("CPU model '{other}' not found"))),
         }
         let cpuid = c.cpuid()?;
-        let features = crate::cpu_model::features(&cpuid);
+        let features = crate::cpu_model::features_with_aliases(&cpuid);
         // Keel presents the accelerator's CPUID as it is: a property may restate it, not
         // change it.
         for (k, v) in a.model.props.iter().flatten() {
@@ -679,7 +679,7 @@ handlers! {
             }
         }
         let mut props = serde_json::Map::new();
-        for (n, on) in features {
+        for (n, on) in crate::cpu_model::features(&cpuid) {
             props.insert(n.into(), json!(on));
         }
         let full = a.kind == "full";
@@ -738,7 +738,7 @@ handlers! {
             let filename = match s.as_str() {
                 "mon:stdio" => Some("stdio".to_owned()),
                 "none" => None,
-                other => Some(other.replace("file:", "file:")),
+                other => Some(other.to_owned()),
             };
             if let Some(filename) = filename {
                 v.push(ChardevInfo { label: "serial0".into(), filename, frontend_open: true });

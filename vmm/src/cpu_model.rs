@@ -59,14 +59,14 @@ const WORDS: &[Word] = &[
     (7, 0, Reg::Edx, &[
         (2, &["avx512-4vnniw"]), (3, &["avx512-4fmaps"]), (4, &["fsrm"]),
         (8, &["avx512-vp2intersect"]), (10, &["md-clear"]), (14, &["serialize"]),
-        (16, &["tsx-ldtrk"]), (18, &["pconfig"]), (19, &["arch-lbr"]), (22, &["amx-bf16"]),
+        (16, &["tsx-ldtrk"]), (19, &["arch-lbr"]), (22, &["amx-bf16"]),
         (23, &["avx512-fp16"]), (24, &["amx-tile"]), (25, &["amx-int8"]),
         (26, &["spec-ctrl"]), (27, &["stibp"]), (29, &["arch-capabilities"]),
         (30, &["core-capability"]), (31, &["ssbd"]),
     ]),
     (0xd, 1, Reg::Eax, &[(0, &["xsaveopt"]), (1, &["xsavec"]), (2, &["xgetbv1"]), (3, &["xsaves"])]),
     (0x8000_0001, 0, Reg::Edx, &[
-        (11, &["syscall"]), (19, &["mp"]), (20, &["nx", "xd"]), (22, &["mmxext"]),
+        (11, &["syscall"]), (20, &["nx", "xd"]), (22, &["mmxext"]),
         (25, &["fxsr-opt", "ffxsr", "fxsr_opt"]), (26, &["pdpe1gb"]), (27, &["rdtscp"]),
         (29, &["lm", "i64"]), (30, &["3dnowext"]), (31, &["3dnow"]),
     ]),
@@ -81,7 +81,7 @@ const WORDS: &[Word] = &[
     ]),
     (0x8000_0007, 0, Reg::Edx, &[(8, &["invtsc"])]),
     (0x8000_0008, 0, Reg::Ebx, &[
-        (0, &["clzero"]), (2, &["xsaveerptr"]), (4, &["rdpru"]), (9, &["wbnoinvd"]),
+        (0, &["clzero"]), (2, &["xsaveerptr"]), (9, &["wbnoinvd"]),
         (12, &["ibpb"]), (14, &["ibrs"]), (15, &["amd-stibp"]), (24, &["amd-ssbd"]),
         (25, &["virt-ssbd"]), (26, &["amd-no-ssb"]),
     ]),
@@ -92,7 +92,7 @@ const WORDS: &[Word] = &[
 const KVM_WORD: &[(u32, &[&str])] = &[
     (0, &["kvmclock"]), (1, &["kvm-nopiodelay"]), (2, &["kvm-mmu"]), (4, &["kvm-asyncpf"]),
     (5, &["kvm-steal-time"]), (6, &["kvm-pv-eoi"]), (7, &["kvm-pv-unhalt"]),
-    (9, &["kvm-pv-tlb-flush"]), (10, &["kvm-asyncpf-vmexit"]), (11, &["kvm-pv-ipi"]),
+    (9, &["kvm-pv-tlb-flush"]), (11, &["kvm-pv-ipi"]),
     (12, &["kvm-poll-control"]), (13, &["kvm-pv-sched-yield"]), (14, &["kvm-asyncpf-int"]),
     (15, &["kvm-msi-ext-dest-id"]),
 ];
@@ -113,8 +113,23 @@ fn reg(l: &CpuidLeaf, r: Reg) -> u32 {
     }
 }
 
-/// Every feature property and whether the CPUID sets it, in QEMU's names (aliases too).
+/// Every feature property and whether the CPUID sets it, in QEMU's names, once per bit
+/// (what `query-cpu-model-expansion` reports).
 pub fn features(cpuid: &[CpuidLeaf]) -> Vec<(&'static str, bool)> {
+    let aliases: Vec<&str> = WORDS
+        .iter()
+        .flat_map(|w| w.3.iter())
+        .chain(KVM_WORD.iter())
+        .flat_map(|(_, names)| names.iter().skip(1).copied())
+        .collect();
+    let mut v = features_with_aliases(cpuid);
+    v.retain(|(n, _)| !aliases.contains(n));
+    v
+}
+
+/// [`features`] plus QEMU's alias properties for the same bits (`sse4_1`, `xd`, `i64`...),
+/// which the vCPU object also has.
+pub fn features_with_aliases(cpuid: &[CpuidLeaf]) -> Vec<(&'static str, bool)> {
     let mut out = Vec::new();
     for (function, index, r, bits) in WORDS {
         let word = leaf(cpuid, *function, *index).map_or(0, |l| reg(l, *r));
@@ -207,7 +222,9 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let f: std::collections::BTreeMap<_, _> = features(&cpuid).into_iter().collect();
+        let f: std::collections::BTreeMap<_, _> =
+            features_with_aliases(&cpuid).into_iter().collect();
+        assert!(!features(&cpuid).iter().any(|(n, _)| *n == "sse4_1"));
         assert!(f["sse2"] && f["fpu"] && f["sse4.1"] && f["sse4_1"] && f["lm"] && f["i64"]);
         assert!(!f["avx"] && !f["vme"] && !f["kvmclock"]);
     }
