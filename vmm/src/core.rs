@@ -144,6 +144,8 @@ pub struct VmmCore {
     pub(crate) guest_exit: GuestExitPolicy,
     pub(crate) events: Arc<EventBus>,
     pub(crate) shutdown: Arc<ShutdownSignal>,
+    /// The QMP monitors served: (`query-chardev` label, filename).
+    pub(crate) monitors: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for VmmCore {

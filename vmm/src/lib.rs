@@ -33,7 +33,9 @@
 pub mod cli;
 pub mod commands;
 mod core;
+pub mod cpu_model;
 pub mod devices;
+pub mod hmp;
 
 /// The machine seam and the backends, from `keel-machine` (re-exported so that embedders
 /// of `vmm` name one crate).
@@ -226,6 +228,7 @@ impl VmmBuilder {
             guest_exit: GuestExitPolicy::Shutdown,
             events: events.clone(),
             shutdown: shutdown.clone(),
+            monitors: Vec::new(),
         };
         Vmm {
             inner: Arc::new(Inner {
@@ -461,6 +464,24 @@ impl Vmm {
     pub fn serve(&self, endpoint: &Endpoint) -> Result<(), ServerError> {
         let front: Arc<dyn Dispatcher> = Arc::new(QmpFront { vmm: self.clone() });
         let m = keel_qmp::serve(endpoint, front, self.inner.events.clone())?;
+        {
+            // `query-chardev` names it as QEMU names the chardevs of `-qmp`.
+            let mut core = self.core();
+            let label = format!("compat_monitor{}", core.monitors.len());
+            let filename = match endpoint {
+                Endpoint::Unix { path, server, .. } => format!(
+                    "unix:{}{}",
+                    path.display(),
+                    if *server { ",server=on" } else { "" }
+                ),
+                Endpoint::Tcp { host, port, .. } => format!("tcp:{host}:{port},server=on"),
+                Endpoint::Stdio => "stdio".to_owned(),
+                Endpoint::Fd { fd, server } => {
+                    format!("fd:{fd}{}", if *server { ",server=on" } else { "" })
+                }
+            };
+            core.monitors.push((label, filename));
+        }
         self.inner
             .monitors
             .lock()

@@ -25,7 +25,7 @@ mod regs;
 pub use bus::{Bus, BusDevice, BusError, BusRange, IoBuses, MmioAddress, PioAddress};
 pub use exit::{ExitAction, VcpuExit, handle_exit};
 pub use probe::AccelProbe;
-pub use regs::{CpuMode, DescriptorTable, Regs, Segment, SpecialRegs};
+pub use regs::{CpuMode, CpuidLeaf, DescriptorTable, Regs, Segment, SpecialRegs};
 
 use std::sync::Arc;
 
@@ -176,6 +176,13 @@ pub trait Accelerator: Send + Sync {
         buses: Arc<IoBuses>,
         events: Arc<dyn SystemEvents>,
     ) -> Result<Box<dyn Vm>, AccelError>;
+    /// The CPUID leaves vCPU 0 of a VM with `vcpus` vCPUs would see (the CPU model this
+    /// backend presents; what `query-cpu-model-expansion` and the vCPU's QOM feature
+    /// properties report). The default reports none: the backend does not say.
+    fn cpuid(&self, vcpus: u32) -> Vec<CpuidLeaf> {
+        let _ = vcpus;
+        Vec::new()
+    }
 }
 
 /// A created virtual machine: memory is attached, the interrupt controller exists.

@@ -114,3 +114,20 @@ impl SpecialRegs {
         }
     }
 }
+
+/// One CPUID leaf as a guest sees it (what [`crate::Accelerator::cpuid`] reports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuidLeaf {
+    /// Leaf (EAX on input).
+    pub function: u32,
+    /// Sub-leaf (ECX on input; 0 where the leaf has none).
+    pub index: u32,
+    /// EAX.
+    pub eax: u32,
+    /// EBX.
+    pub ebx: u32,
+    /// ECX.
+    pub ecx: u32,
+    /// EDX.
+    pub edx: u32,
+}

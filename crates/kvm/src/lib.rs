@@ -90,7 +90,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use keel_accel::{
-    AccelError, Accelerator, GuestMemory, IoBuses, MachineRequirements, SystemEvents, Vm,
+    AccelError, Accelerator, CpuidLeaf, GuestMemory, IoBuses, MachineRequirements, SystemEvents, Vm,
 };
 use kvm_bindings::{KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::{Cap, Kvm};
@@ -299,6 +299,25 @@ impl KvmAccel {
 impl Accelerator for KvmAccel {
     fn name(&self) -> &'static str {
         ACCEL_NAME
+    }
+
+    fn cpuid(&self, vcpus: u32) -> Vec<CpuidLeaf> {
+        let topo = cpuid::CpuTopology {
+            index: 0,
+            count: vcpus.max(1),
+            lapic: self.options.in_kernel_irqchip,
+        };
+        cpuid::vcpu_cpuid(&self.supported_cpuid, &topo)
+            .into_iter()
+            .map(|e| CpuidLeaf {
+                function: e.function,
+                index: e.index,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect()
     }
 
     fn check(&self, req: &MachineRequirements) -> Result<(), AccelError> {

@@ -175,6 +175,30 @@ impl Backends {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every block node, by name.
+    pub fn blocks(&self) -> Vec<(String, BlockBackend)> {
+        self.lock()
+            .block
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Every character backend, by id.
+    pub fn chardevs(&self) -> Vec<(String, CharBackend)> {
+        self.lock()
+            .chardev
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Removes a block node (`blockdev-del`); `false` if there is none of that name. The
+    /// caller checks that no device uses it.
+    pub fn remove_block(&self, node_name: &str) -> bool {
+        self.lock().block.remove(node_name).is_some()
+    }
+
     /// `blockdev-add` with `driver=file`: the file must exist (and be a regular file or a
     /// block device) now, as QEMU opens it at this point.
     pub fn add_block(&self, node_name: &str, b: BlockBackend) -> Result<(), BackendError> {

@@ -149,6 +149,12 @@ pub struct MachineTypeInfo {
     pub deprecated: bool,
     /// Whether the machine has ACPI.
     pub acpi: bool,
+    /// QOM type of the vCPUs it creates, if it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_cpu_type: Option<String>,
+    /// Id of its main RAM region (`-machine memory-backend=` takes a backend in its place).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_ram_id: Option<String>,
 }
 
 /// One vCPU as `query-cpus-fast` reports it.
@@ -163,6 +169,29 @@ pub struct CpuInfo {
     pub thread_id: i64,
     /// QEMU target name (`x86_64`).
     pub target: String,
+    /// Where the vCPU sits in the topology.
+    pub props: CpuProps,
+}
+
+/// A vCPU's place in the topology (QAPI `CpuInstanceProperties` as x86 fills it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuProps {
+    /// Core within the socket.
+    pub core_id: i64,
+    /// Thread within the core.
+    pub thread_id: i64,
+    /// Socket.
+    pub socket_id: i64,
+}
+
+/// A vCPU's registers, as the accelerator reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuRegisters {
+    /// General-purpose registers, RIP and RFLAGS.
+    pub regs: keel_accel::Regs,
+    /// Segment, descriptor-table and control registers.
+    pub sregs: keel_accel::SpecialRegs,
 }
 
 /// A kind of machine: validates configurations and builds boards.
@@ -277,6 +306,13 @@ pub trait Board: Send {
     fn reset(&mut self) -> Result<(), BoardError>;
     /// The vCPUs.
     fn cpus(&self) -> Vec<CpuInfo>;
+    /// The registers of vCPU `index` (`info registers`). Only while the vCPUs do not run
+    /// (before the first start, or paused); `None` otherwise, or if the board has no such
+    /// vCPU or cannot read it. The default reads none.
+    fn cpu_registers(&self, index: u32) -> Option<CpuRegisters> {
+        let _ = index;
+        None
+    }
     /// The channel of [`BoardEvent`]s, taken once by the VMM right after creation.
     fn take_events(&mut self) -> Option<std::sync::mpsc::Receiver<BoardEvent>> {
         None
@@ -309,6 +345,9 @@ impl MachineType for NoneMachine {
             numa_mem_supported: false,
             deprecated: false,
             acpi: false,
+            // Keel's `none` has no vCPU and no RAM region at all.
+            default_cpu_type: None,
+            default_ram_id: None,
         }
     }
 

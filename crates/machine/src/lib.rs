@@ -36,7 +36,8 @@
 //!
 //! let (tx, rx) = mpsc::channel::<MachineEvent>();
 //! let mut vm = Microvm::new(MicrovmConfig::default(), accel, Arc::new(tx))?;
-//! vm.add_debug_exit(keel_devices::DebugExitConfig::new(0xf4, 4)?)?;
+//! let exit = keel_devices::DebugExitConfig::new(0xf4, 4).map_err(keel_machine::MachineError::DebugExit)?;
+//! vm.add_debug_exit(exit)?;
 //! vm.finish_init()?;
 //! vm.start()?;
 //! let event = rx.recv(); // e.g. System(Shutdown) when the demo guest powers off

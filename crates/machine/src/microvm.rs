@@ -796,6 +796,15 @@ impl Microvm {
         }
     }
 
+    /// The registers of vCPU `index`: read directly before the vCPU threads start, and
+    /// afterwards as each thread left them when it parked; `None` while the vCPUs run.
+    pub fn registers(&self, index: u32) -> Option<(keel_accel::Regs, keel_accel::SpecialRegs)> {
+        if let Some(v) = self.vcpus.iter().find(|v| v.index() == index) {
+            return v.regs().and_then(|r| v.sregs().map(|s| (r, s))).ok();
+        }
+        self.shared.registers(index)
+    }
+
     /// vCPU indexes and host thread ids (`query-cpus-fast`).
     pub fn cpu_info(&self) -> Vec<CpuInfo> {
         self.shared.cpu_info()

@@ -147,6 +147,9 @@ impl MachineType for MicrovmType {
             numa_mem_supported: false,
             deprecated: false,
             acpi: true,
+            // Keel's one CPU model: what the accelerator presents (see `query-cpu-definitions`).
+            default_cpu_type: Some("max-x86_64-cpu".into()),
+            default_ram_id: Some("microvm.ram".into()),
         }
     }
 
@@ -665,9 +668,15 @@ impl Board for MicrovmBoard {
             .filter(|(p, _)| p.get().is_some())
             .map(|(_, &b)| b)
             .collect();
-        self.lock()
-            .finish_init_with(|d| cold.contains(&d.base))
-            .map_err(BoardError::from)
+        let mut m = self.lock();
+        m.finish_init_with(|d| cold.contains(&d.base))?;
+        // The vCPU threads exist from here on, parked until `cont`, as QEMU's do: their
+        // thread ids are real in `query-cpus-fast` under `-S`.
+        m.pause();
+        m.start()?;
+        drop(m);
+        self.started = true;
+        Ok(())
     }
 
     fn resume(&mut self) -> Result<(), BoardError> {
@@ -703,8 +712,20 @@ impl Board for MicrovmBoard {
                 qom_path: format!("/machine/unattached/device[{}]", c.index),
                 thread_id: c.thread_id.map(i64::from).unwrap_or(0),
                 target: "x86_64".into(),
+                // Every vCPU is a core of the one socket (the topology CPUID reports).
+                props: crate::board::CpuProps {
+                    core_id: i64::from(c.index),
+                    thread_id: 0,
+                    socket_id: 0,
+                },
             })
             .collect()
+    }
+
+    fn cpu_registers(&self, index: u32) -> Option<crate::board::CpuRegisters> {
+        self.lock()
+            .registers(index)
+            .map(|(regs, sregs)| crate::board::CpuRegisters { regs, sregs })
     }
 
     fn take_events(&mut self) -> Option<Receiver<BoardEvent>> {

@@ -17,7 +17,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use keel_accel::{
-    AccelError, ExitAction, IoBuses, Kick, SystemEvent, SystemEvents, Vcpu, handle_exit,
+    AccelError, ExitAction, IoBuses, Kick, Regs, SpecialRegs, SystemEvent, SystemEvents, Vcpu,
+    handle_exit,
 };
 
 use crate::boot::BootState;
@@ -88,6 +89,8 @@ pub(crate) struct Shared {
     boot: Mutex<Vec<Option<BootState>>>,
     /// Bumped on every change of `ctl` that a running vCPU must notice.
     epoch: AtomicU64,
+    /// Each vCPU's registers, read by its own thread each time it parks (`info registers`).
+    registers: Mutex<Vec<Option<(Regs, SpecialRegs)>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -110,6 +113,7 @@ impl Shared {
             kickers: Mutex::new(Vec::new()),
             boot: Mutex::new(vec![None; cpus as usize]),
             epoch: AtomicU64::new(0),
+            registers: Mutex::new(vec![None; cpus as usize]),
         })
     }
 
@@ -198,6 +202,16 @@ impl Shared {
         self.update(|c| c.stop = true);
         self.cv.notify_all();
         self.kick_all();
+    }
+
+    /// The registers of vCPU `index` as it left them when it last parked; `None` unless
+    /// every live vCPU is parked now (paused or held), so the values are current.
+    pub(crate) fn registers(&self, index: u32) -> Option<(Regs, SpecialRegs)> {
+        let c = lock(&self.ctl);
+        if !(c.user_paused || c.held) || c.parked < c.alive {
+            return None;
+        }
+        lock(&self.registers).get(index as usize).copied().flatten()
     }
 
     pub(crate) fn cpu_info(&self) -> Vec<CpuInfo> {
@@ -332,6 +346,10 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
                 }
                 if !c.user_paused && !c.held {
                     break;
+                }
+                let snapshot = vcpu.regs().and_then(|r| vcpu.sregs().map(|s| (r, s))).ok();
+                if let Some(slot) = lock(&shared.registers).get_mut(index as usize) {
+                    *slot = snapshot;
                 }
                 c.parked += 1;
                 shared.cv.notify_all();

@@ -39,3 +39,25 @@ pub struct ChardevReturn {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pty: Option<String>,
 }
+
+/// One character device as `query-chardev` reports it (QAPI `ChardevInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ChardevInfo {
+    /// Its id.
+    pub label: String,
+    /// What it is connected to, in QEMU's notation (`stdio`, `null`, `unix:PATH,server=on`).
+    pub filename: String,
+    /// Whether a front end (device or monitor) uses it.
+    pub frontend_open: bool,
+}
+
+no_args_command!(
+    /// `query-chardev`: the monitors, the serial port and the backends of `chardev-add`.
+    QueryChardev, "query-chardev", ANY, Vec<ChardevInfo>,
+    Some(Type::array(Type::object("ChardevInfo", vec![
+        req("label", Type::str()),
+        req("filename", Type::str()),
+        req("frontend-open", Type::bool()),
+    ])))
+);

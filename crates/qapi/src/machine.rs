@@ -134,6 +134,12 @@ pub struct MachineInfo {
     pub deprecated: bool,
     /// Whether the machine has ACPI.
     pub acpi: bool,
+    /// QOM type of its vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_cpu_type: Option<String>,
+    /// Id of its main RAM region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_ram_id: Option<String>,
 }
 
 no_args_command!(
@@ -148,6 +154,8 @@ no_args_command!(
         req("numa-mem-supported", Type::bool()),
         req("deprecated", Type::bool()),
         req("acpi", Type::bool()),
+        opt("default-cpu-type", Type::str()),
+        opt("default-ram-id", Type::str()),
     ])))
 );
 
@@ -203,6 +211,20 @@ pub struct CpuInfoFast {
     pub thread_id: i64,
     /// QEMU target name (`x86_64`).
     pub target: String,
+    /// Its place in the topology.
+    pub props: CpuInstanceProperties,
+}
+
+/// A vCPU's place in the topology (QAPI `CpuInstanceProperties`, the members x86 sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuInstanceProperties {
+    /// Core within the socket.
+    pub core_id: i64,
+    /// Thread within the core.
+    pub thread_id: i64,
+    /// Socket.
+    pub socket_id: i64,
 }
 
 no_args_command!(
@@ -213,6 +235,11 @@ no_args_command!(
         req("qom-path", Type::str()),
         req("thread-id", Type::int()),
         req("target", Type::str()),
+        req("props", Type::object("CpuInstanceProperties", vec![
+            req("core-id", Type::int()),
+            req("thread-id", Type::int()),
+            req("socket-id", Type::int()),
+        ])),
     ])))
 );
 /// `machine-set`: chooses the machine type (no-machine) and sets its properties
@@ -431,3 +458,96 @@ no_args_command!(
     /// `system_powerdown`: presses the ACPI power button (POWERDOWN).
     SystemPowerdown, "system_powerdown", READY, (), None
 );
+
+/// One CPU model (QAPI `CpuDefinitionInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuDefinitionInfo {
+    /// Model name (`-cpu NAME`).
+    pub name: String,
+    /// Its QOM type.
+    pub typename: String,
+    /// Features the model needs that this host or accelerator lacks.
+    pub unavailable_features: Vec<String>,
+    /// Whether the model never changes with the host, accelerator or version.
+    #[serde(rename = "static")]
+    pub is_static: bool,
+    /// Whether it can be migrated safely.
+    pub migration_safe: bool,
+    /// Whether it is deprecated.
+    pub deprecated: bool,
+}
+
+no_args_command!(
+    /// `query-cpu-definitions`: the CPU models Keel can present.
+    QueryCpuDefinitions, "query-cpu-definitions", ANY, Vec<CpuDefinitionInfo>,
+    Some(Type::array(Type::object("CpuDefinitionInfo", vec![
+        req("name", Type::str()),
+        req("typename", Type::str()),
+        req("unavailable-features", Type::array(Type::str())),
+        req("static", Type::bool()),
+        req("migration-safe", Type::bool()),
+        req("deprecated", Type::bool()),
+    ])))
+);
+
+/// A CPU model and its properties (QAPI `CpuModelInfo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuModelInfo {
+    /// Model name.
+    pub name: String,
+    /// Property values (features as booleans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub props: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn cpu_model_info() -> Type {
+    Type::object(
+        "CpuModelInfo",
+        vec![req("name", Type::str()), opt("props", Type::any())],
+    )
+}
+
+/// `query-cpu-model-expansion`: a model expanded into its properties.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueryCpuModelExpansion {
+    /// `static` (in terms of the `base` model) or `full`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The model to expand.
+    pub model: CpuModelInfo,
+}
+
+/// `query-cpu-model-expansion`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuModelExpansionInfo {
+    /// The expanded model.
+    pub model: CpuModelInfo,
+}
+
+impl Command for QueryCpuModelExpansion {
+    const NAME: &'static str = "query-cpu-model-expansion";
+    const PHASES: PhaseSet = ANY;
+    type Output = CpuModelExpansionInfo;
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_query-cpu-model-expansion-arg",
+            vec![
+                req(
+                    "type",
+                    Type::Enum {
+                        name: "CpuModelExpansionType",
+                        values: &["static", "full"],
+                    },
+                ),
+                req("model", cpu_model_info()),
+            ],
+        )
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::object(
+            "CpuModelExpansionInfo",
+            vec![req("model", cpu_model_info())],
+        ))
+    }
+}

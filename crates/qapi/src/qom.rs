@@ -155,3 +155,26 @@ impl Command for QomListTypes {
         )))
     }
 }
+
+/// `qom-list-properties`: the properties of a QOM type (devices, machines, CPU models,
+/// accelerators, memory backends).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QomListProperties {
+    /// Type name.
+    pub typename: String,
+}
+
+impl Command for QomListProperties {
+    const NAME: &'static str = "qom-list-properties";
+    const PHASES: keel_phase::PhaseSet = ANY;
+    type Output = Vec<ObjectPropertyInfo>;
+    fn arguments() -> Type {
+        Type::object(
+            "q_obj_qom-list-properties-arg",
+            vec![req("typename", Type::str())],
+        )
+    }
+    fn returns() -> Option<Type> {
+        Some(Type::array(object_property_info()))
+    }
+}

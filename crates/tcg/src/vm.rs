@@ -41,8 +41,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use keel_accel::{
-    AccelError, Accelerator, BusDevice, BusRange, GuestMemory, IoBuses, IrqChip, IrqLine, Kick,
-    MachineRequirements, Regs, SpecialRegs, SystemEvents, Vcpu, VcpuExit, Vm,
+    AccelError, Accelerator, BusDevice, BusRange, CpuidLeaf, GuestMemory, IoBuses, IrqChip,
+    IrqLine, Kick, MachineRequirements, Regs, SpecialRegs, SystemEvents, Vcpu, VcpuExit, Vm,
 };
 
 use crate::cpu::{Cpu, Seg, Shadow, fl, sr};
@@ -173,6 +173,30 @@ impl Accelerator for TcgAccel {
             cpuid,
             self.apic.enabled(req.vcpus),
         )?))
+    }
+
+    fn cpuid(&self, vcpus: u32) -> Vec<CpuidLeaf> {
+        let mut cpuid = self.cpuid.clone();
+        cpuid.cores = vcpus.max(1);
+        if self.apic.enabled(vcpus) {
+            cpuid.edx1 |= crate::cpuid::edx1::APIC;
+        }
+        let leaves = (0..=0xd_u32)
+            .chain(0x4000_0000..=0x4000_0001)
+            .chain(0x8000_0000..=0x8000_0008);
+        leaves
+            .map(|function| {
+                let (eax, ebx, ecx, edx) = cpuid.query(function, 0, 0);
+                CpuidLeaf {
+                    function,
+                    index: 0,
+                    eax,
+                    ebx,
+                    ecx,
+                    edx,
+                }
+            })
+            .collect()
     }
 }
 

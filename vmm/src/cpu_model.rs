@@ -1,0 +1,231 @@
+//! Keel's CPU model in QEMU's terms: the feature names of QEMU's x86 CPU properties, read
+//! from the CPUID the accelerator presents ([`keel_accel::Accelerator::cpuid`]). Used by
+//! `query-cpu-model-expansion`, `qom-list-properties max-x86_64-cpu` and the vCPU's
+//! `qom-list`/`qom-get`.
+
+use keel_accel::CpuidLeaf;
+use serde_json::{Map, Value, json};
+
+/// Which register of which leaf a feature word is.
+#[derive(Debug, Clone, Copy)]
+enum Reg {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+/// (leaf, sub-leaf, register, [(bit, QEMU property names)]).
+type Word = (u32, u32, Reg, &'static [(u32, &'static [&'static str])]);
+
+/// QEMU 7.2's feature words (`target/i386/cpu.c`, `feature_word_info`), the bits with names;
+/// aliases QEMU registers for the same bit follow the first name.
+#[rustfmt::skip]
+const WORDS: &[Word] = &[
+    (1, 0, Reg::Edx, &[
+        (0, &["fpu"]), (1, &["vme"]), (2, &["de"]), (3, &["pse"]), (4, &["tsc"]),
+        (5, &["msr"]), (6, &["pae"]), (7, &["mce"]), (8, &["cx8"]), (9, &["apic"]),
+        (11, &["sep"]), (12, &["mtrr"]), (13, &["pge"]), (14, &["mca"]), (15, &["cmov"]),
+        (16, &["pat"]), (17, &["pse36"]), (18, &["pn"]), (19, &["clflush"]), (21, &["ds"]),
+        (22, &["acpi"]), (23, &["mmx"]), (24, &["fxsr"]), (25, &["sse"]), (26, &["sse2"]),
+        (27, &["ss"]), (28, &["ht"]), (29, &["tm"]), (30, &["ia64"]), (31, &["pbe"]),
+    ]),
+    (1, 0, Reg::Ecx, &[
+        (0, &["pni", "sse3"]), (1, &["pclmulqdq", "pclmuldq"]), (2, &["dtes64"]),
+        (3, &["monitor"]), (4, &["ds-cpl", "ds_cpl"]), (5, &["vmx"]), (6, &["smx"]),
+        (7, &["est"]), (8, &["tm2"]), (9, &["ssse3"]), (10, &["cid"]), (12, &["fma"]),
+        (13, &["cx16"]), (14, &["xtpr"]), (15, &["pdcm"]), (17, &["pcid"]), (18, &["dca"]),
+        (19, &["sse4.1", "sse4-1", "sse4_1"]), (20, &["sse4.2", "sse4-2", "sse4_2"]),
+        (21, &["x2apic"]), (22, &["movbe"]), (23, &["popcnt"]),
+        (24, &["tsc-deadline"]), (25, &["aes"]), (26, &["xsave"]), (28, &["avx"]),
+        (29, &["f16c"]), (30, &["rdrand"]), (31, &["hypervisor"]),
+    ]),
+    (7, 0, Reg::Ebx, &[
+        (0, &["fsgsbase"]), (1, &["tsc-adjust", "tsc_adjust"]), (2, &["sgx"]),
+        (3, &["bmi1"]), (4, &["hle"]), (5, &["avx2"]), (7, &["smep"]), (8, &["bmi2"]),
+        (9, &["erms"]), (10, &["invpcid"]), (11, &["rtm"]), (14, &["mpx"]),
+        (16, &["avx512f"]), (17, &["avx512dq"]), (18, &["rdseed"]), (19, &["adx"]),
+        (20, &["smap"]), (21, &["avx512ifma"]), (22, &["pcommit"]), (23, &["clflushopt"]),
+        (24, &["clwb"]), (25, &["intel-pt"]), (26, &["avx512pf"]), (27, &["avx512er"]),
+        (28, &["avx512cd"]), (29, &["sha-ni"]), (30, &["avx512bw"]), (31, &["avx512vl"]),
+    ]),
+    (7, 0, Reg::Ecx, &[
+        (1, &["avx512vbmi"]), (2, &["umip"]), (3, &["pku"]), (5, &["waitpkg"]),
+        (6, &["avx512vbmi2"]), (8, &["gfni"]), (9, &["vaes"]), (10, &["vpclmulqdq"]),
+        (11, &["avx512vnni"]), (12, &["avx512bitalg"]), (14, &["avx512-vpopcntdq"]),
+        (16, &["la57"]), (22, &["rdpid"]), (24, &["bus-lock-detect"]), (25, &["cldemote"]),
+        (27, &["movdiri"]), (28, &["movdir64b"]), (30, &["sgxlc"]), (31, &["pks"]),
+    ]),
+    (7, 0, Reg::Edx, &[
+        (2, &["avx512-4vnniw"]), (3, &["avx512-4fmaps"]), (4, &["fsrm"]),
+        (8, &["avx512-vp2intersect"]), (10, &["md-clear"]), (14, &["serialize"]),
+        (16, &["tsx-ldtrk"]), (19, &["arch-lbr"]), (22, &["amx-bf16"]),
+        (23, &["avx512-fp16"]), (24, &["amx-tile"]), (25, &["amx-int8"]),
+        (26, &["spec-ctrl"]), (27, &["stibp"]), (29, &["arch-capabilities"]),
+        (30, &["core-capability"]), (31, &["ssbd"]),
+    ]),
+    (0xd, 1, Reg::Eax, &[(0, &["xsaveopt"]), (1, &["xsavec"]), (2, &["xgetbv1"]), (3, &["xsaves"])]),
+    (0x8000_0001, 0, Reg::Edx, &[
+        (11, &["syscall"]), (20, &["nx", "xd"]), (22, &["mmxext"]),
+        (25, &["fxsr-opt", "ffxsr", "fxsr_opt"]), (26, &["pdpe1gb"]), (27, &["rdtscp"]),
+        (29, &["lm", "i64"]), (30, &["3dnowext"]), (31, &["3dnow"]),
+    ]),
+    (0x8000_0001, 0, Reg::Ecx, &[
+        (0, &["lahf-lm", "lahf_lm"]), (1, &["cmp-legacy", "cmp_legacy"]), (2, &["svm"]),
+        (3, &["extapic"]), (4, &["cr8legacy"]), (5, &["abm"]), (6, &["sse4a"]),
+        (7, &["misalignsse"]), (8, &["3dnowprefetch"]), (9, &["osvw"]), (10, &["ibs"]),
+        (11, &["xop"]), (12, &["skinit"]), (13, &["wdt"]), (15, &["lwp"]), (16, &["fma4"]),
+        (17, &["tce"]), (19, &["nodeid-msr", "nodeid_msr"]), (21, &["tbm"]),
+        (22, &["topoext"]), (23, &["perfctr-core", "perfctr_core"]),
+        (24, &["perfctr-nb", "perfctr_nb"]),
+    ]),
+    (0x8000_0007, 0, Reg::Edx, &[(8, &["invtsc"])]),
+    (0x8000_0008, 0, Reg::Ebx, &[
+        (0, &["clzero"]), (2, &["xsaveerptr"]), (9, &["wbnoinvd"]),
+        (12, &["ibpb"]), (14, &["ibrs"]), (15, &["amd-stibp"]), (24, &["amd-ssbd"]),
+        (25, &["virt-ssbd"]), (26, &["amd-no-ssb"]),
+    ]),
+];
+
+/// KVM's paravirtual features (leaf 0x4000_0001 EAX), only under KVM's signature.
+#[rustfmt::skip]
+const KVM_WORD: &[(u32, &[&str])] = &[
+    (0, &["kvmclock"]), (1, &["kvm-nopiodelay"]), (2, &["kvm-mmu"]), (4, &["kvm-asyncpf"]),
+    (5, &["kvm-steal-time"]), (6, &["kvm-pv-eoi"]), (7, &["kvm-pv-unhalt"]),
+    (9, &["kvm-pv-tlb-flush"]), (11, &["kvm-pv-ipi"]),
+    (12, &["kvm-poll-control"]), (13, &["kvm-pv-sched-yield"]), (14, &["kvm-asyncpf-int"]),
+    (15, &["kvm-msi-ext-dest-id"]),
+];
+
+fn leaf(cpuid: &[CpuidLeaf], function: u32, index: u32) -> Option<&CpuidLeaf> {
+    cpuid
+        .iter()
+        .find(|l| l.function == function && l.index == index)
+        .or_else(|| cpuid.iter().find(|l| l.function == function))
+}
+
+fn reg(l: &CpuidLeaf, r: Reg) -> u32 {
+    match r {
+        Reg::Eax => l.eax,
+        Reg::Ebx => l.ebx,
+        Reg::Ecx => l.ecx,
+        Reg::Edx => l.edx,
+    }
+}
+
+/// Every feature property and whether the CPUID sets it, in QEMU's names, once per bit
+/// (what `query-cpu-model-expansion` reports).
+pub fn features(cpuid: &[CpuidLeaf]) -> Vec<(&'static str, bool)> {
+    let aliases: Vec<&str> = WORDS
+        .iter()
+        .flat_map(|w| w.3.iter())
+        .chain(KVM_WORD.iter())
+        .flat_map(|(_, names)| names.iter().skip(1).copied())
+        .collect();
+    let mut v = features_with_aliases(cpuid);
+    v.retain(|(n, _)| !aliases.contains(n));
+    v
+}
+
+/// [`features`] plus QEMU's alias properties for the same bits (`sse4_1`, `xd`, `i64`...),
+/// which the vCPU object also has.
+pub fn features_with_aliases(cpuid: &[CpuidLeaf]) -> Vec<(&'static str, bool)> {
+    let mut out = Vec::new();
+    for (function, index, r, bits) in WORDS {
+        let word = leaf(cpuid, *function, *index).map_or(0, |l| reg(l, *r));
+        for (bit, names) in *bits {
+            for n in *names {
+                out.push((*n, word & (1 << bit) != 0));
+            }
+        }
+    }
+    let kvm = leaf(cpuid, 0x4000_0000, 0).is_some_and(|l| l.ebx == 0x4b4d_564b);
+    let word = match kvm {
+        true => leaf(cpuid, 0x4000_0001, 0).map_or(0, |l| l.eax),
+        false => 0,
+    };
+    for (bit, names) in KVM_WORD {
+        for n in *names {
+            out.push((*n, word & (1 << bit) != 0));
+        }
+    }
+    out
+}
+
+fn string(cpuid: &[CpuidLeaf], parts: &[(u32, Reg)]) -> String {
+    let mut b = Vec::new();
+    for (f, r) in parts {
+        if let Some(l) = leaf(cpuid, *f, 0) {
+            b.extend_from_slice(&reg(l, *r).to_le_bytes());
+        }
+    }
+    String::from_utf8_lossy(&b)
+        .trim_end_matches('\0')
+        .trim()
+        .to_owned()
+}
+
+/// The non-feature properties of a full expansion: vendor, model-id, family, model,
+/// stepping, levels.
+pub fn identity(cpuid: &[CpuidLeaf]) -> Map<String, Value> {
+    let mut m = Map::new();
+    let vendor = string(cpuid, &[(0, Reg::Ebx), (0, Reg::Edx), (0, Reg::Ecx)]);
+    let brand_parts: Vec<(u32, Reg)> = (0x8000_0002..=0x8000_0004)
+        .flat_map(|f| [(f, Reg::Eax), (f, Reg::Ebx), (f, Reg::Ecx), (f, Reg::Edx)])
+        .collect();
+    let eax1 = leaf(cpuid, 1, 0).map_or(0, |l| l.eax);
+    let base_family = (eax1 >> 8) & 0xf;
+    let family = base_family
+        + if base_family == 0xf {
+            (eax1 >> 20) & 0xff
+        } else {
+            0
+        };
+    let model = ((eax1 >> 4) & 0xf)
+        | if base_family >= 6 {
+            ((eax1 >> 16) & 0xf) << 4
+        } else {
+            0
+        };
+    m.insert("vendor".into(), json!(vendor));
+    m.insert("model-id".into(), json!(string(cpuid, &brand_parts)));
+    m.insert("family".into(), json!(family));
+    m.insert("model".into(), json!(model));
+    m.insert("stepping".into(), json!(eax1 & 0xf));
+    m.insert(
+        "level".into(),
+        json!(leaf(cpuid, 0, 0).map_or(0, |l| l.eax)),
+    );
+    m.insert(
+        "xlevel".into(),
+        json!(leaf(cpuid, 0x8000_0000, 0).map_or(0, |l| l.eax)),
+    );
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_map_to_qemu_names() {
+        let cpuid = [
+            CpuidLeaf {
+                function: 1,
+                edx: (1 << 26) | 1,
+                ecx: 1 << 19,
+                ..Default::default()
+            },
+            CpuidLeaf {
+                function: 0x8000_0001,
+                edx: 1 << 29,
+                ..Default::default()
+            },
+        ];
+        let f: std::collections::BTreeMap<_, _> =
+            features_with_aliases(&cpuid).into_iter().collect();
+        assert!(!features(&cpuid).iter().any(|(n, _)| *n == "sse4_1"));
+        assert!(f["sse2"] && f["fpu"] && f["sse4.1"] && f["sse4_1"] && f["lm"] && f["i64"]);
+        assert!(!f["avx"] && !f["vme"] && !f["kvmclock"]);
+    }
+}
