@@ -165,12 +165,18 @@ mod tests {
         assert_eq!(al.allocate(a(1), BarSpec::io(0x20)).unwrap(), 0xc000);
         assert_eq!(al.allocate(a(1), BarSpec::io(0x40)).unwrap(), 0xc040);
         assert_eq!(al.allocate(a(2), BarSpec::io(0x20)).unwrap(), 0xc020);
-        assert_eq!(al.allocate(a(2), BarSpec::mem32(0x10, false)).unwrap(), 0xe000_0000);
+        assert_eq!(
+            al.allocate(a(2), BarSpec::mem32(0x10, false)).unwrap(),
+            0xe000_0000
+        );
         assert_eq!(
             al.allocate(a(3), BarSpec::mem64(0x4000, true)).unwrap(),
             0xe000_4000
         );
-        assert_eq!(al.allocate(a(3), BarSpec::mem32(0x1000, false)).unwrap(), 0xe000_1000);
+        assert_eq!(
+            al.allocate(a(3), BarSpec::mem32(0x1000, false)).unwrap(),
+            0xe000_1000
+        );
         // A 64-bit BAR that cannot fit below 4 GiB goes high.
         assert_eq!(
             al.allocate(a(4), BarSpec::mem64(1 << 32, true)).unwrap(),
@@ -182,7 +188,10 @@ mod tests {
         ));
         al.release(a(2));
         assert_eq!(al.allocate(a(5), BarSpec::io(0x20)).unwrap(), 0xc020);
-        assert_eq!(al.allocate(a(5), BarSpec::mem32(0x1000, false)).unwrap(), 0xe000_0000);
+        assert_eq!(
+            al.allocate(a(5), BarSpec::mem32(0x1000, false)).unwrap(),
+            0xe000_0000
+        );
         let mut small = BarAllocator::new(
             Window::new(0x1000, 0x10).unwrap(),
             Window::new(0xf000_0000, 0x1000).unwrap(),

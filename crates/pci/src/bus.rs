@@ -60,7 +60,9 @@ impl std::fmt::Debug for PciBus {
             .filter(|a| self.function(*a).is_some())
             .map(|a| a.to_string())
             .collect();
-        f.debug_struct("PciBus").field("functions", &present).finish()
+        f.debug_struct("PciBus")
+            .field("functions", &present)
+            .finish()
     }
 }
 

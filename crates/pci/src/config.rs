@@ -220,8 +220,14 @@ pub struct PciConfig {
 impl std::fmt::Debug for PciConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PciConfig")
-            .field("vendor", &format_args!("{:#06x}", self.read_u16(regs::VENDOR_ID)))
-            .field("device", &format_args!("{:#06x}", self.read_u16(regs::DEVICE_ID)))
+            .field(
+                "vendor",
+                &format_args!("{:#06x}", self.read_u16(regs::VENDOR_ID)),
+            )
+            .field(
+                "device",
+                &format_args!("{:#06x}", self.read_u16(regs::DEVICE_ID)),
+            )
             .field("command", &format_args!("{:#06x}", self.command()))
             .field("bars", &self.bars)
             .finish()
@@ -360,7 +366,10 @@ impl PciConfig {
     }
     /// Sets the command register as firmware would (only the writable bits).
     pub fn set_command(&mut self, value: u16) {
-        self.write(regs::COMMAND as u64, &(value & command::WRITABLE).to_le_bytes());
+        self.write(
+            regs::COMMAND as u64,
+            &(value & command::WRITABLE).to_le_bytes(),
+        );
     }
     /// Whether INTx is disabled by the command register.
     pub fn intx_disabled(&self) -> bool {
@@ -557,7 +566,7 @@ impl PciConfig {
         let mut out = Vec::new();
         let mut ptr = usize::from(self.read_u8(regs::CAPABILITY_LIST));
         let mut steps = 0;
-        while ptr >= FIRST_CAP && ptr < CONFIG_SPACE_SIZE - 1 && steps < 64 {
+        while (FIRST_CAP..CONFIG_SPACE_SIZE - 1).contains(&ptr) && steps < 64 {
             if self.read_u8(ptr) == id {
                 out.push(ptr as u8);
             }
@@ -647,7 +656,10 @@ mod tests {
         assert_eq!(c.bar_address(4), Some(0x8_0000_4000));
         let r = c.bar_regions();
         assert_eq!(r.len(), 3);
-        assert_eq!((r[0].base, r[1].base, r[2].base), (0xc040, 0xfebf_1000, 0x8_0000_4000));
+        assert_eq!(
+            (r[0].base, r[1].base, r[2].base),
+            (0xc040, 0xfebf_1000, 0x8_0000_4000)
+        );
         c.set_command(command::IO);
         assert_eq!(c.bar_regions().len(), 1, "memory decode off");
         c.reset();
@@ -658,7 +670,10 @@ mod tests {
     #[test]
     fn bar_declarations_are_checked() {
         let mut c = cfg();
-        assert!(c.add_bar(5, BarSpec::mem32(0x1000, false)).is_err(), "upper half of BAR4");
+        assert!(
+            c.add_bar(5, BarSpec::mem32(0x1000, false)).is_err(),
+            "upper half of BAR4"
+        );
         assert!(c.add_bar(2, BarSpec::io(3)).is_err());
         assert!(c.add_bar(2, BarSpec::io(512)).is_err());
         assert!(c.add_bar(5, BarSpec::mem64(0x1000, false)).is_err());
@@ -671,7 +686,9 @@ mod tests {
     fn capability_list_links() {
         let mut c = cfg();
         let a = c.add_capability(cap_id::VENDOR, &[0; 14], &[]).unwrap();
-        let b = c.add_capability(cap_id::MSIX, &[0; 10], &[0, 0xc0]).unwrap();
+        let b = c
+            .add_capability(cap_id::MSIX, &[0; 10], &[0, 0xc0])
+            .unwrap();
         assert_eq!((a, b), (0x40, 0x50));
         assert_eq!(c.read_u8(0x34), 0x40);
         assert_eq!(c.read_u8(0x41), 0x50);

@@ -47,10 +47,9 @@ pub fn assign_config_bars(
     owner: crate::PciAddress,
     allocator: &mut BarAllocator,
 ) -> Result<(), PciError> {
-    let bars: Vec<_> = config.bars().collect();
     // Largest first, as firmware does, so natural alignment wastes least.
-    let mut order = bars.clone();
-    order.sort_by(|a, b| b.1.size.cmp(&a.1.size));
+    let mut order: Vec<_> = config.bars().collect();
+    order.sort_by_key(|b| std::cmp::Reverse(b.1.size));
     let mut cmd = config.command();
     for (i, spec) in order {
         let base = allocator.allocate(owner, spec)?;
@@ -126,13 +125,21 @@ impl PciDevice for PciFunction {
         self.lock().bar_regions()
     }
     fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
-        match self.bar_devices.get(usize::from(bar)).and_then(Option::as_ref) {
+        match self
+            .bar_devices
+            .get(usize::from(bar))
+            .and_then(Option::as_ref)
+        {
             Some(d) => d.read(offset, data),
             None => data.fill(0xff),
         }
     }
     fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
-        if let Some(d) = self.bar_devices.get(usize::from(bar)).and_then(Option::as_ref) {
+        if let Some(d) = self
+            .bar_devices
+            .get(usize::from(bar))
+            .and_then(Option::as_ref)
+        {
             d.write(offset, data);
         }
     }

@@ -117,6 +117,8 @@ pub enum PciError {
     )]
     SlotExposed(PciAddress),
     /// An `addr=` value QEMU would not accept either.
-    #[error("Property 'addr' doesn't take value '{0}' (expected SLOT[.FUNCTION] in hex, e.g. 04 or 0x4.1)")]
+    #[error(
+        "Property 'addr' doesn't take value '{0}' (expected SLOT[.FUNCTION] in hex, e.g. 04 or 0x4.1)"
+    )]
     BadAddress(String),
 }

@@ -159,7 +159,9 @@ impl Msix {
     /// Whether vector `vector` has a pending message.
     pub fn is_pending(&self, vector: u16) -> bool {
         let v = usize::from(vector);
-        self.pending.get(v / 64).is_some_and(|w| w >> (v % 64) & 1 == 1)
+        self.pending
+            .get(v / 64)
+            .is_some_and(|w| w >> (v % 64) & 1 == 1)
     }
     fn set_pending(&mut self, vector: u16, on: bool) {
         let v = usize::from(vector);

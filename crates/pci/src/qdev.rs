@@ -100,10 +100,7 @@ mod tests {
     }
 
     fn find(name: &str) -> DeviceType {
-        qdev_types()
-            .into_iter()
-            .find(|t| t.name() == name)
-            .unwrap()
+        qdev_types().into_iter().find(|t| t.name() == name).unwrap()
     }
 
     #[test]
@@ -119,7 +116,12 @@ mod tests {
     #[test]
     fn addr_forms_and_backend_props() {
         let t = find("virtio-blk-pci");
-        for (text, slot, function) in [("04", 4, 0), ("0x4.1", 4, 1), ("4.0", 4, 0), ("1f.7", 31, 7)] {
+        for (text, slot, function) in [
+            ("04", 4, 0),
+            ("0x4.1", 4, 1),
+            ("4.0", 4, 0),
+            ("1f.7", 31, 7),
+        ] {
             let p = validate(&t, &[("drive", "d0"), ("addr", text)]).unwrap();
             let pci = PciDeviceProps::from_props(&p).unwrap();
             assert_eq!(pci.addr, PciAddress::new(slot, function), "{text}");
@@ -138,13 +140,19 @@ mod tests {
             }
         );
         let blk = BlockProps::from_props(&p).unwrap();
-        assert_eq!((blk.drive.as_str(), blk.serial.as_deref()), ("d0", Some("s1")));
+        assert_eq!(
+            (blk.drive.as_str(), blk.serial.as_deref()),
+            ("d0", Some("s1"))
+        );
         let p = validate(&t, &[("drive", "d0"), ("addr", "20")]).unwrap();
         assert!(matches!(
             PciDeviceProps::from_props(&p),
             Err(PciError::BadAddress(_))
         ));
-        assert!(validate(&t, &[("addr", "04")]).is_err(), "drive is required");
+        assert!(
+            validate(&t, &[("addr", "04")]).is_err(),
+            "drive is required"
+        );
         let t = find("virtio-net-pci");
         let p = validate(&t, &[("netdev", "n0"), ("mac", "52:54:00:00:00:07")]).unwrap();
         assert_eq!(NetProps::from_props(&p).unwrap().mac[5], 7);

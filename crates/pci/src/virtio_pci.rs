@@ -142,7 +142,11 @@ struct Delivery(Arc<Mutex<Vectors>>);
 impl MessageDelivery for Delivery {
     fn queue(&self, index: u16) -> bool {
         let mut v = Vectors::lock(&self.0);
-        let vector = v.queues.get(usize::from(index)).copied().unwrap_or(NO_VECTOR);
+        let vector = v
+            .queues
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(NO_VECTOR);
         v.msix.notify(vector) != MsixOutcome::Disabled
     }
     fn config(&self) -> bool {
@@ -177,7 +181,14 @@ impl std::fmt::Debug for VirtioPci {
 }
 
 fn vendor_cap(config: &mut PciConfig, cfg: u8, offset: u64, length: u64, extra: &[u8]) -> u8 {
-    let mut body = vec![(16 + extra.len()) as u8, cfg, VirtioPciLayout::MODERN_BAR, 0, 0, 0];
+    let mut body = vec![
+        (16 + extra.len()) as u8,
+        cfg,
+        VirtioPciLayout::MODERN_BAR,
+        0,
+        0,
+        0,
+    ];
     body.extend_from_slice(&(offset as u32).to_le_bytes());
     body.extend_from_slice(&(length as u32).to_le_bytes());
     body.extend_from_slice(extra);
@@ -209,9 +220,21 @@ impl VirtioPci {
             BarSpec::mem64(VirtioPciLayout::MODERN_BAR_SIZE, true),
         )?;
         let size = VirtioPciLayout::REGION_SIZE;
-        vendor_cap(&mut config, cfg_type::COMMON, VirtioPciLayout::COMMON, size, &[]);
+        vendor_cap(
+            &mut config,
+            cfg_type::COMMON,
+            VirtioPciLayout::COMMON,
+            size,
+            &[],
+        );
         vendor_cap(&mut config, cfg_type::ISR, VirtioPciLayout::ISR, size, &[]);
-        vendor_cap(&mut config, cfg_type::DEVICE, VirtioPciLayout::DEVICE, size, &[]);
+        vendor_cap(
+            &mut config,
+            cfg_type::DEVICE,
+            VirtioPciLayout::DEVICE,
+            size,
+            &[],
+        );
         vendor_cap(
             &mut config,
             cfg_type::NOTIFY,
@@ -221,7 +244,24 @@ impl VirtioPci {
         );
         // PCI configuration access: bar, offset, length and data are writable.
         let body = [
-            20u8, cfg_type::PCI, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            20u8,
+            cfg_type::PCI,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
         ];
         let wmask = [
             0u8, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -234,7 +274,10 @@ impl VirtioPci {
             &mut config,
             nvectors,
             (VirtioPciLayout::MSIX_BAR, 0),
-            (VirtioPciLayout::MSIX_BAR, VirtioPciLayout::PBA_OFFSET as u32),
+            (
+                VirtioPciLayout::MSIX_BAR,
+                VirtioPciLayout::PBA_OFFSET as u32,
+            ),
             sink,
         )?;
         let vectors = Arc::new(Mutex::new(Vectors {
@@ -329,7 +372,10 @@ impl VirtioPci {
             img[o..o + bytes.len()].copy_from_slice(bytes);
         };
         put(common::DFSELECT, &d.device_features_sel.to_le_bytes());
-        put(common::DF, &d.device_features_word(self.core.offered()).to_le_bytes());
+        put(
+            common::DF,
+            &d.device_features_word(self.core.offered()).to_le_bytes(),
+        );
         put(common::GFSELECT, &d.driver_features_sel.to_le_bytes());
         put(common::GF, &d.driver_features_word().to_le_bytes());
         put(common::MSIX, &v.config.to_le_bytes());

@@ -79,9 +79,9 @@ mod notify;
 mod rng;
 mod slot;
 mod tap;
-mod transport;
 #[cfg(test)]
 mod testutil;
+mod transport;
 mod worker;
 
 pub use block::{Block, BlockConfig, BlockProps, SECTOR_SIZE};

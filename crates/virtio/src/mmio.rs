@@ -213,7 +213,9 @@ impl BusDevice for MmioTransport {
         let config_base = u64::from(reg::VIRTIO_MMIO_CONFIG);
         if offset >= config_base {
             if matches!(data.len(), 1 | 2 | 4 | 8) {
-                self.core.lock_device().read_config(offset - config_base, data);
+                self.core
+                    .lock_device()
+                    .read_config(offset - config_base, data);
             } else {
                 data.fill(0);
             }
@@ -236,7 +238,9 @@ impl BusDevice for MmioTransport {
         let config_base = u64::from(reg::VIRTIO_MMIO_CONFIG);
         if offset >= config_base {
             if matches!(data.len(), 1 | 2 | 4 | 8) {
-                self.core.lock_device().write_config(offset - config_base, data);
+                self.core
+                    .lock_device()
+                    .write_config(offset - config_base, data);
             }
             return;
         }

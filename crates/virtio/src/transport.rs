@@ -81,7 +81,10 @@ impl DriverState {
             driver_features: 0,
             unknown_features: false,
             queue_sel: 0,
-            queues: queue_max_sizes.iter().map(|&m| QueueConfig::new(m)).collect(),
+            queues: queue_max_sizes
+                .iter()
+                .map(|&m| QueueConfig::new(m))
+                .collect(),
         }
     }
 
@@ -103,7 +106,9 @@ impl DriverState {
             return None;
         }
         let sel = self.queue_sel;
-        let q = usize::try_from(sel).ok().and_then(|i| self.queues.get_mut(i));
+        let q = usize::try_from(sel)
+            .ok()
+            .and_then(|i| self.queues.get_mut(i));
         match q {
             None => {
                 log::warn!("virtio: queue {what} written for missing queue {sel}");
@@ -287,9 +292,7 @@ impl TransportCore {
         let mut value = value;
         if new & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let acked = st.driver_features;
-            if acked & !self.offered != 0
-                || acked & features::VERSION_1 == 0
-                || st.unknown_features
+            if acked & !self.offered != 0 || acked & features::VERSION_1 == 0 || st.unknown_features
             {
                 log::warn!(
                     "{name}: refusing driver features {acked:#x} (offered {:#x}, VERSION_1 required)",
