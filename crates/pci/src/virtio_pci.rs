@@ -21,6 +21,13 @@
 //! `queue_msix_vector[N]` and a configuration change to `msix_config` (nothing when the
 //! vector is `NO_VECTOR`), through the [`MsiSink`]; with MSI-X disabled they set the ISR
 //! bits and assert INTx until the driver reads the ISR.
+//!
+//! Queue work happens on the vCPU thread that writes the notify register unless a
+//! [`QueueNotifyHook`] is set ([`VirtioPci::set_notify_hook`], e.g.
+//! [`keel_virtio::QueueEvents::hook`]); the event loop then calls
+//! [`VirtioPci::process_queue`]. Under KVM the machine can register ioeventfds at
+//! [`VirtioPci::notify_address`] and move them when its [`crate::BarObserver`] reports that
+//! BAR4 moved. (`keel_virtio::IoWorker` serves virtio-mmio transports only.)
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
