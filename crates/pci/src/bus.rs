@@ -483,3 +483,57 @@ impl BusDevice for PciConfigIo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PciFunction;
+
+    #[derive(Default)]
+    struct Cf9(Mutex<Vec<u8>>);
+    impl BusDevice for Cf9 {
+        fn read(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x02);
+        }
+        fn write(&self, _offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().extend_from_slice(data);
+        }
+    }
+
+    #[test]
+    fn address_register_and_reset_control() {
+        let bus = Arc::new(PciBus::new());
+        bus.add_function(
+            PciAddress::new(0, 0).unwrap(),
+            Arc::new(PciFunction::host_bridge()),
+        )
+        .unwrap();
+        let cf9 = Arc::new(Cf9::default());
+        let io = PciConfigIo::new(bus).with_cf9(cf9.clone());
+        io.write(0, &0x8000_0004u32.to_le_bytes());
+        // Narrow accesses do not touch the address register.
+        io.write(0, &[0]);
+        io.write(2, &[0, 0]);
+        assert_eq!(io.address(), 0x8000_0004);
+        let mut b = [0u8; 1];
+        io.read(0, &mut b);
+        assert_eq!(b, [0xff]);
+        // 0xCF9 goes to the reset control register.
+        io.write(1, &[0x06]);
+        io.read(1, &mut b);
+        assert_eq!((cf9.0.lock().unwrap().as_slice(), b), (&[6u8][..], [2]));
+        // Data port at each byte lane; a straddling access reads all ones.
+        io.write(4, &0x0007u16.to_le_bytes());
+        let mut w = [0u8; 2];
+        io.read(4, &mut w);
+        assert_eq!(
+            u16::from_le_bytes(w),
+            0x0007 & crate::config::command::WRITABLE
+        );
+        io.read(7, &mut w);
+        assert_eq!(w, [0xff, 0xff]);
+        let mut q = [0u8; 8];
+        io.read(4, &mut q);
+        assert_eq!(q, [0xff; 8]);
+    }
+}

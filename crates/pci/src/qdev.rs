@@ -2,7 +2,8 @@
 //! `virtio-rng-pci` and `virtio-serial-pci`, on a bus of type `PCI` (`bus=pci.0`).
 //!
 //! Each takes the PCI properties `addr=SLOT[.FUNCTION]` (hexadecimal, as QEMU: `addr=04`,
-//! `addr=0x4.1`, `addr=4.0`; empty picks the first free slot) and `multifunction=on|off`,
+//! `addr=0x4.1`, `addr=4.0`; empty picks the first free slot; from QMP a JSON string — the
+//! integer devfn form QEMU also takes is not accepted) and `multifunction=on|off`,
 //! plus the properties of its virtio back end, which keep their meaning and their typed
 //! constructors ([`keel_virtio::BlockProps::from_props`],
 //! [`keel_virtio::NetProps::from_props`] work on these types' properties too). `id=` and

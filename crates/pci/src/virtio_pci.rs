@@ -276,7 +276,13 @@ impl VirtioPci {
         ];
         let pci_cfg_cap = config.add_capability(cap_id::VENDOR, &body, &wmask)?;
         let queues = driver.queues.len();
-        let nvectors = u16::try_from(queues + 1).map_err(|_| PciError::MsixVectors(u16::MAX))?;
+        // The table must end before the PBA at 0x800: at most 128 vectors.
+        let nvectors = u16::try_from(queues + 1)
+            .ok()
+            .filter(|&n| u64::from(n) * crate::MSIX_ENTRY_SIZE <= VirtioPciLayout::PBA_OFFSET)
+            .ok_or(PciError::MsixVectors(
+                u16::try_from(queues + 1).unwrap_or(u16::MAX),
+            ))?;
         let msix = Msix::new(
             &mut config,
             nvectors,
