@@ -92,7 +92,7 @@ fn discover(m: &Machine, a: PciAddress) -> Caps {
     assert_eq!(
         types,
         vec![1, 3, 4, 2, 5],
-        "QEMU's order of virtio capabilities"
+        "common, ISR, device, notify, PCI cfg (in the order added)"
     );
     c
 }
