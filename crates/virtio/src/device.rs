@@ -24,6 +24,7 @@ use crate::chain::{self, ParsedChain};
 /// interrupt cannot leave a set bit with the line low.
 pub struct Interrupt {
     state: Mutex<IrqState>,
+    delivery: Mutex<Option<Arc<dyn MessageDelivery>>>,
     needs_reset: AtomicBool,
     config_generation: AtomicU32,
 }
@@ -31,6 +32,21 @@ pub struct Interrupt {
 struct IrqState {
     status: u32,
     line: Arc<dyn IrqLine>,
+}
+
+/// Message-signalled delivery of a transport that has it (virtio-pci with MSI-X): the
+/// transport maps the queue or the configuration change to its vector and sends the
+/// message.
+///
+/// Each method returns `true` when the message path took the interrupt (delivered it,
+/// marked it pending under a mask, or dropped it because no vector is assigned), and
+/// `false` when message delivery is off, so the interrupt goes to the status register
+/// and the level line as without a hook (INTx and the ISR for virtio-pci).
+pub trait MessageDelivery: Send + Sync {
+    /// Queue `index` has new used buffers.
+    fn queue(&self, index: u16) -> bool;
+    /// The configuration space (or the device status) changed.
+    fn config(&self) -> bool;
 }
 
 /// The line of a transport that is not wired yet: every level change is dropped.
@@ -53,6 +69,7 @@ impl Interrupt {
     pub fn new(line: Arc<dyn IrqLine>) -> Self {
         Self {
             state: Mutex::new(IrqState { status: 0, line }),
+            delivery: Mutex::new(None),
             needs_reset: AtomicBool::new(false),
             config_generation: AtomicU32::new(0),
         }
@@ -76,14 +93,37 @@ impl Interrupt {
         st.line.set_level(st.status != 0);
     }
 
+    /// Routes interrupts through `delivery` first (see [`MessageDelivery`]); `None` goes
+    /// back to the status register and the line only.
+    pub fn set_delivery(&self, delivery: Option<Arc<dyn MessageDelivery>>) {
+        *self.delivery.lock().unwrap_or_else(|p| p.into_inner()) = delivery;
+    }
+
+    fn delivery(&self) -> Option<Arc<dyn MessageDelivery>> {
+        self.delivery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn raise(&self, bit: u32) {
         let mut st = self.lock();
         st.status |= bit;
         st.line.set_level(true);
     }
 
-    /// Tells the driver that a queue has new used buffers.
+    /// Tells the driver that a queue has new used buffers (the status register and the
+    /// line; see [`Interrupt::signal_queue`] for the queue-aware form).
     pub fn signal_used_queue(&self) {
+        self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Tells the driver that queue `index` has new used buffers: through the message
+    /// path if one is set and takes it, else as [`Interrupt::signal_used_queue`].
+    pub fn signal_queue(&self, index: u16) {
+        if self.delivery().is_some_and(|d| d.queue(index)) {
+            return;
+        }
         self.raise(VIRTIO_MMIO_INT_VRING);
     }
 
@@ -91,6 +131,9 @@ impl Interrupt {
     /// and bumps the config generation so a driver reading a multi-word field retries.
     pub fn signal_config_change(&self) {
         self.config_generation.fetch_add(1, Ordering::AcqRel);
+        if self.delivery().is_some_and(|d| d.config()) {
+            return;
+        }
         self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
@@ -349,7 +392,8 @@ impl Active {
             )
             .unwrap_or(0);
         if u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0 {
-            self.interrupt.signal_used_queue();
+            self.interrupt
+                .signal_queue(u16::try_from(index).unwrap_or(u16::MAX));
         }
     }
 }

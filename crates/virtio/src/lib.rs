@@ -12,6 +12,10 @@
 //! * [`IoWorker`] processes a transport's queues on an event-loop thread: guest notifies
 //!   arrive through ioeventfds under KVM (no vCPU exit) or through the MMIO write under
 //!   tcg, and the interrupt goes through a resampled irqfd under KVM ([`IrqfdLine`]).
+//! * [`TransportCore`] and [`DriverState`] are what every transport shares (status state
+//!   machine, feature negotiation, queue setup, activation, reset); `MmioTransport` and
+//!   `keel-pci`'s virtio-pci transport decode their registers into them. A transport with
+//!   message-signalled interrupts routes them per queue through [`MessageDelivery`].
 //! * [`VirtioMmioSlot`] describes where a device sits (MMIO window, IRQ) so a machine can
 //!   list it in the ACPI DSDT (`LNRO0005`) or on the kernel command line.
 //!
@@ -77,11 +81,12 @@ mod slot;
 mod tap;
 #[cfg(test)]
 mod testutil;
+mod transport;
 mod worker;
 
 pub use block::{Block, BlockConfig, BlockProps, SECTOR_SIZE};
 pub use console::{Console, ConsoleInput, ConsolePortProps, INPUT_CAPACITY};
-pub use device::{Activation, Interrupt, VirtioDevice};
+pub use device::{Activation, Interrupt, MessageDelivery, VirtioDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook};
 pub use net::{
     MAX_FRAME_LEN, NET_HDR_LEN, Net, NetBackend, NetConfig, NetProps, RxPoller, RxState,
@@ -90,6 +95,7 @@ pub use notify::QueueEvents;
 pub use rng::{MAX_BYTES_PER_REQUEST, Rng};
 pub use slot::{MMIO_WINDOW_SIZE, VirtioMmioSlot};
 pub use tap::Tap;
+pub use transport::{DriverState, QueueConfig, TransportCore};
 pub use worker::{IoWorker, IrqfdLine};
 
 /// The `Magic` register value: "virt" in little-endian ASCII.

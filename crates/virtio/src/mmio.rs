@@ -4,15 +4,11 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use keel_accel::{BusDevice, GuestMemory, IrqLine};
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-};
 use virtio_bindings::virtio_mmio as reg;
-use virtio_queue::{Queue, QueueState, QueueT};
 
-use crate::device::{Activation, Interrupt, VirtioDevice};
-use crate::{Error, MMIO_MAGIC, MMIO_VENDOR_ID, MMIO_VERSION, features};
+use crate::device::{Interrupt, VirtioDevice};
+use crate::transport::{DriverState, TransportCore};
+use crate::{MMIO_MAGIC, MMIO_VENDOR_ID, MMIO_VERSION};
 
 /// Called with the queue index when the driver writes `QueueNotify`, instead of
 /// processing the queue on the writing vCPU thread. A KVM setup registers an ioeventfd
@@ -21,37 +17,8 @@ use crate::{Error, MMIO_MAGIC, MMIO_VENDOR_ID, MMIO_VERSION, features};
 /// way the event loop then calls [`MmioTransport::process_queue`].
 pub type QueueNotifyHook = Arc<dyn Fn(u16) + Send + Sync>;
 
-#[derive(Debug, Clone, Copy)]
-struct QueueRegs {
-    max: u16,
-    size: u16,
-    ready: bool,
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
-
-impl QueueRegs {
-    fn new(max: u16) -> Self {
-        Self {
-            max,
-            size: max,
-            ready: false,
-            desc: 0,
-            avail: 0,
-            used: 0,
-        }
-    }
-}
-
 struct Regs {
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    unknown_features: bool,
-    queue_sel: u32,
-    queues: Vec<QueueRegs>,
+    driver: DriverState,
     notify_hook: Option<QueueNotifyHook>,
 }
 
@@ -62,19 +29,15 @@ struct Regs {
 /// device-specific configuration space starts at 0x100 and accepts any width.
 pub struct MmioTransport {
     regs: Mutex<Regs>,
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    interrupt: Arc<Interrupt>,
-    memory: Arc<GuestMemory>,
-    device_type: u32,
-    offered: u64,
+    core: TransportCore,
 }
 
 impl fmt::Debug for MmioTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmioTransport")
-            .field("device_type", &self.device_type)
-            .field("offered", &format_args!("{:#x}", self.offered))
-            .field("status", &self.lock_regs().status)
+            .field("device_type", &self.core.device_type())
+            .field("offered", &format_args!("{:#x}", self.core.offered()))
+            .field("status", &self.lock_regs().driver.status)
             .finish()
     }
 }
@@ -92,59 +55,41 @@ impl MmioTransport {
         irq: Arc<dyn IrqLine>,
     ) -> Self {
         let t = Self::unconnected(device, memory);
-        t.interrupt.connect(irq);
+        t.core.interrupt().connect(irq);
         t
     }
 
     /// A transport whose interrupt line is wired later with [`MmioTransport::connect_irq`]
     /// (for machines that pick the slot, and so the GSI, when the device is mapped).
     pub fn unconnected(device: Arc<Mutex<dyn VirtioDevice>>, memory: Arc<GuestMemory>) -> Self {
-        let (device_type, offered, queues) = {
-            let d = device.lock().unwrap_or_else(|p| p.into_inner());
-            let queues = d
-                .queue_max_sizes()
-                .iter()
-                .map(|&m| QueueRegs::new(m))
-                .collect();
-            (d.device_type(), d.features() | features::VERSION_1, queues)
-        };
+        let (core, driver) = TransportCore::new("virtio-mmio", device, memory);
         Self {
             regs: Mutex::new(Regs {
-                status: 0,
-                device_features_sel: 0,
-                driver_features_sel: 0,
-                driver_features: 0,
-                unknown_features: false,
-                queue_sel: 0,
-                queues,
+                driver,
                 notify_hook: None,
             }),
-            device,
-            interrupt: Arc::new(Interrupt::unconnected()),
-            memory,
-            device_type,
-            offered,
+            core,
         }
     }
 
     /// Wires the interrupt to `irq` (the GSI of the slot the transport was mapped at).
     pub fn connect_irq(&self, irq: Arc<dyn IrqLine>) {
-        self.interrupt.connect(irq);
+        self.core.interrupt().connect(irq);
     }
 
     /// The device behind this transport (shared with an event loop for RX work).
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
-        &self.device
+        self.core.device()
     }
 
     /// Number of queues of the device (the `QueueSel` values that exist).
     pub fn queue_count(&self) -> usize {
-        self.lock_regs().queues.len()
+        self.lock_regs().driver.queues.len()
     }
 
     /// The interrupt state (status register, level line, error flag).
     pub fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
+        self.core.interrupt()
     }
 
     /// Routes `QueueNotify` writes to `hook` instead of processing inline; `None` restores
@@ -156,58 +101,44 @@ impl MmioTransport {
     /// Processes queue `index` now (the event loop's side of an ioeventfd or notify hook).
     /// Does nothing before activation, after reset or in the error state.
     pub fn process_queue(&self, index: u16) {
-        self.lock_device().queue_notify(index);
+        self.core.lock_device().queue_notify(index);
     }
 
     /// The current `Status` register value (including `DEVICE_NEEDS_RESET`).
     pub fn status(&self) -> u32 {
-        self.status_value(&self.lock_regs())
+        self.core.status(&self.lock_regs().driver)
     }
 
     /// The features the driver wrote (meaningful once `FEATURES_OK` is set).
     pub fn driver_features(&self) -> u64 {
-        self.lock_regs().driver_features
+        self.lock_regs().driver.driver_features
     }
 
     fn lock_regs(&self) -> MutexGuard<'_, Regs> {
         self.regs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-        self.device.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn status_value(&self, regs: &Regs) -> u32 {
-        if self.interrupt.needs_reset() {
-            regs.status | VIRTIO_CONFIG_S_NEEDS_RESET
-        } else {
-            regs.status
-        }
-    }
-
     fn read_reg(&self, offset: u32) -> u32 {
         let regs = self.lock_regs();
-        let sel_queue = regs.queues.get(regs.queue_sel as usize);
+        let st = &regs.driver;
+        let interrupt = self.core.interrupt();
+        let sel_queue = st.selected();
         match offset {
             reg::VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
             reg::VIRTIO_MMIO_VERSION => MMIO_VERSION,
-            reg::VIRTIO_MMIO_DEVICE_ID => self.device_type,
+            reg::VIRTIO_MMIO_DEVICE_ID => self.core.device_type(),
             reg::VIRTIO_MMIO_VENDOR_ID => MMIO_VENDOR_ID,
-            reg::VIRTIO_MMIO_DEVICE_FEATURES => match regs.device_features_sel {
-                0 => self.offered as u32,
-                1 => (self.offered >> 32) as u32,
-                _ => 0,
-            },
+            reg::VIRTIO_MMIO_DEVICE_FEATURES => st.device_features_word(self.core.offered()),
             reg::VIRTIO_MMIO_QUEUE_NUM_MAX => sel_queue.map_or(0, |q| u32::from(q.max)),
             reg::VIRTIO_MMIO_QUEUE_READY => sel_queue.map_or(0, |q| u32::from(q.ready)),
-            reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            reg::VIRTIO_MMIO_STATUS => self.status_value(&regs),
+            reg::VIRTIO_MMIO_INTERRUPT_STATUS => interrupt.status(),
+            reg::VIRTIO_MMIO_STATUS => self.core.status(st),
             // No shared memory regions: length and base read as all ones.
             reg::VIRTIO_MMIO_SHM_LEN_LOW
             | reg::VIRTIO_MMIO_SHM_LEN_HIGH
             | reg::VIRTIO_MMIO_SHM_BASE_LOW
             | reg::VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
-            reg::VIRTIO_MMIO_CONFIG_GENERATION => self.interrupt.config_generation(),
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => interrupt.config_generation(),
             _ => {
                 log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
                 0
@@ -217,52 +148,32 @@ impl MmioTransport {
 
     fn write_reg(&self, offset: u32, value: u32) {
         let mut regs = self.lock_regs();
-        let running = regs.status & VIRTIO_CONFIG_S_DRIVER_OK != 0;
+        let st = &mut regs.driver;
         match offset {
-            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => regs.device_features_sel = value,
-            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => regs.driver_features_sel = value,
-            reg::VIRTIO_MMIO_DRIVER_FEATURES => {
-                if regs.status & VIRTIO_CONFIG_S_DRIVER == 0
-                    || regs.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
-                {
-                    log::warn!("virtio-mmio: driver features written outside feature negotiation");
+            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => st.device_features_sel = value,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => st.driver_features_sel = value,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES => st.write_driver_features(value),
+            reg::VIRTIO_MMIO_QUEUE_SEL => st.queue_sel = value,
+            reg::VIRTIO_MMIO_QUEUE_READY => {
+                if st.running() {
+                    log::warn!("virtio-mmio: QueueReady written after DRIVER_OK");
                     return;
                 }
-                let v = u64::from(value);
-                match regs.driver_features_sel {
-                    0 => regs.driver_features = (regs.driver_features & !0xffff_ffff) | v,
-                    1 => regs.driver_features = (regs.driver_features & 0xffff_ffff) | (v << 32),
-                    // Bits above 63 do not exist; accepting one is refused at FEATURES_OK.
-                    _ if value != 0 => regs.unknown_features = true,
-                    _ => {}
+                let sel = st.queue_sel as usize;
+                if let Some(q) = st.queues.get_mut(sel) {
+                    q.ready = value & 1 == 1;
                 }
             }
-            reg::VIRTIO_MMIO_QUEUE_SEL => regs.queue_sel = value,
             reg::VIRTIO_MMIO_QUEUE_NUM
-            | reg::VIRTIO_MMIO_QUEUE_READY
             | reg::VIRTIO_MMIO_QUEUE_DESC_LOW
             | reg::VIRTIO_MMIO_QUEUE_DESC_HIGH
             | reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW
             | reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH
             | reg::VIRTIO_MMIO_QUEUE_USED_LOW
             | reg::VIRTIO_MMIO_QUEUE_USED_HIGH => {
-                if running {
-                    log::warn!("virtio-mmio: queue register {offset:#x} written after DRIVER_OK");
-                    return;
-                }
-                let sel = regs.queue_sel as usize;
-                let Some(q) = regs.queues.get_mut(sel) else {
-                    log::warn!("virtio-mmio: queue register {offset:#x} for missing queue {sel}");
+                let Some(q) = st.selected_for_setup("register") else {
                     return;
                 };
-                if offset == reg::VIRTIO_MMIO_QUEUE_READY {
-                    q.ready = value & 1 == 1;
-                    return;
-                }
-                if q.ready {
-                    log::warn!("virtio-mmio: queue {sel} configured while ready");
-                    return;
-                }
                 let lo = |r: u64| (r & !0xffff_ffff) | u64::from(value);
                 let hi = |r: u64| (r & 0xffff_ffff) | (u64::from(value) << 32);
                 match offset {
@@ -277,151 +188,22 @@ impl MmioTransport {
                 }
             }
             reg::VIRTIO_MMIO_QUEUE_NOTIFY => {
-                if !running || self.interrupt.needs_reset() {
-                    return;
-                }
                 let Ok(index) = u16::try_from(value) else {
                     return;
                 };
-                if usize::from(index) >= regs.queues.len() {
+                if !self.core.notify_allowed(st, index) {
                     return;
                 }
                 let hook = regs.notify_hook.clone();
                 drop(regs);
                 match hook {
                     Some(hook) => hook(index),
-                    None => self.lock_device().queue_notify(index),
+                    None => self.core.lock_device().queue_notify(index),
                 }
             }
-            reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
-            reg::VIRTIO_MMIO_STATUS => self.write_status(&mut regs, value),
+            reg::VIRTIO_MMIO_INTERRUPT_ACK => self.core.interrupt().ack(value),
+            reg::VIRTIO_MMIO_STATUS => self.core.write_status(st, value),
             _ => log::debug!("virtio-mmio: write of read-only or unknown register {offset:#x}"),
-        }
-    }
-
-    fn write_status(&self, regs: &mut Regs, value: u32) {
-        if value == 0 {
-            self.reset(regs);
-            return;
-        }
-        // DEVICE_NEEDS_RESET is the device's bit; the driver cannot set or clear it.
-        let value = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
-        let old = regs.status;
-        if value & old != old {
-            log::warn!(
-                "virtio-mmio: driver cleared status bits ({old:#x} -> {value:#x}) without a reset"
-            );
-            return;
-        }
-        let steps = [
-            VIRTIO_CONFIG_S_ACKNOWLEDGE,
-            VIRTIO_CONFIG_S_DRIVER,
-            VIRTIO_CONFIG_S_FEATURES_OK,
-            VIRTIO_CONFIG_S_DRIVER_OK,
-        ];
-        // Each step needs the one before it.
-        for pair in steps.windows(2) {
-            if value & pair[1] != 0 && value & pair[0] == 0 {
-                log::warn!("virtio-mmio: status {value:#x} skips a step of the driver sequence");
-                return;
-            }
-        }
-        let new = value & !old;
-        let mut value = value;
-        if new & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-            let acked = regs.driver_features;
-            if acked & !self.offered != 0
-                || acked & features::VERSION_1 == 0
-                || regs.unknown_features
-            {
-                log::warn!(
-                    "virtio-mmio: refusing driver features {acked:#x} (offered {:#x}, VERSION_1 required)",
-                    self.offered
-                );
-                value &= !(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
-            }
-        }
-        regs.status = value;
-        if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 && value & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            self.activate(regs);
-        }
-        if new & VIRTIO_CONFIG_S_FAILED != 0 {
-            log::info!(
-                "virtio-mmio: driver gave up on device type {}",
-                self.device_type
-            );
-        }
-    }
-
-    fn activate(&self, regs: &Regs) {
-        let mut queues = Vec::with_capacity(regs.queues.len());
-        for (i, q) in regs.queues.iter().enumerate() {
-            let index = u16::try_from(i).unwrap_or(u16::MAX);
-            match self.build_queue(index, q) {
-                Ok(queue) => queues.push(queue),
-                Err(e) => {
-                    log::warn!(
-                        "virtio-mmio: cannot activate device type {}: {e}",
-                        self.device_type
-                    );
-                    self.interrupt.set_needs_reset();
-                    return;
-                }
-            }
-        }
-        let activation = Activation {
-            memory: Arc::clone(&self.memory),
-            queues,
-            interrupt: Arc::clone(&self.interrupt),
-            acked_features: regs.driver_features,
-        };
-        if let Err(e) = self.lock_device().activate(activation) {
-            log::warn!(
-                "virtio-mmio: activating device type {} failed: {e}",
-                self.device_type
-            );
-            self.interrupt.set_needs_reset();
-        }
-    }
-
-    fn build_queue(&self, index: u16, q: &QueueRegs) -> Result<Queue, Error> {
-        let invalid = |reason: String| Error::InvalidQueue { index, reason };
-        if !q.ready {
-            return Queue::new(q.max).map_err(|e| invalid(format!("max size {}: {e}", q.max)));
-        }
-        let state = QueueState {
-            max_size: q.max,
-            next_avail: 0,
-            next_used: 0,
-            event_idx_enabled: false,
-            size: q.size,
-            ready: true,
-            desc_table: q.desc,
-            avail_ring: q.avail,
-            used_ring: q.used,
-        };
-        let queue = Queue::try_from(state)
-            .map_err(|e| invalid(format!("size {} or ring alignment: {e}", q.size)))?;
-        if !queue.is_valid(&*self.memory) {
-            return Err(invalid(format!(
-                "rings at {:#x}/{:#x}/{:#x} are not in guest memory",
-                q.desc, q.avail, q.used
-            )));
-        }
-        Ok(queue)
-    }
-
-    fn reset(&self, regs: &mut Regs) {
-        self.lock_device().reset();
-        self.interrupt.reset();
-        regs.status = 0;
-        regs.device_features_sel = 0;
-        regs.driver_features_sel = 0;
-        regs.driver_features = 0;
-        regs.unknown_features = false;
-        regs.queue_sel = 0;
-        for q in &mut regs.queues {
-            *q = QueueRegs::new(q.max);
         }
     }
 }
@@ -431,7 +213,9 @@ impl BusDevice for MmioTransport {
         let config_base = u64::from(reg::VIRTIO_MMIO_CONFIG);
         if offset >= config_base {
             if matches!(data.len(), 1 | 2 | 4 | 8) {
-                self.lock_device().read_config(offset - config_base, data);
+                self.core
+                    .lock_device()
+                    .read_config(offset - config_base, data);
             } else {
                 data.fill(0);
             }
@@ -454,7 +238,9 @@ impl BusDevice for MmioTransport {
         let config_base = u64::from(reg::VIRTIO_MMIO_CONFIG);
         if offset >= config_base {
             if matches!(data.len(), 1 | 2 | 4 | 8) {
-                self.lock_device().write_config(offset - config_base, data);
+                self.core
+                    .lock_device()
+                    .write_config(offset - config_base, data);
             }
             return;
         }
@@ -487,7 +273,9 @@ impl MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Activation;
     use crate::testutil::*;
+    use crate::{Error, features};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Default)]

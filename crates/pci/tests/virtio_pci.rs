@@ -1,0 +1,349 @@
+//! A virtio-pci device driven end to end as Linux's modern driver does, through its
+//! capabilities, over fake guest memory: features, a queue, a notify, the used ring and
+//! the MSI-X message; then the INTx + ISR fallback with MSI-X off.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use keel_accel::GuestMemory;
+use keel_pci::*;
+use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+const DATA: u64 = 0x10_0000;
+
+/// What the driver learns from the vendor capabilities: (cfg_type → BAR address).
+struct Caps {
+    common: u64,
+    isr: u64,
+    device: u64,
+    notify: u64,
+    multiplier: u32,
+    msix_cap: u8,
+    msix_table: u64,
+    msix_pba: u64,
+}
+
+fn bar_address(m: &Machine, a: PciAddress, bar: u8) -> u64 {
+    let lo = m.cfg_read32(a, 0x10 + u16::from(bar) * 4);
+    if lo & 1 == 1 {
+        return u64::from(lo & !3);
+    }
+    let mut base = u64::from(lo & !0xf);
+    if lo & 0x6 == 0x4 {
+        base |= u64::from(m.cfg_read32(a, 0x10 + u16::from(bar) * 4 + 4)) << 32;
+    }
+    base
+}
+
+fn discover(m: &Machine, a: PciAddress) -> Caps {
+    let mut c = Caps {
+        common: 0,
+        isr: 0,
+        device: 0,
+        notify: 0,
+        multiplier: 0,
+        msix_cap: 0,
+        msix_table: 0,
+        msix_pba: 0,
+    };
+    let mut types = Vec::new();
+    for (off, id) in m.caps(a) {
+        let off = u16::from(off);
+        match id {
+            0x09 => {
+                let cfg_type = m.cfg_read8(a, off + 3);
+                let bar = m.cfg_read8(a, off + 4);
+                let offset = u64::from(m.cfg_read32(a, off + 8));
+                let length = m.cfg_read32(a, off + 12);
+                types.push(cfg_type);
+                if cfg_type == 5 {
+                    continue;
+                }
+                assert!(length >= 1);
+                let at = bar_address(m, a, bar) + offset;
+                match cfg_type {
+                    1 => c.common = at,
+                    2 => {
+                        c.notify = at;
+                        assert_eq!(m.cfg_read8(a, off + 2), 20, "notify cap length");
+                        c.multiplier = m.cfg_read32(a, off + 16);
+                    }
+                    3 => c.isr = at,
+                    4 => c.device = at,
+                    t => panic!("unknown virtio cap type {t}"),
+                }
+            }
+            0x11 => {
+                c.msix_cap = off as u8;
+                let table = m.cfg_read32(a, off + 4);
+                let pba = m.cfg_read32(a, off + 8);
+                c.msix_table = bar_address(m, a, (table & 7) as u8) + u64::from(table & !7);
+                c.msix_pba = bar_address(m, a, (pba & 7) as u8) + u64::from(pba & !7);
+            }
+            id => panic!("unexpected capability {id:#x}"),
+        }
+    }
+    assert_eq!(
+        types,
+        vec![1, 3, 4, 2, 5],
+        "common, ISR, device, notify, PCI cfg (in the order added)"
+    );
+    c
+}
+
+fn w8(m: &Machine, a: u64, v: u8) {
+    m.mmio_write(a, &[v]);
+}
+fn r8(m: &Machine, a: u64) -> u8 {
+    let mut d = [0u8];
+    m.mmio_read(a, &mut d);
+    d[0]
+}
+fn w16(m: &Machine, a: u64, v: u16) {
+    m.mmio_write(a, &v.to_le_bytes());
+}
+fn r16(m: &Machine, a: u64) -> u16 {
+    let mut d = [0u8; 2];
+    m.mmio_read(a, &mut d);
+    u16::from_le_bytes(d)
+}
+
+struct Fixture {
+    m: Machine,
+    a: PciAddress,
+    caps: Caps,
+    sink: Arc<Sink>,
+    line: Arc<Line>,
+    mem: Arc<GuestMemory>,
+    transport: Arc<VirtioPci>,
+}
+
+fn fixture() -> Fixture {
+    let mut m = Machine::new();
+    let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap());
+    let sink = Arc::new(Sink::default());
+    let line = Arc::new(Line::default());
+    let dev = Arc::new(Mutex::new(keel_virtio::Rng::with_source(Box::new(
+        std::io::repeat(7),
+    ))));
+    let transport = Arc::new(VirtioPci::new(dev, mem.clone(), line.clone(), sink.clone()).unwrap());
+    let a = addr(4, 0);
+    m.plug(a, transport.clone());
+    // pci_enable_device + pci_set_master.
+    m.cfg_write16(a, 4, 0x0006);
+    let caps = discover(&m, a);
+    Fixture {
+        m,
+        a,
+        caps,
+        sink,
+        line,
+        mem,
+        transport,
+    }
+}
+
+/// Linux's vp_modern setup for one queue of `size` using the mock's ring addresses.
+fn bring_up(f: &Fixture, vq: &MockSplitQueue<'_, GuestMemory>, size: u16, vector: u16) {
+    let (m, c) = (&f.m, f.caps.common);
+    w8(m, c + 0x14, 0);
+    assert_eq!(r8(m, c + 0x14), 0);
+    w8(m, c + 0x14, 1);
+    w8(m, c + 0x14, 3);
+    m.writel(c, 0);
+    let lo = m.readl(c + 4);
+    m.writel(c, 1);
+    let hi = m.readl(c + 4);
+    assert_eq!(hi & 1, 1, "VERSION_1 offered");
+    m.writel(c + 8, 0);
+    m.writel(c + 0xc, lo);
+    m.writel(c + 8, 1);
+    m.writel(c + 0xc, hi);
+    w8(m, c + 0x14, 0xb);
+    assert_eq!(r8(m, c + 0x14), 0xb, "FEATURES_OK accepted");
+    // Config vector.
+    w16(m, c + 0x10, 0);
+    assert_eq!(r16(m, c + 0x10), 0);
+    assert_eq!(r16(m, c + 0x12), 1, "num_queues");
+    w16(m, c + 0x16, 0);
+    assert_eq!(r16(m, c + 0x18), 256, "queue_size starts at the maximum");
+    w16(m, c + 0x18, size);
+    w16(m, c + 0x1a, vector);
+    assert_eq!(r16(m, c + 0x1a), vector);
+    // 64-bit fields as two 32-bit halves (vp_iowrite64_twopart).
+    for (off, a) in [
+        (0x20, vq.desc_table_addr()),
+        (0x28, vq.avail_addr()),
+        (0x30, vq.used_addr()),
+    ] {
+        m.writel(c + off, a.0 as u32);
+        m.writel(c + off + 4, (a.0 >> 32) as u32);
+    }
+    w16(m, c + 0x1c, 1);
+    assert_eq!(r16(m, c + 0x1c), 1);
+    assert_eq!(r16(m, c + 0x1e), 0, "queue_notify_off");
+    w8(m, c + 0x14, 0xf);
+    assert_eq!(r8(m, c + 0x14), 0xf);
+}
+
+fn add_buffer(vq: &MockSplitQueue<'_, GuestMemory>, slot: u16, addr: u64, len: u32) {
+    let d = RawDescriptor::from(Descriptor::new(addr, len, 2 /* WRITE */, 0));
+    vq.desc_table().store(slot, d).unwrap();
+    let idx = vq.avail().idx().load();
+    vq.avail()
+        .ring()
+        .ref_at(usize::from(idx % 16))
+        .unwrap()
+        .store(slot);
+    vq.avail().idx().store(idx.wrapping_add(1));
+}
+
+#[test]
+fn msix_request_round_trip() {
+    let f = fixture();
+    let m = &f.m;
+    // MSI-X: enable with the function masked, program vectors, unmask (Linux's order).
+    let ctrl = u16::from(f.caps.msix_cap) + 2;
+    assert_eq!(m.cfg_read16(f.a, ctrl) & 0x7ff, 1, "two vectors");
+    m.cfg_write16(f.a, ctrl, 0xc000);
+    for (v, data) in [(0u64, 0x30u32), (1, 0x31)] {
+        let e = f.caps.msix_table + v * 16;
+        m.writel(e, 0xfee0_0000);
+        m.writel(e + 4, 0);
+        m.writel(e + 8, data);
+        m.writel(e + 12, 0);
+    }
+    m.cfg_write16(f.a, ctrl, 0x8000);
+
+    let vq = MockSplitQueue::create(&*f.mem, GuestAddress(0x1000), 16);
+    bring_up(&f, &vq, 16, 1);
+    add_buffer(&vq, 0, DATA, 8);
+    // Notify queue 0 at notify + 0 * multiplier.
+    assert_eq!(f.caps.multiplier, 4);
+    w16(m, f.caps.notify, 0);
+    assert_eq!(vq.used().idx().load(), 1);
+    let e = vq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (0, 8));
+    let mut buf = [0u8; 8];
+    f.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert_eq!(buf, [7; 8]);
+    assert_eq!(
+        f.sink.0.lock().unwrap().as_slice(),
+        &[MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x31
+        }]
+    );
+    assert!(!f.line.level.load(Ordering::SeqCst), "no INTx with MSI-X");
+    assert_eq!(r8(m, f.caps.isr), 0);
+
+    // Masked vector: pending bit, delivered on unmask.
+    m.writel(f.caps.msix_table + 16 + 12, 1);
+    add_buffer(&vq, 1, DATA + 8, 8);
+    w16(m, f.caps.notify, 0);
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(f.sink.0.lock().unwrap().len(), 1);
+    assert_eq!(m.readl(f.caps.msix_pba) & 0b10, 0b10);
+    m.writel(f.caps.msix_table + 16 + 12, 0);
+    assert_eq!(f.sink.0.lock().unwrap().len(), 2);
+    assert_eq!(m.readl(f.caps.msix_pba), 0);
+
+    // A notify through the hook instead of inline.
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let h = hits.clone();
+    f.transport
+        .set_notify_hook(Some(Arc::new(move |q| h.lock().unwrap().push(q))));
+    w16(m, f.caps.notify, 0);
+    assert_eq!(hits.lock().unwrap().as_slice(), &[0]);
+    assert_eq!(f.transport.notify_address(0), Some(f.caps.notify));
+    assert_eq!(f.transport.notify_address(1), None);
+
+    // Reset through the status byte: vectors back to NO_VECTOR.
+    w8(m, f.caps.common + 0x14, 0);
+    assert_eq!(r16(m, f.caps.common + 0x10), NO_VECTOR);
+    w16(m, f.caps.common + 0x16, 0);
+    assert_eq!(r16(m, f.caps.common + 0x1a), NO_VECTOR);
+    // Vector numbers past the table are refused.
+    w16(m, f.caps.common + 0x10, 9);
+    assert_eq!(r16(m, f.caps.common + 0x10), NO_VECTOR);
+}
+
+#[test]
+fn intx_and_isr_without_msix() {
+    let f = fixture();
+    let m = &f.m;
+    let vq = MockSplitQueue::create(&*f.mem, GuestAddress(0x1000), 16);
+    bring_up(&f, &vq, 16, NO_VECTOR);
+    add_buffer(&vq, 0, DATA, 4);
+    w16(m, f.caps.notify, 0);
+    assert_eq!(vq.used().idx().load(), 1);
+    assert!(f.line.level.load(Ordering::SeqCst), "INTx asserted");
+    assert_ne!(m.cfg_read16(f.a, 6) & 0x8, 0, "status shows the interrupt");
+    // INTx disable in the command register lowers the line, keeps the status.
+    m.cfg_write16(f.a, 4, 0x0406);
+    assert!(!f.line.level.load(Ordering::SeqCst));
+    m.cfg_write16(f.a, 4, 0x0006);
+    assert!(f.line.level.load(Ordering::SeqCst));
+    // Reading the ISR acknowledges.
+    assert_eq!(r8(m, f.caps.isr), 1);
+    assert!(!f.line.level.load(Ordering::SeqCst));
+    assert_eq!(r8(m, f.caps.isr), 0);
+    assert!(f.sink.0.lock().unwrap().is_empty());
+    // MSI-X enabled but the queue has no vector: nothing at all.
+    let ctrl = u16::from(f.caps.msix_cap) + 2;
+    m.cfg_write16(f.a, ctrl, 0x8000);
+    add_buffer(&vq, 1, DATA, 4);
+    w16(m, f.caps.notify, 0);
+    assert_eq!(vq.used().idx().load(), 2);
+    assert!(!f.line.level.load(Ordering::SeqCst));
+    assert!(f.sink.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn config_access_capability_reaches_the_bar() {
+    let f = fixture();
+    let m = &f.m;
+    let cap = m
+        .caps(f.a)
+        .into_iter()
+        .find(|&(off, id)| id == 9 && m.cfg_read8(f.a, u16::from(off) + 3) == 5)
+        .map(|(off, _)| u16::from(off))
+        .unwrap();
+    // Read num_queues (common config + 0x12) through the window: bar 4, 2 bytes.
+    m.cfg_write8(f.a, cap + 4, 4);
+    m.cfg_write32(f.a, cap + 8, 0x12);
+    m.cfg_write32(f.a, cap + 12, 2);
+    assert_eq!(m.cfg_read32(f.a, cap + 16) & 0xffff, 1);
+    // Write the device status through it: ACKNOWLEDGE.
+    m.cfg_write32(f.a, cap + 8, 0x14);
+    m.cfg_write32(f.a, cap + 12, 1);
+    m.cfg_write32(f.a, cap + 16, 1);
+    assert_eq!(r8(m, f.caps.common + 0x14), 1);
+    assert_eq!(f.transport.status(), 1);
+}
+
+#[test]
+fn device_config_and_odd_accesses() {
+    let f = fixture();
+    let m = &f.m;
+    // rng has no device config: reads zero at any width.
+    assert_eq!(m.readl(f.caps.device), 0);
+    let mut odd = [0xaau8; 3];
+    m.mmio_read(f.caps.common, &mut odd);
+    assert_eq!(odd, [0, 0, 0], "device_feature_select reads 0 byte-wise");
+    // Garbage writes anywhere in the BARs leave the device answering.
+    for off in (0..0x4000u64).step_by(7) {
+        m.mmio_write(f.caps.common + off, &[0xff; 3]);
+    }
+    for off in (0..0x1000u64).step_by(5) {
+        m.mmio_write(f.caps.msix_table + off, &[0x55; 6]);
+    }
+    assert_eq!(r16(m, f.caps.common + 0x12), 1);
+    assert_eq!(m.cfg_read32(f.a, 0), 0x1005_1af4);
+}
