@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use keel_phase::Phase;
-use keel_qdev::keyval;
+use keel_qapi::cli as forms;
 use keel_qmp::{CommandError, Endpoint};
 use serde_json::{Map, Value};
 
@@ -184,6 +184,11 @@ fn syntax(option: &str, message: impl Into<String>) -> CliError {
     }
 }
 
+/// An option value's error, named by the option as written.
+fn opt_err(option: &str) -> impl FnOnce(forms::OptionError) -> CliError + '_ {
+    move |e| syntax(option, e.0)
+}
+
 /// Splits QEMU option text `a=b,c=d` with the one option parser (`keel_qdev::keyval`,
 /// QemuOpts dialect): `,,` is a literal comma, the first item may be a bare value for
 /// `implied`, a bare `key` elsewhere means `key=on` (`nokey`: `key=off`).
@@ -192,185 +197,7 @@ pub fn split_opts(
     text: &str,
     implied: Option<&str>,
 ) -> Result<Vec<(String, String)>, CliError> {
-    keyval::parse(text, implied)
-        .map(keyval::Options::into_vec)
-        .map_err(|e| syntax(option, e.to_string()))
-}
-
-fn on_off(option: &str, key: &str, v: &str) -> Result<bool, CliError> {
-    keyval::parse_bool(v)
-        .ok_or_else(|| syntax(option, format!("Parameter '{key}' expects 'on' or 'off'")))
-}
-
-fn chardev_endpoint(option: &str, text: &str) -> Result<(String, Endpoint), CliError> {
-    let opts = split_opts(option, text, Some("backend"))?;
-    let mut backend = String::new();
-    let mut id = None;
-    let (mut path, mut host, mut port, mut fd) = (None, None, None, None);
-    let (mut server, mut wait) = (false, true);
-    for (k, v) in opts {
-        match k.as_str() {
-            "backend" => backend = v,
-            "id" => id = Some(v),
-            "path" => path = Some(v),
-            "fd" => fd = Some(v),
-            "host" => host = Some(v),
-            "port" => port = Some(v),
-            "server" => server = on_off(option, &k, &v)?,
-            "wait" => wait = on_off(option, &k, &v)?,
-            "nowait" => wait = false,
-            "telnet" | "tn3270" | "websocket" if on_off(option, &k, &v)? => {
-                return Err(syntax(option, format!("'{k}' is not supported")));
-            }
-            "telnet" | "tn3270" | "websocket" | "mux" | "logfile" | "logappend" | "signal" => {}
-            _ => return Err(syntax(option, format!("Invalid parameter '{k}'"))),
-        }
-    }
-    let id = id.ok_or_else(|| syntax(option, "Parameter 'id' is missing"))?;
-    let ep = match backend.as_str() {
-        "stdio" => Endpoint::Stdio,
-        "socket" => match (path, host, port) {
-            (None, None, None) if fd.is_some() => Endpoint::Fd {
-                fd: fd
-                    .as_deref()
-                    .and_then(|f| f.parse().ok())
-                    .filter(|&n: &i32| n >= 0)
-                    .ok_or_else(|| {
-                        syntax(option, "Parameter 'fd' expects a file descriptor number")
-                    })?,
-                server,
-            },
-            _ if fd.is_some() => {
-                return Err(syntax(
-                    option,
-                    "fd= cannot be combined with path= or host=/port=",
-                ));
-            }
-            (Some(path), None, None) => Endpoint::Unix {
-                path: PathBuf::from(path),
-                server,
-                wait,
-            },
-            (None, host, Some(port)) => Endpoint::Tcp {
-                host: host
-                    .filter(|h| !h.is_empty())
-                    .unwrap_or_else(|| "0.0.0.0".into()),
-                port: port
-                    .parse()
-                    .map_err(|_| syntax(option, format!("'{port}' is not a TCP port")))?,
-                server,
-                wait,
-            },
-            _ => {
-                return Err(syntax(
-                    option,
-                    "a socket chardev needs path=, host=/port= or fd=",
-                ));
-            }
-        },
-        other => {
-            return Err(syntax(
-                option,
-                format!("chardev backend '{other}' is not supported (use socket or stdio)"),
-            ));
-        }
-    };
-    Ok((id, ep))
-}
-
-/// `-blockdev driver=file,filename=PATH,node-name=N[,read-only=on]` or the shorthand
-/// `-drive file=PATH,if=none,id=N,format=raw[,readonly=on]`.
-fn blockdev(name: &str, option: &str, text: &str) -> Result<BlockdevAdd, CliError> {
-    let mut driver = None;
-    let (mut file, mut node, mut ro) = (None, None, false);
-    for (k, v) in split_opts(option, text, None)? {
-        match (name, k.as_str()) {
-            ("blockdev", "driver") => driver = Some(v),
-            ("blockdev", "filename") | ("drive", "file") => file = Some(v),
-            ("blockdev", "node-name") | ("drive", "id") => node = Some(v),
-            ("blockdev", "read-only") | ("drive", "readonly") => ro = on_off(option, &k, &v)?,
-            ("drive", "if") if v == "none" => {}
-            ("drive", "format") if v == "raw" => {}
-            ("drive", "if" | "format") => {
-                return Err(syntax(
-                    option,
-                    format!("{k}={v} is not supported (use if=none,format=raw and a -device)"),
-                ));
-            }
-            ("blockdev", "discard" | "cache.direct" | "aio") | ("drive", "cache" | "aio") => {}
-            _ => return Err(syntax(option, format!("Invalid parameter '{k}'"))),
-        }
-    }
-    let driver = match name {
-        "drive" => "file".to_owned(),
-        _ => driver.ok_or_else(|| syntax(option, "Parameter 'driver' is missing"))?,
-    };
-    let key = if name == "drive" { "id" } else { "node-name" };
-    Ok(BlockdevAdd {
-        driver,
-        node_name: node.ok_or_else(|| syntax(option, format!("Parameter '{key}' is missing")))?,
-        filename: file
-            .ok_or_else(|| syntax(option, "Parameter 'filename' is missing"))?
-            .into(),
-        read_only: Some(ro),
-    })
-}
-
-/// `-netdev tap,id=N,ifname=IF,script=no,downscript=no`.
-fn netdev(option: &str, text: &str) -> Result<NetdevAdd, CliError> {
-    let mut n = NetdevAdd {
-        kind: String::new(),
-        id: String::new(),
-        ifname: None,
-        script: None,
-        downscript: None,
-    };
-    for (k, v) in split_opts(option, text, Some("type"))? {
-        match k.as_str() {
-            "type" => n.kind = v,
-            "id" => n.id = v,
-            "ifname" => n.ifname = Some(v),
-            "script" => n.script = Some(v),
-            "downscript" => n.downscript = Some(v),
-            "vhost" if v == "off" => {}
-            _ => return Err(syntax(option, format!("Invalid parameter '{k}'"))),
-        }
-    }
-    if n.id.is_empty() {
-        return Err(syntax(option, "Parameter 'id' is missing"));
-    }
-    Ok(n)
-}
-
-/// `-chardev file,id=ID,path=PATH`, `-chardev null,id=ID`, `-chardev stdio,id=ID` as device
-/// backends; `None` for the other backends (sockets for `-mon`).
-fn char_backend(option: &str, text: &str) -> Result<Option<ChardevAdd>, CliError> {
-    let opts = split_opts(option, text, Some("backend"))?;
-    let kind = opts
-        .iter()
-        .find(|(k, _)| k == "backend")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    if !matches!(kind.as_str(), "file" | "null") {
-        return Ok(None);
-    }
-    let (mut id, mut path) = (None, None);
-    for (k, v) in opts {
-        match k.as_str() {
-            "backend" => {}
-            "id" => id = Some(v),
-            "path" if kind == "file" => path = Some(v),
-            "append" | "logfile" | "logappend" => {}
-            _ => return Err(syntax(option, format!("Invalid parameter '{k}'"))),
-        }
-    }
-    let id = id.ok_or_else(|| syntax(option, "Parameter 'id' is missing"))?;
-    let backend = match (kind.as_str(), path) {
-        ("file", Some(p)) => serde_json::json!({"type": "file", "data": {"out": p}}),
-        ("file", None) => return Err(syntax(option, "Parameter 'path' is missing")),
-        _ => serde_json::json!({"type": "null", "data": {}}),
-    };
-    Ok(Some(ChardevAdd { id, backend }))
+    forms::split_opts(text, implied).map_err(opt_err(option))
 }
 
 fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
@@ -383,37 +210,6 @@ fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
             set.props.insert(key.to_owned(), v.to_owned());
         }
     }
-}
-
-/// QEMU's `-uuid` form: 8-4-4-4-12 hex digits.
-fn uuid_ok(v: &str) -> bool {
-    let groups: Vec<&str> = v.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// `-device` as JSON (`{"driver": ..., "id": ..., ...}`, libvirt's form).
-fn device_json(option: &str, v: &str) -> Result<DeviceAdd, CliError> {
-    let mut map: Map<String, Value> =
-        serde_json::from_str(v).map_err(|e| syntax(option, format!("invalid JSON: {e}")))?;
-    let text = |map: &mut Map<String, Value>, k: &str| -> Result<Option<String>, CliError> {
-        match map.remove(k) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(syntax(option, format!("Parameter '{k}' expects a string"))),
-        }
-    };
-    let driver =
-        text(&mut map, "driver")?.ok_or_else(|| syntax(option, "Parameter 'driver' is missing"))?;
-    Ok(DeviceAdd {
-        driver,
-        id: text(&mut map, "id")?,
-        bus: text(&mut map, "bus")?,
-        props: map,
-    })
 }
 
 /// Checks the whole command line and turns it into steps; nothing is executed.
@@ -542,10 +338,11 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 for (k, val) in split_opts(&option, v, Some("size"))? {
                     match k.as_str() {
                         "size" => {
-                            set.memory =
-                                Some(keyval::parse_size_unit(&val, 1 << 20).ok_or_else(|| {
-                                    syntax(&option, format!("invalid size '{val}'"))
-                                })?)
+                            set.memory = Some(
+                                keel_qdev::keyval::parse_size_unit(&val, 1 << 20).ok_or_else(
+                                    || syntax(&option, format!("invalid size '{val}'")),
+                                )?,
+                            )
                         }
                         other => {
                             return Err(syntax(
@@ -611,7 +408,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 ..BootSet::default()
             }),
             "serial" => Action::Serial(v.to_owned()),
-            "uuid" if uuid_ok(v) => Action::Uuid(v.to_ascii_lowercase()),
+            "uuid" if forms::uuid_ok(v) => Action::Uuid(v.to_ascii_lowercase()),
             "uuid" => return Err(syntax(&option, "Invalid UUID")),
             "pidfile" => Action::PidFile(PathBuf::from(v)),
             "daemonize" => Action::Daemonize,
@@ -643,7 +440,9 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 }
                 Action::Accel(vec![accel])
             }
-            "device" if v.trim_start().starts_with('{') => Action::Device(device_json(&option, v)?),
+            "device" if v.trim_start().starts_with('{') => {
+                Action::Device(forms::device_json(v).map_err(opt_err(&option))?)
+            }
             "device" => {
                 let mut dev = DeviceAdd::default();
                 let mut props = Map::new();
@@ -679,12 +478,14 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "qmp" => {
                 Action::Monitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
             }
-            "blockdev" | "drive" => Action::Blockdev(blockdev(name, &option, v)?),
-            "netdev" => Action::Netdev(netdev(&option, v)?),
-            "chardev" => match char_backend(&option, v)? {
+            "blockdev" | "drive" => {
+                Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?)
+            }
+            "netdev" => Action::Netdev(forms::netdev(v).map_err(opt_err(&option))?),
+            "chardev" => match forms::char_backend(v).map_err(opt_err(&option))? {
                 Some(c) => Action::Chardev(c),
                 None => {
-                    let (id, ep) = chardev_endpoint(&option, v)?;
+                    let (id, ep) = forms::chardev_endpoint(v).map_err(opt_err(&option))?;
                     if chardevs.contains_key(&id) {
                         return Err(syntax(&option, format!("Duplicate ID '{id}' for chardev")));
                     }
@@ -700,7 +501,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                         "chardev" => chardev = Some(val),
                         "mode" => mode = val,
                         "pretty" => {
-                            on_off(&option, &k, &val)?;
+                            forms::on_off(&k, &val).map_err(opt_err(&option))?;
                         }
                         other => {
                             return Err(syntax(&option, format!("Invalid parameter '{other}'")));

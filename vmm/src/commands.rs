@@ -20,6 +20,7 @@ pub use keel_qapi::qom::*;
 
 use crate::core::{ShutdownCause, VmmCore};
 use crate::devices::qdev_error;
+use keel_machine::cpu_model;
 
 /// Converts the VMM's own report types (board, qdev) into their QMP shapes in
 /// [`keel_qapi`], which serialise the same; a mismatch is a bug reported as an error.
@@ -125,127 +126,85 @@ handlers! {
 
 impl Handler<VmmCore> for HumanMonitorCommand {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<String, CommandError> {
-        let words: Vec<&str> = self.command_line.split_whitespace().collect();
-        match words.as_slice() {
-            ["info", "status"] => {
+        use keel_hmp::{Cpus, Request};
+        let done = |r: Result<(), CommandError>| r.map(|()| String::new());
+        let cpus = c.board.as_ref().map(|b| b.cpus()).unwrap_or_default();
+        Ok(match keel_hmp::parse(&self.command_line) {
+            Request::Empty => String::new(),
+            Request::Text(t) => t,
+            Request::Status => {
                 let s = c.run_state();
-                let mut line = format!(
-                    "VM status: {}",
-                    if s.is_running() { "running" } else { "paused" }
-                );
-                if !s.is_running() && s != RunState::Paused {
-                    line.push_str(&format!(" ({s})"));
-                }
-                Ok(line + "\r\n")
+                keel_hmp::status(s.is_running(), s == RunState::Paused, &s.to_string())
             }
-            ["info", "version"] => {
+            Request::Version => {
                 let v = VersionInfo::current();
-                Ok(format!(
-                    "{}.{}.{} ({})\r\n",
-                    v.qemu.major, v.qemu.minor, v.qemu.micro, v.package
-                ))
+                let q = v.qemu;
+                format!("{}.{}.{} ({})\r\n", q.major, q.minor, q.micro, v.package)
             }
-            ["info", "kvm"] => {
-                let k = c.kvm_info();
-                let state = match (k.present, k.enabled) {
-                    (false, _) => "not compiled",
-                    (true, true) => "enabled",
-                    (true, false) => "disabled",
-                };
-                Ok(format!("kvm support: {state}\r\n"))
+            Request::Kvm => keel_hmp::kvm(c.kvm_info().present, c.kvm_info().enabled),
+            Request::CpuList => {
+                let list: Vec<(u32, i64)> =
+                    cpus.iter().map(|c| (c.cpu_index, c.thread_id)).collect();
+                keel_hmp::cpus(&list)
             }
-            ["info", "cpus"] => {
-                // As QEMU: the monitor's current CPU (the first) is starred.
-                let cpus = c.board.as_ref().map(|b| b.cpus()).unwrap_or_default();
-                Ok(cpus
-                    .iter()
-                    .enumerate()
-                    .map(|(i, cpu)| {
-                        let mark = if i == 0 { '*' } else { ' ' };
-                        format!(
-                            "{mark} CPU #{}: thread_id={}\r\n",
-                            cpu.cpu_index, cpu.thread_id
-                        )
-                    })
-                    .collect())
-            }
-            ["info", "name"] => Ok(c
+            Request::Name => c
                 .name
                 .as_ref()
                 .map(|n| format!("{n}\r\n"))
-                .unwrap_or_default()),
-            [] => Ok(String::new()),
-            ["help" | "?"] => Ok(crate::hmp::help(None)),
-            ["help" | "?", topic] => Ok(crate::hmp::help(Some(topic))),
-            ["info"] => Ok(crate::hmp::help(Some("info"))),
-            ["info", "qtree"] => Ok(c.qtree()),
-            ["info", "mtree"] => Ok(c.mtree()),
-            ["info", "registers", rest @ ..] => {
-                let cpus = c.board.as_ref().map(|b| b.cpus()).unwrap_or_default();
-                if cpus.is_empty() {
-                    return Ok("No CPU available\r\n".into());
-                }
-                let which: Vec<u32> = match rest {
-                    [] => vec![self.cpu_index.map_or(0, |i| i as u32)],
-                    ["-a"] => cpus.iter().map(|c| c.cpu_index).collect(),
-                    [n] => match n.parse::<u32>() {
-                        Ok(i) if cpus.iter().any(|c| c.cpu_index == i) => vec![i],
-                        _ => return Ok(format!("CPU#{n} not available\r\n")),
-                    },
-                    _ => {
-                        return Ok("registers: extraneous characters at the end of line\r\n".into());
-                    }
+                .unwrap_or_default(),
+            Request::Qtree => c.qtree(),
+            Request::Mtree => c.mtree(),
+            Request::Registers(_) if cpus.is_empty() => "No CPU available\r\n".into(),
+            Request::Registers(which) => {
+                let which: Vec<u32> = match which {
+                    Cpus::Current => vec![self.cpu_index.map_or(0, |i| i as u32)],
+                    Cpus::All => cpus.iter().map(|c| c.cpu_index).collect(),
+                    Cpus::One(i) if cpus.iter().any(|c| c.cpu_index == i) => vec![i],
+                    Cpus::One(i) => return Ok(format!("CPU#{i} not available\r\n")),
                 };
-                let Some(board) = c.board.as_mut() else {
-                    return Ok("No CPU available\r\n".into());
-                };
-                // The registers are read while the vCPUs are parked: stop them briefly if
-                // they run (as QEMU synchronises the state from a running vCPU).
-                let running = c.tracker.run_state().is_ok_and(|s| s.is_running());
-                if running {
-                    board
-                        .pause()
-                        .map_err(|e| CommandError::generic(e.to_string()))?;
-                }
-                let mut out = String::new();
-                for i in which {
-                    match board.cpu_registers(i) {
-                        Some(r) => out.push_str(&crate::hmp::registers(i, &r.regs, &r.sregs)),
-                        None => {
-                            out.push_str(&format!("\r\nCPU#{i}\r\n(registers unavailable)\r\n"))
-                        }
-                    }
-                }
-                if running {
-                    board
-                        .resume()
-                        .map_err(|e| CommandError::generic(e.to_string()))?;
-                }
-                Ok(out)
+                c.registers(&which)?
             }
-            ["cont" | "c"] => c.cont().map(|()| String::new()),
-            ["stop" | "s"] => c.stop().map(|()| String::new()),
-            ["system_reset"] => c.system_reset().map(|()| String::new()),
-            ["system_powerdown"] => c.system_powerdown().map(|()| String::new()),
-            ["quit" | "q"] => {
+            Request::Cont => done(c.cont())?,
+            Request::Stop => done(c.stop())?,
+            Request::Reset => done(c.system_reset())?,
+            Request::Powerdown => done(c.system_powerdown())?,
+            Request::Quit => {
                 c.shutdown.request(ShutdownCause::HostQmpQuit);
-                Ok(String::new())
+                String::new()
             }
-            ["info", sub, ..] if !crate::hmp::INFO.iter().any(|(n, _, _)| n == sub) => {
-                Ok(format!("unknown command: 'info {sub}'\r\n"))
+            _ => {
+                return Err(CommandError::generic(format!(
+                    "HMP command '{}' is not supported with these arguments (see 'help')",
+                    self.command_line.trim()
+                )));
             }
-            [cmd, ..]
-                if !crate::hmp::COMMANDS
-                    .iter()
-                    .any(|(n, _, _)| n.split('|').any(|a| a == *cmd)) =>
-            {
-                Ok(format!("unknown command: '{cmd}'\r\n"))
-            }
-            _ => Err(CommandError::generic(format!(
-                "HMP command '{}' is not supported with these arguments (see 'help')",
-                self.command_line.trim()
-            ))),
+        })
+    }
+}
+
+impl VmmCore {
+    /// `info registers` of vCPUs `which`: read while the vCPUs are parked, so running
+    /// ones are stopped briefly (as QEMU synchronises the state from a running vCPU).
+    fn registers(&mut self, which: &[u32]) -> Result<String, CommandError> {
+        let running = self.tracker.run_state().is_ok_and(|s| s.is_running());
+        let Some(board) = self.board.as_mut() else {
+            return Ok("No CPU available\r\n".into());
+        };
+        let generic = |e: keel_machine::board::BoardError| CommandError::generic(e.to_string());
+        if running {
+            board.pause().map_err(generic)?;
         }
+        let mut out = String::new();
+        for &i in which {
+            match board.cpu_registers(i) {
+                Some(r) => out.push_str(&keel_hmp::registers(i, &r.regs, &r.sregs)),
+                None => out.push_str(&format!("\r\nCPU#{i}\r\n(registers unavailable)\r\n")),
+            }
+        }
+        if running {
+            board.resume().map_err(generic)?;
+        }
+        Ok(out)
     }
 }
 
@@ -426,22 +385,10 @@ impl VmmCore {
     }
 
     fn cpu_props(&self) -> Result<Vec<ObjectPropertyInfo>, CommandError> {
-        let mut v = vec![prop("type", "string", None)];
-        for (n, _) in crate::cpu_model::features_with_aliases(&self.cpuid()?) {
-            v.push(prop(n, "bool", None));
-        }
-        for (n, t) in [
-            ("vendor", "string"),
-            ("model-id", "string"),
-            ("family", "int"),
-            ("model", "int"),
-            ("stepping", "int"),
-            ("level", "uint32"),
-            ("xlevel", "uint32"),
-        ] {
-            v.push(prop(n, t, None));
-        }
-        Ok(v)
+        Ok(cpu_model::properties(&self.cpuid()?)
+            .into_iter()
+            .map(|(n, t)| prop(n, t, None))
+            .collect())
     }
 
     fn cpu_path(&self, path: &str) -> bool {
@@ -451,21 +398,12 @@ impl VmmCore {
     }
 
     fn cpu_get(&self, property: &str) -> Result<Value, CommandError> {
-        if property == "type" {
-            return Ok(json!("max-x86_64-cpu"));
-        }
-        let cpuid = self.cpuid()?;
-        if let Some((_, on)) = crate::cpu_model::features_with_aliases(&cpuid)
-            .into_iter()
-            .find(|(n, _)| *n == property)
-        {
-            return Ok(json!(on));
-        }
-        crate::cpu_model::identity(&cpuid)
-            .remove(property)
-            .ok_or_else(|| {
-                CommandError::generic(format!("Property 'max-x86_64-cpu.{property}' not found"))
-            })
+        cpu_model::property(&self.cpuid()?, property).ok_or_else(|| {
+            CommandError::generic(format!(
+                "Property '{}.{property}' not found",
+                cpu_model::CPU_TYPE
+            ))
+        })
     }
 
     /// Device ids (or paths) of the devices whose property `name` is `value`.
@@ -495,77 +433,11 @@ impl VmmCore {
     }
 
     fn qtree(&self) -> String {
-        use crate::hmp::{QtreeBus, QtreeDev, qtree_value};
-        fn bus(t: &keel_qdev::DeviceTree, b: &keel_qdev::BusNode) -> QtreeBus {
-            QtreeBus {
-                name: b.name.clone(),
-                bus_type: b.bus_type.clone(),
-                devices: b
-                    .devices
-                    .iter()
-                    .map(|d| {
-                        let view = t.find(&d.path).and_then(|k| t.view(k));
-                        QtreeDev {
-                            driver: d.driver.clone(),
-                            id: d.id.clone().unwrap_or_default(),
-                            props: view.map_or_else(Vec::new, |v| {
-                                v.props
-                                    .iter()
-                                    .map(|(k, p)| {
-                                        let j = serde_json::to_value(p).unwrap_or(Value::Null);
-                                        (k.to_owned(), qtree_value(&j))
-                                    })
-                                    .collect()
-                            }),
-                            mmio: d
-                                .resources
-                                .as_ref()
-                                .and_then(|r| r.mmio.as_ref())
-                                .map(|w| vec![(w.base, w.len)])
-                                .unwrap_or_default(),
-                            buses: Vec::new(),
-                        }
-                    })
-                    .collect(),
-            }
-        }
-        self.with_tree(|t| {
-            let mut root = QtreeBus {
-                name: "main-system-bus".into(),
-                bus_type: "System".into(),
-                devices: Vec::new(),
-            };
-            for b in t.query_tree() {
-                let mut qb = bus(t, &b);
-                if b.path == "/machine" || b.name == "main-system-bus" {
-                    root.devices.append(&mut qb.devices);
-                } else {
-                    root.devices.push(QtreeDev {
-                        driver: b.bus_type.clone(),
-                        buses: vec![qb],
-                        ..Default::default()
-                    });
-                }
-            }
-            crate::hmp::qtree(&root)
-        })
+        self.with_tree(keel_hmp::qtree_of)
     }
 
     fn mtree(&self) -> String {
-        let (mut io, mut mem) = (Vec::new(), Vec::new());
-        self.with_tree(|t| {
-            for d in t.views() {
-                if let Some(r) = d.resources {
-                    if let Some(w) = &r.pio {
-                        io.push((w.base, w.len, "i/o", d.driver.to_owned()));
-                    }
-                    if let Some(w) = &r.mmio {
-                        mem.push((w.base, w.len, "i/o", d.driver.to_owned()));
-                    }
-                }
-            }
-        });
-        crate::hmp::mtree(&io, &mem)
+        self.with_tree(keel_hmp::mtree_of)
     }
 }
 
@@ -645,54 +517,23 @@ handlers! {
         Ok(())
     };
     QueryCpuDefinitions => |_, c, _| {
-        let def = |name: &str, is_static: bool, unavailable: Vec<String>| CpuDefinitionInfo {
-            name: name.into(), typename: format!("{name}-x86_64-cpu"),
-            unavailable_features: unavailable, is_static, migration_safe: is_static,
-            deprecated: false,
-        };
-        let mut v = vec![def("max", false, Vec::new()), def("base", true, Vec::new())];
-        if c.kvm_info().present {
-            let missing = if c.kvm_info().enabled { Vec::new() } else { vec!["kvm".into()] };
-            v.insert(1, def("host", false, missing));
-        }
-        Ok(v)
+        let k = c.kvm_info();
+        Ok(cpu_model::definitions(k.present, k.enabled)
+            .into_iter()
+            .map(|(name, is_static, unavailable)| CpuDefinitionInfo {
+                name: name.into(), typename: format!("{name}-x86_64-cpu"),
+                unavailable_features: unavailable, is_static, migration_safe: is_static,
+                deprecated: false,
+            })
+            .collect())
     };
     QueryCpuModelExpansion => |a, c, _| {
-        let name = a.model.name.as_str();
-        match name {
-            "max" | "base" => {}
-            "host" if c.kvm_info().enabled => {}
-            "host" => return Err(CommandError::generic("CPU model 'host' requires KVM")),
-            other => return Err(CommandError::generic(format!("CPU model '{other}' not found"))),
-        }
-        let cpuid = c.cpuid()?;
-        let features = crate::cpu_model::features_with_aliases(&cpuid);
-        // Keel presents the accelerator's CPUID as it is: a property may restate it, not
-        // change it.
-        for (k, v) in a.model.props.iter().flatten() {
-            match features.iter().find(|(n, _)| n == k) {
-                None => return Err(CommandError::generic(format!(
-                    "Property '{name}-x86_64-cpu.{k}' not found"
-                ))),
-                Some((_, on)) if Some(*on) != v.as_bool() => {
-                    return Err(CommandError::generic(format!(
-                        "CPU feature '{k}' cannot be changed: Keel presents the accelerator's \
-                         CPUID as it is"
-                    )));
-                }
-                Some(_) => {}
-            }
-        }
-        let mut props = serde_json::Map::new();
-        for (n, on) in crate::cpu_model::features(&cpuid) {
-            props.insert(n.into(), json!(on));
-        }
         let full = a.kind == "full";
-        if full {
-            props.extend(crate::cpu_model::identity(&cpuid));
-        }
-        let out = if full && name != "base" { name } else { "base" };
-        Ok(CpuModelExpansionInfo { model: CpuModelInfo { name: out.into(), props: Some(props) } })
+        let (name, props) = cpu_model::expand(
+            &c.cpuid()?, &a.model.name, full, a.model.props.as_ref(), c.kvm_info().enabled,
+        )
+        .map_err(CommandError::generic)?;
+        Ok(CpuModelExpansionInfo { model: CpuModelInfo { name: name.into(), props: Some(props) } })
     };
     QomListProperties => |a, c, _| {
         let t = a.typename.as_str();
@@ -702,17 +543,9 @@ handlers! {
             "memory-backend-file" | "memory-backend-memfd" | "memory-backend-ram" => Ok(Vec::new()),
             "max-x86_64-cpu" | "base-x86_64-cpu" => c.cpu_props(),
             "host-x86_64-cpu" if c.kvm_info().present => c.cpu_props(),
-            "none-machine" => Ok(vec![prop("type", "string", None)]),
-            "microvm-machine" => {
+            _ if let Some(m) = c.machines.iter().find(|m| format!("{}-machine", m.name()) == t) => {
                 let mut v = vec![prop("type", "string", None)];
-                for (n, d) in [("kernel", "Linux kernel image file"),
-                               ("initrd", "Linux initial ramdisk file"),
-                               ("append", "Linux kernel command line")] {
-                    v.push(prop(n, "string", Some(d)));
-                }
-                for n in ["rtc", "pit", "pic", "acpi", "isa-serial", "i8042", "auto-kernel-cmdline"] {
-                    v.push(prop(n, "OnOffAuto", None));
-                }
+                v.extend(m.properties().into_iter().map(|(n, ty, d)| prop(n, ty, d)));
                 Ok(v)
             }
             _ if extra_types(c).iter().any(|e| e.0 == t) => Ok(vec![prop("type", "string", None)]),

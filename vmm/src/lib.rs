@@ -33,9 +33,7 @@
 pub mod cli;
 pub mod commands;
 mod core;
-pub mod cpu_model;
 pub mod devices;
-pub mod hmp;
 
 /// The machine seam and the backends, from `keel-machine` (re-exported so that embedders
 /// of `vmm` name one crate).

@@ -204,6 +204,11 @@ pub trait MachineType: Send + Sync {
     fn available(&self) -> Result<(), BoardError> {
         Ok(())
     }
+    /// The machine properties `-machine TYPE,NAME=VALUE` takes, as `qom-list-properties`
+    /// shows them: (name, QOM type, description).
+    fn properties(&self) -> Vec<(&'static str, &'static str, Option<&'static str>)> {
+        Vec::new()
+    }
     /// Checks a configuration at `machine-set` time, so a bad property fails early.
     fn check_config(&self, cfg: &MachineConfig) -> Result<(), BoardError>;
     /// Whether the machine can run on `accel` (`accel-set` calls this with each opened

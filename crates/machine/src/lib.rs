@@ -52,6 +52,7 @@ pub mod backends;
 pub mod board;
 pub mod boot;
 pub mod config;
+pub mod cpu_model;
 pub mod device_types;
 pub mod factory;
 pub mod layout;

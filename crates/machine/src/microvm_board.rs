@@ -153,6 +153,16 @@ impl MachineType for MicrovmType {
         }
     }
 
+    fn properties(&self) -> Vec<(&'static str, &'static str, Option<&'static str>)> {
+        let mut v = vec![
+            ("kernel", "string", Some("Linux kernel image file")),
+            ("initrd", "string", Some("Linux initial ramdisk file")),
+            ("append", "string", Some("Linux kernel command line")),
+        ];
+        v.extend(MACHINE_PROPERTIES.iter().map(|&n| (n, "OnOffAuto", None)));
+        v
+    }
+
     fn check_config(&self, cfg: &MachineConfig) -> Result<(), BoardError> {
         microvm_config(cfg).map(|_| ())
     }

@@ -1,10 +1,13 @@
 //! The machine lifecycle: [`Phase`] (forward-only, one step at a time), the [`RunState`] that
 //! exists only once the machine is ready, [`PhaseSet`]s that commands declare, and the
-//! machine-init-done notifier list.
+//! machine-init-done notifier list, and the end of it all ([`shutdown`]: why and when the
+//! VMM stops).
 //!
 //! This crate knows nothing of QMP or devices; both build on it.
 
 #![deny(missing_docs)]
+
+pub mod shutdown;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};

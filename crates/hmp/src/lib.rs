@@ -1,5 +1,11 @@
 //! The human monitor's texts in QEMU 7.2's formats (`human-monitor-command`): `help`,
 //! `info` and the `info` subcommands whose output is more than one line.
+//!
+//! Pure formatting from the device model (`keel-qdev`) and the vCPU registers
+//! (`keel-accel`): the VMM answers `human-monitor-command` by reading its state and handing
+//! it to these functions, so the texts are tested here without a machine.
+
+#![deny(missing_docs)]
 
 use keel_accel::{Regs, Segment, SpecialRegs};
 
@@ -38,6 +44,131 @@ pub const INFO: &[(&str, &str, &str)] = &[
     ("status", "", "show the current VM status (running|paused)"),
     ("version", "", "show the version of QEMU"),
 ];
+
+/// Which vCPUs `info registers` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cpus {
+    /// The monitor's current CPU (the one the client named, else the first).
+    Current,
+    /// `-a`: every vCPU.
+    All,
+    /// One vCPU by index.
+    One(u32),
+}
+
+/// A human monitor command line, understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    /// An empty line: no output.
+    Empty,
+    /// A text answered without the VMM's state (help, unknown commands, argument errors).
+    Text(String),
+    /// `info status`.
+    Status,
+    /// `info version`.
+    Version,
+    /// `info kvm`.
+    Kvm,
+    /// `info cpus`.
+    CpuList,
+    /// `info name`.
+    Name,
+    /// `info qtree`.
+    Qtree,
+    /// `info mtree`.
+    Mtree,
+    /// `info registers`.
+    Registers(Cpus),
+    /// `cont`.
+    Cont,
+    /// `stop`.
+    Stop,
+    /// `system_reset`.
+    Reset,
+    /// `system_powerdown`.
+    Powerdown,
+    /// `quit`.
+    Quit,
+    /// A known command with arguments Keel does not take.
+    Unsupported,
+}
+
+/// Reads a command line as QEMU's monitor does (words separated by blanks).
+pub fn parse(command_line: &str) -> Request {
+    let words: Vec<&str> = command_line.split_whitespace().collect();
+    match words.as_slice() {
+        [] => Request::Empty,
+        ["help" | "?"] => Request::Text(help(None)),
+        ["help" | "?", topic] => Request::Text(help(Some(topic))),
+        ["info"] => Request::Text(help(Some("info"))),
+        ["info", "status"] => Request::Status,
+        ["info", "version"] => Request::Version,
+        ["info", "kvm"] => Request::Kvm,
+        ["info", "cpus"] => Request::CpuList,
+        ["info", "name"] => Request::Name,
+        ["info", "qtree"] => Request::Qtree,
+        ["info", "mtree"] => Request::Mtree,
+        ["info", "registers"] => Request::Registers(Cpus::Current),
+        ["info", "registers", "-a"] => Request::Registers(Cpus::All),
+        ["info", "registers", n] => match n.parse::<u32>() {
+            Ok(i) => Request::Registers(Cpus::One(i)),
+            Err(_) => Request::Text(format!("CPU#{n} not available\r\n")),
+        },
+        ["info", "registers", ..] => {
+            Request::Text("registers: extraneous characters at the end of line\r\n".into())
+        }
+        ["cont" | "c"] => Request::Cont,
+        ["stop" | "s"] => Request::Stop,
+        ["system_reset"] => Request::Reset,
+        ["system_powerdown"] => Request::Powerdown,
+        ["quit" | "q"] => Request::Quit,
+        ["info", sub, ..] if !INFO.iter().any(|(n, _, _)| n == sub) => {
+            Request::Text(format!("unknown command: 'info {sub}'\r\n"))
+        }
+        [cmd, ..]
+            if !COMMANDS
+                .iter()
+                .any(|(n, _, _)| n.split('|').any(|a| a == *cmd)) =>
+        {
+            Request::Text(format!("unknown command: '{cmd}'\r\n"))
+        }
+        _ => Request::Unsupported,
+    }
+}
+
+/// `info status`: QEMU's line for a run state (`running`, `paused`, or `paused (STATE)`).
+pub fn status(running: bool, paused: bool, state: &str) -> String {
+    if running {
+        "VM status: running\r\n".into()
+    } else if paused {
+        "VM status: paused\r\n".into()
+    } else {
+        format!("VM status: paused ({state})\r\n")
+    }
+}
+
+/// `info kvm`.
+pub fn kvm(present: bool, enabled: bool) -> String {
+    let state = match (present, enabled) {
+        (false, _) => "not compiled",
+        (true, true) => "enabled",
+        (true, false) => "disabled",
+    };
+    format!("kvm support: {state}\r\n")
+}
+
+/// `info cpus`: (index, host thread id) per vCPU; the monitor's current CPU (the first)
+/// is starred, as QEMU does.
+pub fn cpus(list: &[(u32, i64)]) -> String {
+    list.iter()
+        .enumerate()
+        .map(|(i, (index, tid))| {
+            let mark = if i == 0 { '*' } else { ' ' };
+            format!("{mark} CPU #{index}: thread_id={tid}\r\n")
+        })
+        .collect()
+}
 
 fn line(prefix: &str, (name, args, help): &(&str, &str, &str)) -> String {
     format!("{prefix}{name} {args} -- {help}\r\n")
@@ -122,6 +253,79 @@ pub fn qtree(root: &QtreeBus) -> String {
     let mut out = String::new();
     qtree_bus(&mut out, root, 0);
     out
+}
+
+/// `info qtree` of a device tree: the buses under `main-system-bus` with their devices and
+/// properties.
+pub fn qtree_of(t: &keel_qdev::DeviceTree) -> String {
+    fn bus(t: &keel_qdev::DeviceTree, b: &keel_qdev::BusNode) -> QtreeBus {
+        QtreeBus {
+            name: b.name.clone(),
+            bus_type: b.bus_type.clone(),
+            devices: b
+                .devices
+                .iter()
+                .map(|d| {
+                    let view = t.find(&d.path).and_then(|k| t.view(k));
+                    QtreeDev {
+                        driver: d.driver.clone(),
+                        id: d.id.clone().unwrap_or_default(),
+                        props: view.map_or_else(Vec::new, |v| {
+                            v.props
+                                .iter()
+                                .map(|(k, p)| {
+                                    let j =
+                                        serde_json::to_value(p).unwrap_or(serde_json::Value::Null);
+                                    (k.to_owned(), qtree_value(&j))
+                                })
+                                .collect()
+                        }),
+                        mmio: d
+                            .resources
+                            .as_ref()
+                            .and_then(|r| r.mmio.as_ref())
+                            .map(|w| vec![(w.base, w.len)])
+                            .unwrap_or_default(),
+                        buses: Vec::new(),
+                    }
+                })
+                .collect(),
+        }
+    }
+    let mut root = QtreeBus {
+        name: "main-system-bus".into(),
+        bus_type: "System".into(),
+        devices: Vec::new(),
+    };
+    for b in t.query_tree() {
+        let mut qb = bus(t, &b);
+        if b.path == "/machine" || b.name == "main-system-bus" {
+            root.devices.append(&mut qb.devices);
+        } else {
+            root.devices.push(QtreeDev {
+                driver: b.bus_type.clone(),
+                buses: vec![qb],
+                ..Default::default()
+            });
+        }
+    }
+    qtree(&root)
+}
+
+/// `info mtree` of a device tree: the port and MMIO windows its devices occupy.
+pub fn mtree_of(t: &keel_qdev::DeviceTree) -> String {
+    let (mut io, mut mem) = (Vec::new(), Vec::new());
+    for d in t.views() {
+        if let Some(r) = d.resources {
+            if let Some(w) = &r.pio {
+                io.push((w.base, w.len, "i/o", d.driver.to_owned()));
+            }
+            if let Some(w) = &r.mmio {
+                mem.push((w.base, w.len, "i/o", d.driver.to_owned()));
+            }
+        }
+    }
+    mtree(&io, &mem)
 }
 
 /// A region in `info mtree`: (start, size, kind `i/o` or `ram`, name).

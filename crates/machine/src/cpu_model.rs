@@ -4,6 +4,107 @@
 //! `qom-list`/`qom-get`.
 
 use keel_accel::CpuidLeaf;
+
+/// The QOM type of Keel's one CPU model.
+pub const CPU_TYPE: &str = "max-x86_64-cpu";
+
+/// The properties of the vCPU object, (name, QOM type): `type`, one boolean per feature
+/// (QEMU's aliases included), and the identity properties.
+pub fn properties(cpuid: &[CpuidLeaf]) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![("type", "string")];
+    v.extend(
+        features_with_aliases(cpuid)
+            .into_iter()
+            .map(|(n, _)| (n, "bool")),
+    );
+    v.extend([
+        ("vendor", "string"),
+        ("model-id", "string"),
+        ("family", "int"),
+        ("model", "int"),
+        ("stepping", "int"),
+        ("level", "uint32"),
+        ("xlevel", "uint32"),
+    ]);
+    v
+}
+
+/// The CPU models `query-cpu-definitions` lists: (name, static, unavailable features).
+/// Keel presents one model per accelerator: `max` names it, `base` is its static subset,
+/// and `host` exists where `/dev/kvm` does (usable only when KVM runs the machine).
+pub fn definitions(kvm_present: bool, kvm_enabled: bool) -> Vec<(&'static str, bool, Vec<String>)> {
+    let mut v = vec![("max", false, Vec::new()), ("base", true, Vec::new())];
+    if kvm_present {
+        let missing = if kvm_enabled {
+            Vec::new()
+        } else {
+            vec!["kvm".into()]
+        };
+        v.insert(1, ("host", false, missing));
+    }
+    v
+}
+
+/// `query-cpu-model-expansion` of model `name` (`full` or static): the model's name as
+/// expanded and its properties. Properties given may restate the CPUID, not change it:
+/// Keel presents the accelerator's CPUID as it is. Errors are QEMU's texts.
+pub fn expand(
+    cpuid: &[CpuidLeaf],
+    name: &str,
+    full: bool,
+    given: Option<&Map<String, Value>>,
+    kvm_enabled: bool,
+) -> Result<(&'static str, Map<String, Value>), String> {
+    let canonical = match name {
+        "max" => "max",
+        "base" => "base",
+        "host" if kvm_enabled => "host",
+        "host" => return Err("CPU model 'host' requires KVM".into()),
+        other => return Err(format!("CPU model '{other}' not found")),
+    };
+    let known = features_with_aliases(cpuid);
+    for (k, v) in given.into_iter().flatten() {
+        match known.iter().find(|(n, _)| n == k) {
+            None => return Err(format!("Property '{name}-x86_64-cpu.{k}' not found")),
+            Some((_, on)) if Some(*on) != v.as_bool() => {
+                return Err(format!(
+                    "CPU feature '{k}' cannot be changed: Keel presents the accelerator's \
+                     CPUID as it is"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let mut props = Map::new();
+    for (n, on) in features(cpuid) {
+        props.insert(n.into(), json!(on));
+    }
+    if full {
+        props.extend(identity(cpuid));
+    }
+    Ok((
+        if full && canonical != "base" {
+            canonical
+        } else {
+            "base"
+        },
+        props,
+    ))
+}
+
+/// The value of vCPU property `name` (`qom-get`), if it has one.
+pub fn property(cpuid: &[CpuidLeaf], name: &str) -> Option<Value> {
+    if name == "type" {
+        return Some(json!(CPU_TYPE));
+    }
+    if let Some((_, on)) = features_with_aliases(cpuid)
+        .into_iter()
+        .find(|(n, _)| *n == name)
+    {
+        return Some(json!(on));
+    }
+    identity(cpuid).remove(name)
+}
 use serde_json::{Map, Value, json};
 
 /// Which register of which leaf a feature word is.
