@@ -435,7 +435,7 @@ impl Mmu {
     fn walk(&mut self, lin: u64, acc: Access, user: bool) -> Result<u64, u32> {
         let write = acc == Access::Write;
         let fetch = acc == Access::Fetch;
-        let mut err = u32::from(write) * pf::W | u32::from(user) * pf::U;
+        let mut err = (u32::from(write) * pf::W) | (u32::from(user) * pf::U);
         if fetch && self.nxe && self.paging != Paging::Legacy {
             err |= pf::ID;
         }

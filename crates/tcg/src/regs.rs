@@ -115,13 +115,13 @@ pub mod dr {
     pub fn data_hits(dr: &[u64; 8], lin: u64, n: u64, write: bool) -> u64 {
         let dr7 = dr[7];
         let mut b = 0;
-        for i in 0..4 {
+        for (i, &addr) in dr.iter().take(4).enumerate() {
             let kind = rw(dr7, i);
             if !enabled(dr7, i) || kind & 1 == 0 || (kind == 1 && !write) {
                 continue;
             }
             let l = len(dr7, i);
-            let start = dr[i] & !(l - 1);
+            let start = addr & !(l - 1);
             if lin < start.wrapping_add(l) && start < lin.wrapping_add(n) {
                 b |= 1 << i;
             }
