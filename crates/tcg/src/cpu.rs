@@ -7,7 +7,7 @@
 
 use crate::exc::{Ex, vec};
 use crate::mem::{Access, Mmu, PAGE, PAGE_MASK, PhysMem};
-use crate::regs::{cr0, efer};
+use crate::regs::{cr0, dr, efer};
 
 /// RFLAGS bits.
 pub mod fl {
@@ -240,8 +240,12 @@ pub enum Shadow {
     /// No shadow.
     #[default]
     None,
-    /// The next instruction runs before interrupts are checked.
+    /// After `sti`: the next instruction runs before interrupts are checked.
     Active,
+    /// After `mov ss` / `pop ss`: the next instruction runs before interrupts are checked,
+    /// and debug traps of the instruction that set it (single step, data breakpoints) wait
+    /// until the next one has run.
+    MovSs,
 }
 
 /// Everything a vCPU's instructions can see or change.
@@ -280,8 +284,13 @@ pub struct Cpu {
     pub cr8: u64,
     /// EFER.
     pub efer: u64,
-    /// Debug registers DR0-DR7 (stored only).
+    /// Debug registers DR0-DR7 (DR4/DR5 are never stored: they alias DR6/DR7).
     pub dr: [u64; 8],
+    /// B0-B3 of the data breakpoints the current instruction's accesses met (collected only
+    /// while a data breakpoint is armed, see [`Mmu::no_data_tlb`]).
+    pub db_hits: u64,
+    /// DR6 bits (B0-B3, BS) of a debug trap held back by a `mov ss` shadow.
+    pub pending_db: u64,
     /// Current privilege level.
     pub cpl: u8,
     /// Linear address mask (32 bits outside long mode).
@@ -389,7 +398,9 @@ impl Cpu {
             cr4: 0,
             cr8: 0,
             efer: 0,
-            dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
+            dr: [0, 0, 0, 0, 0, 0, dr::DR6_FIXED1, dr::DR7_FIXED1],
+            db_hits: 0,
+            pending_db: 0,
             cpl: 0,
             sp_mask: 0xffff,
             lin_mask: 0xffff_ffff,
@@ -420,6 +431,28 @@ impl Cpu {
         c.gpr[2] = 0x600; // EDX: family/model/stepping at reset
         c.refresh_mode();
         c
+    }
+
+    /// Whether instructions must run one at a time with the debug checks: TF or RF set, a
+    /// breakpoint enabled in DR7, or a debug trap held back by a `mov ss` shadow. Looked at
+    /// once per trip through the vCPU loop; every instruction that can change it ends its
+    /// block.
+    #[inline(always)]
+    pub fn debug_active(&self) -> bool {
+        self.rflags & (fl::TF | fl::RF) != 0
+            || self.dr[7] & dr::ENABLES != 0
+            || self.pending_db != 0
+    }
+
+    /// Takes a new DR7 (or DR0-3) into account: data breakpoints keep data accesses out of
+    /// the TLB so that each one is compared with them.
+    pub fn debug_regs_changed(&mut self) {
+        let on = dr::watches_data(self.dr[7]);
+        self.mmu.set_no_data_tlb(on);
+        if on {
+            // The breakpoint addresses may have changed under entries already filled.
+            self.mmu.flush();
+        }
     }
 
     /// Whether long mode is active.
@@ -848,6 +881,9 @@ impl Cpu {
             self.mmu.phys.read(g0, a);
             self.mmu.phys.read(g1, b);
         }
+        if self.mmu.no_data_tlb {
+            self.db_hits |= dr::data_hits(&self.dr, lin, n as u64, false);
+        }
         Ok(())
     }
 
@@ -918,6 +954,9 @@ impl Cpu {
             self.phys_write(g0, &buf[..first]);
             self.phys_write(g1, &buf[first..]);
         }
+        if self.mmu.no_data_tlb {
+            self.db_hits |= dr::data_hits(&self.dr, lin, n as u64, true);
+        }
         Ok(())
     }
 
@@ -945,6 +984,10 @@ impl Cpu {
     pub fn host_span(&mut self, lin: u64, acc: Access) -> Result<Option<(usize, u64)>, Ex> {
         let user = self.mmu.user;
         let g = self.translate(lin, acc, user)?;
+        if self.mmu.no_data_tlb {
+            // Element by element, so that each access meets the data breakpoints.
+            return Ok(None);
+        }
         if acc == Access::Write && self.mmu.phys.is_code(g) {
             return Ok(None);
         }

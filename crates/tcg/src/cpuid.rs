@@ -17,6 +17,10 @@
 //! periodic ticks, lost ones made it distrust its TSC in 3 of 4 boots on a loaded host. The
 //! periodic timer re-injects late ticks, so it is the default.
 
+/// Physical-address width the guest sees (leaf 0x8000_0008 EAX[7:0]); the page walker
+/// treats address bits from here up to bit 51 of PAE and 4-level entries as reserved.
+pub const MAXPHYADDR: u32 = 40;
+
 /// Leaf 1 EDX bits.
 pub mod edx1 {
     /// x87.
@@ -186,9 +190,9 @@ impl CpuidConfig {
             }
             0x8000_0005..=0x8000_0006 => (0, 0, 0, 0),
             0x8000_0007 => (0, 0, 0, self.edx87),
-            // 40 physical, 48 linear address bits; cores - 1 in ECX[7:0], the APIC-ID core
-            // bits derived from it.
-            0x8000_0008 => (0x0000_3028, 0, self.cores.clamp(1, 256) - 1, 0),
+            // MAXPHYADDR physical, 48 linear address bits; cores - 1 in ECX[7:0], the APIC-ID
+            // core bits derived from it.
+            0x8000_0008 => (0x0000_3000 | MAXPHYADDR, 0, self.cores.clamp(1, 256) - 1, 0),
             _ => (0, 0, 0, 0),
         }
     }

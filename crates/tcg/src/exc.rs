@@ -12,6 +12,8 @@ pub mod vec {
     pub const BP: u8 = 3;
     /// Overflow.
     pub const OF: u8 = 4;
+    /// BOUND range exceeded.
+    pub const BR: u8 = 5;
     /// Invalid opcode.
     pub const UD: u8 = 6;
     /// Device not available.

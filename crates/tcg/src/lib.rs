@@ -24,7 +24,7 @@
 //! 1. leaves, no imports from this crate: `exc` (exceptions and `Flow`), `regs` (control
 //!    register and EFER bits), `cpuid`, `time` (host TSC), `platform` (PIC, PIT, local APIC,
 //!    IOAPIC device models);
-//! 2. `mem`: physical memory, page walker, software TLB (uses `regs`, `exc`);
+//! 2. `mem`: physical memory, page walker, software TLB (uses `regs`, `cpuid`);
 //! 3. `cpu`: architectural state, lazy flags, linear memory access through the TLB;
 //! 4. `insn`: the pre-decoded instruction record, handler type and micro-op record;
 //! 5. `exec`: instruction semantics, itself layered (see its module doc): `operands` (the
@@ -74,10 +74,25 @@
 //! monitor/mwait, vmcall/vmmcall, rsm, and anything iced-x86 does not decode. Legacy-mode
 //! SYSCALL/SYSRET (outside long mode) raise #UD as on Intel.
 //!
+//! # Exceptions
+//! * Debug: EFLAGS.TF single-step traps (after the instruction that ran with TF set, so not
+//!   after the `popf`/`iret` that sets it), DR0-3 instruction breakpoints (faults; RF
+//!   suppresses one, `iret` loads RF, faults push RF set) and data breakpoints (traps; R/W
+//!   write or read/write, LEN 1/2/4/8), DR6 B0-B3/BS/BD, DR7.GD, `int1`, the `mov ss`/`pop ss`
+//!   shadow that holds debug traps back one instruction. With TF, RF, a DR7 enable or a held
+//!   trap, the vCPU loop runs one instruction at a time (`vm`); otherwise it pays one test per
+//!   trip through its loop. I/O breakpoints (R/W = 2) are not modelled.
+//! * Page walks check reserved bits at every level (address bits from
+//!   `cpuid::MAXPHYADDR` up, XD while EFER.NXE is clear, PS where it is reserved, the
+//!   large-page reserved ranges, PDPTE bits checked with #GP when CR0/CR3/CR4 loads them) and
+//!   report #PF error codes with P, W, U, RSVD and I/D. SMEP and SMAP are not advertised;
+//!   setting their CR4 bits raises #GP.
+//! * BOUND (#BR), INTO (#OF), ARPL; in 64-bit mode INTO and BOUND are #UD and 63 is MOVSXD.
+//!
 //! # Not modelled
 //! Hardware task switching (task gates, TSS far jumps, iret with NT) and call gates raise
-//! #GP; segment limits are not checked on data accesses; the PAE PDPTEs are read at walk
-//! time instead of being cached at CR3 load; global pages are flushed with everything else;
+//! #GP; segment limits are not checked on data accesses; global pages are flushed with
+//! everything else;
 //! SIMD floating-point exceptions are never raised (MXCSR flags are set for scalar ops and
 //! conversions), packed ops do not update MXCSR flags; x87 precision is f64.
 //!

@@ -57,6 +57,7 @@ use crate::platform::lapic::{self, ApicBus, EoiListener, LAPIC_BASE, LAPIC_LEN, 
 use crate::platform::pic::{Pic, PicError};
 use crate::platform::pit::Pit;
 use crate::platform::{Clock, MonotonicClock, Wakeup};
+use crate::regs::dr;
 use crate::time::{guest_tsc_khz, host_tsc};
 
 const NAME: &str = "tcg";
@@ -1089,12 +1090,14 @@ impl TcgVcpu {
         Ok(None)
     }
 
-    /// Delivers an exception with double- and triple-fault handling.
+    /// Delivers an interrupt or a trap-class exception with double- and triple-fault
+    /// handling.
     fn raise(&mut self, v: u8, err: Option<u32>, soft: bool, ext: bool) -> Result<(), Stop> {
-        self.raise_at(v, err, soft, ext, 0)
+        self.raise_at(v, err, soft, ext, 0, false)
     }
 
-    /// [`Self::raise`] for a software interrupt at `soft_ip`.
+    /// [`Self::raise`] for a software interrupt at `soft_ip`; `rf`: a fault-class exception,
+    /// delivered with RF set in the pushed EFLAGS (as are faults met while delivering).
     fn raise_at(
         &mut self,
         v: u8,
@@ -1102,6 +1105,7 @@ impl TcgVcpu {
         soft: bool,
         ext: bool,
         soft_ip: u64,
+        rf: bool,
     ) -> Result<(), Stop> {
         let cpu = &mut self.cpu;
         if !ext {
@@ -1110,7 +1114,7 @@ impl TcgVcpu {
         let mut cur = (v, err);
         let mut first = true;
         for _ in 0..3 {
-            match system::deliver(cpu, cur.0, cur.1, soft && first, ext && first) {
+            match system::deliver(cpu, cur.0, cur.1, soft && first, ext && first, rf || !first) {
                 Ok(()) => return Ok(()),
                 Err(Ex::Fault { vector, error }) => {
                     let error = Ex::code(error);
@@ -1142,9 +1146,9 @@ impl TcgVcpu {
         match e {
             Ex::Fault { vector, error } => {
                 self.cpu.rip = ip;
-                self.raise(vector, Ex::code(error), false, false)
+                self.raise_at(vector, Ex::code(error), false, false, 0, true)
             }
-            Ex::SoftInt(v) => self.raise_at(v, None, v != 1, false, ip),
+            Ex::SoftInt(v) => self.raise_at(v, None, v != 1, false, ip, false),
             Ex::Halt => {
                 self.cpu.halted = true;
                 Ok(())
@@ -1185,7 +1189,7 @@ impl TcgVcpu {
                 self.process_dirty();
                 prev = None;
             }
-            let shadow = self.cpu.shadow == Shadow::Active;
+            let shadow = self.cpu.shadow != Shadow::None;
             if !shadow && self.cpu.rflags & fl::IF != 0 && self.irq_pending() {
                 if let Some(v) = self.irq_ack() {
                     self.raise(v, None, false, true)?;
@@ -1207,6 +1211,14 @@ impl TcgVcpu {
                     self.idle(deadline);
                 }
                 self.poll_timers();
+                continue;
+            }
+            if self.cpu.debug_active() {
+                // Single-stepping, breakpoints or RF: one instruction at a time, with the
+                // checks around it. Every instruction that can make this true ends its
+                // block, so this one test per trip through the loop is all the hot path pays.
+                prev = None;
+                self.step_debug()?;
                 continue;
             }
             let translated = self.cache.translated;
@@ -1281,6 +1293,69 @@ impl TcgVcpu {
                 }
             }
         }
+    }
+
+    /// Runs one instruction with the debug checks (see [`Cpu::debug_active`]): an instruction
+    /// breakpoint at RIP faults before it (unless RF is set); RF is cleared when it
+    /// completes (unless it loaded RF, as `iret` does); then a single-step trap (if TF was set
+    /// when it started) and the data breakpoints its accesses met are reported as one #DB
+    /// trap, after it — or after the next instruction when it opened a `mov ss` shadow.
+    /// Faults and software interrupts take no trap (delivery clears TF).
+    fn step_debug(&mut self) -> Result<(), Stop> {
+        let cpu = &mut self.cpu;
+        if cpu.rflags & fl::RF == 0 && cpu.dr[7] & dr::ENABLES != 0 && cpu.pending_db == 0 {
+            let lin = cpu.ebase[sr::CS].wrapping_add(cpu.rip) & cpu.lin_mask;
+            let hits = dr::code_hits(&cpu.dr, lin);
+            if hits != 0 {
+                cpu.dr[6] = (cpu.dr[6] & !dr::B_MASK) | hits;
+                cpu.shadow = Shadow::None;
+                // A fault, but the one fault delivered without RF: the handler returns with
+                // RF set itself (or removes the breakpoint).
+                return self.raise(vec::DB, None, false, false);
+            }
+        }
+        let tf = cpu.rflags & fl::TF != 0;
+        cpu.shadow = Shadow::None;
+        cpu.db_hits = 0;
+        cpu.rflags &= !fl::RF;
+        let translated = self.cache.translated;
+        let idx = match self.cache.lookup(&mut self.cpu) {
+            Ok(i) => i,
+            Err(e) => {
+                self.cpu.pending_db = 0;
+                let ip = self.cpu.rip;
+                return self.handle_ex(e, ip);
+            }
+        };
+        if self.code_pages.is_some() && self.cache.translated != translated {
+            self.check_flush();
+            self.publish_code(idx);
+        }
+        let r = exec_block(&mut self.cpu, &self.cache.blocks[idx as usize].insns[..1]);
+        let completed = matches!(
+            r,
+            BlockEnd::Normal | BlockEnd::Stopped | BlockEnd::Ex(Ex::EndBlock | Ex::Halt, _)
+        );
+        let hits = self.cpu.db_hits;
+        self.after_block(r)?;
+        if !completed {
+            self.cpu.pending_db = 0;
+            return Ok(());
+        }
+        let mut bits = self.cpu.pending_db | hits;
+        if tf {
+            bits |= dr::BS;
+        }
+        if self.cpu.shadow == Shadow::MovSs {
+            self.cpu.pending_db = bits;
+            return Ok(());
+        }
+        self.cpu.pending_db = 0;
+        if bits != 0 {
+            self.cpu.dr[6] = (self.cpu.dr[6] & !dr::B_MASK) | bits;
+            self.raise(vec::DB, None, false, false)?;
+        }
+        Ok(())
     }
 
     /// Whether block `idx` is a spin-wait loop body: it contains `pause` (Linux's

@@ -52,6 +52,13 @@ pub mod layout {
     pub const LAST_CS: u64 = VARS + 0x58;
     /// The memory operand of memory-form op tests (one quadword).
     pub const MEMOP: u64 = VARS + 0x60;
+    /// EFLAGS image the last exception pushed (RF, TF as the CPU saved them).
+    pub const LAST_FLAGS: u64 = VARS + 0x68;
+    /// DR6 when the last #DB was taken (the handler then writes 0 to DR6, clears TF and sets
+    /// RF in the frame it returns through); 0 after other vectors.
+    pub const LAST_DR6: u64 = VARS + 0x70;
+    /// Kernel RSP saved while a case runs at CPL 3.
+    pub const SAVED_RSP: u64 = VARS + 0x78;
     /// Top of the IST1 stack for guests that use it (the 4 KiB below it are reserved).
     pub const IST1_TOP: u64 = LOAD + 0x7_d000;
     /// 16 quadwords of scratch for op tests.
@@ -628,6 +635,18 @@ impl Guest {
             a.mov(qword_ptr(LAST_CR2), rax)?;
             a.mov(rax, qword_ptr(rsp + 40))?;
             a.mov(qword_ptr(LAST_CS), rax)?;
+            a.mov(rax, qword_ptr(rsp + 48))?;
+            a.mov(qword_ptr(LAST_FLAGS), rax)?;
+            let mut not_db = a.create_label();
+            a.cmp(qword_ptr(rsp + 16), 1)?;
+            a.jne(not_db)?;
+            a.mov(rax, dr6)?;
+            a.mov(qword_ptr(LAST_DR6), rax)?;
+            a.xor(eax, eax)?;
+            a.mov(dr6, rax)?;
+            a.btr(qword_ptr(rsp + 48), 8)?;
+            a.bts(qword_ptr(rsp + 48), 16)?;
+            a.set_label(&mut not_db)?;
             // RSP before the stub's two pushes and our two: the CPU-pushed frame's base.
             a.lea(rax, qword_ptr(rsp + 32))?;
             a.mov(qword_ptr(LAST_RSP), rax)?;
@@ -724,6 +743,20 @@ impl Guest {
             a.mov(eax, cr2)?;
             a.mov(d(LAST_CR2), eax)?;
             a.mov(d(LAST_CR2 + 4), 0)?;
+            a.mov(eax, dword_ptr(esp + 24))?;
+            a.mov(d(LAST_FLAGS), eax)?;
+            a.mov(d(LAST_FLAGS + 4), 0)?;
+            let mut not_db = a.create_label();
+            a.cmp(dword_ptr(esp + 8), 1)?;
+            a.jne(not_db)?;
+            a.mov(eax, dr6)?;
+            a.mov(d(LAST_DR6), eax)?;
+            a.mov(d(LAST_DR6 + 4), 0)?;
+            a.xor(eax, eax)?;
+            a.mov(dr6, eax)?;
+            a.btr(dword_ptr(esp + 24), 8)?;
+            a.bts(dword_ptr(esp + 24), 16)?;
+            a.set_label(&mut not_db)?;
             a.add(d(EXC_COUNT), 1)?;
             a.mov(eax, d(RESUME))?;
             a.test(eax, eax)?;

@@ -7,7 +7,7 @@ pub use crate::asm::{Mode, Paging32};
 use crate::ops::{self, Op, OpSpec};
 use crate::{GuestError, TestGuest};
 
-fn build(
+pub(crate) fn build(
     name: &str,
     mode: Mode,
     body: impl FnOnce(&mut Guest) -> R,
@@ -24,7 +24,7 @@ fn build(
 }
 
 /// Prints the quadword at `addr` (masked) and records `expected` as its predicted text.
-fn print_known(g: &mut Guest, addr: u64, mask: u64, digits: u32, expected: u64) -> R {
+pub(crate) fn print_known(g: &mut Guest, addr: u64, mask: u64, digits: u32, expected: u64) -> R {
     g.print_hex_mem(addr, mask, digits)?;
     let shown = expected & mask;
     let text = format!("{shown:0width$x}", width = digits as usize);

@@ -38,6 +38,9 @@
 //! | [`alu_mem`] | 64 | the read-modify-write (memory destination) forms | [`ops::model`] |
 //! | [`ops32_alu`], [`ops32_muldiv_bitops`] | 32 | the same tables in 32-bit mode | [`ops::model`] |
 //! | [`reg_loop`], [`mem_loop`] | 32/64 | benchmark loops with an iteration count | construction |
+//! | [`debug_exceptions`] | 64/CPL3 | TF, `mov ss` shadow, `int1`, DR0-3 instruction and data breakpoints, RF, DR access rules | the SDM (`tests/exception_classes.rs`) |
+//! | [`page_walk_faults`] | 64/CPL3 | reserved bits at every level, #PF error codes, CR2, SMEP/SMAP vs CPUID | the SDM |
+//! | [`legacy32`] | 32 | BOUND, INTO, ARPL, faulting far jmp/call, single step | the SDM |
 //!
 //! Every predicted output was checked against QEMU 7.2 (`-M microvm`, tcg and kvm; `timer`
 //! on `-M pc`, microvm has no port 0x61) on the development host; the few places where
@@ -49,12 +52,17 @@
 
 mod asm;
 mod elf;
+mod exc_classes;
 pub mod guests;
 pub mod ops;
 mod simd;
 pub mod strings;
 
 pub use asm::{hash_u32s, hash_u64s, layout};
+pub use exc_classes::{
+    debug_exceptions, debug_exceptions_without, legacy32, page_walk_faults,
+    page_walk_faults_without,
+};
 pub use guests::*;
 pub use simd::sse;
 

@@ -463,6 +463,26 @@ fn generic_body(cpu: &mut Cpu, i: &Insn) -> Flow {
             }
         }
         M::Int1 => Err(Ex::SoftInt(vec::DB)),
+        M::Bound => {
+            // Legacy modes only (in 64-bit mode 62 is the EVEX prefix, which iced-x86 does not
+            // decode as BOUND); a register second operand is #UD.
+            if ins.op_kind(1) != OpKind::Memory {
+                return Err(Ex::UD);
+            }
+            let (r, sz) = gpr(ins.op0_register()).ok_or(Ex::UD)?;
+            let a = ea(cpu, i);
+            let lo = cpu.rd_n(a, sz)?;
+            let hi = cpu.rd_n(a.wrapping_add(u64::from(sz)) & cpu.lin_mask, sz)?;
+            let idx = sext(cpu.rreg(r, sz), sz) as i64;
+            if idx < sext(lo, sz) as i64 || idx > sext(hi, sz) as i64 {
+                // A fault: RIP goes back to the BOUND.
+                return Err(Ex::Fault {
+                    vector: vec::BR,
+                    error: crate::exc::NO_ERR,
+                });
+            }
+            Ok(())
+        }
         M::Ud0 | M::Ud1 | M::Ud2 => Err(Ex::UD),
         M::Nop
         | M::Pause

@@ -11,7 +11,7 @@ use super::operands::{ea, mask, op_size, rd_op, wr_op};
 use crate::cpu::{Cpu, Seg, Shadow, fl, sr};
 use crate::exc::{Ex, Flow, NO_ERR, vec};
 use crate::insn::{Insn, gpr};
-use crate::regs::{cr0, cr4, efer};
+use crate::regs::{cr0, cr4, dr, efer};
 
 // ---------------------------------------------------------------------------------------
 // Descriptors
@@ -65,7 +65,7 @@ pub fn mov_to_sreg(cpu: &mut Cpu, s: usize, sel: u16) -> Flow {
     }
     load_data_seg(cpu, s, sel)?;
     if s == sr::SS {
-        cpu.shadow = Shadow::Active;
+        cpu.shadow = Shadow::MovSs;
         return Err(Ex::EndBlock);
     }
     Ok(())
@@ -366,6 +366,13 @@ pub fn popf(cpu: &mut Cpu, i: &Insn) -> Flow {
     Err(Ex::EndBlock)
 }
 
+/// RF as `iret` loads it from the image `f` (32- and 64-bit forms; `popf` never does): a
+/// debug handler returns with RF set so that the instruction breakpoint it returns to does
+/// not fire again.
+fn iret_rf(f: u64, os: u8) -> u64 {
+    if os >= 4 { f & fl::RF } else { 0 }
+}
+
 /// iret / iretd / iretq.
 pub fn iret(cpu: &mut Cpu, i: &Insn) -> Flow {
     // IRET ends NMI blocking (SDM 6.7.1).
@@ -382,7 +389,7 @@ pub fn iret(cpu: &mut Cpu, i: &Insn) -> Flow {
         let f = cpu.peek(2 * o, os)?;
         cpu.add_sp(3 * o);
         real_cs(cpu, cs);
-        let nf = merge_flags(cpu, f, os);
+        let nf = merge_flags(cpu, f, os) | iret_rf(f, os);
         cpu.set_rflags(nf);
         cpu.rip = rip;
         return Err(Ex::EndBlock);
@@ -445,7 +452,7 @@ pub fn iret(cpu: &mut Cpu, i: &Insn) -> Flow {
     }
     let seg = code_target(cpu, sel, true)?;
     let rpl = (sel & 3) as u8;
-    let nf = merge_flags(cpu, f, os);
+    let nf = merge_flags(cpu, f, os) | iret_rf(f, os);
     if rpl > cpu.cpl || cpu.code64() {
         let rsp = cpu.peek(3 * o, os)?;
         let ss = cpu.peek(4 * o, os)? as u16;
@@ -496,8 +503,11 @@ impl Cpu {
 
 /// Delivers interrupt/exception `v`. `soft` = int n/int3/into (gate DPL is checked against CPL,
 /// RIP already points after the instruction). `ext` = external interrupt (sets EXT in errors).
-/// On success RIP/CS/stack/flags are those of the handler.
-pub fn deliver(cpu: &mut Cpu, v: u8, error: Option<u32>, soft: bool, ext: bool) -> Flow {
+/// `rf` = a fault-class exception (other than an instruction breakpoint): the EFLAGS image
+/// pushed has RF set, so that the handler's `iret` does not hit an instruction breakpoint
+/// again. On success RIP/CS/stack/flags are those of the handler.
+pub fn deliver(cpu: &mut Cpu, v: u8, error: Option<u32>, soft: bool, ext: bool, rf: bool) -> Flow {
+    let rf = if rf { fl::RF } else { 0 };
     let extb = u32::from(ext && !soft);
     let gate_err = u32::from(v) * 8 + 2 + extb;
     cpu.halted = false;
@@ -508,7 +518,7 @@ pub fn deliver(cpu: &mut Cpu, v: u8, error: Option<u32>, soft: bool, ext: bool) 
             return Err(Ex::gp(gate_err));
         }
         let ent = cpu.rd_as::<4>(a & 0xffff_ffff, false)?;
-        let f = cpu.flags();
+        let f = cpu.flags() | rf;
         let cs = u64::from(cpu.seg[sr::CS].selector);
         let ip = cpu.rip;
         cpu.push(2, f & 0xffff)?;
@@ -572,7 +582,7 @@ pub fn deliver(cpu: &mut Cpu, v: u8, error: Option<u32>, soft: bool, ext: bool) 
     }
     let conforming = cseg.attr & 4 != 0;
     let new_cpl = if conforming { cpu.cpl } else { cseg.dpl() };
-    let old_flags = cpu.flags();
+    let old_flags = cpu.flags() | rf;
     let old_cs = u64::from(cpu.seg[sr::CS].selector);
     let old_ss = u64::from(cpu.seg[sr::SS].selector);
     let old_rsp = cpu.gpr[4];
@@ -691,6 +701,20 @@ pub fn update_paging(cpu: &mut Cpu) {
     cpu.refresh_mode();
 }
 
+/// #GP(0) when the control registers `cr0v`/`cr3v`/`cr4v` select PAE paging (outside long
+/// mode) and a present PDPTE at `cr3v` has a reserved bit set: the CR write that loads the
+/// PDPTEs faults, as on Intel CPUs.
+fn pae_pdptes_check(cpu: &Cpu, cr0v: u64, cr3v: u64, cr4v: u64) -> Flow {
+    let pae = cr0v & cr0::PG != 0
+        && cr0v & cr0::PE != 0
+        && cr4v & cr4::PAE != 0
+        && cpu.efer & efer::LMA == 0;
+    if pae && cpu.mmu.load_pdptes(cr3v).is_none() {
+        return Err(Ex::gp(0));
+    }
+    Ok(())
+}
+
 /// Writes CR`n` with architectural checks.
 pub fn write_cr(cpu: &mut Cpu, n: u8, v: u64) -> Flow {
     match n {
@@ -716,16 +740,19 @@ pub fn write_cr(cpu: &mut Cpu, n: u8, v: u64) -> Flow {
                 }
                 cpu.efer &= !efer::LMA;
             }
+            pae_pdptes_check(cpu, v, cpu.cr3, cpu.cr4)?;
             cpu.cr0 = v;
             update_paging(cpu);
         }
         2 => cpu.cr2 = v,
         3 => {
-            cpu.cr3 = if cpu.long_mode() {
+            let v = if cpu.long_mode() {
                 v & 0x000f_ffff_ffff_ffff
             } else {
                 v & 0xffff_ffff
             };
+            pae_pdptes_check(cpu, cpu.cr0, v, cpu.cr4)?;
+            cpu.cr3 = v;
             update_paging(cpu);
         }
         4 => {
@@ -733,11 +760,13 @@ pub fn write_cr(cpu: &mut Cpu, n: u8, v: u64) -> Flow {
                 return Err(Ex::gp(0));
             }
             // Reserved / unsupported bits: VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT
-            // and FSGSBASE are accepted (stored); others #GP.
+            // and FSGSBASE are accepted (stored); others #GP, among them SMEP and SMAP, which
+            // CPUID does not advertise (leaf 7 is empty), as on a CPU without them.
             let ok = 0x7ff | cr4::FSGSBASE;
             if v & !ok != 0 {
                 return Err(Ex::gp(0));
             }
+            pae_pdptes_check(cpu, cpu.cr0, cpu.cr3, v)?;
             cpu.cr4 = v;
             update_paging(cpu);
         }
@@ -761,14 +790,45 @@ pub fn mov_to_crdr(cpu: &mut Cpu, i: &Insn) -> Flow {
         write_cr(cpu, (r - cr_base) as u8, src)?;
         return Err(Ex::EndBlock);
     }
-    let n = (r - dr_base) as usize;
+    let n = debug_reg(cpu, r - dr_base)?;
     match n {
         0..=3 => cpu.dr[n] = src,
-        4 | 6 => cpu.dr[6] = src | 0xffff_0ff0,
-        5 | 7 => cpu.dr[7] = src | 0x400,
-        _ => return Err(Ex::UD),
+        6 => {
+            if src >> 32 != 0 {
+                return Err(Ex::gp(0));
+            }
+            cpu.dr[6] = (src & dr::DR6_WRITABLE) | dr::DR6_FIXED1;
+        }
+        _ => {
+            if src >> 32 != 0 {
+                return Err(Ex::gp(0));
+            }
+            cpu.dr[7] = (src & dr::DR7_WRITABLE) | dr::DR7_FIXED1;
+        }
     }
-    Ok(())
+    cpu.debug_regs_changed();
+    // Breakpoints and single-stepping are looked at between blocks.
+    Err(Ex::EndBlock)
+}
+
+/// Checks a `mov` to or from DR`n` (after the CPL check): #UD for DR8-15, and for DR4/DR5
+/// with CR4.DE set (without it they are DR6/DR7); #DB with DR6.BD when DR7.GD is set (GD is
+/// cleared so that the handler can use the registers). Returns the register meant.
+fn debug_reg(cpu: &mut Cpu, n: u32) -> Result<usize, Ex> {
+    let n = match n {
+        0..=3 | 6 | 7 => n as usize,
+        4 | 5 if cpu.cr4 & cr4::DE == 0 => n as usize + 2,
+        _ => return Err(Ex::UD),
+    };
+    if cpu.dr[7] & dr::GD != 0 {
+        cpu.dr[6] = (cpu.dr[6] & !dr::B_MASK) | dr::BD;
+        cpu.dr[7] &= !dr::GD;
+        return Err(Ex::Fault {
+            vector: vec::DB,
+            error: NO_ERR,
+        });
+    }
+    Ok(n)
 }
 
 /// `mov reg, crN/drN`.
@@ -789,12 +849,7 @@ pub fn mov_from_crdr(cpu: &mut Cpu, i: &Insn) -> Flow {
             _ => return Err(Ex::UD),
         }
     } else {
-        match r - dr_base {
-            n @ 0..=3 => cpu.dr[n as usize],
-            4 | 6 => cpu.dr[6],
-            5 | 7 => cpu.dr[7],
-            _ => return Err(Ex::UD),
-        }
+        cpu.dr[debug_reg(cpu, r - dr_base)?]
     };
     let (x, _) = gpr(i.instr.op_register(0)).ok_or(Ex::UD)?;
     let v = if cpu.code64() { v } else { v & 0xffff_ffff };
@@ -1232,6 +1287,8 @@ fn sys(cpu: &mut Cpu, i: &Insn) -> Flow {
                 Ok(()) | Err(Ex::EndBlock) => {}
                 Err(e) => return Err(e),
             }
+            // Only `mov ss` and `pop ss` open an interrupt/debug shadow, `lss` does not.
+            cpu.shadow = Shadow::None;
             wr_op(cpu, i, 0, sz, off)?;
             if s == sr::SS {
                 Err(Ex::EndBlock)
