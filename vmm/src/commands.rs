@@ -102,10 +102,10 @@ handlers! {
         }))?;
         // Accelerators, machine types and CPU models are QOM types too (libvirt looks
         // for `tcg-accel`/`kvm-accel` and `<machine>-machine`).
-        let extra = extra_types(c);
+        let extra = qom_extra_types(c);
         for (name, parent, is_abstract) in &extra {
             if (*is_abstract && !include_abstract)
-                || a.implements.as_deref().is_some_and(|i| !implements(&extra, name, i))
+                || a.implements.as_deref().is_some_and(|i| !keel_qapi::qom::implements(&extra, name, i))
                 || v.iter().any(|t| t.name == *name)
             {
                 continue;
@@ -324,46 +324,16 @@ mod tests {
     }
 }
 
-/// The QOM types Keel has besides its device types: (name, parent, abstract).
-fn extra_types(c: &VmmCore) -> Vec<(String, &'static str, bool)> {
-    let mut v: Vec<(String, &'static str, bool)> = vec![
-        ("accel".into(), "object", true),
-        ("machine".into(), "object", true),
-        ("x86-machine".into(), "machine", true),
-        ("cpu".into(), "device", true),
-        ("x86_64-cpu".into(), "cpu", true),
-        ("max-x86_64-cpu".into(), "x86_64-cpu", false),
-        ("base-x86_64-cpu".into(), "x86_64-cpu", false),
-    ];
-    if c.kvm_info().present {
-        v.push(("host-x86_64-cpu".into(), "max-x86_64-cpu", false));
-    }
-    for a in &c.accels {
-        v.push((format!("{}-accel", a.name()), "accel", false));
-    }
-    for m in c.machines.iter().filter(|m| m.available().is_ok()) {
-        let parent = if m.name() == "none" {
-            "machine"
-        } else {
-            "x86-machine"
-        };
-        v.push((format!("{}-machine", m.name()), parent, false));
-    }
-    v
-}
-
-fn implements(types: &[(String, &'static str, bool)], ty: &str, ancestor: &str) -> bool {
-    let mut cur = ty.to_owned();
-    for _ in 0..8 {
-        if cur == ancestor {
-            return true;
-        }
-        match types.iter().find(|t| t.0 == cur) {
-            Some(t) => cur = t.1.to_owned(),
-            None => return cur == ancestor,
-        }
-    }
-    false
+/// The QOM types Keel has besides its device types (see [`keel_qapi::qom::extra_types`]).
+fn qom_extra_types(c: &VmmCore) -> Vec<(String, &'static str, bool)> {
+    let accels: Vec<&str> = c.accels.iter().map(|a| a.name()).collect();
+    let machines: Vec<&str> = c
+        .machines
+        .iter()
+        .filter(|m| m.available().is_ok())
+        .map(|m| m.name())
+        .collect();
+    keel_qapi::qom::extra_types(&accels, &machines, c.kvm_info().present)
 }
 
 fn prop(name: &str, ty: &str, description: Option<&str>) -> ObjectPropertyInfo {
@@ -419,19 +389,6 @@ impl VmmCore {
         })
     }
 
-    fn block_node(&self, name: &str, b: &keel_machine::backends::BlockBackend) -> Value {
-        let file = b.filename.display().to_string();
-        let size = std::fs::metadata(&b.filename).map_or(0, |m| m.len());
-        json!({
-            "file": file, "node-name": name, "ro": b.read_only, "drv": "file",
-            "backing_file_depth": 0, "encrypted": false, "detect_zeroes": "off",
-            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
-            "image": {"filename": file, "format": "file", "virtual-size": size},
-            "write_threshold": 0,
-            "cache": {"writeback": true, "direct": false, "no-flush": false},
-        })
-    }
-
     fn qtree(&self) -> String {
         self.with_tree(keel_hmp::qtree_of)
     }
@@ -465,29 +422,7 @@ handlers! {
         ))),
     };
     QueryCommandLineOptions => |a, _, _| {
-        let p = |name: &str, ty: &str| CommandLineParameterInfo {
-            name: name.into(), ty: ty.into(), help: None,
-        };
-        let all = vec![
-            CommandLineOptionInfo { option: "machine".into(), parameters: vec![
-                p("type", "string"), p("accel", "string"),
-            ]},
-            CommandLineOptionInfo { option: "accel".into(), parameters: vec![p("accel", "string")] },
-            CommandLineOptionInfo { option: "chardev".into(), parameters: Vec::new() },
-            CommandLineOptionInfo { option: "device".into(), parameters: Vec::new() },
-            CommandLineOptionInfo { option: "netdev".into(), parameters: Vec::new() },
-        ];
-        match a.option {
-            None => Ok(all),
-            Some(o) => {
-                let v: Vec<_> = all.into_iter().filter(|i| i.option == o).collect();
-                if v.is_empty() {
-                    Err(CommandError::generic(format!("invalid option name: {o}")))
-                } else {
-                    Ok(v)
-                }
-            }
-        }
+        keel_qapi::cli::command_line_options(a.option.as_deref()).map_err(|e| CommandError::generic(e.0))
     };
     SetAction => |a, c, _| {
         let reject = |what: &str, v: &str| Err(CommandError::generic(format!(
@@ -548,7 +483,7 @@ handlers! {
                 v.extend(m.properties().into_iter().map(|(n, ty, d)| prop(n, ty, d)));
                 Ok(v)
             }
-            _ if extra_types(c).iter().any(|e| e.0 == t) => Ok(vec![prop("type", "string", None)]),
+            _ if qom_extra_types(c).iter().any(|e| e.0 == t) => Ok(vec![prop("type", "string", None)]),
             _ => c.with_tree(|tr| tr.device_list_properties(t))
                 .map_err(|_| CommandError::with_class(
                     keel_qmp::ErrorClass::DeviceNotFound,
@@ -560,11 +495,7 @@ handlers! {
     QueryChardev => |_, c, _| {
         let mut v = Vec::new();
         for (id, b) in c.backends.chardevs() {
-            let filename = match b {
-                keel_machine::backends::CharBackend::File { path } => format!("file:{}", path.display()),
-                keel_machine::backends::CharBackend::Null => "null".into(),
-                keel_machine::backends::CharBackend::Stdio => "stdio".into(),
-            };
+            let filename = b.filename();
             let open = !c.users_of("chardev", &id).is_empty();
             v.push(ChardevInfo { label: id, filename, frontend_open: open });
         }
@@ -587,14 +518,14 @@ handlers! {
         }
         Ok(v)
     };
-    QueryNamedBlockNodes => |_, c, _| Ok(c.backends.blocks().iter().map(|(n, b)| c.block_node(n, b)).collect());
+    QueryNamedBlockNodes => |_, c, _| Ok(c.backends.blocks().iter().map(|(n, b)| b.node_info(n)).collect());
     QueryBlock => |_, c, _| {
         let blocks = c.backends.blocks();
         let mut v = Vec::new();
         if let Some(b) = c.board.as_ref() {
             for d in b.devices().views() {
                 if let Some(keel_qdev::PropValue::Str(node)) = d.props.get("drive") {
-                    let inserted = blocks.iter().find(|(n, _)| n == node).map(|(n, bb)| c.block_node(n, bb));
+                    let inserted = blocks.iter().find(|(n, _)| n == node).map(|(n, bb)| bb.node_info(n));
                     let mut e = json!({
                         "device": "", "qdev": d.id.unwrap_or(d.path), "type": "unknown",
                         "removable": false, "locked": false,

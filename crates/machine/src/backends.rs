@@ -24,6 +24,24 @@ pub struct BlockBackend {
     pub read_only: bool,
 }
 
+impl BlockBackend {
+    /// The node as `query-named-block-nodes` and `query-block` show it (QEMU's
+    /// `BlockDeviceInfo`). Keel opens images with the host page cache and keeps no I/O
+    /// throttling, so the cache flags and limits are constants.
+    pub fn node_info(&self, name: &str) -> serde_json::Value {
+        let file = self.filename.display().to_string();
+        let size = std::fs::metadata(&self.filename).map_or(0, |m| m.len());
+        serde_json::json!({
+            "file": file, "node-name": name, "ro": self.read_only, "drv": "file",
+            "backing_file_depth": 0, "encrypted": false, "detect_zeroes": "off",
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "image": {"filename": file, "format": "file", "virtual-size": size},
+            "write_threshold": 0,
+            "cache": {"writeback": true, "direct": false, "no-flush": false},
+        })
+    }
+}
+
 /// A network backend (`-netdev tap,...` / `netdev_add`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NetBackend {
@@ -44,6 +62,17 @@ pub enum CharBackend {
     Null,
     /// Output goes to the VMM's standard output.
     Stdio,
+}
+
+impl CharBackend {
+    /// The backend as `query-chardev` names it (`file:PATH`, `null`, `stdio`).
+    pub fn filename(&self) -> String {
+        match self {
+            CharBackend::File { path } => format!("file:{}", path.display()),
+            CharBackend::Null => "null".into(),
+            CharBackend::Stdio => "stdio".into(),
+        }
+    }
 }
 
 /// Errors of the backend store; the text becomes a QMP `GenericError`.

@@ -230,3 +230,38 @@ pub fn device_json(v: &str) -> Result<DeviceAdd, OptionError> {
         props: map,
     })
 }
+
+/// `query-command-line-options`: the options whose parameters Keel declares (all, or
+/// `option` alone; an unknown one is QEMU's error).
+pub fn command_line_options(
+    option: Option<&str>,
+) -> Result<Vec<crate::misc::CommandLineOptionInfo>, OptionError> {
+    use crate::misc::{CommandLineOptionInfo as Opt, CommandLineParameterInfo as Param};
+    let p = |name: &str, ty: &str| Param {
+        name: name.into(),
+        ty: ty.into(),
+        help: None,
+    };
+    let opt = |name: &str, parameters| Opt {
+        option: name.into(),
+        parameters,
+    };
+    let all = vec![
+        opt("machine", vec![p("type", "string"), p("accel", "string")]),
+        opt("accel", vec![p("accel", "string")]),
+        opt("chardev", Vec::new()),
+        opt("device", Vec::new()),
+        opt("netdev", Vec::new()),
+    ];
+    match option {
+        None => Ok(all),
+        Some(o) => {
+            let v: Vec<Opt> = all.into_iter().filter(|i| i.option == o).collect();
+            if v.is_empty() {
+                Err(err(format!("invalid option name: {o}")))
+            } else {
+                Ok(v)
+            }
+        }
+    }
+}

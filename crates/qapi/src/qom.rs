@@ -178,3 +178,55 @@ impl Command for QomListProperties {
         Some(Type::array(object_property_info()))
     }
 }
+
+/// The QOM types Keel has besides its device types, as (name, parent, abstract): the
+/// accelerators `accels` as `NAME-accel` (libvirt looks for `tcg-accel`/`kvm-accel`), the
+/// machine types `machines` as `NAME-machine`, and the CPU model's types (`host` only where
+/// KVM is present).
+pub fn extra_types(
+    accels: &[&str],
+    machines: &[&str],
+    kvm_present: bool,
+) -> Vec<(String, &'static str, bool)> {
+    let mut v: Vec<(String, &'static str, bool)> = vec![
+        ("accel".into(), "object", true),
+        ("machine".into(), "object", true),
+        ("x86-machine".into(), "machine", true),
+        ("cpu".into(), "device", true),
+        ("x86_64-cpu".into(), "cpu", true),
+        ("max-x86_64-cpu".into(), "x86_64-cpu", false),
+        ("base-x86_64-cpu".into(), "x86_64-cpu", false),
+    ];
+    if kvm_present {
+        v.push(("host-x86_64-cpu".into(), "max-x86_64-cpu", false));
+    }
+    v.extend(
+        accels
+            .iter()
+            .map(|a| (format!("{a}-accel"), "accel", false)),
+    );
+    for m in machines {
+        let parent = if *m == "none" {
+            "machine"
+        } else {
+            "x86-machine"
+        };
+        v.push((format!("{m}-machine"), parent, false));
+    }
+    v
+}
+
+/// Whether type `ty` is `ancestor` or derives from it in `types` (name, parent, abstract).
+pub fn implements(types: &[(String, &'static str, bool)], ty: &str, ancestor: &str) -> bool {
+    let mut cur = ty.to_owned();
+    for _ in 0..8 {
+        if cur == ancestor {
+            return true;
+        }
+        match types.iter().find(|t| t.0 == cur) {
+            Some(t) => cur = t.1.to_owned(),
+            None => return cur == ancestor,
+        }
+    }
+    false
+}
