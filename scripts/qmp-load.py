@@ -4,8 +4,9 @@
     scripts/qmp-load.py [--clients 8] [--duration 10] [--marker TEXT] [--runs R]
                         [--vmm BIN] [--qemu [BIN]] -- VMM ARGUMENTS...
 
-The VMM is started as `BIN ARGUMENTS... -qmp unix:SOCK,server=on,wait=off`. Each client
-is a process of its own (so Python's lock does not serialise them): it connects,
+The VMM is started as `BIN ARGUMENTS... -qmp unix:SOCK1,server=on,wait=off ...`, one
+monitor per client (QEMU serves one client per monitor; `--shared-socket` puts every
+client on one socket, which Keel allows). Each client is a process of its own (so Python's lock does not serialise them): it connects,
 negotiates, then sends `query-status` and waits for the reply, again and again, timing
 every round trip. Reported per side: requests per second over all clients, p50/p90/p99
 latency, and the VMM's CPU time.
@@ -120,12 +121,15 @@ class Result:
         self.error = None
 
 
-def run_once(binary, vm_args, clients, marker, duration, timeout):
+def run_once(binary, vm_args, clients, marker, duration, timeout, shared=False):
     """Starts the VMM, optionally with `clients` load; returns a Result."""
     res = Result()
     tmp = tempfile.mkdtemp(prefix="qmp-load-")
-    sock = os.path.join(tmp, "qmp.sock")
-    cmd = [binary] + vm_args + ["-qmp", "unix:%s,server=on,wait=off" % sock]
+    n_socks = 1 if shared else max(1, clients)
+    socks = [os.path.join(tmp, "qmp%d.sock" % i) for i in range(n_socks)]
+    cmd = [binary] + vm_args
+    for sock in socks:
+        cmd += ["-qmp", "unix:%s,server=on,wait=off" % sock]
     ctx = mp.get_context("fork")
     stop = ctx.Event()
     out = ctx.Queue()
@@ -133,8 +137,9 @@ def run_once(binary, vm_args, clients, marker, duration, timeout):
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
-    workers = [ctx.Process(target=client, args=(sock, stop, out, ready), daemon=True)
-               for _ in range(clients)]
+    workers = [ctx.Process(target=client, args=(socks[i % n_socks], stop, out, ready),
+                           daemon=True)
+               for i in range(clients)]
     for w in workers:
         w.start()
     load_start = None
@@ -211,6 +216,8 @@ def main():
     p.add_argument("--marker", help="text the guest prints when booted")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--shared-socket", action="store_true",
+                   help="all clients on one monitor socket (Keel only; QEMU serves one)")
     p.add_argument("--json", action="store_true")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- VMM arguments")
     a = p.parse_args()
@@ -229,7 +236,8 @@ def main():
                 kinds.reverse()
             for kind in kinds:
                 n = a.clients if kind == "busy" else 0
-                r = run_once(binary, vm_args, n, a.marker, a.duration, a.timeout)
+                r = run_once(binary, vm_args, n, a.marker, a.duration, a.timeout,
+                             a.shared_socket and name != "qemu")
                 results[name][kind].append(r)
                 msg = "%s %s run %d:" % (name, kind, i + 1)
                 if r.error:

@@ -72,64 +72,99 @@ impl<T> WorkQueue<T> {
     }
 }
 
+/// The executor threads of one [`EventBus`] (one VMM): shared by all its monitors.
+struct Executors {
+    /// Clients with in-band requests, served round robin one request per turn.
+    inband: WorkQueue<Arc<Client>>,
+    /// `exec-oob` requests of all clients, in arrival order.
+    oob: WorkQueue<(Arc<Client>, Message)>,
+    /// Live monitors using them; the threads end when it drops to zero.
+    monitors: AtomicUsize,
+}
+
+type ExecTable = Vec<(std::sync::Weak<EventBus>, Arc<Executors>)>;
+static EXECUTORS: Mutex<ExecTable> = Mutex::new(Vec::new());
+
+impl Executors {
+    /// The executors of `bus`, started on first use.
+    fn of(bus: &Arc<EventBus>) -> std::io::Result<Arc<Executors>> {
+        let mut table = lock(&EXECUTORS);
+        table.retain(|(b, e)| b.strong_count() > 0 && e.monitors.load(Ordering::SeqCst) > 0);
+        if let Some((_, e)) = table
+            .iter()
+            .find(|(b, _)| std::ptr::eq(b.as_ptr(), Arc::as_ptr(bus)))
+        {
+            e.monitors.fetch_add(1, Ordering::SeqCst);
+            return Ok(e.clone());
+        }
+        let e = Arc::new(Executors {
+            inband: WorkQueue::new(),
+            oob: WorkQueue::new(),
+            monitors: AtomicUsize::new(1),
+        });
+        let x = e.clone();
+        thread::Builder::new()
+            .name("qmp-exec".into())
+            .spawn(move || run_in_band(&x))?;
+        let x = e.clone();
+        let spawned = thread::Builder::new()
+            .name("qmp-oob".into())
+            .spawn(move || run_oob(&x));
+        if let Err(err) = spawned {
+            e.inband.stop();
+            return Err(err);
+        }
+        table.push((Arc::downgrade(bus), e.clone()));
+        Ok(e)
+    }
+
+    fn release(&self) {
+        let _table = lock(&EXECUTORS);
+        if self.monitors.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.inband.stop();
+            self.oob.stop();
+        }
+    }
+}
+
 /// One monitor: a listening socket and its clients, or one connected stream.
 pub(crate) struct MonitorCtx {
     /// How logs name it, e.g. `unix:/run/vm.qmp`.
     pub name: String,
     pub dispatcher: Arc<dyn Dispatcher>,
     pub bus: Arc<EventBus>,
-    /// Clients with in-band requests, served round robin one request per turn.
-    inband: WorkQueue<Arc<Client>>,
-    /// `exec-oob` requests of all clients, in arrival order.
-    oob: WorkQueue<(Arc<Client>, Message)>,
+    exec: Arc<Executors>,
     output_bytes: AtomicUsize,
     input_bytes: AtomicUsize,
     /// Connected clients (for [`crate::server::MAX_CLIENTS_PER_LISTENER`]).
     clients: AtomicUsize,
-    /// Listener plus clients; the executors stop when it drops to zero.
-    users: AtomicUsize,
     next_client: AtomicU64,
 }
 
+impl Drop for MonitorCtx {
+    fn drop(&mut self) {
+        self.exec.release();
+    }
+}
+
 impl MonitorCtx {
-    /// A monitor and its two executor threads.
+    /// A monitor, served by the executors of its event bus.
     pub fn start(
         name: String,
         dispatcher: Arc<dyn Dispatcher>,
         bus: Arc<EventBus>,
     ) -> std::io::Result<Arc<MonitorCtx>> {
-        let mon = Arc::new(MonitorCtx {
+        let exec = Executors::of(&bus)?;
+        Ok(Arc::new(MonitorCtx {
             name,
             dispatcher,
             bus,
-            inband: WorkQueue::new(),
-            oob: WorkQueue::new(),
+            exec,
             output_bytes: AtomicUsize::new(0),
             input_bytes: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
-            users: AtomicUsize::new(0),
             next_client: AtomicU64::new(1),
-        });
-        let m = mon.clone();
-        thread::Builder::new()
-            .name("qmp-exec".into())
-            .spawn(move || run_in_band(&m))?;
-        let m = mon.clone();
-        thread::Builder::new()
-            .name("qmp-oob".into())
-            .spawn(move || run_oob(&m))?;
-        Ok(mon)
-    }
-
-    fn add_user(&self) {
-        self.users.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn drop_user(&self) {
-        if self.users.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.inband.stop();
-            self.oob.stop();
-        }
+        }))
     }
 }
 
@@ -316,8 +351,9 @@ impl Client {
 }
 
 /// The in-band executor: one request per client per turn, round robin.
-fn run_in_band(mon: &Arc<MonitorCtx>) {
-    while let Some(c) = mon.inband.pop() {
+fn run_in_band(exec: &Arc<Executors>) {
+    while let Some(c) = exec.inband.pop() {
+        let mon = c.mon.clone();
         let taken = {
             let mut st = lock(&c.st);
             if st.fd.is_none() || st.doomed.is_some() || st.session.is_none() {
@@ -356,7 +392,7 @@ fn run_in_band(mon: &Arc<MonitorCtx>) {
             mon.dispatcher.after_reply(&name);
         }
         if more {
-            mon.inband.push(c.clone());
+            exec.inband.push(c.clone());
         }
         if wake {
             loop_wake(c.id);
@@ -366,8 +402,9 @@ fn run_in_band(mon: &Arc<MonitorCtx>) {
 
 /// The out-of-band executor: `exec-oob` requests of every client of the monitor, at once
 /// and in arrival order, never behind in-band work.
-fn run_oob(mon: &Arc<MonitorCtx>) {
-    while let Some((c, m)) = mon.oob.pop() {
+fn run_oob(exec: &Arc<Executors>) {
+    while let Some((c, m)) = exec.oob.pop() {
+        let mon = c.mon.clone();
         let live = lock(&c.st).fd.is_some();
         let (reply, name) = if live {
             respond_command(m, true, &*mon.dispatcher)
@@ -619,7 +656,6 @@ impl EventLoop {
                     log::error!("QMP {}: cannot wait for clients: {e}", mon.name);
                     return;
                 }
-                mon.add_user();
                 self.listeners.insert(
                     token,
                     Listen {
@@ -752,7 +788,6 @@ impl EventLoop {
             mon.clients.fetch_sub(1, Ordering::SeqCst);
             return;
         }
-        mon.add_user();
         self.conns.insert(
             id,
             Conn {
@@ -969,7 +1004,6 @@ impl EventLoop {
         }
         mon.bus.detach(&client.outbox);
         mon.clients.fetch_sub(1, Ordering::SeqCst);
-        mon.drop_user();
     }
 }
 
@@ -994,7 +1028,7 @@ fn route(client: &Arc<Client>, st: &mut ClientState, m: Message, cost: usize) {
     }
     if st.oob && Session::is_out_of_band(&m) {
         st.oob_pending += 1;
-        mon.oob.push((client.clone(), m));
+        mon.exec.oob.push((client.clone(), m));
         return;
     }
     st.inband.push_back(Queued { msg: m, cost });
@@ -1002,6 +1036,6 @@ fn route(client: &Arc<Client>, st: &mut ClientState, m: Message, cost: usize) {
     mon.input_bytes.fetch_add(cost, Ordering::SeqCst);
     if !st.scheduled {
         st.scheduled = true;
-        mon.inband.push(client.clone());
+        mon.exec.inband.push(client.clone());
     }
 }

@@ -11,7 +11,7 @@
 //!   [`Command::ALLOW_OOB`].
 //! * [`EventBus`]: timestamped events to every negotiated client.
 //! * [`server`]: unix/TCP/stdio transports, many clients per listening socket, all served
-//!   by one event-loop thread; per monitor, one executor thread runs in-band requests
+//!   by one event-loop thread; per event bus (per VMM), one executor thread runs in-band requests
 //!   (round robin over clients) and one runs `exec-oob` requests, which never wait for
 //!   in-band work. Every buffer has a budget per client and per monitor; a client over
 //!   one is disconnected with a logged reason.

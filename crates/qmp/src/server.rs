@@ -6,7 +6,8 @@
 //! `qmp-loop` (epoll, level-triggered): it accepts clients on every listening socket,
 //! greets them, reads at most 16 KiB from each ready client per turn, parses, queues the
 //! requests, and writes replies and events without ever blocking. It never runs a command.
-//! Each monitor (one [`serve`] or [`serve_stream`] call) adds two executor threads:
+//! Commands run on two executor threads per [`EventBus`] (per VMM), shared by every
+//! monitor ([`serve`], [`serve_stream`]) served with that bus:
 //!
 //! * `qmp-exec` runs in-band requests (capabilities negotiation included, since it waits
 //!   for [`Dispatcher::before_request`]) one at a time, **round robin over clients**: one
@@ -25,6 +26,9 @@
 //! With `stdio`, two small relay threads copy standard input and output to a socket that
 //! the loop serves like any other (a terminal or file cannot be made nonblocking without
 //! affecting the processes sharing it).
+//!
+//! So a VMM with any number of monitors and clients has three QMP threads (plus the stdio
+//! relays if it serves stdio), where it had one or two per connection.
 //!
 //! # Ordering and OOB
 //!
