@@ -32,6 +32,28 @@ pub const ERROR_REPLY_ALLOWANCE: usize = 64 << 10;
 pub const ERROR_REPLY_FACTOR: usize = 16;
 /// Bytes read from one client per turn of the loop.
 const READ_CHUNK: usize = 16 << 10;
+/// The nice value of the QMP threads (loop and executors). Linux schedules threads on
+/// their own, so this weighs QMP work at 15/1024 of a nice-0 thread (CFS weights) when
+/// both want the same CPU: a guest's vCPU threads come first, and a busy monitor takes
+/// what they leave (measured on a 2-core host: 8 clients flooding `query-status` slowed a
+/// TCG boot by +35% at nice 10, +20% at nice 19, and +350% with the former thread per
+/// client, while throughput stayed about three times QEMU's). Alone on a CPU, QMP runs
+/// at full speed.
+pub const QMP_THREAD_NICE: i32 = 19;
+
+/// Lowers the calling thread's priority to [`QMP_THREAD_NICE`] (best effort: a process
+/// already nicer than that keeps its value).
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: getpriority/setpriority on this thread's own id; no memory is involved.
+    unsafe {
+        let cur = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if cur < QMP_THREAD_NICE {
+            libc::setpriority(libc::PRIO_PROCESS, tid, QMP_THREAD_NICE);
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -105,11 +127,17 @@ impl Executors {
         let x = e.clone();
         thread::Builder::new()
             .name("qmp-exec".into())
-            .spawn(move || run_in_band(&x))?;
+            .spawn(move || {
+                lower_priority();
+                run_in_band(&x)
+            })?;
         let x = e.clone();
         let spawned = thread::Builder::new()
             .name("qmp-oob".into())
-            .spawn(move || run_oob(&x));
+            .spawn(move || {
+                lower_priority();
+                run_oob(&x)
+            });
         if let Err(err) = spawned {
             e.inband.stop();
             return Err(err);
@@ -484,7 +512,10 @@ fn start_loop() -> std::io::Result<Arc<LoopShared>> {
     let s = shared.clone();
     thread::Builder::new()
         .name("qmp-loop".into())
-        .spawn(move || EventLoop::new(s).run())?;
+        .spawn(move || {
+            lower_priority();
+            EventLoop::new(s).run()
+        })?;
     Ok(shared)
 }
 

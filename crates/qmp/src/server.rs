@@ -27,6 +27,10 @@
 //! the loop serves like any other (a terminal or file cannot be made nonblocking without
 //! affecting the processes sharing it).
 //!
+//! All three run at nice [`QMP_THREAD_NICE`] (+19): when QMP work and a vCPU want the
+//! same CPU, the vCPU gets nearly all of it, so a flood of requests slows the guest
+//! little and is itself slowed instead; on an idle CPU QMP runs at full speed.
+//!
 //! So a VMM with any number of monitors and clients has three QMP threads (plus the stdio
 //! relays if it serves stdio), where it had one or two per connection.
 //!
@@ -72,7 +76,7 @@ pub const MAX_CLIENTS_PER_LISTENER: usize = 64;
 use crate::events::EventBus;
 pub use crate::evloop::{
     CLIENT_OUTPUT_BUDGET, CLIENT_QUEUE_BUDGET, ERROR_REPLY_ALLOWANCE, ERROR_REPLY_FACTOR,
-    MONITOR_INPUT_BUDGET, MONITOR_OUTPUT_BUDGET,
+    MONITOR_INPUT_BUDGET, MONITOR_OUTPUT_BUDGET, QMP_THREAD_NICE,
 };
 use crate::evloop::{Item, MonitorCtx, register};
 use crate::session::Dispatcher;
