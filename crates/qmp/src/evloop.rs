@@ -1041,21 +1041,20 @@ impl EventLoop {
 /// Hands one parsed message to the executor that runs it.
 fn route(client: &Arc<Client>, st: &mut ClientState, m: Message, cost: usize) {
     let mon = &client.mon;
-    if let Err(e) = &m {
-        if e.is_over_budget() {
-            // One error in QEMU's words, then the client goes: it sent more than any
-            // request needs, and the rest of that message would only be skipped.
-            let reply =
-                crate::session::reply_error(&crate::CommandError::generic(e.0.clone()), None);
-            client.deliver(st, &reply);
-            st.doom(format!(
-                "{}: a message over the input budget ({} bytes, {} tokens)",
-                e.0,
-                Limits::default().max_message_bytes,
-                Limits::default().max_tokens
-            ));
-            return;
-        }
+    if let Err(e) = &m
+        && e.is_over_budget()
+    {
+        // One error in QEMU's words, then the client goes: it sent more than any
+        // request needs, and the rest of that message would only be skipped.
+        let reply = crate::session::reply_error(&crate::CommandError::generic(e.0.clone()), None);
+        client.deliver(st, &reply);
+        st.doom(format!(
+            "{}: a message over the input budget ({} bytes, {} tokens)",
+            e.0,
+            Limits::default().max_message_bytes,
+            Limits::default().max_tokens
+        ));
+        return;
     }
     if st.oob && Session::is_out_of_band(&m) {
         st.oob_pending += 1;
