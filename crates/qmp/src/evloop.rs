@@ -15,7 +15,7 @@ use crate::session::{Dispatcher, Message, REQ_QUEUE_LEN_MAX, Session, respond_co
 /// Bytes of replies and events one client may leave unread (beyond what the kernel's
 /// socket buffer took). A client over it has stopped reading: it is disconnected.
 pub const CLIENT_OUTPUT_BUDGET: usize = 4 << 20;
-/// Estimated memory of the requests one client may have queued (8 in-band and 8
+/// Estimated memory of the requests one client may have queued (8 in-band and one
 /// `exec-oob` at most); one request is always admitted. Over it, the server stops reading
 /// that client until its queue drains (the server is behind, not the client).
 pub const CLIENT_QUEUE_BUDGET: usize = 2 << 20;
@@ -239,8 +239,10 @@ impl ClientState {
         if !self.oob {
             return self.inband.is_empty() && !self.executing;
         }
+        // While an `exec-oob` request runs, nothing after it is parsed: its reply then
+        // precedes those of every later request, as when the reader ran it itself.
         self.inband.len() < REQ_QUEUE_LEN_MAX
-            && self.oob_pending < REQ_QUEUE_LEN_MAX
+            && self.oob_pending == 0
             && (self.inband.is_empty() || self.queued_cost < CLIENT_QUEUE_BUDGET)
     }
 

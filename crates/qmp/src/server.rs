@@ -39,7 +39,9 @@
 //! QEMU's rules are kept: without `oob` a client's next request is read only once the
 //! previous one is answered; with `oob` up to [`REQ_QUEUE_LEN_MAX`] in-band requests wait
 //! in order (reading pauses while the queue is full), `exec-oob` requests go to `qmp-oob`
-//! at once and their replies may overtake. Malformed input is answered in-band, in order.
+//! at once and their replies may overtake in-band ones; the client's next message is
+//! parsed once the `exec-oob` reply is out, so it precedes the replies of all later
+//! requests. Malformed input is answered in-band, in order.
 //!
 //! # Budgets
 //!
@@ -50,7 +52,7 @@
 //! | what | budget | over it |
 //! |---|---|---|
 //! | one message | 1 MiB of tokens, 128 Ki tokens, depth 1024 ([`crate::json::Limits`]) | size/count: one error reply (QEMU's text), disconnect; depth: error reply only, as QEMU |
-//! | requests queued per client | 8 in-band + 8 `exec-oob`, [`CLIENT_QUEUE_BUDGET`] bytes | reading that client pauses |
+//! | requests queued per client | 8 in-band + 1 `exec-oob`, [`CLIENT_QUEUE_BUDGET`] bytes | reading that client pauses |
 //! | unread replies and events per client | [`CLIENT_OUTPUT_BUDGET`] | disconnect ("not reading") |
 //! | events queued per client | [`MAX_QUEUED_EVENTS`](crate::events::MAX_QUEUED_EVENTS) | disconnect, with the count of events lost |
 //! | error replies per client | [`ERROR_REPLY_ALLOWANCE`] + [`ERROR_REPLY_FACTOR`] × input bytes | disconnect |
