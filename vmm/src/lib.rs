@@ -541,6 +541,11 @@ impl Dispatcher for QmpFront {
     fn dispatch_oob(&self, command: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
         run_out_of_band(|| {
             let registry = &self.vmm.inner.registry;
+            // Refused requests are answered without the state lock too: the monitor's
+            // OOB thread serves every client and must not wait for in-band work.
+            if let Some(e) = registry.refuse_out_of_band(command) {
+                return Err(e);
+            }
             if !registry.is_context_free(command) {
                 return self.vmm.dispatch_locked(command, args);
             }

@@ -2,17 +2,18 @@
 //! in-process subscribers.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-/// Events queued for one client beyond this are dropped (oldest first): a client that never
-/// reads must not make the server grow without bound.
+/// Events queued for one client beyond this are not queued: the client is told by being
+/// disconnected with a logged reason (see [`Outbox::dropped`]). A socket client's events
+/// normally move at once to its output queue, which has a byte budget of its own
+/// ([`crate::server::CLIENT_OUTPUT_BUDGET`]); this bound only matters when events are
+/// emitted faster than the monitor's event loop takes them.
 pub const MAX_QUEUED_EVENTS: usize = 4096;
 
 /// One event as emitted.
@@ -49,28 +50,38 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The per-client side of the bus: queued event lines and a wake-up socket.
-#[derive(Debug)]
+/// What an [`Outbox`] calls when it has something new (events, or a request to close).
+pub type Waker = Box<dyn Fn() + Send + Sync>;
+
+/// The per-client side of the bus: queued event lines and how to wake the client's server.
 pub struct Outbox {
     queue: Mutex<VecDeque<Arc<str>>>,
     negotiated: AtomicBool,
     closing: AtomicBool,
-    wake_tx: UnixStream,
-    wake_rx: UnixStream,
+    dropped: AtomicU64,
+    waker: Option<Waker>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("queued", &lock(&self.queue).len())
+            .field("negotiated", &self.negotiated)
+            .field("closing", &self.closing)
+            .field("dropped", &self.dropped)
+            .finish()
+    }
 }
 
 impl Outbox {
-    fn new() -> std::io::Result<Outbox> {
-        let (wake_tx, wake_rx) = UnixStream::pair()?;
-        wake_tx.set_nonblocking(true)?;
-        wake_rx.set_nonblocking(true)?;
-        Ok(Outbox {
+    fn new(waker: Option<Waker>) -> Outbox {
+        Outbox {
             queue: Mutex::new(VecDeque::new()),
             negotiated: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            wake_tx,
-            wake_rx,
-        })
+            dropped: AtomicU64::new(0),
+            waker,
+        }
     }
 
     /// Marks the client as past capabilities negotiation: from now on it gets events.
@@ -83,15 +94,20 @@ impl Outbox {
         self.closing.load(Ordering::SeqCst)
     }
 
-    /// The socket that becomes readable when events are queued or on close.
-    pub fn wake_fd(&self) -> &UnixStream {
-        &self.wake_rx
+    /// Events not queued because [`MAX_QUEUED_EVENTS`] were waiting already. A server
+    /// must not go on serving a client that lost events without telling it; Keel's
+    /// disconnects it with a logged reason.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::SeqCst)
     }
 
-    /// Consumes pending wake-ups and appends queued event lines (CRLF-terminated) to `out`.
+    /// Whether events are waiting.
+    pub fn has_events(&self) -> bool {
+        !lock(&self.queue).is_empty()
+    }
+
+    /// Appends queued event lines (CRLF-terminated) to `out`.
     pub fn drain_into(&self, out: &mut Vec<u8>) {
-        let mut buf = [0u8; 64];
-        while matches!((&self.wake_rx).read(&mut buf), Ok(n) if n > 0) {}
         let mut q = lock(&self.queue);
         for line in q.drain(..) {
             out.extend_from_slice(line.as_bytes());
@@ -106,16 +122,18 @@ impl Outbox {
         {
             let mut q = lock(&self.queue);
             if q.len() >= MAX_QUEUED_EVENTS {
-                q.pop_front();
+                self.dropped.fetch_add(1, Ordering::SeqCst);
+            } else {
+                q.push_back(line);
             }
-            q.push_back(line);
         }
         self.wake();
     }
 
     fn wake(&self) {
-        // A full wake socket already means "wake up"; nothing else to do.
-        let _ = (&self.wake_tx).write(&[1]);
+        if let Some(w) = &self.waker {
+            w();
+        }
     }
 }
 
@@ -170,12 +188,24 @@ impl EventBus {
         rx
     }
 
-    /// Registers a new client; it receives events once negotiated.
-    pub fn attach(&self) -> std::io::Result<Arc<Outbox>> {
-        let o = Arc::new(Outbox::new()?);
+    /// Registers a new client; it receives events once negotiated. Its server polls
+    /// [`Outbox::drain_into`]; see [`EventBus::attach_with`] to be woken instead.
+    pub fn attach(&self) -> Arc<Outbox> {
+        self.attach_outbox(None)
+    }
+
+    /// Registers a new client whose server `waker` is called whenever an event is queued
+    /// for it or [`EventBus::close_all`] asks it to finish. The waker runs on the
+    /// emitting thread, under the emitter's locks: it must only signal.
+    pub fn attach_with(&self, waker: Waker) -> Arc<Outbox> {
+        self.attach_outbox(Some(waker))
+    }
+
+    fn attach_outbox(&self, waker: Option<Waker>) -> Arc<Outbox> {
+        let o = Arc::new(Outbox::new(waker));
         lock(&self.inner).outboxes.push(Arc::downgrade(&o));
         *lock(&self.active) += 1;
-        Ok(o)
+        o
     }
 
     /// Unregisters a client whose connection ended.
@@ -222,8 +252,8 @@ mod tests {
     #[test]
     fn only_negotiated_clients_get_events() {
         let bus = EventBus::new();
-        let a = bus.attach().unwrap();
-        let b = bus.attach().unwrap();
+        let a = bus.attach();
+        let b = bus.attach();
         let sub = bus.subscribe();
         a.set_negotiated();
         bus.emit("STOP", None);
@@ -249,7 +279,7 @@ mod tests {
     #[test]
     fn queue_is_bounded() {
         let bus = EventBus::new();
-        let a = bus.attach().unwrap();
+        let a = bus.attach();
         a.set_negotiated();
         for _ in 0..MAX_QUEUED_EVENTS + 10 {
             bus.emit("X", None);
@@ -260,5 +290,7 @@ mod tests {
             out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count(),
             MAX_QUEUED_EVENTS
         );
+        // Nothing is lost silently: the overflow is counted for the server to act on.
+        assert_eq!(a.dropped(), 10);
     }
 }

@@ -18,32 +18,65 @@
 
 use serde_json::{Map, Number, Value};
 
-/// Bounds on one message. The defaults are QEMU's (`qobject/json-streamer.c`).
+/// Bounds on one message.
+///
+/// QEMU's (`qobject/json-streamer.c`) are 64 MiB of token text (`MAX_TOKEN_SIZE`), 2 Mi
+/// tokens (`MAX_TOKEN_COUNT`) and depth 1024 (`MAX_NESTING`); [`Limits::QEMU`] has them.
+/// Keel's default keeps QEMU's depth and allows 1 MiB and 128 Ki tokens per message: the
+/// largest requests a QMP client sends (`blockdev-add`, `object-add`, `device_add` with
+/// nested options) are a few KiB, and 64 clients each buffering a 64 MiB message (plus
+/// 24 bytes of bookkeeping per token) is the multi-gigabyte peak this bound removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Sum of the token lengths of one message, in bytes (QEMU: 64 MiB).
+    /// Sum of the token lengths of one message, in bytes (Keel: 1 MiB; QEMU: 64 MiB).
     pub max_message_bytes: usize,
-    /// Tokens in one message (QEMU: 2 Mi).
+    /// Tokens in one message (Keel: 128 Ki; QEMU: 2 Mi).
     pub max_tokens: usize,
-    /// Open braces plus brackets at any point (QEMU: 1024).
+    /// Open braces plus brackets at any point (1024, as QEMU).
     pub max_depth: usize,
+}
+
+impl Limits {
+    /// QEMU's bounds.
+    pub const QEMU: Limits = Limits {
+        max_message_bytes: 64 << 20,
+        max_tokens: 2 << 20,
+        max_depth: 1024,
+    };
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_message_bytes: 64 << 20,
-            max_tokens: 2 << 20,
+            max_message_bytes: 1 << 20,
+            max_tokens: 128 << 10,
             max_depth: 1024,
         }
     }
 }
+
+/// The text of the error for a message over [`Limits::max_message_bytes`].
+pub const TOKEN_SIZE_ERROR: &str = "JSON token size limit exceeded";
+/// The text of the error for a message over [`Limits::max_tokens`].
+pub const TOKEN_COUNT_ERROR: &str = "JSON token count limit exceeded";
+
+/// At most this many bytes of a stray token are echoed in its error (QEMU echoes all of
+/// it, so a long malformed string came back whole, and up to six times larger).
+pub const MAX_ECHO_BYTES: usize = 64;
 
 /// A message that could not be turned into a JSON value. The text is QEMU's
 /// (`JSON parse error, ...`); it becomes the `desc` of a `GenericError` reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct JsonError(pub String);
+
+impl JsonError {
+    /// Whether the message was dropped for crossing [`Limits::max_message_bytes`] or
+    /// [`Limits::max_tokens`] (a budget), rather than for its syntax or depth.
+    pub fn is_over_budget(&self) -> bool {
+        self.0 == TOKEN_SIZE_ERROR || self.0 == TOKEN_COUNT_ERROR
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -206,6 +239,8 @@ pub struct StreamParser {
     tokens: Vec<Token>,
     braces: i64,
     brackets: i64,
+    /// Estimated memory of the last message delivered (see [`StreamParser::last_cost`]).
+    last_cost: usize,
 }
 
 impl Default for StreamParser {
@@ -225,6 +260,7 @@ impl StreamParser {
             tokens: Vec::new(),
             braces: 0,
             brackets: 0,
+            last_cost: 0,
         }
     }
 
@@ -233,6 +269,40 @@ impl StreamParser {
         for &b in input {
             self.feed_byte(b, out);
         }
+    }
+
+    /// Feeds bytes up to and including the first byte that finishes a message (one byte
+    /// may finish two: `1]`), and returns how many bytes were consumed. A server uses it to
+    /// stop taking a client's input while that client's queue is full.
+    pub fn feed_some(
+        &mut self,
+        input: &[u8],
+        out: &mut dyn FnMut(Result<Value, JsonError>),
+    ) -> usize {
+        for (i, &b) in input.iter().enumerate() {
+            let mut produced = false;
+            self.feed_byte(b, &mut |m| {
+                produced = true;
+                out(m)
+            });
+            if produced {
+                return i + 1;
+            }
+        }
+        input.len()
+    }
+
+    /// Bytes the parser holds for an unfinished message (its buffers' capacity).
+    pub fn buffered(&self) -> usize {
+        self.token.capacity()
+            + self.text.capacity()
+            + self.tokens.capacity() * std::mem::size_of::<Token>()
+    }
+
+    /// An estimate of the memory the last message delivered occupies as a `Value`: its
+    /// token text plus 48 bytes per token. Errors cost their text only.
+    pub fn last_cost(&self) -> usize {
+        self.last_cost
     }
 
     /// Ends the input: a pending number or keyword is completed and any unfinished message
@@ -250,6 +320,7 @@ impl StreamParser {
         if !self.tokens.is_empty() {
             let result = parse_tokens(&self.text, &self.tokens)
                 .and_then(|_| Err(JsonError("JSON parse error, premature EOI".to_owned())));
+            self.last_cost = 64;
             self.reset();
             out(result);
         }
@@ -277,10 +348,16 @@ impl StreamParser {
                 }
                 Step::Error => {
                     self.token.push(b);
-                    let msg = format!(
-                        "JSON parse error, stray '{}'",
-                        String::from_utf8_lossy(&self.token)
-                    );
+                    let shown = if self.token.len() > MAX_ECHO_BYTES {
+                        let mut t =
+                            String::from_utf8_lossy(&self.token[..MAX_ECHO_BYTES]).into_owned();
+                        t.push_str("...");
+                        t
+                    } else {
+                        String::from_utf8_lossy(&self.token).into_owned()
+                    };
+                    let msg = format!("JSON parse error, stray '{shown}'");
+                    self.last_cost = msg.len();
                     self.token.clear();
                     self.reset();
                     self.state = State::Recovery;
@@ -296,7 +373,8 @@ impl StreamParser {
             self.token = Vec::new();
             self.reset();
             self.state = State::Recovery;
-            out(Err(JsonError("JSON token size limit exceeded".to_owned())));
+            self.last_cost = TOKEN_SIZE_ERROR.len();
+            out(Err(JsonError(TOKEN_SIZE_ERROR.to_owned())));
         }
     }
 
@@ -321,9 +399,9 @@ impl StreamParser {
         }
         let limit_error = if self.text.len() + self.token.len() + 1 > self.limits.max_message_bytes
         {
-            Some("JSON token size limit exceeded")
+            Some(TOKEN_SIZE_ERROR)
         } else if self.tokens.len() + 1 > self.limits.max_tokens {
-            Some("JSON token count limit exceeded")
+            Some(TOKEN_COUNT_ERROR)
         } else if self.braces + self.brackets > self.limits.max_depth as i64 {
             Some("JSON nesting depth limit exceeded")
         } else {
@@ -332,6 +410,7 @@ impl StreamParser {
         if let Some(msg) = limit_error {
             self.token.clear();
             self.reset();
+            self.last_cost = msg.len();
             out(Err(JsonError(msg.to_owned())));
             return;
         }
@@ -347,6 +426,7 @@ impl StreamParser {
             return;
         }
         let result = parse_tokens(&self.text, &self.tokens);
+        self.last_cost = self.text.len() + 48 * self.tokens.len();
         self.reset();
         out(result);
     }

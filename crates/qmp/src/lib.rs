@@ -10,9 +10,11 @@
 //!   `id` echo, replies; `exec-oob` requests run only for commands declared
 //!   [`Command::ALLOW_OOB`].
 //! * [`EventBus`]: timestamped events to every negotiated client.
-//! * [`server`]: unix/TCP/stdio transports, many clients per listening socket; socket
-//!   clients that enable `oob` get a reader that runs `exec-oob` at once and a worker
-//!   that runs in-band requests in order.
+//! * [`server`]: unix/TCP/stdio transports, many clients per listening socket, all served
+//!   by one event-loop thread; per event bus (per VMM), one executor thread runs in-band requests
+//!   (round robin over clients) and one runs `exec-oob` requests, which never wait for
+//!   in-band work. Every buffer has a budget per client and per monitor; a client over
+//!   one is disconnected with a logged reason.
 //!
 //! The crate knows nothing about machines: a VMM implements [`Dispatcher`] (usually on
 //! top of a [`Registry`] of its own context type) and registers its command handlers.
@@ -21,6 +23,7 @@
 
 mod error;
 pub mod events;
+mod evloop;
 pub mod json;
 mod registry;
 pub mod schema;

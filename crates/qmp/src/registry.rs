@@ -345,6 +345,21 @@ impl<C: PhaseSource> Registry<C> {
         (entry.run)(ctx, self, args)
     }
 
+    /// The answer [`Registry::dispatch`] gives an `exec-oob` request before it needs the
+    /// context: `CommandNotFound`, or "does not support OOB" for a command not declared
+    /// [`Command::ALLOW_OOB`]. `None` if the request gets past those checks. A dispatcher
+    /// that serialises commands behind a lock calls it first, so refused `exec-oob`
+    /// requests never wait for that lock.
+    pub fn refuse_out_of_band(&self, name: &str) -> Option<CommandError> {
+        match self.commands.get(name) {
+            None => Some(CommandError::CommandNotFound(name.to_owned())),
+            Some(e) if !e.allow_oob => Some(CommandError::generic(format!(
+                "The command {name} does not support OOB"
+            ))),
+            Some(_) => None,
+        }
+    }
+
     /// Runs a typed command: phase check, then its handler. Nothing changes if the phase
     /// is wrong.
     pub fn execute<K: Handler<C>>(&self, ctx: &mut C, cmd: K) -> Result<K::Output, CommandError> {

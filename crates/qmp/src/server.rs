@@ -1,37 +1,89 @@
-//! Transports: unix and TCP sockets (listening or connecting), and stdio.
+//! Transports: unix and TCP sockets (listening or connecting), inherited sockets, stdio.
 //!
-//! Every connection gets its own thread and its own [`Session`]; a listening socket
-//! accepts any number of clients at once (QEMU serves one at a time). A client's thread
-//! waits with `poll(2)` on its input and on its event wake-up socket, so events reach it
-//! while it is idle, and a client that does not read only ever blocks its own thread.
+//! # Threads
 //!
-//! Out-of-band execution: every monitor (unix, TCP, [`serve_stream`], stdio) offers the
-//! `oob` capability. QEMU offers it when the monitor's chardev can move to the monitor
-//! I/O thread, which is any chardev class with `chr_update_read_handler`: sockets, and
-//! on POSIX also the fd-based ones behind `stdio` and `pipe`. Once a client enables it,
-//! the client's thread keeps reading: in-band requests go to a queue of
-//! [`REQ_QUEUE_LEN_MAX`] that a worker thread runs in order (reading pauses while the
-//! queue is full), and `exec-oob` requests run at once on the reading thread, so their
-//! replies can overtake in-band ones. Writes of both threads are serialised per reply.
+//! Every QMP connection of the process is served by **one event-loop thread**,
+//! `qmp-loop` (epoll, level-triggered): it accepts clients on every listening socket,
+//! greets them, reads at most 16 KiB from each ready client per turn, parses, queues the
+//! requests, and writes replies and events without ever blocking. It never runs a command.
+//! Commands run on two executor threads per [`EventBus`] (per VMM), shared by every
+//! monitor ([`serve`], [`serve_stream`]) served with that bus:
+//!
+//! * `qmp-exec` runs in-band requests (capabilities negotiation included, since it waits
+//!   for [`Dispatcher::before_request`]) one at a time, **round robin over clients**: one
+//!   request of each client with work per turn, so a client that pipelines cannot starve
+//!   the others. A VMM serialises its commands behind one lock anyway; one thread per
+//!   client only made clients fight over that lock and over the CPU with the vCPUs.
+//! * `qmp-oob` runs `exec-oob` requests of every client in arrival order. They never wait
+//!   for in-band work (OOB commands are quick by contract), and the loop is never held by
+//!   either kind of command.
+//!
+//! A reply is written by the executor that produced it when the client's output queue is
+//! empty (a nonblocking `send`), else queued for the loop. [`Dispatcher::after_reply`]
+//! runs once the reply is queued or written. Events reach the loop through the client's
+//! [`Outbox`](crate::events::Outbox) waker and an eventfd.
+//!
+//! With `stdio`, two small relay threads copy standard input and output to a socket that
+//! the loop serves like any other (a terminal or file cannot be made nonblocking without
+//! affecting the processes sharing it).
+//!
+//! All three run at nice [`QMP_THREAD_NICE`] (+19): when QMP work and a vCPU want the
+//! same CPU, the vCPU gets nearly all of it, so a flood of requests slows the guest
+//! little and is itself slowed instead; on an idle CPU QMP runs at full speed.
+//!
+//! So a VMM with any number of monitors and clients has three QMP threads (plus the stdio
+//! relays if it serves stdio), where it had one or two per connection.
+//!
+//! # Ordering and OOB
+//!
+//! QEMU's rules are kept: without `oob` a client's next request is read only once the
+//! previous one is answered; with `oob` up to [`REQ_QUEUE_LEN_MAX`] in-band requests wait
+//! in order (reading pauses while the queue is full), `exec-oob` requests go to `qmp-oob`
+//! at once and their replies may overtake in-band ones; the client's next message is
+//! parsed once the `exec-oob` reply is out, so it precedes the replies of all later
+//! requests. Malformed input is answered in-band, in order.
+//!
+//! # Budgets
+//!
+//! Nothing a client does makes the server allocate without bound; a client over a budget
+//! is disconnected with a `warn` log line that names it (monitor, client number, peer pid)
+//! and says why:
+//!
+//! | what | budget | over it |
+//! |---|---|---|
+//! | one message | 1 MiB of tokens, 128 Ki tokens, depth 1024 ([`crate::json::Limits`]) | size/count: one error reply (QEMU's text), disconnect; depth: error reply only, as QEMU |
+//! | requests queued per client | 8 in-band + 1 `exec-oob`, [`CLIENT_QUEUE_BUDGET`] bytes | reading that client pauses |
+//! | unread replies and events per client | [`CLIENT_OUTPUT_BUDGET`] | disconnect ("not reading") |
+//! | events queued per client | [`MAX_QUEUED_EVENTS`](crate::events::MAX_QUEUED_EVENTS) | disconnect, with the count of events lost |
+//! | error replies per client | [`ERROR_REPLY_ALLOWANCE`] + [`ERROR_REPLY_FACTOR`] × input bytes | disconnect |
+//! | all clients of a monitor | [`MONITOR_OUTPUT_BUDGET`] unread, [`MONITOR_INPUT_BUDGET`] buffered | the client holding most is disconnected |
+//! | clients per listening socket | [`MAX_CLIENTS_PER_LISTENER`] | refused (closed at once) |
+//!
+//! Every descriptor the server opens is close-on-exec: listening and connected sockets
+//! (std creates them with `SOCK_CLOEXEC`), accepted ones (`accept4(SOCK_CLOEXEC)`), the
+//! epoll and eventfd descriptors, and inherited `fd=N` sockets (`FD_CLOEXEC` is set).
 
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-/// Clients served at once per listening socket; more are refused (closed at once), so a
-/// local client cannot make the server spawn threads without bound.
+/// Clients served at once per listening socket; more are refused (closed at once).
 pub const MAX_CLIENTS_PER_LISTENER: usize = 64;
 
-use crate::events::{EventBus, Outbox};
-use crate::session::{Dispatcher, Message, REQ_QUEUE_LEN_MAX, Session, respond_command};
+use crate::events::EventBus;
+pub use crate::evloop::{
+    CLIENT_OUTPUT_BUDGET, CLIENT_QUEUE_BUDGET, ERROR_REPLY_ALLOWANCE, ERROR_REPLY_FACTOR,
+    MONITOR_INPUT_BUDGET, MONITOR_OUTPUT_BUDGET, QMP_THREAD_NICE,
+};
+use crate::evloop::{Item, MonitorCtx, register};
+use crate::session::Dispatcher;
+#[cfg(doc)]
+use crate::session::REQ_QUEUE_LEN_MAX;
 
 /// Errors setting up a transport.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +93,7 @@ pub enum ServerError {
     #[error("{0}")]
     Syntax(String),
     /// A socket or file operation failed.
-    #[error("{what} '{target}'")]
+    #[error("{what} '{target}': {source}")]
     Io {
         /// Operation, e.g. "cannot listen on".
         what: &'static str,
@@ -250,8 +302,9 @@ fn take_socket_fd(fd: i32) -> Result<OwnedFd, ServerError> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
-/// Starts a monitor on `endpoint`. Listening sockets accept clients on a thread of their
-/// own; with `wait`, the first client is accepted before this returns (QEMU's `wait=on`).
+/// Starts a monitor on `endpoint`: its clients are served by the process's QMP event
+/// loop (see the module documentation). With `wait`, the first client is accepted before
+/// this returns (QEMU's `wait=on`).
 pub fn serve(
     endpoint: &Endpoint,
     dispatcher: Arc<dyn Dispatcher>,
@@ -259,15 +312,10 @@ pub fn serve(
 ) -> Result<Monitor, ServerError> {
     match endpoint {
         Endpoint::Stdio => {
-            let input = std::io::stdin()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(io_err("cannot use", "stdin"))?;
-            let output = std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(io_err("cannot use", "stdout"))?;
-            spawn_connection(input, output, dispatcher, bus, None, true);
+            let mon = monitor("stdio".into(), dispatcher, bus)?;
+            let (ours, theirs) = UnixStream::pair().map_err(io_err("cannot relay", "stdio"))?;
+            relay_stdio(theirs).map_err(io_err("cannot relay", "stdio"))?;
+            client(OwnedFd::from(ours), &mon)?;
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Unix {
@@ -278,21 +326,17 @@ pub fn serve(
             let shown = path.display().to_string();
             let listener =
                 bind_unix_0600(path).map_err(io_err("cannot listen on unix socket", &*shown))?;
-            let count = Arc::new(AtomicUsize::new(0));
+            let mon = monitor(format!("unix:{shown}"), dispatcher, bus)?;
             if *wait {
                 let (s, _) = listener
                     .accept()
                     .map_err(io_err("cannot accept on", &*shown))?;
-                start_counted(OwnedFd::from(s), &dispatcher, &bus, &count);
+                client(OwnedFd::from(s), &mon)?;
             }
-            thread::Builder::new()
-                .name("qmp-accept".into())
-                .spawn(move || {
-                    for s in listener.incoming().flatten() {
-                        start_counted(OwnedFd::from(s), &dispatcher, &bus, &count);
-                    }
-                })
-                .map_err(io_err("cannot start a thread for", &*shown))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(io_err("cannot listen on unix socket", &*shown))?;
+            listen(OwnedFd::from(listener), mon, false, &shown)?;
             Ok(Monitor {
                 socket_path: Some(path.clone()),
             })
@@ -302,11 +346,11 @@ pub fn serve(
             server: false,
             ..
         } => {
-            let s = UnixStream::connect(path).map_err(io_err(
-                "cannot connect to unix socket",
-                path.display().to_string(),
-            ))?;
-            start_stream(OwnedFd::from(s), &dispatcher, &bus);
+            let shown = path.display().to_string();
+            let s = UnixStream::connect(path)
+                .map_err(io_err("cannot connect to unix socket", &*shown))?;
+            let mon = monitor(format!("unix:{shown}"), dispatcher, bus)?;
+            client(OwnedFd::from(s), &mon)?;
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Tcp {
@@ -318,39 +362,34 @@ pub fn serve(
             let addr = format!("{host}:{port}");
             let listener =
                 TcpListener::bind(&addr).map_err(io_err("cannot listen on tcp", &*addr))?;
+            let mon = monitor(format!("tcp:{addr}"), dispatcher, bus)?;
             if *wait {
                 let (s, _) = listener
                     .accept()
                     .map_err(io_err("cannot accept on", &*addr))?;
                 let _ = s.set_nodelay(true);
-                start_stream(OwnedFd::from(s), &dispatcher, &bus);
+                client(OwnedFd::from(s), &mon)?;
             }
-            thread::Builder::new()
-                .name("qmp-accept".into())
-                .spawn(move || {
-                    for s in listener.incoming().flatten() {
-                        let _ = s.set_nodelay(true);
-                        start_stream(OwnedFd::from(s), &dispatcher, &bus);
-                    }
-                })
-                .map_err(io_err("cannot start a thread for", &*addr))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(io_err("cannot listen on tcp", &*addr))?;
+            listen(OwnedFd::from(listener), mon, true, &addr)?;
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Fd { fd, server: true } => {
             let listener = UnixListener::from(take_socket_fd(*fd)?);
-            let count = Arc::new(AtomicUsize::new(0));
-            thread::Builder::new()
-                .name("qmp-accept".into())
-                .spawn(move || {
-                    for s in listener.incoming().flatten() {
-                        start_counted(OwnedFd::from(s), &dispatcher, &bus, &count);
-                    }
-                })
-                .map_err(io_err("cannot start a thread for", format!("fd={fd}")))?;
+            let shown = format!("fd={fd}");
+            listener
+                .set_nonblocking(true)
+                .map_err(io_err("cannot listen on", &*shown))?;
+            let mon = monitor(shown.clone(), dispatcher, bus)?;
+            listen(OwnedFd::from(listener), mon, false, &shown)?;
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Fd { fd, server: false } => {
-            start_stream(take_socket_fd(*fd)?, &dispatcher, &bus);
+            let owned = take_socket_fd(*fd)?;
+            let mon = monitor(format!("fd={fd}"), dispatcher, bus)?;
+            client(owned, &mon)?;
             Ok(Monitor { socket_path: None })
         }
         Endpoint::Tcp {
@@ -362,336 +401,90 @@ pub fn serve(
             let addr = format!("{host}:{port}");
             let s = TcpStream::connect(&addr).map_err(io_err("cannot connect to", &*addr))?;
             let _ = s.set_nodelay(true);
-            start_stream(OwnedFd::from(s), &dispatcher, &bus);
+            let mon = monitor(format!("tcp:{addr}"), dispatcher, bus)?;
+            client(OwnedFd::from(s), &mon)?;
             Ok(Monitor { socket_path: None })
         }
     }
 }
 
-/// Serves an already connected socket (e.g. one end of a `socketpair`) as a monitor.
+/// Serves an already connected socket (e.g. one end of a `socketpair`) as a monitor of
+/// its own. Failures (no thread could be started) are logged.
 pub fn serve_stream(stream: UnixStream, dispatcher: Arc<dyn Dispatcher>, bus: Arc<EventBus>) {
-    start_stream(OwnedFd::from(stream), &dispatcher, &bus);
-}
-
-fn start_stream(fd: OwnedFd, dispatcher: &Arc<dyn Dispatcher>, bus: &Arc<EventBus>) {
-    match fd.try_clone() {
-        Ok(out) => spawn_connection(fd, out, dispatcher.clone(), bus.clone(), None, true),
-        Err(e) => log::warn!("cannot serve a client: {e}"),
+    let served = monitor("stream".into(), dispatcher, bus)
+        .and_then(|mon| client(OwnedFd::from(stream), &mon));
+    if let Err(e) = served {
+        log::warn!("cannot serve a QMP stream: {e}");
     }
 }
 
-/// Like [`start_stream`] for a listener's client, counted against its limit.
-fn start_counted(
-    fd: OwnedFd,
-    dispatcher: &Arc<dyn Dispatcher>,
-    bus: &Arc<EventBus>,
-    count: &Arc<AtomicUsize>,
-) {
-    if count.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS_PER_LISTENER {
-        count.fetch_sub(1, Ordering::SeqCst);
-        log::warn!("refusing a client: {MAX_CLIENTS_PER_LISTENER} are connected already");
-        return;
-    }
-    match fd.try_clone() {
-        Ok(out) => {
-            // Greet from the accepting thread: the client gets its first line without
-            // waiting for a new thread to be scheduled.
-            let mut f = File::from(out);
-            if f.write_all(&Session::greeting(&**dispatcher, true))
-                .is_err()
-            {
-                count.fetch_sub(1, Ordering::SeqCst);
-                return;
-            }
-            spawn_connection(
-                fd,
-                OwnedFd::from(f),
-                dispatcher.clone(),
-                bus.clone(),
-                Some(count.clone()),
-                true,
-            )
-        }
-        Err(e) => {
-            count.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("cannot serve a client: {e}");
-        }
-    }
-}
-
-fn spawn_connection(
-    input: OwnedFd,
-    output: OwnedFd,
+fn monitor(
+    name: String,
     dispatcher: Arc<dyn Dispatcher>,
     bus: Arc<EventBus>,
-    count: Option<Arc<AtomicUsize>>,
-    offer_oob: bool,
-) {
-    let release = count.clone();
-    // Listener clients were greeted by the accepting thread already.
-    let greeted = count.is_some();
-    let spawned = thread::Builder::new()
-        .name("qmp-client".into())
+) -> Result<Arc<MonitorCtx>, ServerError> {
+    let shown = name.clone();
+    MonitorCtx::start(name, dispatcher, bus).map_err(io_err("cannot start the executors of", shown))
+}
+
+fn client(fd: OwnedFd, mon: &Arc<MonitorCtx>) -> Result<(), ServerError> {
+    register(Item::Client {
+        fd,
+        mon: mon.clone(),
+    })
+    .map_err(io_err("cannot serve", mon.name.clone()))
+}
+
+fn listen(fd: OwnedFd, mon: Arc<MonitorCtx>, tcp: bool, shown: &str) -> Result<(), ServerError> {
+    register(Item::Listener {
+        fd,
+        mon,
+        tcp,
+        max_clients: MAX_CLIENTS_PER_LISTENER,
+    })
+    .map_err(io_err("cannot serve", shown))
+}
+
+/// Copies standard input to `sock` and `sock` to standard output on two threads.
+fn relay_stdio(sock: UnixStream) -> std::io::Result<()> {
+    let mut to_out = sock.try_clone()?;
+    let mut from_in = sock;
+    thread::Builder::new()
+        .name("qmp-stdin".into())
         .spawn(move || {
-            let (input, output) = (File::from(input), File::from(output));
-            serve_connection(input, output, &*dispatcher, &bus, greeted, offer_oob);
-            if let Some(c) = count {
-                c.fetch_sub(1, Ordering::SeqCst);
-            }
-        });
-    if let Err(e) = spawned {
-        if let Some(c) = release {
-            c.fetch_sub(1, Ordering::SeqCst);
-        }
-        log::warn!("cannot start a client thread: {e}");
-    }
-}
-
-/// Waits until `input` or `wake` is readable; returns (input ready, wake ready).
-fn wait_readable(input: &File, wake: &UnixStream) -> std::io::Result<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: input.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfd structs that outlives the call, and
-        // both descriptors are owned by live objects borrowed for the duration.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r >= 0 {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    let ready = |f: &libc::pollfd| f.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
-    Ok((ready(&fds[0]), ready(&fds[1])))
-}
-
-fn serve_connection(
-    mut input: File,
-    mut output: File,
-    dispatcher: &dyn Dispatcher,
-    bus: &EventBus,
-    greeted: bool,
-    offer_oob: bool,
-) {
-    let outbox = match bus.attach() {
-        Ok(o) => o,
-        Err(e) => {
-            log::warn!("cannot serve a client: {e}");
-            return;
-        }
-    };
-    let mut session = Session::with_oob(Some(outbox.clone()), offer_oob);
-    let mut buf = vec![0u8; 64 << 10];
-    let mut out = if greeted {
-        Vec::new()
-    } else {
-        Session::greeting(dispatcher, offer_oob)
-    };
-    let _ = run_loop(
-        &mut input,
-        &mut output,
-        dispatcher,
-        &outbox,
-        &mut session,
-        &mut buf,
-        &mut out,
-    );
-    bus.detach(&outbox);
-}
-
-fn run_loop(
-    input: &mut File,
-    output: &mut File,
-    dispatcher: &dyn Dispatcher,
-    outbox: &Outbox,
-    session: &mut Session,
-    buf: &mut [u8],
-    out: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    // Writes what is pending, then tells the dispatcher which replies went out (even if
-    // the client is gone: a `quit` must still end the process).
-    let flush = |output: &mut File, session: &mut Session, out: &mut Vec<u8>| {
-        let r = if out.is_empty() {
-            Ok(())
-        } else {
-            output.write_all(out)
-        };
-        out.clear();
-        for name in session.take_answered() {
-            dispatcher.after_reply(&name);
-        }
-        r
-    };
-    loop {
-        flush(output, session, out)?;
-        if outbox.closing() {
-            outbox.drain_into(out);
-            return flush(output, session, out);
-        }
-        let (in_ready, wake_ready) = wait_readable(input, outbox.wake_fd())?;
-        if wake_ready {
-            outbox.drain_into(out);
-        }
-        if in_ready {
-            let n = match input.read(buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            let mut msgs = Vec::new();
-            if n == 0 {
-                session.parse_end(&mut msgs);
-            } else {
-                session.parse(&buf[..n], &mut msgs);
-            }
-            let mut msgs = msgs.into_iter();
-            // One request at a time until the client enables OOB (QEMU: without OOB one
-            // command is queued and reading waits for it).
-            while !session.oob_enabled() {
-                let Some(m) = msgs.next() else { break };
-                let reply = session.respond(m, dispatcher);
-                outbox.drain_into(out);
-                out.extend_from_slice(reply.as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            if session.oob_enabled() {
-                flush(output, session, out)?;
-                let oob = OobConnection {
-                    dispatcher,
-                    outbox,
-                    output: Mutex::new(output),
-                };
-                return oob.run(input, session, buf, msgs.collect(), n == 0);
-            }
-            if n == 0 {
-                return flush(output, session, out);
-            }
-        }
-    }
-}
-
-/// A connection with OOB enabled: the reading thread answers `exec-oob` requests itself
-/// and hands in-band ones to a worker through a bounded queue.
-struct OobConnection<'a> {
-    dispatcher: &'a dyn Dispatcher,
-    outbox: &'a Outbox,
-    output: Mutex<&'a mut File>,
-}
-
-impl OobConnection<'_> {
-    /// Writes the queued events and then `reply` (if any) as one piece, so replies and
-    /// events of the two threads never interleave within a line.
-    fn send(&self, reply: Option<&str>) -> std::io::Result<()> {
-        let mut out = self.output.lock().unwrap_or_else(|p| p.into_inner());
-        let mut bytes = Vec::new();
-        self.outbox.drain_into(&mut bytes);
-        if let Some(r) = reply {
-            bytes.extend_from_slice(r.as_bytes());
-            bytes.extend_from_slice(b"\r\n");
-        }
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        out.write_all(&bytes)
-    }
-
-    /// Runs one request on the calling thread and writes its reply.
-    fn answer(&self, m: Message) -> std::io::Result<()> {
-        let (reply, name) = respond_command(m, true, self.dispatcher);
-        let r = self.send(Some(&reply));
-        if let Some(name) = name {
-            self.dispatcher.after_reply(&name);
-        }
-        r
-    }
-
-    fn run(
-        &self,
-        input: &mut File,
-        session: &mut Session,
-        buf: &mut [u8],
-        pending: Vec<Message>,
-        eof: bool,
-    ) -> std::io::Result<()> {
-        thread::scope(|scope| {
-            let (queue, requests) = sync_channel::<Message>(REQ_QUEUE_LEN_MAX);
-            let worker = thread::Builder::new()
-                .name("qmp-worker".into())
-                .spawn_scoped(scope, move || {
-                    for m in requests {
-                        // A closing monitor drops what is still queued, as QEMU does.
-                        if self.outbox.closing() || self.answer(m).is_err() {
+            let mut buf = [0u8; 16 << 10];
+            let mut stdin = std::io::stdin().lock();
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if from_in.write_all(&buf[..n]).is_err() {
                             break;
                         }
                     }
-                })?;
-            // Out-of-band requests now; in-band ones wait for the worker (blocking
-            // here, and so pausing reading, while the queue is full).
-            let handle = |m: Message| -> std::io::Result<bool> {
-                if Session::is_out_of_band(&m) {
-                    self.answer(m)?;
-                    Ok(true)
-                } else {
-                    Ok(queue.send(m).is_ok())
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break,
                 }
-            };
-            let result = (|| {
-                for m in pending {
-                    if !handle(m)? {
-                        return Ok(());
-                    }
-                }
-                if eof {
-                    return Ok(());
-                }
-                loop {
-                    if self.outbox.closing() {
-                        return self.send(None);
-                    }
-                    let (in_ready, wake_ready) = wait_readable(input, self.outbox.wake_fd())?;
-                    if wake_ready {
-                        self.send(None)?;
-                    }
-                    if !in_ready {
-                        continue;
-                    }
-                    let n = match input.read(buf) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
-                    };
-                    let mut msgs = Vec::new();
-                    if n == 0 {
-                        session.parse_end(&mut msgs);
-                    } else {
-                        session.parse(&buf[..n], &mut msgs);
-                    }
-                    for m in msgs {
-                        if !handle(m)? {
-                            return Ok(());
+            }
+            let _ = from_in.shutdown(std::net::Shutdown::Write);
+        })?;
+    thread::Builder::new()
+        .name("qmp-stdout".into())
+        .spawn(move || {
+            let mut buf = [0u8; 16 << 10];
+            loop {
+                match to_out.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let mut out = std::io::stdout().lock();
+                        if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                            break;
                         }
                     }
-                    if n == 0 {
-                        return Ok(());
-                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break,
                 }
-            })();
-            // The worker finishes what is queued, then the connection ends.
-            drop(queue);
-            let _ = worker.join();
-            result
-        })
-    }
+            }
+        })?;
+    Ok(())
 }
