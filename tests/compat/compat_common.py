@@ -214,7 +214,20 @@ n=0
 for d in /sys/class/input/event*; do
   [ -e "$d/device/name" ] || continue
   if [ "$(cat "$d/device/name")" = "Power Button" ]; then
-    ( dd if="/dev/input/${d##*/}" of=/dev/null bs=24 count=1 2>/dev/null; : > /pressed ) &
+    ev="/dev/input/${d##*/}"
+    ( dd if="$ev" of=/dev/null bs=24 count=1 2>/dev/null; : > /pressed ) &
+    # Ready only once the reader has the device open: evdev drops events nobody reads,
+    # and a loaded host may run the VMM's power button before dd opens it.
+    i=0
+    while [ $i -lt 100 ]; do
+      open=0
+      for f in /proc/[0-9]*/fd/*; do
+        [ "$(readlink "$f" 2>/dev/null)" = "$ev" ] && open=1
+      done
+      [ $open = 1 ] && break
+      sleep 0.1
+      i=$((i + 1))
+    done
     n=$((n + 1))
   fi
 done
