@@ -21,6 +21,7 @@ use crate::boot::{self, BootConfig, BootError, BootState, KernelImage};
 use crate::config::{MicrovmConfig, SerialBackend};
 use crate::layout::{self, ACPI_PM_BASE, GED_MMIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::runner::{self, CpuInfo, Hub, MachineEvents, Shared};
+use keel_phase::Phase;
 
 /// The machine type name.
 pub const MACHINE_NAME: &str = "microvm";
@@ -129,10 +130,12 @@ pub struct AddedDevice {
     pub pio: (u16, u32),
 }
 
+/// Where the model is past machine-ready: the lifecycle itself is `keel_phase`'s
+/// (machine-init until [`Microvm::finish_init`], then machine-ready); this only says
+/// whether the vCPU threads were started, and whether they were stopped for good.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Init,
-    Ready,
+enum Threads {
+    NotStarted,
     Running,
     Stopped,
 }
@@ -210,6 +213,7 @@ pub struct Microvm {
     firmware_virtio: Vec<VirtioMmioDevice>,
     boot: Option<BootState>,
     phase: Phase,
+    vcpus_state: Threads,
     input_started: bool,
 }
 
@@ -427,7 +431,8 @@ impl Microvm {
             virtio_mmio: Vec::new(),
             firmware_virtio: Vec::new(),
             boot: None,
-            phase: Phase::Init,
+            phase: Phase::MachineInit,
+            vcpus_state: Threads::NotStarted,
             input_started: false,
         })
     }
@@ -442,7 +447,7 @@ impl Microvm {
         append: String,
         no_reboot: bool,
     ) -> Result<(), MachineError> {
-        if self.phase != Phase::Init {
+        if self.phase != Phase::MachineInit {
             return Err(MachineError::Phase {
                 op: "set_boot",
                 when: "after finish_init",
@@ -460,7 +465,7 @@ impl Microvm {
     /// decided when the machine was built (`-serial none` has none), so that cannot change
     /// here: the error says to give `-serial` earlier.
     pub fn set_serial(&mut self, backend: SerialBackend) -> Result<(), MachineError> {
-        if self.phase != Phase::Init {
+        if self.phase != Phase::MachineInit {
             return Err(MachineError::Phase {
                 op: "set_serial",
                 when: "after finish_init",
@@ -481,7 +486,7 @@ impl Microvm {
     /// `keel_devices::DebugExitConfig`). Only before [`Microvm::finish_init`]: the ISA bus
     /// has no hot plug.
     pub fn add_debug_exit(&mut self, cfg: DebugExitConfig) -> Result<(), MachineError> {
-        if self.phase != Phase::Init {
+        if self.phase != Phase::MachineInit {
             return Err(MachineError::NotHotpluggable("isa.0"));
         }
         let sys: Arc<dyn SystemEvents> = self.hub.clone();
@@ -524,7 +529,7 @@ impl Microvm {
         dev: Arc<dyn BusDevice>,
     ) -> Result<VirtioMmioDevice, MachineError> {
         let i = self.virtio_mmio.len() as u32;
-        if self.phase != Phase::Init {
+        if self.phase != Phase::MachineInit {
             const BUSES: [&str; VIRTIO_MMIO_SLOTS as usize] = [
                 "virtio-mmio-bus.0",
                 "virtio-mmio-bus.1",
@@ -659,7 +664,7 @@ impl Microvm {
         &mut self,
         cold_plugged: impl Fn(&VirtioMmioDevice) -> bool,
     ) -> Result<(), MachineError> {
-        if self.phase != Phase::Init {
+        if self.phase != Phase::MachineInit {
             return Err(MachineError::Phase {
                 op: "finish_init",
                 when: "twice",
@@ -672,7 +677,7 @@ impl Microvm {
             .copied()
             .collect();
         self.load()?;
-        self.phase = Phase::Ready;
+        self.phase = Phase::MachineReady;
         Ok(())
     }
 
@@ -685,7 +690,7 @@ impl Microvm {
     /// Starts one thread per vCPU (running unless paused before) and, with `-serial stdio`,
     /// the thread that feeds standard input to COM1.
     pub fn start(&mut self) -> Result<(), MachineError> {
-        if self.phase != Phase::Ready {
+        if self.phase != Phase::MachineReady || self.vcpus_state != Threads::NotStarted {
             return Err(MachineError::Phase {
                 op: "start",
                 when: "before finish_init or after start",
@@ -705,7 +710,7 @@ impl Microvm {
                     .map_err(MachineError::Thread)?;
             self.threads.push(t);
         }
-        self.phase = Phase::Running;
+        self.vcpus_state = Threads::Running;
         Ok(())
     }
 
@@ -722,7 +727,7 @@ impl Microvm {
 
     /// Whether [`Microvm::start`] has run (the vCPU threads exist).
     pub fn started(&self) -> bool {
-        matches!(self.phase, Phase::Running | Phase::Stopped)
+        self.vcpus_state != Threads::NotStarted
     }
 
     /// Whether [`Microvm::pause`] is in effect.
@@ -737,7 +742,7 @@ impl Microvm {
     /// stays paused if it was. On error it stays held (no guest code runs) and the caller
     /// should shut it down.
     pub fn reset(&mut self) -> Result<(), MachineError> {
-        if self.phase == Phase::Init {
+        if self.phase == Phase::MachineInit {
             return Err(MachineError::Phase {
                 op: "reset",
                 when: "before finish_init",
@@ -773,7 +778,7 @@ impl Microvm {
             // A vCPU thread that panicked has nothing left to clean up.
             let _ = t.join();
         }
-        self.phase = Phase::Stopped;
+        self.vcpus_state = Threads::Stopped;
     }
 
     /// Presses the ACPI power button (QMP `system_powerdown`): an ACPI-aware guest shuts down
