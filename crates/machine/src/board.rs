@@ -398,7 +398,9 @@ impl MachineType for NoneMachine {
         _accel: Arc<dyn Accelerator>,
         _ctx: &BoardContext,
     ) -> Result<Box<dyn Board>, BoardError> {
-        Ok(Box::new(NoneBoard(crate::device_types::empty_tree())))
+        let mut tree = crate::device_types::empty_tree();
+        tree.set_machine_type("none-machine");
+        Ok(Box::new(NoneBoard(tree)))
     }
 }
 

@@ -585,6 +585,7 @@ impl MicrovmBoard {
             types.register(f.qdev_type()).map_err(BoardError::Qdev)?;
         }
         let mut tree = DeviceTree::new(types, Box::new(hooks), ctx.events.clone());
+        tree.set_machine_type("microvm-machine");
         let e = BoardError::Qdev;
         tree.add_bus(BusSpec::new("main-system-bus", BusType::System))
             .map_err(e)?;

@@ -106,10 +106,8 @@ impl DeviceTree {
     pub fn qom_list(&self, path: &str) -> Result<Vec<ObjectPropertyInfo>, QdevError> {
         Ok(match self.resolve(path)? {
             Obj::Machine => {
-                let mut v: Vec<_> = CONTAINERS
-                    .iter()
-                    .map(|c| prop(*c, "child<container>"))
-                    .collect();
+                let mut v = vec![prop("type", "string")];
+                v.extend(CONTAINERS.iter().map(|c| prop(*c, "child<container>")));
                 v.extend(
                     self.child_buses("/machine")
                         .map(|b| prop(&b.name, format!("child<{}>", b.bus_type))),
@@ -182,6 +180,9 @@ impl DeviceTree {
         };
         match self.resolve(path)? {
             Obj::Machine => {
+                if property == "type" {
+                    return Ok(json!(self.machine_type));
+                }
                 if CONTAINERS.contains(&property) {
                     return Ok(json!(format!("/machine/{property}")));
                 }

@@ -253,6 +253,8 @@ pub struct DeviceTree {
     clock: Arc<dyn Clock>,
     unplug_timeout: Option<Duration>,
     max_devices: usize,
+    /// The QOM type of `/machine` (`microvm-machine`); `machine` until a board says.
+    pub(crate) machine_type: String,
 }
 
 impl std::fmt::Debug for DeviceTree {
@@ -288,7 +290,13 @@ impl DeviceTree {
             clock: Arc::new(MonotonicClock::default()),
             unplug_timeout: Some(DEFAULT_UNPLUG_TIMEOUT),
             max_devices: DEFAULT_MAX_DEVICES,
+            machine_type: "machine".to_owned(),
         }
+    }
+
+    /// Names the QOM type of `/machine` (`qom-get /machine type`), e.g. `microvm-machine`.
+    pub fn set_machine_type(&mut self, type_name: impl Into<String>) {
+        self.machine_type = type_name.into();
     }
 
     /// Sets the most devices the tree holds (onboard ones included); further creations fail.
