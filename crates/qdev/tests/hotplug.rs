@@ -573,6 +573,7 @@ fn qom_introspection() {
     assert_eq!(
         names("/machine", &r.tree),
         [
+            "type:string",
             "peripheral:child<container>",
             "peripheral-anon:child<container>",
             "unattached:child<container>",
