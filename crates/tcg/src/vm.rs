@@ -639,6 +639,22 @@ impl Vm for TcgVm {
         }
     }
 
+    /// Decodes the message as the local APICs decode a write to 0xFEEx_xxxx: destination
+    /// (address bits 19:12), destination mode (bit 2), vector (data bits 7:0), delivery mode
+    /// (data bits 10:8) and trigger mode (data bit 15), then delivers it on the APIC bus as
+    /// the IOAPIC delivers a redirection entry. Without local APICs (one vCPU,
+    /// [`ApicMode::Auto`]) there is nothing to deliver to: `Unsupported`.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {
+        let Some(a) = &self.apics else {
+            return Err(AccelError::Unsupported {
+                accel: NAME,
+                what: "MSI without local APICs (use -smp 2 or ApicMode::On)",
+            });
+        };
+        a.bus.deliver(&msi_message(address, data));
+        Ok(())
+    }
+
     fn platform_devices(&self) -> Vec<(BusRange, Arc<dyn BusDevice>)> {
         let mut v = self.pic.bus_devices();
         v.extend(self.pit.bus_devices());
@@ -658,6 +674,19 @@ impl Vm for TcgVm {
             a.ioapic.reset();
         }
         Ok(())
+    }
+}
+
+/// The APIC-bus message an MSI write of `data` at `address` stands for.
+fn msi_message(address: u64, data: u32) -> lapic::Message {
+    lapic::Message {
+        dest: (address >> 12) as u8,
+        logical: address & (1 << 2) != 0,
+        mode: lapic::DeliveryMode::from_bits(data),
+        vector: data as u8,
+        level: data & (1 << 15) != 0,
+        shorthand: lapic::Shorthand::None,
+        source: None,
     }
 }
 
