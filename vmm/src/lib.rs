@@ -56,8 +56,8 @@ pub use crate::board::GuestExitPolicy;
 pub use crate::core::{ShutdownCause, ShutdownSignal, VmmCore};
 
 use keel_accel::AccelProbe;
-use keel_machine::MicrovmType;
 use keel_machine::factory::DeviceFactory;
+use keel_machine::{MicrovmType, PcType};
 
 use crate::board::{BoardEvent, MachineType, NoneMachine};
 use crate::commands::{AccelList, AccelSet, MachineDone, MachineInit, MachineSet, VersionInfo};
@@ -157,7 +157,11 @@ impl Default for VmmBuilder {
         let mut registry = Registry::new();
         commands::register_all(&mut registry);
         VmmBuilder {
-            machines: vec![Arc::new(NoneMachine), Arc::new(MicrovmType)],
+            machines: vec![
+                Arc::new(NoneMachine),
+                Arc::new(MicrovmType),
+                Arc::new(PcType),
+            ],
             default_machine: "microvm",
             accels: builtin_accels(),
             registry,

@@ -313,6 +313,11 @@ pub trait Board: Send {
         let _ = index;
         None
     }
+    /// The PCI buses and their functions (`query-pci`, `info pci`); none by default (a
+    /// machine without PCI).
+    fn pci(&self) -> Vec<crate::PciBusInfo> {
+        Vec::new()
+    }
     /// The channel of [`BoardEvent`]s, taken once by the VMM right after creation.
     fn take_events(&mut self) -> Option<std::sync::mpsc::Receiver<BoardEvent>> {
         None

@@ -57,6 +57,9 @@ pub mod factory;
 pub mod layout;
 mod microvm;
 mod microvm_board;
+pub mod pc;
+pub mod pc_acpi;
+mod pc_board;
 mod runner;
 
 pub use acpi::VirtioMmioDevice;
@@ -72,4 +75,8 @@ pub use microvm::{
     Resolved, VIRTIO_MMIO_SLOTS, requirements,
 };
 pub use microvm_board::{MicrovmType, microvm_config};
+pub use pc::{Pc, PcConfig};
+pub use pc_board::{
+    PcType, PciBusInfo, PciClassInfo, PciDeviceInfo, PciIdInfo, PciRegionInfo, pc_config, pci_info,
+};
 pub use runner::{CpuInfo, MachineEvent, MachineEvents};

@@ -96,6 +96,9 @@ pub enum MachineError {
     /// Building ACPI tables failed.
     #[error(transparent)]
     Acpi(AcpiError),
+    /// The PCI bus refused (an address taken, no room for a BAR, ...).
+    #[error("{0}")]
+    Pci(String),
     /// Loading the kernel or preparing the boot state failed.
     #[error(transparent)]
     Boot(BootError),
@@ -225,7 +228,7 @@ impl std::fmt::Debug for Microvm {
 }
 
 /// Where COM1's bytes go for `backend`.
-fn serial_output(backend: &SerialBackend) -> Result<SerialOutput, MachineError> {
+pub(crate) fn serial_output(backend: &SerialBackend) -> Result<SerialOutput, MachineError> {
     Ok(match backend {
         SerialBackend::Stdio | SerialBackend::Stdout => SerialOutput::Stdout,
         SerialBackend::File(p) => {
