@@ -15,6 +15,7 @@ pub use keel_qapi::char::*;
 pub use keel_qapi::machine::*;
 pub use keel_qapi::misc::*;
 pub use keel_qapi::net::*;
+pub use keel_qapi::pci::*;
 pub use keel_qapi::qdev::*;
 pub use keel_qapi::qom::*;
 
@@ -62,6 +63,7 @@ handlers! {
     QueryAccels => |_, c, _| Ok(c.accel_infos());
     QueryKvm => |_, c, _| Ok(c.kvm_info());
     QueryCpusFast => |_, c, _| qapi(c.board.as_ref().map(|b| b.cpus()).unwrap_or_default());
+    QueryPci => |_, c, _| qapi(c.board.as_ref().map(|b| b.pci()).unwrap_or_default());
     MachineSet => |a, c, _| c.machine_set(a);
     BootSet => |a, c, _| c.boot_set(a);
     SerialAdd => |a, c, _| c.serial_add(a.backend);
@@ -179,6 +181,7 @@ impl Handler<VmmCore> for HumanMonitorCommand {
             ["help" | "?", topic] => Ok(crate::hmp::help(Some(topic))),
             ["info"] => Ok(crate::hmp::help(Some("info"))),
             ["info", "qtree"] => Ok(c.qtree()),
+            ["info", "pci"] => Ok(crate::hmp::pci(&qapi(c.board.as_ref().map(|b| b.pci()))?)),
             ["info", "mtree"] => Ok(c.mtree()),
             ["info", "registers", rest @ ..] => {
                 let cpus = c.board.as_ref().map(|b| b.cpus()).unwrap_or_default();

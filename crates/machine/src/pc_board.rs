@@ -34,7 +34,7 @@ use crate::microvm_board::{
     CPU_PROPERTY, Forward, Keep, SharedVirtio, chain, console_device, cpu_model, serial_backend,
     virtio_backend,
 };
-use crate::pc::{Pc, PcConfig, intx_gsi, pc_requirements};
+use crate::pc::{Pc, PcConfig, pc_requirements};
 
 /// QEMU's `pc` (i440FX + PIIX), the subset Keel has: see [`crate::pc`].
 #[derive(Debug, Default)]
@@ -286,13 +286,7 @@ pub fn pci_info(bus: &keel_pci::PciBus, ids: &HashMap<u8, String>) -> Vec<PciBus
                 subsystem: r16(0x2e),
                 subsystem_vendor: r16(0x2c),
             },
-            irq: (pin != 0).then(|| {
-                if a.slot() == 1 {
-                    u32::from(r8(0x3c))
-                } else {
-                    intx_gsi(a.slot(), pin)
-                }
-            }),
+            irq: (pin != 0).then(|| u32::from(r8(0x3c))),
             irq_pin: pin,
             qdev_id: ids.get(&devfn).cloned().unwrap_or_default(),
             regions: regions
@@ -676,5 +670,139 @@ impl Board for PcBoard {
 
     fn shutdown(&mut self) {
         self.lock().shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::BlockBackend;
+
+    fn board(backends: Arc<Backends>) -> PcBoard {
+        let cfg = MachineConfig {
+            type_name: "pc".into(),
+            memory: Some(64 << 20),
+            serial: vec!["null".into()],
+            ..MachineConfig::default()
+        };
+        let (tx, rx) = channel();
+        let sink: Arc<dyn MachineEvents> = Arc::new(Forward {
+            tx,
+            guest_exit: crate::board::GuestExitPolicy::Shutdown,
+        });
+        let pc = Pc::new(pc_config(&cfg).unwrap(), &keel_tcg::TcgAccel::new(), sink).unwrap();
+        let ctx = BoardContext {
+            backends,
+            ..BoardContext::default()
+        };
+        PcBoard::new(pc, &ctx, rx).unwrap()
+    }
+
+    /// Config mechanism #1 through the board's own port bus.
+    fn cfg_read32(b: &PcBoard, slot: u8, function: u8, reg: u8) -> u32 {
+        let buses = b.lock().buses().clone();
+        let addr =
+            0x8000_0000u32 | (u32::from(slot) << 11) | (u32::from(function) << 8) | u32::from(reg);
+        buses.pio_write(keel_accel::PioAddress(0xcf8), &addr.to_le_bytes());
+        let mut d = [0u8; 4];
+        buses.pio_read(keel_accel::PioAddress(0xcfc), &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    /// What Linux's scan finds through 0xCF8/0xCFC on the real board: the i440FX, the
+    /// PIIX3 (multifunction) and PIIX4 PM functions, then the cold-plugged virtio-pci
+    /// functions with their BARs placed in the 32-bit window, decoding enabled, and the
+    /// interrupt line the `_PRT` names; the qdev tree and `query-pci` agree.
+    #[test]
+    fn enumeration_through_the_config_ports() {
+        let backends = Arc::new(Backends::new());
+        let img = std::env::temp_dir().join(format!("keel-pc-enum-{}", std::process::id()));
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        backends
+            .add_block(
+                "d0",
+                BlockBackend {
+                    filename: img.clone(),
+                    read_only: true,
+                },
+            )
+            .unwrap();
+        let mut b = board(backends);
+        for dev in [
+            "virtio-blk-pci,drive=d0,id=disk0",
+            "virtio-rng-pci,id=rng0,addr=4.0,multifunction=on",
+            "virtio-rng-pci,id=rng1,addr=04.1",
+        ] {
+            b.device_add(Phase::MachineInit, &DeviceRequest::parse_cli(dev).unwrap())
+                .unwrap();
+        }
+        // A taken address, and an unknown drive, are refused and leave nothing behind.
+        for dev in ["virtio-rng-pci,addr=04.1", "virtio-blk-pci,drive=nope,id=x"] {
+            assert!(
+                b.device_add(Phase::MachineInit, &DeviceRequest::parse_cli(dev).unwrap())
+                    .is_err()
+            );
+        }
+        assert!(b.devices().find("x").is_none());
+
+        assert_eq!(cfg_read32(&b, 0, 0, 0), 0x1237_8086);
+        assert_eq!(cfg_read32(&b, 1, 0, 0), 0x7000_8086);
+        assert_eq!(
+            cfg_read32(&b, 1, 0, 0x0c) >> 16 & 0x80,
+            0x80,
+            "PIIX3 multifunction"
+        );
+        assert_eq!(cfg_read32(&b, 1, 3, 0), 0x7113_8086);
+        assert_eq!(cfg_read32(&b, 1, 3, 0x40), 0xb001, "PMBA");
+        assert_eq!(cfg_read32(&b, 1, 1, 0), 0xffff_ffff, "no IDE function");
+        assert_eq!(cfg_read32(&b, 2, 0, 0), 0x1001_1af4);
+        assert_eq!(cfg_read32(&b, 3, 0, 0), 0xffff_ffff);
+        assert_eq!(cfg_read32(&b, 4, 0, 0), 0x1005_1af4);
+        assert_eq!(cfg_read32(&b, 4, 1, 0), 0x1005_1af4);
+        // Memory decoding on, INTA routed to GSI 10 (slot 2) and 11 (slot 4).
+        assert_eq!(cfg_read32(&b, 2, 0, 4) & 2, 2);
+        assert_eq!(cfg_read32(&b, 2, 0, 0x3c) & 0xffff, 0x010a);
+        assert_eq!(cfg_read32(&b, 4, 0, 0x3c) & 0xffff, 0x010b);
+        // BAR1 (MSI-X, 32-bit) and BAR4 (64-bit prefetchable) placed from 0xe0000000.
+        let bar1 = cfg_read32(&b, 2, 0, 0x14);
+        let bar4 = cfg_read32(&b, 2, 0, 0x20);
+        assert!(bar1 >= 0xe000_0000 && bar1 & 0xf == 0, "{bar1:#x}");
+        assert_eq!(bar4 & 0xf, 0xc, "64-bit prefetchable");
+        // The BAR decodes: the common configuration's num_queues (offset 0x12) reads 1.
+        let base = u64::from(bar4 & !0xf) | u64::from(cfg_read32(&b, 2, 0, 0x24)) << 32;
+        let mut q = [0u8; 2];
+        b.lock().buses().mmio.read(base + 0x12, &mut q);
+        assert_eq!(u16::from_le_bytes(q), 1);
+
+        let info = b.pci();
+        let devs = &info[0].devices;
+        let at: Vec<(u8, u8, &str)> = devs
+            .iter()
+            .map(|d| (d.slot, d.function, d.qdev_id.as_str()))
+            .collect();
+        assert_eq!(
+            at,
+            [
+                (0, 0, ""),
+                (1, 0, ""),
+                (1, 3, ""),
+                (2, 0, "disk0"),
+                (4, 0, "rng0"),
+                (4, 1, "rng1")
+            ]
+        );
+        assert_eq!(devs[3].irq, Some(10));
+        assert_eq!(devs[3].regions.len(), 2);
+        let tree = b.devices().query_tree();
+        let pci = tree.iter().find(|n| n.name == "pci.0").unwrap();
+        let drivers: Vec<&str> = pci.devices.iter().map(|d| d.driver.as_str()).collect();
+        assert!(drivers.contains(&"PIIX3") && drivers.contains(&"virtio-blk-pci"));
+
+        // Unplug in machine-init frees the address and the BARs.
+        b.devices_mut()
+            .device_del(Phase::MachineInit, "disk0")
+            .unwrap();
+        assert_eq!(cfg_read32(&b, 2, 0, 0), 0xffff_ffff);
+        std::fs::remove_file(&img).ok();
     }
 }

@@ -1628,4 +1628,53 @@ mod tests {
         assert!(pic.has_interrupt());
         assert_eq!(pic.acknowledge(), Some(0x34));
     }
+
+    /// An MSI write decodes as the local APICs decode it: a fixed message to APIC 1 raises
+    /// its vector there and nowhere else; logical destination 0xff reaches every APIC;
+    /// without local APICs the accelerator says it cannot take messages.
+    #[test]
+    fn signal_msi_reaches_the_addressed_local_apic() {
+        struct NoEvents;
+        impl SystemEvents for NoEvents {
+            fn request(&self, _e: keel_accel::SystemEvent) {}
+        }
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let buses = Arc::new(IoBuses::new());
+        let vm = TcgVm::with_apic(
+            mem.clone(),
+            buses,
+            Arc::new(NoEvents),
+            Default::default(),
+            true,
+        )
+        .unwrap();
+        let v0 = vm.create_tcg_vcpu(0);
+        let v1 = vm.create_tcg_vcpu(1);
+        let (l0, l1) = (v0.lapic.clone().unwrap(), v1.lapic.clone().unwrap());
+        for l in [&l0, &l1] {
+            l.write_reg(lapic::reg::SVR, 0x1ff);
+        }
+        // Physical destination 1, fixed, edge, vector 0x41.
+        vm.signal_msi(0xfee0_1000, 0x0041).unwrap();
+        assert!(!l0.has_interrupt());
+        assert!(l1.has_interrupt());
+        assert_eq!(l1.acknowledge(), Some(0x41));
+        // Logical broadcast reaches both.
+        vm.signal_msi(0xfee0_0000 | (0xff << 12) | 4, 0x0052)
+            .unwrap();
+        assert_eq!(l0.acknowledge(), Some(0x52));
+        assert_eq!(l1.acknowledge(), Some(0x52));
+        let no_apic = TcgVm::new(
+            mem,
+            Arc::new(IoBuses::new()),
+            Arc::new(NoEvents),
+            Default::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            no_apic.signal_msi(0xfee0_0000, 0x30),
+            Err(AccelError::Unsupported { .. })
+        ));
+    }
 }
