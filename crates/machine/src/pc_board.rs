@@ -248,7 +248,6 @@ fn class_desc(class: u16) -> Option<&'static str> {
         0x0601 => "ISA bridge",
         0x0680 => "Bridge",
         0x0780 => "Communication controller",
-        0x00ff => "Class 00ff",
         _ => return None,
     })
 }
