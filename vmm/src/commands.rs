@@ -181,7 +181,9 @@ impl Handler<VmmCore> for HumanMonitorCommand {
             ["help" | "?", topic] => Ok(crate::hmp::help(Some(topic))),
             ["info"] => Ok(crate::hmp::help(Some("info"))),
             ["info", "qtree"] => Ok(c.qtree()),
-            ["info", "pci"] => Ok(crate::hmp::pci(&qapi(c.board.as_ref().map(|b| b.pci()))?)),
+            ["info", "pci"] => Ok(keel_machine::info_pci(
+                &c.board.as_ref().map(|b| b.pci()).unwrap_or_default(),
+            )),
             ["info", "mtree"] => Ok(c.mtree()),
             ["info", "registers", rest @ ..] => {
                 let cpus = c.board.as_ref().map(|b| b.cpus()).unwrap_or_default();

@@ -125,53 +125,6 @@ pub fn qtree(root: &QtreeBus) -> String {
     out
 }
 
-/// `info pci`: QEMU's listing of every function (`None`: no PCI bus answers as QEMU's
-/// machines without PCI do, with nothing).
-pub fn pci(buses: &Option<Vec<keel_qapi::pci::PciInfo>>) -> String {
-    let mut out = String::new();
-    for d in buses.iter().flatten().flat_map(|b| &b.devices) {
-        out.push_str(&format!(
-            "  Bus {:2}, device {:3}, function {}:\r\n    ",
-            d.bus, d.slot, d.function
-        ));
-        match &d.class_info.desc {
-            Some(desc) => out.push_str(desc),
-            None => out.push_str(&format!("Class {:04}", d.class_info.class)),
-        }
-        out.push_str(&format!(
-            ": PCI device {:04x}:{:04x}\r\n",
-            d.id.vendor, d.id.device
-        ));
-        if let (Some(v), Some(s)) = (d.id.subsystem_vendor, d.id.subsystem) {
-            out.push_str(&format!("      PCI subsystem {v:04x}:{s:04x}\r\n"));
-        }
-        if let Some(irq) = d.irq {
-            let pin = char::from(b'A'.wrapping_add((d.irq_pin as u8).wrapping_sub(1)));
-            out.push_str(&format!("      IRQ {irq}, pin {pin}\r\n"));
-        }
-        for r in &d.regions {
-            let end = r.address.wrapping_add(r.size).wrapping_sub(1);
-            out.push_str(&format!("      BAR{}: ", r.bar));
-            if r.kind == "io" {
-                out.push_str(&format!("I/O at 0x{:04x} [0x{end:04x}].\r\n", r.address));
-            } else {
-                out.push_str(&format!(
-                    "{} bit{} memory at 0x{:08x} [0x{end:08x}].\r\n",
-                    if r.mem_type_64 == Some(true) { 64 } else { 32 },
-                    if r.prefetch == Some(true) {
-                        " prefetchable"
-                    } else {
-                        ""
-                    },
-                    r.address
-                ));
-            }
-        }
-        out.push_str(&format!("      id \"{}\"\r\n", d.qdev_id));
-    }
-    out
-}
-
 /// A region in `info mtree`: (start, size, kind `i/o` or `ram`, name).
 pub type Region = (u64, u64, &'static str, String);
 

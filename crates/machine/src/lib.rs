@@ -77,6 +77,7 @@ pub use microvm::{
 pub use microvm_board::{MicrovmType, microvm_config};
 pub use pc::{Pc, PcConfig};
 pub use pc_board::{
-    PcType, PciBusInfo, PciClassInfo, PciDeviceInfo, PciIdInfo, PciRegionInfo, pc_config, pci_info,
+    PcType, PciBusInfo, PciClassInfo, PciDeviceInfo, PciIdInfo, PciRegionInfo, info_pci, pc_config,
+    pci_info,
 };
 pub use runner::{CpuInfo, MachineEvent, MachineEvents};

@@ -313,6 +313,49 @@ pub fn pci_info(bus: &keel_pci::PciBus, ids: &HashMap<u8, String>) -> Vec<PciBus
     vec![PciBusInfo { bus: 0, devices }]
 }
 
+/// HMP `info pci`: QEMU 7.2's listing of every function of `buses` (HMP line ends).
+pub fn info_pci(buses: &[PciBusInfo]) -> String {
+    let mut out = String::new();
+    for d in buses.iter().flat_map(|b| &b.devices) {
+        out.push_str(&format!(
+            "  Bus {:2}, device {:3}, function {}:\r\n    ",
+            d.bus, d.slot, d.function
+        ));
+        match &d.class_info.desc {
+            Some(desc) => out.push_str(desc),
+            None => out.push_str(&format!("Class {:04}", d.class_info.class)),
+        }
+        out.push_str(&format!(
+            ": PCI device {:04x}:{:04x}\r\n      PCI subsystem {:04x}:{:04x}\r\n",
+            d.id.vendor, d.id.device, d.id.subsystem_vendor, d.id.subsystem
+        ));
+        if let Some(irq) = d.irq {
+            let pin = char::from(b'A'.wrapping_add(d.irq_pin.wrapping_sub(1)));
+            out.push_str(&format!("      IRQ {irq}, pin {pin}\r\n"));
+        }
+        for r in &d.regions {
+            let end = r.address.wrapping_add(r.size).wrapping_sub(1);
+            out.push_str(&format!("      BAR{}: ", r.bar));
+            if r.kind == "io" {
+                out.push_str(&format!("I/O at 0x{:04x} [0x{end:04x}].\r\n", r.address));
+            } else {
+                out.push_str(&format!(
+                    "{} bit{} memory at 0x{:08x} [0x{end:08x}].\r\n",
+                    if r.mem_type_64 == Some(true) { 64 } else { 32 },
+                    if r.prefetch == Some(true) {
+                        " prefetchable"
+                    } else {
+                        ""
+                    },
+                    r.address
+                ));
+            }
+        }
+        out.push_str(&format!("      id \"{}\"\r\n", d.qdev_id));
+    }
+    out
+}
+
 /// What a realized user device holds on to until it is unrealized.
 enum Realized {
     DebugExit {
@@ -791,6 +834,15 @@ mod tests {
             ]
         );
         assert_eq!(devs[3].irq, Some(10));
+        let text = info_pci(&info);
+        assert!(
+            text.contains(
+                "  Bus  0, device   2, function 0:\r\n    SCSI controller: PCI device \
+                 1af4:1001\r\n      PCI subsystem 1af4:0002\r\n      IRQ 10, pin A\r\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("Class 0255: PCI device 1af4:1005"), "{text}");
         assert_eq!(devs[3].regions.len(), 2);
         let tree = b.devices().query_tree();
         let pci = tree.iter().find(|n| n.name == "pci.0").unwrap();
