@@ -341,6 +341,9 @@ impl Vmm {
             }
             BoardEvent::GuestReset => vmm.core().guest_reset(),
             BoardEvent::GuestPanic => vmm.core().guest_panicked(),
+            BoardEvent::DeviceEjected => {
+                vmm.core().board.iter_mut().for_each(|b| b.guest_ejected())
+            }
             BoardEvent::InternalError(msg) => {
                 log::error!("{msg}");
                 vmm.core().internal_error();

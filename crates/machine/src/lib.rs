@@ -60,6 +60,7 @@ mod microvm_board;
 pub mod pc;
 pub mod pc_acpi;
 mod pc_board;
+pub mod pc_hotplug;
 mod runner;
 
 pub use acpi::VirtioMmioDevice;

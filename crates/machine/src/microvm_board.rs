@@ -222,6 +222,7 @@ impl MachineEvents for Forward {
             MachineEvent::System(other) => {
                 BoardEvent::InternalError(format!("unhandled system event {other:?}"))
             }
+            MachineEvent::DeviceEjected => BoardEvent::DeviceEjected,
             MachineEvent::VcpuError { index, error } => {
                 BoardEvent::InternalError(format!("vCPU {index}: {error}"))
             }

@@ -45,7 +45,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::boot::{self, BootConfig, BootError, BootState, KernelImage};
 use crate::config::SerialBackend;
 use crate::layout::{self, E820Entry, E820Type};
-use crate::runner::{self, CpuInfo, Hub, MachineEvents, Shared};
+use crate::pc_hotplug::{PCI_HOTPLUG_BASE, PCI_HOTPLUG_LEN, PciHotplug};
+use crate::runner::{self, CpuInfo, Hub, MachineEvent, MachineEvents, Shared};
 use crate::{AddedDevice, MachineError};
 
 /// The machine type name.
@@ -237,8 +238,8 @@ const SCI_SOURCE_PM: usize = 0x100;
 const SCI_SOURCE_GPE: usize = 0x101;
 
 /// The GPE0 block of the PIIX4 PM function: two status bytes (write 1 to clear) and two
-/// enable bytes; the SCI is asserted while a status bit has its enable bit set. Nothing sets
-/// a status bit yet (ACPI PCI hot plug will, on GPE 1).
+/// enable bytes; the SCI is asserted while a status bit has its enable bit set (recomputed on
+/// every status and enable write). ACPI PCI hot plug raises GPE 1.
 pub struct Gpe0 {
     regs: Mutex<[u8; 4]>,
     sci: Arc<dyn IrqLine>,
@@ -251,7 +252,7 @@ impl std::fmt::Debug for Gpe0 {
 }
 
 impl Gpe0 {
-    fn new(sci: Arc<dyn IrqLine>) -> Self {
+    pub(crate) fn new(sci: Arc<dyn IrqLine>) -> Self {
         Self {
             regs: Mutex::new([0; 4]),
             sci,
@@ -417,6 +418,7 @@ pub struct Pc {
     pm: Arc<AcpiPm>,
     gpe: Arc<Gpe0>,
     pci: Arc<PciBus>,
+    hotplug: Arc<PciHotplug>,
     allocator: BarAllocator,
     links: Vec<(u32, Arc<SharedIrq>)>,
     msi: Arc<dyn MsiSink>,
@@ -550,6 +552,19 @@ impl Pc {
             CONFIG_IO_LEN,
             Arc::new(PciConfigIo::new(pci.clone()).with_cf9(rcr)),
         )?;
+        let sink = hub.sink.clone();
+        let hotplug = Arc::new(PciHotplug::new(
+            gpe.clone(),
+            pci.clone(),
+            Box::new(move || sink.machine_event(MachineEvent::DeviceEjected)),
+        ));
+        map(
+            &buses.pio,
+            "PCI hot plug registers",
+            u64::from(PCI_HOTPLUG_BASE),
+            PCI_HOTPLUG_LEN,
+            hotplug.clone(),
+        )?;
         let (mem32, mem64) = pci_windows(cfg.memory);
         map(
             &buses.pio,
@@ -628,6 +643,7 @@ impl Pc {
             pm,
             gpe,
             pci,
+            hotplug,
             allocator,
             links,
             msi,
@@ -714,15 +730,19 @@ impl Pc {
         }
     }
 
-    /// Cold-plugs `dev` at `address` and places its BARs as firmware would. Only before
-    /// [`Pc::finish_init`]: `pci.0` has no hot plug yet.
+    /// Adds `dev` at `address`. Before [`Pc::finish_init`] (cold plug) its BARs are placed
+    /// as firmware would; afterwards (hot plug, the bus in staged mode) they are left for the
+    /// guest to assign, and the caller tells the guest through [`Pc::hotplug`].
     pub fn add_pci_function(
         &mut self,
         address: PciAddress,
         dev: Arc<dyn PciDevice>,
     ) -> Result<(), MachineError> {
         if self.phase != Phase::Init {
-            return Err(MachineError::NotHotpluggable("pci.0"));
+            return self
+                .pci
+                .add_function(address, dev)
+                .map_err(|e| MachineError::Pci(e.to_string()));
         }
         self.pci
             .add_function(address, dev)
@@ -848,6 +868,8 @@ impl Pc {
             });
         }
         self.load()?;
+        // From now on functions are hot-plugged: "function 0 last" (see keel_pci::PciBus).
+        self.pci.set_staged(true);
         self.phase = Phase::Ready;
         Ok(())
     }
@@ -907,6 +929,7 @@ impl Pc {
         self.rtc.reset();
         self.pm.reset();
         self.gpe.reset();
+        self.hotplug.reset();
         self.pci.reset();
         for slot in 0..SLOTS {
             for f in 0..keel_pci::FUNCTIONS {
@@ -982,6 +1005,11 @@ impl Pc {
     /// The GPE0 block (ACPI hot plug raises GPE 1 here).
     pub fn gpe(&self) -> &Arc<Gpe0> {
         &self.gpe
+    }
+
+    /// The ACPI PCI hot plug controller.
+    pub fn hotplug(&self) -> &Arc<PciHotplug> {
+        &self.hotplug
     }
 
     /// COM1, if present.

@@ -11,13 +11,16 @@
 
 use acpi_tables::Aml;
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, EISAName, IO, Interrupt, Name, Package, Path,
-    ResourceTemplate, Scope,
+    Acquire, AddressSpace, AddressSpaceCacheable, And, Arg, EISAName, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, IO, If, Interrupt, Method, MethodCall, Mutex, Name,
+    Notify, ONE, OpRegion, OpRegionSpace, Package, Path, Release, ResourceTemplate, Return, Scope,
+    ShiftLeft, Store, ZERO,
 };
 
 use crate::acpi::{self, AcpiConfig, AcpiError, AcpiTables, Raw, Sdt, align16, device};
 use crate::layout::{ACPI_END, ACPI_START};
 use crate::pc::{PC_GPE0_BASE, PC_GPE0_LEN, PC_PM_BASE, PC_SCI_IRQ, RESET_CONTROL_PORT, intx_gsi};
+use crate::pc_hotplug::{HOTPLUG_SLOTS, PCI_HOTPLUG_BASE};
 
 /// What the `pc` tables describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,22 +154,130 @@ fn pci0(cfg: &PcAcpiConfig) -> Raw {
         .map(|slot| {
             let adr = u32::from(slot) << 16;
             let sun = u32::from(slot);
-            device(
-                &format!("S{:02X}_", slot << 3),
-                &[
-                    &Name::new(Path::new("_ADR"), &adr),
-                    &Name::new(Path::new("_SUN"), &sun),
-                ],
-            )
+            let sun_path = Path::new("_SUN");
+            let call = MethodCall::new(Path::new("PCEJ"), vec![&ZERO, &sun_path]);
+            let ej0 = Method::new(Path::new("_EJ0"), 1, false, vec![&call]);
+            let hotpluggable = HOTPLUG_SLOTS & (1 << slot) != 0;
+            let mut children: Vec<&dyn Aml> = vec![];
+            let adr_name = Name::new(Path::new("_ADR"), &adr);
+            let sun_name = Name::new(Path::new("_SUN"), &sun);
+            children.push(&adr_name);
+            children.push(&sun_name);
+            if hotpluggable {
+                children.push(&ej0);
+            }
+            device(&slot_name(slot), &children)
         })
         .collect();
     let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0A03"));
     let adr = Name::new(Path::new("_ADR"), &zero);
     let uid = Name::new(Path::new("_UID"), &zero);
     let crs = Name::new(Path::new("_CRS"), &crs);
+    let hotplug = hotplug_nodes();
     let mut children: Vec<&dyn Aml> = vec![&hid, &adr, &uid, &crs, &prt];
+    children.extend(hotplug.iter().map(|s| s as &dyn Aml));
     children.extend(slots.iter().map(|s| s as &dyn Aml));
     device("PCI0", &children)
+}
+
+/// The ACPI name of slot `slot`'s device (QEMU's: `S` and the devfn in hex).
+fn slot_name(slot: u8) -> String {
+    format!("S{:02X}_", slot << 3)
+}
+
+/// The hot plug interface inside `PCI0`: the registers at 0xAE00 as fields, the lock,
+/// `PCEJ` (eject: bus select, then the slot's bit to B0EJ), `DVNT` (notify every slot of a
+/// bitmap) and `PCNT` (inserts get a device check, removals an eject request).
+fn hotplug_nodes() -> Vec<Raw> {
+    let base = u32::from(PCI_HOTPLUG_BASE);
+    let field = |region: &str, names: &[&[u8; 4]]| {
+        acpi::encode(&Field::new(
+            Path::new(region),
+            FieldAccessType::DWord,
+            FieldLockRule::NoLock,
+            FieldUpdateRule::WriteAsZeroes,
+            names.iter().map(|n| FieldEntry::Named(**n, 32)).collect(),
+        ))
+    };
+    let (pcst, sej, bnmr) = (base, base + 8, base + 0x10);
+    let (eight, four) = (8u32, 4u32);
+    let mut v = vec![
+        acpi::encode(&OpRegion::new(
+            Path::new("PCST"),
+            OpRegionSpace::SystemIO,
+            &pcst,
+            &eight,
+        )),
+        field("PCST", &[b"PCIU", b"PCID"]),
+        acpi::encode(&OpRegion::new(
+            Path::new("SEJ_"),
+            OpRegionSpace::SystemIO,
+            &sej,
+            &four,
+        )),
+        field("SEJ_", &[b"B0EJ"]),
+        acpi::encode(&OpRegion::new(
+            Path::new("BNMR"),
+            OpRegionSpace::SystemIO,
+            &bnmr,
+            &eight,
+        )),
+        field("BNMR", &[b"BNUM", b"PIDX"]),
+        acpi::encode(&Mutex::new(Path::new("BLCK"), 0)),
+    ];
+    let (bnum, b0ej) = (Path::new("BNUM"), Path::new("B0EJ"));
+    let acquire = Acquire::new(Path::new("BLCK"), 0xffff);
+    let release = Release::new(Path::new("BLCK"));
+    let sel = Store::new(&bnum, &Arg(0));
+    let ej = ShiftLeft::new(&b0ej, &ONE, &Arg(1));
+    let ret = Return::new(&ZERO);
+    v.push(acpi::encode(&Method::new(
+        Path::new("PCEJ"),
+        2,
+        false,
+        vec![&acquire, &sel, &ej, &release, &ret],
+    )));
+    let masks: Vec<(u32, Path)> = (2..keel_pci::SLOTS)
+        .filter(|s| HOTPLUG_SLOTS & (1 << s) != 0)
+        .map(|s| (1u32 << s, Path::new(&slot_name(s))))
+        .collect();
+    let tests: Vec<(And<'_>, Notify<'_>)> = masks
+        .iter()
+        .map(|(m, p)| (And::new(&ZERO, &Arg(0), m), Notify::new(p, &Arg(1))))
+        .collect();
+    let ifs: Vec<If<'_>> = tests.iter().map(|(t, n)| If::new(t, vec![n])).collect();
+    let body: Vec<&dyn Aml> = ifs.iter().map(|i| i as &dyn Aml).collect();
+    v.push(acpi::encode(&Method::new(
+        Path::new("DVNT"),
+        2,
+        false,
+        body,
+    )));
+    let three = 3u8;
+    let (pciu, pcid) = (Path::new("PCIU"), Path::new("PCID"));
+    let clear = Store::new(&bnum, &ZERO);
+    let insert = MethodCall::new(Path::new("DVNT"), vec![&pciu, &ONE]);
+    let remove = MethodCall::new(Path::new("DVNT"), vec![&pcid, &three]);
+    v.push(acpi::encode(&Method::new(
+        Path::new("PCNT"),
+        0,
+        false,
+        vec![&clear, &insert, &remove],
+    )));
+    v
+}
+
+/// `\_GPE`: GPE 1 runs the hot plug scan under the lock.
+fn gpe_scope() -> Raw {
+    let hid: &'static str = "ACPI0006";
+    let acquire = Acquire::new(Path::new("\\_SB_.PCI0.BLCK"), 0xffff);
+    let scan = MethodCall::new(Path::new("\\_SB_.PCI0.PCNT"), vec![]);
+    let release = Release::new(Path::new("\\_SB_.PCI0.BLCK"));
+    let e01 = Method::new(Path::new("_E01"), 0, false, vec![&acquire, &scan, &release]);
+    acpi::encode(&Scope::new(
+        Path::new("\\_GPE"),
+        vec![&Name::new(Path::new("_HID"), &hid), &e01],
+    ))
 }
 
 fn dsdt(cfg: &PcAcpiConfig) -> Vec<u8> {
@@ -214,6 +325,7 @@ fn dsdt(cfg: &PcAcpiConfig) -> Vec<u8> {
     let mut body: Vec<u8> = Vec::new();
     let children: Vec<&dyn Aml> = sb.iter().map(|r| r as &dyn Aml).collect();
     Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
+    gpe_scope().to_aml_bytes(&mut body);
     let s5_typ = keel_devices::PM_SLP_TYP_S5;
     let s5 = Package::new(vec![&s5_typ, &zero, &zero, &zero]);
     Name::new(Path::new("_S5_"), &s5).to_aml_bytes(&mut body);

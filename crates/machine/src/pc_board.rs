@@ -19,7 +19,7 @@ use keel_pci::{PciAddress, PciDevice, PciDeviceProps, VirtioPci};
 use keel_phase::Phase;
 use keel_qdev::{
     Added, BusSpec, BusType, DeviceHooks, DeviceKey, DeviceRequest, DeviceTree, DeviceType,
-    DeviceView, HookError, QdevError, SlotResources,
+    DeviceView, GuestAnswer, HookError, HotplugHandler, QdevError, SlotResources, UnplugMode,
 };
 use keel_virtio::{Block, Console, ConsolePortProps, Net, Rng};
 use serde::Serialize;
@@ -35,6 +35,7 @@ use crate::microvm_board::{
     virtio_backend,
 };
 use crate::pc::{Pc, PcConfig, pc_requirements};
+use crate::pc_hotplug::PciHotplug;
 
 /// QEMU's `pc` (i440FX + PIIX), the subset Keel has: see [`crate::pc`].
 #[derive(Debug, Default)]
@@ -356,6 +357,57 @@ pub fn info_pci(buses: &[PciBusInfo]) -> String {
     out
 }
 
+/// Where each realized PCI device is, by its device-tree key.
+type Addresses = Arc<Mutex<HashMap<DeviceKey, PciAddress>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `pci.0`'s hot plug handler: ACPI PCI hot plug through [`PciHotplug`] (PCIU/PCID and
+/// GPE 1); the guest's eject comes back as `Board::guest_ejected`.
+struct PciHotplugHandler {
+    hotplug: Arc<PciHotplug>,
+    pci: Arc<keel_pci::PciBus>,
+    addresses: Addresses,
+}
+
+impl PciHotplugHandler {
+    fn address(&self, dev: &DeviceView<'_>) -> Result<PciAddress, HookError> {
+        lock(&self.addresses)
+            .get(&dev.key)
+            .copied()
+            .ok_or_else(|| format!("'{}' is not on a PCI slot", dev.name()).into())
+    }
+}
+
+impl HotplugHandler for PciHotplugHandler {
+    /// A hot-plugged function tells the guest once its slot's function 0 is there (a
+    /// function 1-7 added first waits for it, as the guest scans only through function 0).
+    fn plug(&mut self, dev: &DeviceView<'_>) -> Result<(), HookError> {
+        if !dev.hotplugged {
+            return Ok(());
+        }
+        let a = self.address(dev)?;
+        if PciAddress::new(a.slot(), 0).is_some_and(|f0| self.pci.function(f0).is_some()) {
+            self.hotplug.plugged(a.slot());
+        }
+        Ok(())
+    }
+
+    fn unplug_request(&mut self, dev: &DeviceView<'_>) -> Result<UnplugMode, HookError> {
+        let a = self.address(dev)?;
+        self.hotplug.unplug_requested(a.slot());
+        Ok(UnplugMode::Async)
+    }
+
+    fn unplug(&mut self, dev: &DeviceView<'_>) {
+        if let Ok(a) = self.address(dev) {
+            self.hotplug.slot_emptied(a.slot());
+        }
+    }
+}
+
 /// What a realized user device holds on to until it is unrealized.
 enum Realized {
     DebugExit {
@@ -381,6 +433,8 @@ struct PcHooks {
     ids: Arc<Mutex<HashMap<u8, String>>>,
     /// The address of the last PCI function realized (the board names port buses by it).
     last: Arc<Mutex<Option<PciAddress>>>,
+    /// Where each realized virtio-pci device is (shared with the hot plug handler).
+    addresses: Addresses,
     factories: HashMap<String, Arc<dyn DeviceFactory>>,
 }
 
@@ -477,6 +531,7 @@ impl DeviceHooks for PcHooks {
         }
         self.set_id(address, dev.id);
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(address);
+        lock(&self.addresses).insert(dev.key, address);
         self.realized.insert(
             dev.key,
             Realized::Pci {
@@ -497,6 +552,7 @@ impl DeviceHooks for PcHooks {
                 self.lock().remove_device_at(iobase);
             }
             Some(Realized::Pci { address, _keep }) => {
+                lock(&self.addresses).remove(&dev.key);
                 self.lock().remove_pci_function(address);
                 self.set_id(address, None);
                 self.serial_buses.retain(|_, a| *a != address);
@@ -521,6 +577,8 @@ struct PcBoard {
     tree: DeviceTree,
     ids: Arc<Mutex<HashMap<u8, String>>>,
     last: Arc<Mutex<Option<PciAddress>>>,
+    addresses: Addresses,
+    hotplug: Arc<PciHotplug>,
     events: Option<Receiver<BoardEvent>>,
     started: bool,
     serial: Vec<String>,
@@ -536,6 +594,9 @@ impl PcBoard {
     /// devices.
     fn new(pc: Pc, ctx: &BoardContext, events: Receiver<BoardEvent>) -> Result<Self, BoardError> {
         let serial = pc.serial().is_some();
+        let hotplug = pc.hotplug().clone();
+        let pci = pc.pci_bus().clone();
+        let addresses: Addresses = Arc::new(Mutex::new(HashMap::new()));
         let pc = Arc::new(Mutex::new(pc));
         let ids = Arc::new(Mutex::new(HashMap::new()));
         let last = Arc::new(Mutex::new(None));
@@ -546,6 +607,7 @@ impl PcBoard {
             serial_buses: HashMap::new(),
             ids: ids.clone(),
             last: last.clone(),
+            addresses: addresses.clone(),
             factories: ctx
                 .device_types
                 .iter()
@@ -569,8 +631,17 @@ impl PcBoard {
         let host = tree
             .add_onboard(init, &DeviceRequest::new("i440FX-pcihost"))
             .map_err(e)?;
-        tree.add_bus(BusSpec::new("pci.0", BusType::Pci).parent(host.path))
-            .map_err(e)?;
+        let handler = PciHotplugHandler {
+            hotplug: hotplug.clone(),
+            pci,
+            addresses: addresses.clone(),
+        };
+        tree.add_bus(
+            BusSpec::new("pci.0", BusType::Pci)
+                .parent(host.path)
+                .hotplug(Box::new(handler)),
+        )
+        .map_err(e)?;
         tree.add_onboard(init, &DeviceRequest::new("i440FX"))
             .map_err(e)?;
         let piix3 = tree
@@ -595,6 +666,8 @@ impl PcBoard {
             tree,
             ids,
             last,
+            addresses,
+            hotplug,
             events: Some(events),
             started: false,
             serial: Vec::new(),
@@ -704,6 +777,22 @@ impl Board for PcBoard {
 
     fn take_events(&mut self) -> Option<Receiver<BoardEvent>> {
         self.events.take()
+    }
+
+    /// Every function of each ejected slot leaves the tree, in function order.
+    fn guest_ejected(&mut self) {
+        let slots = self.hotplug.take_ejected();
+        let mut keys: Vec<(PciAddress, DeviceKey)> = lock(&self.addresses)
+            .iter()
+            .filter(|(_, a)| slots & (1 << a.slot()) != 0)
+            .map(|(k, a)| (*a, *k))
+            .collect();
+        keys.sort();
+        for (a, key) in keys {
+            if let Err(e) = self.tree.guest_answer(GuestAnswer::Ejected(key)) {
+                log::warn!("completing the eject of {a}: {}", e.qmp_desc());
+            }
+        }
     }
 
     fn power_button(&mut self) -> bool {
