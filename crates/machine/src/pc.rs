@@ -11,7 +11,8 @@
 //! 0xfec00000  IOAPIC        0xfee00000  local APICs
 //! 64-bit      from 4 GiB + RAM above 4 GiB rounded up to 1 GiB, 32 GiB (QEMU's pci-hole64)
 //! ports       0x60/0x64 i8042, 0x70 RTC, 0x3f8 COM1, 0xcf8 config / 0xcf9 reset control,
-//!             0xafe0 GPE0 (4 bytes), 0xb000 PM1a event / control / PM timer,
+//!             0xae00 PCI hot plug (0x18 bytes), 0xafe0 GPE0 (4 bytes),
+//!             0xb000 PM1a event / control / PM timer,
 //!             0xc000-0xffff PCI I/O BARs
 //! ```
 //!

@@ -2,6 +2,11 @@
 //! device tree (`pci.0` with the onboard functions, `isa.0`) and the realize hooks that put
 //! virtio-pci devices on the PCI bus.
 //!
+//! `pci.0` takes hot plug (ACPI PCI hot plug, [`crate::pc_hotplug`]): in machine-ready a
+//! `device_add` realizes the function in staged mode and raises GPE 1, and `device_del` asks
+//! the guest, whose eject comes back as [`BoardEvent::DeviceEjected`] and completes in
+//! `Board::guest_ejected`. `isa.0` has none.
+//!
 //! Queue notifications of virtio-pci devices are processed on the vCPU thread that writes
 //! the notify register (keel-pci's inline path): `keel_virtio::IoWorker` serves virtio-mmio
 //! only, and the inline path is correct under both accelerators without ioeventfd

@@ -191,3 +191,110 @@ fn debian_vmlinux_on_pc_smp_reads_virtio_blk_pci_with_msix() {
         assert!(msi >= 2, "no MSI-X vectors in use:\n{text}");
     }
 }
+
+/// ACPI PCI hot plug with the guest answering: `device_add` in machine-ready raises GPE 1,
+/// the guest's acpiphp finds the virtio-blk-pci function, places its BARs and binds
+/// virtio_blk; `device_del` raises it again, the guest ejects the slot through `_EJ0`, the
+/// board reports `DeviceEjected` and the device leaves the tree with `DEVICE_DELETED`.
+#[test]
+fn debian_on_pc_hot_plugs_and_ejects_virtio_blk_pci() {
+    let Some(dir) = debian::guest_dir(&["bzImage", "initramfs-virtio.cpio.gz"]) else {
+        return;
+    };
+    let disk = tmp("hp.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let console = tmp("hp.console");
+    let cfg = MachineConfig {
+        type_name: "pc".into(),
+        memory: Some(256 << 20),
+        kernel: Some(dir.join("bzImage")),
+        initrd: Some(dir.join("initramfs-virtio.cpio.gz")),
+        append: Some("console=ttyS0 keel.mode=shell".into()),
+        serial: vec![format!("file:{}", console.display())],
+        no_reboot: true,
+        ..MachineConfig::default()
+    };
+    let backends = Arc::new(Backends::new());
+    backends
+        .add_block(
+            "d0",
+            BlockBackend {
+                filename: disk.clone(),
+                read_only: false,
+            },
+        )
+        .unwrap();
+    let log = Arc::new(keel_qdev::EventLog::new());
+    let ctx = BoardContext {
+        backends,
+        events: log.clone(),
+        ..BoardContext::default()
+    };
+    let mut board = PcType
+        .create(&cfg, Arc::new(keel_tcg::TcgAccel::new()), &ctx)
+        .unwrap();
+    let events = board.take_events().unwrap();
+    board.done(&cfg).unwrap();
+    board.resume().unwrap();
+    let started = Instant::now();
+    let wait_for = |needle: &str| loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "no {needle:?} within {TIMEOUT:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    wait_for("acpiphp: Slot [2] registered");
+    wait_for("KEEL-GUEST-SHELL");
+    let added = board
+        .device_add(
+            Phase::MachineReady,
+            &DeviceRequest::parse_cli("virtio-blk-pci,drive=d0,id=hd1").unwrap(),
+        )
+        .unwrap();
+    assert!(added.hotplugged);
+    wait_for("[vda] 8192 512-byte logical blocks");
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(text.contains("pci 0000:00:02.0: [1af4:1001]"), "{text}");
+    let slot2 = |b: &dyn keel_machine::board::Board| {
+        b.pci()[0]
+            .devices
+            .iter()
+            .any(|d| d.slot == 2 && d.qdev_id == "hd1")
+    };
+    assert!(slot2(board.as_ref()));
+
+    let outcome = board
+        .devices_mut()
+        .device_del(Phase::MachineReady, "hd1")
+        .unwrap();
+    assert_eq!(outcome, keel_qdev::DelOutcome::Pending);
+    let ev = events.recv_timeout(TIMEOUT);
+    assert_eq!(ev, Ok(BoardEvent::DeviceEjected));
+    // The guest no longer sees the slot; the tree lets the device go now.
+    assert!(!slot2(board.as_ref()));
+    assert!(board.devices().find("hd1").is_some());
+    board.guest_ejected();
+    assert!(board.devices().find("hd1").is_none());
+    let deleted: Vec<_> = log
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            keel_qdev::DeviceEvent::DeviceDeleted { device, .. } => device,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, ["hd1"]);
+    eprintln!("hot plug and eject took {:?}", started.elapsed());
+    board.shutdown();
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    for bad in ["Oops", "ACPI Error", "WARNING:"] {
+        assert!(!text.contains(bad), "{bad:?} in:\n{text}");
+    }
+    std::fs::remove_file(&disk).ok();
+    std::fs::remove_file(&console).ok();
+}
