@@ -59,10 +59,10 @@ pub enum MachineError {
     #[error("no kernel to boot: give -kernel (this build has no built-in demo guest)")]
     NoKernel,
     /// `-m` out of range.
-    #[error("memory size {0:#x} is out of range: microvm needs 2 MiB to 1 TiB")]
+    #[error("memory size {0:#x} is out of range: microvm and pc need 2 MiB to 1 TiB")]
     MemorySize(u64),
     /// `-smp` out of range.
-    #[error("{0} CPUs requested: microvm supports 1 to 255")]
+    #[error("{0} CPUs requested: microvm and pc support 1 to 255")]
     Cpus(u32),
     /// The accelerator refused or failed.
     #[error(transparent)]

@@ -43,7 +43,7 @@ pub(crate) fn serial_backend(list: &[String]) -> Result<SerialBackend, BoardErro
     };
     if list.len() > 1 {
         return Err(BoardError::Invalid(
-            "microvm has one serial port (COM1); give -serial once".into(),
+            "Keel's machines have one serial port (COM1); give -serial once".into(),
         ));
     }
     Ok(match first.as_str() {
