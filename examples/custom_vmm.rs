@@ -99,6 +99,8 @@ fn run() -> Result<i32, Box<dyn std::error::Error>> {
                 eprintln!("unexpected system event {other:?}");
                 1
             }
+            // Only machines with ACPI PCI hot plug (pc) report ejects.
+            MachineEvent::DeviceEjected => continue,
             MachineEvent::VcpuError { index, error } => {
                 eprintln!("vCPU {index}: {error}");
                 1

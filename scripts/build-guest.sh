@@ -11,8 +11,9 @@
 #   initramfs.cpio.gz         busybox /init: mounts /proc /sys /dev, prints
 #                             "KEEL-GUEST-READY ...", then keel.mode=poweroff
 #                             (default) powers off, keel.mode=shell runs a shell
-#   initramfs-virtio.cpio.gz  the same plus the kernel's virtio modules,
-#                             keel.mode=virtio-test and keel.mode=blk-bench
+#   initramfs-virtio.cpio.gz  the same plus the kernel's virtio modules (virtio_pci
+#                             too), keel.mode=virtio-test (which also lists the PCI
+#                             functions and block devices) and keel.mode=blk-bench
 #                             (see the init text below)
 #   manifest                  package versions, hashes and facts of this build
 #
@@ -422,6 +423,23 @@ for arg in $cmdline; do
     keel.ip=*) ip=${arg#keel.ip=} ;;
     keel.ping=*) peer=${arg#keel.ping=} ;;
   esac
+done
+
+# PCI functions as the guest enumerated them (none without PCI, e.g. on microvm),
+# and the block devices it has.
+if [ -d /sys/bus/pci/devices ]; then
+  echo "KEEL-PCI-BEGIN"
+  for d in /sys/bus/pci/devices/*; do
+    [ -e "$d" ] || continue
+    drv=-; [ -L "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
+    echo "KEEL-PCI ${d##*/} $(cat "$d/vendor"):$(cat "$d/device") class=$(cat "$d/class") subsys=$(cat "$d/subsystem_vendor"):$(cat "$d/subsystem_device") irq=$(cat "$d/irq") driver=$drv"
+  done
+  echo "KEEL-PCI-END"
+  echo "KEEL-PCI-MSI $(grep -c 'PCI-MSI' /proc/interrupts) vectors"
+fi
+for b in /sys/block/*; do
+  [ -e "$b" ] || continue
+  echo "KEEL-BLOCK ${b##*/} $(cat "$b/size") sectors $(basename "$(readlink -f "$b/device/..")" 2>/dev/null)"
 done
 
 # virtio-blk: the first sector, then a write at $sector read back with O_DIRECT.

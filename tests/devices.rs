@@ -709,3 +709,95 @@ fn hostile_inputs_get_messages_that_say_what_is_wrong() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+/// `-M pc` from the command line: the onboard functions and cold virtio-pci devices in
+/// `query-pci` (QEMU's shape) and `info pci`, `pci.0` in the device tree with hot plug, and
+/// a hot `device_add` before the guest runs accepted on `pci.0` but refused on `isa.0`.
+#[test]
+fn pc_machine_reports_its_pci_functions() {
+    let dir = TempDir::new();
+    let img = disk(&dir);
+    let drive = format!("file={img},if=none,format=raw,id=d0");
+    let mut vmm = Vmm::start(&[
+        "-S",
+        "-machine",
+        "pc",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-drive",
+        &drive,
+        "-chardev",
+        "null,id=c1",
+        "-device",
+        "virtio-blk-pci,drive=d0,id=disk0",
+        "-device",
+        "virtio-serial-pci,id=vs,addr=04",
+        "-device",
+        "virtconsole,chardev=c1,id=con0",
+    ]);
+    let mut c = vmm.qmp();
+    let pci = c.ok("query-pci", Value::Null);
+    let devs = pci[0]["devices"].as_array().unwrap();
+    let at: Vec<(u64, u64, u64, u64, &str)> = devs
+        .iter()
+        .map(|d| {
+            (
+                d["slot"].as_u64().unwrap(),
+                d["function"].as_u64().unwrap(),
+                d["id"]["vendor"].as_u64().unwrap(),
+                d["id"]["device"].as_u64().unwrap(),
+                d["qdev_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        at,
+        [
+            (0, 0, 0x8086, 0x1237, ""),
+            (1, 0, 0x8086, 0x7000, ""),
+            (1, 3, 0x8086, 0x7113, ""),
+            (2, 0, 0x1af4, 0x1001, "disk0"),
+            (4, 0, 0x1af4, 0x1003, "vs"),
+        ]
+    );
+    assert_eq!(devs[3]["class_info"]["desc"], "SCSI controller");
+    assert_eq!(devs[3]["regions"][1]["mem_type_64"], true);
+    let text = c.ok("human-monitor-command", json!({"command-line": "info pci"}));
+    let text = text.as_str().unwrap();
+    assert!(text.contains("  Bus  0, device   4, function 0:\r\n    Communication controller: PCI device 1af4:1003\r\n"), "{text}");
+    assert!(text.contains("      id \"disk0\"\r\n"), "{text}");
+    let tree = c.ok("x-query-device-tree", Value::Null);
+    let bus = tree
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "pci.0")
+        .unwrap_or_else(|| panic!("no pci.0 in {tree}"));
+    assert_eq!(bus["hotpluggable"], true);
+    assert!(tree.as_array().unwrap().iter().any(|b| b["name"] == "vs.0"));
+    // Machine-ready (under -S): pci.0 hot-plugs, isa.0 does not.
+    c.ok(
+        "device_add",
+        json!({"driver": "virtio-rng-pci", "id": "rng0", "addr": "06.0"}),
+    );
+    let e = c.err(
+        "device_add",
+        json!({"driver": "isa-debug-exit", "id": "dbg"}),
+        "GenericError",
+    );
+    assert!(e.contains("isa.0"), "{e}");
+    let pci = c.ok("query-pci", Value::Null);
+    assert!(
+        pci[0]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["slot"] == 6 && d["qdev_id"] == "rng0"),
+        "{pci}"
+    );
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+}

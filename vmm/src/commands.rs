@@ -15,6 +15,7 @@ pub use keel_qapi::char::*;
 pub use keel_qapi::machine::*;
 pub use keel_qapi::misc::*;
 pub use keel_qapi::net::*;
+pub use keel_qapi::pci::*;
 pub use keel_qapi::qdev::*;
 pub use keel_qapi::qom::*;
 
@@ -63,6 +64,7 @@ handlers! {
     QueryAccels => |_, c, _| Ok(c.accel_infos());
     QueryKvm => |_, c, _| Ok(c.kvm_info());
     QueryCpusFast => |_, c, _| qapi(c.board.as_ref().map(|b| b.cpus()).unwrap_or_default());
+    QueryPci => |_, c, _| qapi(c.board.as_ref().map(|b| b.pci()).unwrap_or_default());
     MachineSet => |a, c, _| c.machine_set(a);
     BootSet => |a, c, _| c.boot_set(a);
     SerialAdd => |a, c, _| c.serial_add(a.backend);
@@ -154,6 +156,9 @@ impl Handler<VmmCore> for HumanMonitorCommand {
                 .unwrap_or_default(),
             Request::Qtree => c.qtree(),
             Request::Mtree => c.mtree(),
+            Request::Pci => {
+                keel_machine::info_pci(&c.board.as_ref().map(|b| b.pci()).unwrap_or_default())
+            }
             Request::Registers(_) if cpus.is_empty() => "No CPU available\r\n".into(),
             Request::Registers(which) => {
                 let which: Vec<u32> = match which {

@@ -17,16 +17,12 @@
 //!
 //! # Devices
 //!
-//! Every board owns a `keel_qdev::DeviceTree` ([`board::Board::devices`]). `-device` and
-//! QMP `device_add` become the same `keel_qdev::DeviceRequest` and go through
-//! [`board::Board::device_add`]; the tree decides cold plug (machine-init) or hot plug
-//! (machine-ready, refused on microvm's buses, which have no hotplug handler) from the phase
-//! alone. `device_del`, `qom-list`, `qom-get`, `qom-list-types`, `device-list-properties` and
-//! `x-query-device-tree` read or change the same tree; device events reach QMP clients
-//! through [`devices::QmpEvents`]. Backends (`blockdev-add`, `netdev_add`, `chardev-add` and
-//! their command-line forms) live in [`backends::Backends`] from no-machine on and are
-//! looked up by `drive=`/`netdev=`/`chardev=` when a device is realized
-//! (`keel_machine::MicrovmType` maps them onto `keel-virtio` devices behind an MMIO transport).
+//! Every board owns a `keel_qdev::DeviceTree` ([`board::Board::devices`]); `-device` and
+//! `device_add` go through [`board::Board::device_add`], and the tree decides cold plug
+//! (machine-init) or hot plug (machine-ready, on buses with a hotplug handler, as `pc`'s
+//! `pci.0`) from the phase alone. Backends ([`backends::Backends`]) exist from no-machine on
+//! and are looked up by `drive=`/`netdev=`/`chardev=` when a device is realized. The
+//! repository's `docs/ARCHITECTURE.md` has the whole map.
 
 #![deny(missing_docs)]
 
@@ -54,8 +50,8 @@ pub use crate::board::GuestExitPolicy;
 pub use crate::core::{ShutdownCause, ShutdownSignal, VmmCore};
 
 use keel_accel::AccelProbe;
-use keel_machine::MicrovmType;
 use keel_machine::factory::DeviceFactory;
+use keel_machine::{MicrovmType, PcType};
 
 use crate::board::{BoardEvent, MachineType, NoneMachine};
 use crate::commands::{AccelList, AccelSet, MachineDone, MachineInit, MachineSet, VersionInfo};
@@ -138,16 +134,14 @@ impl std::fmt::Debug for VmmBuilder {
     }
 }
 
-/// The accelerators compiled into this build, in the default order of preference.
-#[allow(clippy::vec_init_then_push)] // each push depends on a feature: no `vec![]` literal
+/// The accelerators compiled into this build (features `kvm`, `tcg`), KVM first.
 fn builtin_accels() -> Vec<Arc<dyn AccelProbe>> {
-    #[allow(unused_mut)] // empty when both features are off
-    let mut v: Vec<Arc<dyn AccelProbe>> = Vec::new();
-    #[cfg(feature = "kvm")]
-    v.push(Arc::new(keel_kvm::KvmProbe));
-    #[cfg(feature = "tcg")]
-    v.push(Arc::new(keel_tcg::TcgProbe));
-    v
+    vec![
+        #[cfg(feature = "kvm")]
+        Arc::new(keel_kvm::KvmProbe),
+        #[cfg(feature = "tcg")]
+        Arc::new(keel_tcg::TcgProbe),
+    ]
 }
 
 impl Default for VmmBuilder {
@@ -155,7 +149,11 @@ impl Default for VmmBuilder {
         let mut registry = Registry::new();
         commands::register_all(&mut registry);
         VmmBuilder {
-            machines: vec![Arc::new(NoneMachine), Arc::new(MicrovmType)],
+            machines: vec![
+                Arc::new(NoneMachine),
+                Arc::new(MicrovmType),
+                Arc::new(PcType),
+            ],
             default_machine: "microvm",
             accels: builtin_accels(),
             registry,
@@ -335,6 +333,9 @@ impl Vmm {
             }
             BoardEvent::GuestReset => vmm.core().guest_reset(),
             BoardEvent::GuestPanic => vmm.core().guest_panicked(),
+            BoardEvent::DeviceEjected => {
+                vmm.core().board.iter_mut().for_each(|b| b.guest_ejected())
+            }
             BoardEvent::InternalError(msg) => {
                 log::error!("{msg}");
                 vmm.core().internal_error();

@@ -259,6 +259,18 @@ pub trait Vm: Send + Sync {
             what: "irqfd",
         })
     }
+    /// Delivers one message-signalled interrupt (PCI MSI or MSI-X) as the platform's
+    /// interrupt controller would receive a write of `data` at `address` (on x86: the local
+    /// APICs decode destination, destination mode, vector and delivery mode from them, as
+    /// KVM's `KVM_SIGNAL_MSI` does). The default says [`AccelError::Unsupported`] (a
+    /// platform without local APICs cannot take messages; PCI devices then use INTx).
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {
+        let _ = (address, data);
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "MSI",
+        })
+    }
 }
 
 /// One virtual CPU. Lives on its own thread; only [`Kick`] crosses threads.

@@ -34,6 +34,7 @@ pub const INFO: &[(&str, &str, &str)] = &[
         "show memory tree (the regions of Keel's device tree)",
     ),
     ("name", "", "show the current VM name"),
+    ("pci", "", "show PCI info"),
     ("qtree", "", "show device tree"),
     (
         "registers",
@@ -78,6 +79,8 @@ pub enum Request {
     Qtree,
     /// `info mtree`.
     Mtree,
+    /// `info pci`.
+    Pci,
     /// `info registers`.
     Registers(Cpus),
     /// `cont`.
@@ -109,6 +112,7 @@ pub fn parse(command_line: &str) -> Request {
         ["info", "name"] => Request::Name,
         ["info", "qtree"] => Request::Qtree,
         ["info", "mtree"] => Request::Mtree,
+        ["info", "pci"] => Request::Pci,
         ["info", "registers"] => Request::Registers(Cpus::Current),
         ["info", "registers", "-a"] => Request::Registers(Cpus::All),
         ["info", "registers", n] => match n.parse::<u32>() {

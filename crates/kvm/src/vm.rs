@@ -331,6 +331,21 @@ impl Vm for KvmVm {
             .unregister_irqfd(trigger, gsi)
             .map_err(host("KVM_IRQFD (deassign)"))
     }
+
+    /// `KVM_SIGNAL_MSI`: the in-kernel local APICs decode the message. A message the guest
+    /// blocked (e.g. to an absent APIC) is not an error.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(host("KVM_SIGNAL_MSI"))
+    }
 }
 
 /// A GSI driven with `KVM_IRQ_LINE`.

@@ -114,3 +114,24 @@ fn irqfd_needs_a_valid_gsi_and_can_be_removed() {
     plain.write(1).unwrap();
     vm.unregister_irqfd(5, &plain).unwrap();
 }
+
+/// `Vm::signal_msi` is `KVM_SIGNAL_MSI`: a message to an existing local APIC is accepted
+/// (the in-kernel APIC decodes it), whether or not the guest has its APIC enabled yet.
+#[test]
+fn signal_msi_reaches_the_in_kernel_apic() {
+    let Some(accel) = accel(KvmOptions::default()) else {
+        return;
+    };
+    let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+    let req = requirements("test", 1, 0x10000, false);
+    let vm = accel
+        .create_vm(
+            &req,
+            mem,
+            Arc::new(IoBuses::new()),
+            Arc::new(Events::default()),
+        )
+        .unwrap();
+    let _vcpu = vm.create_vcpu(0).unwrap();
+    vm.signal_msi(0xfee0_0000, 0x0041).unwrap();
+}

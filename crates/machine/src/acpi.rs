@@ -108,10 +108,10 @@ pub fn checksum(data: &[u8]) -> u8 {
 }
 
 /// A system description table under construction: header first, checksum fixed at the end.
-struct Sdt(Vec<u8>);
+pub(crate) struct Sdt(pub(crate) Vec<u8>);
 
 impl Sdt {
-    fn new(signature: &[u8; 4], revision: u8, table_id: &[u8; 8]) -> Self {
+    pub(crate) fn new(signature: &[u8; 4], revision: u8, table_id: &[u8; 8]) -> Self {
         let mut v = Vec::with_capacity(256);
         v.extend_from_slice(signature);
         v.extend_from_slice(&0u32.to_le_bytes()); // length, fixed in finish()
@@ -125,23 +125,23 @@ impl Sdt {
         Self(v)
     }
 
-    fn u8(&mut self, v: u8) -> &mut Self {
+    pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
         self.0.push(v);
         self
     }
-    fn u16(&mut self, v: u16) -> &mut Self {
+    pub(crate) fn u16(&mut self, v: u16) -> &mut Self {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
-    fn u32(&mut self, v: u32) -> &mut Self {
+    pub(crate) fn u32(&mut self, v: u32) -> &mut Self {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
-    fn u64(&mut self, v: u64) -> &mut Self {
+    pub(crate) fn u64(&mut self, v: u64) -> &mut Self {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
-    fn zeros(&mut self, n: usize) -> &mut Self {
+    pub(crate) fn zeros(&mut self, n: usize) -> &mut Self {
         self.0.resize(self.0.len() + n, 0);
         self
     }
@@ -150,7 +150,7 @@ impl Sdt {
         self.u8(0).u8(8).u8(0).u8(1).u64(addr)
     }
     /// A Generic Address Structure for an I/O port block of `bytes` bytes (0: none).
-    fn gas_io(&mut self, port: u16, bytes: u8, access: u8) -> &mut Self {
+    pub(crate) fn gas_io(&mut self, port: u16, bytes: u8, access: u8) -> &mut Self {
         if bytes == 0 {
             return self.zeros(12);
         }
@@ -160,7 +160,7 @@ impl Sdt {
             .u8(access)
             .u64(u64::from(port))
     }
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         let len = self.0.len() as u32;
         self.0[4..8].copy_from_slice(&len.to_le_bytes());
         self.0[9] = 0;
@@ -169,7 +169,7 @@ impl Sdt {
     }
 }
 
-fn rsdp(xsdt_addr: u64) -> Vec<u8> {
+pub(crate) fn rsdp(xsdt_addr: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(36);
     v.extend_from_slice(b"RSD PTR ");
     v.push(0); // checksum of the first 20 bytes
@@ -275,7 +275,7 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
 
 /// The Firmware ACPI Control Structure a full FADT points at: no waking vector, no global
 /// lock owner, no S4BIOS (version 2, 64 bytes, no checksum).
-fn facs() -> Vec<u8> {
+pub(crate) fn facs() -> Vec<u8> {
     let mut v = Vec::with_capacity(64);
     v.extend_from_slice(b"FACS");
     v.extend_from_slice(&64u32.to_le_bytes());
@@ -284,7 +284,7 @@ fn facs() -> Vec<u8> {
     v
 }
 
-fn madt(cfg: &AcpiConfig) -> Vec<u8> {
+pub(crate) fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     const PCAT_COMPAT: u32 = 1;
     let mut t = Sdt::new(b"APIC", 5, b"KEELAPIC");
     t.u32(LAPIC_ADDR as u32)
@@ -315,7 +315,7 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
 }
 
 /// Already-encoded AML, so nodes can be built one at a time.
-struct Raw(Vec<u8>);
+pub(crate) struct Raw(pub(crate) Vec<u8>);
 
 impl Aml for Raw {
     fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
@@ -323,13 +323,13 @@ impl Aml for Raw {
     }
 }
 
-fn encode(obj: &dyn Aml) -> Raw {
+pub(crate) fn encode(obj: &dyn Aml) -> Raw {
     let mut v = Vec::new();
     obj.to_aml_bytes(&mut v);
     Raw(v)
 }
 
-fn device(name: &str, children: &[&dyn Aml]) -> Raw {
+pub(crate) fn device(name: &str, children: &[&dyn Aml]) -> Raw {
     encode(&Device::new(Path::new(name), children.to_vec()))
 }
 
@@ -468,7 +468,7 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     Ok(t.finish())
 }
 
-fn align16(x: u64) -> u64 {
+pub(crate) fn align16(x: u64) -> u64 {
     (x + 15) & !15
 }
 

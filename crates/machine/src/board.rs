@@ -285,6 +285,8 @@ pub enum BoardEvent {
     GuestPanic,
     /// A vCPU failed; the machine is held.
     InternalError(String),
+    /// The guest ejected hot-plugged devices: call [`Board::guest_ejected`].
+    DeviceEjected,
 }
 
 /// A built machine, driven by the lifecycle commands.
@@ -318,10 +320,18 @@ pub trait Board: Send {
         let _ = index;
         None
     }
+    /// The PCI buses and their functions (`query-pci`, `info pci`); none by default (a
+    /// machine without PCI).
+    fn pci(&self) -> Vec<crate::PciBusInfo> {
+        Vec::new()
+    }
     /// The channel of [`BoardEvent`]s, taken once by the VMM right after creation.
     fn take_events(&mut self) -> Option<std::sync::mpsc::Receiver<BoardEvent>> {
         None
     }
+    /// Completes the removal of the devices the guest ejected ([`BoardEvent::DeviceEjected`]):
+    /// they leave the device tree (`DEVICE_DELETED`). The default has none.
+    fn guest_ejected(&mut self) {}
     /// Presses the ACPI power button (`system_powerdown`); `false` if the machine has none.
     fn power_button(&mut self) -> bool {
         false

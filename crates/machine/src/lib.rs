@@ -58,6 +58,10 @@ pub mod factory;
 pub mod layout;
 mod microvm;
 mod microvm_board;
+pub mod pc;
+pub mod pc_acpi;
+mod pc_board;
+pub mod pc_hotplug;
 mod runner;
 
 pub use acpi::VirtioMmioDevice;
@@ -73,4 +77,9 @@ pub use microvm::{
     Resolved, VIRTIO_MMIO_SLOTS, requirements,
 };
 pub use microvm_board::{MicrovmType, microvm_config};
+pub use pc::{Pc, PcConfig};
+pub use pc_board::{
+    PcType, PciBusInfo, PciClassInfo, PciDeviceInfo, PciIdInfo, PciRegionInfo, info_pci, pc_config,
+    pci_info,
+};
 pub use runner::{CpuInfo, MachineEvent, MachineEvents};

@@ -60,10 +60,10 @@ pub enum MachineError {
     #[error("no kernel to boot: give -kernel (this build has no built-in demo guest)")]
     NoKernel,
     /// `-m` out of range.
-    #[error("memory size {0:#x} is out of range: microvm needs 2 MiB to 1 TiB")]
+    #[error("memory size {0:#x} is out of range: microvm and pc need 2 MiB to 1 TiB")]
     MemorySize(u64),
     /// `-smp` out of range.
-    #[error("{0} CPUs requested: microvm supports 1 to 255")]
+    #[error("{0} CPUs requested: microvm and pc support 1 to 255")]
     Cpus(u32),
     /// The accelerator refused or failed.
     #[error(transparent)]
@@ -97,6 +97,9 @@ pub enum MachineError {
     /// Building ACPI tables failed.
     #[error(transparent)]
     Acpi(AcpiError),
+    /// The PCI bus refused (an address taken, no room for a BAR, ...).
+    #[error("{0}")]
+    Pci(String),
     /// Loading the kernel or preparing the boot state failed.
     #[error(transparent)]
     Boot(BootError),
@@ -229,7 +232,7 @@ impl std::fmt::Debug for Microvm {
 }
 
 /// Where COM1's bytes go for `backend`.
-fn serial_output(backend: &SerialBackend) -> Result<SerialOutput, MachineError> {
+pub(crate) fn serial_output(backend: &SerialBackend) -> Result<SerialOutput, MachineError> {
     Ok(match backend {
         SerialBackend::Stdio | SerialBackend::Stdout => SerialOutput::Stdout,
         SerialBackend::File(p) => {

@@ -37,13 +37,13 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct MicrovmType;
 
-fn serial_backend(list: &[String]) -> Result<SerialBackend, BoardError> {
+pub(crate) fn serial_backend(list: &[String]) -> Result<SerialBackend, BoardError> {
     let Some(first) = list.first() else {
         return Ok(SerialBackend::Stdio);
     };
     if list.len() > 1 {
         return Err(BoardError::Invalid(
-            "microvm has one serial port (COM1); give -serial once".into(),
+            "Keel's machines have one serial port (COM1); give -serial once".into(),
         ));
     }
     Ok(match first.as_str() {
@@ -71,7 +71,7 @@ pub const CPU_PROPERTY: &str = "cpu";
 /// reproduced). Feature switches (`+x`, `-x`, `x=on`) are refused rather than ignored.
 pub const CPU_MODELS: &[&str] = &["max", "host", "qemu64", "kvm64"];
 
-fn cpu_model(spec: &str) -> Result<&str, BoardError> {
+pub(crate) fn cpu_model(spec: &str) -> Result<&str, BoardError> {
     let (model, features) = spec.split_once(',').unwrap_or((spec, ""));
     if !CPU_MODELS.contains(&model) {
         return Err(BoardError::Invalid(format!(
@@ -198,7 +198,7 @@ impl MachineType for MicrovmType {
 }
 
 /// The error and its sources on one line, as a QMP `desc`.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -209,9 +209,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-struct Forward {
-    tx: Sender<BoardEvent>,
-    guest_exit: GuestExitPolicy,
+pub(crate) struct Forward {
+    pub(crate) tx: Sender<BoardEvent>,
+    pub(crate) guest_exit: GuestExitPolicy,
 }
 
 impl MachineEvents for Forward {
@@ -232,6 +232,7 @@ impl MachineEvents for Forward {
             MachineEvent::System(other) => {
                 BoardEvent::InternalError(format!("unhandled system event {other:?}"))
             }
+            MachineEvent::DeviceEjected => BoardEvent::DeviceEjected,
             MachineEvent::VcpuError { index, error } => {
                 BoardEvent::InternalError(format!("vCPU {index}: {error}"))
             }
@@ -286,13 +287,13 @@ const VIRTIO_MMIO_STATUS: u64 = 0x70;
 /// What a realized virtio device keeps alive until it is unrealized: the RX thread of a
 /// virtio-net, the claim of a virtio-blk on its drive.
 #[allow(dead_code)] // held for its Drop
-enum Keep {
+pub(crate) enum Keep {
     Rx(RxPoller),
     Block(crate::backends::BlockLease),
 }
 
 /// A virtio device shared by its transport and, for virtio-net, the RX thread.
-type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
+pub(crate) type SharedVirtio = Arc<Mutex<dyn VirtioDevice>>;
 
 /// What a realized user device holds on to until it is unrealized.
 enum Realized {
@@ -372,51 +373,73 @@ impl MicrovmHooks {
 
     /// A console port writing to the backend `chardev=` names.
     fn console(&self, chardev: &str) -> Result<SharedVirtio, HookError> {
-        let out: Box<dyn Write + Send> = match self.backends.chardev(chardev)? {
-            CharBackend::File { path } => Box::new(
-                std::fs::File::create(&path)
-                    .map_err(|e| format!("Could not open '{}': {e}", path.display()))?,
-            ),
-            CharBackend::Null => Box::new(std::io::sink()),
-            CharBackend::Stdio => Box::new(std::io::stdout()),
-        };
-        Ok(Arc::new(Mutex::new(Console::new(out))))
+        console_device(&self.backends, chardev)
     }
 
     fn virtio_device(
         &self,
         dev: &DeviceView<'_>,
     ) -> Result<(SharedVirtio, Option<Keep>), HookError> {
-        let p = dev.props;
-        Ok(match dev.driver {
-            Block::QDEV_TYPE => {
-                let props = BlockProps::from_props(p)?;
-                let b = self.backends.block(&props.drive)?;
-                let cfg = props.config(&b.filename, b.read_only);
-                let lease =
-                    self.backends
-                        .attach_block(&props.drive, !cfg.read_only, props.share_rw)?;
-                (
-                    Arc::new(Mutex::new(Block::new(&cfg)?)),
-                    Some(Keep::Block(lease)),
-                )
+        virtio_backend(&self.backends, dev.driver, dev.props).map_err(|e| {
+            if e.to_string().is_empty() {
+                format!("microvm cannot realize '{}'", dev.driver).into()
+            } else {
+                e
             }
-            Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
-            Net::QDEV_TYPE => {
-                let props = NetProps::from_props(p)?;
-                let n = self.backends.net(&props.netdev)?;
-                let net = Arc::new(Mutex::new(Net::with_tap(&n.ifname, props.config())?));
-                let rx = RxPoller::spawn(net.clone())?;
-                (net, Some(Keep::Rx(rx)))
-            }
-            // The port comes later (virtconsole); until then output is dropped.
-            Console::QDEV_TYPE => (
-                Arc::new(Mutex::new(Console::new(Box::new(std::io::sink())))),
-                None,
-            ),
-            other => return Err(format!("microvm cannot realize '{other}'").into()),
         })
     }
+}
+
+/// A console port writing to the backend `chardev=` names.
+pub(crate) fn console_device(
+    backends: &Arc<Backends>,
+    chardev: &str,
+) -> Result<SharedVirtio, HookError> {
+    let out: Box<dyn Write + Send> = match backends.chardev(chardev)? {
+        CharBackend::File { path } => Box::new(
+            std::fs::File::create(&path)
+                .map_err(|e| format!("Could not open '{}': {e}", path.display()))?,
+        ),
+        CharBackend::Null => Box::new(std::io::sink()),
+        CharBackend::Stdio => Box::new(std::io::stdout()),
+    };
+    Ok(Arc::new(Mutex::new(Console::new(out))))
+}
+
+/// The virtio back end of kind `kind` (keel-virtio's type names: `virtio-blk-device`, ...)
+/// built from validated properties `p`, and what it keeps alive (its drive lease, its RX
+/// thread). An unknown kind is an empty error message (the caller names the machine).
+pub(crate) fn virtio_backend(
+    backends: &Arc<Backends>,
+    kind: &str,
+    p: &keel_qdev::Props,
+) -> Result<(SharedVirtio, Option<Keep>), HookError> {
+    Ok(match kind {
+        Block::QDEV_TYPE => {
+            let props = BlockProps::from_props(p)?;
+            let b = backends.block(&props.drive)?;
+            let cfg = props.config(&b.filename, b.read_only);
+            let lease = backends.attach_block(&props.drive, !cfg.read_only, props.share_rw)?;
+            (
+                Arc::new(Mutex::new(Block::new(&cfg)?)),
+                Some(Keep::Block(lease)),
+            )
+        }
+        Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
+        Net::QDEV_TYPE => {
+            let props = NetProps::from_props(p)?;
+            let n = backends.net(&props.netdev)?;
+            let net = Arc::new(Mutex::new(Net::with_tap(&n.ifname, props.config())?));
+            let rx = RxPoller::spawn(net.clone())?;
+            (net, Some(Keep::Rx(rx)))
+        }
+        // The port comes later (virtconsole); until then output is dropped.
+        Console::QDEV_TYPE => (
+            Arc::new(Mutex::new(Console::new(Box::new(std::io::sink())))),
+            None,
+        ),
+        _ => return Err(String::new().into()),
+    })
 }
 
 impl DeviceHooks for MicrovmHooks {

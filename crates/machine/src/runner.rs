@@ -30,6 +30,9 @@ pub enum MachineEvent {
     /// (not running guest code) until the owner calls `reset()` or `shutdown()`.
     /// With `no_reboot`, a reset request arrives as [`SystemEvent::Shutdown`].
     System(SystemEvent),
+    /// The guest ejected hot-pluggable devices (ACPI PCI hot plug); the owner completes
+    /// their removal. The vCPUs keep running.
+    DeviceEjected,
     /// A vCPU failed (the backend returned an error); all vCPUs are held.
     VcpuError {
         /// vCPU index.

@@ -41,6 +41,7 @@ pub mod cli;
 pub mod machine;
 pub mod misc;
 pub mod net;
+pub mod pci;
 pub mod qdev;
 pub mod qom;
 
@@ -112,6 +113,7 @@ macro_rules! for_each_command {
                 $crate::block::QueryNamedBlockNodes,
                 $crate::block::QueryBlockstats,
                 $crate::block::BlockdevDel,
+                $crate::pci::QueryPci,
             ],
             aliases: [$crate::machine::MachineDone => "x-exit-preconfig"],
             context_free: [$crate::misc::QueryYank, $crate::misc::Yank],

@@ -640,6 +640,22 @@ impl Vm for TcgVm {
         }
     }
 
+    /// Decodes the message as the local APICs decode a write to 0xFEEx_xxxx: destination
+    /// (address bits 19:12), destination mode (bit 2), vector (data bits 7:0), delivery mode
+    /// (data bits 10:8) and trigger mode (data bit 15), then delivers it on the APIC bus as
+    /// the IOAPIC delivers a redirection entry. Without local APICs (one vCPU,
+    /// [`ApicMode::Auto`]) there is nothing to deliver to: `Unsupported`.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {
+        let Some(a) = &self.apics else {
+            return Err(AccelError::Unsupported {
+                accel: NAME,
+                what: "MSI without local APICs (use -smp 2 or ApicMode::On)",
+            });
+        };
+        a.bus.deliver(&msi_message(address, data));
+        Ok(())
+    }
+
     fn platform_devices(&self) -> Vec<(BusRange, Arc<dyn BusDevice>)> {
         let mut v = self.pic.bus_devices();
         v.extend(self.pit.bus_devices());
@@ -659,6 +675,19 @@ impl Vm for TcgVm {
             a.ioapic.reset();
         }
         Ok(())
+    }
+}
+
+/// The APIC-bus message an MSI write of `data` at `address` stands for.
+fn msi_message(address: u64, data: u32) -> lapic::Message {
+    lapic::Message {
+        dest: (address >> 12) as u8,
+        logical: address & (1 << 2) != 0,
+        mode: lapic::DeliveryMode::from_bits(data),
+        vector: data as u8,
+        level: data & (1 << 15) != 0,
+        shorthand: lapic::Shorthand::None,
+        source: None,
     }
 }
 
@@ -1673,5 +1702,54 @@ mod tests {
         pic.set_irq(4, true).unwrap();
         assert!(pic.has_interrupt());
         assert_eq!(pic.acknowledge(), Some(0x34));
+    }
+
+    /// An MSI write decodes as the local APICs decode it: a fixed message to APIC 1 raises
+    /// its vector there and nowhere else; logical destination 0xff reaches every APIC;
+    /// without local APICs the accelerator says it cannot take messages.
+    #[test]
+    fn signal_msi_reaches_the_addressed_local_apic() {
+        struct NoEvents;
+        impl SystemEvents for NoEvents {
+            fn request(&self, _e: keel_accel::SystemEvent) {}
+        }
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let buses = Arc::new(IoBuses::new());
+        let vm = TcgVm::with_apic(
+            mem.clone(),
+            buses,
+            Arc::new(NoEvents),
+            Default::default(),
+            true,
+        )
+        .unwrap();
+        let v0 = vm.create_tcg_vcpu(0);
+        let v1 = vm.create_tcg_vcpu(1);
+        let (l0, l1) = (v0.lapic.clone().unwrap(), v1.lapic.clone().unwrap());
+        for l in [&l0, &l1] {
+            l.write_reg(lapic::reg::SVR, 0x1ff);
+        }
+        // Physical destination 1, fixed, edge, vector 0x41.
+        vm.signal_msi(0xfee0_1000, 0x0041).unwrap();
+        assert!(!l0.has_interrupt());
+        assert!(l1.has_interrupt());
+        assert_eq!(l1.acknowledge(), Some(0x41));
+        // Logical broadcast reaches both.
+        vm.signal_msi(0xfee0_0000 | (0xff << 12) | 4, 0x0052)
+            .unwrap();
+        assert_eq!(l0.acknowledge(), Some(0x52));
+        assert_eq!(l1.acknowledge(), Some(0x52));
+        let no_apic = TcgVm::new(
+            mem,
+            Arc::new(IoBuses::new()),
+            Arc::new(NoEvents),
+            Default::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            no_apic.signal_msi(0xfee0_0000, 0x30),
+            Err(AccelError::Unsupported { .. })
+        ));
     }
 }
