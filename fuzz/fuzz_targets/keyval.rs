@@ -13,10 +13,19 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    for syntax in [Syntax::DEVICE, Syntax::OBJECT, Syntax::BLOCKDEV, Syntax::qemu_opts(None)] {
+    for syntax in [
+        Syntax::DEVICE,
+        Syntax::OBJECT,
+        Syntax::BLOCKDEV,
+        Syntax::qemu_opts(None),
+    ] {
         if let Ok(opts) = syntax.parse(text) {
             let printed = opts.to_string();
-            assert_eq!(Syntax::BLOCKDEV.parse(&printed).as_ref(), Ok(&opts), "{text:?}");
+            assert_eq!(
+                Syntax::BLOCKDEV.parse(&printed).as_ref(),
+                Ok(&opts),
+                "{text:?}"
+            );
         }
     }
     match (Syntax::DEVICE.parse(text), DeviceRequest::parse_cli(text)) {

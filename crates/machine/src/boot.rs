@@ -264,14 +264,21 @@ fn check_segment(
     Ok(())
 }
 
+// `None` past the end of `b`, including offsets near `usize::MAX` (a hostile `e_phoff`).
 fn le16(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 fn le32(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 fn le64(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -529,12 +536,22 @@ fn load_kernel(
             bytes = b;
         }
     }
+    load_kernel_bytes(mem, &path, bytes, low_ram_end)
+}
+
+/// Loads a kernel image already in memory, by its format (ELF or bzImage).
+fn load_kernel_bytes(
+    mem: &keel_accel::GuestMemory,
+    path: &Path,
+    bytes: &[u8],
+    low_ram_end: u64,
+) -> Result<Loaded, BootError> {
     if bytes.starts_with(b"\x7fELF") {
-        load_elf(mem, &path, bytes, low_ram_end)
+        load_elf(mem, path, bytes, low_ram_end)
     } else if bytes.get(0x202..0x206) == Some(b"HdrS") {
-        load_bzimage(mem, &path, bytes, low_ram_end)
+        load_bzimage(mem, path, bytes, low_ram_end)
     } else {
-        Err(BootError::NotAKernel(path))
+        Err(BootError::NotAKernel(path.to_path_buf()))
     }
 }
 
@@ -805,6 +822,35 @@ pub fn prepare(
     cfg: &BootConfig<'_>,
 ) -> Result<BootState, BootError> {
     let loaded = load_kernel(mem, cfg.kernel, cfg.low_ram_end)?;
+    finish(mem, cfg, loaded)
+}
+
+/// Fuzzing entry (`fuzz/fuzz_targets/boot_loaders.rs`), not part of the API: [`prepare`]
+/// with the kernel given as borrowed bytes (ELF with or without the PVH note, or bzImage,
+/// detected as for a file) and no initrd; `cfg.kernel` and `cfg.initrd` are ignored.
+#[doc(hidden)]
+pub fn fuzz_prepare(
+    mem: &keel_accel::GuestMemory,
+    kernel: &[u8],
+    cfg: &BootConfig<'_>,
+) -> Result<BootState, BootError> {
+    let loaded = load_kernel_bytes(mem, Path::new("fuzz"), kernel, cfg.low_ram_end)?;
+    finish(
+        mem,
+        &BootConfig {
+            initrd: None,
+            ..cfg.clone()
+        },
+        loaded,
+    )
+}
+
+/// [`prepare`] once the kernel is loaded: initrd, command line, boot structures.
+fn finish(
+    mem: &keel_accel::GuestMemory,
+    cfg: &BootConfig<'_>,
+    loaded: Loaded,
+) -> Result<BootState, BootError> {
     let mut cmdline_max = (CMDLINE_MAX - 1) as usize;
     let mut initrd_top = cfg.low_ram_end;
     if let Some(h) = loaded.setup {
