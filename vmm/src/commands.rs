@@ -458,7 +458,7 @@ handlers! {
     };
     QueryCpuDefinitions => |_, c, _| {
         let k = c.kvm_info();
-        Ok(cpu_model::definitions(k.present, k.enabled)
+        Ok(cpu_model::definitions(c.cpuid().ok().as_deref(), k.present, k.enabled)
             .into_iter()
             .map(|(name, is_static, unavailable)| CpuDefinitionInfo {
                 name: name.into(), typename: format!("{name}-x86_64-cpu"),
@@ -481,7 +481,7 @@ handlers! {
             // Keel has no memory backend objects (`-object memory-backend-*`): none of
             // their properties would be honoured.
             "memory-backend-file" | "memory-backend-memfd" | "memory-backend-ram" => Ok(Vec::new()),
-            "max-x86_64-cpu" | "base-x86_64-cpu" => c.cpu_props(),
+            "max-x86_64-cpu" | "base-x86_64-cpu" | "qemu64-x86_64-cpu" => c.cpu_props(),
             "host-x86_64-cpu" if c.kvm_info().present => c.cpu_props(),
             _ if let Some(m) = c.machines.iter().find(|m| format!("{}-machine", m.name()) == t) => {
                 let mut v = vec![prop("type", "string", None)];

@@ -29,11 +29,45 @@ pub fn properties(cpuid: &[CpuidLeaf]) -> Vec<(&'static str, &'static str)> {
     v
 }
 
+/// QEMU 7.2's `qemu64` model (the `pc` and `microvm` default): its feature names.
+pub const QEMU64_FEATURES: &[&str] = &[
+    "fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",
+    "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "pni", "cx16", "lm",
+    "syscall", "nx", "lahf-lm", "svm",
+];
+
 /// The CPU models `query-cpu-definitions` lists: (name, static, unavailable features).
 /// Keel presents one model per accelerator: `max` names it, `base` is its static subset,
-/// and `host` exists where `/dev/kvm` does (usable only when KVM runs the machine).
-pub fn definitions(kvm_present: bool, kvm_enabled: bool) -> Vec<(&'static str, bool, Vec<String>)> {
-    let mut v = vec![("max", false, Vec::new()), ("base", true, Vec::new())];
+/// `host` exists where `/dev/kvm` does (usable only when KVM runs the machine), and
+/// `qemu64` (the machines' default type, as QEMU's) is accepted for the same model, listing
+/// as unavailable the features of QEMU's `qemu64` that the model lacks.
+pub fn definitions(
+    cpuid: Option<&[CpuidLeaf]>,
+    kvm_present: bool,
+    kvm_enabled: bool,
+) -> Vec<(&'static str, bool, Vec<String>)> {
+    let have: Vec<&str> = cpuid
+        .map(|c| {
+            features(c)
+                .into_iter()
+                .filter(|f| f.1)
+                .map(|f| f.0)
+                .collect()
+        })
+        .unwrap_or_default();
+    let qemu64_missing: Vec<String> = match cpuid {
+        Some(_) => QEMU64_FEATURES
+            .iter()
+            .filter(|f| !have.contains(f))
+            .map(|f| (*f).to_owned())
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut v = vec![
+        ("max", false, Vec::new()),
+        ("base", true, Vec::new()),
+        ("qemu64", false, qemu64_missing),
+    ];
     if kvm_present {
         let missing = if kvm_enabled {
             Vec::new()
@@ -57,6 +91,7 @@ pub fn expand(
 ) -> Result<(&'static str, Map<String, Value>), String> {
     let canonical = match name {
         "max" => "max",
+        "qemu64" => "qemu64",
         "base" => "base",
         "host" if kvm_enabled => "host",
         "host" => return Err("CPU model 'host' requires KVM".into()),

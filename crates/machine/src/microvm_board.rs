@@ -148,7 +148,7 @@ impl MachineType for MicrovmType {
             deprecated: false,
             acpi: true,
             // Keel's one CPU model: what the accelerator presents (see `query-cpu-definitions`).
-            default_cpu_type: Some("max-x86_64-cpu".into()),
+            default_cpu_type: Some("qemu64-x86_64-cpu".into()),
             default_ram_id: Some("microvm.ram".into()),
         }
     }

@@ -99,7 +99,7 @@ impl MachineType for PcType {
             numa_mem_supported: false,
             deprecated: false,
             acpi: true,
-            default_cpu_type: Some("max-x86_64-cpu".into()),
+            default_cpu_type: Some("qemu64-x86_64-cpu".into()),
             default_ram_id: Some("pc.ram".into()),
         }
     }

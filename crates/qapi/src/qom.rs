@@ -196,6 +196,7 @@ pub fn extra_types(
         ("x86_64-cpu".into(), "cpu", true),
         ("max-x86_64-cpu".into(), "x86_64-cpu", false),
         ("base-x86_64-cpu".into(), "x86_64-cpu", false),
+        ("qemu64-x86_64-cpu".into(), "x86_64-cpu", false),
     ];
     if kvm_present {
         v.push(("host-x86_64-cpu".into(), "max-x86_64-cpu", false));
