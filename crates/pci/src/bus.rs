@@ -296,40 +296,32 @@ impl PciBus {
         routes.iter().map(|r| (r.function, r.region)).collect()
     }
 
-    /// A read at absolute address `addr` in `space`; `false` when no BAR decodes it.
-    pub fn window_read(&self, space: AddressSpace, addr: u64, data: &mut [u8]) -> bool {
-        let hit = {
-            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-            routes
-                .iter()
-                .find(|r| r.region.contains(space, addr))
-                .map(|r| (Arc::clone(&r.device), r.region))
-        };
-        match hit {
-            Some((d, region)) => {
-                d.bar_read(region.bar, addr - region.base, data);
+    /// Calls `f` with the route that decodes `addr` in `space`, the device called under the
+    /// routes' read lock (the bus map before the device, as every bus: no reference count
+    /// is taken per access); `false` when no BAR decodes it.
+    fn with_route(&self, space: AddressSpace, addr: u64, f: impl FnOnce(&Route)) -> bool {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        match routes.iter().find(|r| r.region.contains(space, addr)) {
+            Some(r) => {
+                f(r);
                 true
             }
             None => false,
         }
     }
 
+    /// A read at absolute address `addr` in `space`; `false` when no BAR decodes it.
+    pub fn window_read(&self, space: AddressSpace, addr: u64, data: &mut [u8]) -> bool {
+        self.with_route(space, addr, |r| {
+            r.device.bar_read(r.region.bar, addr - r.region.base, data)
+        })
+    }
+
     /// A write at absolute address `addr` in `space`; `false` when no BAR decodes it.
     pub fn window_write(&self, space: AddressSpace, addr: u64, data: &[u8]) -> bool {
-        let hit = {
-            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-            routes
-                .iter()
-                .find(|r| r.region.contains(space, addr))
-                .map(|r| (Arc::clone(&r.device), r.region))
-        };
-        match hit {
-            Some((d, region)) => {
-                d.bar_write(region.bar, addr - region.base, data);
-                true
-            }
-            None => false,
-        }
+        self.with_route(space, addr, |r| {
+            r.device.bar_write(r.region.bar, addr - r.region.base, data)
+        })
     }
 
     /// A [`BusDevice`] for one window: map it at `base` on the PIO bus (for
