@@ -33,7 +33,7 @@ pub mod devices;
 
 /// The machine seam and the backends, from `keel-machine` (re-exported so that embedders
 /// of `vmm` name one crate).
-pub use keel_machine::{backends, board};
+pub use keel_machine::{backends, board, device_types};
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};

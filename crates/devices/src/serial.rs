@@ -388,6 +388,7 @@ impl Serial {
     /// The qdev type: onboard (the board creates it, `-device` cannot), no properties.
     pub fn qdev_type() -> keel_qdev::DeviceType {
         keel_qdev::DeviceType::new(Self::QDEV_TYPE, keel_qdev::BusType::Isa)
+            .category(keel_qdev::Category::Input)
             .description("16550A UART (COM1)")
             .user_creatable(false)
     }
