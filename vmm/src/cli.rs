@@ -11,10 +11,12 @@
 use keel_phase::Phase;
 use keel_qmp::CommandError;
 
-pub use keel_qapi::cmdline::{Action, CliError, HELP, Invocation, Step, parse, split_opts};
+pub use keel_qapi::cmdline::{
+    Action, CliError, HELP, Invocation, Step, parse, split_opts, timestamp_prefix,
+};
 
 use crate::Vmm;
-use crate::commands::{AccelList, AccelSet, MachineSet, SerialAdd};
+use crate::commands::{AccelList, AccelSet, MachineSet, SerialAdd, SetAction};
 
 /// Where [`execute`] left the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +117,23 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::Uuid(u) => vmm.set_uuid(Some(u.clone())),
             Action::NoAutostart => vmm.set_autostart(false),
             Action::Preconfig => preconfig = true,
-            Action::PidFile(_) | Action::Daemonize | Action::Nothing => {}
+            Action::Object(o) => {
+                backend(opt, vmm.backends().add_object(&o.qom_type, &o.id, &o.props))?
+            }
+            Action::AddFd { set, fd, opaque } => {
+                backend(opt, vmm.backends().add_fd(*set, *fd, opaque.clone()))?
+            }
+            Action::Audiodev { id, driver } => {
+                backend(opt, vmm.backends().add_audiodev(id, driver))?
+            }
+            Action::MemLock => backend(opt, keel_machine::backends::lock_all_memory())?,
+            Action::NoShutdown => vmm
+                .execute(SetAction {
+                    shutdown: Some("pause".into()),
+                    ..SetAction::default()
+                })
+                .map_err(cmd(opt))?,
+            Action::PidFile(_) | Action::Daemonize | Action::MsgTimestamp | Action::Nothing => {}
         }
     }
     pending.flush(vmm)?;
@@ -134,6 +152,17 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
     Ok(Outcome {
         phase: vmm.phase(),
         preconfig,
+    })
+}
+
+/// A backend store error as the option's error.
+fn backend(
+    option: &str,
+    r: Result<(), keel_machine::backends::BackendError>,
+) -> Result<(), CliError> {
+    r.map_err(|e| CliError::Syntax {
+        option: option.to_owned(),
+        message: e.to_string(),
     })
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -53,10 +53,13 @@ pub struct NetBackend {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "type")]
 pub enum CharBackend {
-    /// Output goes to a file (created or truncated when the device opens it).
+    /// Output goes to a file, opened when the backend is added (`/dev/fdset/N` takes a
+    /// descriptor of an fd set, see [`Backends::open`]).
     File {
         /// File path.
         path: PathBuf,
+        /// Append to the file instead of truncating it (`append=on`).
+        append: bool,
     },
     /// Output is dropped.
     Null,
@@ -68,11 +71,70 @@ impl CharBackend {
     /// The backend as `query-chardev` names it (`file:PATH`, `null`, `stdio`).
     pub fn filename(&self) -> String {
         match self {
-            CharBackend::File { path } => format!("file:{}", path.display()),
+            CharBackend::File { path, .. } => format!("file:{}", path.display()),
             CharBackend::Null => "null".into(),
             CharBackend::Stdio => "stdio".into(),
         }
     }
+}
+
+impl CharBackend {
+    /// The backend of a `chardev-add` (`{"type": "file", "data": {"out": PATH,
+    /// "append": BOOL}}`, `null`, `stdio`), with QEMU's messages for what is missing.
+    pub fn from_qapi(backend: &serde_json::Value) -> Result<Self, BackendError> {
+        let kind = backend.get("type").and_then(serde_json::Value::as_str);
+        let data = backend.get("data");
+        Ok(match kind {
+            Some("null") => CharBackend::Null,
+            Some("stdio") => CharBackend::Stdio,
+            Some("file") => {
+                let out = data.and_then(|d| d.get("out")).and_then(|v| v.as_str());
+                let append = data
+                    .and_then(|d| d.get("append"))
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
+                match out {
+                    Some(p) if !p.is_empty() => CharBackend::File {
+                        path: p.into(),
+                        append,
+                    },
+                    _ => {
+                        return Err(BackendError::Invalid(
+                            "Parameter 'backend.data.out' is missing (the output file)".into(),
+                        ));
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(BackendError::Invalid(format!(
+                    "chardev backend '{other}' is not supported for devices (use file, null or stdio)"
+                )));
+            }
+            None => {
+                return Err(BackendError::Invalid(
+                    "Parameter 'backend.type' is missing".into(),
+                ));
+            }
+        })
+    }
+}
+
+/// A user-created object (`-object`): what Keel keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserObject {
+    /// `secret`: bytes other objects may refer to by id (libvirt's master key).
+    Secret {
+        /// The secret's bytes as given (`format=raw`) or its base64 text (`format=base64`).
+        data: Vec<u8>,
+    },
+    /// `memory-backend-ram`: anonymous RAM of `size` bytes, used by a machine through
+    /// `-machine memory-backend=ID`.
+    MemoryBackendRam {
+        /// Size in bytes.
+        size: u64,
+        /// A machine took it as its RAM.
+        used: bool,
+    },
 }
 
 /// Errors of the backend store; the text becomes a QMP `GenericError`.
@@ -180,8 +242,23 @@ impl Drop for BlockLease {
     }
 }
 
+/// One descriptor of an fd set (`-add-fd`).
+#[derive(Debug)]
+struct SetFd {
+    fd: std::os::fd::OwnedFd,
+    opaque: Option<String>,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
+    /// Files of the `file` character backends, opened when the backend was added.
+    char_files: BTreeMap<String, Arc<std::fs::File>>,
+    /// Fd sets by id (`-add-fd`).
+    fdsets: BTreeMap<u64, Vec<SetFd>>,
+    /// `-object` objects by id.
+    objects: BTreeMap<String, UserObject>,
+    /// `-audiodev` ids (driver `none`).
+    audiodevs: Vec<String>,
     block: BTreeMap<String, BlockBackend>,
     /// Devices using each block node.
     block_users: BTreeMap<String, Vec<BlockUse>>,
@@ -273,16 +350,177 @@ impl Backends {
                 id: id.to_owned(),
             });
         }
-        if let CharBackend::File { path } = &c {
-            std::fs::File::create(path).map_err(|e| {
-                BackendError::Invalid(format!(
-                    "Could not open '{}': {}",
-                    path.display(),
-                    os_reason(&e)
-                ))
-            })?;
+        if inner.chardev.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("chardev"));
+        }
+        if let CharBackend::File { path, append } = &c {
+            let mode = if *append {
+                OpenMode::Append
+            } else {
+                OpenMode::Create
+            };
+            let f = open_in(&inner, path, mode)?;
+            inner.char_files.insert(id.to_owned(), Arc::new(f));
         }
         insert(&mut inner.chardev, "chardev", id, c)
+    }
+
+    /// Where a device writes the output of character backend `id`: its file (shared with
+    /// the backend, so `append` and fd sets hold), nothing (`null`) or standard output.
+    pub fn char_writer(&self, id: &str) -> Result<Box<dyn std::io::Write + Send>, BackendError> {
+        let backend = self.chardev(id)?;
+        Ok(match backend {
+            CharBackend::File { path, .. } => {
+                let file = self.lock().char_files.get(id).cloned();
+                let file = file.ok_or_else(|| {
+                    BackendError::Invalid(format!("'{}' is not open", path.display()))
+                })?;
+                Box::new(FileWriter(file))
+            }
+            CharBackend::Null => Box::new(std::io::sink()),
+            CharBackend::Stdio => Box::new(std::io::stdout()),
+        })
+    }
+
+    /// Opens `path` with `options`, as QEMU's `qemu_open`: `/dev/fdset/N` duplicates a
+    /// descriptor of fd set `N` (`-add-fd`) whose access mode matches; any other path is
+    /// opened. Errors carry QEMU's words.
+    pub fn open(
+        &self,
+        path: &std::path::Path,
+        mode: OpenMode,
+    ) -> Result<std::fs::File, BackendError> {
+        open_in(&self.lock(), path, mode)
+    }
+
+    /// `-add-fd fd=FD,set=SET[,opaque=TEXT]`: puts the inherited descriptor `fd` into fd set
+    /// `set` (the process owns it from now on).
+    pub fn add_fd(&self, set: u64, fd: i32, opaque: Option<String>) -> Result<(), BackendError> {
+        use std::os::fd::FromRawFd;
+        if fd < 3 {
+            return Err(BackendError::Invalid(
+                "fd cannot be a standard I/O stream".into(),
+            ));
+        }
+        // SAFETY: F_GETFD only reads the descriptor's flags; an fd that is not open fails.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(BackendError::Invalid(
+                "fd is not valid or already in use".into(),
+            ));
+        }
+        let mut inner = self.lock();
+        let in_use = inner
+            .fdsets
+            .values()
+            .flatten()
+            .any(|s| std::os::fd::AsRawFd::as_raw_fd(&s.fd) == fd);
+        if in_use {
+            return Err(BackendError::Invalid(
+                "fd is not valid or already in use".into(),
+            ));
+        }
+        let total: usize = inner.fdsets.values().map(Vec::len).sum();
+        if total >= MAX_BACKENDS {
+            return Err(BackendError::Full("fd set"));
+        }
+        // SAFETY: the descriptor is open (checked above), inherited for this purpose and
+        // in no set yet: the store becomes its only owner, as QEMU's fd sets own theirs.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        inner
+            .fdsets
+            .entry(set)
+            .or_default()
+            .push(SetFd { fd, opaque });
+        Ok(())
+    }
+
+    /// The fd sets as `query-fdsets` reports them: `(set, [(fd, opaque)])`.
+    pub fn fdsets(&self) -> Vec<(u64, Vec<(i32, Option<String>)>)> {
+        use std::os::fd::AsRawFd;
+        self.lock()
+            .fdsets
+            .iter()
+            .map(|(id, fds)| {
+                let v = fds
+                    .iter()
+                    .map(|s| (s.fd.as_raw_fd(), s.opaque.clone()))
+                    .collect();
+                (*id, v)
+            })
+            .collect()
+    }
+
+    /// `-object QOM-TYPE,id=ID,...`: the types Keel has (`secret`, `memory-backend-ram`),
+    /// their properties checked and, for a secret, its data read now, as QEMU does.
+    pub fn add_object(
+        &self,
+        qom_type: &str,
+        id: &str,
+        props: &[(String, String)],
+    ) -> Result<(), BackendError> {
+        let object = user_object(qom_type, props)?;
+        let mut inner = self.lock();
+        if inner.objects.contains_key(id) {
+            return Err(BackendError::Invalid(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        insert(&mut inner.objects, "object", id, object)
+    }
+
+    /// The object `id`, if there is one.
+    pub fn object(&self, id: &str) -> Option<UserObject> {
+        self.lock().objects.get(id).cloned()
+    }
+
+    /// A machine takes memory backend `id` as its RAM (`-machine memory-backend=ID`): its
+    /// size, which must equal `-m` when that was given.
+    pub fn use_memory_backend(&self, id: &str, ram_size: Option<u64>) -> Result<u64, BackendError> {
+        let mut inner = self.lock();
+        match inner.objects.get_mut(id) {
+            Some(UserObject::MemoryBackendRam { size, used }) => {
+                if *used {
+                    return Err(BackendError::Invalid(format!(
+                        "memory backend {id} can't be used multiple times."
+                    )));
+                }
+                if ram_size.is_some_and(|r| r != *size) {
+                    return Err(BackendError::Invalid(
+                        "Size specified by -m option must match size of explicitly specified \
+                         'memory-backend' property"
+                            .into(),
+                    ));
+                }
+                *used = true;
+                Ok(*size)
+            }
+            _ => Err(BackendError::Invalid(format!(
+                "Memory backend '{id}' not found"
+            ))),
+        }
+    }
+
+    /// `-audiodev driver=none,id=ID`: an audio backend that plays nothing (Keel has no
+    /// sound device to use another).
+    pub fn add_audiodev(&self, id: &str, driver: &str) -> Result<(), BackendError> {
+        if driver != "none" {
+            return Err(BackendError::Invalid(format!(
+                "audio driver '{driver}' is not supported: Keel has no sound device (use driver=none)"
+            )));
+        }
+        check_id("audiodev", id)?;
+        let mut inner = self.lock();
+        if inner.audiodevs.iter().any(|a| a == id) {
+            return Err(BackendError::Duplicate {
+                kind: "audiodev",
+                id: id.to_owned(),
+            });
+        }
+        if inner.audiodevs.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("audiodev"));
+        }
+        inner.audiodevs.push(id.to_owned());
+        Ok(())
     }
 
     /// The block backend a device's `drive=` names.
@@ -375,6 +613,208 @@ impl Backends {
                 id: id.to_owned(),
                 command: "chardev-add or -chardev",
             })
+    }
+}
+
+/// Takes the machine properties every QEMU machine has that Keel handles outside the
+/// machine types (QEMU's `MachineState`): `usb` (Keel's machines have no USB, so only
+/// `off`) and `memory-backend` (the RAM's `-object`, returned, resolved at machine-init by
+/// [`Backends::use_memory_backend`]). The rest stay for the machine type to check.
+pub fn take_common_machine_props(
+    props: &mut BTreeMap<String, String>,
+) -> Result<Option<String>, BackendError> {
+    if let Some(v) = props.remove("usb") {
+        match keel_qdev::keyval::parse_bool(&v) {
+            Some(false) => {}
+            Some(true) => {
+                return Err(BackendError::Invalid(
+                    "usb=on: Keel's machines have no USB controller".into(),
+                ));
+            }
+            None => {
+                return Err(BackendError::Invalid(
+                    "Parameter 'usb' expects 'on' or 'off'".into(),
+                ));
+            }
+        }
+    }
+    Ok(props.remove("memory-backend"))
+}
+
+/// `-overcommit mem-lock=on`: locks every page of the process in RAM, now and from now on
+/// (guest RAM included), as QEMU's `mlockall(MCL_CURRENT | MCL_FUTURE)`.
+pub fn lock_all_memory() -> Result<(), BackendError> {
+    // SAFETY: mlockall takes flags only and changes no memory contents.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        return Err(BackendError::Invalid(format!(
+            "locking memory failed: mlockall: {}",
+            os_reason(&std::io::Error::last_os_error())
+        )));
+    }
+    Ok(())
+}
+
+/// A shared file as a writer (a character backend's file, written by its device).
+struct FileWriter(Arc<std::fs::File>);
+
+impl std::io::Write for FileWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+/// How [`Backends::open`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Read only.
+    Read,
+    /// Read and write, no creation.
+    ReadWrite,
+    /// Write only, created if missing, truncated.
+    Create,
+    /// Write only, created if missing, appended to.
+    Append,
+}
+
+fn open_in(
+    inner: &Inner,
+    path: &std::path::Path,
+    mode: OpenMode,
+) -> Result<std::fs::File, BackendError> {
+    let name = path.display();
+    let Some(set) = path.to_str().and_then(|p| p.strip_prefix("/dev/fdset/")) else {
+        let mut o = std::fs::OpenOptions::new();
+        match mode {
+            OpenMode::Read => o.read(true),
+            OpenMode::ReadWrite => o.read(true).write(true),
+            OpenMode::Create => o.write(true).create(true).truncate(true),
+            OpenMode::Append => o.append(true).create(true),
+        };
+        return o.open(path).map_err(|e| {
+            BackendError::Invalid(format!("Could not open '{name}': {}", os_reason(&e)))
+        });
+    };
+    let set: u64 = set
+        .parse()
+        .map_err(|_| BackendError::Invalid(format!("Could not open '{name}': Invalid argument")))?;
+    // A descriptor of the set is taken when its access mode (F_GETFL) is the one asked.
+    let want = match mode {
+        OpenMode::Read => libc::O_RDONLY,
+        OpenMode::ReadWrite => libc::O_RDWR,
+        OpenMode::Create | OpenMode::Append => libc::O_WRONLY,
+    };
+    for s in inner.fdsets.get(&set).into_iter().flatten() {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL reads the flags of a descriptor the store owns.
+        let fl = unsafe { libc::fcntl(s.fd.as_raw_fd(), libc::F_GETFL) };
+        if fl < 0 {
+            continue;
+        }
+        if fl & libc::O_ACCMODE == want {
+            let fd = s.fd.try_clone().map_err(|e| {
+                BackendError::Invalid(format!("Could not dup FD for {name}: {}", os_reason(&e)))
+            })?;
+            return Ok(std::fs::File::from(fd));
+        }
+    }
+    Err(BackendError::Invalid(format!(
+        "Could not open '{name}': No such file or directory"
+    )))
+}
+
+/// The object of type `qom_type` from its properties (QEMU's names and messages).
+fn user_object(qom_type: &str, props: &[(String, String)]) -> Result<UserObject, BackendError> {
+    let bad = |k: &str| BackendError::Invalid(format!("Property '{qom_type}.{k}' not found"));
+    let flag = |k: &str, v: &str| {
+        keel_qdev::keyval::parse_bool(v)
+            .ok_or_else(|| BackendError::Invalid(format!("Parameter '{k}' expects 'on' or 'off'")))
+    };
+    match qom_type {
+        "secret" => {
+            let (mut data, mut file, mut base64) = (None, None, false);
+            for (k, v) in props {
+                match k.as_str() {
+                    "data" => data = Some(v.clone().into_bytes()),
+                    "file" => file = Some(v.clone()),
+                    "format" if v == "raw" => base64 = false,
+                    "format" if v == "base64" => base64 = true,
+                    "format" => {
+                        return Err(BackendError::Invalid(format!(
+                            "Parameter 'format' does not accept value '{v}'"
+                        )));
+                    }
+                    "keyid" | "iv" => {
+                        return Err(BackendError::Invalid(format!(
+                            "secret: '{k}' (an encrypted secret) is not supported"
+                        )));
+                    }
+                    _ => return Err(bad(k)),
+                }
+            }
+            let data = match (data, file) {
+                (Some(_), Some(_)) => {
+                    return Err(BackendError::Invalid(
+                        "'data' and 'file' are mutually exclusive".into(),
+                    ));
+                }
+                (Some(d), None) => d,
+                (None, Some(f)) => std::fs::read(&f).map_err(|e| {
+                    BackendError::Invalid(format!("Unable to read {f}: {}", os_reason(&e)))
+                })?,
+                (None, None) => {
+                    return Err(BackendError::Invalid(
+                        "Either 'file' or 'data' must be provided".into(),
+                    ));
+                }
+            };
+            let b64 = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=');
+            if base64 && !data.iter().all(b64) {
+                return Err(BackendError::Invalid(
+                    "Failed to base64 decode the secret: invalid character".into(),
+                ));
+            }
+            Ok(UserObject::Secret { data })
+        }
+        "memory-backend-ram" => {
+            let mut size = None;
+            for (k, v) in props {
+                match k.as_str() {
+                    "size" => {
+                        size = Some(keel_qdev::keyval::parse_size_unit(v, 1).ok_or_else(|| {
+                            BackendError::Invalid(format!(
+                                "Parameter 'size' expects a non-negative number below 2^64"
+                            ))
+                        })?)
+                    }
+                    // What anonymous RAM is anyway: private, mergeable, in core dumps, not
+                    // preallocated, no NUMA policy.
+                    "share" | "prealloc" if !flag(k, v)? => {}
+                    "merge" | "dump" if flag(k, v)? => {}
+                    "policy" if v == "default" => {}
+                    "share" | "prealloc" | "merge" | "dump" | "policy" => {
+                        return Err(BackendError::Invalid(format!(
+                            "memory-backend-ram: {k}={v} is not supported by Keel (its RAM is \
+                             private anonymous memory)"
+                        )));
+                    }
+                    _ => return Err(bad(k)),
+                }
+            }
+            match size {
+                None => Err(BackendError::Invalid("Parameter 'size' is missing".into())),
+                Some(0) => Err(BackendError::Invalid(
+                    "can't create backend with size 0".into(),
+                )),
+                Some(size) => Ok(UserObject::MemoryBackendRam { size, used: false }),
+            }
+        }
+        other => Err(BackendError::Invalid(format!(
+            "Parameter 'qom-type' does not accept value '{other}' (Keel's object types: \
+             secret, memory-backend-ram)"
+        ))),
     }
 }
 

@@ -95,7 +95,32 @@ pub enum Action {
     NoAutostart,
     /// `-preconfig`.
     Preconfig,
-    /// Accepted for compatibility, nothing to do (`-nodefaults`, `-display none`, ...).
+    /// `-object`: a backend object (`secret`, `memory-backend-ram`), from no-machine on.
+    Object(forms::ObjectAdd),
+    /// `-add-fd fd=FD,set=SET[,opaque=TEXT]`: an inherited descriptor into an fd set, which
+    /// later options open as `/dev/fdset/SET`.
+    AddFd {
+        /// The fd set.
+        set: u64,
+        /// The inherited descriptor.
+        fd: i32,
+        /// Free text kept with it (`query-fdsets`).
+        opaque: Option<String>,
+    },
+    /// `-audiodev none,id=ID`: an audio backend that plays nothing.
+    Audiodev {
+        /// Its id.
+        id: String,
+        /// Its driver (`none`).
+        driver: String,
+    },
+    /// `-overcommit mem-lock=on`: lock all of the process's memory, now and from now on.
+    MemLock,
+    /// `-no-shutdown`: `set-action shutdown=pause`.
+    NoShutdown,
+    /// `-msg timestamp=on`: error lines start with the time (the binary's job).
+    MsgTimestamp,
+    /// Accepted for compatibility, nothing to do (`-display none`, `-boot strict=on`, ...).
     Nothing,
 }
 
@@ -246,6 +271,13 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "monitor"
                 | "uuid"
                 | "pidfile"
+                | "object"
+                | "add-fd"
+                | "audiodev"
+                | "overcommit"
+                | "rtc"
+                | "boot"
+                | "msg"
         );
         let value = if takes_value {
             let v = args
@@ -266,7 +298,29 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "version" => return Ok(Invocation::Version),
             "S" => Action::NoAutostart,
             "preconfig" => Action::Preconfig,
+            // `-nodefaults`: no default serial port (see the end of this function).
             "nodefaults" | "no-user-config" | "nographic" => Action::Nothing,
+            "no-shutdown" => Action::NoShutdown,
+            "object" => Action::Object(forms::object(v).map_err(opt_err(&option))?),
+            "add-fd" => {
+                let (set, fd, opaque) = forms::add_fd(v).map_err(opt_err(&option))?;
+                Action::AddFd { set, fd, opaque }
+            }
+            "audiodev" => {
+                let (id, driver) = forms::audiodev(v).map_err(opt_err(&option))?;
+                Action::Audiodev { id, driver }
+            }
+            "overcommit" if forms::overcommit(v).map_err(opt_err(&option))? => Action::MemLock,
+            "msg" if forms::msg(v).map_err(opt_err(&option))? => Action::MsgTimestamp,
+            "overcommit" | "msg" => Action::Nothing,
+            "rtc" => {
+                forms::rtc(v).map_err(opt_err(&option))?;
+                Action::Nothing
+            }
+            "boot" => {
+                forms::boot(v).map_err(opt_err(&option))?;
+                Action::Nothing
+            }
             "vga" | "monitor" if v == "none" => Action::Nothing,
             "vga" => {
                 return Err(syntax(
@@ -493,6 +547,8 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 for (k, val) in split_opts(&option, v, Some("chardev"))? {
                     match k.as_str() {
                         "chardev" => chardev = Some(val),
+                        // The monitor's own name: nothing refers to it.
+                        "id" => {}
                         "mode" => mode = val,
                         "pretty" => {
                             forms::on_off(&k, &val).map_err(opt_err(&option))?;
@@ -521,6 +577,39 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
         };
         steps.push(Step { option, action });
     }
+    // As QEMU: without `-serial`, `-nodefaults` leaves the machine no serial port (a
+    // `-device isa-serial` can then take COM1's place).
+    if !steps.iter().any(|s| matches!(s.action, Action::Serial(_)))
+        && let Some(nd) = steps.iter_mut().find(|s| s.option == "-nodefaults")
+    {
+        nd.action = Action::Serial("none".into());
+    }
     Ok(Invocation::Run(steps))
 }
 
+/// Now as QEMU's `-msg timestamp=on` prefix: ISO 8601 UTC with microseconds and a space
+/// (`2026-12-06T17:29:40.123456Z `).
+pub fn timestamp_prefix() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = i64::try_from(now.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z ",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
