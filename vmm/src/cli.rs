@@ -111,7 +111,10 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             }
             Action::Netdev(n) => vmm.execute(n.clone()).map_err(cmd(opt))?,
             Action::Chardev(c) => {
-                vmm.execute(c.clone()).map_err(cmd(opt))?;
+                if let Some(pty) = vmm.execute(c.clone()).map_err(cmd(opt))?.pty {
+                    // As QEMU: the one line a run with a pty prints.
+                    eprintln!("char device redirected to {pty} (label {})", c.id);
+                }
             }
             Action::Name(n) => vmm.set_name(Some(n.clone())),
             Action::Uuid(u) => vmm.set_uuid(Some(u.clone())),

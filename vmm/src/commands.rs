@@ -262,9 +262,11 @@ impl Handler<VmmCore> for NetdevAdd {
 impl Handler<VmmCore> for ChardevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<ChardevReturn, CommandError> {
         let generic = |e: crate::backends::BackendError| CommandError::generic(e.to_string());
-        let backend = crate::backends::CharBackend::from_qapi(&self.backend).map_err(generic)?;
-        c.backends.add_chardev(&self.id, backend).map_err(generic)?;
-        Ok(ChardevReturn::default())
+        use crate::backends::{CharBackend, CharLog};
+        let backend = CharBackend::from_qapi(&self.backend).map_err(generic)?;
+        let log = CharLog::from_qapi(&self.backend);
+        let pty = c.backends.add_chardev_logged(&self.id, backend, log).map_err(generic)?;
+        Ok(ChardevReturn { pty })
     }
 }
 

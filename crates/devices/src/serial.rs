@@ -411,7 +411,11 @@ impl Serial {
                     .default_u64(u32::MAX.into())
                     .description("ISA IRQ (default: the index's)"),
             )
-            .prop(PropSpec::string("chardev").description("character backend id (chardev-add)"))
+            .prop(
+                PropSpec::string("chardev")
+                    .default_str("")
+                    .description("character backend id (chardev-add); none drops the output"),
+            )
     }
 }
 
@@ -460,7 +464,10 @@ impl SerialConfig {
         Ok(Self {
             iobase,
             irq,
-            chardev: props.str("chardev").map(str::to_owned),
+            chardev: props
+                .str("chardev")
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned),
         })
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -65,6 +66,12 @@ pub enum CharBackend {
     Null,
     /// Output goes to the VMM's standard output.
     Stdio,
+    /// A pseudo-terminal the VMM creates; a client opens `path` (`/dev/pts/N`) to read
+    /// the output. While nobody does, output is dropped, as with QEMU.
+    Pty {
+        /// The terminal's path, known once the backend is added.
+        path: String,
+    },
 }
 
 impl CharBackend {
@@ -74,6 +81,7 @@ impl CharBackend {
             CharBackend::File { path, .. } => format!("file:{}", path.display()),
             CharBackend::Null => "null".into(),
             CharBackend::Stdio => "stdio".into(),
+            CharBackend::Pty { path } => format!("pty:{path}"),
         }
     }
 }
@@ -87,6 +95,9 @@ impl CharBackend {
         Ok(match kind {
             Some("null") => CharBackend::Null,
             Some("stdio") => CharBackend::Stdio,
+            Some("pty") => CharBackend::Pty {
+                path: String::new(),
+            },
             Some("file") => {
                 let out = data.and_then(|d| d.get("out")).and_then(|v| v.as_str());
                 let append = data
@@ -107,7 +118,7 @@ impl CharBackend {
             }
             Some(other) => {
                 return Err(BackendError::Invalid(format!(
-                    "chardev backend '{other}' is not supported for devices (use file, null or stdio)"
+                    "chardev backend '{other}' is not supported for devices (use file, pty, null or stdio)"
                 )));
             }
             None => {
@@ -251,8 +262,11 @@ struct SetFd {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Files of the `file` character backends, opened when the backend was added.
+    /// Files of the `file` character backends and masters of the `pty` ones, opened when
+    /// the backend was added.
     char_files: BTreeMap<String, Arc<std::fs::File>>,
+    /// Log files of character backends (`logfile=`), opened with them.
+    char_logs: BTreeMap<String, Arc<std::fs::File>>,
     /// Fd sets by id (`-add-fd`).
     fdsets: BTreeMap<u64, Vec<SetFd>>,
     /// `-object` objects by id.
@@ -342,6 +356,17 @@ impl Backends {
     /// `chardev-add`. A `file` backend is created (or truncated) now, as QEMU opens it at
     /// this point, so a path into a missing directory fails here and not when a device uses it.
     pub fn add_chardev(&self, id: &str, c: CharBackend) -> Result<(), BackendError> {
+        self.add_chardev_logged(id, c, None).map(drop)
+    }
+
+    /// `chardev-add` with QEMU's `logfile`/`logappend`: every byte the device writes also
+    /// goes to the log. A `pty` backend's terminal is created now; its path is returned.
+    pub fn add_chardev_logged(
+        &self,
+        id: &str,
+        mut c: CharBackend,
+        log: Option<CharLog>,
+    ) -> Result<Option<String>, BackendError> {
         let mut inner = self.lock();
         check_id("chardev", id)?;
         if inner.chardev.contains_key(id) {
@@ -362,23 +387,58 @@ impl Backends {
             let f = open_in(&inner, path, mode)?;
             inner.char_files.insert(id.to_owned(), Arc::new(f));
         }
-        insert(&mut inner.chardev, "chardev", id, c)
+        let mut pty = None;
+        if let CharBackend::Pty { path } = &mut c {
+            let (master, name) = open_pty()?;
+            *path = name.clone();
+            pty = Some(name);
+            inner.char_files.insert(id.to_owned(), Arc::new(master));
+        }
+        if let Some(log) = log {
+            let mode = if log.append {
+                OpenMode::Append
+            } else {
+                OpenMode::Create
+            };
+            match open_in(&inner, &log.path, mode) {
+                Ok(f) => {
+                    inner.char_logs.insert(id.to_owned(), Arc::new(f));
+                }
+                Err(e) => {
+                    inner.char_files.remove(id);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = insert(&mut inner.chardev, "chardev", id, c) {
+            inner.char_files.remove(id);
+            inner.char_logs.remove(id);
+            return Err(e);
+        }
+        Ok(pty)
     }
 
     /// Where a device writes the output of character backend `id`: its file (shared with
     /// the backend, so `append` and fd sets hold), nothing (`null`) or standard output.
     pub fn char_writer(&self, id: &str) -> Result<Box<dyn std::io::Write + Send>, BackendError> {
         let backend = self.chardev(id)?;
-        Ok(match backend {
-            CharBackend::File { path, .. } => {
-                let file = self.lock().char_files.get(id).cloned();
-                let file = file.ok_or_else(|| {
-                    BackendError::Invalid(format!("'{}' is not open", path.display()))
-                })?;
-                Box::new(FileWriter(file))
-            }
+        let (file, log) = {
+            let inner = self.lock();
+            (
+                inner.char_files.get(id).cloned(),
+                inner.char_logs.get(id).cloned(),
+            )
+        };
+        let not_open = || BackendError::Invalid(format!("chardev '{id}' is not open"));
+        let out: Box<dyn std::io::Write + Send> = match backend {
+            CharBackend::File { .. } => Box::new(FileWriter(file.ok_or_else(not_open)?)),
+            CharBackend::Pty { .. } => Box::new(PtyWriter(file.ok_or_else(not_open)?)),
             CharBackend::Null => Box::new(std::io::sink()),
             CharBackend::Stdio => Box::new(std::io::stdout()),
+        };
+        Ok(match log {
+            Some(log) => Box::new(Tee(out, FileWriter(log))),
+            None => out,
         })
     }
 
@@ -652,6 +712,126 @@ pub fn lock_all_memory() -> Result<(), BackendError> {
         )));
     }
     Ok(())
+}
+
+/// A character backend's log (QEMU's `logfile=PATH,logappend=on|off`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CharLog {
+    /// The log file (`/dev/fdset/N` takes a descriptor of an fd set).
+    pub path: PathBuf,
+    /// Append instead of truncating.
+    pub append: bool,
+}
+
+impl CharLog {
+    /// The log a `chardev-add` backend's `data` asks for (`logfile`, `logappend`).
+    pub fn from_qapi(backend: &serde_json::Value) -> Option<Self> {
+        let data = backend.get("data")?;
+        let path = data.get("logfile")?.as_str()?;
+        Some(Self {
+            path: path.into(),
+            append: data
+                .get("logappend")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// Creates a pseudo-terminal in raw mode, as QEMU's `pty` chardev: its master (non-blocking,
+/// close-on-exec) and the path of its slave.
+fn open_pty() -> Result<(std::fs::File, String), BackendError> {
+    use std::os::fd::FromRawFd;
+    let fail = |what: &str| {
+        BackendError::Invalid(format!(
+            "Failed to create PTY: {what}: {}",
+            os_reason(&std::io::Error::last_os_error())
+        ))
+    };
+    // SAFETY: posix_openpt returns a new descriptor or -1; nothing else is touched.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(fail("posix_openpt"));
+    }
+    // SAFETY: `fd` is a new descriptor this function owns from here on.
+    let master = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut name = [0u8; 64];
+    // SAFETY: grantpt/unlockpt act on the master we own; ptsname_r writes at most
+    // `name.len()` bytes, NUL included, into our buffer.
+    let ok = unsafe {
+        libc::grantpt(fd) == 0
+            && libc::unlockpt(fd) == 0
+            && libc::ptsname_r(fd, name.as_mut_ptr().cast(), name.len()) == 0
+    };
+    if !ok {
+        return Err(fail("grantpt/unlockpt/ptsname"));
+    }
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let path = String::from_utf8_lossy(&name[..len]).into_owned();
+    // Raw mode on the terminal (no echo, no line editing, no CR/LF translation).
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&path)
+        .map_err(|_| fail("open"))?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: termios is plain data filled by tcgetattr on a terminal we opened.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: the descriptors are open terminals we own; `t` is a valid termios.
+        let raw_ok = unsafe {
+            libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 && {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(slave.as_raw_fd(), libc::TCSAFLUSH, &t) == 0
+            }
+        };
+        if !raw_ok {
+            return Err(fail("tcsetattr"));
+        }
+        // SAFETY: fcntl on the master we own; O_NONBLOCK so a full buffer (nobody reading)
+        // never blocks the device.
+        let fl = unsafe { libc::fcntl(master.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0 || unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
+        {
+            return Err(fail("fcntl"));
+        }
+    }
+    Ok((master, path))
+}
+
+/// A pty master as a writer: what the terminal cannot take now (nobody reads it) is
+/// dropped, as QEMU's pty chardev does while disconnected.
+struct PtyWriter(Arc<std::fs::File>);
+
+impl std::io::Write for PtyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match (&*self.0).write(buf) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(buf.len()),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(buf.len()),
+            Err(e) => Err(e),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes to a backend and its log.
+struct Tee(Box<dyn std::io::Write + Send>, FileWriter);
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        // The log is best effort: a full disk must not stop the device.
+        let _ = self.1.write_all(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// A shared file as a writer (a character backend's file, written by its device).

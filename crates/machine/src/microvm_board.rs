@@ -805,7 +805,7 @@ impl Board for MicrovmBoard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::BlockBackend;
+    use crate::backends::{BlockBackend, CharBackend};
 
     /// What `machine-set` gives for a 16 MiB microvm with its serial port on `null`.
     fn small() -> MachineConfig {

@@ -170,8 +170,9 @@ pub fn netdev(text: &str) -> Result<NetdevAdd, OptionError> {
     Ok(n)
 }
 
-/// `-chardev file,id=ID,path=PATH`, `-chardev null,id=ID`, `-chardev stdio,id=ID` as device
-/// backends; `None` for the other backends (sockets for `-mon`).
+/// `-chardev file,id=ID,path=PATH[,append=on]`, `-chardev pty,id=ID`,
+/// `-chardev null,id=ID` (each with `logfile=PATH[,logappend=on]`) as device backends;
+/// `None` for the other backends (sockets and stdio, for `-mon`).
 pub fn char_backend(text: &str) -> Result<Option<ChardevAdd>, OptionError> {
     let opts = split_opts(text, Some("backend"))?;
     let kind = opts
@@ -179,27 +180,34 @@ pub fn char_backend(text: &str) -> Result<Option<ChardevAdd>, OptionError> {
         .find(|(k, _)| k == "backend")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    if !matches!(kind.as_str(), "file" | "null") {
+    if !matches!(kind.as_str(), "file" | "null" | "pty") {
         return Ok(None);
     }
-    let (mut id, mut path, mut append) = (None, None, false);
+    let (mut id, mut data) = (None, Map::new());
     for (k, v) in opts {
         match k.as_str() {
             "backend" => {}
             "id" => id = Some(v),
-            "path" if kind == "file" => path = Some(v),
-            "append" if kind == "file" => append = on_off(&k, &v)?,
+            "path" if kind == "file" => {
+                data.insert("out".into(), Value::String(v));
+            }
+            "logfile" => {
+                data.insert("logfile".into(), Value::String(v));
+            }
+            "append" if kind == "file" => {
+                data.insert("append".into(), Value::Bool(on_off(&k, &v)?));
+            }
+            "logappend" => {
+                data.insert("logappend".into(), Value::Bool(on_off(&k, &v)?));
+            }
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         }
     }
     let id = id.ok_or_else(|| err("Parameter 'id' is missing"))?;
-    let backend = match (kind.as_str(), path) {
-        ("file", Some(p)) => {
-            serde_json::json!({"type": "file", "data": {"out": p, "append": append}})
-        }
-        ("file", None) => return Err(err("Parameter 'path' is missing")),
-        _ => serde_json::json!({"type": "null", "data": {}}),
-    };
+    if kind == "file" && !data.contains_key("out") {
+        return Err(err("Parameter 'path' is missing"));
+    }
+    let backend = serde_json::json!({"type": kind, "data": data});
     Ok(Some(ChardevAdd { id, backend }))
 }
 
