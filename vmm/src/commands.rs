@@ -265,7 +265,10 @@ impl Handler<VmmCore> for ChardevAdd {
         use crate::backends::{CharBackend, CharLog};
         let backend = CharBackend::from_qapi(&self.backend).map_err(generic)?;
         let log = CharLog::from_qapi(&self.backend);
-        let pty = c.backends.add_chardev_logged(&self.id, backend, log).map_err(generic)?;
+        let pty = c
+            .backends
+            .add_chardev_logged(&self.id, backend, log)
+            .map_err(generic)?;
         Ok(ChardevReturn { pty })
     }
 }

@@ -6,8 +6,8 @@
 //! in `keel-virtio` open them at realize time.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -129,6 +129,10 @@ impl CharBackend {
         })
     }
 }
+
+/// One fd set as `query-fdsets` reports it: its id and its descriptors with their opaque
+/// text.
+pub type FdSetInfo = (u64, Vec<(i32, Option<String>)>);
 
 /// A user-created object (`-object`): what Keel keeps of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -495,7 +499,7 @@ impl Backends {
     }
 
     /// The fd sets as `query-fdsets` reports them: `(set, [(fd, opaque)])`.
-    pub fn fdsets(&self) -> Vec<(u64, Vec<(i32, Option<String>)>)> {
+    pub fn fdsets(&self) -> Vec<FdSetInfo> {
         use std::os::fd::AsRawFd;
         self.lock()
             .fdsets
@@ -792,9 +796,12 @@ fn open_pty() -> Result<(std::fs::File, String), BackendError> {
         // SAFETY: fcntl on the master we own; O_NONBLOCK so a full buffer (nobody reading)
         // never blocks the device.
         let fl = unsafe { libc::fcntl(master.as_raw_fd(), libc::F_GETFL) };
+        if fl < 0 {
+            return Err(fail("fcntl"));
+        }
         // SAFETY: as above.
-        if fl < 0 || unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
-        {
+        let r = unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
+        if r < 0 {
             return Err(fail("fcntl"));
         }
     }
@@ -964,9 +971,9 @@ fn user_object(qom_type: &str, props: &[(String, String)]) -> Result<UserObject,
                 match k.as_str() {
                     "size" => {
                         size = Some(keel_qdev::keyval::parse_size_unit(v, 1).ok_or_else(|| {
-                            BackendError::Invalid(format!(
-                                "Parameter 'size' expects a non-negative number below 2^64"
-                            ))
+                            BackendError::Invalid(
+                                "Parameter 'size' expects a non-negative number below 2^64".into(),
+                            )
                         })?)
                     }
                     // What anonymous RAM is anyway: private, mergeable, in core dumps, not
