@@ -122,6 +122,9 @@ pub struct MicrovmConfig {
     /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (Debian's are not; they need `acpi=on`, where
     /// the DSDT lists the devices instead and nothing is appended, as in QEMU).
     pub auto_kernel_cmdline: OnOffAuto,
+    /// `dump-guest-core=` (QEMU's machine property, default on): `off` leaves guest RAM
+    /// out of the process's core dumps (`MADV_DONTDUMP`).
+    pub dump_guest_core: OnOffAuto,
     /// COM1's backend.
     pub serial: SerialBackend,
     /// `-no-reboot`: a guest reset request becomes a shutdown.
@@ -143,6 +146,7 @@ impl Default for MicrovmConfig {
             isa_serial: OnOffAuto::Auto,
             i8042: OnOffAuto::Auto,
             auto_kernel_cmdline: OnOffAuto::Auto,
+            dump_guest_core: OnOffAuto::Auto,
             serial: SerialBackend::Stdio,
             no_reboot: false,
         }
@@ -159,6 +163,7 @@ pub const MACHINE_PROPERTIES: &[&str] = &[
     "i8042",
     "auto-kernel-cmdline",
     "x-option-roms",
+    "dump-guest-core",
 ];
 
 impl MicrovmConfig {
@@ -186,6 +191,7 @@ impl MicrovmConfig {
                     value: value.to_owned(),
                 });
             }
+            "dump-guest-core" => self.dump_guest_core = v,
             _ => {
                 return Err(PropertyError::Unknown {
                     name: name.to_owned(),
