@@ -406,11 +406,31 @@ impl HotplugHandler for PciHotplugHandler {
         Ok(UnplugMode::Async)
     }
 
+    /// QEMU 7.2 raises the GPE again on a repeated `device_del` (the guest may have missed
+    /// the first one: Linux drops a GPE that arrives while it is disabled).
+    fn unplug_request_again(&mut self, dev: &DeviceView<'_>) -> Result<bool, HookError> {
+        let a = self.address(dev)?;
+        self.hotplug.unplug_requested(a.slot());
+        Ok(true)
+    }
+
     fn unplug(&mut self, dev: &DeviceView<'_>) {
         if let Ok(a) = self.address(dev) {
             self.hotplug.slot_emptied(a.slot());
         }
     }
+}
+
+/// A hot-added function 1-7 of a slot whose function 0 the guest already sees: the guest
+/// would never scan it (QEMU refuses it with this message, given as is).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "PCI: slot {slot} function 0 already occupied by {present}, new func {new} cannot be exposed to guest."
+)]
+struct FunctionZeroPresent {
+    slot: u8,
+    present: String,
+    new: String,
 }
 
 /// What a realized user device holds on to until it is unrealized.
@@ -436,6 +456,8 @@ struct PcHooks {
     serial_buses: HashMap<String, PciAddress>,
     /// qdev ids by devfn, shared with the board for `query-pci`.
     ids: Arc<Mutex<HashMap<u8, String>>>,
+    /// Device types of the user's PCI functions by devfn (QEMU's refusal names them).
+    drivers: HashMap<u8, String>,
     /// The address of the last PCI function realized (the board names port buses by it).
     last: Arc<Mutex<Option<PciAddress>>>,
     /// Where each realized virtio-pci device is (shared with the hot plug handler).
@@ -526,6 +548,16 @@ impl DeviceHooks for PcHooks {
             .ok_or_else(|| format!("pc cannot realize '{}'", dev.driver))?;
         let pci = PciDeviceProps::from_props(dev.props)?;
         let address = self.lock().free_address(pci.addr).map_err(|e| chain(&e))?;
+        if dev.hotplugged && address.function() != 0 {
+            let f0 = PciAddress::new(address.slot(), 0).map(PciAddress::devfn);
+            if let Some(present) = f0.and_then(|f0| self.drivers.get(&f0)) {
+                return Err(Box::new(FunctionZeroPresent {
+                    slot: address.slot(),
+                    present: present.clone(),
+                    new: dev.driver.to_owned(),
+                }));
+            }
+        }
         let (device, keep) = virtio_backend(&self.backends, kind, dev.props)?;
         self.plug(address, pci.multifunction, device)?;
         if kind == Console::QDEV_TYPE {
@@ -535,6 +567,7 @@ impl DeviceHooks for PcHooks {
             );
         }
         self.set_id(address, dev.id);
+        self.drivers.insert(address.devfn(), dev.driver.to_owned());
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(address);
         lock(&self.addresses).insert(dev.key, address);
         self.realized.insert(
@@ -560,6 +593,7 @@ impl DeviceHooks for PcHooks {
                 lock(&self.addresses).remove(&dev.key);
                 self.lock().remove_pci_function(address);
                 self.set_id(address, None);
+                self.drivers.remove(&address.devfn());
                 self.serial_buses.retain(|_, a| *a != address);
             }
             Some(Realized::Port { address }) => {
@@ -611,6 +645,7 @@ impl PcBoard {
             realized: HashMap::new(),
             serial_buses: HashMap::new(),
             ids: ids.clone(),
+            drivers: HashMap::new(),
             last: last.clone(),
             addresses: addresses.clone(),
             factories: ctx
@@ -690,8 +725,16 @@ impl Board for PcBoard {
     }
 
     /// A `virtio-serial-pci` brings its port bus (one slot).
+    /// A refusal the machine words as QEMU does comes back as is.
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
-        let added = self.tree.device_add(phase, req)?;
+        let added = self.tree.device_add(phase, req).map_err(|e| match e {
+            QdevError::Realize { source, .. }
+                if source.downcast_ref::<FunctionZeroPresent>().is_some() =>
+            {
+                QdevError::MachineRefused(source.to_string())
+            }
+            e => e,
+        })?;
         if req.driver == "virtio-serial-pci" {
             let devfn = self
                 .last
@@ -784,7 +827,8 @@ impl Board for PcBoard {
         self.events.take()
     }
 
-    /// Every function of each ejected slot leaves the tree, in function order.
+    /// Every function of each ejected slot leaves the tree, the last created first (QEMU
+    /// walks the bus's children, newest first).
     fn guest_ejected(&mut self) {
         let slots = self.hotplug.take_ejected();
         let mut keys: Vec<(PciAddress, DeviceKey)> = lock(&self.addresses)
@@ -792,7 +836,7 @@ impl Board for PcBoard {
             .filter(|(_, a)| slots & (1 << a.slot()) != 0)
             .map(|(k, a)| (*a, *k))
             .collect();
-        keys.sort();
+        keys.sort_by_key(|k| std::cmp::Reverse(k.1));
         for (a, key) in keys {
             if let Err(e) = self.tree.guest_answer(GuestAnswer::Ejected(key)) {
                 log::warn!("completing the eject of {a}: {}", e.qmp_desc());

@@ -61,7 +61,7 @@ pub use bus::{BarObserver, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, PciBus, PciConfig
 pub use config::{AddressSpace, BarKind, BarRegion, BarSpec, PciConfig, PciIds};
 pub use device::{PciDevice, PciFunction, assign_config_bars};
 pub use msi::{IntxLine, MSIX_ENTRY_SIZE, Msi, MsiMessage, MsiSink, Msix, MsixOutcome};
-pub use qdev::{PciDeviceProps, qdev_types, virtio_pci_type};
+pub use qdev::{PciDeviceProps, VIRTIO_BACKEND, qdev_types, virtio_pci_type};
 
 pub use virtio_pci::{NO_VECTOR, VIRTIO_VENDOR_ID, VirtioPci, VirtioPciLayout, virtio_pci_ids};
 

@@ -37,12 +37,18 @@ impl PciDeviceProps {
     }
 }
 
+/// The child every virtio-pci device holds, as QEMU's proxies hold their virtio device: its
+/// `DEVICE_DELETED` (`PATH/virtio-backend`, no id) precedes the device's own.
+pub const VIRTIO_BACKEND: &str = "virtio-backend";
+
 /// A virtio-pci type named `name` for the back end described by `backend` (its
-/// properties are copied), with the PCI properties added. Hotpluggable.
+/// properties are copied), with the PCI properties added. Hotpluggable, with a
+/// [`VIRTIO_BACKEND`] child.
 pub fn virtio_pci_type(name: &str, backend: &DeviceType, description: &str) -> DeviceType {
     let mut t = DeviceType::new(name, BusType::Pci)
         .description(description)
         .hotpluggable(true)
+        .child(VIRTIO_BACKEND)
         .prop(
             PropSpec::string("addr")
                 .default_str("")
@@ -110,6 +116,7 @@ mod tests {
         for t in qdev_types() {
             assert_eq!(t.bus_type(), &BusType::Pci);
             assert!(t.is_hotpluggable());
+            assert_eq!(t.children(), [VIRTIO_BACKEND]);
             r.register(t).unwrap();
         }
     }

@@ -66,6 +66,7 @@ pub struct DeviceType {
     hotpluggable: bool,
     user_creatable: bool,
     props: Vec<PropSpec>,
+    children: Vec<String>,
 }
 
 impl DeviceType {
@@ -80,6 +81,7 @@ impl DeviceType {
             hotpluggable: false,
             user_creatable: true,
             props: Vec::new(),
+            children: Vec::new(),
         }
     }
     /// Sets the description.
@@ -100,6 +102,13 @@ impl DeviceType {
     /// Overrides the parent type name shown by `qom-list-types`.
     pub fn parent(mut self, parent: impl Into<String>) -> Self {
         self.parent = parent.into();
+        self
+    }
+    /// Names a child device that every instance holds at `PATH/NAME` (QEMU's virtio-pci
+    /// proxies hold their virtio device at `virtio-backend`). The child has no id; when the
+    /// instance goes, the child's own `DEVICE_DELETED` (path only) comes first, as in QEMU.
+    pub fn child(mut self, name: impl Into<String>) -> Self {
+        self.children.push(name.into());
         self
     }
     /// Adds a property.
@@ -131,6 +140,10 @@ impl DeviceType {
     /// Whether users may create it.
     pub fn is_user_creatable(&self) -> bool {
         self.user_creatable
+    }
+    /// The child devices each instance holds (see [`DeviceType::child`]).
+    pub fn children(&self) -> &[String] {
+        &self.children
     }
     /// Its properties.
     pub fn props(&self) -> &[PropSpec] {
