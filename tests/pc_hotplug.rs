@@ -16,7 +16,10 @@
 //! 4. reset with a pending unplug (GPE masked): `system_reset` completes it (`RESET`, then
 //!    the pair of `DEVICE_DELETED`);
 //! 5. the guest boots again without the device; a guest reboot (`reboot -f`) with a pending
-//!    unplug completes it the same way (`RESET` with `guest: true`).
+//!    unplug completes it the same way (`RESET` with `guest: true`);
+//! 6. the virtio-pci interfaces as the guest sees them (IDs, BAR sizes and flags):
+//!    transitional by default, `disable-legacy=on`, `disable-modern=on` (a virtio-rng and a
+//!    virtio-blk disk the guest reads through Linux's legacy driver).
 //!
 //! Linux runs under tcg (about 15 s on Keel). Skipped when the guest is missing, unless
 //! `KEEL_REQUIRE_GUEST=1`: `cargo test --release --test pc_hotplug -- --nocapture`.
@@ -296,6 +299,51 @@ fn scenario(bin: &str, dir: &Path) -> Vec<String> {
     }
     g.wait_for("KEEL-GUEST-SHELL", from);
     t.push(g.pci());
+
+    // 6. The virtio-pci interfaces: transitional by default (legacy I/O BAR0, MSI-X BAR1,
+    //    modern BAR4), modern only with disable-legacy=on (virtio 1.0 IDs), legacy only
+    //    with disable-modern=on, which Linux drives through its legacy driver.
+    let from = g.text().len();
+    for (id, addr, extra) in [
+        ("t1", "0a", json!({})),
+        ("t2", "0b", json!({"disable-legacy": "on"})),
+        ("t3", "0c", json!({"disable-modern": true})),
+    ] {
+        let mut args = json!({"driver": "virtio-rng-pci", "id": id, "addr": addr});
+        for (k, v) in extra.as_object().unwrap() {
+            args[k] = v.clone();
+        }
+        t.push(g.cmd("device_add", args));
+        g.wait_for(
+            &format!("virtio-pci 0000:00:{addr}.0: enabling device"),
+            from,
+        );
+    }
+    let from = g.text().len();
+    t.push(g.cmd(
+        "device_add",
+        json!({"driver": "virtio-blk-pci", "id": "t4", "drive": "d0", "addr": "0d",
+               "disable-modern": true}),
+    ));
+    g.wait_for("[vda] 8192 512-byte logical blocks", from);
+    for addr in ["0a", "0b", "0c", "0d"] {
+        let d = format!("/sys/bus/pci/devices/0000:00:{addr}.0");
+        let out = g.sh(&format!(
+            "cd {d}; echo IDS $(cat vendor device subsystem_device revision) \
+             $(while read s e f; do [ $((s)) = 0 ] || echo $((e - s + 1)):$f; done < resource) \
+             $(basename $(readlink driver)); cd /"
+        ));
+        let ids = out.lines().find(|l| l.starts_with("IDS ")).unwrap_or("");
+        t.push(format!("{addr}: {ids}"));
+    }
+    let out = g.sh("dd if=/dev/vda bs=512 count=1 2>/dev/null | wc -c");
+    t.push(format!("legacy disk read: {}", out.contains("\n512")));
+    t.push(format!(
+        "legacy driver: {}",
+        g.text()
+            .matches("virtio_pci: leaving for legacy driver")
+            .count()
+    ));
     t.push(g.cmd("quit", Value::Null));
     t
 }
@@ -360,6 +408,16 @@ fn pc_hot_plug_limbo_function_zero_last_and_reset_as_qemu() {
         backend("r6"),
         device("r6"),
         "guest pci: ".into(),
+        ok("device_add"),
+        ok("device_add"),
+        ok("device_add"),
+        ok("device_add"),
+        "0a: IDS 0x1af4 0x1005 0x0004 0x00 32:0x0000000000040101 4096:0x0000000000040200 16384:0x000000000014220c virtio-pci".into(),
+        "0b: IDS 0x1af4 0x1044 0x1100 0x01 4096:0x0000000000040200 16384:0x000000000014220c virtio-pci".into(),
+        "0c: IDS 0x1af4 0x1005 0x0004 0x00 32:0x0000000000040101 4096:0x0000000000040200 virtio-pci".into(),
+        "0d: IDS 0x1af4 0x1001 0x0002 0x00 128:0x0000000000040101 4096:0x0000000000040200 virtio-pci".into(),
+        "legacy disk read: true".into(),
+        "legacy driver: 2".into(),
         ok("quit"),
     ];
     assert_eq!(keel, want);

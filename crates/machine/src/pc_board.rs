@@ -458,6 +458,8 @@ struct PcHooks {
     ids: Arc<Mutex<HashMap<u8, String>>>,
     /// Device types of the user's PCI functions by devfn (QEMU's refusal names them).
     drivers: HashMap<u8, String>,
+    /// The PCI properties of the user's PCI functions by devfn.
+    pci_props: HashMap<u8, PciDeviceProps>,
     /// The address of the last PCI function realized (the board names port buses by it).
     last: Arc<Mutex<Option<PciAddress>>>,
     /// Where each realized virtio-pci device is (shared with the hot plug handler).
@@ -474,14 +476,24 @@ impl PcHooks {
     fn plug(
         &self,
         address: PciAddress,
-        multifunction: bool,
+        pci: PciDeviceProps,
         device: SharedVirtio,
     ) -> Result<(), HookError> {
         let mut pc = self.lock();
         let intx = pc.intx_line(address.slot(), usize::from(address.devfn()))?;
-        let t = VirtioPci::new(device, pc.memory().clone(), intx, pc.msi_sink())
-            .map_err(|e| chain(&e))?;
-        t.set_multifunction(multifunction);
+        let device_type = device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device_type();
+        let t = VirtioPci::with_interfaces(
+            device,
+            pc.memory().clone(),
+            intx,
+            pc.msi_sink(),
+            pci.interfaces(device_type),
+        )
+        .map_err(|e| chain(&e))?;
+        t.set_multifunction(pci.multifunction);
         let dev: Arc<dyn PciDevice> = Arc::new(t);
         pc.add_pci_function(address, dev).map_err(|e| chain(&e))?;
         Ok(())
@@ -493,6 +505,18 @@ impl PcHooks {
             Some(id) => ids.insert(address.devfn(), id.to_owned()),
             None => ids.remove(&address.devfn()),
         };
+    }
+
+    /// The PCI properties the function at `address` was built with (a virtconsole port
+    /// rebuilds it with them).
+    fn props_of(&self, address: PciAddress) -> PciDeviceProps {
+        self.pci_props
+            .get(&address.devfn())
+            .copied()
+            .unwrap_or(PciDeviceProps {
+                multifunction: self.multifunction_of(address),
+                ..PciDeviceProps::default()
+            })
     }
 
     fn multifunction_of(&self, address: PciAddress) -> bool {
@@ -538,9 +562,9 @@ impl DeviceHooks for PcHooks {
             let props = ConsolePortProps::from_props(dev.props)?;
             let console = console_device(&self.backends, &props.chardev)?;
             // The console's function is rebuilt with the port's back end, where it was.
-            let multifunction = self.multifunction_of(address);
+            let props = self.props_of(address);
             self.lock().remove_pci_function(address);
-            self.plug(address, multifunction, console)?;
+            self.plug(address, props, console)?;
             self.realized.insert(dev.key, Realized::Port { address });
             return Ok(());
         }
@@ -559,7 +583,8 @@ impl DeviceHooks for PcHooks {
             }
         }
         let (device, keep) = virtio_backend(&self.backends, kind, dev.props)?;
-        self.plug(address, pci.multifunction, device)?;
+        self.plug(address, pci, device)?;
+        self.pci_props.insert(address.devfn(), pci);
         if kind == Console::QDEV_TYPE {
             self.serial_buses.insert(
                 Console::port_bus_name(dev.id, Some(usize::from(address.devfn()))),
@@ -594,14 +619,15 @@ impl DeviceHooks for PcHooks {
                 self.lock().remove_pci_function(address);
                 self.set_id(address, None);
                 self.drivers.remove(&address.devfn());
+                self.pci_props.remove(&address.devfn());
                 self.serial_buses.retain(|_, a| *a != address);
             }
             Some(Realized::Port { address }) => {
                 let idle: SharedVirtio =
                     Arc::new(Mutex::new(Console::new(Box::new(std::io::sink()))));
-                let multifunction = self.multifunction_of(address);
+                let props = self.props_of(address);
                 self.lock().remove_pci_function(address);
-                if let Err(e) = self.plug(address, multifunction, idle) {
+                if let Err(e) = self.plug(address, props, idle) {
                     log::warn!("detaching virtconsole: {e}");
                 }
             }
@@ -646,6 +672,7 @@ impl PcBoard {
             serial_buses: HashMap::new(),
             ids: ids.clone(),
             drivers: HashMap::new(),
+            pci_props: HashMap::new(),
             last: last.clone(),
             addresses: addresses.clone(),
             factories: ctx
@@ -981,7 +1008,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Class 0255: PCI device 1af4:1005"), "{text}");
-        assert_eq!(devs[3].regions.len(), 2);
+        // Transitional: the legacy I/O BAR0 (128 bytes for blk, placed from 0xc000), the
+        // MSI-X BAR1 and the modern BAR4.
+        assert_eq!(devs[3].regions.len(), 3);
+        assert!(
+            text.contains("      BAR0: I/O at 0xc000 [0xc07f].\r\n"),
+            "{text}"
+        );
+        assert_eq!(cfg_read32(&b, 2, 0, 0x10), 0xc001);
         let tree = b.devices().query_tree();
         let pci = tree.iter().find(|n| n.name == "pci.0").unwrap();
         let drivers: Vec<&str> = pci.devices.iter().map(|d| d.driver.as_str()).collect();

@@ -14,13 +14,19 @@ use keel_virtio::{Block, Console, Net, Rng};
 
 use crate::{PciAddress, PciError};
 
-/// The validated PCI properties of a device (`addr=`, `multifunction=`).
+/// The validated PCI properties of a device (`addr=`, `multifunction=`,
+/// `disable-legacy=`, `disable-modern=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PciDeviceProps {
     /// Where the guest sees the function; `None` lets the machine pick a free slot.
     pub addr: Option<PciAddress>,
     /// Sets the multifunction bit of the function's header type.
     pub multifunction: bool,
+    /// `disable-legacy`: `Some(true)` on, `Some(false)` off, `None` auto (the legacy
+    /// interface on a conventional PCI bus such as `pc`'s, when the device has one).
+    pub disable_legacy: Option<bool>,
+    /// `disable-modern`.
+    pub disable_modern: bool,
 }
 
 impl PciDeviceProps {
@@ -30,10 +36,29 @@ impl PciDeviceProps {
             None | Some("") => None,
             Some(text) => Some(PciAddress::parse(text)?),
         };
+        let disable_legacy = match props.str("disable-legacy") {
+            Some("on") => Some(true),
+            Some("off") => Some(false),
+            _ => None,
+        };
         Ok(Self {
             addr,
             multifunction: props.bool("multifunction").unwrap_or(false),
+            disable_legacy,
+            disable_modern: props.bool("disable-modern").unwrap_or(false),
         })
+    }
+
+    /// The interfaces of a device of virtio `device_type` with these properties (QEMU's
+    /// defaults on `pc`: both, where Keel's device has a legacy interface).
+    pub fn interfaces(&self, device_type: u32) -> crate::Interfaces {
+        crate::Interfaces {
+            legacy: match self.disable_legacy {
+                Some(off) => !off,
+                None => crate::legacy_capable(device_type),
+            },
+            modern: !self.disable_modern,
+        }
     }
 }
 
@@ -58,6 +83,16 @@ pub fn virtio_pci_type(name: &str, backend: &DeviceType, description: &str) -> D
             PropSpec::bool("multifunction")
                 .default_bool(false)
                 .description("on/off (sets the multifunction bit of function 0)"),
+        )
+        .prop(
+            PropSpec::enumeration("disable-legacy", ["on", "off", "auto"])
+                .default_str("auto")
+                .description("on/off/auto (auto: the legacy I/O interface in BAR0 on pc)"),
+        )
+        .prop(
+            PropSpec::bool("disable-modern")
+                .default_bool(false)
+                .description("on/off (no modern interface: BAR4 and its capabilities)"),
         );
     for p in backend.props() {
         t = t.prop(p.clone());
@@ -144,9 +179,31 @@ mod tests {
             pci,
             PciDeviceProps {
                 addr: None,
-                multifunction: true
+                multifunction: true,
+                disable_legacy: None,
+                disable_modern: false,
             }
         );
+        assert_eq!(pci.interfaces(2), crate::Interfaces::TRANSITIONAL);
+        assert_eq!(
+            pci.interfaces(1),
+            crate::Interfaces::MODERN,
+            "net: modern only"
+        );
+        let legacy_only = validate(
+            &t,
+            &[
+                ("drive", "d0"),
+                ("disable-legacy", "off"),
+                ("disable-modern", "on"),
+            ],
+        )
+        .unwrap();
+        let i = PciDeviceProps::from_props(&legacy_only)
+            .unwrap()
+            .interfaces(2);
+        assert!(i.legacy && !i.modern);
+        assert!(validate(&t, &[("drive", "d0"), ("disable-legacy", "maybe")]).is_err());
         let blk = BlockProps::from_props(&p).unwrap();
         assert_eq!(
             (blk.drive.as_str(), blk.serial.as_deref()),
