@@ -19,7 +19,9 @@
 //!    unplug completes it the same way (`RESET` with `guest: true`);
 //! 6. the virtio-pci interfaces as the guest sees them (IDs, BAR sizes and flags):
 //!    transitional by default, `disable-legacy=on`, `disable-modern=on` (a virtio-rng and a
-//!    virtio-blk disk the guest reads through Linux's legacy driver).
+//!    virtio-blk disk the guest reads through Linux's legacy driver);
+//! 7. `acpi-index`: Linux's `acpi_index` from the slot's `_DSM`, QEMU's refusal of a
+//!    duplicate, nothing for a device without one.
 //!
 //! Linux runs under tcg (about 15 s on Keel). Skipped when the guest is missing, unless
 //! `KEEL_REQUIRE_GUEST=1`: `cargo test --release --test pc_hotplug -- --nocapture`.
@@ -344,6 +346,25 @@ fn scenario(bin: &str, dir: &Path) -> Vec<String> {
             .matches("virtio_pci: leaving for legacy driver")
             .count()
     ));
+
+    // 7. acpi-index: the guest reads it through the slot's _DSM (Linux's acpi_index and
+    //    label); unique on the machine; none without it.
+    let from = g.text().len();
+    t.push(g.cmd(
+        "device_add",
+        json!({"driver": "virtio-rng-pci", "id": "a1", "addr": "0e", "acpi-index": 5}),
+    ));
+    t.push(g.cmd(
+        "device_add",
+        json!({"driver": "virtio-rng-pci", "id": "a2", "addr": "0f", "acpi-index": 5}),
+    ));
+    g.wait_for("virtio-pci 0000:00:0e.0: enabling device", from);
+    let out = g.sh(
+        "echo IDX $(cat /sys/bus/pci/devices/0000:00:0e.0/acpi_index) \
+         $(ls /sys/bus/pci/devices/0000:00:0a.0/ | grep -c -e acpi_index -e label)",
+    );
+    let idx = out.lines().find(|l| l.starts_with("IDX ")).unwrap_or("");
+    t.push(format!("acpi_index, labels without an index: {idx}"));
     t.push(g.cmd("quit", Value::Null));
     t
 }
@@ -418,6 +439,9 @@ fn pc_hot_plug_limbo_function_zero_last_and_reset_as_qemu() {
         "0d: IDS 0x1af4 0x1001 0x0002 0x00 128:0x0000000000040101 4096:0x0000000000040200 virtio-pci".into(),
         "legacy disk read: true".into(),
         "legacy driver: 2".into(),
+        ok("device_add"),
+        "device_add -> {\"error\":{\"class\":\"GenericError\",\"desc\":\"a PCI device with acpi-index = 5 already exist\"}}".into(),
+        "acpi_index, labels without an index: IDX 5 0".into(),
         ok("quit"),
     ];
     assert_eq!(keel, want);

@@ -433,6 +433,11 @@ struct FunctionZeroPresent {
     new: String,
 }
 
+/// `acpi-index` values are unique on the machine (QEMU's message, given as is).
+#[derive(Debug, thiserror::Error)]
+#[error("a PCI device with acpi-index = {0} already exist")]
+struct AcpiIndexTaken(u32);
+
 /// What a realized user device holds on to until it is unrealized.
 enum Realized {
     DebugExit {
@@ -571,6 +576,14 @@ impl DeviceHooks for PcHooks {
         let kind = backend_kind(dev.driver)
             .ok_or_else(|| format!("pc cannot realize '{}'", dev.driver))?;
         let pci = PciDeviceProps::from_props(dev.props)?;
+        if pci.acpi_index != 0
+            && self
+                .pci_props
+                .values()
+                .any(|p| p.acpi_index == pci.acpi_index)
+        {
+            return Err(Box::new(AcpiIndexTaken(pci.acpi_index)));
+        }
         let address = self.lock().free_address(pci.addr).map_err(|e| chain(&e))?;
         if dev.hotplugged && address.function() != 0 {
             let f0 = PciAddress::new(address.slot(), 0).map(PciAddress::devfn);
@@ -585,6 +598,9 @@ impl DeviceHooks for PcHooks {
         let (device, keep) = virtio_backend(&self.backends, kind, dev.props)?;
         self.plug(address, pci, device)?;
         self.pci_props.insert(address.devfn(), pci);
+        self.lock()
+            .hotplug()
+            .set_acpi_index(address.devfn(), pci.acpi_index);
         if kind == Console::QDEV_TYPE {
             self.serial_buses.insert(
                 Console::port_bus_name(dev.id, Some(usize::from(address.devfn()))),
@@ -620,6 +636,7 @@ impl DeviceHooks for PcHooks {
                 self.set_id(address, None);
                 self.drivers.remove(&address.devfn());
                 self.pci_props.remove(&address.devfn());
+                self.lock().hotplug().set_acpi_index(address.devfn(), 0);
                 self.serial_buses.retain(|_, a| *a != address);
             }
             Some(Realized::Port { address }) => {
@@ -756,7 +773,8 @@ impl Board for PcBoard {
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
         let added = self.tree.device_add(phase, req).map_err(|e| match e {
             QdevError::Realize { source, .. }
-                if source.downcast_ref::<FunctionZeroPresent>().is_some() =>
+                if source.downcast_ref::<FunctionZeroPresent>().is_some()
+                    || source.downcast_ref::<AcpiIndexTaken>().is_some() =>
             {
                 QdevError::MachineRefused(source.to_string())
             }

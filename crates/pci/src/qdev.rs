@@ -27,6 +27,8 @@ pub struct PciDeviceProps {
     pub disable_legacy: Option<bool>,
     /// `disable-modern`.
     pub disable_modern: bool,
+    /// `acpi-index` (0: none).
+    pub acpi_index: u32,
 }
 
 impl PciDeviceProps {
@@ -46,6 +48,10 @@ impl PciDeviceProps {
             multifunction: props.bool("multifunction").unwrap_or(false),
             disable_legacy,
             disable_modern: props.bool("disable-modern").unwrap_or(false),
+            acpi_index: props
+                .u64("acpi-index")
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0),
         })
     }
 
@@ -70,30 +76,34 @@ pub const VIRTIO_BACKEND: &str = "virtio-backend";
 /// properties are copied), with the PCI properties added. Hotpluggable, with a
 /// [`VIRTIO_BACKEND`] child.
 pub fn virtio_pci_type(name: &str, backend: &DeviceType, description: &str) -> DeviceType {
-    let mut t = DeviceType::new(name, BusType::Pci)
-        .description(description)
-        .hotpluggable(true)
-        .child(VIRTIO_BACKEND)
-        .prop(
-            PropSpec::string("addr")
-                .default_str("")
-                .description("Slot and optional function number, example: 06.0 or 06"),
-        )
-        .prop(
-            PropSpec::bool("multifunction")
-                .default_bool(false)
-                .description("on/off (sets the multifunction bit of function 0)"),
-        )
-        .prop(
-            PropSpec::enumeration("disable-legacy", ["on", "off", "auto"])
-                .default_str("auto")
-                .description("on/off/auto (auto: the legacy I/O interface in BAR0 on pc)"),
-        )
-        .prop(
-            PropSpec::bool("disable-modern")
-                .default_bool(false)
-                .description("on/off (no modern interface: BAR4 and its capabilities)"),
-        );
+    let mut t =
+        DeviceType::new(name, BusType::Pci)
+            .description(description)
+            .hotpluggable(true)
+            .child(VIRTIO_BACKEND)
+            .prop(
+                PropSpec::string("addr")
+                    .default_str("")
+                    .description("Slot and optional function number, example: 06.0 or 06"),
+            )
+            .prop(
+                PropSpec::bool("multifunction")
+                    .default_bool(false)
+                    .description("on/off (sets the multifunction bit of function 0)"),
+            )
+            .prop(PropSpec::uint32("acpi-index").default_u64(0).description(
+                "the guest's ACPI index of the function (0: none; Linux's acpi_index)",
+            ))
+            .prop(
+                PropSpec::enumeration("disable-legacy", ["on", "off", "auto"])
+                    .default_str("auto")
+                    .description("on/off/auto (auto: the legacy I/O interface in BAR0 on pc)"),
+            )
+            .prop(
+                PropSpec::bool("disable-modern")
+                    .default_bool(false)
+                    .description("on/off (no modern interface: BAR4 and its capabilities)"),
+            );
     for p in backend.props() {
         t = t.prop(p.clone());
     }
@@ -182,6 +192,7 @@ mod tests {
                 multifunction: true,
                 disable_legacy: None,
                 disable_modern: false,
+                acpi_index: 0,
             }
         );
         assert_eq!(pci.interfaces(2), crate::Interfaces::TRANSITIONAL);
