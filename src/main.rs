@@ -94,9 +94,14 @@ extern "C" fn remove_pidfile() {
     }
 }
 
-/// Writes the pid file; it is removed at exit.
-fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
-    std::fs::write(path, format!("{}\n", std::process::id()))?;
+/// Writes the pid file (into `opened` if it was opened before the process changed its
+/// user); it is removed at exit.
+fn write_pidfile(path: &std::path::Path, opened: Option<std::fs::File>) -> std::io::Result<()> {
+    let pid = format!("{}\n", std::process::id());
+    match opened {
+        Some(mut f) => f.write_all(pid.as_bytes())?,
+        None => std::fs::write(path, pid)?,
+    }
     if PIDFILE.set(path.to_owned()).is_ok() {
         // SAFETY: registers a plain `extern "C"` function without arguments; it only reads
         // a OnceLock and removes a file.
@@ -169,16 +174,45 @@ fn daemon_ready(mut pipe: std::fs::File) {
     }
 }
 
+/// Sets no-new-privs for the whole process and, unless `-sandbox off`, makes the seccomp
+/// policy the process's and installs the main class's filter on this thread, so that every
+/// thread started from now on inherits it (and adds its own class's filter on top). Refuses
+/// a change of user without root before anything is opened.
+fn confine(s: &keel_sandbox::Settings) -> Result<(), keel_sandbox::SandboxError> {
+    if let Some(user) = s.run_as.user.as_ref().filter(|_| !keel_sandbox::is_root()) {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        return Err(keel_sandbox::SandboxError::NotRoot(
+            format!("-run-with user={}", user.name),
+            uid,
+        ));
+    }
+    keel_sandbox::set_no_new_privs()?;
+    if s.sandbox.enable {
+        let policy = keel_sandbox::Policy::new(&s.sandbox, s.run_as.requested())?;
+        keel_sandbox::set_process_policy(policy)?;
+        keel_sandbox::enter(keel_sandbox::ThreadClass::Main);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     install_logger();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    let (args, sandbox) = match keel_sandbox::extract(&all) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let steps = match cli::parse(&args) {
         Err(e) => {
             eprintln!("vmm: {e}");
             return ExitCode::from(1);
         }
         Ok(Invocation::Help) => {
-            print!("{}", cli::HELP);
+            print!("{}{}", cli::HELP, keel_sandbox::HELP);
             return ExitCode::SUCCESS;
         }
         Ok(Invocation::Version) => {
@@ -232,8 +266,36 @@ fn main() -> ExitCode {
         None
     };
 
+    if let Err(e) = confine(&sandbox) {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(1);
+    }
+    // A pid file is opened before the process changes its user, written once the command
+    // line ran.
+    let pid_handle = match pidfile.as_ref().filter(|_| sandbox.run_as.requested()) {
+        None => None,
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("vmm: cannot write pid file {}: {e}", p.display());
+                return ExitCode::from(1);
+            }
+        },
+    };
+
     let signals = block_shutdown_signals();
     let vmm = Vmm::new();
+    if sandbox.run_as.requested() {
+        // Everything the command line opens is open once the machine is built; the guest
+        // runs only after the init-done notifiers.
+        let run_as = sandbox.run_as.clone();
+        vmm.on_machine_ready(Box::new(move || {
+            if let Err(e) = keel_sandbox::drop_privileges(&run_as) {
+                eprintln!("vmm: {e}");
+                std::process::exit(1);
+            }
+        }));
+    }
     // As QEMU: a guest write to isa-debug-exit ends the process there and then.
     vmm.set_guest_exit_policy(GuestExitPolicy::ExitProcess);
     {
@@ -257,7 +319,7 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     if let Some(p) = &pidfile
-        && let Err(e) = write_pidfile(p)
+        && let Err(e) = write_pidfile(p, pid_handle)
     {
         eprintln!("vmm: cannot write pid file {}: {e}", p.display());
         vmm.close_monitors(Duration::ZERO);
