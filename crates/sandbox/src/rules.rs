@@ -129,6 +129,8 @@ const MONITOR: &[i64] = &[
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
+    // TCP_NODELAY on an accepted TCP client.
+    libc::SYS_setsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
     libc::SYS_fcntl,
