@@ -11,9 +11,13 @@ use crate::options::{Onoff, Privileges, SandboxOptions};
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
 /// The KVM ioctls a vCPU thread makes: run, register state, interrupts raised by devices it
-/// emulates, ioeventfd/irqfd and memory slots when the guest moves a PCI BAR, the clock.
+/// emulates, ioeventfd/irqfd and memory slots when the guest moves a PCI BAR, the clock, the
+/// lazily created PIT. Not: creating VMs or vCPUs, `KVM_GET_DIRTY_LOG`, `KVM_ENABLE_CAP`.
 /// (Numbers from `linux/kvm.h` for x86-64.)
 const VCPU_KVM_IOCTLS: &[u64] = &[
+    // keel-kvm creates the in-kernel PIT when a vCPU first touches its ports.
+    0x4040ae77, // KVM_CREATE_PIT2
+    0xae03,     // KVM_CHECK_EXTENSION
     0xae80,     // KVM_RUN
     0x8090ae81, // KVM_GET_REGS
     0x4090ae82, // KVM_SET_REGS
