@@ -85,26 +85,44 @@ fn install_logger() {
     }
 }
 
-/// The pid file this process wrote (`-pidfile`), removed when the process exits, as QEMU.
-static PIDFILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// Asks the `pidfile` thread to remove the pid file and waits for it (a second at most).
+/// `exit` may run on a vCPU thread (isa-debug-exit), whose seccomp filter does not allow
+/// `unlink`; the `pidfile` thread has the main class's.
+static PIDFILE_REMOVER: std::sync::OnceLock<
+    std::sync::Mutex<std::sync::mpsc::Sender<std::sync::mpsc::SyncSender<()>>>,
+> = std::sync::OnceLock::new();
 
 extern "C" fn remove_pidfile() {
-    if let Some(p) = PIDFILE.get() {
-        let _ = std::fs::remove_file(p);
+    if let Some(tx) = PIDFILE_REMOVER.get() {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let sent = tx.lock().map(|t| t.send(done).is_ok()).unwrap_or(false);
+        if sent {
+            let _ = wait.recv_timeout(Duration::from_secs(1));
+        }
     }
 }
 
 /// Writes the pid file (into `opened` if it was opened before the process changed its
-/// user); it is removed at exit.
+/// user); it is removed at exit, as QEMU does.
 fn write_pidfile(path: &std::path::Path, opened: Option<std::fs::File>) -> std::io::Result<()> {
     let pid = format!("{}\n", std::process::id());
     match opened {
         Some(mut f) => f.write_all(pid.as_bytes())?,
         None => std::fs::write(path, pid)?,
     }
-    if PIDFILE.set(path.to_owned()).is_ok() {
-        // SAFETY: registers a plain `extern "C"` function without arguments; it only reads
-        // a OnceLock and removes a file.
+    let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::SyncSender<()>>();
+    let path = path.to_owned();
+    std::thread::Builder::new()
+        .name("pidfile".into())
+        .spawn(move || {
+            if let Ok(done) = rx.recv() {
+                let _ = std::fs::remove_file(&path);
+                let _ = done.send(());
+            }
+        })?;
+    if PIDFILE_REMOVER.set(std::sync::Mutex::new(tx)).is_ok() {
+        // SAFETY: registers a plain `extern "C"` function without arguments; it only sends
+        // on a channel and waits for the answer.
         unsafe { libc::atexit(remove_pidfile) };
     }
     Ok(())

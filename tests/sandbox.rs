@@ -431,3 +431,40 @@ fn debian_on_pc_hot_plugs_and_removes_virtio_blk_pci_with_the_sandbox_on() {
     c.ok("quit", Value::Null);
     assert!(vmm.wait().success());
 }
+
+/// A guest's `isa-debug-exit` ends the process from its vCPU thread; the pid file is still
+/// removed (by a thread whose filter allows it) and the status is the guest's.
+#[test]
+fn isa_debug_exit_from_a_vcpu_removes_the_pid_file() {
+    let dir = TempDir::new();
+    let guest = keel_testguest::hello(keel_testguest::Mode::Long64).unwrap();
+    let kernel = dir.path("hello.elf");
+    std::fs::write(&kernel, guest.pvh_elf()).unwrap();
+    let pidfile = dir.path("vmm.pid");
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "-machine",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-m",
+            "32",
+            "-nodefaults",
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-pidfile")
+        .arg(&pidfile)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some((i32::from(keel_testguest::EXIT_OK) << 1) | 1),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("seccomp"), "{stderr}");
+    assert!(!pidfile.exists(), "the pid file is left behind");
+}
