@@ -182,7 +182,8 @@ fn bad_sandbox_and_user_options_say_what_is_wrong() {
     assert!(out.contains("-run-with user=NAME|UID:GID"), "{out}");
 }
 
-/// As root: every thread becomes `nobody` before the guest runs, and the guest still runs;
+/// As root: every thread becomes `nobody` in a new root before the guest runs, and the
+/// guest still runs;
 /// not as root: the option is refused before anything starts.
 #[test]
 fn run_with_user_nobody_drops_every_thread() {
@@ -200,6 +201,8 @@ fn run_with_user_nobody_drops_every_thread() {
     let console = dir.path("console");
     let serial = format!("file:{}", console.display());
     let pidfile = dir.path("vmm.pid");
+    let root = dir.path("root");
+    std::fs::create_dir(&root).unwrap();
     let mut vmm = Vmm::start(&[
         "-accel",
         accel,
@@ -212,7 +215,7 @@ fn run_with_user_nobody_drops_every_thread() {
         "-sandbox",
         LIBVIRT_SANDBOX,
         "-run-with",
-        "user=nobody",
+        &format!("user=nobody,chroot={}", root.display()),
     ]);
     let mut c = vmm.qmp();
     let pid = vmm.child.id();
@@ -231,6 +234,10 @@ fn run_with_user_nobody_drops_every_thread() {
         let all: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(all, [uid.as_str(); 4], "{name}: {line}");
     }
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        root
+    );
     for (name, groups) in thread_field(pid, "Groups") {
         assert!(
             !groups.split_whitespace().any(|g| g == "0"),

@@ -33,7 +33,11 @@ fn say(s: &str) {
 /// What a thread of each class does in Keel, then the forbidden call.
 fn play(case: &str) {
     keel_sandbox::set_no_new_privs().unwrap();
-    let opts = SandboxOptions::default();
+    let opts = if case == "main-spawn-allowed" {
+        SandboxOptions::parse("on,spawn=allow").unwrap()
+    } else {
+        SandboxOptions::default()
+    };
     keel_sandbox::set_process_policy(Policy::new(&opts, false).unwrap()).unwrap();
     keel_sandbox::enter(ThreadClass::Main);
     // The baseline: open a file, make an eventfd, start a thread.
@@ -43,7 +47,7 @@ fn play(case: &str) {
     let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     assert!(efd >= 0);
     let class = match case {
-        "main" | "main-clone3" => ThreadClass::Main,
+        "main" | "main-clone3" | "main-spawn-allowed" => ThreadClass::Main,
         "vcpu" | "vcpu-write-open" | "vcpu-spawns" => ThreadClass::Vcpu,
         "worker" => ThreadClass::Worker,
         "monitor" => ThreadClass::Monitor,
@@ -69,6 +73,20 @@ fn play(case: &str) {
                 // SAFETY: fork through the raw call; the filter stops it before the kernel
                 // runs it.
                 unsafe { libc::syscall(libc::SYS_fork) };
+            }
+            "main-spawn-allowed" => {
+                // SAFETY: the child only calls _exit; the parent waits for it.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    // SAFETY: ends the forked child at once.
+                    unsafe { libc::_exit(7) };
+                }
+                let mut status = 0;
+                // SAFETY: waits for our own child with a valid status pointer.
+                let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert_eq!(r, pid);
+                assert_eq!(libc::WEXITSTATUS(status), 7);
+                say("FORKED");
             }
             "main-clone3" => {
                 // SAFETY: clone3 with a null argument: the ENOSYS filter answers first.
@@ -178,5 +196,13 @@ fn clone3_is_answered_enosys_and_threads_still_start() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("GRANDCHILD-RAN"), "{out:?}");
     assert!(stdout.contains("CASE-RETURNED"), "{out:?}");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn spawn_allow_lets_the_main_class_fork() {
+    let out = run_case("main-spawn-allowed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FORKED"), "{out:?}");
     assert!(out.status.success(), "{out:?}");
 }
