@@ -169,13 +169,14 @@ Boot (boot-set; read when the machine is ready, so anywhere before that):
 Accelerator (accel-set):
   -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
 Devices (device_add, cold until the machine is ready):
-  -device DRIVER[,id=ID][,prop=value...]
+  -device DRIVER[,id=ID][,prop=value...]   (-device help, -device DRIVER,help)
     isa-debug-exit[,iobase=N,iosize=N]  virtio-rng-device
     virtio-blk-device,drive=NODE[,serial=S,read-only=on]
     virtio-net-device,netdev=ID[,mac=MAC]  virtconsole,chardev=ID
 Backends (from the start; devices name them):
   -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
   -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
+  -drive file=PATH,if=virtio,format=raw  a drive and its virtio-blk (virtio-blk-pci on pc)
   -netdev tap,id=ID,ifname=IF,script=no,downscript=no
   -chardev file,id=ID,path=PATH | -chardev null,id=ID
 Monitors (live from the moment they are read):
@@ -192,7 +193,7 @@ Process:
   -daemonize                        detach once the command line ran
 Other:
   -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
-  -vga none  -monitor none
+  -vga none  -monitor none  -nic none  -net none
   -h, --help  --version
 ";
 
@@ -235,6 +236,7 @@ fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
 pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
     let mut steps: Vec<Step> = Vec::new();
     let mut chardevs: BTreeMap<String, Endpoint> = BTreeMap::new();
+    let mut virtio_drives = 0;
     let mut i = 0;
     while i < args.len() {
         let raw = &args[i];
@@ -278,6 +280,8 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "rtc"
                 | "boot"
                 | "msg"
+                | "nic"
+                | "net"
         );
         let value = if takes_value {
             let v = args
@@ -456,6 +460,17 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 ..BootSet::default()
             }),
             "serial" => Action::Serial(v.to_owned()),
+            // No default NIC is what Keel's machines have anyway.
+            "nic" | "net" if v == "none" => Action::Nothing,
+            "nic" | "net" => {
+                return Err(syntax(
+                    &option,
+                    format!(
+                        "only '-{name} none' is supported; use -netdev tap,id=N,... with \
+                         -device virtio-net-pci,netdev=N (or virtio-net-device on microvm)"
+                    ),
+                ));
+            }
             "uuid" if forms::uuid_ok(v) => Action::Uuid(v.to_ascii_lowercase()),
             "uuid" => return Err(syntax(&option, "Invalid UUID")),
             "pidfile" => Action::PidFile(PathBuf::from(v)),
@@ -526,9 +541,18 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "qmp" => {
                 Action::Monitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
             }
-            "blockdev" | "drive" => {
-                Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?)
-            }
+            "drive" => match forms::virtio_drive(v, virtio_drives).map_err(opt_err(&option))? {
+                Some((drive, device)) => {
+                    virtio_drives += 1;
+                    steps.push(Step {
+                        option: option.clone(),
+                        action: Action::Blockdev(drive),
+                    });
+                    Action::Device(device)
+                }
+                None => Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?),
+            },
+            "blockdev" => Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?),
             "netdev" => Action::Netdev(forms::netdev(v).map_err(opt_err(&option))?),
             "chardev" => match forms::char_backend(v).map_err(opt_err(&option))? {
                 Some(c) => Action::Chardev(c),
