@@ -475,3 +475,30 @@ fn isa_debug_exit_from_a_vcpu_removes_the_pid_file() {
     assert!(!stderr.contains("seccomp"), "{stderr}");
     assert!(!pidfile.exists(), "the pid file is left behind");
 }
+
+/// `-overcommit mem-lock=on` (libvirt's `<memoryBacking><locked/>`) locks memory from the
+/// main thread under its filter.
+#[test]
+fn mem_lock_works_under_the_sandbox() {
+    let mut vmm = Vmm::start(&[
+        "-M",
+        "microvm",
+        "-accel",
+        "tcg",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-S",
+        "-overcommit",
+        "mem-lock=on",
+    ]);
+    let mut c = vmm.qmp();
+    assert_eq!(c.status(), "prelaunch");
+    let locked = thread_field(vmm.child.id(), "VmLck");
+    assert!(
+        locked.values().any(|v| v != "0 kB"),
+        "nothing locked: {locked:?}"
+    );
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+}

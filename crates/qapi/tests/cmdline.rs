@@ -23,7 +23,10 @@ fn drive_if_virtio_is_a_drive_and_a_virtio_blk() {
     let (Action::Blockdev(a), Action::Device(da)) = (&s[0].1, &s[1].1) else {
         panic!("{s:?}")
     };
-    assert_eq!((a.node_name.as_str(), a.read_only), ("virtio0", Some(false)));
+    assert_eq!(
+        (a.node_name.as_str(), a.read_only),
+        ("virtio0", Some(false))
+    );
     assert_eq!(da.driver, "virtio-blk");
     assert_eq!(da.props["drive"], "virtio0");
     let (Action::Blockdev(b), Action::Device(db)) = (&s[2].1, &s[3].1) else {
@@ -39,7 +42,9 @@ fn drive_if_virtio_is_a_drive_and_a_virtio_blk() {
 #[test]
 fn other_drive_interfaces_and_networks_say_what_to_use() {
     let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-    let e = parse(&args(&["-drive", "file=a.img,if=ide"])).unwrap_err().to_string();
+    let e = parse(&args(&["-drive", "file=a.img,if=ide"]))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("if=ide is not supported (use if=virtio"), "{e}");
     let e = parse(&args(&["-nic", "user"])).unwrap_err().to_string();
     assert!(e.contains("only '-nic none' is supported"), "{e}");

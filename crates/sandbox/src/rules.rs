@@ -190,6 +190,12 @@ const MAIN: &[i64] = &[
     libc::SYS_getgid,
     libc::SYS_getegid,
     libc::SYS_membarrier,
+    // -overcommit mem-lock=on.
+    libc::SYS_mlockall,
+    libc::SYS_munlockall,
+    libc::SYS_mlock,
+    libc::SYS_mlock2,
+    libc::SYS_munlock,
 ];
 
 /// QEMU's `elevateprivileges` set.
