@@ -110,6 +110,10 @@ static PIDFILE_REMOVER: std::sync::OnceLock<
     std::sync::Mutex<std::sync::mpsc::Sender<std::sync::mpsc::SyncSender<()>>>,
 > = std::sync::OnceLock::new();
 
+/// Whether the process is exiting: the pid file is then not written any more (held while
+/// it is written, so that a removal never comes between the write and its end).
+static PIDFILE_EXITING: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
 extern "C" fn remove_pidfile() {
     if let Some(tx) = PIDFILE_REMOVER.get() {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
@@ -121,20 +125,17 @@ extern "C" fn remove_pidfile() {
 }
 
 /// Writes the pid file (into `opened` if it was opened before the process changed its
-/// user); it is removed at exit, as QEMU does.
+/// user); it is removed at exit, as QEMU does, even by an exit that comes first.
 fn write_pidfile(path: &std::path::Path, opened: Option<std::fs::File>) -> std::io::Result<()> {
-    let pid = format!("{}\n", std::process::id());
-    match opened {
-        Some(mut f) => f.write_all(pid.as_bytes())?,
-        None => std::fs::write(path, pid)?,
-    }
     let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::SyncSender<()>>();
-    let path = path.to_owned();
+    let remove = path.to_owned();
     std::thread::Builder::new()
         .name("pidfile".into())
         .spawn(move || {
             if let Ok(done) = rx.recv() {
-                let _ = std::fs::remove_file(&path);
+                let mut exiting = PIDFILE_EXITING.lock().unwrap_or_else(|p| p.into_inner());
+                *exiting = true;
+                let _ = std::fs::remove_file(&remove);
                 let _ = done.send(());
             }
         })?;
@@ -143,7 +144,15 @@ fn write_pidfile(path: &std::path::Path, opened: Option<std::fs::File>) -> std::
         // on a channel and waits for the answer.
         unsafe { libc::atexit(remove_pidfile) };
     }
-    Ok(())
+    let exiting = PIDFILE_EXITING.lock().unwrap_or_else(|p| p.into_inner());
+    if *exiting {
+        return Ok(());
+    }
+    let pid = format!("{}\n", std::process::id());
+    match opened {
+        Some(mut f) => f.write_all(pid.as_bytes()),
+        None => std::fs::write(path, pid),
+    }
 }
 
 /// `-daemonize`, first half: forks before any thread exists. The parent waits until the

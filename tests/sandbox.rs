@@ -448,31 +448,45 @@ fn isa_debug_exit_from_a_vcpu_removes_the_pid_file() {
     let kernel = dir.path("hello.elf");
     std::fs::write(&kernel, guest.pvh_elf()).unwrap();
     let pidfile = dir.path("vmm.pid");
-    let out = std::process::Command::new(common::BIN)
-        .args([
-            "-machine",
-            "microvm",
-            "-accel",
-            "tcg",
-            "-m",
-            "32",
-            "-nodefaults",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-pidfile")
-        .arg(&pidfile)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .stdin(std::process::Stdio::null())
-        .output()
+    let mut vmm = Vmm::start(&[
+        "-machine",
+        "microvm",
+        "-accel",
+        "tcg",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-S",
+        "-kernel",
+        kernel.to_str().unwrap(),
+        "-pidfile",
+        pidfile.to_str().unwrap(),
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]);
+    let mut c = vmm.qmp();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline, "no pid file");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The guest ends the process at once; the reply may not come.
+    c.send_raw(b"{\"execute\": \"cont\"}");
+    let st = vmm.wait();
+    let mut err = String::new();
+    use std::io::Read;
+    vmm.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
-        out.status.code(),
+        st.code(),
         Some((i32::from(keel_testguest::EXIT_OK) << 1) | 1),
-        "{stderr}"
+        "{err}"
     );
-    assert!(!stderr.contains("seccomp"), "{stderr}");
+    assert!(!err.contains("seccomp"), "{err}");
     assert!(!pidfile.exists(), "the pid file is left behind");
 }
 
