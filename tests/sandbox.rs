@@ -48,8 +48,15 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
-/// Waits until the threads named in `names` exist.
-fn wait_threads(pid: u32, names: &[&str]) -> BTreeMap<String, String> {
+/// Whether a thread of this name adds its class's filter to the baseline.
+fn confined_class(name: &str) -> bool {
+    name == "qmp-loop" || name.starts_with("vcpu") || name.starts_with("virtio-")
+}
+
+/// Waits until the threads named in `names` exist (`virtio-*`: any of that prefix) and, if
+/// `sandboxed`, each thread of a confined class has installed its filter (a thread is named
+/// before its first action, so it may show the baseline alone for a moment).
+fn wait_threads(pid: u32, names: &[&str], sandboxed: bool) -> BTreeMap<String, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let f = thread_field(pid, "Seccomp_filters");
@@ -57,12 +64,13 @@ fn wait_threads(pid: u32, names: &[&str]) -> BTreeMap<String, String> {
             f.keys()
                 .any(|k| k == n || (n.ends_with('*') && k.starts_with(&n[..n.len() - 1])))
         };
-        if names.iter().all(|n| have(n)) {
+        let settled = !sandboxed || f.iter().all(|(k, v)| !confined_class(k) || v == "4");
+        if names.iter().all(|n| have(n)) && settled {
             return f;
         }
         assert!(
             Instant::now() < deadline,
-            "threads {names:?} never all appeared: {f:?}"
+            "threads {names:?} never all appeared with their filters: {f:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -83,16 +91,11 @@ fn on_by_default_with_a_filter_per_thread_class() {
     let mut c = vmm.qmp();
     assert_eq!(c.status(), "prelaunch");
     let pid = vmm.child.id();
-    let filters = wait_threads(pid, &["vmm", "qmp-loop", "vcpu0", "virtio-*"]);
+    let filters = wait_threads(pid, &["vmm", "qmp-loop", "vcpu0", "virtio-*"], true);
     // The baseline (and the clone3 answer) on every thread; vCPU, worker and monitor add
     // their own class's pair on top.
     for (name, n) in &filters {
-        let want = if name == "qmp-loop" || name.starts_with("vcpu") || name.starts_with("virtio-")
-        {
-            "4"
-        } else {
-            "2"
-        };
+        let want = if confined_class(name) { "4" } else { "2" };
         assert_eq!(n, want, "{name}: {filters:?}");
     }
     for (name, v) in thread_field(pid, "NoNewPrivs") {
@@ -109,7 +112,7 @@ fn sandbox_off_installs_no_filter_but_keeps_no_new_privs() {
     let mut vmm = Vmm::start(&["-sandbox", "off", "-M", "microvm", "-accel", "tcg", "-S"]);
     let mut c = vmm.qmp();
     let pid = vmm.child.id();
-    let filters = wait_threads(pid, &["vmm", "qmp-loop", "vcpu0"]);
+    let filters = wait_threads(pid, &["vmm", "qmp-loop", "vcpu0"], false);
     assert!(filters.values().all(|n| n == "0"), "{filters:?}");
     for (name, v) in thread_field(pid, "NoNewPrivs") {
         assert_eq!(v, "1", "{name}");
@@ -219,16 +222,23 @@ fn run_with_user_nobody_drops_every_thread() {
     ]);
     let mut c = vmm.qmp();
     let pid = vmm.child.id();
-    assert_eq!(
-        std::fs::read_to_string(&pidfile).unwrap().trim(),
-        pid.to_string()
-    );
+    // The pid file is opened before the drop and written once the command line ran.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        if !text.is_empty() {
+            assert_eq!(text.trim(), pid.to_string());
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pid file stays empty");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let nobody = std::process::Command::new("id")
         .args(["-u", "nobody"])
         .output()
         .unwrap();
     let uid = String::from_utf8(nobody.stdout).unwrap().trim().to_owned();
-    let uids = wait_threads(pid, &["vmm", "vcpu0", "qmp-loop"]);
+    let uids = wait_threads(pid, &["vmm", "vcpu0", "qmp-loop"], true);
     assert!(!uids.is_empty());
     for (name, line) in thread_field(pid, "Uid") {
         let all: Vec<&str> = line.split_whitespace().collect();
@@ -267,7 +277,7 @@ fn a_small_guest_runs_under_kvm_with_the_sandbox_on() {
     let serial = format!("file:{}", console.display());
     let mut vmm = Vmm::start(&["-accel", "kvm", "-nodefaults", "-S", "-serial", &serial]);
     let mut c = vmm.qmp();
-    let filters = wait_threads(vmm.child.id(), &["vcpu0"]);
+    let filters = wait_threads(vmm.child.id(), &["vcpu0"], true);
     assert_eq!(filters["vcpu0"], "4", "{filters:?}");
     c.ok("cont", Value::Null);
     assert!(vmm.wait().success());
