@@ -504,6 +504,23 @@ impl Vmm {
         Ok(())
     }
 
+    /// A human monitor on `endpoint` (`-monitor`), each line answered as QMP's
+    /// `human-monitor-command` answers it.
+    pub fn serve_hmp(&self, endpoint: &Endpoint) -> Result<(), ServerError> {
+        let vmm = self.clone();
+        let q = VersionInfo::current().qemu;
+        let version = format!("{}.{}.{}", q.major, q.minor, q.micro);
+        let answer = move |line: &str| {
+            let cmd = commands::HumanMonitorCommand {
+                command_line: line.to_owned(),
+                cpu_index: None,
+            };
+            vmm.execute(cmd)
+                .unwrap_or_else(|e| format!("Error: {e}\r\n"))
+        };
+        keel_hmp::monitor::serve(endpoint, &version, Arc::new(answer))
+    }
+
     /// A QMP dispatcher for this VMM, for custom transports.
     pub fn dispatcher(&self) -> Arc<dyn Dispatcher> {
         Arc::new(QmpFront { vmm: self.clone() })

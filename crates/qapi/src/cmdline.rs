@@ -83,6 +83,8 @@ pub enum Action {
     Device(DeviceAdd),
     /// `blockdev-add` (`-blockdev`, `-drive`).
     Blockdev(BlockdevAdd),
+    /// A human monitor (`-monitor stdio|unix:...|tcp:...`, `-mon mode=readline`).
+    HmpMonitor(Endpoint),
     /// `netdev_add` (`-netdev`).
     Netdev(NetdevAdd),
     /// `chardev-add` (`-chardev file|null|stdio`; socket chardevs serve `-mon`).
@@ -194,6 +196,10 @@ Process:
 Other:
   -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
   -vga none  -monitor none  -nic none  -net none
+Human monitor (HMP: help, info status/version/cpus/kvm/name/qtree/mtree/pci/registers,
+  stop, cont, system_reset, system_powerdown, quit):
+  -monitor stdio | unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
+  -mon chardev=ID,mode=readline
   -h, --help  --version
 ";
 
@@ -333,10 +339,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 ));
             }
             "monitor" => {
-                return Err(syntax(
-                    &option,
-                    "the human monitor is not supported; use -qmp (only '-monitor none' is accepted)",
-                ));
+                Action::HmpMonitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
             }
             "enable-kvm" => {
                 if let Some(Step {
@@ -582,12 +585,10 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                         }
                     }
                 }
-                if mode != "control" {
+                if mode != "control" && mode != "readline" {
                     return Err(syntax(
                         &option,
-                        format!(
-                            "mode={mode} is not supported: Keel serves QMP only (mode=control)"
-                        ),
+                        format!("Parameter 'mode' does not accept value '{mode}'"),
                     ));
                 }
                 let id =
@@ -595,11 +596,41 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 let ep = chardevs
                     .remove(&id)
                     .ok_or_else(|| syntax(&option, format!("chardev \"{id}\" not found")))?;
-                Action::Monitor(ep)
+                if mode == "readline" {
+                    Action::HmpMonitor(ep)
+                } else {
+                    Action::Monitor(ep)
+                }
             }
             _ => return Err(syntax(raw, "invalid option")),
         };
         steps.push(Step { option, action });
+    }
+    // One stdio: a human monitor there takes it from the default serial port (which QEMU
+    // would show on its display, i.e. nowhere here); a serial port asked for on stdio too is
+    // QEMU's error.
+    if let Some(at) = steps
+        .iter()
+        .position(|s| matches!(s.action, Action::HmpMonitor(Endpoint::Stdio)))
+    {
+        let stdio =
+            |s: &Step| matches!(&s.action, Action::Serial(b) if b == "stdio" || b == "mon:stdio");
+        if let Some(s) = steps.iter().find(|s| stdio(s)) {
+            return Err(syntax(
+                &s.option,
+                "cannot use stdio by multiple character devices",
+            ));
+        }
+        if !steps.iter().any(|s| matches!(s.action, Action::Serial(_))) {
+            let option = steps[at].option.clone();
+            steps.insert(
+                at + 1,
+                Step {
+                    option,
+                    action: Action::Serial("null".into()),
+                },
+            );
+        }
     }
     // As QEMU: without `-serial`, `-nodefaults` leaves the machine no serial port (a
     // `-device isa-serial` can then take COM1's place).
