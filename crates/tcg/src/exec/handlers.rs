@@ -30,6 +30,12 @@ pub(super) fn code_written(cpu: &mut Cpu, next: u64) -> Flow {
     Err(Ex::EndBlock)
 }
 
+/// The sign bit of a `size`-byte value (1, 2, 4 or 8).
+#[inline(always)]
+pub(super) const fn sign_bit_of(size: u8) -> u64 {
+    1u64 << ((size as u32 * 8 - 1) & 63)
+}
+
 pub(super) fn alu_rr<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let a = cpu.rreg(i.r0, S);
     let b = cpu.rreg(i.r1, S);
