@@ -251,9 +251,11 @@ pub enum Shadow {
 /// Everything a vCPU's instructions can see or change.
 #[derive(Debug)]
 pub struct Cpu {
-    /// RAX..R15 in encoding order; index 16 is a constant zero used for absent base/index
-    /// (the array has 32 entries so a masked index needs no bounds check; 16..32 stay zero).
-    pub gpr: [u64; 32],
+    /// RAX..R15 in encoding order; index 16 is a constant zero used for absent base/index.
+    /// The array has 256 entries, so that any `u8` register index needs neither a bounds
+    /// check nor a mask on a read (the hot paths index it with the bytes of `Insn` and
+    /// `Uop`); entries 16.. are never written and stay zero.
+    pub gpr: [u64; 256],
     /// Instruction pointer (during execution: the next instruction's address).
     pub rip: u64,
     /// RFLAGS; the six status flags are valid only when `cc.op` is `Eager`.
@@ -367,7 +369,7 @@ impl Cpu {
         cs.base = 0xffff_0000;
         cs.attr = 0x9b;
         let mut c = Self {
-            gpr: [0; 32],
+            gpr: [0; 256],
             rip: 0xfff0,
             rflags: fl::FIXED1,
             cc: Cc::default(),
@@ -545,11 +547,12 @@ impl Cpu {
     /// Reads a register of `size` bytes.
     #[inline(always)]
     pub fn rreg(&self, r: u8, size: u8) -> u64 {
+        // Operands wider than a byte name registers 0..15 (16 reads as zero): no mask.
         match size {
             1 => self.r8(r),
-            2 => self.gpr[(r & 15) as usize] & 0xffff,
-            4 => self.gpr[(r & 15) as usize] & 0xffff_ffff,
-            _ => self.gpr[(r & 15) as usize],
+            2 => self.gpr[usize::from(r)] & 0xffff,
+            4 => self.gpr[usize::from(r)] & 0xffff_ffff,
+            _ => self.gpr[usize::from(r)],
         }
     }
 

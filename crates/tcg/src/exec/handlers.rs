@@ -121,7 +121,7 @@ pub(super) fn mov_ri<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
 /// Linear address of a memory operand that [`is_flat`] accepted: base plus displacement.
 #[inline(always)]
 pub(super) fn ea_flat(cpu: &Cpu, i: &Insn) -> u64 {
-    i.disp.wrapping_add(cpu.gpr[(i.base & 31) as usize])
+    i.disp.wrapping_add(cpu.gpr[usize::from(i.base)])
 }
 
 /// Whether [`ea_flat`] computes the operand's address: 64-bit code (blocks are specialised
