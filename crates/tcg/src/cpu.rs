@@ -189,7 +189,8 @@ pub struct Cc {
     pub a: u64,
     /// Second operand (truncated).
     pub b: u64,
-    /// Carry-in (adc/sbb) or preserved CF (inc/dec).
+    /// Carry-in (adc/sbb) or preserved CF (inc/dec); stale for the other kinds, which never
+    /// read it.
     pub aux: u64,
 }
 
@@ -572,17 +573,17 @@ impl Cpu {
 
     // ---- flags ----
 
-    /// Records a lazy-flag result.
+    /// Records a lazy-flag result. `aux` is left as it was: only the kinds that read it
+    /// (`Adc`, `Sbb`, `Inc`, `Dec`) look at it, and their producers set it (one store less
+    /// for every `add`, `sub`, `cmp` and logic operation).
     #[inline(always)]
     pub fn set_cc(&mut self, op: CcOp, size: u8, res: u64, a: u64, b: u64) {
-        self.cc = Cc {
-            op,
-            size,
-            res,
-            a,
-            b,
-            aux: 0,
-        };
+        let c = &mut self.cc;
+        c.op = op;
+        c.size = size;
+        c.res = res;
+        c.a = a;
+        c.b = b;
     }
 
     /// Carry flag.
