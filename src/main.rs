@@ -59,19 +59,37 @@ impl log::Log for StderrLogger {
         let _ = if self.level > log::LevelFilter::Warn {
             writeln!(
                 err,
-                "vmm: {} {}: {}",
+                "{}vmm: {} {}: {}",
+                stamp(),
                 record.level(),
                 record.target(),
                 record.args()
             )
         } else {
-            writeln!(err, "vmm: {}", record.args())
+            writeln!(err, "{}vmm: {}", stamp(), record.args())
         };
     }
 
     fn flush(&self) {
         let _ = std::io::stderr().flush();
     }
+}
+
+/// `-msg timestamp=on` was given: error lines start with the time, as QEMU's.
+static MSG_TIMESTAMP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The prefix of an error line: the time under `-msg timestamp=on`, else nothing.
+fn stamp() -> String {
+    if MSG_TIMESTAMP.load(std::sync::atomic::Ordering::Relaxed) {
+        vmm::cli::timestamp_prefix()
+    } else {
+        String::new()
+    }
+}
+
+/// An error line on standard error: `[TIME ]vmm: MESSAGE`.
+macro_rules! report {
+    ($($t:tt)*) => { eprintln!("{}vmm: {}", stamp(), format_args!($($t)*)) };
 }
 
 fn install_logger() {
@@ -169,12 +187,45 @@ fn daemon_ready(mut pipe: std::fs::File) {
     }
 }
 
+/// `-device help` / `-device DRIVER,help` anywhere on the line: QEMU answers it before
+/// anything else runs, and so does Keel. Returns the exit status when it was asked.
+fn device_help(args: &[String]) -> Option<ExitCode> {
+    let pos = args
+        .windows(2)
+        .position(|w| matches!(w[0].as_str(), "-device" | "--device") && is_help(&w[1]))?;
+    let arg = &args[pos + 1];
+    let types = vmm::device_types::offered();
+    let driver = arg.rsplit_once(',').map(|(d, _)| d);
+    let text = match driver {
+        None => Ok(types.device_help()),
+        Some(d) => types.device_props_help(d),
+    };
+    Some(match text {
+        Ok(t) => {
+            print!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmm: -device {arg}: {e}");
+            ExitCode::from(1)
+        }
+    })
+}
+
+fn is_help(v: &str) -> bool {
+    let last = v.rsplit(',').next().unwrap_or(v);
+    matches!(last, "help" | "?")
+}
+
 fn main() -> ExitCode {
     install_logger();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = device_help(&args) {
+        return code;
+    }
     let steps = match cli::parse(&args) {
         Err(e) => {
-            eprintln!("vmm: {e}");
+            report!("{e}");
             return ExitCode::from(1);
         }
         Ok(Invocation::Help) => {
@@ -216,6 +267,12 @@ fn main() -> ExitCode {
         Ok(Invocation::Run(steps)) => steps,
     };
 
+    if steps
+        .iter()
+        .any(|s| matches!(s.action, Action::MsgTimestamp))
+    {
+        MSG_TIMESTAMP.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let pidfile = steps.iter().rev().find_map(|s| match &s.action {
         Action::PidFile(p) => Some(p.clone()),
         _ => None,
@@ -224,7 +281,7 @@ fn main() -> ExitCode {
         match daemonize() {
             Ok(pipe) => Some(pipe),
             Err(e) => {
-                eprintln!("vmm: {e}");
+                report!("{e}");
                 return ExitCode::from(1);
             }
         }
@@ -242,24 +299,24 @@ fn main() -> ExitCode {
             .name("signals".into())
             .spawn(move || {
                 let sig = wait_for_signal(signals);
-                eprintln!("vmm: terminating on signal {sig}");
+                report!("terminating on signal {sig}");
                 vmm.request_shutdown(ShutdownCause::HostSignal);
             });
         if let Err(e) = spawned {
-            eprintln!("vmm: cannot start the signal thread: {e}");
+            report!("cannot start the signal thread: {e}");
             return ExitCode::from(1);
         }
     }
 
     if let Err(e) = cli::execute(&vmm, &steps) {
-        eprintln!("vmm: {e}");
+        report!("{e}");
         vmm.close_monitors(Duration::ZERO);
         return ExitCode::from(1);
     }
     if let Some(p) = &pidfile
         && let Err(e) = write_pidfile(p)
     {
-        eprintln!("vmm: cannot write pid file {}: {e}", p.display());
+        report!("cannot write pid file {}: {e}", p.display());
         vmm.close_monitors(Duration::ZERO);
         return ExitCode::from(1);
     }

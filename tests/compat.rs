@@ -28,12 +28,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_vmm");
 /// (scenario, step, why): the steps that fail against today's Keel, each with the error
 /// it fails with. A scenario stops at its first failing step unless the step is
 /// independent (the qmp-shell ones are), so a fix may reveal the next gap: list it then.
-const KNOWN_GAPS: &[(&str, &str, &str)] = &[(
-    "libvirt_domain",
-    "start",
-    "libvirt resolves the machine's default CPU type (`max-x86_64-cpu`) against its own \
-         CPU map, which has no `max`: `Unknown CPU model max`",
-)];
+const KNOWN_GAPS: &[(&str, &str, &str)] = &[];
 
 const TIMEOUT: Duration = Duration::from_secs(360);
 

@@ -399,13 +399,26 @@ fn libvirt_probe_sequence() {
         c.err("query-sgx-capabilities", Value::Null, "GenericError"),
         "SGX is not enabled in KVM"
     );
-    assert_eq!(c.ok("query-migrate-capabilities", Value::Null), json!([]));
-    let d = c.err(
+    // `events` (the MIGRATION event) is the capability libvirt sets at start; the others
+    // are QEMU's names Keel does not have.
+    assert_eq!(
+        c.ok("query-migrate-capabilities", Value::Null),
+        json!([{"capability": "events", "state": false}])
+    );
+    c.ok(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    assert_eq!(
+        c.ok("query-migrate-capabilities", Value::Null),
+        json!([{"capability": "events", "state": true}])
+    );
+    let d = c.err(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
         "GenericError",
     );
-    assert_eq!(d, "Parameter 'capability' does not accept value 'events'");
+    assert!(d.contains("'xbzrle'"), "{d}");
     c.err("query-tpm-models", Value::Null, "CommandNotFound");
     let d = c.err(
         "blockdev-del",

@@ -11,8 +11,9 @@ Steps: libvirt probes the emulator (`virsh domcapabilities --emulatorbin EMU --v
 qemu --machine microvm`), then a type='qemu' microvm domain (direct kernel boot of the
 Debian reference guest, serial to a file, ACPI) is defined, started, suspended, resumed,
 queried with qemu-monitor-command and domstats, shut down (ACPI power button; the guest
-powers off), started again and destroyed, and undefined; libvirt's idea of the state is
-checked after each. The daemon's debug log (what libvirt sent the emulator) is
+powers off), started again and destroyed, and undefined; libvirt's idea of the state and
+its reason is checked after each. A second serial port on a pty (with a log file) checks
+that libvirt finds the terminal through query-chardev. The daemon's debug log (what libvirt sent the emulator) is
 DIR/log/libvirtd.log; --keep keeps DIR.
 
 Usage: python3 tests/compat/libvirt_domain.py --emulator PATH [--keep] [-v]
@@ -54,6 +55,7 @@ G = S.guest()
 D = S.tmp
 DOM = "keel-compat"
 SERIAL = D / "serial.log"
+PTY_LOG = D / "pty.log"
 URI = f"qemu+unix:///system?socket={D}/libvirt-sock"
 MOUNTS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt",
           "cache": "/var/cache/libvirt", "log": "/var/log/libvirt"}
@@ -103,11 +105,13 @@ def daemon_error() -> str:
 
 
 def state() -> str:
-    return virsh("domstate", DOM).strip()
+    return virsh("domstate", "--reason", DOM).strip()
 
 
-def expect_state(want: str, timeout: float = 10):
-    cc.wait_for(lambda: state() == want, timeout, f"domstate '{want}' (now '{state()}')", 0.2)
+def expect_state(want: str, reason: str, timeout: float = 10):
+    """libvirt's state of the domain and its reason (`virsh domstate --reason`)."""
+    full = f"{want} ({reason})"
+    cc.wait_for(lambda: state() == full, timeout, f"domstate '{full}' (now '{state()}')", 0.2)
 
 
 # --- the daemon ---------------------------------------------------------------------------
@@ -185,6 +189,7 @@ XML = f"""<domain type='qemu'>
   <devices>
     <emulator>{S.emulator}</emulator>
     <serial type='file'><source path='{SERIAL}'/><target port='0'/></serial>
+    <serial type='pty'><log file='{PTY_LOG}' append='on'/><target port='1'/></serial>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
@@ -195,7 +200,7 @@ XML = f"""<domain type='qemu'>
 
 def define():
     virsh("define", str(D / "domain.xml"))
-    expect_state("shut off")
+    expect_state("shut off", "unknown")
 
 
 S.step("define", define)
@@ -203,10 +208,28 @@ S.step("define", define)
 
 def start():
     virsh("start", DOM, timeout=120)
-    expect_state("running")
+    expect_state("running", "booted")
 
 
 S.step("start", start)
+
+
+def pty_serial():
+    # libvirt learnt the second serial port's terminal from query-chardev.
+    xml = virsh("dumpxml", DOM)
+    m = re.search(r"<serial type='pty'>\s*<source path='(/dev/pts/\d+)'", xml)
+    cc.check(m, f"no pty path in the live XML: {xml[:600]!r}")
+    fd = os.open(m.group(1), os.O_RDWR | os.O_NOCTTY)
+    try:
+        cc.check(os.isatty(fd), f"{m.group(1)} is not a terminal")
+    finally:
+        os.close(fd)
+    cc.check(PTY_LOG.exists(), "the pty's log file was not created")
+    out = virsh("qemu-monitor-command", DOM, '{"execute":"query-chardev"}')
+    cc.check(f"pty:{m.group(1)}" in out, f"query-chardev: {out.strip()[:300]}")
+
+
+S.step("pty-serial", pty_serial)
 
 
 def booted():
@@ -218,7 +241,7 @@ S.step("guest-boots", booted)
 
 def suspend():
     virsh("suspend", DOM)
-    expect_state("paused")
+    expect_state("paused", "user")
 
 
 S.step("suspend", suspend)
@@ -226,7 +249,7 @@ S.step("suspend", suspend)
 
 def resume():
     virsh("resume", DOM)
-    expect_state("running")
+    expect_state("running", "unpaused")
 
 
 S.step("resume", resume)
@@ -254,7 +277,7 @@ S.step("domstats", domstats)
 
 def shutdown():
     virsh("shutdown", DOM)
-    expect_state("shut off", 60)
+    expect_state("shut off", "shutdown", 60)
     cc.check(cc.file_contains(SERIAL, "KEEL-COMPAT-POWER-BUTTON"),
              "the guest never saw the power button")
 
@@ -264,9 +287,9 @@ S.step("shutdown", shutdown)
 
 def destroy():
     virsh("start", DOM, timeout=120)
-    expect_state("running")
+    expect_state("running", "booted")
     virsh("destroy", DOM)
-    expect_state("shut off")
+    expect_state("shut off", "destroyed")
 
 
 S.step("start-destroy", destroy)

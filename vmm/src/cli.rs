@@ -8,527 +8,15 @@
 //! live from the moment its option runs. At the end the machine is finished and started,
 //! unless `-S` (stay in prelaunch) or `-preconfig` (stop early; QMP finishes the job).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-
 use keel_phase::Phase;
-use keel_qapi::cli as forms;
-use keel_qmp::{CommandError, Endpoint};
-use serde_json::{Map, Value};
+use keel_qmp::CommandError;
 
-use crate::Vmm;
-use crate::commands::{
-    AccelList, AccelSet, BlockdevAdd, BootSet, ChardevAdd, DeviceAdd, MachineSet, NetdevAdd,
-    SerialAdd,
+pub use keel_qapi::cmdline::{
+    Action, CliError, HELP, Invocation, Step, parse, split_opts, timestamp_prefix,
 };
 
-/// A command-line error: the option as written and what is wrong with it.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The option or its value is malformed; nothing has been done.
-    #[error("{option}: {message}")]
-    Syntax {
-        /// The option as written (`-m 12Q`).
-        option: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// The option's command failed.
-    #[error("{option}: {source}")]
-    Command {
-        /// The option as written.
-        option: String,
-        /// The command's error (the same text QMP would give).
-        #[source]
-        source: CommandError,
-    },
-    /// The option came after something that fixed what it changes; nothing was done.
-    #[error("{option}: {source}; {hint}")]
-    Order {
-        /// The option as written.
-        option: String,
-        /// The command's out-of-phase error.
-        #[source]
-        source: CommandError,
-        /// What to move where.
-        hint: &'static str,
-    },
-    /// A monitor could not be opened.
-    #[error("{option}: {source}")]
-    Monitor {
-        /// The option as written.
-        option: String,
-        /// Why.
-        #[source]
-        source: keel_qmp::ServerError,
-    },
-}
-
-/// What one option does.
-#[derive(Debug, Clone)]
-pub enum Action {
-    /// `machine-set` (`-machine`, `-m`, `-smp`, `-cpu`): what sizes the machine, consumed
-    /// when it is built; then `accel-set` for a legacy `-machine ...,accel=a:b`. Without
-    /// `-machine` before it, the values wait for the machine rather than create one.
-    Machine(MachineSet, Option<Vec<String>>),
-    /// `boot-set` (`-kernel`, `-initrd`, `-append`, `-no-reboot`): read when the machine
-    /// becomes ready, so valid until then.
-    Boot(BootSet),
-    /// `serial-add` (`-serial`): a backend; it never creates a machine.
-    Serial(String),
-    /// `-uuid`.
-    Uuid(String),
-    /// `-pidfile PATH`: the process's pid is written there once the command line ran (the
-    /// binary's job; [`execute`] ignores it).
-    PidFile(PathBuf),
-    /// `-daemonize`: detach once the command line ran (the binary's job).
-    Daemonize,
-    /// `accel-set` with the accelerators of consecutive `-accel` options.
-    Accel(Vec<String>),
-    /// `device_add`.
-    Device(DeviceAdd),
-    /// `blockdev-add` (`-blockdev`, `-drive`).
-    Blockdev(BlockdevAdd),
-    /// `netdev_add` (`-netdev`).
-    Netdev(NetdevAdd),
-    /// `chardev-add` (`-chardev file|null|stdio`; socket chardevs serve `-mon`).
-    Chardev(ChardevAdd),
-    /// `-name`.
-    Name(String),
-    /// `-qmp`, or `-mon` on a `-chardev`.
-    Monitor(Endpoint),
-    /// `-S`.
-    NoAutostart,
-    /// `-preconfig`.
-    Preconfig,
-    /// Accepted for compatibility, nothing to do (`-nodefaults`, `-display none`, ...).
-    Nothing,
-}
-
-/// One option with its action.
-#[derive(Debug, Clone)]
-pub struct Step {
-    /// The option as written, for messages.
-    pub option: String,
-    /// What it does.
-    pub action: Action,
-}
-
-/// What the command line asks for.
-#[derive(Debug, Clone)]
-pub enum Invocation {
-    /// Run these steps.
-    Run(Vec<Step>),
-    /// Print the usage.
-    Help,
-    /// Print the version.
-    Version,
-    /// List the machine types (`-machine help`).
-    ListMachines,
-    /// List the accelerators (`-accel help`).
-    ListAccels,
-}
-
-/// The usage text.
-pub const HELP: &str = "\
-usage: vmm [options]
-
-Keel's VMM. Options are QEMU's and are run strictly left to right; each is the
-same command as its QMP twin and fails the same way when it comes in the wrong
-lifecycle phase (no-machine, machine-created, accel-created, machine-init,
-machine-ready).
-
-Machine (machine-set; sizes the machine, so before the first -device):
-  -machine|-M TYPE[,prop=value...]  machine type (`-machine help` lists them)
-  -m SIZE                           RAM (default unit MiB; suffixes K M G T)
-  -smp N                            vCPUs
-  -cpu MODEL                        max, host (kvm only), qemu64, kvm64: one model
-Boot (boot-set; read when the machine is ready, so anywhere before that):
-  -kernel PATH  -initrd PATH  -append CMDLINE
-  -no-reboot                        a guest reset shuts down instead
-  -serial BACKEND                   serial port backend: stdio, null, none, file:PATH
-Accelerator (accel-set):
-  -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
-Devices (device_add, cold until the machine is ready):
-  -device DRIVER[,id=ID][,prop=value...]
-    isa-debug-exit[,iobase=N,iosize=N]  virtio-rng-device
-    virtio-blk-device,drive=NODE[,serial=S,read-only=on]
-    virtio-net-device,netdev=ID[,mac=MAC]  virtconsole,chardev=ID
-Backends (from the start; devices name them):
-  -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
-  -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
-  -netdev tap,id=ID,ifname=IF,script=no,downscript=no
-  -chardev file,id=ID,path=PATH | -chardev null,id=ID
-Monitors (live from the moment they are read):
-  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off | stdio
-  -chardev socket,id=ID,path=PATH,server=on,wait=off  (or host=,port=, or fd=N)
-  -mon chardev=ID,mode=control
-Lifecycle:
-  -enable-kvm                       same as -accel kvm
-  -S                                stay paused (prelaunch) when ready
-  -preconfig                        stop early and let QMP finish the machine
-                                    (without -machine: wait in no-machine)
-Process:
-  -pidfile PATH                     write the pid once the command line ran
-  -daemonize                        detach once the command line ran
-Other:
-  -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
-  -vga none  -monitor none
-  -h, --help  --version
-";
-
-fn syntax(option: &str, message: impl Into<String>) -> CliError {
-    CliError::Syntax {
-        option: option.to_owned(),
-        message: message.into(),
-    }
-}
-
-/// An option value's error, named by the option as written.
-fn opt_err(option: &str) -> impl FnOnce(forms::OptionError) -> CliError + '_ {
-    move |e| syntax(option, e.0)
-}
-
-/// Splits QEMU option text `a=b,c=d` with the one option parser (`keel_qdev::keyval`,
-/// QemuOpts dialect): `,,` is a literal comma, the first item may be a bare value for
-/// `implied`, a bare `key` elsewhere means `key=on` (`nokey`: `key=off`).
-pub fn split_opts(
-    option: &str,
-    text: &str,
-    implied: Option<&str>,
-) -> Result<Vec<(String, String)>, CliError> {
-    forms::split_opts(text, implied).map_err(opt_err(option))
-}
-
-fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
-    match key {
-        // QEMU's machine properties of the same names are the boot options.
-        "kernel" => set.kernel = Some(PathBuf::from(v)),
-        "initrd" => set.initrd = Some(PathBuf::from(v)),
-        "append" => set.append = Some(v.to_owned()),
-        _ => {
-            set.props.insert(key.to_owned(), v.to_owned());
-        }
-    }
-}
-
-/// Checks the whole command line and turns it into steps; nothing is executed.
-pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
-    let mut steps: Vec<Step> = Vec::new();
-    let mut chardevs: BTreeMap<String, Endpoint> = BTreeMap::new();
-    let mut i = 0;
-    while i < args.len() {
-        let raw = &args[i];
-        i += 1;
-        if !raw.starts_with('-') || raw == "-" {
-            return Err(syntax(
-                raw,
-                "unexpected argument (disk images are not supported; options start with '-')",
-            ));
-        }
-        let name = raw.strip_prefix("--").unwrap_or(&raw[1..]);
-        let takes_value = matches!(
-            name,
-            "machine"
-                | "M"
-                | "m"
-                | "smp"
-                | "accel"
-                | "name"
-                | "qmp"
-                | "chardev"
-                | "mon"
-                | "display"
-                | "kernel"
-                | "initrd"
-                | "append"
-                | "serial"
-                | "device"
-                | "blockdev"
-                | "drive"
-                | "netdev"
-                | "cpu"
-                | "vga"
-                | "monitor"
-                | "uuid"
-                | "pidfile"
-        );
-        let value = if takes_value {
-            let v = args
-                .get(i)
-                .ok_or_else(|| syntax(raw, "requires an argument"))?;
-            i += 1;
-            Some(v.as_str())
-        } else {
-            None
-        };
-        let option = match value {
-            Some(v) => format!("{raw} {v}"),
-            None => raw.clone(),
-        };
-        let v = value.unwrap_or_default();
-        let action = match name {
-            "h" | "help" => return Ok(Invocation::Help),
-            "version" => return Ok(Invocation::Version),
-            "S" => Action::NoAutostart,
-            "preconfig" => Action::Preconfig,
-            "nodefaults" | "no-user-config" | "nographic" => Action::Nothing,
-            "vga" | "monitor" if v == "none" => Action::Nothing,
-            "vga" => {
-                return Err(syntax(
-                    &option,
-                    "Keel has no display; only 'none' is accepted",
-                ));
-            }
-            "monitor" => {
-                return Err(syntax(
-                    &option,
-                    "the human monitor is not supported; use -qmp (only '-monitor none' is accepted)",
-                ));
-            }
-            "enable-kvm" => {
-                if let Some(Step {
-                    action: Action::Accel(list),
-                    option: prev,
-                }) = steps.last_mut()
-                {
-                    list.push("kvm".into());
-                    prev.push(' ');
-                    prev.push_str(&option);
-                    continue;
-                }
-                Action::Accel(vec!["kvm".into()])
-            }
-            "cpu" => {
-                let mut set = MachineSet::default();
-                set.props.insert("cpu".into(), v.to_owned());
-                Action::Machine(set, None)
-            }
-            "display" => {
-                let opts = split_opts(&option, v, Some("type"))?;
-                match opts.first() {
-                    Some((k, t)) if k == "type" && t == "none" => Action::Nothing,
-                    _ => {
-                        return Err(syntax(
-                            &option,
-                            "Keel has no display; only '-display none' is accepted",
-                        ));
-                    }
-                }
-            }
-            "machine" | "M" => {
-                let mut set = MachineSet::default();
-                let mut accel = None;
-                for (k, val) in split_opts(&option, v, Some("type"))? {
-                    match k.as_str() {
-                        "type" if val == "help" || val == "?" => {
-                            return Ok(Invocation::ListMachines);
-                        }
-                        "type" => set.type_name = Some(val),
-                        "accel" => {
-                            accel = Some(val.split(':').map(str::to_owned).collect::<Vec<_>>())
-                        }
-                        _ => machine_field(&k, &val, &mut set),
-                    }
-                }
-                Action::Machine(set, accel)
-            }
-            "m" => {
-                let mut set = MachineSet::default();
-                for (k, val) in split_opts(&option, v, Some("size"))? {
-                    match k.as_str() {
-                        "size" => {
-                            set.memory = Some(
-                                keel_qdev::keyval::parse_size_unit(&val, 1 << 20).ok_or_else(
-                                    || syntax(&option, format!("invalid size '{val}'")),
-                                )?,
-                            )
-                        }
-                        other => {
-                            return Err(syntax(
-                                &option,
-                                format!("Invalid parameter '{other}' (only a size is supported)"),
-                            ));
-                        }
-                    }
-                }
-                Action::Machine(set, None)
-            }
-            "smp" => {
-                let mut set = MachineSet::default();
-                let mut max = None;
-                let mut topology: Option<u32> = None;
-                for (k, val) in split_opts(&option, v, Some("cpus"))? {
-                    let n: u32 = val.parse().map_err(|_| {
-                        syntax(&option, format!("Parameter '{k}' expects a number"))
-                    })?;
-                    match k.as_str() {
-                        "cpus" => set.cpus = Some(n),
-                        "maxcpus" => max = Some(n),
-                        "sockets" | "dies" | "clusters" | "cores" | "threads" => {
-                            topology = Some(topology.unwrap_or(1).saturating_mul(n));
-                        }
-                        other => {
-                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
-                        }
-                    }
-                }
-                let cpus = set.cpus.or(max).or(topology);
-                if let Some(c) = cpus {
-                    if max.is_some_and(|m| m != c) {
-                        return Err(syntax(
-                            &option,
-                            "CPU hot plug is not supported: maxcpus must equal cpus",
-                        ));
-                    }
-                    if topology.is_some_and(|t| t != c) {
-                        return Err(syntax(
-                            &option,
-                            format!("the topology does not give {c} CPUs"),
-                        ));
-                    }
-                }
-                set.cpus = cpus;
-                Action::Machine(set, None)
-            }
-            "kernel" => Action::Boot(BootSet {
-                kernel: Some(PathBuf::from(v)),
-                ..BootSet::default()
-            }),
-            "initrd" => Action::Boot(BootSet {
-                initrd: Some(PathBuf::from(v)),
-                ..BootSet::default()
-            }),
-            "append" => Action::Boot(BootSet {
-                append: Some(v.to_owned()),
-                ..BootSet::default()
-            }),
-            "no-reboot" => Action::Boot(BootSet {
-                no_reboot: Some(true),
-                ..BootSet::default()
-            }),
-            "serial" => Action::Serial(v.to_owned()),
-            "uuid" if forms::uuid_ok(v) => Action::Uuid(v.to_ascii_lowercase()),
-            "uuid" => return Err(syntax(&option, "Invalid UUID")),
-            "pidfile" => Action::PidFile(PathBuf::from(v)),
-            "daemonize" => Action::Daemonize,
-            "accel" => {
-                let opts = split_opts(&option, v, Some("accel"))?;
-                let mut accel = None;
-                for (k, val) in opts {
-                    match k.as_str() {
-                        "accel" if val == "help" || val == "?" => {
-                            return Ok(Invocation::ListAccels);
-                        }
-                        "accel" => accel = Some(val),
-                        other => {
-                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
-                        }
-                    }
-                }
-                let accel = accel.ok_or_else(|| syntax(&option, "Parameter 'accel' is missing"))?;
-                // Consecutive -accel options are one list of fallbacks.
-                if let Some(Step {
-                    action: Action::Accel(list),
-                    option: prev,
-                }) = steps.last_mut()
-                {
-                    list.push(accel);
-                    prev.push(' ');
-                    prev.push_str(&option);
-                    continue;
-                }
-                Action::Accel(vec![accel])
-            }
-            "device" if v.trim_start().starts_with('{') => {
-                Action::Device(forms::device_json(v).map_err(opt_err(&option))?)
-            }
-            "device" => {
-                let mut dev = DeviceAdd::default();
-                let mut props = Map::new();
-                for (k, val) in split_opts(&option, v, Some("driver"))? {
-                    match k.as_str() {
-                        "driver" => dev.driver = val,
-                        "id" => dev.id = Some(val),
-                        "bus" => dev.bus = Some(val),
-                        _ => {
-                            props.insert(k, Value::String(val));
-                        }
-                    }
-                }
-                if dev.driver.is_empty() {
-                    return Err(syntax(&option, "Parameter 'driver' is missing"));
-                }
-                dev.props = props;
-                Action::Device(dev)
-            }
-            "name" => {
-                let mut guest = None;
-                for (k, val) in split_opts(&option, v, Some("guest"))? {
-                    match k.as_str() {
-                        "guest" => guest = Some(val),
-                        "process" | "debug-threads" => {}
-                        other => {
-                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
-                        }
-                    }
-                }
-                Action::Name(guest.unwrap_or_default())
-            }
-            "qmp" => {
-                Action::Monitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
-            }
-            "blockdev" | "drive" => {
-                Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?)
-            }
-            "netdev" => Action::Netdev(forms::netdev(v).map_err(opt_err(&option))?),
-            "chardev" => match forms::char_backend(v).map_err(opt_err(&option))? {
-                Some(c) => Action::Chardev(c),
-                None => {
-                    let (id, ep) = forms::chardev_endpoint(v).map_err(opt_err(&option))?;
-                    if chardevs.contains_key(&id) {
-                        return Err(syntax(&option, format!("Duplicate ID '{id}' for chardev")));
-                    }
-                    chardevs.insert(id, ep);
-                    Action::Nothing
-                }
-            },
-            "mon" => {
-                let mut chardev = None;
-                let mut mode = "readline".to_owned();
-                for (k, val) in split_opts(&option, v, Some("chardev"))? {
-                    match k.as_str() {
-                        "chardev" => chardev = Some(val),
-                        "mode" => mode = val,
-                        "pretty" => {
-                            forms::on_off(&k, &val).map_err(opt_err(&option))?;
-                        }
-                        other => {
-                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
-                        }
-                    }
-                }
-                if mode != "control" {
-                    return Err(syntax(
-                        &option,
-                        format!(
-                            "mode={mode} is not supported: Keel serves QMP only (mode=control)"
-                        ),
-                    ));
-                }
-                let id =
-                    chardev.ok_or_else(|| syntax(&option, "Parameter 'chardev' is missing"))?;
-                let ep = chardevs
-                    .remove(&id)
-                    .ok_or_else(|| syntax(&option, format!("chardev \"{id}\" not found")))?;
-                Action::Monitor(ep)
-            }
-            _ => return Err(syntax(raw, "invalid option")),
-        };
-        steps.push(Step { option, action });
-    }
-    Ok(Invocation::Run(steps))
-}
+use crate::Vmm;
+use crate::commands::{AccelList, AccelSet, MachineSet, SerialAdd, SetAction};
 
 /// Where [`execute`] left the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -596,6 +84,10 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
                 option: opt.to_owned(),
                 source,
             })?,
+            Action::HmpMonitor(ep) => vmm.serve_hmp(ep).map_err(|source| CliError::Monitor {
+                option: opt.to_owned(),
+                source,
+            })?,
             Action::Machine(set, _) => {
                 vmm.execute(set.clone()).map_err(order(opt, SIZE_HINT))?;
             }
@@ -623,13 +115,32 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             }
             Action::Netdev(n) => vmm.execute(n.clone()).map_err(cmd(opt))?,
             Action::Chardev(c) => {
-                vmm.execute(c.clone()).map_err(cmd(opt))?;
+                if let Some(pty) = vmm.execute(c.clone()).map_err(cmd(opt))?.pty {
+                    // As QEMU: the one line a run with a pty prints.
+                    eprintln!("char device redirected to {pty} (label {})", c.id);
+                }
             }
             Action::Name(n) => vmm.set_name(Some(n.clone())),
             Action::Uuid(u) => vmm.set_uuid(Some(u.clone())),
             Action::NoAutostart => vmm.set_autostart(false),
             Action::Preconfig => preconfig = true,
-            Action::PidFile(_) | Action::Daemonize | Action::Nothing => {}
+            Action::Object(o) => {
+                backend(opt, vmm.backends().add_object(&o.qom_type, &o.id, &o.props))?
+            }
+            Action::AddFd { set, fd, opaque } => {
+                backend(opt, vmm.backends().add_fd(*set, *fd, opaque.clone()))?
+            }
+            Action::Audiodev { id, driver } => {
+                backend(opt, vmm.backends().add_audiodev(id, driver))?
+            }
+            Action::MemLock => backend(opt, keel_machine::backends::lock_all_memory())?,
+            Action::NoShutdown => vmm
+                .execute(SetAction {
+                    shutdown: Some("pause".into()),
+                    ..SetAction::default()
+                })
+                .map_err(cmd(opt))?,
+            Action::PidFile(_) | Action::Daemonize | Action::MsgTimestamp | Action::Nothing => {}
         }
     }
     pending.flush(vmm)?;
@@ -648,6 +159,17 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
     Ok(Outcome {
         phase: vmm.phase(),
         preconfig,
+    })
+}
+
+/// A backend store error as the option's error.
+fn backend(
+    option: &str,
+    r: Result<(), keel_machine::backends::BackendError>,
+) -> Result<(), CliError> {
+    r.map_err(|e| CliError::Syntax {
+        option: option.to_owned(),
+        message: e.to_string(),
     })
 }
 

@@ -261,36 +261,15 @@ impl Handler<VmmCore> for NetdevAdd {
 
 impl Handler<VmmCore> for ChardevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<ChardevReturn, CommandError> {
-        use crate::backends::CharBackend;
-        let kind = self.backend.get("type").and_then(Value::as_str);
-        let data = self.backend.get("data");
-        let backend = match kind {
-            Some("null") => CharBackend::Null,
-            Some("stdio") => CharBackend::Stdio,
-            Some("file") => {
-                let out = data.and_then(|d| d.get("out")).and_then(Value::as_str);
-                match out {
-                    Some(p) if !p.is_empty() => CharBackend::File { path: p.into() },
-                    _ => {
-                        return Err(CommandError::generic(
-                            "Parameter 'backend.data.out' is missing (the output file)",
-                        ));
-                    }
-                }
-            }
-            Some(other) => {
-                return Err(CommandError::generic(format!(
-                    "chardev backend '{other}' is not supported for devices (use file, null or stdio)"
-                )));
-            }
-            None => {
-                return Err(CommandError::generic("Parameter 'backend.type' is missing"));
-            }
-        };
-        c.backends
-            .add_chardev(&self.id, backend)
-            .map_err(|e| CommandError::generic(e.to_string()))?;
-        Ok(ChardevReturn::default())
+        let generic = |e: crate::backends::BackendError| CommandError::generic(e.to_string());
+        use crate::backends::{CharBackend, CharLog};
+        let backend = CharBackend::from_qapi(&self.backend).map_err(generic)?;
+        let log = CharLog::from_qapi(&self.backend);
+        let pty = c
+            .backends
+            .add_chardev_logged(&self.id, backend, log)
+            .map_err(generic)?;
+        Ok(ChardevReturn { pty })
     }
 }
 
@@ -408,7 +387,7 @@ handlers! {
     QueryIothreads => |_, _, _| Ok(Vec::new());
     QueryStats => |_, _, _| Ok(Vec::new());
     QueryStatsSchemas => |_, _, _| Ok(Vec::new());
-    QueryMigrateCapabilities => |_, _, _| Ok(Vec::new());
+    QueryMigrateCapabilities => |_, c, _| Ok(vec![json!({"capability": "events", "state": c.migration_events})]);
     QueryBlockstats => |_, _, _| Ok(Vec::new());
     QueryDirtyRate => |_, _, _| Ok(DirtyRateInfo {
         status: "unstarted".into(), start_time: 0, calc_time: 0, sample_pages: 0,
@@ -420,11 +399,14 @@ handlers! {
         "KVM not enabled"
     }));
     QuerySgxCapabilities => |_, _, _| Err(CommandError::generic("SGX is not enabled in KVM"));
-    MigrateSetCapabilities => |a, _, _| match a.capabilities.first() {
-        None => Ok(()),
-        Some(cap) => Err(CommandError::generic(format!(
-            "Parameter 'capability' does not accept value '{}'", cap.capability
-        ))),
+    MigrateSetCapabilities => |a, c, _| {
+        if let Some(cap) = a.capabilities.iter().find(|cap| cap.capability != "events") {
+            return Err(CommandError::generic(format!(
+                "Parameter 'capability' does not accept value '{}'", cap.capability
+            )));
+        }
+        a.capabilities.iter().for_each(|cap| c.migration_events = cap.state);
+        Ok(())
     };
     QueryCommandLineOptions => |a, _, _| {
         keel_qapi::cli::command_line_options(a.option.as_deref()).map_err(|e| CommandError::generic(e.0))
@@ -436,19 +418,21 @@ handlers! {
         let no_reboot = c.config.as_ref().is_some_and(|cfg| cfg.no_reboot);
         if let Some(r) = &a.reboot {
             let want = r == "shutdown";
-            if want != no_reboot {
-                if c.board.is_some() {
-                    return reject("reboot", r);
-                }
-                match c.config.as_mut() {
-                    Some(cfg) => cfg.no_reboot = want,
-                    None if want => return reject("reboot", r),
-                    None => {}
-                }
+            // A built machine turns a reset into a power-off itself under -no-reboot;
+            // otherwise the VMM does it when the reset request arrives.
+            if !want && no_reboot && c.board.is_some() {
+                return reject("reboot", r);
             }
+            if let (None, Some(cfg)) = (&c.board, c.config.as_mut()) {
+                cfg.no_reboot = want;
+            }
+            c.reboot_shutdown = want;
         }
-        if let Some(s) = &a.shutdown && s != "poweroff" {
-            return reject("shutdown", s);
+        match a.shutdown.as_deref() {
+            Some("pause") => c.shutdown_pause = true,
+            Some("poweroff") => c.shutdown_pause = false,
+            Some(s) => return reject("shutdown", s),
+            None => {}
         }
         if let Some(p) = &a.panic && p != "pause" {
             return reject("panic", p);

@@ -38,6 +38,15 @@ pub struct VmmCore {
     pub(crate) accelerator: Option<Arc<dyn Accelerator>>,
     pub(crate) board: Option<Box<dyn Board>>,
     pub(crate) backends: Arc<Backends>,
+    /// `-machine memory-backend=ID`: the `-object` that is the machine's RAM.
+    pub(crate) memory_backend: Option<String>,
+    /// `set-action shutdown=pause` (`-no-shutdown`): a guest power-off stops the machine
+    /// in the `shutdown` state and the process stays.
+    pub(crate) shutdown_pause: bool,
+    /// `set-action reboot=shutdown` (`-no-reboot`): a guest reset request powers off.
+    pub(crate) reboot_shutdown: bool,
+    /// The migration capability `events` (MIGRATION events; Keel has no migration to report).
+    pub(crate) migration_events: bool,
     /// Device types the embedder added ([`crate::VmmBuilder::device_type`]).
     pub(crate) device_types: Vec<Arc<dyn DeviceFactory>>,
     pub(crate) autostart: bool,
@@ -211,8 +220,14 @@ impl VmmCore {
         if let Some(v) = set.no_reboot {
             cfg.no_reboot = v;
         }
-        cfg.props.extend(set.props);
+        let mut props = set.props;
+        let backend = keel_machine::backends::take_common_machine_props(&mut props)
+            .map_err(|e| generic(e.to_string()))?;
+        cfg.props.extend(props);
         machine.check_config(&cfg).map_err(board_error)?;
+        if backend.is_some() {
+            self.memory_backend = backend;
+        }
         // Once an accelerator accepted the machine, a change must still suit it.
         if let (Some(choice), Some(accel)) = (&self.accel, &self.accelerator) {
             machine.check_accel(&cfg, accel.as_ref()).map_err(|e| {
@@ -341,7 +356,13 @@ impl VmmCore {
             guest_exit: self.guest_exit,
             device_types: self.device_types.clone(),
         };
-        let board = machine.create(cfg, accel, &ctx).map_err(board_error)?;
+        let mut cfg = cfg.clone();
+        if let Some(id) = &self.memory_backend {
+            let size = self.backends.use_memory_backend(id, cfg.memory);
+            cfg.memory = Some(size.map_err(|e| generic(e.to_string()))?);
+        }
+        let board = machine.create(&cfg, accel, &ctx).map_err(board_error)?;
+        self.config = Some(cfg);
         self.board = Some(board);
         self.tracker.advance(Phase::MachineInit).map_err(generic)
     }
@@ -533,6 +554,19 @@ impl VmmCore {
             let _ = b.pause();
         }
         if self.tracker.set_run_state(RunState::InternalError).is_ok() {
+            self.events.emit("STOP", None);
+        }
+    }
+
+    /// The guest powered off under `-no-shutdown`: SHUTDOWN, then the machine stops in the
+    /// `shutdown` state (STOP), as QEMU's shutdown action `pause`.
+    pub(crate) fn guest_shutdown_paused(&mut self) {
+        let cause = ShutdownCause::GuestShutdown;
+        self.events.emit("SHUTDOWN", Some(cause_data(true, cause)));
+        if let Some(b) = self.board.as_mut() {
+            let _ = b.pause();
+        }
+        if self.tracker.set_run_state(RunState::Shutdown).is_ok() {
             self.events.emit("STOP", None);
         }
     }

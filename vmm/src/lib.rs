@@ -33,7 +33,7 @@ pub mod devices;
 
 /// The machine seam and the backends, from `keel-machine` (re-exported so that embedders
 /// of `vmm` name one crate).
-pub use keel_machine::{backends, board};
+pub use keel_machine::{backends, board, device_types};
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -219,6 +219,10 @@ impl VmmBuilder {
             accelerator: None,
             board: None,
             backends: Arc::new(backends::Backends::new()),
+            memory_backend: None,
+            shutdown_pause: false,
+            reboot_shutdown: false,
+            migration_events: false,
             device_types: self.device_types,
             autostart: true,
             guest_exit: GuestExitPolicy::Shutdown,
@@ -326,7 +330,18 @@ impl Vmm {
         };
         let vmm = Vmm { inner };
         match ev {
-            BoardEvent::GuestShutdown => vmm.request_shutdown(ShutdownCause::GuestShutdown),
+            BoardEvent::GuestReset if vmm.core().reboot_shutdown => {
+                return Vmm::board_event(weak, BoardEvent::GuestShutdown);
+            }
+            BoardEvent::GuestShutdown => {
+                let mut core = vmm.core();
+                if core.shutdown_pause {
+                    core.guest_shutdown_paused();
+                } else {
+                    drop(core);
+                    vmm.request_shutdown(ShutdownCause::GuestShutdown);
+                }
+            }
             BoardEvent::GuestExit(status) => {
                 vmm.inner.exit_status.store(status, Ordering::SeqCst);
                 vmm.request_shutdown(ShutdownCause::GuestShutdown);
@@ -489,9 +504,31 @@ impl Vmm {
         Ok(())
     }
 
+    /// A human monitor on `endpoint` (`-monitor`), each line answered as QMP's
+    /// `human-monitor-command` answers it.
+    pub fn serve_hmp(&self, endpoint: &Endpoint) -> Result<(), ServerError> {
+        let vmm = self.clone();
+        let q = VersionInfo::current().qemu;
+        let version = format!("{}.{}.{}", q.major, q.minor, q.micro);
+        let answer = move |line: &str| {
+            let cmd = commands::HumanMonitorCommand {
+                command_line: line.to_owned(),
+                cpu_index: None,
+            };
+            vmm.execute(cmd)
+                .unwrap_or_else(|e| format!("Error: {e}\r\n"))
+        };
+        keel_hmp::monitor::serve(endpoint, &version, Arc::new(answer))
+    }
+
     /// A QMP dispatcher for this VMM, for custom transports.
     pub fn dispatcher(&self) -> Arc<dyn Dispatcher> {
         Arc::new(QmpFront { vmm: self.clone() })
+    }
+
+    /// The backend store (`-chardev`, `-object`, `-add-fd`, ...), shared with the machine.
+    pub fn backends(&self) -> Arc<keel_machine::backends::Backends> {
+        self.core().backends.clone()
     }
 
     /// Asks the VMM to shut down (e.g. on a signal); [`Vmm::wait_for_shutdown`] returns.

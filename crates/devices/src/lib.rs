@@ -35,8 +35,8 @@ pub use debug_exit::{DebugExit, DebugExitConfig, DebugExitError};
 pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port};
 pub use rtc::{CmosMemoryLayout, Rtc, RtcDateTime};
 pub use serial::{
-    CAPTURE_LIMIT, Capture, IrqTrigger, Serial, SerialError, SerialInputSignal, SerialOutput,
-    SharedWriter, spawn_input_thread,
+    CAPTURE_LIMIT, Capture, IrqTrigger, Serial, SerialConfig, SerialError, SerialInputSignal,
+    SerialOutput, SharedWriter, spawn_input_thread,
 };
 
 /// The qdev types of this crate's devices, for a machine to register in one line:

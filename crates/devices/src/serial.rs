@@ -385,11 +385,91 @@ impl Serial {
     /// QEMU's type name.
     pub const QDEV_TYPE: &'static str = "isa-serial";
 
-    /// The qdev type: onboard (the board creates it, `-device` cannot), no properties.
+    /// QEMU's ISA serial ports by `index`: (I/O base, IRQ).
+    pub const PORTS: [(u16, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
+
+    /// The qdev type, as QEMU's `isa-serial`: the board's COM1, or one a user adds with
+    /// `-device isa-serial,chardev=ID[,index=N][,iobase=P,irq=I]` where the machine has
+    /// no default serial port there (`-nodefaults`, `-serial none`).
     pub fn qdev_type() -> keel_qdev::DeviceType {
+        use keel_qdev::PropSpec;
         keel_qdev::DeviceType::new(Self::QDEV_TYPE, keel_qdev::BusType::Isa)
-            .description("16550A UART (COM1)")
-            .user_creatable(false)
+            .category(keel_qdev::Category::Input)
+            .description("16550A UART")
+            // As QEMU's: -1 (u32::MAX) means "from the index" / "the next free index".
+            .prop(
+                PropSpec::uint32("index")
+                    .default_u64(u32::MAX.into())
+                    .description("COM port number (0 = COM1): picks iobase and irq"),
+            )
+            .prop(
+                PropSpec::uint32("iobase")
+                    .default_u64(u32::MAX.into())
+                    .description("first I/O port (default: the index's)"),
+            )
+            .prop(
+                PropSpec::uint32("irq")
+                    .default_u64(u32::MAX.into())
+                    .description("ISA IRQ (default: the index's)"),
+            )
+            .prop(
+                PropSpec::string("chardev")
+                    .default_str("")
+                    .description("character backend id (chardev-add); none drops the output"),
+            )
+    }
+}
+
+/// A user `isa-serial`'s place and backend, from its validated properties.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialConfig {
+    /// First of its 8 I/O ports.
+    pub iobase: u16,
+    /// Its ISA IRQ.
+    pub irq: u32,
+    /// The character backend it writes to; none drops the output (QEMU's serial without
+    /// a chardev).
+    pub chardev: Option<String>,
+}
+
+impl SerialConfig {
+    /// The configuration of `props`; `next` is the index used when none is given (QEMU
+    /// numbers serial ports in creation order).
+    pub fn from_props(props: &keel_qdev::Props, next: usize) -> Result<Self, String> {
+        let unset = u64::from(u32::MAX);
+        let index = match props.u64("index") {
+            Some(i) if i != unset => usize::try_from(i).unwrap_or(usize::MAX),
+            _ => next,
+        };
+        let (base, irq) = *Serial::PORTS.get(index).ok_or_else(|| {
+            format!(
+                "Max. supported number of ISA serial ports is {}.",
+                Serial::PORTS.len()
+            )
+        })?;
+        let iobase = match props.u64("iobase") {
+            Some(b) if b != unset => {
+                u16::try_from(b).ok().filter(|b| *b <= 0xfff8).ok_or_else(|| {
+                    format!("Property 'isa-serial.iobase' doesn't take value '{b}': the 8 ports must fit below 0x10000")
+                })?
+            }
+            _ => base,
+        };
+        let irq = match props.u64("irq") {
+            Some(i) if i != unset => u32::try_from(i)
+                .ok()
+                .filter(|i| *i < 16)
+                .ok_or_else(|| format!("isa irq {i} invalid"))?,
+            _ => irq,
+        };
+        Ok(Self {
+            iobase,
+            irq,
+            chardev: props
+                .str("chardev")
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned),
+        })
     }
 }
 

@@ -6,8 +6,9 @@
 //! in `keel-virtio` open them at realize time.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -53,26 +54,102 @@ pub struct NetBackend {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "type")]
 pub enum CharBackend {
-    /// Output goes to a file (created or truncated when the device opens it).
+    /// Output goes to a file, opened when the backend is added (`/dev/fdset/N` takes a
+    /// descriptor of an fd set, see [`Backends::open`]).
     File {
         /// File path.
         path: PathBuf,
+        /// Append to the file instead of truncating it (`append=on`).
+        append: bool,
     },
     /// Output is dropped.
     Null,
     /// Output goes to the VMM's standard output.
     Stdio,
+    /// A pseudo-terminal the VMM creates; a client opens `path` (`/dev/pts/N`) to read
+    /// the output. While nobody does, output is dropped, as with QEMU.
+    Pty {
+        /// The terminal's path, known once the backend is added.
+        path: String,
+    },
 }
 
 impl CharBackend {
     /// The backend as `query-chardev` names it (`file:PATH`, `null`, `stdio`).
     pub fn filename(&self) -> String {
         match self {
-            CharBackend::File { path } => format!("file:{}", path.display()),
+            CharBackend::File { path, .. } => format!("file:{}", path.display()),
             CharBackend::Null => "null".into(),
             CharBackend::Stdio => "stdio".into(),
+            CharBackend::Pty { path } => format!("pty:{path}"),
         }
     }
+}
+
+impl CharBackend {
+    /// The backend of a `chardev-add` (`{"type": "file", "data": {"out": PATH,
+    /// "append": BOOL}}`, `null`, `stdio`), with QEMU's messages for what is missing.
+    pub fn from_qapi(backend: &serde_json::Value) -> Result<Self, BackendError> {
+        let kind = backend.get("type").and_then(serde_json::Value::as_str);
+        let data = backend.get("data");
+        Ok(match kind {
+            Some("null") => CharBackend::Null,
+            Some("stdio") => CharBackend::Stdio,
+            Some("pty") => CharBackend::Pty {
+                path: String::new(),
+            },
+            Some("file") => {
+                let out = data.and_then(|d| d.get("out")).and_then(|v| v.as_str());
+                let append = data
+                    .and_then(|d| d.get("append"))
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
+                match out {
+                    Some(p) if !p.is_empty() => CharBackend::File {
+                        path: p.into(),
+                        append,
+                    },
+                    _ => {
+                        return Err(BackendError::Invalid(
+                            "Parameter 'backend.data.out' is missing (the output file)".into(),
+                        ));
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(BackendError::Invalid(format!(
+                    "chardev backend '{other}' is not supported for devices (use file, pty, null or stdio)"
+                )));
+            }
+            None => {
+                return Err(BackendError::Invalid(
+                    "Parameter 'backend.type' is missing".into(),
+                ));
+            }
+        })
+    }
+}
+
+/// One fd set as `query-fdsets` reports it: its id and its descriptors with their opaque
+/// text.
+pub type FdSetInfo = (u64, Vec<(i32, Option<String>)>);
+
+/// A user-created object (`-object`): what Keel keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserObject {
+    /// `secret`: bytes other objects may refer to by id (libvirt's master key).
+    Secret {
+        /// The secret's bytes as given (`format=raw`) or its base64 text (`format=base64`).
+        data: Vec<u8>,
+    },
+    /// `memory-backend-ram`: anonymous RAM of `size` bytes, used by a machine through
+    /// `-machine memory-backend=ID`.
+    MemoryBackendRam {
+        /// Size in bytes.
+        size: u64,
+        /// A machine took it as its RAM.
+        used: bool,
+    },
 }
 
 /// Errors of the backend store; the text becomes a QMP `GenericError`.
@@ -180,8 +257,26 @@ impl Drop for BlockLease {
     }
 }
 
+/// One descriptor of an fd set (`-add-fd`).
+#[derive(Debug)]
+struct SetFd {
+    fd: std::os::fd::OwnedFd,
+    opaque: Option<String>,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
+    /// Files of the `file` character backends and masters of the `pty` ones, opened when
+    /// the backend was added.
+    char_files: BTreeMap<String, Arc<std::fs::File>>,
+    /// Log files of character backends (`logfile=`), opened with them.
+    char_logs: BTreeMap<String, Arc<std::fs::File>>,
+    /// Fd sets by id (`-add-fd`).
+    fdsets: BTreeMap<u64, Vec<SetFd>>,
+    /// `-object` objects by id.
+    objects: BTreeMap<String, UserObject>,
+    /// `-audiodev` ids (driver `none`).
+    audiodevs: Vec<String>,
     block: BTreeMap<String, BlockBackend>,
     /// Devices using each block node.
     block_users: BTreeMap<String, Vec<BlockUse>>,
@@ -265,6 +360,17 @@ impl Backends {
     /// `chardev-add`. A `file` backend is created (or truncated) now, as QEMU opens it at
     /// this point, so a path into a missing directory fails here and not when a device uses it.
     pub fn add_chardev(&self, id: &str, c: CharBackend) -> Result<(), BackendError> {
+        self.add_chardev_logged(id, c, None).map(drop)
+    }
+
+    /// `chardev-add` with QEMU's `logfile`/`logappend`: every byte the device writes also
+    /// goes to the log. A `pty` backend's terminal is created now; its path is returned.
+    pub fn add_chardev_logged(
+        &self,
+        id: &str,
+        mut c: CharBackend,
+        log: Option<CharLog>,
+    ) -> Result<Option<String>, BackendError> {
         let mut inner = self.lock();
         check_id("chardev", id)?;
         if inner.chardev.contains_key(id) {
@@ -273,16 +379,212 @@ impl Backends {
                 id: id.to_owned(),
             });
         }
-        if let CharBackend::File { path } = &c {
-            std::fs::File::create(path).map_err(|e| {
-                BackendError::Invalid(format!(
-                    "Could not open '{}': {}",
-                    path.display(),
-                    os_reason(&e)
-                ))
-            })?;
+        if inner.chardev.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("chardev"));
         }
-        insert(&mut inner.chardev, "chardev", id, c)
+        if let CharBackend::File { path, append } = &c {
+            let mode = if *append {
+                OpenMode::Append
+            } else {
+                OpenMode::Create
+            };
+            let f = open_in(&inner, path, mode)?;
+            inner.char_files.insert(id.to_owned(), Arc::new(f));
+        }
+        let mut pty = None;
+        if let CharBackend::Pty { path } = &mut c {
+            let (master, name) = open_pty()?;
+            *path = name.clone();
+            pty = Some(name);
+            inner.char_files.insert(id.to_owned(), Arc::new(master));
+        }
+        if let Some(log) = log {
+            let mode = if log.append {
+                OpenMode::Append
+            } else {
+                OpenMode::Create
+            };
+            match open_in(&inner, &log.path, mode) {
+                Ok(f) => {
+                    inner.char_logs.insert(id.to_owned(), Arc::new(f));
+                }
+                Err(e) => {
+                    inner.char_files.remove(id);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = insert(&mut inner.chardev, "chardev", id, c) {
+            inner.char_files.remove(id);
+            inner.char_logs.remove(id);
+            return Err(e);
+        }
+        Ok(pty)
+    }
+
+    /// Where a device writes the output of character backend `id`: its file (shared with
+    /// the backend, so `append` and fd sets hold), nothing (`null`) or standard output.
+    pub fn char_writer(&self, id: &str) -> Result<Box<dyn std::io::Write + Send>, BackendError> {
+        let backend = self.chardev(id)?;
+        let (file, log) = {
+            let inner = self.lock();
+            (
+                inner.char_files.get(id).cloned(),
+                inner.char_logs.get(id).cloned(),
+            )
+        };
+        let not_open = || BackendError::Invalid(format!("chardev '{id}' is not open"));
+        let out: Box<dyn std::io::Write + Send> = match backend {
+            CharBackend::File { .. } => Box::new(FileWriter(file.ok_or_else(not_open)?)),
+            CharBackend::Pty { .. } => Box::new(PtyWriter(file.ok_or_else(not_open)?)),
+            CharBackend::Null => Box::new(std::io::sink()),
+            CharBackend::Stdio => Box::new(std::io::stdout()),
+        };
+        Ok(match log {
+            Some(log) => Box::new(Tee(out, FileWriter(log))),
+            None => out,
+        })
+    }
+
+    /// Opens `path` with `options`, as QEMU's `qemu_open`: `/dev/fdset/N` duplicates a
+    /// descriptor of fd set `N` (`-add-fd`) whose access mode matches; any other path is
+    /// opened. Errors carry QEMU's words.
+    pub fn open(
+        &self,
+        path: &std::path::Path,
+        mode: OpenMode,
+    ) -> Result<std::fs::File, BackendError> {
+        open_in(&self.lock(), path, mode)
+    }
+
+    /// `-add-fd fd=FD,set=SET[,opaque=TEXT]`: puts the inherited descriptor `fd` into fd set
+    /// `set` (the process owns it from now on).
+    pub fn add_fd(&self, set: u64, fd: i32, opaque: Option<String>) -> Result<(), BackendError> {
+        use std::os::fd::FromRawFd;
+        if fd < 3 {
+            return Err(BackendError::Invalid(
+                "fd cannot be a standard I/O stream".into(),
+            ));
+        }
+        // SAFETY: F_GETFD only reads the descriptor's flags; an fd that is not open fails.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(BackendError::Invalid(
+                "fd is not valid or already in use".into(),
+            ));
+        }
+        let mut inner = self.lock();
+        let in_use = inner
+            .fdsets
+            .values()
+            .flatten()
+            .any(|s| std::os::fd::AsRawFd::as_raw_fd(&s.fd) == fd);
+        if in_use {
+            return Err(BackendError::Invalid(
+                "fd is not valid or already in use".into(),
+            ));
+        }
+        let total: usize = inner.fdsets.values().map(Vec::len).sum();
+        if total >= MAX_BACKENDS {
+            return Err(BackendError::Full("fd set"));
+        }
+        // SAFETY: the descriptor is open (checked above), inherited for this purpose and
+        // in no set yet: the store becomes its only owner, as QEMU's fd sets own theirs.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        inner
+            .fdsets
+            .entry(set)
+            .or_default()
+            .push(SetFd { fd, opaque });
+        Ok(())
+    }
+
+    /// The fd sets as `query-fdsets` reports them: `(set, [(fd, opaque)])`.
+    pub fn fdsets(&self) -> Vec<FdSetInfo> {
+        use std::os::fd::AsRawFd;
+        self.lock()
+            .fdsets
+            .iter()
+            .map(|(id, fds)| {
+                let v = fds
+                    .iter()
+                    .map(|s| (s.fd.as_raw_fd(), s.opaque.clone()))
+                    .collect();
+                (*id, v)
+            })
+            .collect()
+    }
+
+    /// `-object QOM-TYPE,id=ID,...`: the types Keel has (`secret`, `memory-backend-ram`),
+    /// their properties checked and, for a secret, its data read now, as QEMU does.
+    pub fn add_object(
+        &self,
+        qom_type: &str,
+        id: &str,
+        props: &[(String, String)],
+    ) -> Result<(), BackendError> {
+        let object = user_object(qom_type, props)?;
+        let mut inner = self.lock();
+        if inner.objects.contains_key(id) {
+            return Err(BackendError::Invalid(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        insert(&mut inner.objects, "object", id, object)
+    }
+
+    /// The object `id`, if there is one.
+    pub fn object(&self, id: &str) -> Option<UserObject> {
+        self.lock().objects.get(id).cloned()
+    }
+
+    /// A machine takes memory backend `id` as its RAM (`-machine memory-backend=ID`): its
+    /// size, which must equal `-m` when that was given.
+    pub fn use_memory_backend(&self, id: &str, ram_size: Option<u64>) -> Result<u64, BackendError> {
+        let mut inner = self.lock();
+        match inner.objects.get_mut(id) {
+            Some(UserObject::MemoryBackendRam { size, used }) => {
+                if *used {
+                    return Err(BackendError::Invalid(format!(
+                        "memory backend {id} can't be used multiple times."
+                    )));
+                }
+                if ram_size.is_some_and(|r| r != *size) {
+                    return Err(BackendError::Invalid(
+                        "Size specified by -m option must match size of explicitly specified \
+                         'memory-backend' property"
+                            .into(),
+                    ));
+                }
+                *used = true;
+                Ok(*size)
+            }
+            _ => Err(BackendError::Invalid(format!(
+                "Memory backend '{id}' not found"
+            ))),
+        }
+    }
+
+    /// `-audiodev driver=none,id=ID`: an audio backend that plays nothing (Keel has no
+    /// sound device to use another).
+    pub fn add_audiodev(&self, id: &str, driver: &str) -> Result<(), BackendError> {
+        if driver != "none" {
+            return Err(BackendError::Invalid(format!(
+                "audio driver '{driver}' is not supported: Keel has no sound device (use driver=none)"
+            )));
+        }
+        check_id("audiodev", id)?;
+        let mut inner = self.lock();
+        if inner.audiodevs.iter().any(|a| a == id) {
+            return Err(BackendError::Duplicate {
+                kind: "audiodev",
+                id: id.to_owned(),
+            });
+        }
+        if inner.audiodevs.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("audiodev"));
+        }
+        inner.audiodevs.push(id.to_owned());
+        Ok(())
     }
 
     /// The block backend a device's `drive=` names.
@@ -375,6 +677,331 @@ impl Backends {
                 id: id.to_owned(),
                 command: "chardev-add or -chardev",
             })
+    }
+}
+
+/// Takes the machine properties every QEMU machine has that Keel handles outside the
+/// machine types (QEMU's `MachineState`): `usb` (Keel's machines have no USB, so only
+/// `off`) and `memory-backend` (the RAM's `-object`, returned, resolved at machine-init by
+/// [`Backends::use_memory_backend`]). The rest stay for the machine type to check.
+pub fn take_common_machine_props(
+    props: &mut BTreeMap<String, String>,
+) -> Result<Option<String>, BackendError> {
+    if let Some(v) = props.remove("usb") {
+        match keel_qdev::keyval::parse_bool(&v) {
+            Some(false) => {}
+            Some(true) => {
+                return Err(BackendError::Invalid(
+                    "usb=on: Keel's machines have no USB controller".into(),
+                ));
+            }
+            None => {
+                return Err(BackendError::Invalid(
+                    "Parameter 'usb' expects 'on' or 'off'".into(),
+                ));
+            }
+        }
+    }
+    Ok(props.remove("memory-backend"))
+}
+
+/// `-overcommit mem-lock=on`: locks every page of the process in RAM, now and from now on
+/// (guest RAM included), as QEMU's `mlockall(MCL_CURRENT | MCL_FUTURE)`.
+pub fn lock_all_memory() -> Result<(), BackendError> {
+    // SAFETY: mlockall takes flags only and changes no memory contents.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        return Err(BackendError::Invalid(format!(
+            "locking memory failed: mlockall: {}",
+            os_reason(&std::io::Error::last_os_error())
+        )));
+    }
+    Ok(())
+}
+
+/// A character backend's log (QEMU's `logfile=PATH,logappend=on|off`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CharLog {
+    /// The log file (`/dev/fdset/N` takes a descriptor of an fd set).
+    pub path: PathBuf,
+    /// Append instead of truncating.
+    pub append: bool,
+}
+
+impl CharLog {
+    /// The log a `chardev-add` backend's `data` asks for (`logfile`, `logappend`).
+    pub fn from_qapi(backend: &serde_json::Value) -> Option<Self> {
+        let data = backend.get("data")?;
+        let path = data.get("logfile")?.as_str()?;
+        Some(Self {
+            path: path.into(),
+            append: data
+                .get("logappend")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// Creates a pseudo-terminal in raw mode, as QEMU's `pty` chardev: its master (non-blocking,
+/// close-on-exec) and the path of its slave.
+fn open_pty() -> Result<(std::fs::File, String), BackendError> {
+    use std::os::fd::FromRawFd;
+    let fail = |what: &str| {
+        BackendError::Invalid(format!(
+            "Failed to create PTY: {what}: {}",
+            os_reason(&std::io::Error::last_os_error())
+        ))
+    };
+    // SAFETY: posix_openpt returns a new descriptor or -1; nothing else is touched.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(fail("posix_openpt"));
+    }
+    // SAFETY: `fd` is a new descriptor this function owns from here on.
+    let master = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut name = [0u8; 64];
+    // SAFETY: grantpt/unlockpt act on the master we own; ptsname_r writes at most
+    // `name.len()` bytes, NUL included, into our buffer.
+    let ok = unsafe {
+        libc::grantpt(fd) == 0
+            && libc::unlockpt(fd) == 0
+            && libc::ptsname_r(fd, name.as_mut_ptr().cast(), name.len()) == 0
+    };
+    if !ok {
+        return Err(fail("grantpt/unlockpt/ptsname"));
+    }
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let path = String::from_utf8_lossy(&name[..len]).into_owned();
+    // Raw mode on the terminal (no echo, no line editing, no CR/LF translation).
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&path)
+        .map_err(|_| fail("open"))?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: termios is plain data filled by tcgetattr on a terminal we opened.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: the descriptors are open terminals we own; `t` is a valid termios.
+        let raw_ok = unsafe {
+            libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 && {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(slave.as_raw_fd(), libc::TCSAFLUSH, &t) == 0
+            }
+        };
+        if !raw_ok {
+            return Err(fail("tcsetattr"));
+        }
+        // SAFETY: fcntl on the master we own; O_NONBLOCK so a full buffer (nobody reading)
+        // never blocks the device.
+        let fl = unsafe { libc::fcntl(master.as_raw_fd(), libc::F_GETFL) };
+        if fl < 0 {
+            return Err(fail("fcntl"));
+        }
+        // SAFETY: as above.
+        let r = unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
+        if r < 0 {
+            return Err(fail("fcntl"));
+        }
+    }
+    Ok((master, path))
+}
+
+/// A pty master as a writer: what the terminal cannot take now (nobody reads it) is
+/// dropped, as QEMU's pty chardev does while disconnected.
+struct PtyWriter(Arc<std::fs::File>);
+
+impl std::io::Write for PtyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match (&*self.0).write(buf) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(buf.len()),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(buf.len()),
+            Err(e) => Err(e),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes to a backend and its log.
+struct Tee(Box<dyn std::io::Write + Send>, FileWriter);
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        // The log is best effort: a full disk must not stop the device.
+        let _ = self.1.write_all(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A shared file as a writer (a character backend's file, written by its device).
+struct FileWriter(Arc<std::fs::File>);
+
+impl std::io::Write for FileWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+/// How [`Backends::open`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Read only.
+    Read,
+    /// Read and write, no creation.
+    ReadWrite,
+    /// Write only, created if missing, truncated.
+    Create,
+    /// Write only, created if missing, appended to.
+    Append,
+}
+
+fn open_in(
+    inner: &Inner,
+    path: &std::path::Path,
+    mode: OpenMode,
+) -> Result<std::fs::File, BackendError> {
+    let name = path.display();
+    let Some(set) = path.to_str().and_then(|p| p.strip_prefix("/dev/fdset/")) else {
+        let mut o = std::fs::OpenOptions::new();
+        match mode {
+            OpenMode::Read => o.read(true),
+            OpenMode::ReadWrite => o.read(true).write(true),
+            OpenMode::Create => o.write(true).create(true).truncate(true),
+            OpenMode::Append => o.append(true).create(true),
+        };
+        return o.open(path).map_err(|e| {
+            BackendError::Invalid(format!("Could not open '{name}': {}", os_reason(&e)))
+        });
+    };
+    let set: u64 = set
+        .parse()
+        .map_err(|_| BackendError::Invalid(format!("Could not open '{name}': Invalid argument")))?;
+    // A descriptor of the set is taken when its access mode (F_GETFL) is the one asked.
+    let want = match mode {
+        OpenMode::Read => libc::O_RDONLY,
+        OpenMode::ReadWrite => libc::O_RDWR,
+        OpenMode::Create | OpenMode::Append => libc::O_WRONLY,
+    };
+    for s in inner.fdsets.get(&set).into_iter().flatten() {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL reads the flags of a descriptor the store owns.
+        let fl = unsafe { libc::fcntl(s.fd.as_raw_fd(), libc::F_GETFL) };
+        if fl < 0 {
+            continue;
+        }
+        if fl & libc::O_ACCMODE == want {
+            let fd = s.fd.try_clone().map_err(|e| {
+                BackendError::Invalid(format!("Could not dup FD for {name}: {}", os_reason(&e)))
+            })?;
+            return Ok(std::fs::File::from(fd));
+        }
+    }
+    Err(BackendError::Invalid(format!(
+        "Could not open '{name}': No such file or directory"
+    )))
+}
+
+/// The object of type `qom_type` from its properties (QEMU's names and messages).
+fn user_object(qom_type: &str, props: &[(String, String)]) -> Result<UserObject, BackendError> {
+    let bad = |k: &str| BackendError::Invalid(format!("Property '{qom_type}.{k}' not found"));
+    let flag = |k: &str, v: &str| {
+        keel_qdev::keyval::parse_bool(v)
+            .ok_or_else(|| BackendError::Invalid(format!("Parameter '{k}' expects 'on' or 'off'")))
+    };
+    match qom_type {
+        "secret" => {
+            let (mut data, mut file, mut base64) = (None, None, false);
+            for (k, v) in props {
+                match k.as_str() {
+                    "data" => data = Some(v.clone().into_bytes()),
+                    "file" => file = Some(v.clone()),
+                    "format" if v == "raw" => base64 = false,
+                    "format" if v == "base64" => base64 = true,
+                    "format" => {
+                        return Err(BackendError::Invalid(format!(
+                            "Parameter 'format' does not accept value '{v}'"
+                        )));
+                    }
+                    "keyid" | "iv" => {
+                        return Err(BackendError::Invalid(format!(
+                            "secret: '{k}' (an encrypted secret) is not supported"
+                        )));
+                    }
+                    _ => return Err(bad(k)),
+                }
+            }
+            let data = match (data, file) {
+                (Some(_), Some(_)) => {
+                    return Err(BackendError::Invalid(
+                        "'data' and 'file' are mutually exclusive".into(),
+                    ));
+                }
+                (Some(d), None) => d,
+                (None, Some(f)) => std::fs::read(&f).map_err(|e| {
+                    BackendError::Invalid(format!("Unable to read {f}: {}", os_reason(&e)))
+                })?,
+                (None, None) => {
+                    return Err(BackendError::Invalid(
+                        "Either 'file' or 'data' must be provided".into(),
+                    ));
+                }
+            };
+            let b64 = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=');
+            if base64 && !data.iter().all(b64) {
+                return Err(BackendError::Invalid(
+                    "Failed to base64 decode the secret: invalid character".into(),
+                ));
+            }
+            Ok(UserObject::Secret { data })
+        }
+        "memory-backend-ram" => {
+            let mut size = None;
+            for (k, v) in props {
+                match k.as_str() {
+                    "size" => {
+                        size = Some(keel_qdev::keyval::parse_size_unit(v, 1).ok_or_else(|| {
+                            BackendError::Invalid(
+                                "Parameter 'size' expects a non-negative number below 2^64".into(),
+                            )
+                        })?)
+                    }
+                    // What anonymous RAM is anyway: private, mergeable, in core dumps, not
+                    // preallocated, no NUMA policy.
+                    "share" | "prealloc" if !flag(k, v)? => {}
+                    "merge" | "dump" if flag(k, v)? => {}
+                    "policy" if v == "default" => {}
+                    "share" | "prealloc" | "merge" | "dump" | "policy" => {
+                        return Err(BackendError::Invalid(format!(
+                            "memory-backend-ram: {k}={v} is not supported by Keel (its RAM is \
+                             private anonymous memory)"
+                        )));
+                    }
+                    _ => return Err(bad(k)),
+                }
+            }
+            match size {
+                None => Err(BackendError::Invalid("Parameter 'size' is missing".into())),
+                Some(0) => Err(BackendError::Invalid(
+                    "can't create backend with size 0".into(),
+                )),
+                Some(size) => Ok(UserObject::MemoryBackendRam { size, used: false }),
+            }
+        }
+        other => Err(BackendError::Invalid(format!(
+            "Parameter 'qom-type' does not accept value '{other}' (Keel's object types: \
+             secret, memory-backend-ram)"
+        ))),
     }
 }
 

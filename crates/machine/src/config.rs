@@ -122,6 +122,9 @@ pub struct MicrovmConfig {
     /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (Debian's are not; they need `acpi=on`, where
     /// the DSDT lists the devices instead and nothing is appended, as in QEMU).
     pub auto_kernel_cmdline: OnOffAuto,
+    /// `dump-guest-core=` (QEMU's machine property, default on): `off` leaves guest RAM
+    /// out of the process's core dumps (`MADV_DONTDUMP`).
+    pub dump_guest_core: OnOffAuto,
     /// COM1's backend.
     pub serial: SerialBackend,
     /// `-no-reboot`: a guest reset request becomes a shutdown.
@@ -143,6 +146,7 @@ impl Default for MicrovmConfig {
             isa_serial: OnOffAuto::Auto,
             i8042: OnOffAuto::Auto,
             auto_kernel_cmdline: OnOffAuto::Auto,
+            dump_guest_core: OnOffAuto::Auto,
             serial: SerialBackend::Stdio,
             no_reboot: false,
         }
@@ -158,6 +162,8 @@ pub const MACHINE_PROPERTIES: &[&str] = &[
     "isa-serial",
     "i8042",
     "auto-kernel-cmdline",
+    "x-option-roms",
+    "dump-guest-core",
 ];
 
 impl MicrovmConfig {
@@ -175,6 +181,17 @@ impl MicrovmConfig {
             "isa-serial" => self.isa_serial = v,
             "i8042" => self.i8042 = v,
             "auto-kernel-cmdline" => self.auto_kernel_cmdline = v,
+            // QEMU loads its DMA linuxboot/multiboot option ROMs unless this is off. Keel
+            // loads the kernel itself and has no option ROMs, so both values describe the
+            // same machine; QEMU's documented microvm line sets it, so it is accepted.
+            "x-option-roms" if v != OnOffAuto::Auto => {}
+            "x-option-roms" => {
+                return Err(PropertyError::BadValue {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                });
+            }
+            "dump-guest-core" => self.dump_guest_core = v,
             _ => {
                 return Err(PropertyError::Unknown {
                     name: name.to_owned(),
@@ -206,6 +223,10 @@ mod tests {
                 .to_string()
                 .contains("on, off or auto")
         );
+        // QEMU's documented microvm line: x-option-roms is a plain boolean.
+        c.set_property("x-option-roms", "off").unwrap();
+        c.set_property("x-option-roms", "on").unwrap();
+        assert!(c.set_property("x-option-roms", "auto").is_err());
         assert!(OnOffAuto::Auto.resolve(true));
         assert!(!OnOffAuto::Off.resolve(true));
     }

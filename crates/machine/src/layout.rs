@@ -146,6 +146,24 @@ pub fn e820_map(mem: u64) -> Vec<E820Entry> {
     v
 }
 
+/// Leaves guest RAM out of the process's core dumps (`-machine dump-guest-core=off`,
+/// QEMU's `MADV_DONTDUMP`); a region the kernel refuses is logged and stays in.
+pub fn exclude_from_core_dumps(memory: &vm_memory::GuestMemoryMmap) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in memory.iter() {
+        let len = usize::try_from(region.len()).unwrap_or(0);
+        // SAFETY: the range is exactly one mapping that `memory` owns; MADV_DONTDUMP only
+        // changes how a core dump treats it, never its contents or its mapping.
+        let r = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_DONTDUMP) };
+        if r != 0 {
+            log::warn!(
+                "dump-guest-core=off: madvise: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

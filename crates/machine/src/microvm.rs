@@ -287,6 +287,9 @@ impl Microvm {
         let memory = Arc::new(
             GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MachineError::Ram(cfg.memory, e))?,
         );
+        if !cfg.dump_guest_core.resolve(true) {
+            crate::layout::exclude_from_core_dumps(&memory);
+        }
         let buses = Arc::new(IoBuses::new());
         let shared = Shared::new(cfg.cpus);
         let hub = Arc::new(Hub {

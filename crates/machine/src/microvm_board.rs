@@ -23,7 +23,7 @@ use keel_virtio::{
     RxPoller, VirtioDevice, VirtioMmioSlot,
 };
 
-use crate::backends::{Backends, CharBackend};
+use crate::backends::Backends;
 use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
 use crate::board::{GuestExitPolicy, MachineType, MachineTypeInfo};
 use crate::device_types::registry;
@@ -390,19 +390,41 @@ impl MicrovmHooks {
     }
 }
 
+impl MicrovmHooks {
+    /// A user `isa-serial`: a 16550A at its index's (or its own) ports and IRQ, writing to
+    /// its `chardev`. Where the board has its own COM1 the ports are taken and the mapping
+    /// fails.
+    fn realize_serial(&mut self, dev: &DeviceView<'_>) -> Result<Vec<(Space, u64)>, HookError> {
+        use keel_devices::{Serial, SerialConfig, SerialOutput};
+        let users = self
+            .realized
+            .iter()
+            .filter(|(k, r)| **k != dev.key && matches!(r, Realized::Factory(m) if m.len() == 1))
+            .count();
+        let vm = self.lock();
+        let next = users + usize::from(vm.serial().is_some());
+        let cfg = SerialConfig::from_props(dev.props, next)?;
+        let output = match &cfg.chardev {
+            Some(id) => SerialOutput::Writer(keel_devices::SharedWriter(Arc::new(Mutex::new(
+                self.backends.char_writer(id)?,
+            )))),
+            None => SerialOutput::Null,
+        };
+        let irq = vm.vm().irq_line(cfg.irq).map_err(|e| chain(&e))?;
+        let serial = Arc::new(Serial::new(irq, output));
+        let mut host = DeviceHost::new(vm.buses(), vm.memory(), vm.vm(), vm.system_events());
+        host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial)
+            .map_err(|e| format!("isa-serial at {:#x}: {e}", cfg.iobase))?;
+        Ok(host.into_mappings())
+    }
+}
+
 /// A console port writing to the backend `chardev=` names.
 pub(crate) fn console_device(
     backends: &Arc<Backends>,
     chardev: &str,
 ) -> Result<SharedVirtio, HookError> {
-    let out: Box<dyn Write + Send> = match backends.chardev(chardev)? {
-        CharBackend::File { path } => Box::new(
-            std::fs::File::create(&path)
-                .map_err(|e| format!("Could not open '{}': {e}", path.display()))?,
-        ),
-        CharBackend::Null => Box::new(std::io::sink()),
-        CharBackend::Stdio => Box::new(std::io::stdout()),
-    };
+    let out: Box<dyn Write + Send> = backends.char_writer(chardev)?;
     Ok(Arc::new(Mutex::new(Console::new(out))))
 }
 
@@ -457,6 +479,11 @@ impl DeviceHooks for MicrovmHooks {
                 return Err(e);
             }
             drop(vm);
+            self.realized.insert(dev.key, Realized::Factory(mappings));
+            return Ok(());
+        }
+        if dev.driver == keel_devices::Serial::QDEV_TYPE {
+            let mappings = self.realize_serial(dev)?;
             self.realized.insert(dev.key, Realized::Factory(mappings));
             return Ok(());
         }
@@ -666,7 +693,7 @@ impl Board for MicrovmBoard {
     /// single-port); if the bus cannot be added, the device goes again.
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
         let added = self.tree.device_add(phase, req)?;
-        if req.driver == Console::QDEV_TYPE {
+        if added.driver == Console::QDEV_TYPE {
             let window = self.windows.get(&added.bus).copied();
             let bus = BusSpec::new(
                 Console::port_bus_name(req.id.as_deref(), window),
@@ -778,7 +805,7 @@ impl Board for MicrovmBoard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::BlockBackend;
+    use crate::backends::{BlockBackend, CharBackend};
 
     /// What `machine-set` gives for a 16 MiB microvm with its serial port on `null`.
     fn small() -> MachineConfig {

@@ -780,7 +780,7 @@ impl Board for PcBoard {
             }
             e => e,
         })?;
-        if req.driver == "virtio-serial-pci" {
+        if added.driver == "virtio-serial-pci" {
             let devfn = self
                 .last
                 .lock()

@@ -110,9 +110,41 @@ pub fn chardev_endpoint(text: &str) -> Result<(String, Endpoint), OptionError> {
 /// `-blockdev driver=file,filename=PATH,node-name=N[,read-only=on]` or the shorthand
 /// `-drive file=PATH,if=none,id=N,format=raw[,readonly=on]`.
 pub fn blockdev(name: &str, text: &str) -> Result<BlockdevAdd, OptionError> {
+    blockdev_opts(name, split_opts(text, None)?)
+}
+
+/// `-drive ...,if=virtio`: QEMU's shorthand for a drive and the architecture's virtio disk
+/// (`virtio-blk`, on x86 the alias of `virtio-blk-pci`) that uses it. The drive's id,
+/// when not given, is QEMU's `virtio<N>` with N counting the `if=virtio` drives so far.
+/// `None` when the drive is not `if=virtio`.
+pub fn virtio_drive(
+    text: &str,
+    index: usize,
+) -> Result<Option<(BlockdevAdd, DeviceAdd)>, OptionError> {
+    let mut opts = split_opts(text, None)?;
+    let Some(at) = opts.iter().position(|(k, v)| k == "if" && v == "virtio") else {
+        return Ok(None);
+    };
+    opts.remove(at);
+    if !opts.iter().any(|(k, _)| k == "id") {
+        opts.push(("id".into(), format!("virtio{index}")));
+    }
+    let drive = blockdev_opts("drive", opts)?;
+    let mut props = Map::new();
+    props.insert("drive".into(), Value::String(drive.node_name.clone()));
+    let device = DeviceAdd {
+        driver: "virtio-blk".into(),
+        id: None,
+        bus: None,
+        props,
+    };
+    Ok(Some((drive, device)))
+}
+
+fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd, OptionError> {
     let mut driver = None;
     let (mut file, mut node, mut ro) = (None, None, false);
-    for (k, v) in split_opts(text, None)? {
+    for (k, v) in opts {
         match (name, k.as_str()) {
             ("blockdev", "driver") => driver = Some(v),
             ("blockdev", "filename") | ("drive", "file") => file = Some(v),
@@ -122,7 +154,7 @@ pub fn blockdev(name: &str, text: &str) -> Result<BlockdevAdd, OptionError> {
             ("drive", "format") if v == "raw" => {}
             ("drive", "if" | "format") => {
                 return Err(err(format!(
-                    "{k}={v} is not supported (use if=none,format=raw and a -device)"
+                    "{k}={v} is not supported (use if=virtio, or if=none and a -device; format=raw)"
                 )));
             }
             ("blockdev", "discard" | "cache.direct" | "aio") | ("drive", "cache" | "aio") => {}
@@ -170,8 +202,9 @@ pub fn netdev(text: &str) -> Result<NetdevAdd, OptionError> {
     Ok(n)
 }
 
-/// `-chardev file,id=ID,path=PATH`, `-chardev null,id=ID`, `-chardev stdio,id=ID` as device
-/// backends; `None` for the other backends (sockets for `-mon`).
+/// `-chardev file,id=ID,path=PATH[,append=on]`, `-chardev pty,id=ID`,
+/// `-chardev null,id=ID` (each with `logfile=PATH[,logappend=on]`) as device backends;
+/// `None` for the other backends (sockets and stdio, for `-mon`).
 pub fn char_backend(text: &str) -> Result<Option<ChardevAdd>, OptionError> {
     let opts = split_opts(text, Some("backend"))?;
     let kind = opts
@@ -179,26 +212,215 @@ pub fn char_backend(text: &str) -> Result<Option<ChardevAdd>, OptionError> {
         .find(|(k, _)| k == "backend")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    if !matches!(kind.as_str(), "file" | "null") {
+    if !matches!(kind.as_str(), "file" | "null" | "pty") {
         return Ok(None);
     }
-    let (mut id, mut path) = (None, None);
+    let (mut id, mut data) = (None, Map::new());
     for (k, v) in opts {
         match k.as_str() {
             "backend" => {}
             "id" => id = Some(v),
-            "path" if kind == "file" => path = Some(v),
-            "append" | "logfile" | "logappend" => {}
+            "path" if kind == "file" => {
+                data.insert("out".into(), Value::String(v));
+            }
+            "logfile" => {
+                data.insert("logfile".into(), Value::String(v));
+            }
+            "append" if kind == "file" => {
+                data.insert("append".into(), Value::Bool(on_off(&k, &v)?));
+            }
+            "logappend" => {
+                data.insert("logappend".into(), Value::Bool(on_off(&k, &v)?));
+            }
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         }
     }
     let id = id.ok_or_else(|| err("Parameter 'id' is missing"))?;
-    let backend = match (kind.as_str(), path) {
-        ("file", Some(p)) => serde_json::json!({"type": "file", "data": {"out": p}}),
-        ("file", None) => return Err(err("Parameter 'path' is missing")),
-        _ => serde_json::json!({"type": "null", "data": {}}),
-    };
+    if kind == "file" && !data.contains_key("out") {
+        return Err(err("Parameter 'path' is missing"));
+    }
+    let backend = serde_json::json!({"type": kind, "data": data});
     Ok(Some(ChardevAdd { id, backend }))
+}
+
+/// `-object QOM-TYPE,id=ID,KEY=VALUE...` or its JSON form
+/// (`{"qom-type": ..., "id": ..., ...}`, libvirt's): the type, the id and the other
+/// properties as text (JSON numbers in decimal, booleans as `on`/`off`). Which types and
+/// properties exist is the backend store's business.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectAdd {
+    /// QOM type (`secret`, `memory-backend-ram`).
+    pub qom_type: String,
+    /// Object id.
+    pub id: String,
+    /// The other properties, in order.
+    pub props: Vec<(String, String)>,
+}
+
+/// Reads `-object`'s value (see [`ObjectAdd`]).
+pub fn object(text: &str) -> Result<ObjectAdd, OptionError> {
+    let pairs: Vec<(String, String)> = if text.trim_start().starts_with('{') {
+        let map: Map<String, Value> =
+            serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let mut v = Vec::new();
+        for (k, val) in map {
+            let text = match val {
+                Value::String(s) => s,
+                Value::Bool(b) => if b { "on" } else { "off" }.to_owned(),
+                Value::Number(n) => n.to_string(),
+                _ => return Err(err(format!("Parameter '{k}' expects a scalar value"))),
+            };
+            v.push((k, text));
+        }
+        v
+    } else {
+        split_opts(text, Some("qom-type"))?
+    };
+    let (mut qom_type, mut id, mut props) = (None, None, Vec::new());
+    for (k, v) in pairs {
+        match k.as_str() {
+            "qom-type" => qom_type = Some(v),
+            "id" => id = Some(v),
+            _ => props.push((k, v)),
+        }
+    }
+    Ok(ObjectAdd {
+        qom_type: qom_type.ok_or_else(|| err("Parameter 'qom-type' is missing"))?,
+        id: id.ok_or_else(|| err("Parameter 'id' is missing"))?,
+        props,
+    })
+}
+
+/// `-add-fd fd=FD,set=SET[,opaque=TEXT]`: (set, fd, opaque).
+pub fn add_fd(text: &str) -> Result<(u64, i32, Option<String>), OptionError> {
+    let (mut fd, mut set, mut opaque) = (None, None, None);
+    for (k, v) in split_opts(text, None)? {
+        let num = |v: &str| -> Result<i64, OptionError> {
+            v.parse()
+                .map_err(|_| err(format!("Parameter '{k}' expects a number")))
+        };
+        match k.as_str() {
+            "fd" => fd = Some(num(&v)?),
+            "set" => set = Some(num(&v)?),
+            "opaque" => opaque = Some(v),
+            _ => return Err(err(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    let fd = fd.ok_or_else(|| err("fd option is required and must be non-negative"))?;
+    let fd = i32::try_from(fd)
+        .ok()
+        .filter(|f| *f >= 0)
+        .ok_or_else(|| err("fd option is required and must be non-negative"))?;
+    let set = set
+        .and_then(|s| u64::try_from(s).ok())
+        .ok_or_else(|| err("set option is required and must be non-negative"))?;
+    Ok((set, fd, opaque))
+}
+
+/// `-audiodev DRIVER,id=ID` or its JSON form: (id, driver).
+pub fn audiodev(text: &str) -> Result<(String, String), OptionError> {
+    let pairs = if text.trim_start().starts_with('{') {
+        let map: Map<String, Value> =
+            serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        map.into_iter()
+            .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+            .collect()
+    } else {
+        split_opts(text, Some("driver"))?
+    };
+    let (mut id, mut driver) = (None, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "id" => id = Some(v),
+            "driver" => driver = Some(v),
+            // The `none` driver plays nothing: its timer and buffer settings change nothing.
+            "timer-period" | "in.mixing-engine" | "out.mixing-engine" => {}
+            _ => return Err(err(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    let driver = driver.ok_or_else(|| err("Parameter 'driver' is missing"))?;
+    if driver != "none" {
+        return Err(err(format!(
+            "Parameter 'driver' does not accept value '{driver}' (Keel has no sound: only none)"
+        )));
+    }
+    Ok((id.ok_or_else(|| err("Parameter 'id' is missing"))?, driver))
+}
+
+/// `-overcommit mem-lock=on|off[,cpu-pm=off]`: whether to lock all memory.
+pub fn overcommit(text: &str) -> Result<bool, OptionError> {
+    let mut lock = false;
+    for (k, v) in split_opts(text, None)? {
+        match k.as_str() {
+            "mem-lock" => lock = on_off(&k, &v)?,
+            "cpu-pm" if !on_off(&k, &v)? => {}
+            "cpu-pm" => {
+                return Err(err(
+                    "cpu-pm=on is not supported: Keel's vCPUs always exit on HLT and MWAIT",
+                ));
+            }
+            _ => return Err(err(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(lock)
+}
+
+/// `-msg timestamp=on|off[,guest-name=on|off]`: whether error lines carry a timestamp.
+pub fn msg(text: &str) -> Result<bool, OptionError> {
+    let mut ts = false;
+    for (k, v) in split_opts(text, None)? {
+        match k.as_str() {
+            "timestamp" => ts = on_off(&k, &v)?,
+            "guest-name" if !on_off(&k, &v)? => {}
+            "guest-name" => return Err(err("guest-name=on is not supported")),
+            _ => return Err(err(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(ts)
+}
+
+/// `-rtc base=utc[,clock=host][,driftfix=none|slew]`: checked only, because Keel's RTC
+/// always runs on the host's UTC clock (QEMU's default); any other base or clock is refused.
+pub fn rtc(text: &str) -> Result<(), OptionError> {
+    for (k, v) in split_opts(text, None)? {
+        match (k.as_str(), v.as_str()) {
+            ("base", "utc") | ("clock", "host") | ("driftfix", "none" | "slew") => {}
+            ("base", _) | ("clock", _) => {
+                return Err(err(format!(
+                    "{k}={v} is not supported: Keel's RTC runs on the host's UTC clock \
+                     (base=utc, clock=host)"
+                )));
+            }
+            ("driftfix", _) => return Err(err(format!("invalid option value '{v}'"))),
+            _ => return Err(err(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(())
+}
+
+/// `-boot strict=on|off[,menu=off]`: checked only. Keel boots the `-kernel` directly with
+/// no firmware, so there is no boot device list for `strict` to restrict; boot orders and
+/// menus (firmware features) are refused.
+pub fn boot(text: &str) -> Result<(), OptionError> {
+    for (k, v) in split_opts(text, Some("order"))? {
+        let b = |v: &str| {
+            keyval::parse_bool(v)
+                .ok_or_else(|| err(format!("Parameter 'boot.{k}' expects 'on' or 'off'")))
+        };
+        match k.as_str() {
+            "strict" => {
+                b(&v)?;
+            }
+            "menu" if !b(&v)? => {}
+            "order" | "once" | "menu" | "splash" | "splash-time" | "reboot-timeout" => {
+                return Err(err(format!(
+                    "boot.{k} is not supported: Keel has no firmware (it boots -kernel directly)"
+                )));
+            }
+            _ => return Err(err(format!("Parameter 'boot.{k}' is unexpected"))),
+        }
+    }
+    Ok(())
 }
 
 /// QEMU's `-uuid` form: 8-4-4-4-12 hex digits.

@@ -38,6 +38,7 @@ macro_rules! no_args_command {
 pub mod block;
 pub mod char;
 pub mod cli;
+pub mod cmdline;
 pub mod machine;
 pub mod misc;
 pub mod net;

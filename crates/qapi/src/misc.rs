@@ -478,7 +478,8 @@ no_args_command!(
 );
 
 no_args_command!(
-    /// `query-migrate-capabilities`: Keel does not migrate and has none, so `[]`.
+    /// `query-migrate-capabilities`: Keel does not migrate; it has only `events` (whether
+    /// MIGRATION events would be sent), which libvirt turns on for every domain.
     QueryMigrateCapabilities, "query-migrate-capabilities", ANY, Vec<Value>,
     Some(Type::array(Type::object("MigrationCapabilityStatus", vec![
         req("capability", Type::str()),
@@ -495,8 +496,8 @@ pub struct MigrationCapabilityStatus {
     pub state: bool,
 }
 
-/// `migrate-set-capabilities`: every capability is unknown to Keel (it does not migrate),
-/// so any one named is refused as QEMU refuses an unknown one; an empty list succeeds.
+/// `migrate-set-capabilities`: `events` is the one capability Keel has; any other is
+/// refused as QEMU refuses an unknown one.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MigrateSetCapabilities {
     /// The capabilities.
