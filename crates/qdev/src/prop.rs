@@ -50,6 +50,10 @@ impl PropKind {
             PropKind::Bool => "bool",
             PropKind::Int { type_name, .. } | PropKind::Uint { type_name, .. } => type_name,
             PropKind::Size => "size",
+            // QEMU's QAPI enum of that name (`disable-legacy`, ...).
+            PropKind::Enum(v) if v.iter().map(String::as_str).eq(["on", "off", "auto"]) => {
+                "OnOffAuto"
+            }
             PropKind::Enum(_) => "enum",
         }
     }
