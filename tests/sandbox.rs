@@ -437,13 +437,21 @@ fn debian_on_pc_hot_plugs_and_removes_virtio_blk_pci_with_the_sandbox_on() {
         .get_ref()
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
-    loop {
+    // QEMU's order: the virtio backend child's event (path only), then the device's.
+    let mut deleted = Vec::new();
+    while deleted.len() < 2 {
         let ev = c.next_event();
         if ev["event"] == "DEVICE_DELETED" {
-            assert_eq!(ev["data"]["device"], "hd1");
-            break;
+            deleted.push(ev["data"].clone());
         }
     }
+    assert_eq!(
+        deleted,
+        [
+            json!({"path": "/machine/peripheral/hd1/virtio-backend"}),
+            json!({"device": "hd1", "path": "/machine/peripheral/hd1"}),
+        ]
+    );
     assert_eq!(c.status(), "running");
     c.ok("quit", Value::Null);
     assert!(vmm.wait().success());
