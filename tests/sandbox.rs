@@ -437,10 +437,11 @@ fn debian_on_pc_hot_plugs_and_removes_virtio_blk_pci_with_the_sandbox_on() {
         .get_ref()
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
+    // As QEMU, the virtio backend inside the device may be reported first (no id).
     loop {
         let ev = c.next_event();
-        if ev["event"] == "DEVICE_DELETED" {
-            assert_eq!(ev["data"]["device"], "hd1");
+        if ev["event"] == "DEVICE_DELETED" && ev["data"]["device"] == "hd1" {
+            assert_eq!(ev["data"]["path"], "/machine/peripheral/hd1");
             break;
         }
     }
