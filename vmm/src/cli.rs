@@ -99,6 +99,8 @@ pub enum Action {
     Monitor(Endpoint),
     /// `-S`.
     NoAutostart,
+    /// `-incoming URI|defer`.
+    Incoming(String),
     /// `-preconfig`.
     Preconfig,
     /// Accepted for compatibility, nothing to do (`-nodefaults`, `-display none`, ...).
@@ -252,6 +254,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "monitor"
                 | "uuid"
                 | "pidfile"
+                | "incoming"
         );
         let value = if takes_value {
             let v = args
@@ -271,6 +274,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "h" | "help" => return Ok(Invocation::Help),
             "version" => return Ok(Invocation::Version),
             "S" => Action::NoAutostart,
+            "incoming" => Action::Incoming(v.to_string()),
             "preconfig" => Action::Preconfig,
             "nodefaults" | "no-user-config" | "nographic" => Action::Nothing,
             "vga" | "monitor" if v == "none" => Action::Nothing,
@@ -628,6 +632,7 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::Name(n) => vmm.set_name(Some(n.clone())),
             Action::Uuid(u) => vmm.set_uuid(Some(u.clone())),
             Action::NoAutostart => vmm.set_autostart(false),
+            Action::Incoming(u) => vmm.set_incoming(Some(u.clone())),
             Action::Preconfig => preconfig = true,
             Action::PidFile(_) | Action::Daemonize | Action::Nothing => {}
         }

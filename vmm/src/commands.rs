@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 pub use keel_qapi::block::*;
 pub use keel_qapi::char::*;
 pub use keel_qapi::machine::*;
+pub use keel_qapi::migration::*;
 pub use keel_qapi::misc::*;
 pub use keel_qapi::net::*;
 pub use keel_qapi::pci::*;
@@ -21,6 +22,7 @@ pub use keel_qapi::qom::*;
 
 use crate::core::{ShutdownCause, VmmCore};
 use crate::devices::qdev_error;
+use keel_machine::backends::{BlockBackend, CharBackend, NetBackend};
 use keel_machine::cpu_model;
 
 /// Converts the VMM's own report types (board, qdev) into their QMP shapes in
@@ -215,82 +217,27 @@ impl VmmCore {
 
 impl Handler<VmmCore> for BlockdevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
-        if self.driver != "file" {
-            return Err(CommandError::generic(format!(
-                "blockdev driver '{}' is not supported (use driver=file with a raw image)",
-                self.driver
-            )));
-        }
-        c.backends
-            .add_block(
-                &self.node_name,
-                crate::backends::BlockBackend {
-                    filename: self.filename,
-                    read_only: self.read_only.unwrap_or(false),
-                },
-            )
-            .map_err(|e| CommandError::generic(e.to_string()))
+        let b = BlockBackend::from_blockdev(&self.driver, self.filename, self.read_only);
+        let r = b.and_then(|b| c.backends.add_block(&self.node_name, b));
+        r.map_err(|e| CommandError::generic(e.to_string()))
     }
 }
 
 impl Handler<VmmCore> for NetdevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
-        if self.kind != "tap" {
-            return Err(CommandError::generic(format!(
-                "netdev type '{}' is not supported (use type=tap)",
-                self.kind
-            )));
-        }
-        for (k, v) in [("script", &self.script), ("downscript", &self.downscript)] {
-            if let Some(v) = v
-                && v != "no"
-            {
-                return Err(CommandError::generic(format!(
-                    "Parameter '{k}' must be 'no': Keel does not run network scripts"
-                )));
-            }
-        }
-        let ifname = self.ifname.ok_or_else(|| {
-            CommandError::generic("Parameter 'ifname' is missing (name the host tap interface)")
-        })?;
-        c.backends
-            .add_net(&self.id, crate::backends::NetBackend { ifname })
-            .map_err(|e| CommandError::generic(e.to_string()))
+        let scripts = [self.script.as_deref(), self.downscript.as_deref()];
+        let n = NetBackend::from_netdev(&self.kind, scripts, self.ifname);
+        let r = n.and_then(|n| c.backends.add_net(&self.id, n));
+        r.map_err(|e| CommandError::generic(e.to_string()))
     }
 }
 
 impl Handler<VmmCore> for ChardevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<ChardevReturn, CommandError> {
-        use crate::backends::CharBackend;
-        let kind = self.backend.get("type").and_then(Value::as_str);
-        let data = self.backend.get("data");
-        let backend = match kind {
-            Some("null") => CharBackend::Null,
-            Some("stdio") => CharBackend::Stdio,
-            Some("file") => {
-                let out = data.and_then(|d| d.get("out")).and_then(Value::as_str);
-                match out {
-                    Some(p) if !p.is_empty() => CharBackend::File { path: p.into() },
-                    _ => {
-                        return Err(CommandError::generic(
-                            "Parameter 'backend.data.out' is missing (the output file)",
-                        ));
-                    }
-                }
-            }
-            Some(other) => {
-                return Err(CommandError::generic(format!(
-                    "chardev backend '{other}' is not supported for devices (use file, null or stdio)"
-                )));
-            }
-            None => {
-                return Err(CommandError::generic("Parameter 'backend.type' is missing"));
-            }
-        };
-        c.backends
-            .add_chardev(&self.id, backend)
-            .map_err(|e| CommandError::generic(e.to_string()))?;
-        Ok(ChardevReturn::default())
+        let b = CharBackend::from_qmp(&self.backend);
+        let r = b.and_then(|b| c.backends.add_chardev(&self.id, b));
+        r.map(|()| ChardevReturn::default())
+            .map_err(|e| CommandError::generic(e.to_string()))
     }
 }
 
@@ -408,7 +355,7 @@ handlers! {
     QueryIothreads => |_, _, _| Ok(Vec::new());
     QueryStats => |_, _, _| Ok(Vec::new());
     QueryStatsSchemas => |_, _, _| Ok(Vec::new());
-    QueryMigrateCapabilities => |_, _, _| Ok(Vec::new());
+    QueryMigrateCapabilities => |_, c, _| Ok(c.migration.capabilities());
     QueryBlockstats => |_, _, _| Ok(Vec::new());
     QueryDirtyRate => |_, _, _| Ok(DirtyRateInfo {
         status: "unstarted".into(), start_time: 0, calc_time: 0, sample_pages: 0,
@@ -420,12 +367,11 @@ handlers! {
         "KVM not enabled"
     }));
     QuerySgxCapabilities => |_, _, _| Err(CommandError::generic("SGX is not enabled in KVM"));
-    MigrateSetCapabilities => |a, _, _| match a.capabilities.first() {
-        None => Ok(()),
-        Some(cap) => Err(CommandError::generic(format!(
-            "Parameter 'capability' does not accept value '{}'", cap.capability
-        ))),
-    };
+    MigrateSetCapabilities => |a, c, _| c.migration.set_capabilities(&a);
+    Migrate => |a, c, _| c.migrate(&a.uri);
+    MigrateIncoming => |a, c, _| c.migrate_incoming(&a.uri);
+    QueryMigrate => |_, c, _| Ok(c.migration.info());
+    MigrateCancel => |_, _, _| Ok(());
     QueryCommandLineOptions => |a, _, _| {
         keel_qapi::cli::command_line_options(a.option.as_deref()).map_err(|e| CommandError::generic(e.0))
     };

@@ -478,7 +478,7 @@ no_args_command!(
 );
 
 no_args_command!(
-    /// `query-migrate-capabilities`: Keel does not migrate and has none, so `[]`.
+    /// `query-migrate-capabilities`: Keel's one capability, `events` (the `MIGRATION` event).
     QueryMigrateCapabilities, "query-migrate-capabilities", ANY, Vec<Value>,
     Some(Type::array(Type::object("MigrationCapabilityStatus", vec![
         req("capability", Type::str()),
@@ -495,8 +495,9 @@ pub struct MigrationCapabilityStatus {
     pub state: bool,
 }
 
-/// `migrate-set-capabilities`: every capability is unknown to Keel (it does not migrate),
-/// so any one named is refused as QEMU refuses an unknown one; an empty list succeeds.
+/// `migrate-set-capabilities`: `events` turns the `MIGRATION` event on or off; any other
+/// capability is refused as QEMU refuses an unknown one (see
+/// [`crate::migration::MigrationTracker::set_capabilities`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MigrateSetCapabilities {
     /// The capabilities.

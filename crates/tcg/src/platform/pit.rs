@@ -558,8 +558,12 @@ impl BusDevice for SpeakerPort {
 
 impl Pit {
     /// The three counters and port 0x61 for a snapshot, with times relative to now.
+    ///
+    /// IRQ 0 edges that are due are signalled first (the vCPUs, which normally poll the
+    /// PIT, are stopped), so the interrupt controller's state, saved after this, holds them.
     pub fn save_state(&self) -> ([keel_accel::PitChannelState; 3], u8) {
         let now = self.clock.now_ns();
+        self.poll_at(now);
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let one = |c: &Channel| keel_accel::PitChannelState {
             mode: c.mode(),

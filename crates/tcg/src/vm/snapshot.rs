@@ -162,6 +162,7 @@ impl TcgVcpu {
 
 impl TcgVm {
     pub(super) fn save(&self) -> PlatformState {
+        // The PIT first: it signals the IRQ 0 edges that are due into the 8259 pair.
         let (pit, port61) = self.pit.save_state();
         PlatformState {
             pic: Some(self.pic.save_state()),
