@@ -301,6 +301,12 @@ fn paused_at_save_is_paused_after_restore() {
     let mut q = a.qmp();
     q.ok("migrate", json!({"uri": uri}));
     assert_eq!(q.status(), "postmigrate");
+    // As QEMU 7.2: a machine left in postmigrate is not saved again.
+    let e = q.err("migrate", json!({"uri": uri}), "GenericError");
+    assert_eq!(
+        e,
+        "Can't migrate the vm that was paused due to previous migration"
+    );
     drop(q);
     drop(a);
     let out2 = g.dir.path("after");

@@ -535,6 +535,10 @@ impl VmmCore {
     /// `migrate`: stops the guest and saves the machine to `uri`; the run state is then
     /// `postmigrate` (after a failure, what it was).
     pub(crate) fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
+        if self.run_state() == RunState::PostMigrate {
+            let e = "Can't migrate the vm that was paused due to previous migration";
+            return Err(generic(e));
+        }
         let running = self.run_state() == RunState::Running;
         self.migration.set_status("setup", &self.events);
         self.stop()?;

@@ -100,6 +100,18 @@ pub struct MigrationStats {
     pub postcopy_requests: u64,
     /// Guest page size.
     pub page_size: u64,
+    /// Bytes sent by multifd channels (none).
+    pub multifd_bytes: u64,
+    /// Pages sent per second.
+    pub pages_per_second: u64,
+    /// Bytes sent while the guest was stopped (all of them: the save is not live).
+    pub downtime_bytes: u64,
+    /// Bytes sent in postcopy (none).
+    pub postcopy_bytes: u64,
+    /// Bytes sent in precopy while the guest ran (none).
+    pub precopy_bytes: u64,
+    /// Zero-copy sends that missed (none).
+    pub dirty_sync_missed_zero_copy: u64,
 }
 
 /// `query-migrate`'s answer (QAPI `MigrationInfo`): empty before any migration.
@@ -142,6 +154,12 @@ fn stats_type() -> Type {
             req("dirty-sync-count", Type::int()),
             req("postcopy-requests", Type::int()),
             req("page-size", Type::int()),
+            req("multifd-bytes", Type::int()),
+            req("pages-per-second", Type::int()),
+            req("downtime-bytes", Type::int()),
+            req("postcopy-bytes", Type::int()),
+            req("precopy-bytes", Type::int()),
+            req("dirty-sync-missed-zero-copy", Type::int()),
         ],
     )
 }
@@ -271,6 +289,8 @@ impl MigrationTracker {
             },
             dirty_sync_count: 1,
             page_size,
+            pages_per_second: (pages * 1000).checked_div(total_ms).unwrap_or(pages),
+            downtime_bytes: bytes,
             ..MigrationStats::default()
         });
     }
