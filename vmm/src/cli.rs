@@ -123,6 +123,7 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::Name(n) => vmm.set_name(Some(n.clone())),
             Action::Uuid(u) => vmm.set_uuid(Some(u.clone())),
             Action::NoAutostart => vmm.set_autostart(false),
+            Action::Incoming(u) => vmm.set_incoming(Some(u.clone())),
             Action::Preconfig => preconfig = true,
             Action::Object(o) => {
                 backend(opt, vmm.backends().add_object(&o.qom_type, &o.id, &o.props))?

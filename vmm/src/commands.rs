@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 pub use keel_qapi::block::*;
 pub use keel_qapi::char::*;
 pub use keel_qapi::machine::*;
+pub use keel_qapi::migration::*;
 pub use keel_qapi::misc::*;
 pub use keel_qapi::net::*;
 pub use keel_qapi::pci::*;
@@ -21,6 +22,7 @@ pub use keel_qapi::qom::*;
 
 use crate::core::{ShutdownCause, VmmCore};
 use crate::devices::qdev_error;
+use keel_machine::backends::{BlockBackend, NetBackend};
 use keel_machine::cpu_model;
 
 /// Converts the VMM's own report types (board, qdev) into their QMP shapes in
@@ -215,47 +217,18 @@ impl VmmCore {
 
 impl Handler<VmmCore> for BlockdevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
-        if self.driver != "file" {
-            return Err(CommandError::generic(format!(
-                "blockdev driver '{}' is not supported (use driver=file with a raw image)",
-                self.driver
-            )));
-        }
-        c.backends
-            .add_block(
-                &self.node_name,
-                crate::backends::BlockBackend {
-                    filename: self.filename,
-                    read_only: self.read_only.unwrap_or(false),
-                },
-            )
-            .map_err(|e| CommandError::generic(e.to_string()))
+        let b = BlockBackend::from_blockdev(&self.driver, self.filename, self.read_only);
+        let r = b.and_then(|b| c.backends.add_block(&self.node_name, b));
+        r.map_err(|e| CommandError::generic(e.to_string()))
     }
 }
 
 impl Handler<VmmCore> for NetdevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
-        if self.kind != "tap" {
-            return Err(CommandError::generic(format!(
-                "netdev type '{}' is not supported (use type=tap)",
-                self.kind
-            )));
-        }
-        for (k, v) in [("script", &self.script), ("downscript", &self.downscript)] {
-            if let Some(v) = v
-                && v != "no"
-            {
-                return Err(CommandError::generic(format!(
-                    "Parameter '{k}' must be 'no': Keel does not run network scripts"
-                )));
-            }
-        }
-        let ifname = self.ifname.ok_or_else(|| {
-            CommandError::generic("Parameter 'ifname' is missing (name the host tap interface)")
-        })?;
-        c.backends
-            .add_net(&self.id, crate::backends::NetBackend { ifname })
-            .map_err(|e| CommandError::generic(e.to_string()))
+        let scripts = [self.script.as_deref(), self.downscript.as_deref()];
+        let n = NetBackend::from_netdev(&self.kind, scripts, self.ifname);
+        let r = n.and_then(|n| c.backends.add_net(&self.id, n));
+        r.map_err(|e| CommandError::generic(e.to_string()))
     }
 }
 
@@ -387,7 +360,7 @@ handlers! {
     QueryIothreads => |_, _, _| Ok(Vec::new());
     QueryStats => |_, _, _| Ok(Vec::new());
     QueryStatsSchemas => |_, _, _| Ok(Vec::new());
-    QueryMigrateCapabilities => |_, c, _| Ok(vec![json!({"capability": "events", "state": c.migration_events})]);
+    QueryMigrateCapabilities => |_, c, _| Ok(c.migration.capabilities());
     QueryBlockstats => |_, _, _| Ok(Vec::new());
     QueryDirtyRate => |_, _, _| Ok(DirtyRateInfo {
         status: "unstarted".into(), start_time: 0, calc_time: 0, sample_pages: 0,
@@ -399,15 +372,11 @@ handlers! {
         "KVM not enabled"
     }));
     QuerySgxCapabilities => |_, _, _| Err(CommandError::generic("SGX is not enabled in KVM"));
-    MigrateSetCapabilities => |a, c, _| {
-        if let Some(cap) = a.capabilities.iter().find(|cap| cap.capability != "events") {
-            return Err(CommandError::generic(format!(
-                "Parameter 'capability' does not accept value '{}'", cap.capability
-            )));
-        }
-        a.capabilities.iter().for_each(|cap| c.migration_events = cap.state);
-        Ok(())
-    };
+    MigrateSetCapabilities => |a, c, _| c.migration.set_capabilities(&a);
+    Migrate => |a, c, _| c.migrate(&a.uri);
+    MigrateIncoming => |a, c, _| c.migrate_incoming(&a.uri);
+    QueryMigrate => |_, c, _| Ok(c.migration.info());
+    MigrateCancel => |_, _, _| Ok(());
     QueryCommandLineOptions => |a, _, _| {
         keel_qapi::cli::command_line_options(a.option.as_deref()).map_err(|e| CommandError::generic(e.0))
     };

@@ -17,6 +17,7 @@ use keel_machine::board::{Board, BoardError, MachineConfig, MachineType, Machine
 use keel_machine::board::{BoardContext, GuestExitPolicy};
 use keel_machine::device_types::empty_tree;
 use keel_machine::factory::DeviceFactory;
+pub(crate) use keel_machine::migration::error_chain as chain;
 
 /// Everything the commands act on. Commands reach it through `Vmm::execute` or QMP; it is
 /// never shared without its lock.
@@ -45,8 +46,6 @@ pub struct VmmCore {
     pub(crate) shutdown_pause: bool,
     /// `set-action reboot=shutdown` (`-no-reboot`): a guest reset request powers off.
     pub(crate) reboot_shutdown: bool,
-    /// The migration capability `events` (MIGRATION events; Keel has no migration to report).
-    pub(crate) migration_events: bool,
     /// Device types the embedder added ([`crate::VmmBuilder::device_type`]).
     pub(crate) device_types: Vec<Arc<dyn DeviceFactory>>,
     pub(crate) autostart: bool,
@@ -55,6 +54,7 @@ pub struct VmmCore {
     pub(crate) shutdown: Arc<ShutdownSignal>,
     /// The QMP monitors served: (`query-chardev` label, filename).
     pub(crate) monitors: Vec<(String, String)>,
+    pub(crate) migration: keel_qapi::migration::MigrationTracker,
 }
 
 impl std::fmt::Debug for VmmCore {
@@ -79,21 +79,14 @@ fn generic(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
 }
 
+fn board_of(b: &mut Option<Box<dyn Board>>) -> Result<&mut (dyn Board + 'static), CommandError> {
+    b.as_deref_mut()
+        .ok_or_else(|| generic("the board is missing"))
+}
+
 /// A machine's error as a QMP `GenericError`: the message and its causes on one line.
 fn board_error(e: BoardError) -> CommandError {
     CommandError::generic(chain(&e))
-}
-
-/// An error and its sources, joined with ": ".
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl VmmCore {
@@ -371,20 +364,18 @@ impl VmmCore {
         if self.tracker.phase() == Phase::AccelCreated {
             self.machine_init()?;
         }
-        let board = self
-            .board
-            .as_mut()
-            .ok_or_else(|| generic("the board is missing"))?;
+        let board = board_of(&mut self.board)?;
         let cfg = self
             .config
             .as_ref()
             .ok_or_else(|| generic("the machine configuration is missing"))?;
         board.done(cfg).map_err(board_error)?;
         self.tracker.advance(Phase::MachineReady).map_err(generic)?;
-        if self.autostart {
-            self.cont()?;
+        match self.migration.incoming.clone() {
+            Some(uri) => self.migrate_incoming(&uri),
+            None if self.autostart => self.cont(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// `device_add` / `-device`: one path through the board's device tree, which decides
@@ -400,10 +391,7 @@ impl VmmCore {
             args.insert("bus".into(), bus.into());
         }
         let req = DeviceRequest::from_qmp(&args).map_err(|e| qdev_error(&e))?;
-        let board = self
-            .board
-            .as_mut()
-            .ok_or_else(|| generic("the board is missing"))?;
+        let board = board_of(&mut self.board)?;
         board
             .device_add(phase, &req)
             .map(|_| ())
@@ -414,10 +402,7 @@ impl VmmCore {
     /// a hotplug handler (microvm has none).
     pub(crate) fn device_del(&mut self, id: &str) -> Result<(), CommandError> {
         let phase = self.tracker.phase();
-        let board = self
-            .board
-            .as_mut()
-            .ok_or_else(|| generic("the board is missing"))?;
+        let board = board_of(&mut self.board)?;
         board
             .devices_mut()
             .device_del(phase, id)
@@ -449,6 +434,10 @@ impl VmmCore {
         match state {
             // Already running: nothing to do and, as with QEMU 7.2, no event.
             RunState::Running => Ok(()),
+            RunState::InMigrate => {
+                self.autostart = true; // run once it came in, as QEMU
+                Ok(())
+            }
             RunState::Shutdown | RunState::GuestPanicked | RunState::InternalError => {
                 Err(generic("Resetting the Virtual Machine is required"))
             }
@@ -569,6 +558,53 @@ impl VmmCore {
         if self.tracker.set_run_state(RunState::Shutdown).is_ok() {
             self.events.emit("STOP", None);
         }
+    }
+
+    fn set_run(&mut self, state: RunState) -> Result<(), CommandError> {
+        self.tracker.set_run_state(state).map(drop).map_err(generic)
+    }
+
+    /// `migrate`: stops the guest and saves the machine to `uri`; the run state is then
+    /// `postmigrate` (after a failure, what it was).
+    pub(crate) fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
+        if self.run_state() == RunState::PostMigrate {
+            let e = "Can't migrate the vm that was paused due to previous migration";
+            return Err(generic(e));
+        }
+        let running = self.run_state() == RunState::Running;
+        self.migration.set_status("setup", &self.events);
+        self.stop()?;
+        self.migration.set_status("active", &self.events);
+        let board = board_of(&mut self.board)?;
+        let r = keel_machine::migration::save(board, uri, running).map_err(|e| chain(&e));
+        let (m, ev) = (&mut self.migration, &self.events);
+        m.finish(r.as_ref().map(|r| r.stats()), ev);
+        match r {
+            Ok(_) => self.set_run(RunState::PostMigrate),
+            Err(e) if running => self.cont().and(Err(generic(e))),
+            Err(e) => Err(generic(e)),
+        }
+    }
+
+    /// `migrate-incoming` / `-incoming URI|defer` (at machine-done): waits in `inmigrate`,
+    /// or restores `uri`; the guest then runs if it ran when saved (unless `-S`).
+    pub(crate) fn migrate_incoming(&mut self, uri: &str) -> Result<(), CommandError> {
+        if self.migration.incoming.is_none() {
+            return Err(generic("'-incoming' was not specified on the command line"));
+        }
+        self.set_run(RunState::InMigrate)?;
+        if uri == "defer" {
+            return Ok(());
+        }
+        self.migration.set_status("active", &self.events);
+        let board = board_of(&mut self.board)?;
+        let r = keel_machine::migration::load(board, uri).map_err(|e| chain(&e));
+        let (m, ev) = (&mut self.migration, &self.events);
+        m.finish(r.as_ref().map(|_| None), ev);
+        let running = r.map_err(generic)?;
+        self.set_run(RunState::Paused)?;
+        let start = running && self.autostart;
+        start.then(|| self.cont()).transpose().map(drop)
     }
 
     pub(crate) fn enter_shutdown(&mut self, cause: ShutdownCause) {

@@ -222,13 +222,13 @@ impl VmmBuilder {
             memory_backend: None,
             shutdown_pause: false,
             reboot_shutdown: false,
-            migration_events: false,
             device_types: self.device_types,
             autostart: true,
             guest_exit: GuestExitPolicy::Shutdown,
             events: events.clone(),
             shutdown: shutdown.clone(),
             monitors: Vec::new(),
+            migration: Default::default(),
         };
         Vmm {
             inner: Arc::new(Inner {
@@ -414,6 +414,11 @@ impl Vmm {
     /// Sets the VM's UUID (`-uuid`), reported by `query-uuid`.
     pub fn set_uuid(&self, uuid: Option<String>) {
         self.core().uuid = uuid;
+    }
+
+    /// `-incoming URI` (or `defer`): machine-ready then waits in `inmigrate` for the stream.
+    pub fn set_incoming(&self, uri: Option<String>) {
+        self.core().migration.incoming = uri;
     }
 
     /// Whether entering machine-ready starts the vCPUs (`-S` turns it off).

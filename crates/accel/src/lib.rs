@@ -21,11 +21,16 @@ mod bus;
 mod exit;
 mod probe;
 mod regs;
+mod state;
 
 pub use bus::{Bus, BusDevice, BusError, BusRange, IoBuses, MmioAddress, PioAddress};
 pub use exit::{ExitAction, VcpuExit, handle_exit};
 pub use probe::AccelProbe;
 pub use regs::{CpuMode, CpuidLeaf, DescriptorTable, Regs, Segment, SpecialRegs};
+pub use state::{
+    IoapicState, PLATFORM_SECTION, PLATFORM_VERSION, PendingEvent, PicChipState, PitChannelState,
+    PlatformState, RunState, SAVED_MSRS, VCPU_SECTION, VCPU_VERSION, VcpuEvents, VcpuState,
+};
 
 use std::sync::Arc;
 
@@ -201,6 +206,24 @@ pub trait Vm: Send + Sync {
     fn reset(&self) -> Result<(), AccelError> {
         Ok(())
     }
+    /// Captures the platform devices this backend owns (8259 pair, 8254, IOAPIC) in their
+    /// backend-neutral form, for a snapshot; call with every vCPU stopped. The default has
+    /// none to save.
+    fn save_platform(&self) -> Result<PlatformState, AccelError> {
+        Ok(PlatformState::default())
+    }
+    /// Puts the platform devices in `state` (saved by this or another backend). A device
+    /// `state` has and this VM lacks is refused before anything changes; one this VM has
+    /// and `state` lacks keeps its current state. The default refuses any device.
+    fn restore_platform(&self, state: &PlatformState) -> Result<(), AccelError> {
+        if state.pic.is_some() || state.pit.is_some() || state.ioapic.is_some() {
+            return Err(AccelError::Unsupported {
+                accel: "this accelerator",
+                what: "restoring platform devices",
+            });
+        }
+        Ok(())
+    }
     /// Signals `fd` (adds 1 to it) when a vCPU writes at MMIO address `addr` in a way that
     /// `matches`, instead of returning a [`VcpuExit::MmioWrite`]: the write never leaves the
     /// backend, and a device's event loop waiting on `fd` does the work (KVM's
@@ -291,6 +314,25 @@ pub trait Vcpu: Send {
     fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<(), AccelError>;
     /// A handle other threads use to interrupt [`Vcpu::run`].
     fn kicker(&self) -> Arc<dyn Kick>;
+    /// Captures the whole vCPU (registers, FPU/SSE, MSRs, events, local APIC) in its
+    /// backend-neutral form, between two [`Vcpu::run`] calls. The default says the backend
+    /// cannot.
+    fn save_state(&self) -> Result<VcpuState, AccelError> {
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "saving vCPU state",
+        })
+    }
+    /// Puts the vCPU in `state`, which may come from another backend; the next
+    /// [`Vcpu::run`] continues where the saved vCPU stopped. The default says the backend
+    /// cannot.
+    fn restore_state(&mut self, state: &VcpuState) -> Result<(), AccelError> {
+        let _ = state;
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "restoring vCPU state",
+        })
+    }
     /// Puts the vCPU back into its power-on state (registers, FPU, MSRs, local APIC, and the
     /// wait-for-SIPI state of application processors), for `system_reset` and a triple fault
     /// without `-no-reboot`. The machine then reloads its boot state. A pending kick stays

@@ -125,6 +125,40 @@ impl AcpiGed {
     }
 }
 
+/// The GED's pending event selector, for a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiGedSnapshot {
+    /// Events the guest has not read yet.
+    pub selector: u32,
+}
+
+impl keel_snapshot::Persist for AcpiGedSnapshot {
+    fn encode(&self, e: &mut keel_snapshot::Enc) {
+        e.u32(self.selector);
+    }
+    fn decode(d: &mut keel_snapshot::Dec<'_>) -> Result<Self, keel_snapshot::DecodeError> {
+        Ok(Self {
+            selector: d.u32("ged selector")?,
+        })
+    }
+}
+
+impl keel_snapshot::Stateful for AcpiGed {
+    type State = AcpiGedSnapshot;
+    const SECTION: keel_snapshot::SectionId = keel_snapshot::SectionId(*b"GED0");
+    const VERSION: u32 = 1;
+
+    fn save_state(&self) -> AcpiGedSnapshot {
+        AcpiGedSnapshot {
+            selector: self.selector.load(Ordering::SeqCst),
+        }
+    }
+
+    fn restore_state(&self, st: &AcpiGedSnapshot) {
+        self.selector.store(st.selector, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,6 +79,8 @@ pub struct AcpiPm {
     events: Arc<dyn SystemEvents>,
     sci: Option<Arc<dyn IrqLine>>,
     start: Instant,
+    /// Nanoseconds added to the time since `start` (a restored timer continues its count).
+    skew: std::sync::atomic::AtomicU64,
     regs: Mutex<Regs>,
 }
 
@@ -98,13 +100,14 @@ impl AcpiPm {
             events,
             sci,
             start: Instant::now(),
+            skew: std::sync::atomic::AtomicU64::new(0),
             regs: Mutex::new(Regs::default()),
         }
     }
 
     /// The PM timer's 24-bit count: ticks of [`PM_TIMER_HZ`] since the device was created.
     pub fn timer(&self) -> u32 {
-        let ns = self.start.elapsed().as_nanos();
+        let ns = self.elapsed_ns();
         // 128-bit arithmetic: no overflow for any realistic uptime.
         let ticks = ns * u128::from(PM_TIMER_HZ) / 1_000_000_000;
         (ticks & 0x00ff_ffff) as u32
@@ -232,6 +235,80 @@ impl BusDevice for AcpiPm {
             }
         }
         self.update_sci(&mut r);
+    }
+}
+
+impl AcpiPm {
+    fn elapsed_ns(&self) -> u128 {
+        self.start.elapsed().as_nanos()
+            + u128::from(self.skew.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// The PM registers and the timer's running time, for a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiPmSnapshot {
+    /// PM1a status.
+    pub sts: u16,
+    /// PM1a enable.
+    pub en: u16,
+    /// PM1a control.
+    pub cnt: u16,
+    /// Nanoseconds the PM timer had counted.
+    pub timer_ns: u64,
+}
+
+impl keel_snapshot::Persist for AcpiPmSnapshot {
+    fn encode(&self, e: &mut keel_snapshot::Enc) {
+        e.u16(self.sts)
+            .u16(self.en)
+            .u16(self.cnt)
+            .u64(self.timer_ns);
+    }
+    fn decode(d: &mut keel_snapshot::Dec<'_>) -> Result<Self, keel_snapshot::DecodeError> {
+        Ok(Self {
+            sts: d.u16("pm1 status")?,
+            en: d.u16("pm1 enable")?,
+            cnt: d.u16("pm1 control")?,
+            timer_ns: d.u64("pm timer")?,
+        })
+    }
+}
+
+impl keel_snapshot::Stateful for AcpiPm {
+    type State = AcpiPmSnapshot;
+    const SECTION: keel_snapshot::SectionId = keel_snapshot::SectionId(*b"APM0");
+    const VERSION: u32 = 1;
+
+    fn save_state(&self) -> AcpiPmSnapshot {
+        let r = lock(&self.regs);
+        AcpiPmSnapshot {
+            sts: r.sts,
+            en: r.en,
+            cnt: r.cnt,
+            timer_ns: u64::try_from(self.elapsed_ns()).unwrap_or(u64::MAX),
+        }
+    }
+
+    fn restore_state(&self, st: &AcpiPmSnapshot) {
+        let here = self.start.elapsed().as_nanos();
+        let skew = u128::from(st.timer_ns).saturating_sub(here);
+        self.skew.store(
+            u64::try_from(skew).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let mut r = lock(&self.regs);
+        r.sts = st.sts;
+        r.en = st.en;
+        r.cnt = st.cnt;
+        let ticks = u128::from(st.timer_ns) * u128::from(PM_TIMER_HZ) / 1_000_000_000;
+        r.last_msb = ticks & (1 << 23) != 0;
+        let level = r.sts & r.en != 0;
+        r.sci = level;
+        drop(r);
+        if let Some(sci) = &self.sci {
+            sci.set_level(level);
+        }
     }
 }
 

@@ -292,6 +292,97 @@ impl I8042 {
     }
 }
 
+/// The controller's registers and output buffer, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct I8042Snapshot {
+    /// Status register.
+    pub status: u8,
+    /// Controller configuration byte.
+    pub ctr: u8,
+    /// Output port.
+    pub outport: u8,
+    /// The command waiting for its data byte (0 none, 1-5 as the controller's commands).
+    pub pending: u8,
+    /// Bytes waiting for the guest.
+    pub outbuf: Vec<u8>,
+    /// The last byte read.
+    pub last: u8,
+}
+
+impl keel_snapshot::Persist for I8042Snapshot {
+    fn encode(&self, e: &mut keel_snapshot::Enc) {
+        e.u8(self.status)
+            .u8(self.ctr)
+            .u8(self.outport)
+            .u8(self.pending)
+            .bytes(&self.outbuf)
+            .u8(self.last);
+    }
+    fn decode(d: &mut keel_snapshot::Dec<'_>) -> Result<Self, keel_snapshot::DecodeError> {
+        let s = Self {
+            status: d.u8("i8042 status")?,
+            ctr: d.u8("i8042 ctr")?,
+            outport: d.u8("i8042 outport")?,
+            pending: d.u8("i8042 pending")?,
+            outbuf: d.bytes("i8042 buffer")?.to_vec(),
+            last: d.u8("i8042 last")?,
+        };
+        if s.pending > 5 || s.outbuf.len() > OUTBUF_LIMIT {
+            return Err(keel_snapshot::DecodeError::Invalid {
+                field: "i8042",
+                reason: format!(
+                    "pending command {} or {} buffered bytes",
+                    s.pending,
+                    s.outbuf.len()
+                ),
+            });
+        }
+        Ok(s)
+    }
+}
+
+impl keel_snapshot::Stateful for I8042 {
+    type State = I8042Snapshot;
+    const SECTION: keel_snapshot::SectionId = keel_snapshot::SectionId(*b"KBC0");
+    const VERSION: u32 = 1;
+
+    fn save_state(&self) -> I8042Snapshot {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        I8042Snapshot {
+            status: s.status,
+            ctr: s.ctr,
+            outport: s.outport,
+            pending: match s.pending {
+                Pending::None => 0,
+                Pending::WriteCtr => 1,
+                Pending::WriteOutport => 2,
+                Pending::WriteKbdOutbuf => 3,
+                Pending::AuxByte => 4,
+                Pending::AuxLoop => 5,
+            },
+            outbuf: s.outbuf.iter().copied().collect(),
+            last: s.last,
+        }
+    }
+
+    fn restore_state(&self, st: &I8042Snapshot) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.status = st.status;
+        s.ctr = st.ctr;
+        s.outport = st.outport;
+        s.pending = match st.pending {
+            1 => Pending::WriteCtr,
+            2 => Pending::WriteOutport,
+            3 => Pending::WriteKbdOutbuf,
+            4 => Pending::AuxByte,
+            5 => Pending::AuxLoop,
+            _ => Pending::None,
+        };
+        s.outbuf = st.outbuf.iter().copied().collect();
+        s.last = st.last;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

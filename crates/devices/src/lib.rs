@@ -24,19 +24,19 @@ mod rtc;
 mod serial;
 
 pub use acpi_ged::{
-    AcpiGed, GED_EVENT_POWER_BUTTON, GED_EVENT_SELECTOR_OFFSET, GED_MMIO_LEN, GED_REGS_OFFSET,
-    GED_RESET, GED_RESET_VALUE, GED_SLEEP_CTL, GED_SLEEP_STS, SLP_TYP_S5,
+    AcpiGed, AcpiGedSnapshot, GED_EVENT_POWER_BUTTON, GED_EVENT_SELECTOR_OFFSET, GED_MMIO_LEN,
+    GED_REGS_OFFSET, GED_RESET, GED_RESET_VALUE, GED_SLEEP_CTL, GED_SLEEP_STS, SLP_TYP_S5,
 };
 pub use acpi_pm::{
-    ACPI_PM_LEN, AcpiPm, PM_SLP_TYP_S5, PM_TIMER_HZ, PM_TMR_LEN, PM_TMR_OFFSET, PM1_CNT_LEN,
-    PM1_CNT_OFFSET, PM1_EVT_LEN, PM1_EVT_OFFSET, PM1_PWRBTN, PM1_TMR,
+    ACPI_PM_LEN, AcpiPm, AcpiPmSnapshot, PM_SLP_TYP_S5, PM_TIMER_HZ, PM_TMR_LEN, PM_TMR_OFFSET,
+    PM1_CNT_LEN, PM1_CNT_OFFSET, PM1_EVT_LEN, PM1_EVT_OFFSET, PM1_PWRBTN, PM1_TMR,
 };
 pub use debug_exit::{DebugExit, DebugExitConfig, DebugExitError};
-pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port};
-pub use rtc::{CmosMemoryLayout, Rtc, RtcDateTime};
+pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, I8042Snapshot};
+pub use rtc::{CmosMemoryLayout, Rtc, RtcDateTime, RtcSnapshot};
 pub use serial::{
     CAPTURE_LIMIT, Capture, IrqTrigger, Serial, SerialConfig, SerialError, SerialInputSignal,
-    SerialOutput, SharedWriter, spawn_input_thread,
+    SerialOutput, SerialSnapshot, SharedWriter, spawn_input_thread,
 };
 
 /// The qdev types of this crate's devices, for a machine to register in one line:

@@ -586,6 +586,88 @@ impl Rtc {
     }
 }
 
+/// The RTC's CMOS and clock, for a snapshot. The guest's time is kept as its offset from
+/// the host's wall clock, so a restored guest's clock shows the real time again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RtcSnapshot {
+    /// Selected CMOS index.
+    pub index: u8,
+    /// The 128 CMOS bytes (registers A-D included).
+    pub cmos: Vec<u8>,
+    /// Guest time minus host time, nanoseconds.
+    pub offset: i128,
+    /// The clock frozen by register B's SET bit, seconds.
+    pub frozen: Option<i64>,
+    /// Register C.
+    pub c: u8,
+}
+
+impl keel_snapshot::Persist for RtcSnapshot {
+    fn encode(&self, e: &mut keel_snapshot::Enc) {
+        e.u8(self.index)
+            .bytes(&self.cmos)
+            .u128(self.offset as u128)
+            .bool(self.frozen.is_some())
+            .u64(self.frozen.unwrap_or(0) as u64)
+            .u8(self.c);
+    }
+    fn decode(d: &mut keel_snapshot::Dec<'_>) -> Result<Self, keel_snapshot::DecodeError> {
+        let index = d.u8("rtc index")?;
+        let cmos = d.bytes("rtc cmos")?.to_vec();
+        if cmos.len() != 128 {
+            return Err(keel_snapshot::DecodeError::Invalid {
+                field: "rtc cmos",
+                reason: format!("{} bytes instead of 128", cmos.len()),
+            });
+        }
+        let offset = d.u128("rtc offset")? as i128;
+        let has = d.bool("rtc frozen")?;
+        let frozen = d.u64("rtc frozen")? as i64;
+        Ok(Self {
+            index,
+            cmos,
+            offset,
+            frozen: has.then_some(frozen),
+            c: d.u8("rtc register c")?,
+        })
+    }
+}
+
+impl keel_snapshot::Stateful for Rtc {
+    type State = RtcSnapshot;
+    const SECTION: keel_snapshot::SectionId = keel_snapshot::SectionId(*b"RTC0");
+    const VERSION: u32 = 1;
+
+    fn save_state(&self) -> RtcSnapshot {
+        let s = lock(&self.inner.state);
+        RtcSnapshot {
+            index: s.index,
+            cmos: s.cmos.to_vec(),
+            offset: s.offset,
+            frozen: s.frozen,
+            c: s.c,
+        }
+    }
+
+    fn restore_state(&self, st: &RtcSnapshot) {
+        let inner = &self.inner;
+        let mut s = lock(&inner.state);
+        s.index = st.index & 0x7f;
+        s.cmos.copy_from_slice(&st.cmos);
+        s.offset = st.offset;
+        s.frozen = st.frozen;
+        s.c = st.c;
+        let now = (inner.clock)();
+        s.last_tick_second = inner.guest_nanos(&s).div_euclid(NANOS) as i64;
+        s.pf_next = periodic_nanos(s.cmos[usize::from(REG_A)]).map(|p| now + p);
+        let high = s.c & 0x80 != 0;
+        inner.set_irq(&mut s, high);
+        inner.ensure_thread(&mut s);
+        drop(s);
+        inner.cv.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -473,6 +473,97 @@ impl SerialConfig {
     }
 }
 
+/// The 8250's registers and receive FIFO, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialSnapshot {
+    /// Divisor latch, IER, IIR, LCR, LSR, MCR, MSR, scratch (vm-superio's order).
+    pub regs: [u8; 9],
+    /// Bytes received and not read yet.
+    pub fifo: Vec<u8>,
+    /// FCR bit 0.
+    pub fifo_enabled: bool,
+}
+
+impl keel_snapshot::Persist for SerialSnapshot {
+    fn encode(&self, e: &mut keel_snapshot::Enc) {
+        e.fixed(&self.regs)
+            .bytes(&self.fifo)
+            .bool(self.fifo_enabled);
+    }
+    fn decode(d: &mut keel_snapshot::Dec<'_>) -> Result<Self, keel_snapshot::DecodeError> {
+        let regs = d.fixed::<9>("uart registers")?;
+        let fifo = d.bytes("uart fifo")?.to_vec();
+        if fifo.len() > 64 {
+            return Err(keel_snapshot::DecodeError::Invalid {
+                field: "uart fifo",
+                reason: format!("{} bytes, the FIFO holds 64", fifo.len()),
+            });
+        }
+        Ok(Self {
+            regs,
+            fifo,
+            fifo_enabled: d.bool("uart fifo enabled")?,
+        })
+    }
+}
+
+impl keel_snapshot::Stateful for Serial {
+    type State = SerialSnapshot;
+    const SECTION: keel_snapshot::SectionId = keel_snapshot::SectionId(*b"UART");
+    const VERSION: u32 = 1;
+
+    fn save_state(&self) -> SerialSnapshot {
+        let inner = lock(&self.inner);
+        let s = inner.uart.state();
+        SerialSnapshot {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
+            fifo_enabled: inner.fifo_enabled,
+        }
+    }
+
+    fn restore_state(&self, st: &SerialSnapshot) {
+        let r = st.regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: st.fifo.clone(),
+        };
+        let mut inner = lock(&self.inner);
+        let placeholder = power_on_uart(&self.irq, &self.signal, Box::new(io::sink()));
+        let old = std::mem::replace(&mut inner.uart, placeholder);
+        let out = old.into_writer();
+        inner.uart = match vm_superio::Serial::from_state(
+            &state,
+            IrqTrigger(self.irq.clone()),
+            InputEvents(self.signal.clone()),
+            out,
+        ) {
+            Ok(u) => u,
+            // Refused only for an over-full FIFO, which decoding already rejects.
+            Err(_) => power_on_uart(&self.irq, &self.signal, Box::new(io::sink())),
+        };
+        inner.fifo_enabled = st.fifo_enabled;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

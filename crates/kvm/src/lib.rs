@@ -78,6 +78,7 @@ mod kick;
 mod pit;
 mod probe;
 mod regs;
+mod snapshot;
 mod vcpu;
 mod vm;
 

@@ -695,6 +695,17 @@ impl Vcpu for KvmVcpu {
         self.kick.clone()
     }
 
+    fn save_state(&self) -> Result<keel_accel::VcpuState, AccelError> {
+        crate::snapshot::save_vcpu(&self.fd, self.index, self.initial.lapic.is_some())
+    }
+
+    /// A pending `in`/MMIO load or string I/O is dropped (a saved vCPU has none).
+    fn restore_state(&mut self, state: &keel_accel::VcpuState) -> Result<(), AccelError> {
+        self.pending_read = None;
+        self.repeat = None;
+        crate::snapshot::restore_vcpu(&self.fd, self.index, self.initial.lapic.is_some(), state)
+    }
+
     /// Restores the state captured right after creation (x86 reset state plus Keel's MSR,
     /// LAPIC and FPU setup; CPUID is unchanged). A pending `in`/MMIO load or string I/O is
     /// dropped; a pending kick stays pending.

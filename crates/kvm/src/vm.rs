@@ -266,6 +266,14 @@ impl KvmVm {
 }
 
 impl Vm for KvmVm {
+    fn save_platform(&self) -> Result<keel_accel::PlatformState, AccelError> {
+        crate::snapshot::save_platform(&self.vm, self.irqchip, &self.pit)
+    }
+
+    fn restore_platform(&self, state: &keel_accel::PlatformState) -> Result<(), AccelError> {
+        crate::snapshot::restore_platform(&self.vm, self.irqchip, &self.pit, self.req.pit, state)
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, AccelError> {
         Ok(Box::new(self.create_kvm_vcpu(index)?))
     }

@@ -26,6 +26,23 @@ pub struct BlockBackend {
 }
 
 impl BlockBackend {
+    /// The backend of QMP `blockdev-add`: only `driver=file` (a raw image).
+    pub fn from_blockdev(
+        driver: &str,
+        filename: PathBuf,
+        read_only: Option<bool>,
+    ) -> Result<Self, BackendError> {
+        if driver != "file" {
+            return Err(BackendError::Invalid(format!(
+                "blockdev driver '{driver}' is not supported (use driver=file with a raw image)"
+            )));
+        }
+        Ok(Self {
+            filename,
+            read_only: read_only.unwrap_or(false),
+        })
+    }
+
     /// The node as `query-named-block-nodes` and `query-block` show it (QEMU's
     /// `BlockDeviceInfo`). Keel opens images with the host page cache and keeps no I/O
     /// throttling, so the cache flags and limits are constants.
@@ -48,6 +65,34 @@ impl BlockBackend {
 pub struct NetBackend {
     /// Host tap interface name.
     pub ifname: String,
+}
+
+impl NetBackend {
+    /// The backend of QMP `netdev_add`: `type=tap` with `ifname`; `script` and
+    /// `downscript` may only be `no` (Keel runs no network scripts).
+    pub fn from_netdev(
+        kind: &str,
+        scripts: [Option<&str>; 2],
+        ifname: Option<String>,
+    ) -> Result<Self, BackendError> {
+        let bad = |m: String| Err(BackendError::Invalid(m));
+        if kind != "tap" {
+            return bad(format!(
+                "netdev type '{kind}' is not supported (use type=tap)"
+            ));
+        }
+        for (k, v) in ["script", "downscript"].into_iter().zip(scripts) {
+            if v.is_some_and(|v| v != "no") {
+                return bad(format!(
+                    "Parameter '{k}' must be 'no': Keel does not run network scripts"
+                ));
+            }
+        }
+        match ifname {
+            Some(ifname) => Ok(Self { ifname }),
+            None => bad("Parameter 'ifname' is missing (name the host tap interface)".into()),
+        }
+    }
 }
 
 /// A character backend (`-chardev file|null,...` / `chardev-add`).

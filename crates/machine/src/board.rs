@@ -55,6 +55,9 @@ pub enum BoardError {
     /// Building or driving the machine model failed.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// A snapshot could not be written, or a stream was refused (its own words).
+    #[error(transparent)]
+    Snapshot(#[from] keel_snapshot::SnapshotError),
     /// The device model refused (onboard devices, buses); the message already carries the
     /// causes, so it is not repeated as a source.
     #[error("{}", .0.qmp_desc())]
@@ -338,6 +341,28 @@ pub trait Board: Send {
     }
     /// Stops the vCPU threads for good (the process is ending).
     fn shutdown(&mut self) {}
+    /// Writes the whole machine to `out` in Keel's snapshot stream (`migrate`); the vCPUs
+    /// must be paused. `running` is the run state to record (the restored machine resumes
+    /// only if it was running). The default says the machine cannot be saved.
+    fn save_snapshot(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        running: bool,
+    ) -> Result<keel_snapshot::RamStats, BoardError> {
+        let _ = (out, running);
+        Err(BoardError::Invalid(
+            "this machine type cannot be saved (microvm can)".to_string(),
+        ))
+    }
+    /// Restores a parsed stream into this machine (created with the same shape, vCPUs not
+    /// running); everything is checked before anything changes. Returns whether the guest
+    /// was running when saved. The default says the machine cannot be restored.
+    fn restore_snapshot(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        let _ = snap;
+        Err(BoardError::Invalid(
+            "this machine type cannot be restored (microvm can)".to_string(),
+        ))
+    }
 }
 
 /// QEMU's `none` machine: no RAM, no vCPUs, no buses. It lets every lifecycle step run

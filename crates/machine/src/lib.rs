@@ -58,6 +58,7 @@ pub mod factory;
 pub mod layout;
 mod microvm;
 mod microvm_board;
+pub mod migration;
 pub mod pc;
 pub mod pc_acpi;
 mod pc_board;

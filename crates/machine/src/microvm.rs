@@ -23,6 +23,8 @@ use crate::layout::{self, ACPI_PM_BASE, GED_MMIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_
 use crate::runner::{self, CpuInfo, Hub, MachineEvents, Shared};
 use keel_phase::Phase;
 
+pub(crate) mod snapshot;
+
 /// The machine type name.
 pub const MACHINE_NAME: &str = "microvm";
 

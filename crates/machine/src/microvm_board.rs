@@ -800,7 +800,82 @@ impl Board for MicrovmBoard {
     fn shutdown(&mut self) {
         self.lock().shutdown();
     }
+
+    fn save_snapshot(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        running: bool,
+    ) -> Result<keel_snapshot::RamStats, BoardError> {
+        let mut extra = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Some(t) = slot.get() {
+                // In-flight requests complete before the state is read.
+                t.quiesce();
+                extra.push((
+                    VIRTIO_SECTION,
+                    i as u32,
+                    VIRTIO_VERSION,
+                    keel_snapshot::Persist::to_payload(&t.save_transport()),
+                ));
+            }
+        }
+        Ok(self.lock().save_snapshot(out, running, &extra)?)
+    }
+
+    fn restore_snapshot(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        let mut virtio = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            let saved = snap.payload(VIRTIO_SECTION, i as u32, VIRTIO_VERSION)?;
+            match (slot.get(), saved) {
+                (Some(t), Some((_, p))) => {
+                    let s =
+                        <keel_virtio::TransportSnapshot as keel_snapshot::Persist>::from_payload(p)
+                            .map_err(|source| keel_snapshot::SnapshotError::Section {
+                                section: format!("{VIRTIO_SECTION} #{i}"),
+                                source,
+                            })?;
+                    t.check_transport(&s).map_err(|reason| {
+                        keel_snapshot::SnapshotError::ShapeMismatch {
+                            what: "virtio device",
+                            saved: format!("in {}: {reason}", virtio_bus_name(i)),
+                            here: "another device (give the same -device options)".into(),
+                        }
+                    })?;
+                    virtio.push((t, s));
+                }
+                (None, None) => {}
+                (here, _) => {
+                    return Err(keel_snapshot::SnapshotError::ShapeMismatch {
+                        what: "virtio device",
+                        saved: format!(
+                            "{} in {}",
+                            if here.is_some() { "none" } else { "one" },
+                            virtio_bus_name(i)
+                        ),
+                        here: (if here.is_some() { "one" } else { "none" }).to_string(),
+                    }
+                    .into());
+                }
+            }
+        }
+        let running = {
+            let mut m = self.lock();
+            m.pause();
+            let r = m.check_snapshot(snap, &[VIRTIO_SECTION])?;
+            let running = r.machine.running;
+            m.apply_snapshot(snap, r)?;
+            running
+        };
+        for (t, s) in virtio {
+            t.restore_transport(&s);
+        }
+        Ok(running)
+    }
 }
+
+/// Section of a virtio-mmio transport (instance = window index).
+const VIRTIO_SECTION: keel_snapshot::SectionId = keel_snapshot::SectionId(*b"VIRT");
+const VIRTIO_VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests {

@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     epoch: AtomicU64,
     /// Each vCPU's registers, read by its own thread each time it parks (`info registers`).
     registers: Mutex<Vec<Option<(Regs, SpecialRegs)>>>,
+    /// Snapshot requests to parked vCPU threads and their answers (`crate::snapshot`).
+    pub(crate) states: Mutex<Vec<crate::microvm::snapshot::StateSlot>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,6 +119,11 @@ impl Shared {
             boot: Mutex::new(vec![None; cpus as usize]),
             epoch: AtomicU64::new(0),
             registers: Mutex::new(vec![None; cpus as usize]),
+            states: Mutex::new(
+                (0..cpus)
+                    .map(|_| crate::microvm::snapshot::StateSlot::Idle)
+                    .collect(),
+            ),
         })
     }
 
@@ -215,6 +222,49 @@ impl Shared {
             return None;
         }
         lock(&self.registers).get(index as usize).copied().flatten()
+    }
+
+    /// Runs `ops[i]` on vCPU `i`'s own thread while every vCPU is parked, and waits for
+    /// the answers; an error if the vCPUs are not all parked (paused or held).
+    pub(crate) fn vcpu_states(
+        &self,
+        ops: Vec<crate::microvm::snapshot::StateOp>,
+    ) -> Result<Vec<Option<Box<keel_accel::VcpuState>>>, String> {
+        let mut c = lock(&self.ctl);
+        if !(c.user_paused || c.held) || c.parked < c.alive {
+            return Err("the vCPUs are running: stop the machine first".to_string());
+        }
+        if (c.alive as usize) < ops.len() {
+            return Err("a vCPU thread has ended".to_string());
+        }
+        {
+            let mut st = lock(&self.states);
+            for (slot, op) in st.iter_mut().zip(ops) {
+                *slot = crate::microvm::snapshot::StateSlot::Asked(op);
+            }
+        }
+        self.cv.notify_all();
+        loop {
+            let done = lock(&self.states)
+                .iter()
+                .all(|s| !matches!(s, crate::microvm::snapshot::StateSlot::Asked(_)));
+            if done {
+                break;
+            }
+            c = match self.cv.wait_timeout(c, Duration::from_millis(50)) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        drop(c);
+        let mut out = Vec::new();
+        for slot in lock(&self.states).iter_mut() {
+            match std::mem::replace(slot, crate::microvm::snapshot::StateSlot::Idle) {
+                crate::microvm::snapshot::StateSlot::Done(r) => out.push(r?),
+                _ => out.push(None),
+            }
+        }
+        Ok(out)
     }
 
     pub(crate) fn cpu_info(&self) -> Vec<CpuInfo> {
@@ -333,6 +383,17 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
         *t = Some(current_tid());
     }
     let mut applied_gen = None;
+    // The first entry state is applied at once rather than at the first run, so that a
+    // machine saved before it ever ran (`-S`, then `migrate`) saves the state it starts in.
+    if let Some(st) = lock(&shared.boot).get(index as usize).copied().flatten() {
+        match vcpu
+            .set_sregs(&st.sregs)
+            .and_then(|()| vcpu.set_regs(&st.regs))
+        {
+            Ok(()) => applied_gen = Some(lock(&shared.ctl).boot_gen),
+            Err(e) => hub.vcpu_error(index, &e),
+        }
+    }
     let mut halt_backoff = HALT_BACKOFF_MIN;
     // Fast path: the control state changes rarely, so a vCPU takes the control lock only when
     // the epoch moved since it last looked (one atomic load per exit otherwise).
@@ -350,6 +411,11 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
                 }
                 if !c.user_paused && !c.held {
                     break;
+                }
+                if crate::microvm::snapshot::serve(vcpu, &shared.states) {
+                    // The restored vCPU continues where it was saved: no boot state.
+                    applied_gen = Some(c.boot_gen);
+                    shared.cv.notify_all();
                 }
                 let snapshot = vcpu.regs().and_then(|r| vcpu.sregs().map(|s| (r, s))).ok();
                 if let Some(slot) = lock(&shared.registers).get_mut(index as usize) {

@@ -104,6 +104,12 @@ pub enum RunState {
     Restore,
     /// Waiting for `system_wakeup`.
     Suspended,
+    /// Waiting for an incoming migration (`-incoming`).
+    #[serde(rename = "inmigrate")]
+    InMigrate,
+    /// A migration to elsewhere completed; the guest stays stopped here.
+    #[serde(rename = "postmigrate")]
+    PostMigrate,
 }
 
 impl RunState {
@@ -118,6 +124,8 @@ impl RunState {
             RunState::InternalError => "internal-error",
             RunState::Restore => "restore-vm",
             RunState::Suspended => "suspended",
+            RunState::InMigrate => "inmigrate",
+            RunState::PostMigrate => "postmigrate",
         }
     }
 

@@ -85,6 +85,8 @@ pub enum Action {
     Blockdev(BlockdevAdd),
     /// A human monitor (`-monitor stdio|unix:...|tcp:...`, `-mon mode=readline`).
     HmpMonitor(Endpoint),
+    /// `-incoming URI|defer`: the machine is restored from `URI` once it is ready.
+    Incoming(String),
     /// `netdev_add` (`-netdev`).
     Netdev(NetdevAdd),
     /// `chardev-add` (`-chardev file|null|stdio`; socket chardevs serve `-mon`).
@@ -188,6 +190,7 @@ Monitors (live from the moment they are read):
 Lifecycle:
   -enable-kvm                       same as -accel kvm
   -S                                stay paused (prelaunch) when ready
+  -incoming file:PATH|exec:CMD|defer restore a saved machine once it is ready
   -preconfig                        stop early and let QMP finish the machine
                                     (without -machine: wait in no-machine)
 Process:
@@ -288,6 +291,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "msg"
                 | "nic"
                 | "net"
+                | "incoming"
         );
         let value = if takes_value {
             let v = args
@@ -463,6 +467,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 ..BootSet::default()
             }),
             "serial" => Action::Serial(v.to_owned()),
+            "incoming" => Action::Incoming(v.to_owned()),
             // No default NIC is what Keel's machines have anyway.
             "nic" | "net" if v == "none" => Action::Nothing,
             "nic" | "net" => {

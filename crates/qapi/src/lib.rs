@@ -40,6 +40,7 @@ pub mod char;
 pub mod cli;
 pub mod cmdline;
 pub mod machine;
+pub mod migration;
 pub mod misc;
 pub mod net;
 pub mod pci;
@@ -115,6 +116,10 @@ macro_rules! for_each_command {
                 $crate::block::QueryBlockstats,
                 $crate::block::BlockdevDel,
                 $crate::pci::QueryPci,
+                $crate::migration::Migrate,
+                $crate::migration::MigrateIncoming,
+                $crate::migration::QueryMigrate,
+                $crate::migration::MigrateCancel,
             ],
             aliases: [$crate::machine::MachineDone => "x-exit-preconfig"],
             context_free: [$crate::misc::QueryYank, $crate::misc::Yank],
@@ -131,6 +136,7 @@ pub fn events() -> Vec<(&'static str, Option<Type>)> {
             Some(qdev::device_unplug_guest_error_data()),
         ),
         ("POWERDOWN", None),
+        ("MIGRATION", Some(migration::migration_event_data())),
         ("RESUME", None),
         ("STOP", None),
         (

@@ -478,8 +478,7 @@ no_args_command!(
 );
 
 no_args_command!(
-    /// `query-migrate-capabilities`: Keel does not migrate; it has only `events` (whether
-    /// MIGRATION events would be sent), which libvirt turns on for every domain.
+    /// `query-migrate-capabilities`: Keel's one capability, `events` (the `MIGRATION` event).
     QueryMigrateCapabilities, "query-migrate-capabilities", ANY, Vec<Value>,
     Some(Type::array(Type::object("MigrationCapabilityStatus", vec![
         req("capability", Type::str()),
@@ -496,8 +495,9 @@ pub struct MigrationCapabilityStatus {
     pub state: bool,
 }
 
-/// `migrate-set-capabilities`: `events` is the one capability Keel has; any other is
-/// refused as QEMU refuses an unknown one.
+/// `migrate-set-capabilities`: `events` turns the `MIGRATION` event on or off; any other
+/// capability is refused as QEMU refuses an unknown one (see
+/// [`crate::migration::MigrationTracker::set_capabilities`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MigrateSetCapabilities {
     /// The capabilities.

@@ -60,6 +60,8 @@ use crate::platform::{Clock, MonotonicClock, Wakeup};
 use crate::regs::dr;
 use crate::time::{guest_tsc_khz, host_tsc};
 
+mod snapshot;
+
 const NAME: &str = "tcg";
 
 /// The most vCPUs a VM may have (APIC IDs are the vCPU indices; xAPIC flat logical mode
@@ -664,6 +666,14 @@ impl Vm for TcgVm {
 
     /// Machine reset: the PIT, the PIC pair and the IOAPIC go back to their power-on state
     /// (the local APICs are reset with their vCPUs).
+    fn save_platform(&self) -> Result<keel_accel::PlatformState, AccelError> {
+        Ok(self.save())
+    }
+
+    fn restore_platform(&self, state: &keel_accel::PlatformState) -> Result<(), AccelError> {
+        self.restore(state)
+    }
+
     fn reset(&self) -> Result<(), AccelError> {
         self.tsc_origin
             .store(0u64.wrapping_sub(host_tsc()), Ordering::Release);
@@ -1596,6 +1606,14 @@ impl Vcpu for TcgVcpu {
             self.wait_sipi = !l.is_bsp();
         }
         Ok(())
+    }
+
+    fn save_state(&self) -> Result<keel_accel::VcpuState, AccelError> {
+        self.save()
+    }
+
+    fn restore_state(&mut self, state: &keel_accel::VcpuState) -> Result<(), AccelError> {
+        self.restore(state)
     }
 
     fn kicker(&self) -> Arc<dyn Kick> {

@@ -20,6 +20,7 @@
 //! | builder | mode | what it checks | output predicted by |
 //! |---|---|---|---|
 //! | [`hello`] | 32/64 | the entry path, serial, isa-debug-exit | construction |
+//! | [`counter`] | 64 | counts and prints (integer and SSE state in every line): stopped, saved and restored by the snapshot tests | construction |
 //! | [`exit_with`] | 64 | an isa-debug-exit status other than 0 reaches the process | construction |
 //! | [`port_io`] | 64 | `in`/`out`, `rep outsb`, `insb` with DF both ways | construction |
 //! | [`timer`] | 64 | 8259 init, PIT mode 2 IRQ 0 in `hlt`, latch, read-back, port 0x61 | construction |
@@ -51,6 +52,7 @@
 #![deny(missing_docs)]
 
 mod asm;
+mod counter;
 mod elf;
 mod exc_classes;
 pub mod guests;
@@ -59,6 +61,7 @@ mod simd;
 pub mod strings;
 
 pub use asm::{hash_u32s, hash_u64s, layout};
+pub use counter::counter;
 pub use exc_classes::{
     debug_exceptions, debug_exceptions_without, legacy32, page_walk_faults,
     page_walk_faults_without,

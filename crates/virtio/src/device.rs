@@ -171,6 +171,16 @@ impl Interrupt {
         }
     }
 
+    /// Puts back a saved `InterruptStatus` and configuration generation, with the line
+    /// level they imply (a restored snapshot).
+    pub(crate) fn restore(&self, status: u32, config_generation: u32) {
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+        let mut st = self.lock();
+        st.status = status;
+        st.line.set_level(status != 0);
+    }
+
     /// Device reset: no pending interrupt, line low, error state cleared.
     pub(crate) fn reset(&self) {
         let mut st = self.lock();

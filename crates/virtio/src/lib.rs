@@ -87,7 +87,7 @@ mod worker;
 pub use block::{Block, BlockConfig, BlockProps, SECTOR_SIZE};
 pub use console::{Console, ConsoleInput, ConsolePortProps, INPUT_CAPACITY};
 pub use device::{Activation, Interrupt, MessageDelivery, VirtioDevice};
-pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook};
+pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook, TransportSnapshot};
 pub use net::{
     MAX_FRAME_LEN, NET_HDR_LEN, Net, NetBackend, NetConfig, NetProps, RxPoller, RxState,
 };

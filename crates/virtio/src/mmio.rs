@@ -17,6 +17,10 @@ use crate::{MMIO_MAGIC, MMIO_VENDOR_ID, MMIO_VERSION};
 /// way the event loop then calls [`MmioTransport::process_queue`].
 pub type QueueNotifyHook = Arc<dyn Fn(u16) + Send + Sync>;
 
+mod snapshot;
+
+pub use snapshot::TransportSnapshot;
+
 struct Regs {
     driver: DriverState,
     notify_hook: Option<QueueNotifyHook>,

@@ -303,7 +303,7 @@ impl TransportCore {
         }
         st.status = value;
         if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 && value & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            self.activate(st);
+            self.activate(st, None);
         }
         if new & VIRTIO_CONFIG_S_FAILED != 0 {
             log::info!("{name}: driver gave up on device type {}", self.device_type);
@@ -336,15 +336,18 @@ impl TransportCore {
         }
         st.status |= value;
         if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            self.activate(st);
+            self.activate(st, None);
         }
     }
 
-    fn activate(&self, st: &DriverState) {
+    /// Gives the device its queues (at `DRIVER_OK`, or for a restored snapshot with each
+    /// queue's saved `(next_avail, next_used)` in `indices`).
+    pub(crate) fn activate(&self, st: &DriverState, indices: Option<&[(u16, u16)]>) {
         let mut queues = Vec::with_capacity(st.queues.len());
         for (i, q) in st.queues.iter().enumerate() {
             let index = u16::try_from(i).unwrap_or(u16::MAX);
-            match self.build_queue(index, q) {
+            let at = indices.and_then(|x| x.get(i)).copied().unwrap_or((0, 0));
+            match self.build_queue(index, q, at) {
                 Ok(queue) => queues.push(queue),
                 Err(e) => {
                     log::warn!(
@@ -373,15 +376,15 @@ impl TransportCore {
         }
     }
 
-    fn build_queue(&self, index: u16, q: &QueueConfig) -> Result<Queue, Error> {
+    fn build_queue(&self, index: u16, q: &QueueConfig, at: (u16, u16)) -> Result<Queue, Error> {
         let invalid = |reason: String| Error::InvalidQueue { index, reason };
         if !q.ready {
             return Queue::new(q.max).map_err(|e| invalid(format!("max size {}: {e}", q.max)));
         }
         let state = QueueState {
             max_size: q.max,
-            next_avail: 0,
-            next_used: 0,
+            next_avail: at.0,
+            next_used: at.1,
             event_idx_enabled: false,
             size: q.size,
             ready: true,

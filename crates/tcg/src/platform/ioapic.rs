@@ -269,6 +269,31 @@ impl BusDevice for IoapicMmio {
     }
 }
 
+impl Ioapic {
+    /// The IOAPIC's registers for a snapshot.
+    pub fn save_state(&self) -> keel_accel::IoapicState {
+        let s = self.lock();
+        keel_accel::IoapicState {
+            id: s.id,
+            select: s.select,
+            rte: s.rte,
+            pins: s.pins,
+        }
+    }
+
+    /// Puts the IOAPIC in a saved state; pins that are asserted and unmasked are serviced.
+    pub fn restore_state(&self, st: &keel_accel::IoapicState) {
+        let mut s = self.lock();
+        s.id = st.id & 0xf;
+        s.select = st.select;
+        s.rte = st.rte;
+        s.pins = st.pins & ((1u32 << PINS) - 1);
+        for pin in 0..PINS {
+            self.service(&mut s, pin);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -579,6 +579,64 @@ impl BusDevice for PicPorts {
     }
 }
 
+impl Pic {
+    /// The pair's state for a snapshot (master, slave).
+    pub fn save_state(&self) -> [keel_accel::PicChipState; 2] {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let one = |c: &Chip| keel_accel::PicChipState {
+            irr: c.irr,
+            isr: c.isr,
+            imr: c.imr,
+            pins: c.pins,
+            elcr: c.elcr,
+            vector_base: c.vector_base,
+            highest: c.highest,
+            init_step: c.init_step,
+            ltim: c.ltim,
+            expect_icw4: c.expect_icw4,
+            single: c.single,
+            icw3: c.icw3,
+            auto_eoi: c.auto_eoi,
+            rotate_on_aeoi: c.rotate_on_aeoi,
+            special_fully_nested: c.special_fully_nested,
+            read_isr: c.read_isr,
+            poll: c.poll,
+            special_mask: c.special_mask,
+        };
+        [one(&s.chips[0]), one(&s.chips[1])]
+    }
+
+    /// Puts the pair in a saved state (from this backend or another) and recomputes INTR.
+    pub fn restore_state(&self, chips: &[keel_accel::PicChipState; 2]) {
+        self.with_state(|s| {
+            for (i, c) in chips.iter().enumerate() {
+                s.chips[i] = Chip {
+                    irr: c.irr,
+                    isr: c.isr,
+                    imr: c.imr,
+                    pins: c.pins,
+                    elcr: c.elcr & ELCR_WRITABLE[i],
+                    ltim: c.ltim,
+                    vector_base: c.vector_base & !7,
+                    highest: c.highest & 7,
+                    init_step: c.init_step.min(3),
+                    expect_icw4: c.expect_icw4,
+                    single: c.single,
+                    icw3: c.icw3,
+                    auto_eoi: c.auto_eoi,
+                    rotate_on_aeoi: c.rotate_on_aeoi,
+                    special_fully_nested: c.special_fully_nested,
+                    read_isr: c.read_isr,
+                    poll: c.poll,
+                    special_mask: c.special_mask,
+                    // ICW2 was written if the chip went past it.
+                    initialised: c.init_step != 1 && (c.vector_base != 0 || c.imr != 0),
+                };
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

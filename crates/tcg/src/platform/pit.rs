@@ -556,6 +556,80 @@ impl BusDevice for SpeakerPort {
     }
 }
 
+impl Pit {
+    /// The three counters and port 0x61 for a snapshot, with times relative to now.
+    ///
+    /// IRQ 0 edges that are due are signalled first (the vCPUs, which normally poll the
+    /// PIT, are stopped), so the interrupt controller's state, saved after this, holds them.
+    pub fn save_state(&self) -> ([keel_accel::PitChannelState; 3], u8) {
+        let now = self.clock.now_ns();
+        self.poll_at(now);
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let one = |c: &Channel| keel_accel::PitChannelState {
+            mode: c.mode(),
+            access: c.access,
+            bcd: c.bcd,
+            reload: u32::try_from(c.reload).unwrap_or(0x1_0000),
+            loaded: c.loaded,
+            elapsed_ns: match c.frozen {
+                Some(t) => ns_of(t),
+                None => now.saturating_sub(c.start_ns),
+            },
+            gate: c.gate,
+            latched_count: c.latched_count,
+            latched_status: c.latched_status,
+            read_hi: c.read_hi,
+            write_hi: c.write_hi,
+            write_lo: c.write_lo,
+        };
+        (
+            [
+                one(&s.channels[0]),
+                one(&s.channels[1]),
+                one(&s.channels[2]),
+            ],
+            s.port61,
+        )
+    }
+
+    /// Puts the counters in a saved state: each continues `elapsed_ns` into its count, as
+    /// if the time the machine spent saved had not passed; IRQ 0 edges already counted are
+    /// not signalled again.
+    pub fn restore_state(&self, chans: &[keel_accel::PitChannelState; 3], port61: u8) {
+        let now = self.clock.now_ns();
+        self.with_state(now, |s| {
+            for (ch, c) in s.channels.iter_mut().zip(chans.iter()) {
+                let ticks = ticks_at(c.elapsed_ns);
+                let mut n = Channel {
+                    mode_bits: c.mode & 7,
+                    access: c.access & 3,
+                    bcd: c.bcd,
+                    reload: u64::from(c.reload.clamp(1, 0x1_0000)),
+                    loaded: c.loaded,
+                    start_ns: now.saturating_sub(c.elapsed_ns),
+                    frozen: None,
+                    gate: c.gate,
+                    null_count: false,
+                    latched_count: c.latched_count,
+                    latched_status: c.latched_status,
+                    read_hi: c.read_hi,
+                    write_hi: c.write_hi,
+                    write_lo: c.write_lo,
+                    edges_done: 0,
+                };
+                if !c.gate && matches!(n.mode(), 0 | 2 | 3 | 4) && c.loaded {
+                    n.frozen = Some(ticks);
+                }
+                if c.loaded {
+                    n.edges_done = n.rising_edges(ticks);
+                }
+                *ch = n;
+            }
+            s.port61 = port61 & 0x0f;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::pic::Pic;

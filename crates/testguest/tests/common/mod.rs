@@ -51,6 +51,17 @@ pub struct DebugExit {
     hit: AtomicBool,
 }
 
+impl DebugExit {
+    /// The value written, once the guest wrote one.
+    pub fn value(&self) -> Option<u8> {
+        if self.hit.load(Ordering::SeqCst) {
+            Some(self.value.lock().unwrap().unwrap_or(0))
+        } else {
+            None
+        }
+    }
+}
+
 impl BusDevice for DebugExit {
     fn read(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);

@@ -1,0 +1,232 @@
+//! Where `migrate` writes and `-incoming` / `migrate-incoming` read a machine's snapshot
+//! stream: QEMU's URI forms `file:PATH` (QEMU 8.2's) and `exec:COMMAND` (a shell command
+//! whose standard input takes the stream, or whose standard output gives it), on any
+//! [`Board`] that can save and restore itself.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use keel_snapshot::Snapshot;
+
+use crate::board::{Board, BoardError};
+
+/// Errors of a migration; the text is what `query-migrate` and the command's error show.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrationError {
+    /// The URI has a form Keel does not serve.
+    #[error(
+        "Invalid migration URI '{0}': Keel saves to 'file:PATH' and 'exec:COMMAND' \
+         ('fd:' needs getfd, which Keel does not have yet)"
+    )]
+    Uri(String),
+    /// Opening, writing or reading the target failed.
+    #[error("{what} '{target}' failed: {source}")]
+    Io {
+        /// What was done.
+        what: &'static str,
+        /// The file or command.
+        target: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The exec command failed.
+    #[error("the migration command '{command}' exited with {status}")]
+    Command {
+        /// The command.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
+    /// The machine could not save, or refused the stream.
+    #[error(transparent)]
+    Board(#[from] BoardError),
+    /// The stream is unreadable.
+    #[error(transparent)]
+    Stream(#[from] keel_snapshot::SnapshotError),
+}
+
+/// An error and its sources, joined with ": " (how a migration's error is reported).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A migration target or source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationUri {
+    /// `file:PATH`.
+    File(PathBuf),
+    /// `exec:COMMAND`, run with `/bin/sh -c`.
+    Exec(String),
+}
+
+impl MigrationUri {
+    /// Reads QEMU's URI syntax.
+    pub fn parse(uri: &str) -> Result<Self, MigrationError> {
+        if let Some(p) = uri.strip_prefix("file:").filter(|p| !p.is_empty()) {
+            return Ok(Self::File(PathBuf::from(p)));
+        }
+        if let Some(c) = uri.strip_prefix("exec:").filter(|c| !c.is_empty()) {
+            return Ok(Self::Exec(c.to_string()));
+        }
+        Err(MigrationError::Uri(uri.to_string()))
+    }
+}
+
+/// What a completed save did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaveReport {
+    /// RAM pages written (the rest were zero).
+    pub pages_written: u64,
+    /// RAM pages of the machine.
+    pub pages_total: u64,
+    /// Bytes of the stream.
+    pub bytes: u64,
+    /// Milliseconds the save took (the guest was stopped all along).
+    pub millis: u64,
+}
+
+impl SaveReport {
+    /// `(pages written, pages of RAM, bytes, milliseconds)`, as `query-migrate` reports.
+    pub fn stats(&self) -> Option<(u64, u64, u64, u64)> {
+        Some((
+            self.pages_written,
+            self.pages_total,
+            self.bytes,
+            self.millis,
+        ))
+    }
+}
+
+struct Counting<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn io(what: &'static str, target: &str) -> impl FnOnce(std::io::Error) -> MigrationError {
+    let target = target.to_string();
+    move |source| MigrationError::Io {
+        what,
+        target,
+        source,
+    }
+}
+
+/// Saves `board` (its vCPUs paused) to `uri`; `running` is the run state to record.
+pub fn save(board: &mut dyn Board, uri: &str, running: bool) -> Result<SaveReport, MigrationError> {
+    let start = Instant::now();
+    let target = MigrationUri::parse(uri)?;
+    let (stats, bytes) = match &target {
+        MigrationUri::File(p) => {
+            let shown = p.display().to_string();
+            let f = std::fs::File::create(p).map_err(io("creating", &shown))?;
+            let mut w = Counting {
+                inner: std::io::BufWriter::with_capacity(1 << 20, f),
+                n: 0,
+            };
+            let stats = board.save_snapshot(&mut w, running)?;
+            w.flush().map_err(io("writing", &shown))?;
+            (stats, w.n)
+        }
+        MigrationUri::Exec(cmd) => {
+            let mut child = Command::new("/bin/sh")
+                .arg("-c")
+                .arg(cmd)
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(io("starting", cmd))?;
+            let stdin = child.stdin.take();
+            let result = match stdin {
+                Some(stdin) => {
+                    let mut w = Counting {
+                        inner: std::io::BufWriter::with_capacity(1 << 20, stdin),
+                        n: 0,
+                    };
+                    board
+                        .save_snapshot(&mut w, running)
+                        .map_err(MigrationError::from)
+                        .and_then(|s| {
+                            w.flush().map_err(io("writing to", cmd))?;
+                            Ok((s, w.n))
+                        })
+                }
+                None => Err(MigrationError::Uri(uri.to_string())),
+            };
+            let status = child.wait().map_err(io("waiting for", cmd))?;
+            let r = result?;
+            if !status.success() {
+                return Err(MigrationError::Command {
+                    command: cmd.clone(),
+                    status,
+                });
+            }
+            r
+        }
+    };
+    Ok(SaveReport {
+        pages_written: stats.pages_written,
+        pages_total: stats.pages_total,
+        bytes,
+        millis: start.elapsed().as_millis() as u64,
+    })
+}
+
+/// Reads the whole stream at `uri` and checks it (nothing is restored yet).
+pub fn read(uri: &str) -> Result<Snapshot, MigrationError> {
+    let data = match MigrationUri::parse(uri)? {
+        MigrationUri::File(p) => {
+            std::fs::read(&p).map_err(io("reading", &p.display().to_string()))?
+        }
+        MigrationUri::Exec(cmd) => {
+            let mut child = Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&cmd)
+                .stdout(Stdio::piped())
+                .spawn()
+                .map_err(io("starting", &cmd))?;
+            let mut data = Vec::new();
+            if let Some(mut out) = child.stdout.take() {
+                out.read_to_end(&mut data)
+                    .map_err(io("reading from", &cmd))?;
+            }
+            let status = child.wait().map_err(io("waiting for", &cmd))?;
+            if !status.success() {
+                return Err(MigrationError::Command {
+                    command: cmd,
+                    status,
+                });
+            }
+            data
+        }
+    };
+    Ok(Snapshot::parse(data)?)
+}
+
+/// Restores the stream at `uri` into `board` (same shape, vCPUs not running): the stream
+/// is read and checked whole, then the board checks every section before changing
+/// anything. Returns whether the guest was running when saved.
+pub fn load(board: &mut dyn Board, uri: &str) -> Result<bool, MigrationError> {
+    let snap = read(uri)?;
+    Ok(board.restore_snapshot(&snap)?)
+}

@@ -1,0 +1,469 @@
+//! Snapshots through QEMU's commands against the real binary: a guest that counts and
+//! prints (keel-testguest's `counter`, booted with `-kernel`) is stopped mid-run, saved with
+//! `migrate` to `file:`/`exec:`, and restored in a new process with `-incoming` (or
+//! `-incoming defer` + `migrate-incoming`) on the same or the other accelerator; its serial
+//! output before the save plus after the restore must be exactly an uninterrupted run's.
+//! Corrupted, truncated and other-shape streams are refused and change nothing. kvm cases
+//! skip with the reason printed without a usable `/dev/kvm` (or with `KEEL_TEST_NO_KVM`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use common::{TempDir, Vmm};
+use serde_json::{Value, json};
+
+/// Lines the guest prints (40 bytes each): long enough to be stopped in the middle.
+const COUNT: u32 = 40_000;
+
+fn kvm_usable() -> bool {
+    if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
+        eprintln!("skipping kvm: KEEL_TEST_NO_KVM is set");
+        return false;
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping kvm: /dev/kvm: {e}");
+            false
+        }
+    }
+}
+
+struct Guest {
+    dir: TempDir,
+    kernel: String,
+    want: String,
+}
+
+fn guest() -> Guest {
+    let dir = TempDir::new();
+    let g = keel_testguest::counter(COUNT).unwrap();
+    let kernel = dir.path("counter.elf");
+    std::fs::write(&kernel, g.pvh_elf()).unwrap();
+    Guest {
+        kernel: kernel.display().to_string(),
+        want: g.expected_serial.unwrap(),
+        dir,
+    }
+}
+
+/// The machine on both sides. microvm resolves some devices per accelerator (the RTC is
+/// off under kvm, and tcg gives one vCPU no IOAPIC, hence the ACPI PM block instead of the
+/// GED): across accelerators the machine must have the same devices, so they are pinned.
+const MACHINE: &str = "microvm,rtc=on,acpi=off";
+
+fn args<'a>(g: &'a Guest, accel: &'a str, serial: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "-machine",
+        MACHINE,
+        "-accel",
+        accel,
+        "-m",
+        "32",
+        "-kernel",
+        &g.kernel,
+        "-nodefaults",
+        "-serial",
+        serial,
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn wait_exit(v: &mut Vmm, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = v.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the guest did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read(p: &Path) -> String {
+    String::from_utf8(std::fs::read(p).unwrap_or_default()).unwrap()
+}
+
+/// Runs the guest under `accel`, stops it mid-run and saves it to `uri`; returns the
+/// serial output so far.
+fn save(g: &Guest, accel: &str, uri: &str) -> String {
+    let out = g.dir.path(&format!("before-{accel}"));
+    let serial = format!("file:{}", out.display());
+    let mut a = Vmm::start(&args(g, accel, &serial, &["-S"]));
+    let mut q = a.qmp();
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    assert_eq!(
+        q.ok("query-migrate-capabilities", Value::Null),
+        json!([{"capability": "events", "state": true}])
+    );
+    assert_eq!(q.ok("query-migrate", Value::Null), json!({}));
+    q.ok("cont", Value::Null);
+    // Wait until the guest printed something, then stop it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) < 4000 {
+        assert!(Instant::now() < deadline, "the guest printed nothing");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    q.ok("migrate", json!({"uri": uri}));
+    let info = q.ok("query-migrate", Value::Null);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(info["ram"]["normal"].as_u64().unwrap() > 0, "{info}");
+    assert!(
+        info["ram"]["duplicate"].as_u64().unwrap() > info["ram"]["normal"].as_u64().unwrap(),
+        "zero pages are not written: {info}"
+    );
+    assert_eq!(q.status(), "postmigrate");
+    let statuses: Vec<Value> = q
+        .events
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .map(|e| e["data"]["status"].clone())
+        .collect();
+    assert_eq!(
+        statuses,
+        [json!("setup"), json!("active"), json!("completed")]
+    );
+    assert!(q.events.iter().any(|e| e["event"] == "STOP"));
+    drop(q);
+    drop(a);
+    let before = read(&out);
+    assert!(
+        !before.is_empty() && before.len() < g.want.len(),
+        "the guest was not stopped mid-run ({} of {} bytes)",
+        before.len(),
+        g.want.len()
+    );
+    before
+}
+
+/// Restores `uri` under `accel` with `-incoming` and lets the guest finish.
+fn restore(g: &Guest, accel: &str, uri: &str) -> String {
+    let out = g.dir.path(&format!("after-{accel}"));
+    let serial = format!("file:{}", out.display());
+    let mut b = Vmm::start(&args(g, accel, &serial, &["-incoming", uri]));
+    let st = wait_exit(&mut b, Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1), "isa-debug-exit status (0 << 1) | 1");
+    read(&out)
+}
+
+fn cross(from: &str, to: &str) {
+    let g = guest();
+    let file = g.dir.path("snap");
+    let uri = format!("file:{}", file.display());
+    let before = save(&g, from, &uri);
+    let after = restore(&g, to, &uri);
+    assert!(
+        format!("{before}{after}") == g.want,
+        "{from} -> {to}: the output around the snapshot differs from an uninterrupted run \
+         ({} + {} bytes, want {})",
+        before.len(),
+        after.len(),
+        g.want.len()
+    );
+}
+
+#[test]
+fn tcg_to_tcg() {
+    cross("tcg", "tcg");
+}
+
+#[test]
+fn tcg_to_kvm() {
+    if kvm_usable() {
+        cross("tcg", "kvm");
+    }
+}
+
+#[test]
+fn kvm_to_tcg() {
+    if kvm_usable() {
+        cross("kvm", "tcg");
+    }
+}
+
+#[test]
+fn kvm_to_kvm() {
+    if kvm_usable() {
+        cross("kvm", "kvm");
+    }
+}
+
+/// `exec:` both ways (a shell pipeline writes and reads the stream), and `-incoming defer`
+/// with `migrate-incoming`: a corrupted, a truncated and a foreign-shape stream are refused
+/// with the reason, the machine stays in `inmigrate`, and the good stream then restores.
+#[test]
+fn exec_defer_and_bad_streams() {
+    let g = guest();
+    let file = g.dir.path("snap.gz");
+    let before = save(&g, "tcg", &format!("exec:gzip -c > {}", file.display()));
+    let raw = g.dir.path("snap");
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("gzip -dc {} > {}", file.display(), raw.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let good = std::fs::read(&raw).unwrap();
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x10;
+    let bad = g.dir.path("corrupt");
+    std::fs::write(&bad, &corrupt).unwrap();
+    let short = g.dir.path("short");
+    std::fs::write(&short, &good[..good.len() - 100]).unwrap();
+
+    // Another shape first: the same stream into a 64 MiB machine.
+    let out = g.dir.path("after-defer");
+    let serial = format!("file:{}", out.display());
+    let mut other = Vmm::start(&[
+        "-machine",
+        MACHINE,
+        "-accel",
+        "tcg",
+        "-m",
+        "64",
+        "-kernel",
+        &g.kernel,
+        "-nodefaults",
+        "-serial",
+        "null",
+        "-incoming",
+        "defer",
+    ]);
+    let mut q = other.qmp();
+    let e = q.err(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", raw.display())}),
+        "GenericError",
+    );
+    assert!(
+        e.contains("memory size 32 MiB, this machine has 64 MiB"),
+        "{e}"
+    );
+    drop(q);
+    drop(other);
+
+    let mut b = Vmm::start(&args(&g, "tcg", &serial, &["-incoming", "defer"]));
+    let mut q = b.qmp();
+    assert_eq!(q.status(), "inmigrate");
+    let e = q.err(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", bad.display())}),
+        "GenericError",
+    );
+    assert!(e.contains("checksum mismatch"), "{e}");
+    let e = q.err(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", short.display())}),
+        "GenericError",
+    );
+    assert!(e.contains("truncated"), "{e}");
+    assert_eq!(q.status(), "inmigrate");
+    assert_eq!(
+        q.ok("query-migrate", Value::Null)["status"],
+        "failed",
+        "a refused stream is a failed migration"
+    );
+    q.ok(
+        "migrate-incoming",
+        json!({"uri": format!("exec:gzip -dc {}", file.display())}),
+    );
+    let st = wait_exit(&mut b, Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1));
+    let after = read(&out);
+    assert!(format!("{before}{after}") == g.want, "exec/defer restore");
+}
+
+/// A guest saved while paused stays paused after the restore; `cont` runs it to the end.
+#[test]
+fn paused_at_save_is_paused_after_restore() {
+    let g = guest();
+    let out = g.dir.path("before");
+    let serial = format!("file:{}", out.display());
+    let file = g.dir.path("snap");
+    let uri = format!("file:{}", file.display());
+    let mut a = Vmm::start(&args(&g, "tcg", &serial, &["-S"]));
+    let mut q = a.qmp();
+    q.ok("migrate", json!({"uri": uri}));
+    assert_eq!(q.status(), "postmigrate");
+    // As QEMU 7.2: a machine left in postmigrate is not saved again.
+    let e = q.err("migrate", json!({"uri": uri}), "GenericError");
+    assert_eq!(
+        e,
+        "Can't migrate the vm that was paused due to previous migration"
+    );
+    drop(q);
+    drop(a);
+    let out2 = g.dir.path("after");
+    let serial2 = format!("file:{}", out2.display());
+    let mut b = Vmm::start(&args(&g, "tcg", &serial2, &["-incoming", &uri]));
+    let mut q = b.qmp();
+    assert_eq!(q.status(), "paused");
+    q.ok("cont", Value::Null);
+    let st = wait_exit(&mut b, Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1));
+    assert!(read(&out2) == g.want);
+}
+
+/// The Debian guest (`scripts/build-guest.sh`) under tcg, saved at its shell after it wrote
+/// to its virtio disk, and restored: the restored shell answers, and the guest reads the
+/// data back from the disk (its page cache dropped first, so the read reaches the device).
+/// Skips with the reason without the guest files (or fails with `KEEL_REQUIRE_GUEST=1`).
+#[test]
+fn debian_shell_saved_and_restored_with_its_disk() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+
+    let dir = std::env::var_os("KEEL_GUEST_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/keel-guest/current"))
+        })
+        .unwrap_or_default();
+    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs-virtio.cpio.gz"));
+    if !kernel.exists() || !initrd.exists() {
+        assert!(
+            std::env::var_os("KEEL_REQUIRE_GUEST").is_none(),
+            "no guest in {}",
+            dir.display()
+        );
+        eprintln!(
+            "skipping: no Debian guest in {} (scripts/build-guest.sh)",
+            dir.display()
+        );
+        return;
+    }
+    let tmp = TempDir::new();
+    let disk = tmp.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let vm = |extra: &[String], sock: &Path| {
+        let mut c = Command::new(common::BIN);
+        c.args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ]);
+        c.args([
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-m",
+            "256M",
+            "-nodefaults",
+        ]);
+        c.args(["-no-reboot", "-serial", "stdio", "-append"]);
+        c.arg("console=ttyS0 quiet keel.mode=shell");
+        c.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd);
+        c.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+        c.args(extra);
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                o.lock().unwrap().extend_from_slice(&b[..n]);
+            }
+        });
+        (common::Guard(child), out)
+    };
+    let connect = |p: &Path| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(p) {
+                let mut c = common::Client::new(s);
+                c.negotiate();
+                return c;
+            }
+            assert!(Instant::now() < deadline, "no QMP socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let wait_for = |out: &Arc<Mutex<Vec<u8>>>, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+            if text.contains(what) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "no '{what}' in:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let sock_a = tmp.path("a.sock");
+    let (mut a, out_a) = vm(&[], &sock_a);
+    wait_for(&out_a, "KEEL-GUEST-SHELL");
+    std::thread::sleep(Duration::from_millis(500));
+    let stdin = a.0.stdin.as_mut().unwrap();
+    stdin
+        .write_all(b"echo KEEL-DISK-DATA-$((6*7)) > /dev/vda; sync; echo WROTE-$((6*7))\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    wait_for(&out_a, "WROTE-42");
+    let snap = tmp.path("snap");
+    let mut q = connect(&sock_a);
+    q.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", snap.display())}),
+    );
+    drop(q);
+    drop(a);
+    assert!(
+        String::from_utf8_lossy(&std::fs::read(&disk).unwrap()).starts_with("KEEL-DISK-DATA-42"),
+        "the write reached the disk image before the save"
+    );
+
+    let sock_b = tmp.path("b.sock");
+    let (mut b, out_b) = vm(
+        &["-incoming".into(), format!("file:{}", snap.display())],
+        &sock_b,
+    );
+    let mut q = connect(&sock_b);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while q.status() != "running" {
+        assert!(Instant::now() < deadline, "the restored guest does not run");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stdin = b.0.stdin.as_mut().unwrap();
+    stdin
+        .write_all(
+            b"echo 3 > /proc/sys/vm/drop_caches; head -c 17 /dev/vda; echo; echo READ-$((2*2))\n",
+        )
+        .unwrap();
+    stdin.flush().unwrap();
+    let text = wait_for(&out_b, "READ-4");
+    let after = &text[text.rfind("READ-$((2*2))").unwrap_or(0)..];
+    assert!(
+        after.contains("KEEL-DISK-DATA-42"),
+        "read back after restore:\n{after}"
+    );
+}
