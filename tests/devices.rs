@@ -121,7 +121,11 @@ fn pure_qmp(c: &mut Client, image: &str) -> Value {
             "nope",
         ),
         (json!({"driver": "virtio-blk-device", "id": "x5"}), "drive"),
-        (json!({"driver": "isa-serial", "id": "x6"}), "isa-serial"),
+        // COM1's ports are the board's serial port's.
+        (
+            json!({"driver": "isa-serial", "id": "x6", "index": 0}),
+            "isa-serial",
+        ),
     ] {
         let d = c.err("device_add", args, "GenericError");
         assert!(d.contains(names), "{d}");
@@ -411,6 +415,8 @@ fn debug_exit_on(accel: &str) {
             "-kernel",
             &kernel,
             "-nodefaults",
+            "-serial",
+            "stdio",
             "-device",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
         ])

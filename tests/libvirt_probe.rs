@@ -399,13 +399,25 @@ fn libvirt_probe_sequence() {
         c.err("query-sgx-capabilities", Value::Null, "GenericError"),
         "SGX is not enabled in KVM"
     );
-    assert_eq!(c.ok("query-migrate-capabilities", Value::Null), json!([]));
-    let d = c.err(
+    // `events` is the one migration capability (libvirt turns it on for every domain).
+    assert_eq!(
+        c.ok("query-migrate-capabilities", Value::Null),
+        json!([{"capability": "events", "state": false}])
+    );
+    c.ok(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    assert_eq!(
+        c.ok("query-migrate-capabilities", Value::Null),
+        json!([{"capability": "events", "state": true}])
+    );
+    let d = c.err(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
         "GenericError",
     );
-    assert_eq!(d, "Parameter 'capability' does not accept value 'events'");
+    assert_eq!(d, "Parameter 'capability' does not accept value 'xbzrle'");
     c.err("query-tpm-models", Value::Null, "CommandNotFound");
     let d = c.err(
         "blockdev-del",
