@@ -277,3 +277,46 @@ fn msg_timestamp_prefixes_errors() {
         assert_eq!(*c, want, "{stamp}");
     }
 }
+
+/// A user `isa-serial` is COM1 on `pc` as on `microvm` once `-nodefaults` left the board
+/// none, and it is a peripheral with its id.
+#[test]
+fn user_isa_serial_is_com1_on_both_machines() {
+    for machine in ["microvm", "pc"] {
+        let dir = TempDir::new();
+        let out = dir.path("com1.txt");
+        let chardev = format!("file,id=c0,path={}", out.display());
+        let mut vmm = Vmm::start(&[
+            "-M",
+            machine,
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-chardev",
+            &chardev,
+            "-device",
+            "isa-serial,chardev=c0,id=com1",
+            "-no-shutdown",
+        ]);
+        let mut c = vmm.qmp();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains(BANNER)
+        {
+            assert!(Instant::now() < deadline, "{machine}: no banner on COM1");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let peripherals = c.ok("qom-list", json!({"path": "/machine/peripheral"}));
+        assert!(
+            peripherals
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "com1"),
+            "{machine}: {peripherals}"
+        );
+        c.ok("quit", Value::Null);
+        assert!(vmm.wait().success(), "{machine}");
+    }
+}
