@@ -187,9 +187,42 @@ fn daemon_ready(mut pipe: std::fs::File) {
     }
 }
 
+/// `-device help` / `-device DRIVER,help` anywhere on the line: QEMU answers it before
+/// anything else runs, and so does Keel. Returns the exit status when it was asked.
+fn device_help(args: &[String]) -> Option<ExitCode> {
+    let pos = args
+        .windows(2)
+        .position(|w| matches!(w[0].as_str(), "-device" | "--device") && is_help(&w[1]))?;
+    let arg = &args[pos + 1];
+    let types = vmm::device_types::offered();
+    let driver = arg.rsplit_once(',').map(|(d, _)| d);
+    let text = match driver {
+        None => Ok(types.device_help()),
+        Some(d) => types.device_props_help(d),
+    };
+    Some(match text {
+        Ok(t) => {
+            print!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmm: -device {arg}: {e}");
+            ExitCode::from(1)
+        }
+    })
+}
+
+fn is_help(v: &str) -> bool {
+    let last = v.rsplit(',').next().unwrap_or(v);
+    matches!(last, "help" | "?")
+}
+
 fn main() -> ExitCode {
     install_logger();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = device_help(&args) {
+        return code;
+    }
     let steps = match cli::parse(&args) {
         Err(e) => {
             report!("{e}");

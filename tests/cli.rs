@@ -71,11 +71,11 @@ fn bad_options_fail_on_one_line_without_side_effects() {
     one_line_error(
         &[
             "-chardev",
-            "socket,id=c0,path=/tmp/x,server=on",
+            "socket,id=c0,path=/tmp/x,server=on,wait=off",
             "-mon",
-            "chardev=c0",
+            "chardev=c0,mode=telnet",
         ],
-        "mode=readline is not supported",
+        "Parameter 'mode' does not accept value 'telnet'",
     );
     one_line_error(&["disk.img"], "disk.img: unexpected argument");
 }

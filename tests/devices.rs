@@ -121,10 +121,9 @@ fn pure_qmp(c: &mut Client, image: &str) -> Value {
             "nope",
         ),
         (json!({"driver": "virtio-blk-device", "id": "x5"}), "drive"),
-        // COM1's ports are the board's serial port's.
         (
-            json!({"driver": "isa-serial", "id": "x6", "index": 0}),
-            "isa-serial",
+            json!({"driver": "isa-serial", "id": "x6", "index": 9}),
+            "ISA serial ports",
         ),
     ] {
         let d = c.err("device_add", args, "GenericError");

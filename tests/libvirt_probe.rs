@@ -399,7 +399,8 @@ fn libvirt_probe_sequence() {
         c.err("query-sgx-capabilities", Value::Null, "GenericError"),
         "SGX is not enabled in KVM"
     );
-    // `events` is the one migration capability (libvirt turns it on for every domain).
+    // `events` (the MIGRATION event) is the capability libvirt sets at start; the others
+    // are QEMU's names Keel does not have.
     assert_eq!(
         c.ok("query-migrate-capabilities", Value::Null),
         json!([{"capability": "events", "state": false}])
@@ -417,7 +418,7 @@ fn libvirt_probe_sequence() {
         json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
         "GenericError",
     );
-    assert_eq!(d, "Parameter 'capability' does not accept value 'xbzrle'");
+    assert!(d.contains("'xbzrle'"), "{d}");
     c.err("query-tpm-models", Value::Null, "CommandNotFound");
     let d = c.err(
         "blockdev-del",

@@ -84,6 +84,10 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
                 option: opt.to_owned(),
                 source,
             })?,
+            Action::HmpMonitor(ep) => vmm.serve_hmp(ep).map_err(|source| CliError::Monitor {
+                option: opt.to_owned(),
+                source,
+            })?,
             Action::Machine(set, _) => {
                 vmm.execute(set.clone()).map_err(order(opt, SIZE_HINT))?;
             }

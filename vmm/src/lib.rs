@@ -33,7 +33,7 @@ pub mod devices;
 
 /// The machine seam and the backends, from `keel-machine` (re-exported so that embedders
 /// of `vmm` name one crate).
-pub use keel_machine::{backends, board};
+pub use keel_machine::{backends, board, device_types};
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -502,6 +502,23 @@ impl Vmm {
             .unwrap_or_else(|p| p.into_inner())
             .push(m);
         Ok(())
+    }
+
+    /// A human monitor on `endpoint` (`-monitor`), each line answered as QMP's
+    /// `human-monitor-command` answers it.
+    pub fn serve_hmp(&self, endpoint: &Endpoint) -> Result<(), ServerError> {
+        let vmm = self.clone();
+        let q = VersionInfo::current().qemu;
+        let version = format!("{}.{}.{}", q.major, q.minor, q.micro);
+        let answer = move |line: &str| {
+            let cmd = commands::HumanMonitorCommand {
+                command_line: line.to_owned(),
+                cpu_index: None,
+            };
+            vmm.execute(cmd)
+                .unwrap_or_else(|e| format!("Error: {e}\r\n"))
+        };
+        keel_hmp::monitor::serve(endpoint, &version, Arc::new(answer))
     }
 
     /// A QMP dispatcher for this VMM, for custom transports.

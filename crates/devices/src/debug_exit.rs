@@ -106,6 +106,7 @@ impl DebugExit {
     /// (see [`DebugExitConfig`] for the ranges).
     pub fn qdev_type() -> DeviceType {
         DeviceType::new(Self::QDEV_TYPE, BusType::Isa)
+            .category(keel_qdev::Category::Misc)
             .description(
                 "ISA debug exit device: a guest write of V ends the VMM with status (V<<1)|1",
             )

@@ -394,6 +394,7 @@ impl Serial {
     pub fn qdev_type() -> keel_qdev::DeviceType {
         use keel_qdev::PropSpec;
         keel_qdev::DeviceType::new(Self::QDEV_TYPE, keel_qdev::BusType::Isa)
+            .category(keel_qdev::Category::Input)
             .description("16550A UART")
             // As QEMU's: -1 (u32::MAX) means "from the index" / "the next free index".
             .prop(

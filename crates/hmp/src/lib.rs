@@ -7,6 +7,8 @@
 
 #![deny(missing_docs)]
 
+pub mod monitor;
+
 use keel_accel::{Regs, Segment, SpecialRegs};
 
 /// The HMP commands Keel understands, with QEMU's argument synopsis and help text.

@@ -340,6 +340,16 @@ fn parse_elf(b: &[u8]) -> Result<ElfImage, String> {
     if phentsize != want {
         return Err(format!("program header size {phentsize}, expected {want}"));
     }
+    // The whole table must be in the file before any entry is believed: a huge count would
+    // otherwise read section data as program headers and blame the wrong thing.
+    if phoff
+        .checked_add(u64::from(phnum) * phentsize)
+        .is_none_or(|end| end > b.len() as u64)
+    {
+        return Err(format!(
+            "program header table ({phnum} entries at offset {phoff:#x}) runs past the end of the file"
+        ));
+    }
     let mut phdrs = Vec::with_capacity(usize::from(phnum));
     for i in 0..u64::from(phnum) {
         let off = phoff

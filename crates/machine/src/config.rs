@@ -162,6 +162,7 @@ pub const MACHINE_PROPERTIES: &[&str] = &[
     "isa-serial",
     "i8042",
     "auto-kernel-cmdline",
+    "x-option-roms",
     "dump-guest-core",
 ];
 
@@ -180,6 +181,16 @@ impl MicrovmConfig {
             "isa-serial" => self.isa_serial = v,
             "i8042" => self.i8042 = v,
             "auto-kernel-cmdline" => self.auto_kernel_cmdline = v,
+            // QEMU loads its DMA linuxboot/multiboot option ROMs unless this is off. Keel
+            // loads the kernel itself and has no option ROMs, so both values describe the
+            // same machine; QEMU's documented microvm line sets it, so it is accepted.
+            "x-option-roms" if v != OnOffAuto::Auto => {}
+            "x-option-roms" => {
+                return Err(PropertyError::BadValue {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                });
+            }
             "dump-guest-core" => self.dump_guest_core = v,
             _ => {
                 return Err(PropertyError::Unknown {
@@ -212,6 +223,10 @@ mod tests {
                 .to_string()
                 .contains("on, off or auto")
         );
+        // QEMU's documented microvm line: x-option-roms is a plain boolean.
+        c.set_property("x-option-roms", "off").unwrap();
+        c.set_property("x-option-roms", "on").unwrap();
+        assert!(c.set_property("x-option-roms", "auto").is_err());
         assert!(OnOffAuto::Auto.resolve(true));
         assert!(!OnOffAuto::Off.resolve(true));
     }

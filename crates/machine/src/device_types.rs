@@ -49,6 +49,20 @@ pub fn registry() -> TypeRegistry {
     r
 }
 
+/// Every device type some machine of Keel's offers (the PCI ones come with `pc`): what
+/// `-device help` lists, since, as in QEMU, it answers before any machine is chosen.
+pub fn offered() -> TypeRegistry {
+    let mut r = registry();
+    for t in keel_pci::qdev_types() {
+        if r.get(t.name()).is_none()
+            && let Err(e) = r.register(t)
+        {
+            log::error!("device type registration failed: {e}");
+        }
+    }
+    r
+}
+
 /// A tree with Keel's types and no buses: what the `none` machine has, and what
 /// introspection answers before any machine exists.
 pub fn empty_tree() -> DeviceTree {

@@ -696,7 +696,7 @@ impl Board for MicrovmBoard {
     /// single-port); if the bus cannot be added, the device goes again.
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
         let added = self.tree.device_add(phase, req)?;
-        if req.driver == Console::QDEV_TYPE {
+        if added.driver == Console::QDEV_TYPE {
             let window = self.windows.get(&added.bus).copied();
             let bus = BusSpec::new(
                 Console::port_bus_name(req.id.as_deref(), window),

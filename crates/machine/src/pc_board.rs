@@ -701,7 +701,7 @@ impl Board for PcBoard {
     /// A `virtio-serial-pci` brings its port bus (one slot).
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
         let added = self.tree.device_add(phase, req)?;
-        if req.driver == "virtio-serial-pci" {
+        if added.driver == "virtio-serial-pci" {
             let devfn = self
                 .last
                 .lock()

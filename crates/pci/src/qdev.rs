@@ -41,6 +41,7 @@ impl PciDeviceProps {
 /// properties are copied), with the PCI properties added. Hotpluggable.
 pub fn virtio_pci_type(name: &str, backend: &DeviceType, description: &str) -> DeviceType {
     let mut t = DeviceType::new(name, BusType::Pci)
+        .category(backend.category_of())
         .description(description)
         .hotpluggable(true)
         .prop(
@@ -60,9 +61,10 @@ pub fn virtio_pci_type(name: &str, backend: &DeviceType, description: &str) -> D
 }
 
 /// The virtio-pci qdev types: `virtio-blk-pci`, `virtio-net-pci`, `virtio-rng-pci`,
-/// `virtio-serial-pci` (whose `virtconsole` port type stays keel-virtio's).
+/// `virtio-serial-pci` (whose `virtconsole` port type stays keel-virtio's), each with
+/// QEMU's x86 alias (`virtio-blk`, ...: the name without `-pci`).
 pub fn qdev_types() -> Vec<DeviceType> {
-    vec![
+    let types = vec![
         virtio_pci_type(
             "virtio-blk-pci",
             &Block::qdev_type(),
@@ -83,7 +85,17 @@ pub fn qdev_types() -> Vec<DeviceType> {
             &Console::qdev_type(),
             "virtio console device over PCI; carries one virtconsole port",
         ),
-    ]
+    ];
+    types
+        .into_iter()
+        .map(|t| match t.name().strip_suffix("-pci") {
+            Some(short) => {
+                let short = short.to_owned();
+                t.alias(short)
+            }
+            None => t,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -110,9 +110,41 @@ pub fn chardev_endpoint(text: &str) -> Result<(String, Endpoint), OptionError> {
 /// `-blockdev driver=file,filename=PATH,node-name=N[,read-only=on]` or the shorthand
 /// `-drive file=PATH,if=none,id=N,format=raw[,readonly=on]`.
 pub fn blockdev(name: &str, text: &str) -> Result<BlockdevAdd, OptionError> {
+    blockdev_opts(name, split_opts(text, None)?)
+}
+
+/// `-drive ...,if=virtio`: QEMU's shorthand for a drive and the architecture's virtio disk
+/// (`virtio-blk`, on x86 the alias of `virtio-blk-pci`) that uses it. The drive's id,
+/// when not given, is QEMU's `virtio<N>` with N counting the `if=virtio` drives so far.
+/// `None` when the drive is not `if=virtio`.
+pub fn virtio_drive(
+    text: &str,
+    index: usize,
+) -> Result<Option<(BlockdevAdd, DeviceAdd)>, OptionError> {
+    let mut opts = split_opts(text, None)?;
+    let Some(at) = opts.iter().position(|(k, v)| k == "if" && v == "virtio") else {
+        return Ok(None);
+    };
+    opts.remove(at);
+    if !opts.iter().any(|(k, _)| k == "id") {
+        opts.push(("id".into(), format!("virtio{index}")));
+    }
+    let drive = blockdev_opts("drive", opts)?;
+    let mut props = Map::new();
+    props.insert("drive".into(), Value::String(drive.node_name.clone()));
+    let device = DeviceAdd {
+        driver: "virtio-blk".into(),
+        id: None,
+        bus: None,
+        props,
+    };
+    Ok(Some((drive, device)))
+}
+
+fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd, OptionError> {
     let mut driver = None;
     let (mut file, mut node, mut ro) = (None, None, false);
-    for (k, v) in split_opts(text, None)? {
+    for (k, v) in opts {
         match (name, k.as_str()) {
             ("blockdev", "driver") => driver = Some(v),
             ("blockdev", "filename") | ("drive", "file") => file = Some(v),
@@ -122,7 +154,7 @@ pub fn blockdev(name: &str, text: &str) -> Result<BlockdevAdd, OptionError> {
             ("drive", "format") if v == "raw" => {}
             ("drive", "if" | "format") => {
                 return Err(err(format!(
-                    "{k}={v} is not supported (use if=none,format=raw and a -device)"
+                    "{k}={v} is not supported (use if=virtio, or if=none and a -device; format=raw)"
                 )));
             }
             ("blockdev", "discard" | "cache.direct" | "aio") | ("drive", "cache" | "aio") => {}

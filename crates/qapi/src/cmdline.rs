@@ -83,6 +83,8 @@ pub enum Action {
     Device(DeviceAdd),
     /// `blockdev-add` (`-blockdev`, `-drive`).
     Blockdev(BlockdevAdd),
+    /// A human monitor (`-monitor stdio|unix:...|tcp:...`, `-mon mode=readline`).
+    HmpMonitor(Endpoint),
     /// `netdev_add` (`-netdev`).
     Netdev(NetdevAdd),
     /// `chardev-add` (`-chardev file|null|stdio`; socket chardevs serve `-mon`).
@@ -169,7 +171,7 @@ Boot (boot-set; read when the machine is ready, so anywhere before that):
 Accelerator (accel-set):
   -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
 Devices (device_add, cold until the machine is ready):
-  -device DRIVER[,id=ID][,prop=value...]
+  -device DRIVER[,id=ID][,prop=value...]   (-device help, -device DRIVER,help)
     isa-debug-exit[,iobase=N,iosize=N]  virtio-rng-device
     virtio-blk-device,drive=NODE[,serial=S,read-only=on]
     virtio-net-device,netdev=ID[,mac=MAC]  virtconsole,chardev=ID
@@ -177,6 +179,7 @@ Devices (device_add, cold until the machine is ready):
 Backends (from the start; devices name them):
   -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
   -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
+  -drive file=PATH,if=virtio,format=raw  a drive and its virtio-blk (virtio-blk-pci on pc)
   -netdev tap,id=ID,ifname=IF,script=no,downscript=no
   -chardev file,id=ID,path=PATH[,append=on] | pty,id=ID | null,id=ID
                                     (each with [,logfile=PATH,logappend=on])
@@ -199,8 +202,12 @@ Process:
   -daemonize                        detach once the command line ran
 Other:
   -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
-  -vga none  -monitor none  -rtc base=utc  -boot strict=on  -msg timestamp=on
-  -overcommit mem-lock=on|off
+  -vga none  -monitor none  -nic none  -net none  -rtc base=utc  -boot strict=on
+  -msg timestamp=on  -overcommit mem-lock=on|off
+Human monitor (HMP: help, info status/version/cpus/kvm/name/qtree/mtree/pci/registers,
+  stop, cont, system_reset, system_powerdown, quit):
+  -monitor stdio | unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
+  -mon chardev=ID,mode=readline
   -h, --help  --version
 ";
 
@@ -243,6 +250,7 @@ fn machine_field(key: &str, v: &str, set: &mut MachineSet) {
 pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
     let mut steps: Vec<Step> = Vec::new();
     let mut chardevs: BTreeMap<String, Endpoint> = BTreeMap::new();
+    let mut virtio_drives = 0;
     let mut i = 0;
     while i < args.len() {
         let raw = &args[i];
@@ -286,6 +294,8 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "rtc"
                 | "boot"
                 | "msg"
+                | "nic"
+                | "net"
         );
         let value = if takes_value {
             let v = args
@@ -337,10 +347,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 ));
             }
             "monitor" => {
-                return Err(syntax(
-                    &option,
-                    "the human monitor is not supported; use -qmp (only '-monitor none' is accepted)",
-                ));
+                Action::HmpMonitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
             }
             "enable-kvm" => {
                 if let Some(Step {
@@ -464,6 +471,17 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 ..BootSet::default()
             }),
             "serial" => Action::Serial(v.to_owned()),
+            // No default NIC is what Keel's machines have anyway.
+            "nic" | "net" if v == "none" => Action::Nothing,
+            "nic" | "net" => {
+                return Err(syntax(
+                    &option,
+                    format!(
+                        "only '-{name} none' is supported; use -netdev tap,id=N,... with \
+                         -device virtio-net-pci,netdev=N (or virtio-net-device on microvm)"
+                    ),
+                ));
+            }
             "uuid" if forms::uuid_ok(v) => Action::Uuid(v.to_ascii_lowercase()),
             "uuid" => return Err(syntax(&option, "Invalid UUID")),
             "pidfile" => Action::PidFile(PathBuf::from(v)),
@@ -534,9 +552,18 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "qmp" => {
                 Action::Monitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
             }
-            "blockdev" | "drive" => {
-                Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?)
-            }
+            "drive" => match forms::virtio_drive(v, virtio_drives).map_err(opt_err(&option))? {
+                Some((drive, device)) => {
+                    virtio_drives += 1;
+                    steps.push(Step {
+                        option: option.clone(),
+                        action: Action::Blockdev(drive),
+                    });
+                    Action::Device(device)
+                }
+                None => Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?),
+            },
+            "blockdev" => Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?),
             "netdev" => Action::Netdev(forms::netdev(v).map_err(opt_err(&option))?),
             "chardev" => match forms::char_backend(v).map_err(opt_err(&option))? {
                 Some(c) => Action::Chardev(c),
@@ -566,12 +593,10 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                         }
                     }
                 }
-                if mode != "control" {
+                if mode != "control" && mode != "readline" {
                     return Err(syntax(
                         &option,
-                        format!(
-                            "mode={mode} is not supported: Keel serves QMP only (mode=control)"
-                        ),
+                        format!("Parameter 'mode' does not accept value '{mode}'"),
                     ));
                 }
                 let id =
@@ -579,11 +604,41 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 let ep = chardevs
                     .remove(&id)
                     .ok_or_else(|| syntax(&option, format!("chardev \"{id}\" not found")))?;
-                Action::Monitor(ep)
+                if mode == "readline" {
+                    Action::HmpMonitor(ep)
+                } else {
+                    Action::Monitor(ep)
+                }
             }
             _ => return Err(syntax(raw, "invalid option")),
         };
         steps.push(Step { option, action });
+    }
+    // One stdio: a human monitor there takes it from the default serial port (which QEMU
+    // would show on its display, i.e. nowhere here); a serial port asked for on stdio too is
+    // QEMU's error.
+    if let Some(at) = steps
+        .iter()
+        .position(|s| matches!(s.action, Action::HmpMonitor(Endpoint::Stdio)))
+    {
+        let stdio =
+            |s: &Step| matches!(&s.action, Action::Serial(b) if b == "stdio" || b == "mon:stdio");
+        if let Some(s) = steps.iter().find(|s| stdio(s)) {
+            return Err(syntax(
+                &s.option,
+                "cannot use stdio by multiple character devices",
+            ));
+        }
+        if !steps.iter().any(|s| matches!(s.action, Action::Serial(_))) {
+            let option = steps[at].option.clone();
+            steps.insert(
+                at + 1,
+                Step {
+                    option,
+                    action: Action::Serial("null".into()),
+                },
+            );
+        }
     }
     // As QEMU: without `-serial`, `-nodefaults` leaves the machine no serial port (a
     // `-device isa-serial` can then take COM1's place).

@@ -85,6 +85,7 @@ mod bus;
 mod cold;
 mod error;
 mod events;
+mod help;
 pub mod keyval;
 mod prop;
 mod qom;
@@ -98,6 +99,7 @@ pub use bus::{
 pub use cold::{ColdDevice, ColdSnapshot, DeviceFilter, collect_on_machine_ready};
 pub use error::{HookError, QdevError};
 pub use events::{Clock, DeviceEvent, EventLog, EventSink, ManualClock, MonotonicClock, NoEvents};
+pub use help::Category;
 pub use keyval::{parse_bool, parse_int, parse_size};
 pub use prop::{PropError, PropKind, PropSpec, PropValue, Props};
 pub use request::{DeviceRequest, RawValue, id_wellformed};

@@ -94,6 +94,8 @@ pub struct Added {
     pub bus: String,
     /// Slot index on fixed-slot buses.
     pub slot: Option<u32>,
+    /// The device's type name (the request may have named it by its alias).
+    pub driver: String,
 }
 
 /// How a successful `device_del` went.
@@ -558,6 +560,7 @@ impl DeviceTree {
             hotplugged,
             bus: b.name.clone(),
             slot,
+            driver: ty.name().to_owned(),
         };
         self.next_key += 1;
         if let Some(id) = &dev.id {

@@ -1,6 +1,7 @@
 //! Device types and the type registry, with the data `qom-list-types` and
 //! `device-list-properties` return.
 
+use crate::help::Category;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -66,6 +67,8 @@ pub struct DeviceType {
     hotpluggable: bool,
     user_creatable: bool,
     props: Vec<PropSpec>,
+    alias: Option<String>,
+    category: Category,
 }
 
 impl DeviceType {
@@ -80,6 +83,8 @@ impl DeviceType {
             hotpluggable: false,
             user_creatable: true,
             props: Vec::new(),
+            alias: None,
+            category: Category::Uncategorized,
         }
     }
     /// Sets the description.
@@ -101,6 +106,26 @@ impl DeviceType {
     pub fn parent(mut self, parent: impl Into<String>) -> Self {
         self.parent = parent.into();
         self
+    }
+    /// A second name `-device`/`device_add` accept for this type, as QEMU's alias table
+    /// gives `virtio-blk` for `virtio-blk-pci` on x86: command lines written for any
+    /// machine of the architecture use the short name. The device keeps its type name.
+    pub fn alias(mut self, alias: impl Into<String>) -> Self {
+        self.alias = Some(alias.into());
+        self
+    }
+    /// The heading `-device help` lists the type under.
+    pub fn category(mut self, category: Category) -> Self {
+        self.category = category;
+        self
+    }
+    /// The type's category.
+    pub fn category_of(&self) -> Category {
+        self.category
+    }
+    /// The alias, if the type has one.
+    pub fn alias_name(&self) -> Option<&str> {
+        self.alias.as_deref()
     }
     /// Adds a property.
     pub fn prop(mut self, spec: PropSpec) -> Self {
@@ -234,6 +259,7 @@ pub struct ObjectPropertyInfo {
 pub struct TypeRegistry {
     types: Vec<DeviceType>,
     index: HashMap<String, usize>,
+    aliases: HashMap<String, usize>,
 }
 
 impl TypeRegistry {
@@ -245,8 +271,19 @@ impl TypeRegistry {
     /// Adds a type. Refuses a name already registered (device or abstract) and a property
     /// default that is invalid for its own property.
     pub fn register(&mut self, ty: DeviceType) -> Result<(), QdevError> {
-        if self.index.contains_key(&ty.name) || self.is_abstract(&ty.name) {
+        if self.index.contains_key(&ty.name)
+            || self.aliases.contains_key(&ty.name)
+            || self.is_abstract(&ty.name)
+        {
             return Err(QdevError::DuplicateType(ty.name));
+        }
+        if let Some(a) = &ty.alias
+            && (self.index.contains_key(a) || self.aliases.contains_key(a) || *a == ty.name)
+        {
+            return Err(QdevError::DuplicateType(format!(
+                "{a} (alias of {})",
+                ty.name
+            )));
         }
         let mut seen = std::collections::HashSet::new();
         for p in &ty.props {
@@ -267,6 +304,9 @@ impl TypeRegistry {
             }
         }
         self.index.insert(ty.name.clone(), self.types.len());
+        if let Some(a) = &ty.alias {
+            self.aliases.insert(a.clone(), self.types.len());
+        }
         self.types.push(ty);
         Ok(())
     }
@@ -287,10 +327,13 @@ impl TypeRegistry {
         self.types.iter()
     }
 
-    /// Looks up a type for `-device` / `device_add`: unknown and board-only types are errors
-    /// listing what users may create.
+    /// Looks up a type for `-device` / `device_add` by its name or its alias: unknown and
+    /// board-only types are errors listing what users may create.
     pub fn lookup_creatable(&self, driver: &str) -> Result<&DeviceType, QdevError> {
-        match self.get(driver) {
+        let found = self
+            .get(driver)
+            .or_else(|| self.aliases.get(driver).map(|&i| &self.types[i]));
+        match found {
             Some(t) if t.user_creatable => Ok(t),
             Some(_) => Err(QdevError::NotUserCreatable(driver.to_owned())),
             None => Err(QdevError::UnknownDriver {

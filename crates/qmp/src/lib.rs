@@ -37,5 +37,5 @@ pub use registry::{
     executing_out_of_band, run_out_of_band,
 };
 pub use schema::{Builtin, Member, Type};
-pub use server::{Endpoint, Monitor, ServerError, serve, serve_stream};
+pub use server::{Endpoint, Monitor, ServerError, bind_unix_0600, serve, serve_stream};
 pub use session::{Dispatcher, Message, REQ_QUEUE_LEN_MAX, Session, reply_error, respond_command};

@@ -629,6 +629,7 @@ impl Block {
     /// (required), `serial`, `read-only`, `queue-size`. See [`BlockProps`].
     pub fn qdev_type() -> DeviceType {
         DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
+            .category(keel_qdev::Category::Storage)
             .description("virtio block device (raw image)")
             .prop(PropSpec::string("drive").description("block backend node name (blockdev-add)"))
             .prop(

@@ -272,6 +272,7 @@ impl Console {
     /// The qdev type of the device: `virtio-serial-device` on a virtio-mmio bus.
     pub fn qdev_type() -> DeviceType {
         DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
+            .category(keel_qdev::Category::Input)
             .description("virtio console device; carries one virtconsole port")
     }
 
@@ -279,6 +280,7 @@ impl Console {
     /// `chardev` (required). See [`ConsolePortProps`].
     pub fn port_qdev_type() -> DeviceType {
         DeviceType::new(Self::PORT_QDEV_TYPE, Self::port_bus_type())
+            .category(keel_qdev::Category::Input)
             .description("console port on a virtio-serial-device (hvc0 in Linux)")
             .prop(PropSpec::string("chardev").description("character backend id (chardev-add)"))
     }

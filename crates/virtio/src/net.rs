@@ -386,6 +386,7 @@ impl Net {
     /// (required) and `mac`. See [`NetProps`].
     pub fn qdev_type() -> DeviceType {
         DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
+            .category(keel_qdev::Category::Network)
             .description("virtio network device (tap backend)")
             .prop(PropSpec::string("netdev").description("network backend id (netdev_add)"))
             .prop(

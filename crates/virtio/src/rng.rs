@@ -121,6 +121,7 @@ impl Rng {
     /// ([`Rng::new`] takes none).
     pub fn qdev_type() -> DeviceType {
         DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
+            .category(keel_qdev::Category::Misc)
             .description("virtio entropy device (host /dev/urandom)")
     }
 }
