@@ -103,24 +103,56 @@ fn install_logger() {
     }
 }
 
-/// The pid file this process wrote (`-pidfile`), removed when the process exits, as QEMU.
-static PIDFILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// Asks the `pidfile` thread to remove the pid file and waits for it (a second at most).
+/// `exit` may run on a vCPU thread (isa-debug-exit), whose seccomp filter does not allow
+/// `unlink`; the `pidfile` thread has the main class's.
+static PIDFILE_REMOVER: std::sync::OnceLock<
+    std::sync::Mutex<std::sync::mpsc::Sender<std::sync::mpsc::SyncSender<()>>>,
+> = std::sync::OnceLock::new();
+
+/// Whether the process is exiting: the pid file is then not written any more (held while
+/// it is written, so that a removal never comes between the write and its end).
+static PIDFILE_EXITING: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 
 extern "C" fn remove_pidfile() {
-    if let Some(p) = PIDFILE.get() {
-        let _ = std::fs::remove_file(p);
+    if let Some(tx) = PIDFILE_REMOVER.get() {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let sent = tx.lock().map(|t| t.send(done).is_ok()).unwrap_or(false);
+        if sent {
+            let _ = wait.recv_timeout(Duration::from_secs(1));
+        }
     }
 }
 
-/// Writes the pid file; it is removed at exit.
-fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
-    std::fs::write(path, format!("{}\n", std::process::id()))?;
-    if PIDFILE.set(path.to_owned()).is_ok() {
-        // SAFETY: registers a plain `extern "C"` function without arguments; it only reads
-        // a OnceLock and removes a file.
+/// Writes the pid file (into `opened` if it was opened before the process changed its
+/// user); it is removed at exit, as QEMU does, even by an exit that comes first.
+fn write_pidfile(path: &std::path::Path, opened: Option<std::fs::File>) -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::SyncSender<()>>();
+    let remove = path.to_owned();
+    std::thread::Builder::new()
+        .name("pidfile".into())
+        .spawn(move || {
+            if let Ok(done) = rx.recv() {
+                let mut exiting = PIDFILE_EXITING.lock().unwrap_or_else(|p| p.into_inner());
+                *exiting = true;
+                let _ = std::fs::remove_file(&remove);
+                let _ = done.send(());
+            }
+        })?;
+    if PIDFILE_REMOVER.set(std::sync::Mutex::new(tx)).is_ok() {
+        // SAFETY: registers a plain `extern "C"` function without arguments; it only sends
+        // on a channel and waits for the answer.
         unsafe { libc::atexit(remove_pidfile) };
     }
-    Ok(())
+    let exiting = PIDFILE_EXITING.lock().unwrap_or_else(|p| p.into_inner());
+    if *exiting {
+        return Ok(());
+    }
+    let pid = format!("{}\n", std::process::id());
+    match opened {
+        Some(mut f) => f.write_all(pid.as_bytes()),
+        None => std::fs::write(path, pid),
+    }
 }
 
 /// `-daemonize`, first half: forks before any thread exists. The parent waits until the
@@ -187,6 +219,28 @@ fn daemon_ready(mut pipe: std::fs::File) {
     }
 }
 
+/// Sets no-new-privs for the whole process and, unless `-sandbox off`, makes the seccomp
+/// policy the process's and installs the main class's filter on this thread, so that every
+/// thread started from now on inherits it (and adds its own class's filter on top). Refuses
+/// a change of user without root before anything is opened.
+fn confine(s: &keel_sandbox::Settings) -> Result<(), keel_sandbox::SandboxError> {
+    if let Some(user) = s.run_as.user.as_ref().filter(|_| !keel_sandbox::is_root()) {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        return Err(keel_sandbox::SandboxError::NotRoot(
+            format!("-run-with user={}", user.name),
+            uid,
+        ));
+    }
+    keel_sandbox::set_no_new_privs()?;
+    if s.sandbox.enable {
+        let policy = keel_sandbox::Policy::new(&s.sandbox, s.run_as.requested())?;
+        keel_sandbox::set_process_policy(policy)?;
+        keel_sandbox::enter(keel_sandbox::ThreadClass::Main);
+    }
+    Ok(())
+}
+
 /// `-device help` / `-device DRIVER,help` anywhere on the line: QEMU answers it before
 /// anything else runs, and so does Keel. Returns the exit status when it was asked.
 fn device_help(args: &[String]) -> Option<ExitCode> {
@@ -219,17 +273,24 @@ fn is_help(v: &str) -> bool {
 
 fn main() -> ExitCode {
     install_logger();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(code) = device_help(&args) {
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = device_help(&all) {
         return code;
     }
+    let (args, sandbox) = match keel_sandbox::extract(&all) {
+        Ok(x) => x,
+        Err(e) => {
+            report!("{e}");
+            return ExitCode::from(1);
+        }
+    };
     let steps = match cli::parse(&args) {
         Err(e) => {
             report!("{e}");
             return ExitCode::from(1);
         }
         Ok(Invocation::Help) => {
-            print!("{}", cli::HELP);
+            print!("{}{}", cli::HELP, keel_sandbox::HELP);
             return ExitCode::SUCCESS;
         }
         Ok(Invocation::Version) => {
@@ -289,8 +350,36 @@ fn main() -> ExitCode {
         None
     };
 
+    if let Err(e) = confine(&sandbox) {
+        report!("{e}");
+        return ExitCode::from(1);
+    }
+    // A pid file is opened before the process changes its user, written once the command
+    // line ran.
+    let pid_handle = match pidfile.as_ref().filter(|_| sandbox.run_as.requested()) {
+        None => None,
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                report!("cannot write pid file {}: {e}", p.display());
+                return ExitCode::from(1);
+            }
+        },
+    };
+
     let signals = block_shutdown_signals();
     let vmm = Vmm::new();
+    if sandbox.run_as.requested() {
+        // Everything the command line opens is open once the machine is built; the guest
+        // runs only after the init-done notifiers.
+        let run_as = sandbox.run_as.clone();
+        vmm.on_machine_ready(Box::new(move || {
+            if let Err(e) = keel_sandbox::drop_privileges(&run_as) {
+                report!("{e}");
+                std::process::exit(1);
+            }
+        }));
+    }
     // As QEMU: a guest write to isa-debug-exit ends the process there and then.
     vmm.set_guest_exit_policy(GuestExitPolicy::ExitProcess);
     {
@@ -314,7 +403,7 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     if let Some(p) = &pidfile
-        && let Err(e) = write_pidfile(p)
+        && let Err(e) = write_pidfile(p, pid_handle)
     {
         report!("cannot write pid file {}: {e}", p.display());
         vmm.close_monitors(Duration::ZERO);

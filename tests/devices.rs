@@ -769,7 +769,9 @@ fn pc_machine_reports_its_pci_functions() {
         ]
     );
     assert_eq!(devs[3]["class_info"]["desc"], "SCSI controller");
-    assert_eq!(devs[3]["regions"][1]["mem_type_64"], true);
+    // Transitional virtio-pci: BAR0 is the legacy I/O header, BAR4 the 64-bit modern BAR.
+    assert_eq!(devs[3]["regions"][0]["type"], "io");
+    assert_eq!(devs[3]["regions"][2]["mem_type_64"], true);
     let text = c.ok("human-monitor-command", json!({"command-line": "info pci"}));
     let text = text.as_str().unwrap();
     assert!(text.contains("  Bus  0, device   4, function 0:\r\n    Communication controller: PCI device 1af4:1003\r\n"), "{text}");

@@ -13,12 +13,28 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SCRIPT: &[&str] = &["info status", "info name", "nosuch", "stop", "info status", "quit"];
+const SCRIPT: &[&str] = &[
+    "info status",
+    "info name",
+    "nosuch",
+    "stop",
+    "info status",
+    "quit",
+];
 
 fn start(bin: &str, sock: &std::path::Path) -> Child {
     let mon = format!("unix:{},server=on,wait=off", sock.display());
     Command::new(bin)
-        .args(["-M", "pc", "-S", "-display", "none", "-nodefaults", "-name", "hmp-test"])
+        .args([
+            "-M",
+            "pc",
+            "-S",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-name",
+            "hmp-test",
+        ])
         .args(["-monitor", &mon])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -72,7 +88,11 @@ fn answers(text: &str) -> Vec<String> {
         .collect();
     let mut out = vec![banner.replace("#.#.##", "#.#.#")];
     for p in parts {
-        out.push(p.split_once("\r\n").map(|(_, a)| a.to_owned()).unwrap_or_default());
+        out.push(
+            p.split_once("\r\n")
+                .map(|(_, a)| a.to_owned())
+                .unwrap_or_default(),
+        );
     }
     out
 }
@@ -121,7 +141,9 @@ fn hmp_on_a_socket_answers_as_qemu() {
 #[test]
 fn hmp_on_stdio_takes_stdio_from_the_serial_port() {
     let mut child = Command::new(common::BIN)
-        .args(["-M", "microvm", "-S", "-display", "none", "-monitor", "stdio"])
+        .args([
+            "-M", "microvm", "-S", "-display", "none", "-monitor", "stdio",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -484,6 +484,11 @@ impl VmmCore {
 
     pub(crate) fn system_reset(&mut self) -> Result<(), CommandError> {
         let state = self.tracker.run_state().map_err(generic)?;
+        // RESET before the DEVICE_DELETED of the unplugs the reset completes, as QEMU.
+        self.events.emit(
+            "RESET",
+            Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
+        );
         if let Some(b) = self.board.as_mut() {
             b.reset().map_err(board_error)?;
         }
@@ -495,10 +500,6 @@ impl VmmCore {
                 .set_run_state(RunState::Prelaunch)
                 .map_err(generic)?;
         }
-        self.events.emit(
-            "RESET",
-            Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
-        );
         Ok(())
     }
 
@@ -523,17 +524,16 @@ impl VmmCore {
     /// Emits SHUTDOWN and moves a ready machine to the `shutdown` run state.
     /// The guest reset the machine (i8042, triple fault without `-no-reboot`).
     pub(crate) fn guest_reset(&mut self) {
+        self.events.emit(
+            "RESET",
+            Some(serde_json::json!({"guest": true, "reason": "guest-reset"})),
+        );
         if let Some(b) = self.board.as_mut()
             && let Err(e) = b.reset()
         {
             log::error!("guest reset failed: {e}");
             self.internal_error();
-            return;
         }
-        self.events.emit(
-            "RESET",
-            Some(serde_json::json!({"guest": true, "reason": "guest-reset"})),
-        );
     }
 
     /// The guest reported a panic: the run state says so (QEMU's default action is to pause).

@@ -101,6 +101,36 @@ where
     let _ = converse(io::BufReader::new(&s), &s, version, answer.as_ref());
 }
 
+/// With `wait` (QEMU's `server` default), the first client, accepted before the monitor
+/// counts as started.
+fn accept_first<S>(
+    wait: bool,
+    shown: &str,
+    accept: impl FnOnce() -> io::Result<S>,
+) -> Result<Option<S>, ServerError> {
+    if !wait {
+        return Ok(None);
+    }
+    accept()
+        .map(Some)
+        .map_err(io_err("cannot accept on", shown))
+}
+
+/// One client at a time, as a QEMU chardev serves them: `first`, then each that connects.
+fn serve_clients<S>(
+    first: Option<S>,
+    incoming: impl Iterator<Item = io::Result<S>>,
+    version: &str,
+    answer: &Answer,
+) where
+    S: Read + Write,
+    for<'a> &'a S: Read + Write,
+{
+    for s in first.into_iter().chain(incoming.map_while(Result::ok)) {
+        stream_session(s, version, answer);
+    }
+}
+
 /// Starts a human monitor on `endpoint`, answered by `answer` and greeting as QEMU
 /// `version`. A listening socket serves one client at a time, as a QEMU chardev does; with
 /// `wait` (QEMU's default for `server`) the first client is accepted before this returns.
@@ -119,23 +149,9 @@ pub fn serve(endpoint: &Endpoint, version: &str, answer: Answer) -> Result<(), S
             let shown = path.display().to_string();
             let listener = keel_qmp::bind_unix_0600(&path)
                 .map_err(io_err("cannot listen on unix socket", &shown))?;
-            let first = if wait {
-                Some(
-                    listener
-                        .accept()
-                        .map_err(io_err("cannot accept on", &shown))?
-                        .0,
-                )
-            } else {
-                None
-            };
+            let first = accept_first(wait, &shown, || listener.accept().map(|(s, _)| s))?;
             spawn("hmp-accept", move || {
-                if let Some(s) = first {
-                    stream_session(s, &version, &answer);
-                }
-                for s in listener.incoming().map_while(Result::ok) {
-                    stream_session(s, &version, &answer);
-                }
+                serve_clients(first, listener.incoming(), &version, &answer);
             })
         }
         Endpoint::Tcp {
@@ -147,23 +163,9 @@ pub fn serve(endpoint: &Endpoint, version: &str, answer: Answer) -> Result<(), S
             let addr = format!("{host}:{port}");
             let listener =
                 TcpListener::bind(&addr).map_err(io_err("cannot listen on tcp", &addr))?;
-            let first = if wait {
-                Some(
-                    listener
-                        .accept()
-                        .map_err(io_err("cannot accept on", &addr))?
-                        .0,
-                )
-            } else {
-                None
-            };
+            let first = accept_first(wait, &addr, || listener.accept().map(|(s, _)| s))?;
             spawn("hmp-accept", move || {
-                if let Some(s) = first {
-                    stream_session(s, &version, &answer);
-                }
-                for s in listener.incoming().map_while(Result::ok) {
-                    stream_session(s, &version, &answer);
-                }
+                serve_clients(first, listener.incoming(), &version, &answer);
             })
         }
         Endpoint::Unix { path, .. } => {

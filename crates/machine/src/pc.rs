@@ -13,7 +13,7 @@
 //! ports       0x60/0x64 i8042, 0x70 RTC, 0x3f8 COM1, 0xcf8 config / 0xcf9 reset control,
 //!             0xae00 PCI hot plug (0x18 bytes), 0xafe0 GPE0 (4 bytes),
 //!             0xb000 PM1a event / control / PM timer,
-//!             0xc000-0xffff PCI I/O BARs
+//!             0x1000-0xadff and 0xc000-0xffff PCI I/O BARs (hot-added, cold-plugged)
 //! ```
 //!
 //! Interrupts: the SCI is ISA IRQ 9, level-triggered, active high. PCI INTx is routed as
@@ -66,6 +66,9 @@ pub const PCI_HOLE64_SIZE: u64 = 32 << 30;
 pub const PCI_IO_BASE: u64 = 0xc000;
 /// Length of the PCI I/O BAR window (to 0xffff).
 pub const PCI_IO_LEN: u64 = 0x4000;
+/// Start of the lower PCI I/O window, which reaches up to the hot plug registers (Linux
+/// assigns hot-added I/O BARs there).
+pub const PCI_HOTPLUG_IO_BASE: u64 = 0x1000;
 /// PIIX4 PM I/O base (SeaBIOS's `PORT_ACPI_PM_BASE`): PM1a event, control, PM timer.
 pub const PC_PM_BASE: u16 = 0xb000;
 /// GPE0 block of the PIIX4 PM function (status bytes at +0, enable bytes at +2).
@@ -573,6 +576,15 @@ impl Pc {
             PCI_IO_BASE,
             PCI_IO_LEN,
             pci.window(AddressSpace::Io, PCI_IO_BASE),
+        )?;
+        // The DSDT gives the guest I/O from 0x0d00 up; Linux places the I/O BARs of
+        // hot-added functions from 0x1000 (as with QEMU), below the hot plug registers.
+        map(
+            &buses.pio,
+            "PCI I/O window (hot plug)",
+            PCI_HOTPLUG_IO_BASE,
+            u64::from(PCI_HOTPLUG_BASE) - PCI_HOTPLUG_IO_BASE,
+            pci.window(AddressSpace::Io, PCI_HOTPLUG_IO_BASE),
         )?;
         map(
             &buses.mmio,

@@ -11,10 +11,11 @@
 
 use acpi_tables::Aml;
 use acpi_tables::aml::{
-    Acquire, AddressSpace, AddressSpaceCacheable, And, Arg, EISAName, Field, FieldAccessType,
-    FieldEntry, FieldLockRule, FieldUpdateRule, IO, If, Interrupt, Method, MethodCall, Mutex, Name,
-    Notify, ONE, OpRegion, OpRegionSpace, Package, Path, Release, ResourceTemplate, Return, Scope,
-    ShiftLeft, Store, ZERO,
+    Acquire, AddressSpace, AddressSpaceCacheable, And, Arg, BufferData, EISAName, Equal, Field,
+    FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, IO, If, Index, Interrupt,
+    LessThan, Local, Method, MethodCall, Mutex, Name, NotEqual, Notify, ONE, OpRegion,
+    OpRegionSpace, Package, Path, Release, ResourceTemplate, Return, Scope, ShiftLeft, Store, Uuid,
+    ZERO,
 };
 
 use crate::acpi::{self, AcpiConfig, AcpiError, AcpiTables, Raw, Sdt, align16, device};
@@ -157,12 +158,19 @@ fn pci0(cfg: &PcAcpiConfig) -> Raw {
             let sun_path = Path::new("_SUN");
             let call = MethodCall::new(Path::new("PCEJ"), vec![&ZERO, &sun_path]);
             let ej0 = Method::new(Path::new("_EJ0"), 1, false, vec![&call]);
+            let pdsm = MethodCall::new(
+                Path::new("PDSM"),
+                vec![&Arg(0), &Arg(1), &Arg(2), &Arg(3), &sun_path],
+            );
+            let ret = Return::new(&pdsm);
+            let dsm = Method::new(Path::new("_DSM"), 4, true, vec![&ret]);
             let hotpluggable = HOTPLUG_SLOTS & (1 << slot) != 0;
             let mut children: Vec<&dyn Aml> = vec![];
             let adr_name = Name::new(Path::new("_ADR"), &adr);
             let sun_name = Name::new(Path::new("_SUN"), &sun);
             children.push(&adr_name);
             children.push(&sun_name);
+            children.push(&dsm);
             if hotpluggable {
                 children.push(&ej0);
             }
@@ -237,6 +245,7 @@ fn hotplug_nodes() -> Vec<Raw> {
         false,
         vec![&acquire, &sel, &ej, &release, &ret],
     )));
+    v.extend(acpi_index_methods());
     let masks: Vec<(u32, Path)> = (2..keel_pci::SLOTS)
         .filter(|s| HOTPLUG_SLOTS & (1 << s) != 0)
         .map(|s| (1u32 << s, Path::new(&slot_name(s))))
@@ -265,6 +274,59 @@ fn hotplug_nodes() -> Vec<Raw> {
         vec![&clear, &insert, &remove],
     )));
     v
+}
+
+/// `AIDX(slot)`: the acpi-index of the slot's device through PIDX (0: none), and
+/// `PDSM(uuid, revision, function, arguments, slot)`, which each slot's `_DSM` calls: the
+/// PCI firmware `_DSM` (UUID E5C937D0-...; revision 2 and up) with function 7, the device
+/// label Linux turns into `acpi_index`, offered when the slot's device has an index.
+fn acpi_index_methods() -> Vec<Raw> {
+    let (bnum, pidx) = (Path::new("BNUM"), Path::new("PIDX"));
+    let acquire = Acquire::new(Path::new("BLCK"), 0xffff);
+    let release = Release::new(Path::new("BLCK"));
+    let sel = Store::new(&bnum, &ZERO);
+    let ask = ShiftLeft::new(&pidx, &ONE, &Arg(0));
+    let read = Store::new(&Local(0), &pidx);
+    let ret = Return::new(&Local(0));
+    let aidx = acpi::encode(&Method::new(
+        Path::new("AIDX"),
+        1,
+        false,
+        vec![&acquire, &sel, &ask, &read, &release, &ret],
+    ));
+
+    let uuid = Uuid::new("E5C937D0-3553-4D7A-9117-EA4D19C3434D");
+    let none = BufferData::new(vec![0]);
+    let ret_none = Return::new(&none);
+    let other_uuid = NotEqual::new(&Arg(0), &uuid);
+    let bad_uuid = If::new(&other_uuid, vec![&ret_none]);
+    let two = 2u8;
+    let old_rev = LessThan::new(&Arg(1), &two);
+    let bad_rev = If::new(&old_rev, vec![&ret_none]);
+    let lookup = MethodCall::new(Path::new("AIDX"), vec![&Arg(4)]);
+    let index = Store::new(&Local(2), &lookup);
+    let caps = BufferData::new(vec![0x81]);
+    let ret_caps = Return::new(&caps);
+    let has_index = NotEqual::new(&Local(2), &ZERO);
+    let offer = If::new(&has_index, vec![&ret_caps]);
+    let is_f0 = Equal::new(&Arg(2), &ZERO);
+    let f0 = If::new(&is_f0, vec![&offer, &ret_none]);
+    let empty: &str = "";
+    let pkg = Package::new(vec![&ZERO, &empty]);
+    let make = Store::new(&Local(0), &pkg);
+    let first = Index::new(&ZERO, &Local(0), &ZERO);
+    let put = Store::new(&first, &Local(2));
+    let ret_pkg = Return::new(&Local(0));
+    let seven = 7u8;
+    let is_f7 = Equal::new(&Arg(2), &seven);
+    let f7 = If::new(&is_f7, vec![&make, &put, &ret_pkg]);
+    let pdsm = acpi::encode(&Method::new(
+        Path::new("PDSM"),
+        5,
+        true,
+        vec![&bad_uuid, &bad_rev, &index, &f0, &f7, &ret_none],
+    ));
+    vec![aidx, pdsm]
 }
 
 /// `\_GPE`: GPE 1 runs the hot plug scan under the lock.

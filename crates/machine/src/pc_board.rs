@@ -406,12 +406,37 @@ impl HotplugHandler for PciHotplugHandler {
         Ok(UnplugMode::Async)
     }
 
+    /// QEMU 7.2 raises the GPE again on a repeated `device_del` (the guest may have missed
+    /// the first one: Linux drops a GPE that arrives while it is disabled).
+    fn unplug_request_again(&mut self, dev: &DeviceView<'_>) -> Result<bool, HookError> {
+        let a = self.address(dev)?;
+        self.hotplug.unplug_requested(a.slot());
+        Ok(true)
+    }
+
     fn unplug(&mut self, dev: &DeviceView<'_>) {
         if let Ok(a) = self.address(dev) {
             self.hotplug.slot_emptied(a.slot());
         }
     }
 }
+
+/// A hot-added function 1-7 of a slot whose function 0 the guest already sees: the guest
+/// would never scan it (QEMU refuses it with this message, given as is).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "PCI: slot {slot} function 0 already occupied by {present}, new func {new} cannot be exposed to guest."
+)]
+struct FunctionZeroPresent {
+    slot: u8,
+    present: String,
+    new: String,
+}
+
+/// `acpi-index` values are unique on the machine (QEMU's message, given as is).
+#[derive(Debug, thiserror::Error)]
+#[error("a PCI device with acpi-index = {0} already exist")]
+struct AcpiIndexTaken(u32);
 
 /// What a realized user device holds on to until it is unrealized.
 enum Realized {
@@ -436,6 +461,10 @@ struct PcHooks {
     serial_buses: HashMap<String, PciAddress>,
     /// qdev ids by devfn, shared with the board for `query-pci`.
     ids: Arc<Mutex<HashMap<u8, String>>>,
+    /// Device types of the user's PCI functions by devfn (QEMU's refusal names them).
+    drivers: HashMap<u8, String>,
+    /// The PCI properties of the user's PCI functions by devfn.
+    pci_props: HashMap<u8, PciDeviceProps>,
     /// The address of the last PCI function realized (the board names port buses by it).
     last: Arc<Mutex<Option<PciAddress>>>,
     /// Where each realized virtio-pci device is (shared with the hot plug handler).
@@ -452,14 +481,24 @@ impl PcHooks {
     fn plug(
         &self,
         address: PciAddress,
-        multifunction: bool,
+        pci: PciDeviceProps,
         device: SharedVirtio,
     ) -> Result<(), HookError> {
         let mut pc = self.lock();
         let intx = pc.intx_line(address.slot(), usize::from(address.devfn()))?;
-        let t = VirtioPci::new(device, pc.memory().clone(), intx, pc.msi_sink())
-            .map_err(|e| chain(&e))?;
-        t.set_multifunction(multifunction);
+        let device_type = device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device_type();
+        let t = VirtioPci::with_interfaces(
+            device,
+            pc.memory().clone(),
+            intx,
+            pc.msi_sink(),
+            pci.interfaces(device_type),
+        )
+        .map_err(|e| chain(&e))?;
+        t.set_multifunction(pci.multifunction);
         let dev: Arc<dyn PciDevice> = Arc::new(t);
         pc.add_pci_function(address, dev).map_err(|e| chain(&e))?;
         Ok(())
@@ -471,6 +510,18 @@ impl PcHooks {
             Some(id) => ids.insert(address.devfn(), id.to_owned()),
             None => ids.remove(&address.devfn()),
         };
+    }
+
+    /// The PCI properties the function at `address` was built with (a virtconsole port
+    /// rebuilds it with them).
+    fn props_of(&self, address: PciAddress) -> PciDeviceProps {
+        self.pci_props
+            .get(&address.devfn())
+            .copied()
+            .unwrap_or(PciDeviceProps {
+                multifunction: self.multifunction_of(address),
+                ..PciDeviceProps::default()
+            })
     }
 
     fn multifunction_of(&self, address: PciAddress) -> bool {
@@ -525,18 +576,40 @@ impl DeviceHooks for PcHooks {
             let props = ConsolePortProps::from_props(dev.props)?;
             let console = console_device(&self.backends, &props.chardev)?;
             // The console's function is rebuilt with the port's back end, where it was.
-            let multifunction = self.multifunction_of(address);
+            let props = self.props_of(address);
             self.lock().remove_pci_function(address);
-            self.plug(address, multifunction, console)?;
+            self.plug(address, props, console)?;
             self.realized.insert(dev.key, Realized::Port { address });
             return Ok(());
         }
         let kind = backend_kind(dev.driver)
             .ok_or_else(|| format!("pc cannot realize '{}'", dev.driver))?;
         let pci = PciDeviceProps::from_props(dev.props)?;
+        if pci.acpi_index != 0
+            && self
+                .pci_props
+                .values()
+                .any(|p| p.acpi_index == pci.acpi_index)
+        {
+            return Err(Box::new(AcpiIndexTaken(pci.acpi_index)));
+        }
         let address = self.lock().free_address(pci.addr).map_err(|e| chain(&e))?;
+        if dev.hotplugged && address.function() != 0 {
+            let f0 = PciAddress::new(address.slot(), 0).map(PciAddress::devfn);
+            if let Some(present) = f0.and_then(|f0| self.drivers.get(&f0)) {
+                return Err(Box::new(FunctionZeroPresent {
+                    slot: address.slot(),
+                    present: present.clone(),
+                    new: dev.driver.to_owned(),
+                }));
+            }
+        }
         let (device, keep) = virtio_backend(&self.backends, kind, dev.props)?;
-        self.plug(address, pci.multifunction, device)?;
+        self.plug(address, pci, device)?;
+        self.pci_props.insert(address.devfn(), pci);
+        self.lock()
+            .hotplug()
+            .set_acpi_index(address.devfn(), pci.acpi_index);
         if kind == Console::QDEV_TYPE {
             self.serial_buses.insert(
                 Console::port_bus_name(dev.id, Some(usize::from(address.devfn()))),
@@ -544,6 +617,7 @@ impl DeviceHooks for PcHooks {
             );
         }
         self.set_id(address, dev.id);
+        self.drivers.insert(address.devfn(), dev.driver.to_owned());
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(address);
         lock(&self.addresses).insert(dev.key, address);
         self.realized.insert(
@@ -569,14 +643,17 @@ impl DeviceHooks for PcHooks {
                 lock(&self.addresses).remove(&dev.key);
                 self.lock().remove_pci_function(address);
                 self.set_id(address, None);
+                self.drivers.remove(&address.devfn());
+                self.pci_props.remove(&address.devfn());
+                self.lock().hotplug().set_acpi_index(address.devfn(), 0);
                 self.serial_buses.retain(|_, a| *a != address);
             }
             Some(Realized::Port { address }) => {
                 let idle: SharedVirtio =
                     Arc::new(Mutex::new(Console::new(Box::new(std::io::sink()))));
-                let multifunction = self.multifunction_of(address);
+                let props = self.props_of(address);
                 self.lock().remove_pci_function(address);
-                if let Err(e) = self.plug(address, multifunction, idle) {
+                if let Err(e) = self.plug(address, props, idle) {
                     log::warn!("detaching virtconsole: {e}");
                 }
             }
@@ -620,6 +697,8 @@ impl PcBoard {
             realized: HashMap::new(),
             serial_buses: HashMap::new(),
             ids: ids.clone(),
+            drivers: HashMap::new(),
+            pci_props: HashMap::new(),
             last: last.clone(),
             addresses: addresses.clone(),
             factories: ctx
@@ -699,8 +778,17 @@ impl Board for PcBoard {
     }
 
     /// A `virtio-serial-pci` brings its port bus (one slot).
+    /// A refusal the machine words as QEMU does comes back as is.
     fn device_add(&mut self, phase: Phase, req: &DeviceRequest) -> Result<Added, QdevError> {
-        let added = self.tree.device_add(phase, req)?;
+        let added = self.tree.device_add(phase, req).map_err(|e| match e {
+            QdevError::Realize { source, .. }
+                if source.downcast_ref::<FunctionZeroPresent>().is_some()
+                    || source.downcast_ref::<AcpiIndexTaken>().is_some() =>
+            {
+                QdevError::MachineRefused(source.to_string())
+            }
+            e => e,
+        })?;
         if added.driver == "virtio-serial-pci" {
             let devfn = self
                 .last
@@ -793,7 +881,8 @@ impl Board for PcBoard {
         self.events.take()
     }
 
-    /// Every function of each ejected slot leaves the tree, in function order.
+    /// Every function of each ejected slot leaves the tree, the last created first (QEMU
+    /// walks the bus's children, newest first).
     fn guest_ejected(&mut self) {
         let slots = self.hotplug.take_ejected();
         let mut keys: Vec<(PciAddress, DeviceKey)> = lock(&self.addresses)
@@ -801,7 +890,7 @@ impl Board for PcBoard {
             .filter(|(_, a)| slots & (1 << a.slot()) != 0)
             .map(|(k, a)| (*a, *k))
             .collect();
-        keys.sort();
+        keys.sort_by_key(|k| std::cmp::Reverse(k.1));
         for (a, key) in keys {
             if let Err(e) = self.tree.guest_answer(GuestAnswer::Ejected(key)) {
                 log::warn!("completing the eject of {a}: {}", e.qmp_desc());
@@ -946,7 +1035,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Class 0255: PCI device 1af4:1005"), "{text}");
-        assert_eq!(devs[3].regions.len(), 2);
+        // Transitional: the legacy I/O BAR0 (128 bytes for blk, placed from 0xc000), the
+        // MSI-X BAR1 and the modern BAR4.
+        assert_eq!(devs[3].regions.len(), 3);
+        assert!(
+            text.contains("      BAR0: I/O at 0xc000 [0xc07f].\r\n"),
+            "{text}"
+        );
+        assert_eq!(cfg_read32(&b, 2, 0, 0x10), 0xc001);
         let tree = b.devices().query_tree();
         let pci = tree.iter().find(|n| n.name == "pci.0").unwrap();
         let drivers: Vec<&str> = pci.devices.iter().map(|d| d.driver.as_str()).collect();

@@ -4,8 +4,9 @@
 //! Registers (32-bit): +0x00 PCIU, slots with a pending insert (cleared when read); +0x04
 //! PCID, slots with a pending removal request (kept until the eject); +0x08 B0EJ, the guest
 //! writes a slot's bit to eject it (every function of the slot goes); +0x0C PCIRMV, the
-//! hot-pluggable slots; +0x10 BNUM, bus select (0: one root bus); +0x14 PIDX, the
-//! acpi-index of the slot last written there (always 0: Keel has no `acpi-index`).
+//! hot-pluggable slots; +0x10 BNUM, bus select (0: one root bus); +0x14 PIDX: the guest
+//! writes a slot's bit, then reads the `acpi-index` of the slot's device (0: none; the
+//! read clears it). The DSDT's `_DSM` of each slot reads it for Linux's `acpi_index`.
 //!
 //! An eject takes the slot's functions off the PCI bus at once (on the vCPU thread, so the
 //! guest never finds them again) and reports [`crate::MachineEvent::DeviceEjected`]; the
@@ -34,6 +35,10 @@ struct State {
     down: u32,
     ejected: u32,
     bnum: u32,
+    /// The acpi-index the last PIDX write looked up.
+    pidx: u32,
+    /// (devfn, acpi-index) of the functions with one, oldest first.
+    indexes: Vec<(u8, u32)>,
 }
 
 /// The hot plug controller (see the module documentation).
@@ -93,6 +98,15 @@ impl PciHotplug {
         s.up &= !bit;
     }
 
+    /// The function at `devfn` has `acpi-index` `index` (0: none), until it goes.
+    pub fn set_acpi_index(&self, devfn: u8, index: u32) {
+        let mut s = self.lock();
+        s.indexes.retain(|(d, _)| *d != devfn);
+        if index != 0 {
+            s.indexes.push((devfn, index));
+        }
+    }
+
     /// The slots the guest ejected since the last call.
     pub fn take_ejected(&self) -> u32 {
         std::mem::take(&mut self.lock().ejected)
@@ -113,6 +127,7 @@ impl PciHotplug {
             0x04 => s.down,
             0x0c => HOTPLUG_SLOTS,
             0x10 => s.bnum,
+            0x14 => std::mem::take(&mut s.pidx),
             _ => 0,
         }
     }
@@ -157,6 +172,21 @@ impl BusDevice for PciHotplug {
         match (offset, data.len()) {
             (0x08, 4) => self.eject(v),
             (0x10, 4) => self.lock().bnum = v,
+            (0x14, 4) => {
+                // The newest function of the slot (QEMU looks through the bus's children,
+                // newest first).
+                let mut s = self.lock();
+                let slot = v.trailing_zeros();
+                s.pidx = match s.bnum {
+                    0 => s
+                        .indexes
+                        .iter()
+                        .rev()
+                        .find(|(d, _)| u32::from(*d >> 3) == slot)
+                        .map_or(0, |(_, i)| *i),
+                    _ => 0,
+                };
+            }
             _ => {}
         }
     }
@@ -216,5 +246,19 @@ mod tests {
         assert_eq!(hp.take_ejected(), 1 << 3);
         hp.read(4, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0);
+        // PIDX: a slot's bit in, its acpi-index out, once.
+        hp.set_acpi_index(5 << 3, 7);
+        hp.write(0x14, &(1u32 << 5).to_le_bytes());
+        hp.read(0x14, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 7);
+        hp.read(0x14, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0);
+        hp.write(0x14, &(1u32 << 6).to_le_bytes());
+        hp.read(0x14, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0, "slot 6 has none");
+        hp.set_acpi_index(5 << 3, 0);
+        hp.write(0x14, &(1u32 << 5).to_le_bytes());
+        hp.read(0x14, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0, "gone");
     }
 }

@@ -285,6 +285,7 @@ pub(crate) fn spawn_vcpu(
         .spawn({
             let shared = shared.clone();
             move || {
+                keel_sandbox::enter(keel_sandbox::ThreadClass::Vcpu);
                 let _exit = ThreadExit {
                     index,
                     shared: &shared,

@@ -61,9 +61,12 @@ pub use bus::{BarObserver, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, PciBus, PciConfig
 pub use config::{AddressSpace, BarKind, BarRegion, BarSpec, PciConfig, PciIds};
 pub use device::{PciDevice, PciFunction, assign_config_bars};
 pub use msi::{IntxLine, MSIX_ENTRY_SIZE, Msi, MsiMessage, MsiSink, Msix, MsixOutcome};
-pub use qdev::{PciDeviceProps, qdev_types, virtio_pci_type};
+pub use qdev::{PciDeviceProps, VIRTIO_BACKEND, qdev_types, virtio_pci_type};
 
-pub use virtio_pci::{NO_VECTOR, VIRTIO_VENDOR_ID, VirtioPci, VirtioPciLayout, virtio_pci_ids};
+pub use virtio_pci::{
+    Interfaces, NO_VECTOR, VIRTIO_VENDOR_ID, VirtioPci, VirtioPciLayout, legacy, legacy_capable,
+    virtio_pci_ids,
+};
 
 /// Errors of the PCI layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,6 +119,16 @@ pub enum PciError {
         .0.slot(), .0.function()
     )]
     SlotExposed(PciAddress),
+    /// `disable-legacy=on` and `disable-modern=on` together (QEMU's message).
+    #[error(
+        "device cannot work as neither modern nor legacy mode is enabled (set either disable-modern or disable-legacy to off)"
+    )]
+    NoVirtioInterface,
+    /// The legacy interface asked of a device Keel offers through the modern one only.
+    #[error(
+        "virtio device type {0} has no legacy interface in Keel (its queues need VERSION_1): use disable-legacy=on or auto"
+    )]
+    NoLegacyInterface(u32),
     /// An `addr=` value QEMU would not accept either.
     #[error(
         "Property 'addr' doesn't take value '{0}' (expected SLOT[.FUNCTION] in hex, e.g. 04 or 0x4.1)"

@@ -14,13 +14,21 @@ use keel_virtio::{Block, Console, Net, Rng};
 
 use crate::{PciAddress, PciError};
 
-/// The validated PCI properties of a device (`addr=`, `multifunction=`).
+/// The validated PCI properties of a device (`addr=`, `multifunction=`,
+/// `disable-legacy=`, `disable-modern=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PciDeviceProps {
     /// Where the guest sees the function; `None` lets the machine pick a free slot.
     pub addr: Option<PciAddress>,
     /// Sets the multifunction bit of the function's header type.
     pub multifunction: bool,
+    /// `disable-legacy`: `Some(true)` on, `Some(false)` off, `None` auto (the legacy
+    /// interface on a conventional PCI bus such as `pc`'s, when the device has one).
+    pub disable_legacy: Option<bool>,
+    /// `disable-modern`.
+    pub disable_modern: bool,
+    /// `acpi-index` (0: none).
+    pub acpi_index: u32,
 }
 
 impl PciDeviceProps {
@@ -30,30 +38,73 @@ impl PciDeviceProps {
             None | Some("") => None,
             Some(text) => Some(PciAddress::parse(text)?),
         };
+        let disable_legacy = match props.str("disable-legacy") {
+            Some("on") => Some(true),
+            Some("off") => Some(false),
+            _ => None,
+        };
         Ok(Self {
             addr,
             multifunction: props.bool("multifunction").unwrap_or(false),
+            disable_legacy,
+            disable_modern: props.bool("disable-modern").unwrap_or(false),
+            acpi_index: props
+                .u64("acpi-index")
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0),
         })
+    }
+
+    /// The interfaces of a device of virtio `device_type` with these properties (QEMU's
+    /// defaults on `pc`: both, where Keel's device has a legacy interface).
+    pub fn interfaces(&self, device_type: u32) -> crate::Interfaces {
+        crate::Interfaces {
+            legacy: match self.disable_legacy {
+                Some(off) => !off,
+                None => crate::legacy_capable(device_type),
+            },
+            modern: !self.disable_modern,
+        }
     }
 }
 
+/// The child every virtio-pci device holds, as QEMU's proxies hold their virtio device: its
+/// `DEVICE_DELETED` (`PATH/virtio-backend`, no id) precedes the device's own.
+pub const VIRTIO_BACKEND: &str = "virtio-backend";
+
 /// A virtio-pci type named `name` for the back end described by `backend` (its
-/// properties are copied), with the PCI properties added. Hotpluggable.
+/// properties are copied), with the PCI properties added. Hotpluggable, with a
+/// [`VIRTIO_BACKEND`] child.
 pub fn virtio_pci_type(name: &str, backend: &DeviceType, description: &str) -> DeviceType {
-    let mut t = DeviceType::new(name, BusType::Pci)
-        .category(backend.category_of())
-        .description(description)
-        .hotpluggable(true)
-        .prop(
-            PropSpec::string("addr")
-                .default_str("")
-                .description("Slot and optional function number, example: 06.0 or 06"),
-        )
-        .prop(
-            PropSpec::bool("multifunction")
-                .default_bool(false)
-                .description("on/off (sets the multifunction bit of function 0)"),
-        );
+    let mut t =
+        DeviceType::new(name, BusType::Pci)
+            .category(backend.category_of())
+            .description(description)
+            .hotpluggable(true)
+            .child(VIRTIO_BACKEND)
+            .prop(
+                PropSpec::string("addr")
+                    .default_str("")
+                    .description("Slot and optional function number, example: 06.0 or 06"),
+            )
+            .prop(
+                PropSpec::bool("multifunction")
+                    .default_bool(false)
+                    .description("on/off (sets the multifunction bit of function 0)"),
+            )
+            .prop(PropSpec::uint32("acpi-index").default_u64(0).description(
+                "the guest's ACPI index of the function (0: none; Linux's acpi_index)",
+            ))
+            .prop(
+                PropSpec::enumeration("disable-legacy", ["on", "off", "auto"])
+                    .default_str("auto")
+                    .description("on/off/auto (auto: the legacy I/O interface in BAR0 on pc)"),
+            )
+            .prop(
+                PropSpec::bool("disable-modern")
+                    .default_bool(false)
+                    .description("on/off (no modern interface: BAR4 and its capabilities)"),
+            );
     for p in backend.props() {
         t = t.prop(p.clone());
     }
@@ -122,6 +173,7 @@ mod tests {
         for t in qdev_types() {
             assert_eq!(t.bus_type(), &BusType::Pci);
             assert!(t.is_hotpluggable());
+            assert_eq!(t.children(), [VIRTIO_BACKEND]);
             r.register(t).unwrap();
         }
     }
@@ -149,9 +201,32 @@ mod tests {
             pci,
             PciDeviceProps {
                 addr: None,
-                multifunction: true
+                multifunction: true,
+                disable_legacy: None,
+                disable_modern: false,
+                acpi_index: 0,
             }
         );
+        assert_eq!(pci.interfaces(2), crate::Interfaces::TRANSITIONAL);
+        assert_eq!(
+            pci.interfaces(1),
+            crate::Interfaces::MODERN,
+            "net: modern only"
+        );
+        let legacy_only = validate(
+            &t,
+            &[
+                ("drive", "d0"),
+                ("disable-legacy", "off"),
+                ("disable-modern", "on"),
+            ],
+        )
+        .unwrap();
+        let i = PciDeviceProps::from_props(&legacy_only)
+            .unwrap()
+            .interfaces(2);
+        assert!(i.legacy && !i.modern);
+        assert!(validate(&t, &[("drive", "d0"), ("disable-legacy", "maybe")]).is_err());
         let blk = BlockProps::from_props(&p).unwrap();
         assert_eq!(
             (blk.drive.as_str(), blk.serial.as_deref()),

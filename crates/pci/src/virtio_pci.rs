@@ -13,9 +13,18 @@
 //!   capability, then the MSI-X capability with one vector per queue plus one for
 //!   configuration changes.
 //!
-//! **Not implemented: the legacy I/O interface (BAR0).** The device IDs are transitional,
-//! but BAR0 is absent, so only a driver of the modern interface binds (Linux's
-//! `virtio_pci` tries the modern interface first and uses it). `VERSION_1` is required.
+//! * BAR0 (transitional and legacy devices): I/O, the legacy virtio header (virtio 0.9.5,
+//!   [`legacy`] offsets) followed by the device configuration, sized as QEMU sizes it: the
+//!   next power of two of 24 + the configuration's length (virtio-rng: 32 bytes,
+//!   virtio-blk: 128). Queues take one guest page number; the rings follow the descriptor
+//!   table at 4 KiB alignment.
+//!
+//! [`Interfaces`] chooses the interfaces, as QEMU's `disable-legacy`/`disable-modern`: both
+//! (QEMU 7.2's default on `pc`, whose bus is conventional PCI), modern only (device ID
+//! 0x1040 + type, revision 1, subsystem 0x1100, no BAR0) or legacy only (no BAR4 and no
+//! virtio capabilities). Linux's `virtio_pci` uses the modern interface when there is one.
+//! A modern driver must accept `VERSION_1`; a legacy driver negotiates the low 32 bits.
+//! virtio-net has no legacy interface in Keel (its header is the `VERSION_1` one).
 //!
 //! Interrupts: with MSI-X enabled, a used-buffer interrupt of queue N goes to
 //! `queue_msix_vector[N]` and a configuration change to `msix_config` (nothing when the
@@ -83,6 +92,77 @@ mod cfg_type {
     pub const ISR: u8 = 3;
     pub const DEVICE: u8 = 4;
     pub const PCI: u8 = 5;
+}
+
+/// Legacy header offsets in BAR0 (virtio 0.9.5; virtio 1.2, 4.1.4.10).
+pub mod legacy {
+    /// Device features, bits 0-31 (read-only).
+    pub const HOST_FEATURES: u64 = 0x00;
+    /// Driver features, bits 0-31.
+    pub const GUEST_FEATURES: u64 = 0x04;
+    /// Guest page number (4 KiB) of the selected queue's descriptor table; 0 resets.
+    pub const QUEUE_PFN: u64 = 0x08;
+    /// Size of the selected queue (read-only: the device's maximum).
+    pub const QUEUE_NUM: u64 = 0x0c;
+    /// Queue select.
+    pub const QUEUE_SEL: u64 = 0x0e;
+    /// Queue notify (write the queue's index).
+    pub const QUEUE_NOTIFY: u64 = 0x10;
+    /// Device status (8 bits).
+    pub const STATUS: u64 = 0x12;
+    /// ISR status (8 bits, read acknowledges).
+    pub const ISR: u64 = 0x13;
+    /// MSI-X vector of configuration changes (only while MSI-X is enabled).
+    pub const MSIX_CONFIG: u64 = 0x14;
+    /// MSI-X vector of the selected queue (only while MSI-X is enabled).
+    pub const MSIX_QUEUE: u64 = 0x16;
+    /// Where the device configuration starts with MSI-X disabled.
+    pub const CONFIG: u64 = 0x14;
+    /// Where it starts with MSI-X enabled.
+    pub const CONFIG_MSIX: u64 = 0x18;
+    /// Ring alignment of a legacy queue.
+    pub const VRING_ALIGN: u64 = 4096;
+}
+
+/// The `DRIVER` bit of the device status (the driver found a driver for the device).
+const STATUS_DRIVER: u32 = 2;
+
+/// Which virtio-pci interfaces a function offers (QEMU's `disable-legacy` and
+/// `disable-modern`, resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interfaces {
+    /// The legacy I/O interface in BAR0.
+    pub legacy: bool,
+    /// The modern interface (BAR4 and the virtio capabilities).
+    pub modern: bool,
+}
+
+impl Interfaces {
+    /// Both, as QEMU 7.2's virtio-pci devices on `pc`.
+    pub const TRANSITIONAL: Self = Self {
+        legacy: true,
+        modern: true,
+    };
+    /// Modern only.
+    pub const MODERN: Self = Self {
+        legacy: false,
+        modern: true,
+    };
+}
+
+/// Whether Keel's device of `device_type` works through the legacy interface (its queues
+/// mean the same without `VERSION_1`): block, console and entropy; not net.
+pub fn legacy_capable(device_type: u32) -> bool {
+    matches!(device_type, 2..=4)
+}
+
+/// Length of the device configuration of Keel's device of `device_type` (BAR0's size).
+fn device_config_len(device_type: u32) -> u64 {
+    match device_type {
+        1 | 3 => 12,
+        2 => 60,
+        _ => 0,
+    }
 }
 
 /// Common configuration offsets (virtio 1.2, 4.1.4.3).
@@ -176,6 +256,8 @@ pub struct VirtioPci {
     vectors: Arc<Mutex<Vectors>>,
     intx: Arc<IntxLine>,
     pci_cfg_cap: u8,
+    interfaces: Interfaces,
+    legacy_bar_size: u64,
 }
 
 impl std::fmt::Debug for VirtioPci {
@@ -208,73 +290,69 @@ fn vendor_cap(config: &mut PciConfig, cfg: u8, offset: u64, length: u64, extra: 
 
 impl VirtioPci {
     /// A function for `device` over `memory`: INTx drives `intx` (the GSI its slot and pin
-    /// route to), MSI-X messages go to `sink`.
+    /// route to), MSI-X messages go to `sink`. Transitional when the device works through
+    /// the legacy interface ([`legacy_capable`]), modern only otherwise.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         memory: Arc<GuestMemory>,
         intx: Arc<dyn IrqLine>,
         sink: Arc<dyn MsiSink>,
     ) -> Result<Self, PciError> {
+        let legacy = legacy_capable(
+            device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_type(),
+        );
+        let interfaces = Interfaces {
+            legacy,
+            modern: true,
+        };
+        Self::with_interfaces(device, memory, intx, sink, interfaces)
+    }
+
+    /// [`VirtioPci::new`] with the interfaces chosen (see the module documentation).
+    /// Refused: neither interface, or the legacy one for a device without it.
+    pub fn with_interfaces(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        memory: Arc<GuestMemory>,
+        intx: Arc<dyn IrqLine>,
+        sink: Arc<dyn MsiSink>,
+        interfaces: Interfaces,
+    ) -> Result<Self, PciError> {
         let (core, driver) = TransportCore::new("virtio-pci", device, memory);
-        let mut config = PciConfig::new(virtio_pci_ids(core.device_type()));
+        let device_type = core.device_type();
+        if !interfaces.legacy && !interfaces.modern {
+            return Err(PciError::NoVirtioInterface);
+        }
+        if interfaces.legacy && !legacy_capable(device_type) {
+            return Err(PciError::NoLegacyInterface(device_type));
+        }
+        let mut ids = virtio_pci_ids(device_type);
+        if !interfaces.legacy {
+            // A modern-only device has the virtio 1.0 IDs (QEMU: revision 1, subsystem of
+            // QEMU's PCI devices).
+            ids.device = 0x1040u16.wrapping_add(device_type as u16);
+            ids.revision = 1;
+            ids.subsystem = 0x1100;
+        }
+        let legacy_bar_size = (legacy::CONFIG_MSIX + device_config_len(device_type))
+            .next_power_of_two()
+            .max(4);
+        let mut config = PciConfig::new(ids);
         config.set_interrupt_pin(1);
+        if interfaces.legacy {
+            config.add_bar(0, BarSpec::io(legacy_bar_size))?;
+        }
         config.add_bar(
             usize::from(VirtioPciLayout::MSIX_BAR),
             BarSpec::mem32(VirtioPciLayout::MSIX_BAR_SIZE, false),
         )?;
-        config.add_bar(
-            usize::from(VirtioPciLayout::MODERN_BAR),
-            BarSpec::mem64(VirtioPciLayout::MODERN_BAR_SIZE, true),
-        )?;
-        let size = VirtioPciLayout::REGION_SIZE;
-        vendor_cap(
-            &mut config,
-            cfg_type::COMMON,
-            VirtioPciLayout::COMMON,
-            size,
-            &[],
-        );
-        vendor_cap(&mut config, cfg_type::ISR, VirtioPciLayout::ISR, size, &[]);
-        vendor_cap(
-            &mut config,
-            cfg_type::DEVICE,
-            VirtioPciLayout::DEVICE,
-            size,
-            &[],
-        );
-        vendor_cap(
-            &mut config,
-            cfg_type::NOTIFY,
-            VirtioPciLayout::NOTIFY,
-            size,
-            &VirtioPciLayout::NOTIFY_MULTIPLIER.to_le_bytes(),
-        );
-        // PCI configuration access: bar, offset, length and data are writable.
-        let body = [
-            20u8,
-            cfg_type::PCI,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ];
-        let wmask = [
-            0u8, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0xff, 0xff,
-        ];
-        let pci_cfg_cap = config.add_capability(cap_id::VENDOR, &body, &wmask)?;
+        let pci_cfg_cap = if interfaces.modern {
+            Self::modern_capabilities(&mut config)?
+        } else {
+            0
+        };
         let queues = driver.queues.len();
         // The table must end before the PBA at 0x800: at most 128 vectors.
         let nvectors = u16::try_from(queues + 1)
@@ -312,7 +390,38 @@ impl VirtioPci {
             vectors,
             intx,
             pci_cfg_cap,
+            interfaces,
+            legacy_bar_size,
         })
+    }
+
+    /// BAR4 and the virtio capabilities of the modern interface; returns where the PCI
+    /// configuration access capability is.
+    fn modern_capabilities(config: &mut PciConfig) -> Result<u8, PciError> {
+        config.add_bar(
+            usize::from(VirtioPciLayout::MODERN_BAR),
+            BarSpec::mem64(VirtioPciLayout::MODERN_BAR_SIZE, true),
+        )?;
+        let size = VirtioPciLayout::REGION_SIZE;
+        vendor_cap(config, cfg_type::COMMON, VirtioPciLayout::COMMON, size, &[]);
+        vendor_cap(config, cfg_type::ISR, VirtioPciLayout::ISR, size, &[]);
+        vendor_cap(config, cfg_type::DEVICE, VirtioPciLayout::DEVICE, size, &[]);
+        vendor_cap(
+            config,
+            cfg_type::NOTIFY,
+            VirtioPciLayout::NOTIFY,
+            size,
+            &VirtioPciLayout::NOTIFY_MULTIPLIER.to_le_bytes(),
+        );
+        // PCI configuration access: bar, offset, length and data are writable.
+        let mut body = [0u8; 18];
+        body[0] = 20;
+        body[1] = cfg_type::PCI;
+        let wmask = [
+            0u8, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff,
+        ];
+        config.add_capability(cap_id::VENDOR, &body, &wmask)
     }
 
     /// Sets the multifunction bit (`multifunction=on`); before adding it to the bus.
@@ -584,12 +693,150 @@ impl VirtioPci {
         matches!(len, 1 | 2 | 4).then_some((bar, offset, len))
     }
 
+    /// Where the device configuration starts in BAR0 now (it moves with MSI-X).
+    fn legacy_config_offset(&self) -> u64 {
+        if Vectors::lock(&self.vectors).msix.enabled() {
+            legacy::CONFIG_MSIX
+        } else {
+            legacy::CONFIG
+        }
+    }
+
+    fn legacy_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let cfg = self.legacy_config_offset();
+        if offset >= cfg {
+            if matches!(data.len(), 1 | 2 | 4) {
+                self.core.lock_device().read_config(offset - cfg, data);
+            }
+            return;
+        }
+        if offset == legacy::ISR {
+            if let Some(first) = data.first_mut() {
+                let irq = self.core.interrupt();
+                let status = irq.status();
+                irq.ack(status);
+                *first = status as u8;
+            }
+            return;
+        }
+        let st = self.lock();
+        let d = &st.driver;
+        let v = Vectors::lock(&self.vectors);
+        let sel = d.selected();
+        let value: u32 = match offset {
+            legacy::HOST_FEATURES => self.core.offered() as u32,
+            legacy::GUEST_FEATURES => d.driver_features as u32,
+            legacy::QUEUE_PFN => sel.filter(|q| q.ready).map_or(0, |q| (q.desc >> 12) as u32),
+            legacy::QUEUE_NUM => sel.map_or(0, |q| u32::from(q.max)),
+            legacy::QUEUE_SEL => d.queue_sel & 0xffff,
+            legacy::STATUS => self.core.status(d) & 0xff,
+            legacy::MSIX_CONFIG => u32::from(v.config),
+            legacy::MSIX_QUEUE => u32::from(
+                v.queues
+                    .get(d.queue_sel as usize)
+                    .copied()
+                    .unwrap_or(NO_VECTOR),
+            ),
+            _ => 0,
+        };
+        let bytes = value.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    fn legacy_write(&self, offset: u64, data: &[u8]) {
+        let cfg = self.legacy_config_offset();
+        if offset >= cfg {
+            if matches!(data.len(), 1 | 2 | 4) {
+                self.core.lock_device().write_config(offset - cfg, data);
+            }
+            return;
+        }
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(b);
+        if offset == legacy::QUEUE_NOTIFY {
+            let index = value as u16;
+            let st = self.lock();
+            if !self.core.notify_allowed(&st.driver, index) {
+                return;
+            }
+            let hook = st.notify_hook.clone();
+            drop(st);
+            match hook {
+                Some(hook) => hook(index),
+                None => self.core.lock_device().queue_notify(index),
+            }
+            return;
+        }
+        let mut st = self.lock();
+        let d = &mut st.driver;
+        let nvec = |v: &Vectors, x: u16| if x < v.msix.vectors() { x } else { NO_VECTOR };
+        match (offset, data.len()) {
+            (legacy::GUEST_FEATURES, 4) => {
+                if d.status & STATUS_DRIVER != 0 && !d.running() {
+                    d.driver_features = u64::from(value);
+                }
+            }
+            (legacy::QUEUE_PFN, 4) => {
+                if value == 0 {
+                    self.core.reset(d);
+                    Vectors::lock(&self.vectors).reset_assignments();
+                    return;
+                }
+                let Some(q) = d.selected_for_setup("address") else {
+                    return;
+                };
+                let size = u64::from(q.max);
+                let desc = u64::from(value) << 12;
+                let avail = desc + 16 * size;
+                let used = (avail + 6 + 2 * size).next_multiple_of(legacy::VRING_ALIGN);
+                q.size = q.max;
+                q.desc = desc;
+                q.avail = avail;
+                q.used = used;
+                q.ready = true;
+            }
+            (legacy::QUEUE_SEL, 2) => d.queue_sel = value & 0xffff,
+            (legacy::STATUS, 1) => {
+                self.core.write_status_legacy(d, value);
+                if value == 0 {
+                    Vectors::lock(&self.vectors).reset_assignments();
+                }
+            }
+            (legacy::MSIX_CONFIG, 2) => {
+                let mut v = Vectors::lock(&self.vectors);
+                v.config = nvec(&v, value as u16);
+            }
+            (legacy::MSIX_QUEUE, 2) => {
+                let sel = d.queue_sel as usize;
+                let mut v = Vectors::lock(&self.vectors);
+                let x = nvec(&v, value as u16);
+                if let Some(slot) = v.queues.get_mut(sel) {
+                    *slot = x;
+                }
+            }
+            _ => log::debug!(
+                "virtio-pci: {}-byte legacy write at {offset:#x} ignored",
+                data.len()
+            ),
+        }
+    }
+
     fn bar_access_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
         match bar {
+            0 if self.interfaces.legacy && offset < self.legacy_bar_size => {
+                self.legacy_read(offset, data)
+            }
             VirtioPciLayout::MSIX_BAR if offset < VirtioPciLayout::MSIX_BAR_SIZE => {
                 self.msix_read(offset, data)
             }
-            VirtioPciLayout::MODERN_BAR if offset < VirtioPciLayout::MODERN_BAR_SIZE => {
+            VirtioPciLayout::MODERN_BAR
+                if self.interfaces.modern && offset < VirtioPciLayout::MODERN_BAR_SIZE =>
+            {
                 self.modern_read(offset, data)
             }
             _ => data.fill(0),
@@ -598,10 +845,15 @@ impl VirtioPci {
 
     fn bar_access_write(&self, bar: u8, offset: u64, data: &[u8]) {
         match bar {
+            0 if self.interfaces.legacy && offset < self.legacy_bar_size => {
+                self.legacy_write(offset, data)
+            }
             VirtioPciLayout::MSIX_BAR if offset < VirtioPciLayout::MSIX_BAR_SIZE => {
                 self.msix_write(offset, data)
             }
-            VirtioPciLayout::MODERN_BAR if offset < VirtioPciLayout::MODERN_BAR_SIZE => {
+            VirtioPciLayout::MODERN_BAR
+                if self.interfaces.modern && offset < VirtioPciLayout::MODERN_BAR_SIZE =>
+            {
                 self.modern_write(offset, data)
             }
             _ => {}

@@ -347,3 +347,167 @@ fn device_config_and_odd_accesses() {
     assert_eq!(r16(m, f.caps.common + 0x12), 1);
     assert_eq!(m.cfg_read32(f.a, 0), 0x1005_1af4);
 }
+
+/// The legacy interface in BAR0 as Linux's virtio_pci_legacy drives it: the header's
+/// registers at their virtio 0.9.5 offsets, a queue given by page number with the rings at
+/// 4 KiB alignment, a notify, the used ring, the ISR; with MSI-X enabled the vectors at
+/// 0x14/0x16 and the device configuration moving from 0x14 to 0x18. Legacy only
+/// (`disable-modern=on`): no BAR4 and no virtio capability.
+#[test]
+fn legacy_interface_register_layout() {
+    let mut m = Machine::new();
+    let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap());
+    let sink = Arc::new(Sink::default());
+    let line = Arc::new(Line::default());
+    let dev = Arc::new(Mutex::new(keel_virtio::Rng::with_source(Box::new(
+        std::io::repeat(7),
+    ))));
+    let interfaces = Interfaces {
+        legacy: true,
+        modern: false,
+    };
+    let t = Arc::new(
+        VirtioPci::with_interfaces(dev, mem.clone(), line.clone(), sink.clone(), interfaces)
+            .unwrap(),
+    );
+    let a = addr(5, 0);
+    m.plug(a, t.clone());
+    m.cfg_write16(a, 4, 0x0005); // I/O decoding, bus master
+    assert_eq!(m.cfg_read32(a, 0), 0x1005_1af4, "transitional rng");
+    assert_eq!(m.cfg_read8(a, 8), 0, "revision 0: legacy ABI");
+    let sizes = m.size_bars(a);
+    assert_eq!(sizes[0].1 & 0x1, 1, "BAR0 is I/O");
+    assert_eq!(
+        !(sizes[0].1 & !0x3) + 1,
+        32,
+        "24-byte header, no config: 32"
+    );
+    assert_eq!(sizes[4], (0, 0), "no BAR4");
+    assert!(
+        m.caps(a).iter().all(|&(_, id)| id != 0x09),
+        "no virtio capability"
+    );
+    let io = u16::try_from(m.cfg_read32(a, 0x10) & !0x3).unwrap();
+    assert!(io != 0);
+
+    // The low word of the features only: VERSION_1 (bit 32) is not visible here.
+    let features = m.inl(io);
+    // Reset, ACKNOWLEDGE, DRIVER, features, queue 0.
+    m.outb(io + 0x12, 0);
+    m.outb(io + 0x12, 1);
+    m.outb(io + 0x12, 3);
+    m.outl(io + 0x04, features);
+    assert_eq!(m.inl(io + 0x04), features);
+    m.outw(io + 0x0e, 0);
+    let num = m.inw(io + 0x0c);
+    assert_eq!(num, 256, "legacy queue size is the maximum");
+    assert_eq!(m.inl(io + 0x08), 0, "queue not active");
+    m.outw(io + 0x0e, 1);
+    assert_eq!(m.inw(io + 0x0c), 0, "no queue 1");
+    m.outw(io + 0x0e, 0);
+    // The legacy ring layout: descriptors at the page, the available ring right after
+    // them, the used ring at the next 4 KiB boundary.
+    let desc = 0x4000u64;
+    let avail = desc + 16 * u64::from(num);
+    let used = (avail + 6 + 2 * u64::from(num)).next_multiple_of(4096);
+    assert_eq!((avail, used), (0x5000, 0x6000));
+    m.outl(io + 0x08, (desc >> 12) as u32);
+    assert_eq!(m.inl(io + 0x08), 4);
+    m.outb(io + 0x12, 7);
+    assert_eq!(m.inb(io + 0x12), 7, "DRIVER_OK without FEATURES_OK");
+    // One 4-byte device-writable buffer in descriptor 0, made available.
+    mem.write_obj(DATA, GuestAddress(desc)).unwrap();
+    mem.write_obj(4u32, GuestAddress(desc + 8)).unwrap();
+    mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap();
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    m.outw(io + 0x10, 0);
+    let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+    assert_eq!(used_idx, 1);
+    let used_len: u32 = mem.read_obj(GuestAddress(used + 8)).unwrap();
+    assert_eq!(used_len, 4);
+    let mut got = [0u8; 4];
+    mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got, [7; 4]);
+    assert!(line.level.load(Ordering::SeqCst), "INTx");
+    assert_eq!(m.inb(io + 0x13), 1, "ISR: used buffer");
+    assert!(!line.level.load(Ordering::SeqCst));
+    assert_eq!(m.inb(io + 0x13), 0);
+
+    // MSI-X on: vectors at 0x14/0x16, read back as Linux checks them.
+    let msix = m.caps(a).into_iter().find(|&(_, id)| id == 0x11).unwrap().0;
+    m.cfg_write16(a, u16::from(msix) + 2, 0x8000);
+    m.outw(io + 0x14, 0);
+    assert_eq!(m.inw(io + 0x14), 0);
+    m.outw(io + 0x16, 1);
+    assert_eq!(m.inw(io + 0x16), 1);
+    m.outw(io + 0x16, 7);
+    assert_eq!(m.inw(io + 0x16), NO_VECTOR, "no vector 7");
+    // PFN 0 resets the device.
+    m.outl(io + 0x08, 0);
+    assert_eq!(m.inb(io + 0x12), 0);
+    assert_eq!(t.status(), 0);
+}
+
+/// virtio-blk's legacy BAR holds its 60-byte configuration after the header: 128 bytes;
+/// the capacity reads at 0x14 with MSI-X off. Modern only has the virtio 1.0 IDs.
+#[test]
+fn legacy_config_of_blk_and_modern_only_ids() {
+    let mut m = Machine::new();
+    let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap());
+    let img = std::env::temp_dir().join(format!("keel-pci-legacy-{}", std::process::id()));
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let blk = keel_virtio::Block::new(&keel_virtio::BlockConfig::new(&img)).unwrap();
+    std::fs::remove_file(&img).ok();
+    let t = Arc::new(
+        VirtioPci::new(
+            Arc::new(Mutex::new(blk)),
+            mem.clone(),
+            Arc::new(Line::default()),
+            Arc::new(Sink::default()),
+        )
+        .unwrap(),
+    );
+    let a = addr(6, 0);
+    m.plug(a, t);
+    m.cfg_write16(a, 4, 0x0007);
+    let sizes = m.size_bars(a);
+    assert_eq!(!(sizes[0].1 & !0x3) + 1, 128);
+    assert_ne!(sizes[4], (0, 0), "transitional: BAR4 too");
+    let io = u16::try_from(m.cfg_read32(a, 0x10) & !0x3).unwrap();
+    assert_eq!(m.inl(io + 0x14), 2048, "capacity in sectors");
+
+    let rng = Arc::new(Mutex::new(keel_virtio::Rng::with_source(Box::new(
+        std::io::repeat(1),
+    ))));
+    let t = VirtioPci::with_interfaces(
+        rng.clone(),
+        mem.clone(),
+        Arc::new(Line::default()),
+        Arc::new(Sink::default()),
+        Interfaces::MODERN,
+    )
+    .unwrap();
+    let mut id = [0u8; 4];
+    t.config_read(0, &mut id);
+    assert_eq!(u32::from_le_bytes(id), 0x1044_1af4);
+    let mut sub = [0u8; 2];
+    t.config_read(0x2e, &mut sub);
+    assert_eq!(u16::from_le_bytes(sub), 0x1100);
+    let neither = Interfaces {
+        legacy: false,
+        modern: false,
+    };
+    let e = VirtioPci::with_interfaces(
+        rng,
+        mem,
+        Arc::new(Line::default()),
+        Arc::new(Sink::default()),
+        neither,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().starts_with("device cannot work as neither"),
+        "{e}"
+    );
+}

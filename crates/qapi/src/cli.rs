@@ -474,6 +474,20 @@ pub fn command_line_options(
         opt("chardev", Vec::new()),
         opt("device", Vec::new()),
         opt("netdev", Vec::new()),
+        // The binary reads it (keel-sandbox); libvirt passes it when it is listed.
+        opt(
+            "sandbox",
+            [
+                "enable",
+                "obsolete",
+                "elevateprivileges",
+                "spawn",
+                "resourcecontrol",
+            ]
+            .iter()
+            .map(|n| p(n, if *n == "enable" { "boolean" } else { "string" }))
+            .collect(),
+        ),
     ];
     match option {
         None => Ok(all),

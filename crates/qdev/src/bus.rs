@@ -107,6 +107,14 @@ pub trait HotplugHandler: Send {
     /// `device_del` on a realized device: ask the guest to release it. An error refuses the
     /// request and leaves the device as it was.
     fn unplug_request(&mut self, dev: &DeviceView<'_>) -> Result<UnplugMode, HookError>;
+    /// `device_del` on a device whose asynchronous unplug is still pending. A controller that
+    /// re-sends the request (QEMU 7.2's ACPI PCI hot plug raises its GPE again) does so and
+    /// returns `Ok(true)`; the default `Ok(false)` keeps the request as it is and the command
+    /// fails with "already in the process of unplug". An error refuses the command.
+    fn unplug_request_again(&mut self, dev: &DeviceView<'_>) -> Result<bool, HookError> {
+        let _ = dev;
+        Ok(false)
+    }
     /// The device is going away (guest ejected it, reset, immediate unplug, or a cold device
     /// removed before the guest ran); detach it from the guest-visible slot. Runs before the
     /// machine's unrealize.

@@ -194,6 +194,10 @@ pub enum QdevError {
         #[source]
         source: HookError,
     },
+    /// The machine refused the device with a message of its own, given as is (QEMU words
+    /// some refusals without a prefix, e.g. PCI's "function 0 already occupied" rule).
+    #[error("{0}")]
+    MachineRefused(String),
     /// A partial QOM path that matches more than one object.
     #[error("Path '{0}' is ambiguous")]
     AmbiguousPath(String),

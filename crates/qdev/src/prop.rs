@@ -50,6 +50,15 @@ impl PropKind {
             PropKind::Bool => "bool",
             PropKind::Int { type_name, .. } | PropKind::Uint { type_name, .. } => type_name,
             PropKind::Size => "size",
+            // QEMU's own name for the on/off/auto enumeration, as introspection shows it.
+            PropKind::Enum(v)
+                if v.len() == 3
+                    && ["on", "off", "auto"]
+                        .iter()
+                        .all(|x| v.iter().any(|y| y == x)) =>
+            {
+                "OnOffAuto"
+            }
             PropKind::Enum(_) => "enum",
         }
     }

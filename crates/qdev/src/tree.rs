@@ -62,7 +62,8 @@ impl DeviceHooks for NoHooks {
 pub enum UnplugState {
     /// No unplug requested.
     None,
-    /// Requested; waiting for the guest (a second `device_del` is refused).
+    /// Requested; waiting for the guest (a second `device_del` is refused, unless the bus's
+    /// controller re-sends requests).
     Pending,
     /// The guest refused the last request; `device_del` may be retried.
     GuestError,
@@ -580,8 +581,9 @@ impl DeviceTree {
         }
     }
 
-    /// `device_del`: unknown id or path → `DeviceNotFound`; a pending request → "already in
-    /// the process of unplug". In machine-init a user device goes at once. In machine-ready
+    /// `device_del`: unknown id or path → `DeviceNotFound`; a pending request is re-sent if
+    /// the bus's controller does so ([`HotplugHandler::unplug_request_again`], the timeout
+    /// restarts), otherwise "already in the process of unplug". In machine-init a user device goes at once. In machine-ready
     /// the device type must be hotpluggable and the bus must have a handler, which asks the
     /// guest (→ [`DelOutcome::Pending`]) or removes at once.
     pub fn device_del(&mut self, phase: Phase, target: &str) -> Result<DelOutcome, QdevError> {
@@ -599,7 +601,28 @@ impl DeviceTree {
             return Err(QdevError::DeviceNotFound(target.to_owned()));
         };
         if dev.unplug == UnplugState::Pending {
-            return Err(QdevError::UnplugPending(target.to_owned()));
+            let b = &mut self.buses[dev.bus];
+            let again = match b.hotplug.as_mut() {
+                Some(h) => h
+                    .unplug_request_again(&view(dev, &b.name, &b.slots))
+                    .map_err(|source| QdevError::HotplugRefused {
+                        bus: b.name.clone(),
+                        device: target.to_owned(),
+                        action: "unplug",
+                        source,
+                    })?,
+                None => false,
+            };
+            if !again {
+                return Err(QdevError::UnplugPending(target.to_owned()));
+            }
+            let deadline = self
+                .unplug_timeout
+                .map(|t| self.clock.now().saturating_add(t));
+            if let Some(d) = self.devices.get_mut(&key) {
+                d.deadline = deadline;
+            }
+            return Ok(DelOutcome::Pending);
         }
         if dev.onboard {
             return Err(QdevError::Onboard(target.to_owned()));
@@ -667,6 +690,14 @@ impl DeviceTree {
             self.ids.remove(id);
         }
         self.paths.remove(&dev.path);
+        if let Some(t) = self.registry.get(&dev.driver) {
+            for child in t.children() {
+                self.events.emit(DeviceEvent::DeviceDeleted {
+                    device: None,
+                    path: format!("{}/{child}", dev.path),
+                });
+            }
+        }
         self.events.emit(DeviceEvent::DeviceDeleted {
             device: dev.id,
             path: dev.path,

@@ -69,6 +69,7 @@ pub struct DeviceType {
     props: Vec<PropSpec>,
     alias: Option<String>,
     category: Category,
+    children: Vec<String>,
 }
 
 impl DeviceType {
@@ -85,6 +86,7 @@ impl DeviceType {
             props: Vec::new(),
             alias: None,
             category: Category::Uncategorized,
+            children: Vec::new(),
         }
     }
     /// Sets the description.
@@ -127,6 +129,13 @@ impl DeviceType {
     pub fn alias_name(&self) -> Option<&str> {
         self.alias.as_deref()
     }
+    /// Names a child device that every instance holds at `PATH/NAME` (QEMU's virtio-pci
+    /// proxies hold their virtio device at `virtio-backend`). The child has no id; when the
+    /// instance goes, the child's own `DEVICE_DELETED` (path only) comes first, as in QEMU.
+    pub fn child(mut self, name: impl Into<String>) -> Self {
+        self.children.push(name.into());
+        self
+    }
     /// Adds a property.
     pub fn prop(mut self, spec: PropSpec) -> Self {
         self.props.push(spec);
@@ -156,6 +165,10 @@ impl DeviceType {
     /// Whether users may create it.
     pub fn is_user_creatable(&self) -> bool {
         self.user_creatable
+    }
+    /// The child devices each instance holds (see [`DeviceType::child`]).
+    pub fn children(&self) -> &[String] {
+        &self.children
     }
     /// Its properties.
     pub fn props(&self) -> &[PropSpec] {

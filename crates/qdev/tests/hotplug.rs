@@ -878,3 +878,61 @@ fn partial_qom_paths() {
         "DeviceNotFound"
     );
 }
+
+/// A controller that re-sends requests (QEMU 7.2's ACPI PCI hot plug) takes a repeated
+/// `device_del` while the unplug is pending: the request goes out again, the timeout
+/// restarts, nothing else changes. A type with a child device (a virtio-pci proxy and its
+/// `virtio-backend`) reports the child's deletion first, path only, as QEMU does.
+#[test]
+fn repeated_request_and_the_child_device_event() {
+    let mut r = rig_with(
+        registry()
+            .with(
+                DeviceType::new("test-hp-proxy", BusType::Other("test-hp".into()))
+                    .hotpluggable(true)
+                    .child("virtio-backend"),
+            )
+            .unwrap(),
+    );
+    r.ctrl.lock().unwrap().resend = true;
+    r.tree.set_unplug_timeout(Some(Duration::from_secs(5)));
+    let a = r
+        .tree
+        .device_add(Phase::MachineReady, &cli("test-hp-proxy,id=px"))
+        .unwrap();
+    assert_eq!(
+        r.tree.device_del(Phase::MachineReady, "px").unwrap(),
+        DelOutcome::Pending
+    );
+    r.clock.advance(Duration::from_secs(4));
+    assert_eq!(
+        r.tree.device_del(Phase::MachineReady, "px").unwrap(),
+        DelOutcome::Pending
+    );
+    assert_eq!(r.ctrl.lock().unwrap().request_calls, 2);
+    assert_eq!(r.tree.unplug_state(a.key), Some(UnplugState::Pending));
+    assert_eq!(r.tree.next_deadline(), Some(Duration::from_secs(9)));
+    assert!(r.events.take().is_empty());
+    r.tree.guest_answer(GuestAnswer::Ejected(a.key)).unwrap();
+    assert_eq!(
+        r.events.take(),
+        vec![
+            deleted(None, "/machine/peripheral/px/virtio-backend"),
+            deleted(Some("px"), "/machine/peripheral/px"),
+        ]
+    );
+    // An anonymous device's child is under its anonymous path; a reset completes it too.
+    let b = r
+        .tree
+        .device_add(Phase::MachineReady, &cli("test-hp-proxy"))
+        .unwrap();
+    r.tree.device_del(Phase::MachineReady, &b.path).unwrap();
+    assert_eq!(r.tree.reset(), 1);
+    assert_eq!(
+        r.events.take(),
+        vec![
+            deleted(None, &format!("{}/virtio-backend", b.path)),
+            deleted(None, &b.path),
+        ]
+    );
+}

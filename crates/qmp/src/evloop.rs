@@ -516,6 +516,7 @@ fn start_loop() -> std::io::Result<Arc<LoopShared>> {
         .name("qmp-loop".into())
         .spawn(move || {
             lower_priority();
+            keel_sandbox::enter(keel_sandbox::ThreadClass::Monitor);
             EventLoop::new(s).run()
         })?;
     Ok(shared)

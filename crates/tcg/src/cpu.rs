@@ -189,7 +189,8 @@ pub struct Cc {
     pub a: u64,
     /// Second operand (truncated).
     pub b: u64,
-    /// Carry-in (adc/sbb) or preserved CF (inc/dec).
+    /// Carry-in (adc/sbb) or preserved CF (inc/dec); stale for the other kinds, which never
+    /// read it.
     pub aux: u64,
 }
 
@@ -251,9 +252,11 @@ pub enum Shadow {
 /// Everything a vCPU's instructions can see or change.
 #[derive(Debug)]
 pub struct Cpu {
-    /// RAX..R15 in encoding order; index 16 is a constant zero used for absent base/index
-    /// (the array has 32 entries so a masked index needs no bounds check; 16..32 stay zero).
-    pub gpr: [u64; 32],
+    /// RAX..R15 in encoding order; index 16 is a constant zero used for absent base/index.
+    /// The array has 256 entries, so that any `u8` register index needs neither a bounds
+    /// check nor a mask on a read (the hot paths index it with the bytes of `Insn` and
+    /// `Uop`); entries 16.. are never written and stay zero.
+    pub gpr: [u64; 256],
     /// Instruction pointer (during execution: the next instruction's address).
     pub rip: u64,
     /// RFLAGS; the six status flags are valid only when `cc.op` is `Eager`.
@@ -367,7 +370,7 @@ impl Cpu {
         cs.base = 0xffff_0000;
         cs.attr = 0x9b;
         let mut c = Self {
-            gpr: [0; 32],
+            gpr: [0; 256],
             rip: 0xfff0,
             rflags: fl::FIXED1,
             cc: Cc::default(),
@@ -545,11 +548,12 @@ impl Cpu {
     /// Reads a register of `size` bytes.
     #[inline(always)]
     pub fn rreg(&self, r: u8, size: u8) -> u64 {
+        // Operands wider than a byte name registers 0..15 (16 reads as zero): no mask.
         match size {
             1 => self.r8(r),
-            2 => self.gpr[(r & 15) as usize] & 0xffff,
-            4 => self.gpr[(r & 15) as usize] & 0xffff_ffff,
-            _ => self.gpr[(r & 15) as usize],
+            2 => self.gpr[usize::from(r)] & 0xffff,
+            4 => self.gpr[usize::from(r)] & 0xffff_ffff,
+            _ => self.gpr[usize::from(r)],
         }
     }
 
@@ -569,17 +573,17 @@ impl Cpu {
 
     // ---- flags ----
 
-    /// Records a lazy-flag result.
+    /// Records a lazy-flag result. `aux` is left as it was: only the kinds that read it
+    /// (`Adc`, `Sbb`, `Inc`, `Dec`) look at it, and their producers set it (one store less
+    /// for every `add`, `sub`, `cmp` and logic operation).
     #[inline(always)]
     pub fn set_cc(&mut self, op: CcOp, size: u8, res: u64, a: u64, b: u64) {
-        self.cc = Cc {
-            op,
-            size,
-            res,
-            a,
-            b,
-            aux: 0,
-        };
+        let c = &mut self.cc;
+        c.op = op;
+        c.size = size;
+        c.res = res;
+        c.a = a;
+        c.b = b;
     }
 
     /// Carry flag.

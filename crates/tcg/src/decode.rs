@@ -501,10 +501,11 @@ fn fuse_uops(insns: &mut Vec<Insn>, dead: &[bool]) {
     *insns = out;
 }
 
-/// Gives a block-ending `cmp`/`test` + `jcc` pair one entry with a fused handler (see
-/// `exec::select_cmp_jcc`); the handler counts the extra instruction in `icount`. Neither
-/// instruction can fault. Not when the compare is the block's first instruction: after
-/// `sti` or `mov ss` the loop runs the first entry alone, which must be one instruction.
+/// Gives a block-ending `cmp`/`test` + `jcc` pair (or a register update such as `add` or
+/// `dec` + `jcc`) one entry with a fused handler (see `exec::select_cmp_jcc`); the handler
+/// counts the extra instruction in `icount`. Neither instruction can fault. Not when the
+/// first is the block's first instruction: after `sti` or `mov ss` the loop runs the first
+/// entry alone, which must be one instruction.
 fn fuse_cmp_jcc(insns: &mut Vec<Insn>) {
     let n = insns.len();
     if n < 3 {
@@ -912,10 +913,21 @@ mod tests {
                 .unwrap();
             }
             let mut end = a.create_label();
-            if rnd(2) == 0 {
-                a.cmp(r64[rnd(r64.len())], r64[rnd(r64.len())]).unwrap();
-                a.jl(end).unwrap();
+            // A fused pair (compare or counter update, then a branch) or none.
+            let (x, y) = (r64[rnd(r64.len())], r64[rnd(r64.len())]);
+            let (x32, y32) = (r32[rnd(r32.len())], r32[rnd(r32.len())]);
+            match rnd(9) {
+                0 => a.cmp(x, y).and_then(|()| a.jl(end)),
+                1 => a.add(x, 1).and_then(|()| a.jne(end)),
+                2 => a.sub(x32, y32).and_then(|()| a.jb(end)),
+                3 => a.dec(x).and_then(|()| a.jnz(end)),
+                4 => a.inc(x32).and_then(|()| a.jle(end)),
+                5 => a.xor(x, y).and_then(|()| a.js(end)),
+                6 => a.and(x32, 0x7f).and_then(|()| a.jp(end)),
+                7 => a.dec(x32).and_then(|()| a.jbe(end)),
+                _ => Ok(()),
             }
+            .unwrap();
             a.jmp(end).unwrap();
             a.set_label(&mut end).unwrap();
             a.nop().unwrap();

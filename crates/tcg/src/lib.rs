@@ -13,8 +13,9 @@
 //! TLB still maps the target page); bulk `rep movs` /
 //! `rep stos`. Chained blocks look at kicks, pending interrupts and timers every 32 blocks
 //! rather than after each one (bounding their latency to a few thousand guest
-//! instructions); `jcc` handlers are chosen per condition; loads and stores keep only the
-//! TLB hit inline.
+//! instructions); `jcc` handlers are chosen per condition, and a block-ending compare or
+//! counter update (`cmp`/`test`, `add`/`sub`/logic, `inc`/`dec`) runs with its `jcc` as one
+//! entry; loads and stores keep only the TLB hit inline.
 //!
 //! Entry points: [`TcgAccel`] (the `Accelerator`), [`TcgVm`], [`TcgVcpu`].
 //!

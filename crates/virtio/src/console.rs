@@ -107,6 +107,7 @@ impl Console {
         std::thread::Builder::new()
             .name("virtio-console-in".into())
             .spawn(move || {
+                keel_sandbox::enter(keel_sandbox::ThreadClass::Worker);
                 let mut buf = [0u8; 1024];
                 loop {
                     let n = match reader.read(&mut buf) {

@@ -254,6 +254,7 @@ impl RxPoller {
         let thread = std::thread::Builder::new()
             .name("virtio-net-rx".into())
             .spawn(move || {
+                keel_sandbox::enter(keel_sandbox::ThreadClass::Worker);
                 while !flag.load(Ordering::Acquire) {
                     let mut pfd = libc::pollfd {
                         fd,

@@ -310,6 +310,36 @@ impl TransportCore {
         }
     }
 
+    /// A legacy (virtio 0.9.5) driver writes the device status: 0 resets; there is no
+    /// `FEATURES_OK` step (the features written so far are the negotiated ones, without
+    /// `VERSION_1`), and `DRIVER_OK` activates the device. Only for devices whose queues
+    /// work the same without `VERSION_1` (virtio-pci's legacy interface decides which).
+    pub fn write_status_legacy(&self, st: &mut DriverState, value: u32) {
+        if value == 0 {
+            self.reset(st);
+            return;
+        }
+        let value = value & !(VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FEATURES_OK);
+        let new = value & !st.status;
+        if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            let acked = st.driver_features;
+            if acked & !self.offered != 0 || st.unknown_features {
+                log::warn!(
+                    "{}: refusing legacy driver features {acked:#x} (offered {:#x})",
+                    self.name,
+                    self.offered
+                );
+                st.status |= value & !VIRTIO_CONFIG_S_DRIVER_OK;
+                self.interrupt.set_needs_reset();
+                return;
+            }
+        }
+        st.status |= value;
+        if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.activate(st);
+        }
+    }
+
     fn activate(&self, st: &DriverState) {
         let mut queues = Vec::with_capacity(st.queues.len());
         for (i, q) in st.queues.iter().enumerate() {

@@ -192,7 +192,10 @@ impl IoWorker {
         }
         let thread = std::thread::Builder::new()
             .name(format!("virtio-{:x}", slot.base))
-            .spawn(move || run(&epoll, &events, &transport, resample.as_deref()))
+            .spawn(move || {
+                keel_sandbox::enter(keel_sandbox::ThreadClass::Worker);
+                run(&epoll, &events, &transport, resample.as_deref())
+            })
             .map_err(worker_error("spawning the worker thread"))?;
         worker.thread = Some(thread);
         Ok(worker)

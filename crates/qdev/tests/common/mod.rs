@@ -105,6 +105,8 @@ pub struct ControllerLog {
     pub mode: Option<UnplugMode>,
     pub refuse_request: bool,
     pub refuse_plug: bool,
+    /// Re-send a pending request on a repeated `device_del` (QEMU 7.2's ACPI PCI hot plug).
+    pub resend: bool,
 }
 
 pub struct ScriptedController(pub Arc<Mutex<ControllerLog>>);
@@ -129,6 +131,13 @@ impl HotplugHandler for ScriptedController {
             l.requests.push(dev.key);
         }
         Ok(mode)
+    }
+    fn unplug_request_again(&mut self, _dev: &DeviceView<'_>) -> Result<bool, HookError> {
+        let mut l = self.0.lock().unwrap();
+        if l.resend {
+            l.request_calls += 1;
+        }
+        Ok(l.resend)
     }
     fn unplug(&mut self, dev: &DeviceView<'_>) {
         let mut l = self.0.lock().unwrap();
@@ -161,12 +170,17 @@ pub fn virtio_slots(n: u64) -> Vec<SlotResources> {
 /// A microvm-like tree: an ISA bus, a virtio-mmio bus with 4 slots (no hotplug), and a test
 /// bus with 3 slots and a scripted hotplug controller. One onboard i8042.
 pub fn rig() -> Rig {
+    rig_with(registry())
+}
+
+/// [`rig`] with another type registry.
+pub fn rig_with(registry: TypeRegistry) -> Rig {
     let events = Arc::new(EventLog::new());
     let clock = Arc::new(ManualClock::new());
     let machine = Arc::new(Mutex::new(MachineLog::default()));
     let ctrl = Arc::new(Mutex::new(ControllerLog::default()));
     let mut tree = DeviceTree::new(
-        registry(),
+        registry,
         Box::new(RecordingHooks(machine.clone())),
         events.clone(),
     )

@@ -1,16 +1,19 @@
 //! Compare-and-branch pairs.
 //!
-//! Most blocks end in `cmp`/`test` and a conditional jump. The translator gives such a pair
-//! one entry (see `decode`): one dispatch instead of two, and the condition is evaluated on
-//! values the handler has just computed instead of being re-derived from the lazy record.
+//! Most blocks end in `cmp`/`test` and a conditional jump, and most loops in an update of
+//! their counter and a conditional jump (`add`/`sub`/`and`/`or`/`xor` then `jcc`, `dec`
+//! then `jnz`). The translator gives such a pair one entry (see `decode`): one dispatch
+//! instead of two, and the condition is evaluated on values the handler has just computed
+//! instead of being re-derived from the lazy record.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind};
 
 use super::alu::{self, alu_op};
 use super::dead_flags::regs_only;
 use super::generic::is_jcc;
+use super::handlers::sign_bit_of;
 use super::operands::is_gpr;
-use crate::cpu::Cpu;
+use crate::cpu::{Cc, CcOp, Cpu};
 use crate::exc::Flow;
 use crate::insn::{Handler, Insn};
 
@@ -21,7 +24,22 @@ pub(crate) fn select_cmp_jcc(
     a: &Insn,
     b_ins: &Instruction,
 ) -> Option<Handler> {
-    if !matches!(a_ins.mnemonic(), M::Cmp | M::Test) || a_ins.op_count() != 2 || !regs_only(a_ins) {
+    let m = a_ins.mnemonic();
+    if !regs_only(a_ins) {
+        return None;
+    }
+    // Counter updates: 32- and 64-bit registers only (writes zero-extend or replace).
+    let update = matches!(
+        m,
+        M::Add | M::Sub | M::And | M::Or | M::Xor | M::Inc | M::Dec
+    );
+    if update && (!(a.size == 4 || a.size == 8) || a.r0 >= 16) {
+        return None;
+    }
+    let incdec = matches!(m, M::Inc | M::Dec);
+    if !(incdec && a_ins.op_count() == 1
+        || a_ins.op_count() == 2 && (update || matches!(m, M::Cmp | M::Test)))
+    {
         return None;
     }
     if !is_jcc(b_ins.mnemonic())
@@ -36,7 +54,37 @@ pub(crate) fn select_cmp_jcc(
     if cc > 15 {
         return None;
     }
-    let test = a_ins.mnemonic() == M::Test;
+    if incdec {
+        macro_rules! by_cc_id {
+            ($dec:expr, $s:expr) => {
+                match cc {
+                    0 => incdec_jcc::<$dec, $s, 0> as Handler,
+                    1 => incdec_jcc::<$dec, $s, 1>,
+                    2 => incdec_jcc::<$dec, $s, 2>,
+                    3 => incdec_jcc::<$dec, $s, 3>,
+                    4 => incdec_jcc::<$dec, $s, 4>,
+                    5 => incdec_jcc::<$dec, $s, 5>,
+                    6 => incdec_jcc::<$dec, $s, 6>,
+                    7 => incdec_jcc::<$dec, $s, 7>,
+                    8 => incdec_jcc::<$dec, $s, 8>,
+                    9 => incdec_jcc::<$dec, $s, 9>,
+                    10 => incdec_jcc::<$dec, $s, 10>,
+                    11 => incdec_jcc::<$dec, $s, 11>,
+                    12 => incdec_jcc::<$dec, $s, 12>,
+                    13 => incdec_jcc::<$dec, $s, 13>,
+                    14 => incdec_jcc::<$dec, $s, 14>,
+                    _ => incdec_jcc::<$dec, $s, 15>,
+                }
+            };
+        }
+        return Some(match (m == M::Dec, a.size) {
+            (false, 4) => by_cc_id!(false, 4),
+            (false, _) => by_cc_id!(false, 8),
+            (true, 4) => by_cc_id!(true, 4),
+            (true, _) => by_cc_id!(true, 8),
+        });
+    }
+    let test = m == M::Test;
     let imm = !is_gpr(a_ins, 1);
     macro_rules! by_cc {
         ($op:expr, $s:expr, $imm:expr) => {
@@ -70,25 +118,79 @@ pub(crate) fn select_cmp_jcc(
             }
         };
     }
-    Some(match (test, imm) {
-        (false, false) => by_size_cc!(alu::CMP, false),
-        (false, true) => by_size_cc!(alu::CMP, true),
-        (true, false) => by_size_cc!(alu::TEST, false),
-        (true, true) => by_size_cc!(alu::TEST, true),
+    // Updates come in 32- and 64-bit sizes only (checked above).
+    macro_rules! by_wide_cc {
+        ($op:expr, $imm:expr) => {
+            match a.size {
+                4 => by_cc!($op, 4, $imm),
+                _ => by_cc!($op, 8, $imm),
+            }
+        };
+    }
+    Some(match (m, imm) {
+        (M::Add, false) => by_wide_cc!(alu::ADD, false),
+        (M::Add, true) => by_wide_cc!(alu::ADD, true),
+        (M::Sub, false) => by_wide_cc!(alu::SUB, false),
+        (M::Sub, true) => by_wide_cc!(alu::SUB, true),
+        (M::And, false) => by_wide_cc!(alu::AND, false),
+        (M::And, true) => by_wide_cc!(alu::AND, true),
+        (M::Or, false) => by_wide_cc!(alu::OR, false),
+        (M::Or, true) => by_wide_cc!(alu::OR, true),
+        (M::Xor, false) => by_wide_cc!(alu::XOR, false),
+        (M::Xor, true) => by_wide_cc!(alu::XOR, true),
+        _ => match (test, imm) {
+            (false, false) => by_size_cc!(alu::CMP, false),
+            (false, true) => by_size_cc!(alu::CMP, true),
+            (true, false) => by_size_cc!(alu::TEST, false),
+            (true, true) => by_size_cc!(alu::TEST, true),
+        },
     })
 }
 
-/// `cmp`/`test` (`OP`) of `r0` with `r1` or the immediate in `disp`, then `jcc` (`CC`) to
-/// `imm`. The flags are recorded as `cmp`/`test` leaves them (the block ends here, so they
-/// are live); `icount` takes the second instruction of the entry.
+/// ALU operation `OP` (`cmp`/`test`, or `add`/`sub`/`and`/`or`/`xor`, which write `r0`)
+/// of `r0` with `r1` or the immediate in `disp`, then `jcc` (`CC`) to `imm`. The flags are
+/// recorded as the operation leaves them (the block ends here, so they are live); `icount`
+/// takes the second instruction of the entry.
 fn cmp_jcc<const OP: u8, const S: u8, const CC: u8, const IMM: bool>(
     cpu: &mut Cpu,
     i: &Insn,
 ) -> Flow {
     let a = cpu.rreg(i.r0, S);
     let b = if IMM { i.disp } else { cpu.rreg(i.r1, S) };
-    alu_op(cpu, OP, S, a, b);
+    let r = alu_op(cpu, OP, S, a, b);
+    if OP != alu::CMP && OP != alu::TEST {
+        cpu.wreg(i.r0, S, r);
+    }
     cpu.icount += 1;
     cpu.rip = if cpu.cond(CC) { i.imm } else { i.next_ip };
+    Ok(())
+}
+
+/// `inc`/`dec` (`DEC`) of `r0`, then `jcc` (`CC`) to `imm`: CF carries through as the lone
+/// instruction keeps it; ZF and SF (`jz`/`jnz`/`js`/`jns`) are taken from the result.
+fn incdec_jcc<const DEC: bool, const S: u8, const CC: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
+    let cf = cpu.cf();
+    let a = cpu.rreg(i.r0, S);
+    let r = if DEC {
+        a.wrapping_sub(1)
+    } else {
+        a.wrapping_add(1)
+    } & if S == 8 { u64::MAX } else { 0xffff_ffff };
+    cpu.cc = Cc {
+        op: if DEC { CcOp::Dec } else { CcOp::Inc },
+        size: S,
+        res: r,
+        a,
+        b: 1,
+        aux: u64::from(cf),
+    };
+    cpu.wreg(i.r0, S, r);
+    cpu.icount += 1;
+    let taken = match CC >> 1 {
+        2 => (r == 0) ^ (CC & 1 != 0),
+        4 => (r & sign_bit_of(S) != 0) ^ (CC & 1 != 0),
+        _ => cpu.cond(CC),
+    };
+    cpu.rip = if taken { i.imm } else { i.next_ip };
     Ok(())
 }

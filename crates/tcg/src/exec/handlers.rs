@@ -30,6 +30,12 @@ pub(super) fn code_written(cpu: &mut Cpu, next: u64) -> Flow {
     Err(Ex::EndBlock)
 }
 
+/// The sign bit of a `size`-byte value (1, 2, 4 or 8).
+#[inline(always)]
+pub(super) const fn sign_bit_of(size: u8) -> u64 {
+    1u64 << ((size as u32 * 8 - 1) & 63)
+}
+
 pub(super) fn alu_rr<const OP: u8, const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
     let a = cpu.rreg(i.r0, S);
     let b = cpu.rreg(i.r1, S);
@@ -115,7 +121,7 @@ pub(super) fn mov_ri<const S: u8>(cpu: &mut Cpu, i: &Insn) -> Flow {
 /// Linear address of a memory operand that [`is_flat`] accepted: base plus displacement.
 #[inline(always)]
 pub(super) fn ea_flat(cpu: &Cpu, i: &Insn) -> u64 {
-    i.disp.wrapping_add(cpu.gpr[(i.base & 31) as usize])
+    i.disp.wrapping_add(cpu.gpr[usize::from(i.base)])
 }
 
 /// Whether [`ea_flat`] computes the operand's address: 64-bit code (blocks are specialised

@@ -36,8 +36,8 @@ pub(crate) fn sext(v: u64, size: u8) -> u64 {
 pub(crate) fn ea(cpu: &Cpu, i: &Insn) -> u64 {
     let off = i
         .disp
-        .wrapping_add(cpu.gpr[(i.base & 31) as usize])
-        .wrapping_add(cpu.gpr[(i.index & 31) as usize] << (i.scale & 3))
+        .wrapping_add(cpu.gpr[usize::from(i.base)])
+        .wrapping_add(cpu.gpr[usize::from(i.index)] << (i.scale & 3))
         & i.amask;
     cpu.ebase[(i.seg & 7) as usize].wrapping_add(off) & cpu.lin_mask
 }
@@ -46,8 +46,8 @@ pub(crate) fn ea(cpu: &Cpu, i: &Insn) -> u64 {
 #[inline(always)]
 pub(crate) fn ea_off(cpu: &Cpu, i: &Insn) -> u64 {
     i.disp
-        .wrapping_add(cpu.gpr[(i.base & 31) as usize])
-        .wrapping_add(cpu.gpr[(i.index & 31) as usize] << (i.scale & 3))
+        .wrapping_add(cpu.gpr[usize::from(i.base)])
+        .wrapping_add(cpu.gpr[usize::from(i.index)] << (i.scale & 3))
         & i.amask
 }
 

@@ -105,8 +105,8 @@ pub(crate) fn run_uops(cpu: &mut Cpu, i: &Insn) -> Flow {
     let g = &mut cpu.gpr;
     for u in ops {
         // Each kind reads only the registers it uses (a `mov` loads one, an immediate none).
-        let s = || g[(u.s & 31) as usize];
-        let dv = || g[(u.a & 15) as usize];
+        let s = || g[usize::from(u.s)];
+        let dv = || g[usize::from(u.a)];
         let v = match u.op {
             UopOp::Nop => continue,
             UopOp::Mov => s(),
@@ -134,7 +134,7 @@ pub(crate) fn run_uops(cpu: &mut Cpu, i: &Insn) -> Flow {
             UopOp::Lea => u
                 .imm
                 .wrapping_add(s())
-                .wrapping_add(g[(u.x & 31) as usize] << (u.sc & 3)),
+                .wrapping_add(g[usize::from(u.x)] << (u.sc & 3)),
             UopOp::Zx8 => s() & 0xff,
             UopOp::Zx16 => s() & 0xffff,
             UopOp::Sx8 => s() as u8 as i8 as i64 as u64,
