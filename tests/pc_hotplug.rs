@@ -192,11 +192,17 @@ impl Guest {
         format!("{name} -> {r}")
     }
 
-    /// The next `n` events, without timestamps.
+    /// The next `n` events, without timestamps (a missing one fails with the console).
     fn events(&mut self, n: usize) -> Vec<String> {
         (0..n)
             .map(|_| {
-                let e = self.qmp.next_event();
+                let qmp = &mut self.qmp;
+                let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| qmp.next_event()))
+                    .unwrap_or_else(|_| {
+                        let text = self.text();
+                        let tail = &text[text.len().saturating_sub(3000)..];
+                        panic!("no QMP event within {TIMEOUT:?}; console:\n{tail}")
+                    });
                 format!("event {} {}", e["event"], e["data"])
             })
             .collect()

@@ -174,6 +174,14 @@ mod tests {
             assert_eq!(t.bus_type(), &BusType::Pci);
             assert!(t.is_hotpluggable());
             assert_eq!(t.children(), [VIRTIO_BACKEND]);
+            let kind = |n: &str| {
+                let p = t.props().iter().find(|p| p.name() == n).unwrap();
+                p.kind().type_name().to_owned()
+            };
+            // QEMU's types, as device-list-properties and -device help show them.
+            assert_eq!(kind("disable-legacy"), "OnOffAuto");
+            assert_eq!(kind("disable-modern"), "bool");
+            assert_eq!(kind("acpi-index"), "uint32");
             r.register(t).unwrap();
         }
     }

@@ -50,13 +50,8 @@ impl PropKind {
             PropKind::Bool => "bool",
             PropKind::Int { type_name, .. } | PropKind::Uint { type_name, .. } => type_name,
             PropKind::Size => "size",
-            // QEMU's own name for the on/off/auto enumeration, as introspection shows it.
-            PropKind::Enum(v)
-                if v.len() == 3
-                    && ["on", "off", "auto"]
-                        .iter()
-                        .all(|x| v.iter().any(|y| y == x)) =>
-            {
+            // QEMU's QAPI enum of that name (`disable-legacy`, ...).
+            PropKind::Enum(v) if v.iter().map(String::as_str).eq(["on", "off", "auto"]) => {
                 "OnOffAuto"
             }
             PropKind::Enum(_) => "enum",
