@@ -1053,6 +1053,7 @@ fn user_object(qom_type: &str, props: &[(String, String)]) -> Result<UserObject,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn duplicates_and_lookups() {
@@ -1093,5 +1094,203 @@ mod tests {
         b.add_chardev("c0", CharBackend::Null).unwrap();
         assert_eq!(b.chardev("c0").unwrap(), CharBackend::Null);
         std::fs::remove_file(&file).ok();
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("keel-backends-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn fd_sets_hand_out_a_descriptor_of_the_right_mode() {
+        use std::io::Write;
+        use std::os::fd::IntoRawFd;
+        let b = Backends::new();
+        let path = tmp("fdset");
+        std::fs::write(&path, b"a").unwrap();
+        let w = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let r = std::fs::File::open(&path).unwrap();
+        b.add_fd(3, w.into_raw_fd(), Some("serial".into())).unwrap();
+        b.add_fd(3, r.into_raw_fd(), None).unwrap();
+        let sets = b.fdsets();
+        assert_eq!(sets.len(), 1);
+        assert_eq!(sets[0].0, 3);
+        assert_eq!(sets[0].1.len(), 2);
+        assert_eq!(sets[0].1[0].1.as_deref(), Some("serial"));
+        // A writer gets the write-only descriptor (appending, as it was opened).
+        let mut f = b.open(Path::new("/dev/fdset/3"), OpenMode::Append).unwrap();
+        f.write_all(b"b").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"ab");
+        b.open(Path::new("/dev/fdset/3"), OpenMode::Read).unwrap();
+        // No read-write descriptor, no set 4, and a descriptor cannot be added twice.
+        for (p, m) in [
+            ("/dev/fdset/3", OpenMode::ReadWrite),
+            ("/dev/fdset/4", OpenMode::Read),
+        ] {
+            assert_eq!(
+                b.open(Path::new(p), m).unwrap_err().to_string(),
+                format!("Could not open '{p}': No such file or directory")
+            );
+        }
+        let fd = sets[0].1[0].0;
+        assert_eq!(
+            b.add_fd(1, fd, None).unwrap_err().to_string(),
+            "fd is not valid or already in use"
+        );
+        assert!(
+            b.add_fd(1, 2, None)
+                .unwrap_err()
+                .to_string()
+                .contains("standard I/O")
+        );
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn file_chardevs_append_or_truncate_and_log() {
+        use std::io::Write;
+        let b = Backends::new();
+        let (out, log) = (tmp("chr-out"), tmp("chr-log"));
+        std::fs::write(&out, b"old ").unwrap();
+        std::fs::write(&log, b"log ").unwrap();
+        let file = |append| CharBackend::File {
+            path: out.clone(),
+            append,
+        };
+        let logged = Some(CharLog {
+            path: log.clone(),
+            append: true,
+        });
+        b.add_chardev_logged("c0", file(true), logged).unwrap();
+        b.char_writer("c0").unwrap().write_all(b"new").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"old new");
+        assert_eq!(std::fs::read(&log).unwrap(), b"log new");
+        b.add_chardev("c1", file(false)).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"");
+        std::fs::remove_file(&out).ok();
+        std::fs::remove_file(&log).ok();
+    }
+
+    #[test]
+    fn pty_chardev_is_a_raw_terminal_that_never_blocks() {
+        use std::io::{Read, Write};
+        let b = Backends::new();
+        let pty = b
+            .add_chardev_logged(
+                "p",
+                CharBackend::Pty {
+                    path: String::new(),
+                },
+                None,
+            )
+            .unwrap()
+            .unwrap();
+        assert!(pty.starts_with("/dev/pts/"), "{pty}");
+        assert_eq!(b.chardev("p").unwrap().filename(), format!("pty:{pty}"));
+        let mut w = b.char_writer("p").unwrap();
+        // Nobody reads: far more than the terminal buffers is dropped, not blocked on.
+        for _ in 0..256 {
+            w.write_all(&[b'x'; 4096]).unwrap();
+        }
+        let mut tty = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pty)
+            .unwrap();
+        w.write_all(b"\n").unwrap();
+        let mut buf = [0u8; 16];
+        let n = tty.read(&mut buf).unwrap();
+        assert!(n > 0);
+        // Raw: a newline stays a newline (no CR added), no echo of what is written back.
+        assert!(!buf[..n].contains(&b'\r'));
+    }
+
+    #[test]
+    fn objects_and_the_machine_memory_backend() {
+        let b = Backends::new();
+        let p = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        b.add_object("secret", "s0", &p(&[("data", "k"), ("format", "raw")]))
+            .unwrap();
+        assert_eq!(
+            b.object("s0"),
+            Some(UserObject::Secret {
+                data: b"k".to_vec()
+            })
+        );
+        b.add_object("memory-backend-ram", "ram", &p(&[("size", "64M")]))
+            .unwrap();
+        assert!(
+            b.add_object("memory-backend-ram", "ram", &p(&[("size", "64M")]))
+                .unwrap_err()
+                .to_string()
+                .contains("duplicate")
+        );
+        for (t, props, err) in [
+            (
+                "secret",
+                &[][..],
+                "Either 'file' or 'data' must be provided",
+            ),
+            (
+                "secret",
+                &[("file", "/nonexistent/k")][..],
+                "Unable to read /nonexistent/k",
+            ),
+            ("memory-backend-ram", &[("size", "0")][..], "size 0"),
+            (
+                "memory-backend-ram",
+                &[("size", "1M"), ("share", "on")][..],
+                "share=on",
+            ),
+            (
+                "memory-backend-ram",
+                &[("size", "1M"), ("bogus", "1")][..],
+                "'memory-backend-ram.bogus' not found",
+            ),
+            ("iothread", &[][..], "does not accept value 'iothread'"),
+        ] {
+            let e = b.add_object(t, "x", &p(props)).unwrap_err().to_string();
+            assert!(e.contains(err), "{t} {props:?}: {e}");
+        }
+        assert!(
+            b.use_memory_backend("ram", Some(128 << 20))
+                .unwrap_err()
+                .to_string()
+                .contains("must match")
+        );
+        assert_eq!(b.use_memory_backend("ram", None).unwrap(), 64 << 20);
+        assert!(
+            b.use_memory_backend("ram", None)
+                .unwrap_err()
+                .to_string()
+                .contains("multiple times")
+        );
+        assert!(b.use_memory_backend("s0", None).is_err());
+    }
+
+    #[test]
+    fn common_machine_props_and_audiodevs() {
+        let mut props: BTreeMap<String, String> =
+            [("usb", "off"), ("memory-backend", "ram"), ("acpi", "on")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        assert_eq!(
+            take_common_machine_props(&mut props).unwrap().as_deref(),
+            Some("ram")
+        );
+        assert_eq!(props.keys().collect::<Vec<_>>(), ["acpi"]);
+        props.insert("usb".into(), "on".into());
+        assert!(take_common_machine_props(&mut props).is_err());
+        let b = Backends::new();
+        b.add_audiodev("a0", "none").unwrap();
+        assert!(b.add_audiodev("a0", "none").is_err());
+        assert!(b.add_audiodev("a1", "alsa").is_err());
     }
 }

@@ -90,6 +90,11 @@ impl<'a> DeviceHost<'a> {
         Ok(())
     }
 
+    /// Whether I/O port `port` is taken by a device already.
+    pub fn pio_taken(&self, port: u64) -> bool {
+        self.buses.pio.ranges().iter().any(|r| r.contains(port))
+    }
+
     /// The interrupt line of `gsi`.
     pub fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {
         self.vm.irq_line(gsi)

@@ -390,33 +390,32 @@ impl MicrovmHooks {
     }
 }
 
-impl MicrovmHooks {
-    /// A user `isa-serial`: a 16550A at its index's (or its own) ports and IRQ, writing to
-    /// its `chardev`. Where the board has its own COM1 the ports are taken and the mapping
-    /// fails.
-    fn realize_serial(&mut self, dev: &DeviceView<'_>) -> Result<Vec<(Space, u64)>, HookError> {
-        use keel_devices::{Serial, SerialConfig, SerialOutput};
-        let users = self
-            .realized
-            .iter()
-            .filter(|(k, r)| **k != dev.key && matches!(r, Realized::Factory(m) if m.len() == 1))
-            .count();
-        let vm = self.lock();
-        let next = users + usize::from(vm.serial().is_some());
-        let cfg = SerialConfig::from_props(dev.props, next)?;
-        let output = match &cfg.chardev {
-            Some(id) => SerialOutput::Writer(keel_devices::SharedWriter(Arc::new(Mutex::new(
-                self.backends.char_writer(id)?,
-            )))),
-            None => SerialOutput::Null,
-        };
-        let irq = vm.vm().irq_line(cfg.irq).map_err(|e| chain(&e))?;
-        let serial = Arc::new(Serial::new(irq, output));
-        let mut host = DeviceHost::new(vm.buses(), vm.memory(), vm.vm(), vm.system_events());
-        host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial)
-            .map_err(|e| format!("isa-serial at {:#x}: {e}", cfg.iobase))?;
-        Ok(host.into_mappings())
-    }
+/// Realizes a user `isa-serial` (microvm and pc): a 16550A at its index's (or its own)
+/// ports and IRQ writing to its `chardev`, the index being the first COM port whose ports
+/// are free when none is given. Where the board has its own COM1 those ports are taken and
+/// the mapping fails.
+pub(crate) fn realize_isa_serial(
+    host: &mut DeviceHost<'_>,
+    backends: &Backends,
+    props: &keel_qdev::Props,
+) -> Result<(), HookError> {
+    use keel_devices::{Serial, SerialConfig, SerialOutput};
+    let next = Serial::PORTS
+        .iter()
+        .position(|(base, _)| !host.pio_taken(u64::from(*base)))
+        .unwrap_or(Serial::PORTS.len());
+    let cfg = SerialConfig::from_props(props, next)?;
+    let output = match &cfg.chardev {
+        Some(id) => SerialOutput::Writer(keel_devices::SharedWriter(Arc::new(Mutex::new(
+            backends.char_writer(id)?,
+        )))),
+        None => SerialOutput::Null,
+    };
+    let irq = host.irq_line(cfg.irq).map_err(|e| chain(&e))?;
+    let serial = Arc::new(Serial::new(irq, output));
+    host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial)
+        .map_err(|e| format!("isa-serial at {:#x}: {e}", cfg.iobase))?;
+    Ok(())
 }
 
 /// A console port writing to the backend `chardev=` names.
@@ -483,7 +482,11 @@ impl DeviceHooks for MicrovmHooks {
             return Ok(());
         }
         if dev.driver == keel_devices::Serial::QDEV_TYPE {
-            let mappings = self.realize_serial(dev)?;
+            let vm = self.lock();
+            let mut host = DeviceHost::new(vm.buses(), vm.memory(), vm.vm(), vm.system_events());
+            realize_isa_serial(&mut host, &self.backends, dev.props)?;
+            let mappings = host.into_mappings();
+            drop(vm);
             self.realized.insert(dev.key, Realized::Factory(mappings));
             return Ok(());
         }

@@ -552,6 +552,15 @@ impl DeviceHooks for PcHooks {
             self.realized.insert(dev.key, Realized::Factory(mappings));
             return Ok(());
         }
+        if dev.driver == keel_devices::Serial::QDEV_TYPE {
+            let pc = self.lock();
+            let mut host = DeviceHost::new(pc.buses(), pc.memory(), pc.vm(), pc.system_events());
+            crate::microvm_board::realize_isa_serial(&mut host, &self.backends, dev.props)?;
+            let mappings = host.into_mappings();
+            drop(pc);
+            self.realized.insert(dev.key, Realized::Factory(mappings));
+            return Ok(());
+        }
         if dev.driver == DebugExit::QDEV_TYPE {
             let cfg = DebugExitConfig::from_props(dev.props)?;
             self.lock().add_debug_exit(cfg).map_err(|e| chain(&e))?;

@@ -177,12 +177,18 @@ Devices (device_add, cold until the machine is ready):
     isa-debug-exit[,iobase=N,iosize=N]  virtio-rng-device
     virtio-blk-device,drive=NODE[,serial=S,read-only=on]
     virtio-net-device,netdev=ID[,mac=MAC]  virtconsole,chardev=ID
+    isa-serial,chardev=ID[,index=N]   (after -nodefaults or -serial none)
 Backends (from the start; devices name them):
   -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
   -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
   -drive file=PATH,if=virtio,format=raw  a drive and its virtio-blk (virtio-blk-pci on pc)
   -netdev tap,id=ID,ifname=IF,script=no,downscript=no
-  -chardev file,id=ID,path=PATH | -chardev null,id=ID
+  -chardev file,id=ID,path=PATH[,append=on] | pty,id=ID | null,id=ID
+                                    (each with [,logfile=PATH,logappend=on])
+  -object secret,id=ID,data=S|file=PATH | memory-backend-ram,id=ID,size=SIZE
+                                    (or JSON; -machine memory-backend=ID uses one)
+  -add-fd fd=FD,set=N[,opaque=S]    later options open /dev/fdset/N
+  -audiodev none,id=ID
 Monitors (live from the moment they are read):
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off | stdio
   -chardev socket,id=ID,path=PATH,server=on,wait=off  (or host=,port=, or fd=N)
@@ -191,6 +197,7 @@ Lifecycle:
   -enable-kvm                       same as -accel kvm
   -S                                stay paused (prelaunch) when ready
   -incoming file:PATH|exec:CMD|defer restore a saved machine once it is ready
+  -no-shutdown                      a guest power-off stops in 'shutdown' state
   -preconfig                        stop early and let QMP finish the machine
                                     (without -machine: wait in no-machine)
 Process:
@@ -198,7 +205,8 @@ Process:
   -daemonize                        detach once the command line ran
 Other:
   -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
-  -vga none  -monitor none  -nic none  -net none
+  -vga none  -monitor none  -nic none  -net none  -rtc base=utc  -boot strict=on
+  -msg timestamp=on  -overcommit mem-lock=on|off
 Human monitor (HMP: help, info status/version/cpus/kvm/name/qtree/mtree/pci/registers,
   stop, cont, system_reset, system_powerdown, quit):
   -monitor stdio | unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
@@ -672,4 +680,111 @@ pub fn timestamp_prefix() -> String {
         rem % 60,
         now.subsec_micros()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(line: &[&str]) -> Vec<Step> {
+        let args: Vec<String> = line.iter().map(|s| s.to_string()).collect();
+        match parse(&args) {
+            Ok(Invocation::Run(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn libvirts_options_become_steps() {
+        let s = steps(&[
+            "-object",
+            r#"{"qom-type":"memory-backend-ram","id":"ram","size":268435456}"#,
+            "-object",
+            "secret,id=k,data=x,format=raw",
+            "-add-fd",
+            "set=0,fd=23,opaque=serial0-source",
+            "-chardev",
+            "pty,id=c1,logfile=/dev/fdset/0,logappend=on",
+            "-audiodev",
+            r#"{"id":"audio1","driver":"none"}"#,
+            "-overcommit",
+            "mem-lock=on",
+            "-no-shutdown",
+            "-msg",
+            "timestamp=on",
+            "-rtc",
+            "base=utc",
+            "-boot",
+            "strict=on",
+            "-chardev",
+            "socket,id=m,path=/nonexistent/m.sock,server=on,wait=off",
+            "-mon",
+            "chardev=m,id=monitor,mode=control",
+        ]);
+        let Action::Object(o) = &s[0].action else {
+            panic!("{:?}", s[0])
+        };
+        assert_eq!(
+            (o.qom_type.as_str(), o.id.as_str(), o.props.clone()),
+            (
+                "memory-backend-ram",
+                "ram",
+                vec![("size".to_owned(), "268435456".to_owned())]
+            )
+        );
+        assert!(matches!(&s[1].action, Action::Object(o) if o.qom_type == "secret"));
+        assert!(matches!(
+            &s[2].action,
+            Action::AddFd { set: 0, fd: 23, opaque: Some(o) } if o == "serial0-source"
+        ));
+        let Action::Chardev(c) = &s[3].action else {
+            panic!("{:?}", s[3])
+        };
+        assert_eq!(
+            c.backend,
+            serde_json::json!({"type": "pty", "data": {"logfile": "/dev/fdset/0", "logappend": true}})
+        );
+        assert!(
+            matches!(&s[4].action, Action::Audiodev { id, driver } if id == "audio1" && driver == "none")
+        );
+        assert!(matches!(s[5].action, Action::MemLock));
+        assert!(matches!(s[6].action, Action::NoShutdown));
+        assert!(matches!(s[7].action, Action::MsgTimestamp));
+        assert!(matches!(s[8].action, Action::Nothing));
+        assert!(matches!(s[9].action, Action::Nothing));
+        assert!(matches!(s[11].action, Action::Monitor(_)));
+    }
+
+    #[test]
+    fn nodefaults_leaves_no_serial_port_unless_one_is_given() {
+        let s = steps(&["-nodefaults"]);
+        assert!(matches!(&s[0].action, Action::Serial(b) if b == "none"));
+        let s = steps(&["-nodefaults", "-serial", "stdio"]);
+        assert!(matches!(s[0].action, Action::Nothing));
+    }
+
+    #[test]
+    fn unsupported_values_are_refused_with_a_reason() {
+        for (line, want) in [
+            (["-rtc", "base=localtime"], "host's UTC clock"),
+            (["-boot", "order=c"], "no firmware"),
+            (["-boot", "foo=1"], "Parameter 'boot.foo' is unexpected"),
+            (["-audiodev", "alsa,id=a"], "does not accept value 'alsa'"),
+            (["-overcommit", "cpu-pm=on"], "cpu-pm=on"),
+            (["-add-fd", "set=1"], "fd option is required"),
+            (["-object", "secret,data=x"], "Parameter 'id' is missing"),
+        ] {
+            let args: Vec<String> = line.iter().map(|s| s.to_string()).collect();
+            let e = parse(&args).unwrap_err().to_string();
+            assert!(e.contains(want), "{line:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_qemus_iso8601() {
+        let t = timestamp_prefix();
+        assert_eq!(t.len(), 28, "{t}");
+        assert!(t.ends_with("Z "), "{t}");
+        assert_eq!(&t[10..11], "T");
+    }
 }
