@@ -101,7 +101,13 @@ fn read(p: &Path) -> String {
 fn save(g: &Guest, accel: &str, uri: &str) -> String {
     let out = g.dir.path(&format!("before-{accel}"));
     let serial = format!("file:{}", out.display());
-    let mut a = Vmm::start(&args(g, accel, &serial, &["-S"]));
+    // `exec:` runs a shell, which only works without the sandbox.
+    let extra: &[&str] = if uri.starts_with("exec:") {
+        &["-S", "-sandbox", "off"]
+    } else {
+        &["-S"]
+    };
+    let mut a = Vmm::start(&args(g, accel, &serial, extra));
     let mut q = a.qmp();
     q.ok(
         "migrate-set-capabilities",
@@ -255,10 +261,23 @@ fn exec_defer_and_bad_streams() {
         e.contains("memory size 32 MiB, this machine has 64 MiB"),
         "{e}"
     );
+    // Under the sandbox `exec:` is refused with what to do, and the process goes on.
+    let e = q.err(
+        "migrate-incoming",
+        json!({"uri": format!("exec:gzip -dc {}", file.display())}),
+        "GenericError",
+    );
+    assert!(e.contains("run with '-sandbox off'"), "{e}");
+    assert_eq!(q.status(), "inmigrate");
     drop(q);
     drop(other);
 
-    let mut b = Vmm::start(&args(&g, "tcg", &serial, &["-incoming", "defer"]));
+    let mut b = Vmm::start(&args(
+        &g,
+        "tcg",
+        &serial,
+        &["-incoming", "defer", "-sandbox", "off"],
+    ));
     let mut q = b.qmp();
     assert_eq!(q.status(), "inmigrate");
     let e = q.err(

@@ -33,6 +33,12 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// `exec:` under the sandbox, whose filters a started program would inherit.
+    #[error(
+        "'exec:{0}' needs to run a shell, and no program can run under Keel's sandbox (its \
+         filters would apply to the program too); use 'file:PATH', or run with '-sandbox off'"
+    )]
+    SpawnDenied(String),
     /// The exec command failed.
     #[error("the migration command '{command}' exited with {status}")]
     Command {
@@ -150,6 +156,9 @@ pub fn save(board: &mut dyn Board, uri: &str, running: bool) -> Result<SaveRepor
             (stats, w.n)
         }
         MigrationUri::Exec(cmd) => {
+            if !keel_sandbox::programs_allowed() {
+                return Err(MigrationError::SpawnDenied(cmd.clone()));
+            }
             let mut child = Command::new("/bin/sh")
                 .arg("-c")
                 .arg(cmd)
@@ -199,6 +208,9 @@ pub fn read(uri: &str) -> Result<Snapshot, MigrationError> {
             std::fs::read(&p).map_err(io("reading", &p.display().to_string()))?
         }
         MigrationUri::Exec(cmd) => {
+            if !keel_sandbox::programs_allowed() {
+                return Err(MigrationError::SpawnDenied(cmd));
+            }
             let mut child = Command::new("/bin/sh")
                 .arg("-c")
                 .arg(&cmd)

@@ -253,6 +253,15 @@ pub fn enter(class: ThreadClass) {
     }
 }
 
+/// Whether this process can run another program: only without a sandbox. A seccomp filter
+/// is inherited across `execve`, so a program started under Keel's allow-lists (even with
+/// `spawn=allow`, which only lets the main class fork) would be stopped by the first call
+/// the lists lack. Code that would run one (`migrate exec:`) asks first and refuses with a
+/// message instead.
+pub fn programs_allowed() -> bool {
+    POLICY.get().is_none()
+}
+
 /// Whether the process runs under a policy (for messages and tests).
 pub fn active() -> bool {
     POLICY.get().is_some()
