@@ -169,10 +169,14 @@ fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd,
     Ok(BlockdevAdd {
         driver,
         node_name: node.ok_or_else(|| err(format!("Parameter '{key}' is missing")))?,
-        filename: file
-            .ok_or_else(|| err("Parameter 'filename' is missing"))?
-            .into(),
+        filename: Some(
+            file.ok_or_else(|| err("Parameter 'filename' is missing"))?
+                .into(),
+        ),
+        file: None,
         read_only: Some(ro),
+        auto_read_only: None,
+        discard: None,
     })
 }
 
