@@ -215,24 +215,6 @@ impl VmmCore {
     }
 }
 
-impl Handler<VmmCore> for BlockdevAdd {
-    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
-        let (driver, filename, file, read_only) =
-            (self.driver, self.filename, self.file, self.read_only);
-        let (auto_read_only, discard) = (self.auto_read_only, self.discard);
-        let spec = BlockdevSpec {
-            driver,
-            filename,
-            file,
-            read_only,
-            auto_read_only,
-            discard,
-        };
-        let r = c.backends.add_blockdev(&self.node_name, spec);
-        r.map_err(|e| CommandError::generic(e.to_string()))
-    }
-}
-
 impl Handler<VmmCore> for NetdevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
         let scripts = [self.script.as_deref(), self.downscript.as_deref()];
@@ -505,6 +487,11 @@ handlers! {
             }
         }
         Ok(v)
+    };
+    BlockdevAdd => |a, c, _| {
+        let spec = BlockdevSpec { driver: a.driver, filename: a.filename, file: a.file, read_only: a.read_only,
+                                  auto_read_only: a.auto_read_only, discard: a.discard };
+        c.backends.add_blockdev(&a.node_name, spec).map_err(|e| CommandError::generic(e.to_string()))
     };
     BlockdevDel => |a, c, _| {
         let n = &a.node_name;

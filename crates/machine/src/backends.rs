@@ -47,23 +47,6 @@ pub struct BlockdevSpec {
 }
 
 impl BlockBackend {
-    /// The backend of a `driver=file` node (a raw image); other drivers are refused.
-    pub fn from_blockdev(
-        driver: &str,
-        filename: PathBuf,
-        read_only: Option<bool>,
-    ) -> Result<Self, BackendError> {
-        if driver != "file" {
-            return Err(BackendError::Invalid(format!(
-                "blockdev driver '{driver}' is not supported (use driver=file with a raw image)"
-            )));
-        }
-        Ok(Self {
-            filename,
-            read_only: read_only.unwrap_or(false),
-        })
-    }
-
     /// The node as `query-named-block-nodes` and `query-block` show it (QEMU's
     /// `BlockDeviceInfo`). Keel opens images with the host page cache and keeps no I/O
     /// throttling, so the cache flags and limits are constants.
