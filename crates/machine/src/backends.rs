@@ -443,8 +443,7 @@ impl Backends {
                 "Parameter 'file' is missing (the name of a driver=file node)".into(),
             )),
             (d, _, _) => Err(BackendError::Invalid(format!(
-                "blockdev driver '{d}' is not supported (use driver=file with a raw image, \
-                 optionally under driver=raw)"
+                "blockdev driver '{d}' is not supported (use driver=file with a raw image)"
             ))),
         }
     }
