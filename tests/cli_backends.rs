@@ -320,3 +320,60 @@ fn user_isa_serial_is_com1_on_both_machines() {
         assert!(vmm.wait().success(), "{machine}");
     }
 }
+
+/// libvirt's `-blockdev` pair for a raw file disk, in JSON (a `file` node with
+/// `auto-read-only` and `discard`, a `raw` node over it) and a virtio-blk-pci on the `raw`
+/// node: the nodes are listed with their drivers, the device's node is the `raw` one, and
+/// the `file` node cannot go while the `raw` node is over it.
+#[test]
+fn libvirt_blockdev_pair_in_json_backs_a_pci_disk() {
+    let dir = TempDir::new();
+    let img = dir.path("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let storage = json!({"driver": "file", "filename": img.to_str().unwrap(),
+                         "node-name": "libvirt-1-storage", "auto-read-only": true,
+                         "discard": "unmap"})
+    .to_string();
+    let format = json!({"node-name": "libvirt-1-format", "read-only": false, "driver": "raw",
+                        "file": "libvirt-1-storage"})
+    .to_string();
+    let disk = json!({"driver": "virtio-blk-pci", "bus": "pci.0", "addr": "0x3",
+                      "drive": "libvirt-1-format", "id": "virtio-disk0"})
+    .to_string();
+    let mut vmm = Vmm::start(&[
+        "-M",
+        "pc",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-S",
+        "-blockdev",
+        &storage,
+        "-blockdev",
+        &format,
+        "-device",
+        &disk,
+    ]);
+    let mut c = vmm.qmp();
+    let nodes = c.ok("query-named-block-nodes", Value::Null);
+    let drv = |name: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == name)
+            .map(|n| n["drv"].clone())
+    };
+    assert_eq!(drv("libvirt-1-storage"), Some(json!("file")), "{nodes}");
+    assert_eq!(drv("libvirt-1-format"), Some(json!("raw")), "{nodes}");
+    let blocks = c.ok("query-block", Value::Null);
+    assert_eq!(
+        blocks[0]["inserted"]["node-name"], "libvirt-1-format",
+        "{blocks}"
+    );
+    let e = c.cmd("blockdev-del", json!({"node-name": "libvirt-1-storage"}));
+    assert_eq!(
+        e["error"]["desc"], "Node libvirt-1-storage is in use",
+        "{e}"
+    );
+}

@@ -230,6 +230,16 @@ fn libvirt_domain_keel() {
 }
 
 #[test]
+fn libvirt_pc_disk_qemu() {
+    against_qemu("libvirt_pc_disk");
+}
+
+#[test]
+fn libvirt_pc_disk_keel() {
+    against_keel("libvirt_pc_disk");
+}
+
+#[test]
 fn qemu_machine_qemu() {
     against_qemu("qemu_machine");
 }

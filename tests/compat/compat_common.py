@@ -175,12 +175,14 @@ class Scenario:
 
     # --- the guest ---------------------------------------------------------------------
 
-    def guest(self) -> "Guest":
+    def guest(self, virtio: bool = False) -> "Guest":
+        """The reference guest; `virtio` builds on its initramfs with the virtio modules."""
         d = Path(self.args.guest) if self.args.guest else Path.home() / ".cache/keel-guest/current"
-        if not (d / "bzImage").exists() or not (d / "initramfs.cpio.gz").exists():
+        base = "initramfs-virtio.cpio.gz" if virtio else "initramfs.cpio.gz"
+        if not (d / "bzImage").exists() or not (d / base).exists():
             self.skip(f"no guest in {d} (build it with: bash scripts/build-guest.sh)")
         try:
-            return Guest(d)
+            return Guest(d, base)
         except Exception as e:  # noqa: BLE001
             self.skip(f"cannot prepare the guest from {d}: {e}")
             raise
@@ -210,6 +212,18 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 insmod /lib/compat/evdev.ko
 insmod /lib/compat/button.ko
+# keel.compat.disks: load the virtio drivers of the base archive (initramfs-virtio) and report the guest's virtio
+# disks on the console whenever the set changes (hot plug scenarios).
+if grep -q keel.compat.disks /proc/cmdline; then
+  while read -r m; do insmod "/lib/modules/$m.ko"; done < /lib/modules/load-order
+  ( prev=none
+    while :; do
+      cur=$(cd /sys/block && ls -d vd* 2>/dev/null | tr '\n' ' ')
+      [ "$cur" != "$prev" ] && echo "KEEL-COMPAT-DISKS [$cur]"
+      prev=$cur
+      sleep 0.5
+    done ) &
+fi
 n=0
 for d in /sys/class/input/event*; do
   [ -e "$d/device/name" ] || continue
@@ -268,10 +282,10 @@ class Guest:
     order, so the overlay's /init and the two modules it needs (evdev, button; the
     kernel builds them as modules) replace or add to the base archive's files."""
 
-    def __init__(self, d: Path):
+    def __init__(self, d: Path, base_name: str = "initramfs.cpio.gz"):
         self.dir = d
         self.kernel = d / "bzImage"
-        base = d / "initramfs.cpio.gz"
+        base = d / base_name
         manifest = (d / "manifest").read_text() if (d / "manifest").exists() else ""
         release = next((l.split("=", 1)[1] for l in manifest.splitlines()
                         if l.startswith("kernel_release=")), None)

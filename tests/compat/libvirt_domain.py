@@ -5,7 +5,8 @@ A private libvirtd is started for the run: root, in its own mount namespace
 (`unshare -m`) with a temporary directory bind-mounted over /etc/libvirt, /run/libvirt and
 /var/{lib,cache,log}/libvirt, so it touches nothing of the host's. Its qemu.conf runs
 domains as root without a security driver, cgroups or namespaces (a container has none
-to give). virsh talks to it through a socket in the temporary directory.
+to give). virsh talks to it through a socket in the temporary directory
+(tests/compat/libvirt_daemon.py).
 
 Steps: libvirt probes the emulator (`virsh domcapabilities --emulatorbin EMU --virttype
 qemu --machine microvm`), then a type='qemu' microvm domain (direct kernel boot of the
@@ -21,11 +22,7 @@ Usage: python3 tests/compat/libvirt_domain.py --emulator PATH [--keep] [-v]
 
 import json
 import os
-import pwd
-import grp
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,131 +30,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compat_common as cc  # noqa: E402
+import libvirt_daemon  # noqa: E402
 
 S = cc.Scenario("libvirt_domain", __doc__, timeout=300)
 
-LIBVIRTD = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
-if os.geteuid() != 0:
-    S.skip("needs root (a private system libvirtd in its own mount namespace)")
-for tool in ("virsh", "unshare", "mount"):
-    if not shutil.which(tool):
-        S.skip(f"{tool} not found (apt-get install libvirt-clients libvirt-daemon "
-               "libvirt-daemon-driver-qemu)")
-if not os.access(LIBVIRTD, os.X_OK) or not Path("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so").exists():
-    S.skip("libvirtd or its QEMU driver is missing (apt-get install libvirt-daemon libvirt-daemon-driver-qemu)")
-try:
-    pwd.getpwnam("libvirt-qemu")
-    grp.getgrnam("libvirt-qemu")
-except KeyError:
-    S.skip("no libvirt-qemu user and group (bash tests/compat/setup.sh creates them)")
-G = S.guest()
-
-D = S.tmp
 DOM = "keel-compat"
+L = libvirt_daemon.Libvirtd(S, DOM)
+G = S.guest()
+D = S.tmp
 SERIAL = D / "serial.log"
 PTY_LOG = D / "pty.log"
-URI = f"qemu+unix:///system?socket={D}/libvirt-sock"
-MOUNTS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt",
-          "cache": "/var/cache/libvirt", "log": "/var/log/libvirt"}
-for d in MOUNTS:
-    (D / d).mkdir()
-(D / "etc/libvirtd.conf").write_text(f"""
-unix_sock_dir = "{D}"
-unix_sock_group = "root"
-unix_sock_rw_perms = "0770"
-auth_unix_rw = "none"
-log_filters = "1:qemu 1:util.command 3:util 3:rpc 3:event"
-log_outputs = "1:file:{D}/log/libvirtd.log"
-""")
-(D / "etc/qemu.conf").write_text("""
-user = "root"
-group = "root"
-dynamic_ownership = 0
-security_driver = "none"
-cgroup_controllers = [ ]
-namespaces = [ ]
-stdio_handler = "file"
-""")
+virsh, expect_state = L.virsh, L.expect_state
 
-
-def virsh(*args: str, timeout: float = 60, check: bool = True) -> str:
-    cmd = ["virsh", "-q", "-c", URI, *args]
-    S.log("$ " + " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    S.log(r.stdout + r.stderr)
-    if check and r.returncode != 0:
-        err = " ".join(r.stderr.split()) or r.stdout.strip()
-        raise cc.StepFailed(f"virsh {args[0]}: {err[:300]}{daemon_error()}")
-    return r.stdout
-
-
-def daemon_error() -> str:
-    """The last error libvirtd logged: the generic "cause is unknown" of virsh often hides
-    the real message."""
-    try:
-        lines = (D / "log/libvirtd.log").read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return ""
-    errs = [l for l in lines if " : error : " in l]
-    if not errs:
-        return ""
-    return "; libvirtd: " + errs[-1].split(" : error : ", 1)[1][:300]
-
-
-def state() -> str:
-    return virsh("domstate", "--reason", DOM).strip()
-
-
-def expect_state(want: str, reason: str, timeout: float = 10):
-    """libvirt's state of the domain and its reason (`virsh domstate --reason`)."""
-    full = f"{want} ({reason})"
-    cc.wait_for(lambda: state() == full, timeout, f"domstate '{full}' (now '{state()}')", 0.2)
-
-
-# --- the daemon ---------------------------------------------------------------------------
-
-binds = " && ".join(f"mount --bind '{D / d}' '{m}'" for d, m in MOUNTS.items())
-daemon = S.popen(
-    ["unshare", "-m", "--propagation", "private", "sh", "-c",
-     f"mkdir -p {' '.join(MOUNTS.values())} && {binds} && exec '{LIBVIRTD}' "
-     f"--config '{D}/etc/libvirtd.conf' --pid-file '{D}/libvirtd.pid'"],
-    stdin=subprocess.DEVNULL, stdout=open(D / "libvirtd.out", "w"), stderr=subprocess.STDOUT)
-
-
-def stop_domains():
-    # Emulators libvirt left running (the daemon does not stop them when it exits).
-    for pidfile in (D / "run/qemu").glob("*.pid"):
-        try:
-            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
-        except (ValueError, OSError):
-            pass
-
-
-def stop_daemon():
-    if daemon.poll() is None:
-        daemon.terminate()
-        try:
-            daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-
-
-S.at_exit(stop_domains)
-S.at_exit(stop_daemon)  # runs first (clean-ups run in reverse)
-
-
-def daemon_up():
-    def up():
-        if daemon.poll() is not None:
-            raise cc.StepFailed(f"libvirtd exited with {daemon.returncode}: "
-                                + (D / "libvirtd.out").read_text()[-300:])
-        return (D / "libvirt-sock").exists()
-    cc.wait_for(up, 30, "libvirtd's socket")
-    out = virsh("version")
-    cc.check("QEMU" in out or "libvirt" in out.lower(), f"virsh version: {out}")
-
-
-S.step("libvirtd-start", daemon_up)
+S.step("libvirtd-start", L.up)
 
 
 def domcaps():

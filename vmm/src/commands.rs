@@ -22,7 +22,7 @@ pub use keel_qapi::qom::*;
 
 use crate::core::{ShutdownCause, VmmCore};
 use crate::devices::qdev_error;
-use keel_machine::backends::{BlockBackend, NetBackend};
+use keel_machine::backends::{BlockdevSpec, NetBackend};
 use keel_machine::cpu_model;
 
 /// Converts the VMM's own report types (board, qdev) into their QMP shapes in
@@ -212,14 +212,6 @@ impl VmmCore {
             board.resume().map_err(generic)?;
         }
         Ok(out)
-    }
-}
-
-impl Handler<VmmCore> for BlockdevAdd {
-    fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
-        let b = BlockBackend::from_blockdev(&self.driver, self.filename, self.read_only);
-        let r = b.and_then(|b| c.backends.add_block(&self.node_name, b));
-        r.map_err(|e| CommandError::generic(e.to_string()))
     }
 }
 
@@ -476,14 +468,13 @@ handlers! {
         }
         Ok(v)
     };
-    QueryNamedBlockNodes => |_, c, _| Ok(c.backends.blocks().iter().map(|(n, b)| b.node_info(n)).collect());
+    QueryNamedBlockNodes => |_, c, _| Ok(c.backends.node_infos());
     QueryBlock => |_, c, _| {
-        let blocks = c.backends.blocks();
         let mut v = Vec::new();
         if let Some(b) = c.board.as_ref() {
             for d in b.devices().views() {
                 if let Some(keel_qdev::PropValue::Str(node)) = d.props.get("drive") {
-                    let inserted = blocks.iter().find(|(n, _)| n == node).map(|(n, bb)| bb.node_info(n));
+                    let inserted = c.backends.node_info(node);
                     let mut e = json!({
                         "device": "", "qdev": d.id.unwrap_or(d.path), "type": "unknown",
                         "removable": false, "locked": false,
@@ -497,12 +488,17 @@ handlers! {
         }
         Ok(v)
     };
+    BlockdevAdd => |a, c, _| {
+        let spec = BlockdevSpec { driver: a.driver, filename: a.filename, file: a.file, read_only: a.read_only,
+                                  auto_read_only: a.auto_read_only, discard: a.discard };
+        c.backends.add_blockdev(&a.node_name, spec).map_err(|e| CommandError::generic(e.to_string()))
+    };
     BlockdevDel => |a, c, _| {
         let n = &a.node_name;
         if !c.backends.blocks().iter().any(|(k, _)| k == n) {
             return Err(CommandError::generic(format!("Failed to find node with node-name='{n}'")));
         }
-        if !c.users_of("drive", n).is_empty() {
+        if !c.users_of("drive", n).is_empty() || c.backends.block_parent(n).is_some() {
             return Err(CommandError::generic(format!("Node {n} is in use")));
         }
         c.backends.remove_block(n);

@@ -25,24 +25,28 @@ pub struct BlockBackend {
     pub read_only: bool,
 }
 
-impl BlockBackend {
-    /// The backend of QMP `blockdev-add`: only `driver=file` (a raw image).
-    pub fn from_blockdev(
-        driver: &str,
-        filename: PathBuf,
-        read_only: Option<bool>,
-    ) -> Result<Self, BackendError> {
-        if driver != "file" {
-            return Err(BackendError::Invalid(format!(
-                "blockdev driver '{driver}' is not supported (use driver=file with a raw image)"
-            )));
-        }
-        Ok(Self {
-            filename,
-            read_only: read_only.unwrap_or(false),
-        })
-    }
+/// What `blockdev-add` / `-blockdev` asks for: a `file` node (a raw image) or a `raw`
+/// format node over a `file` node (libvirt's pair, `libvirt-N-format` on
+/// `libvirt-N-storage`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockdevSpec {
+    /// `driver`: `file` or `raw`.
+    pub driver: String,
+    /// `filename` (driver `file`).
+    pub filename: Option<PathBuf>,
+    /// `file`: the node under a `raw` node, by name.
+    pub file: Option<String>,
+    /// `read-only` (default off).
+    pub read_only: Option<bool>,
+    /// `auto-read-only`: a `file` node that cannot be opened for writing is opened
+    /// read-only instead of failing, as QEMU.
+    pub auto_read_only: Option<bool>,
+    /// `discard`: `ignore` or `unmap` (Keel's disks do not offer discard, so both behave
+    /// as `ignore`).
+    pub discard: Option<String>,
+}
 
+impl BlockBackend {
     /// The node as `query-named-block-nodes` and `query-block` show it (QEMU's
     /// `BlockDeviceInfo`). Keel opens images with the host page cache and keeps no I/O
     /// throttling, so the cache flags and limits are constants.
@@ -323,6 +327,8 @@ struct Inner {
     /// `-audiodev` ids (driver `none`).
     audiodevs: Vec<String>,
     block: BTreeMap<String, BlockBackend>,
+    /// `raw` format nodes: the `file` node under each.
+    block_children: BTreeMap<String, String>,
     /// Devices using each block node.
     block_users: BTreeMap<String, Vec<BlockUse>>,
     next_lease: u64,
@@ -365,7 +371,99 @@ impl Backends {
     /// Removes a block node (`blockdev-del`); `false` if there is none of that name. The
     /// caller checks that no device uses it.
     pub fn remove_block(&self, node_name: &str) -> bool {
-        self.lock().block.remove(node_name).is_some()
+        let mut inner = self.lock();
+        inner.block_children.remove(node_name);
+        inner.block.remove(node_name).is_some()
+    }
+
+    /// The `raw` node that has block node `node_name` as its `file` (a child cannot be
+    /// deleted before its parent).
+    pub fn block_parent(&self, node_name: &str) -> Option<String> {
+        self.lock()
+            .block_children
+            .iter()
+            .find(|(_, child)| *child == node_name)
+            .map(|(parent, _)| parent.clone())
+    }
+
+    /// QMP `blockdev-add` / `-blockdev`: a `file` node, or a `raw` node over an existing
+    /// `file` node (the same image; a device on it reads and writes the image directly).
+    pub fn add_blockdev(&self, node_name: &str, spec: BlockdevSpec) -> Result<(), BackendError> {
+        match spec.discard.as_deref() {
+            None | Some("ignore" | "off" | "unmap" | "on") => {}
+            Some(v) => {
+                return Err(BackendError::Invalid(format!(
+                    "Parameter 'discard' does not accept value '{v}'"
+                )));
+            }
+        }
+        let read_only = spec.read_only.unwrap_or(false);
+        match (spec.driver.as_str(), spec.filename, spec.file) {
+            ("file", Some(filename), None) => {
+                let writable = || {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&filename)
+                        .is_ok()
+                };
+                let read_only = read_only || (spec.auto_read_only == Some(true) && !writable());
+                self.add_block(
+                    node_name,
+                    BlockBackend {
+                        filename,
+                        read_only,
+                    },
+                )
+            }
+            ("file", None, _) => Err(BackendError::Invalid(
+                "Parameter 'filename' is missing".into(),
+            )),
+            ("raw", None, Some(child)) => {
+                let mut inner = self.lock();
+                let Some(under) = inner.block.get(&child).cloned() else {
+                    return Err(BackendError::Invalid(format!(
+                        "Cannot find device='' nor node-name='{child}'"
+                    )));
+                };
+                if !read_only && under.read_only {
+                    return Err(BackendError::Invalid(format!(
+                        "Could not open '{}': Block node is read-only",
+                        under.filename.display()
+                    )));
+                }
+                let b = BlockBackend {
+                    filename: under.filename,
+                    read_only,
+                };
+                insert(&mut inner.block, "node-name", node_name, b)?;
+                inner.block_children.insert(node_name.to_owned(), child);
+                Ok(())
+            }
+            ("raw", _, _) => Err(BackendError::Invalid(
+                "Parameter 'file' is missing (the name of a driver=file node)".into(),
+            )),
+            (d, _, _) => Err(BackendError::Invalid(format!(
+                "blockdev driver '{d}' is not supported (use driver=file with a raw image)"
+            ))),
+        }
+    }
+
+    /// Block node `name` as `query-named-block-nodes` and `query-block` show it, `None` if
+    /// there is none: a `raw` node shows its driver and format.
+    pub fn node_info(&self, name: &str) -> Option<serde_json::Value> {
+        let inner = self.lock();
+        let mut v = inner.block.get(name)?.node_info(name);
+        if inner.block_children.contains_key(name) {
+            v["drv"] = "raw".into();
+            v["image"]["format"] = "raw".into();
+        }
+        Some(v)
+    }
+
+    /// Every block node as `query-named-block-nodes` shows it.
+    pub fn node_infos(&self) -> Vec<serde_json::Value> {
+        let names: Vec<String> = self.lock().block.keys().cloned().collect();
+        names.iter().filter_map(|n| self.node_info(n)).collect()
     }
 
     /// `blockdev-add` with `driver=file`: the file must exist (and be a regular file or a
@@ -1098,6 +1196,82 @@ mod tests {
 
     fn tmp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("keel-backends-{}-{name}", std::process::id()))
+    }
+
+    /// libvirt's pair: a `file` node (with `auto-read-only` and `discard`) and a `raw`
+    /// node over it; the device's node is the `raw` one, the child goes last.
+    #[test]
+    fn raw_node_over_a_file_node_as_libvirt_adds_them() {
+        let b = Backends::new();
+        let file = tmp("raw-pair");
+        std::fs::write(&file, [0u8; 512]).unwrap();
+        let storage = BlockdevSpec {
+            driver: "file".into(),
+            filename: Some(file.clone()),
+            auto_read_only: Some(true),
+            discard: Some("unmap".into()),
+            ..BlockdevSpec::default()
+        };
+        b.add_blockdev("s", storage.clone()).unwrap();
+        let format = BlockdevSpec {
+            driver: "raw".into(),
+            file: Some("s".into()),
+            read_only: Some(false),
+            ..BlockdevSpec::default()
+        };
+        b.add_blockdev("f", format.clone()).unwrap();
+        assert_eq!(b.block("f").unwrap().filename, file);
+        assert!(!b.block("f").unwrap().read_only);
+        let info = b.node_info("f").unwrap();
+        assert_eq!(
+            (info["drv"].as_str(), info["file"].as_str()),
+            (Some("raw"), file.to_str())
+        );
+        assert_eq!(b.node_info("s").unwrap()["drv"], "file");
+        assert_eq!(b.node_infos().len(), 2);
+        assert_eq!(b.block_parent("s").as_deref(), Some("f"));
+        let missing = BlockdevSpec {
+            file: Some("nope".into()),
+            ..format.clone()
+        };
+        let e = b.add_blockdev("g", missing).unwrap_err().to_string();
+        assert!(e.contains("node-name='nope'"), "{e}");
+        let bad = BlockdevSpec {
+            discard: Some("sometimes".into()),
+            ..storage.clone()
+        };
+        assert!(b.add_blockdev("t", bad).is_err());
+        let qcow = BlockdevSpec {
+            driver: "qcow2".into(),
+            ..format.clone()
+        };
+        assert!(
+            b.add_blockdev("q", qcow)
+                .unwrap_err()
+                .to_string()
+                .contains("qcow2")
+        );
+        assert!(b.remove_block("f"));
+        assert_eq!(b.block_parent("s"), None);
+        assert!(b.remove_block("s"));
+        // A read-write raw node over a read-only file node is refused, as QEMU.
+        let ro = BlockdevSpec {
+            read_only: Some(true),
+            ..storage
+        };
+        b.add_blockdev("s", ro).unwrap();
+        let e = b.add_blockdev("f", format.clone()).unwrap_err().to_string();
+        assert!(e.contains("read-only"), "{e}");
+        b.add_blockdev(
+            "f",
+            BlockdevSpec {
+                read_only: Some(true),
+                ..format
+            },
+        )
+        .unwrap();
+        assert!(b.block("f").unwrap().read_only);
+        std::fs::remove_file(&file).ok();
     }
 
     #[test]

@@ -164,6 +164,9 @@ pub struct PcConfig {
     pub no_reboot: bool,
     /// COM1's backend.
     pub serial: SerialBackend,
+    /// `dump-guest-core=` (QEMU's machine property, default on): `off` leaves guest RAM
+    /// out of the process's core dumps (`MADV_DONTDUMP`).
+    pub dump_guest_core: crate::OnOffAuto,
 }
 
 impl Default for PcConfig {
@@ -177,6 +180,7 @@ impl Default for PcConfig {
             append: String::new(),
             no_reboot: false,
             serial: SerialBackend::Stdio,
+            dump_guest_core: crate::OnOffAuto::Auto,
         }
     }
 }
@@ -482,6 +486,9 @@ impl Pc {
         let memory = Arc::new(
             GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MachineError::Ram(cfg.memory, e))?,
         );
+        if !cfg.dump_guest_core.resolve(true) {
+            layout::exclude_from_core_dumps(&memory);
+        }
         let buses = Arc::new(IoBuses::new());
         let shared = Shared::new(cfg.cpus);
         let hub = Arc::new(Hub {

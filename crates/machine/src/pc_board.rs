@@ -76,6 +76,19 @@ pub fn pc_config(cfg: &MachineConfig) -> Result<PcConfig, BoardError> {
             cpu_model(v)?;
             continue;
         }
+        if k == "dump-guest-core" {
+            // QEMU's MachineState boolean: on/off, yes/no, true/false.
+            m.dump_guest_core = match keel_qdev::keyval::parse_bool(v) {
+                Some(true) => crate::OnOffAuto::On,
+                Some(false) => crate::OnOffAuto::Off,
+                None => {
+                    return Err(BoardError::Invalid(
+                        "Parameter 'dump-guest-core' expects 'on' or 'off'".into(),
+                    ));
+                }
+            };
+            continue;
+        }
         return Err(BoardError::UnknownProperty {
             machine: "pc-i440fx".into(),
             property: k.clone(),

@@ -154,3 +154,46 @@ fn pvh_guest_scans_pci_under_kvm() {
     scan(&accel, 1);
     scan(&accel, 2);
 }
+
+/// Whether the mapping holding host address `addr` has the kernel's "do not dump" flag
+/// (`dd` in `/proc/self/smaps`' VmFlags).
+fn excluded_from_core_dumps(addr: usize) -> bool {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            inside = (lo..hi).contains(&addr);
+        } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+            return flags.split_whitespace().any(|f| f == "dd");
+        }
+    }
+    panic!("no mapping holds {addr:#x}");
+}
+
+/// `-machine pc,dump-guest-core=off`: every RAM region is `MADV_DONTDUMP`; by default
+/// (QEMU's `on`) none is.
+#[test]
+fn dump_guest_core_off_excludes_pc_ram_from_core_dumps() {
+    use vm_memory::GuestMemoryBackend;
+    for (setting, excluded) in [
+        (keel_machine::OnOffAuto::Off, true),
+        (keel_machine::OnOffAuto::Auto, false),
+    ] {
+        let cfg = PcConfig {
+            memory: 64 << 20,
+            serial: SerialBackend::Null,
+            dump_guest_core: setting,
+            ..PcConfig::default()
+        };
+        let (tx, _rx) = mpsc::channel();
+        let mut pc = Pc::new(cfg, &keel_tcg::TcgAccel::new(), Arc::new(tx)).unwrap();
+        for region in pc.memory().iter() {
+            let addr = region.as_ptr() as usize;
+            assert_eq!(excluded_from_core_dumps(addr), excluded, "{setting:?}");
+        }
+        pc.shutdown();
+    }
+}

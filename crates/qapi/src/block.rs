@@ -9,18 +9,25 @@ use serde_json::Value;
 
 use crate::ANY;
 
-/// `blockdev-add` with `driver: "file"` (a raw image).
+/// `blockdev-add`: `driver: "file"` (a raw image), or `driver: "raw"` over a file node
+/// named by `file` (the pair libvirt adds).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BlockdevAdd {
-    /// Only `file`.
+    /// `file` or `raw`.
     pub driver: String,
     /// Node name, referenced by a device's `drive=`.
     pub node_name: String,
-    /// Image path.
-    pub filename: PathBuf,
+    /// Image path (driver `file`).
+    pub filename: Option<PathBuf>,
+    /// The file node under a `raw` node, by name.
+    pub file: Option<String>,
     /// Open read-only.
     pub read_only: Option<bool>,
+    /// Fall back to read-only when the image cannot be opened for writing.
+    pub auto_read_only: Option<bool>,
+    /// `ignore` or `unmap`.
+    pub discard: Option<String>,
 }
 
 impl Command for BlockdevAdd {
@@ -33,8 +40,11 @@ impl Command for BlockdevAdd {
             vec![
                 req("driver", Type::str()),
                 req("node-name", Type::str()),
-                req("filename", Type::str()),
+                opt("filename", Type::str()),
+                opt("file", Type::str()),
                 opt("read-only", Type::bool()),
+                opt("auto-read-only", Type::bool()),
+                opt("discard", Type::str()),
             ],
         )
     }

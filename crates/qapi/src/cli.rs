@@ -107,10 +107,41 @@ pub fn chardev_endpoint(text: &str) -> Result<(String, Endpoint), OptionError> {
     Ok((id, ep))
 }
 
-/// `-blockdev driver=file,filename=PATH,node-name=N[,read-only=on]` or the shorthand
+/// `-blockdev driver=file,filename=PATH,node-name=N[,read-only=on]` (or `driver=raw` over
+/// a file node, `file=NODE`; or either as JSON, as libvirt writes them) or the shorthand
 /// `-drive file=PATH,if=none,id=N,format=raw[,readonly=on]`.
 pub fn blockdev(name: &str, text: &str) -> Result<BlockdevAdd, OptionError> {
+    if name == "blockdev" && text.trim_start().starts_with('{') {
+        return blockdev_opts(name, json_pairs(text)?);
+    }
     blockdev_opts(name, split_opts(text, None)?)
+}
+
+/// A JSON option value as `key=value` pairs: booleans as `on`/`off`, one level of nested
+/// objects flattened to `outer.inner` (QEMU's dotted keys).
+fn json_pairs(text: &str) -> Result<Vec<(String, String)>, OptionError> {
+    let map: Map<String, Value> =
+        serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    let scalar = |k: &str, val: Value| match val {
+        Value::String(s) => Ok(s),
+        Value::Bool(b) => Ok(if b { "on" } else { "off" }.to_owned()),
+        Value::Number(n) => Ok(n.to_string()),
+        _ => Err(err(format!("Parameter '{k}' expects a scalar value"))),
+    };
+    let mut v = Vec::new();
+    for (k, val) in map {
+        if let Value::Object(inner) = val {
+            for (ik, ival) in inner {
+                let key = format!("{k}.{ik}");
+                let text = scalar(&key, ival)?;
+                v.push((key, text));
+            }
+        } else {
+            let text = scalar(&k, val)?;
+            v.push((k, text));
+        }
+    }
+    Ok(v)
 }
 
 /// `-drive ...,if=virtio`: QEMU's shorthand for a drive and the architecture's virtio disk
@@ -144,9 +175,13 @@ pub fn virtio_drive(
 fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd, OptionError> {
     let mut driver = None;
     let (mut file, mut node, mut ro) = (None, None, false);
+    let (mut child, mut auto_ro, mut discard) = (None, None, None);
     for (k, v) in opts {
         match (name, k.as_str()) {
             ("blockdev", "driver") => driver = Some(v),
+            ("blockdev", "file") => child = Some(v),
+            ("blockdev", "auto-read-only") => auto_ro = Some(on_off(&k, &v)?),
+            ("blockdev", "discard") => discard = Some(v),
             ("blockdev", "filename") | ("drive", "file") => file = Some(v),
             ("blockdev", "node-name") | ("drive", "id") => node = Some(v),
             ("blockdev", "read-only") | ("drive", "readonly") => ro = on_off(&k, &v)?,
@@ -157,7 +192,8 @@ fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd,
                     "{k}={v} is not supported (use if=virtio, or if=none and a -device; format=raw)"
                 )));
             }
-            ("blockdev", "discard" | "cache.direct" | "aio") | ("drive", "cache" | "aio") => {}
+            ("blockdev", "cache.direct" | "cache.no-flush" | "aio")
+            | ("drive", "cache" | "aio") => {}
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         }
     }
@@ -166,13 +202,18 @@ fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd,
         _ => driver.ok_or_else(|| err("Parameter 'driver' is missing"))?,
     };
     let key = if name == "drive" { "id" } else { "node-name" };
+    let node_name = node.ok_or_else(|| err(format!("Parameter '{key}' is missing")))?;
+    if driver == "file" && file.is_none() {
+        return Err(err("Parameter 'filename' is missing"));
+    }
     Ok(BlockdevAdd {
         driver,
-        node_name: node.ok_or_else(|| err(format!("Parameter '{key}' is missing")))?,
-        filename: file
-            .ok_or_else(|| err("Parameter 'filename' is missing"))?
-            .into(),
+        node_name,
+        filename: file.map(Into::into),
+        file: child,
         read_only: Some(ro),
+        auto_read_only: auto_ro,
+        discard,
     })
 }
 
@@ -499,5 +540,43 @@ pub fn command_line_options(
                 Ok(v)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The two `-blockdev` libvirt 9.0 writes for a raw file disk, in JSON, and the same
+    /// pair in key=value form.
+    #[test]
+    fn blockdev_reads_libvirts_file_and_raw_pair() {
+        let storage = blockdev(
+            "blockdev",
+            r#"{"driver":"file","filename":"/d.raw","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}"#,
+        )
+        .unwrap();
+        assert_eq!(storage.driver, "file");
+        assert_eq!(storage.filename, Some("/d.raw".into()));
+        assert_eq!(
+            (storage.auto_read_only, storage.discard.as_deref()),
+            (Some(true), Some("unmap"))
+        );
+        let format = blockdev(
+            "blockdev",
+            r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"raw","file":"libvirt-1-storage"}"#,
+        )
+        .unwrap();
+        assert_eq!(format.driver, "raw");
+        assert_eq!(format.file.as_deref(), Some("libvirt-1-storage"));
+        assert_eq!((format.filename, format.read_only), (None, Some(false)));
+        let kv = blockdev("blockdev", "driver=raw,node-name=f,file=s,read-only=on").unwrap();
+        assert_eq!((kv.file.as_deref(), kv.read_only), (Some("s"), Some(true)));
+        let e = blockdev("blockdev", r#"{"driver":"file","node-name":"s"}"#).unwrap_err();
+        assert!(e.to_string().contains("'filename' is missing"), "{e}");
+        let e = blockdev("blockdev", r#"{"driver":"file","x":[1]}"#).unwrap_err();
+        assert!(e.to_string().contains("scalar"), "{e}");
+        assert!(blockdev("blockdev", r#"{"driver":"#).is_err());
     }
 }
