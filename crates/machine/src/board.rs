@@ -290,6 +290,10 @@ pub enum BoardEvent {
     InternalError(String),
     /// The guest ejected hot-plugged devices: call [`Board::guest_ejected`].
     DeviceEjected,
+    /// A disk's host I/O failed (`BLOCK_IO_ERROR`); if it
+    /// [stops the machine](crate::BlockIoError::stops_machine), the owner pauses it in the
+    /// run state `io-error` and [`Board::resume`] runs the held requests again.
+    BlockIoError(crate::BlockIoError),
 }
 
 /// A built machine, driven by the lifecycle commands.

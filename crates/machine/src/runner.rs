@@ -40,6 +40,10 @@ pub enum MachineEvent {
         /// The backend's message.
         error: String,
     },
+    /// A disk's host read or write failed; under `werror=stop` (or `enospc` on a full host
+    /// disk) the disk holds the request and the owner should stop the machine, and
+    /// continuing it runs the request again. The vCPUs keep running.
+    BlockIoError(crate::BlockIoError),
 }
 
 /// Receives [`MachineEvent`]s; called from vCPU threads, must not block for long.

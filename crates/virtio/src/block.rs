@@ -333,6 +333,7 @@ impl Block {
                     operation,
                     action,
                     errno,
+                    io_status: self.on_error.can_stop(),
                 });
                 match (action, operation) {
                     (ErrorAction::Stop, _) => return Step::Hold,
@@ -1398,6 +1399,7 @@ mod tests {
                 operation: IoOperation::Write,
                 action: ErrorAction::Stop,
                 errno: libc::ENOSPC,
+                io_status: true,
             }]
         );
         assert!(reports[0].nospace());

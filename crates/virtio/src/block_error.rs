@@ -59,6 +59,15 @@ pub struct ErrorPolicy {
     pub write: OnError,
 }
 
+impl ErrorPolicy {
+    /// Whether some error can stop the machine (`werror=enospc|stop` or `rerror=stop`):
+    /// only then does QEMU track the disk's I/O status, and say in `BLOCK_IO_ERROR`
+    /// whether the host ran out of space (`nospace`).
+    pub fn can_stop(&self) -> bool {
+        matches!(self.write, OnError::Enospc | OnError::Stop) || self.read == OnError::Stop
+    }
+}
+
 impl Default for ErrorPolicy {
     fn default() -> Self {
         Self {
@@ -118,6 +127,8 @@ pub struct IoErrorReport {
     pub action: ErrorAction,
     /// The host's `errno`.
     pub errno: i32,
+    /// Whether the disk tracks an I/O status ([`ErrorPolicy::can_stop`]).
+    pub io_status: bool,
 }
 
 impl IoErrorReport {
@@ -184,6 +195,12 @@ mod tests {
             Some(OnError::Enospc)
         );
         assert_eq!(OnError::parse("halt", OnError::Report), None);
+        assert!(ErrorPolicy::default().can_stop());
+        let report = ErrorPolicy {
+            read: OnError::Report,
+            write: OnError::Report,
+        };
+        assert!(!report.can_stop());
     }
 
     #[test]
@@ -192,6 +209,7 @@ mod tests {
             operation: IoOperation::Write,
             action: ErrorAction::Stop,
             errno: libc::ENOSPC,
+            io_status: true,
         };
         assert_eq!(r.reason(), "No space left on device");
         assert!(r.nospace());

@@ -1,0 +1,111 @@
+//! Host I/O errors of the machine's disks: each virtio-blk device reports its failed
+//! requests here (QEMU's `rerror=`/`werror=`), the machine's owner hears of them as
+//! [`crate::BoardEvent::BlockIoError`] (QMP's `BLOCK_IO_ERROR`, and for `stop` the run
+//! state `io-error`), and continuing the machine runs the requests the disks held.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use keel_virtio::{ErrorAction, IoErrorReport, IoErrorSink, VirtioDevice};
+
+use crate::runner::{MachineEvent, MachineEvents};
+
+/// One failed request of one disk: the facts of QEMU's `BLOCK_IO_ERROR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockIoError {
+    /// The block node the disk uses (`drive=`).
+    pub node_name: String,
+    /// What failed and what the disk did about it.
+    pub report: IoErrorReport,
+}
+
+impl BlockIoError {
+    /// Whether the disk holds the request and wants the machine stopped (`io-error`).
+    pub fn stops_machine(&self) -> bool {
+        self.report.action == ErrorAction::Stop
+    }
+
+    /// The data of QMP's `BLOCK_IO_ERROR` as QEMU 7.2 sends it for a disk on a
+    /// `-blockdev` node: `device` is the (anonymous) block backend's name, empty;
+    /// `nospace` only when the disk tracks an I/O status (a policy that can stop).
+    pub fn event_data(&self) -> serde_json::Value {
+        let mut data = serde_json::json!({
+            "device": "",
+            "node-name": self.node_name,
+            "operation": self.report.operation.as_str(),
+            "action": self.report.action.as_str(),
+            "reason": self.report.reason(),
+        });
+        if self.report.io_status {
+            data["nospace"] = self.report.nospace().into();
+        }
+        data
+    }
+}
+
+/// The machine's disks and where their errors go.
+pub(crate) struct DiskErrors {
+    events: Arc<dyn MachineEvents>,
+    disks: Mutex<Vec<Weak<Mutex<dyn VirtioDevice>>>>,
+}
+
+impl DiskErrors {
+    /// Errors go to `events` as [`MachineEvent::BlockIoError`].
+    pub(crate) fn new(events: Arc<dyn MachineEvents>) -> Arc<Self> {
+        Arc::new(Self {
+            events,
+            disks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The sink for the disk on block node `node`.
+    pub(crate) fn sink_for(&self, node: &str) -> Arc<dyn IoErrorSink> {
+        Arc::new(DiskSink {
+            node: node.to_owned(),
+            events: self.events.clone(),
+        })
+    }
+
+    /// Remembers `disk` so that [`DiskErrors::retry`] reaches it; an unplugged disk is
+    /// forgotten once it is dropped.
+    pub(crate) fn track(&self, disk: &Arc<Mutex<dyn VirtioDevice>>) {
+        let mut disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
+        disks.retain(|d| d.strong_count() > 0);
+        disks.push(Arc::downgrade(disk));
+    }
+
+    /// The machine continues: every disk runs the requests it held.
+    pub(crate) fn retry(&self) {
+        let disks: Vec<_> = self
+            .disks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for disk in disks {
+            disk.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+    }
+}
+
+struct DiskSink {
+    node: String,
+    events: Arc<dyn MachineEvents>,
+}
+
+impl IoErrorSink for DiskSink {
+    fn io_error(&self, report: IoErrorReport) {
+        log::warn!(
+            "block node '{}': host {} error ({}), action {}",
+            self.node,
+            report.operation.as_str(),
+            report.reason(),
+            report.action.as_str()
+        );
+        self.events
+            .machine_event(MachineEvent::BlockIoError(BlockIoError {
+                node_name: self.node.clone(),
+                report,
+            }));
+    }
+}
