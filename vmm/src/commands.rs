@@ -491,6 +491,9 @@ handlers! {
                     if let Some(i) = inserted {
                         e["inserted"] = i;
                     }
+                    if let Some(s) = b.block_io_status(node) {
+                        e["io-status"] = s.into();
+                    }
                     v.push(e);
                 }
             }

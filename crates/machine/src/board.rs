@@ -332,6 +332,13 @@ pub trait Board: Send {
     fn pci(&self) -> Vec<crate::PciBusInfo> {
         Vec::new()
     }
+    /// `query-block`'s `io-status` of the disk on block node `node` (`ok`, `failed`,
+    /// `nospace`); `None` when no disk there tracks one (QEMU's rule: only disks whose
+    /// `werror`/`rerror` can stop the machine do). None by default.
+    fn block_io_status(&self, node: &str) -> Option<&'static str> {
+        let _ = node;
+        None
+    }
     /// The channel of [`BoardEvent`]s, taken once by the VMM right after creation.
     fn take_events(&mut self) -> Option<std::sync::mpsc::Receiver<BoardEvent>> {
         None

@@ -3,6 +3,7 @@
 //! [`crate::BoardEvent::BlockIoError`] (QMP's `BLOCK_IO_ERROR`, and for `stop` the run
 //! state `io-error`), and continuing the machine runs the requests the disks held.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use keel_virtio::{ErrorAction, IoErrorReport, IoErrorSink, VirtioDevice};
@@ -42,10 +43,22 @@ impl BlockIoError {
     }
 }
 
+/// One disk the machine has.
+struct Disk {
+    device: Weak<Mutex<dyn VirtioDevice>>,
+    node: String,
+    /// Whether it tracks an I/O status (its policy can stop the machine).
+    io_status: bool,
+}
+
 /// The machine's disks and where their errors go.
 pub(crate) struct DiskErrors {
     events: Arc<dyn MachineEvents>,
-    disks: Mutex<Vec<Weak<Mutex<dyn VirtioDevice>>>>,
+    disks: Mutex<Vec<Disk>>,
+    /// The I/O status of block nodes whose disk stopped the machine: `nospace` or `failed`
+    /// (QEMU's `BlockDeviceIoStatus`). It stays after `cont`, as QEMU 7.2's for a disk on a
+    /// `-blockdev` node (its `cont` resets only the named backends of `-drive`).
+    failed: Arc<Mutex<HashMap<String, &'static str>>>,
 }
 
 impl DiskErrors {
@@ -54,6 +67,7 @@ impl DiskErrors {
         Arc::new(Self {
             events,
             disks: Mutex::new(Vec::new()),
+            failed: Arc::default(),
         })
     }
 
@@ -62,15 +76,34 @@ impl DiskErrors {
         Arc::new(DiskSink {
             node: node.to_owned(),
             events: self.events.clone(),
+            failed: self.failed.clone(),
         })
     }
 
-    /// Remembers `disk` so that [`DiskErrors::retry`] reaches it; an unplugged disk is
-    /// forgotten once it is dropped.
-    pub(crate) fn track(&self, disk: &Arc<Mutex<dyn VirtioDevice>>) {
+    /// Remembers `disk` on block node `node`, so that [`DiskErrors::retry`] reaches it and
+    /// [`DiskErrors::io_status`] knows it (`io_status`: its policy can stop the machine);
+    /// an unplugged disk is forgotten once it is dropped.
+    pub(crate) fn track(&self, disk: &Arc<Mutex<dyn VirtioDevice>>, node: &str, io_status: bool) {
         let mut disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
-        disks.retain(|d| d.strong_count() > 0);
-        disks.push(Arc::downgrade(disk));
+        disks.retain(|d| d.device.strong_count() > 0);
+        disks.push(Disk {
+            device: Arc::downgrade(disk),
+            node: node.to_owned(),
+            io_status,
+        });
+    }
+
+    /// `query-block`'s `io-status` of the disk on block node `node`: `ok`, or `failed` or
+    /// `nospace` once an error stopped the machine; `None` if no disk on it tracks one.
+    pub(crate) fn io_status(&self, node: &str) -> Option<&'static str> {
+        let disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
+        disks
+            .iter()
+            .any(|d| d.node == node && d.io_status && d.device.strong_count() > 0)
+            .then(|| {
+                let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                failed.get(node).copied().unwrap_or("ok")
+            })
     }
 
     /// The machine continues: every disk runs the requests it held.
@@ -80,7 +113,7 @@ impl DiskErrors {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter_map(Weak::upgrade)
+            .filter_map(|d| d.device.upgrade())
             .collect();
         for disk in disks {
             disk.lock().unwrap_or_else(|p| p.into_inner()).resume();
@@ -91,6 +124,7 @@ impl DiskErrors {
 struct DiskSink {
     node: String,
     events: Arc<dyn MachineEvents>,
+    failed: Arc<Mutex<HashMap<String, &'static str>>>,
 }
 
 impl IoErrorSink for DiskSink {
@@ -102,6 +136,19 @@ impl IoErrorSink for DiskSink {
             report.reason(),
             report.action.as_str()
         );
+        if report.action == ErrorAction::Stop {
+            // The first error stays, as QEMU's `blk_iostatus_set_err`.
+            let status = if report.nospace() {
+                "nospace"
+            } else {
+                "failed"
+            };
+            self.failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(self.node.clone())
+                .or_insert(status);
+        }
         self.events
             .machine_event(MachineEvent::BlockIoError(BlockIoError {
                 node_name: self.node.clone(),

@@ -448,7 +448,7 @@ pub(crate) fn virtio_backend(
             let mut block = Block::new(&cfg)?;
             block.set_error_sink(disks.sink_for(&props.drive));
             let block: SharedVirtio = Arc::new(Mutex::new(block));
-            disks.track(&block);
+            disks.track(&block, &props.drive, cfg.on_error.can_stop());
             (block, Some(Keep::Block(lease)))
         }
         Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
@@ -759,6 +759,10 @@ impl Board for MicrovmBoard {
             self.started = true;
             self.lock().start().map_err(BoardError::from)
         }
+    }
+
+    fn block_io_status(&self, node: &str) -> Option<&'static str> {
+        self.lock().disk_errors().io_status(node)
     }
 
     fn pause(&mut self) -> Result<(), BoardError> {

@@ -839,6 +839,10 @@ impl Board for PcBoard {
         }
     }
 
+    fn block_io_status(&self, node: &str) -> Option<&'static str> {
+        self.lock().disk_errors().io_status(node)
+    }
+
     fn pause(&mut self) -> Result<(), BoardError> {
         if self.started {
             self.lock().pause();
