@@ -340,3 +340,91 @@ fn werror_report_gives_the_guest_an_io_error() {
         assert!(!q_text.contains("KEEL-VDA-WRITE OK"), "{q_text}");
     }
 }
+
+/// `query-block`'s `io-status` of one `virtio-blk-pci` disk with `werror`/`rerror` set
+/// (`None`: left to the default), on `pc` before the guest runs (`-S`).
+fn pc_io_status(program: &str, werror: Option<&str>, rerror: Option<&str>) -> Value {
+    let dir = TempDir::new();
+    let image = dir.path("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = dir.path("qmp.sock");
+    let blockdev = format!("driver=file,node-name=d0,filename={}", image.display());
+    let mut device = "virtio-blk-pci,drive=d0,id=disk0".to_owned();
+    if let Some(w) = werror {
+        device.push_str(&format!(",werror={w}"));
+    }
+    if let Some(r) = rerror {
+        device.push_str(&format!(",rerror={r}"));
+    }
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let child = Command::new(program)
+        .args([
+            "-M",
+            "pc",
+            "-accel",
+            "tcg",
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-qmp", &qmp, "-blockdev", &blockdev, "-device", &device])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = common::Guard(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "{program} exited early"
+        );
+        assert!(Instant::now() < deadline, "{program}: no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut c = Client::new(stream);
+    c.negotiate();
+    let blocks = c.ok("query-block", Value::Null);
+    let disk = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["qdev"] == "disk0" || b["qdev"].as_str().is_some_and(|q| q.contains("disk0")))
+        .cloned()
+        .unwrap_or_else(|| panic!("{program}: no disk0 in {blocks}"));
+    c.ok("quit", Value::Null);
+    let _ = child.wait();
+    disk["io-status"].clone()
+}
+
+/// The I/O status is tracked only when a policy can stop the machine (QEMU's rule), and
+/// `werror`/`rerror` are properties of `virtio-blk-pci` too.
+#[test]
+fn io_status_is_tracked_only_when_an_error_can_stop() {
+    let cases = [
+        (None, None, json!("ok")),
+        (Some("report"), None, Value::Null),
+        (Some("ignore"), Some("stop"), json!("ok")),
+        (Some("stop"), Some("report"), json!("ok")),
+        (Some("report"), Some("ignore"), Value::Null),
+    ];
+    for (werror, rerror, expect) in cases {
+        let keel = pc_io_status(common::BIN, werror, rerror);
+        assert_eq!(keel, expect, "werror={werror:?} rerror={rerror:?}");
+        if Path::new(QEMU).exists() {
+            let qemu = pc_io_status(QEMU, werror, rerror);
+            assert_eq!(
+                keel, qemu,
+                "Keel vs QEMU 7.2, werror={werror:?} rerror={rerror:?}"
+            );
+        }
+    }
+}
