@@ -258,6 +258,10 @@ fn stop_scenario(program: &str) -> (Value, Vec<String>, Value, String, Vec<u8>) 
         .unwrap_or(Value::Null);
     let mut status = g.status();
     status["io-status"] = g.io_status();
+    status["info status"] = g.qmp.ok(
+        "human-monitor-command",
+        json!({"command-line": "info status"}),
+    );
     std::fs::remove_file(&g.filler).unwrap();
     g.qmp.ok("cont", Value::Null);
     // QEMU 7.2's `cont` leaves the I/O status of a disk on a -blockdev node as it was (it
@@ -285,7 +289,8 @@ fn werror_stop_pauses_on_a_full_disk_and_cont_completes_the_write() {
     assert_eq!(names[names.len() - 2..], ["BLOCK_IO_ERROR", "STOP"]);
     assert_eq!(
         status,
-        json!({"status": "io-error", "running": false, "io-status": "nospace"})
+        json!({"status": "io-error", "running": false, "io-status": "nospace",
+               "info status": "VM status: paused (io-error)\r\n"})
     );
     assert!(text.contains("KEEL-VDA-WRITE OK sector=8"), "{text}");
     assert_eq!(&sector[..GUEST_WROTE.len()], GUEST_WROTE);
