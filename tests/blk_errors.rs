@@ -262,7 +262,14 @@ fn stop_scenario(program: &str) -> (Value, Vec<String>, Value, String, Vec<u8>) 
         "human-monitor-command",
         json!({"command-line": "info status"}),
     );
-    std::fs::remove_file(&g.filler).unwrap();
+    // Truncated rather than removed: a child another test thread forks at this moment
+    // would keep a removed file's pages until it execs.
+    std::fs::File::options()
+        .write(true)
+        .open(&g.filler)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     g.qmp.ok("cont", Value::Null);
     // QEMU 7.2's `cont` leaves the I/O status of a disk on a -blockdev node as it was (it
     // resets only -drive's named backends).

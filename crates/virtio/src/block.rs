@@ -1417,7 +1417,14 @@ mod tests {
         assert_eq!(q.used_idx(), 0);
         assert_eq!(recorder.0.lock().unwrap().len(), 2);
         // Space freed: resuming completes both, in order, and the data is in the image.
-        std::fs::remove_file(&filler).unwrap();
+        // Truncated rather than removed: a child another test thread forks at this moment
+        // would keep a removed file's pages until it execs.
+        File::options()
+            .write(true)
+            .open(&filler)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
         dev.lock().unwrap().resume();
         assert_eq!(q.used_idx(), 2);
         assert_eq!(q.used(0).0, 0);
