@@ -477,29 +477,7 @@ handlers! {
         Ok(v)
     };
     QueryNamedBlockNodes => |_, c, _| Ok(c.backends.blocks().iter().map(|(n, b)| b.node_info(n)).collect());
-    QueryBlock => |_, c, _| {
-        let blocks = c.backends.blocks();
-        let mut v = Vec::new();
-        if let Some(b) = c.board.as_ref() {
-            for d in b.devices().views() {
-                if let Some(keel_qdev::PropValue::Str(node)) = d.props.get("drive") {
-                    let inserted = blocks.iter().find(|(n, _)| n == node).map(|(n, bb)| bb.node_info(n));
-                    let mut e = json!({
-                        "device": "", "qdev": d.id.unwrap_or(d.path), "type": "unknown",
-                        "removable": false, "locked": false,
-                    });
-                    if let Some(i) = inserted {
-                        e["inserted"] = i;
-                    }
-                    if let Some(s) = b.block_io_status(node) {
-                        e["io-status"] = s.into();
-                    }
-                    v.push(e);
-                }
-            }
-        }
-        Ok(v)
-    };
+    QueryBlock => |_, c, _| Ok(keel_machine::query_block(c.board.as_deref(), &c.backends));
     BlockdevDel => |a, c, _| {
         let n = &a.node_name;
         if !c.backends.blocks().iter().any(|(k, _)| k == n) {

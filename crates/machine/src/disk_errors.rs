@@ -10,6 +10,36 @@ use keel_virtio::{ErrorAction, IoErrorReport, IoErrorSink, VirtioDevice};
 
 use crate::runner::{MachineEvent, MachineEvents};
 
+/// `query-block`: each device with a `drive`, the node it has inserted and, when the disk
+/// tracks one, its `io-status`.
+pub fn query_block(
+    board: Option<&dyn crate::board::Board>,
+    backends: &crate::backends::Backends,
+) -> Vec<serde_json::Value> {
+    let Some(board) = board else {
+        return Vec::new();
+    };
+    let blocks = backends.blocks();
+    let mut v = Vec::new();
+    for d in board.devices().views() {
+        let Some(keel_qdev::PropValue::Str(node)) = d.props.get("drive") else {
+            continue;
+        };
+        let mut e = serde_json::json!({
+            "device": "", "qdev": d.id.unwrap_or(d.path), "type": "unknown",
+            "removable": false, "locked": false,
+        });
+        if let Some((n, bb)) = blocks.iter().find(|(n, _)| n == node) {
+            e["inserted"] = bb.node_info(n);
+        }
+        if let Some(s) = board.block_io_status(node) {
+            e["io-status"] = s.into();
+        }
+        v.push(e);
+    }
+    v
+}
+
 /// One failed request of one disk: the facts of QEMU's `BLOCK_IO_ERROR`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockIoError {

@@ -71,7 +71,7 @@ pub use boot::{BootError, BootProtocol, BootState, KernelImage};
 pub use config::{
     BadOnOffAuto, MACHINE_PROPERTIES, MicrovmConfig, OnOffAuto, PropertyError, SerialBackend,
 };
-pub use disk_errors::BlockIoError;
+pub use disk_errors::{BlockIoError, query_block};
 pub use keel_devices::{Capture, SharedWriter};
 #[cfg(feature = "demo-guest")]
 pub use microvm::DEMO_GUEST;
