@@ -101,6 +101,11 @@ fn run() -> Result<i32, Box<dyn std::error::Error>> {
             }
             // Only machines with ACPI PCI hot plug (pc) report ejects.
             MachineEvent::DeviceEjected => continue,
+            // A disk's host I/O failed (this example adds none through the board's hooks).
+            MachineEvent::BlockIoError(e) => {
+                eprintln!("disk {}: {}", e.node_name, e.report.reason());
+                continue;
+            }
             MachineEvent::VcpuError { index, error } => {
                 eprintln!("vCPU {index}: {error}");
                 1

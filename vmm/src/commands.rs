@@ -469,25 +469,7 @@ handlers! {
         Ok(v)
     };
     QueryNamedBlockNodes => |_, c, _| Ok(c.backends.node_infos());
-    QueryBlock => |_, c, _| {
-        let mut v = Vec::new();
-        if let Some(b) = c.board.as_ref() {
-            for d in b.devices().views() {
-                if let Some(keel_qdev::PropValue::Str(node)) = d.props.get("drive") {
-                    let inserted = c.backends.node_info(node);
-                    let mut e = json!({
-                        "device": "", "qdev": d.id.unwrap_or(d.path), "type": "unknown",
-                        "removable": false, "locked": false,
-                    });
-                    if let Some(i) = inserted {
-                        e["inserted"] = i;
-                    }
-                    v.push(e);
-                }
-            }
-        }
-        Ok(v)
-    };
+    QueryBlock => |_, c, _| Ok(keel_machine::query_block(c.board.as_deref(), &c.backends));
     BlockdevAdd => |a, c, _| {
         let spec = BlockdevSpec { driver: a.driver, filename: a.filename, file: a.file, read_only: a.read_only,
                                   auto_read_only: a.auto_read_only, discard: a.discard };

@@ -537,6 +537,19 @@ impl VmmCore {
         );
     }
 
+    /// A disk's host I/O failed: `BLOCK_IO_ERROR`, and under `stop` the machine pauses in
+    /// `io-error` (STOP after the event, as QEMU); `cont` retries the held requests.
+    pub(crate) fn block_io_error(&mut self, e: &keel_machine::BlockIoError) {
+        self.events.emit("BLOCK_IO_ERROR", Some(e.event_data()));
+        if e.stops_machine() && self.run_state() == RunState::Running {
+            if let Some(b) = self.board.as_mut() {
+                let _ = b.pause();
+            }
+            let _ = self.tracker.set_run_state(RunState::IoError);
+            self.events.emit("STOP", None);
+        }
+    }
+
     /// A vCPU failed; the machine is held and reports `internal-error`.
     pub(crate) fn internal_error(&mut self) {
         if let Some(b) = self.board.as_mut() {

@@ -355,6 +355,7 @@ impl Vmm {
                 log::error!("{msg}");
                 vmm.core().internal_error();
             }
+            BoardEvent::BlockIoError(e) => vmm.core().block_io_error(&e),
             other => log::warn!("unhandled machine event {other:?}"),
         }
         true

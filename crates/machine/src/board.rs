@@ -290,6 +290,10 @@ pub enum BoardEvent {
     InternalError(String),
     /// The guest ejected hot-plugged devices: call [`Board::guest_ejected`].
     DeviceEjected,
+    /// A disk's host I/O failed (`BLOCK_IO_ERROR`); if it
+    /// [stops the machine](crate::BlockIoError::stops_machine), the owner pauses it in the
+    /// run state `io-error` and [`Board::resume`] runs the held requests again.
+    BlockIoError(crate::BlockIoError),
 }
 
 /// A built machine, driven by the lifecycle commands.
@@ -327,6 +331,13 @@ pub trait Board: Send {
     /// machine without PCI).
     fn pci(&self) -> Vec<crate::PciBusInfo> {
         Vec::new()
+    }
+    /// `query-block`'s `io-status` of the disk on block node `node` (`ok`, `failed`,
+    /// `nospace`); `None` when no disk there tracks one (QEMU's rule: only disks whose
+    /// `werror`/`rerror` can stop the machine do). None by default.
+    fn block_io_status(&self, node: &str) -> Option<&'static str> {
+        let _ = node;
+        None
     }
     /// The channel of [`BoardEvent`]s, taken once by the VMM right after creation.
     fn take_events(&mut self) -> Option<std::sync::mpsc::Receiver<BoardEvent>> {

@@ -54,6 +54,7 @@ pub mod boot;
 pub mod config;
 pub mod cpu_model;
 pub mod device_types;
+mod disk_errors;
 pub mod factory;
 pub mod layout;
 mod microvm;
@@ -70,6 +71,7 @@ pub use boot::{BootError, BootProtocol, BootState, KernelImage};
 pub use config::{
     BadOnOffAuto, MACHINE_PROPERTIES, MicrovmConfig, OnOffAuto, PropertyError, SerialBackend,
 };
+pub use disk_errors::{BlockIoError, query_block};
 pub use keel_devices::{Capture, SharedWriter};
 #[cfg(feature = "demo-guest")]
 pub use microvm::DEMO_GUEST;

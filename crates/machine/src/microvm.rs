@@ -207,6 +207,8 @@ pub struct Microvm {
     vcpus: Vec<Box<dyn Vcpu>>,
     shared: Arc<Shared>,
     hub: Arc<Hub>,
+    /// The disks' host I/O errors, reported to the machine's events.
+    disks: Arc<crate::disk_errors::DiskErrors>,
     threads: Vec<JoinHandle<()>>,
     serial: Option<Arc<Serial>>,
     i8042: Option<Arc<I8042>>,
@@ -294,6 +296,7 @@ impl Microvm {
         }
         let buses = Arc::new(IoBuses::new());
         let shared = Shared::new(cfg.cpus);
+        let disks = crate::disk_errors::DiskErrors::new(events.clone());
         let hub = Arc::new(Hub {
             no_reboot: cfg.no_reboot.into(),
             sink: events,
@@ -429,6 +432,7 @@ impl Microvm {
             vcpus,
             shared,
             hub,
+            disks,
             threads: Vec::new(),
             serial,
             i8042,
@@ -836,6 +840,11 @@ impl Microvm {
     /// Where devices raise reset, power-off and exit requests for this machine.
     pub fn system_events(&self) -> Arc<dyn SystemEvents> {
         self.hub.clone()
+    }
+
+    /// Where this machine's disks report host I/O errors, and which of them to retry.
+    pub(crate) fn disk_errors(&self) -> Arc<crate::disk_errors::DiskErrors> {
+        self.disks.clone()
     }
 
     /// The backend VM (for backend-specific extras such as irqfds).

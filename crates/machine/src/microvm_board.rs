@@ -27,6 +27,7 @@ use crate::backends::Backends;
 use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
 use crate::board::{GuestExitPolicy, MachineType, MachineTypeInfo};
 use crate::device_types::registry;
+use crate::disk_errors::DiskErrors;
 use crate::factory::{DeviceFactory, DeviceHost, Space, unmap};
 use crate::{
     MACHINE_PROPERTIES, MachineError, MachineEvent, MachineEvents, Microvm, MicrovmConfig,
@@ -233,6 +234,7 @@ impl MachineEvents for Forward {
                 BoardEvent::InternalError(format!("unhandled system event {other:?}"))
             }
             MachineEvent::DeviceEjected => BoardEvent::DeviceEjected,
+            MachineEvent::BlockIoError(e) => BoardEvent::BlockIoError(e),
             MachineEvent::VcpuError { index, error } => {
                 BoardEvent::InternalError(format!("vCPU {index}: {error}"))
             }
@@ -380,7 +382,8 @@ impl MicrovmHooks {
         &self,
         dev: &DeviceView<'_>,
     ) -> Result<(SharedVirtio, Option<Keep>), HookError> {
-        virtio_backend(&self.backends, dev.driver, dev.props).map_err(|e| {
+        let disks = self.lock().disk_errors();
+        virtio_backend(&self.backends, &disks, dev.driver, dev.props).map_err(|e| {
             if e.to_string().is_empty() {
                 format!("microvm cannot realize '{}'", dev.driver).into()
             } else {
@@ -432,6 +435,7 @@ pub(crate) fn console_device(
 /// thread). An unknown kind is an empty error message (the caller names the machine).
 pub(crate) fn virtio_backend(
     backends: &Arc<Backends>,
+    disks: &DiskErrors,
     kind: &str,
     p: &keel_qdev::Props,
 ) -> Result<(SharedVirtio, Option<Keep>), HookError> {
@@ -441,10 +445,11 @@ pub(crate) fn virtio_backend(
             let b = backends.block(&props.drive)?;
             let cfg = props.config(&b.filename, b.read_only);
             let lease = backends.attach_block(&props.drive, !cfg.read_only, props.share_rw)?;
-            (
-                Arc::new(Mutex::new(Block::new(&cfg)?)),
-                Some(Keep::Block(lease)),
-            )
+            let mut block = Block::new(&cfg)?;
+            block.set_error_sink(disks.sink_for(&props.drive));
+            let block: SharedVirtio = Arc::new(Mutex::new(block));
+            disks.track(&block, &props.drive, cfg.on_error.can_stop());
+            (block, Some(Keep::Block(lease)))
         }
         Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
         Net::QDEV_TYPE => {
@@ -746,11 +751,18 @@ impl Board for MicrovmBoard {
     fn resume(&mut self) -> Result<(), BoardError> {
         if self.started {
             self.lock().resume();
+            // Disks that held requests after a host error (`werror=stop`) run them now.
+            let disks = self.lock().disk_errors();
+            disks.retry();
             Ok(())
         } else {
             self.started = true;
             self.lock().start().map_err(BoardError::from)
         }
+    }
+
+    fn block_io_status(&self, node: &str) -> Option<&'static str> {
+        self.lock().disk_errors().io_status(node)
     }
 
     fn pause(&mut self) -> Result<(), BoardError> {

@@ -419,6 +419,8 @@ pub struct Pc {
     vcpus: Vec<Box<dyn Vcpu>>,
     shared: Arc<Shared>,
     hub: Arc<Hub>,
+    /// The disks' host I/O errors, reported to the machine's events.
+    disks: Arc<crate::disk_errors::DiskErrors>,
     threads: Vec<JoinHandle<()>>,
     serial: Option<Arc<Serial>>,
     i8042: Arc<I8042>,
@@ -491,6 +493,7 @@ impl Pc {
         }
         let buses = Arc::new(IoBuses::new());
         let shared = Shared::new(cfg.cpus);
+        let disks = crate::disk_errors::DiskErrors::new(events.clone());
         let hub = Arc::new(Hub {
             no_reboot: cfg.no_reboot.into(),
             sink: events,
@@ -656,6 +659,7 @@ impl Pc {
             vcpus,
             shared,
             hub,
+            disks,
             threads: Vec::new(),
             serial,
             i8042,
@@ -1015,6 +1019,11 @@ impl Pc {
     /// Where devices raise reset, power-off and exit requests.
     pub fn system_events(&self) -> Arc<dyn SystemEvents> {
         self.hub.clone()
+    }
+
+    /// Where this machine's disks report host I/O errors, and which of them to retry.
+    pub(crate) fn disk_errors(&self) -> Arc<crate::disk_errors::DiskErrors> {
+        self.disks.clone()
     }
 
     /// The PCI root bus.

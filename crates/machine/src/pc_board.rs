@@ -617,7 +617,8 @@ impl DeviceHooks for PcHooks {
                 }));
             }
         }
-        let (device, keep) = virtio_backend(&self.backends, kind, dev.props)?;
+        let disks = self.lock().disk_errors();
+        let (device, keep) = virtio_backend(&self.backends, &disks, kind, dev.props)?;
         self.plug(address, pci, device)?;
         self.pci_props.insert(address.devfn(), pci);
         self.lock()
@@ -841,11 +842,18 @@ impl Board for PcBoard {
     fn resume(&mut self) -> Result<(), BoardError> {
         if self.started {
             self.lock().resume();
+            // Disks that held requests after a host error (`werror=stop`) run them now.
+            let disks = self.lock().disk_errors();
+            disks.retry();
             Ok(())
         } else {
             self.started = true;
             self.lock().start().map_err(BoardError::from)
         }
+    }
+
+    fn block_io_status(&self, node: &str) -> Option<&'static str> {
+        self.lock().disk_errors().io_status(node)
     }
 
     fn pause(&mut self) -> Result<(), BoardError> {

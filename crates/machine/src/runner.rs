@@ -40,6 +40,10 @@ pub enum MachineEvent {
         /// The backend's message.
         error: String,
     },
+    /// A disk's host read or write failed; under `werror=stop` (or `enospc` on a full host
+    /// disk) the disk holds the request and the owner should stop the machine, and
+    /// continuing it runs the request again. The vCPUs keep running.
+    BlockIoError(crate::BlockIoError),
 }
 
 /// Receives [`MachineEvent`]s; called from vCPU threads, must not block for long.
@@ -230,10 +234,13 @@ impl Shared {
         &self,
         ops: Vec<crate::microvm::snapshot::StateOp>,
     ) -> Result<Vec<Option<Box<keel_accel::VcpuState>>>, String> {
-        let mut c = lock(&self.ctl);
-        if !(c.user_paused || c.held) || c.parked < c.alive {
+        let c = lock(&self.ctl);
+        if !(c.user_paused || c.held) {
             return Err("the vCPUs are running: stop the machine first".to_string());
         }
+        // Paused or held, but a vCPU thread started a moment ago (`-S`: the machine was
+        // never run) may not have parked yet: it will, so wait for it.
+        let mut c = self.wait_parked(c);
         if (c.alive as usize) < ops.len() {
             return Err("a vCPU thread has ended".to_string());
         }

@@ -100,6 +100,9 @@ pub enum RunState {
     GuestPanicked,
     /// The accelerator hit an error it cannot continue from.
     InternalError,
+    /// A disk's host I/O failed under `werror=stop`/`rerror=stop` (or `enospc` on a full
+    /// host disk); `cont` runs the held requests again.
+    IoError,
     /// Reset in progress.
     Restore,
     /// Waiting for `system_wakeup`.
@@ -122,6 +125,7 @@ impl RunState {
             RunState::Shutdown => "shutdown",
             RunState::GuestPanicked => "guest-panicked",
             RunState::InternalError => "internal-error",
+            RunState::IoError => "io-error",
             RunState::Restore => "restore-vm",
             RunState::Suspended => "suspended",
             RunState::InMigrate => "inmigrate",

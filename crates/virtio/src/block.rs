@@ -1,9 +1,11 @@
 //! virtio-blk (`virtio-blk-device`) over a raw image file.
 
 use keel_qdev::{BusType, DeviceType, PropSpec, Props};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use keel_accel::GuestMemory;
 use virtio_bindings::virtio_blk::{
@@ -14,8 +16,11 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
+use crate::block_error::{
+    ErrorAction, ErrorPolicy, IoErrorReport, IoErrorSink, IoOperation, LogOnly, OnError, Sink,
+};
 use crate::chain::{self, ParsedChain};
-use crate::device::{Activation, Active, Outcome, VirtioDevice, read_config_bytes};
+use crate::device::{Activation, Active, VirtioDevice, read_config_bytes};
 use crate::{Error, features};
 
 /// Sector size of the virtio-blk protocol (always 512, whatever `blk_size` says).
@@ -44,6 +49,8 @@ pub struct BlockConfig {
     /// Offer discard, served by punching holes in the image (`discard=unmap`).
     /// Write-zeroes is offered on every writable disk.
     pub discard: bool,
+    /// What a failed host read or write does (`rerror=`, `werror=`).
+    pub on_error: ErrorPolicy,
 }
 
 impl BlockConfig {
@@ -55,7 +62,36 @@ impl BlockConfig {
             serial: None,
             queue_size: 256,
             discard: false,
+            on_error: ErrorPolicy::default(),
         }
+    }
+}
+
+/// What became of one request.
+enum Step {
+    /// Completed: return the chain with this many bytes written.
+    Done(u32),
+    /// A host error under `stop`: keep the chain for [`Block::retry_held`].
+    Hold,
+    /// The driver broke the protocol.
+    Broken(String),
+}
+
+/// What [`Block::execute`] made of a request: a status for the guest, or a host error for
+/// the error policy to decide.
+enum Exec {
+    /// The status byte and how many data bytes went to the guest.
+    Status(u8, u64),
+    /// The host failed the I/O with this `errno`.
+    Host(IoOperation, i32),
+}
+
+/// A host I/O error as [`Exec`], or the status `other` if the error did not come from the
+/// host (bad guest buffers, end of file).
+fn host_or(op: IoOperation, e: &std::io::Error, other: u8) -> Exec {
+    match e.raw_os_error() {
+        Some(errno) => Exec::Host(op, errno),
+        None => Exec::Status(other, 0),
     }
 }
 
@@ -74,6 +110,12 @@ pub struct Block {
     queue_sizes: [u16; 1],
     config: [u8; CONFIG_LEN],
     active: Option<Active>,
+    on_error: ErrorPolicy,
+    sink: Sink,
+    /// Requests held by a host error under `stop`, oldest first, with every request that
+    /// arrived after them: none runs before the held ones succeed, so a later flush never
+    /// completes ahead of a write that has not reached the image.
+    held: VecDeque<(u16, ParsedChain)>,
 }
 
 impl Block {
@@ -101,6 +143,7 @@ impl Block {
         if config.discard && !config.read_only {
             block.enable_discard();
         }
+        block.on_error = config.on_error;
         Ok(block)
     }
 
@@ -167,7 +210,98 @@ impl Block {
             queue_sizes: [queue_size],
             config,
             active: None,
+            on_error: ErrorPolicy::default(),
+            sink: Sink(Arc::new(LogOnly)),
+            held: VecDeque::new(),
         })
+    }
+
+    /// Sets what failed host reads and writes do (`rerror=`, `werror=`).
+    pub fn set_error_policy(&mut self, policy: ErrorPolicy) {
+        self.on_error = policy;
+    }
+
+    /// Sends this disk's host I/O errors to `sink` (the machine's `BLOCK_IO_ERROR` and,
+    /// for `stop`, its stop request); without one they are only logged.
+    pub fn set_error_sink(&mut self, sink: Arc<dyn IoErrorSink>) {
+        self.sink = Sink(sink);
+    }
+
+    /// How many requests a host error under `stop` holds (with those queued behind them).
+    pub fn held_requests(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Runs the held requests again, oldest first (the machine continued after an
+    /// `io-error` stop), then any request that arrived meanwhile. A request that fails
+    /// again under `stop` is held again, with everything after it, and reported again.
+    pub fn retry_held(&mut self) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let memory = Arc::clone(&active.memory);
+        let mut used = false;
+        while let Some((head, req)) = self.held.pop_front() {
+            match self.run(&memory, &req) {
+                Step::Done(len) => {
+                    if !active.put_used(0, head, len) {
+                        self.held.clear();
+                        break;
+                    }
+                    used = true;
+                }
+                Step::Hold => {
+                    self.held.push_front((head, req));
+                    break;
+                }
+                Step::Broken(msg) => {
+                    active.fail(&msg);
+                    self.held.clear();
+                    break;
+                }
+            }
+        }
+        if used {
+            active.signal_used(0);
+        }
+        self.serve(&mut active, 0);
+        self.active = Some(active);
+    }
+
+    /// Serves the chains available on queue `index`: each runs in order, unless requests
+    /// are held, in which case it joins them.
+    fn serve(&mut self, active: &mut Active, index: usize) {
+        let memory = Arc::clone(&active.memory);
+        let mut used = false;
+        // Bounded by the queue size: a driver adding more buffers notifies again.
+        for _ in 0..self.queue_sizes[0] {
+            let Some((head, req)) = active.pop(index) else {
+                break;
+            };
+            if !self.held.is_empty() {
+                self.held.push_back((head, req));
+                continue;
+            }
+            match self.run(&memory, &req) {
+                Step::Done(len) => {
+                    if !active.put_used(index, head, len) {
+                        return;
+                    }
+                    used = true;
+                }
+                Step::Hold => self.held.push_back((head, req)),
+                Step::Broken(msg) => {
+                    if used {
+                        active.signal_used(index);
+                    }
+                    active.fail(&msg);
+                    return;
+                }
+            }
+        }
+        if used {
+            active.signal_used(index);
+        }
     }
 
     /// Disk size in 512-byte sectors (a trailing partial sector is not visible).
@@ -180,27 +314,50 @@ impl Block {
         self.read_only
     }
 
-    fn handle(&mut self, mem: &GuestMemory, req: &ParsedChain) -> Outcome {
+    /// Runs one request and writes its status, applying the error policy to host errors.
+    fn run(&mut self, mem: &GuestMemory, req: &ParsedChain) -> Step {
         let writable = req.writable_len();
         if writable == 0 {
-            return Outcome::Broken("block request without a status byte".into());
+            return Step::Broken("block request without a status byte".into());
         }
         let status_at = writable - 1;
-        let (status, data_written) = self.execute(mem, req, status_at);
+        let (status, data_written) = match self.execute(mem, req, status_at) {
+            Exec::Status(status, n) => (status, n),
+            Exec::Host(operation, errno) => {
+                let on_error = match operation {
+                    IoOperation::Read => self.on_error.read,
+                    IoOperation::Write => self.on_error.write,
+                };
+                let action = on_error.action(errno);
+                self.sink.0.io_error(IoErrorReport {
+                    operation,
+                    action,
+                    errno,
+                    io_status: self.on_error.can_stop(),
+                });
+                match (action, operation) {
+                    (ErrorAction::Stop, _) => return Step::Hold,
+                    (ErrorAction::Report, _) => (VIRTIO_BLK_S_IOERR as u8, 0),
+                    (ErrorAction::Ignore, IoOperation::Read) => (VIRTIO_BLK_S_OK as u8, status_at),
+                    (ErrorAction::Ignore, IoOperation::Write) => (VIRTIO_BLK_S_OK as u8, 0),
+                }
+            }
+        };
         if chain::write_bytes(mem, &req.writable, status_at, &[status]) != 1 {
-            return Outcome::Broken("block status byte not writable".into());
+            return Step::Broken("block status byte not writable".into());
         }
         // data_written <= status_at < u32::MAX, as chain lengths are bounded by u32.
-        Outcome::Used(u32::try_from(data_written + 1).unwrap_or(u32::MAX))
+        Step::Done(u32::try_from(data_written + 1).unwrap_or(u32::MAX))
     }
 
-    /// Runs one request; returns the status and how many data bytes went to the guest.
-    fn execute(&mut self, mem: &GuestMemory, req: &ParsedChain, data_in_len: u64) -> (u8, u64) {
+    /// Runs one request; returns the status and how many data bytes went to the guest, or
+    /// the host error that failed it.
+    fn execute(&mut self, mem: &GuestMemory, req: &ParsedChain, data_in_len: u64) -> Exec {
         let ioerr = VIRTIO_BLK_S_IOERR as u8;
         let mut header = [0u8; HEADER_LEN as usize];
         if chain::read_bytes(mem, &req.readable, 0, &mut header) != header.len() {
             log::warn!("virtio-blk: request header shorter than 16 bytes");
-            return (ioerr, 0);
+            return Exec::Status(ioerr, 0);
         }
         let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
         let kind = u32::from_le_bytes([t0, t1, t2, t3]);
@@ -209,44 +366,41 @@ impl Block {
         match kind {
             VIRTIO_BLK_T_IN => match self.check_range(sector, data_in_len) {
                 Some(offset) => match self.read_into(mem, &req.writable, offset, data_in_len) {
-                    Ok(()) => (VIRTIO_BLK_S_OK as u8, data_in_len),
+                    Ok(()) => Exec::Status(VIRTIO_BLK_S_OK as u8, data_in_len),
                     Err(e) => {
                         log::warn!("virtio-blk: read at sector {sector} failed: {e}");
-                        (ioerr, 0)
+                        host_or(IoOperation::Read, &e, ioerr)
                     }
                 },
-                None => (ioerr, 0),
+                None => Exec::Status(ioerr, 0),
             },
             VIRTIO_BLK_T_OUT => {
                 if self.read_only {
                     log::debug!("virtio-blk: write to a read-only disk refused");
-                    return (ioerr, 0);
+                    return Exec::Status(ioerr, 0);
                 }
-                match self.check_range(sector, data_out_len) {
-                    Some(offset) => {
-                        match self.write_from(mem, &req.readable, HEADER_LEN, offset, data_out_len)
-                        {
-                            Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
-                            Err(e) => {
-                                log::warn!("virtio-blk: write at sector {sector} failed: {e}");
-                                (ioerr, 0)
-                            }
-                        }
+                let Some(offset) = self.check_range(sector, data_out_len) else {
+                    return Exec::Status(ioerr, 0);
+                };
+                match self.write_from(mem, &req.readable, HEADER_LEN, offset, data_out_len) {
+                    Ok(()) => Exec::Status(VIRTIO_BLK_S_OK as u8, 0),
+                    Err(e) => {
+                        log::warn!("virtio-blk: write at sector {sector} failed: {e}");
+                        host_or(IoOperation::Write, &e, ioerr)
                     }
-                    None => (ioerr, 0),
                 }
             }
             VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
-                Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                Ok(()) => Exec::Status(VIRTIO_BLK_S_OK as u8, 0),
                 Err(e) => {
                     log::warn!("virtio-blk: flush failed: {e}");
-                    (ioerr, 0)
+                    host_or(IoOperation::Write, &e, ioerr)
                 }
             },
             VIRTIO_BLK_T_GET_ID => {
                 let n = (ID_LEN as u64).min(data_in_len) as usize;
                 let written = chain::write_bytes(mem, &req.writable, 0, &self.id[..n]);
-                (VIRTIO_BLK_S_OK as u8, written as u64)
+                Exec::Status(VIRTIO_BLK_S_OK as u8, written as u64)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let feature = if kind == VIRTIO_BLK_T_DISCARD {
@@ -255,11 +409,11 @@ impl Block {
                     VIRTIO_BLK_F_WRITE_ZEROES
                 };
                 if self.features & 1 << feature == 0 {
-                    return (VIRTIO_BLK_S_UNSUPP as u8, 0);
+                    return Exec::Status(VIRTIO_BLK_S_UNSUPP as u8, 0);
                 }
-                (self.ranges(mem, req, kind, data_out_len), 0)
+                Exec::Status(self.ranges(mem, req, kind, data_out_len), 0)
             }
-            _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+            _ => Exec::Status(VIRTIO_BLK_S_UNSUPP as u8, 0),
         }
     }
 
@@ -546,11 +700,17 @@ impl VirtioDevice for Block {
         let Some(mut active) = self.active.take() else {
             return;
         };
-        active.process(usize::from(index), |mem, req| self.handle(mem, req));
+        self.serve(&mut active, usize::from(index));
         self.active = Some(active);
     }
 
+    fn resume(&mut self) {
+        self.retry_held();
+    }
+
     fn reset(&mut self) {
+        // A reset forgets held requests, as QEMU's: the driver starts over.
+        self.held.clear();
         self.active = None;
     }
 }
@@ -576,6 +736,8 @@ pub struct BlockProps {
     /// `share-rw=on`: other devices may write the same image (QEMU's property; without it a
     /// writer excludes every other user of the drive).
     pub share_rw: bool,
+    /// `rerror=` and `werror=` (QEMU's device properties; `auto` is the default).
+    pub on_error: ErrorPolicy,
 }
 
 impl BlockProps {
@@ -600,12 +762,25 @@ impl BlockProps {
         if !queue_size.is_power_of_two() || queue_size > 32768 {
             return Err(Error::QueueSize(queue_size));
         }
+        let on_error = |property: &'static str, default| match props.str(property) {
+            None => Ok(default),
+            Some(v) => OnError::parse(v, default).ok_or_else(|| Error::OnError {
+                property,
+                value: v.to_owned(),
+            }),
+        };
+        let defaults = ErrorPolicy::default();
+        let on_error = ErrorPolicy {
+            read: on_error("rerror", defaults.read)?,
+            write: on_error("werror", defaults.write)?,
+        };
         Ok(Self {
             drive: drive.to_owned(),
             serial: serial.map(str::to_owned),
             read_only: props.bool("read-only").unwrap_or(false),
             queue_size,
             share_rw: props.bool("share-rw").unwrap_or(false),
+            on_error,
         })
     }
 
@@ -616,10 +791,14 @@ impl BlockProps {
             read_only: self.read_only || backend_read_only,
             serial: self.serial.clone(),
             queue_size: self.queue_size,
+            on_error: self.on_error,
             ..BlockConfig::new(path)
         }
     }
 }
+
+/// The values of `rerror`/`werror` (QAPI's `BlockdevOnError`).
+const ON_ERROR_VALUES: [&str; 5] = ["report", "ignore", "enospc", "stop", "auto"];
 
 impl Block {
     /// QEMU's type name.
@@ -652,6 +831,16 @@ impl Block {
                 PropSpec::bool("share-rw")
                     .default_bool(false)
                     .description("let other devices write the same drive"),
+            )
+            .prop(
+                PropSpec::enumeration("rerror", ON_ERROR_VALUES)
+                    .default_str("auto")
+                    .description("what a failed host read does (report, ignore, stop)"),
+            )
+            .prop(
+                PropSpec::enumeration("werror", ON_ERROR_VALUES)
+                    .default_str("auto")
+                    .description("what a failed host write does (enospc, report, ignore, stop)"),
             )
     }
 }
@@ -1097,6 +1286,218 @@ mod tests {
         c.path = "/nonexistent/keel.img".into();
         assert!(matches!(Block::new(&c), Err(Error::OpenImage { .. })));
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// A tmpfs of `size` bytes mounted for one test, unmounted when dropped.
+    struct SmallFs {
+        dir: std::path::PathBuf,
+    }
+
+    impl SmallFs {
+        /// `None` (the test is skipped, and says why) unless running as root.
+        fn mount(size: &str) -> Option<SmallFs> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!("skipped: mounting a size-limited tmpfs needs root");
+                return None;
+            }
+            let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+            let dir =
+                std::env::temp_dir().join(format!("keel-blk-full-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount -t tmpfs failed");
+            Some(SmallFs { dir })
+        }
+
+        /// Fills the file system: writes `filler` until the host says ENOSPC.
+        fn fill_up(&self) -> std::path::PathBuf {
+            let path = self.dir.join("filler");
+            let mut f = File::create(&path).unwrap();
+            let chunk = [0xffu8; 4096];
+            loop {
+                match f.write(&chunk) {
+                    Ok(n) if n > 0 => {}
+                    Ok(_) => break,
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                        break;
+                    }
+                }
+            }
+            path
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.dir).status();
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<IoErrorReport>>);
+
+    impl IoErrorSink for Recorder {
+        fn io_error(&self, report: IoErrorReport) {
+            self.0.lock().unwrap().push(report);
+        }
+    }
+
+    /// A sparse 64-sector image on a full tmpfs: writing a sector needs a page the host
+    /// does not have.
+    fn full_disk(
+        fs: &SmallFs,
+        write: OnError,
+    ) -> (
+        Arc<std::sync::Mutex<Block>>,
+        MmioTransport,
+        Arc<GuestMemory>,
+        Arc<Recorder>,
+        std::path::PathBuf,
+    ) {
+        let path = fs.dir.join("disk.img");
+        File::create(&path).unwrap().set_len(64 * 512).unwrap();
+        let mut c = BlockConfig::new(&path);
+        c.queue_size = 16;
+        c.on_error.write = write;
+        let mut block = Block::new(&c).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        block.set_error_sink(recorder.clone());
+        let mem = memory();
+        let (dev, t, _) = transport(block, &mem);
+        (dev, t, mem, recorder, path)
+    }
+
+    const FLUSH_STATUS: u64 = STATUS + 0x100;
+
+    #[test]
+    fn werror_stop_holds_the_write_and_its_flush_until_resumed() {
+        let Some(fs) = SmallFs::mount("64k") else {
+            return;
+        };
+        let (dev, t, mem, recorder, path) = full_disk(&fs, OnError::Stop);
+        let filler = fs.fill_up();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        bring_up(&t, &[&q]);
+        header(&mem, VIRTIO_BLK_T_OUT, 5);
+        fill(&mem, BUF, &[0x5a; 4096]);
+        q.add(&[(HDR, 16, false), (BUF, 4096, false), (STATUS, 1, true)]);
+        notify(&t, 0);
+        // The write is held: not returned to the driver, reported as a stop on ENOSPC.
+        assert_eq!(q.used_idx(), 0);
+        let reports = recorder.0.lock().unwrap().clone();
+        assert_eq!(
+            reports,
+            [IoErrorReport {
+                operation: IoOperation::Write,
+                action: ErrorAction::Stop,
+                errno: libc::ENOSPC,
+                io_status: true,
+            }]
+        );
+        assert!(reports[0].nospace());
+        // A flush behind it waits too: it must not succeed before the write is in the image.
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+        fill(&mem, HDR + 0x100, &h);
+        fill(&mem, FLUSH_STATUS, &[0xee]);
+        q.add(&[(HDR + 0x100, 16, false), (FLUSH_STATUS, 1, true)]);
+        notify(&t, 0);
+        assert_eq!(q.used_idx(), 0);
+        assert_eq!(dev.lock().unwrap().held_requests(), 2);
+        // Still full: resuming holds them again and reports again.
+        dev.lock().unwrap().resume();
+        assert_eq!(q.used_idx(), 0);
+        assert_eq!(recorder.0.lock().unwrap().len(), 2);
+        // Space freed: resuming completes both, in order, and the data is in the image.
+        // Truncated rather than removed: a child another test thread forks at this moment
+        // would keep a removed file's pages until it execs.
+        File::options()
+            .write(true)
+            .open(&filler)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        dev.lock().unwrap().resume();
+        assert_eq!(q.used_idx(), 2);
+        assert_eq!(q.used(0).0, 0);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(fetch(&mem, FLUSH_STATUS, 1)[0], VIRTIO_BLK_S_OK as u8);
+        assert_eq!(dev.lock().unwrap().held_requests(), 0);
+        assert_eq!(&contents(&path)[5 * 512..5 * 512 + 4096], &[0x5a; 4096][..]);
+        assert!(!needs_reset(&t));
+    }
+
+    #[test]
+    fn werror_report_and_ignore_complete_the_write() {
+        for (on_error, action, expect) in [
+            (OnError::Report, ErrorAction::Report, VIRTIO_BLK_S_IOERR),
+            (OnError::Ignore, ErrorAction::Ignore, VIRTIO_BLK_S_OK),
+        ] {
+            let Some(fs) = SmallFs::mount("64k") else {
+                return;
+            };
+            let (dev, t, mem, recorder, _) = full_disk(&fs, on_error);
+            fs.fill_up();
+            let mut q = TestQueue::new(&mem, 0, 16);
+            bring_up(&t, &[&q]);
+            header(&mem, VIRTIO_BLK_T_OUT, 5);
+            q.add(&[(HDR, 16, false), (BUF, 4096, false), (STATUS, 1, true)]);
+            notify(&t, 0);
+            assert_eq!(q.used_idx(), 1);
+            assert_eq!(status(&mem), expect as u8);
+            assert_eq!(recorder.0.lock().unwrap()[0].action, action);
+            assert_eq!(dev.lock().unwrap().held_requests(), 0);
+        }
+    }
+
+    #[test]
+    fn werror_enospc_reports_other_errors_and_stops_on_a_full_disk() {
+        let Some(fs) = SmallFs::mount("64k") else {
+            return;
+        };
+        let (dev, t, mem, recorder, _) = full_disk(&fs, OnError::Enospc);
+        fs.fill_up();
+        let mut q = TestQueue::new(&mem, 0, 16);
+        bring_up(&t, &[&q]);
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        q.add(&[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, true)]);
+        notify(&t, 0);
+        assert_eq!(q.used_idx(), 0);
+        assert_eq!(recorder.0.lock().unwrap()[0].action, ErrorAction::Stop);
+        // A reset forgets the held request, as QEMU's.
+        dev.lock().unwrap().reset();
+        assert_eq!(dev.lock().unwrap().held_requests(), 0);
+    }
+
+    #[test]
+    fn rerror_and_werror_properties() {
+        let t = Block::qdev_type();
+        let props = |kv: &[(&str, &str)]| {
+            let mut raw = vec![("drive".to_string(), "d0".to_string())];
+            raw.extend(kv.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let raw: Vec<_> = raw
+                .into_iter()
+                .map(|(k, v)| (k, keel_qdev::RawValue::Str(v)))
+                .collect();
+            t.validate(&raw)
+        };
+        let p = BlockProps::from_props(&props(&[]).unwrap()).unwrap();
+        assert_eq!(p.on_error, ErrorPolicy::default());
+        let p =
+            BlockProps::from_props(&props(&[("werror", "stop"), ("rerror", "ignore")]).unwrap())
+                .unwrap();
+        assert_eq!(p.on_error.write, OnError::Stop);
+        assert_eq!(p.on_error.read, OnError::Ignore);
+        assert_eq!(p.config("x", false).on_error, p.on_error);
+        assert!(props(&[("werror", "halt")]).is_err());
     }
 }
 

@@ -230,6 +230,9 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u16);
     /// Device reset (status 0): forget the queues and return to the pre-activation state.
     fn reset(&mut self);
+    /// The machine continues after a stop (`cont`): a device that held requests because
+    /// of a host error (virtio-blk under `werror=stop`) runs them again. Nothing by default.
+    fn resume(&mut self) {}
 }
 
 /// Copies `config[offset..offset + data.len()]` into `data`, zero past the end.

@@ -70,6 +70,7 @@
 #![deny(missing_docs)]
 
 mod block;
+mod block_error;
 mod chain;
 mod console;
 mod device;
@@ -85,6 +86,7 @@ mod transport;
 mod worker;
 
 pub use block::{Block, BlockConfig, BlockProps, SECTOR_SIZE};
+pub use block_error::{ErrorAction, ErrorPolicy, IoErrorReport, IoErrorSink, IoOperation, OnError};
 pub use console::{Console, ConsoleInput, ConsolePortProps, INPUT_CAPACITY};
 pub use device::{Activation, Interrupt, MessageDelivery, VirtioDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook, TransportSnapshot};
@@ -161,7 +163,8 @@ mod qdev_tests {
                 serial: None,
                 read_only: false,
                 queue_size: 256,
-                share_rw: false
+                share_rw: false,
+                on_error: ErrorPolicy::default(),
             }
         );
         let c = p.config("/x.img", true);
@@ -282,6 +285,16 @@ pub enum Error {
     /// An interface name that the kernel cannot accept.
     #[error("invalid tap interface name '{0}': 1 to 15 bytes, no NUL")]
     InvalidIfname(String),
+    /// A `rerror=`/`werror=` value that is not one of QEMU's.
+    #[error(
+        "Parameter '{property}' does not accept value '{value}': use report, ignore, enospc, stop or auto"
+    )]
+    OnError {
+        /// `rerror` or `werror`.
+        property: &'static str,
+        /// The value given.
+        value: String,
+    },
     /// A serial number longer than virtio-blk's 20-byte ID field.
     #[error("serial '{0}' is longer than 20 bytes")]
     SerialTooLong(String),
