@@ -40,7 +40,8 @@ const READ_CHUNK: usize = 16 << 10;
 /// what they leave (measured on a 2-core host: 8 clients flooding `query-status` slowed a
 /// TCG boot by +35% at nice 10, +20% at nice 19, and +350% with the former thread per
 /// client, while throughput stayed about three times QEMU's). Alone on a CPU, QMP runs
-/// at full speed.
+/// at full speed. Niceness alone does not bound the CPU the clients themselves spend on
+/// fast replies: while the guest runs, [`crate::pace`] budgets the monitor too.
 pub const QMP_THREAD_NICE: i32 = 19;
 
 /// Lowers the calling thread's priority to [`QMP_THREAD_NICE`] (best effort: a process
