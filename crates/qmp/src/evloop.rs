@@ -396,6 +396,7 @@ fn pace(pacer: &mut Pacer, t0: Instant, dispatcher: &dyn Dispatcher) {
         if wait.is_zero() {
             return;
         }
+        crate::pace::count_wait();
         thread::sleep(wait.min(MAX_PACING_WAIT));
     }
 }

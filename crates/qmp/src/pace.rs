@@ -13,6 +13,7 @@
 //! CPU time is taken from it. In debt, the executor waits until half the burst is earned
 //! back, so it serves requests in batches between few wake-ups.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Share of one CPU, in percent, the QMP threads may use while the guest runs, unless
@@ -22,6 +23,19 @@ pub const MONITOR_CPU_SHARE: u32 = 20;
 pub const MONITOR_CPU_BURST: Duration = Duration::from_millis(20);
 /// Longest single wait of the executor: it looks again whether the guest still runs.
 pub const MAX_PACING_WAIT: Duration = Duration::from_millis(10);
+
+static PACED_WAITS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times an in-band executor of this process has waited for its budget: a
+/// diagnostic (and what tests check instead of timing).
+pub fn paced_waits() -> u64 {
+    PACED_WAITS.load(Ordering::Relaxed)
+}
+
+/// Counts one wait for [`paced_waits`].
+pub(crate) fn count_wait() {
+    PACED_WAITS.fetch_add(1, Ordering::Relaxed);
+}
 
 /// The share configured for this process: `KEEL_QMP_CPU_SHARE` if it is a percentage
 /// from 1 to 100, else [`MONITOR_CPU_SHARE`].
