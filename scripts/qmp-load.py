@@ -16,7 +16,13 @@ standard output (e.g. `-serial stdio` and scripts/build-guest.sh's KEEL-GUEST-RE
 Each side then boots twice per run, interleaved: idle (no client) and busy (the clients
 start as soon as the monitor accepts and run until the marker). The time from process
 start to the marker is the boot time; the slowdown is busy / idle - 1 (medians over the
-runs). Without a marker the clients run for `--duration` seconds.
+runs); `paired` is the median of each run's busy / idle - 1, the two boots being next to
+each other in time (steadier on a host whose load changes). Without a marker the clients
+run for `--duration` seconds.
+
+While the guest runs, Keel keeps its QMP threads within a share of one CPU (20% unless
+`KEEL_QMP_CPU_SHARE` says otherwise, see keel_qmp::pace); the variable is passed to Keel
+from this script's environment and printed with the results.
 
 `--qemu` runs the same arguments with QEMU's binary (default qemu-system-x86_64) in the
 same run; Keel takes QEMU's command line, so one argument list serves both. Keel's
@@ -270,22 +276,33 @@ def main():
                 "boot_idle_all_s": [r.boot for r in idle],
                 "boot_busy_all_s": [r.boot for r in busy],
                 "slowdown": (bb / bi - 1) if bi and bb else None,
+                # Each run's busy boot against the idle boot next to it in time: steadier
+                # than the ratio of medians on a host whose load changes during the runs.
+                "paired_slowdown": median([b.boot / i.boot - 1 for i, b in zip(idle, busy)
+                                           if i.boot and b.boot]),
             })
         summary[name] = s
     if a.json:
         print(json.dumps(summary, indent=2))
         return
     f = lambda v, fmt: (fmt % v) if v is not None else "-"
-    print("%-5s %7s %9s %9s %9s %10s %8s %8s %8s" % (
-        "side", "clients", "idle s", "busy s", "slowdown", "req/s", "p50 ms", "p99 ms", "cpu s"))
+    pc = lambda v: f(v if v is None else v * 100, "%+.1f%%")
+    print("%-5s %7s %9s %9s %9s %9s %10s %8s %8s %8s" % (
+        "side", "clients", "idle s", "busy s", "slowdown", "paired", "req/s", "p50 ms",
+        "p99 ms", "cpu s"))
     for name, s in summary.items():
-        print("%-5s %7d %9s %9s %9s %10s %8s %8s %8s" % (
+        print("%-5s %7d %9s %9s %9s %9s %10s %8s %8s %8s" % (
             name, s["clients"], f(s.get("boot_idle_s"), "%.2f"), f(s.get("boot_busy_s"), "%.2f"),
-            f(s.get("slowdown") and s["slowdown"] * 100, "%+.1f%%"),
+            pc(s.get("slowdown")), pc(s.get("paired_slowdown")),
             f(s["requests_per_s"], "%.0f"), f(s["p50_ms"], "%.3f"), f(s["p99_ms"], "%.3f"),
             f(s["vmm_cpu_s_busy"], "%.1f")))
         for e in s["errors"]:
             print("      error: %s" % e)
+    k, q = summary.get("keel", {}), summary.get("qemu", {})
+    if k.get("requests_per_s") and q.get("requests_per_s"):
+        print("keel/qemu req/s: %.2f" % (k["requests_per_s"] / q["requests_per_s"]))
+    if os.environ.get("KEEL_QMP_CPU_SHARE"):
+        print("KEEL_QMP_CPU_SHARE=%s" % os.environ["KEEL_QMP_CPU_SHARE"])
 
 
 if __name__ == "__main__":

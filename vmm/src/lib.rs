@@ -608,6 +608,10 @@ impl Dispatcher for QmpFront {
         serde_json::to_value(VersionInfo::current()).unwrap_or(Value::Null)
     }
 
+    fn guest_running(&self) -> bool {
+        self.vmm.inner.phase.guest_running()
+    }
+
     fn after_reply(&self, command: &str) {
         if command == "quit" {
             self.vmm.inner.shutdown.release();

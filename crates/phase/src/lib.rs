@@ -10,7 +10,7 @@
 pub mod shutdown;
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -241,19 +241,25 @@ pub struct PhaseTracker {
 /// A read-only view of a [`PhaseTracker`]'s phase that needs no lock: for threads that must
 /// not wait for whoever owns the tracker (QMP out-of-band commands check their phase with
 /// it while an in-band command holds the VMM's state).
+/// It also tells whether the guest runs (the QMP monitor budgets its CPU time only then).
 #[derive(Debug, Clone)]
-pub struct PhaseWatch(Arc<AtomicU8>);
+pub struct PhaseWatch(Arc<(AtomicU8, AtomicBool)>);
 
 impl PhaseWatch {
     /// The tracker's current phase.
     pub fn phase(&self) -> Phase {
-        let i = usize::from(self.0.load(Ordering::Acquire));
+        let i = usize::from(self.0.0.load(Ordering::Acquire));
         Phase::ALL.get(i).copied().unwrap_or(Phase::NoMachine)
+    }
+
+    /// Whether the run state is `running` (vCPUs execute guest code).
+    pub fn guest_running(&self) -> bool {
+        self.0.1.load(Ordering::Acquire)
     }
 
     fn set(&self, p: Phase) {
         let i = Phase::ALL.iter().position(|&q| q == p).unwrap_or(0);
-        self.0.store(i as u8, Ordering::Release);
+        self.0.0.store(i as u8, Ordering::Release);
     }
 }
 
@@ -279,7 +285,7 @@ impl PhaseTracker {
             phase: Phase::NoMachine,
             run_state: None,
             notifiers: Mutex::new(Vec::new()),
-            watch: PhaseWatch(Arc::new(AtomicU8::new(0))),
+            watch: PhaseWatch(Arc::new((AtomicU8::new(0), AtomicBool::new(false)))),
         }
     }
 
@@ -328,7 +334,10 @@ impl PhaseTracker {
     /// Changes the run state; refused before machine-ready.
     pub fn set_run_state(&mut self, state: RunState) -> Result<RunState, PhaseError> {
         match self.run_state.as_mut() {
-            Some(s) => Ok(std::mem::replace(s, state)),
+            Some(s) => {
+                self.watch.0.1.store(state.is_running(), Ordering::Release);
+                Ok(std::mem::replace(s, state))
+            }
             None => Err(PhaseError::NoRunState(self.phase)),
         }
     }
@@ -382,6 +391,20 @@ mod tests {
         // A refused advance leaves the watch where it was.
         assert!(t.advance(Phase::MachineInit).is_err());
         assert_eq!(w.phase(), Phase::MachineReady);
+    }
+
+    #[test]
+    fn a_watch_tells_whether_the_guest_runs() {
+        let mut t = PhaseTracker::new();
+        let w = t.watch();
+        for p in &Phase::ALL[1..] {
+            t.advance(*p).unwrap();
+        }
+        assert!(!w.guest_running(), "prelaunch");
+        t.set_run_state(RunState::Running).unwrap();
+        assert!(w.guest_running());
+        t.set_run_state(RunState::Paused).unwrap();
+        assert!(!w.guest_running());
     }
 
     #[test]

@@ -7,9 +7,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
+use std::time::Instant;
 
 use crate::events::{EventBus, Outbox};
 use crate::json::{Limits, StreamParser};
+use crate::pace::{MAX_PACING_WAIT, MONITOR_CPU_BURST, Pacer, configured_share, thread_cpu_ns};
 use crate::session::{Dispatcher, Message, REQ_QUEUE_LEN_MAX, Session, respond_command};
 
 /// Bytes of replies and events one client may leave unread (beyond what the kernel's
@@ -38,7 +40,8 @@ const READ_CHUNK: usize = 16 << 10;
 /// what they leave (measured on a 2-core host: 8 clients flooding `query-status` slowed a
 /// TCG boot by +35% at nice 10, +20% at nice 19, and +350% with the former thread per
 /// client, while throughput stayed about three times QEMU's). Alone on a CPU, QMP runs
-/// at full speed.
+/// at full speed. Niceness alone does not bound the CPU the clients themselves spend on
+/// fast replies: while the guest runs, [`crate::pace`] budgets the monitor too.
 pub const QMP_THREAD_NICE: i32 = 19;
 
 /// Lowers the calling thread's priority to [`QMP_THREAD_NICE`] (best effort: a process
@@ -380,10 +383,32 @@ impl Client {
     }
 }
 
-/// The in-band executor: one request per client per turn, round robin.
+/// CPU time of the event-loop thread so far (ns), published after each of its turns for
+/// the executors' budget.
+static LOOP_CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Waits, while the guest runs, until the monitor is back within its CPU budget.
+fn pace(pacer: &mut Pacer, t0: Instant, dispatcher: &dyn Dispatcher) {
+    loop {
+        let now = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let cpu = thread_cpu_ns().saturating_add(LOOP_CPU_NS.load(Ordering::Relaxed));
+        let wait = pacer.delay(now, cpu, dispatcher.guest_running());
+        if wait.is_zero() {
+            return;
+        }
+        crate::pace::count_wait();
+        thread::sleep(wait.min(MAX_PACING_WAIT));
+    }
+}
+
+/// The in-band executor: one request per client per turn, round robin, paced while the
+/// guest runs ([`crate::pace`]).
 fn run_in_band(exec: &Arc<Executors>) {
+    let mut pacer = Pacer::new(configured_share(), MONITOR_CPU_BURST);
+    let t0 = Instant::now();
     while let Some(c) = exec.inband.pop() {
         let mon = c.mon.clone();
+        pace(&mut pacer, t0, &*mon.dispatcher);
         let taken = {
             let mut st = lock(&c.st);
             if st.fd.is_none() || st.doomed.is_some() || st.session.is_none() {
@@ -650,6 +675,7 @@ impl EventLoop {
                     self.service(token, readable);
                 }
             }
+            LOOP_CPU_NS.store(thread_cpu_ns(), Ordering::Relaxed);
         }
     }
 

@@ -14,7 +14,8 @@
 //!   by one event-loop thread; per event bus (per VMM), one executor thread runs in-band requests
 //!   (round robin over clients) and one runs `exec-oob` requests, which never wait for
 //!   in-band work. Every buffer has a budget per client and per monitor; a client over
-//!   one is disconnected with a logged reason.
+//!   one is disconnected with a logged reason. While the guest runs, the in-band executor
+//!   keeps the QMP threads within a share of one CPU ([`pace`]).
 //!
 //! The crate knows nothing about machines: a VMM implements [`Dispatcher`] (usually on
 //! top of a [`Registry`] of its own context type) and registers its command handlers.
@@ -25,6 +26,7 @@ mod error;
 pub mod events;
 mod evloop;
 pub mod json;
+pub mod pace;
 mod registry;
 pub mod schema;
 pub mod server;

@@ -38,6 +38,12 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// Called once the reply to `command` has been written to the client (e.g. `quit`
     /// may now end the process).
     fn after_reply(&self, _command: &str) {}
+    /// Whether the guest's vCPUs run now. While they do, the monitor keeps within its CPU
+    /// budget ([`crate::pace`]) so busy clients cannot slow the guest; otherwise requests
+    /// are never delayed. Called before each in-band request; must not block.
+    fn guest_running(&self) -> bool {
+        false
+    }
 }
 
 /// Protocol state of one connection.
