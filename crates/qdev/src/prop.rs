@@ -42,6 +42,16 @@ pub enum PropKind {
     Enum(Vec<String>),
 }
 
+/// The QEMU QAPI enumerations Keel's properties use, by their values in QEMU's order:
+/// `disable-legacy` is an `OnOffAuto`, `rerror`/`werror` a `BlockdevOnError`.
+const QAPI_ENUMS: &[(&str, &[&str])] = &[
+    ("OnOffAuto", &["on", "off", "auto"]),
+    (
+        "BlockdevOnError",
+        &["report", "ignore", "enospc", "stop", "auto"],
+    ),
+];
+
 impl PropKind {
     /// The type name `device-list-properties` shows.
     pub fn type_name(&self) -> &str {
@@ -50,11 +60,11 @@ impl PropKind {
             PropKind::Bool => "bool",
             PropKind::Int { type_name, .. } | PropKind::Uint { type_name, .. } => type_name,
             PropKind::Size => "size",
-            // QEMU's QAPI enum of that name (`disable-legacy`, ...).
-            PropKind::Enum(v) if v.iter().map(String::as_str).eq(["on", "off", "auto"]) => {
-                "OnOffAuto"
-            }
-            PropKind::Enum(_) => "enum",
+            // QEMU's QAPI enums, named as its introspection names them.
+            PropKind::Enum(v) => QAPI_ENUMS
+                .iter()
+                .find(|(_, values)| v.iter().map(String::as_str).eq(values.iter().copied()))
+                .map_or("enum", |(name, _)| name),
         }
     }
 

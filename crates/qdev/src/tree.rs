@@ -374,7 +374,26 @@ impl DeviceTree {
         }
         self.check_id(req.id.as_deref())?;
         let props = ty.validate(&req.props)?;
+        self.check_bootindex(&props)?;
         self.create(&ty, props, req.id.clone(), bus, hot, false)
+    }
+
+    /// A `bootindex` (QEMU's boot order property) is unique among the devices that have one;
+    /// -1, the default, means none.
+    fn check_bootindex(&self, props: &Props) -> Result<(), QdevError> {
+        let Some(n) = props.i64("bootindex").filter(|n| *n >= 0) else {
+            return Ok(());
+        };
+        if self
+            .devices
+            .values()
+            .any(|d| d.props.i64("bootindex") == Some(n))
+        {
+            return Err(QdevError::MachineRefused(format!(
+                "The bootindex {n} has already been used"
+            )));
+        }
+        Ok(())
     }
 
     /// [`DeviceTree::device_add`] for a `-device` argument.

@@ -828,6 +828,12 @@ impl Block {
                     .description("virtqueue size (a power of two)"),
             )
             .prop(
+                PropSpec::int32("bootindex")
+                    .default_i64(-1)
+                    .range(-1, i32::MAX.into())
+                    .description("boot order (Keel boots -kernel directly: kept for introspection and uniqueness)"),
+            )
+            .prop(
                 PropSpec::bool("share-rw")
                     .default_bool(false)
                     .description("let other devices write the same drive"),

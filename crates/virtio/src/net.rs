@@ -395,6 +395,12 @@ impl Net {
                     .default_str("52:54:00:12:34:56")
                     .description("guest MAC address"),
             )
+            .prop(
+                PropSpec::int32("bootindex")
+                    .default_i64(-1)
+                    .range(-1, i32::MAX.into())
+                    .description("boot order (Keel boots -kernel directly: kept for introspection and uniqueness)"),
+            )
     }
 }
 
