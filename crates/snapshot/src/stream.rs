@@ -641,10 +641,13 @@ fn parse_ram(data: &[u8], start: usize, len: usize, version: u32) -> SnapshotRes
     let end = (start + len) as u64;
     let mut out = Vec::with_capacity(n);
     for (gpa, pages) in runs {
+        // Checked: the counts come from the file, and a wrapped sum would pass the bound
+        // (and let `check_ram` add past u64 later).
         let bytes = pages
             .checked_mul(PAGE as u64)
-            .ok_or_else(|| corrupt("run too long".into()))?;
-        if off + bytes > end {
+            .filter(|b| gpa.checked_add(*b).is_some())
+            .ok_or_else(|| corrupt(format!("run at {gpa:#x} ({pages} pages) is too long")))?;
+        if off.checked_add(bytes).is_none_or(|e| e > end) {
             return Err(corrupt(format!(
                 "run at {gpa:#x} ({pages} pages) goes past the end of the section"
             )));
@@ -660,4 +663,30 @@ fn parse_ram(data: &[u8], start: usize, len: usize, version: u32) -> SnapshotRes
         return Err(corrupt(format!("{} bytes after the last run", end - off)));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Crafted run lengths whose byte counts wrap u64 are refused, not passed.
+    #[test]
+    fn ram_runs_whose_sums_wrap_are_refused() {
+        for (gpa, pages) in [
+            (0u64, u64::MAX / PAGE as u64),
+            (0, (u64::MAX / PAGE as u64) - 1),
+            (u64::MAX - PAGE as u64 + 1, 1),
+        ] {
+            let mut sec = Vec::new();
+            sec.extend_from_slice(&1u32.to_le_bytes());
+            sec.extend_from_slice(&gpa.to_le_bytes());
+            sec.extend_from_slice(&pages.to_le_bytes());
+            sec.resize(2 * PAGE, 0);
+            let r = parse_ram(&sec, 0, sec.len(), 1);
+            assert!(
+                matches!(r, Err(SnapshotError::Corrupt { .. })),
+                "{gpa:#x}+{pages}"
+            );
+        }
+    }
 }
