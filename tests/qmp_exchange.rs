@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use common::{Client, Vmm};
@@ -69,17 +69,19 @@ fn is_event(line: &str) -> bool {
     line.starts_with("{\"timestamp\"") || line.starts_with("{\"event\"")
 }
 
-/// Sends `req` and reads up to its reply; returns (events seen, reply).
-fn exchange(c: &mut Client, req: &str) -> (Vec<String>, String) {
-    c.send_raw(req.as_bytes());
-    c.send_raw(b"\n");
+/// Sends `req` and reads up to its reply; returns (events seen, reply), or what went
+/// wrong with the connection.
+fn exchange(c: &mut Client, req: &str) -> Result<(Vec<String>, String), String> {
+    c.writer
+        .write_all(format!("{req}\n").as_bytes())
+        .map_err(|e| format!("sending failed: {e}"))?;
     let mut events = Vec::new();
     loop {
-        let line = read_line(c).expect("connection closed before the reply");
+        let line = read_line(c).ok_or("connection closed before the reply")?;
         if is_event(&line) {
             events.push(line);
         } else {
-            return (events, line);
+            return Ok((events, line));
         }
     }
 }
@@ -255,7 +257,8 @@ fn run_session(args: &[&str], requests: &[String]) -> Vec<String> {
     let mut out = vec![format!("# session: {}", args.join(" "))];
     out.push(format!("< {}", mask_timestamp(&c.greeting.to_string())));
     for req in requests {
-        let (events, reply) = exchange(&mut c, req);
+        let (events, reply) =
+            exchange(&mut c, req).unwrap_or_else(|e| panic!("{e} at {req}; {}", vmm.post_mortem()));
         out.push(format!("> {req}"));
         out.extend(events.into_iter().map(|e| format!("! {e}")));
         out.push(format!("< {reply}"));

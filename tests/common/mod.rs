@@ -19,14 +19,21 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
+    /// A directory nobody else uses: its name is new (a pid is reused within a long test
+    /// run, and a directory left by an earlier process may hold a live socket).
     pub fn new() -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "keel-vmm-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        loop {
+            let p = std::env::temp_dir().join(format!(
+                "keel-vmm-test-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            ));
+            match std::fs::create_dir(&p) {
+                Ok(()) => return TempDir(p),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot create {}: {e}", p.display()),
+            }
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -100,6 +107,29 @@ impl Vmm {
         let mut c = self.connect();
         c.negotiate();
         c
+    }
+
+    /// How the process stands, for a failure message: its exit status and what it wrote
+    /// to stderr once it has exited (waits up to 2 s for it to exit), or "still running".
+    #[allow(dead_code)]
+    pub fn post_mortem(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => {
+                    let mut err = String::new();
+                    if let Some(mut e) = self.child.stderr.take() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    return format!("vmm exited with {st}; its stderr:\n{err}");
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => return "vmm is still running".to_owned(),
+                Err(e) => return format!("vmm's status is unknown: {e}"),
+            }
+        }
     }
 
     /// Waits for the process to exit (up to 10 s).
