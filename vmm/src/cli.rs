@@ -8,6 +8,7 @@
 //! live from the moment its option runs. At the end the machine is finished and started,
 //! unless `-S` (stay in prelaunch) or `-preconfig` (stop early; QMP finishes the job).
 
+use keel_machine::backends::DriveErrors;
 use keel_phase::Phase;
 use keel_qmp::CommandError;
 
@@ -112,6 +113,17 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
                 .map_err(cmd(opt))?,
             Action::Blockdev(b) => {
                 vmm.execute(b.clone()).map_err(cmd(opt))?;
+            }
+            Action::DriveErrors {
+                node,
+                rerror,
+                werror,
+            } => {
+                let policy = DriveErrors {
+                    read: rerror.clone(),
+                    write: werror.clone(),
+                };
+                vmm.backends().set_drive_errors(node, policy);
             }
             Action::Netdev(n) => vmm.execute(n.clone()).map_err(cmd(opt))?,
             Action::Chardev(c) => {

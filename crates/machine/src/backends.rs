@@ -25,6 +25,16 @@ pub struct BlockBackend {
     pub read_only: bool,
 }
 
+/// A `-drive`'s `rerror=` and `werror=` (QEMU keeps them on the block backend; a disk whose
+/// own property is `auto` takes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriveErrors {
+    /// `rerror=`.
+    pub read: Option<String>,
+    /// `werror=`.
+    pub write: Option<String>,
+}
+
 /// What `blockdev-add` / `-blockdev` asks for: a `file` node (a raw image) or a `raw`
 /// format node over a `file` node (libvirt's pair, `libvirt-N-format` on
 /// `libvirt-N-storage`).
@@ -332,6 +342,8 @@ struct Inner {
     /// Devices using each block node.
     block_users: BTreeMap<String, Vec<BlockUse>>,
     next_lease: u64,
+    /// `-drive` error policies (`rerror=`, `werror=`) by node.
+    drive_errors: BTreeMap<String, DriveErrors>,
     net: BTreeMap<String, NetBackend>,
     chardev: BTreeMap<String, CharBackend>,
 }
@@ -373,7 +385,25 @@ impl Backends {
     pub fn remove_block(&self, node_name: &str) -> bool {
         let mut inner = self.lock();
         inner.block_children.remove(node_name);
+        inner.drive_errors.remove(node_name);
         inner.block.remove(node_name).is_some()
+    }
+
+    /// Sets the error policy of `-drive` `node_name` (values as QEMU's `-drive` checked
+    /// them): a disk on the node follows it where its own `rerror`/`werror` is `auto`.
+    pub fn set_drive_errors(&self, node_name: &str, policy: DriveErrors) {
+        self.lock()
+            .drive_errors
+            .insert(node_name.to_owned(), policy);
+    }
+
+    /// The `-drive` error policy of block node `node_name` (none set: both `None`).
+    pub fn drive_errors(&self, node_name: &str) -> DriveErrors {
+        self.lock()
+            .drive_errors
+            .get(node_name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The `raw` node that has block node `node_name` as its `file` (a child cannot be

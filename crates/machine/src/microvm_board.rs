@@ -442,6 +442,8 @@ pub(crate) fn virtio_backend(
     Ok(match kind {
         Block::QDEV_TYPE => {
             let props = BlockProps::from_props(p)?;
+            let drive = backends.drive_errors(&props.drive);
+            let props = props.inherit_on_error(drive.read.as_deref(), drive.write.as_deref())?;
             let b = backends.block(&props.drive)?;
             let cfg = props.config(&b.filename, b.read_only);
             let lease = backends.attach_block(&props.drive, !cfg.read_only, props.share_rw)?;

@@ -131,6 +131,7 @@ macro_rules! for_each_command {
 pub fn events() -> Vec<(&'static str, Option<Type>)> {
     vec![
         ("DEVICE_DELETED", Some(qdev::device_deleted_data())),
+        ("BLOCK_IO_ERROR", Some(block::block_io_error_data())),
         (
             "DEVICE_UNPLUG_GUEST_ERROR",
             Some(qdev::device_unplug_guest_error_data()),
