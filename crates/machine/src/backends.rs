@@ -321,6 +321,10 @@ impl Drop for BlockLease {
 struct SetFd {
     fd: std::os::fd::OwnedFd,
     opaque: Option<String>,
+    /// `remove-fd` asked for it while the guest was not running: QEMU closes such a
+    /// descriptor at the next `remove-fd` of its set while the guest runs, and lists it
+    /// until then.
+    removed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -342,6 +346,8 @@ struct Inner {
     /// Devices using each block node.
     block_users: BTreeMap<String, Vec<BlockUse>>,
     next_lease: u64,
+    /// Descriptors kept by `getfd`, by name.
+    named_fds: BTreeMap<String, std::os::fd::OwnedFd>,
     /// `-drive` error policies (`rerror=`, `werror=`) by node.
     drive_errors: BTreeMap<String, DriveErrors>,
     net: BTreeMap<String, NetBackend>,
@@ -663,20 +669,119 @@ impl Backends {
         // SAFETY: the descriptor is open (checked above), inherited for this purpose and
         // in no set yet: the store becomes its only owner, as QEMU's fd sets own theirs.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        inner
-            .fdsets
-            .entry(set)
-            .or_default()
-            .push(SetFd { fd, opaque });
+        inner.fdsets.entry(set).or_default().push(SetFd {
+            fd,
+            opaque,
+            removed: false,
+        });
         Ok(())
     }
 
-    /// The fd sets as `query-fdsets` reports them: `(set, [(fd, opaque)])`.
+    /// `add-fd`: a descriptor the client passed joins fd set `set` (the lowest id not in
+    /// use when `None`); returns the set and the descriptor's number.
+    pub fn add_passed_fd(
+        &self,
+        set: Option<i64>,
+        fd: std::os::fd::OwnedFd,
+        opaque: Option<String>,
+    ) -> Result<(u64, i32), BackendError> {
+        use std::os::fd::AsRawFd;
+        let set = match set {
+            Some(s) => u64::try_from(s).map_err(|_| {
+                BackendError::Invalid("Parameter 'fdset-id' expects a non-negative value".into())
+            })?,
+            None => {
+                let inner = self.lock();
+                (0..).find(|id| !inner.fdsets.contains_key(id)).unwrap_or(0)
+            }
+        };
+        let mut inner = self.lock();
+        let total: usize = inner.fdsets.values().map(Vec::len).sum();
+        if total >= MAX_BACKENDS {
+            return Err(BackendError::Full("fd set"));
+        }
+        let raw = fd.as_raw_fd();
+        inner.fdsets.entry(set).or_default().push(SetFd {
+            fd,
+            opaque,
+            removed: false,
+        });
+        Ok((set, raw))
+    }
+
+    /// `remove-fd`: descriptor `fd` of set `set` (every one when `None`) is removed: closed
+    /// now if the guest is `running`, otherwise marked and closed by a later `remove-fd`
+    /// while it runs (QEMU 7.2 keeps listing such descriptors meanwhile).
+    pub fn remove_fd(&self, set: i64, fd: Option<i64>, running: bool) -> Result<(), BackendError> {
+        use std::os::fd::AsRawFd;
+        let not_found = || {
+            let name = match fd {
+                Some(fd) => format!("fdset-id:{set}, fd:{fd}"),
+                None => format!("fdset-id:{set}"),
+            };
+            BackendError::Invalid(format!("File descriptor named '{name}' not found"))
+        };
+        let mut inner = self.lock();
+        let id = u64::try_from(set).map_err(|_| not_found())?;
+        let fds = inner.fdsets.get_mut(&id).ok_or_else(not_found)?;
+        match fd {
+            Some(n) => {
+                let entry = fds
+                    .iter_mut()
+                    .find(|s| i64::from(s.fd.as_raw_fd()) == n)
+                    .ok_or_else(not_found)?;
+                entry.removed = true;
+            }
+            None => fds.iter_mut().for_each(|s| s.removed = true),
+        }
+        if running {
+            fds.retain(|s| !s.removed);
+            if fds.is_empty() {
+                inner.fdsets.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// `getfd`: keeps a descriptor the client passed under `name`, replacing (and closing)
+    /// one of that name.
+    pub fn keep_named_fd(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<(), BackendError> {
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(BackendError::Invalid(
+                "Parameter 'fdname' expects a name not starting with a digit".into(),
+            ));
+        }
+        let mut inner = self.lock();
+        if !inner.named_fds.contains_key(name) && inner.named_fds.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("named descriptor"));
+        }
+        inner.named_fds.insert(name.to_owned(), fd);
+        Ok(())
+    }
+
+    /// `closefd`: closes the descriptor kept under `name`.
+    pub fn close_named_fd(&self, name: &str) -> Result<(), BackendError> {
+        match self.take_named_fd(name) {
+            Some(_) => Ok(()),
+            None => Err(BackendError::Invalid(format!(
+                "File descriptor named '{name}' not found"
+            ))),
+        }
+    }
+
+    /// Takes the descriptor kept under `name` (`migrate uri=fd:NAME` consumes it, as QEMU).
+    pub fn take_named_fd(&self, name: &str) -> Option<std::os::fd::OwnedFd> {
+        self.lock().named_fds.remove(name)
+    }
+
+    /// The fd sets as `query-fdsets` reports them, highest id first as QEMU lists them:
+    /// `(set, [(fd, opaque)])`, each set's descriptors in the order they were added.
     pub fn fdsets(&self) -> Vec<FdSetInfo> {
         use std::os::fd::AsRawFd;
         self.lock()
             .fdsets
             .iter()
+            .rev()
             .map(|(id, fds)| {
                 let v = fds
                     .iter()

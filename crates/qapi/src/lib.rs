@@ -39,6 +39,7 @@ pub mod block;
 pub mod char;
 pub mod cli;
 pub mod cmdline;
+pub mod fd;
 pub mod machine;
 pub mod migration;
 pub mod misc;
@@ -120,6 +121,11 @@ macro_rules! for_each_command {
                 $crate::migration::MigrateIncoming,
                 $crate::migration::QueryMigrate,
                 $crate::migration::MigrateCancel,
+                $crate::fd::Getfd,
+                $crate::fd::Closefd,
+                $crate::fd::AddFd,
+                $crate::fd::RemoveFd,
+                $crate::fd::QueryFdsets,
             ],
             aliases: [$crate::machine::MachineDone => "x-exit-preconfig"],
             context_free: [$crate::misc::QueryYank, $crate::misc::Yank],
