@@ -129,7 +129,7 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::Chardev(c) => {
                 if let Some(pty) = vmm.execute(c.clone()).map_err(cmd(opt))?.pty {
                     // As QEMU: the one line a run with a pty prints.
-                    eprintln!("char device redirected to {pty} (label {})", c.id);
+                    println!("char device redirected to {pty} (label {})", c.id);
                 }
             }
             Action::Name(n) => vmm.set_name(Some(n.clone())),

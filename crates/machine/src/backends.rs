@@ -601,6 +601,22 @@ impl Backends {
         Ok(pty)
     }
 
+    /// Where a device reads its input from character backend `id`: the terminal of a `pty`
+    /// backend, standard input for `stdio`; `None` for backends that give no input
+    /// (`file`, `null`).
+    pub fn char_reader(
+        &self,
+        id: &str,
+    ) -> Result<Option<Box<dyn std::io::Read + Send>>, BackendError> {
+        let backend = self.chardev(id)?;
+        let file = self.lock().char_files.get(id).cloned();
+        Ok(match backend {
+            CharBackend::Pty { .. } => file.map(|f| Box::new(PtyReader(f)) as Box<_>),
+            CharBackend::Stdio => Some(Box::new(std::io::stdin())),
+            CharBackend::File { .. } | CharBackend::Null => None,
+        })
+    }
+
     /// Where a device writes the output of character backend `id`: its file (shared with
     /// the backend, so `append` and fd sets hold), nothing (`null`) or standard output.
     pub fn char_writer(&self, id: &str) -> Result<Box<dyn std::io::Write + Send>, BackendError> {
@@ -1101,6 +1117,50 @@ impl std::io::Write for PtyWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A pty master as the guest's input: what a program on the terminal types. The master
+/// is non-blocking, so the reader waits in `poll`; while no program holds the terminal
+/// (the master reads `EIO` or polls `POLLHUP`) it looks again every tenth of a second,
+/// as QEMU's pty chardev notices a connection by polling.
+struct PtyReader(Arc<std::fs::File>);
+
+impl std::io::Read for PtyReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let idle = std::time::Duration::from_millis(100);
+        loop {
+            let mut p = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on a descriptor this reader keeps open.
+            let r = unsafe { libc::poll(&mut p, 1, 1000) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                continue;
+            }
+            if p.revents & libc::POLLIN == 0 {
+                std::thread::sleep(idle);
+                continue;
+            }
+            match (&*self.0).read(buf) {
+                Ok(0) => std::thread::sleep(idle),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => std::thread::sleep(idle),
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 

@@ -414,10 +414,18 @@ pub(crate) fn realize_isa_serial(
         )))),
         None => SerialOutput::Null,
     };
+    let input = match &cfg.chardev {
+        Some(id) => backends.char_reader(id)?,
+        None => None,
+    };
     let irq = host.irq_line(cfg.irq).map_err(|e| chain(&e))?;
     let serial = Arc::new(Serial::new(irq, output));
-    host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial)
+    host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial.clone())
         .map_err(|e| format!("isa-serial at {:#x}: {e}", cfg.iobase))?;
+    // What a program on the backend's terminal types reaches the guest.
+    if let Some(input) = input {
+        keel_devices::spawn_input_thread(serial, input).map_err(|e| chain(&e))?;
+    }
     Ok(())
 }
 
