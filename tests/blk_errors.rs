@@ -30,18 +30,9 @@ const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const HOST_MARKER: &[u8] = b"KEEL-HOST-MARKER 7f3a9c written by the host";
 const GUEST_WROTE: &[u8] = b"KEEL-GUEST-WROTE-THIS sector=8\n";
 
+/// The Debian guest with its virtio modules (see `common::debian_guest`).
 fn guest_files() -> Option<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("KEEL_GUEST_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel-guest/current"))
-        })?;
-    let kernel = ["vmlinux", "bzImage"]
-        .iter()
-        .map(|k| dir.join(k))
-        .find(|p| p.is_file())?;
-    let initrd = dir.join("initramfs-virtio.cpio.gz");
-    initrd.is_file().then_some((kernel, initrd))
+    common::debian_guest("initramfs-virtio.cpio.gz")
 }
 
 /// Why the test cannot run here, if it cannot.
@@ -51,7 +42,7 @@ fn unavailable() -> Option<&'static str> {
         return Some("skipped: mounting a size-limited tmpfs needs root");
     }
     if guest_files().is_none() {
-        return Some("skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)");
+        return Some("skipped: no guest");
     }
     None
 }
