@@ -282,6 +282,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A user network (`-netdev user`) could not be attached.
+    #[error("{0}")]
+    UserNet(String),
     /// An interface name that the kernel cannot accept.
     #[error("invalid tap interface name '{0}': 1 to 15 bytes, no NUL")]
     InvalidIfname(String),
