@@ -281,14 +281,16 @@ pub fn nic(text: &str, index: usize) -> Result<(NetdevAdd, DeviceAdd), OptionErr
     let driver = match model.as_deref() {
         None => {
             return Err(err(
-                "QEMU's default NIC model (e1000 on pc) is not available in Keel: add                  model=virtio-net-pci (pc) or model=virtio-net-device (microvm)",
+                "QEMU's default NIC model (e1000 on pc) is not available in Keel: add \
+                 model=virtio-net-pci (pc) or model=virtio-net-device (microvm)",
             ));
         }
         Some("virtio") => "virtio-net-pci".to_owned(),
         Some(m @ ("virtio-net-pci" | "virtio-net-device")) => m.to_owned(),
         Some(m) => {
             return Err(err(format!(
-                "NIC model '{m}' is not available in Keel (use model=virtio-net-pci, or                  virtio-net-device on microvm)"
+                "NIC model '{m}' is not available in Keel (use model=virtio-net-pci, or \
+                 virtio-net-device on microvm)"
             )));
         }
     };
