@@ -361,3 +361,50 @@ fn nic_user_on_pc_dhcp_tcp_and_hostfwd() {
         ],
     );
 }
+
+/// With libslirp hidden (a bind mount of /dev/null over it, in a mount namespace of the
+/// test's own), a VM without a user network starts and ends as usual, and only
+/// `-netdev user` fails, naming the package. Skips where `unshare -m` is not permitted.
+#[test]
+fn without_libslirp_only_netdev_user_fails() {
+    let Ok(lib) = std::fs::canonicalize("/usr/lib/x86_64-linux-gnu/libslirp.so.0") else {
+        eprintln!("skipped: libslirp.so.0 is not installed");
+        return;
+    };
+    let hide = |args: &[&str]| {
+        let out = Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                r#"mount --bind /dev/null "$0" && exec "$@""#,
+            ])
+            .arg(&lib)
+            .arg(common::BIN)
+            .args(["-display", "none", "-nodefaults"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (st, err) = hide(&[]);
+    if err.contains("unshare") || err.contains("mount") {
+        eprintln!("skipped: cannot hide the library here: {err}");
+        return;
+    }
+    assert!(
+        st.success(),
+        "the demo guest without a user network: {st} {err}"
+    );
+    let (st, err) = hide(&["-netdev", "user,id=n0"]);
+    assert!(!st.success());
+    assert!(
+        err.contains("user-mode networking needs libslirp (")
+            && err.contains("install the libslirp0 package"),
+        "{err}"
+    );
+}

@@ -53,8 +53,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Error {
     /// libslirp could not be loaded.
     #[error(
-        "-netdev user needs libslirp ({0}); install the libslirp0 package (QEMU's own \
-         dependency), or use -netdev tap"
+        "user-mode networking needs libslirp ({0}): install the libslirp0 package (QEMU's \
+         own dependency), or use -netdev tap"
     )]
     Library(String),
     /// An option is malformed or inconsistent (QEMU's message).
