@@ -31,6 +31,16 @@ pub struct BlockBackend {
     pub read_only: bool,
 }
 
+/// A `-drive`'s `rerror=` and `werror=` (QEMU keeps them on the block backend; a disk whose
+/// own property is `auto` takes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriveErrors {
+    /// `rerror=`.
+    pub read: Option<String>,
+    /// `werror=`.
+    pub write: Option<String>,
+}
+
 /// What `blockdev-add` / `-blockdev` asks for: a `file` node (a raw image) or a `raw`
 /// format node over a `file` node (libvirt's pair, `libvirt-N-format` on
 /// `libvirt-N-storage`).
@@ -383,6 +393,10 @@ impl Drop for BlockLease {
 struct SetFd {
     fd: std::os::fd::OwnedFd,
     opaque: Option<String>,
+    /// `remove-fd` asked for it while the guest was not running: QEMU closes such a
+    /// descriptor at the next `remove-fd` of its set while the guest runs, and lists it
+    /// until then.
+    removed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -404,6 +418,10 @@ struct Inner {
     /// Devices using each block node.
     block_users: BTreeMap<String, Vec<BlockUse>>,
     next_lease: u64,
+    /// Descriptors kept by `getfd`, by name.
+    named_fds: BTreeMap<String, std::os::fd::OwnedFd>,
+    /// `-drive` error policies (`rerror=`, `werror=`) by node.
+    drive_errors: BTreeMap<String, DriveErrors>,
     net: BTreeMap<String, NetBackend>,
     chardev: BTreeMap<String, CharBackend>,
 }
@@ -445,7 +463,25 @@ impl Backends {
     pub fn remove_block(&self, node_name: &str) -> bool {
         let mut inner = self.lock();
         inner.block_children.remove(node_name);
+        inner.drive_errors.remove(node_name);
         inner.block.remove(node_name).is_some()
+    }
+
+    /// Sets the error policy of `-drive` `node_name` (values as QEMU's `-drive` checked
+    /// them): a disk on the node follows it where its own `rerror`/`werror` is `auto`.
+    pub fn set_drive_errors(&self, node_name: &str, policy: DriveErrors) {
+        self.lock()
+            .drive_errors
+            .insert(node_name.to_owned(), policy);
+    }
+
+    /// The `-drive` error policy of block node `node_name` (none set: both `None`).
+    pub fn drive_errors(&self, node_name: &str) -> DriveErrors {
+        self.lock()
+            .drive_errors
+            .get(node_name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The `raw` node that has block node `node_name` as its `file` (a child cannot be
@@ -694,6 +730,22 @@ impl Backends {
         Ok(pty)
     }
 
+    /// Where a device reads its input from character backend `id`: the terminal of a `pty`
+    /// backend, standard input for `stdio`; `None` for backends that give no input
+    /// (`file`, `null`).
+    pub fn char_reader(
+        &self,
+        id: &str,
+    ) -> Result<Option<Box<dyn std::io::Read + Send>>, BackendError> {
+        let backend = self.chardev(id)?;
+        let file = self.lock().char_files.get(id).cloned();
+        Ok(match backend {
+            CharBackend::Pty { .. } => file.map(|f| Box::new(PtyReader(f)) as Box<_>),
+            CharBackend::Stdio => Some(Box::new(std::io::stdin())),
+            CharBackend::File { .. } | CharBackend::Null => None,
+        })
+    }
+
     /// Where a device writes the output of character backend `id`: its file (shared with
     /// the backend, so `append` and fd sets hold), nothing (`null`) or standard output.
     pub fn char_writer(&self, id: &str) -> Result<Box<dyn std::io::Write + Send>, BackendError> {
@@ -762,20 +814,119 @@ impl Backends {
         // SAFETY: the descriptor is open (checked above), inherited for this purpose and
         // in no set yet: the store becomes its only owner, as QEMU's fd sets own theirs.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        inner
-            .fdsets
-            .entry(set)
-            .or_default()
-            .push(SetFd { fd, opaque });
+        inner.fdsets.entry(set).or_default().push(SetFd {
+            fd,
+            opaque,
+            removed: false,
+        });
         Ok(())
     }
 
-    /// The fd sets as `query-fdsets` reports them: `(set, [(fd, opaque)])`.
+    /// `add-fd`: a descriptor the client passed joins fd set `set` (the lowest id not in
+    /// use when `None`); returns the set and the descriptor's number.
+    pub fn add_passed_fd(
+        &self,
+        set: Option<i64>,
+        fd: std::os::fd::OwnedFd,
+        opaque: Option<String>,
+    ) -> Result<(u64, i32), BackendError> {
+        use std::os::fd::AsRawFd;
+        let set = match set {
+            Some(s) => u64::try_from(s).map_err(|_| {
+                BackendError::Invalid("Parameter 'fdset-id' expects a non-negative value".into())
+            })?,
+            None => {
+                let inner = self.lock();
+                (0..).find(|id| !inner.fdsets.contains_key(id)).unwrap_or(0)
+            }
+        };
+        let mut inner = self.lock();
+        let total: usize = inner.fdsets.values().map(Vec::len).sum();
+        if total >= MAX_BACKENDS {
+            return Err(BackendError::Full("fd set"));
+        }
+        let raw = fd.as_raw_fd();
+        inner.fdsets.entry(set).or_default().push(SetFd {
+            fd,
+            opaque,
+            removed: false,
+        });
+        Ok((set, raw))
+    }
+
+    /// `remove-fd`: descriptor `fd` of set `set` (every one when `None`) is removed: closed
+    /// now if the guest is `running`, otherwise marked and closed by a later `remove-fd`
+    /// while it runs (QEMU 7.2 keeps listing such descriptors meanwhile).
+    pub fn remove_fd(&self, set: i64, fd: Option<i64>, running: bool) -> Result<(), BackendError> {
+        use std::os::fd::AsRawFd;
+        let not_found = || {
+            let name = match fd {
+                Some(fd) => format!("fdset-id:{set}, fd:{fd}"),
+                None => format!("fdset-id:{set}"),
+            };
+            BackendError::Invalid(format!("File descriptor named '{name}' not found"))
+        };
+        let mut inner = self.lock();
+        let id = u64::try_from(set).map_err(|_| not_found())?;
+        let fds = inner.fdsets.get_mut(&id).ok_or_else(not_found)?;
+        match fd {
+            Some(n) => {
+                let entry = fds
+                    .iter_mut()
+                    .find(|s| i64::from(s.fd.as_raw_fd()) == n)
+                    .ok_or_else(not_found)?;
+                entry.removed = true;
+            }
+            None => fds.iter_mut().for_each(|s| s.removed = true),
+        }
+        if running {
+            fds.retain(|s| !s.removed);
+            if fds.is_empty() {
+                inner.fdsets.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// `getfd`: keeps a descriptor the client passed under `name`, replacing (and closing)
+    /// one of that name.
+    pub fn keep_named_fd(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<(), BackendError> {
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(BackendError::Invalid(
+                "Parameter 'fdname' expects a name not starting with a digit".into(),
+            ));
+        }
+        let mut inner = self.lock();
+        if !inner.named_fds.contains_key(name) && inner.named_fds.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("named descriptor"));
+        }
+        inner.named_fds.insert(name.to_owned(), fd);
+        Ok(())
+    }
+
+    /// `closefd`: closes the descriptor kept under `name`.
+    pub fn close_named_fd(&self, name: &str) -> Result<(), BackendError> {
+        match self.take_named_fd(name) {
+            Some(_) => Ok(()),
+            None => Err(BackendError::Invalid(format!(
+                "File descriptor named '{name}' not found"
+            ))),
+        }
+    }
+
+    /// Takes the descriptor kept under `name` (`migrate uri=fd:NAME` consumes it, as QEMU).
+    pub fn take_named_fd(&self, name: &str) -> Option<std::os::fd::OwnedFd> {
+        self.lock().named_fds.remove(name)
+    }
+
+    /// The fd sets as `query-fdsets` reports them, highest id first as QEMU lists them:
+    /// `(set, [(fd, opaque)])`, each set's descriptors in the order they were added.
     pub fn fdsets(&self) -> Vec<FdSetInfo> {
         use std::os::fd::AsRawFd;
         self.lock()
             .fdsets
             .iter()
+            .rev()
             .map(|(id, fds)| {
                 let v = fds
                     .iter()
@@ -1095,6 +1246,50 @@ impl std::io::Write for PtyWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A pty master as the guest's input: what a program on the terminal types. The master
+/// is non-blocking, so the reader waits in `poll`; while no program holds the terminal
+/// (the master reads `EIO` or polls `POLLHUP`) it looks again every tenth of a second,
+/// as QEMU's pty chardev notices a connection by polling.
+struct PtyReader(Arc<std::fs::File>);
+
+impl std::io::Read for PtyReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let idle = std::time::Duration::from_millis(100);
+        loop {
+            let mut p = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on a descriptor this reader keeps open.
+            let r = unsafe { libc::poll(&mut p, 1, 1000) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                continue;
+            }
+            if p.revents & libc::POLLIN == 0 {
+                std::thread::sleep(idle);
+                continue;
+            }
+            match (&*self.0).read(buf) {
+                Ok(0) => std::thread::sleep(idle),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => std::thread::sleep(idle),
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 

@@ -414,10 +414,18 @@ pub(crate) fn realize_isa_serial(
         )))),
         None => SerialOutput::Null,
     };
+    let input = match &cfg.chardev {
+        Some(id) => backends.char_reader(id)?,
+        None => None,
+    };
     let irq = host.irq_line(cfg.irq).map_err(|e| chain(&e))?;
     let serial = Arc::new(Serial::new(irq, output));
-    host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial)
+    host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial.clone())
         .map_err(|e| format!("isa-serial at {:#x}: {e}", cfg.iobase))?;
+    // What a program on the backend's terminal types reaches the guest.
+    if let Some(input) = input {
+        keel_devices::spawn_input_thread(serial, input).map_err(|e| chain(&e))?;
+    }
     Ok(())
 }
 
@@ -442,6 +450,8 @@ pub(crate) fn virtio_backend(
     Ok(match kind {
         Block::QDEV_TYPE => {
             let props = BlockProps::from_props(p)?;
+            let drive = backends.drive_errors(&props.drive);
+            let props = props.inherit_on_error(drive.read.as_deref(), drive.write.as_deref())?;
             let b = backends.block(&props.drive)?;
             let cfg = props.config(&b.filename, b.read_only);
             let lease = backends.attach_block(&props.drive, !cfg.read_only, props.share_rw)?;

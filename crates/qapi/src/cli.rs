@@ -144,6 +144,34 @@ fn json_pairs(text: &str) -> Result<Vec<(String, String)>, OptionError> {
     Ok(v)
 }
 
+/// Checks a `-drive` `rerror=`/`werror=` value as QEMU does (`-drive` takes neither
+/// `auto` nor a read action of `enospc`).
+fn drive_error_action(key: &str, value: &str) -> Result<(), OptionError> {
+    let write = key == "werror";
+    match value {
+        "ignore" | "report" | "stop" => Ok(()),
+        "enospc" if write => Ok(()),
+        _ => Err(err(format!(
+            "'{value}' invalid {} error action",
+            if write { "write" } else { "read" }
+        ))),
+    }
+}
+
+/// The `rerror=` and `werror=` of a `-drive` (checked by [`blockdev`]): the drive's error
+/// policy, which a disk on it follows unless its own property says otherwise.
+pub fn drive_error_policy(text: &str) -> Result<(Option<String>, Option<String>), OptionError> {
+    let mut policy = (None, None);
+    for (k, v) in split_opts(text, None)? {
+        match k.as_str() {
+            "rerror" => policy.0 = Some(v),
+            "werror" => policy.1 = Some(v),
+            _ => {}
+        }
+    }
+    Ok(policy)
+}
+
 /// `-drive ...,if=virtio`: QEMU's shorthand for a drive and the architecture's virtio disk
 /// (`virtio-blk`, on x86 the alias of `virtio-blk-pci`) that uses it. The drive's id,
 /// when not given, is QEMU's `virtio<N>` with N counting the `if=virtio` drives so far.
@@ -194,6 +222,7 @@ fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd,
             }
             ("blockdev", "cache.direct" | "cache.no-flush" | "aio")
             | ("drive", "cache" | "aio") => {}
+            ("drive", "rerror" | "werror") => drive_error_action(&k, &v)?,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         }
     }

@@ -111,6 +111,16 @@ pub enum Action {
         /// Free text kept with it (`query-fdsets`).
         opaque: Option<String>,
     },
+    /// A `-drive`'s `rerror=`/`werror=`: the error policy of the drive `node`, followed by a
+    /// disk on it whose own property is absent or `auto` (QEMU's block backend policy).
+    DriveErrors {
+        /// The drive's id.
+        node: String,
+        /// `rerror=`.
+        rerror: Option<String>,
+        /// `werror=`.
+        werror: Option<String>,
+    },
     /// `-audiodev none,id=ID`: an audio backend that plays nothing.
     Audiodev {
         /// Its id.
@@ -569,17 +579,42 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "qmp" => {
                 Action::Monitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
             }
-            "drive" => match forms::virtio_drive(v, virtio_drives).map_err(opt_err(&option))? {
-                Some((drive, device)) => {
-                    virtio_drives += 1;
-                    steps.push(Step {
-                        option: option.clone(),
-                        action: Action::Blockdev(drive),
-                    });
-                    Action::Device(device)
+            "drive" => {
+                let (drive, device) =
+                    match forms::virtio_drive(v, virtio_drives).map_err(opt_err(&option))? {
+                        Some((drive, device)) => {
+                            virtio_drives += 1;
+                            (drive, Some(device))
+                        }
+                        None => (forms::blockdev(name, v).map_err(opt_err(&option))?, None),
+                    };
+                let (rerror, werror) = forms::drive_error_policy(v).map_err(opt_err(&option))?;
+                let node = drive.node_name.clone();
+                steps.push(Step {
+                    option: option.clone(),
+                    action: Action::Blockdev(drive),
+                });
+                match device {
+                    Some(device) if rerror.is_some() || werror.is_some() => {
+                        steps.push(Step {
+                            option: option.clone(),
+                            action: Action::DriveErrors {
+                                node,
+                                rerror,
+                                werror,
+                            },
+                        });
+                        Action::Device(device)
+                    }
+                    Some(device) => Action::Device(device),
+                    None if rerror.is_some() || werror.is_some() => Action::DriveErrors {
+                        node,
+                        rerror,
+                        werror,
+                    },
+                    None => Action::Nothing,
                 }
-                None => Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?),
-            },
+            }
             "blockdev" => Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?),
             "netdev" => Action::Netdev(forms::netdev(v).map_err(opt_err(&option))?),
             "chardev" => match forms::char_backend(v).map_err(opt_err(&option))? {

@@ -165,6 +165,7 @@ mod qdev_tests {
                 queue_size: 256,
                 share_rw: false,
                 on_error: ErrorPolicy::default(),
+                explicit_on_error: (None, None),
             }
         );
         let c = p.config("/x.img", true);
