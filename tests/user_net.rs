@@ -194,6 +194,23 @@ impl Guest {
     }
 }
 
+/// `Seccomp_filters` of each thread of process `pid`, by thread name.
+fn seccomp_filters(pid: u32) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(v) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        {
+            out.insert(comm.trim().to_owned(), v.trim().to_owned());
+        }
+    }
+    out
+}
+
 /// A host connection to `port` that sends `send` and returns everything the guest wrote
 /// back before it closed.
 fn exchange(port: u16, send: &str) -> String {
@@ -293,6 +310,16 @@ fn scenario(program: &str, machine: &str, net: &[&str]) -> Seen {
         "{}: the removed forward still listens",
         g.label
     );
+    if program == common::BIN {
+        // Keel's sandbox is on by default: the slirp thread added its class's filter to
+        // the baseline, as a vCPU thread adds its own.
+        let filters = seccomp_filters(g.child.id());
+        let slirp = filters.get("slirp");
+        assert!(
+            slirp.is_some() && slirp == filters.get("vcpu0") && slirp != filters.get("signals"),
+            "seccomp filters per thread: {filters:?}"
+        );
+    }
     g.qmp.ok("quit", serde_json::Value::Null);
     Seen {
         lease,
