@@ -23,7 +23,7 @@ pub use keel_qapi::qom::*;
 
 use crate::core::{ShutdownCause, VmmCore, generic};
 use crate::devices::qdev_error;
-use keel_machine::backends::{BlockdevSpec, NetBackend};
+use keel_machine::backends::{BlockdevSpec, NetdevSpec, UserOptions};
 use keel_machine::cpu_model;
 
 /// Converts the VMM's own report types (board, qdev) into their QMP shapes in
@@ -182,6 +182,12 @@ impl Handler<VmmCore> for HumanMonitorCommand {
             Request::Stop => done(c.stop())?,
             Request::Reset => done(c.system_reset())?,
             Request::Powerdown => done(c.system_powerdown())?,
+            Request::HostfwdAdd { netdev, rule } => {
+                c.backends.hostfwd_command(true, netdev.as_deref(), &rule)
+            }
+            Request::HostfwdRemove { netdev, rule } => {
+                c.backends.hostfwd_command(false, netdev.as_deref(), &rule)
+            }
             Request::Quit => {
                 c.shutdown.request(ShutdownCause::HostQmpQuit);
                 String::new()
@@ -224,9 +230,28 @@ impl VmmCore {
 
 impl Handler<VmmCore> for NetdevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
-        let scripts = [self.script.as_deref(), self.downscript.as_deref()];
-        let n = NetBackend::from_netdev(&self.kind, scripts, self.ifname);
-        let r = n.and_then(|n| c.backends.add_net(&self.id, n));
+        let user = UserOptions {
+            net: self.net,
+            host: self.host,
+            dhcpstart: self.dhcpstart,
+            dns: self.dns,
+            hostname: self.hostname,
+            domainname: self.domainname,
+            restrict: self.restrict.unwrap_or(false),
+            ipv4: self.ipv4,
+            ipv6: self.ipv6,
+            hostfwd: self.hostfwd.into_iter().flatten().map(|s| s.str).collect(),
+        };
+        let (kind, ifname, script, downscript) =
+            (self.kind, self.ifname, self.script, self.downscript);
+        let spec = NetdevSpec {
+            kind,
+            ifname,
+            script,
+            downscript,
+            user,
+        };
+        let r = c.backends.add_netdev(&self.id, &spec);
         r.map_err(|e| CommandError::generic(e.to_string()))
     }
 }

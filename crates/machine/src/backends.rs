@@ -12,8 +12,14 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+/// The options of `-netdev user` (re-exported so that callers need not name keel-slirp).
+pub use keel_slirp::UserOptions;
+
 /// Most backends of each kind; more are refused (the store is client-controlled).
 pub const MAX_BACKENDS: usize = 256;
+
+/// The id prefix of the backends `-nic` creates (QEMU's `__org.qemu.nicN`).
+pub const NIC_NETDEV_PREFIX: &str = "__org.qemu.nic";
 
 /// A raw image (`-blockdev driver=file,...` / `blockdev-add`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -74,27 +80,91 @@ impl BlockBackend {
     }
 }
 
-/// A network backend (`-netdev tap,...` / `netdev_add`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NetBackend {
-    /// Host tap interface name.
-    pub ifname: String,
+/// A network backend (`-netdev tap,...`, `-netdev user,...` / `netdev_add`).
+#[derive(Debug, Clone)]
+pub enum NetBackend {
+    /// A host tap interface, opened when a device uses it.
+    Tap {
+        /// Host tap interface name.
+        ifname: String,
+    },
+    /// A user network (libslirp), running from the moment it was added, as in QEMU: its
+    /// `hostfwd` ports listen at once.
+    User(Arc<keel_slirp::UserNet>),
+}
+
+/// What `netdev_add` / `-netdev` asks for (`type=tap` or `type=user`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetdevSpec {
+    /// `type`: `tap` or `user`.
+    pub kind: String,
+    /// `ifname` (tap).
+    pub ifname: Option<String>,
+    /// `script` (tap; only `no`).
+    pub script: Option<String>,
+    /// `downscript` (tap; only `no`).
+    pub downscript: Option<String>,
+    /// The options of `type=user`.
+    pub user: keel_slirp::UserOptions,
+}
+
+impl NetdevSpec {
+    /// The first option given that belongs to the other type, named as QEMU would.
+    fn foreign_option(&self) -> Option<&'static str> {
+        let u = &self.user;
+        if self.kind == "user" {
+            [
+                ("ifname", self.ifname.is_some()),
+                ("script", self.script.is_some()),
+                ("downscript", self.downscript.is_some()),
+            ]
+            .into_iter()
+            .find_map(|(k, set)| set.then_some(k))
+        } else {
+            [
+                ("net", u.net.is_some()),
+                ("host", u.host.is_some()),
+                ("dhcpstart", u.dhcpstart.is_some()),
+                ("dns", u.dns.is_some()),
+                ("hostname", u.hostname.is_some()),
+                ("domainname", u.domainname.is_some()),
+                ("restrict", u.restrict),
+                ("ipv4", u.ipv4.is_some()),
+                ("ipv6", u.ipv6.is_some()),
+                ("hostfwd", !u.hostfwd.is_empty()),
+            ]
+            .into_iter()
+            .find_map(|(k, set)| set.then_some(k))
+        }
+    }
 }
 
 impl NetBackend {
-    /// The backend of QMP `netdev_add`: `type=tap` with `ifname`; `script` and
-    /// `downscript` may only be `no` (Keel runs no network scripts).
-    pub fn from_netdev(
-        kind: &str,
-        scripts: [Option<&str>; 2],
-        ifname: Option<String>,
-    ) -> Result<Self, BackendError> {
+    /// The backend `spec` describes. `tap` needs `ifname`, and `script`/`downscript` may
+    /// only be `no` (Keel runs no network scripts); `user` starts its libslirp stack now,
+    /// binding its `hostfwd` ports (a taken port fails here, as in QEMU).
+    pub fn from_netdev(spec: &NetdevSpec) -> Result<Self, BackendError> {
         let bad = |m: String| Err(BackendError::Invalid(m));
-        if kind != "tap" {
+        if !matches!(spec.kind.as_str(), "tap" | "user") {
             return bad(format!(
-                "netdev type '{kind}' is not supported (use type=tap)"
+                "netdev type '{}' is not supported (use type=user or type=tap)",
+                spec.kind
             ));
         }
+        if let Some(k) = spec.foreign_option() {
+            return bad(format!(
+                "Parameter '{k}' is unexpected for type={}",
+                spec.kind
+            ));
+        }
+        if spec.kind == "user" {
+            let config = keel_slirp::UserConfig::from_options(&spec.user)
+                .map_err(|e| BackendError::Invalid(e.to_string()))?;
+            let net = keel_slirp::UserNet::start(config)
+                .map_err(|e| BackendError::Invalid(e.to_string()))?;
+            return Ok(NetBackend::User(Arc::new(net)));
+        }
+        let scripts = [spec.script.as_deref(), spec.downscript.as_deref()];
         for (k, v) in ["script", "downscript"].into_iter().zip(scripts) {
             if v.is_some_and(|v| v != "no") {
                 return bad(format!(
@@ -102,8 +172,10 @@ impl NetBackend {
                 ));
             }
         }
-        match ifname {
-            Some(ifname) => Ok(Self { ifname }),
+        match &spec.ifname {
+            Some(ifname) => Ok(NetBackend::Tap {
+                ifname: ifname.clone(),
+            }),
             None => bad("Parameter 'ifname' is missing (name the host tap interface)".into()),
         }
     }
@@ -524,16 +596,73 @@ impl Backends {
         insert(&mut self.lock().block, "node-name", node_name, b)
     }
 
-    /// `netdev_add` with `type=tap`.
-    pub fn add_net(&self, id: &str, n: NetBackend) -> Result<(), BackendError> {
-        if n.ifname.is_empty() || n.ifname.len() >= libc::IFNAMSIZ {
+    /// `netdev_add`: checks the id, then builds the backend (a user network starts here)
+    /// and keeps it. `-nic`'s own backends are named `__org.qemu.nicN`, as in QEMU.
+    pub fn add_netdev(&self, id: &str, spec: &NetdevSpec) -> Result<(), BackendError> {
+        let mut inner = self.lock();
+        if !id.starts_with(NIC_NETDEV_PREFIX) {
+            check_id("netdev", id)?;
+        }
+        if inner.net.contains_key(id) {
+            return Err(BackendError::Duplicate {
+                kind: "netdev",
+                id: id.to_owned(),
+            });
+        }
+        let n = NetBackend::from_netdev(spec)?;
+        if let NetBackend::Tap { ifname } = &n
+            && (ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ)
+        {
             return Err(BackendError::Invalid(format!(
-                "tap interface name '{}' must have 1 to {} characters",
-                n.ifname,
+                "tap interface name '{ifname}' must have 1 to {} characters",
                 libc::IFNAMSIZ - 1
             )));
         }
-        insert(&mut self.lock().net, "netdev", id, n)
+        if inner.net.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("netdev"));
+        }
+        inner.net.insert(id.to_owned(), n);
+        Ok(())
+    }
+
+    /// HMP's `hostfwd_add` (`add`) or `hostfwd_remove` on user network `netdev` (the first
+    /// one when `None`): the monitor's text, QEMU's lines.
+    pub fn hostfwd_command(&self, add: bool, netdev: Option<&str>, rule: &str) -> String {
+        let net = match self.user_net(netdev) {
+            Ok(n) => n,
+            Err(e) => return format!("{e}\r\n"),
+        };
+        let r = if add {
+            net.hostfwd_add(rule).map(|()| String::new())
+        } else {
+            net.hostfwd_remove(rule).map(|found| {
+                let what = if found { "removed" } else { "not found" };
+                format!("host forwarding rule for {rule} {what}\r\n")
+            })
+        };
+        r.unwrap_or_else(|e| format!("{e}\r\n"))
+    }
+
+    /// The user network `id` names, or the first one when `id` is `None` (HMP's
+    /// `hostfwd_add [netdev_id] rule`), with QEMU's messages when there is none.
+    pub fn user_net(&self, id: Option<&str>) -> Result<Arc<keel_slirp::UserNet>, BackendError> {
+        let inner = self.lock();
+        let bad = |m: String| Err(BackendError::Invalid(m));
+        match id {
+            Some(id) => match inner.net.get(id) {
+                Some(NetBackend::User(n)) => Ok(Arc::clone(n)),
+                Some(_) => bad("invalid device specified".into()),
+                None => bad(format!("unrecognized netdev id '{id}'")),
+            },
+            None => inner
+                .net
+                .values()
+                .find_map(|n| match n {
+                    NetBackend::User(n) => Some(Arc::clone(n)),
+                    NetBackend::Tap { .. } => None,
+                })
+                .map_or_else(|| bad("user mode network stack not in use".into()), Ok),
+        }
     }
 
     /// `chardev-add`. A `file` backend is created (or truncated) now, as QEMU opens it at
@@ -1375,14 +1504,33 @@ mod tests {
                 .to_string()
                 .contains("Could not open")
         );
-        assert!(
-            b.add_net(
-                "n0",
-                NetBackend {
-                    ifname: "x".repeat(20)
-                }
-            )
-            .is_err()
+        let tap = |ifname: &str| NetdevSpec {
+            kind: "tap".into(),
+            ifname: Some(ifname.into()),
+            ..NetdevSpec::default()
+        };
+        assert!(b.add_netdev("n0", &tap(&"x".repeat(20))).is_err());
+        b.add_netdev("n0", &tap("keeltap0")).unwrap();
+        let e = b.add_netdev("n0", &tap("keeltap0")).unwrap_err();
+        assert_eq!(e.to_string(), "Duplicate netdev ID 'n0'");
+        let mut user = tap("t");
+        user.kind = "user".into();
+        let e = b.add_netdev("n1", &user).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Parameter 'ifname' is unexpected for type=user"
+        );
+        let mut net = tap("t");
+        net.user.net = Some("10.0.3.0/24".into());
+        let e = b.add_netdev("n1", &net).unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'net' is unexpected for type=tap");
+        assert_eq!(
+            b.user_net(None).unwrap_err().to_string(),
+            "user mode network stack not in use"
+        );
+        assert_eq!(
+            b.user_net(Some("n0")).unwrap_err().to_string(),
+            "invalid device specified"
         );
         b.add_chardev("c0", CharBackend::Null).unwrap();
         assert_eq!(b.chardev("c0").unwrap(), CharBackend::Null);

@@ -23,7 +23,7 @@ use keel_virtio::{
     RxPoller, VirtioDevice, VirtioMmioSlot,
 };
 
-use crate::backends::Backends;
+use crate::backends::{Backends, NetBackend};
 use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
 use crate::board::{GuestExitPolicy, MachineType, MachineTypeInfo};
 use crate::device_types::registry;
@@ -464,8 +464,11 @@ pub(crate) fn virtio_backend(
         Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
         Net::QDEV_TYPE => {
             let props = NetProps::from_props(p)?;
-            let n = backends.net(&props.netdev)?;
-            let net = Arc::new(Mutex::new(Net::with_tap(&n.ifname, props.config())?));
+            let net = match backends.net(&props.netdev)? {
+                NetBackend::Tap { ifname } => Net::with_tap(&ifname, props.config())?,
+                NetBackend::User(user) => Net::with_user(&user, props.config())?,
+            };
+            let net = Arc::new(Mutex::new(net));
             let rx = RxPoller::spawn(net.clone())?;
             (net, Some(Keep::Rx(rx)))
         }

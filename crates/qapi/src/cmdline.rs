@@ -193,6 +193,9 @@ Backends (from the start; devices name them):
   -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
   -drive file=PATH,if=virtio,format=raw  a drive and its virtio-blk (virtio-blk-pci on pc)
   -netdev tap,id=ID,ifname=IF,script=no,downscript=no
+  -netdev user,id=ID[,net=ADDR/MASK,host=,dhcpstart=,dns=,hostname=,domainname=,
+          restrict=on|off,ipv4=,ipv6=][,hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT]...
+  -nic user|tap,model=virtio-net-pci|virtio-net-device[,mac=MAC][,netdev options]
   -chardev file,id=ID,path=PATH[,append=on] | pty,id=ID | null,id=ID
                                     (each with [,logfile=PATH,logappend=on])
   -object secret,id=ID,data=S|file=PATH | memory-backend-ram,id=ID,size=SIZE
@@ -264,6 +267,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
     let mut steps: Vec<Step> = Vec::new();
     let mut chardevs: BTreeMap<String, Endpoint> = BTreeMap::new();
     let mut virtio_drives = 0;
+    let mut nics = 0;
     let mut i = 0;
     while i < args.len() {
         let raw = &args[i];
@@ -488,13 +492,21 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "incoming" => Action::Incoming(v.to_owned()),
             // No default NIC is what Keel's machines have anyway.
             "nic" | "net" if v == "none" => Action::Nothing,
-            "nic" | "net" => {
+            "nic" => {
+                let (netdev, device) = forms::nic(v, nics).map_err(opt_err(&option))?;
+                nics += 1;
+                steps.push(Step {
+                    option: option.clone(),
+                    action: Action::Netdev(netdev),
+                });
+                Action::Device(device)
+            }
+            "net" => {
                 return Err(syntax(
                     &option,
-                    format!(
-                        "only '-{name} none' is supported; use -netdev tap,id=N,... with \
-                         -device virtio-net-pci,netdev=N (or virtio-net-device on microvm)"
-                    ),
+                    "only '-net none' is supported; use -nic user,model=virtio-net-pci, or \
+                     -netdev user,id=N with -device virtio-net-pci,netdev=N (virtio-net-device \
+                     on microvm)",
                 ));
             }
             "uuid" if forms::uuid_ok(v) => Action::Uuid(v.to_ascii_lowercase()),
