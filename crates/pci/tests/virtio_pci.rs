@@ -91,8 +91,8 @@ fn discover(m: &Machine, a: PciAddress) -> Caps {
     }
     assert_eq!(
         types,
-        vec![1, 3, 4, 2, 5],
-        "common, ISR, device, notify, PCI cfg (in the order added)"
+        vec![5, 2, 4, 3, 1],
+        "PCI cfg, notify, device, ISR, common: QEMU's order (each added at the head)"
     );
     c
 }

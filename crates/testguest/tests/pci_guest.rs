@@ -1,0 +1,230 @@
+//! The [`keel_testguest::pci`] guest on `-M pc`: Keel under kvm and tcg and QEMU 7.2 under
+//! tcg and kvm must print the same text, byte for byte: the bus scan (IDs, classes, header
+//! types, status, subsystem IDs, interrupt pin and line, capability lists), BAR sizing, and
+//! a virtio-rng queue completing through MSI-X with vector and function masking.
+//!
+//! The one expected difference is QEMU's PIIX3 IDE function at 01.1, which Keel's `pc`
+//! does not have: its lines are taken out of QEMU's output (and must be there).
+//!
+//! The Keel binary is `$KEEL_VMM` or `vmm` in this test's target directory (build `-p vmm`
+//! first); QEMU is `$QEMU` or /usr/bin/qemu-system-x86_64. Missing ones, and kvm without a
+//! usable /dev/kvm, are skipped with a printed reason; at least one Keel run and one QEMU
+//! run must happen for a comparison.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn vmm_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KEEL_VMM") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("vmm");
+    p.exists().then_some(p)
+}
+
+fn qemu_binary() -> Option<PathBuf> {
+    let p = std::env::var_os("QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64"));
+    p.is_file().then_some(p)
+}
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+        && std::env::var_os("KEEL_TEST_NO_KVM").is_none()
+}
+
+struct Run {
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+    timed_out: bool,
+}
+
+/// The command line both run: QEMU's `pc` with a virtio-rng on the first free slot and a
+/// multifunction pair at 05.0/05.1.
+fn run(bin: &Path, accel: &str, elf: &Path, timeout: Duration) -> Run {
+    let mut child = Command::new(bin)
+        .args([
+            "-M",
+            "pc",
+            "-accel",
+            accel,
+            "-m",
+            "32M",
+            // Two vCPUs: Keel's interpreter gives a one-vCPU machine no local APIC (the
+            // guest then says so and skips MSI-X); the guest runs on the first.
+            "-smp",
+            "2",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+        ])
+        .arg(elf)
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-device",
+            "virtio-rng-pci",
+            "-device",
+            "virtio-rng-pci,addr=05.0,multifunction=on",
+            "-device",
+            "virtio-rng-pci,addr=05.1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let start = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s.code();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            timed_out = true;
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut stdout);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    Run {
+        status,
+        stdout,
+        stderr,
+        timed_out,
+    }
+}
+
+/// QEMU's output without the IDE function's block (its line and the indented lines after
+/// it); panics when there is none, so that a change in QEMU's machine is noticed.
+fn without_qemu_ide(out: &str) -> String {
+    let mut kept = Vec::new();
+    let mut skipping = false;
+    let mut seen = false;
+    for line in out.split_inclusive('\n') {
+        if line.starts_with("01.1 8086:7010 ") {
+            skipping = true;
+            seen = true;
+            continue;
+        }
+        if skipping && line.starts_with("  ") {
+            continue;
+        }
+        skipping = false;
+        kept.push(line);
+    }
+    assert!(seen, "QEMU showed no PIIX3 IDE function at 01.1:\n{out}");
+    kept.concat()
+}
+
+#[test]
+fn pci_guest_prints_the_same_on_keel_and_qemu() {
+    let guest = keel_testguest::pci().unwrap();
+    let dir = std::env::temp_dir().join(format!("keel-pci-guest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = dir.join("pci.elf");
+    std::fs::write(&elf, guest.pvh_elf()).unwrap();
+    let kvm = kvm_usable();
+    if !kvm {
+        eprintln!("kvm: /dev/kvm not usable here, tcg only");
+    }
+    let mut runs: Vec<(String, Run)> = Vec::new();
+    let accels: Vec<&str> = if kvm { vec!["kvm", "tcg"] } else { vec!["tcg"] };
+    match vmm_binary() {
+        Some(vmm) => {
+            for accel in &accels {
+                runs.push((
+                    format!("keel {accel}"),
+                    run(&vmm, accel, &elf, Duration::from_secs(120)),
+                ));
+            }
+        }
+        None => eprintln!("skipping Keel: no vmm binary (set KEEL_VMM or build -p vmm)"),
+    }
+    match qemu_binary() {
+        Some(qemu) => {
+            for accel in accels.iter().rev() {
+                let mut r = run(&qemu, accel, &elf, Duration::from_secs(120));
+                if *accel == "kvm" && r.stdout.is_empty() && r.status != Some(1) {
+                    eprintln!(
+                        "skipping QEMU kvm: it does not start here: {}",
+                        r.stderr.trim()
+                    );
+                    continue;
+                }
+                r.stdout = without_qemu_ide(&r.stdout);
+                runs.push((format!("qemu {accel}"), r));
+            }
+        }
+        None => eprintln!("skipping QEMU: not installed (set QEMU)"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(d) = std::env::var_os("KEEL_PCI_GUEST_DUMP") {
+        for (name, r) in &runs {
+            let f = Path::new(&d).join(name.replace(' ', "-"));
+            std::fs::write(f, &r.stdout).unwrap();
+        }
+    }
+    let mut problems = Vec::new();
+    for (name, r) in &runs {
+        // isa-debug-exit with 0: status 1; the output ends with the guest's last line.
+        if r.timed_out || r.status != Some(1) || !r.stdout.ends_with("end\n") {
+            problems.push(format!(
+                "{name}: status {:?}{}\n--- output\n{}--- stderr\n{}",
+                r.status,
+                if r.timed_out { ", timed out" } else { "" },
+                r.stdout,
+                r.stderr
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let keel = runs.iter().any(|(n, _)| n.starts_with("keel"));
+    let qemu = runs.iter().any(|(n, _)| n.starts_with("qemu"));
+    if !(keel && qemu) {
+        eprintln!("nothing to compare: need Keel and QEMU");
+        return;
+    }
+    let (first, reference) = runs.last().unwrap();
+    for (name, r) in &runs {
+        assert_eq!(
+            r.stdout, reference.stdout,
+            "{name} and {first} differ\n--- {name}\n{}--- {first}\n{}",
+            r.stdout, reference.stdout
+        );
+    }
+    // The runs did what the guest is for (not only agree).
+    let out = &reference.stdout;
+    for want in [
+        "virtio-rng at 02.0\n",
+        "round 1\n  used idx 0001 id 00 len 0010 filled 1\n",
+        "  after sti; hlt: irr 0 pba 0 handled 3\n",
+    ] {
+        assert!(out.contains(want), "no {want:?} in\n{out}");
+    }
+    eprintln!("{out}");
+}
