@@ -218,8 +218,8 @@ mod tests {
         assert_eq!(pci.interfaces(2), crate::Interfaces::TRANSITIONAL);
         assert_eq!(
             pci.interfaces(1),
-            crate::Interfaces::MODERN,
-            "net: modern only"
+            crate::Interfaces::TRANSITIONAL,
+            "net: transitional as QEMU's"
         );
         let legacy_only = validate(
             &t,

@@ -404,6 +404,13 @@ fn caps(g: &mut Guest, c: &Cfg) -> R {
     g.a.mov(ecx, r14d)?;
     g.a.call(c.rd)?;
     field(g, ":", 0, 0xff, 2)?;
+    // MSI-X: [table size - 1].
+    let mut not_msix = g.a.create_label();
+    g.a.cmp(al, 0x11)?;
+    g.a.jne(not_msix)?;
+    field(g, "[", 16, 0x7ff, 3)?;
+    g.emit_str("]")?;
+    g.a.set_label(&mut not_msix)?;
     // A virtio structure: [type bar offset length].
     let mut not_vendor = g.a.create_label();
     g.a.cmp(al, 9)?;

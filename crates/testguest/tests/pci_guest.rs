@@ -50,40 +50,74 @@ struct Run {
     timed_out: bool,
 }
 
-/// The command line both run: QEMU's `pc` with a virtio-rng on the first free slot and a
-/// multifunction pair at 05.0/05.1.
-fn run(bin: &Path, accel: &str, elf: &Path, timeout: Duration) -> Run {
-    let mut child = Command::new(bin)
-        .args([
-            "-M",
-            "pc",
-            "-accel",
-            accel,
-            "-m",
-            "32M",
-            // Two vCPUs: Keel's interpreter gives a one-vCPU machine no local APIC (the
-            // guest then says so and skips MSI-X); the guest runs on the first.
-            "-smp",
-            "2",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-kernel",
-        ])
-        .arg(elf)
-        .args([
+/// Whether a tap can be opened in a network namespace of the run's own (`unshare -n`), so
+/// that a virtio-net-pci joins the machine without touching the host's interfaces.
+fn tap_usable() -> bool {
+    let unshare = Command::new("unshare")
+        .args(["-n", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .is_ok();
+    unshare && tun
+}
+
+/// The command line both run: QEMU's `pc` with a virtio-rng on the first free slot, a
+/// multifunction pair at 05.0/05.1 and, with `net`, a virtio-net-pci on a tap at 06.0 (in a
+/// network namespace of its own).
+fn run(bin: &Path, accel: &str, elf: &Path, net: bool, timeout: Duration) -> Run {
+    let mut cmd = if net {
+        let mut c = Command::new("unshare");
+        c.arg("-n").arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    cmd.args([
+        "-M",
+        "pc",
+        "-accel",
+        accel,
+        "-m",
+        "32M",
+        // Two vCPUs: Keel's interpreter gives a one-vCPU machine no local APIC (the
+        // guest then says so and skips MSI-X); the guest runs on the first.
+        "-smp",
+        "2",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-kernel",
+    ])
+    .arg(elf)
+    .args([
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-device",
+        "virtio-rng-pci",
+        "-device",
+        "virtio-rng-pci,addr=05.0,multifunction=on",
+        "-device",
+        "virtio-rng-pci,addr=05.1",
+    ]);
+    if net {
+        // After -M: Keel reads its command line left to right.
+        cmd.args([
+            "-netdev",
+            "tap,id=n0,ifname=keelpci0,script=no,downscript=no",
             "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-device",
-            "virtio-rng-pci",
-            "-device",
-            "virtio-rng-pci,addr=05.0,multifunction=on",
-            "-device",
-            "virtio-rng-pci,addr=05.1",
-        ])
+            "virtio-net-pci,netdev=n0,addr=06.0",
+        ]);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -148,6 +182,15 @@ fn pci_guest_prints_the_same_on_keel_and_qemu() {
     std::fs::create_dir_all(&dir).unwrap();
     let elf = dir.join("pci.elf");
     std::fs::write(&elf, guest.pvh_elf()).unwrap();
+    // KEEL_PCI_GUEST_DUMP=DIR keeps the guest and every run's output there.
+    let dump = std::env::var_os("KEEL_PCI_GUEST_DUMP").map(PathBuf::from);
+    if let Some(d) = &dump {
+        std::fs::write(d.join("pci.elf"), guest.pvh_elf()).unwrap();
+    }
+    let net = tap_usable();
+    if !net {
+        eprintln!("virtio-net-pci: left out, 'unshare -n' or /dev/net/tun is not usable here");
+    }
     let kvm = kvm_usable();
     if !kvm {
         eprintln!("kvm: /dev/kvm not usable here, tcg only");
@@ -159,7 +202,7 @@ fn pci_guest_prints_the_same_on_keel_and_qemu() {
             for accel in &accels {
                 runs.push((
                     format!("keel {accel}"),
-                    run(&vmm, accel, &elf, Duration::from_secs(120)),
+                    run(&vmm, accel, &elf, net, Duration::from_secs(120)),
                 ));
             }
         }
@@ -168,7 +211,7 @@ fn pci_guest_prints_the_same_on_keel_and_qemu() {
     match qemu_binary() {
         Some(qemu) => {
             for accel in accels.iter().rev() {
-                let mut r = run(&qemu, accel, &elf, Duration::from_secs(120));
+                let mut r = run(&qemu, accel, &elf, net, Duration::from_secs(120));
                 if *accel == "kvm" && r.stdout.is_empty() && r.status != Some(1) {
                     eprintln!(
                         "skipping QEMU kvm: it does not start here: {}",
@@ -183,9 +226,9 @@ fn pci_guest_prints_the_same_on_keel_and_qemu() {
         None => eprintln!("skipping QEMU: not installed (set QEMU)"),
     }
     let _ = std::fs::remove_dir_all(&dir);
-    if let Some(d) = std::env::var_os("KEEL_PCI_GUEST_DUMP") {
+    if let Some(d) = &dump {
         for (name, r) in &runs {
-            let f = Path::new(&d).join(name.replace(' ', "-"));
+            let f = d.join(name.replace(' ', "-"));
             std::fs::write(f, &r.stdout).unwrap();
         }
     }
@@ -224,6 +267,11 @@ fn pci_guest_prints_the_same_on_keel_and_qemu() {
         "round 1\n  used idx 0001 id 00 len 0010 filled 1\n",
         "  after sti; hlt: irr 0 pba 0 handled 3\n",
     ] {
+        assert!(out.contains(want), "no {want:?} in\n{out}");
+    }
+    // virtio-net-pci is transitional, as on QEMU: device 0x1000 with the legacy I/O BAR0.
+    if net {
+        let want = "06.0 1af4:1000 class 020000 rev 00 hdr 00 cmd 0103 status 0010 sub 1af4:0001";
         assert!(out.contains(want), "no {want:?} in\n{out}");
     }
     eprintln!("{out}");
