@@ -1,15 +1,19 @@
-//! The [`keel_testguest::pci`] guest on `-M pc`: Keel under kvm and tcg and QEMU 7.2 under
-//! tcg and kvm must print the same text, byte for byte: the bus scan (IDs, classes, header
-//! types, status, subsystem IDs, interrupt pin and line, capability lists), BAR sizing, and
-//! a virtio-rng queue completing through MSI-X with vector and function masking.
+//! The [`keel_testguest::pci`] guest on `-M pc -smp 2`: Keel under kvm and tcg and QEMU 7.2
+//! under tcg and kvm must print the same text, byte for byte: the bus scan (IDs, classes,
+//! header types, command and status, subsystem IDs, interrupt pin and line, capability lists
+//! with MSI-X table sizes and virtio structures), BAR sizing, and a virtio-rng queue
+//! completing through MSI-X with vector and function masking. Where `unshare -n` and
+//! /dev/net/tun work, a virtio-net-pci on a tap joins (in a network namespace of the run's
+//! own) and must be transitional: 1af4:1000 with the legacy I/O BAR0.
 //!
 //! The one expected difference is QEMU's PIIX3 IDE function at 01.1, which Keel's `pc`
 //! does not have: its lines are taken out of QEMU's output (and must be there).
 //!
-//! The Keel binary is `$KEEL_VMM` or `vmm` in this test's target directory (build `-p vmm`
-//! first); QEMU is `$QEMU` or /usr/bin/qemu-system-x86_64. Missing ones, and kvm without a
-//! usable /dev/kvm, are skipped with a printed reason; at least one Keel run and one QEMU
-//! run must happen for a comparison.
+//! The Keel binary is `$KEEL_VMM` or `vmm` in this test's target directory (build it first:
+//! `cargo build --release -p keel --bin vmm`); QEMU is `$QEMU` or
+//! /usr/bin/qemu-system-x86_64. Missing ones, and kvm without a usable /dev/kvm, are skipped
+//! with a printed reason; without both a Keel and a QEMU run nothing is compared (the test
+//! says so). `KEEL_PCI_GUEST_DUMP=DIR` keeps the guest ELF and each run's output.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
