@@ -230,9 +230,8 @@ fn field(g: &mut Guest, label: &str, shift: u32, mask: u32, digits: u32) -> R {
 ///    Then the same with the vector masked (the PBA bit is set, nothing is delivered, and
 ///    unmasking delivers it) and with the function masked.
 ///
-/// Of the virtio features only `VERSION_1` is printed, and the queue size not at all:
-/// QEMU 7.2 also offers INDIRECT_DESC, EVENT_IDX and RING_RESET and gives virtio-rng 8
-/// queue entries, Keel offers none of those and 256 entries. Without a local APIC (CPUID)
+/// Of the virtio features only `VERSION_1` is printed: QEMU 7.2 also offers
+/// INDIRECT_DESC, EVENT_IDX and RING_RESET, which Keel's rng does not. Without a local APIC (CPUID)
 /// the MSI-X part is skipped with a line saying so (Keel's interpreter has none with one
 /// vCPU: run with `-smp 2`).
 ///
@@ -799,7 +798,7 @@ fn virtio_setup(g: &mut Guest) -> R {
         a.mov(qword_ptr(V_QSIZE), rax)?;
         a.mov(word_ptr(rbx + 0x1a), 0)?;
     }
-    // The queue size is not compared: QEMU's virtio-rng queue has 8 entries, Keel's 256.
+    show_mem(g, " queue size ", V_QSIZE, 4)?;
     g.a.movzx(eax, word_ptr(rbx + 0x1a))?;
     g.emit_str(" queue vector ")?;
     show(g, 4)?;

@@ -268,6 +268,7 @@ fn pci_guest_prints_the_same_on_keel_and_qemu() {
     let out = &reference.stdout;
     for want in [
         "virtio-rng at 02.0\n",
+        " queue size 0008 ",
         "round 1\n  used idx 0001 id 00 len 0010 filled 1\n",
         "  after sti; hlt: irr 0 pba 0 handled 3\n",
     ] {
