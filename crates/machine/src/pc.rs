@@ -37,6 +37,7 @@ use keel_devices::{
     ACPI_PM_LEN, AcpiPm, CmosMemoryLayout, DebugExit, DebugExitConfig, I8042, I8042_COMMAND_PORT,
     I8042_DATA_PORT, I8042Port, Rtc, Serial,
 };
+use keel_pci::config::{command, regs, status};
 use keel_pci::{
     AddressSpace, BarAllocator, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, MsiMessage, MsiSink,
     PciAddress, PciBus, PciConfig, PciConfigIo, PciDevice, PciFunction, PciIds, SLOTS,
@@ -365,6 +366,8 @@ fn piix3() -> PciFunction {
         subsystem: 0x1100,
     });
     c.set_multifunction(true);
+    // DEVSEL medium timing, as QEMU's PIIX3.
+    c.set_u16(regs::STATUS, status::DEVSEL_MEDIUM);
     for (i, gsi) in LINK_GSIS.iter().enumerate() {
         c.set_u8(0x60 + i, *gsi as u8);
     }
@@ -383,11 +386,28 @@ fn piix4_pm() -> PciFunction {
         subsystem: 0x1100,
     });
     c.set_interrupt_pin(1);
+    // Fast back-to-back capable, DEVSEL medium timing, as QEMU's PIIX4 PM.
+    c.set_u16(regs::STATUS, status::FAST_BACK | status::DEVSEL_MEDIUM);
     c.set_u8(0x3c, PC_SCI_IRQ as u8);
     c.set_u32(0x40, u32::from(PC_PM_BASE) | 1);
     c.set_u8(0x80, 1);
     PciFunction::new(c)
 }
+
+/// What SeaBIOS writes to every function's command register at boot: I/O and memory
+/// decoding and SERR# reporting on (the bits the function implements stay).
+fn enable_decoding(pci: &PciBus, address: PciAddress) {
+    if let Some(dev) = pci.function(address) {
+        let mut cmd = [0u8; 2];
+        dev.config_read(regs::COMMAND as u16, &mut cmd);
+        let cmd = u16::from_le_bytes(cmd) | command::IO | command::MEMORY | command::SERR;
+        dev.config_write(regs::COMMAND as u16, &cmd.to_le_bytes());
+        pci.refresh_routes(address.slot());
+    }
+}
+
+/// The functions on the board from machine-init on.
+const ONBOARD: [(u8, u8); 3] = [(0, 0), (1, 0), (1, 3)];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -628,6 +648,7 @@ impl Pc {
             if let Some(a) = PciAddress::new(slot, function) {
                 pci.add_function(a, dev)
                     .map_err(|e| MachineError::Pci(e.to_string()))?;
+                enable_decoding(&pci, a);
             }
         }
         let mut links: Vec<(u32, Arc<SharedIrq>)> = Vec::new();
@@ -789,7 +810,9 @@ impl Pc {
                 dev.config_write(0x3c, &[intx_gsi(address.slot(), pin[0]) as u8]);
             }
         }
-        self.pci.assign_bars(address, &mut self.allocator)
+        self.pci.assign_bars(address, &mut self.allocator)?;
+        enable_decoding(&self.pci, address);
+        Ok(())
     }
 
     /// Removes the function at `address` (unplug while the machine is being built, or a
@@ -955,6 +978,11 @@ impl Pc {
         self.gpe.reset();
         self.hotplug.reset();
         self.pci.reset();
+        for (slot, function) in ONBOARD {
+            if let Some(a) = PciAddress::new(slot, function) {
+                enable_decoding(&self.pci, a);
+            }
+        }
         for slot in 0..SLOTS {
             for f in 0..keel_pci::FUNCTIONS {
                 if let Some(a) = PciAddress::new(slot, f)

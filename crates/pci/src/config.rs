@@ -71,6 +71,10 @@ pub mod status {
     pub const INTERRUPT: u16 = 1 << 3;
     /// The capability list exists (read-only).
     pub const CAP_LIST: u16 = 1 << 4;
+    /// Fast back-to-back transactions capable (read-only).
+    pub const FAST_BACK: u16 = 1 << 7;
+    /// DEVSEL# timing: medium (read-only).
+    pub const DEVSEL_MEDIUM: u16 = 1 << 9;
     /// The error bits, write 1 to clear.
     pub const W1C: u16 = 0xf900;
 }
@@ -214,7 +218,6 @@ pub struct PciConfig {
     initial: [u8; CONFIG_SPACE_SIZE],
     bars: [Option<BarSpec>; 6],
     next_cap: usize,
-    last_cap: Option<usize>,
 }
 
 impl std::fmt::Debug for PciConfig {
@@ -244,7 +247,6 @@ impl PciConfig {
             initial: [0; CONFIG_SPACE_SIZE],
             bars: [None; 6],
             next_cap: FIRST_CAP,
-            last_cap: None,
         };
         c.set_u16(regs::VENDOR_ID, ids.vendor);
         c.set_u16(regs::DEVICE_ID, ids.device);
@@ -535,7 +537,8 @@ impl PciConfig {
 
     // ---- capabilities ----
 
-    /// Appends a capability: `body` is everything after the ID and next-pointer bytes,
+    /// Adds a capability at the next free offset, first in the list: `body` is everything
+    /// after the ID and next-pointer bytes,
     /// `wmask` the guest-writable bits of `body` (shorter means the rest is read-only).
     /// Returns the capability's offset.
     pub fn add_capability(&mut self, id: u8, body: &[u8], wmask: &[u8]) -> Result<u8, PciError> {
@@ -545,17 +548,16 @@ impl PciConfig {
         if end > CONFIG_SPACE_SIZE {
             return Err(PciError::ConfigSpaceFull { id, len });
         }
+        // Linked in at the head of the list, as QEMU's `pci_add_capability` does: the list
+        // reads newest first (a virtio-pci function's MSI-X capability comes first).
+        let head = self.read_u8(regs::CAPABILITY_LIST);
         self.set_u8(offset, id);
-        self.set_u8(offset + 1, 0);
+        self.set_u8(offset + 1, head);
         self.set_bytes(offset + 2, body);
         self.set_wmask(offset + 2, &wmask[..wmask.len().min(body.len())]);
-        match self.last_cap {
-            None => self.set_u8(regs::CAPABILITY_LIST, offset as u8),
-            Some(prev) => self.set_u8(prev + 1, offset as u8),
-        }
+        self.set_u8(regs::CAPABILITY_LIST, offset as u8);
         let st = self.read_u16(regs::STATUS) | status::CAP_LIST;
         self.set_u16(regs::STATUS, st);
-        self.last_cap = Some(offset);
         self.next_cap = (end + 3) & !3;
         Ok(offset as u8)
     }
@@ -690,9 +692,10 @@ mod tests {
             .add_capability(cap_id::MSIX, &[0; 10], &[0, 0xc0])
             .unwrap();
         assert_eq!((a, b), (0x40, 0x50));
-        assert_eq!(c.read_u8(0x34), 0x40);
-        assert_eq!(c.read_u8(0x41), 0x50);
-        assert_eq!(c.read_u8(0x51), 0);
+        // Newest first, as QEMU links them.
+        assert_eq!(c.read_u8(0x34), 0x50);
+        assert_eq!(c.read_u8(0x51), 0x40);
+        assert_eq!(c.read_u8(0x41), 0);
         assert_ne!(c.read_u16(6) & status::CAP_LIST, 0);
         assert_eq!(c.find_capabilities(cap_id::MSIX), vec![0x50]);
         c.write(0x52, &[0xff, 0xff]);

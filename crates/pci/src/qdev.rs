@@ -81,7 +81,7 @@ pub fn virtio_pci_type(name: &str, backend: &DeviceType, description: &str) -> D
             .category(backend.category_of())
             .description(description)
             .hotpluggable(true)
-            .child(VIRTIO_BACKEND)
+            .child_of_type(VIRTIO_BACKEND, backend.name())
             .prop(
                 PropSpec::string("addr")
                     .default_str("")
@@ -174,6 +174,9 @@ mod tests {
             assert_eq!(t.bus_type(), &BusType::Pci);
             assert!(t.is_hotpluggable());
             assert_eq!(t.children(), [VIRTIO_BACKEND]);
+            // QEMU: child<virtio-blk-device> and so on.
+            let backend = t.name().strip_suffix("-pci").unwrap().to_owned() + "-device";
+            assert_eq!(t.child_type(VIRTIO_BACKEND), Some(backend.as_str()));
             let kind = |n: &str| {
                 let p = t.props().iter().find(|p| p.name() == n).unwrap();
                 p.kind().type_name().to_owned()
@@ -218,8 +221,8 @@ mod tests {
         assert_eq!(pci.interfaces(2), crate::Interfaces::TRANSITIONAL);
         assert_eq!(
             pci.interfaces(1),
-            crate::Interfaces::MODERN,
-            "net: modern only"
+            crate::Interfaces::TRANSITIONAL,
+            "net: transitional as QEMU's"
         );
         let legacy_only = validate(
             &t,

@@ -9,9 +9,11 @@
 //! * BAR4: 64-bit prefetchable memory, 16 KiB: common configuration at 0x0000, ISR at
 //!   0x1000, device configuration at 0x2000, notifications at 0x3000 with a notify offset
 //!   multiplier of 4 (queue N notifies at 0x3000 + 4·N);
-//! * vendor capabilities for those four structures and the PCI configuration access
-//!   capability, then the MSI-X capability with one vector per queue plus one for
-//!   configuration changes.
+//! * vendor capabilities for those four structures (at 0x40, 0x50, 0x60, 0x70) and the PCI
+//!   configuration access capability (0x84), then the MSI-X capability (0x98) with one
+//!   vector per queue plus one for configuration changes (virtio-net: one more, as QEMU's,
+//!   whose control queue has one); as in QEMU each capability is
+//!   linked in at the head of the list, so the list reads MSI-X first.
 //!
 //! * BAR0 (transitional and legacy devices): I/O, the legacy virtio header (virtio 0.9.5,
 //!   [`legacy`] offsets) followed by the device configuration, sized as QEMU sizes it: the
@@ -23,8 +25,8 @@
 //! (QEMU 7.2's default on `pc`, whose bus is conventional PCI), modern only (device ID
 //! 0x1040 + type, revision 1, subsystem 0x1100, no BAR0) or legacy only (no BAR4 and no
 //! virtio capabilities). Linux's `virtio_pci` uses the modern interface when there is one.
-//! A modern driver must accept `VERSION_1`; a legacy driver negotiates the low 32 bits.
-//! virtio-net has no legacy interface in Keel (its header is the `VERSION_1` one).
+//! A modern driver must accept `VERSION_1`; a legacy driver negotiates the low 32 bits
+//! (virtio-net then uses its 10-byte legacy header).
 //!
 //! Interrupts: with MSI-X enabled, a used-buffer interrupt of queue N goes to
 //! `queue_msix_vector[N]` and a configuration change to `msix_config` (nothing when the
@@ -151,15 +153,18 @@ impl Interfaces {
 }
 
 /// Whether Keel's device of `device_type` works through the legacy interface (its queues
-/// mean the same without `VERSION_1`): block, console and entropy; not net.
+/// mean the same without `VERSION_1`): net (its header is 10 bytes then, see
+/// `keel_virtio::guest_header_len`), block, console and entropy.
 pub fn legacy_capable(device_type: u32) -> bool {
-    matches!(device_type, 2..=4)
+    matches!(device_type, 1..=4)
 }
 
 /// Length of the device configuration of Keel's device of `device_type` (BAR0's size).
 fn device_config_len(device_type: u32) -> u64 {
     match device_type {
-        1 | 3 => 12,
+        // net: the MAC and the status word, as QEMU's (whose BAR0 is then 32 bytes).
+        1 => 8,
+        3 => 12,
         2 => 60,
         _ => 0,
     }
@@ -354,12 +359,16 @@ impl VirtioPci {
             0
         };
         let queues = driver.queues.len();
+        // One vector per queue and one for configuration changes; QEMU's virtio-net-pci has
+        // one more, for its control queue (2 per queue pair + 2), which Keel's net has not:
+        // the table is as large as QEMU's and that vector is never used.
+        let wanted = queues + 1 + usize::from(device_type == 1);
         // The table must end before the PBA at 0x800: at most 128 vectors.
-        let nvectors = u16::try_from(queues + 1)
+        let nvectors = u16::try_from(wanted)
             .ok()
             .filter(|&n| u64::from(n) * crate::MSIX_ENTRY_SIZE <= VirtioPciLayout::PBA_OFFSET)
             .ok_or(PciError::MsixVectors(
-                u16::try_from(queues + 1).unwrap_or(u16::MAX),
+                u16::try_from(wanted).unwrap_or(u16::MAX),
             ))?;
         let msix = Msix::new(
             &mut config,

@@ -14,6 +14,8 @@ enum Obj<'a> {
     Container(&'static str),
     Device(&'a Device),
     Bus(&'a BusEntry),
+    /// A child device a type declares (`PATH/virtio-backend`): its parent, its type name.
+    Child(&'a Device, String),
 }
 
 fn prop(name: impl Into<String>, ty: impl Into<String>) -> ObjectPropertyInfo {
@@ -50,6 +52,14 @@ impl DeviceTree {
         }
         if let Some(b) = self.buses.iter().find(|b| b.path == trimmed) {
             return Ok(Obj::Bus(b));
+        }
+        if let Some((parent, name)) = trimmed.rsplit_once('/')
+            && let Some(d) = self.paths.get(parent).and_then(|k| self.devices.get(k))
+            && let Some(t) = self.registry.get(&d.driver)
+            && t.children().iter().any(|c| c == name)
+        {
+            let ty = t.child_type(name).unwrap_or("device").to_owned();
+            return Ok(Obj::Child(d, ty));
         }
         if !trimmed.is_empty() && !trimmed.starts_with('/') {
             return self.resolve_partial(path, trimmed);
@@ -100,7 +110,8 @@ impl DeviceTree {
     }
 
     /// `qom-list PATH`: the properties and children of `/machine`, its `peripheral`,
-    /// `peripheral-anon` and `unattached` containers, a device, or a bus. As in QEMU, a path
+    /// `peripheral-anon` and `unattached` containers, a device (with the children its type
+    /// declares, such as `virtio-backend`), such a child, or a bus. As in QEMU, a path
     /// without a leading `/` is partial (the unique object whose path ends with it), and
     /// unknown paths are `DeviceNotFound`.
     pub fn qom_list(&self, path: &str) -> Result<Vec<ObjectPropertyInfo>, QdevError> {
@@ -151,6 +162,27 @@ impl DeviceTree {
                     self.child_buses(&d.path)
                         .map(|b| prop(&b.name, format!("child<{}>", b.bus_type))),
                 );
+                if let Some(t) = self.registry.get(&d.driver) {
+                    v.extend(t.children().iter().map(|c| {
+                        prop(c, format!("child<{}>", t.child_type(c).unwrap_or("device")))
+                    }));
+                }
+                v
+            }
+            Obj::Child(_, ty) => {
+                let mut v = vec![
+                    prop("type", "string"),
+                    prop("realized", "bool"),
+                    prop("hotplugged", "bool"),
+                    prop("hotpluggable", "bool"),
+                ];
+                if let Some(t) = self.registry.get(&ty) {
+                    v.extend(t.props().iter().map(|p| {
+                        let mut info = prop(p.name(), p.kind().type_name());
+                        info.description = p.desc().map(str::to_owned);
+                        info
+                    }));
+                }
                 v
             }
             Obj::Bus(b) => {
@@ -225,9 +257,22 @@ impl DeviceTree {
                                 .find(|b| b.name == property)
                                 .map(|b| json!(b.path))
                         })
+                        .or_else(|| {
+                            self.registry
+                                .get(&d.driver)
+                                .filter(|t| t.children().iter().any(|c| c == property))
+                                .map(|_| json!(format!("{}/{property}", d.path)))
+                        })
                         .ok_or_else(not_found),
                 }
             }
+            Obj::Child(d, ty) => match property {
+                "type" => Ok(json!(ty)),
+                "realized" => Ok(json!(true)),
+                "hotplugged" => Ok(json!(d.hotplugged)),
+                "hotpluggable" => Ok(json!(false)),
+                _ => Err(not_found()),
+            },
             Obj::Bus(b) => match property {
                 "type" => Ok(json!(b.bus_type.as_str())),
                 "realized" => Ok(json!(true)),

@@ -70,6 +70,8 @@ pub struct DeviceType {
     alias: Option<String>,
     category: Category,
     children: Vec<String>,
+    /// The QOM type of a child, where known ([`DeviceType::child_of_type`]).
+    child_types: Vec<(String, String)>,
 }
 
 impl DeviceType {
@@ -87,6 +89,7 @@ impl DeviceType {
             alias: None,
             category: Category::Uncategorized,
             children: Vec::new(),
+            child_types: Vec::new(),
         }
     }
     /// Sets the description.
@@ -136,6 +139,13 @@ impl DeviceType {
         self.children.push(name.into());
         self
     }
+    /// [`DeviceType::child`] with the child's QOM type (`qom-list` shows the child as
+    /// `child<TYPE>`, as QEMU shows `virtio-backend` as `child<virtio-rng-device>`).
+    pub fn child_of_type(mut self, name: impl Into<String>, type_name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.child_types.push((name.clone(), type_name.into()));
+        self.child(name)
+    }
     /// Adds a property.
     pub fn prop(mut self, spec: PropSpec) -> Self {
         self.props.push(spec);
@@ -169,6 +179,13 @@ impl DeviceType {
     /// The child devices each instance holds (see [`DeviceType::child`]).
     pub fn children(&self) -> &[String] {
         &self.children
+    }
+    /// The QOM type of child `name`, when the type declared it.
+    pub fn child_type(&self, name: &str) -> Option<&str> {
+        self.child_types
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_str())
     }
     /// Its properties.
     pub fn props(&self) -> &[PropSpec] {

@@ -879,6 +879,49 @@ fn partial_qom_paths() {
     );
 }
 
+/// `qom-list` shows a type's declared child as QEMU shows a virtio-pci proxy's
+/// `virtio-backend` (`child<virtio-rng-device>`), and the child itself can be listed and
+/// read; a name the type does not declare is not found.
+#[test]
+fn qom_shows_the_declared_child_device() {
+    let mut r = rig_with(
+        registry()
+            .with(
+                DeviceType::new("test-hp-proxy", BusType::Other("test-hp".into()))
+                    .hotpluggable(true)
+                    .child_of_type("virtio-backend", "virtio-rng-device"),
+            )
+            .unwrap(),
+    );
+    r.tree
+        .device_add(Phase::MachineReady, &cli("test-hp-proxy,id=px"))
+        .unwrap();
+    let list = r.tree.qom_list("/machine/peripheral/px").unwrap();
+    assert!(
+        list.iter()
+            .any(|p| p.name == "virtio-backend" && p.ty == "child<virtio-rng-device>"),
+        "{list:?}"
+    );
+    let child = r
+        .tree
+        .qom_list("/machine/peripheral/px/virtio-backend")
+        .unwrap();
+    assert!(child.iter().any(|p| p.name == "type"), "{child:?}");
+    assert_eq!(
+        r.tree
+            .qom_get("/machine/peripheral/px/virtio-backend", "type")
+            .unwrap(),
+        serde_json::json!("virtio-rng-device")
+    );
+    assert_eq!(
+        r.tree
+            .qom_get("/machine/peripheral/px", "virtio-backend")
+            .unwrap(),
+        serde_json::json!("/machine/peripheral/px/virtio-backend")
+    );
+    assert!(r.tree.qom_list("/machine/peripheral/px/nothing").is_err());
+}
+
 /// A controller that re-sends requests (QEMU 7.2's ACPI PCI hot plug) takes a repeated
 /// `device_del` while the unplug is pending: the request goes out again, the timeout
 /// restarts, nothing else changes. A type with a child device (a virtio-pci proxy and its

@@ -42,6 +42,7 @@
 //! | [`debug_exceptions`] | 64/CPL3 | TF, `mov ss` shadow, `int1`, DR0-3 instruction and data breakpoints, RF, DR access rules | the SDM (`tests/exception_classes.rs`) |
 //! | [`page_walk_faults`] | 64/CPL3 | reserved bits at every level, #PF error codes, CR2, SMEP/SMAP vs CPUID | the SDM |
 //! | [`legacy32`] | 32 | BOUND, INTO, ARPL, faulting far jmp/call, single step | the SDM |
+//! | [`pci`] | 64 | PCI scan through 0xCF8, BAR sizing, capabilities, virtio-rng over MSI-X (masking, PBA) on `pc` | QEMU 7.2 `-M pc` (`tests/pci_guest.rs`) |
 //!
 //! Every predicted output was checked against QEMU 7.2 (`-M microvm`, tcg and kvm; `timer`
 //! on `-M pc`, microvm has no port 0x61) on the development host; the few places where
@@ -57,6 +58,7 @@ mod elf;
 mod exc_classes;
 pub mod guests;
 pub mod ops;
+mod pci_guest;
 mod simd;
 pub mod strings;
 
@@ -67,6 +69,7 @@ pub use exc_classes::{
     page_walk_faults_without,
 };
 pub use guests::*;
+pub use pci_guest::pci;
 pub use simd::sse;
 
 use keel_accel::{GuestMemory, Regs, Segment, SpecialRegs};

@@ -91,7 +91,8 @@ pub use console::{Console, ConsoleInput, ConsolePortProps, INPUT_CAPACITY};
 pub use device::{Activation, Interrupt, MessageDelivery, VirtioDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, QueueNotifyHook, TransportSnapshot};
 pub use net::{
-    MAX_FRAME_LEN, NET_HDR_LEN, Net, NetBackend, NetConfig, NetProps, RxPoller, RxState,
+    LEGACY_NET_HDR_LEN, MAX_FRAME_LEN, NET_HDR_LEN, Net, NetBackend, NetConfig, NetProps, RxPoller,
+    RxState, guest_header_len,
 };
 pub use notify::QueueEvents;
 pub use rng::{MAX_BYTES_PER_REQUEST, Rng};

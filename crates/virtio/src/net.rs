@@ -18,8 +18,24 @@ use crate::tap::Tap;
 use crate::{Error, features};
 
 /// Length of the virtio 1.x net header (`virtio_net_hdr_v1`, with `num_buffers`) that
-/// precedes every frame on the queues and on the backend.
+/// precedes every frame on the backend, and on the queues when the driver accepted
+/// `VERSION_1` or `MRG_RXBUF`.
 pub const NET_HDR_LEN: usize = 12;
+/// Length of the legacy header (`virtio_net_hdr`, no `num_buffers`): what a legacy driver
+/// that did not accept `MRG_RXBUF` puts before each frame on the queues.
+pub const LEGACY_NET_HDR_LEN: usize = 10;
+/// `VIRTIO_NET_F_MRG_RXBUF`: with it the header has `num_buffers` even without VERSION_1.
+const MRG_RXBUF: u64 = 1 << 15;
+
+/// The header length on the queues for the features the driver accepted (virtio 1.2,
+/// 5.1.6.1 and its legacy interface note).
+pub fn guest_header_len(acked_features: u64) -> usize {
+    if acked_features & (features::VERSION_1 | MRG_RXBUF) != 0 {
+        NET_HDR_LEN
+    } else {
+        LEGACY_NET_HDR_LEN
+    }
+}
 /// Largest frame accepted, header included (64 KiB of payload plus Ethernet and header).
 pub const MAX_FRAME_LEN: usize = 65_562;
 const RX_QUEUE: usize = 0;
@@ -94,6 +110,8 @@ pub struct Net {
     rx_frame: Vec<u8>,
     rx_len: Option<usize>,
     tx_frame: Vec<u8>,
+    /// The header length on the queues ([`guest_header_len`]), fixed at activation.
+    hdr_len: usize,
     active: Option<Active>,
 }
 
@@ -122,6 +140,7 @@ impl Net {
             rx_frame: vec![0; MAX_FRAME_LEN],
             rx_len: None,
             tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
+            hdr_len: NET_HDR_LEN,
             active: None,
         }
     }
@@ -188,9 +207,14 @@ impl Net {
                 break RxState::Inactive;
             }
             let frame = &mut self.rx_frame[..len];
-            // No offloads were negotiated: plain header, one buffer per frame.
+            // No offloads were negotiated: plain header, one buffer per frame. A legacy
+            // header is the v1 one without `num_buffers`: the frame is given from 2 on.
             frame[..NET_HDR_LEN].fill(0);
-            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            if self.hdr_len == NET_HDR_LEN {
+                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            }
+            let frame = &frame[NET_HDR_LEN - self.hdr_len..];
+            let len = frame.len();
             let written = if req.writable_len() < len as u64 {
                 log::debug!(
                     "virtio-net: {len}-byte frame does not fit the receive buffer; dropped"
@@ -210,9 +234,12 @@ impl Net {
         state
     }
 
+    /// Sends the frame of one transmit chain whose header is `hdr_len` bytes long; the
+    /// backend always gets a [`NET_HDR_LEN`]-byte header.
     fn transmit(
         backend: &mut dyn NetBackend,
         frame: &mut Vec<u8>,
+        hdr_len: usize,
         mem: &GuestMemory,
         req: &ParsedChain,
     ) -> Outcome {
@@ -220,13 +247,14 @@ impl Net {
             return Outcome::Broken("net transmit buffer is device-writable".into());
         }
         let len = req.readable_len();
-        if len < NET_HDR_LEN as u64 || len > MAX_FRAME_LEN as u64 {
+        let pad = NET_HDR_LEN - hdr_len;
+        if len < hdr_len as u64 || len + pad as u64 > MAX_FRAME_LEN as u64 {
             log::debug!("virtio-net: dropping transmit of {len} bytes");
             return Outcome::Used(0);
         }
         frame.clear();
-        frame.resize(len as usize, 0);
-        if chain::read_bytes(mem, &req.readable, 0, frame) != frame.len() {
+        frame.resize(len as usize + pad, 0);
+        if chain::read_bytes(mem, &req.readable, 0, &mut frame[pad..]) != len as usize {
             return Outcome::Used(0);
         }
         // The guest's header asks for nothing we offered; send a clean one.
@@ -339,6 +367,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), Error> {
+        self.hdr_len = guest_header_len(activation.acked_features);
         self.active = Some(Active::new(activation, &[0, 1])?);
         self.poll_rx();
         Ok(())
@@ -355,8 +384,9 @@ impl VirtioDevice for Net {
                 };
                 let backend = &mut self.backend;
                 let frame = &mut self.tx_frame;
+                let hdr_len = self.hdr_len;
                 active.process(TX_QUEUE, |mem, req| {
-                    Self::transmit(backend.as_mut(), frame, mem, req)
+                    Self::transmit(backend.as_mut(), frame, hdr_len, mem, req)
                 });
             }
             _ => {}
@@ -541,6 +571,58 @@ mod tests {
             b"two"
         );
         assert_eq!(dev.lock().unwrap().poll_rx(), RxState::Drained);
+    }
+
+    #[test]
+    fn header_length_follows_the_negotiated_features() {
+        assert_eq!(guest_header_len(features::VERSION_1), NET_HDR_LEN);
+        assert_eq!(guest_header_len(MRG_RXBUF), NET_HDR_LEN);
+        assert_eq!(guest_header_len(1 << VIRTIO_NET_F_MAC), LEGACY_NET_HDR_LEN);
+    }
+
+    /// A legacy driver (no VERSION_1, no MRG_RXBUF) uses 10-byte headers on both queues;
+    /// the backend keeps the 12-byte one.
+    #[test]
+    fn legacy_driver_gets_and_gives_ten_byte_headers() {
+        use crate::device::{Activation, Interrupt, VirtioDevice};
+        let (a, peer) = UnixDatagram::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let mem = memory();
+        let mut net = Net::new(Box::new(Pair(a)), NetConfig::default());
+        let mut rx = TestQueue::new(&mem, 0, 256);
+        let mut tx = TestQueue::new(&mem, 0x8000, 256);
+        let queues = vec![
+            rx.vq.create_queue::<virtio_queue::Queue>().unwrap(),
+            tx.vq.create_queue::<virtio_queue::Queue>().unwrap(),
+        ];
+        net.activate(Activation {
+            memory: mem.clone(),
+            queues,
+            interrupt: Arc::new(Interrupt::unconnected()),
+            acked_features: 1 << VIRTIO_NET_F_MAC,
+        })
+        .unwrap();
+        // Transmit: 10-byte header + frame from the guest, 12 + frame to the backend.
+        let want = frame(b"legacy out");
+        let mut out = vec![0u8; LEGACY_NET_HDR_LEN];
+        out[0] = 0x01; // a flag it never negotiated: the backend gets a clean header
+        out.extend_from_slice(&want[NET_HDR_LEN..]);
+        fill(&mem, DATA, &out);
+        tx.add(&[(DATA, out.len() as u32, false)]);
+        net.queue_notify(1);
+        let mut got = [0u8; 2048];
+        let n = peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &want[..]);
+        // Receive: the backend's 12-byte header becomes a 10-byte one.
+        let back = frame(b"legacy in");
+        peer.send(&back).unwrap();
+        rx.add(&[(DATA + 0x1000, 1526, true)]);
+        net.queue_notify(0);
+        assert_eq!(rx.used(0), (0, (back.len() - 2) as u32));
+        let mut expect = vec![0u8; LEGACY_NET_HDR_LEN];
+        expect.extend_from_slice(&back[NET_HDR_LEN..]);
+        assert_eq!(fetch(&mem, DATA + 0x1000, expect.len()), expect);
     }
 
     #[test]

@@ -81,7 +81,7 @@ mod tests {
         let events = Arc::new(QueueEvents::new(1).unwrap());
         assert_eq!(events.len(), 1);
         t.set_notify_hook(Some(events.hook()));
-        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         q.add(&[(DATA, 8, true)]);
         assert!(!events.drain(0));

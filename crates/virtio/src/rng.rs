@@ -14,7 +14,9 @@ use crate::{Error, features};
 /// Most bytes given for one request; a larger buffer is filled only this far (the
 /// driver asks again), so one notify cannot keep a vCPU thread reading for long.
 pub const MAX_BYTES_PER_REQUEST: u64 = 64 * 1024;
-const QUEUE_SIZE: u16 = 256;
+/// QEMU's virtio-rng queue size (drivers read it; Linux's hw_random posts one buffer at a
+/// time).
+const QUEUE_SIZE: u16 = 8;
 
 /// A virtio entropy device.
 pub struct Rng {
@@ -142,7 +144,7 @@ mod tests {
     #[test]
     fn fills_writable_buffers() {
         let (mem, t) = rig();
-        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         assert_eq!(rd(&t, 0x8), 4);
         q.add(&[(DATA, 32, true), (DATA + 0x100, 16, true)]);
@@ -156,7 +158,7 @@ mod tests {
     #[test]
     fn large_request_is_capped() {
         let (mem, t) = rig();
-        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         q.add(&[(DATA, 1 << 20, true)]);
         notify(&t, 0);
@@ -166,7 +168,7 @@ mod tests {
     #[test]
     fn readable_buffer_needs_reset() {
         let (mem, t) = rig();
-        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         q.add(&[(DATA, 32, false)]);
         notify(&t, 0);
@@ -192,7 +194,7 @@ mod suppression_tests {
     fn no_interrupt_flag_is_honoured() {
         let mem = memory();
         let (_, t, line) = transport(Rng::with_source(Box::new(std::io::repeat(1))), &mem);
-        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         fill(&mem, q.vq.avail_addr().0, &[1, 0]); // VRING_AVAIL_F_NO_INTERRUPT
         q.add(&[(DATA, 8, true)]);

@@ -434,7 +434,7 @@ mod tests {
         let t = Arc::new(t);
         let w = IoWorker::start(&NoFds, VirtioMmioSlot::new(0xd000_0000, 5), t.clone()).unwrap();
         assert!(!w.uses_ioeventfd() && !w.uses_irqfd());
-        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         q.add(&[(DATA, 8, true)]);
         notify(&t, 0);
@@ -469,7 +469,7 @@ mod tests {
         );
         assert_eq!(vm.irqfds.lock().unwrap().as_slice(), &[(17, true, true)]);
         // A guest notify that KVM would have turned into the eventfd signal.
-        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         q.add(&[(DATA, 4, true)]);
         w.events.eventfd(0).unwrap().write(1).unwrap();
@@ -501,7 +501,7 @@ mod tests {
         let mem = memory();
         let (_, t, _) = transport(Rng::with_source(Box::new(std::io::repeat(1))), &mem);
         let t = Arc::new(t);
-        let mut q = TestQueue::new(&mem, 0, 16);
+        let mut q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         for round in 0..20u64 {
             let w =
@@ -519,7 +519,7 @@ mod tests {
         let w = IoWorker::start(&NoFds, VirtioMmioSlot::new(0xd000_0000, 5), t.clone()).unwrap();
         wr(&t, 0x70, 0);
         notify(&t, 0);
-        q = TestQueue::new(&mem, 0, 16);
+        q = TestQueue::new(&mem, 0, 8);
         bring_up(&t, &[&q]);
         q.add(&[(DATA, 8, true)]);
         notify(&t, 0);

@@ -56,7 +56,7 @@ fn bring_up(t: &MmioTransport, q: &MockSplitQueue<'_, GuestMemory>) {
     }
     wr(t, 0x70, 0xb);
     wr(t, 0x30, 0);
-    wr(t, 0x38, 16);
+    wr(t, 0x38, 8);
     wr(t, 0x80, q.desc_table_addr().0 as u32);
     wr(t, 0x90, q.avail_addr().0 as u32);
     wr(t, 0xa0, q.used_addr().0 as u32);
@@ -140,7 +140,7 @@ fn notify_via_ioeventfd_and_interrupt_via_resampled_irqfd() {
     ));
     let slot = VirtioMmioSlot::new(SLOT_BASE, GSI);
     slot.attach(&buses, transport.clone()).unwrap();
-    let q = MockSplitQueue::create(&*mem, GuestAddress(QUEUE), 16);
+    let q = MockSplitQueue::create(&*mem, GuestAddress(QUEUE), 8);
     bring_up(&transport, &q);
     let worker = IoWorker::start(vm.as_ref(), slot, transport.clone()).unwrap();
     assert!(worker.uses_ioeventfd(), "KVM offers ioeventfds");
