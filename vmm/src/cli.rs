@@ -134,6 +134,7 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::Audiodev { id, driver } => {
                 backend(opt, vmm.backends().add_audiodev(id, driver))?
             }
+            Action::Global(g) => vmm.backends().add_global(g.clone()),
             Action::MemLock => backend(opt, keel_machine::backends::lock_all_memory())?,
             Action::NoShutdown => vmm
                 .execute(SetAction {

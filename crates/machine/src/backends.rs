@@ -334,6 +334,8 @@ struct Inner {
     next_lease: u64,
     net: BTreeMap<String, NetBackend>,
     chardev: BTreeMap<String, CharBackend>,
+    /// `-global` defaults, in the order given.
+    globals: Vec<keel_qdev::GlobalProp>,
 }
 
 /// The backend store, shared by the VMM core (commands) and the board (realize).
@@ -348,6 +350,17 @@ impl Backends {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a `-global` default; the board hands them to its device tree when it is built
+    /// (they are command-line state read by the board, like the backends).
+    pub fn add_global(&self, g: keel_qdev::GlobalProp) {
+        self.lock().globals.push(g);
+    }
+
+    /// The `-global` defaults, in the order given.
+    pub fn globals(&self) -> Vec<keel_qdev::GlobalProp> {
+        self.lock().globals.clone()
     }
 
     /// Every block node, by name.

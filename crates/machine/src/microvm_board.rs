@@ -644,6 +644,7 @@ impl MicrovmBoard {
         }
         let mut tree = DeviceTree::new(types, Box::new(hooks), ctx.events.clone());
         tree.set_machine_type("microvm-machine");
+        tree.set_globals(ctx.backends.globals());
         let e = BoardError::Qdev;
         tree.add_bus(BusSpec::new("main-system-bus", BusType::System))
             .map_err(e)?;

@@ -124,6 +124,9 @@ pub enum Action {
     NoShutdown,
     /// `-msg timestamp=on`: error lines start with the time (the binary's job).
     MsgTimestamp,
+    /// `-global`: a default property value for the devices of a type (all of them are
+    /// moved to the front, as QEMU applies every `-global` before it creates any device).
+    Global(keel_qdev::GlobalProp),
     /// Accepted for compatibility, nothing to do (`-display none`, `-boot strict=on`, ...).
     Nothing,
 }
@@ -178,6 +181,9 @@ Devices (device_add, cold until the machine is ready):
     virtio-blk-device,drive=NODE[,serial=S,read-only=on]
     virtio-net-device,netdev=ID[,mac=MAC]  virtconsole,chardev=ID
     isa-serial,chardev=ID[,index=N]   (after -nodefaults or -serial none)
+  -global DRIVER.PROP=VALUE | driver=D,property=P,value=V
+                                    default of PROP for every DRIVER device (all
+                                    -global options apply before any device is made)
 Backends (from the start; devices name them):
   -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
   -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
@@ -300,6 +306,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "nic"
                 | "net"
                 | "incoming"
+                | "global"
         );
         let value = if takes_value {
             let v = args
@@ -475,6 +482,9 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 ..BootSet::default()
             }),
             "serial" => Action::Serial(v.to_owned()),
+            "global" => {
+                Action::Global(keel_qdev::GlobalProp::parse(v).map_err(|e| syntax(&option, e))?)
+            }
             "incoming" => Action::Incoming(v.to_owned()),
             // No default NIC is what Keel's machines have anyway.
             "nic" | "net" if v == "none" => Action::Nothing,
@@ -652,7 +662,12 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
     {
         nd.action = Action::Serial("none".into());
     }
-    Ok(Invocation::Run(steps))
+    // QEMU sets every -global before it creates the machine's devices.
+    let (mut globals, rest): (Vec<Step>, Vec<Step>) = steps
+        .into_iter()
+        .partition(|s| matches!(s.action, Action::Global(_)));
+    globals.extend(rest);
+    Ok(Invocation::Run(globals))
 }
 
 /// Now as QEMU's `-msg timestamp=on` prefix: ISO 8601 UTC with microseconds and a space
