@@ -184,6 +184,22 @@ const SAME: &[Case] = &[
         stderr: "warning: can't apply global virtio-rng-pci.foo=1: Property 'virtio-rng-pci.foo' not found",
         same_replies: true,
     },
+    Case {
+        source: "man page, Character device options: -serial chardev:name",
+        args: "-M pc -nodefaults -display none -S -chardev null,id=c -serial chardev:c",
+        qmp: &[r#"{"execute":"query-status"}"#],
+        status: 0,
+        stderr: "",
+        same_replies: true,
+    },
+    Case {
+        source: "man page, Character device options: -parallel none, -parallel null",
+        args: "-M pc -nodefaults -display none -S -parallel none -parallel null -echr 20",
+        qmp: &[],
+        status: 0,
+        stderr: "",
+        same_replies: true,
+    },
 ];
 
 fn check(bin: &str, who: &str, c: &Case) -> Run {
@@ -223,4 +239,86 @@ fn documented_lines_run_the_same_on_qemu_and_keel() {
             }
         }
     }
+}
+
+/// Runs `bin ARGS` with `input` written to standard input in two parts half a second apart
+/// (after the machine is up), and returns (status, standard output).
+fn piped(bin: &str, args: &str, input: &[&[u8]]) -> (i32, Vec<u8>) {
+    let mut child = Command::new(bin)
+        .args(args.split_whitespace())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for part in input {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = stdin.write_all(part);
+        let _ = stdin.flush();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{bin} {args} did not exit on C-a x");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    drop(stdin);
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    (status.code().unwrap_or(-1), out)
+}
+
+/// The man page's "Keys in the character backend multiplexer" (`-nographic`, `-serial
+/// mon:stdio`): C-a h prints the help, C-a x ends the emulator with "QEMU: Terminated";
+/// `-echr 0x14` makes the escape C-t. Output and status are byte for byte QEMU's.
+#[test]
+fn mux_escapes_on_stdio_are_qemus() {
+    let lines: [(&str, &[&[u8]]); 2] = [
+        (
+            "-M pc -nodefaults -display none -S -serial mon:stdio",
+            &[b"\x01h", b"\x01x"],
+        ),
+        (
+            "-M pc -display none -vga none -S -nographic -echr 0x14",
+            &[b"\x14h", b"\x14x"],
+        ),
+    ];
+    let qemu = qemu();
+    for (args, input) in lines {
+        let (status, out) = piped(common::BIN, args, input);
+        assert_eq!(status, 0, "{args}");
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains(" h    print this help\n\r"),
+            "{args}: {text:?}"
+        );
+        assert!(text.ends_with("QEMU: Terminated\n\r"), "{args}: {text:?}");
+        if let Some(q) = &qemu {
+            let (qs, qout) = piped(q, args, input);
+            assert_eq!(
+                (qs, String::from_utf8_lossy(&qout)),
+                (status, text),
+                "{args}"
+            );
+        }
+    }
+}
+
+/// `-serial chardev:ID` carries COM1 to that chardev: the demo guest's greeting lands in
+/// the chardev's file.
+#[test]
+fn serial_chardev_carries_com1() {
+    let dir = common::TempDir::new();
+    let file = dir.path("com1.txt");
+    let chardev = format!("file,id=c,path={}", file.display());
+    let (status, err) = common::run_to_end(&["-chardev", &chardev, "-serial", "chardev:c"]);
+    assert!(status.success(), "{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("Hello from the Keel demo guest"), "{text:?}");
 }

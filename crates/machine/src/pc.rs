@@ -906,12 +906,19 @@ impl Pc {
                 when: "before finish_init or after start",
             });
         }
-        if matches!(self.cfg.serial, SerialBackend::Stdio)
-            && !self.input_started
+        if matches!(
+            self.cfg.serial,
+            SerialBackend::Stdio | SerialBackend::MuxStdio
+        ) && !self.input_started
             && let Some(s) = &self.serial
         {
-            keel_devices::spawn_input_thread(s.clone(), Box::new(std::io::stdin()))
-                .map_err(MachineError::Serial)?;
+            let mux = matches!(self.cfg.serial, SerialBackend::MuxStdio);
+            keel_devices::spawn_mux_input_thread(
+                s.clone(),
+                Box::new(std::io::stdin()),
+                mux.then(keel_devices::mux_escape),
+            )
+            .map_err(MachineError::Serial)?;
             self.input_started = true;
         }
         for v in self.vcpus.drain(..) {

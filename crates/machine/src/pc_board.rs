@@ -139,7 +139,8 @@ impl MachineType for PcType {
         accel: Arc<dyn Accelerator>,
         ctx: &BoardContext,
     ) -> Result<Box<dyn Board>, BoardError> {
-        let m = pc_config(cfg)?;
+        let mut m = pc_config(cfg)?;
+        m.serial = crate::microvm_board::resolve_serial(m.serial, &ctx.backends)?;
         let (tx, rx) = channel();
         let sink: Arc<dyn MachineEvents> = Arc::new(Forward {
             tx,
@@ -848,6 +849,7 @@ impl Board for PcBoard {
         let mut pc = self.lock();
         pc.set_boot(m.kernel, m.initrd, m.append, m.no_reboot)?;
         if cfg.serial != self.serial {
+            crate::microvm_board::late_chardev(&m.serial)?;
             pc.set_serial(m.serial)?;
         }
         pc.finish_init()?;

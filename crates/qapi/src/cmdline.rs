@@ -124,6 +124,8 @@ pub enum Action {
     NoShutdown,
     /// `-msg timestamp=on`: error lines start with the time (the binary's job).
     MsgTimestamp,
+    /// `-echr N`: the mux's escape character (C-a by default).
+    Echr(u8),
     /// `-global`: a default property value for the devices of a type (all of them are
     /// moved to the front, as QEMU applies every `-global` before it creates any device).
     Global(keel_qdev::GlobalProp),
@@ -172,7 +174,11 @@ Machine (machine-set; sizes the machine, so before the first -device):
 Boot (boot-set; read when the machine is ready, so anywhere before that):
   -kernel PATH  -initrd PATH  -append CMDLINE
   -no-reboot                        a guest reset shuts down instead
-  -serial BACKEND                   serial port backend: stdio, null, none, file:PATH
+  -serial BACKEND                   serial port backend: stdio, null, none, file:PATH,
+                                    chardev:ID, mon:stdio (QEMU's escapes: C-a h help,
+                                    C-a x exit, C-a C-a sends C-a; -echr N changes C-a)
+  -nographic                        without -serial: -serial mon:stdio
+  -parallel none|null               (Keel's machines have no parallel port)
 Accelerator (accel-set):
   -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
 Devices (device_add, cold until the machine is ready):
@@ -307,6 +313,8 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "net"
                 | "incoming"
                 | "global"
+                | "parallel"
+                | "echr"
         );
         let value = if takes_value {
             let v = args
@@ -328,7 +336,23 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "S" => Action::NoAutostart,
             "preconfig" => Action::Preconfig,
             // `-nodefaults`: no default serial port (see the end of this function).
+            // `-nographic`: the default serial port becomes QEMU's mux on stdio (see the end).
             "nodefaults" | "no-user-config" | "nographic" => Action::Nothing,
+            // Keel's machines have no parallel port: `none` is what they have, and `null`
+            // (a port with nothing attached) is accepted as it (no guest can tell a port
+            // with no device behind it from none).
+            "parallel" if v == "none" || v == "null" => Action::Nothing,
+            "parallel" => {
+                return Err(syntax(
+                    &option,
+                    "Keel's machines have no parallel port; only -parallel none|null are accepted",
+                ));
+            }
+            "echr" => Action::Echr(
+                keel_qdev::keyval::parse_int(v)
+                    .and_then(|n| u8::try_from(n).ok())
+                    .ok_or_else(|| syntax(&option, "Bad argument to echr"))?,
+            ),
             "no-shutdown" => Action::NoShutdown,
             "object" => Action::Object(forms::object(v).map_err(opt_err(&option))?),
             "add-fd" => {
@@ -654,6 +678,15 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 },
             );
         }
+    }
+    // As QEMU: `-nographic` without `-serial` puts the serial port on stdio through the mux
+    // (C-a h, C-a x, ...); `-nodefaults` or a human monitor on stdio leaves it alone.
+    let has = |f: &dyn Fn(&Action) -> bool| steps.iter().any(|s| f(&s.action));
+    if let Some(at) = steps.iter().position(|s| s.option == "-nographic")
+        && !has(&|a| matches!(a, Action::Serial(_) | Action::HmpMonitor(Endpoint::Stdio)))
+        && !steps.iter().any(|s| s.option == "-nodefaults")
+    {
+        steps[at].action = Action::Serial("mon:stdio".into());
     }
     // As QEMU: without `-serial`, `-nodefaults` leaves the machine no serial port (a
     // `-device isa-serial` can then take COM1's place).
