@@ -200,6 +200,22 @@ const SAME: &[Case] = &[
         stderr: "",
         same_replies: true,
     },
+    Case {
+        source: "man page, -rtc: a base that is no date",
+        args: "-M pc -nodefaults -display none -S -rtc base=foo",
+        qmp: &[],
+        status: 1,
+        stderr: "invalid datetime format",
+        same_replies: true,
+    },
+    Case {
+        source: "man page, -rtc: clock=host|rt|vm only",
+        args: "-M pc -nodefaults -display none -S -rtc base=localtime,clock=foo",
+        qmp: &[],
+        status: 1,
+        stderr: "invalid option value 'foo'",
+        same_replies: true,
+    },
 ];
 
 fn check(bin: &str, who: &str, c: &Case) -> Run {
@@ -321,4 +337,110 @@ fn serial_chardev_carries_com1() {
     assert!(status.success(), "{err}");
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.contains("Hello from the Keel demo guest"), "{text:?}");
+}
+
+/// Runs the `rtc_date` test guest on microvm (with its RTC) under `bin` with `rtc` and the
+/// environment `env`; returns the guest's line (`rtc CCYY-MM-DD hh:mm:ss`).
+fn rtc_line(bin: &str, elf: &std::path::Path, rtc: &str, env: &[(&str, &str)]) -> String {
+    let mut child = Command::new(bin)
+        .args("-M microvm,rtc=on -m 32M -nodefaults -display none -serial stdio".split(' '))
+        .args(["-rtc", rtc, "-kernel"])
+        .arg(elf)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{bin} -rtc {rtc}: the guest did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{bin} -rtc {rtc}: {err}");
+    eprintln!("{bin} -rtc {rtc} {env:?}: {}", out.trim_end());
+    out.lines()
+        .find(|l| l.starts_with("rtc "))
+        .unwrap_or_else(|| panic!("{bin} -rtc {rtc}: no rtc line in {out:?} ({err})"))
+        .to_owned()
+}
+
+/// UTC date and time of `secs` since the epoch, as the guest prints it.
+fn civil(secs: i64) -> String {
+    let d = keel_devices::RtcDateTime::from_unix(secs);
+    format!(
+        "rtc {:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        d.year, d.month, d.day, d.hour, d.minute, d.second
+    )
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Whether `line` shows a time in `[from, to]` (seconds since the epoch, as UTC).
+fn shows_between(line: &str, from: i64, to: i64) -> bool {
+    (from..=to).any(|t| civil(t) == line)
+}
+
+/// The man page's `-rtc base=utc|localtime|datetime`: a guest reading CMOS sees the date
+/// given (and the clock running from it), or the host's local time, on Keel as on QEMU.
+#[test]
+fn rtc_base_sets_the_time_a_guest_reads_from_cmos() {
+    let dir = common::TempDir::new();
+    let elf = dir.path("rtc.elf");
+    std::fs::write(&elf, keel_testguest::rtc_date().unwrap().pvh_elf()).unwrap();
+    let base = 1_150_560_081; // 2006-06-17T16:01:21 UTC
+    let zone = [("TZ", "UTC-05:30")]; // POSIX: local time is UTC + 5:30
+    let mut bins = vec![common::BIN.to_owned()];
+    bins.extend(qemu());
+    for bin in &bins {
+        let t0 = now();
+        let line = rtc_line(
+            bin,
+            &elf,
+            "base=2006-06-17T16:01:21,clock=host,driftfix=slew",
+            &[],
+        );
+        let waited = now() - t0;
+        assert!(
+            shows_between(&line, base, base + waited + 1),
+            "{bin}: {line} is not 2006-06-17 16:01:21 + {waited}s"
+        );
+        let line = rtc_line(bin, &elf, "base=2006-06-17", &[]);
+        assert!(line.starts_with("rtc 2006-06-17 00:00:"), "{bin}: {line}");
+        for (rtc, shift) in [("base=utc", 0), ("base=localtime", 5 * 3600 + 1800)] {
+            let t0 = now();
+            let line = rtc_line(bin, &elf, rtc, &zone);
+            let t1 = now();
+            assert!(
+                shows_between(&line, t0 + shift, t1 + shift),
+                "{bin} -rtc {rtc} (TZ=UTC-05:30): {line}, host UTC {}",
+                civil(t0)
+            );
+        }
+    }
 }

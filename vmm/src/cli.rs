@@ -135,6 +135,7 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
                 backend(opt, vmm.backends().add_audiodev(id, driver))?
             }
             Action::Global(g) => vmm.backends().add_global(g.clone()),
+            Action::RtcBase(b) => backend(opt, vmm.backends().set_rtc_base(b))?,
             Action::Echr(c) => keel_machine::set_mux_escape(*c),
             Action::MemLock => backend(opt, keel_machine::backends::lock_all_memory())?,
             Action::NoShutdown => vmm

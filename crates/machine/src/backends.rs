@@ -336,6 +336,8 @@ struct Inner {
     chardev: BTreeMap<String, CharBackend>,
     /// `-global` defaults, in the order given.
     globals: Vec<keel_qdev::GlobalProp>,
+    /// `-rtc base=`: the guest's RTC time minus the host's UTC time, seconds.
+    rtc_offset: Option<i64>,
 }
 
 /// The backend store, shared by the VMM core (commands) and the board (realize).
@@ -356,6 +358,20 @@ impl Backends {
     /// (they are command-line state read by the board, like the backends).
     pub fn add_global(&self, g: keel_qdev::GlobalProp) {
         self.lock().globals.push(g);
+    }
+
+    /// `-rtc base=utc|localtime|DATE`: the RTC the board builds starts there (see
+    /// [`rtc_offset`]); QEMU's error text for a malformed date.
+    pub fn set_rtc_base(&self, base: &str) -> Result<(), BackendError> {
+        let off = rtc_offset(base, now_unix()).map_err(BackendError::Invalid)?;
+        self.lock().rtc_offset = Some(off);
+        Ok(())
+    }
+
+    /// The RTC's start as the guest's time minus the host's UTC time, seconds, if `-rtc
+    /// base=` was given.
+    pub fn rtc_offset(&self) -> Option<i64> {
+        self.lock().rtc_offset
     }
 
     /// The `-global` defaults, in the order given.
@@ -859,6 +875,63 @@ pub fn take_common_machine_props(
         }
     }
     Ok(props.remove("memory-backend"))
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// QEMU's `-rtc base=`: the guest's RTC time minus the host's UTC time at `now` (seconds
+/// since the epoch), in seconds. `utc`: 0; `localtime`: the host time zone's offset from
+/// UTC now; `YYYY-MM-DD[THH:MM:SS]`: the RTC shows that date and time now and runs from
+/// there. The error is QEMU's text.
+pub fn rtc_offset(base: &str, now: i64) -> Result<i64, String> {
+    match base {
+        "utc" => return Ok(0),
+        "localtime" => {
+            let t: libc::time_t = now;
+            // SAFETY: tm is plain data that localtime_r fills; both pointers are valid for
+            // the call.
+            let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let ok = !unsafe { libc::localtime_r(&t, &mut tm) }.is_null();
+            return Ok(if ok { tm.tm_gmtoff } else { 0 });
+        }
+        _ => {}
+    }
+    let bad = || {
+        "invalid datetime format\nvalid formats: '2006-06-17T16:01:21' or '2006-06-17'".to_owned()
+    };
+    let (date, time) = base.split_once('T').unwrap_or((base, "00:00:00"));
+    let num = |s: &str| s.trim().parse::<i64>().map_err(|_| bad());
+    let d: Vec<i64> = date.split('-').map(num).collect::<Result<_, _>>()?;
+    let t: Vec<i64> = time.split(':').map(num).collect::<Result<_, _>>()?;
+    let ([y, mo, da], [h, mi, se]) = (d.as_slice(), t.as_slice()) else {
+        return Err(bad());
+    };
+    if !(1..=12).contains(mo)
+        || !(1..=31).contains(da)
+        || !(0..=23).contains(h)
+        || !(0..=59).contains(mi)
+        || !(0..=59).contains(se)
+    {
+        return Err(bad());
+    }
+    // Each value was checked to fit above.
+    let u = |v: i64| u32::try_from(v).unwrap_or(0);
+    let dt = keel_devices::RtcDateTime {
+        year: (*y).clamp(0, 9999),
+        month: u(*mo),
+        day: u(*da),
+        hour: u(*h),
+        minute: u(*mi),
+        second: u(*se),
+        weekday: 1,
+    };
+    Ok(dt.to_unix() - now)
 }
 
 /// `-overcommit mem-lock=on`: locks every page of the process in RAM, now and from now on

@@ -701,6 +701,14 @@ impl Microvm {
         &self.firmware_virtio
     }
 
+    /// Starts the RTC's clock `secs` from the host's UTC time (`-rtc base=`), if the
+    /// machine has an RTC.
+    pub fn set_rtc_offset(&self, secs: i64) {
+        if let Some(r) = &self.rtc {
+            r.set_offset_secs(secs);
+        }
+    }
+
     /// Starts one thread per vCPU (running unless paused before) and, with `-serial stdio`,
     /// the thread that feeds standard input to COM1.
     pub fn start(&mut self) -> Result<(), MachineError> {

@@ -230,6 +230,9 @@ impl MachineType for MicrovmType {
             guest_exit: ctx.guest_exit,
         });
         let vm = Microvm::new(m, accel.as_ref(), sink)?;
+        if let Some(secs) = ctx.backends.rtc_offset() {
+            vm.set_rtc_offset(secs);
+        }
         let mut board = MicrovmBoard::new(vm, ctx, rx)?;
         board.serial = cfg.serial.clone();
         Ok(Box::new(board))

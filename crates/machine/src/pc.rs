@@ -898,6 +898,11 @@ impl Pc {
         Ok(())
     }
 
+    /// Starts the RTC's clock `secs` from the host's UTC time (`-rtc base=`).
+    pub fn set_rtc_offset(&self, secs: i64) {
+        self.rtc.set_offset_secs(secs);
+    }
+
     /// Starts one thread per vCPU (and, with `-serial stdio`, COM1's input thread).
     pub fn start(&mut self) -> Result<(), MachineError> {
         if self.phase != Phase::Ready {

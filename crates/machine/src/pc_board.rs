@@ -147,6 +147,9 @@ impl MachineType for PcType {
             guest_exit: ctx.guest_exit,
         });
         let pc = Pc::new(m, accel.as_ref(), sink)?;
+        if let Some(secs) = ctx.backends.rtc_offset() {
+            pc.set_rtc_offset(secs);
+        }
         let mut board = PcBoard::new(pc, ctx, rx)?;
         board.serial = cfg.serial.clone();
         Ok(Box::new(board))

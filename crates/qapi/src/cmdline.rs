@@ -124,6 +124,8 @@ pub enum Action {
     NoShutdown,
     /// `-msg timestamp=on`: error lines start with the time (the binary's job).
     MsgTimestamp,
+    /// `-rtc base=utc|localtime|DATE`: where the RTC's clock starts.
+    RtcBase(String),
     /// `-echr N`: the mux's escape character (C-a by default).
     Echr(u8),
     /// `-global`: a default property value for the devices of a type (all of them are
@@ -217,7 +219,8 @@ Process:
   -daemonize                        detach once the command line ran
 Other:
   -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
-  -vga none  -monitor none  -nic none  -net none  -rtc base=utc  -boot strict=on
+  -vga none  -monitor none  -nic none  -net none  -boot strict=on
+  -rtc base=utc|localtime|2006-06-17T16:01:21[,clock=host|rt|vm][,driftfix=none|slew]
   -msg timestamp=on  -overcommit mem-lock=on|off
 Human monitor (HMP: help, info status/version/cpus/kvm/name/qtree/mtree/pci/registers,
   stop, cont, system_reset, system_powerdown, quit):
@@ -366,10 +369,10 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "overcommit" if forms::overcommit(v).map_err(opt_err(&option))? => Action::MemLock,
             "msg" if forms::msg(v).map_err(opt_err(&option))? => Action::MsgTimestamp,
             "overcommit" | "msg" => Action::Nothing,
-            "rtc" => {
-                forms::rtc(v).map_err(opt_err(&option))?;
-                Action::Nothing
-            }
+            "rtc" => match forms::rtc(v).map_err(opt_err(&option))? {
+                Some(base) => Action::RtcBase(base),
+                None => Action::Nothing,
+            },
             "boot" => {
                 forms::boot(v).map_err(opt_err(&option))?;
                 Action::Nothing
@@ -798,7 +801,7 @@ mod tests {
         assert!(matches!(s[5].action, Action::MemLock));
         assert!(matches!(s[6].action, Action::NoShutdown));
         assert!(matches!(s[7].action, Action::MsgTimestamp));
-        assert!(matches!(s[8].action, Action::Nothing));
+        assert!(matches!(&s[8].action, Action::RtcBase(b) if b == "utc"));
         assert!(matches!(s[9].action, Action::Nothing));
         assert!(matches!(s[11].action, Action::Monitor(_)));
     }
@@ -814,7 +817,7 @@ mod tests {
     #[test]
     fn unsupported_values_are_refused_with_a_reason() {
         for (line, want) in [
-            (["-rtc", "base=localtime"], "host's UTC clock"),
+            (["-rtc", "clock=foo"], "invalid option value 'foo'"),
             (["-boot", "order=c"], "no firmware"),
             (["-boot", "foo=1"], "Parameter 'boot.foo' is unexpected"),
             (["-audiodev", "alsa,id=a"], "does not accept value 'alsa'"),
