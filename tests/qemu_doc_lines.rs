@@ -216,6 +216,62 @@ const SAME: &[Case] = &[
         stderr: "invalid option value 'foo'",
         same_replies: true,
     },
+    Case {
+        source: "man page, Standard options / Display options: -k, -vnc none, -no-hpet, -L",
+        args: "-M pc -nodefaults -display none -S -k en-us -vnc none -no-hpet -L /tmp",
+        qmp: &[r#"{"execute":"query-status"}"#],
+        status: 0,
+        stderr: "",
+        same_replies: false,
+    },
+    Case {
+        source: "man page, Standard options: -action, -watchdog-action",
+        args: "-M pc -nodefaults -display none -S -action shutdown=pause,reboot=shutdown,panic=pause -watchdog-action pause",
+        qmp: &[],
+        status: 0,
+        stderr: "",
+        same_replies: true,
+    },
+    Case {
+        source: "man page, -m [size=]megs[,slots=n,maxmem=size]: maxmem equal to the size",
+        args: "-M pc -nodefaults -display none -S -m 256M,maxmem=256M",
+        qmp: &[],
+        status: 0,
+        stderr: "",
+        same_replies: true,
+    },
+    Case {
+        source: "man page, Debug/Expert options: -d item1,... -D logfile",
+        args: "-M pc -nodefaults -display none -S -d guest_errors,unimp -D /dev/null",
+        qmp: &[],
+        status: 0,
+        stderr: "",
+        same_replies: true,
+    },
+    Case {
+        source: "man page, -object rng-random,id=id,filename=/dev/urandom; virtio-rng-pci,rng=",
+        args: "-M pc -nodefaults -display none -S -object rng-random,id=r,filename=/dev/urandom -device virtio-rng-pci,rng=r -object rng-builtin,id=b -device virtio-rng-pci,rng=b",
+        qmp: &[],
+        status: 0,
+        stderr: "",
+        same_replies: true,
+    },
+    Case {
+        source: "man page, -object rng-random: virtio-rng-device on microvm",
+        args: "-M microvm -nodefaults -display none -S -object rng-random,id=r,filename=/dev/random -device virtio-rng-device,rng=r",
+        qmp: &[],
+        status: 0,
+        stderr: "",
+        same_replies: true,
+    },
+    Case {
+        source: "virtio-rng-pci,rng= naming no object",
+        args: "-M pc -nodefaults -display none -S -device virtio-rng-pci,rng=nope",
+        qmp: &[],
+        status: 1,
+        stderr: "Device 'nope' not found",
+        same_replies: true,
+    },
 ];
 
 fn check(bin: &str, who: &str, c: &Case) -> Run {
@@ -442,5 +498,141 @@ fn rtc_base_sets_the_time_a_guest_reads_from_cmos() {
                 civil(t0)
             );
         }
+    }
+}
+
+/// What QEMU runs and Keel refuses because it lacks the feature: Keel exits 1 and says what
+/// to do instead; QEMU's status is given.
+const KEEL_REFUSES: &[(&str, &str, i32, &str)] = &[
+    ("man page, -usb", "-usb", 0, "no USB controller"),
+    (
+        "man page, -machine usb=on",
+        "-machine usb=on",
+        0,
+        "no USB controller",
+    ),
+    (
+        "man page, -bios file",
+        "-bios /nonexistent/bios.bin",
+        1,
+        "boots the guest with -kernel",
+    ),
+    (
+        "man page, -snapshot",
+        "-snapshot",
+        0,
+        "give it a copy of the image",
+    ),
+    (
+        "man page, -mem-prealloc",
+        "-mem-prealloc",
+        0,
+        "-overcommit mem-lock=on",
+    ),
+    (
+        "man page, -m slots=,maxmem=",
+        "-m size=256M,slots=2,maxmem=1G",
+        0,
+        "give the RAM size alone",
+    ),
+    ("man page, -s", "-s", 0, "no gdb stub"),
+    ("man page, -gdb dev", "-gdb tcp::1234", 0, "no gdb stub"),
+];
+
+#[test]
+fn missing_features_are_refused_with_what_to_use() {
+    let qemu = qemu();
+    for (source, opt, qemu_status, says) in KEEL_REFUSES {
+        let args = format!("-M pc -nodefaults -display none -S {opt}");
+        let k = run(common::BIN, &args, &[]);
+        assert_eq!(k.status, 1, "{source}: keel {args}: {}", k.stderr);
+        assert!(
+            k.stderr.contains(says),
+            "{source}: keel {args}: {}",
+            k.stderr
+        );
+        assert_eq!(
+            k.stderr.lines().count(),
+            1,
+            "{source}: one line: {}",
+            k.stderr
+        );
+        if let Some(q) = &qemu {
+            let r = run(q, &args, &[]);
+            assert_eq!(
+                r.status, *qemu_status,
+                "{source}: qemu {args}: {}",
+                r.stderr
+            );
+        }
+    }
+}
+
+/// `-d help` (and an unknown item) print QEMU's list of log items and fail.
+#[test]
+fn log_items_help_is_qemus() {
+    let out = |bin: &str, item: &str| {
+        let o = Command::new(bin).args(["-d", item]).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (status, text) = out(common::BIN, "help");
+    assert_eq!(status, Some(1));
+    assert!(text.starts_with("Log items (comma separated):\n"), "{text}");
+    assert!(
+        text.contains("\nguest_errors    log when the guest OS"),
+        "{text}"
+    );
+    assert_eq!(out(common::BIN, "nosuchitem"), (status, text.clone()));
+    if let Some(q) = qemu() {
+        assert_eq!(out(&q, "help"), (status, text));
+    }
+}
+
+/// `-action reboot=shutdown` (the man page's replacement for `-no-reboot`): a guest that
+/// triple-faults ends the process instead of restarting forever, on QEMU as on Keel.
+#[test]
+fn action_reboot_shutdown_ends_a_resetting_guest() {
+    let dir = common::TempDir::new();
+    let elf = dir.path("tf.elf");
+    std::fs::write(&elf, keel_testguest::triple_fault().unwrap().pvh_elf()).unwrap();
+    let mut bins = vec![common::BIN.to_owned()];
+    bins.extend(qemu());
+    for bin in &bins {
+        let mut child = Command::new(bin)
+            .args("-M microvm -m 32M -nodefaults -display none -serial stdio".split(' '))
+            .args(["-action", "reboot=shutdown", "-kernel"])
+            .arg(&elf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{bin} -action reboot=shutdown: the triple-faulting guest kept running");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{bin}");
+        assert_eq!(
+            out.matches("keel-testguest triplefault").count(),
+            1,
+            "{bin}: {out}"
+        );
     }
 }

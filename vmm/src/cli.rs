@@ -12,7 +12,7 @@ use keel_phase::Phase;
 use keel_qmp::CommandError;
 
 pub use keel_qapi::cmdline::{
-    Action, CliError, HELP, Invocation, Step, parse, split_opts, timestamp_prefix,
+    Action, CliError, HELP, Invocation, LOG_HELP, Step, parse, split_opts, timestamp_prefix,
 };
 
 use crate::Vmm;
@@ -138,13 +138,19 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::RtcBase(b) => backend(opt, vmm.backends().set_rtc_base(b))?,
             Action::Echr(c) => keel_machine::set_mux_escape(*c),
             Action::MemLock => backend(opt, keel_machine::backends::lock_all_memory())?,
+            Action::SetAction(a) => vmm.execute(a.clone()).map_err(cmd(opt))?,
             Action::NoShutdown => vmm
                 .execute(SetAction {
                     shutdown: Some("pause".into()),
                     ..SetAction::default()
                 })
                 .map_err(cmd(opt))?,
-            Action::PidFile(_) | Action::Daemonize | Action::MsgTimestamp | Action::Nothing => {}
+            Action::PidFile(_)
+            | Action::Daemonize
+            | Action::MsgTimestamp
+            | Action::LogItems(_)
+            | Action::LogFile(_)
+            | Action::Nothing => {}
         }
     }
     pending.flush(vmm)?;

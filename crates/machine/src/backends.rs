@@ -199,6 +199,14 @@ pub enum UserObject {
         /// A machine took it as its RAM.
         used: bool,
     },
+    /// `rng-random`: an entropy source read from a host file (`filename`, by default
+    /// `/dev/urandom`), for `virtio-rng-*,rng=ID`.
+    RngRandom {
+        /// The host file.
+        filename: String,
+    },
+    /// `rng-builtin`: QEMU's own entropy (the host's `/dev/urandom` for Keel).
+    RngBuiltin,
 }
 
 /// Errors of the backend store; the text becomes a QMP `GenericError`.
@@ -702,6 +710,23 @@ impl Backends {
             )));
         }
         insert(&mut inner.objects, "object", id, object)
+    }
+
+    /// The entropy source of `virtio-rng-*,rng=ID`: the `rng-random` object's file opened,
+    /// or `None` for `rng-builtin` (the device's default source). QEMU's words otherwise.
+    pub fn rng_source(&self, id: &str) -> Result<Option<std::fs::File>, BackendError> {
+        match self.object(id) {
+            Some(UserObject::RngRandom { filename }) => {
+                std::fs::File::open(&filename).map(Some).map_err(|e| {
+                    BackendError::Invalid(format!("Could not open '{filename}': {}", os_reason(&e)))
+                })
+            }
+            Some(UserObject::RngBuiltin) => Ok(None),
+            Some(_) => Err(BackendError::Invalid(format!(
+                "Invalid parameter type for 'rng', expected: an rng-random or rng-builtin object ('{id}' is not one)"
+            ))),
+            None => Err(BackendError::Invalid(format!("Device '{id}' not found"))),
+        }
     }
 
     /// The object `id`, if there is one.
@@ -1227,9 +1252,23 @@ fn user_object(qom_type: &str, props: &[(String, String)]) -> Result<UserObject,
                 Some(size) => Ok(UserObject::MemoryBackendRam { size, used: false }),
             }
         }
+        "rng-random" => {
+            let mut filename = "/dev/urandom".to_owned();
+            for (k, v) in props {
+                match k.as_str() {
+                    "filename" => filename = v.clone(),
+                    _ => return Err(bad(k)),
+                }
+            }
+            Ok(UserObject::RngRandom { filename })
+        }
+        "rng-builtin" => match props.first() {
+            Some((k, _)) => Err(bad(k)),
+            None => Ok(UserObject::RngBuiltin),
+        },
         other => Err(BackendError::Invalid(format!(
             "Parameter 'qom-type' does not accept value '{other}' (Keel's object types: \
-             secret, memory-backend-ram)"
+             secret, memory-backend-ram, rng-random, rng-builtin)"
         ))),
     }
 }

@@ -492,7 +492,16 @@ pub(crate) fn virtio_backend(
             disks.track(&block, &props.drive, cfg.on_error.can_stop());
             (block, Some(Keep::Block(lease)))
         }
-        Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
+        Rng::QDEV_TYPE => {
+            let rng = match p.str("rng").filter(|id| !id.is_empty()) {
+                Some(id) => match backends.rng_source(id)? {
+                    Some(file) => Rng::with_source(Box::new(file)),
+                    None => Rng::new()?,
+                },
+                None => Rng::new()?,
+            };
+            (Arc::new(Mutex::new(rng)), None)
+        }
         Net::QDEV_TYPE => {
             let props = NetProps::from_props(p)?;
             let n = backends.net(&props.netdev)?;

@@ -439,6 +439,23 @@ pub fn rtc(text: &str) -> Result<Option<String>, OptionError> {
     Ok(base)
 }
 
+/// `-action shutdown=..,reboot=..,panic=..,watchdog=..`: `set-action`'s arguments (its
+/// handler checks the values, as for QMP).
+pub fn action(text: &str) -> Result<crate::misc::SetAction, OptionError> {
+    let mut a = crate::misc::SetAction::default();
+    for (k, v) in split_opts(text, None)? {
+        let slot = match k.as_str() {
+            "shutdown" => &mut a.shutdown,
+            "reboot" => &mut a.reboot,
+            "panic" => &mut a.panic,
+            "watchdog" => &mut a.watchdog,
+            _ => return Err(err(format!("Invalid parameter '{k}'"))),
+        };
+        *slot = Some(v);
+    }
+    Ok(a)
+}
+
 /// `-boot strict=on|off[,menu=off]`: checked only. Keel boots the `-kernel` directly with
 /// no firmware, so there is no boot device list for `strict` to restrict; boot orders and
 /// menus (firmware features) are refused.

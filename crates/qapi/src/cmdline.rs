@@ -126,6 +126,13 @@ pub enum Action {
     MsgTimestamp,
     /// `-rtc base=utc|localtime|DATE`: where the RTC's clock starts.
     RtcBase(String),
+    /// `-action` (and `-watchdog-action`): `set-action`.
+    SetAction(crate::misc::SetAction),
+    /// `-d ITEMS`: with `guest_errors` or `unimp`, the device models' warnings about the
+    /// guest go to the `-D` file (the binary's job).
+    LogItems(Vec<String>),
+    /// `-D FILE`: where `-d`'s output goes (the binary's job).
+    LogFile(PathBuf),
     /// `-echr N`: the mux's escape character (C-a by default).
     Echr(u8),
     /// `-global`: a default property value for the devices of a type (all of them are
@@ -157,7 +164,63 @@ pub enum Invocation {
     ListMachines,
     /// List the accelerators (`-accel help`).
     ListAccels,
+    /// Print [`LOG_HELP`] and fail (`-d help`, or an item QEMU does not know).
+    LogUsage,
 }
+
+/// QEMU 7.2's `-d` items (`-d help` lists them; `trace:PATTERN` is accepted too).
+pub const LOG_ITEMS: &[&str] = &[
+    "out_asm",
+    "in_asm",
+    "op",
+    "op_opt",
+    "op_ind",
+    "int",
+    "exec",
+    "cpu",
+    "fpu",
+    "mmu",
+    "pcall",
+    "cpu_reset",
+    "unimp",
+    "guest_errors",
+    "page",
+    "nochain",
+    "plugin",
+    "strace",
+    "tid",
+];
+
+/// What `-d help` (or an unknown item) prints on standard output before exiting with
+/// status 1, as QEMU 7.2 does.
+pub const LOG_HELP: &str = "Log items (comma separated):
+out_asm         show generated host assembly code for each compiled TB
+in_asm          show target assembly code for each compiled TB
+op              show micro ops for each compiled TB
+op_opt          show micro ops after optimization
+op_ind          show micro ops before indirect lowering
+int             show interrupts/exceptions in short format
+exec            show trace before each executed TB (lots of logs)
+cpu             show CPU registers before entering a TB (lots of logs)
+fpu             include FPU registers in the 'cpu' logging
+mmu             log MMU-related activities
+pcall           x86 only: show protected mode far calls/returns/exceptions
+cpu_reset       show CPU state before CPU resets
+unimp           log unimplemented functionality
+guest_errors    log when the guest OS does something invalid (eg accessing a
+non-existent register)
+page            dump pages at beginning of user mode emulation
+nochain         do not chain compiled TBs so that \"exec\" and \"cpu\" show
+complete traces
+plugin          output from TCG plugins
+
+strace          log every user-mode syscall, its input, and its result
+tid             open a separate log file per thread; filename must contain '%d'
+trace:PATTERN   enable trace events
+
+Use \"-d trace:help\" to get a list of trace events.
+
+";
 
 /// The usage text.
 pub const HELP: &str = "\
@@ -221,7 +284,11 @@ Other:
   -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
   -vga none  -monitor none  -nic none  -net none  -boot strict=on
   -rtc base=utc|localtime|2006-06-17T16:01:21[,clock=host|rt|vm][,driftfix=none|slew]
-  -msg timestamp=on  -overcommit mem-lock=on|off
+  -msg timestamp=on  -overcommit mem-lock=on|off  -k LANG  -vnc none  -no-hpet  -L DIR
+  -action shutdown=poweroff|pause,reboot=reset|shutdown,panic=...  (set-action)
+  -watchdog-action ACTION           (set-action watchdog=ACTION)
+  -d ITEM[,...] -D FILE             QEMU's log items (-d help); with guest_errors or
+                                    unimp the device models' warnings go to FILE
 Human monitor (HMP: help, info status/version/cpus/kvm/name/qtree/mtree/pci/registers,
   stop, cont, system_reset, system_powerdown, quit):
   -monitor stdio | unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
@@ -318,6 +385,15 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "global"
                 | "parallel"
                 | "echr"
+                | "k"
+                | "vnc"
+                | "L"
+                | "bios"
+                | "gdb"
+                | "action"
+                | "watchdog-action"
+                | "d"
+                | "D"
         );
         let value = if takes_value {
             let v = args
@@ -351,6 +427,62 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                     "Keel's machines have no parallel port; only -parallel none|null are accepted",
                 ));
             }
+            // Keel has no display (nor VNC server) for a keyboard layout to apply to.
+            "k" | "L" | "no-hpet" => Action::Nothing,
+            "vnc" if v == "none" => Action::Nothing,
+            "vnc" => {
+                return Err(syntax(
+                    &option,
+                    "Keel has no display; only -vnc none is accepted",
+                ));
+            }
+            "usb" => {
+                return Err(syntax(
+                    &option,
+                    "Keel's machines have no USB controller (use virtio devices: -device virtio-*-pci)",
+                ));
+            }
+            "bios" => {
+                return Err(syntax(
+                    &option,
+                    "Keel has no firmware: it boots the guest with -kernel (-initrd, -append) directly",
+                ));
+            }
+            "s" | "gdb" => {
+                return Err(syntax(
+                    &option,
+                    "Keel has no gdb stub; inspect a guest with HMP 'info registers' or QMP instead",
+                ));
+            }
+            "snapshot" => {
+                return Err(syntax(
+                    &option,
+                    "not supported: Keel writes the guest's disk writes to the image itself; \
+                     give it a copy of the image (or readonly=on)",
+                ));
+            }
+            "mem-prealloc" => {
+                return Err(syntax(
+                    &option,
+                    "not supported: Keel allocates guest RAM on first use; \
+                     -overcommit mem-lock=on makes all of it resident",
+                ));
+            }
+            "d" => {
+                let items: Vec<String> = v.split(',').map(str::to_owned).collect();
+                if !items
+                    .iter()
+                    .all(|i| LOG_ITEMS.contains(&i.as_str()) || i.starts_with("trace:"))
+                {
+                    return Ok(Invocation::LogUsage);
+                }
+                Action::LogItems(items)
+            }
+            "D" => Action::LogFile(PathBuf::from(v)),
+            "action" => Action::SetAction(forms::action(v).map_err(opt_err(&option))?),
+            "watchdog-action" => Action::SetAction(
+                forms::action(&format!("watchdog={v}")).map_err(opt_err(&option))?,
+            ),
             "echr" => Action::Echr(
                 keel_qdev::keyval::parse_int(v)
                     .and_then(|n| u8::try_from(n).ok())
@@ -436,6 +568,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             }
             "m" => {
                 let mut set = MachineSet::default();
+                let mut maxmem = None;
                 for (k, val) in split_opts(&option, v, Some("size"))? {
                     match k.as_str() {
                         "size" => {
@@ -445,12 +578,31 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                                 )?,
                             )
                         }
+                        "slots" if val == "0" => {}
+                        "maxmem" => maxmem = Some(val),
+                        "slots" => {
+                            return Err(syntax(
+                                &option,
+                                "memory hot plug (slots, maxmem) is not supported: \
+                                 give the RAM size alone (-m SIZE)",
+                            ));
+                        }
                         other => {
                             return Err(syntax(
                                 &option,
                                 format!("Invalid parameter '{other}' (only a size is supported)"),
                             ));
                         }
+                    }
+                }
+                if let Some(m) = maxmem {
+                    let max = keel_qdev::keyval::parse_size_unit(&m, 1 << 20);
+                    if max.is_none() || max != set.memory {
+                        return Err(syntax(
+                            &option,
+                            "memory hot plug (maxmem above the size) is not supported: \
+                             give the RAM size alone (-m SIZE)",
+                        ));
                     }
                 }
                 Action::Machine(set, None)
