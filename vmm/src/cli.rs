@@ -113,6 +113,14 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::Blockdev(b) => {
                 vmm.execute(b.clone()).map_err(cmd(opt))?;
             }
+            Action::DriveSnapshot(b) => {
+                let mut b = b.clone();
+                if let Some(f) = &b.filename {
+                    let copy = keel_machine::backends::temporary_copy(f);
+                    b.filename = Some(copy.map_err(|e| syntax_err(opt, e))?);
+                }
+                vmm.execute(b).map_err(cmd(opt))?;
+            }
             Action::Netdev(n) => vmm.execute(n.clone()).map_err(cmd(opt))?,
             Action::Chardev(c) => {
                 if let Some(pty) = vmm.execute(c.clone()).map_err(cmd(opt))?.pty {
@@ -177,10 +185,14 @@ fn backend(
     option: &str,
     r: Result<(), keel_machine::backends::BackendError>,
 ) -> Result<(), CliError> {
-    r.map_err(|e| CliError::Syntax {
+    r.map_err(|e| syntax_err(option, e))
+}
+
+fn syntax_err(option: &str, e: keel_machine::backends::BackendError) -> CliError {
+    CliError::Syntax {
         option: option.to_owned(),
         message: e.to_string(),
-    })
+    }
 }
 
 /// `later` over `earlier`: what the later option sets wins, machine properties are merged.

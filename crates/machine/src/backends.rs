@@ -902,6 +902,60 @@ pub fn take_common_machine_props(
     Ok(props.remove("memory-backend"))
 }
 
+/// `-snapshot`: a private copy of the image at `path` that the guest can write to, gone
+/// when the process exits (QEMU writes to a temporary overlay instead; for a raw image the
+/// effect is the same). The copy is an unnamed file in `$TMPDIR` (else `/var/tmp`, as
+/// QEMU's overlays) held open for the life of the process and opened again through
+/// `/proc/self/fd/N`, the path returned.
+pub fn temporary_copy(path: &std::path::Path) -> Result<PathBuf, BackendError> {
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |what: &str, e: std::io::Error| {
+        BackendError::Invalid(format!(
+            "-snapshot: cannot {what} '{}': {}",
+            path.display(),
+            os_reason(&e)
+        ))
+    };
+    let dir = std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let mut src = std::fs::File::open(path).map_err(|e| fail("open", e))?;
+    let mut copy = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(&dir)
+        .map_err(|e| fail(&format!("make a temporary copy in {} of", dir.display()), e))?;
+    // By hand (read, write, seek): all-zero blocks stay holes, and no call outside the
+    // main thread class's filter (copy_file_range) is made.
+    let copied = (|| -> std::io::Result<()> {
+        use std::io::{Read, Seek, Write};
+        let mut buf = vec![0u8; 64 << 10];
+        let mut len = 0u64;
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf[..n].iter().all(|b| *b == 0) {
+                copy.seek(std::io::SeekFrom::Current(n as i64))?;
+            } else {
+                copy.write_all(&buf[..n])?;
+            }
+            len += n as u64;
+        }
+        copy.set_len(len)
+    })();
+    copied.map_err(|e| fail("copy", e))?;
+    // Kept open until the process exits: the copy's only reference.
+    let fd = copy.into_raw_fd();
+    Ok(PathBuf::from(format!("/proc/self/fd/{fd}")))
+}
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

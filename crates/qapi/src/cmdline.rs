@@ -133,6 +133,9 @@ pub enum Action {
     LogItems(Vec<String>),
     /// `-D FILE`: where `-d`'s output goes (the binary's job).
     LogFile(PathBuf),
+    /// A `-drive` under `-snapshot`: `blockdev-add` of a temporary copy of the image, so
+    /// the guest's writes are discarded at exit (QEMU's temporary overlay).
+    DriveSnapshot(BlockdevAdd),
     /// `-echr N`: the mux's escape character (C-a by default).
     Echr(u8),
     /// `-global`: a default property value for the devices of a type (all of them are
@@ -259,6 +262,8 @@ Backends (from the start; devices name them):
   -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
   -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
   -drive file=PATH,if=virtio,format=raw  a drive and its virtio-blk (virtio-blk-pci on pc)
+  -snapshot                         -drive images are copied to a temporary file the
+                                    guest writes to, discarded at exit
   -netdev tap,id=ID,ifname=IF,script=no,downscript=no
   -chardev file,id=ID,path=PATH[,append=on] | pty,id=ID | null,id=ID
                                     (each with [,logfile=PATH,logappend=on])
@@ -454,13 +459,8 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                     "Keel has no gdb stub; inspect a guest with HMP 'info registers' or QMP instead",
                 ));
             }
-            "snapshot" => {
-                return Err(syntax(
-                    &option,
-                    "not supported: Keel writes the guest's disk writes to the image itself; \
-                     give it a copy of the image (or readonly=on)",
-                ));
-            }
+            // `-snapshot`: see the end of this function.
+            "snapshot" => Action::Nothing,
             "mem-prealloc" => {
                 return Err(syntax(
                     &option,
@@ -849,6 +849,17 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
         && let Some(nd) = steps.iter_mut().find(|s| s.option == "-nodefaults")
     {
         nd.action = Action::Serial("none".into());
+    }
+    // As QEMU: `-snapshot` makes every writable -drive (not -blockdev) write to a temporary
+    // image, discarded at exit.
+    if steps.iter().any(|s| s.option == "-snapshot") {
+        for s in steps.iter_mut().filter(|s| s.option.starts_with("-drive ")) {
+            if let Action::Blockdev(b) = &s.action
+                && b.read_only != Some(true)
+            {
+                s.action = Action::DriveSnapshot(b.clone());
+            }
+        }
     }
     // QEMU sets every -global before it creates the machine's devices.
     let (mut globals, rest): (Vec<Step>, Vec<Step>) = steps
