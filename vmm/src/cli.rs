@@ -144,6 +144,7 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             }
             Action::Global(g) => vmm.backends().add_global(g.clone()),
             Action::RtcBase(b) => backend(opt, vmm.backends().set_rtc_base(b))?,
+            Action::MemPrealloc => vmm.backends().set_mem_prealloc(),
             Action::Echr(c) => keel_machine::set_mux_escape(*c),
             Action::MemLock => backend(opt, keel_machine::backends::lock_all_memory())?,
             Action::SetAction(a) => vmm.execute(a.clone()).map_err(cmd(opt))?,

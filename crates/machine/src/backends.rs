@@ -346,6 +346,8 @@ struct Inner {
     globals: Vec<keel_qdev::GlobalProp>,
     /// `-rtc base=`: the guest's RTC time minus the host's UTC time, seconds.
     rtc_offset: Option<i64>,
+    /// `-mem-prealloc`: the board touches every page of guest RAM when it builds it.
+    mem_prealloc: bool,
 }
 
 /// The backend store, shared by the VMM core (commands) and the board (realize).
@@ -380,6 +382,16 @@ impl Backends {
     /// base=` was given.
     pub fn rtc_offset(&self) -> Option<i64> {
         self.lock().rtc_offset
+    }
+
+    /// `-mem-prealloc`: every page of the guest's RAM is allocated when the machine is built.
+    pub fn set_mem_prealloc(&self) {
+        self.lock().mem_prealloc = true;
+    }
+
+    /// Whether `-mem-prealloc` was given.
+    pub fn mem_prealloc(&self) -> bool {
+        self.lock().mem_prealloc
     }
 
     /// The `-global` defaults, in the order given.
@@ -954,6 +966,23 @@ pub fn temporary_copy(path: &std::path::Path) -> Result<PathBuf, BackendError> {
     // Kept open until the process exits: the copy's only reference.
     let fd = copy.into_raw_fd();
     Ok(PathBuf::from(format!("/proc/self/fd/{fd}")))
+}
+
+/// `-mem-prealloc`: allocates every page of `mem` now (by writing a zero into each page
+/// of the still-zeroed RAM), as QEMU's preallocation, so the guest never waits for the
+/// host to find memory and a host short of it fails at start rather than later.
+pub fn prealloc(mem: &keel_accel::GuestMemory) {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    const PAGE: u64 = 4096;
+    for region in mem.iter() {
+        let start = region.start_addr();
+        let mut off = 0;
+        while off < region.len() {
+            // The RAM was just mapped and nothing has written to it: zero stays zero.
+            let _ = mem.write_obj(0u8, vm_memory::GuestAddress(start.0 + off));
+            off += PAGE;
+        }
+    }
 }
 
 fn now_unix() -> i64 {

@@ -233,6 +233,9 @@ impl MachineType for MicrovmType {
         if let Some(secs) = ctx.backends.rtc_offset() {
             vm.set_rtc_offset(secs);
         }
+        if ctx.backends.mem_prealloc() {
+            crate::backends::prealloc(vm.memory());
+        }
         let mut board = MicrovmBoard::new(vm, ctx, rx)?;
         board.serial = cfg.serial.clone();
         Ok(Box::new(board))

@@ -150,6 +150,9 @@ impl MachineType for PcType {
         if let Some(secs) = ctx.backends.rtc_offset() {
             pc.set_rtc_offset(secs);
         }
+        if ctx.backends.mem_prealloc() {
+            crate::backends::prealloc(pc.memory());
+        }
         let mut board = PcBoard::new(pc, ctx, rx)?;
         board.serial = cfg.serial.clone();
         Ok(Box::new(board))

@@ -136,6 +136,8 @@ pub enum Action {
     /// A `-drive` under `-snapshot`: `blockdev-add` of a temporary copy of the image, so
     /// the guest's writes are discarded at exit (QEMU's temporary overlay).
     DriveSnapshot(BlockdevAdd),
+    /// `-mem-prealloc`: guest RAM is allocated in full when the machine is built.
+    MemPrealloc,
     /// `-echr N`: the mux's escape character (C-a by default).
     Echr(u8),
     /// `-global`: a default property value for the devices of a type (all of them are
@@ -262,6 +264,7 @@ Backends (from the start; devices name them):
   -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
   -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
   -drive file=PATH,if=virtio,format=raw  a drive and its virtio-blk (virtio-blk-pci on pc)
+  -mem-prealloc                     allocate all guest RAM when the machine is built
   -snapshot                         -drive images are copied to a temporary file the
                                     guest writes to, discarded at exit
   -netdev tap,id=ID,ifname=IF,script=no,downscript=no
@@ -461,13 +464,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             }
             // `-snapshot`: see the end of this function.
             "snapshot" => Action::Nothing,
-            "mem-prealloc" => {
-                return Err(syntax(
-                    &option,
-                    "not supported: Keel allocates guest RAM on first use; \
-                     -overcommit mem-lock=on makes all of it resident",
-                ));
-            }
+            "mem-prealloc" => Action::MemPrealloc,
             "d" => {
                 let items: Vec<String> = v.split(',').map(str::to_owned).collect();
                 if !items
