@@ -7,7 +7,7 @@
 #   scripts/seccomp-profile.sh TRACE-FILE            # only summarise an existing trace
 #
 # Output: one line per class, `class: call call ...`, classes as keel-sandbox names them
-# (vcpu, worker, monitor, main). Run the VMM with `-sandbox off` so that a missing call
+# (vcpu, worker, monitor, net, main). Run the VMM with `-sandbox off` so that a missing call
 # shows up here instead of stopping the VMM.
 set -euo pipefail
 trace=${1:?usage: $0 TRACE-FILE [-- COMMAND...]}
@@ -22,6 +22,7 @@ awk '
     if (name ~ /^vcpu[0-9]+$/ || name == "rtc-timer") return "vcpu"
     if (name ~ /^virtio-/ || name == "serial-input") return "worker"
     if (name == "qmp-loop" || name == "qmp-stdin" || name == "qmp-stdout") return "monitor"
+    if (name == "slirp") return "net"
     return "main"
   }
   NR == 1 { main = $1 }

@@ -30,18 +30,9 @@ const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const HOST_MARKER: &[u8] = b"KEEL-HOST-MARKER 7f3a9c written by the host";
 const GUEST_WROTE: &[u8] = b"KEEL-GUEST-WROTE-THIS sector=8\n";
 
+/// The Debian guest with its virtio modules (see `common::debian_guest`).
 fn guest_files() -> Option<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("KEEL_GUEST_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel-guest/current"))
-        })?;
-    let kernel = ["vmlinux", "bzImage"]
-        .iter()
-        .map(|k| dir.join(k))
-        .find(|p| p.is_file())?;
-    let initrd = dir.join("initramfs-virtio.cpio.gz");
-    initrd.is_file().then_some((kernel, initrd))
+    common::debian_guest("initramfs-virtio.cpio.gz")
 }
 
 /// Why the test cannot run here, if it cannot.
@@ -51,7 +42,7 @@ fn unavailable() -> Option<&'static str> {
         return Some("skipped: mounting a size-limited tmpfs needs root");
     }
     if guest_files().is_none() {
-        return Some("skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)");
+        return Some("skipped: no guest");
     }
     None
 }
@@ -356,14 +347,6 @@ fn werror_report_gives_the_guest_an_io_error() {
 /// `query-block`'s `io-status` of one `virtio-blk-pci` disk with `werror`/`rerror` set
 /// (`None`: left to the default), on `pc` before the guest runs (`-S`).
 fn pc_io_status(program: &str, werror: Option<&str>, rerror: Option<&str>) -> Value {
-    let dir = TempDir::new();
-    let image = dir.path("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let sock = dir.path("qmp.sock");
-    let blockdev = format!("driver=file,node-name=d0,filename={}", image.display());
     let mut device = "virtio-blk-pci,drive=d0,id=disk0".to_owned();
     if let Some(w) = werror {
         device.push_str(&format!(",werror={w}"));
@@ -371,6 +354,26 @@ fn pc_io_status(program: &str, werror: Option<&str>, rerror: Option<&str>) -> Va
     if let Some(r) = rerror {
         device.push_str(&format!(",rerror={r}"));
     }
+    pc_disk_io_status(program, |image| {
+        vec![
+            "-blockdev".into(),
+            format!("driver=file,node-name=d0,filename={}", image.display()),
+            "-device".into(),
+            device,
+        ]
+    })
+}
+
+/// `query-block`'s `io-status` of the one disk that `storage(image)`'s options give a
+/// `pc` machine stopped before the guest runs (`-S`).
+fn pc_disk_io_status(program: &str, storage: impl FnOnce(&Path) -> Vec<String>) -> Value {
+    let dir = TempDir::new();
+    let image = dir.path("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = dir.path("qmp.sock");
     let qmp = format!("unix:{},server=on,wait=off", sock.display());
     let child = Command::new(program)
         .args([
@@ -383,7 +386,8 @@ fn pc_io_status(program: &str, werror: Option<&str>, rerror: Option<&str>) -> Va
             "-display",
             "none",
         ])
-        .args(["-qmp", &qmp, "-blockdev", &blockdev, "-device", &device])
+        .args(["-qmp", &qmp])
+        .args(storage(&image))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -405,16 +409,83 @@ fn pc_io_status(program: &str, werror: Option<&str>, rerror: Option<&str>) -> Va
     let mut c = Client::new(stream);
     c.negotiate();
     let blocks = c.ok("query-block", Value::Null);
-    let disk = blocks
+    let disks: Vec<&Value> = blocks
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["qdev"] == "disk0" || b["qdev"].as_str().is_some_and(|q| q.contains("disk0")))
-        .cloned()
-        .unwrap_or_else(|| panic!("{program}: no disk0 in {blocks}"));
+        .filter(|b| b["qdev"].is_string())
+        .collect();
+    assert_eq!(disks.len(), 1, "{program}: one disk expected in {blocks}");
+    let status = disks[0]["io-status"].clone();
     c.ok("quit", Value::Null);
     let _ = child.wait();
-    disk["io-status"].clone()
+    status
+}
+
+/// A `-drive`'s `rerror=`/`werror=` is the policy of a disk on it whose own property is
+/// absent or `auto` (QEMU keeps it on the block backend); the disk's own value wins. The
+/// I/O status shows which policy the disk follows. Values `-drive` refuses are QEMU's.
+#[test]
+fn drive_error_policies_are_inherited_by_the_disk() {
+    let drive = |image: &Path, extra: &str| format!("file={},format=raw,{extra}", image.display());
+    type Storage = Box<dyn Fn(&Path) -> Vec<String>>;
+    let cases: Vec<(&str, Storage, Value)> = vec![
+        (
+            "if=none with werror=report,rerror=report",
+            Box::new(move |i| {
+                vec![
+                    "-drive".into(),
+                    drive(i, "if=none,id=d0,werror=report,rerror=report"),
+                    "-device".into(),
+                    "virtio-blk-pci,drive=d0".into(),
+                ]
+            }),
+            Value::Null,
+        ),
+        (
+            "the device's own werror=stop wins",
+            Box::new(move |i| {
+                vec![
+                    "-drive".into(),
+                    drive(i, "if=none,id=d0,werror=report,rerror=report"),
+                    "-device".into(),
+                    "virtio-blk-pci,drive=d0,werror=stop".into(),
+                ]
+            }),
+            json!("ok"),
+        ),
+        (
+            "if=virtio with werror=ignore",
+            Box::new(move |i| vec!["-drive".into(), drive(i, "if=virtio,werror=ignore")]),
+            Value::Null,
+        ),
+    ];
+    for (what, storage, expect) in &cases {
+        let keel = pc_disk_io_status(common::BIN, storage);
+        assert_eq!(&keel, expect, "{what}");
+        if Path::new(QEMU).exists() {
+            assert_eq!(
+                keel,
+                pc_disk_io_status(QEMU, storage),
+                "Keel vs QEMU 7.2: {what}"
+            );
+        }
+    }
+    for bad in ["werror=auto", "rerror=enospc", "werror=halt"] {
+        let image = std::env::temp_dir().join("keel-drive-policy-never-opened.img");
+        let arg = format!("file={},format=raw,if=none,id=d0,{bad}", image.display());
+        let (st, err) = common::run_to_end(&["-M", "pc", "-S", "-display", "none", "-drive", &arg]);
+        assert_eq!(st.code(), Some(1), "{bad}: {err}");
+        if Path::new(QEMU).exists() {
+            let q = Command::new(QEMU)
+                .args(["-M", "pc", "-S", "-display", "none", "-drive", &arg])
+                .output()
+                .unwrap();
+            let q_err = String::from_utf8_lossy(&q.stderr);
+            let tail = |s: &str| s.rsplit(": ").next().unwrap_or("").trim().to_owned();
+            assert_eq!(tail(&err), tail(&q_err), "{bad}");
+        }
+    }
 }
 
 /// The I/O status is tracked only when a policy can stop the machine (QEMU's rule), and

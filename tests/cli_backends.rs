@@ -139,27 +139,30 @@ fn no_shutdown_keeps_the_process_after_the_guest_powers_off() {
     assert!(vmm.wait().success());
 }
 
-/// `-chardev pty`: QEMU's one line on stderr names the terminal, `query-chardev` reports
+/// `-chardev pty`: QEMU's one line on standard output names the terminal, `query-chardev` reports
 /// it, and the guest's output on the `isa-serial` behind it can be read there.
 #[test]
 fn pty_chardev_carries_the_serial_port() {
-    let mut vmm = Vmm::start(&[
-        "-M",
-        "microvm",
-        "-accel",
-        "tcg",
-        "-nodefaults",
-        "-chardev",
-        "pty,id=charserial0",
-        "-device",
-        "isa-serial,chardev=charserial0,id=serial0",
-        // The process (the terminal's master) stays once the guest is off.
-        "-no-shutdown",
-        "-S",
-    ]);
-    let mut stderr = BufReader::new(vmm.child.stderr.take().unwrap());
+    let mut vmm = Vmm::start_with_stdout(
+        &[
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-chardev",
+            "pty,id=charserial0",
+            "-device",
+            "isa-serial,chardev=charserial0,id=serial0",
+            // The process (the terminal's master) stays once the guest is off.
+            "-no-shutdown",
+            "-S",
+        ],
+        Stdio::piped(),
+    );
+    let mut stdout = BufReader::new(vmm.child.stdout.take().unwrap());
     let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
+    stdout.read_line(&mut line).unwrap();
     let path = line
         .strip_prefix("char device redirected to ")
         .and_then(|r| r.strip_suffix(" (label charserial0)\n"))

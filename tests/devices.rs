@@ -352,9 +352,9 @@ fn command_line_errors_name_the_option() {
         "{err}"
     );
     assert!(err.contains("missing"), "{err}");
-    let (st, err) = common::run_to_end(&["-netdev", "user,id=n0"]);
+    let (st, err) = common::run_to_end(&["-netdev", "vde,id=n0"]);
     assert!(!st.success());
-    assert!(err.contains("netdev type 'user'"), "{err}");
+    assert!(err.contains("netdev type 'vde' is not supported"), "{err}");
 }
 
 #[test]
@@ -804,6 +804,88 @@ fn pc_machine_reports_its_pci_functions() {
             .iter()
             .any(|d| d["slot"] == 6 && d["qdev_id"] == "rng0"),
         "{pci}"
+    );
+    c.ok("quit", Value::Null);
+    assert!(vmm.wait().success());
+}
+
+/// `netdev_add type=user` over QMP: the network starts at once (its `hostfwd` port listens
+/// before any device uses it, as in QEMU), QEMU's option errors, and HMP's `hostfwd_add`
+/// and `hostfwd_remove` on it. Skips without libslirp.
+#[test]
+fn netdev_add_user_listens_at_once_and_takes_hmp_hostfwd() {
+    if !std::path::Path::new("/usr/lib/x86_64-linux-gnu/libslirp.so.0").exists() {
+        eprintln!("skipped: libslirp.so.0 is not installed");
+        return;
+    }
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut vmm = Vmm::start(&["-preconfig", "-S"]);
+    let mut c = vmm.qmp();
+    let hmp = |c: &mut Client, line: &str| {
+        c.ok("human-monitor-command", json!({"command-line": line}))
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        hmp(&mut c, "hostfwd_add tcp::1-:2"),
+        "user mode network stack not in use\r\n"
+    );
+    let p1 = free();
+    let rule = format!("tcp:127.0.0.1:{p1}-:22");
+    c.ok(
+        "netdev_add",
+        json!({"type": "user", "id": "u0", "net": "192.168.76.0/24", "restrict": false,
+               "hostfwd": [{"str": rule}]}),
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", p1)).is_ok());
+    // The same port again: QEMU's message, with the host's reason.
+    let d = c.err(
+        "netdev_add",
+        json!({"type": "user", "id": "u1", "hostfwd": [{"str": rule}]}),
+        "GenericError",
+    );
+    assert!(
+        d.starts_with(&format!("Could not set up host forwarding rule '{rule}'")),
+        "{d}"
+    );
+    for (args, want) in [
+        (
+            json!({"type": "user", "id": "u1", "dhcpstart": "10.0.2.2"}),
+            "DHCP must be different from host and DNS",
+        ),
+        (
+            json!({"type": "user", "id": "u1", "hostfwd": [{"str": "tcp:22"}]}),
+            "Invalid host forwarding rule 'tcp:22' (Missing : separator)",
+        ),
+        (
+            json!({"type": "user", "id": "u1", "ifname": "t0"}),
+            "Parameter 'ifname' is unexpected for type=user",
+        ),
+        (
+            json!({"type": "user", "id": "u0"}),
+            "Duplicate netdev ID 'u0'",
+        ),
+    ] {
+        assert_eq!(c.err("netdev_add", args, "GenericError"), want);
+    }
+    let p2 = free();
+    assert_eq!(
+        hmp(&mut c, &format!("hostfwd_add u0 tcp:127.0.0.1:{p2}-:80")),
+        ""
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", p2)).is_ok());
+    assert_eq!(
+        hmp(&mut c, &format!("hostfwd_remove tcp:127.0.0.1:{p2}")),
+        format!("host forwarding rule for tcp:127.0.0.1:{p2} removed\r\n")
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", p2)).is_err());
+    assert_eq!(
+        hmp(&mut c, "hostfwd_add nosuch tcp::1-:2"),
+        "unrecognized netdev id 'nosuch'\r\n"
     );
     c.ok("quit", Value::Null);
     assert!(vmm.wait().success());

@@ -11,34 +11,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TempDir;
-
-fn guest_files() -> Option<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("KEEL_GUEST_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel-guest/current"))
-        });
-    let found = dir.and_then(|dir| {
-        let kernel = dir.join("vmlinux");
-        let initrd = dir.join("initramfs-virtio.cpio.gz");
-        (kernel.is_file() && initrd.is_file()).then_some((kernel, initrd))
-    });
-    if found.is_none() {
-        let why = "skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)";
-        assert!(
-            std::env::var("KEEL_REQUIRE_GUEST").as_deref() != Ok("1"),
-            "{why}"
-        );
-        eprintln!("{why}");
-    }
-    found
-}
 
 /// The record the guest writes to sector `n`, padded by `dd conv=sync` to 512 bytes.
 fn record(n: u32) -> String {
@@ -69,7 +46,7 @@ fn wait_for(out: &Mutex<String>, what: &str, from: usize, deadline: Instant) -> 
 /// only in the VMM's memory.
 #[test]
 fn synced_writes_survive_sigkill_during_writes() {
-    let Some((kernel, initrd)) = guest_files() else {
+    let Some((kernel, initrd)) = common::debian_guest("initramfs-virtio.cpio.gz") else {
         return;
     };
     let dir = TempDir::new();

@@ -58,6 +58,12 @@ impl Vmm {
     /// Starts `vmm ARGS -qmp unix:SOCK,server=on,wait=off` (the monitor first, so that it
     /// is live whatever the rest does).
     pub fn start(args: &[&str]) -> Vmm {
+        Vmm::start_with_stdout(args, Stdio::null())
+    }
+
+    /// [`Vmm::start`] with the process's standard output going to `stdout` (e.g. piped, to
+    /// read what QEMU prints there; read it, or the process blocks once the pipe is full).
+    pub fn start_with_stdout(args: &[&str], stdout: Stdio) -> Vmm {
         let dir = TempDir::new();
         let sock = dir.path("qmp.sock");
         let spec = format!("unix:{},server=on,wait=off", sock.display());
@@ -66,7 +72,7 @@ impl Vmm {
         let child = Command::new(BIN)
             .args(&all)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -335,5 +341,39 @@ impl Client {
             .as_str()
             .unwrap()
             .to_owned()
+    }
+}
+
+/// The Debian reference guest of scripts/build-guest.sh (`$KEEL_GUEST_DIR`, else
+/// `~/.cache/keel-guest/current`): its kernel and the initramfs named `initrd`
+/// (`initramfs.cpio.gz`, or `initramfs-virtio.cpio.gz` with the virtio modules). `None`
+/// where it is not built, after printing that the test skips; with `KEEL_REQUIRE_GUEST=1`
+/// (CI) a missing guest fails the test instead.
+pub fn debian_guest(initrd: &str) -> Option<(PathBuf, PathBuf)> {
+    let dir = std::env::var_os("KEEL_GUEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel-guest/current"))
+        })
+        .unwrap_or_default();
+    let kernel = ["vmlinux", "bzImage"]
+        .iter()
+        .map(|k| dir.join(k))
+        .find(|p| p.is_file());
+    let initrd = dir.join(initrd);
+    match kernel {
+        Some(k) if initrd.is_file() => Some((k, initrd)),
+        _ => {
+            assert!(
+                std::env::var("KEEL_REQUIRE_GUEST").as_deref() != Ok("1"),
+                "KEEL_REQUIRE_GUEST=1 but no guest in {} (run scripts/build-guest.sh)",
+                dir.display()
+            );
+            eprintln!(
+                "skipped: no guest in {} (run scripts/build-guest.sh or set KEEL_GUEST_DIR)",
+                dir.display()
+            );
+            None
+        }
     }
 }

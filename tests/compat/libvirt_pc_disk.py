@@ -12,7 +12,10 @@ its virtio disks on the console (`KEEL-COMPAT-DISKS [...]`, from /sys/block). Th
 `device_add` of a virtio-blk-pci): libvirt's live XML has it and the guest sees `vda`;
 `virsh detach-device --live` (libvirt: `device_del`, waits for `DEVICE_DELETED`, then
 `blockdev-del`): the guest ejects it, libvirt's live XML no longer has it and the node is
-gone from `query-named-block-nodes`; the domain is destroyed and undefined. The daemon's
+gone from `query-named-block-nodes`; the domain is destroyed. Then the disk goes into the
+domain's definition (`attach-device --config`) and the domain starts with it on its
+command line (libvirt's `-blockdev` pair and `-device virtio-blk-pci,...`): the guest has
+`vda` from boot; the domain is destroyed and undefined. The daemon's
 debug log (what libvirt sent the emulator) is DIR/log/libvirtd.log; --keep keeps DIR.
 
 Usage: python3 tests/compat/libvirt_pc_disk.py --emulator PATH [--keep] [-v]
@@ -197,8 +200,39 @@ S.step("guest-loses-disk", guest_lost)
 def destroy():
     virsh("destroy", DOM)
     expect_state("shut off", "destroyed")
+
+
+S.step("destroy", destroy)
+
+
+def attach_config():
+    virsh("attach-device", DOM, str(D / "disk.xml"), "--config", timeout=60)
+    cc.check("<target dev='vda' bus='virtio'/>" in virsh("dumpxml", "--inactive", DOM),
+             "the persistent XML has no vda")
+
+
+S.step("attach-device-config", attach_config)
+
+
+def start_with_disk():
+    virsh("start", DOM, timeout=120)
+    expect_state("running", "booted")
+    # The disk is on the command line now (cold plug): no device_add after the start.
+    adds = len(sent("device_add"))
+    cc.wait_for(lambda: disks_line() == "vda", 120,
+                f"the guest's vda from boot (now [{disks_line()}])", 0.5)
+    cc.check(len(sent("device_add")) == adds, "libvirt hot plugged the disk of the definition")
+    cc.check(str(DISK) in named_nodes(), "query-named-block-nodes has no node of the file")
+
+
+S.step("start-with-disk", start_with_disk)
+
+
+def destroy_undefine():
+    virsh("destroy", DOM)
+    expect_state("shut off", "destroyed")
     virsh("undefine", DOM)
 
 
-S.step("destroy-undefine", destroy)
+S.step("destroy-undefine", destroy_undefine)
 S.finish()

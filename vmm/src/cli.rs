@@ -8,6 +8,7 @@
 //! live from the moment its option runs. At the end the machine is finished and started,
 //! unless `-S` (stay in prelaunch) or `-preconfig` (stop early; QMP finishes the job).
 
+use keel_machine::backends::DriveErrors;
 use keel_phase::Phase;
 use keel_qmp::CommandError;
 
@@ -121,11 +122,22 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
                 }
                 vmm.execute(b).map_err(cmd(opt))?;
             }
+            Action::DriveErrors {
+                node,
+                rerror,
+                werror,
+            } => {
+                let policy = DriveErrors {
+                    read: rerror.clone(),
+                    write: werror.clone(),
+                };
+                vmm.backends().set_drive_errors(node, policy);
+            }
             Action::Netdev(n) => vmm.execute(n.clone()).map_err(cmd(opt))?,
             Action::Chardev(c) => {
                 if let Some(pty) = vmm.execute(c.clone()).map_err(cmd(opt))?.pty {
                     // As QEMU: the one line a run with a pty prints.
-                    eprintln!("char device redirected to {pty} (label {})", c.id);
+                    println!("char device redirected to {pty} (label {})", c.id);
                 }
             }
             Action::Name(n) => vmm.set_name(Some(n.clone())),

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 pub use keel_qapi::block::*;
 pub use keel_qapi::char::*;
+pub use keel_qapi::fd::*;
 pub use keel_qapi::machine::*;
 pub use keel_qapi::migration::*;
 pub use keel_qapi::misc::*;
@@ -20,9 +21,9 @@ pub use keel_qapi::pci::*;
 pub use keel_qapi::qdev::*;
 pub use keel_qapi::qom::*;
 
-use crate::core::{ShutdownCause, VmmCore};
+use crate::core::{ShutdownCause, VmmCore, generic};
 use crate::devices::qdev_error;
-use keel_machine::backends::{BlockdevSpec, NetBackend};
+use keel_machine::backends::{BlockdevSpec, NetdevSpec, UserOptions};
 use keel_machine::cpu_model;
 
 /// Converts the VMM's own report types (board, qdev) into their QMP shapes in
@@ -31,6 +32,12 @@ fn qapi<T: Serialize, U: DeserializeOwned>(v: T) -> Result<U, CommandError> {
     serde_json::to_value(v)
         .and_then(serde_json::from_value)
         .map_err(|e| CommandError::generic(format!("internal error: no QMP shape: {e}")))
+}
+
+/// The descriptor passed with the request being run (`getfd`, `add-fd`), or QEMU's error.
+fn passed_fd() -> Result<std::os::fd::OwnedFd, CommandError> {
+    keel_qmp::passfd::take_received_fd()
+        .ok_or_else(|| CommandError::generic("No file descriptor supplied via SCM_RIGHTS"))
 }
 
 /// `impl Handler<VmmCore>` for each type: `Type => |args, core, registry| body;`.
@@ -175,6 +182,12 @@ impl Handler<VmmCore> for HumanMonitorCommand {
             Request::Stop => done(c.stop())?,
             Request::Reset => done(c.system_reset())?,
             Request::Powerdown => done(c.system_powerdown())?,
+            Request::HostfwdAdd { netdev, rule } => {
+                c.backends.hostfwd_command(true, netdev.as_deref(), &rule)
+            }
+            Request::HostfwdRemove { netdev, rule } => {
+                c.backends.hostfwd_command(false, netdev.as_deref(), &rule)
+            }
             Request::Quit => {
                 c.shutdown.request(ShutdownCause::HostQmpQuit);
                 String::new()
@@ -217,9 +230,28 @@ impl VmmCore {
 
 impl Handler<VmmCore> for NetdevAdd {
     fn handle(self, c: &mut VmmCore, _: &Registry<VmmCore>) -> Result<(), CommandError> {
-        let scripts = [self.script.as_deref(), self.downscript.as_deref()];
-        let n = NetBackend::from_netdev(&self.kind, scripts, self.ifname);
-        let r = n.and_then(|n| c.backends.add_net(&self.id, n));
+        let user = UserOptions {
+            net: self.net,
+            host: self.host,
+            dhcpstart: self.dhcpstart,
+            dns: self.dns,
+            hostname: self.hostname,
+            domainname: self.domainname,
+            restrict: self.restrict.unwrap_or(false),
+            ipv4: self.ipv4,
+            ipv6: self.ipv6,
+            hostfwd: self.hostfwd.into_iter().flatten().map(|s| s.str).collect(),
+        };
+        let (kind, ifname, script, downscript) =
+            (self.kind, self.ifname, self.script, self.downscript);
+        let spec = NetdevSpec {
+            kind,
+            ifname,
+            script,
+            downscript,
+            user,
+        };
+        let r = c.backends.add_netdev(&self.id, &spec);
         r.map_err(|e| CommandError::generic(e.to_string()))
     }
 }
@@ -369,6 +401,24 @@ handlers! {
     MigrateIncoming => |a, c, _| c.migrate_incoming(&a.uri);
     QueryMigrate => |_, c, _| Ok(c.migration.info());
     MigrateCancel => |_, _, _| Ok(());
+    Getfd => |a, c, _| {
+        let fd = passed_fd()?;
+        c.backends.keep_named_fd(&a.fdname, fd).map_err(generic)
+    };
+    Closefd => |a, c, _| c.backends.close_named_fd(&a.fdname).map_err(generic);
+    AddFd => |a, c, _| {
+        let fd = passed_fd()?;
+        let (set, fd) = c.backends.add_passed_fd(a.fdset_id, fd, a.opaque).map_err(generic)?;
+        Ok(AddfdInfo { fdset_id: set as i64, fd: i64::from(fd) })
+    };
+    RemoveFd => |a, c, _| {
+        let running = c.run_state().is_running();
+        c.backends.remove_fd(a.fdset_id, a.fd, running).map_err(generic)
+    };
+    QueryFdsets => |_, c, _| Ok(c.backends.fdsets().into_iter().map(|(set, fds)| FdsetInfo {
+        fdset_id: set as i64,
+        fds: fds.into_iter().map(|(fd, opaque)| FdsetFdInfo { fd: i64::from(fd), opaque }).collect(),
+    }).collect());
     QueryCommandLineOptions => |a, _, _| {
         keel_qapi::cli::command_line_options(a.option.as_deref()).map_err(|e| CommandError::generic(e.0))
     };

@@ -75,7 +75,7 @@ impl PhaseSource for VmmCore {
     }
 }
 
-fn generic(e: impl std::fmt::Display) -> CommandError {
+pub(crate) fn generic(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
 }
 

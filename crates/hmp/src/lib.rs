@@ -16,6 +16,16 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("cont|c", "", "resume emulation"),
     ("help|?", "[cmd]", "show the help"),
     (
+        "hostfwd_add",
+        "[netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport",
+        "redirect TCP or UDP connections from host to guest (requires -net user)",
+    ),
+    (
+        "hostfwd_remove",
+        "[netdev_id] [tcp|udp]:[hostaddr]:hostport",
+        "remove host-to-guest TCP or UDP redirection",
+    ),
+    (
         "info",
         "[subcommand]",
         "show various information about the system state",
@@ -95,6 +105,20 @@ pub enum Request {
     Powerdown,
     /// `quit`.
     Quit,
+    /// `hostfwd_add [netdev_id] rule`.
+    HostfwdAdd {
+        /// The user network (`None`: the first one).
+        netdev: Option<String>,
+        /// `[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport`.
+        rule: String,
+    },
+    /// `hostfwd_remove [netdev_id] rule`.
+    HostfwdRemove {
+        /// The user network (`None`: the first one).
+        netdev: Option<String>,
+        /// `[tcp|udp]:[hostaddr]:hostport`.
+        rule: String,
+    },
     /// A known command with arguments Keel does not take.
     Unsupported,
 }
@@ -129,6 +153,18 @@ pub fn parse(command_line: &str) -> Request {
         ["system_reset"] => Request::Reset,
         ["system_powerdown"] => Request::Powerdown,
         ["quit" | "q"] => Request::Quit,
+        [cmd @ ("hostfwd_add" | "hostfwd_remove"), rest @ ..] if matches!(rest.len(), 1 | 2) => {
+            let (netdev, rule) = match rest {
+                [rule] => (None, (*rule).to_owned()),
+                [id, rule, ..] => (Some((*id).to_owned()), (*rule).to_owned()),
+                [] => return Request::Unsupported,
+            };
+            if *cmd == "hostfwd_add" {
+                Request::HostfwdAdd { netdev, rule }
+            } else {
+                Request::HostfwdRemove { netdev, rule }
+            }
+        }
         ["info", sub, ..] if !INFO.iter().any(|(n, _, _)| n == sub) => {
             Request::Text(format!("unknown command: 'info {sub}'\r\n"))
         }
@@ -583,6 +619,26 @@ mod tests {
         );
         assert_eq!(help(Some("c")), "cont|c  -- resume emulation\r\n");
         assert_eq!(help(Some("nosuch")), "unknown command: 'nosuch'\r\n");
+    }
+
+    #[test]
+    fn hostfwd_commands_take_an_optional_netdev() {
+        assert_eq!(
+            parse("hostfwd_add tcp::2222-:22"),
+            Request::HostfwdAdd {
+                netdev: None,
+                rule: "tcp::2222-:22".into()
+            }
+        );
+        assert_eq!(
+            parse("hostfwd_remove n0 tcp::2222"),
+            Request::HostfwdRemove {
+                netdev: Some("n0".into()),
+                rule: "tcp::2222".into()
+            }
+        );
+        assert_eq!(parse("hostfwd_add"), Request::Unsupported);
+        assert!(help(None).contains("hostfwd_add [netdev_id] [tcp|udp]:"));
     }
 
     #[test]

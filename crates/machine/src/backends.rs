@@ -12,8 +12,14 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+/// The options of `-netdev user` (re-exported so that callers need not name keel-slirp).
+pub use keel_slirp::UserOptions;
+
 /// Most backends of each kind; more are refused (the store is client-controlled).
 pub const MAX_BACKENDS: usize = 256;
+
+/// The id prefix of the backends `-nic` creates (QEMU's `__org.qemu.nicN`).
+pub const NIC_NETDEV_PREFIX: &str = "__org.qemu.nic";
 
 /// A raw image (`-blockdev driver=file,...` / `blockdev-add`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -23,6 +29,16 @@ pub struct BlockBackend {
     pub filename: PathBuf,
     /// Opened read-only.
     pub read_only: bool,
+}
+
+/// A `-drive`'s `rerror=` and `werror=` (QEMU keeps them on the block backend; a disk whose
+/// own property is `auto` takes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriveErrors {
+    /// `rerror=`.
+    pub read: Option<String>,
+    /// `werror=`.
+    pub write: Option<String>,
 }
 
 /// What `blockdev-add` / `-blockdev` asks for: a `file` node (a raw image) or a `raw`
@@ -64,27 +80,91 @@ impl BlockBackend {
     }
 }
 
-/// A network backend (`-netdev tap,...` / `netdev_add`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NetBackend {
-    /// Host tap interface name.
-    pub ifname: String,
+/// A network backend (`-netdev tap,...`, `-netdev user,...` / `netdev_add`).
+#[derive(Debug, Clone)]
+pub enum NetBackend {
+    /// A host tap interface, opened when a device uses it.
+    Tap {
+        /// Host tap interface name.
+        ifname: String,
+    },
+    /// A user network (libslirp), running from the moment it was added, as in QEMU: its
+    /// `hostfwd` ports listen at once.
+    User(Arc<keel_slirp::UserNet>),
+}
+
+/// What `netdev_add` / `-netdev` asks for (`type=tap` or `type=user`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetdevSpec {
+    /// `type`: `tap` or `user`.
+    pub kind: String,
+    /// `ifname` (tap).
+    pub ifname: Option<String>,
+    /// `script` (tap; only `no`).
+    pub script: Option<String>,
+    /// `downscript` (tap; only `no`).
+    pub downscript: Option<String>,
+    /// The options of `type=user`.
+    pub user: keel_slirp::UserOptions,
+}
+
+impl NetdevSpec {
+    /// The first option given that belongs to the other type, named as QEMU would.
+    fn foreign_option(&self) -> Option<&'static str> {
+        let u = &self.user;
+        if self.kind == "user" {
+            [
+                ("ifname", self.ifname.is_some()),
+                ("script", self.script.is_some()),
+                ("downscript", self.downscript.is_some()),
+            ]
+            .into_iter()
+            .find_map(|(k, set)| set.then_some(k))
+        } else {
+            [
+                ("net", u.net.is_some()),
+                ("host", u.host.is_some()),
+                ("dhcpstart", u.dhcpstart.is_some()),
+                ("dns", u.dns.is_some()),
+                ("hostname", u.hostname.is_some()),
+                ("domainname", u.domainname.is_some()),
+                ("restrict", u.restrict),
+                ("ipv4", u.ipv4.is_some()),
+                ("ipv6", u.ipv6.is_some()),
+                ("hostfwd", !u.hostfwd.is_empty()),
+            ]
+            .into_iter()
+            .find_map(|(k, set)| set.then_some(k))
+        }
+    }
 }
 
 impl NetBackend {
-    /// The backend of QMP `netdev_add`: `type=tap` with `ifname`; `script` and
-    /// `downscript` may only be `no` (Keel runs no network scripts).
-    pub fn from_netdev(
-        kind: &str,
-        scripts: [Option<&str>; 2],
-        ifname: Option<String>,
-    ) -> Result<Self, BackendError> {
+    /// The backend `spec` describes. `tap` needs `ifname`, and `script`/`downscript` may
+    /// only be `no` (Keel runs no network scripts); `user` starts its libslirp stack now,
+    /// binding its `hostfwd` ports (a taken port fails here, as in QEMU).
+    pub fn from_netdev(spec: &NetdevSpec) -> Result<Self, BackendError> {
         let bad = |m: String| Err(BackendError::Invalid(m));
-        if kind != "tap" {
+        if !matches!(spec.kind.as_str(), "tap" | "user") {
             return bad(format!(
-                "netdev type '{kind}' is not supported (use type=tap)"
+                "netdev type '{}' is not supported (use type=user or type=tap)",
+                spec.kind
             ));
         }
+        if let Some(k) = spec.foreign_option() {
+            return bad(format!(
+                "Parameter '{k}' is unexpected for type={}",
+                spec.kind
+            ));
+        }
+        if spec.kind == "user" {
+            let config = keel_slirp::UserConfig::from_options(&spec.user)
+                .map_err(|e| BackendError::Invalid(e.to_string()))?;
+            let net = keel_slirp::UserNet::start(config)
+                .map_err(|e| BackendError::Invalid(e.to_string()))?;
+            return Ok(NetBackend::User(Arc::new(net)));
+        }
+        let scripts = [spec.script.as_deref(), spec.downscript.as_deref()];
         for (k, v) in ["script", "downscript"].into_iter().zip(scripts) {
             if v.is_some_and(|v| v != "no") {
                 return bad(format!(
@@ -92,8 +172,10 @@ impl NetBackend {
                 ));
             }
         }
-        match ifname {
-            Some(ifname) => Ok(Self { ifname }),
+        match &spec.ifname {
+            Some(ifname) => Ok(NetBackend::Tap {
+                ifname: ifname.clone(),
+            }),
             None => bad("Parameter 'ifname' is missing (name the host tap interface)".into()),
         }
     }
@@ -319,6 +401,10 @@ impl Drop for BlockLease {
 struct SetFd {
     fd: std::os::fd::OwnedFd,
     opaque: Option<String>,
+    /// `remove-fd` asked for it while the guest was not running: QEMU closes such a
+    /// descriptor at the next `remove-fd` of its set while the guest runs, and lists it
+    /// until then.
+    removed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -340,6 +426,10 @@ struct Inner {
     /// Devices using each block node.
     block_users: BTreeMap<String, Vec<BlockUse>>,
     next_lease: u64,
+    /// Descriptors kept by `getfd`, by name.
+    named_fds: BTreeMap<String, std::os::fd::OwnedFd>,
+    /// `-drive` error policies (`rerror=`, `werror=`) by node.
+    drive_errors: BTreeMap<String, DriveErrors>,
     net: BTreeMap<String, NetBackend>,
     chardev: BTreeMap<String, CharBackend>,
     /// `-global` defaults, in the order given.
@@ -422,7 +512,25 @@ impl Backends {
     pub fn remove_block(&self, node_name: &str) -> bool {
         let mut inner = self.lock();
         inner.block_children.remove(node_name);
+        inner.drive_errors.remove(node_name);
         inner.block.remove(node_name).is_some()
+    }
+
+    /// Sets the error policy of `-drive` `node_name` (values as QEMU's `-drive` checked
+    /// them): a disk on the node follows it where its own `rerror`/`werror` is `auto`.
+    pub fn set_drive_errors(&self, node_name: &str, policy: DriveErrors) {
+        self.lock()
+            .drive_errors
+            .insert(node_name.to_owned(), policy);
+    }
+
+    /// The `-drive` error policy of block node `node_name` (none set: both `None`).
+    pub fn drive_errors(&self, node_name: &str) -> DriveErrors {
+        self.lock()
+            .drive_errors
+            .get(node_name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The `raw` node that has block node `node_name` as its `file` (a child cannot be
@@ -537,16 +645,73 @@ impl Backends {
         insert(&mut self.lock().block, "node-name", node_name, b)
     }
 
-    /// `netdev_add` with `type=tap`.
-    pub fn add_net(&self, id: &str, n: NetBackend) -> Result<(), BackendError> {
-        if n.ifname.is_empty() || n.ifname.len() >= libc::IFNAMSIZ {
+    /// `netdev_add`: checks the id, then builds the backend (a user network starts here)
+    /// and keeps it. `-nic`'s own backends are named `__org.qemu.nicN`, as in QEMU.
+    pub fn add_netdev(&self, id: &str, spec: &NetdevSpec) -> Result<(), BackendError> {
+        let mut inner = self.lock();
+        if !id.starts_with(NIC_NETDEV_PREFIX) {
+            check_id("netdev", id)?;
+        }
+        if inner.net.contains_key(id) {
+            return Err(BackendError::Duplicate {
+                kind: "netdev",
+                id: id.to_owned(),
+            });
+        }
+        let n = NetBackend::from_netdev(spec)?;
+        if let NetBackend::Tap { ifname } = &n
+            && (ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ)
+        {
             return Err(BackendError::Invalid(format!(
-                "tap interface name '{}' must have 1 to {} characters",
-                n.ifname,
+                "tap interface name '{ifname}' must have 1 to {} characters",
                 libc::IFNAMSIZ - 1
             )));
         }
-        insert(&mut self.lock().net, "netdev", id, n)
+        if inner.net.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("netdev"));
+        }
+        inner.net.insert(id.to_owned(), n);
+        Ok(())
+    }
+
+    /// HMP's `hostfwd_add` (`add`) or `hostfwd_remove` on user network `netdev` (the first
+    /// one when `None`): the monitor's text, QEMU's lines.
+    pub fn hostfwd_command(&self, add: bool, netdev: Option<&str>, rule: &str) -> String {
+        let net = match self.user_net(netdev) {
+            Ok(n) => n,
+            Err(e) => return format!("{e}\r\n"),
+        };
+        let r = if add {
+            net.hostfwd_add(rule).map(|()| String::new())
+        } else {
+            net.hostfwd_remove(rule).map(|found| {
+                let what = if found { "removed" } else { "not found" };
+                format!("host forwarding rule for {rule} {what}\r\n")
+            })
+        };
+        r.unwrap_or_else(|e| format!("{e}\r\n"))
+    }
+
+    /// The user network `id` names, or the first one when `id` is `None` (HMP's
+    /// `hostfwd_add [netdev_id] rule`), with QEMU's messages when there is none.
+    pub fn user_net(&self, id: Option<&str>) -> Result<Arc<keel_slirp::UserNet>, BackendError> {
+        let inner = self.lock();
+        let bad = |m: String| Err(BackendError::Invalid(m));
+        match id {
+            Some(id) => match inner.net.get(id) {
+                Some(NetBackend::User(n)) => Ok(Arc::clone(n)),
+                Some(_) => bad("invalid device specified".into()),
+                None => bad(format!("unrecognized netdev id '{id}'")),
+            },
+            None => inner
+                .net
+                .values()
+                .find_map(|n| match n {
+                    NetBackend::User(n) => Some(Arc::clone(n)),
+                    NetBackend::Tap { .. } => None,
+                })
+                .map_or_else(|| bad("user mode network stack not in use".into()), Ok),
+        }
     }
 
     /// `chardev-add`. A `file` backend is created (or truncated) now, as QEMU opens it at
@@ -612,6 +777,22 @@ impl Backends {
             return Err(e);
         }
         Ok(pty)
+    }
+
+    /// Where a device reads its input from character backend `id`: the terminal of a `pty`
+    /// backend, standard input for `stdio`; `None` for backends that give no input
+    /// (`file`, `null`).
+    pub fn char_reader(
+        &self,
+        id: &str,
+    ) -> Result<Option<Box<dyn std::io::Read + Send>>, BackendError> {
+        let backend = self.chardev(id)?;
+        let file = self.lock().char_files.get(id).cloned();
+        Ok(match backend {
+            CharBackend::Pty { .. } => file.map(|f| Box::new(PtyReader(f)) as Box<_>),
+            CharBackend::Stdio => Some(Box::new(std::io::stdin())),
+            CharBackend::File { .. } | CharBackend::Null => None,
+        })
     }
 
     /// Where a device writes the output of character backend `id`: its file (shared with
@@ -682,20 +863,119 @@ impl Backends {
         // SAFETY: the descriptor is open (checked above), inherited for this purpose and
         // in no set yet: the store becomes its only owner, as QEMU's fd sets own theirs.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        inner
-            .fdsets
-            .entry(set)
-            .or_default()
-            .push(SetFd { fd, opaque });
+        inner.fdsets.entry(set).or_default().push(SetFd {
+            fd,
+            opaque,
+            removed: false,
+        });
         Ok(())
     }
 
-    /// The fd sets as `query-fdsets` reports them: `(set, [(fd, opaque)])`.
+    /// `add-fd`: a descriptor the client passed joins fd set `set` (the lowest id not in
+    /// use when `None`); returns the set and the descriptor's number.
+    pub fn add_passed_fd(
+        &self,
+        set: Option<i64>,
+        fd: std::os::fd::OwnedFd,
+        opaque: Option<String>,
+    ) -> Result<(u64, i32), BackendError> {
+        use std::os::fd::AsRawFd;
+        let set = match set {
+            Some(s) => u64::try_from(s).map_err(|_| {
+                BackendError::Invalid("Parameter 'fdset-id' expects a non-negative value".into())
+            })?,
+            None => {
+                let inner = self.lock();
+                (0..).find(|id| !inner.fdsets.contains_key(id)).unwrap_or(0)
+            }
+        };
+        let mut inner = self.lock();
+        let total: usize = inner.fdsets.values().map(Vec::len).sum();
+        if total >= MAX_BACKENDS {
+            return Err(BackendError::Full("fd set"));
+        }
+        let raw = fd.as_raw_fd();
+        inner.fdsets.entry(set).or_default().push(SetFd {
+            fd,
+            opaque,
+            removed: false,
+        });
+        Ok((set, raw))
+    }
+
+    /// `remove-fd`: descriptor `fd` of set `set` (every one when `None`) is removed: closed
+    /// now if the guest is `running`, otherwise marked and closed by a later `remove-fd`
+    /// while it runs (QEMU 7.2 keeps listing such descriptors meanwhile).
+    pub fn remove_fd(&self, set: i64, fd: Option<i64>, running: bool) -> Result<(), BackendError> {
+        use std::os::fd::AsRawFd;
+        let not_found = || {
+            let name = match fd {
+                Some(fd) => format!("fdset-id:{set}, fd:{fd}"),
+                None => format!("fdset-id:{set}"),
+            };
+            BackendError::Invalid(format!("File descriptor named '{name}' not found"))
+        };
+        let mut inner = self.lock();
+        let id = u64::try_from(set).map_err(|_| not_found())?;
+        let fds = inner.fdsets.get_mut(&id).ok_or_else(not_found)?;
+        match fd {
+            Some(n) => {
+                let entry = fds
+                    .iter_mut()
+                    .find(|s| i64::from(s.fd.as_raw_fd()) == n)
+                    .ok_or_else(not_found)?;
+                entry.removed = true;
+            }
+            None => fds.iter_mut().for_each(|s| s.removed = true),
+        }
+        if running {
+            fds.retain(|s| !s.removed);
+            if fds.is_empty() {
+                inner.fdsets.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// `getfd`: keeps a descriptor the client passed under `name`, replacing (and closing)
+    /// one of that name.
+    pub fn keep_named_fd(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<(), BackendError> {
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(BackendError::Invalid(
+                "Parameter 'fdname' expects a name not starting with a digit".into(),
+            ));
+        }
+        let mut inner = self.lock();
+        if !inner.named_fds.contains_key(name) && inner.named_fds.len() >= MAX_BACKENDS {
+            return Err(BackendError::Full("named descriptor"));
+        }
+        inner.named_fds.insert(name.to_owned(), fd);
+        Ok(())
+    }
+
+    /// `closefd`: closes the descriptor kept under `name`.
+    pub fn close_named_fd(&self, name: &str) -> Result<(), BackendError> {
+        match self.take_named_fd(name) {
+            Some(_) => Ok(()),
+            None => Err(BackendError::Invalid(format!(
+                "File descriptor named '{name}' not found"
+            ))),
+        }
+    }
+
+    /// Takes the descriptor kept under `name` (`migrate uri=fd:NAME` consumes it, as QEMU).
+    pub fn take_named_fd(&self, name: &str) -> Option<std::os::fd::OwnedFd> {
+        self.lock().named_fds.remove(name)
+    }
+
+    /// The fd sets as `query-fdsets` reports them, highest id first as QEMU lists them:
+    /// `(set, [(fd, opaque)])`, each set's descriptors in the order they were added.
     pub fn fdsets(&self) -> Vec<FdSetInfo> {
         use std::os::fd::AsRawFd;
         self.lock()
             .fdsets
             .iter()
+            .rev()
             .map(|(id, fds)| {
                 let v = fds
                     .iter()
@@ -1163,6 +1443,50 @@ impl std::io::Write for PtyWriter {
     }
 }
 
+/// A pty master as the guest's input: what a program on the terminal types. The master
+/// is non-blocking, so the reader waits in `poll`; while no program holds the terminal
+/// (the master reads `EIO` or polls `POLLHUP`) it looks again every tenth of a second,
+/// as QEMU's pty chardev notices a connection by polling.
+struct PtyReader(Arc<std::fs::File>);
+
+impl std::io::Read for PtyReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let idle = std::time::Duration::from_millis(100);
+        loop {
+            let mut p = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on a descriptor this reader keeps open.
+            let r = unsafe { libc::poll(&mut p, 1, 1000) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                continue;
+            }
+            if p.revents & libc::POLLIN == 0 {
+                std::thread::sleep(idle);
+                continue;
+            }
+            match (&*self.0).read(buf) {
+                Ok(0) => std::thread::sleep(idle),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => std::thread::sleep(idle),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Writes to a backend and its log.
 struct Tee(Box<dyn std::io::Write + Send>, FileWriter);
 
@@ -1388,14 +1712,33 @@ mod tests {
                 .to_string()
                 .contains("Could not open")
         );
-        assert!(
-            b.add_net(
-                "n0",
-                NetBackend {
-                    ifname: "x".repeat(20)
-                }
-            )
-            .is_err()
+        let tap = |ifname: &str| NetdevSpec {
+            kind: "tap".into(),
+            ifname: Some(ifname.into()),
+            ..NetdevSpec::default()
+        };
+        assert!(b.add_netdev("n0", &tap(&"x".repeat(20))).is_err());
+        b.add_netdev("n0", &tap("keeltap0")).unwrap();
+        let e = b.add_netdev("n0", &tap("keeltap0")).unwrap_err();
+        assert_eq!(e.to_string(), "Duplicate netdev ID 'n0'");
+        let mut user = tap("t");
+        user.kind = "user".into();
+        let e = b.add_netdev("n1", &user).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Parameter 'ifname' is unexpected for type=user"
+        );
+        let mut net = tap("t");
+        net.user.net = Some("10.0.3.0/24".into());
+        let e = b.add_netdev("n1", &net).unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'net' is unexpected for type=tap");
+        assert_eq!(
+            b.user_net(None).unwrap_err().to_string(),
+            "user mode network stack not in use"
+        );
+        assert_eq!(
+            b.user_net(Some("n0")).unwrap_err().to_string(),
+            "invalid device specified"
         );
         b.add_chardev("c0", CharBackend::Null).unwrap();
         assert_eq!(b.chardev("c0").unwrap(), CharBackend::Null);

@@ -23,7 +23,7 @@ use keel_virtio::{
     RxPoller, VirtioDevice, VirtioMmioSlot,
 };
 
-use crate::backends::Backends;
+use crate::backends::{Backends, NetBackend};
 use crate::board::{Board, BoardContext, BoardError, BoardEvent, CpuInfo, MachineConfig};
 use crate::board::{GuestExitPolicy, MachineType, MachineTypeInfo};
 use crate::device_types::registry;
@@ -458,10 +458,18 @@ pub(crate) fn realize_isa_serial(
         )))),
         None => SerialOutput::Null,
     };
+    let input = match &cfg.chardev {
+        Some(id) => backends.char_reader(id)?,
+        None => None,
+    };
     let irq = host.irq_line(cfg.irq).map_err(|e| chain(&e))?;
     let serial = Arc::new(Serial::new(irq, output));
-    host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial)
+    host.map_pio(u64::from(cfg.iobase), Serial::LEN, serial.clone())
         .map_err(|e| format!("isa-serial at {:#x}: {e}", cfg.iobase))?;
+    // What a program on the backend's terminal types reaches the guest.
+    if let Some(input) = input {
+        keel_devices::spawn_input_thread(serial, input).map_err(|e| chain(&e))?;
+    }
     Ok(())
 }
 
@@ -486,6 +494,8 @@ pub(crate) fn virtio_backend(
     Ok(match kind {
         Block::QDEV_TYPE => {
             let props = BlockProps::from_props(p)?;
+            let drive = backends.drive_errors(&props.drive);
+            let props = props.inherit_on_error(drive.read.as_deref(), drive.write.as_deref())?;
             let b = backends.block(&props.drive)?;
             let cfg = props.config(&b.filename, b.read_only);
             let lease = backends.attach_block(&props.drive, !cfg.read_only, props.share_rw)?;
@@ -507,8 +517,11 @@ pub(crate) fn virtio_backend(
         }
         Net::QDEV_TYPE => {
             let props = NetProps::from_props(p)?;
-            let n = backends.net(&props.netdev)?;
-            let net = Arc::new(Mutex::new(Net::with_tap(&n.ifname, props.config())?));
+            let net = match backends.net(&props.netdev)? {
+                NetBackend::Tap { ifname } => Net::with_tap(&ifname, props.config())?,
+                NetBackend::User(user) => Net::with_user(&user, props.config())?,
+            };
+            let net = Arc::new(Mutex::new(net));
             let rx = RxPoller::spawn(net.clone())?;
             (net, Some(Keep::Rx(rx)))
         }

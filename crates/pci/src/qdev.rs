@@ -124,7 +124,7 @@ pub fn qdev_types() -> Vec<DeviceType> {
         virtio_pci_type(
             "virtio-net-pci",
             &Net::qdev_type(),
-            "virtio network device over PCI (tap backend)",
+            "virtio network device over PCI (tap or user backend)",
         ),
         virtio_pci_type(
             "virtio-rng-pci",

@@ -107,8 +107,40 @@ no_args_command!(
         req("removable", Type::bool()),
         req("locked", Type::bool()),
         opt("inserted", block_device_info()),
+        opt("io-status", Type::Enum {
+            name: "BlockDeviceIoStatus",
+            values: &["ok", "failed", "nospace"],
+        }),
     ])))
 );
+
+/// Data of the `BLOCK_IO_ERROR` event (a disk's host I/O failed and its `werror`/`rerror`
+/// policy decided `action`).
+pub fn block_io_error_data() -> Type {
+    Type::object(
+        "q_obj_BLOCK_IO_ERROR-arg",
+        vec![
+            req("device", Type::str()),
+            opt("node-name", Type::str()),
+            req(
+                "operation",
+                Type::Enum {
+                    name: "IoOperationType",
+                    values: &["read", "write"],
+                },
+            ),
+            req(
+                "action",
+                Type::Enum {
+                    name: "BlockErrorAction",
+                    values: &["ignore", "report", "stop"],
+                },
+            ),
+            opt("nospace", Type::bool()),
+            req("reason", Type::str()),
+        ],
+    )
+}
 
 /// `query-named-block-nodes`: every node made by `blockdev-add` / `-blockdev`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::block::BlockdevAdd;
 use crate::char::ChardevAdd;
-use crate::net::NetdevAdd;
+use crate::net::{NetdevAdd, StringWrapper};
 use crate::qdev::DeviceAdd;
 
 /// An option value that cannot be read; the text says what is wrong (QEMU's words where
@@ -144,6 +144,34 @@ fn json_pairs(text: &str) -> Result<Vec<(String, String)>, OptionError> {
     Ok(v)
 }
 
+/// Checks a `-drive` `rerror=`/`werror=` value as QEMU does (`-drive` takes neither
+/// `auto` nor a read action of `enospc`).
+fn drive_error_action(key: &str, value: &str) -> Result<(), OptionError> {
+    let write = key == "werror";
+    match value {
+        "ignore" | "report" | "stop" => Ok(()),
+        "enospc" if write => Ok(()),
+        _ => Err(err(format!(
+            "'{value}' invalid {} error action",
+            if write { "write" } else { "read" }
+        ))),
+    }
+}
+
+/// The `rerror=` and `werror=` of a `-drive` (checked by [`blockdev`]): the drive's error
+/// policy, which a disk on it follows unless its own property says otherwise.
+pub fn drive_error_policy(text: &str) -> Result<(Option<String>, Option<String>), OptionError> {
+    let mut policy = (None, None);
+    for (k, v) in split_opts(text, None)? {
+        match k.as_str() {
+            "rerror" => policy.0 = Some(v),
+            "werror" => policy.1 = Some(v),
+            _ => {}
+        }
+    }
+    Ok(policy)
+}
+
 /// `-drive ...,if=virtio`: QEMU's shorthand for a drive and the architecture's virtio disk
 /// (`virtio-blk`, on x86 the alias of `virtio-blk-pci`) that uses it. The drive's id,
 /// when not given, is QEMU's `virtio<N>` with N counting the `if=virtio` drives so far.
@@ -194,6 +222,7 @@ fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd,
             }
             ("blockdev", "cache.direct" | "cache.no-flush" | "aio")
             | ("drive", "cache" | "aio") => {}
+            ("drive", "rerror" | "werror") => drive_error_action(&k, &v)?,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         }
     }
@@ -217,30 +246,97 @@ fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd,
     })
 }
 
-/// `-netdev tap,id=N,ifname=IF,script=no,downscript=no`.
+/// `-netdev tap,id=N,ifname=IF,script=no,downscript=no` and
+/// `-netdev user,id=N[,net=ADDR[/MASK]][,host=][,dhcpstart=][,dns=][,hostname=]
+/// [,domainname=][,restrict=on|off][,ipv4=][,ipv6=][,hostfwd=RULE]...`.
 pub fn netdev(text: &str) -> Result<NetdevAdd, OptionError> {
-    let mut n = NetdevAdd {
-        kind: String::new(),
-        id: String::new(),
-        ifname: None,
-        script: None,
-        downscript: None,
-    };
-    for (k, v) in split_opts(text, Some("type"))? {
-        match k.as_str() {
-            "type" => n.kind = v,
-            "id" => n.id = v,
-            "ifname" => n.ifname = Some(v),
-            "script" => n.script = Some(v),
-            "downscript" => n.downscript = Some(v),
-            "vhost" if v == "off" => {}
-            _ => return Err(err(format!("Invalid parameter '{k}'"))),
-        }
-    }
+    let n = netdev_opts(split_opts(text, Some("type"))?)?;
     if n.id.is_empty() {
         return Err(err("Parameter 'id' is missing"));
     }
     Ok(n)
+}
+
+/// The options of one netdev (of `-netdev`, or what `-nic` leaves after its own).
+fn netdev_opts(opts: Vec<(String, String)>) -> Result<NetdevAdd, OptionError> {
+    let mut n = NetdevAdd::default();
+    for (k, v) in opts {
+        match k.as_str() {
+            "type" => n.kind = v,
+            "id" => n.id = v,
+            "vhost" if v == "off" => {}
+            "ifname" => n.ifname = Some(v),
+            "script" => n.script = Some(v),
+            "downscript" => n.downscript = Some(v),
+            "net" => n.net = Some(v),
+            "host" => n.host = Some(v),
+            "dhcpstart" => n.dhcpstart = Some(v),
+            "dns" => n.dns = Some(v),
+            "hostname" => n.hostname = Some(v),
+            "domainname" => n.domainname = Some(v),
+            "restrict" => n.restrict = Some(on_off(&k, &v)?),
+            "ipv4" => n.ipv4 = Some(on_off(&k, &v)?),
+            "ipv6" => n.ipv6 = Some(on_off(&k, &v)?),
+            // Repeatable: each one is a rule.
+            "hostfwd" => n
+                .hostfwd
+                .get_or_insert_with(Vec::new)
+                .push(StringWrapper { str: v }),
+            _ => return Err(err(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(n)
+}
+
+/// `-nic TYPE[,id=ID][,model=M][,mac=MAC][,backend options]` (QEMU's shorthand for a
+/// netdev and its NIC): the netdev (named `__org.qemu.nicN` without `id=`) and the
+/// device. QEMU's default model is `e1000` on `pc`, which Keel does not have, so a model
+/// must be given: `virtio-net-pci` (or `virtio`) on pc; `virtio-net-device` on microvm,
+/// where QEMU itself creates no NIC for `-nic`.
+pub fn nic(text: &str, index: usize) -> Result<(NetdevAdd, DeviceAdd), OptionError> {
+    let mut opts = split_opts(text, Some("type"))?;
+    let mut take = |key: &str| {
+        opts.iter()
+            .position(|(k, _)| k == key)
+            .map(|i| opts.remove(i).1)
+    };
+    let model = take("model");
+    let mac = take("mac");
+    let kind = take("type").unwrap_or_else(|| "user".into());
+    let id = take("id").unwrap_or_else(|| format!("__org.qemu.nic{index}"));
+    opts.push(("type".into(), kind));
+    opts.push(("id".into(), id.clone()));
+    let netdev = netdev_opts(opts)?;
+    let driver = match model.as_deref() {
+        None => {
+            return Err(err(
+                "QEMU's default NIC model (e1000 on pc) is not available in Keel: add \
+                 model=virtio-net-pci (pc) or model=virtio-net-device (microvm)",
+            ));
+        }
+        Some("virtio") => "virtio-net-pci".to_owned(),
+        Some(m @ ("virtio-net-pci" | "virtio-net-device")) => m.to_owned(),
+        Some(m) => {
+            return Err(err(format!(
+                "NIC model '{m}' is not available in Keel (use model=virtio-net-pci, or \
+                 virtio-net-device on microvm)"
+            )));
+        }
+    };
+    let mut props = Map::new();
+    props.insert("netdev".into(), Value::String(id));
+    if let Some(mac) = mac {
+        props.insert("mac".into(), Value::String(mac));
+    }
+    Ok((
+        netdev,
+        DeviceAdd {
+            driver,
+            id: None,
+            bus: None,
+            props,
+        },
+    ))
 }
 
 /// `-chardev file,id=ID,path=PATH[,append=on]`, `-chardev pty,id=ID`,

@@ -111,6 +111,16 @@ pub enum Action {
         /// Free text kept with it (`query-fdsets`).
         opaque: Option<String>,
     },
+    /// A `-drive`'s `rerror=`/`werror=`: the error policy of the drive `node`, followed by a
+    /// disk on it whose own property is absent or `auto` (QEMU's block backend policy).
+    DriveErrors {
+        /// The drive's id.
+        node: String,
+        /// `rerror=`.
+        rerror: Option<String>,
+        /// `werror=`.
+        werror: Option<String>,
+    },
     /// `-audiodev none,id=ID`: an audio backend that plays nothing.
     Audiodev {
         /// Its id.
@@ -268,6 +278,9 @@ Backends (from the start; devices name them):
   -snapshot                         -drive images are copied to a temporary file the
                                     guest writes to, discarded at exit
   -netdev tap,id=ID,ifname=IF,script=no,downscript=no
+  -netdev user,id=ID[,net=ADDR/MASK,host=,dhcpstart=,dns=,hostname=,domainname=,
+          restrict=on|off,ipv4=,ipv6=][,hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT]...
+  -nic user|tap,model=virtio-net-pci|virtio-net-device[,mac=MAC][,netdev options]
   -chardev file,id=ID,path=PATH[,append=on] | pty,id=ID | null,id=ID
                                     (each with [,logfile=PATH,logappend=on])
   -object secret,id=ID,data=S|file=PATH | memory-backend-ram,id=ID,size=SIZE
@@ -344,6 +357,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
     let mut steps: Vec<Step> = Vec::new();
     let mut chardevs: BTreeMap<String, Endpoint> = BTreeMap::new();
     let mut virtio_drives = 0;
+    let mut nics = 0;
     let mut i = 0;
     while i < args.len() {
         let raw = &args[i];
@@ -664,13 +678,21 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "incoming" => Action::Incoming(v.to_owned()),
             // No default NIC is what Keel's machines have anyway.
             "nic" | "net" if v == "none" => Action::Nothing,
-            "nic" | "net" => {
+            "nic" => {
+                let (netdev, device) = forms::nic(v, nics).map_err(opt_err(&option))?;
+                nics += 1;
+                steps.push(Step {
+                    option: option.clone(),
+                    action: Action::Netdev(netdev),
+                });
+                Action::Device(device)
+            }
+            "net" => {
                 return Err(syntax(
                     &option,
-                    format!(
-                        "only '-{name} none' is supported; use -netdev tap,id=N,... with \
-                         -device virtio-net-pci,netdev=N (or virtio-net-device on microvm)"
-                    ),
+                    "only '-net none' is supported; use -nic user,model=virtio-net-pci, or \
+                     -netdev user,id=N with -device virtio-net-pci,netdev=N (virtio-net-device \
+                     on microvm)",
                 ));
             }
             "uuid" if forms::uuid_ok(v) => Action::Uuid(v.to_ascii_lowercase()),
@@ -743,17 +765,42 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "qmp" => {
                 Action::Monitor(Endpoint::parse(v).map_err(|e| syntax(&option, e.to_string()))?)
             }
-            "drive" => match forms::virtio_drive(v, virtio_drives).map_err(opt_err(&option))? {
-                Some((drive, device)) => {
-                    virtio_drives += 1;
-                    steps.push(Step {
-                        option: option.clone(),
-                        action: Action::Blockdev(drive),
-                    });
-                    Action::Device(device)
+            "drive" => {
+                let (drive, device) =
+                    match forms::virtio_drive(v, virtio_drives).map_err(opt_err(&option))? {
+                        Some((drive, device)) => {
+                            virtio_drives += 1;
+                            (drive, Some(device))
+                        }
+                        None => (forms::blockdev(name, v).map_err(opt_err(&option))?, None),
+                    };
+                let (rerror, werror) = forms::drive_error_policy(v).map_err(opt_err(&option))?;
+                let node = drive.node_name.clone();
+                steps.push(Step {
+                    option: option.clone(),
+                    action: Action::Blockdev(drive),
+                });
+                match device {
+                    Some(device) if rerror.is_some() || werror.is_some() => {
+                        steps.push(Step {
+                            option: option.clone(),
+                            action: Action::DriveErrors {
+                                node,
+                                rerror,
+                                werror,
+                            },
+                        });
+                        Action::Device(device)
+                    }
+                    Some(device) => Action::Device(device),
+                    None if rerror.is_some() || werror.is_some() => Action::DriveErrors {
+                        node,
+                        rerror,
+                        werror,
+                    },
+                    None => Action::Nothing,
                 }
-                None => Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?),
-            },
+            }
             "blockdev" => Action::Blockdev(forms::blockdev(name, v).map_err(opt_err(&option))?),
             "netdev" => Action::Netdev(forms::netdev(v).map_err(opt_err(&option))?),
             "chardev" => match forms::char_backend(v).map_err(opt_err(&option))? {

@@ -39,6 +39,7 @@ pub mod block;
 pub mod char;
 pub mod cli;
 pub mod cmdline;
+pub mod fd;
 pub mod machine;
 pub mod migration;
 pub mod misc;
@@ -120,6 +121,11 @@ macro_rules! for_each_command {
                 $crate::migration::MigrateIncoming,
                 $crate::migration::QueryMigrate,
                 $crate::migration::MigrateCancel,
+                $crate::fd::Getfd,
+                $crate::fd::Closefd,
+                $crate::fd::AddFd,
+                $crate::fd::RemoveFd,
+                $crate::fd::QueryFdsets,
             ],
             aliases: [$crate::machine::MachineDone => "x-exit-preconfig"],
             context_free: [$crate::misc::QueryYank, $crate::misc::Yank],
@@ -131,6 +137,7 @@ macro_rules! for_each_command {
 pub fn events() -> Vec<(&'static str, Option<Type>)> {
     vec![
         ("DEVICE_DELETED", Some(qdev::device_deleted_data())),
+        ("BLOCK_IO_ERROR", Some(block::block_io_error_data())),
         (
             "DEVICE_UNPLUG_GUEST_ERROR",
             Some(qdev::device_unplug_guest_error_data()),

@@ -264,6 +264,8 @@ pub(crate) struct Client {
     mon: Arc<MonitorCtx>,
     outbox: Arc<Outbox>,
     st: Mutex<ClientState>,
+    /// Descriptors the client passed (`SCM_RIGHTS`) for its next `getfd`/`add-fd`.
+    passed: crate::passfd::Held,
 }
 
 fn send_nb(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
@@ -428,7 +430,7 @@ fn run_in_band(exec: &Arc<Executors>) {
             loop_wake(c.id);
             continue;
         };
-        let reply = session.respond(m, &*mon.dispatcher);
+        let reply = crate::passfd::with_held(&c.passed, || session.respond(m, &*mon.dispatcher));
         let answered = session.take_answered();
         let (more, wake) = {
             let mut st = lock(&c.st);
@@ -818,6 +820,7 @@ impl EventLoop {
             raw,
             mon: mon.clone(),
             outbox: outbox.clone(),
+            passed: Default::default(),
             st: Mutex::new(ClientState {
                 session: Some(Session::with_oob(Some(outbox), true)),
                 oob: false,
@@ -886,15 +889,11 @@ impl EventLoop {
 
         // Input: one read per turn, and only once what was read before is parsed.
         if readable && !conn.eof && conn.pending_pos == conn.pending.len() && st.doomed.is_none() {
-            // SAFETY: reads into the loop's buffer of READ_CHUNK bytes from an open socket.
-            let r = unsafe {
-                libc::recv(
-                    client.raw,
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let (r, fds) = crate::passfd::recv_with_fds(client.raw, &mut self.buf);
+            if !fds.is_empty() {
+                // As QEMU: descriptors that come with new bytes replace those still held.
+                *client.passed.lock().unwrap_or_else(|e| e.into_inner()) = fds;
+            }
             if r > 0 {
                 let n = r as usize;
                 conn.pending.clear();

@@ -27,6 +27,7 @@ pub mod events;
 mod evloop;
 pub mod json;
 pub mod pace;
+pub mod passfd;
 mod registry;
 pub mod schema;
 pub mod server;

@@ -18,6 +18,10 @@
 //!   on open images, tap reads and writes. No ioctl at all, no `socket`, no writable `open`.
 //! * **monitor**: the QMP event loop (`qmp-loop`): epoll, accept, read and write on sockets.
 //!   No `open`, no `socket`, no ioctl but `FIONBIO`.
+//! * **net**: a user network's thread (`slirp`, `-netdev user`): the guest's TCP and UDP
+//!   flows as host sockets (`socket`, `connect`, `bind`, `listen`, `accept`, send and
+//!   receive), `poll`, read-only `open` (libslirp reads `/etc/resolv.conf`), ioctl
+//!   `FIONBIO`/`FIONREAD` only. No KVM, no writable `open`, no process.
 //!
 //! Filters stack: a thread keeps the baseline it inherited and adds its class's filter, so a
 //! class can only narrow the baseline. The lists were derived by running the VMM's suites
@@ -114,15 +118,18 @@ pub enum ThreadClass {
     Worker,
     /// The QMP event loop.
     Monitor,
+    /// A user network's thread (`-netdev user`): the sockets libslirp makes for the guest.
+    Net,
 }
 
 impl ThreadClass {
     /// Every class, in the order of their seccomp return data (1..).
-    pub const ALL: [ThreadClass; 4] = [
+    pub const ALL: [ThreadClass; 5] = [
         ThreadClass::Main,
         ThreadClass::Vcpu,
         ThreadClass::Worker,
         ThreadClass::Monitor,
+        ThreadClass::Net,
     ];
 
     /// The class's name in messages.
@@ -132,6 +139,7 @@ impl ThreadClass {
             ThreadClass::Vcpu => "vcpu",
             ThreadClass::Worker => "worker",
             ThreadClass::Monitor => "monitor",
+            ThreadClass::Net => "net",
         }
     }
 
@@ -142,6 +150,7 @@ impl ThreadClass {
             ThreadClass::Vcpu => 2,
             ThreadClass::Worker => 3,
             ThreadClass::Monitor => 4,
+            ThreadClass::Net => 5,
         }
     }
 }

@@ -141,6 +141,34 @@ const MONITOR: &[i64] = &[
     libc::SYS_poll,
 ];
 
+/// A user network's thread: the sockets libslirp opens for the guest's flows and for
+/// `hostfwd` listeners, polled with `poll(2)`; `/etc/resolv.conf` read for the DNS proxy.
+const NET: &[i64] = &[
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_fcntl,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_stat,
+    libc::SYS_lseek,
+];
+
 /// What only the main class does: open files, sockets and /dev/kvm, build the machine,
 /// serve the monitors' commands (device_add, blockdev-add, netdev_add...).
 const MAIN: &[i64] = &[
@@ -355,6 +383,17 @@ pub(crate) fn for_class(class: ThreadClass, options: &SandboxOptions, drop_pendi
             rules.insert(
                 libc::SYS_ioctl,
                 vec![rule(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)])],
+            );
+        }
+        ThreadClass::Net => {
+            allow(&mut rules, NET);
+            rules.insert(libc::SYS_openat, openat_read_only());
+            rules.insert(
+                libc::SYS_ioctl,
+                [libc::FIONBIO, libc::FIONREAD]
+                    .iter()
+                    .map(|op| rule(vec![cond(1, SeccompCmpOp::Eq, *op)]))
+                    .collect(),
             );
         }
         ThreadClass::Main => {

@@ -738,6 +738,8 @@ pub struct BlockProps {
     pub share_rw: bool,
     /// `rerror=` and `werror=` (QEMU's device properties; `auto` is the default).
     pub on_error: ErrorPolicy,
+    /// Which of `rerror`/`werror` the device set itself (not `auto`).
+    pub explicit_on_error: (Option<OnError>, Option<OnError>),
 }
 
 impl BlockProps {
@@ -762,17 +764,20 @@ impl BlockProps {
         if !queue_size.is_power_of_two() || queue_size > 32768 {
             return Err(Error::QueueSize(queue_size));
         }
-        let on_error = |property: &'static str, default| match props.str(property) {
-            None => Ok(default),
-            Some(v) => OnError::parse(v, default).ok_or_else(|| Error::OnError {
-                property,
-                value: v.to_owned(),
-            }),
+        let explicit = |property: &'static str| match props.str(property) {
+            None | Some("auto") => Ok(None),
+            Some(v) => OnError::parse(v, OnError::Report)
+                .map(Some)
+                .ok_or_else(|| Error::OnError {
+                    property,
+                    value: v.to_owned(),
+                }),
         };
+        let explicit = (explicit("rerror")?, explicit("werror")?);
         let defaults = ErrorPolicy::default();
         let on_error = ErrorPolicy {
-            read: on_error("rerror", defaults.read)?,
-            write: on_error("werror", defaults.write)?,
+            read: explicit.0.unwrap_or(defaults.read),
+            write: explicit.1.unwrap_or(defaults.write),
         };
         Ok(Self {
             drive: drive.to_owned(),
@@ -781,7 +786,38 @@ impl BlockProps {
             queue_size,
             share_rw: props.bool("share-rw").unwrap_or(false),
             on_error,
+            explicit_on_error: explicit,
         })
+    }
+
+    /// Takes the drive's error policy (`-drive ...,rerror=,werror=`, QAPI spellings) where
+    /// the device's own property is absent or `auto`, as QEMU's disks take their block
+    /// backend's. A value that is not QAPI's is refused.
+    pub fn inherit_on_error(
+        mut self,
+        read: Option<&str>,
+        write: Option<&str>,
+    ) -> Result<Self, Error> {
+        let parse = |property: &'static str, v: Option<&str>| {
+            v.map(|v| {
+                OnError::parse(v, OnError::Report).ok_or_else(|| Error::OnError {
+                    property,
+                    value: v.to_owned(),
+                })
+            })
+            .transpose()
+        };
+        if self.explicit_on_error.0.is_none()
+            && let Some(r) = parse("rerror", read)?
+        {
+            self.on_error.read = r;
+        }
+        if self.explicit_on_error.1.is_none()
+            && let Some(w) = parse("werror", write)?
+        {
+            self.on_error.write = w;
+        }
+        Ok(self)
     }
 
     /// The device configuration for the image at `path`; the disk is read-only if either

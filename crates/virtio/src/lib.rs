@@ -5,7 +5,7 @@
 //!   register block (modern layout, `Version == 2`) for any [`VirtioDevice`].
 //! * Devices: [`Block`] (`virtio-blk-device`, raw file), [`Rng`] (`virtio-rng-device`,
 //!   host `/dev/urandom`), [`Console`] (single-port virtio console, shown by Linux as `hvc0`),
-//!   [`Net`] (`virtio-net-device`, tap or any [`NetBackend`]).
+//!   [`Net`] (`virtio-net-device`, tap, a `keel-slirp` user network or any [`NetBackend`]).
 //! * [`Interrupt`] is the device's side of the interrupt: the interrupt status register,
 //!   the level-triggered [`keel_accel::IrqLine`], the `DEVICE_NEEDS_RESET` flag and the
 //!   config generation, shared by the transport and whatever thread processes a queue.
@@ -165,6 +165,7 @@ mod qdev_tests {
                 queue_size: 256,
                 share_rw: false,
                 on_error: ErrorPolicy::default(),
+                explicit_on_error: (None, None),
             }
         );
         let c = p.config("/x.img", true);
@@ -282,6 +283,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A user network (`-netdev user`) could not be attached.
+    #[error("{0}")]
+    UserNet(String),
     /// An interface name that the kernel cannot accept.
     #[error("invalid tap interface name '{0}': 1 to 15 bytes, no NUL")]
     InvalidIfname(String),

@@ -1,4 +1,5 @@
-//! virtio-net (`virtio-net-device`) over a tap interface or any [`NetBackend`].
+//! virtio-net (`virtio-net-device`) over a tap interface, a user network (libslirp, see
+//! `keel-slirp`) or any [`NetBackend`].
 
 use keel_qdev::{BusType, DeviceType, PropSpec, Props};
 use std::io;
@@ -130,6 +131,12 @@ impl Net {
         Ok(Self::new(Box::new(Tap::open(ifname)?), config))
     }
 
+    /// A device on user network `net` (`-netdev user`); fails if another device uses it.
+    pub fn with_user(net: &keel_slirp::UserNet, config: NetConfig) -> Result<Self, Error> {
+        let port = net.attach().map_err(|e| Error::UserNet(e.to_string()))?;
+        Ok(Self::new(Box::new(port), config))
+    }
+
     /// The backend descriptor to watch for readability (register it with the event loop,
     /// edge-triggered, and call [`Net::poll_rx`] when it fires).
     pub fn rx_fd(&self) -> Option<RawFd> {
@@ -228,6 +235,27 @@ impl Net {
             log::debug!("virtio-net: backend send failed, frame dropped: {e}");
         }
         Outcome::Used(0)
+    }
+}
+
+/// A user network's port carries bare Ethernet frames: the header is added on the way to
+/// the guest (no offloads, so all zero) and taken off on the way out.
+impl NetBackend for keel_slirp::UserPort {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(payload) = buf.get_mut(NET_HDR_LEN..) else {
+            return Err(io::ErrorKind::InvalidInput.into());
+        };
+        let n = keel_slirp::UserPort::recv(self, payload)?;
+        buf[..NET_HDR_LEN].fill(0);
+        Ok(n + NET_HDR_LEN)
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        keel_slirp::UserPort::send(self, frame.get(NET_HDR_LEN..).unwrap_or_default())
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.fd())
     }
 }
 
@@ -388,7 +416,7 @@ impl Net {
     pub fn qdev_type() -> DeviceType {
         DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
             .category(keel_qdev::Category::Network)
-            .description("virtio network device (tap backend)")
+            .description("virtio network device (tap or user backend)")
             .prop(PropSpec::string("netdev").description("network backend id (netdev_add)"))
             .prop(
                 PropSpec::string("mac")
