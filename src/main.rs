@@ -51,6 +51,16 @@ impl log::Log for StderrLogger {
     }
 
     fn log(&self, record: &log::Record<'_>) {
+        if let Some(file) = GUEST_LOG.get()
+            && record.level() <= log::Level::Warn
+            && GUEST_LOG_TARGETS
+                .iter()
+                .any(|t| record.target().starts_with(t))
+        {
+            let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(f, "{}", record.args());
+            return;
+        }
         if !self.enabled(record.metadata()) {
             return;
         }
@@ -73,6 +83,32 @@ impl log::Log for StderrLogger {
     fn flush(&self) {
         let _ = std::io::stderr().flush();
     }
+}
+
+/// `-d guest_errors|unimp -D FILE`: where the device models' warnings about the guest go.
+static GUEST_LOG: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
+
+/// The crates whose warnings are about what the guest did (QEMU's `guest_errors` and
+/// `unimp` log items).
+const GUEST_LOG_TARGETS: &[&str] = &["keel_devices", "keel_virtio", "keel_pci", "keel_tcg"];
+
+/// Opens the `-D` file when `-d` asks for guest errors (QEMU opens it, truncated, at
+/// start-up and fails if it cannot).
+fn open_guest_log(steps: &[cli::Step]) -> Result<(), String> {
+    let items = steps.iter().any(|s| {
+        matches!(&s.action, Action::LogItems(i)
+            if i.iter().any(|i| i == "guest_errors" || i == "unimp"))
+    });
+    let file = steps.iter().rev().find_map(|s| match &s.action {
+        Action::LogFile(p) => Some(p.clone()),
+        _ => None,
+    });
+    if let (true, Some(p)) = (items, file) {
+        let f = std::fs::File::create(&p)
+            .map_err(|e| format!("Error opening logfile {}: {e}", p.display()))?;
+        let _ = GUEST_LOG.set(std::sync::Mutex::new(f));
+    }
+    Ok(())
 }
 
 /// `-msg timestamp=on` was given: error lines start with the time, as QEMU's.
@@ -325,8 +361,16 @@ fn main() -> ExitCode {
             }
             return ExitCode::SUCCESS;
         }
+        Ok(Invocation::LogUsage) => {
+            print!("{}", cli::LOG_HELP);
+            return ExitCode::from(1);
+        }
         Ok(Invocation::Run(steps)) => steps,
     };
+    if let Err(e) = open_guest_log(&steps) {
+        report!("{e}");
+        return ExitCode::from(1);
+    }
 
     if steps
         .iter()

@@ -13,7 +13,7 @@ use keel_phase::Phase;
 use keel_qmp::CommandError;
 
 pub use keel_qapi::cmdline::{
-    Action, CliError, HELP, Invocation, Step, parse, split_opts, timestamp_prefix,
+    Action, CliError, HELP, Invocation, LOG_HELP, Step, parse, split_opts, timestamp_prefix,
 };
 
 use crate::Vmm;
@@ -114,6 +114,14 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::Blockdev(b) => {
                 vmm.execute(b.clone()).map_err(cmd(opt))?;
             }
+            Action::DriveSnapshot(b) => {
+                let mut b = b.clone();
+                if let Some(f) = &b.filename {
+                    let copy = keel_machine::backends::temporary_copy(f);
+                    b.filename = Some(copy.map_err(|e| syntax_err(opt, e))?);
+                }
+                vmm.execute(b).map_err(cmd(opt))?;
+            }
             Action::DriveErrors {
                 node,
                 rerror,
@@ -146,14 +154,24 @@ pub fn execute(vmm: &Vmm, steps: &[Step]) -> Result<Outcome, CliError> {
             Action::Audiodev { id, driver } => {
                 backend(opt, vmm.backends().add_audiodev(id, driver))?
             }
+            Action::Global(g) => vmm.backends().add_global(g.clone()),
+            Action::RtcBase(b) => backend(opt, vmm.backends().set_rtc_base(b))?,
+            Action::MemPrealloc => vmm.backends().set_mem_prealloc(),
+            Action::Echr(c) => keel_machine::set_mux_escape(*c),
             Action::MemLock => backend(opt, keel_machine::backends::lock_all_memory())?,
+            Action::SetAction(a) => vmm.execute(a.clone()).map_err(cmd(opt))?,
             Action::NoShutdown => vmm
                 .execute(SetAction {
                     shutdown: Some("pause".into()),
                     ..SetAction::default()
                 })
                 .map_err(cmd(opt))?,
-            Action::PidFile(_) | Action::Daemonize | Action::MsgTimestamp | Action::Nothing => {}
+            Action::PidFile(_)
+            | Action::Daemonize
+            | Action::MsgTimestamp
+            | Action::LogItems(_)
+            | Action::LogFile(_)
+            | Action::Nothing => {}
         }
     }
     pending.flush(vmm)?;
@@ -180,10 +198,14 @@ fn backend(
     option: &str,
     r: Result<(), keel_machine::backends::BackendError>,
 ) -> Result<(), CliError> {
-    r.map_err(|e| CliError::Syntax {
+    r.map_err(|e| syntax_err(option, e))
+}
+
+fn syntax_err(option: &str, e: keel_machine::backends::BackendError) -> CliError {
+    CliError::Syntax {
         option: option.to_owned(),
         message: e.to_string(),
-    })
+    }
 }
 
 /// `later` over `earlier`: what the later option sets wins, machine properties are merged.

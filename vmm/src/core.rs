@@ -370,6 +370,11 @@ impl VmmCore {
             .as_ref()
             .ok_or_else(|| generic("the machine configuration is missing"))?;
         board.done(cfg).map_err(board_error)?;
+        board
+            .devices()
+            .global_warnings()
+            .iter()
+            .for_each(|w| log::warn!("{w}"));
         self.tracker.advance(Phase::MachineReady).map_err(generic)?;
         match self.migration.incoming.clone() {
             Some(uri) => self.migrate_incoming(&uri),

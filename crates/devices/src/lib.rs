@@ -20,6 +20,7 @@ mod acpi_ged;
 mod acpi_pm;
 mod debug_exit;
 mod i8042;
+pub mod mux;
 mod rtc;
 mod serial;
 
@@ -33,10 +34,11 @@ pub use acpi_pm::{
 };
 pub use debug_exit::{DebugExit, DebugExitConfig, DebugExitError};
 pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, I8042Snapshot};
+pub use mux::{MuxByte, MuxInput, mux_escape, mux_help, set_mux_escape};
 pub use rtc::{CmosMemoryLayout, Rtc, RtcDateTime, RtcSnapshot};
 pub use serial::{
     CAPTURE_LIMIT, Capture, IrqTrigger, Serial, SerialConfig, SerialError, SerialInputSignal,
-    SerialOutput, SerialSnapshot, SharedWriter, spawn_input_thread,
+    SerialOutput, SerialSnapshot, SharedWriter, spawn_input_thread, spawn_mux_input_thread,
 };
 
 /// The qdev types of this crate's devices, for a machine to register in one line:

@@ -248,6 +248,14 @@ impl Rtc {
         }
     }
 
+    /// Sets the guest's time to the host's UTC time plus `secs` (QEMU's `-rtc base=`:
+    /// `localtime` is the zone's offset, a date is that date minus now); it runs from there.
+    pub fn set_offset_secs(&self, secs: i64) {
+        let mut s = lock(&self.inner.state);
+        s.offset = i128::from(secs) * NANOS;
+        s.frozen = None;
+    }
+
     /// Fills the memory-size bytes as QEMU's microvm does.
     pub fn set_memory_layout(&self, mem: CmosMemoryLayout) {
         const KIB: u64 = 1024;

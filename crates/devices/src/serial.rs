@@ -355,12 +355,25 @@ impl BusDevice for Serial {
 /// for the guest to drain it. The thread holds only an `Arc` and ends with the stream.
 pub fn spawn_input_thread(
     serial: Arc<Serial>,
+    input: Box<dyn Read + Send>,
+) -> Result<JoinHandle<()>, SerialError> {
+    spawn_mux_input_thread(serial, input, None)
+}
+
+/// [`spawn_input_thread`], with QEMU's mux escapes when `escape` is given (`-serial
+/// mon:stdio`, see [`crate::mux`]): its help goes to standard output, and its exit command
+/// writes QEMU's last words there and ends the process with status 0, as QEMU does.
+pub fn spawn_mux_input_thread(
+    serial: Arc<Serial>,
     mut input: Box<dyn Read + Send>,
+    escape: Option<u8>,
 ) -> Result<JoinHandle<()>, SerialError> {
     std::thread::Builder::new()
         .name("serial-input".into())
         .spawn(move || {
+            let mut mux = escape.map(crate::mux::MuxInput::new);
             let mut buf = [0u8; 64];
+            let mut guest = Vec::with_capacity(64);
             loop {
                 let n = match input.read(&mut buf) {
                     Ok(0) => return,
@@ -368,9 +381,34 @@ pub fn spawn_input_thread(
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
+                guest.clear();
+                match mux.as_mut() {
+                    None => guest.extend_from_slice(&buf[..n]),
+                    Some(m) => {
+                        for &b in &buf[..n] {
+                            match m.byte(b) {
+                                crate::mux::MuxByte::Send(b) => guest.push(b),
+                                crate::mux::MuxByte::Nothing => {}
+                                crate::mux::MuxByte::Help => {
+                                    let mut out = io::stdout().lock();
+                                    let _ = out.write_all(
+                                        crate::mux::mux_help(crate::mux::mux_escape()).as_bytes(),
+                                    );
+                                    let _ = out.flush();
+                                }
+                                crate::mux::MuxByte::Exit => {
+                                    let mut out = io::stdout().lock();
+                                    let _ = out.write_all(crate::mux::MUX_TERMINATED.as_bytes());
+                                    let _ = out.flush();
+                                    std::process::exit(0);
+                                }
+                            }
+                        }
+                    }
+                }
                 let mut off = 0;
-                while off < n {
-                    let k = serial.enqueue_input(&buf[off..n]);
+                while off < guest.len() {
+                    let k = serial.enqueue_input(&guest[off..]);
                     off += k;
                     if k == 0 {
                         serial.signal.wait(Duration::from_millis(20));

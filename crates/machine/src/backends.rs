@@ -281,6 +281,14 @@ pub enum UserObject {
         /// A machine took it as its RAM.
         used: bool,
     },
+    /// `rng-random`: an entropy source read from a host file (`filename`, by default
+    /// `/dev/urandom`), for `virtio-rng-*,rng=ID`.
+    RngRandom {
+        /// The host file.
+        filename: String,
+    },
+    /// `rng-builtin`: QEMU's own entropy (the host's `/dev/urandom` for Keel).
+    RngBuiltin,
 }
 
 /// Errors of the backend store; the text becomes a QMP `GenericError`.
@@ -424,6 +432,12 @@ struct Inner {
     drive_errors: BTreeMap<String, DriveErrors>,
     net: BTreeMap<String, NetBackend>,
     chardev: BTreeMap<String, CharBackend>,
+    /// `-global` defaults, in the order given.
+    globals: Vec<keel_qdev::GlobalProp>,
+    /// `-rtc base=`: the guest's RTC time minus the host's UTC time, seconds.
+    rtc_offset: Option<i64>,
+    /// `-mem-prealloc`: the board touches every page of guest RAM when it builds it.
+    mem_prealloc: bool,
 }
 
 /// The backend store, shared by the VMM core (commands) and the board (realize).
@@ -438,6 +452,41 @@ impl Backends {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a `-global` default; the board hands them to its device tree when it is built
+    /// (they are command-line state read by the board, like the backends).
+    pub fn add_global(&self, g: keel_qdev::GlobalProp) {
+        self.lock().globals.push(g);
+    }
+
+    /// `-rtc base=utc|localtime|DATE`: the RTC the board builds starts there (see
+    /// [`rtc_offset`]); QEMU's error text for a malformed date.
+    pub fn set_rtc_base(&self, base: &str) -> Result<(), BackendError> {
+        let off = rtc_offset(base, now_unix()).map_err(BackendError::Invalid)?;
+        self.lock().rtc_offset = Some(off);
+        Ok(())
+    }
+
+    /// The RTC's start as the guest's time minus the host's UTC time, seconds, if `-rtc
+    /// base=` was given.
+    pub fn rtc_offset(&self) -> Option<i64> {
+        self.lock().rtc_offset
+    }
+
+    /// `-mem-prealloc`: every page of the guest's RAM is allocated when the machine is built.
+    pub fn set_mem_prealloc(&self) {
+        self.lock().mem_prealloc = true;
+    }
+
+    /// Whether `-mem-prealloc` was given.
+    pub fn mem_prealloc(&self) -> bool {
+        self.lock().mem_prealloc
+    }
+
+    /// The `-global` defaults, in the order given.
+    pub fn globals(&self) -> Vec<keel_qdev::GlobalProp> {
+        self.lock().globals.clone()
     }
 
     /// Every block node, by name.
@@ -955,6 +1004,23 @@ impl Backends {
         insert(&mut inner.objects, "object", id, object)
     }
 
+    /// The entropy source of `virtio-rng-*,rng=ID`: the `rng-random` object's file opened,
+    /// or `None` for `rng-builtin` (the device's default source). QEMU's words otherwise.
+    pub fn rng_source(&self, id: &str) -> Result<Option<std::fs::File>, BackendError> {
+        match self.object(id) {
+            Some(UserObject::RngRandom { filename }) => {
+                std::fs::File::open(&filename).map(Some).map_err(|e| {
+                    BackendError::Invalid(format!("Could not open '{filename}': {}", os_reason(&e)))
+                })
+            }
+            Some(UserObject::RngBuiltin) => Ok(None),
+            Some(_) => Err(BackendError::Invalid(format!(
+                "Invalid parameter type for 'rng', expected: an rng-random or rng-builtin object ('{id}' is not one)"
+            ))),
+            None => Err(BackendError::Invalid(format!("Device '{id}' not found"))),
+        }
+    }
+
     /// The object `id`, if there is one.
     pub fn object(&self, id: &str) -> Option<UserObject> {
         self.lock().objects.get(id).cloned()
@@ -1126,6 +1192,134 @@ pub fn take_common_machine_props(
         }
     }
     Ok(props.remove("memory-backend"))
+}
+
+/// `-snapshot`: a private copy of the image at `path` that the guest can write to, gone
+/// when the process exits (QEMU writes to a temporary overlay instead; for a raw image the
+/// effect is the same). The copy is an unnamed file in `$TMPDIR` (else `/var/tmp`, as
+/// QEMU's overlays) held open for the life of the process and opened again through
+/// `/proc/self/fd/N`, the path returned.
+pub fn temporary_copy(path: &std::path::Path) -> Result<PathBuf, BackendError> {
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |what: &str, e: std::io::Error| {
+        BackendError::Invalid(format!(
+            "-snapshot: cannot {what} '{}': {}",
+            path.display(),
+            os_reason(&e)
+        ))
+    };
+    let dir = std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let mut src = std::fs::File::open(path).map_err(|e| fail("open", e))?;
+    let mut copy = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(&dir)
+        .map_err(|e| fail(&format!("make a temporary copy in {} of", dir.display()), e))?;
+    // By hand (read, write, seek): all-zero blocks stay holes, and no call outside the
+    // main thread class's filter (copy_file_range) is made.
+    let copied = (|| -> std::io::Result<()> {
+        use std::io::{Read, Seek, Write};
+        let mut buf = vec![0u8; 64 << 10];
+        let mut len = 0u64;
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf[..n].iter().all(|b| *b == 0) {
+                copy.seek(std::io::SeekFrom::Current(n as i64))?;
+            } else {
+                copy.write_all(&buf[..n])?;
+            }
+            len += n as u64;
+        }
+        copy.set_len(len)
+    })();
+    copied.map_err(|e| fail("copy", e))?;
+    // Kept open until the process exits: the copy's only reference.
+    let fd = copy.into_raw_fd();
+    Ok(PathBuf::from(format!("/proc/self/fd/{fd}")))
+}
+
+/// `-mem-prealloc`: allocates every page of `mem` now (by writing a zero into each page
+/// of the still-zeroed RAM), as QEMU's preallocation, so the guest never waits for the
+/// host to find memory and a host short of it fails at start rather than later.
+pub fn prealloc(mem: &keel_accel::GuestMemory) {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    const PAGE: u64 = 4096;
+    for region in mem.iter() {
+        let start = region.start_addr();
+        let mut off = 0;
+        while off < region.len() {
+            // The RAM was just mapped and nothing has written to it: zero stays zero.
+            let _ = mem.write_obj(0u8, vm_memory::GuestAddress(start.0 + off));
+            off += PAGE;
+        }
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// QEMU's `-rtc base=`: the guest's RTC time minus the host's UTC time at `now` (seconds
+/// since the epoch), in seconds. `utc`: 0; `localtime`: the host time zone's offset from
+/// UTC now; `YYYY-MM-DD[THH:MM:SS]`: the RTC shows that date and time now and runs from
+/// there. The error is QEMU's text.
+pub fn rtc_offset(base: &str, now: i64) -> Result<i64, String> {
+    match base {
+        "utc" => return Ok(0),
+        "localtime" => {
+            let t: libc::time_t = now;
+            // SAFETY: tm is plain data that localtime_r fills; both pointers are valid for
+            // the call.
+            let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let ok = !unsafe { libc::localtime_r(&t, &mut tm) }.is_null();
+            return Ok(if ok { tm.tm_gmtoff } else { 0 });
+        }
+        _ => {}
+    }
+    let bad = || {
+        "invalid datetime format\nvalid formats: '2006-06-17T16:01:21' or '2006-06-17'".to_owned()
+    };
+    let (date, time) = base.split_once('T').unwrap_or((base, "00:00:00"));
+    let num = |s: &str| s.trim().parse::<i64>().map_err(|_| bad());
+    let d: Vec<i64> = date.split('-').map(num).collect::<Result<_, _>>()?;
+    let t: Vec<i64> = time.split(':').map(num).collect::<Result<_, _>>()?;
+    let ([y, mo, da], [h, mi, se]) = (d.as_slice(), t.as_slice()) else {
+        return Err(bad());
+    };
+    if !(1..=12).contains(mo)
+        || !(1..=31).contains(da)
+        || !(0..=23).contains(h)
+        || !(0..=59).contains(mi)
+        || !(0..=59).contains(se)
+    {
+        return Err(bad());
+    }
+    // Each value was checked to fit above.
+    let u = |v: i64| u32::try_from(v).unwrap_or(0);
+    let dt = keel_devices::RtcDateTime {
+        year: (*y).clamp(0, 9999),
+        month: u(*mo),
+        day: u(*da),
+        hour: u(*h),
+        minute: u(*mi),
+        second: u(*se),
+        weekday: 1,
+    };
+    Ok(dt.to_unix() - now)
 }
 
 /// `-overcommit mem-lock=on`: locks every page of the process in RAM, now and from now on
@@ -1465,9 +1659,23 @@ fn user_object(qom_type: &str, props: &[(String, String)]) -> Result<UserObject,
                 Some(size) => Ok(UserObject::MemoryBackendRam { size, used: false }),
             }
         }
+        "rng-random" => {
+            let mut filename = "/dev/urandom".to_owned();
+            for (k, v) in props {
+                match k.as_str() {
+                    "filename" => filename = v.clone(),
+                    _ => return Err(bad(k)),
+                }
+            }
+            Ok(UserObject::RngRandom { filename })
+        }
+        "rng-builtin" => match props.first() {
+            Some((k, _)) => Err(bad(k)),
+            None => Ok(UserObject::RngBuiltin),
+        },
         other => Err(BackendError::Invalid(format!(
             "Parameter 'qom-type' does not accept value '{other}' (Keel's object types: \
-             secret, memory-backend-ram)"
+             secret, memory-backend-ram, rng-random, rng-builtin)"
         ))),
     }
 }

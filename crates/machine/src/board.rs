@@ -442,10 +442,11 @@ impl MachineType for NoneMachine {
         &self,
         _cfg: &MachineConfig,
         _accel: Arc<dyn Accelerator>,
-        _ctx: &BoardContext,
+        ctx: &BoardContext,
     ) -> Result<Box<dyn Board>, BoardError> {
         let mut tree = crate::device_types::empty_tree();
         tree.set_machine_type("none-machine");
+        tree.set_globals(ctx.backends.globals());
         Ok(Box::new(NoneBoard(tree)))
     }
 }

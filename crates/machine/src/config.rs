@@ -75,6 +75,13 @@ pub enum SerialBackend {
     Stdio,
     /// Standard output only (no input thread).
     Stdout,
+    /// QEMU's `mon:stdio` (`-nographic`'s default): standard input and output, with the
+    /// mux's escapes on input (`keel_devices::mux`: C-a h, C-a x, C-a C-a).
+    MuxStdio,
+    /// A character backend by id (`-serial chardev:ID`); the built-in boards resolve it
+    /// against their backends into [`SerialBackend::Writer`] (or `Stdio` for a stdio one).
+    /// Left unresolved, the port has nothing attached.
+    Chardev(String),
     /// A file, created or truncated.
     File(PathBuf),
     /// A UART with nothing attached.

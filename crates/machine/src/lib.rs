@@ -72,7 +72,7 @@ pub use config::{
     BadOnOffAuto, MACHINE_PROPERTIES, MicrovmConfig, OnOffAuto, PropertyError, SerialBackend,
 };
 pub use disk_errors::{BlockIoError, query_block};
-pub use keel_devices::{Capture, SharedWriter};
+pub use keel_devices::{Capture, SharedWriter, set_mux_escape};
 #[cfg(feature = "demo-guest")]
 pub use microvm::DEMO_GUEST;
 pub use microvm::{

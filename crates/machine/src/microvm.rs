@@ -238,11 +238,13 @@ impl std::fmt::Debug for Microvm {
 /// Where COM1's bytes go for `backend`.
 pub(crate) fn serial_output(backend: &SerialBackend) -> Result<SerialOutput, MachineError> {
     Ok(match backend {
-        SerialBackend::Stdio | SerialBackend::Stdout => SerialOutput::Stdout,
+        SerialBackend::Stdio | SerialBackend::Stdout | SerialBackend::MuxStdio => {
+            SerialOutput::Stdout
+        }
         SerialBackend::File(p) => {
             SerialOutput::file(&p.to_string_lossy()).map_err(MachineError::Serial)?
         }
-        SerialBackend::Null | SerialBackend::None => SerialOutput::Null,
+        SerialBackend::Null | SerialBackend::None | SerialBackend::Chardev(_) => SerialOutput::Null,
         SerialBackend::Capture(c) => SerialOutput::Capture(c.clone()),
         SerialBackend::Writer(w) => SerialOutput::Writer(w.clone()),
     })
@@ -699,6 +701,14 @@ impl Microvm {
         &self.firmware_virtio
     }
 
+    /// Starts the RTC's clock `secs` from the host's UTC time (`-rtc base=`), if the
+    /// machine has an RTC.
+    pub fn set_rtc_offset(&self, secs: i64) {
+        if let Some(r) = &self.rtc {
+            r.set_offset_secs(secs);
+        }
+    }
+
     /// Starts one thread per vCPU (running unless paused before) and, with `-serial stdio`,
     /// the thread that feeds standard input to COM1.
     pub fn start(&mut self) -> Result<(), MachineError> {
@@ -708,12 +718,19 @@ impl Microvm {
                 when: "before finish_init or after start",
             });
         }
-        if matches!(self.cfg.serial, SerialBackend::Stdio)
-            && !self.input_started
+        if matches!(
+            self.cfg.serial,
+            SerialBackend::Stdio | SerialBackend::MuxStdio
+        ) && !self.input_started
             && let Some(s) = &self.serial
         {
-            keel_devices::spawn_input_thread(s.clone(), Box::new(std::io::stdin()))
-                .map_err(MachineError::Serial)?;
+            let mux = matches!(self.cfg.serial, SerialBackend::MuxStdio);
+            keel_devices::spawn_mux_input_thread(
+                s.clone(),
+                Box::new(std::io::stdin()),
+                mux.then(keel_devices::mux_escape),
+            )
+            .map_err(MachineError::Serial)?;
             self.input_started = true;
         }
         for v in self.vcpus.drain(..) {

@@ -48,18 +48,55 @@ pub(crate) fn serial_backend(list: &[String]) -> Result<SerialBackend, BoardErro
         ));
     }
     Ok(match first.as_str() {
-        "stdio" | "mon:stdio" => SerialBackend::Stdio,
+        "stdio" => SerialBackend::Stdio,
+        "mon:stdio" => SerialBackend::MuxStdio,
         "null" => SerialBackend::Null,
         "none" => SerialBackend::None,
-        s => match s.strip_prefix("file:") {
-            Some(p) if !p.is_empty() => SerialBackend::File(PathBuf::from(p)),
+        s => match (s.strip_prefix("file:"), s.strip_prefix("chardev:")) {
+            (Some(p), _) if !p.is_empty() => SerialBackend::File(PathBuf::from(p)),
+            (_, Some(id)) if !id.is_empty() => SerialBackend::Chardev(id.to_owned()),
             _ => {
                 return Err(BoardError::Invalid(format!(
-                    "-serial '{s}': use stdio, null, none or file:PATH"
+                    "-serial '{s}': use stdio, mon:stdio, null, none, file:PATH or chardev:ID"
                 )));
             }
         },
     })
+}
+
+/// `-serial chardev:ID` resolved against the backends: the chardev's writer (a stdio
+/// chardev is the port on stdio, with input). Other backends are returned as they are.
+pub(crate) fn resolve_serial(
+    serial: SerialBackend,
+    backends: &Backends,
+) -> Result<SerialBackend, BoardError> {
+    let SerialBackend::Chardev(id) = &serial else {
+        return Ok(serial);
+    };
+    let invalid = |e: crate::backends::BackendError| {
+        BoardError::Invalid(format!("-serial chardev:{id}: {e}"))
+    };
+    if matches!(
+        backends.chardev(id).map_err(invalid)?,
+        crate::backends::CharBackend::Stdio
+    ) {
+        return Ok(SerialBackend::Stdio);
+    }
+    let w = backends.char_writer(id).map_err(invalid)?;
+    Ok(SerialBackend::Writer(keel_devices::SharedWriter(Arc::new(
+        Mutex::new(w),
+    ))))
+}
+
+/// A `-serial chardev:ID` that came after the machine was built: the board no longer
+/// holds the backends to resolve it.
+pub(crate) fn late_chardev(serial: &SerialBackend) -> Result<(), BoardError> {
+    match serial {
+        SerialBackend::Chardev(id) => Err(BoardError::Invalid(format!(
+            "-serial chardev:{id}: give it before the first -device (the port is built with the machine)"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The machine property `-cpu` sets.
@@ -185,13 +222,20 @@ impl MachineType for MicrovmType {
         accel: Arc<dyn Accelerator>,
         ctx: &BoardContext,
     ) -> Result<Box<dyn Board>, BoardError> {
-        let m = microvm_config(cfg)?;
+        let mut m = microvm_config(cfg)?;
+        m.serial = resolve_serial(m.serial, &ctx.backends)?;
         let (tx, rx) = channel();
         let sink: Arc<dyn MachineEvents> = Arc::new(Forward {
             tx,
             guest_exit: ctx.guest_exit,
         });
         let vm = Microvm::new(m, accel.as_ref(), sink)?;
+        if let Some(secs) = ctx.backends.rtc_offset() {
+            vm.set_rtc_offset(secs);
+        }
+        if ctx.backends.mem_prealloc() {
+            crate::backends::prealloc(vm.memory());
+        }
         let mut board = MicrovmBoard::new(vm, ctx, rx)?;
         board.serial = cfg.serial.clone();
         Ok(Box::new(board))
@@ -461,7 +505,16 @@ pub(crate) fn virtio_backend(
             disks.track(&block, &props.drive, cfg.on_error.can_stop());
             (block, Some(Keep::Block(lease)))
         }
-        Rng::QDEV_TYPE => (Arc::new(Mutex::new(Rng::new()?)), None),
+        Rng::QDEV_TYPE => {
+            let rng = match p.str("rng").filter(|id| !id.is_empty()) {
+                Some(id) => match backends.rng_source(id)? {
+                    Some(file) => Rng::with_source(Box::new(file)),
+                    None => Rng::new()?,
+                },
+                None => Rng::new()?,
+            };
+            (Arc::new(Mutex::new(rng)), None)
+        }
         Net::QDEV_TYPE => {
             let props = NetProps::from_props(p)?;
             let net = match backends.net(&props.netdev)? {
@@ -657,6 +710,7 @@ impl MicrovmBoard {
         }
         let mut tree = DeviceTree::new(types, Box::new(hooks), ctx.events.clone());
         tree.set_machine_type("microvm-machine");
+        tree.set_globals(ctx.backends.globals());
         let e = BoardError::Qdev;
         tree.add_bus(BusSpec::new("main-system-bus", BusType::System))
             .map_err(e)?;
@@ -739,6 +793,7 @@ impl Board for MicrovmBoard {
             let mut vm = self.lock();
             vm.set_boot(m.kernel, m.initrd, m.append, m.no_reboot)?;
             if cfg.serial != self.serial {
+                late_chardev(&m.serial)?;
                 vm.set_serial(m.serial)?;
             }
         }

@@ -921,6 +921,11 @@ impl Pc {
         Ok(())
     }
 
+    /// Starts the RTC's clock `secs` from the host's UTC time (`-rtc base=`).
+    pub fn set_rtc_offset(&self, secs: i64) {
+        self.rtc.set_offset_secs(secs);
+    }
+
     /// Starts one thread per vCPU (and, with `-serial stdio`, COM1's input thread).
     pub fn start(&mut self) -> Result<(), MachineError> {
         if self.phase != Phase::Ready {
@@ -929,12 +934,19 @@ impl Pc {
                 when: "before finish_init or after start",
             });
         }
-        if matches!(self.cfg.serial, SerialBackend::Stdio)
-            && !self.input_started
+        if matches!(
+            self.cfg.serial,
+            SerialBackend::Stdio | SerialBackend::MuxStdio
+        ) && !self.input_started
             && let Some(s) = &self.serial
         {
-            keel_devices::spawn_input_thread(s.clone(), Box::new(std::io::stdin()))
-                .map_err(MachineError::Serial)?;
+            let mux = matches!(self.cfg.serial, SerialBackend::MuxStdio);
+            keel_devices::spawn_mux_input_thread(
+                s.clone(),
+                Box::new(std::io::stdin()),
+                mux.then(keel_devices::mux_escape),
+            )
+            .map_err(MachineError::Serial)?;
             self.input_started = true;
         }
         for v in self.vcpus.drain(..) {

@@ -24,7 +24,8 @@ use keel_pci::{PciAddress, PciDevice, PciDeviceProps, VirtioPci};
 use keel_phase::Phase;
 use keel_qdev::{
     Added, BusSpec, BusType, DeviceHooks, DeviceKey, DeviceRequest, DeviceTree, DeviceType,
-    DeviceView, GuestAnswer, HookError, HotplugHandler, QdevError, SlotResources, UnplugMode,
+    DeviceView, GuestAnswer, HookError, HotplugHandler, PropSpec, QdevError, SlotResources,
+    UnplugMode,
 };
 use keel_virtio::{Block, Console, ConsolePortProps, Net, Rng};
 use serde::Serialize;
@@ -138,13 +139,20 @@ impl MachineType for PcType {
         accel: Arc<dyn Accelerator>,
         ctx: &BoardContext,
     ) -> Result<Box<dyn Board>, BoardError> {
-        let m = pc_config(cfg)?;
+        let mut m = pc_config(cfg)?;
+        m.serial = crate::microvm_board::resolve_serial(m.serial, &ctx.backends)?;
         let (tx, rx) = channel();
         let sink: Arc<dyn MachineEvents> = Arc::new(Forward {
             tx,
             guest_exit: ctx.guest_exit,
         });
         let pc = Pc::new(m, accel.as_ref(), sink)?;
+        if let Some(secs) = ctx.backends.rtc_offset() {
+            pc.set_rtc_offset(secs);
+        }
+        if ctx.backends.mem_prealloc() {
+            crate::backends::prealloc(pc.memory());
+        }
         let mut board = PcBoard::new(pc, ctx, rx)?;
         board.serial = cfg.serial.clone();
         Ok(Box::new(board))
@@ -166,9 +174,22 @@ fn onboard_types() -> Vec<DeviceType> {
             .user_creatable(false),
         DeviceType::new("PIIX4_PM", BusType::Pci)
             .description("PIIX4 power management and ACPI (01.3)")
-            .user_creatable(false),
+            .user_creatable(false)
+            .prop(
+                PropSpec::bool(ROOT_HOTPLUG)
+                    .default_bool(true)
+                    .description("ACPI hot plug on pci.0 (off: device_add there fails)"),
+            )
+            .prop(PropSpec::bool("acpi-pci-hotplug-with-bridge-support").default_bool(true))
+            // QEMU's S3/S4 switches (libvirt sets both): Keel's ACPI tables offer only S5,
+            // so the guest sees neither whatever the value.
+            .prop(PropSpec::uint8("disable_s3").default_u64(0))
+            .prop(PropSpec::uint8("disable_s4").default_u64(0)),
     ]
 }
+
+/// PIIX4_PM's switch for ACPI hot plug on the root bus.
+const ROOT_HOTPLUG: &str = "acpi-root-pci-hotplug";
 
 /// The keel-virtio back end a virtio-pci type stands for.
 fn backend_kind(driver: &str) -> Option<&'static str> {
@@ -732,6 +753,7 @@ impl PcBoard {
             types.register(f.qdev_type()).map_err(e)?;
         }
         let mut tree = DeviceTree::new(types, Box::new(hooks), ctx.events.clone());
+        tree.set_globals(ctx.backends.globals());
         let init = Phase::MachineInit;
         tree.add_bus(BusSpec::new("main-system-bus", BusType::System))
             .map_err(e)?;
@@ -754,8 +776,13 @@ impl PcBoard {
         let piix3 = tree
             .add_onboard(init, &DeviceRequest::new("PIIX3"))
             .map_err(e)?;
-        tree.add_onboard(init, &DeviceRequest::new("PIIX4_PM"))
+        let pm = tree
+            .add_onboard(init, &DeviceRequest::new("PIIX4_PM"))
             .map_err(e)?;
+        // As QEMU: without root hot plug, pci.0 has no hotplug handler.
+        if tree.view(pm.key).and_then(|v| v.props.bool(ROOT_HOTPLUG)) == Some(false) {
+            tree.disable_hotplug("pci.0");
+        }
         tree.add_bus(BusSpec::new("isa.0", BusType::Isa).parent(piix3.path))
             .map_err(e)?;
         let mut isa = vec!["i8042", "mc146818rtc"];
@@ -828,6 +855,7 @@ impl Board for PcBoard {
         let mut pc = self.lock();
         pc.set_boot(m.kernel, m.initrd, m.append, m.no_reboot)?;
         if cfg.serial != self.serial {
+            crate::microvm_board::late_chardev(&m.serial)?;
             pc.set_serial(m.serial)?;
         }
         pc.finish_init()?;

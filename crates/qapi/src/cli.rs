@@ -516,23 +516,40 @@ pub fn msg(text: &str) -> Result<bool, OptionError> {
     Ok(ts)
 }
 
-/// `-rtc base=utc[,clock=host][,driftfix=none|slew]`: checked only, because Keel's RTC
-/// always runs on the host's UTC clock (QEMU's default); any other base or clock is refused.
-pub fn rtc(text: &str) -> Result<(), OptionError> {
+/// `-rtc [base=utc|localtime|DATE][,clock=host|rt|vm][,driftfix=none|slew]`: the base, if
+/// given (read by `keel_machine::backends::rtc_offset`). The clocks and drift fixes are
+/// QEMU's names, accepted: Keel's RTC always advances with the host's time (QEMU's
+/// `clock=vm` would stop it while the VM is paused), and it never loses ticks to make up.
+pub fn rtc(text: &str) -> Result<Option<String>, OptionError> {
+    let mut base = None;
     for (k, v) in split_opts(text, None)? {
         match (k.as_str(), v.as_str()) {
-            ("base", "utc") | ("clock", "host") | ("driftfix", "none" | "slew") => {}
-            ("base", _) | ("clock", _) => {
-                return Err(err(format!(
-                    "{k}={v} is not supported: Keel's RTC runs on the host's UTC clock \
-                     (base=utc, clock=host)"
-                )));
+            ("base", _) => base = Some(v),
+            ("clock", "host" | "rt" | "vm") | ("driftfix", "none" | "slew") => {}
+            ("clock" | "driftfix", _) => {
+                return Err(err(format!("invalid option value '{v}'")));
             }
-            ("driftfix", _) => return Err(err(format!("invalid option value '{v}'"))),
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         }
     }
-    Ok(())
+    Ok(base)
+}
+
+/// `-action shutdown=..,reboot=..,panic=..,watchdog=..`: `set-action`'s arguments (its
+/// handler checks the values, as for QMP).
+pub fn action(text: &str) -> Result<crate::misc::SetAction, OptionError> {
+    let mut a = crate::misc::SetAction::default();
+    for (k, v) in split_opts(text, None)? {
+        let slot = match k.as_str() {
+            "shutdown" => &mut a.shutdown,
+            "reboot" => &mut a.reboot,
+            "panic" => &mut a.panic,
+            "watchdog" => &mut a.watchdog,
+            _ => return Err(err(format!("Invalid parameter '{k}'"))),
+        };
+        *slot = Some(v);
+    }
+    Ok(a)
 }
 
 /// `-boot strict=on|off[,menu=off]`: checked only. Keel boots the `-kernel` directly with

@@ -134,6 +134,25 @@ pub enum Action {
     NoShutdown,
     /// `-msg timestamp=on`: error lines start with the time (the binary's job).
     MsgTimestamp,
+    /// `-rtc base=utc|localtime|DATE`: where the RTC's clock starts.
+    RtcBase(String),
+    /// `-action` (and `-watchdog-action`): `set-action`.
+    SetAction(crate::misc::SetAction),
+    /// `-d ITEMS`: with `guest_errors` or `unimp`, the device models' warnings about the
+    /// guest go to the `-D` file (the binary's job).
+    LogItems(Vec<String>),
+    /// `-D FILE`: where `-d`'s output goes (the binary's job).
+    LogFile(PathBuf),
+    /// A `-drive` under `-snapshot`: `blockdev-add` of a temporary copy of the image, so
+    /// the guest's writes are discarded at exit (QEMU's temporary overlay).
+    DriveSnapshot(BlockdevAdd),
+    /// `-mem-prealloc`: guest RAM is allocated in full when the machine is built.
+    MemPrealloc,
+    /// `-echr N`: the mux's escape character (C-a by default).
+    Echr(u8),
+    /// `-global`: a default property value for the devices of a type (all of them are
+    /// moved to the front, as QEMU applies every `-global` before it creates any device).
+    Global(keel_qdev::GlobalProp),
     /// Accepted for compatibility, nothing to do (`-display none`, `-boot strict=on`, ...).
     Nothing,
 }
@@ -160,7 +179,63 @@ pub enum Invocation {
     ListMachines,
     /// List the accelerators (`-accel help`).
     ListAccels,
+    /// Print [`LOG_HELP`] and fail (`-d help`, or an item QEMU does not know).
+    LogUsage,
 }
+
+/// QEMU 7.2's `-d` items (`-d help` lists them; `trace:PATTERN` is accepted too).
+pub const LOG_ITEMS: &[&str] = &[
+    "out_asm",
+    "in_asm",
+    "op",
+    "op_opt",
+    "op_ind",
+    "int",
+    "exec",
+    "cpu",
+    "fpu",
+    "mmu",
+    "pcall",
+    "cpu_reset",
+    "unimp",
+    "guest_errors",
+    "page",
+    "nochain",
+    "plugin",
+    "strace",
+    "tid",
+];
+
+/// What `-d help` (or an unknown item) prints on standard output before exiting with
+/// status 1, as QEMU 7.2 does.
+pub const LOG_HELP: &str = "Log items (comma separated):
+out_asm         show generated host assembly code for each compiled TB
+in_asm          show target assembly code for each compiled TB
+op              show micro ops for each compiled TB
+op_opt          show micro ops after optimization
+op_ind          show micro ops before indirect lowering
+int             show interrupts/exceptions in short format
+exec            show trace before each executed TB (lots of logs)
+cpu             show CPU registers before entering a TB (lots of logs)
+fpu             include FPU registers in the 'cpu' logging
+mmu             log MMU-related activities
+pcall           x86 only: show protected mode far calls/returns/exceptions
+cpu_reset       show CPU state before CPU resets
+unimp           log unimplemented functionality
+guest_errors    log when the guest OS does something invalid (eg accessing a
+non-existent register)
+page            dump pages at beginning of user mode emulation
+nochain         do not chain compiled TBs so that \"exec\" and \"cpu\" show
+complete traces
+plugin          output from TCG plugins
+
+strace          log every user-mode syscall, its input, and its result
+tid             open a separate log file per thread; filename must contain '%d'
+trace:PATTERN   enable trace events
+
+Use \"-d trace:help\" to get a list of trace events.
+
+";
 
 /// The usage text.
 pub const HELP: &str = "\
@@ -179,7 +254,11 @@ Machine (machine-set; sizes the machine, so before the first -device):
 Boot (boot-set; read when the machine is ready, so anywhere before that):
   -kernel PATH  -initrd PATH  -append CMDLINE
   -no-reboot                        a guest reset shuts down instead
-  -serial BACKEND                   serial port backend: stdio, null, none, file:PATH
+  -serial BACKEND                   serial port backend: stdio, null, none, file:PATH,
+                                    chardev:ID, mon:stdio (QEMU's escapes: C-a h help,
+                                    C-a x exit, C-a C-a sends C-a; -echr N changes C-a)
+  -nographic                        without -serial: -serial mon:stdio
+  -parallel none|null               (Keel's machines have no parallel port)
 Accelerator (accel-set):
   -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
 Devices (device_add, cold until the machine is ready):
@@ -188,10 +267,16 @@ Devices (device_add, cold until the machine is ready):
     virtio-blk-device,drive=NODE[,serial=S,read-only=on]
     virtio-net-device,netdev=ID[,mac=MAC]  virtconsole,chardev=ID
     isa-serial,chardev=ID[,index=N]   (after -nodefaults or -serial none)
+  -global DRIVER.PROP=VALUE | driver=D,property=P,value=V
+                                    default of PROP for every DRIVER device (all
+                                    -global options apply before any device is made)
 Backends (from the start; devices name them):
   -blockdev driver=file,filename=PATH,node-name=NODE[,read-only=on]
   -drive file=PATH,if=none,id=NODE,format=raw[,readonly=on]
   -drive file=PATH,if=virtio,format=raw  a drive and its virtio-blk (virtio-blk-pci on pc)
+  -mem-prealloc                     allocate all guest RAM when the machine is built
+  -snapshot                         -drive images are copied to a temporary file the
+                                    guest writes to, discarded at exit
   -netdev tap,id=ID,ifname=IF,script=no,downscript=no
   -netdev user,id=ID[,net=ADDR/MASK,host=,dhcpstart=,dns=,hostname=,domainname=,
           restrict=on|off,ipv4=,ipv6=][,hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT]...
@@ -218,8 +303,13 @@ Process:
   -daemonize                        detach once the command line ran
 Other:
   -name NAME  -uuid UUID  -nodefaults  -no-user-config  -display none  -nographic
-  -vga none  -monitor none  -nic none  -net none  -rtc base=utc  -boot strict=on
-  -msg timestamp=on  -overcommit mem-lock=on|off
+  -vga none  -monitor none  -nic none  -net none  -boot strict=on
+  -rtc base=utc|localtime|2006-06-17T16:01:21[,clock=host|rt|vm][,driftfix=none|slew]
+  -msg timestamp=on  -overcommit mem-lock=on|off  -k LANG  -vnc none  -no-hpet  -L DIR
+  -action shutdown=poweroff|pause,reboot=reset|shutdown,panic=...  (set-action)
+  -watchdog-action ACTION           (set-action watchdog=ACTION)
+  -d ITEM[,...] -D FILE             QEMU's log items (-d help); with guest_errors or
+                                    unimp the device models' warnings go to FILE
 Human monitor (HMP: help, info status/version/cpus/kvm/name/qtree/mtree/pci/registers,
   stop, cont, system_reset, system_powerdown, quit):
   -monitor stdio | unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
@@ -314,6 +404,18 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "nic"
                 | "net"
                 | "incoming"
+                | "global"
+                | "parallel"
+                | "echr"
+                | "k"
+                | "vnc"
+                | "L"
+                | "bios"
+                | "gdb"
+                | "action"
+                | "watchdog-action"
+                | "d"
+                | "D"
         );
         let value = if takes_value {
             let v = args
@@ -335,7 +437,68 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "S" => Action::NoAutostart,
             "preconfig" => Action::Preconfig,
             // `-nodefaults`: no default serial port (see the end of this function).
+            // `-nographic`: the default serial port becomes QEMU's mux on stdio (see the end).
             "nodefaults" | "no-user-config" | "nographic" => Action::Nothing,
+            // Keel's machines have no parallel port: `none` is what they have, and `null`
+            // (a port with nothing attached) is accepted as it (no guest can tell a port
+            // with no device behind it from none).
+            "parallel" if v == "none" || v == "null" => Action::Nothing,
+            "parallel" => {
+                return Err(syntax(
+                    &option,
+                    "Keel's machines have no parallel port; only -parallel none|null are accepted",
+                ));
+            }
+            // Keel has no display (nor VNC server) for a keyboard layout to apply to.
+            "k" | "L" | "no-hpet" => Action::Nothing,
+            "vnc" if v == "none" => Action::Nothing,
+            "vnc" => {
+                return Err(syntax(
+                    &option,
+                    "Keel has no display; only -vnc none is accepted",
+                ));
+            }
+            "usb" => {
+                return Err(syntax(
+                    &option,
+                    "Keel's machines have no USB controller (use virtio devices: -device virtio-*-pci)",
+                ));
+            }
+            "bios" => {
+                return Err(syntax(
+                    &option,
+                    "Keel has no firmware: it boots the guest with -kernel (-initrd, -append) directly",
+                ));
+            }
+            "s" | "gdb" => {
+                return Err(syntax(
+                    &option,
+                    "Keel has no gdb stub; inspect a guest with HMP 'info registers' or QMP instead",
+                ));
+            }
+            // `-snapshot`: see the end of this function.
+            "snapshot" => Action::Nothing,
+            "mem-prealloc" => Action::MemPrealloc,
+            "d" => {
+                let items: Vec<String> = v.split(',').map(str::to_owned).collect();
+                if !items
+                    .iter()
+                    .all(|i| LOG_ITEMS.contains(&i.as_str()) || i.starts_with("trace:"))
+                {
+                    return Ok(Invocation::LogUsage);
+                }
+                Action::LogItems(items)
+            }
+            "D" => Action::LogFile(PathBuf::from(v)),
+            "action" => Action::SetAction(forms::action(v).map_err(opt_err(&option))?),
+            "watchdog-action" => Action::SetAction(
+                forms::action(&format!("watchdog={v}")).map_err(opt_err(&option))?,
+            ),
+            "echr" => Action::Echr(
+                keel_qdev::keyval::parse_int(v)
+                    .and_then(|n| u8::try_from(n).ok())
+                    .ok_or_else(|| syntax(&option, "Bad argument to echr"))?,
+            ),
             "no-shutdown" => Action::NoShutdown,
             "object" => Action::Object(forms::object(v).map_err(opt_err(&option))?),
             "add-fd" => {
@@ -349,10 +512,10 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "overcommit" if forms::overcommit(v).map_err(opt_err(&option))? => Action::MemLock,
             "msg" if forms::msg(v).map_err(opt_err(&option))? => Action::MsgTimestamp,
             "overcommit" | "msg" => Action::Nothing,
-            "rtc" => {
-                forms::rtc(v).map_err(opt_err(&option))?;
-                Action::Nothing
-            }
+            "rtc" => match forms::rtc(v).map_err(opt_err(&option))? {
+                Some(base) => Action::RtcBase(base),
+                None => Action::Nothing,
+            },
             "boot" => {
                 forms::boot(v).map_err(opt_err(&option))?;
                 Action::Nothing
@@ -416,6 +579,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             }
             "m" => {
                 let mut set = MachineSet::default();
+                let mut maxmem = None;
                 for (k, val) in split_opts(&option, v, Some("size"))? {
                     match k.as_str() {
                         "size" => {
@@ -425,12 +589,31 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                                 )?,
                             )
                         }
+                        "slots" if val == "0" => {}
+                        "maxmem" => maxmem = Some(val),
+                        "slots" => {
+                            return Err(syntax(
+                                &option,
+                                "memory hot plug (slots, maxmem) is not supported: \
+                                 give the RAM size alone (-m SIZE)",
+                            ));
+                        }
                         other => {
                             return Err(syntax(
                                 &option,
                                 format!("Invalid parameter '{other}' (only a size is supported)"),
                             ));
                         }
+                    }
+                }
+                if let Some(m) = maxmem {
+                    let max = keel_qdev::keyval::parse_size_unit(&m, 1 << 20);
+                    if max.is_none() || max != set.memory {
+                        return Err(syntax(
+                            &option,
+                            "memory hot plug (maxmem above the size) is not supported: \
+                             give the RAM size alone (-m SIZE)",
+                        ));
                     }
                 }
                 Action::Machine(set, None)
@@ -489,6 +672,9 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 ..BootSet::default()
             }),
             "serial" => Action::Serial(v.to_owned()),
+            "global" => {
+                Action::Global(keel_qdev::GlobalProp::parse(v).map_err(|e| syntax(&option, e))?)
+            }
             "incoming" => Action::Incoming(v.to_owned()),
             // No default NIC is what Keel's machines have anyway.
             "nic" | "net" if v == "none" => Action::Nothing,
@@ -692,6 +878,15 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             );
         }
     }
+    // As QEMU: `-nographic` without `-serial` puts the serial port on stdio through the mux
+    // (C-a h, C-a x, ...); `-nodefaults` or a human monitor on stdio leaves it alone.
+    let has = |f: &dyn Fn(&Action) -> bool| steps.iter().any(|s| f(&s.action));
+    if let Some(at) = steps.iter().position(|s| s.option == "-nographic")
+        && !has(&|a| matches!(a, Action::Serial(_) | Action::HmpMonitor(Endpoint::Stdio)))
+        && !steps.iter().any(|s| s.option == "-nodefaults")
+    {
+        steps[at].action = Action::Serial("mon:stdio".into());
+    }
     // As QEMU: without `-serial`, `-nodefaults` leaves the machine no serial port (a
     // `-device isa-serial` can then take COM1's place).
     if !steps.iter().any(|s| matches!(s.action, Action::Serial(_)))
@@ -699,7 +894,23 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
     {
         nd.action = Action::Serial("none".into());
     }
-    Ok(Invocation::Run(steps))
+    // As QEMU: `-snapshot` makes every writable -drive (not -blockdev) write to a temporary
+    // image, discarded at exit.
+    if steps.iter().any(|s| s.option == "-snapshot") {
+        for s in steps.iter_mut().filter(|s| s.option.starts_with("-drive ")) {
+            if let Action::Blockdev(b) = &s.action
+                && b.read_only != Some(true)
+            {
+                s.action = Action::DriveSnapshot(b.clone());
+            }
+        }
+    }
+    // QEMU sets every -global before it creates the machine's devices.
+    let (mut globals, rest): (Vec<Step>, Vec<Step>) = steps
+        .into_iter()
+        .partition(|s| matches!(s.action, Action::Global(_)));
+    globals.extend(rest);
+    Ok(Invocation::Run(globals))
 }
 
 /// Now as QEMU's `-msg timestamp=on` prefix: ISO 8601 UTC with microseconds and a space
@@ -797,7 +1008,7 @@ mod tests {
         assert!(matches!(s[5].action, Action::MemLock));
         assert!(matches!(s[6].action, Action::NoShutdown));
         assert!(matches!(s[7].action, Action::MsgTimestamp));
-        assert!(matches!(s[8].action, Action::Nothing));
+        assert!(matches!(&s[8].action, Action::RtcBase(b) if b == "utc"));
         assert!(matches!(s[9].action, Action::Nothing));
         assert!(matches!(s[11].action, Action::Monitor(_)));
     }
@@ -813,7 +1024,7 @@ mod tests {
     #[test]
     fn unsupported_values_are_refused_with_a_reason() {
         for (line, want) in [
-            (["-rtc", "base=localtime"], "host's UTC clock"),
+            (["-rtc", "clock=foo"], "invalid option value 'foo'"),
             (["-boot", "order=c"], "no firmware"),
             (["-boot", "foo=1"], "Parameter 'boot.foo' is unexpected"),
             (["-audiodev", "alsa,id=a"], "does not accept value 'alsa'"),

@@ -172,6 +172,18 @@ pub enum QdevError {
     /// `device_del` of a device that other buses hang off.
     #[error("Device '{0}' has child buses and cannot be removed")]
     HasChildBuses(String),
+    /// A `-global` value the device type refuses (QEMU's wording).
+    #[error("can't apply global {driver}.{property}={value}: {reason}")]
+    Global {
+        /// The global's driver.
+        driver: String,
+        /// The global's property.
+        property: String,
+        /// The global's value.
+        value: String,
+        /// Why the type refuses it (part of the message, not a separate source).
+        reason: Box<QdevError>,
+    },
     /// The machine's realize hook failed.
     #[error("Device '{driver}' could not be realized")]
     Realize {

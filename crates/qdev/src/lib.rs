@@ -85,6 +85,7 @@ mod bus;
 mod cold;
 mod error;
 mod events;
+mod global;
 mod help;
 pub mod keyval;
 mod prop;
@@ -99,6 +100,7 @@ pub use bus::{
 pub use cold::{ColdDevice, ColdSnapshot, DeviceFilter, collect_on_machine_ready};
 pub use error::{HookError, QdevError};
 pub use events::{Clock, DeviceEvent, EventLog, EventSink, ManualClock, MonotonicClock, NoEvents};
+pub use global::{GlobalProp, QEMU_ONLY_CLASSES};
 pub use help::Category;
 pub use keyval::{parse_bool, parse_int, parse_size};
 pub use prop::{PropError, PropKind, PropSpec, PropValue, Props};

@@ -258,6 +258,8 @@ pub struct DeviceTree {
     max_devices: usize,
     /// The QOM type of `/machine` (`microvm-machine`); `machine` until a board says.
     pub(crate) machine_type: String,
+    /// `-global` defaults for the devices created from now on.
+    globals: crate::global::Globals,
 }
 
 impl std::fmt::Debug for DeviceTree {
@@ -294,6 +296,37 @@ impl DeviceTree {
             unplug_timeout: Some(DEFAULT_UNPLUG_TIMEOUT),
             max_devices: DEFAULT_MAX_DEVICES,
             machine_type: "machine".to_owned(),
+            globals: crate::global::Globals::default(),
+        }
+    }
+
+    /// Sets the `-global` defaults applied to every device created from now on (a board
+    /// sets them before it adds its onboard devices); see [`crate::GlobalProp`].
+    pub fn set_globals(&mut self, globals: Vec<crate::GlobalProp>) {
+        self.globals.set(globals);
+    }
+
+    /// QEMU's warnings for the globals whose driver names no device type Keel knows (nor a
+    /// QEMU class Keel's machines do not model), for the VMM to print once the machine is
+    /// ready.
+    pub fn global_warnings(&self) -> Vec<String> {
+        self.globals.warnings(|d| {
+            self.registry
+                .iter()
+                .any(|t| t.name() == d || t.alias_name() == Some(d))
+        })
+    }
+
+    /// Takes the hotplug handler off bus `name`, so that hot plug and unplug there fail
+    /// with QEMU's "does not support hotplugging" (`pc`'s
+    /// `-global PIIX4_PM.acpi-root-pci-hotplug=off`). False if there is no such bus.
+    pub fn disable_hotplug(&mut self, name: &str) -> bool {
+        match self.buses.iter_mut().find(|b| b.name == name) {
+            Some(b) => {
+                b.hotplug = None;
+                true
+            }
+            None => false,
         }
     }
 
@@ -373,7 +406,7 @@ impl DeviceTree {
             }
         }
         self.check_id(req.id.as_deref())?;
-        let props = ty.validate(&req.props)?;
+        let props = ty.validate(&self.globals.apply(&ty, &req.props, hot)?)?;
         self.check_bootindex(&props)?;
         self.create(&ty, props, req.id.clone(), bus, hot, false)
     }
@@ -437,7 +470,7 @@ impl DeviceTree {
             .clone();
         let bus = self.pick_bus(&ty, req.bus.as_deref())?;
         self.check_id(req.id.as_deref())?;
-        let props = ty.validate(&req.props)?;
+        let props = ty.validate(&self.globals.apply(&ty, &req.props, false)?)?;
         self.create(&ty, props, req.id.clone(), bus, false, true)
     }
 

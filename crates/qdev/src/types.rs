@@ -204,6 +204,34 @@ impl DeviceType {
         }
     }
 
+    /// Checks one property value as [`DeviceType::validate`] would (used for `-global`).
+    pub fn check_prop(&self, name: &str, value: &RawValue) -> Result<(), QdevError> {
+        self.validate_one(name, value).map(|_| ())
+    }
+
+    fn validate_one(&self, name: &str, value: &RawValue) -> Result<(usize, PropValue), QdevError> {
+        let Some(idx) = self.props.iter().position(|p| p.name() == name) else {
+            return Err(QdevError::UnknownProperty {
+                driver: self.name.clone(),
+                property: name.to_owned(),
+                accepted: self.accepted(),
+            });
+        };
+        let spec = &self.props[idx];
+        let parsed = match value {
+            RawValue::Str(s) => spec.parse_str(s),
+            RawValue::Json(v) => spec.parse_json(v),
+        };
+        parsed
+            .map(|v| (idx, v))
+            .map_err(|e| QdevError::InvalidValue {
+                driver: self.name.clone(),
+                property: name.to_owned(),
+                value: value.quoted(),
+                expected: e.expected().to_owned(),
+            })
+    }
+
     /// Validates raw properties against this type: every name must exist, every value must
     /// parse, every property without default must be given. The result has every property,
     /// in declaration order. When a name is given twice the last one wins (as QEMU's options).
@@ -214,29 +242,8 @@ impl DeviceType {
             .map(|p| p.default_value().cloned())
             .collect();
         for (name, value) in raw {
-            let Some(idx) = self.props.iter().position(|p| p.name() == name) else {
-                return Err(QdevError::UnknownProperty {
-                    driver: self.name.clone(),
-                    property: name.clone(),
-                    accepted: self.accepted(),
-                });
-            };
-            let spec = &self.props[idx];
-            let parsed = match value {
-                RawValue::Str(s) => spec.parse_str(s),
-                RawValue::Json(v) => spec.parse_json(v),
-            };
-            match parsed {
-                Ok(v) => values[idx] = Some(v),
-                Err(e) => {
-                    return Err(QdevError::InvalidValue {
-                        driver: self.name.clone(),
-                        property: name.clone(),
-                        value: value.quoted(),
-                        expected: e.expected().to_owned(),
-                    });
-                }
-            }
+            let (idx, v) = self.validate_one(name, value)?;
+            values[idx] = Some(v);
         }
         let mut out = Vec::with_capacity(self.props.len());
         for (spec, value) in self.props.iter().zip(values) {

@@ -71,6 +71,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 /// Clients served at once per listening socket; more are refused (closed at once).
 pub const MAX_CLIENTS_PER_LISTENER: usize = 64;
@@ -217,13 +218,27 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct Monitor {
     socket_path: Option<PathBuf>,
+    /// `-qmp stdio`: disconnected when the relay has copied everything to standard output.
+    stdout_drained: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Monitor {
-    /// Removes the socket file this monitor created, if any.
+    fn new(socket_path: Option<PathBuf>) -> Self {
+        Self {
+            socket_path,
+            stdout_drained: None,
+        }
+    }
+
+    /// Removes the socket file this monitor created, if any. On stdio, waits (a second at
+    /// most) until the replies already sent are on standard output, so that a process
+    /// exiting right after `quit` does not lose them (`echo ... | vmm -qmp stdio`).
     pub fn cleanup(&self) {
         if let Some(p) = &self.socket_path {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(rx) = &self.stdout_drained {
+            let _ = rx.recv_timeout(Duration::from_secs(1));
         }
     }
 }
@@ -314,9 +329,12 @@ pub fn serve(
         Endpoint::Stdio => {
             let mon = monitor("stdio".into(), dispatcher, bus)?;
             let (ours, theirs) = UnixStream::pair().map_err(io_err("cannot relay", "stdio"))?;
-            relay_stdio(theirs).map_err(io_err("cannot relay", "stdio"))?;
+            let drained = relay_stdio(theirs).map_err(io_err("cannot relay", "stdio"))?;
             client(OwnedFd::from(ours), &mon)?;
-            Ok(Monitor { socket_path: None })
+            Ok(Monitor {
+                socket_path: None,
+                stdout_drained: Some(drained),
+            })
         }
         Endpoint::Unix {
             path,
@@ -337,9 +355,7 @@ pub fn serve(
                 .set_nonblocking(true)
                 .map_err(io_err("cannot listen on unix socket", &*shown))?;
             listen(OwnedFd::from(listener), mon, false, &shown)?;
-            Ok(Monitor {
-                socket_path: Some(path.clone()),
-            })
+            Ok(Monitor::new(Some(path.clone())))
         }
         Endpoint::Unix {
             path,
@@ -351,7 +367,7 @@ pub fn serve(
                 .map_err(io_err("cannot connect to unix socket", &*shown))?;
             let mon = monitor(format!("unix:{shown}"), dispatcher, bus)?;
             client(OwnedFd::from(s), &mon)?;
-            Ok(Monitor { socket_path: None })
+            Ok(Monitor::new(None))
         }
         Endpoint::Tcp {
             host,
@@ -374,7 +390,7 @@ pub fn serve(
                 .set_nonblocking(true)
                 .map_err(io_err("cannot listen on tcp", &*addr))?;
             listen(OwnedFd::from(listener), mon, true, &addr)?;
-            Ok(Monitor { socket_path: None })
+            Ok(Monitor::new(None))
         }
         Endpoint::Fd { fd, server: true } => {
             let listener = UnixListener::from(take_socket_fd(*fd)?);
@@ -384,13 +400,13 @@ pub fn serve(
                 .map_err(io_err("cannot listen on", &*shown))?;
             let mon = monitor(shown.clone(), dispatcher, bus)?;
             listen(OwnedFd::from(listener), mon, false, &shown)?;
-            Ok(Monitor { socket_path: None })
+            Ok(Monitor::new(None))
         }
         Endpoint::Fd { fd, server: false } => {
             let owned = take_socket_fd(*fd)?;
             let mon = monitor(format!("fd={fd}"), dispatcher, bus)?;
             client(owned, &mon)?;
-            Ok(Monitor { socket_path: None })
+            Ok(Monitor::new(None))
         }
         Endpoint::Tcp {
             host,
@@ -403,7 +419,7 @@ pub fn serve(
             let _ = s.set_nodelay(true);
             let mon = monitor(format!("tcp:{addr}"), dispatcher, bus)?;
             client(OwnedFd::from(s), &mon)?;
-            Ok(Monitor { socket_path: None })
+            Ok(Monitor::new(None))
         }
     }
 }
@@ -445,8 +461,10 @@ fn listen(fd: OwnedFd, mon: Arc<MonitorCtx>, tcp: bool, shown: &str) -> Result<(
     .map_err(io_err("cannot serve", shown))
 }
 
-/// Copies standard input to `sock` and `sock` to standard output on two threads.
-fn relay_stdio(sock: UnixStream) -> std::io::Result<()> {
+/// Copies standard input to `sock` and `sock` to standard output on two threads; the
+/// receiver is disconnected once the second has seen the end of `sock`.
+fn relay_stdio(sock: UnixStream) -> std::io::Result<std::sync::mpsc::Receiver<()>> {
+    let (drained, drained_rx) = std::sync::mpsc::channel::<()>();
     let mut to_out = sock.try_clone()?;
     let mut from_in = sock;
     thread::Builder::new()
@@ -471,6 +489,7 @@ fn relay_stdio(sock: UnixStream) -> std::io::Result<()> {
     thread::Builder::new()
         .name("qmp-stdout".into())
         .spawn(move || {
+            let _drained = drained;
             let mut buf = [0u8; 16 << 10];
             loop {
                 match to_out.read(&mut buf) {
@@ -486,5 +505,5 @@ fn relay_stdio(sock: UnixStream) -> std::io::Result<()> {
                 }
             }
         })?;
-    Ok(())
+    Ok(drained_rx)
 }

@@ -45,6 +45,41 @@ pub fn hello(mode: Mode) -> Result<TestGuest, GuestError> {
     })
 }
 
+/// Reads the RTC's date and time from CMOS (after register A's update-in-progress bit
+/// clears) and prints them as the registers hold them, BCD by default, so the digits read
+/// as a date: `rtc CCYY-MM-DD hh:mm:ss` (century from CMOS 0x32). The output depends on the
+/// clock and `-rtc base=`, so it is not predicted; `tests/qemu_doc_lines.rs` checks it.
+pub fn rtc_date() -> Result<TestGuest, GuestError> {
+    build("rtcdate", Mode::Long64, |g| {
+        g.unpredicted();
+        let a = &mut g.a;
+        let mut wait = a.create_label();
+        a.set_label(&mut wait)?;
+        a.mov(al, 0x0a)?;
+        a.out(0x70, al)?;
+        a.in_(al, 0x71)?;
+        a.test(al, 0x80)?;
+        a.jnz(wait)?;
+        // Century, year, month, day, hours, minutes, seconds into SCRATCH[0..7].
+        for (i, reg) in [0x32u8, 0x09, 0x08, 0x07, 0x04, 0x02, 0x00]
+            .iter()
+            .enumerate()
+        {
+            a.mov(al, u32::from(*reg))?;
+            a.out(0x70, al)?;
+            a.in_(al, 0x71)?;
+            a.mov(byte_ptr(layout::SCRATCH + i as u64), al)?;
+        }
+        g.emit_str("rtc ")?;
+        for (i, sep) in ["", "", "-", "-", " ", ":", ":"].iter().enumerate() {
+            g.emit_str(sep)?;
+            g.print_hex_mem(layout::SCRATCH + i as u64, 0xff, 2)?;
+        }
+        g.emit_str("\n")?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
 /// Prints a line and writes `code` to isa-debug-exit: QEMU (and the vmm) then exit with
 /// status `(code << 1) | 1`. Checks that the status reaches the process.
 pub fn exit_with(code: u8) -> Result<TestGuest, GuestError> {

@@ -119,12 +119,18 @@ impl Rng {
     /// QEMU's type name.
     pub const QDEV_TYPE: &'static str = "virtio-rng-device";
 
-    /// The qdev type: `virtio-rng-device` on a virtio-mmio bus, no properties
-    /// ([`Rng::new`] takes none).
+    /// The qdev type: `virtio-rng-device` on a virtio-mmio bus, with QEMU's `rng` (the id
+    /// of an `rng-random` or `rng-builtin` object; empty: the host's `/dev/urandom`, which
+    /// is what QEMU's default `rng-builtin` gives too). The machine resolves it.
     pub fn qdev_type() -> DeviceType {
         DeviceType::new(Self::QDEV_TYPE, BusType::VirtioMmio)
             .category(keel_qdev::Category::Misc)
             .description("virtio entropy device (host /dev/urandom)")
+            .prop(
+                keel_qdev::PropSpec::string("rng")
+                    .default_str("")
+                    .description("ID of an rng-random or rng-builtin object"),
+            )
     }
 }
 
