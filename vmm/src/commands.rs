@@ -368,7 +368,9 @@ handlers! {
     Migrate => |a, c, _| c.migrate(&a.uri);
     MigrateIncoming => |a, c, _| c.migrate_incoming(&a.uri);
     QueryMigrate => |_, c, _| Ok(c.migration.info());
-    MigrateCancel => |_, _, _| Ok(());
+    MigrateCancel => |_, c, _| c.migration.cancel(&c.events);
+    MigrateSetParameters => |a, c, _| c.migration.set_parameters(&a);
+    QueryMigrateParameters => |_, c, _| Ok(c.migration.params);
     QueryCommandLineOptions => |a, _, _| {
         keel_qapi::cli::command_line_options(a.option.as_deref()).map_err(|e| CommandError::generic(e.0))
     };

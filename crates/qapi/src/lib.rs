@@ -120,6 +120,8 @@ macro_rules! for_each_command {
                 $crate::migration::MigrateIncoming,
                 $crate::migration::QueryMigrate,
                 $crate::migration::MigrateCancel,
+                $crate::migration::MigrateSetParameters,
+                $crate::migration::QueryMigrateParameters,
             ],
             aliases: [$crate::machine::MachineDone => "x-exit-preconfig"],
             context_free: [$crate::misc::QueryYank, $crate::misc::Yank],

@@ -52,3 +52,70 @@ pub fn counter(count: u32) -> Result<TestGuest, GuestError> {
     t.expected_serial = Some(out);
     Ok(t)
 }
+
+/// Pages [`counter_dirty`] keeps rewriting, at [`layout::RESULTS`].
+pub const DIRTY_PAGES: u64 = 64;
+
+/// [`counter`] that also keeps rewriting memory, for live migration: step `i` visits page
+/// `k = i mod 64` of a buffer, adds its last qword (what the previous visit's `rep stosq`
+/// left) to the running `x` in memory, adds `i` to the page's first qword, and fills the
+/// rest of the page with that new value by `rep stosq`. A page whose plain or string store
+/// was lost on the way (not sent again after it was written) shows in a later `x`. Prints
+/// `i=<8 hex> s=<16 hex> x=<16 hex>` per step as [`counter`], then exits with
+/// [`crate::EXIT_OK`].
+pub fn counter_dirty(count: u32) -> Result<TestGuest, GuestError> {
+    let n = count.max(1);
+    let mut t = build("counter-dirty", Mode::Long64, |g| {
+        let mut lp = g.a.create_label();
+        g.a.mov(r12d, 1u32)?;
+        g.a.xor(r13d, r13d)?;
+        g.a.mov(qword_ptr(layout::SCRATCH), r13)?;
+        g.a.set_label(&mut lp)?;
+        g.a.lea(r13, qword_ptr(r13 + r13 * 2))?;
+        g.a.add(r13, r12)?;
+        // rbx = the page of this step.
+        g.a.mov(rbx, r12)?;
+        g.a.and(rbx, (DIRTY_PAGES - 1) as i32)?;
+        g.a.shl(rbx, 12)?;
+        g.a.add(rbx, layout::RESULTS as i32)?;
+        g.a.mov(rax, qword_ptr(rbx + 4088))?;
+        g.a.add(qword_ptr(layout::SCRATCH), rax)?;
+        g.a.mov(rax, qword_ptr(rbx))?;
+        g.a.add(rax, r12)?;
+        g.a.mov(qword_ptr(rbx), rax)?;
+        g.a.lea(rdi, qword_ptr(rbx + 8))?;
+        g.a.mov(ecx, 511u32)?;
+        g.a.cld()?;
+        g.a.rep().stosq()?;
+        g.emit_str("i=")?;
+        g.a.mov(rax, r12)?;
+        g.a.mov(ecx, 8u32)?;
+        g.a.call(g.puthex)?;
+        g.emit_str(" s=")?;
+        g.a.mov(rax, r13)?;
+        g.a.mov(ecx, 16u32)?;
+        g.a.call(g.puthex)?;
+        g.emit_str(" x=")?;
+        g.a.mov(rax, qword_ptr(layout::SCRATCH))?;
+        g.a.mov(ecx, 16u32)?;
+        g.a.call(g.puthex)?;
+        g.emit_str("\n")?;
+        g.a.inc(r12)?;
+        g.a.cmp(r12, i32::try_from(n).unwrap_or(i32::MAX) + 1)?;
+        g.a.jne(lp)?;
+        g.exit(crate::EXIT_OK)
+    })?;
+    let mut s = 0u64;
+    let mut x = 0u64;
+    let mut acc = [0u64; DIRTY_PAGES as usize];
+    let mut out = String::new();
+    for i in 1..=u64::from(n) {
+        s = s.wrapping_mul(3).wrapping_add(i);
+        let k = (i % DIRTY_PAGES) as usize;
+        x = x.wrapping_add(acc[k]);
+        acc[k] = acc[k].wrapping_add(i);
+        out.push_str(&format!("i={i:08x} s={s:016x} x={x:016x}\n"));
+    }
+    t.expected_serial = Some(out);
+    Ok(t)
+}

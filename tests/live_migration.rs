@@ -1,0 +1,265 @@
+//! Live migration between two `vmm` processes through QEMU's commands: a guest that keeps
+//! rewriting memory (plain and `rep stosq` stores) and prints a running sum of what it
+//! reads back (keel-testguest's `counter_dirty`) is migrated with `migrate uri=unix:|tcp:`
+//! while it runs, into a second process started with `-incoming` (or `-incoming defer` +
+//! `migrate-incoming`), kvm and tcg both ways. Its serial output on the source up to the
+//! switchover plus the destination's after it must be exactly an uninterrupted run's, and
+//! `query-migrate` must show more than one dirty-log round with pages sent again. kvm cases
+//! skip with the reason printed without a usable `/dev/kvm` (or with `KEEL_TEST_NO_KVM`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use common::{Client, TempDir, Vmm};
+use serde_json::{Value, json};
+
+/// Lines the guest prints (40 bytes each): long enough to be migrated in the middle.
+const COUNT: u32 = 10_000;
+
+fn kvm_usable() -> bool {
+    if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
+        eprintln!("skipping kvm: KEEL_TEST_NO_KVM is set");
+        return false;
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping kvm: /dev/kvm: {e}");
+            false
+        }
+    }
+}
+
+struct Guest {
+    dir: TempDir,
+    kernel: String,
+    want: String,
+}
+
+fn guest() -> Guest {
+    let dir = TempDir::new();
+    let g = keel_testguest::counter_dirty(COUNT).unwrap();
+    let kernel = dir.path("counter.elf");
+    std::fs::write(&kernel, g.pvh_elf()).unwrap();
+    Guest {
+        kernel: kernel.display().to_string(),
+        want: g.expected_serial.unwrap(),
+        dir,
+    }
+}
+
+/// Pinned so that both accelerators build the same devices (see tests/snapshot.rs).
+const MACHINE: &str = "microvm,rtc=on,acpi=off";
+
+fn args<'a>(g: &'a Guest, accel: &'a str, serial: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "-machine",
+        MACHINE,
+        "-accel",
+        accel,
+        "-m",
+        "32",
+        "-kernel",
+        &g.kernel,
+        "-nodefaults",
+        "-serial",
+        serial,
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn wait_exit(v: &mut Vmm, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = v.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the guest did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read(p: &std::path::Path) -> String {
+    String::from_utf8(std::fs::read(p).unwrap_or_default()).unwrap()
+}
+
+/// A TCP port free right now on the loopback interface.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Polls `query-migrate` until the migration ended; returns the last answer and whether
+/// an `active` one with RAM numbers was seen on the way.
+fn wait_migrated(q: &mut Client) -> (Value, bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen_active = false;
+    loop {
+        let info = q.ok("query-migrate", Value::Null);
+        match info["status"].as_str() {
+            Some("completed" | "failed" | "cancelled") => return (info, seen_active),
+            Some("active") if info["ram"]["total"].as_u64().is_some() => seen_active = true,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration did not end: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Migrates the running guest from `from` to `to` over `transport` (`unix` or `tcp`);
+/// `defer` starts the destination with `-incoming defer` and gives the URI by
+/// `migrate-incoming`.
+fn live(from: &str, to: &str, transport: &str, defer: bool) {
+    let g = guest();
+    let uri = match transport {
+        "unix" => format!("unix:{}", g.dir.path("mig.sock").display()),
+        _ => format!("tcp:127.0.0.1:{}", free_port()),
+    };
+    let out_b = g.dir.path("after");
+    let serial_b = format!("file:{}", out_b.display());
+    let incoming = if defer { "defer" } else { uri.as_str() };
+    let mut b = Vmm::start(&args(&g, to, &serial_b, &["-incoming", incoming]));
+    let mut qb = b.qmp();
+    if defer {
+        assert_eq!(qb.status(), "inmigrate");
+        qb.ok("migrate-incoming", json!({"uri": uri}));
+    }
+    assert_eq!(qb.status(), "inmigrate");
+
+    let out_a = g.dir.path("before");
+    let serial_a = format!("file:{}", out_a.display());
+    let mut a = Vmm::start(&args(&g, from, &serial_a, &["-S"]));
+    let mut q = a.qmp();
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    assert_eq!(
+        q.ok("query-migrate-parameters", Value::Null),
+        json!({"downtime-limit": 300, "max-bandwidth": 134217728})
+    );
+    q.ok("cont", Value::Null);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&out_a).map(|m| m.len()).unwrap_or(0) < 4000 {
+        assert!(Instant::now() < deadline, "the guest printed nothing");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    q.ok("migrate", json!({"uri": uri}));
+    let (info, _) = wait_migrated(&mut q);
+    assert_eq!(info["status"], "completed", "{info}");
+    let ram = &info["ram"];
+    let total_pages = ram["total"].as_u64().unwrap() / 4096;
+    let sent = ram["normal"].as_u64().unwrap() + ram["duplicate"].as_u64().unwrap();
+    assert!(
+        ram["dirty-sync-count"].as_u64().unwrap() >= 2,
+        "one dirty-log round after the first copy, one at the stop: {info}"
+    );
+    assert!(
+        sent > total_pages,
+        "pages the running guest wrote were sent again: {info}"
+    );
+    assert_eq!(ram["remaining"], 0, "{info}");
+    for k in ["total-time", "downtime", "setup-time"] {
+        assert!(info[k].as_u64().is_some(), "{k}: {info}");
+    }
+    assert!(info["downtime"].as_u64() <= info["total-time"].as_u64());
+    assert_eq!(q.status(), "postmigrate");
+    let statuses: Vec<Value> = q
+        .events
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .map(|e| e["data"]["status"].clone())
+        .collect();
+    assert_eq!(
+        statuses,
+        [json!("setup"), json!("active"), json!("completed")]
+    );
+    assert!(q.events.iter().any(|e| e["event"] == "STOP"));
+    drop(q);
+    drop(a);
+    drop(qb);
+    let st = wait_exit(&mut b, Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1), "isa-debug-exit status (0 << 1) | 1");
+    let before = read(&out_a);
+    let after = read(&out_b);
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "the guest was not migrated mid-run ({} + {} bytes)",
+        before.len(),
+        after.len()
+    );
+    assert!(
+        format!("{before}{after}") == g.want,
+        "{from} -> {to} over {transport}: the output around the migration differs from an \
+         uninterrupted run ({} + {} bytes, want {})",
+        before.len(),
+        after.len(),
+        g.want.len()
+    );
+}
+
+#[test]
+fn tcg_to_tcg_unix() {
+    live("tcg", "tcg", "unix", false);
+}
+
+#[test]
+fn tcg_to_tcg_tcp_deferred() {
+    live("tcg", "tcg", "tcp", true);
+}
+
+#[test]
+fn kvm_to_kvm_unix() {
+    if kvm_usable() {
+        live("kvm", "kvm", "unix", false);
+    }
+}
+
+#[test]
+fn kvm_to_kvm_tcp() {
+    if kvm_usable() {
+        live("kvm", "kvm", "tcp", false);
+    }
+}
+
+#[test]
+fn kvm_to_tcg_unix() {
+    if kvm_usable() {
+        live("kvm", "tcg", "unix", false);
+    }
+}
+
+#[test]
+fn kvm_to_tcg_tcp() {
+    if kvm_usable() {
+        live("kvm", "tcg", "tcp", false);
+    }
+}
+
+#[test]
+fn tcg_to_kvm_unix() {
+    if kvm_usable() {
+        live("tcg", "kvm", "unix", false);
+    }
+}
+
+#[test]
+fn tcg_to_kvm_tcp() {
+    if kvm_usable() {
+        live("tcg", "kvm", "tcp", true);
+    }
+}
