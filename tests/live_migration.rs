@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use common::{Client, TempDir, Vmm};
 use serde_json::{Value, json};
 
-/// Lines the guest prints (40 bytes each): long enough to be migrated in the middle.
+/// Steps the guest counts, and how often it prints a line (40 bytes): long enough to be
+/// migrated in the middle, with few enough lines (each is 40 exits under kvm).
 const COUNT: u32 = 10_000;
+const EVERY: u32 = 1;
 
 fn kvm_usable() -> bool {
     if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
@@ -46,7 +48,7 @@ struct Guest {
 
 fn guest() -> Guest {
     let dir = TempDir::new();
-    let g = keel_testguest::counter_dirty(COUNT).unwrap();
+    let g = keel_testguest::counter_dirty(COUNT, EVERY).unwrap();
     let kernel = dir.path("counter.elf");
     std::fs::write(&kernel, g.pvh_elf()).unwrap();
     Guest {
@@ -420,4 +422,32 @@ fn debian_shell_migrated_live_with_its_disk() {
         after.contains("KEEL-DISK-DATA-42"),
         "read back after the migration:\n{after}"
     );
+}
+
+/// A source that was paused arrives paused (as QEMU: the destination runs only if the source
+/// ran), and a second `migrate` while one runs, or of a migrated machine, is refused.
+#[test]
+fn paused_source_arrives_paused() {
+    let g = guest();
+    let uri = format!("unix:{}", g.dir.path("mig.sock").display());
+    let mut b = Vmm::start(&args(&g, "tcg", "null", &["-incoming", &uri]));
+    let mut qb = b.qmp();
+    assert_eq!(qb.status(), "inmigrate");
+    let mut a = Vmm::start(&args(&g, "tcg", "null", &["-S"]));
+    let mut q = a.qmp();
+    q.ok("migrate", json!({ "uri": uri }));
+    let (info, _) = wait_migrated(&mut q);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(q.status(), "postmigrate");
+    let e = q.err("migrate", json!({ "uri": uri }), "GenericError");
+    assert!(e.contains("previous migration"), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while qb.ok("query-migrate", Value::Null)["status"] != "completed" {
+        assert!(Instant::now() < deadline, "the destination never completed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(qb.status(), "paused");
+    qb.ok("cont", Value::Null);
+    let st = wait_exit(&mut b, Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1), "the guest ran to its end after cont");
 }

@@ -12,8 +12,10 @@ use crate::misc::MigrateSetCapabilities;
 use crate::{ANY, READY};
 
 /// `migrate`: saves the machine to `uri` (`file:PATH`, `exec:COMMAND`; QEMU 8.2's file
-/// form and QEMU's exec form). The vCPUs stop for the save (`STOP`); afterwards the run
-/// state is `postmigrate`, as QEMU's source after a completed migration.
+/// form and QEMU's exec form), or migrates it live to another Keel (`unix:PATH`,
+/// `tcp:HOST:PORT`: the command returns at once, `query-migrate` follows it). The vCPUs
+/// stop for the save, or for the last copy (`STOP`); afterwards the run state is
+/// `postmigrate`, as QEMU's source after a completed migration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Migrate {
     /// Where to write the stream.

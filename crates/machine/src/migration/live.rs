@@ -361,8 +361,9 @@ impl Source<'_> {
         // Switchover: the guest stops; devices settle (and may write RAM); the rest goes.
         let host = self.host;
         let mut result = Ok(());
+        // Downtime counts from here: waiting for the VMM's lock and stopping the vCPUs too.
+        let stopping = Instant::now();
         let mut f = |board: &mut dyn Board, running: bool| -> Result<(), MigrationError> {
-            let stopped = Instant::now();
             let mut state = Vec::new();
             board.save_state(&mut state, running)?;
             log.collect(&mut bits)
@@ -380,7 +381,7 @@ impl Source<'_> {
             self.out.flush().map_err(Self::send_err)?;
             self.p.transferred += s.len() as u64;
             self.p.downtime_bytes = self.p.transferred - before;
-            self.p.downtime_ms = Some(stopped.elapsed().as_millis() as u64);
+            self.p.downtime_ms = Some(stopping.elapsed().as_millis() as u64);
             Ok(())
         };
         if let Err(e) = host.switchover(&mut f) {
