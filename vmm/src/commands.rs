@@ -400,7 +400,9 @@ handlers! {
     Migrate => |a, c, _| c.migrate(&a.uri);
     MigrateIncoming => |a, c, _| c.migrate_incoming(&a.uri);
     QueryMigrate => |_, c, _| Ok(c.migration.info());
-    MigrateCancel => |_, _, _| Ok(());
+    MigrateCancel => |_, c, _| c.migration.cancel(&c.events);
+    MigrateSetParameters => |a, c, _| c.migration.set_parameters(&a);
+    QueryMigrateParameters => |_, c, _| Ok(c.migration.params);
     Getfd => |a, c, _| {
         let fd = passed_fd()?;
         c.backends.keep_named_fd(&a.fdname, fd).map_err(generic)

@@ -18,6 +18,7 @@ use keel_machine::board::{BoardContext, GuestExitPolicy};
 use keel_machine::device_types::empty_tree;
 use keel_machine::factory::DeviceFactory;
 pub(crate) use keel_machine::migration::error_chain as chain;
+use keel_machine::migration::{MigrationError, live};
 
 /// Everything the commands act on. Commands reach it through `Vmm::execute` or QMP; it is
 /// never shared without its lock.
@@ -55,6 +56,8 @@ pub struct VmmCore {
     /// The QMP monitors served: (`query-chardev` label, filename).
     pub(crate) monitors: Vec<(String, String)>,
     pub(crate) migration: keel_qapi::migration::MigrationTracker,
+    /// The VMM this core belongs to, for the threads of a live migration.
+    pub(crate) this: std::sync::Weak<crate::Inner>,
 }
 
 impl std::fmt::Debug for VmmCore {
@@ -583,11 +586,30 @@ impl VmmCore {
     }
 
     /// `migrate`: stops the guest and saves the machine to `uri`; the run state is then
-    /// `postmigrate` (after a failure, what it was).
+    /// `postmigrate` (after a failure, what it was). `unix:`/`tcp:` migrate live on a thread.
     pub(crate) fn migrate(&mut self, uri: &str) -> Result<(), CommandError> {
         if self.run_state() == RunState::PostMigrate {
             let e = "Can't migrate the vm that was paused due to previous migration";
             return Err(generic(e));
+        }
+        if self.migration.in_progress() {
+            return Err(generic("There's a migration process in progress"));
+        }
+        if let Some(target) = live::SocketUri::parse(uri) {
+            let board = board_of(&mut self.board)?;
+            let ram = board.live_ram(true).map_err(board_error)?;
+            self.migration.begin(&self.events);
+            let p = self.migration.params;
+            let params = live::LiveParams {
+                downtime_limit_ms: p.downtime_limit,
+                max_bandwidth: p.max_bandwidth,
+            };
+            let link = Box::new(LiveLink(self.this.clone()));
+            let cancel = self.migration.cancel.clone();
+            return live::start_source(&target, ram, params, link, cancel).map_err(|e| {
+                self.migration.fail(&chain(&e), &self.events);
+                generic(chain(&e))
+            });
         }
         let running = self.run_state() == RunState::Running;
         self.migration.set_status("setup", &self.events);
@@ -614,6 +636,14 @@ impl VmmCore {
         if uri == "defer" {
             return Ok(());
         }
+        if let Some(source) = live::SocketUri::parse(uri) {
+            let listener = live::Listener::bind(&source).map_err(|e| generic(chain(&e)))?;
+            let ram = board_of(&mut self.board)?.live_ram(false);
+            self.migration.set_status("active", &self.events);
+            let link = Box::new(LiveLink(self.this.clone()));
+            return live::start_incoming(listener, ram.map_err(board_error)?, link)
+                .map_err(|e| generic(chain(&e)));
+        }
         self.migration.set_status("active", &self.events);
         let board = board_of(&mut self.board)?;
         let r = keel_machine::migration::load(board, uri).map_err(|e| chain(&e));
@@ -633,5 +663,99 @@ impl VmmCore {
         let _ = self.tracker.set_run_state(RunState::Shutdown);
         self.events
             .emit("SHUTDOWN", Some(cause_data(cause.by_guest(), cause)));
+    }
+}
+
+/// How a live migration's thread reaches the VMM (each call takes the core's lock).
+struct LiveLink(std::sync::Weak<crate::Inner>);
+
+impl LiveLink {
+    fn with<R>(&self, f: impl FnOnce(&mut VmmCore) -> R) -> Option<R> {
+        let inner = self.0.upgrade()?;
+        let mut core = inner.core.lock().unwrap_or_else(|p| p.into_inner());
+        Some(f(&mut core))
+    }
+}
+
+fn vmm_err(e: CommandError) -> MigrationError {
+    MigrationError::Vmm(e.to_string())
+}
+
+impl live::LiveHost for LiveLink {
+    fn progress(&self, p: &live::LiveProgress) {
+        self.with(|c| c.live_numbers("active", p));
+    }
+
+    fn switchover(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Board, bool) -> Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
+        let gone = || Err(MigrationError::Vmm("the VMM is gone".into()));
+        self.with(|c| {
+            let running = c.run_state() == RunState::Running;
+            c.stop().map_err(vmm_err)?;
+            let r = f(board_of(&mut c.board).map_err(vmm_err)?, running);
+            match &r {
+                Ok(()) => c.set_run(RunState::PostMigrate).map_err(vmm_err)?,
+                Err(_) if running => c.cont().map_err(vmm_err)?,
+                Err(_) => {}
+            }
+            r
+        })
+        .unwrap_or_else(gone)
+    }
+
+    fn restore(&self, snap: &live::Snapshot) -> Result<(), MigrationError> {
+        let gone = || Err(MigrationError::Vmm("the VMM is gone".into()));
+        self.with(|c| {
+            let running = board_of(&mut c.board)
+                .map_err(vmm_err)?
+                .restore_state(snap)?;
+            c.set_run(RunState::Paused).map_err(vmm_err)?;
+            if running && c.autostart {
+                c.cont().map_err(vmm_err)?;
+            }
+            Ok(())
+        })
+        .unwrap_or_else(gone)
+    }
+
+    fn finished(&self, result: Result<(), MigrationError>, p: &live::LiveProgress) {
+        self.with(|c| match result {
+            Ok(()) => {
+                c.live_numbers("completed", p);
+                c.migration.incoming = None;
+            }
+            Err(MigrationError::Cancelled) => c.live_numbers("cancelled", p),
+            Err(e) => c.migration.fail(&chain(&e), &c.events),
+        });
+    }
+}
+
+impl VmmCore {
+    /// `query-migrate`'s numbers from a live migration's.
+    fn live_numbers(&mut self, status: &str, p: &live::LiveProgress) {
+        let page = keel_accel::dirty::DIRTY_PAGE;
+        let ram = keel_qapi::migration::MigrationStats {
+            transferred: p.transferred,
+            remaining: p.remaining,
+            total: p.total,
+            duplicate: p.duplicate,
+            normal: p.normal,
+            normal_bytes: p.normal * page,
+            dirty_pages_rate: p.dirty_pages_rate,
+            mbps: p.mbps,
+            dirty_sync_count: p.dirty_sync_count,
+            page_size: page,
+            pages_per_second: ((p.normal + p.duplicate) * 1000)
+                .checked_div(p.total_ms)
+                .unwrap_or(0),
+            downtime_bytes: p.downtime_bytes,
+            precopy_bytes: p.precopy_bytes,
+            ..Default::default()
+        };
+        let expected = (status == "active").then_some(p.expected_downtime_ms);
+        let times = (p.total_ms, p.setup_ms, p.downtime_ms, expected);
+        self.migration.live(status, ram, times, &self.events);
     }
 }

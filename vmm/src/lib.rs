@@ -229,10 +229,14 @@ impl VmmBuilder {
             shutdown: shutdown.clone(),
             monitors: Vec::new(),
             migration: Default::default(),
+            this: std::sync::Weak::new(),
         };
         Vmm {
-            inner: Arc::new(Inner {
-                core: Mutex::new(core),
+            inner: Arc::new_cyclic(|this| Inner {
+                core: Mutex::new(VmmCore {
+                    this: this.clone(),
+                    ..core
+                }),
                 registry,
                 events,
                 shutdown,

@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 mod bus;
+pub mod dirty;
 mod exit;
 mod probe;
 mod regs;
@@ -205,6 +206,15 @@ pub trait Vm: Send + Sync {
     /// into its power-on state, for `system_reset`. The default has nothing to reset.
     fn reset(&self) -> Result<(), AccelError> {
         Ok(())
+    }
+    /// Starts recording the guest's writes to RAM (live migration) and returns the log the
+    /// migration reads them from; recording stops when the log is stopped or dropped. The
+    /// default says [`AccelError::Unsupported`].
+    fn start_dirty_log(&self) -> Result<Arc<dyn dirty::DirtyLog>, AccelError> {
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "dirty page tracking",
+        })
     }
     /// Captures the platform devices this backend owns (8259 pair, 8254, IOAPIC) in their
     /// backend-neutral form, for a snapshot; call with every vCPU stopped. The default has

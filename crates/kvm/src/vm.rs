@@ -7,8 +7,8 @@ use keel_accel::{
     SystemEvents, Vcpu, Vm,
 };
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_cpuid_entry2,
-    kvm_irqchip, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_cpuid_entry2, kvm_irqchip, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -265,7 +265,107 @@ impl KvmVm {
     }
 }
 
+/// Memory slots as `create` registered them: `(slot, region)` with the region's page offset
+/// in the dirty bitmap (regions by address, as `keel_accel::dirty::DirtyBitmap`).
+struct DirtySlot {
+    slot: u32,
+    region: kvm_userspace_memory_region,
+    first_page: u64,
+}
+
+/// KVM's dirty log over every memory slot (`KVM_MEM_LOG_DIRTY_PAGES`, `KVM_GET_DIRTY_LOG`).
+struct KvmDirtyLog {
+    vm: Arc<VmFd>,
+    slots: Vec<DirtySlot>,
+    /// Keeps the memory behind the slots mapped while they are re-registered.
+    _memory: Arc<GuestMemory>,
+}
+
+impl KvmDirtyLog {
+    fn set_logging(&self, on: bool) -> Result<(), keel_accel::AccelError> {
+        for s in &self.slots {
+            let mut region = s.region;
+            region.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+            // SAFETY: the same live mapping `create` registered for this slot, kept alive by
+            // `_memory`; only the flags change.
+            unsafe { self.vm.set_user_memory_region(region) }
+                .map_err(host("KVM_SET_USER_MEMORY_REGION (dirty logging)"))?;
+        }
+        Ok(())
+    }
+}
+
+impl keel_accel::dirty::DirtyLog for KvmDirtyLog {
+    fn collect(&self, into: &mut [u64]) -> Result<(), keel_accel::AccelError> {
+        for s in &self.slots {
+            let bits = self
+                .vm
+                .get_dirty_log(s.slot, s.region.memory_size as usize)
+                .map_err(host("KVM_GET_DIRTY_LOG"))?;
+            for (w, word) in bits.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let b = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let page = s.first_page + w as u64 * 64 + b;
+                    if let Some(d) = into.get_mut((page / 64) as usize) {
+                        *d |= 1 << (page % 64);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        // Nothing to report to: a slot left logging only costs the guest some speed.
+        let _ = self.set_logging(false);
+    }
+}
+
+impl Drop for KvmDirtyLog {
+    fn drop(&mut self) {
+        keel_accel::dirty::DirtyLog::stop(self);
+    }
+}
+
 impl Vm for KvmVm {
+    fn start_dirty_log(&self) -> Result<Arc<dyn keel_accel::dirty::DirtyLog>, AccelError> {
+        let mut slots = Vec::new();
+        for (slot, r) in self.memory.iter().enumerate() {
+            let host_addr = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| AccelError::Host {
+                    what: "mapping guest memory for dirty logging",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            slots.push(DirtySlot {
+                slot: slot as u32,
+                region: kvm_userspace_memory_region {
+                    slot: slot as u32,
+                    flags: 0,
+                    guest_phys_addr: r.start_addr().0,
+                    memory_size: r.len(),
+                    userspace_addr: host_addr as u64,
+                },
+                first_page: 0,
+            });
+        }
+        slots.sort_by_key(|s| s.region.guest_phys_addr);
+        let mut next = 0;
+        for s in &mut slots {
+            s.first_page = next;
+            next += s.region.memory_size.div_ceil(keel_accel::dirty::DIRTY_PAGE);
+        }
+        let log = KvmDirtyLog {
+            vm: self.vm.clone(),
+            slots,
+            _memory: self.memory.clone(),
+        };
+        log.set_logging(true)?;
+        Ok(Arc::new(log))
+    }
+
     fn save_platform(&self) -> Result<keel_accel::PlatformState, AccelError> {
         crate::snapshot::save_platform(&self.vm, self.irqchip, &self.pit)
     }

@@ -374,6 +374,35 @@ pub trait Board: Send {
             "this machine type cannot be restored (microvm can)".to_string(),
         ))
     }
+    /// What a live migration copies while the guest runs: the RAM, the stream header (the
+    /// machine's shape), and with `track` the accelerator's dirty log, started. The default
+    /// says the machine cannot be migrated live.
+    fn live_ram(&mut self, track: bool) -> Result<crate::migration::live::LiveRam, BoardError> {
+        let _ = track;
+        Err(BoardError::Invalid(
+            "this machine type cannot be migrated live (microvm can)".to_string(),
+        ))
+    }
+    /// As [`Board::save_snapshot`] without the RAM section (a live migration's final state;
+    /// the vCPUs must be paused). The default says the machine cannot be saved.
+    fn save_state(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        running: bool,
+    ) -> Result<(), BoardError> {
+        let _ = (out, running);
+        Err(BoardError::Invalid(
+            "this machine type cannot be saved (microvm can)".to_string(),
+        ))
+    }
+    /// As [`Board::restore_snapshot`] for a stream without RAM: the RAM stays as a live
+    /// migration wrote it. The default says the machine cannot be restored.
+    fn restore_state(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        let _ = snap;
+        Err(BoardError::Invalid(
+            "this machine type cannot be restored (microvm can)".to_string(),
+        ))
+    }
 }
 
 /// QEMU's `none` machine: no RAM, no vCPUs, no buses. It lets every lifecycle step run

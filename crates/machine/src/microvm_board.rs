@@ -889,6 +889,47 @@ impl Board for MicrovmBoard {
         out: &mut dyn std::io::Write,
         running: bool,
     ) -> Result<keel_snapshot::RamStats, BoardError> {
+        let extra = self.virtio_sections();
+        Ok(self.lock().save_snapshot(out, running, &extra)?)
+    }
+
+    fn restore_snapshot(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        self.restore_stream(snap, true)
+    }
+
+    fn live_ram(&mut self, track: bool) -> Result<crate::migration::live::LiveRam, BoardError> {
+        let m = self.lock();
+        let log = if track {
+            let log = m.start_dirty_log();
+            Some(log.map_err(|e| BoardError::Invalid(format!("dirty page tracking: {e}")))?)
+        } else {
+            None
+        };
+        Ok(crate::migration::live::LiveRam {
+            memory: m.memory().clone(),
+            header: m.snapshot_header(),
+            log,
+        })
+    }
+
+    fn save_state(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        running: bool,
+    ) -> Result<(), BoardError> {
+        let extra = self.virtio_sections();
+        self.lock().save_stream(out, running, &extra, false)?;
+        Ok(())
+    }
+
+    fn restore_state(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        self.restore_stream(snap, false)
+    }
+}
+
+impl MicrovmBoard {
+    /// The virtio transports' sections, each device quiesced first (no request in flight).
+    fn virtio_sections(&mut self) -> Vec<crate::microvm::snapshot::ExtraSection> {
         let mut extra = Vec::new();
         for (i, slot) in self.slots.iter().enumerate() {
             if let Some(t) = slot.get() {
@@ -902,10 +943,15 @@ impl Board for MicrovmBoard {
                 ));
             }
         }
-        Ok(self.lock().save_snapshot(out, running, &extra)?)
+        extra
     }
 
-    fn restore_snapshot(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+    /// Restores `snap` (its RAM too with `ram`), every section checked first.
+    fn restore_stream(
+        &mut self,
+        snap: &keel_snapshot::Snapshot,
+        ram: bool,
+    ) -> Result<bool, BoardError> {
         let mut virtio = Vec::new();
         for (i, slot) in self.slots.iter().enumerate() {
             let saved = snap.payload(VIRTIO_SECTION, i as u32, VIRTIO_VERSION)?;
@@ -946,7 +992,7 @@ impl Board for MicrovmBoard {
             m.pause();
             let r = m.check_snapshot(snap, &[VIRTIO_SECTION])?;
             let running = r.machine.running;
-            m.apply_snapshot(snap, r)?;
+            m.apply_stream(snap, r, ram)?;
             running
         };
         for (t, s) in virtio {

@@ -12,16 +12,27 @@ use keel_snapshot::Snapshot;
 
 use crate::board::{Board, BoardError};
 
+pub mod live;
+
 /// Errors of a migration; the text is what `query-migrate` and the command's error show.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MigrationError {
     /// The URI has a form Keel does not serve.
     #[error(
-        "Invalid migration URI '{0}': Keel saves to 'file:PATH' and 'exec:COMMAND' \
-         ('fd:' needs getfd, which Keel does not have yet)"
+        "Invalid migration URI '{0}': Keel migrates to 'unix:PATH', 'tcp:HOST:PORT', \
+         'file:PATH' and 'exec:COMMAND' ('fd:' needs getfd, which Keel does not have yet)"
     )]
     Uri(String),
+    /// The accelerator's dirty log failed, or RAM could not be read for it.
+    #[error("dirty page tracking failed: {0}")]
+    Dirty(String),
+    /// The VMM could not do its part (stop, resume, restore the run state).
+    #[error("{0}")]
+    Vmm(String),
+    /// `migrate_cancel` stopped it before the switchover.
+    #[error("the migration was cancelled")]
+    Cancelled,
     /// Opening, writing or reading the target failed.
     #[error("{what} '{target}' failed: {source}")]
     Io {
@@ -130,7 +141,10 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-fn io(what: &'static str, target: &str) -> impl FnOnce(std::io::Error) -> MigrationError {
+pub(crate) fn io(
+    what: &'static str,
+    target: &str,
+) -> impl FnOnce(std::io::Error) -> MigrationError {
     let target = target.to_string();
     move |source| MigrationError::Io {
         what,

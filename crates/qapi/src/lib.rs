@@ -121,6 +121,8 @@ macro_rules! for_each_command {
                 $crate::migration::MigrateIncoming,
                 $crate::migration::QueryMigrate,
                 $crate::migration::MigrateCancel,
+                $crate::migration::MigrateSetParameters,
+                $crate::migration::QueryMigrateParameters,
                 $crate::fd::Getfd,
                 $crate::fd::Closefd,
                 $crate::fd::AddFd,

@@ -12,8 +12,10 @@ use crate::misc::MigrateSetCapabilities;
 use crate::{ANY, READY};
 
 /// `migrate`: saves the machine to `uri` (`file:PATH`, `exec:COMMAND`; QEMU 8.2's file
-/// form and QEMU's exec form). The vCPUs stop for the save (`STOP`); afterwards the run
-/// state is `postmigrate`, as QEMU's source after a completed migration.
+/// form and QEMU's exec form), or migrates it live to another Keel (`unix:PATH`,
+/// `tcp:HOST:PORT`: the command returns at once, `query-migrate` follows it). The vCPUs
+/// stop for the save, or for the last copy (`STOP`); afterwards the run state is
+/// `postmigrate`, as QEMU's source after a completed migration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Migrate {
     /// Where to write the stream.
@@ -67,9 +69,76 @@ impl Command for MigrateIncoming {
 }
 
 no_args_command!(
-    /// `migrate_cancel`: saves run to completion inside `migrate`, so there is never one
-    /// to cancel; succeeds without effect, as QEMU's with no migration in progress.
+    /// `migrate_cancel`: stops a live migration (`unix:`/`tcp:`) before its switchover (the
+    /// guest keeps running, `query-migrate` says `cancelled`); a save to `file:`/`exec:`
+    /// runs to completion inside `migrate`, so there is none to cancel then, and the command
+    /// succeeds without effect, as QEMU's with no migration in progress.
     MigrateCancel, "migrate_cancel", ANY, (), None
+);
+
+/// `migrate-set-parameters`: the parameters a live migration follows (QEMU's
+/// `MigrateSetParameters`, the members Keel uses; any other is refused as unknown).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrateSetParameters {
+    /// Longest the guest may stay stopped for the last copy, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_limit: Option<u64>,
+    /// Most bytes per second while the guest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+}
+
+impl Command for MigrateSetParameters {
+    const NAME: &'static str = "migrate-set-parameters";
+    const PHASES: keel_phase::PhaseSet = ANY;
+    type Output = ();
+    fn arguments() -> Type {
+        Type::object(
+            "MigrateSetParameters",
+            vec![
+                opt(
+                    "downtime-limit",
+                    Type::Builtin(keel_qmp::schema::Builtin::Size),
+                ),
+                opt(
+                    "max-bandwidth",
+                    Type::Builtin(keel_qmp::schema::Builtin::Size),
+                ),
+            ],
+        )
+    }
+}
+
+/// `query-migrate-parameters`' answer (QAPI `MigrationParameters`, the members Keel uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationParameters {
+    /// Longest the guest may stay stopped for the last copy, in milliseconds (300).
+    pub downtime_limit: u64,
+    /// Most bytes per second while the guest runs (128 MiB/s, QEMU's default).
+    pub max_bandwidth: u64,
+}
+
+impl Default for MigrationParameters {
+    fn default() -> Self {
+        Self {
+            downtime_limit: 300,
+            max_bandwidth: 128 << 20,
+        }
+    }
+}
+
+/// QEMU's upper bound of `downtime-limit` (2000 seconds).
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+
+no_args_command!(
+    /// `query-migrate-parameters`: `downtime-limit` and `max-bandwidth`.
+    QueryMigrateParameters, "query-migrate-parameters", ANY, MigrationParameters,
+    Some(Type::object("MigrationParameters", vec![
+        req("downtime-limit", Type::Builtin(keel_qmp::schema::Builtin::Size)),
+        req("max-bandwidth", Type::Builtin(keel_qmp::schema::Builtin::Size)),
+    ]))
 );
 
 /// RAM statistics of a migration (QAPI `MigrationStats`, the members Keel knows).
@@ -133,6 +202,9 @@ pub struct MigrationInfo {
     /// Milliseconds of setup.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub setup_time: Option<u64>,
+    /// Milliseconds the guest is expected to stop for (while active).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_downtime: Option<u64>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,
@@ -191,6 +263,7 @@ no_args_command!(
         opt("total-time", Type::int()),
         opt("downtime", Type::int()),
         opt("setup-time", Type::int()),
+        opt("expected-downtime", Type::int()),
         opt("error-desc", Type::str()),
     ]))
 );
@@ -219,9 +292,80 @@ pub struct MigrationTracker {
     events: bool,
     /// `-incoming URI` (or `defer`), until the incoming migration ran.
     pub incoming: Option<String>,
+    /// `migrate-set-parameters`.
+    pub params: MigrationParameters,
+    /// Set by `migrate_cancel`; a live migration's thread watches it.
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MigrationTracker {
+    /// Whether a migration is under way (`setup`, `active` or `cancelling`).
+    pub fn in_progress(&self) -> bool {
+        matches!(
+            self.info.status.as_deref(),
+            Some("setup" | "active" | "cancelling")
+        )
+    }
+
+    /// `migrate-set-parameters`: checks every value, then sets them.
+    pub fn set_parameters(&mut self, a: &MigrateSetParameters) -> Result<(), CommandError> {
+        if a.downtime_limit.is_some_and(|d| d > MAX_DOWNTIME_LIMIT_MS) {
+            return Err(CommandError::generic(
+                "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000 seconds",
+            ));
+        }
+        if let Some(d) = a.downtime_limit {
+            self.params.downtime_limit = d;
+        }
+        if let Some(b) = a.max_bandwidth {
+            self.params.max_bandwidth = b;
+        }
+        Ok(())
+    }
+
+    /// `migrate_cancel`: asks a live migration to stop (`cancelling`); nothing otherwise.
+    pub fn cancel(&mut self, events: &EventBus) -> Result<(), CommandError> {
+        if self.in_progress() && self.info.status.as_deref() != Some("cancelling") {
+            self.cancel
+                .store(true, std::sync::atomic::Ordering::Release);
+            let info = self.info.clone();
+            self.set_status("cancelling", events);
+            self.info = MigrationInfo {
+                status: Some("cancelling".into()),
+                ..info
+            };
+        }
+        Ok(())
+    }
+
+    /// A live migration starts (`setup`): the cancel request is cleared.
+    pub fn begin(&mut self, events: &EventBus) {
+        self.cancel
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.set_status("setup", events);
+    }
+
+    /// A live migration's numbers: `status` (a change emits `MIGRATION`), the RAM
+    /// statistics and the times in milliseconds (`downtime` once completed,
+    /// `expected-downtime` while active). A `cancelling` status stays until the end.
+    pub fn live(
+        &mut self,
+        status: &str,
+        ram: MigrationStats,
+        (total, setup, downtime, expected): (u64, u64, Option<u64>, Option<u64>),
+        events: &EventBus,
+    ) {
+        let keep = self.info.status.as_deref() == Some("cancelling") && status == "active";
+        if !keep && self.info.status.as_deref() != Some(status) {
+            self.set_status(status, events);
+        }
+        self.info.ram = Some(ram);
+        self.info.total_time = Some(total);
+        self.info.setup_time = Some(setup);
+        self.info.downtime = downtime;
+        self.info.expected_downtime = expected;
+    }
+
     /// `query-migrate`'s answer.
     pub fn info(&self) -> MigrationInfo {
         self.info.clone()

@@ -170,7 +170,10 @@ const NET: &[i64] = &[
 ];
 
 /// What only the main class does: open files, sockets and /dev/kvm, build the machine,
-/// serve the monitors' commands (device_add, blockdev-add, netdev_add...).
+/// serve the monitors' commands (device_add, blockdev-add, netdev_add...). The live
+/// migration threads (`migrate-send`, `migrate-recv`) are started by a command and stay in
+/// this class: `socket`/`connect` or `bind`/`listen`/`accept4`, sends and receives
+/// ([`MONITOR`]), `KVM_SET_USER_MEMORY_REGION` and `KVM_GET_DIRTY_LOG` (KVM's ioctl type).
 const MAIN: &[i64] = &[
     libc::SYS_openat,
     libc::SYS_open,

@@ -105,7 +105,8 @@ pub struct Header {
 }
 
 impl Header {
-    fn body(&self) -> Vec<u8> {
+    /// The header's fields as the stream carries them (also the live migration preamble's).
+    pub fn body(&self) -> Vec<u8> {
         let mut e = Enc::new();
         e.str(&self.keel_version)
             .str(&self.shape.machine)
@@ -115,7 +116,8 @@ impl Header {
         e.finish()
     }
 
-    fn from_body(b: &[u8]) -> Result<Self, DecodeError> {
+    /// Reads the fields [`Header::body`] wrote.
+    pub fn from_body(b: &[u8]) -> Result<Self, DecodeError> {
         let mut d = Dec::new(b);
         let h = Self {
             keel_version: d.str("keel version")?,

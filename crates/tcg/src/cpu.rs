@@ -916,6 +916,7 @@ impl Cpu {
             let b = v.to_le_bytes();
             // SAFETY: a write-TLB hit maps this page to live, non-code guest RAM.
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, N) };
+            self.mark_hit(lin, N, self.mmu.user);
             return true;
         }
         false
@@ -937,6 +938,7 @@ impl Cpu {
             let b = v.to_le_bytes();
             // SAFETY: a write-TLB hit maps this page to live, non-code guest RAM.
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, N) };
+            self.mark_hit(lin, N, user);
             return Ok(());
         }
         let b = v.to_le_bytes();
@@ -962,6 +964,17 @@ impl Cpu {
             self.db_hits |= dr::data_hits(&self.dr, lin, n as u64, true);
         }
         Ok(())
+    }
+
+    /// Records a write that hit the write TLB in the dirty log, while one is recorded (a
+    /// live migration); one relaxed load otherwise.
+    #[inline(always)]
+    fn mark_hit(&self, lin: u64, n: usize, user: bool) {
+        if self.mmu.phys.logging()
+            && let Some(g) = self.mmu.lookup_gpa(lin, Access::Write, user)
+        {
+            self.mmu.phys.mark(g, n as u64);
+        }
     }
 
     /// Physical write that notices translated code on the page.

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use keel_accel::dirty::DirtyBitmap;
 use keel_accel::{GuestMemory, IoBuses, MmioAddress};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
@@ -88,6 +89,8 @@ pub struct PhysMem {
     _mem: Arc<GuestMemory>,
     /// Devices for non-RAM accesses.
     pub buses: Arc<IoBuses>,
+    /// Where guest writes to RAM are recorded during a live migration.
+    dirty: Option<Arc<DirtyBitmap>>,
 }
 
 impl PhysMem {
@@ -111,12 +114,35 @@ impl PhysMem {
             regions,
             _mem: mem,
             buses,
+            dirty: None,
+        }
+    }
+
+    /// Records RAM writes in `dirty` whenever it is active.
+    pub fn with_dirty(mut self, dirty: Arc<DirtyBitmap>) -> Self {
+        self.dirty = Some(dirty);
+        self
+    }
+
+    /// Whether RAM writes are being recorded (a live migration runs).
+    #[inline(always)]
+    pub fn logging(&self) -> bool {
+        self.dirty.as_ref().is_some_and(|d| d.active())
+    }
+
+    /// Records a write of `len` bytes at `gpa` in the dirty log, if one is active.
+    #[inline]
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if let Some(d) = &self.dirty {
+            d.mark(gpa, len);
         }
     }
 
     /// The same memory and buses with no code pages marked (for a CPU reset).
     pub fn fresh(&self) -> Self {
-        Self::new(self._mem.clone(), self.buses.clone())
+        let mut p = Self::new(self._mem.clone(), self.buses.clone());
+        p.dirty = self.dirty.clone();
+        p
     }
 
     #[inline]
@@ -187,10 +213,11 @@ impl PhysMem {
     /// Writes `buf` at `gpa` (RAM or MMIO); must not cross a page. Does not handle code pages.
     pub fn write(&self, gpa: u64, buf: &[u8]) {
         match self.host(gpa) {
-            // SAFETY: as in `read`; the mapping is writable guest RAM.
-            Some(h) => unsafe {
-                std::ptr::copy_nonoverlapping(buf.as_ptr(), h as *mut u8, buf.len())
-            },
+            Some(h) => {
+                // SAFETY: as in `read`; the mapping is writable guest RAM.
+                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), h as *mut u8, buf.len()) };
+                self.mark(gpa, buf.len() as u64);
+            }
             None => {
                 let mut off = 0;
                 while off < buf.len() {

@@ -412,6 +412,8 @@ pub struct TcgVm {
     /// Every vCPU's wake-up flag (the 8259's INTR wakes them all; those whose APIC does not
     /// take ExtINT go back to sleep).
     wakeups: Arc<Mutex<Vec<Arc<Wakeup>>>>,
+    /// Guest stores to RAM, recorded while a live migration runs.
+    dirty: Arc<keel_accel::dirty::DirtyBitmap>,
 }
 
 impl std::fmt::Debug for TcgVm {
@@ -508,6 +510,7 @@ impl TcgVm {
             }
         });
         Ok(Self {
+            dirty: Arc::new(keel_accel::dirty::DirtyBitmap::new(&memory)),
             memory,
             buses,
             _events: events,
@@ -527,7 +530,8 @@ impl TcgVm {
     /// Creates the concrete vCPU (the trait method boxes this). With local APICs, a vCPU
     /// other than 0 is an application processor and waits for INIT/SIPI.
     pub fn create_tcg_vcpu(&self, index: u32) -> TcgVcpu {
-        let phys = PhysMem::new(self.memory.clone(), self.buses.clone());
+        let phys =
+            PhysMem::new(self.memory.clone(), self.buses.clone()).with_dirty(self.dirty.clone());
         let mut cpu = Cpu::new(phys, self.cpuid.clone(), index);
         let att = Arc::new(Attention::default());
         let wakeup = Arc::new(Wakeup::new());
@@ -594,6 +598,25 @@ impl TcgVm {
     }
 }
 
+/// The interpreter's dirty log: every store to RAM marks its page (see `PhysMem::mark`).
+struct TcgDirtyLog(Arc<keel_accel::dirty::DirtyBitmap>);
+
+impl keel_accel::dirty::DirtyLog for TcgDirtyLog {
+    fn collect(&self, into: &mut [u64]) -> Result<(), AccelError> {
+        self.0.take_into(into);
+        Ok(())
+    }
+    fn stop(&self) {
+        self.0.set_active(false);
+    }
+}
+
+impl Drop for TcgDirtyLog {
+    fn drop(&mut self) {
+        self.0.set_active(false);
+    }
+}
+
 impl Vm for TcgVm {
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, AccelError> {
         if index != 0 && self.apics.is_none() {
@@ -609,6 +632,11 @@ impl Vm for TcgVm {
             });
         }
         Ok(Box::new(self.create_tcg_vcpu(index)))
+    }
+
+    fn start_dirty_log(&self) -> Result<Arc<dyn keel_accel::dirty::DirtyLog>, AccelError> {
+        self.dirty.set_active(true);
+        Ok(Arc::new(TcgDirtyLog(self.dirty.clone())))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, AccelError> {

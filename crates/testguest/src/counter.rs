@@ -52,3 +52,102 @@ pub fn counter(count: u32) -> Result<TestGuest, GuestError> {
     t.expected_serial = Some(out);
     Ok(t)
 }
+
+/// Pages [`counter_dirty`] keeps rewriting, at [`layout::RESULTS`].
+pub const DIRTY_PAGES: u64 = 64;
+/// Qwords of a page [`counter_dirty`] fills by `rep stosq` after the first (KVM-PVM
+/// emulates string instructions in guest kernel mode one element at a time: keep it short).
+const FILL: u64 = 31;
+/// Iterations of [`counter_dirty`]'s register-only loop per step when the hypervisor is
+/// not KVM (under KVM: one).
+const SPIN: u32 = 20_000;
+
+/// [`counter`] that also keeps rewriting memory, for live migration: step `i` visits page
+/// `k = i mod 64` of a buffer, adds its qword 31 (what the previous visit's `rep stosq`
+/// left) to the running `x` in memory, adds `i` to the page's first qword, and fills
+/// qwords 1..=31 with that new value by `rep stosq`, then spins on registers (not under KVM). A page whose plain or string store
+/// was lost on the way (not sent again after it was written) shows in a later `x`. Prints
+/// `i=<8 hex> s=<16 hex> x=<16 hex>` as [`counter`] every `every` steps (a power of two;
+/// fewer lines make fewer exits under kvm), then exits with [`crate::EXIT_OK`].
+pub fn counter_dirty(count: u32, every: u32) -> Result<TestGuest, GuestError> {
+    let n = count.max(1);
+    let every = every.max(1).next_power_of_two();
+    let mut t = build("counter-dirty", Mode::Long64, |g| {
+        let mut lp = g.a.create_label();
+        let mut quiet = g.a.create_label();
+        g.a.mov(r12d, 1u32)?;
+        g.a.xor(r13d, r13d)?;
+        g.a.mov(qword_ptr(layout::SCRATCH), r13)?;
+        g.a.set_label(&mut lp)?;
+        // The spin count: SPIN unless the hypervisor signature is KVM's ("KVMK" in EBX);
+        // asked at every step, since the guest may have moved to another accelerator.
+        let mut interpreted = g.a.create_label();
+        g.a.mov(eax, 0x4000_0000u32)?;
+        g.a.cpuid()?;
+        g.a.mov(r14d, SPIN)?;
+        g.a.cmp(ebx, 0x4b4d_564bu32 as i32)?;
+        g.a.jne(interpreted)?;
+        g.a.mov(r14d, 1u32)?;
+        g.a.set_label(&mut interpreted)?;
+        g.a.lea(r13, qword_ptr(r13 + r13 * 2))?;
+        g.a.add(r13, r12)?;
+        // rbx = the page of this step.
+        g.a.mov(rbx, r12)?;
+        g.a.and(rbx, (DIRTY_PAGES - 1) as i32)?;
+        g.a.shl(rbx, 12)?;
+        g.a.add(rbx, layout::RESULTS as i32)?;
+        g.a.mov(rax, qword_ptr(rbx + 8 * FILL))?;
+        g.a.add(qword_ptr(layout::SCRATCH), rax)?;
+        g.a.mov(rax, qword_ptr(rbx))?;
+        g.a.add(rax, r12)?;
+        g.a.mov(qword_ptr(rbx), rax)?;
+        g.a.lea(rdi, qword_ptr(rbx + 8))?;
+        g.a.mov(ecx, FILL as u32)?;
+        g.a.cld()?;
+        g.a.rep().stosq()?;
+        // Register-only work under the interpreter only, so that a run there lasts seconds
+        // (KVM-PVM is slow at exits and string instructions, the interpreter is fast at
+        // printing: without it the interpreted guest ends before a migration completes).
+        let mut spin = g.a.create_label();
+        g.a.mov(r8d, r14d)?;
+        g.a.set_label(&mut spin)?;
+        g.a.dec(r8d)?;
+        g.a.jnz(spin)?;
+        g.a.test(r12d, (every - 1) as i32)?;
+        g.a.jnz(quiet)?;
+        g.emit_str("i=")?;
+        g.a.mov(rax, r12)?;
+        g.a.mov(ecx, 8u32)?;
+        g.a.call(g.puthex)?;
+        g.emit_str(" s=")?;
+        g.a.mov(rax, r13)?;
+        g.a.mov(ecx, 16u32)?;
+        g.a.call(g.puthex)?;
+        g.emit_str(" x=")?;
+        g.a.mov(rax, qword_ptr(layout::SCRATCH))?;
+        g.a.mov(ecx, 16u32)?;
+        g.a.call(g.puthex)?;
+        g.emit_str("\n")?;
+        g.a.set_label(&mut quiet)?;
+        g.a.inc(r12)?;
+        g.a.cmp(r12, i32::try_from(n).unwrap_or(i32::MAX) + 1)?;
+        g.a.jne(lp)?;
+        g.exit(crate::EXIT_OK)
+    })?;
+    let mut s = 0u64;
+    let mut x = 0u64;
+    let mut acc = [0u64; DIRTY_PAGES as usize];
+    let mut out = String::new();
+    for i in 1..=u64::from(n) {
+        s = s.wrapping_mul(3).wrapping_add(i);
+        let k = (i % DIRTY_PAGES) as usize;
+        x = x.wrapping_add(acc[k]);
+        acc[k] = acc[k].wrapping_add(i);
+        if i % u64::from(every) != 0 {
+            continue;
+        }
+        out.push_str(&format!("i={i:08x} s={s:016x} x={x:016x}\n"));
+    }
+    t.expected_serial = Some(out);
+    Ok(t)
+}

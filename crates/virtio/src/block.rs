@@ -534,7 +534,7 @@ impl Block {
         offset: u64,
         len: u64,
     ) -> std::io::Result<()> {
-        vectored_io(
+        let r = vectored_io(
             &self.file,
             mem,
             segs,
@@ -542,7 +542,12 @@ impl Block {
             offset,
             len,
             Direction::FileToGuest,
-        )
+        );
+        // Guest RAM the host wrote (even partly, on an error) for a live migration.
+        for (addr, n) in chain::ranges(segs, 0, len) {
+            keel_accel::dirty::mark(mem, addr.0, n as u64);
+        }
+        r
     }
 
     fn write_from(

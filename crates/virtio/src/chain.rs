@@ -167,6 +167,7 @@ pub(crate) fn write_bytes(mem: &GuestMemory, segs: &[Segment], start: u64, data:
         if mem.write_slice(&data[done..done + n], addr).is_err() {
             break;
         }
+        keel_accel::dirty::mark(mem, addr.0, n as u64);
         done += n;
     }
     done

@@ -248,6 +248,13 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&config[start..start + n]);
 }
 
+/// Records the used ring of `queue` as written (live migration; see `keel_accel::dirty`):
+/// flags, index, `size` elements and the avail event.
+fn mark_used_ring(mem: &GuestMemory, queue: &Queue) {
+    let len = 6 + 8 * u64::from(queue.size());
+    keel_accel::dirty::mark(mem, queue.used_ring(), len);
+}
+
 /// Activated state every device keeps: memory, queues, interrupt.
 #[derive(Debug)]
 pub(crate) struct Active {
@@ -323,7 +330,10 @@ impl Active {
             return false;
         };
         match queue.add_used(&*memory, head, len) {
-            Ok(()) => true,
+            Ok(()) => {
+                mark_used_ring(&memory, queue);
+                true
+            }
             Err(e) => {
                 self.fail(&format!("queue {index}: add_used({head}): {e}"));
                 false
@@ -372,6 +382,7 @@ impl Active {
                         self.fail(&format!("queue {index}: add_used({head}): {e}"));
                         return;
                     }
+                    mark_used_ring(mem, queue);
                     used = true;
                 }
                 Outcome::Broken(msg) => {

@@ -172,11 +172,36 @@ impl Microvm {
         running: bool,
         extra: &[ExtraSection],
     ) -> Result<RamStats, SnapshotError> {
-        let header = Header {
+        let stats = self.save_stream(out, running, extra, true)?;
+        stats.ok_or_else(|| section_err(SectionId::RAM, "not written"))
+    }
+
+    /// The stream's header for this machine.
+    pub fn snapshot_header(&self) -> Header {
+        Header {
             keel_version: env!("CARGO_PKG_VERSION").to_string(),
             shape: self.snapshot_shape(),
             accel: self.accel_name.to_string(),
-        };
+        }
+    }
+
+    /// Starts recording the guest's writes to RAM (a live migration's dirty log).
+    pub fn start_dirty_log(
+        &self,
+    ) -> Result<std::sync::Arc<dyn keel_accel::dirty::DirtyLog>, keel_accel::AccelError> {
+        self.vm.start_dirty_log()
+    }
+
+    /// As [`Microvm::save_snapshot`]; without `ram` the stream has no RAM section (a live
+    /// migration sends RAM on its own) and the result is `None`.
+    pub fn save_stream(
+        &mut self,
+        out: &mut dyn Write,
+        running: bool,
+        extra: &[ExtraSection],
+        ram: bool,
+    ) -> Result<Option<RamStats>, SnapshotError> {
+        let header = self.snapshot_header();
         let vcpus = self
             .vcpu_ops((0..self.cfg.cpus).map(|_| StateOp::Save).collect())
             .map_err(|e| section_err(VCPU_SECTION, e))?;
@@ -220,7 +245,11 @@ impl Microvm {
         for (id, instance, version, payload) in extra {
             w.section(*id, *instance, *version, payload)?;
         }
-        let stats = w.ram(&self.memory)?;
+        let stats = if ram {
+            Some(w.ram(&self.memory)?)
+        } else {
+            None
+        };
         w.finish()?;
         Ok(stats)
     }
@@ -295,7 +324,25 @@ impl Microvm {
         snap: &Snapshot,
         r: MicrovmRestore,
     ) -> Result<(), SnapshotError> {
-        snap.restore_ram(&self.memory)?;
+        self.apply_stream(snap, r, true)
+    }
+
+    /// As [`Microvm::apply_snapshot`]; without `ram` the machine's RAM is left as it is (a
+    /// live migration wrote it already) and the stream must have no RAM section.
+    pub fn apply_stream(
+        &mut self,
+        snap: &Snapshot,
+        r: MicrovmRestore,
+        ram: bool,
+    ) -> Result<(), SnapshotError> {
+        if ram {
+            snap.restore_ram(&self.memory)?;
+        } else if snap.sections().iter().any(|s| s.id == SectionId::RAM) {
+            return Err(section_err(
+                SectionId::RAM,
+                "a live migration's state carries no RAM section",
+            ));
+        }
         self.vm
             .restore_platform(&r.platform)
             .map_err(|e| section_err(PLATFORM_SECTION, e))?;

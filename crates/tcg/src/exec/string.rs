@@ -196,7 +196,7 @@ fn bulk(cpu: &mut Cpu, kind: Kind, esz: u8, src: u64, dst: u64, count: u64) -> R
     }
     let bytes = (n * e) as usize;
     if kind == Kind::Stos {
-        let Some((h, _)) = cpu.host_span(dst, Access::Write)? else {
+        let Some((h, g)) = cpu.host_span(dst, Access::Write)? else {
             return Ok(0);
         };
         let v = cpu.gpr[0].to_le_bytes();
@@ -210,12 +210,13 @@ fn bulk(cpu: &mut Cpu, kind: Kind, esz: u8, src: u64, dst: u64, count: u64) -> R
                 c.copy_from_slice(pat);
             }
         }
+        cpu.mmu.phys.mark(g, bytes as u64);
         return Ok(n);
     }
     let Some((hs, _)) = cpu.host_span(src, Access::Read)? else {
         return Ok(0);
     };
-    let Some((hd, _)) = cpu.host_span(dst, Access::Write)? else {
+    let Some((hd, gd)) = cpu.host_span(dst, Access::Write)? else {
         return Ok(0);
     };
     if hd > hs && hd < hs + bytes {
@@ -224,5 +225,6 @@ fn bulk(cpu: &mut Cpu, kind: Kind, esz: u8, src: u64, dst: u64, count: u64) -> R
     }
     // SAFETY: both spans lie within live guest RAM pages checked above; `copy` allows overlap.
     unsafe { std::ptr::copy(hs as *const u8, hd as *mut u8, bytes) };
+    cpu.mmu.phys.mark(gd, bytes as u64);
     Ok(n)
 }

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Live migration of the Debian guest (256 MiB, tcg) at its shell: Keel vs QEMU 7.2.
+
+Each run boots the source to its shell, starts a destination with `-incoming unix:SOCK`
+(the same command line and disk image), runs `migrate uri=unix:SOCK` on the source, polls
+`query-migrate` until `completed`, then checks that the destination's console answers
+(`echo ALIVE-$((5*5))`). Reported per run from the source's `query-migrate`: `total-time`,
+`downtime`, `setup-time`, bytes transferred and dirty-sync rounds; then the medians and
+the ratios Keel / QEMU. Both VMMs get the same `migrate-set-parameters` (`--max-bandwidth`,
+`--downtime-limit`; QEMU's defaults are 128 MiB/s and 300 ms).
+
+The guest is scripts/build-guest.sh's (vmlinux + initramfs-virtio, microvm, tcg, a 1 MiB
+virtio-blk disk), as scripts/bench-restore.py runs it. Standard library only.
+"""
+
+import argparse
+import json
+import os
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CMD = b"echo ALIVE-$((5*5))\n"
+ANSWER = b"ALIVE-25"
+
+
+def host_tsc_khz():
+    """The host's TSC rate in kHz from /proc/cpuinfo, or None (as bench-boot.py)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def guest_args(guest, disk, append):
+    return ["-M", "microvm", "-accel", "tcg", "-m", "256M", "-nodefaults", "-no-reboot",
+            "-serial", "stdio", "-kernel", os.path.join(guest, "vmlinux"),
+            "-initrd", os.path.join(guest, "initramfs-virtio.cpio.gz"), "-append", append,
+            "-drive", "file=%s,if=none,id=d0,format=raw" % disk,
+            "-device", "virtio-blk-device,drive=d0"]
+
+
+class Proc:
+    def __init__(self, argv, sock):
+        if os.path.exists(sock):
+            os.unlink(sock)
+        self.sock = sock
+        self.p = subprocess.Popen(argv + ["-qmp", "unix:%s,server=on,wait=off" % sock],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        self.buf = b""
+        self.q = None
+
+    def wait_for(self, pat, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pat in self.buf:
+                return
+            r, _, _ = select.select([self.p.stdout], [], [], 0.05)
+            if r:
+                d = os.read(self.p.stdout.fileno(), 65536)
+                if not d:
+                    break
+                self.buf += d
+        raise RuntimeError("no %r within %ss; last output %r" % (pat, timeout, self.buf[-300:]))
+
+    def type(self, data):
+        self.p.stdin.write(data)
+        self.p.stdin.flush()
+
+    def qmp(self, name, args=None):
+        if self.q is None:
+            for _ in range(4000):
+                try:
+                    s = socket.socket(socket.AF_UNIX)
+                    s.connect(self.sock)
+                    break
+                except OSError:
+                    time.sleep(0.005)
+            self.q = s.makefile("rwb")
+            self.q.readline()
+            self.qmp("qmp_capabilities")
+        m = {"execute": name}
+        if args is not None:
+            m["arguments"] = args
+        self.q.write((json.dumps(m) + "\n").encode())
+        self.q.flush()
+        while True:
+            r = json.loads(self.q.readline())
+            if "event" not in r:
+                if "error" in r:
+                    raise RuntimeError("%s: %s" % (name, r["error"]))
+                return r["return"]
+
+    def kill(self):
+        self.p.kill()
+        self.p.wait()
+
+
+def migrate_once(argv, tmp, params, timeout):
+    """One live migration; returns the source's final query-migrate answer."""
+    mig = os.path.join(tmp, "mig.sock")
+    if os.path.exists(mig):
+        os.unlink(mig)
+    src = Proc(argv, os.path.join(tmp, "src.sock"))
+    dst = None
+    try:
+        src.wait_for(b"KEEL-GUEST-SHELL", timeout)
+        time.sleep(0.5)
+        dst = Proc(argv + ["-incoming", "unix:" + mig], os.path.join(tmp, "dst.sock"))
+        if dst.qmp("query-status")["status"] != "inmigrate":
+            raise RuntimeError("the destination is not waiting")
+        src.qmp("migrate-set-parameters", params)
+        src.qmp("migrate", {"uri": "unix:" + mig})
+        end = time.monotonic() + timeout
+        while True:
+            info = src.qmp("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            if time.monotonic() > end:
+                raise RuntimeError("the migration did not end: %s" % info)
+            time.sleep(0.01)
+        if info["status"] != "completed":
+            raise RuntimeError("migration %s: %s" % (info["status"], info.get("error-desc")))
+        end = time.monotonic() + timeout
+        while dst.qmp("query-status")["status"] != "running":
+            if time.monotonic() > end:
+                raise RuntimeError("the destination never ran")
+            time.sleep(0.005)
+        dst.type(CMD)
+        dst.wait_for(ANSWER, timeout)
+        return info
+    finally:
+        src.kill()
+        if dst is not None:
+            dst.kill()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vmm", default=os.path.join(ROOT, "target/release/vmm"))
+    ap.add_argument("--qemu", default="/usr/bin/qemu-system-x86_64")
+    ap.add_argument("--guest", default=os.environ.get("KEEL_GUEST_DIR", os.path.expanduser("~/.cache/keel-guest/current")))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=180)
+    ap.add_argument("--max-bandwidth", type=int, default=128 << 20, help="bytes/s (QEMU's default)")
+    ap.add_argument("--downtime-limit", type=int, default=300, help="ms (QEMU's default)")
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="keel-bench-migrate-")
+    disk = os.path.join(tmp, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    # On a loaded host QEMU's guest cannot calibrate its TSC against the PIT and hangs
+    # (scripts/README.md); giving the rate avoids the calibration, for both VMMs alike.
+    append = "console=ttyS0 quiet keel.mode=shell"
+    if host_tsc_khz():
+        append += " tsc_early_khz=%d" % host_tsc_khz()
+    args = guest_args(a.guest, disk, append)
+    params = {"max-bandwidth": a.max_bandwidth, "downtime-limit": a.downtime_limit}
+    vmms = [("keel", [a.vmm])]
+    if os.path.exists(a.qemu):
+        vmms.append(("qemu", [a.qemu, "-display", "none"]))
+    else:
+        print("no QEMU at %s: Keel only" % a.qemu)
+    keys = ("total-time", "downtime", "setup-time")
+    results = {name: {k: [] for k in keys} for name, _ in vmms}
+    for i in range(a.runs):
+        # Interleaved, so both see the same host load.
+        for name, cmd in vmms:
+            info = migrate_once(cmd + args, tmp, params, a.timeout)
+            for k in keys:
+                results[name][k].append(info.get(k, 0))
+            ram = info.get("ram", {})
+            print("%s run %d: total %d ms, downtime %d ms, setup %d ms, %.1f MiB sent, "
+                  "%d dirty syncs" % (name, i + 1, info.get("total-time", 0),
+                                      info.get("downtime", 0), info.get("setup-time", 0),
+                                      ram.get("transferred", 0) / 2**20,
+                                      ram.get("dirty-sync-count", 0)))
+    print()
+    med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
+    for n, m in med.items():
+        print("%-5s median total %.0f ms, downtime %.0f ms, setup %.0f ms" % (
+            n, m["total-time"], m["downtime"], m["setup-time"]))
+    if "qemu" in med:
+        for k in ("total-time", "downtime"):
+            q = med["qemu"][k]
+            r = med["keel"][k] / q if q else float("inf")
+            print("keel / qemu %-10s = %.3f" % (k, r))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
