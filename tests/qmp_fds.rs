@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -16,33 +16,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
-
-/// Sends `bytes` with descriptor `fd` attached.
-fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: RawFd) {
-    #[repr(C, align(8))]
-    struct Control([u8; 64]);
-    let mut control = Control([0; 64]);
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut _,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: one SCM_RIGHTS control message of one open descriptor, built in a buffer
-    // large and aligned enough, sent with a valid iovec.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.0.as_mut_ptr().cast();
-        let len = std::mem::size_of::<RawFd>() as u32;
-        msg.msg_controllen = libc::CMSG_SPACE(len) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(len) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        assert_eq!(libc::sendmsg(s.as_raw_fd(), &msg, 0), bytes.len() as isize);
-    }
-}
 
 /// Runs `requests` (each with a descriptor of /dev/null attached or not) on `program`'s
 /// monitor and returns the replies with descriptor numbers masked.
@@ -79,7 +52,7 @@ fn exchange(program: &str, requests: &[(&str, bool)]) -> Vec<String> {
     for (req, with_fd) in all {
         let bytes = format!("{req}\n");
         if with_fd {
-            send_with_fd(&s, bytes.as_bytes(), null.as_raw_fd());
+            common::send_with_fd(&s, bytes.as_bytes(), null.as_raw_fd());
         } else {
             use std::io::Write;
             (&s).write_all(bytes.as_bytes()).unwrap();

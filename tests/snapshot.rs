@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -125,6 +126,13 @@ fn save(g: &Guest, accel: &str, uri: &str) -> String {
         assert!(Instant::now() < deadline, "the guest printed nothing");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // `fd:NAME`: the file is opened here and passed with `getfd`, as libvirt's save does.
+    let _target = uri.strip_prefix("fd:").map(|name| {
+        let f = std::fs::File::create(g.dir.path("fd-snap")).unwrap();
+        let r = q.cmd_with_fd("getfd", json!({"fdname": name}), f.as_raw_fd());
+        assert_eq!(r, json!({"return": {}}));
+        f
+    });
     q.ok("migrate", json!({"uri": uri}));
     let info = q.ok("query-migrate", Value::Null);
     assert_eq!(info["status"], "completed", "{info}");
@@ -181,6 +189,45 @@ fn cross(from: &str, to: &str) {
         after.len(),
         g.want.len()
     );
+}
+
+/// libvirt's way: `virsh save` passes an open file with `getfd` and migrates to
+/// `fd:NAME`; `virsh restore` starts the VMM with the file as an inherited descriptor N
+/// and `-incoming fd:N`. A name `getfd` never kept is refused with QEMU's message.
+#[test]
+fn fd_uris_as_libvirt_save_and_restore_use_them() {
+    use std::os::unix::process::CommandExt;
+    let g = guest();
+    let before = save(&g, "tcg", "fd:migrate");
+    let out = g.dir.path("after-fd");
+    let serial = format!("file:{}", out.display());
+    let file = std::fs::File::open(g.dir.path("fd-snap")).unwrap();
+    let raw = file.as_raw_fd();
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.args(args(&g, "tcg", &serial, &["-incoming", "fd:7"]));
+    // SAFETY: between fork and exec only dup2, which is async-signal-safe, puts the
+    // file at descriptor 7 (without close-on-exec) in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 7) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = common::Guard(cmd.spawn().unwrap());
+    let st = child.wait_for(Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1), "isa-debug-exit status (0 << 1) | 1");
+    let after = read(&out);
+    assert!(
+        format!("{before}{after}") == g.want,
+        "fd: save and restore: the output differs from an uninterrupted run"
+    );
+    // A name nobody passed.
+    let mut v = Vmm::start(&args(&g, "tcg", "null", &["-S"]));
+    let mut q = v.qmp();
+    let e = q.err("migrate", json!({"uri": "fd:nothing"}), "GenericError");
+    assert_eq!(e, "File descriptor named 'nothing' has not been found");
 }
 
 #[test]

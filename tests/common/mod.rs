@@ -178,7 +178,12 @@ impl Guard {
 
     /// Waits for exit (10 s at most).
     pub fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_for(Duration::from_secs(10))
+    }
+
+    /// Waits for exit (`limit` at most).
+    pub fn wait_for(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(st) = self.0.try_wait().unwrap() {
                 return st;
@@ -270,6 +275,19 @@ impl Client {
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Sends `bytes` with descriptor `fd` attached (`SCM_RIGHTS`), as a client passing a
+    /// file for `getfd`/`add-fd` does.
+    pub fn send_with_fd(&mut self, bytes: &[u8], fd: std::os::fd::RawFd) {
+        send_with_fd(&self.writer, bytes, fd);
+    }
+
+    /// Runs `command` with `args`, passing descriptor `fd` with the request; the reply.
+    pub fn cmd_with_fd(&mut self, command: &str, args: Value, fd: std::os::fd::RawFd) -> Value {
+        let req = json!({"execute": command, "arguments": args}).to_string() + "\n";
+        self.send_with_fd(req.as_bytes(), fd);
+        self.recv()
     }
 
     /// Next message that is not an event (events are kept in `self.events`).
@@ -375,5 +393,33 @@ pub fn debian_guest(initrd: &str) -> Option<(PathBuf, PathBuf)> {
             );
             None
         }
+    }
+}
+
+/// Sends `bytes` on `s` with descriptor `fd` attached (`SCM_RIGHTS`).
+pub fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: std::os::fd::RawFd) {
+    use std::os::fd::AsRawFd;
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+    let mut control = Control([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut _,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: one SCM_RIGHTS control message of one open descriptor, built in a buffer
+    // large and aligned enough, sent with a valid iovec.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        let len = std::mem::size_of::<std::os::fd::RawFd>() as u32;
+        msg.msg_controllen = libc::CMSG_SPACE(len) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(len) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<std::os::fd::RawFd>(), fd);
+        assert_eq!(libc::sendmsg(s.as_raw_fd(), &msg, 0), bytes.len() as isize);
     }
 }

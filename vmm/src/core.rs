@@ -616,7 +616,8 @@ impl VmmCore {
         self.stop()?;
         self.migration.set_status("active", &self.events);
         let board = board_of(&mut self.board)?;
-        let r = keel_machine::migration::save(board, uri, running).map_err(|e| chain(&e));
+        let r = keel_machine::migration::save(board, uri, running, &self.backends)
+            .map_err(|e| chain(&e));
         let (m, ev) = (&mut self.migration, &self.events);
         m.finish(r.as_ref().map(|r| r.stats()), ev);
         match r {
@@ -646,7 +647,7 @@ impl VmmCore {
         }
         self.migration.set_status("active", &self.events);
         let board = board_of(&mut self.board)?;
-        let r = keel_machine::migration::load(board, uri).map_err(|e| chain(&e));
+        let r = keel_machine::migration::load(board, uri, &self.backends).map_err(|e| chain(&e));
         let (m, ev) = (&mut self.migration, &self.events);
         m.finish(r.as_ref().map(|_| None), ev);
         let running = r.map_err(generic)?;

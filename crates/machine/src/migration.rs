@@ -1,7 +1,9 @@
 //! Where `migrate` writes and `-incoming` / `migrate-incoming` read a machine's snapshot
-//! stream: QEMU's URI forms `file:PATH` (QEMU 8.2's) and `exec:COMMAND` (a shell command
-//! whose standard input takes the stream, or whose standard output gives it), on any
-//! [`Board`] that can save and restore itself.
+//! stream: QEMU's URI forms `file:PATH` (QEMU 8.2's), `exec:COMMAND` (a shell command
+//! whose standard input takes the stream, or whose standard output gives it) and `fd:NAME`
+//! (a descriptor the client passed with `getfd`, as libvirt's `virsh save` does; for
+//! `-incoming`, also the number of a descriptor the VMM inherited, as `virsh restore`
+//! passes it), on any [`Board`] that can save and restore itself.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -10,6 +12,7 @@ use std::time::Instant;
 
 use keel_snapshot::Snapshot;
 
+use crate::backends::Backends;
 use crate::board::{Board, BoardError};
 
 pub mod live;
@@ -21,9 +24,12 @@ pub enum MigrationError {
     /// The URI has a form Keel does not serve.
     #[error(
         "Invalid migration URI '{0}': Keel migrates to 'unix:PATH', 'tcp:HOST:PORT', \
-         'file:PATH' and 'exec:COMMAND' ('fd:' needs getfd, which Keel does not have yet)"
+         'file:PATH', 'exec:COMMAND' and 'fd:NAME'"
     )]
     Uri(String),
+    /// `fd:NAME` names no descriptor kept by `getfd` (nor, incoming, an open inherited one).
+    #[error("File descriptor named '{0}' has not been found")]
+    FdNotFound(String),
     /// The accelerator's dirty log failed, or RAM could not be read for it.
     #[error("dirty page tracking failed: {0}")]
     Dirty(String),
@@ -85,6 +91,8 @@ pub enum MigrationUri {
     File(PathBuf),
     /// `exec:COMMAND`, run with `/bin/sh -c`.
     Exec(String),
+    /// `fd:NAME`: a descriptor kept by `getfd` (or, incoming, an inherited one by number).
+    Fd(String),
 }
 
 impl MigrationUri {
@@ -95,6 +103,9 @@ impl MigrationUri {
         }
         if let Some(c) = uri.strip_prefix("exec:").filter(|c| !c.is_empty()) {
             return Ok(Self::Exec(c.to_string()));
+        }
+        if let Some(n) = uri.strip_prefix("fd:").filter(|n| !n.is_empty()) {
+            return Ok(Self::Fd(n.to_string()));
         }
         Err(MigrationError::Uri(uri.to_string()))
     }
@@ -154,10 +165,29 @@ pub(crate) fn io(
 }
 
 /// Saves `board` (its vCPUs paused) to `uri`; `running` is the run state to record.
-pub fn save(board: &mut dyn Board, uri: &str, running: bool) -> Result<SaveReport, MigrationError> {
+/// `fd:NAME` takes the descriptor `getfd` kept in `backends` (QEMU closes it after use).
+pub fn save(
+    board: &mut dyn Board,
+    uri: &str,
+    running: bool,
+    backends: &Backends,
+) -> Result<SaveReport, MigrationError> {
     let start = Instant::now();
     let target = MigrationUri::parse(uri)?;
     let (stats, bytes) = match &target {
+        MigrationUri::Fd(name) => {
+            let fd = backends
+                .take_named_fd(name)
+                .ok_or_else(|| MigrationError::FdNotFound(name.clone()))?;
+            let shown = format!("fd:{name}");
+            let mut w = Counting {
+                inner: std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd)),
+                n: 0,
+            };
+            let stats = board.save_snapshot(&mut w, running)?;
+            w.flush().map_err(io("writing to", &shown))?;
+            (stats, w.n)
+        }
         MigrationUri::File(p) => {
             let shown = p.display().to_string();
             let f = std::fs::File::create(p).map_err(io("creating", &shown))?;
@@ -215,9 +245,39 @@ pub fn save(board: &mut dyn Board, uri: &str, running: bool) -> Result<SaveRepor
     })
 }
 
-/// Reads the whole stream at `uri` and checks it (nothing is restored yet).
-pub fn read(uri: &str) -> Result<Snapshot, MigrationError> {
+/// The descriptor `-incoming fd:NAME` reads: one `getfd` kept under that name, or, for a
+/// number, a duplicate of that inherited descriptor (the original is left alone: the VMM
+/// does not know what else uses it).
+fn incoming_fd(name: &str, backends: &Backends) -> Result<std::fs::File, MigrationError> {
+    if let Some(fd) = backends.take_named_fd(name) {
+        return Ok(std::fs::File::from(fd));
+    }
+    let not_found = || MigrationError::FdNotFound(name.to_owned());
+    let n: i32 = name.parse().map_err(|_| not_found())?;
+    if n < 3 {
+        return Err(not_found());
+    }
+    // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor (or fails for a closed one); the new
+    // one is owned by nothing else, so the File below is its only owner.
+    let dup = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(not_found());
+    }
+    // SAFETY: `dup` was just created above and is owned by nobody else.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+}
+
+/// Reads the whole stream at `uri` and checks it (nothing is restored yet); `fd:` names
+/// a descriptor of `backends` or an inherited one.
+pub fn read(uri: &str, backends: &Backends) -> Result<Snapshot, MigrationError> {
     let data = match MigrationUri::parse(uri)? {
+        MigrationUri::Fd(name) => {
+            let mut data = Vec::new();
+            incoming_fd(&name, backends)?
+                .read_to_end(&mut data)
+                .map_err(io("reading from", &format!("fd:{name}")))?;
+            data
+        }
         MigrationUri::File(p) => {
             std::fs::read(&p).map_err(io("reading", &p.display().to_string()))?
         }
@@ -252,7 +312,7 @@ pub fn read(uri: &str) -> Result<Snapshot, MigrationError> {
 /// Restores the stream at `uri` into `board` (same shape, vCPUs not running): the stream
 /// is read and checked whole, then the board checks every section before changing
 /// anything. Returns whether the guest was running when saved.
-pub fn load(board: &mut dyn Board, uri: &str) -> Result<bool, MigrationError> {
-    let snap = read(uri)?;
+pub fn load(board: &mut dyn Board, uri: &str, backends: &Backends) -> Result<bool, MigrationError> {
+    let snap = read(uri, backends)?;
     Ok(board.restore_snapshot(&snap)?)
 }
