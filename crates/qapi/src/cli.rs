@@ -184,7 +184,8 @@ pub fn virtio_drive(
     let Some(at) = opts.iter().position(|(k, v)| k == "if" && v == "virtio") else {
         return Ok(None);
     };
-    opts.remove(at);
+    // The drive itself is if=none: the disk is the device added with it.
+    opts[at].1 = "none".into();
     if !opts.iter().any(|(k, _)| k == "id") {
         opts.push(("id".into(), format!("virtio{index}")));
     }
@@ -204,6 +205,7 @@ fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd,
     let mut driver = None;
     let (mut file, mut node, mut ro) = (None, None, false);
     let (mut child, mut auto_ro, mut discard) = (None, None, None);
+    let has_if = opts.iter().any(|(k, _)| k == "if");
     for (k, v) in opts {
         match (name, k.as_str()) {
             ("blockdev", "driver") => driver = Some(v),
@@ -230,6 +232,12 @@ fn blockdev_opts(name: &str, opts: Vec<(String, String)>) -> Result<BlockdevAdd,
         "drive" => "file".to_owned(),
         _ => driver.ok_or_else(|| err("Parameter 'driver' is missing"))?,
     };
+    if name == "drive" && !has_if {
+        return Err(err(
+            "if=ide (-drive's default) is not supported: Keel's machines have no IDE \
+             controller; use if=virtio, or if=none,id=ID with -device virtio-blk-pci,drive=ID",
+        ));
+    }
     let key = if name == "drive" { "id" } else { "node-name" };
     let node_name = node.ok_or_else(|| err(format!("Parameter '{key}' is missing")))?;
     if driver == "file" && file.is_none() {

@@ -411,6 +411,13 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 | "vnc"
                 | "L"
                 | "bios"
+                | "hda"
+                | "hdb"
+                | "hdc"
+                | "hdd"
+                | "cdrom"
+                | "fda"
+                | "fdb"
                 | "gdb"
                 | "action"
                 | "watchdog-action"
@@ -462,6 +469,13 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
                 return Err(syntax(
                     &option,
                     "Keel's machines have no USB controller (use virtio devices: -device virtio-*-pci)",
+                ));
+            }
+            "hda" | "hdb" | "hdc" | "hdd" | "cdrom" | "fda" | "fdb" => {
+                return Err(syntax(
+                    &option,
+                    "Keel's machines have no IDE or floppy controller; attach the image as a \
+                     virtio disk: -drive file=IMAGE,format=raw,if=virtio",
                 ));
             }
             "bios" => {
@@ -1031,6 +1045,12 @@ mod tests {
             (["-overcommit", "cpu-pm=on"], "cpu-pm=on"),
             (["-add-fd", "set=1"], "fd option is required"),
             (["-object", "secret,data=x"], "Parameter 'id' is missing"),
+            (
+                ["-drive", "file=disk.img,format=raw"],
+                "if=ide (-drive's default)",
+            ),
+            (["-hda", "disk.img"], "no IDE or floppy controller"),
+            (["-cdrom", "disk.iso"], "no IDE or floppy controller"),
         ] {
             let args: Vec<String> = line.iter().map(|s| s.to_string()).collect();
             let e = parse(&args).unwrap_err().to_string();
