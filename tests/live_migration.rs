@@ -273,120 +273,34 @@ fn tcg_to_kvm_tcp() {
 /// reason without the guest files (or fails with `KEEL_REQUIRE_GUEST=1`).
 #[test]
 fn debian_shell_migrated_live_with_its_disk() {
-    use std::io::{Read, Write};
-    use std::path::Path;
-    use std::process::{Command, Stdio};
-    use std::sync::{Arc, Mutex};
-
-    let dir = std::env::var_os("KEEL_GUEST_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/keel-guest/current"))
-        })
-        .unwrap_or_default();
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs-virtio.cpio.gz"));
-    if !kernel.exists() || !initrd.exists() {
-        assert!(
-            std::env::var_os("KEEL_REQUIRE_GUEST").is_none(),
-            "no guest in {}",
-            dir.display()
-        );
-        eprintln!(
-            "skipping: no Debian guest in {} (scripts/build-guest.sh)",
-            dir.display()
-        );
+    let Some((kernel, initrd)) = common::debian_guest("initramfs-virtio.cpio.gz") else {
         return;
-    }
+    };
     let tmp = TempDir::new();
     let disk = tmp.path("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let vm = |extra: &[String], sock: &Path| {
-        let mut c = Command::new(common::BIN);
-        c.args([
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", sock.display()),
-        ]);
-        c.args([
-            "-M",
-            "microvm",
-            "-accel",
-            "tcg",
-            "-m",
-            "256M",
-            "-nodefaults",
-        ]);
-        c.args(["-no-reboot", "-serial", "stdio", "-append"]);
-        c.arg("console=ttyS0 quiet keel.mode=shell");
-        c.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd);
-        c.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
-        c.args(extra);
-        let mut child = c
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let mut stdout = child.stdout.take().unwrap();
-        let o = out.clone();
-        std::thread::spawn(move || {
-            let mut b = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut b) {
-                if n == 0 {
-                    break;
-                }
-                o.lock().unwrap().extend_from_slice(&b[..n]);
-            }
-        });
-        (common::Guard(child), out)
-    };
-    let connect = |p: &Path| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(s) = std::os::unix::net::UnixStream::connect(p) {
-                let mut c = Client::new(s);
-                c.negotiate();
-                return c;
-            }
-            assert!(Instant::now() < deadline, "no QMP socket");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    let wait_for = |out: &Arc<Mutex<Vec<u8>>>, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-            if text.contains(what) {
-                return text;
-            }
-            assert!(Instant::now() < deadline, "no '{what}' in:\n{text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    let vm = |extra: &[String], sock: &std::path::Path| {
+        common::ShellVm::start(&kernel, &initrd, &disk, sock, extra)
     };
     let uri = format!("unix:{}", tmp.path("mig.sock").display());
     let sock_b = tmp.path("b.sock");
-    let (mut b, out_b) = vm(&["-incoming".into(), uri.clone()], &sock_b);
-    let mut qb = connect(&sock_b);
+    let mut b = vm(&["-incoming".into(), uri.clone()], &sock_b);
+    let mut qb = common::qmp_at(&sock_b);
     assert_eq!(qb.status(), "inmigrate");
 
     let sock_a = tmp.path("a.sock");
-    let (mut a, out_a) = vm(&[], &sock_a);
-    wait_for(&out_a, "KEEL-GUEST-SHELL");
+    let mut a = vm(&[], &sock_a);
+    a.wait_for("KEEL-GUEST-SHELL");
     std::thread::sleep(Duration::from_millis(500));
-    let stdin = a.0.stdin.as_mut().unwrap();
-    stdin
-        .write_all(
-            b"echo KEEL-DISK-DATA-$((6*7)) > /dev/vda; sync; \
+    a.type_line(
+        b"echo KEEL-DISK-DATA-$((6*7)) > /dev/vda; sync; \
               (i=0; while :; do i=$((i+1)); echo $i > /tmp/n; done) & echo WROTE-$((6*7))\n",
-        )
-        .unwrap();
-    stdin.flush().unwrap();
-    wait_for(&out_a, "WROTE-42");
-    let mut q = connect(&sock_a);
+    );
+    a.wait_for("WROTE-42");
+    let mut q = common::qmp_at(&sock_a);
     q.ok(
         "migrate-set-parameters",
         json!({"max-bandwidth": 1u64 << 30}),
@@ -408,15 +322,11 @@ fn debian_shell_migrated_live_with_its_disk() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(qb.ok("query-migrate", Value::Null)["status"], "completed");
-    let stdin = b.0.stdin.as_mut().unwrap();
-    stdin
-        .write_all(
-            b"kill %1; cat /tmp/n >/dev/null; echo 3 > /proc/sys/vm/drop_caches; \
+    b.type_line(
+        b"kill %1; cat /tmp/n >/dev/null; echo 3 > /proc/sys/vm/drop_caches; \
               head -c 17 /dev/vda; echo; echo READ-$((2*2))\n",
-        )
-        .unwrap();
-    stdin.flush().unwrap();
-    let text = wait_for(&out_b, "READ-4");
+    );
+    let text = b.wait_for("READ-4");
     let after = &text[text.rfind("READ-$((2*2))").unwrap_or(0)..];
     assert!(
         after.contains("KEEL-DISK-DATA-42"),

@@ -423,3 +423,97 @@ pub fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: std::os::fd::RawFd) {
         assert_eq!(libc::sendmsg(s.as_raw_fd(), &msg, 0), bytes.len() as isize);
     }
 }
+
+/// The Debian guest's shell (`keel.mode=shell`) on a tcg microvm with the raw image `disk`
+/// as its virtio disk and QMP on `sock`: what the snapshot and migration tests drive. Its
+/// console output is collected in `out`; commands go to the shell through `type_line`.
+pub struct ShellVm {
+    pub guard: Guard,
+    pub out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl ShellVm {
+    /// Starts the VMM with `extra` options after the machine's (`-incoming ...`).
+    pub fn start(kernel: &Path, initrd: &Path, disk: &Path, sock: &Path, extra: &[String]) -> Self {
+        let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+        let mut c = Command::new(BIN);
+        c.args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ]);
+        c.args([
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-m",
+            "256M",
+            "-nodefaults",
+        ]);
+        c.args(["-no-reboot", "-serial", "stdio", "-append"]);
+        c.arg("console=ttyS0 quiet keel.mode=shell");
+        c.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
+        c.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+        c.args(extra);
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                o.lock().unwrap().extend_from_slice(&b[..n]);
+            }
+        });
+        ShellVm {
+            guard: Guard(child),
+            out,
+        }
+    }
+
+    /// Types `line` (with its newline) into the guest's shell.
+    pub fn type_line(&mut self, line: &[u8]) {
+        let stdin = self.guard.0.stdin.as_mut().unwrap();
+        stdin.write_all(line).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The console output once it contains `what` (five minutes at most).
+    pub fn wait_for(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let text = String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned();
+            if text.contains(what) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "no '{what}' in:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A negotiated QMP client on the socket at `p`, once it accepts (30 s at most).
+pub fn qmp_at(p: &Path) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = UnixStream::connect(p) {
+            let mut c = Client::new(s);
+            c.negotiate();
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no QMP socket at {}",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
