@@ -14,7 +14,6 @@
 mod common;
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,29 +68,9 @@ fn machine_args(
     args
 }
 
-fn guest_files() -> Option<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("KEEL_GUEST_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel-guest/current"))
-        })?;
-    let kernel = ["vmlinux", "bzImage"]
-        .iter()
-        .map(|k| dir.join(k))
-        .find(|p| p.is_file())?;
-    let initrd = dir.join("initramfs-virtio.cpio.gz");
-    initrd.is_file().then_some((kernel, initrd))
-}
-
 #[test]
 fn linux_guest_uses_virtio_blk_rng_and_console() {
-    let Some((kernel, initrd)) = guest_files() else {
-        let why = "skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)";
-        assert!(
-            std::env::var("KEEL_REQUIRE_GUEST").as_deref() != Ok("1"),
-            "{why}"
-        );
-        eprintln!("{why}");
+    let Some((kernel, initrd)) = common::debian_guest("initramfs-virtio.cpio.gz") else {
         return;
     };
     let accel = std::env::var("KEEL_LINUX_ACCEL").unwrap_or_else(|_| "tcg".into());
@@ -216,13 +195,7 @@ fn linux_guest_pings_the_host_over_legacy_virtio_net_pci() {
 /// Boots the guest on `machine` with a `device` on a tap; the guest configures eth0 and
 /// pings the host end. Returns the guest's output (empty when skipped).
 fn ping_over_virtio_net(machine: &str, device: &str) -> String {
-    let Some((kernel, initrd)) = guest_files() else {
-        let why = "skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)";
-        assert!(
-            std::env::var("KEEL_REQUIRE_GUEST").as_deref() != Ok("1"),
-            "{why}"
-        );
-        eprintln!("{why}");
+    let Some((kernel, initrd)) = common::debian_guest("initramfs-virtio.cpio.gz") else {
         return String::new();
     };
     let unshare = Command::new("unshare")

@@ -606,17 +606,11 @@ fn action_reboot_shutdown_ends_a_resetting_guest() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("{bin} -action reboot=shutdown: the triple-faulting guest kept running");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let status = common::wait_or_kill(
+            &mut child,
+            Duration::from_secs(20),
+            &format!("{bin} -action reboot=shutdown: the triple-faulting guest"),
+        );
         let mut out = String::new();
         child
             .stdout
@@ -633,21 +627,6 @@ fn action_reboot_shutdown_ends_a_resetting_guest() {
     }
 }
 
-fn guest_files() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let dir = std::env::var_os("KEEL_GUEST_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| std::path::PathBuf::from(h).join(".cache/keel-guest/current"))
-        })?;
-    let kernel = ["vmlinux", "bzImage"]
-        .iter()
-        .map(|k| dir.join(k))
-        .find(|p| p.is_file())?;
-    let initrd = dir.join("initramfs-virtio.cpio.gz");
-    initrd.is_file().then_some((kernel, initrd))
-}
-
 /// The man page's `-snapshot` ("write to temporary files instead of disk image files") and
 /// `-object rng-random,...` with `virtio-rng-device,rng=`: the Debian guest
 /// (`keel.mode=virtio-test`, scripts/README.md) reads the host's marker from its disk,
@@ -656,13 +635,7 @@ fn guest_files() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
 #[test]
 fn snapshot_discards_the_guests_disk_writes() {
     const HOST_MARKER: &[u8] = b"KEEL-HOST-MARKER 7f3a9c written by the host";
-    let Some((kernel, initrd)) = guest_files() else {
-        let why = "skipped: no guest (run scripts/build-guest.sh or set KEEL_GUEST_DIR)";
-        assert!(
-            std::env::var("KEEL_REQUIRE_GUEST").as_deref() != Ok("1"),
-            "{why}"
-        );
-        eprintln!("{why}");
+    let Some((kernel, initrd)) = common::debian_guest("initramfs-virtio.cpio.gz") else {
         return;
     };
     let accel = std::env::var("KEEL_LINUX_ACCEL").unwrap_or_else(|_| "tcg".into());

@@ -201,6 +201,22 @@ impl Drop for Guard {
     }
 }
 
+/// Waits up to `limit` for `child` to exit; past it the child is killed and the test fails
+/// naming `what`.
+pub fn wait_or_kill(child: &mut std::process::Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Runs `vmm ARGS` to completion (10 s at most); returns (status, stderr).
 pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
     let mut child = Command::new(BIN)
@@ -210,17 +226,11 @@ pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("vmm {args:?} did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait_or_kill(
+        &mut child,
+        Duration::from_secs(10),
+        &format!("vmm {args:?}"),
+    );
     let mut err = String::new();
     child
         .stderr
