@@ -880,6 +880,7 @@ impl Backends {
         opaque: Option<String>,
     ) -> Result<(u64, i32), BackendError> {
         use std::os::fd::AsRawFd;
+        check_text_len("opaque", opaque.as_deref().unwrap_or(""))?;
         let set = match set {
             Some(s) => u64::try_from(s).map_err(|_| {
                 BackendError::Invalid("Parameter 'fdset-id' expects a non-negative value".into())
@@ -940,6 +941,7 @@ impl Backends {
     /// `getfd`: keeps a descriptor the client passed under `name`, replacing (and closing)
     /// one of that name.
     pub fn keep_named_fd(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<(), BackendError> {
+        check_text_len("fdname", name)?;
         if name.starts_with(|c: char| c.is_ascii_digit()) {
             return Err(BackendError::Invalid(
                 "Parameter 'fdname' expects a name not starting with a digit".into(),
@@ -1443,6 +1445,19 @@ impl std::io::Write for PtyWriter {
     }
 }
 
+/// Longest client text kept with a descriptor (`getfd`'s name, `add-fd`'s opaque): the
+/// store keeps up to [`MAX_BACKENDS`] of each, so their size is bounded too.
+pub const MAX_FD_TEXT: usize = 1024;
+
+fn check_text_len(what: &str, text: &str) -> Result<(), BackendError> {
+    if text.len() > MAX_FD_TEXT {
+        return Err(BackendError::Invalid(format!(
+            "Parameter '{what}' is longer than {MAX_FD_TEXT} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// A pty master as the guest's input: what a program on the terminal types. The master
 /// is non-blocking, so the reader waits in `poll`; while no program holds the terminal
 /// (the master reads `EIO` or polls `POLLHUP`) it looks again every tenth of a second,
@@ -1896,6 +1911,19 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), b"");
         std::fs::remove_file(&out).ok();
         std::fs::remove_file(&log).ok();
+    }
+
+    #[test]
+    fn passed_descriptors_keep_bounded_text() {
+        let b = Backends::new();
+        let null = || std::fs::File::open("/dev/null").unwrap().into();
+        let long = "x".repeat(MAX_FD_TEXT + 1);
+        assert!(b.keep_named_fd(&long, null()).is_err());
+        assert!(b.add_passed_fd(None, null(), Some(long)).is_err());
+        b.keep_named_fd("save", null()).unwrap();
+        assert!(b.take_named_fd("save").is_some());
+        assert_eq!(b.add_passed_fd(Some(4), null(), None).unwrap().0, 4);
+        assert_eq!(b.add_passed_fd(None, null(), None).unwrap().0, 0);
     }
 
     #[test]

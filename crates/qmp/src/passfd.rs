@@ -82,7 +82,7 @@ pub(crate) fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> (isize, Vec<OwnedFd>) 
             let c = &*cmsg;
             if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg);
-                let len = c.cmsg_len as usize - (data as usize - cmsg as usize);
+                let len = (c.cmsg_len as usize).saturating_sub(data as usize - cmsg as usize);
                 for i in 0..len / std::mem::size_of::<RawFd>() {
                     let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
                     fds.push(OwnedFd::from_raw_fd(raw));
