@@ -28,8 +28,8 @@ pub use bus::{Bus, BusDevice, BusError, BusRange, IoBuses, MmioAddress, PioAddre
 pub use exit::{ExitAction, VcpuExit, handle_exit};
 pub use probe::AccelProbe;
 pub use regs::{
-    CPUID_FEATURE_WORDS, CpuMode, CpuidBit, CpuidLeaf, DescriptorTable, Regs, Segment, SpecialRegs,
-    cpuid_for_vcpu, cpuid_missing, cpuid_word,
+    AMD_EDX_ALIASES, CPUID_FEATURE_WORDS, CpuMode, CpuidBit, CpuidLeaf, DescriptorTable, Regs,
+    Segment, SpecialRegs, cpuid_for_vcpu, cpuid_missing, cpuid_word,
 };
 pub use state::{
     IoapicState, PLATFORM_SECTION, PLATFORM_VERSION, PendingEvent, PicChipState, PitChannelState,

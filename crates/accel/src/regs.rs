@@ -169,6 +169,14 @@ pub struct CpuidBit {
     pub bit: u32,
 }
 
+impl CpuidBit {
+    /// The word alone, as QEMU names it: `CPUID.01H:ECX`.
+    pub fn word(&self) -> String {
+        let reg = ["EAX", "EBX", "ECX", "EDX"][usize::from(self.reg & 3)];
+        format!("CPUID.{:02X}H:{reg}", self.function)
+    }
+}
+
 impl std::fmt::Display for CpuidBit {
     /// QEMU's spelling: `CPUID.01H:ECX [bit 0]`, `CPUID.(EAX=07H,ECX=0):EBX [bit 5]`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,6 +211,10 @@ pub const CPUID_FEATURE_WORDS: &[(u32, u32, u8)] = &[
     (0x8000_0008, 0, 1),
 ];
 
+/// The leaf 1 EDX features AMD processors repeat in leaf 0x8000_0001 EDX (fpu vme de pse
+/// tsc msr pae mce cx8 apic mtrr pge mca cmov pat pse36 mmx fxsr).
+pub const AMD_EDX_ALIASES: u32 = 0x0183_f3ff;
+
 /// The value of feature word (`function`, `index`, `reg`) in `table` (0 where absent).
 pub fn cpuid_word(table: &[CpuidLeaf], function: u32, index: u32, reg: u8) -> u32 {
     table
@@ -217,12 +229,25 @@ pub fn cpuid_word(table: &[CpuidLeaf], function: u32, index: u32, reg: u8) -> u3
 }
 
 /// The feature bits `table` sets that `capable` (what a backend can present) does not, in
-/// [`CPUID_FEATURE_WORDS`] order: what a backend must refuse rather than advertise.
+/// [`CPUID_FEATURE_WORDS`] order: what a backend must refuse rather than advertise. HTT
+/// (leaf 1 EDX bit 28) and CmpLegacy (leaf 0x8000_0001 ECX bit 1) describe the topology
+/// (more than one logical processor in the package), not something a backend implements,
+/// and are not compared.
 pub fn cpuid_missing(table: &[CpuidLeaf], capable: &[CpuidLeaf]) -> Vec<CpuidBit> {
     let mut out = Vec::new();
     for &(function, index, reg) in CPUID_FEATURE_WORDS {
-        let extra =
-            cpuid_word(table, function, index, reg) & !cpuid_word(capable, function, index, reg);
+        let topology = match (function, reg) {
+            (1, 3) => 1 << 28,
+            (0x8000_0001, 2) => 1 << 1,
+            _ => 0,
+        };
+        let mut can = cpuid_word(capable, function, index, reg);
+        if (function, reg) == (0x8000_0001, 3) {
+            // AMD repeats these leaf 1 EDX features here: a backend that presents them there
+            // presents them here.
+            can |= cpuid_word(capable, 1, 0, 3) & AMD_EDX_ALIASES;
+        }
+        let extra = cpuid_word(table, function, index, reg) & !can & !topology;
         for bit in (0..32).filter(|b| extra & (1 << b) != 0) {
             out.push(CpuidBit {
                 function,

@@ -3,7 +3,7 @@
 //! `query-cpu-model-expansion`, `qom-list-properties max-x86_64-cpu` and the vCPU's
 //! `qom-list`/`qom-get`.
 
-use keel_accel::CpuidLeaf;
+use keel_accel::{Accelerator, CpuidLeaf};
 
 /// The QOM type of Keel's one CPU model.
 pub const CPU_TYPE: &str = "max-x86_64-cpu";
@@ -36,37 +36,387 @@ pub const QEMU64_FEATURES: &[&str] = &[
     "syscall", "nx", "lahf-lm", "svm",
 ];
 
+/// A named CPU model as QEMU 7.2 defines it (`target/i386/cpu.c`, `builtin_x86_defs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelDef {
+    /// `-cpu` name.
+    pub name: &'static str,
+    /// CPUID vendor string.
+    pub vendor: &'static [u8; 12],
+    /// Family, model and stepping (leaf 1 EAX, QEMU's encoding).
+    pub family: u32,
+    /// Model.
+    pub model: u32,
+    /// Stepping.
+    pub stepping: u32,
+    /// Highest basic leaf.
+    pub level: u32,
+    /// Highest extended leaf.
+    pub xlevel: u32,
+    /// Brand string (leaves 0x8000_0002..4).
+    pub model_id: &'static str,
+    /// Feature names, QEMU's.
+    pub features: &'static [&'static str],
+}
+
+/// QEMU 7.2's `qemu64` (the default of `pc` and `microvm`).
+pub const QEMU64: ModelDef = ModelDef {
+    name: "qemu64",
+    vendor: b"AuthenticAMD",
+    family: 15,
+    model: 107,
+    stepping: 1,
+    level: 0xd,
+    xlevel: 0x8000_000a,
+    model_id: "QEMU Virtual CPU version 2.5+",
+    features: QEMU64_FEATURES,
+};
+
+/// QEMU 7.2's `kvm64`.
+pub const KVM64: ModelDef = ModelDef {
+    name: "kvm64",
+    vendor: b"GenuineIntel",
+    family: 15,
+    model: 6,
+    stepping: 1,
+    level: 0xd,
+    xlevel: 0x8000_0008,
+    model_id: "Common KVM processor",
+    features: &[
+        "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge",
+        "mca", "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "pni", "cx16",
+        "lm", "syscall", "nx",
+    ],
+};
+
+/// The named models `-cpu` accepts besides `max`/`host`.
+pub const NAMED_MODELS: &[ModelDef] = &[QEMU64, KVM64];
+
+/// The features every Keel accelerator can present: the ones the interpreter implements
+/// (`keel-tcg`), `apic` where the machine has local APICs. A named model keeps only these,
+/// so that a machine presents the same CPUID under kvm and tcg and its guest can move
+/// between them. Of QEMU's `qemu64` this leaves out `de`, `mce`, `sep`, `mtrr`, `pge`,
+/// `mca`, `pse36`, `mmx`, `pni` and `svm` (the interpreter has no SYSENTER, MMX, SSE3,
+/// machine-check or MTRR registers, PSE-36 or SVM).
+pub const PORTABLE_FEATURES: &[&str] = &[
+    "fpu",
+    "pse",
+    "tsc",
+    "msr",
+    "pae",
+    "cx8",
+    "apic",
+    "cmov",
+    "pat",
+    "clflush",
+    "fxsr",
+    "sse",
+    "sse2",
+    "cx16",
+    "hypervisor",
+    "syscall",
+    "nx",
+    "pdpe1gb",
+    "lm",
+    "lahf-lm",
+];
+
+/// What a machine presents for a `-cpu` model on an accelerator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presented {
+    /// The model's canonical name (`qemu64`, `kvm64`, `max`, `host`).
+    pub name: String,
+    /// The accelerator's own table (`max`): everything it can present.
+    pub capable: Vec<CpuidLeaf>,
+    /// Whether it is a named model (a table the machine gives the accelerator) rather than
+    /// the accelerator's own (`max`, `host`).
+    pub named: bool,
+    /// The CPUID table of vCPU 0.
+    pub cpuid: Vec<CpuidLeaf>,
+    /// Features of the model's definition left out (not portable, or the accelerator
+    /// lacks them): `query-cpu-definitions`' `unavailable-features`.
+    pub left_out: Vec<&'static str>,
+    /// QEMU's warnings for features the host's KVM lacks
+    /// (`warning: host doesn't support requested feature: CPUID.01H:ECX.pni [bit 0]`).
+    pub warnings: Vec<String>,
+}
+
+/// QEMU's name of a feature bit, or QEMU's spelling of the bit where it has none.
+pub fn bit_name(b: &keel_accel::CpuidBit) -> String {
+    let named = if b.function == 0x4000_0001 {
+        KVM_WORD
+            .iter()
+            .find(|(bit, _)| *bit == b.bit)
+            .map(|(_, n)| n[0])
+    } else {
+        WORDS
+            .iter()
+            .find(|(f, i, r, _)| (*f, *i, reg_index(*r)) == (b.function, b.index, b.reg))
+            .and_then(|(.., bits)| bits.iter().find(|(bit, _)| *bit == b.bit))
+            .map(|(_, n)| n[0])
+    };
+    named.map_or_else(|| b.to_string(), str::to_owned)
+}
+
+/// The table of feature `name`: (leaf, sub-leaf, register, bit).
+fn locate(name: &str) -> Option<(u32, u32, Reg, u32)> {
+    if name == "hypervisor" {
+        return Some((1, 0, Reg::Ecx, 31));
+    }
+    WORDS.iter().find_map(|(f, i, r, bits)| {
+        bits.iter()
+            .find(|(_, names)| names.contains(&name))
+            .map(|(b, _)| (*f, *i, *r, *b))
+    })
+}
+
+fn reg_index(r: Reg) -> u8 {
+    match r {
+        Reg::Eax => 0,
+        Reg::Ebx => 1,
+        Reg::Ecx => 2,
+        Reg::Edx => 3,
+    }
+}
+
+/// The model name of a `-cpu` value (`qemu64` when none is given, as QEMU's default).
+pub fn model_name(spec: Option<&str>) -> &str {
+    spec.map_or(QEMU64.name, |s| s.split(',').next().unwrap_or(s))
+}
+
+/// What model `name` is on `accel` for a machine of `vcpus` vCPUs: `max`/`host` the
+/// accelerator's own table, `qemu64`/`kvm64` QEMU's definition kept to
+/// [`PORTABLE_FEATURES`] and to what the accelerator can present, with QEMU's warning for
+/// each feature the host's KVM lacks. An unknown name is QEMU's error.
+pub fn present(name: &str, accel: &dyn Accelerator, vcpus: u32) -> Result<Presented, String> {
+    present_on(name, &accel.cpuid(vcpus), accel.name(), vcpus)
+}
+
+/// The table vCPU 0 presents for `-cpu` value `spec` (qemu64 when `None`), from the
+/// accelerator's own table `max` (KVM's when `kvm`): what the vCPU's QOM properties show.
+pub fn vcpu_table(
+    spec: Option<&str>,
+    max: &[CpuidLeaf],
+    kvm: bool,
+    vcpus: u32,
+) -> Result<Vec<CpuidLeaf>, String> {
+    let accel = if kvm { "kvm" } else { "tcg" };
+    Ok(present_on(model_name(spec), max, accel, vcpus)?.cpuid)
+}
+
+/// [`present`] from the accelerator's own table `max` and its name.
+pub fn present_on(
+    name: &str,
+    max: &[CpuidLeaf],
+    accel: &str,
+    vcpus: u32,
+) -> Result<Presented, String> {
+    let own = |name: &str| Presented {
+        name: name.to_owned(),
+        capable: max.to_vec(),
+        named: false,
+        cpuid: max.to_vec(),
+        left_out: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let def = match name {
+        "max" => return Ok(own("max")),
+        "host" => return Ok(own("host")),
+        n => NAMED_MODELS
+            .iter()
+            .find(|d| d.name == n)
+            .ok_or_else(|| format!("unable to find CPU model '{n}'"))?,
+    };
+    let mut t = ModelTable::new(def, vcpus);
+    let mut left_out = Vec::new();
+    let mut warnings = Vec::new();
+    for &f in def.features.iter().chain(&["hypervisor"]) {
+        let Some((function, index, r, bit)) = locate(f) else {
+            continue;
+        };
+        let capable = leaf(max, function, index).is_some_and(|l| reg(l, r) & (1 << bit) != 0);
+        // Under kvm QEMU turns `svm` off in its models (`kvm_default_props`): no warning.
+        if !capable && accel == "kvm" && f != "apic" && f != "svm" {
+            let b = keel_accel::CpuidBit {
+                function,
+                index,
+                reg: reg_index(r),
+                bit,
+            };
+            warnings.push(format!(
+                "warning: host doesn't support requested feature: {}.{f} [bit {bit}]",
+                b.word()
+            ));
+        }
+        if capable && PORTABLE_FEATURES.contains(&f) {
+            t.set(function, index, r, bit);
+        } else if f != "hypervisor" {
+            left_out.push(f);
+        }
+    }
+    if def.vendor == b"AuthenticAMD" {
+        // AMD repeats leaf 1's basic features in leaf 0x8000_0001 EDX (as QEMU's models).
+        let edx1 = t
+            .leaves
+            .iter()
+            .find(|l| l.function == 1)
+            .map_or(0, |l| l.edx);
+        if let Some(l) = t.leaves.iter_mut().find(|l| l.function == 0x8000_0001) {
+            l.edx |= edx1 & keel_accel::AMD_EDX_ALIASES;
+        }
+    }
+    Ok(Presented {
+        name: def.name.to_owned(),
+        capable: max.to_vec(),
+        named: true,
+        cpuid: t.leaves,
+        left_out,
+        warnings,
+    })
+}
+
+/// A named model's table under construction.
+struct ModelTable {
+    leaves: Vec<CpuidLeaf>,
+}
+
+impl ModelTable {
+    /// The table of `def` for vCPU 0 of `vcpus` (one socket, one thread per core), without
+    /// feature bits; QEMU's layout of the identification, cache and topology leaves.
+    fn new(def: &ModelDef, vcpus: u32) -> Self {
+        let count = vcpus.max(1);
+        let v = |i: usize| {
+            u32::from_le_bytes([
+                def.vendor[i],
+                def.vendor[i + 1],
+                def.vendor[i + 2],
+                def.vendor[i + 3],
+            ])
+        };
+        let (vb, vd, vc) = (v(0), v(4), v(8));
+        let (base_family, ext_family) = if def.family > 0xf {
+            (0xf, def.family - 0xf)
+        } else {
+            (def.family, 0)
+        };
+        let version = (ext_family << 20)
+            | ((def.model >> 4) << 16)
+            | (base_family << 8)
+            | ((def.model & 0xf) << 4)
+            | def.stepping;
+        let core_bits = match count {
+            1 => 0,
+            n => 32 - (n - 1).leading_zeros(),
+        };
+        let mut leaves = Vec::new();
+        let mut put = |function, index, eax, ebx, ecx, edx| {
+            leaves.push(CpuidLeaf {
+                function,
+                index,
+                eax,
+                ebx,
+                ecx,
+                edx,
+            })
+        };
+        put(0, 0, def.level, vb, vc, vd);
+        // EBX: CLFLUSH line 8 x 8 bytes; logical processors when more than one (HTT then
+        // set in EDX by `set`, below); the APIC id is the vCPU's (`cpuid_for_vcpu`).
+        let logical = if count > 1 { (count & 0xff) << 16 } else { 0 };
+        let htt = if count > 1 { 1 << 28 } else { 0 };
+        put(1, 0, version, logical | (8 << 8), 0, htt);
+        for f in 2..=def.level {
+            match f {
+                0xb => {
+                    put(0xb, 0, 0, 1, 0x100, 0);
+                    put(0xb, 1, core_bits, count, 0x201, 0);
+                    put(0xb, 2, 0, 0, 2, 0);
+                }
+                0xd => {
+                    put(0xd, 0, 0, 0, 0, 0);
+                    put(0xd, 1, 0, 0, 0, 0);
+                }
+                f => put(f, 0, 0, 0, 0, 0),
+            }
+        }
+        // QEMU's TCG signature ("TCGTCGTCGTCG"), which QEMU's tcg presents for these
+        // models and Keel's on both accelerators: the model is the same CPU under each.
+        put(
+            0x4000_0000,
+            0,
+            0x4000_0001,
+            0x5447_4354,
+            0x4354_4743,
+            0x4743_5447,
+        );
+        put(0x4000_0001, 0, 0, 0, 0, 0);
+        put(0x8000_0000, 0, def.xlevel, vb, vc, vd);
+        // CmpLegacy with more than one core, as QEMU (an AMD package of several cores).
+        let cmp_legacy = if count > 1 { 1 << 1 } else { 0 };
+        put(0x8000_0001, 0, version, 0, cmp_legacy, 0);
+        let mut brand = [0u8; 48];
+        let id = def.model_id.as_bytes();
+        brand[..id.len().min(47)].copy_from_slice(&id[..id.len().min(47)]);
+        for (k, chunk) in brand.chunks(16).enumerate() {
+            let w =
+                |i: usize| u32::from_le_bytes([chunk[i], chunk[i + 1], chunk[i + 2], chunk[i + 3]]);
+            put(0x8000_0002 + k as u32, 0, w(0), w(4), w(8), w(12));
+        }
+        for f in 0x8000_0005..=def.xlevel {
+            match f {
+                // QEMU's legacy AMD cache description (its `legacy-cache=on` models):
+                // L1 64 KiB 2-way data and instruction caches, 512 KiB 16-way L2, 16 MiB
+                // L3.
+                0x8000_0005 => put(f, 0, 0x01ff_01ff, 0x01ff_01ff, 0x4002_0140, 0x4002_0140),
+                0x8000_0006 => put(f, 0, 0, 0x4200_4200, 0x0200_8140, 0x0080_8140),
+                // 40 physical and 48 linear address bits; APIC-id bits of the cores and
+                // cores - 1.
+                0x8000_0008 => put(f, 0, 0x3028, 0, (core_bits << 12) | (count - 1), 0),
+                f => put(f, 0, 0, 0, 0, 0),
+            }
+        }
+        Self { leaves }
+    }
+
+    fn set(&mut self, function: u32, index: u32, r: Reg, bit: u32) {
+        if let Some(l) = self
+            .leaves
+            .iter_mut()
+            .find(|l| l.function == function && l.index == index)
+        {
+            match r {
+                Reg::Eax => l.eax |= 1 << bit,
+                Reg::Ebx => l.ebx |= 1 << bit,
+                Reg::Ecx => l.ecx |= 1 << bit,
+                Reg::Edx => l.edx |= 1 << bit,
+            }
+        }
+    }
+}
+
 /// The CPU models `query-cpu-definitions` lists: (name, static, unavailable features).
-/// Keel presents one model per accelerator: `max` names it, `base` is its static subset,
-/// `host` exists where `/dev/kvm` does (usable only when KVM runs the machine), and
-/// `qemu64` (the machines' default type, as QEMU's) is accepted for the same model, listing
-/// as unavailable the features of QEMU's `qemu64` that the model lacks.
+/// `max` is the accelerator's own model, `base` its static subset, `host` exists where
+/// `/dev/kvm` does (usable only when KVM runs the machine); `qemu64` (the machines' default,
+/// as QEMU's) and `kvm64` list as unavailable the features of QEMU's definition the machine
+/// leaves out ([`present`]). `cpuid` is the accelerator's own table, `kvm_enabled` whether
+/// it is KVM.
 pub fn definitions(
     cpuid: Option<&[CpuidLeaf]>,
     kvm_present: bool,
     kvm_enabled: bool,
 ) -> Vec<(&'static str, bool, Vec<String>)> {
-    let have: Vec<&str> = cpuid
-        .map(|c| {
-            features(c)
-                .into_iter()
-                .filter(|f| f.1)
-                .map(|f| f.0)
-                .collect()
-        })
-        .unwrap_or_default();
-    let qemu64_missing: Vec<String> = match cpuid {
-        Some(_) => QEMU64_FEATURES
-            .iter()
-            .filter(|f| !have.contains(f))
-            .map(|f| (*f).to_owned())
-            .collect(),
-        None => Vec::new(),
+    let accel = if kvm_enabled { "kvm" } else { "tcg" };
+    let missing = |def: &ModelDef| -> Vec<String> {
+        cpuid
+            .and_then(|c| present_on(def.name, c, accel, 1).ok())
+            .map(|p| p.left_out.iter().map(|f| (*f).to_owned()).collect())
+            .unwrap_or_default()
     };
     let mut v = vec![
         ("max", false, Vec::new()),
         ("base", true, Vec::new()),
-        ("qemu64", false, qemu64_missing),
+        ("qemu64", false, missing(&QEMU64)),
+        ("kvm64", false, missing(&KVM64)),
     ];
     if kvm_present {
         let missing = if kvm_enabled {
@@ -92,11 +442,18 @@ pub fn expand(
     let canonical = match name {
         "max" => "max",
         "qemu64" => "qemu64",
+        "kvm64" => "kvm64",
         "base" => "base",
         "host" if kvm_enabled => "host",
         "host" => return Err("CPU model 'host' requires KVM".into()),
         other => return Err(format!("CPU model '{other}' not found")),
     };
+    let accel = if kvm_enabled { "kvm" } else { "tcg" };
+    let table = match canonical {
+        "qemu64" | "kvm64" => present_on(canonical, cpuid, accel, 1)?.cpuid,
+        _ => cpuid.to_vec(),
+    };
+    let cpuid = table.as_slice();
     let known = features_with_aliases(cpuid);
     for (k, v) in given.into_iter().flatten() {
         match known.iter().find(|(n, _)| n == k) {

@@ -67,6 +67,9 @@ pub enum MachineError {
     /// `-smp` out of range.
     #[error("{0} CPUs requested: microvm and pc support 1 to 255")]
     Cpus(u32),
+    /// `-cpu` names no model this machine presents.
+    #[error("-cpu {0}: {1}")]
+    Cpu(String, String),
     /// The accelerator refused or failed.
     #[error(transparent)]
     Accel(AccelError),
@@ -200,6 +203,10 @@ pub fn requirements(cfg: &MicrovmConfig) -> MachineRequirements {
 pub struct Microvm {
     cfg: MicrovmConfig,
     resolved: Resolved,
+    /// The CPU model the vCPUs present (what a snapshot records in its `CPID` section).
+    cpu: crate::cpu_model::Presented,
+    /// The accelerator that presented `cpu` (another one's after a restore of its table).
+    cpu_accel: String,
     accel_name: &'static str,
     memory: Arc<GuestMemory>,
     buses: Arc<IoBuses>,
@@ -308,6 +315,14 @@ impl Microvm {
         let vm = accel
             .create_vm(&req, memory.clone(), buses.clone(), sys.clone())
             .map_err(MachineError::Accel)?;
+        let cpu = crate::cpu_model::present(&cfg.cpu, accel, cfg.cpus)
+            .map_err(|e| MachineError::Cpu(cfg.cpu.clone(), e))?;
+        for w in &cpu.warnings {
+            log::warn!("{w}");
+        }
+        if cpu.named {
+            vm.set_cpuid(&cpu.cpuid).map_err(MachineError::Accel)?;
+        }
 
         for (range, dev) in vm.platform_devices() {
             map(&buses.pio, "platform device", range.base, range.len, dev)?;
@@ -427,6 +442,8 @@ impl Microvm {
         Ok(Self {
             cfg,
             resolved,
+            cpu,
+            cpu_accel: accel.name().to_owned(),
             accel_name: accel.name(),
             memory,
             buses,

@@ -151,3 +151,82 @@ pub fn counter_dirty(count: u32, every: u32) -> Result<TestGuest, GuestError> {
     t.expected_serial = Some(out);
     Ok(t)
 }
+
+/// The CPUID leaves [`cpuid_report`] prints, (leaf, sub-leaf): identification, the feature
+/// words, topology, the hypervisor leaves, the extended leaves up to the address sizes.
+pub const REPORTED_LEAVES: &[(u32, u32)] = &[
+    (0, 0),
+    (1, 0),
+    (7, 0),
+    (0xb, 0),
+    (0xb, 1),
+    (0xd, 0),
+    (0xd, 1),
+    (0x4000_0000, 0),
+    (0x4000_0001, 0),
+    (0x8000_0000, 0),
+    (0x8000_0001, 0),
+    (0x8000_0002, 0),
+    (0x8000_0003, 0),
+    (0x8000_0004, 0),
+    (0x8000_0005, 0),
+    (0x8000_0006, 0),
+    (0x8000_0007, 0),
+    (0x8000_0008, 0),
+];
+
+/// Prints CPUID, counts, prints CPUID again: one line per leaf of [`REPORTED_LEAVES`],
+/// `cpuid LLLLLLLL.SS a=XXXXXXXX b=XXXXXXXX c=XXXXXXXX d=XXXXXXXX`, then `count` lines as
+/// [`counter`], then the leaves again, and exits with [`crate::EXIT_OK`]. The snapshot
+/// tests stop it while it counts and restore it elsewhere: the second report must be the
+/// first (the guest's CPU does not change under it). The CPUID lines are not predicted
+/// (they are the accelerator's); the counting lines are [`counter`]'s.
+pub fn cpuid_report(count: u32) -> Result<TestGuest, GuestError> {
+    let n = count.max(1);
+    build("cpuid-report", Mode::Long64, |g| {
+        g.unpredicted();
+        report(g)?;
+        let mut lp = g.a.create_label();
+        g.a.mov(r12d, 1u32)?;
+        g.a.xor(r13d, r13d)?;
+        g.a.set_label(&mut lp)?;
+        g.a.lea(r13, qword_ptr(r13 + r13 * 2))?;
+        g.a.add(r13, r12)?;
+        g.emit_str("i=")?;
+        g.a.mov(rax, r12)?;
+        g.a.mov(ecx, 8u32)?;
+        g.a.call(g.puthex)?;
+        g.emit_str(" s=")?;
+        g.a.mov(rax, r13)?;
+        g.a.mov(ecx, 16u32)?;
+        g.a.call(g.puthex)?;
+        g.emit_str("\n")?;
+        g.a.inc(r12)?;
+        g.a.cmp(r12, i32::try_from(n).unwrap_or(i32::MAX) + 1)?;
+        g.a.jne(lp)?;
+        report(g)?;
+        g.exit(crate::EXIT_OK)
+    })
+}
+
+/// Emits the CPUID report of [`cpuid_report`].
+fn report(g: &mut crate::asm::Guest) -> crate::asm::R {
+    for &(leaf, sub) in REPORTED_LEAVES {
+        g.a.mov(eax, leaf)?;
+        g.a.mov(ecx, sub)?;
+        g.a.cpuid()?;
+        g.a.mov(r8d, eax)?;
+        g.a.mov(r9d, ebx)?;
+        g.a.mov(r10d, ecx)?;
+        g.a.mov(r11d, edx)?;
+        g.emit_str(&format!("cpuid {leaf:08x}.{sub:02x}"))?;
+        for (name, r) in [(" a=", r8), (" b=", r9), (" c=", r10), (" d=", r11)] {
+            g.emit_str(name)?;
+            g.a.mov(rax, r)?;
+            g.a.mov(ecx, 8u32)?;
+            g.a.call(g.puthex)?;
+        }
+        g.emit_str("\n")?;
+    }
+    Ok(())
+}
