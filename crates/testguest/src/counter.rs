@@ -100,17 +100,20 @@ pub fn counter_dirty(count: u32, every: u32) -> Result<TestGuest, GuestError> {
         g.a.mov(ecx, FILL as u32)?;
         g.a.cld()?;
         g.a.rep().stosq()?;
-        // Wait SPIN_TSC ticks (see there why).
+        // Wait SPIN_TSC ticks (see there why). The distance from the start is compared
+        // unsigned, so a TSC that jumps (backwards too: the TSC a KVM-PVM guest reads is
+        // not the one KVM saves) ends the wait rather than stretching it.
         let mut spin = g.a.create_label();
         g.a.rdtsc()?;
         g.a.shl(rdx, 32)?;
         g.a.or(rax, rdx)?;
-        g.a.lea(r14, qword_ptr(rax + SPIN_TSC))?;
+        g.a.mov(r14, rax)?;
         g.a.set_label(&mut spin)?;
         g.a.rdtsc()?;
         g.a.shl(rdx, 32)?;
         g.a.or(rax, rdx)?;
-        g.a.cmp(rax, r14)?;
+        g.a.sub(rax, r14)?;
+        g.a.cmp(rax, SPIN_TSC)?;
         g.a.jb(spin)?;
         g.a.test(r12d, (every - 1) as i32)?;
         g.a.jnz(quiet)?;

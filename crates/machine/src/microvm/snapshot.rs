@@ -228,8 +228,11 @@ impl Microvm {
         // none): a guest that enabled its APIC is refused with the vCPU's state instead.
         const APIC: u32 = 1 << 9;
         let apic = keel_accel::cpuid_word(&self.cpu.capable, 1, 0, 3) & APIC;
-        for l in c.leaves.iter_mut().filter(|l| l.function == 1) {
-            l.edx = (l.edx & !APIC) | apic;
+        for l in c.leaves.iter_mut() {
+            // AMD's models repeat it in leaf 0x8000_0001 (with the FPU bit, bit 0).
+            if l.function == 1 || (l.function == 0x8000_0001 && l.edx & 1 != 0) {
+                l.edx = (l.edx & !APIC) | apic;
+            }
         }
         let missing = keel_accel::cpuid_missing(&c.leaves, &self.cpu.capable);
         if missing.is_empty() {
