@@ -165,8 +165,8 @@ fn counting(n: u32) -> String {
 /// The default model is QEMU's `qemu64` kept to what Keel's accelerators present: under
 /// Keel's tcg the guest sees exactly QEMU 7.2 tcg's `qemu64` leaves without the left-out
 /// features, under Keel's kvm exactly Keel's tcg leaves (except the leaves a KVM-PVM host
-/// answers itself, where it sees what QEMU's kvm guest sees), and Keel warns about the
-/// features the host's KVM lacks with QEMU's words.
+/// answers itself, where the host adds its own features as it does to QEMU's kvm guest),
+/// and Keel warns about the features of its model the host's KVM lacks with QEMU's words.
 #[test]
 fn default_model_is_qemu64_on_every_accelerator() {
     let dir = TempDir::new();
@@ -247,10 +247,20 @@ fn default_model_is_qemu64_on_every_accelerator() {
                 .into_iter()
                 .collect()
         };
+        // QEMU's warnings about features Keel's model keeps, word for word; none about
+        // the ones it leaves out on every accelerator (QEMU warns about `pni` on a host
+        // without it: Keel's guest never gets `pni`, whatever the host).
+        let dropped = [
+            "de", "mce", "sep", "mtrr", "pge", "mca", "pse36", "mmx", "pni", "svm",
+        ];
+        let kept: Vec<String> = warnings(qemu_err)
+            .into_iter()
+            .filter(|w| !dropped.iter().any(|d| w.contains(&format!(".{d} [bit"))))
+            .collect();
         assert_eq!(
             warnings(&kvm_err),
-            warnings(qemu_err),
-            "QEMU's warnings under kvm"
+            kept,
+            "QEMU's warnings under kvm: {qemu_err}"
         );
     }
 }

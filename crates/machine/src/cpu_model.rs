@@ -136,8 +136,8 @@ pub struct Presented {
     /// Features of the model's definition left out (not portable, or the accelerator
     /// lacks them): `query-cpu-definitions`' `unavailable-features`.
     pub left_out: Vec<&'static str>,
-    /// QEMU's warnings for features the host's KVM lacks
-    /// (`warning: host doesn't support requested feature: CPUID.01H:ECX.pni [bit 0]`).
+    /// QEMU's warnings for features of the model the host's KVM lacks
+    /// (`warning: host doesn't support requested feature: CPUID.01H:ECX.cx16 [bit 13]`).
     pub warnings: Vec<String>,
 }
 
@@ -187,7 +187,7 @@ pub fn model_name(spec: Option<&str>) -> &str {
 /// What model `name` is on `accel` for a machine of `vcpus` vCPUs: `max`/`host` the
 /// accelerator's own table, `qemu64`/`kvm64` QEMU's definition kept to
 /// [`PORTABLE_FEATURES`] and to what the accelerator can present, with QEMU's warning for
-/// each feature the host's KVM lacks. An unknown name is QEMU's error.
+/// each of those the host's KVM lacks. An unknown name is QEMU's error.
 pub fn present(name: &str, accel: &dyn Accelerator, vcpus: u32) -> Result<Presented, String> {
     present_on(name, &accel.cpuid(vcpus), accel.name(), vcpus)
 }
@@ -235,8 +235,12 @@ pub fn present_on(
             continue;
         };
         let capable = leaf(max, function, index).is_some_and(|l| reg(l, r) & (1 << bit) != 0);
-        // Under kvm QEMU turns `svm` off in its models (`kvm_default_props`): no warning.
-        if !capable && accel == "kvm" && f != "apic" && f != "svm" {
+        let portable = PORTABLE_FEATURES.contains(&f);
+        // QEMU's warning where the host's KVM cannot give the guest a feature the model
+        // would: not for the features Keel's model leaves out on every accelerator (QEMU
+        // warns about `pni` on a host without it; Keel's `qemu64` never has it), nor for
+        // the APIC, which follows the machine.
+        if !capable && accel == "kvm" && portable && f != "apic" {
             let b = keel_accel::CpuidBit {
                 function,
                 index,
@@ -248,7 +252,7 @@ pub fn present_on(
                 b.word()
             ));
         }
-        if capable && PORTABLE_FEATURES.contains(&f) {
+        if capable && portable {
             t.set(function, index, r, bit);
         } else if f != "hypervisor" {
             left_out.push(f);
@@ -397,8 +401,9 @@ impl ModelTable {
 /// The CPU models `query-cpu-definitions` lists: (name, static, unavailable features).
 /// `max` is the accelerator's own model, `base` its static subset, `host` exists where
 /// `/dev/kvm` does (usable only when KVM runs the machine); `qemu64` (the machines' default,
-/// as QEMU's) and `kvm64` list as unavailable the features of QEMU's definition the machine
-/// leaves out ([`present`]). `cpuid` is the accelerator's own table, `kvm_enabled` whether
+/// as QEMU's) lists as unavailable the features of QEMU's definition the machine leaves out
+/// ([`present`]). (`-cpu kvm64` is accepted but not listed: Keel registers no
+/// `kvm64-x86_64-cpu` QOM type.) `cpuid` is the accelerator's own table, `kvm_enabled` whether
 /// it is KVM.
 pub fn definitions(
     cpuid: Option<&[CpuidLeaf]>,
@@ -416,7 +421,6 @@ pub fn definitions(
         ("max", false, Vec::new()),
         ("base", true, Vec::new()),
         ("qemu64", false, missing(&QEMU64)),
-        ("kvm64", false, missing(&KVM64)),
     ];
     if kvm_present {
         let missing = if kvm_enabled {
@@ -720,5 +724,126 @@ mod tests {
         assert!(!features(&cpuid).iter().any(|(n, _)| *n == "sse4_1"));
         assert!(f["sse2"] && f["fpu"] && f["sse4.1"] && f["sse4_1"] && f["lm"] && f["i64"]);
         assert!(!f["avx"] && !f["vme"] && !f["kvmclock"]);
+    }
+
+    fn names(cpuid: &[CpuidLeaf]) -> Vec<&'static str> {
+        features(cpuid)
+            .into_iter()
+            .filter(|f| f.1)
+            .map(|f| f.0)
+            .collect()
+    }
+
+    #[test]
+    fn portable_features_are_the_interpreters() {
+        let tcg = keel_tcg::TcgAccel::new();
+        let mut want: Vec<&str> = PORTABLE_FEATURES.to_vec();
+        want.push("invtsc");
+        want.sort_unstable();
+        let mut have = names(&tcg.cpuid(2));
+        have.sort_unstable();
+        // The interpreter's own model also has the invariant TSC, which QEMU's models lack.
+        assert_eq!(have, want);
+    }
+
+    #[test]
+    fn qemu64_is_the_same_table_on_both_accelerators() {
+        let tcg = keel_tcg::TcgAccel::new();
+        let p = present_on("qemu64", &tcg.cpuid(2), "tcg", 2).unwrap();
+        assert!(p.named && p.warnings.is_empty());
+        assert_eq!(
+            p.left_out,
+            [
+                "de", "mce", "sep", "mtrr", "pge", "mca", "pse36", "mmx", "pni", "svm"
+            ]
+        );
+        let mut got = names(&p.cpuid);
+        got.sort_unstable();
+        // `ht` and `cmp-legacy`: two cores in the package, as QEMU says with -smp 2.
+        let mut want = vec![
+            "ht",
+            "cmp-legacy",
+            "fpu",
+            "pse",
+            "tsc",
+            "msr",
+            "pae",
+            "cx8",
+            "apic",
+            "cmov",
+            "pat",
+            "clflush",
+            "fxsr",
+            "sse",
+            "sse2",
+            "cx16",
+            "hypervisor",
+            "syscall",
+            "nx",
+            "lm",
+            "lahf-lm",
+        ];
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert!(keel_accel::cpuid_missing(&p.cpuid, &tcg.cpuid(2)).is_empty());
+        // A KVM that has everything the interpreter has and more presents the same table.
+        let mut kvm = tcg.cpuid(2);
+        for l in &mut kvm {
+            if l.function == 1 {
+                l.ecx |= 1 << 21 | 1; // x2apic, pni
+                l.edx |= 1 << 23; // mmx
+            }
+        }
+        let k = present_on("qemu64", &kvm, "kvm", 2).unwrap();
+        assert_eq!(k.cpuid, p.cpuid);
+        assert!(k.warnings.is_empty(), "{:?}", k.warnings);
+        let id = identity(&p.cpuid);
+        assert_eq!(id["vendor"], "AuthenticAMD");
+        assert_eq!(id["model-id"], "QEMU Virtual CPU version 2.5+");
+        assert_eq!(
+            (id["family"].clone(), id["model"].clone()),
+            (json!(15), json!(107))
+        );
+        assert_eq!(id["xlevel"], json!(0x8000_000au32));
+    }
+
+    #[test]
+    fn a_feature_the_host_lacks_is_dropped_with_qemus_warning() {
+        let mut kvm = keel_tcg::TcgAccel::new().cpuid(1);
+        for l in &mut kvm {
+            if l.function == 1 {
+                l.ecx &= !(1 << 13);
+            }
+        }
+        let p = present_on("qemu64", &kvm, "kvm", 1).unwrap();
+        assert_eq!(
+            p.warnings,
+            ["warning: host doesn't support requested feature: CPUID.01H:ECX.cx16 [bit 13]"]
+        );
+        assert!(!names(&p.cpuid).contains(&"cx16"));
+        assert!(p.left_out.contains(&"cx16"));
+        // The interpreter's one-vCPU machine has no local APIC: no APIC bit, no warning.
+        let t = present_on("qemu64", &keel_tcg::TcgAccel::new().cpuid(1), "tcg", 1).unwrap();
+        assert!(!names(&t.cpuid).contains(&"apic") && t.warnings.is_empty());
+        assert_eq!(
+            present_on("pentium9", &kvm, "kvm", 1).unwrap_err(),
+            "unable to find CPU model 'pentium9'"
+        );
+    }
+
+    #[test]
+    fn bits_are_named_as_qemu_does() {
+        let b = |function, reg, bit| keel_accel::CpuidBit {
+            function,
+            index: 0,
+            reg,
+            bit,
+        };
+        assert_eq!(bit_name(&b(1, 2, 21)), "x2apic");
+        assert_eq!(bit_name(&b(0x4000_0001, 0, 0)), "kvmclock");
+        assert_eq!(
+            bit_name(&b(0x8000_0001, 3, 9)),
+            "CPUID.80000001H:EDX [bit 9]"
+        );
     }
 }
