@@ -227,7 +227,7 @@ pub fn present_on(
             .find(|d| d.name == n)
             .ok_or_else(|| format!("unable to find CPU model '{n}'"))?,
     };
-    let mut t = ModelTable::new(def, vcpus);
+    let mut t = ModelTable::new(def, vcpus, accel == "kvm");
     let mut left_out = Vec::new();
     let mut warnings = Vec::new();
     for &f in def.features.iter().chain(&["hypervisor"]) {
@@ -285,9 +285,10 @@ struct ModelTable {
 }
 
 impl ModelTable {
-    /// The table of `def` for vCPU 0 of `vcpus` (one socket, one thread per core), without
-    /// feature bits; QEMU's layout of the identification, cache and topology leaves.
-    fn new(def: &ModelDef, vcpus: u32) -> Self {
+    /// The table of `def` for vCPU 0 of `vcpus` (one socket, one thread per core) under
+    /// kvm or tcg, without feature bits; QEMU's layout of the identification, cache,
+    /// topology and hypervisor leaves.
+    fn new(def: &ModelDef, vcpus: u32, kvm: bool) -> Self {
         let count = vcpus.max(1);
         let v = |i: usize| {
             u32::from_le_bytes([
@@ -343,16 +344,16 @@ impl ModelTable {
                 f => put(f, 0, 0, 0, 0, 0),
             }
         }
-        // QEMU's TCG signature ("TCGTCGTCGTCG"), which QEMU's tcg presents for these
-        // models and Keel's on both accelerators: the model is the same CPU under each.
-        put(
-            0x4000_0000,
-            0,
-            0x4000_0001,
-            0x5447_4354,
-            0x4354_4743,
-            0x4743_5447,
-        );
+        // The hypervisor's signature, as QEMU's models show it: "KVMKVMKVM" under kvm,
+        // "TCGTCGTCGTCG" under tcg (its name, not a feature: the paravirtual features of
+        // leaf 0x4000_0001 stay off, the interpreter has none). A restored guest keeps the
+        // signature it saw.
+        let [sb, sc, sd] = if kvm {
+            [0x4b4d_564b, 0x564b_4d56, 0x0000_004d]
+        } else {
+            [0x5447_4354, 0x4354_4743, 0x4743_5447]
+        };
+        put(0x4000_0000, 0, 0x4000_0001, sb, sc, sd);
         put(0x4000_0001, 0, 0, 0, 0, 0);
         put(0x8000_0000, 0, def.xlevel, vb, vc, vd);
         // CmpLegacy with more than one core, as QEMU (an AMD package of several cores).
@@ -795,7 +796,18 @@ mod tests {
             }
         }
         let k = present_on("qemu64", &kvm, "kvm", 2).unwrap();
-        assert_eq!(k.cpuid, p.cpuid);
+        let other = |t: &[CpuidLeaf]| -> Vec<CpuidLeaf> {
+            t.iter()
+                .filter(|l| l.function != 0x4000_0000)
+                .copied()
+                .collect()
+        };
+        // The same but for the hypervisor's name.
+        assert_eq!(other(&k.cpuid), other(&p.cpuid));
+        assert_eq!(
+            leaf(&k.cpuid, 0x4000_0000, 0).map(|l| l.ebx),
+            Some(0x4b4d_564b)
+        );
         assert!(k.warnings.is_empty(), "{:?}", k.warnings);
         let id = identity(&p.cpuid);
         assert_eq!(id["vendor"], "AuthenticAMD");

@@ -315,13 +315,22 @@ impl Microvm {
         let vm = accel
             .create_vm(&req, memory.clone(), buses.clone(), sys.clone())
             .map_err(MachineError::Accel)?;
-        let cpu = crate::cpu_model::present(&cfg.cpu, accel, cfg.cpus)
+        let mut cpu = crate::cpu_model::present(&cfg.cpu, accel, cfg.cpus)
             .map_err(|e| MachineError::Cpu(cfg.cpu.clone(), e))?;
         for w in &cpu.warnings {
             log::warn!("{w}");
         }
         if cpu.named {
-            vm.set_cpuid(&cpu.cpuid).map_err(MachineError::Accel)?;
+            match vm.set_cpuid(&cpu.cpuid) {
+                Ok(()) => {}
+                // A backend that cannot take a table (an embedder's) presents its own model.
+                Err(keel_accel::AccelError::Unsupported { .. }) => {
+                    log::info!("accelerator '{}' presents its own CPU model", accel.name());
+                    cpu = crate::cpu_model::present("max", accel, cfg.cpus)
+                        .map_err(|e| MachineError::Cpu(cfg.cpu.clone(), e))?;
+                }
+                Err(e) => return Err(MachineError::Accel(e)),
+            }
         }
 
         for (range, dev) in vm.platform_devices() {
