@@ -1,11 +1,15 @@
-//! Keel's CPU model in QEMU's terms: the feature names of QEMU's x86 CPU properties, read
-//! from the CPUID the accelerator presents ([`keel_accel::Accelerator::cpuid`]). Used by
-//! `query-cpu-model-expansion`, `qom-list-properties max-x86_64-cpu` and the vCPU's
-//! `qom-list`/`qom-get`.
+//! CPU models in QEMU's terms. `max` (and `host` under kvm) is the accelerator's own CPUID
+//! ([`keel_accel::Accelerator::cpuid`]); `qemu64` (the default) and `kvm64` are QEMU 7.2's
+//! definitions kept to the features every Keel accelerator presents, so that the vCPUs
+//! show the same CPUID under kvm and tcg and a saved guest can move between them
+//! ([`present`]; the machine gives the table to the backend with
+//! [`keel_accel::Vm::set_cpuid`]). The feature names are QEMU's x86 CPU properties, read
+//! from a table: used by `query-cpu-model-expansion`, `query-cpu-definitions`,
+//! `qom-list-properties max-x86_64-cpu` and the vCPU's `qom-list`/`qom-get`.
 
 use keel_accel::{Accelerator, CpuidLeaf};
 
-/// The QOM type of Keel's one CPU model.
+/// The QOM type of Keel's vCPU objects.
 pub const CPU_TYPE: &str = "max-x86_64-cpu";
 
 /// The properties of the vCPU object, (name, QOM type): `type`, one boolean per feature
