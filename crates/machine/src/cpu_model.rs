@@ -208,6 +208,45 @@ pub fn vcpu_table(
     Ok(present_on(model_name(spec), max, accel, vcpus)?.cpuid)
 }
 
+/// Gives `vm` (a VM of `accel` with `vcpus` vCPUs, before any vCPU exists) the CPU model
+/// of `-cpu` value `spec`, printing QEMU's warnings; what the vCPUs will present. A backend
+/// without [`keel_accel::Vm::set_cpuid`] presents its own model (`max`).
+pub fn apply(
+    spec: &str,
+    accel: &dyn Accelerator,
+    vm: &dyn keel_accel::Vm,
+    vcpus: u32,
+) -> Result<Presented, ApplyError> {
+    let mut cpu = present(model_name(Some(spec)), accel, vcpus)
+        .map_err(|e| ApplyError::Model(spec.to_owned(), e))?;
+    for w in &cpu.warnings {
+        log::warn!("{w}");
+    }
+    if cpu.named {
+        match vm.set_cpuid(&cpu.cpuid) {
+            Ok(()) => {}
+            Err(keel_accel::AccelError::Unsupported { .. }) => {
+                log::info!("accelerator '{}' presents its own CPU model", accel.name());
+                cpu = present("max", accel, vcpus)
+                    .map_err(|e| ApplyError::Model(spec.to_owned(), e))?;
+            }
+            Err(e) => return Err(ApplyError::Accel(e)),
+        }
+    }
+    Ok(cpu)
+}
+
+/// Why [`apply`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// `-cpu` names no model Keel has.
+    #[error("-cpu {0}: {1}")]
+    Model(String, String),
+    /// The backend refused the table.
+    #[error(transparent)]
+    Accel(#[from] keel_accel::AccelError),
+}
+
 /// [`present`] from the accelerator's own table `max` and its name.
 pub fn present_on(
     name: &str,

@@ -67,9 +67,9 @@ pub enum MachineError {
     /// `-smp` out of range.
     #[error("{0} CPUs requested: microvm and pc support 1 to 255")]
     Cpus(u32),
-    /// `-cpu` names no model this machine presents.
-    #[error("-cpu {0}: {1}")]
-    Cpu(String, String),
+    /// `-cpu` names no model this machine presents, or the backend refused it.
+    #[error(transparent)]
+    Cpu(#[from] crate::cpu_model::ApplyError),
     /// The accelerator refused or failed.
     #[error(transparent)]
     Accel(AccelError),
@@ -315,23 +315,7 @@ impl Microvm {
         let vm = accel
             .create_vm(&req, memory.clone(), buses.clone(), sys.clone())
             .map_err(MachineError::Accel)?;
-        let mut cpu = crate::cpu_model::present(&cfg.cpu, accel, cfg.cpus)
-            .map_err(|e| MachineError::Cpu(cfg.cpu.clone(), e))?;
-        for w in &cpu.warnings {
-            log::warn!("{w}");
-        }
-        if cpu.named {
-            match vm.set_cpuid(&cpu.cpuid) {
-                Ok(()) => {}
-                // A backend that cannot take a table (an embedder's) presents its own model.
-                Err(keel_accel::AccelError::Unsupported { .. }) => {
-                    log::info!("accelerator '{}' presents its own CPU model", accel.name());
-                    cpu = crate::cpu_model::present("max", accel, cfg.cpus)
-                        .map_err(|e| MachineError::Cpu(cfg.cpu.clone(), e))?;
-                }
-                Err(e) => return Err(MachineError::Accel(e)),
-            }
-        }
+        let cpu = crate::cpu_model::apply(&cfg.cpu, accel, vm.as_ref(), cfg.cpus)?;
 
         for (range, dev) in vm.platform_devices() {
             map(&buses.pio, "platform device", range.base, range.len, dev)?;

@@ -168,6 +168,9 @@ pub struct PcConfig {
     /// `dump-guest-core=` (QEMU's machine property, default on): `off` leaves guest RAM
     /// out of the process's core dumps (`MADV_DONTDUMP`).
     pub dump_guest_core: crate::OnOffAuto,
+    /// `-cpu`: the CPU model (see [`crate::cpu_model::present`]); `qemu64` by default, as
+    /// QEMU's.
+    pub cpu: String,
 }
 
 impl Default for PcConfig {
@@ -182,6 +185,7 @@ impl Default for PcConfig {
             no_reboot: false,
             serial: SerialBackend::Stdio,
             dump_guest_core: crate::OnOffAuto::Auto,
+            cpu: crate::cpu_model::QEMU64.name.to_owned(),
         }
     }
 }
@@ -525,6 +529,7 @@ impl Pc {
                 .create_vm(&req, memory.clone(), buses.clone(), sys.clone())
                 .map_err(MachineError::Accel)?,
         );
+        crate::cpu_model::apply(&cfg.cpu, accel, vm.as_ref(), cfg.cpus)?;
         for (range, dev) in vm.platform_devices() {
             map(&buses.pio, "platform device", range.base, range.len, dev)?;
         }
