@@ -337,15 +337,8 @@ impl VmmCore {
 
     /// The CPUID of the `-cpu` model (qemu64 by default) under the chosen accelerator.
     fn vcpu_cpuid(&self) -> Result<Vec<keel_accel::CpuidLeaf>, CommandError> {
-        let (c, kvm) = (self.config.as_ref(), self.kvm_info().enabled);
-        let spec = c.and_then(|c| c.props.get("cpu")).map(String::as_str);
-        cpu_model::vcpu_table(
-            spec,
-            &self.cpuid()?,
-            kvm,
-            c.and_then(|c| c.cpus).unwrap_or(1),
-        )
-        .map_err(CommandError::generic)
+        let (max, kvm) = (self.cpuid()?, self.kvm_info().enabled);
+        cpu_model::vcpu_table(self.config.as_ref(), &max, kvm).map_err(CommandError::generic)
     }
 
     fn cpu_props(&self) -> Result<Vec<ObjectPropertyInfo>, CommandError> {

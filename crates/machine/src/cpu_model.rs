@@ -196,16 +196,18 @@ pub fn present(name: &str, accel: &dyn Accelerator, vcpus: u32) -> Result<Presen
     present_on(name, &accel.cpuid(vcpus), accel.name(), vcpus)
 }
 
-/// The table vCPU 0 presents for `-cpu` value `spec` (qemu64 when `None`), from the
-/// accelerator's own table `max` (KVM's when `kvm`): what the vCPU's QOM properties show.
+/// The table vCPU 0 of the machine `config` describes presents for its `-cpu` (qemu64 when
+/// none), from the accelerator's own table `max` (KVM's when `kvm`): what the vCPU's QOM
+/// properties show.
 pub fn vcpu_table(
-    spec: Option<&str>,
+    config: Option<&crate::board::MachineConfig>,
     max: &[CpuidLeaf],
     kvm: bool,
-    vcpus: u32,
 ) -> Result<Vec<CpuidLeaf>, String> {
     let accel = if kvm { "kvm" } else { "tcg" };
-    Ok(present_on(model_name(spec), max, accel, vcpus)?.cpuid)
+    let spec = config.and_then(|c| c.props.get(crate::microvm_board::CPU_PROPERTY));
+    let vcpus = config.and_then(|c| c.cpus).unwrap_or(1);
+    Ok(present_on(model_name(spec.map(String::as_str)), max, accel, vcpus)?.cpuid)
 }
 
 /// Gives `vm` (a VM of `accel` with `vcpus` vCPUs, before any vCPU exists) the CPU model
