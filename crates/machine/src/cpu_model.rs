@@ -401,8 +401,10 @@ impl ModelTable {
         put(0x4000_0000, 0, 0x4000_0001, sb, sc, sd);
         put(0x4000_0001, 0, 0, 0, 0, 0);
         put(0x8000_0000, 0, def.xlevel, vb, vc, vd);
-        // CmpLegacy with more than one core, as QEMU (an AMD package of several cores).
-        let cmp_legacy = if count > 1 { 1 << 1 } else { 0 };
+        // CmpLegacy with more than one core, as QEMU (an AMD package of several cores; QEMU
+        // leaves it clear for Intel, where Linux would ignore the thread information).
+        let amd = def.vendor == b"AuthenticAMD";
+        let cmp_legacy = if count > 1 && amd { 1 << 1 } else { 0 };
         put(0x8000_0001, 0, version, 0, cmp_legacy, 0);
         let mut brand = [0u8; 48];
         let id = def.model_id.as_bytes();
