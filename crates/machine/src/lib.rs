@@ -52,6 +52,7 @@ pub mod backends;
 pub mod board;
 pub mod boot;
 pub mod config;
+mod core;
 pub mod cpu_model;
 pub mod device_types;
 mod disk_errors;

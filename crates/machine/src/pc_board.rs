@@ -706,7 +706,6 @@ struct PcBoard {
     addresses: Addresses,
     hotplug: Arc<PciHotplug>,
     events: Option<Receiver<BoardEvent>>,
-    started: bool,
     serial: Vec<String>,
 }
 
@@ -803,7 +802,6 @@ impl PcBoard {
             addresses,
             hotplug,
             events: Some(events),
-            started: false,
             serial: Vec::new(),
         })
     }
@@ -863,21 +861,11 @@ impl Board for PcBoard {
         pc.start()?;
         drop(pc);
         self.serial = cfg.serial.clone();
-        self.started = true;
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), BoardError> {
-        if self.started {
-            self.lock().resume();
-            // Disks that held requests after a host error (`werror=stop`) run them now.
-            let disks = self.lock().disk_errors();
-            disks.retry();
-            Ok(())
-        } else {
-            self.started = true;
-            self.lock().start().map_err(BoardError::from)
-        }
+        crate::core::resume(&mut *self.lock())
     }
 
     fn block_io_status(&self, node: &str) -> Option<&'static str> {
@@ -885,9 +873,7 @@ impl Board for PcBoard {
     }
 
     fn pause(&mut self) -> Result<(), BoardError> {
-        if self.started {
-            self.lock().pause();
-        }
+        crate::core::pause(&*self.lock());
         Ok(())
     }
 
@@ -898,27 +884,11 @@ impl Board for PcBoard {
     }
 
     fn cpus(&self) -> Vec<CpuInfo> {
-        self.lock()
-            .cpu_info()
-            .into_iter()
-            .map(|c| CpuInfo {
-                cpu_index: c.index,
-                qom_path: format!("/machine/unattached/device[{}]", c.index),
-                thread_id: c.thread_id.map(i64::from).unwrap_or(0),
-                target: "x86_64".into(),
-                props: crate::board::CpuProps {
-                    core_id: i64::from(c.index),
-                    thread_id: 0,
-                    socket_id: 0,
-                },
-            })
-            .collect()
+        crate::core::cpus(&*self.lock())
     }
 
     fn cpu_registers(&self, index: u32) -> Option<crate::board::CpuRegisters> {
-        self.lock()
-            .registers(index)
-            .map(|(regs, sregs)| crate::board::CpuRegisters { regs, sregs })
+        crate::core::cpu_registers(&*self.lock(), index)
     }
 
     fn pci(&self) -> Vec<PciBusInfo> {
