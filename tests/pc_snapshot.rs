@@ -1,0 +1,255 @@
+//! Snapshots of the `pc` machine through QEMU's commands against the real binary: the
+//! counting guest (keel-testguest's `counter`, PVH-booted with `-kernel`) on `-M pc` with a
+//! virtio-rng-pci function is stopped mid-run, saved with `migrate` to `file:` and restored
+//! in a new process with `-incoming` on the same or the other accelerator; its serial output
+//! before the save plus after the restore must be exactly an uninterrupted run's. A stream
+//! from a `pc` with another device set is refused naming the PCI address, and the machine
+//! stays as it was (in `inmigrate`, the good stream then restores). kvm cases skip with the
+//! reason printed without a usable `/dev/kvm` (or with `KEEL_TEST_NO_KVM`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use common::{TempDir, Vmm};
+use serde_json::{Value, json};
+
+/// Lines the guest prints (40 bytes each): long enough to be stopped in the middle.
+const COUNT: u32 = 40_000;
+
+fn kvm_usable() -> bool {
+    if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
+        eprintln!("skipping kvm: KEEL_TEST_NO_KVM is set");
+        return false;
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping kvm: /dev/kvm: {e}");
+            false
+        }
+    }
+}
+
+struct Guest {
+    dir: TempDir,
+    kernel: String,
+    want: String,
+}
+
+fn guest() -> Guest {
+    let dir = TempDir::new();
+    let g = keel_testguest::counter(COUNT).unwrap();
+    let kernel = dir.path("counter.elf");
+    std::fs::write(&kernel, g.pvh_elf()).unwrap();
+    Guest {
+        kernel: kernel.display().to_string(),
+        want: g.expected_serial.unwrap(),
+        dir,
+    }
+}
+
+/// `-M pc` with a PCI device besides the onboard ones (`devices`: `-device` values).
+fn args<'a>(
+    g: &'a Guest,
+    accel: &'a str,
+    serial: &'a str,
+    devices: &[&'a str],
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![
+        "-M",
+        "pc",
+        "-accel",
+        accel,
+        "-m",
+        "32",
+        "-kernel",
+        &g.kernel,
+        "-nodefaults",
+        "-serial",
+        serial,
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ];
+    for d in devices {
+        v.extend_from_slice(&["-device", d]);
+    }
+    v.extend_from_slice(extra);
+    v
+}
+
+const RNG: &str = "virtio-rng-pci,id=rng0";
+
+fn wait_exit(v: &mut Vmm, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = v.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the guest did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read(p: &Path) -> String {
+    String::from_utf8(std::fs::read(p).unwrap_or_default()).unwrap()
+}
+
+/// Runs the guest under `accel`, stops it mid-run and saves it to `uri`; returns the
+/// serial output so far.
+fn save(g: &Guest, accel: &str, uri: &str) -> String {
+    let out = g.dir.path(&format!("before-{accel}"));
+    let serial = format!("file:{}", out.display());
+    let mut a = Vmm::start(&args(g, accel, &serial, &[RNG], &["-S"]));
+    let mut q = a.qmp();
+    q.ok("cont", Value::Null);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) < 4000 {
+        assert!(Instant::now() < deadline, "the guest printed nothing");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    q.ok("migrate", json!({"uri": uri}));
+    let info = q.ok("query-migrate", Value::Null);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(info["ram"]["normal"].as_u64().unwrap() > 0, "{info}");
+    assert_eq!(q.status(), "postmigrate");
+    drop(q);
+    drop(a);
+    let before = read(&out);
+    assert!(
+        !before.is_empty() && before.len() < g.want.len(),
+        "the guest was not stopped mid-run ({} of {} bytes)",
+        before.len(),
+        g.want.len()
+    );
+    before
+}
+
+/// Restores `uri` under `accel` with `-incoming` and lets the guest finish.
+fn restore(g: &Guest, accel: &str, uri: &str) -> String {
+    let out = g.dir.path(&format!("after-{accel}"));
+    let serial = format!("file:{}", out.display());
+    let mut b = Vmm::start(&args(g, accel, &serial, &[RNG], &["-incoming", uri]));
+    let st = wait_exit(&mut b, Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1), "isa-debug-exit status (0 << 1) | 1");
+    read(&out)
+}
+
+fn cross(from: &str, to: &str) {
+    let g = guest();
+    let file = g.dir.path("snap");
+    let uri = format!("file:{}", file.display());
+    let before = save(&g, from, &uri);
+    let after = restore(&g, to, &uri);
+    assert!(
+        format!("{before}{after}") == g.want,
+        "pc {from} -> {to}: the output around the snapshot differs from an uninterrupted run \
+         ({} + {} bytes, want {})",
+        before.len(),
+        after.len(),
+        g.want.len()
+    );
+}
+
+#[test]
+fn pc_tcg_to_tcg() {
+    cross("tcg", "tcg");
+}
+
+#[test]
+fn pc_tcg_to_kvm() {
+    if kvm_usable() {
+        cross("tcg", "kvm");
+    }
+}
+
+#[test]
+fn pc_kvm_to_tcg() {
+    if kvm_usable() {
+        cross("kvm", "tcg");
+    }
+}
+
+/// QEMU's rule: the destination has the source's devices. A stream of a `pc` with a
+/// virtio-rng-pci at 02.0 is refused by a `pc` without it, by one with a virtio-blk-pci
+/// there, and by one with a second function; each refusal names the address, leaves the
+/// machine in `inmigrate`, and the same machine then takes the right stream.
+#[test]
+fn pc_stream_with_other_devices_is_refused_by_address() {
+    let g = guest();
+    let file = g.dir.path("snap");
+    let uri = format!("file:{}", file.display());
+    let before = save(&g, "tcg", &uri);
+    let disk = g.dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[],
+            "PCI function 1af4:1005 at 02.0, this machine has nothing at 02.0",
+        ),
+        (
+            &["-drive", &drive, "-device", "virtio-blk-pci,drive=d0"],
+            "PCI function 1af4:1005 at 02.0, this machine has 1af4:1001 at 02.0",
+        ),
+        (
+            &["-device", RNG, "-device", "virtio-rng-pci,id=rng1"],
+            "PCI function nothing at 03.0, this machine has 1af4:1005 at 03.0",
+        ),
+    ];
+    for (devices, want) in cases {
+        let mut a = vec![
+            "-M",
+            "pc",
+            "-accel",
+            "tcg",
+            "-m",
+            "32",
+            "-kernel",
+            &g.kernel,
+            "-nodefaults",
+            "-serial",
+            "null",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-incoming",
+            "defer",
+        ];
+        a.extend_from_slice(devices);
+        let mut v = Vmm::start(&a);
+        let mut q = v.qmp();
+        let e = q.err("migrate-incoming", json!({"uri": &uri}), "GenericError");
+        assert!(e.contains(want), "{want}: {e}");
+        assert!(e.contains("-device"), "the refusal says what to do: {e}");
+        assert_eq!(q.status(), "inmigrate");
+        assert_eq!(q.ok("query-migrate", Value::Null)["status"], "failed");
+    }
+    // The machine a refusal left alone takes the right stream and finishes the run.
+    let out = g.dir.path("after");
+    let serial = format!("file:{}", out.display());
+    let mut b = Vmm::start(&args(&g, "tcg", &serial, &[RNG], &["-incoming", "defer"]));
+    let mut q = b.qmp();
+    let e = q.err(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", g.dir.path("nothing-here").display())}),
+        "GenericError",
+    );
+    assert!(!e.is_empty());
+    assert_eq!(q.status(), "inmigrate");
+    q.ok("migrate-incoming", json!({"uri": &uri}));
+    let st = wait_exit(&mut b, Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1));
+    assert!(format!("{before}{}", read(&out)) == g.want);
+}
