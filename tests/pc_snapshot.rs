@@ -179,6 +179,13 @@ fn pc_kvm_to_tcg() {
     }
 }
 
+#[test]
+fn pc_kvm_to_kvm() {
+    if kvm_usable() {
+        cross("kvm", "kvm");
+    }
+}
+
 /// QEMU's rule: the destination has the source's devices. A stream of a `pc` with a
 /// virtio-rng-pci at 02.0 is refused by a `pc` without it, by one with a virtio-blk-pci
 /// there, and by one with a second function; each refusal names the address, leaves the
