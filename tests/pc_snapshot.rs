@@ -4,8 +4,10 @@
 //! in a new process with `-incoming` on the same or the other accelerator; its serial output
 //! before the save plus after the restore must be exactly an uninterrupted run's. A stream
 //! from a `pc` with another device set is refused naming the PCI address, and the machine
-//! stays as it was (in `inmigrate`, the good stream then restores). kvm cases skip with the
-//! reason printed without a usable `/dev/kvm` (or with `KEEL_TEST_NO_KVM`).
+//! stays as it was (in `inmigrate`, the good stream then restores). The same guest is
+//! migrated live over `unix:` across accelerators, and the Debian guest with a
+//! virtio-blk-pci disk is saved and restored, and migrated live, at its shell. kvm cases
+//! skip with the reason printed without a usable `/dev/kvm` (or with `KEEL_TEST_NO_KVM`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -183,6 +185,100 @@ fn pc_kvm_to_tcg() {
 fn pc_kvm_to_kvm() {
     if kvm_usable() {
         cross("kvm", "kvm");
+    }
+}
+
+/// Live migration of the running `pc` over `unix:` from `from` to `to`: the guest
+/// (keel-testguest's `counter_dirty`, which writes RAM as it counts and reads it back)
+/// keeps running while its RAM is copied, the pages it wrote meanwhile are sent again, and
+/// the output before and after is exactly an uninterrupted run's.
+fn live(from: &str, to: &str) {
+    let dir = TempDir::new();
+    let cg = keel_testguest::counter_dirty(10_000, 1).unwrap();
+    let kernel = dir.path("counter.elf");
+    std::fs::write(&kernel, cg.pvh_elf()).unwrap();
+    let g = Guest {
+        kernel: kernel.display().to_string(),
+        want: cg.expected_serial.unwrap(),
+        dir,
+    };
+    let uri = format!("unix:{}", g.dir.path("mig.sock").display());
+    let out_b = g.dir.path("after");
+    let serial_b = format!("file:{}", out_b.display());
+    let mut b = Vmm::start(&args(&g, to, &serial_b, &[RNG], &["-incoming", &uri]));
+    let mut qb = b.qmp();
+    assert_eq!(qb.status(), "inmigrate");
+    let out_a = g.dir.path("before");
+    let serial_a = format!("file:{}", out_a.display());
+    let mut a = Vmm::start(&args(&g, from, &serial_a, &[RNG], &["-S"]));
+    let mut q = a.qmp();
+    q.ok("cont", Value::Null);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&out_a).map(|m| m.len()).unwrap_or(0) < 4000 {
+        assert!(Instant::now() < deadline, "the guest printed nothing");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    q.ok("migrate", json!({"uri": uri}));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let info = loop {
+        let info = q.ok("query-migrate", Value::Null);
+        if matches!(
+            info["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration did not end: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(info["status"], "completed", "{info}");
+    let ram = &info["ram"];
+    let total_pages = ram["total"].as_u64().unwrap() / 4096;
+    let sent = ram["normal"].as_u64().unwrap() + ram["duplicate"].as_u64().unwrap();
+    assert!(ram["dirty-sync-count"].as_u64().unwrap() >= 2, "{info}");
+    assert!(
+        sent > total_pages,
+        "pages written meanwhile were sent again: {info}"
+    );
+    assert_eq!(q.status(), "postmigrate");
+    drop(q);
+    drop(a);
+    drop(qb);
+    let st = wait_exit(&mut b, Duration::from_secs(300));
+    assert_eq!(st.code(), Some(1), "isa-debug-exit status (0 << 1) | 1");
+    let before = read(&out_a);
+    let after = read(&out_b);
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "the guest was not migrated mid-run ({} + {} bytes)",
+        before.len(),
+        after.len()
+    );
+    assert!(
+        format!("{before}{after}") == g.want,
+        "pc {from} -> {to} live: the output differs from an uninterrupted run"
+    );
+}
+
+#[test]
+fn pc_live_tcg_to_tcg() {
+    live("tcg", "tcg");
+}
+
+#[test]
+fn pc_live_kvm_to_tcg() {
+    if kvm_usable() {
+        live("kvm", "tcg");
+    }
+}
+
+#[test]
+fn pc_live_tcg_to_kvm() {
+    if kvm_usable() {
+        live("tcg", "kvm");
     }
 }
 
