@@ -131,8 +131,11 @@ pub struct PcRestore {
     gpe: [u8; 4],
     hotplug: HotplugRegisters,
     ports: Ports,
-    pci: Vec<(PciAddress, std::sync::Arc<dyn PciDevice>, Vec<u8>)>,
+    pci: Vec<SavedFunction>,
 }
+
+/// A function of this machine with the state the stream has for it (checked).
+type SavedFunction = (PciAddress, std::sync::Arc<dyn PciDevice>, Vec<u8>);
 
 impl std::fmt::Debug for PcRestore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -276,11 +279,7 @@ impl Pc {
     }
 
     /// The stream's PCI functions against this machine's, address by address.
-    #[allow(clippy::type_complexity)]
-    fn check_functions(
-        &self,
-        snap: &Snapshot,
-    ) -> Result<Vec<(PciAddress, std::sync::Arc<dyn PciDevice>, Vec<u8>)>, SnapshotError> {
+    fn check_functions(&self, snap: &Snapshot) -> Result<Vec<SavedFunction>, SnapshotError> {
         let mismatch = |saved: String, here: String| SnapshotError::ShapeMismatch {
             what: "PCI function",
             saved,
