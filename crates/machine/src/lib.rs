@@ -65,7 +65,9 @@ pub mod pc;
 pub mod pc_acpi;
 mod pc_board;
 pub mod pc_hotplug;
+mod pc_snapshot;
 mod runner;
+mod snapshot;
 
 pub use acpi::VirtioMmioDevice;
 pub use boot::{BootError, BootProtocol, BootState, KernelImage};

@@ -287,6 +287,18 @@ impl Gpe0 {
         *r = [0; 4];
         self.update(&r);
     }
+
+    /// The status and enable bytes (a snapshot).
+    pub fn registers(&self) -> [u8; 4] {
+        *self.regs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts back saved status and enable bytes, with the SCI level they imply.
+    pub fn restore_registers(&self, regs: [u8; 4]) {
+        let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+        *r = regs;
+        self.update(&r);
+    }
 }
 
 impl BusDevice for Gpe0 {
@@ -316,9 +328,21 @@ impl BusDevice for Gpe0 {
 
 /// The PIIX3 reset control register at 0xCF9: a write with RST_CPU (bit 2) set resets the
 /// machine (QEMU's rule); bits 1-3 read back.
-struct ResetControl {
+pub(crate) struct ResetControl {
     value: Mutex<u8>,
     events: Arc<dyn SystemEvents>,
+}
+
+impl ResetControl {
+    /// The bits that read back (a snapshot).
+    pub(crate) fn value(&self) -> u8 {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts back saved bits (no reset is requested).
+    pub(crate) fn set_value(&self, v: u8) {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = v & 0x0e;
+    }
 }
 
 impl BusDevice for ResetControl {
@@ -440,6 +464,8 @@ pub struct Pc {
     pm: Arc<AcpiPm>,
     gpe: Arc<Gpe0>,
     pci: Arc<PciBus>,
+    config_io: Arc<PciConfigIo>,
+    reset_control: Arc<ResetControl>,
     hotplug: Arc<PciHotplug>,
     allocator: BarAllocator,
     links: Vec<(u32, Arc<SharedIrq>)>,
@@ -554,16 +580,18 @@ impl Pc {
         )?;
 
         let pci = Arc::new(PciBus::new());
-        let rcr: Arc<dyn BusDevice> = Arc::new(ResetControl {
+        let reset_control = Arc::new(ResetControl {
             value: Mutex::new(0),
             events: sys.clone(),
         });
+        let rcr: Arc<dyn BusDevice> = reset_control.clone();
+        let config_io = Arc::new(PciConfigIo::new(pci.clone()).with_cf9(rcr));
         map(
             &buses.pio,
             "PCI configuration ports",
             u64::from(CONFIG_ADDRESS_PORT),
             CONFIG_IO_LEN,
-            Arc::new(PciConfigIo::new(pci.clone()).with_cf9(rcr)),
+            config_io.clone(),
         )?;
         let sink = core.hub().sink.clone();
         let hotplug = Arc::new(PciHotplug::new(
@@ -655,6 +683,8 @@ impl Pc {
             pm,
             gpe,
             pci,
+            config_io,
+            reset_control,
             hotplug,
             allocator,
             links,
@@ -1041,6 +1071,42 @@ impl Pc {
     /// The bootstrap processor's entry state, after [`Pc::finish_init`].
     pub fn boot_state(&self) -> Option<BootState> {
         self.boot
+    }
+}
+
+/// What the snapshot code (`crate::pc_snapshot`) reaches inside the machine.
+impl Pc {
+    pub(crate) fn accel_name(&self) -> &'static str {
+        self.accel_name
+    }
+
+    pub(crate) fn core_ref(&self) -> &MachineCore {
+        &self.core
+    }
+
+    pub(crate) fn core_mut(&mut self) -> &mut MachineCore {
+        &mut self.core
+    }
+
+    /// COM1 (if present), the RTC, the i8042 and the ACPI PM block.
+    pub(crate) fn onboard(&self) -> (Option<Arc<Serial>>, Arc<Rtc>, Arc<I8042>, Arc<AcpiPm>) {
+        (
+            self.serial.clone(),
+            self.rtc.clone(),
+            self.i8042.clone(),
+            self.pm.clone(),
+        )
+    }
+
+    /// The configuration address latch (0xCF8) and the reset control bits (0xCF9).
+    pub(crate) fn port_registers(&self) -> (u32, u8) {
+        (self.config_io.address(), self.reset_control.value())
+    }
+
+    /// Puts back [`Pc::port_registers`].
+    pub(crate) fn restore_ports(&self, config_address: u32, reset_control: u8) {
+        self.config_io.set_address(config_address);
+        self.reset_control.set_value(reset_control);
     }
 }
 

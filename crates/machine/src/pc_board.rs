@@ -924,6 +924,80 @@ impl Board for PcBoard {
     fn shutdown(&mut self) {
         self.lock().shutdown();
     }
+
+    fn save_snapshot(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        running: bool,
+    ) -> Result<keel_snapshot::RamStats, BoardError> {
+        let pci = self.pci_sections()?;
+        self.lock()
+            .save_stream(out, running, &pci, true)?
+            .ok_or_else(|| BoardError::Invalid("the RAM section was not written".into()))
+    }
+
+    fn restore_snapshot(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        self.restore_stream(snap, true)
+    }
+
+    fn live_ram(&mut self, track: bool) -> Result<crate::migration::live::LiveRam, BoardError> {
+        let m = self.lock();
+        let log = if track {
+            let log = m.start_dirty_log();
+            Some(log.map_err(|e| BoardError::Invalid(format!("dirty page tracking: {e}")))?)
+        } else {
+            None
+        };
+        Ok(crate::migration::live::LiveRam {
+            memory: m.memory().clone(),
+            header: m.snapshot_header(),
+            log,
+        })
+    }
+
+    fn save_state(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        running: bool,
+    ) -> Result<(), BoardError> {
+        let pci = self.pci_sections()?;
+        self.lock().save_stream(out, running, &pci, false)?;
+        Ok(())
+    }
+
+    fn restore_state(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        self.restore_stream(snap, false)
+    }
+}
+
+impl PcBoard {
+    /// Every PCI function's section, each quiesced first; a function that cannot be saved
+    /// is named by its address and qdev id.
+    fn pci_sections(&self) -> Result<Vec<crate::microvm::snapshot::ExtraSection>, BoardError> {
+        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let name = |a: PciAddress| match ids.get(&a.devfn()) {
+            Some(id) => format!("id '{id}'"),
+            None => "no id".to_string(),
+        };
+        let pc = self.lock();
+        let r = pc.pci_sections(&name);
+        drop(pc);
+        r.map_err(BoardError::Invalid)
+    }
+
+    /// Restores `snap` (its RAM too with `ram`), every section checked first.
+    fn restore_stream(
+        &mut self,
+        snap: &keel_snapshot::Snapshot,
+        ram: bool,
+    ) -> Result<bool, BoardError> {
+        let mut pc = self.lock();
+        pc.pause();
+        let r = pc.check_snapshot(snap)?;
+        let running = r.running();
+        pc.apply_stream(snap, r, ram)?;
+        Ok(running)
+    }
 }
 
 #[cfg(test)]
