@@ -31,8 +31,10 @@
 //! 5. `exec`: instruction semantics, itself layered (see its module doc): `operands` (the
 //!    leaf) → `alu` → groups (`arith`, `system` → `string`, `x87`, `sse`) → `handlers`,
 //!    `generic` → `select`, `dead_flags` → `uops`, `cmp_jcc`;
-//! 6. `decode`: translation into cached blocks (chooses handlers through `exec`);
-//! 7. `vm`: the accelerator, VM and vCPU loop; the public API is re-exported from here.
+//! 6. `jit`: the compiling tier for hot 64-bit blocks (uses `cpu`, `mem`, `insn`);
+//! 7. `decode`: translation into cached blocks (chooses handlers through `exec`; a block
+//!    holds its `jit` slot);
+//! 8. `vm`: the accelerator, VM and vCPU loop; the public API is re-exported from here.
 //!
 //! # Instruction coverage
 //!
@@ -112,6 +114,7 @@ mod decode;
 mod exc;
 mod exec;
 mod insn;
+mod jit;
 mod mem;
 mod platform;
 mod probe;
