@@ -62,6 +62,9 @@ use crate::time::{guest_tsc_khz, host_tsc};
 
 mod snapshot;
 
+#[cfg(all(test, target_arch = "x86_64"))]
+mod jit_tests;
+
 const NAME: &str = "tcg";
 
 /// The most vCPUs a VM may have (APIC IDs are the vCPU indices; xAPIC flat logical mode

@@ -142,12 +142,17 @@ struct Emit {
 }
 
 /// Compiles `insns` (one block, in order) for placement at host address `at`.
-pub fn compile(insns: &[Instruction], at: u64) -> R<Vec<u8>> {
+/// Also returns, for a block compiled only up to an unsupported instruction, its mnemonic.
+pub fn compile(insns: &[Instruction], at: u64) -> R<(Vec<u8>, Option<String>)> {
     let n = insns.len();
     if n == 0 || n > 4096 {
         return Err("decode".into());
     }
-    // Whole block or nothing: check every instruction first (cheap, and the reason counts).
+    // The supported prefix: the block is compiled up to its first unsupported instruction,
+    // where the code leaves with RIP at it (the interpreter runs it, as the start of a block
+    // of its own). Nothing at all when the first instruction is unsupported.
+    let mut upto = n;
+    let mut why = None;
     for (k, i) in insns.iter().enumerate() {
         let last = k + 1 == n;
         let ok = match i.mnemonic() {
@@ -169,9 +174,16 @@ pub fn compile(insns: &[Instruction], at: u64) -> R<Vec<u8>> {
             _ => generic_ok(i),
         };
         if !ok {
-            return Err(format!("{:?}", i.mnemonic()));
+            upto = k;
+            why = Some(format!("{:?}", i.mnemonic()));
+            break;
         }
     }
+    if upto == 0 {
+        return Err(why.unwrap_or_default());
+    }
+    let insns = &insns[..upto];
+    let n = insns.len();
     let a = CodeAssembler::new(64).map_err(enc)?;
     let mut e = Emit {
         exit: CodeLabel::default(),
@@ -207,7 +219,8 @@ pub fn compile(insns: &[Instruction], at: u64) -> R<Vec<u8>> {
     e.a.mov(rax, n as u64).map_err(enc)?;
     e.a.jmp(e.exit).map_err(enc)?;
     e.epilogue().map_err(enc)?;
-    e.a.assemble(at).map_err(enc)
+    let code = e.a.assemble(at).map_err(enc)?;
+    Ok((code, why))
 }
 
 impl Emit {

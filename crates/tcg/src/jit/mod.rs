@@ -208,7 +208,15 @@ impl Jit {
         };
         let at = arena.next_addr();
         let code = match compile::compile(&raw, at as u64) {
-            Ok(c) => c,
+            Ok((c, None)) => c,
+            Ok((c, Some(why))) => {
+                *self
+                    .stats
+                    .rejected
+                    .entry(format!("partial:{why}"))
+                    .or_default() += 1;
+                c
+            }
             Err(why) => return self.reject(slot, &why),
         };
         let Some(addr) = arena.commit(&code) else {
