@@ -170,7 +170,7 @@ pub fn compile(insns: &[Instruction], at: u64) -> R<(Vec<u8>, Option<String>)> {
             // `bt` with a register bit offset addresses beyond its memory operand.
             Mnemonic::Bt => i.op0_kind() == OpKind::Register,
             // The moffs forms have no base register to put the host address in.
-            _ if i.memory_displ_size() == 8 => false,
+            _ if format!("{:?}", i.code()).contains("moffs") => false,
             _ => generic_ok(i),
         };
         if !ok {
@@ -231,12 +231,16 @@ impl Emit {
         }
         a.mov(r15, rdi)?;
         a.mov(r14, rsi)?;
-        // Guest status flags into host EFLAGS (only those: DF, TF, AC stay clear).
-        a.mov(rax, qword_ptr(r15 + RFLAGS))?;
-        a.and(eax, ARITH)?;
-        a.or(eax, 2)?;
-        a.push(rax)?;
-        a.popfq()
+        // Guest status flags into host EFLAGS: SF ZF AF PF CF through AH (`sahf`), OF by an
+        // addition that overflows exactly when AL is 1 (cheaper than `popfq`; DF, TF and AC
+        // are not touched).
+        a.mov(rcx, qword_ptr(r15 + RFLAGS))?;
+        a.mov(eax, ecx)?;
+        a.shr(eax, 11)?;
+        a.and(eax, 1)?;
+        a.mov(ah, cl)?;
+        a.add(al, 0x7f)?;
+        a.sahf()
     }
 
     fn epilogue(&mut self) -> Result<(), IcedError> {
@@ -253,13 +257,20 @@ impl Emit {
             a.jmp(self.exit)?;
         }
         a.set_label(&mut self.exit)?;
-        a.pushfq()?;
-        a.pop(rcx)?;
-        a.and(ecx, ARITH)?;
+        // Host flags to the guest's RFLAGS (the retired count in RAX moves to R8).
+        a.mov(r8, rax)?;
+        a.lahf()?;
+        a.seto(al)?;
+        a.movzx(ecx, ah)?;
+        a.and(ecx, (fl::ARITH & 0xff) as u32)?;
+        a.movzx(eax, al)?;
+        a.shl(eax, 11)?;
+        a.or(ecx, eax)?;
         a.mov(rdx, qword_ptr(r15 + RFLAGS))?;
         a.and(rdx, !ARITH)?;
         a.or(rdx, rcx)?;
         a.mov(qword_ptr(r15 + RFLAGS), rdx)?;
+        a.mov(rax, r8)?;
         for r in [r15, r14, r13, r12, rbp, rbx] {
             a.pop(r)?;
         }
