@@ -108,6 +108,8 @@ pub struct Jit {
     pub stats: JitStats,
     #[cfg(target_arch = "x86_64")]
     arena: Option<arena::Arena>,
+    /// Blocks compiled or refused so far (stats are printed at powers of two of it).
+    decided: u64,
 }
 
 impl Default for Jit {
@@ -124,6 +126,7 @@ impl Jit {
             stats: JitStats::default(),
             #[cfg(target_arch = "x86_64")]
             arena: None,
+            decided: 0,
         }
     }
 
@@ -155,7 +158,12 @@ impl Jit {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            self.compile_block(cpu, blk)
+            let r = self.compile_block(cpu, blk);
+            self.decided += 1;
+            if self.decided.is_power_of_two() && self.decided >= 256 {
+                self.print_stats();
+            }
+            r
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -229,16 +237,25 @@ impl Jit {
     }
 }
 
-impl Drop for Jit {
-    fn drop(&mut self) {
+impl Jit {
+    /// With `KEEL_TCG_JIT_STATS` set: prints the statistics to stderr (at powers of two of
+    /// the blocks decided, and when the cache is dropped).
+    fn print_stats(&self) {
         if std::env::var_os("KEEL_TCG_JIT_STATS").is_some() {
             let mut r: Vec<_> = self.stats.rejected.iter().collect();
             r.sort_by(|a, b| b.1.cmp(a.1));
+            r.truncate(24);
             eprintln!(
                 "tcg jit: {} blocks compiled ({} bytes); not compiled: {:?}",
                 self.stats.compiled, self.stats.bytes, r
             );
         }
+    }
+}
+
+impl Drop for Jit {
+    fn drop(&mut self) {
+        self.print_stats();
     }
 }
 
