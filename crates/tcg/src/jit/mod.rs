@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use crate::cpu::Cpu;
 
 /// Runs of a block before it is compiled, unless `KEEL_TCG_JIT_THRESHOLD` says otherwise.
-pub const DEFAULT_THRESHOLD: u32 = 50;
+pub const DEFAULT_THRESHOLD: u32 = 2000;
 
 /// `JitSlot::code` of a block that was looked at and will not be compiled.
 pub const REJECTED: usize = 1;
