@@ -127,6 +127,13 @@ fn generic_ok(i: &Instruction) -> bool {
             | M::Cdq
             | M::Cwde
             | M::Bt
+            | M::Bts
+            | M::Btr
+            | M::Btc
+            | M::Bsf
+            | M::Bsr
+            | M::Xadd
+            | M::Cmpxchg
     ) || (i.condition_code() != ConditionCode::None && {
         let m = format!("{:?}", i.mnemonic());
         m.starts_with("Cmov") || m.starts_with("Set")
@@ -163,12 +170,20 @@ pub fn compile(insns: &[Instruction], at: u64) -> R<(Vec<u8>, Option<String>)> {
                     Code::Push_r64 | Code::Pop_r64 | Code::Pushq_imm32 | Code::Pushq_imm8
                 )
             }
-            Mnemonic::Jmp => last && matches!(i.code(), Code::Jmp_rel32_64 | Code::Jmp_rel8_64),
-            Mnemonic::Call => last && i.code() == Code::Call_rel32_64,
+            Mnemonic::Jmp => {
+                last && matches!(i.code(), Code::Jmp_rel32_64 | Code::Jmp_rel8_64)
+                    || last && i.code() == Code::Jmp_rm64 && i.op0_kind() == OpKind::Register
+            }
+            Mnemonic::Call => {
+                last && i.code() == Code::Call_rel32_64
+                    || last && i.code() == Code::Call_rm64 && i.op0_kind() == OpKind::Register
+            }
             Mnemonic::Ret => last && i.code() == Code::Retnq,
             _ if i.is_jcc_short_or_near() => last,
-            // `bt` with a register bit offset addresses beyond its memory operand.
-            Mnemonic::Bt => i.op0_kind() == OpKind::Register,
+            // `bt*` with a register bit offset address beyond their memory operand.
+            Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc => {
+                i.op0_kind() == OpKind::Register || i.op1_kind() != OpKind::Register
+            }
             // The moffs forms have no base register to put the host address in.
             _ if format!("{:?}", i.code()).contains("moffs") => false,
             _ => generic_ok(i),
@@ -200,7 +215,15 @@ pub fn compile(insns: &[Instruction], at: u64) -> R<(Vec<u8>, Option<String>)> {
             Mnemonic::Nop => {}
             Mnemonic::Push => e.push(i, k32)?,
             Mnemonic::Pop => e.pop(i, k32)?,
+            Mnemonic::Jmp if i.op0_kind() == OpKind::Register => e.jmp_reg(i)?,
             Mnemonic::Jmp => e.set_rip(i.near_branch_target()).map_err(enc)?,
+            Mnemonic::Call if i.op0_kind() == OpKind::Register => {
+                // The target is read before the push changes RSP (`call rsp`).
+                let (g, _) = gpr(i.op0_register()).ok_or("reg")?;
+                e.a.mov(r8, qword_ptr(r15 + gslot(g))).map_err(enc)?;
+                e.push_value(None, i.next_ip(), i.ip(), k32)?;
+                e.a.mov(qword_ptr(r15 + RIP), r8).map_err(enc)?;
+            }
             Mnemonic::Call => {
                 e.push_value(None, i.next_ip(), i.ip(), k32)?;
                 e.set_rip(i.near_branch_target()).map_err(enc)?;
@@ -520,6 +543,13 @@ impl Emit {
         self.pop_rdi(i.ip(), k)?;
         // After RSP: `pop rsp` loads the popped value.
         self.a.mov(qword_ptr(r15 + gslot(g)), rdi).map_err(enc)
+    }
+
+    /// `jmp r64`: RIP = the register.
+    fn jmp_reg(&mut self, i: &Instruction) -> R<()> {
+        let (g, _) = gpr(i.op0_register()).ok_or("reg")?;
+        self.a.mov(rcx, qword_ptr(r15 + gslot(g))).map_err(enc)?;
+        self.a.mov(qword_ptr(r15 + RIP), rcx).map_err(enc)
     }
 
     fn ret(&mut self, i: &Instruction, k: u32) -> R<()> {

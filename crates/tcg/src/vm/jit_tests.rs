@@ -87,8 +87,9 @@ fn end_of(code: &[u8]) -> u64 {
     CODE + code.len() as u64 - 1
 }
 
-/// Random loops of integer, memory and stack instructions: compiling every block gives the
-/// interpreter's registers, status flags, memory and instruction count.
+/// Random loops of integer, memory and stack instructions, direct and indirect calls and
+/// jumps: compiling every block gives the interpreter's registers, status flags, memory and
+/// instruction count.
 #[test]
 fn compiled_blocks_match_the_interpreter() {
     let regs = [rax, rcx, rdx, rbx, rsi, rdi, r8, r9, r10, r11];
@@ -107,7 +108,7 @@ fn compiled_blocks_match_the_interpreter() {
         let mut ops = Vec::new();
         for _ in 0..len {
             ops.push((
-                rnd(34),
+                rnd(40),
                 rnd(regs.len()),
                 rnd(regs.len()),
                 (rnd(0x100) * 8) as i32,
@@ -117,7 +118,9 @@ fn compiled_blocks_match_the_interpreter() {
         }
         let code = assemble(|a, end| {
             let mut lp = a.create_label();
+            let mut func = a.create_label();
             a.mov(r14d, 3u32).unwrap();
+            a.lea(r15, qword_ptr(func)).unwrap();
             a.set_label(&mut lp).unwrap();
             for &(op, x, y, d, imm, sh) in &ops {
                 let (rx, ry) = (regs[x], regs[y]);
@@ -162,13 +165,26 @@ fn compiled_blocks_match_the_interpreter() {
                     30 => a.cmp(rx, ry).and_then(|()| a.cmovl(rx, m)),
                     31 => a.xchg(m, rx),
                     32 => a.mov(byte_ptr(r13 + d + 3), b8),
+                    33 => a.xadd(m, rx),
+                    34 => a.cmpxchg(m32, ey),
+                    35 => a.bts(rx, (sh % 64) as u32),
+                    36 => a.btr(m32, (sh % 32) as u32),
+                    37 => a.bsr(rx, ry).and_then(|()| a.cmp(rx, ry)),
+                    38 => a.call(r15),
                     _ => a.cqo(),
                 }
                 .unwrap();
             }
+            let mut next = a.create_label();
+            a.lea(rdi, qword_ptr(next)).unwrap();
+            a.jmp(rdi).unwrap();
+            a.set_label(&mut next).unwrap();
             a.dec(r14d).unwrap();
             a.jnz(lp).unwrap();
             a.jmp(*end).unwrap();
+            // Called through r15: returns at once.
+            a.set_label(&mut func).unwrap();
+            a.ret().unwrap();
         });
         let end = end_of(&code);
         let mut out = Vec::new();
@@ -189,6 +205,11 @@ fn compiled_blocks_match_the_interpreter() {
             let mut stack = vec![0u8; 0x100];
             cpu.mmu.phys.read(STACK - 0x100, &mut stack);
             compiled += c.jit.stats.compiled;
+            assert!(
+                c.jit.stats.rejected.is_empty(),
+                "case {case}: every instruction compiles: {:?}",
+                c.jit.stats.rejected
+            );
             out.push((cpu.gpr, cpu.flags() & fl::ARITH, cpu.icount, mem, stack));
         }
         let (i, j) = (&out[0], &out[1]);
