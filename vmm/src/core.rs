@@ -647,7 +647,7 @@ impl VmmCore {
         self.migration.finish(shown.as_ref().copied(), &self.events);
         self.after_migrate(before, r.is_ok())?;
         match r {
-            Err(e) if !e.is_stream_failure() => Err(generic(chain(&e))),
+            Err(e) if !e.is_write_failure() => Err(generic(chain(&e))),
             _ => Ok(()),
         }
     }

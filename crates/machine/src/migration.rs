@@ -84,6 +84,22 @@ impl MigrationError {
     }
 }
 
+impl MigrationError {
+    /// Whether writing the stream to its target failed once the save had begun (QEMU
+    /// reports that through `query-migrate` and the event, not as the command's error).
+    pub fn is_write_failure(&self) -> bool {
+        use keel_snapshot::SnapshotError;
+        matches!(
+            self,
+            Self::Io {
+                what: "writing" | "writing to",
+                ..
+            } | Self::Command { .. }
+                | Self::Board(BoardError::Snapshot(SnapshotError::Write(_)))
+        )
+    }
+}
+
 /// An error and its sources, joined with ": " (how a migration's error is reported).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
