@@ -681,30 +681,20 @@ impl VmmCore {
         if uri == "defer" {
             return Ok(());
         }
-        if let Some(source) = live::SocketUri::parse(uri) {
-            let listener = live::Listener::bind(&source).map_err(|e| generic(chain(&e)))?;
-            let ram = board_of(&mut self.board)?.live_ram(false);
-            self.migration.set_status("setup", &self.events);
-            let link = Box::new(LiveLink(self.this.clone()));
-            return live::start_incoming(listener, ram.map_err(board_error)?, link)
-                .map_err(|e| generic(chain(&e)));
-        }
         self.migration.set_status("setup", &self.events);
-        self.migration.set_status("active", &self.events);
         let board = board_of(&mut self.board)?;
-        let r = match migration::open(uri, &self.backends) {
-            // A live stream (`migrate` to `fd:` while the guest ran) is received on a thread.
-            Ok(migration::Incoming::Live(stream)) => {
+        let snap = match migration::open(uri, &self.backends) {
+            // A live stream (a socket, or `fd:` after a live `migrate`): on a thread.
+            Ok(migration::Incoming::Live(listener)) => {
                 let ram = board.live_ram(false).map_err(board_error)?;
                 let link = Box::new(LiveLink(self.this.clone()));
-                let listener = live::Listener::Stream(stream);
                 return live::start_incoming(listener, ram, link).map_err(|e| generic(chain(&e)));
             }
-            Ok(migration::Incoming::Snapshot(snap)) => {
-                board.restore_snapshot(&snap).map_err(MigrationError::from)
-            }
+            Ok(migration::Incoming::Snapshot(snap)) => Ok(snap),
             Err(e) => Err(e),
         };
+        self.migration.set_status("active", &self.events);
+        let r = snap.and_then(|s| board.restore_snapshot(&s).map_err(MigrationError::from));
         let shown = r.as_ref().map(|_| None).map_err(|e| chain(e));
         self.migration.finish(shown.as_ref().copied(), &self.events);
         let running = match r {

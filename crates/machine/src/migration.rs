@@ -79,7 +79,13 @@ impl MigrationError {
     pub fn is_stream_failure(&self) -> bool {
         !matches!(
             self,
-            Self::Uri(_) | Self::FdNotFound(_) | Self::SpawnDenied(_)
+            Self::Uri(_)
+                | Self::FdNotFound(_)
+                | Self::SpawnDenied(_)
+                | Self::Io {
+                    what: "opening" | "listening on" | "starting",
+                    ..
+                }
         )
     }
 }
@@ -322,14 +328,14 @@ pub fn live_fd(uri: &str, backends: &Backends) -> Option<Result<std::fs::File, M
     )
 }
 
-/// What an incoming `fd:` or `file:` holds: a snapshot stream (read whole and checked),
-/// or a live migration's stream (`migrate` to `fd:` while the guest ran), to be received
-/// by [`live::start_incoming`] from its first byte.
+/// What an incoming URI gives: a snapshot stream (read whole and checked), or a live
+/// migration's stream for [`live::start_incoming`]: a socket to listen on (`unix:`,
+/// `tcp:`) or a stream from its first byte (`migrate` to `fd:` while the guest ran).
 pub enum Incoming {
     /// A checked snapshot stream.
     Snapshot(Snapshot),
     /// A live stream, unread.
-    Live(Box<dyn Read + Send>),
+    Live(live::Listener),
 }
 
 impl std::fmt::Debug for Incoming {
@@ -341,15 +347,18 @@ impl std::fmt::Debug for Incoming {
     }
 }
 
-/// Opens the stream at `uri` and tells its kind by its first bytes (see [`Incoming`]);
-/// `exec:` streams are snapshot streams.
+/// Opens the stream at `uri` (listens, for `unix:`/`tcp:`) and tells its kind by its
+/// first bytes (see [`Incoming`]); `exec:` streams are snapshot streams.
 pub fn open(uri: &str, backends: &Backends) -> Result<Incoming, MigrationError> {
+    if let Some(socket) = live::SocketUri::parse(uri) {
+        return live::Listener::bind(&socket).map(Incoming::Live);
+    }
     let (mut f, shown) = match MigrationUri::parse(uri)? {
         MigrationUri::Fd(name) => (incoming_fd(&name, backends)?, format!("fd:{name}")),
         MigrationUri::File(p) => {
             let shown = p.display().to_string();
             (
-                std::fs::File::open(&p).map_err(io("reading", &shown))?,
+                std::fs::File::open(&p).map_err(io("opening", &shown))?,
                 shown,
             )
         }
@@ -361,9 +370,8 @@ pub fn open(uri: &str, backends: &Backends) -> Result<Incoming, MigrationError> 
         .read_to_end(&mut data)
         .map_err(io("reading from", &shown))?;
     if data == live::MAGIC {
-        return Ok(Incoming::Live(Box::new(
-            std::io::Cursor::new(data).chain(f),
-        )));
+        let stream = Box::new(std::io::Cursor::new(data).chain(f));
+        return Ok(Incoming::Live(live::Listener::Stream(stream)));
     }
     f.read_to_end(&mut data)
         .map_err(io("reading from", &shown))?;
