@@ -603,7 +603,7 @@ impl VmmCore {
         let running = self.run_state() == RunState::Running;
         self.migration.begin(&self.events);
         // `fd:` is taken first: a name nobody passed fails before the guest stops.
-        let fd = migration::live_fd(uri, &self.backends).transpose();
+        let fd = migration::take_fd(uri, &self.backends).transpose();
         let fd = fd.map_err(|e| self.migrate_failed(&e))?;
         let target = match (live::SocketUri::parse(uri), fd) {
             (Some(s), _) => live::Target::Socket(s),

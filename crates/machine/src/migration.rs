@@ -73,9 +73,10 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
-    /// Whether writing, reading or checking the stream failed (incoming, QEMU's "load of
-    /// migration failed", which ends the VMM), rather than the request itself: a URI of another form,
-    /// a descriptor name nobody passed, `exec:` under the sandbox.
+    /// Whether reading or checking an incoming stream failed (QEMU's "load of migration
+    /// failed", which ends the VMM), rather than the request itself: a URI of another
+    /// form, a descriptor name nobody passed, `exec:` under the sandbox, a file that cannot
+    /// be opened, a socket that cannot listen.
     pub fn is_stream_failure(&self) -> bool {
         !matches!(
             self,
@@ -88,9 +89,7 @@ impl MigrationError {
                 }
         )
     }
-}
 
-impl MigrationError {
     /// Whether writing the stream to its target failed once the save had begun (QEMU
     /// reports that through `query-migrate` and the event, not as the command's error).
     pub fn is_write_failure(&self) -> bool {
@@ -210,7 +209,7 @@ pub fn save(
     let target = MigrationUri::parse(uri)?;
     let (stats, bytes) = match &target {
         MigrationUri::Fd(name) => {
-            let fd = live_fd(uri, backends)
+            let fd = take_fd(uri, backends)
                 .unwrap_or_else(|| Err(MigrationError::FdNotFound(name.clone())))?;
             return save_fd(board, fd, name, running);
         }
@@ -316,9 +315,10 @@ fn incoming_fd(name: &str, backends: &Backends) -> Result<std::fs::File, Migrati
     Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
 }
 
-/// `fd:NAME` of a live `migrate` (the guest runs): the descriptor `getfd` kept, taken
-/// from `backends`; `None` for a URI of another form.
-pub fn live_fd(uri: &str, backends: &Backends) -> Option<Result<std::fs::File, MigrationError>> {
+/// The descriptor of `migrate`'s `fd:NAME`: the one `getfd` kept, taken from `backends`
+/// (taken first, so that a name nobody passed fails before the guest stops); `None` for a
+/// URI of another form.
+pub fn take_fd(uri: &str, backends: &Backends) -> Option<Result<std::fs::File, MigrationError>> {
     let name = uri.strip_prefix("fd:").filter(|n| !n.is_empty())?;
     Some(
         backends
