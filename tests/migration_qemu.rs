@@ -175,6 +175,18 @@ struct Seen {
     events: Vec<String>,
     status: String,
     migration: String,
+    /// The members of the final `query-migrate` (and of its `ram`).
+    fields: Vec<String>,
+}
+
+/// The member names of a `query-migrate` answer, `ram`'s as `ram.NAME`.
+fn fields(info: &Value) -> Vec<String> {
+    let mut v: Vec<String> = info.as_object().unwrap().keys().cloned().collect();
+    if let Some(ram) = info["ram"].as_object() {
+        v.extend(ram.keys().map(|k| format!("ram.{k}")));
+    }
+    v.sort();
+    v
 }
 
 /// Runs `migrate uri=fd:m` on `program`, the guest running or (`stop` first) stopped;
@@ -235,6 +247,7 @@ fn source(program: &str, g: &Guest, target: Target, stopped: bool) -> (Seen, Vec
         std::thread::sleep(Duration::from_millis(10));
     };
     let status = q.status();
+    let fields = fields(&q.ok("query-migrate", Value::Null));
     // Events sent before the last reply were read with it; a short wait for stragglers.
     std::thread::sleep(Duration::from_millis(200));
     q.ok("query-version", Value::Null);
@@ -251,6 +264,7 @@ fn source(program: &str, g: &Guest, target: Target, stopped: bool) -> (Seen, Vec
             events,
             status,
             migration,
+            fields,
         },
         bytes,
     )
@@ -267,8 +281,8 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     }
 }
 
-/// The run states, events and `query-migrate` status of `migrate` to `fd:` are QEMU
-/// 7.2's: running → `STOP` after `active` → `postmigrate`; a write failure before the
+/// The run states, events and `query-migrate` status (and its members) of `migrate` to
+/// `fd:` are QEMU 7.2's: running → `STOP` after `active` → `postmigrate`; a write failure before the
 /// switchover leaves the guest as it was (running or paused) with `failed`; a name nobody
 /// passed fails at once, with QEMU's message.
 #[test]
