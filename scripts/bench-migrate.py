@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--guest", default=os.environ.get("KEEL_GUEST_DIR", os.path.expanduser("~/.cache/keel-guest/current")))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=180)
+    ap.add_argument("--machine", default="microvm", choices=["microvm", "pc"],
+                    help="machine type (pc: bzImage and virtio-blk-pci)")
     ap.add_argument("--max-bandwidth", type=int, default=128 << 20, help="bytes/s (QEMU's default)")
     ap.add_argument("--downtime-limit", type=int, default=300, help="ms (QEMU's default)")
     a = ap.parse_args()
@@ -88,7 +90,7 @@ def main():
     append = "console=ttyS0 quiet keel.mode=shell"
     if host_tsc_khz():
         append += " tsc_early_khz=%d" % host_tsc_khz()
-    args = guest_args(a.guest, disk, append)
+    args = guest_args(a.guest, disk, append, a.machine)
     params = {"max-bandwidth": a.max_bandwidth, "downtime-limit": a.downtime_limit}
     vmms = [("keel", [a.vmm])]
     if os.path.exists(a.qemu):

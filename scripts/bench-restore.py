@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--guest", default=os.environ.get("KEEL_GUEST_DIR", os.path.expanduser("~/.cache/keel-guest/current")))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=180)
+    ap.add_argument("--machine", default="microvm", choices=["microvm", "pc"],
+                    help="machine type (pc: bzImage and virtio-blk-pci)")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="keel-bench-restore-")
     disk = os.path.join(tmp, "disk.img")
@@ -71,7 +73,7 @@ def main():
     append = "console=ttyS0 quiet keel.mode=shell"
     if host_tsc_khz():
         append += " tsc_early_khz=%d" % host_tsc_khz()
-    args = guest_args(a.guest, disk, append)
+    args = guest_args(a.guest, disk, append, a.machine)
     sock = os.path.join(tmp, "qmp.sock")
     results = {"keel boot": [], "keel restore": [], "qemu restore": []}
 

@@ -1,5 +1,5 @@
 """The Debian guest of scripts/build-guest.sh as the benchmark scripts drive it: its
-command line (microvm, tcg, 256 MiB, a raw virtio-blk disk), a VMM process whose serial
+command line (microvm or pc, tcg, 256 MiB, a raw virtio-blk disk), a VMM process whose serial
 console is read and typed into and whose QMP socket is asked (`Proc`). Standard library
 only; imported by bench-restore.py and bench-migrate.py.
 """
@@ -24,12 +24,16 @@ def host_tsc_khz():
     return None
 
 
-def guest_args(guest, disk, append):
-    return ["-M", "microvm", "-accel", "tcg", "-m", "256M", "-nodefaults", "-no-reboot",
-            "-serial", "stdio", "-kernel", os.path.join(guest, "vmlinux"),
+def guest_args(guest, disk, append, machine="microvm"):
+    """The command line on `machine`: microvm (vmlinux, virtio-blk-device) or pc (bzImage,
+    virtio-blk-pci)."""
+    kernel, disk_device = ("bzImage", "virtio-blk-pci") if machine == "pc" else \
+        ("vmlinux", "virtio-blk-device")
+    return ["-M", machine, "-accel", "tcg", "-m", "256M", "-nodefaults", "-no-reboot",
+            "-serial", "stdio", "-kernel", os.path.join(guest, kernel),
             "-initrd", os.path.join(guest, "initramfs-virtio.cpio.gz"), "-append", append,
             "-drive", "file=%s,if=none,id=d0,format=raw" % disk,
-            "-device", "virtio-blk-device,drive=d0"]
+            "-device", "%s,drive=d0" % disk_device]
 
 
 class Proc:

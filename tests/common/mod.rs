@@ -445,25 +445,44 @@ pub struct ShellVm {
 impl ShellVm {
     /// Starts the VMM with `extra` options after the machine's (`-incoming ...`).
     pub fn start(kernel: &Path, initrd: &Path, disk: &Path, sock: &Path, extra: &[String]) -> Self {
+        Self::start_on(
+            "microvm",
+            "virtio-blk-device",
+            kernel,
+            initrd,
+            disk,
+            sock,
+            extra,
+        )
+    }
+
+    /// As [`ShellVm::start`] on machine type `machine` with the disk on a `disk_device`
+    /// (`virtio-blk-pci` on `pc`).
+    pub fn start_on(
+        machine: &str,
+        disk_device: &str,
+        kernel: &Path,
+        initrd: &Path,
+        disk: &Path,
+        sock: &Path,
+        extra: &[String],
+    ) -> Self {
         let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
         let mut c = Command::new(BIN);
         c.args([
             "-qmp",
             &format!("unix:{},server=on,wait=off", sock.display()),
         ]);
-        c.args([
-            "-M",
-            "microvm",
-            "-accel",
-            "tcg",
-            "-m",
-            "256M",
-            "-nodefaults",
-        ]);
+        c.args(["-M", machine, "-accel", "tcg", "-m", "256M", "-nodefaults"]);
         c.args(["-no-reboot", "-serial", "stdio", "-append"]);
         c.arg("console=ttyS0 quiet keel.mode=shell");
         c.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
-        c.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+        c.args([
+            "-drive",
+            &drive,
+            "-device",
+            &format!("{disk_device},drive=d0"),
+        ]);
         c.args(extra);
         let mut child = c
             .stdin(Stdio::piped())

@@ -185,48 +185,80 @@ pub(crate) fn rsdp(xsdt_addr: u64) -> Vec<u8> {
     v
 }
 
-fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
-    const WBINVD: u32 = 1 << 0;
-    const PROC_C1: u32 = 1 << 2;
-    const SLP_BUTTON: u32 = 1 << 5;
-    const RESET_REG_SUP: u32 = 1 << 10;
-    const HW_REDUCED_ACPI: u32 = 1 << 20;
-    const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
-    const IAPC_8042: u16 = 1 << 1;
-    const IAPC_NO_VGA: u16 = 1 << 2;
-    const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+/// FADT flag: WBINVD works.
+pub(crate) const FADT_WBINVD: u32 = 1 << 0;
+/// FADT flag: C1 is supported on every processor.
+pub(crate) const FADT_PROC_C1: u32 = 1 << 2;
+/// FADT flag: no fixed sleep button (the fixed power button exists: PWR_BUTTON clear).
+pub(crate) const FADT_SLP_BUTTON: u32 = 1 << 5;
+/// FADT flag: the reset register is supported.
+pub(crate) const FADT_RESET_REG_SUP: u32 = 1 << 10;
+const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// IA-PC boot architecture flag: legacy (ISA) devices exist.
+pub(crate) const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
+/// IA-PC boot architecture flag: an 8042 keyboard controller exists.
+pub(crate) const IAPC_8042: u16 = 1 << 1;
+const IAPC_NO_VGA: u16 = 1 << 2;
+/// IA-PC boot architecture flag: message-signalled interrupts must not be enabled.
+pub(crate) const IAPC_NO_MSI: u16 = 1 << 3;
+const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+
+/// Where the FADT's reset register is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ResetRegister {
+    /// A byte in memory space (the GED's reset register).
+    Mem8(u64),
+    /// A byte I/O port (the PIIX3's reset control register).
+    Io(u16),
+}
+
+/// What a machine's FADT says: the parts machine types differ in. Everything else (no SMI
+/// command port, no C2/C3, 64-bit DSDT pointer, version 6.5) is the same for all.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FadtSpec {
+    /// Address of the FACS, if there is one (a full FADT).
+    pub facs: Option<u64>,
+    /// The SCI's interrupt (0 on a hardware-reduced platform).
+    pub sci: u16,
+    /// `Some(port)`: PM1a event/control and the PM timer are the `keel_devices::AcpiPm`
+    /// block at this port (a full FADT); `None`: hardware-reduced, sleep control and status
+    /// through the GED.
+    pub pm_base: Option<u16>,
+    /// The GPE0 block (port, length), if any.
+    pub gpe0: Option<(u16, u8)>,
+    /// Whether the CMOS RTC exists (its century byte is at index 0x32).
+    pub rtc: bool,
+    /// IA-PC boot architecture flags.
+    pub iapc: u16,
+    /// Fixed feature flags (without `HW_REDUCED_ACPI`, set from `pm_base`).
+    pub flags: u32,
+    /// The reset register and the value written to it.
+    pub reset: (ResetRegister, u8),
+}
+
+/// The FADT (revision 6, ACPI 6.5) for `spec`, pointing at the DSDT at `dsdt_addr`.
+pub(crate) fn fadt_table(spec: &FadtSpec, dsdt_addr: u64) -> Vec<u8> {
     let regs = GED_MMIO_BASE + keel_devices::GED_REGS_OFFSET;
-    let mut iapc = IAPC_NO_VGA;
-    if cfg.i8042 {
-        iapc |= IAPC_8042;
-    }
-    if !cfg.rtc {
-        iapc |= IAPC_NO_CMOS_RTC;
-    }
     // Register blocks: (port, length) of PM1a event, PM1a control and PM timer.
-    let (evt, cnt, tmr, flags, sci) = match cfg.pm_base {
+    let (evt, cnt, tmr, flags) = match spec.pm_base {
         Some(base) => {
-            iapc |= IAPC_LEGACY_DEVICES;
             let at = |off: u64| base.wrapping_add(off as u16);
             (
                 (at(keel_devices::PM1_EVT_OFFSET), keel_devices::PM1_EVT_LEN),
                 (at(keel_devices::PM1_CNT_OFFSET), keel_devices::PM1_CNT_LEN),
                 (at(keel_devices::PM_TMR_OFFSET), keel_devices::PM_TMR_LEN),
-                // As QEMU's pc FADT: WBINVD works, C1 supported, no fixed sleep button (the
-                // fixed power button exists: PWR_BUTTON clear); 24-bit timer (TMR_VAL_EXT
-                // clear).
-                WBINVD | PROC_C1 | SLP_BUTTON | RESET_REG_SUP,
-                SCI_IRQ,
+                spec.flags,
             )
         }
-        None => ((0, 0), (0, 0), (0, 0), HW_REDUCED_ACPI | RESET_REG_SUP, 0),
+        None => ((0, 0), (0, 0), (0, 0), spec.flags | FADT_HW_REDUCED_ACPI),
     };
+    let (gpe0, gpe0_len) = spec.gpe0.unwrap_or((0, 0));
     let mut t = Sdt::new(b"FACP", 6, b"KEELFACP");
-    t.u32(facs_addr.unwrap_or(0) as u32) // FIRMWARE_CTRL (FACS below 1 MiB)
+    t.u32(spec.facs.unwrap_or(0) as u32) // FIRMWARE_CTRL (FACS below 1 MiB)
         .u32(0) // DSDT (32-bit): use X_DSDT
         .u8(0)
         .u8(0) // preferred PM profile: unspecified
-        .u16(sci) // SCI_INT
+        .u16(spec.sci) // SCI_INT
         .u32(0) // SMI_CMD: none, the platform is always in ACPI mode
         .zeros(4) // ACPI enable/disable, S4BIOS, PSTATE
         .u32(u32::from(evt.0)) // PM1a_EVT_BLK
@@ -235,23 +267,27 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
         .u32(0) // PM1b_CNT_BLK
         .u32(0) // PM2_CNT_BLK
         .u32(u32::from(tmr.0)) // PM_TMR_BLK
-        .u32(0) // GPE0_BLK
+        .u32(u32::from(gpe0)) // GPE0_BLK
         .u32(0) // GPE1_BLK
         .u8(evt.1)
         .u8(cnt.1)
         .u8(0) // PM2_CNT_LEN
         .u8(tmr.1)
-        .zeros(4) // GPE0/GPE1 lengths, GPE1 base, CST_CNT
+        .u8(gpe0_len) // GPE0_BLK_LEN
+        .zeros(3) // GPE1 length, GPE1 base, CST_CNT
         .u16(0xfff) // P_LVL2_LAT: C2 not supported (as QEMU)
         .u16(0xfff) // P_LVL3_LAT: C3 not supported
         .zeros(4) // flush size/stride
         .zeros(4) // duty offset/width, day/month alarm
-        .u8(if cfg.rtc { 0x32 } else { 0 }) // CENTURY index in CMOS
-        .u16(iapc)
+        .u8(if spec.rtc { 0x32 } else { 0 }) // CENTURY index in CMOS
+        .u16(spec.iapc)
         .u8(0)
-        .u32(flags)
-        .gas_mem8(regs + keel_devices::GED_RESET)
-        .u8(keel_devices::GED_RESET_VALUE)
+        .u32(flags);
+    match spec.reset.0 {
+        ResetRegister::Mem8(addr) => t.gas_mem8(addr),
+        ResetRegister::Io(port) => t.gas_io(port, 1, 1),
+    };
+    t.u8(spec.reset.1) // RESET_VALUE
         .u16(0) // ARM boot arch
         .u8(5) // FADT minor version (ACPI 6.5)
         .u64(0) // X_FIRMWARE_CTRL (FIRMWARE_CTRL is used)
@@ -261,8 +297,9 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
         .gas_io(cnt.0, cnt.1, 0) // X_PM1a_CNT_BLK
         .zeros(12 * 2) // X_PM1b_CNT_BLK, X_PM2_CNT_BLK
         .gas_io(tmr.0, tmr.1, 3) // X_PM_TMR_BLK (dword access)
-        .zeros(12 * 2); // X_GPE0_BLK, X_GPE1_BLK
-    if cfg.pm_base.is_some() {
+        .gas_io(gpe0, gpe0_len, 1) // X_GPE0_BLK (byte access)
+        .zeros(12); // X_GPE1_BLK
+    if spec.pm_base.is_some() {
         // Sleep control/status registers are for hardware-reduced platforms only.
         t.zeros(12 * 2);
     } else {
@@ -271,6 +308,41 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
     }
     t.u64(u64::from_le_bytes(*b"KEELKEEL")); // hypervisor vendor identity
     t.finish()
+}
+
+fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
+    let mut iapc = IAPC_NO_VGA;
+    if cfg.i8042 {
+        iapc |= IAPC_8042;
+    }
+    if !cfg.rtc {
+        iapc |= IAPC_NO_CMOS_RTC;
+    }
+    if cfg.pm_base.is_some() {
+        iapc |= IAPC_LEGACY_DEVICES;
+    }
+    let spec = FadtSpec {
+        facs: facs_addr,
+        sci: if cfg.pm_base.is_some() { SCI_IRQ } else { 0 },
+        pm_base: cfg.pm_base,
+        gpe0: None,
+        rtc: cfg.rtc,
+        iapc,
+        // As QEMU's pc FADT where there is a PM block: WBINVD works, C1 supported, no fixed
+        // sleep button; 24-bit timer (TMR_VAL_EXT clear).
+        flags: if cfg.pm_base.is_some() {
+            FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP
+        } else {
+            FADT_RESET_REG_SUP
+        },
+        reset: (
+            ResetRegister::Mem8(
+                GED_MMIO_BASE + keel_devices::GED_REGS_OFFSET + keel_devices::GED_RESET,
+            ),
+            keel_devices::GED_RESET_VALUE,
+        ),
+    };
+    fadt_table(&spec, dsdt_addr)
 }
 
 /// The Firmware ACPI Control Structure a full FADT points at: no waking vector, no global
@@ -393,23 +465,10 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
         return Err(AcpiError::TooManyDevices(cfg.virtio_mmio.len()));
     }
     let one = 1u8;
-    let zero = 0u8;
     let mut sb: Vec<Raw> = Vec::new();
 
     if cfg.serial {
-        let io = IO::new(0x3f8, 0x3f8, 0, 8);
-        let irq = Interrupt::new(true, true, false, false, 4);
-        let crs = ResourceTemplate::new(vec![&io, &irq]);
-        let sta = 0x0fu8;
-        sb.push(device(
-            "COM1",
-            &[
-                &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
-                &Name::new(Path::new("_UID"), &one),
-                &Name::new(Path::new("_STA"), &sta),
-                &Name::new(Path::new("_CRS"), &crs),
-            ],
-        ));
+        sb.push(com1_node());
     }
 
     if cfg.pm_base.is_none() {
@@ -417,18 +476,7 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     }
 
     if cfg.rtc {
-        // The CMOS RTC as a PNP device (ports 0x70-0x71, IRQ 8 edge/active high), so the
-        // guest binds rtc-cmos to exactly what the device decodes.
-        let io = IO::new(0x70, 0x70, 1, 2);
-        let irq = Interrupt::new(true, true, false, false, 8);
-        let crs = ResourceTemplate::new(vec![&io, &irq]);
-        sb.push(device(
-            "RTC_",
-            &[
-                &Name::new(Path::new("_HID"), &EISAName::new("PNP0B00")),
-                &Name::new(Path::new("_CRS"), &crs),
-            ],
-        ));
+        sb.push(rtc_node());
     }
 
     // One LNRO0005 node per virtio-mmio transport, as QEMU's microvm writes them.
@@ -449,10 +497,6 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
         ));
     }
 
-    let mut body: Vec<u8> = Vec::new();
-    let children: Vec<&dyn Aml> = sb.iter().map(|r| r as &dyn Aml).collect();
-    Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
-
     // \_S5: the sleep type Linux writes to the GED sleep control register (hardware-reduced)
     // or to PM1a control's SLP_TYP (full FADT) to power off.
     let s5_typ = if cfg.pm_base.is_some() {
@@ -460,12 +504,56 @@ fn dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     } else {
         keel_devices::SLP_TYP_S5
     };
+    Ok(dsdt_table(&sb, &[], s5_typ))
+}
+
+/// COM1 as a PNP device (ports 0x3f8-0x3ff, IRQ 4).
+pub(crate) fn com1_node() -> Raw {
+    let io = IO::new(0x3f8, 0x3f8, 0, 8);
+    let irq = Interrupt::new(true, true, false, false, 4);
+    let crs = ResourceTemplate::new(vec![&io, &irq]);
+    let (one, sta) = (1u8, 0x0fu8);
+    device(
+        "COM1",
+        &[
+            &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
+            &Name::new(Path::new("_UID"), &one),
+            &Name::new(Path::new("_STA"), &sta),
+            &Name::new(Path::new("_CRS"), &crs),
+        ],
+    )
+}
+
+/// The CMOS RTC as a PNP device (ports 0x70-0x71, IRQ 8 edge/active high), so the guest
+/// binds rtc-cmos to exactly what the device decodes.
+pub(crate) fn rtc_node() -> Raw {
+    let io = IO::new(0x70, 0x70, 1, 2);
+    let irq = Interrupt::new(true, true, false, false, 8);
+    let crs = ResourceTemplate::new(vec![&io, &irq]);
+    device(
+        "RTC_",
+        &[
+            &Name::new(Path::new("_HID"), &EISAName::new("PNP0B00")),
+            &Name::new(Path::new("_CRS"), &crs),
+        ],
+    )
+}
+
+/// The DSDT: `sb` as the `\_SB_` scope, then the other top-level `scopes`, then `\_S5_`
+/// with the sleep type that powers the machine off.
+pub(crate) fn dsdt_table(sb: &[Raw], scopes: &[Raw], s5_typ: u8) -> Vec<u8> {
+    let zero = 0u8;
+    let mut body: Vec<u8> = Vec::new();
+    let children: Vec<&dyn Aml> = sb.iter().map(|r| r as &dyn Aml).collect();
+    Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
+    for sc in scopes {
+        sc.to_aml_bytes(&mut body);
+    }
     let s5 = Package::new(vec![&s5_typ, &zero, &zero, &zero]);
     Name::new(Path::new("_S5_"), &s5).to_aml_bytes(&mut body);
-
     let mut t = Sdt::new(b"DSDT", 2, b"KEELDSDT");
     t.0.extend_from_slice(&body);
-    Ok(t.finish())
+    t.finish()
 }
 
 pub(crate) fn align16(x: u64) -> u64 {

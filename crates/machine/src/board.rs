@@ -362,7 +362,7 @@ pub trait Board: Send {
     ) -> Result<keel_snapshot::RamStats, BoardError> {
         let _ = (out, running);
         Err(BoardError::Invalid(
-            "this machine type cannot be saved (microvm can)".to_string(),
+            "this machine type cannot be saved (microvm and pc can)".to_string(),
         ))
     }
     /// Restores a parsed stream into this machine (created with the same shape, vCPUs not
@@ -371,7 +371,7 @@ pub trait Board: Send {
     fn restore_snapshot(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
         let _ = snap;
         Err(BoardError::Invalid(
-            "this machine type cannot be restored (microvm can)".to_string(),
+            "this machine type cannot be restored (microvm and pc can)".to_string(),
         ))
     }
     /// What a live migration copies while the guest runs: the RAM, the stream header (the
@@ -380,7 +380,7 @@ pub trait Board: Send {
     fn live_ram(&mut self, track: bool) -> Result<crate::migration::live::LiveRam, BoardError> {
         let _ = track;
         Err(BoardError::Invalid(
-            "this machine type cannot be migrated live (microvm can)".to_string(),
+            "this machine type cannot be migrated live (microvm and pc can)".to_string(),
         ))
     }
     /// As [`Board::save_snapshot`] without the RAM section (a live migration's final state;
@@ -392,7 +392,7 @@ pub trait Board: Send {
     ) -> Result<(), BoardError> {
         let _ = (out, running);
         Err(BoardError::Invalid(
-            "this machine type cannot be saved (microvm can)".to_string(),
+            "this machine type cannot be saved (microvm and pc can)".to_string(),
         ))
     }
     /// As [`Board::restore_snapshot`] for a stream without RAM: the RAM stays as a live
@@ -400,7 +400,7 @@ pub trait Board: Send {
     fn restore_state(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
         let _ = snap;
         Err(BoardError::Invalid(
-            "this machine type cannot be restored (microvm can)".to_string(),
+            "this machine type cannot be restored (microvm and pc can)".to_string(),
         ))
     }
 }

@@ -52,6 +52,7 @@ pub mod backends;
 pub mod board;
 pub mod boot;
 pub mod config;
+mod core;
 pub mod cpu_model;
 pub mod device_types;
 mod disk_errors;
@@ -64,7 +65,9 @@ pub mod pc;
 pub mod pc_acpi;
 mod pc_board;
 pub mod pc_hotplug;
+mod pc_snapshot;
 mod runner;
+mod snapshot;
 
 pub use acpi::VirtioMmioDevice;
 pub use boot::{BootError, BootProtocol, BootState, KernelImage};

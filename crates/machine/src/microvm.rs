@@ -3,24 +3,24 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::thread::JoinHandle;
 
 use keel_accel::{
     AccelError, Accelerator, BusDevice, BusError, GuestMemory, IoBuses, IrqChip,
-    MachineRequirements, SystemEvents, Vcpu, Vm,
+    MachineRequirements, SystemEvents, Vm,
 };
 use keel_devices::{
     ACPI_PM_LEN, AcpiGed, AcpiPm, CmosMemoryLayout, DebugExit, DebugExitConfig, DebugExitError,
     GED_MMIO_LEN, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, Rtc, Serial, SerialError,
     SerialOutput,
 };
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::acpi::{self, AcpiConfig, AcpiError, VirtioMmioDevice};
 use crate::boot::{self, BootConfig, BootError, BootState, KernelImage};
 use crate::config::{MicrovmConfig, SerialBackend};
+use crate::core::{CoreSpec, MachineCore};
 use crate::layout::{self, ACPI_PM_BASE, GED_MMIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::runner::{self, CpuInfo, Hub, MachineEvents, Shared};
+use crate::runner::{CpuInfo, MachineEvents};
 use keel_phase::Phase;
 
 pub(crate) mod snapshot;
@@ -138,13 +138,6 @@ pub struct AddedDevice {
 /// Where the model is past machine-ready: the lifecycle itself is `keel_phase`'s
 /// (machine-init until [`Microvm::finish_init`], then machine-ready); this only says
 /// whether the vCPU threads were started, and whether they were stopped for good.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Threads {
-    NotStarted,
-    Running,
-    Stopped,
-}
-
 /// Which optional onboard devices exist, after resolving `auto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resolved {
@@ -201,15 +194,7 @@ pub struct Microvm {
     cfg: MicrovmConfig,
     resolved: Resolved,
     accel_name: &'static str,
-    memory: Arc<GuestMemory>,
-    buses: Arc<IoBuses>,
-    vm: Box<dyn Vm>,
-    vcpus: Vec<Box<dyn Vcpu>>,
-    shared: Arc<Shared>,
-    hub: Arc<Hub>,
-    /// The disks' host I/O errors, reported to the machine's events.
-    disks: Arc<crate::disk_errors::DiskErrors>,
-    threads: Vec<JoinHandle<()>>,
+    core: MachineCore,
     serial: Option<Arc<Serial>>,
     i8042: Option<Arc<I8042>>,
     rtc: Option<Arc<Rtc>>,
@@ -220,8 +205,6 @@ pub struct Microvm {
     firmware_virtio: Vec<VirtioMmioDevice>,
     boot: Option<BootState>,
     phase: Phase,
-    vcpus_state: Threads,
-    input_started: bool,
 }
 
 impl std::fmt::Debug for Microvm {
@@ -290,28 +273,17 @@ impl Microvm {
             .into_iter()
             .map(|(a, l)| (GuestAddress(a), l as usize))
             .collect();
-        let memory = Arc::new(
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MachineError::Ram(cfg.memory, e))?,
-        );
-        if !cfg.dump_guest_core.resolve(true) {
-            crate::layout::exclude_from_core_dumps(&memory);
-        }
-        let buses = Arc::new(IoBuses::new());
-        let shared = Shared::new(cfg.cpus);
-        let disks = crate::disk_errors::DiskErrors::new(events.clone());
-        let hub = Arc::new(Hub {
-            no_reboot: cfg.no_reboot.into(),
-            sink: events,
-            shared: shared.clone(),
-        });
-        let sys: Arc<dyn SystemEvents> = hub.clone();
-        let vm = accel
-            .create_vm(&req, memory.clone(), buses.clone(), sys.clone())
-            .map_err(MachineError::Accel)?;
-
-        for (range, dev) in vm.platform_devices() {
-            map(&buses.pio, "platform device", range.base, range.len, dev)?;
-        }
+        let spec = CoreSpec {
+            ranges: &ranges,
+            memory: cfg.memory,
+            cpus: cfg.cpus,
+            no_reboot: cfg.no_reboot,
+            dump_guest_core: cfg.dump_guest_core.resolve(true),
+        };
+        let mut core = MachineCore::new(spec, &req, accel, events)?;
+        let vm = core.vm().clone();
+        let buses = core.buses().clone();
+        let sys = core.system_events();
 
         // GSIs above 15 exist only behind an IOAPIC: a backend that can wire GSI 16 has one
         // (KVM's in-kernel irqchip, the interpreter with local APICs), one that cannot (the
@@ -417,25 +389,13 @@ impl Microvm {
             None
         };
 
-        let mut vcpus = Vec::with_capacity(cfg.cpus as usize);
-        for i in 0..cfg.cpus {
-            let v = vm.create_vcpu(i).map_err(MachineError::Accel)?;
-            shared.add_kicker(v.kicker());
-            vcpus.push(v);
-        }
+        core.create_vcpus(cfg.cpus)?;
 
         Ok(Self {
             cfg,
             resolved,
             accel_name: accel.name(),
-            memory,
-            buses,
-            vm,
-            vcpus,
-            shared,
-            hub,
-            disks,
-            threads: Vec::new(),
+            core,
             serial,
             i8042,
             rtc,
@@ -446,8 +406,6 @@ impl Microvm {
             firmware_virtio: Vec::new(),
             boot: None,
             phase: Phase::MachineInit,
-            vcpus_state: Threads::NotStarted,
-            input_started: false,
         })
     }
 
@@ -471,7 +429,10 @@ impl Microvm {
         self.cfg.initrd = initrd;
         self.cfg.append = append;
         self.cfg.no_reboot = no_reboot;
-        self.hub.no_reboot.store(no_reboot, Ordering::Relaxed);
+        self.core
+            .hub()
+            .no_reboot
+            .store(no_reboot, Ordering::Relaxed);
         Ok(())
     }
 
@@ -503,10 +464,10 @@ impl Microvm {
         if self.phase != Phase::MachineInit {
             return Err(MachineError::NotHotpluggable("isa.0"));
         }
-        let sys: Arc<dyn SystemEvents> = self.hub.clone();
+        let sys = self.core.system_events();
         let dev = DebugExit::from_config(cfg, sys);
         map(
-            &self.buses.pio,
+            &self.core.buses().pio,
             DebugExit::QDEV_TYPE,
             u64::from(cfg.iobase),
             u64::from(cfg.iosize),
@@ -526,7 +487,7 @@ impl Microvm {
             return false;
         };
         self.devices.remove(i);
-        if let Err(e) = self.buses.pio.remove(u64::from(iobase)) {
+        if let Err(e) = self.core.buses().pio.remove(u64::from(iobase)) {
             log::warn!("unmapping the device at port {iobase:#x}: {e}");
         }
         true
@@ -578,7 +539,7 @@ impl Microvm {
             size: VIRTIO_MMIO_SIZE,
             gsi,
         };
-        map(&self.buses.mmio, "virtio-mmio", d.base, d.size, dev)?;
+        map(&self.core.buses().mmio, "virtio-mmio", d.base, d.size, dev)?;
         self.virtio_mmio.push(d);
         Ok(d)
     }
@@ -601,14 +562,13 @@ impl Microvm {
         let rsdp = if self.resolved.acpi {
             let tables = acpi::build(&self.acpi_config()).map_err(MachineError::Acpi)?;
             for (addr, blob) in &tables.blobs {
-                vm_memory::Bytes::write_slice(&*self.memory, blob, GuestAddress(*addr)).map_err(
-                    |source| {
+                vm_memory::Bytes::write_slice(&**self.core.memory(), blob, GuestAddress(*addr))
+                    .map_err(|source| {
                         MachineError::Boot(BootError::Memory {
                             what: "ACPI tables",
                             source,
                         })
-                    },
-                )?;
+                    })?;
             }
             Some(tables.rsdp_addr)
         } else {
@@ -625,7 +585,7 @@ impl Microvm {
         let initrd: Option<PathBuf> = self.cfg.initrd.clone();
         let cmdline = self.kernel_cmdline();
         let state = boot::prepare(
-            &self.memory,
+            self.core.memory(),
             &BootConfig {
                 kernel: &kernel,
                 initrd: initrd.as_deref(),
@@ -636,7 +596,7 @@ impl Microvm {
             },
         )
         .map_err(MachineError::Boot)?;
-        self.shared.set_boot_state(0, Some(state));
+        self.core.shared().set_boot_state(0, Some(state));
         self.boot = Some(state);
         Ok(())
     }
@@ -712,56 +672,34 @@ impl Microvm {
     /// Starts one thread per vCPU (running unless paused before) and, with `-serial stdio`,
     /// the thread that feeds standard input to COM1.
     pub fn start(&mut self) -> Result<(), MachineError> {
-        if self.phase != Phase::MachineReady || self.vcpus_state != Threads::NotStarted {
+        if self.phase != Phase::MachineReady {
             return Err(MachineError::Phase {
                 op: "start",
-                when: "before finish_init or after start",
+                when: "before finish_init",
             });
         }
-        if matches!(
-            self.cfg.serial,
-            SerialBackend::Stdio | SerialBackend::MuxStdio
-        ) && !self.input_started
-            && let Some(s) = &self.serial
-        {
-            let mux = matches!(self.cfg.serial, SerialBackend::MuxStdio);
-            keel_devices::spawn_mux_input_thread(
-                s.clone(),
-                Box::new(std::io::stdin()),
-                mux.then(keel_devices::mux_escape),
-            )
-            .map_err(MachineError::Serial)?;
-            self.input_started = true;
-        }
-        for v in self.vcpus.drain(..) {
-            let t =
-                runner::spawn_vcpu(v, self.shared.clone(), self.hub.clone(), self.buses.clone())
-                    .map_err(MachineError::Thread)?;
-            self.threads.push(t);
-        }
-        self.vcpus_state = Threads::Running;
-        Ok(())
+        self.core.start(&self.cfg.serial, self.serial.as_ref())
     }
 
     /// Stops guest execution; returns once every vCPU is parked. Idempotent.
     pub fn pause(&self) {
-        self.shared.pause();
+        self.core.pause();
     }
 
     /// Lets the vCPUs run again after [`Microvm::pause`] (or before `start`, so that start
     /// runs the guest). A machine held by a system event stays held until [`Microvm::reset`].
     pub fn resume(&self) {
-        self.shared.resume();
+        self.core.resume();
     }
 
     /// Whether [`Microvm::start`] has run (the vCPU threads exist).
     pub fn started(&self) -> bool {
-        self.vcpus_state != Threads::NotStarted
+        self.core.started()
     }
 
     /// Whether [`Microvm::pause`] is in effect.
     pub fn is_paused(&self) -> bool {
-        self.shared.is_paused()
+        self.core.is_paused()
     }
 
     /// Machine reset (QEMU `system_reset`): parks the vCPUs, resets the backend's platform
@@ -777,9 +715,9 @@ impl Microvm {
                 when: "before finish_init",
             });
         }
-        self.shared.hold_and_wait();
+        self.core.hold_for_reset();
         // On failure the machine stays held: a half-reset machine must not run.
-        self.vm.reset().map_err(MachineError::Accel)?;
+        self.core.vm().reset().map_err(MachineError::Accel)?;
         if let Some(s) = &self.serial {
             s.reset();
         }
@@ -796,18 +734,13 @@ impl Microvm {
             p.reset();
         }
         self.load()?;
-        self.shared.release_after_reset();
+        self.core.release_after_reset();
         Ok(())
     }
 
     /// Stops and joins every vCPU thread. The machine cannot run again afterwards.
     pub fn shutdown(&mut self) {
-        self.shared.stop();
-        for t in self.threads.drain(..) {
-            // A vCPU thread that panicked has nothing left to clean up.
-            let _ = t.join();
-        }
-        self.vcpus_state = Threads::Stopped;
+        self.core.shutdown();
     }
 
     /// Presses the ACPI power button (QMP `system_powerdown`): an ACPI-aware guest shuts down
@@ -833,40 +766,37 @@ impl Microvm {
     /// The registers of vCPU `index`: read directly before the vCPU threads start, and
     /// afterwards as each thread left them when it parked; `None` while the vCPUs run.
     pub fn registers(&self, index: u32) -> Option<(keel_accel::Regs, keel_accel::SpecialRegs)> {
-        if let Some(v) = self.vcpus.iter().find(|v| v.index() == index) {
-            return v.regs().and_then(|r| v.sregs().map(|s| (r, s))).ok();
-        }
-        self.shared.registers(index)
+        self.core.registers(index)
     }
 
     /// vCPU indexes and host thread ids (`query-cpus-fast`).
     pub fn cpu_info(&self) -> Vec<CpuInfo> {
-        self.shared.cpu_info()
+        self.core.cpu_info()
     }
 
     /// Guest RAM.
     pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.memory
+        self.core.memory()
     }
 
     /// The PIO and MMIO buses.
     pub fn buses(&self) -> &Arc<IoBuses> {
-        &self.buses
+        self.core.buses()
     }
 
     /// Where devices raise reset, power-off and exit requests for this machine.
     pub fn system_events(&self) -> Arc<dyn SystemEvents> {
-        self.hub.clone()
+        self.core.system_events()
     }
 
     /// Where this machine's disks report host I/O errors, and which of them to retry.
     pub(crate) fn disk_errors(&self) -> Arc<crate::disk_errors::DiskErrors> {
-        self.disks.clone()
+        self.core.disk_errors()
     }
 
     /// The backend VM (for backend-specific extras such as irqfds).
     pub fn vm(&self) -> &dyn Vm {
-        &*self.vm
+        &**self.core.vm()
     }
 
     /// COM1, if present (e.g. to feed input from something other than stdin).
@@ -960,6 +890,16 @@ impl Microvm {
     /// The bootstrap processor's entry state, after [`Microvm::finish_init`].
     pub fn boot_state(&self) -> Option<BootState> {
         self.boot
+    }
+}
+
+impl crate::core::CoreMachine for Microvm {
+    fn core(&self) -> &MachineCore {
+        &self.core
+    }
+
+    fn start(&mut self) -> Result<(), MachineError> {
+        Microvm::start(self)
     }
 }
 

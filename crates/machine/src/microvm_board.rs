@@ -648,7 +648,6 @@ struct MicrovmBoard {
     /// Base address of each window, by index.
     bases: Vec<u64>,
     events: Option<Receiver<BoardEvent>>,
-    started: bool,
     /// The `-serial` backends COM1 is connected to (as given at machine-init, or since).
     serial: Vec<String>,
 }
@@ -749,7 +748,6 @@ impl MicrovmBoard {
             bases: windows.iter().map(|w| w.base).collect(),
             slots,
             events: Some(events),
-            started: false,
             serial: Vec::new(),
         })
     }
@@ -812,21 +810,11 @@ impl Board for MicrovmBoard {
         m.pause();
         m.start()?;
         drop(m);
-        self.started = true;
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), BoardError> {
-        if self.started {
-            self.lock().resume();
-            // Disks that held requests after a host error (`werror=stop`) run them now.
-            let disks = self.lock().disk_errors();
-            disks.retry();
-            Ok(())
-        } else {
-            self.started = true;
-            self.lock().start().map_err(BoardError::from)
-        }
+        crate::core::resume(&mut *self.lock())
     }
 
     fn block_io_status(&self, node: &str) -> Option<&'static str> {
@@ -834,9 +822,7 @@ impl Board for MicrovmBoard {
     }
 
     fn pause(&mut self) -> Result<(), BoardError> {
-        if self.started {
-            self.lock().pause();
-        }
+        crate::core::pause(&*self.lock());
         Ok(())
     }
 
@@ -848,28 +834,11 @@ impl Board for MicrovmBoard {
     }
 
     fn cpus(&self) -> Vec<CpuInfo> {
-        self.lock()
-            .cpu_info()
-            .into_iter()
-            .map(|c| CpuInfo {
-                cpu_index: c.index,
-                qom_path: format!("/machine/unattached/device[{}]", c.index),
-                thread_id: c.thread_id.map(i64::from).unwrap_or(0),
-                target: "x86_64".into(),
-                // Every vCPU is a core of the one socket (the topology CPUID reports).
-                props: crate::board::CpuProps {
-                    core_id: i64::from(c.index),
-                    thread_id: 0,
-                    socket_id: 0,
-                },
-            })
-            .collect()
+        crate::core::cpus(&*self.lock())
     }
 
     fn cpu_registers(&self, index: u32) -> Option<crate::board::CpuRegisters> {
-        self.lock()
-            .registers(index)
-            .map(|(regs, sregs)| crate::board::CpuRegisters { regs, sregs })
+        crate::core::cpu_registers(&*self.lock(), index)
     }
 
     fn take_events(&mut self) -> Option<Receiver<BoardEvent>> {

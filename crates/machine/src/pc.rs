@@ -27,11 +27,10 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use keel_accel::{
     Accelerator, BusDevice, GuestMemory, IoBuses, IrqChip, IrqLine, MachineRequirements,
-    SystemEvent, SystemEvents, Vcpu, Vm,
+    SystemEvent, SystemEvents, Vm,
 };
 use keel_devices::{
     ACPI_PM_LEN, AcpiPm, CmosMemoryLayout, DebugExit, DebugExitConfig, I8042, I8042_COMMAND_PORT,
@@ -42,13 +41,14 @@ use keel_pci::{
     AddressSpace, BarAllocator, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, MsiMessage, MsiSink,
     PciAddress, PciBus, PciConfig, PciConfigIo, PciDevice, PciFunction, PciIds, SLOTS,
 };
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::boot::{self, BootConfig, BootError, BootState, KernelImage};
 use crate::config::SerialBackend;
+use crate::core::{CoreSpec, MachineCore};
 use crate::layout::{self, E820Entry, E820Type};
 use crate::pc_hotplug::{PCI_HOTPLUG_BASE, PCI_HOTPLUG_LEN, PciHotplug};
-use crate::runner::{self, CpuInfo, Hub, MachineEvent, MachineEvents, Shared};
+use crate::runner::{CpuInfo, MachineEvent, MachineEvents};
 use crate::{AddedDevice, MachineError};
 
 /// The machine type name.
@@ -287,6 +287,18 @@ impl Gpe0 {
         *r = [0; 4];
         self.update(&r);
     }
+
+    /// The status and enable bytes (a snapshot).
+    pub fn registers(&self) -> [u8; 4] {
+        *self.regs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts back saved status and enable bytes, with the SCI level they imply.
+    pub fn restore_registers(&self, regs: [u8; 4]) {
+        let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+        *r = regs;
+        self.update(&r);
+    }
 }
 
 impl BusDevice for Gpe0 {
@@ -316,9 +328,21 @@ impl BusDevice for Gpe0 {
 
 /// The PIIX3 reset control register at 0xCF9: a write with RST_CPU (bit 2) set resets the
 /// machine (QEMU's rule); bits 1-3 read back.
-struct ResetControl {
+pub(crate) struct ResetControl {
     value: Mutex<u8>,
     events: Arc<dyn SystemEvents>,
+}
+
+impl ResetControl {
+    /// The bits that read back (a snapshot).
+    pub(crate) fn value(&self) -> u8 {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts back saved bits (no reset is requested).
+    pub(crate) fn set_value(&self, v: u8) {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = v & 0x0e;
+    }
 }
 
 impl BusDevice for ResetControl {
@@ -433,21 +457,15 @@ pub struct PlacedFunction {
 pub struct Pc {
     cfg: PcConfig,
     accel_name: &'static str,
-    memory: Arc<GuestMemory>,
-    buses: Arc<IoBuses>,
-    vm: Arc<dyn Vm>,
-    vcpus: Vec<Box<dyn Vcpu>>,
-    shared: Arc<Shared>,
-    hub: Arc<Hub>,
-    /// The disks' host I/O errors, reported to the machine's events.
-    disks: Arc<crate::disk_errors::DiskErrors>,
-    threads: Vec<JoinHandle<()>>,
+    core: MachineCore,
     serial: Option<Arc<Serial>>,
     i8042: Arc<I8042>,
     rtc: Arc<Rtc>,
     pm: Arc<AcpiPm>,
     gpe: Arc<Gpe0>,
     pci: Arc<PciBus>,
+    config_io: Arc<PciConfigIo>,
+    reset_control: Arc<ResetControl>,
     hotplug: Arc<PciHotplug>,
     allocator: BarAllocator,
     links: Vec<(u32, Arc<SharedIrq>)>,
@@ -457,7 +475,6 @@ pub struct Pc {
     devices: Vec<AddedDevice>,
     boot: Option<BootState>,
     phase: Phase,
-    input_started: bool,
 }
 
 impl std::fmt::Debug for Pc {
@@ -505,29 +522,17 @@ impl Pc {
         if above > 0 {
             ranges.push((GuestAddress(layout::FOUR_GIB), above as usize));
         }
-        let memory = Arc::new(
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MachineError::Ram(cfg.memory, e))?,
-        );
-        if !cfg.dump_guest_core.resolve(true) {
-            layout::exclude_from_core_dumps(&memory);
-        }
-        let buses = Arc::new(IoBuses::new());
-        let shared = Shared::new(cfg.cpus);
-        let disks = crate::disk_errors::DiskErrors::new(events.clone());
-        let hub = Arc::new(Hub {
-            no_reboot: cfg.no_reboot.into(),
-            sink: events,
-            shared: shared.clone(),
-        });
-        let sys: Arc<dyn SystemEvents> = hub.clone();
-        let vm: Arc<dyn Vm> = Arc::from(
-            accel
-                .create_vm(&req, memory.clone(), buses.clone(), sys.clone())
-                .map_err(MachineError::Accel)?,
-        );
-        for (range, dev) in vm.platform_devices() {
-            map(&buses.pio, "platform device", range.base, range.len, dev)?;
-        }
+        let spec = CoreSpec {
+            ranges: &ranges,
+            memory: cfg.memory,
+            cpus: cfg.cpus,
+            no_reboot: cfg.no_reboot,
+            dump_guest_core: cfg.dump_guest_core.resolve(true),
+        };
+        let mut core = MachineCore::new(spec, &req, accel, events)?;
+        let vm = core.vm().clone();
+        let buses = core.buses().clone();
+        let sys = core.system_events();
         // An IOAPIC exists when GSI 16 can be wired (see Microvm::new).
         let ioapic = vm.irq_line(16).is_ok();
         let irq = |gsi: u32| vm.irq_line(gsi).map_err(MachineError::Accel);
@@ -575,18 +580,20 @@ impl Pc {
         )?;
 
         let pci = Arc::new(PciBus::new());
-        let rcr: Arc<dyn BusDevice> = Arc::new(ResetControl {
+        let reset_control = Arc::new(ResetControl {
             value: Mutex::new(0),
             events: sys.clone(),
         });
+        let rcr: Arc<dyn BusDevice> = reset_control.clone();
+        let config_io = Arc::new(PciConfigIo::new(pci.clone()).with_cf9(rcr));
         map(
             &buses.pio,
             "PCI configuration ports",
             u64::from(CONFIG_ADDRESS_PORT),
             CONFIG_IO_LEN,
-            Arc::new(PciConfigIo::new(pci.clone()).with_cf9(rcr)),
+            config_io.clone(),
         )?;
-        let sink = hub.sink.clone();
+        let sink = core.hub().sink.clone();
         let hotplug = Arc::new(PciHotplug::new(
             gpe.clone(),
             pci.clone(),
@@ -665,29 +672,19 @@ impl Pc {
             warned: AtomicBool::new(false),
         });
 
-        let mut vcpus = Vec::with_capacity(cfg.cpus as usize);
-        for i in 0..cfg.cpus {
-            let v = vm.create_vcpu(i).map_err(MachineError::Accel)?;
-            shared.add_kicker(v.kicker());
-            vcpus.push(v);
-        }
+        core.create_vcpus(cfg.cpus)?;
         Ok(Self {
             cfg,
             accel_name: accel.name(),
-            memory,
-            buses,
-            vm,
-            vcpus,
-            shared,
-            hub,
-            disks,
-            threads: Vec::new(),
+            core,
             serial,
             i8042,
             rtc,
             pm,
             gpe,
             pci,
+            config_io,
+            reset_control,
             hotplug,
             allocator,
             links,
@@ -697,7 +694,6 @@ impl Pc {
             devices: Vec::new(),
             boot: None,
             phase: Phase::Init,
-            input_started: false,
         })
     }
 
@@ -719,7 +715,10 @@ impl Pc {
         self.cfg.initrd = initrd;
         self.cfg.append = append;
         self.cfg.no_reboot = no_reboot;
-        self.hub.no_reboot.store(no_reboot, Ordering::Relaxed);
+        self.core
+            .hub()
+            .no_reboot
+            .store(no_reboot, Ordering::Relaxed);
         Ok(())
     }
 
@@ -828,10 +827,10 @@ impl Pc {
         if self.phase != Phase::Init {
             return Err(MachineError::NotHotpluggable("isa.0"));
         }
-        let sys: Arc<dyn SystemEvents> = self.hub.clone();
+        let sys = self.core.system_events();
         let dev = DebugExit::from_config(cfg, sys);
         map(
-            &self.buses.pio,
+            &self.core.buses().pio,
             DebugExit::QDEV_TYPE,
             u64::from(cfg.iobase),
             u64::from(cfg.iosize),
@@ -850,7 +849,7 @@ impl Pc {
             return false;
         };
         self.devices.remove(i);
-        if let Err(e) = self.buses.pio.remove(u64::from(iobase)) {
+        if let Err(e) = self.core.buses().pio.remove(u64::from(iobase)) {
             log::warn!("unmapping the device at port {iobase:#x}: {e}");
         }
         true
@@ -871,14 +870,13 @@ impl Pc {
     fn load(&mut self) -> Result<(), MachineError> {
         let tables = crate::pc_acpi::build(&self.acpi_config()).map_err(MachineError::Acpi)?;
         for (addr, blob) in &tables.blobs {
-            vm_memory::Bytes::write_slice(&*self.memory, blob, GuestAddress(*addr)).map_err(
-                |source| {
+            vm_memory::Bytes::write_slice(&**self.core.memory(), blob, GuestAddress(*addr))
+                .map_err(|source| {
                     MachineError::Boot(BootError::Memory {
                         what: "ACPI tables",
                         source,
                     })
-                },
-            )?;
+                })?;
         }
         let kernel = match &self.cfg.kernel {
             Some(p) => KernelImage::File(p.clone()),
@@ -889,7 +887,7 @@ impl Pc {
         };
         let e820 = pc_e820(self.cfg.memory);
         let state = boot::prepare(
-            &self.memory,
+            self.core.memory(),
             &BootConfig {
                 kernel: &kernel,
                 initrd: self.cfg.initrd.as_deref(),
@@ -900,7 +898,7 @@ impl Pc {
             },
         )
         .map_err(MachineError::Boot)?;
-        self.shared.set_boot_state(0, Some(state));
+        self.core.shared().set_boot_state(0, Some(state));
         self.boot = Some(state);
         Ok(())
     }
@@ -934,39 +932,19 @@ impl Pc {
                 when: "before finish_init or after start",
             });
         }
-        if matches!(
-            self.cfg.serial,
-            SerialBackend::Stdio | SerialBackend::MuxStdio
-        ) && !self.input_started
-            && let Some(s) = &self.serial
-        {
-            let mux = matches!(self.cfg.serial, SerialBackend::MuxStdio);
-            keel_devices::spawn_mux_input_thread(
-                s.clone(),
-                Box::new(std::io::stdin()),
-                mux.then(keel_devices::mux_escape),
-            )
-            .map_err(MachineError::Serial)?;
-            self.input_started = true;
-        }
-        for v in self.vcpus.drain(..) {
-            let t =
-                runner::spawn_vcpu(v, self.shared.clone(), self.hub.clone(), self.buses.clone())
-                    .map_err(MachineError::Thread)?;
-            self.threads.push(t);
-        }
+        self.core.start(&self.cfg.serial, self.serial.as_ref())?;
         self.phase = Phase::Running;
         Ok(())
     }
 
     /// Stops guest execution; returns once every vCPU is parked.
     pub fn pause(&self) {
-        self.shared.pause();
+        self.core.pause();
     }
 
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
-        self.shared.resume();
+        self.core.resume();
     }
 
     /// Machine reset: the backend's platform state, the onboard devices and every PCI
@@ -979,8 +957,8 @@ impl Pc {
                 when: "before finish_init",
             });
         }
-        self.shared.hold_and_wait();
-        self.vm.reset().map_err(MachineError::Accel)?;
+        self.core.hold_for_reset();
+        self.core.vm().reset().map_err(MachineError::Accel)?;
         if let Some(s) = &self.serial {
             s.reset();
         }
@@ -1009,16 +987,13 @@ impl Pc {
             }
         }
         self.load()?;
-        self.shared.release_after_reset();
+        self.core.release_after_reset();
         Ok(())
     }
 
     /// Stops and joins every vCPU thread.
     pub fn shutdown(&mut self) {
-        self.shared.stop();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.core.shutdown();
         self.phase = Phase::Stopped;
     }
 
@@ -1030,40 +1005,37 @@ impl Pc {
 
     /// The registers of vCPU `index` while it does not run.
     pub fn registers(&self, index: u32) -> Option<(keel_accel::Regs, keel_accel::SpecialRegs)> {
-        if let Some(v) = self.vcpus.iter().find(|v| v.index() == index) {
-            return v.regs().and_then(|r| v.sregs().map(|s| (r, s))).ok();
-        }
-        self.shared.registers(index)
+        self.core.registers(index)
     }
 
     /// vCPU indexes and host thread ids.
     pub fn cpu_info(&self) -> Vec<CpuInfo> {
-        self.shared.cpu_info()
+        self.core.cpu_info()
     }
 
     /// Guest RAM.
     pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.memory
+        self.core.memory()
     }
 
     /// The PIO and MMIO buses.
     pub fn buses(&self) -> &Arc<IoBuses> {
-        &self.buses
+        self.core.buses()
     }
 
     /// The backend VM.
     pub fn vm(&self) -> &dyn Vm {
-        &*self.vm
+        &**self.core.vm()
     }
 
     /// Where devices raise reset, power-off and exit requests.
     pub fn system_events(&self) -> Arc<dyn SystemEvents> {
-        self.hub.clone()
+        self.core.system_events()
     }
 
     /// Where this machine's disks report host I/O errors, and which of them to retry.
     pub(crate) fn disk_errors(&self) -> Arc<crate::disk_errors::DiskErrors> {
-        self.disks.clone()
+        self.core.disk_errors()
     }
 
     /// The PCI root bus.
@@ -1099,6 +1071,52 @@ impl Pc {
     /// The bootstrap processor's entry state, after [`Pc::finish_init`].
     pub fn boot_state(&self) -> Option<BootState> {
         self.boot
+    }
+}
+
+/// What the snapshot code (`crate::pc_snapshot`) reaches inside the machine.
+impl Pc {
+    pub(crate) fn accel_name(&self) -> &'static str {
+        self.accel_name
+    }
+
+    pub(crate) fn core_ref(&self) -> &MachineCore {
+        &self.core
+    }
+
+    pub(crate) fn core_mut(&mut self) -> &mut MachineCore {
+        &mut self.core
+    }
+
+    /// COM1 (if present), the RTC, the i8042 and the ACPI PM block.
+    pub(crate) fn onboard(&self) -> (Option<Arc<Serial>>, Arc<Rtc>, Arc<I8042>, Arc<AcpiPm>) {
+        (
+            self.serial.clone(),
+            self.rtc.clone(),
+            self.i8042.clone(),
+            self.pm.clone(),
+        )
+    }
+
+    /// The configuration address latch (0xCF8) and the reset control bits (0xCF9).
+    pub(crate) fn port_registers(&self) -> (u32, u8) {
+        (self.config_io.address(), self.reset_control.value())
+    }
+
+    /// Puts back [`Pc::port_registers`].
+    pub(crate) fn restore_ports(&self, config_address: u32, reset_control: u8) {
+        self.config_io.set_address(config_address);
+        self.reset_control.set_value(reset_control);
+    }
+}
+
+impl crate::core::CoreMachine for Pc {
+    fn core(&self) -> &MachineCore {
+        &self.core
+    }
+
+    fn start(&mut self) -> Result<(), MachineError> {
+        Pc::start(self)
     }
 }
 

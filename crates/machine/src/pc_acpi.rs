@@ -42,63 +42,24 @@ pub struct PcAcpiConfig {
 }
 
 fn fadt(cfg: &PcAcpiConfig, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
-    const WBINVD: u32 = 1 << 0;
-    const PROC_C1: u32 = 1 << 2;
-    const SLP_BUTTON: u32 = 1 << 5;
-    const RESET_REG_SUP: u32 = 1 << 10;
-    const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
-    const IAPC_8042: u16 = 1 << 1;
-    const IAPC_NO_MSI: u16 = 1 << 3;
-    let at = |off: u64| PC_PM_BASE.wrapping_add(off as u16);
-    let evt = (at(keel_devices::PM1_EVT_OFFSET), keel_devices::PM1_EVT_LEN);
-    let cnt = (at(keel_devices::PM1_CNT_OFFSET), keel_devices::PM1_CNT_LEN);
-    let tmr = (at(keel_devices::PM_TMR_OFFSET), keel_devices::PM_TMR_LEN);
-    let mut t = Sdt::new(b"FACP", 6, b"KEELFACP");
-    t.u32(facs_addr as u32)
-        .u32(0) // DSDT (32-bit): use X_DSDT
-        .u8(0)
-        .u8(0) // preferred PM profile
-        .u16(PC_SCI_IRQ as u16)
-        .u32(0) // SMI_CMD: none, always in ACPI mode
-        .zeros(4)
-        .u32(u32::from(evt.0))
-        .u32(0)
-        .u32(u32::from(cnt.0))
-        .u32(0)
-        .u32(0)
-        .u32(u32::from(tmr.0))
-        .u32(u32::from(PC_GPE0_BASE)) // GPE0_BLK
-        .u32(0) // GPE1_BLK
-        .u8(evt.1)
-        .u8(cnt.1)
-        .u8(0)
-        .u8(tmr.1)
-        .u8(PC_GPE0_LEN) // GPE0_BLK_LEN
-        .zeros(3) // GPE1 length, GPE1 base, CST_CNT
-        .u16(0xfff)
-        .u16(0xfff)
-        .zeros(4)
-        .zeros(4)
-        .u8(0x32) // CENTURY
-        .u16(IAPC_LEGACY_DEVICES | IAPC_8042 | if cfg.msi { 0 } else { IAPC_NO_MSI })
-        .u8(0)
-        .u32(WBINVD | PROC_C1 | SLP_BUTTON | RESET_REG_SUP)
-        .gas_io(RESET_CONTROL_PORT, 1, 1) // RESET_REG: the PIIX3 RCR
-        .u8(0x06) // RESET_VALUE: RST_CPU | SYS_RST
-        .u16(0)
-        .u8(5)
-        .u64(0)
-        .u64(dsdt_addr)
-        .gas_io(evt.0, evt.1, 0)
-        .zeros(12)
-        .gas_io(cnt.0, cnt.1, 0)
-        .zeros(12 * 2)
-        .gas_io(tmr.0, tmr.1, 3)
-        .gas_io(PC_GPE0_BASE, PC_GPE0_LEN, 1) // X_GPE0_BLK (byte access)
-        .zeros(12) // X_GPE1_BLK
-        .zeros(12 * 2) // sleep control/status: not hardware-reduced
-        .u64(u64::from_le_bytes(*b"KEELKEEL"));
-    t.finish()
+    let msi = if cfg.msi { 0 } else { acpi::IAPC_NO_MSI };
+    acpi::fadt_table(
+        &acpi::FadtSpec {
+            facs: Some(facs_addr),
+            sci: PC_SCI_IRQ as u16,
+            pm_base: Some(PC_PM_BASE),
+            gpe0: Some((PC_GPE0_BASE, PC_GPE0_LEN)),
+            rtc: true,
+            iapc: acpi::IAPC_LEGACY_DEVICES | acpi::IAPC_8042 | msi,
+            flags: acpi::FADT_WBINVD
+                | acpi::FADT_PROC_C1
+                | acpi::FADT_SLP_BUTTON
+                | acpi::FADT_RESET_REG_SUP,
+            // The PIIX3's reset control register: RST_CPU | SYS_RST.
+            reset: (acpi::ResetRegister::Io(RESET_CONTROL_PORT), 0x06),
+        },
+        dsdt_addr,
+    )
 }
 
 /// The interrupt-routing table: every pin of every slot from 1 on.
@@ -343,34 +304,11 @@ fn gpe_scope() -> Raw {
 }
 
 fn dsdt(cfg: &PcAcpiConfig) -> Vec<u8> {
-    let one = 1u8;
-    let zero = 0u8;
     let mut sb: Vec<Raw> = vec![pci0(cfg)];
     if cfg.serial {
-        let io = IO::new(0x3f8, 0x3f8, 0, 8);
-        let irq = Interrupt::new(true, true, false, false, 4);
-        let crs = ResourceTemplate::new(vec![&io, &irq]);
-        let sta = 0x0fu8;
-        sb.push(device(
-            "COM1",
-            &[
-                &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
-                &Name::new(Path::new("_UID"), &one),
-                &Name::new(Path::new("_STA"), &sta),
-                &Name::new(Path::new("_CRS"), &crs),
-            ],
-        ));
+        sb.push(acpi::com1_node());
     }
-    let io = IO::new(0x70, 0x70, 1, 2);
-    let irq = Interrupt::new(true, true, false, false, 8);
-    let crs = ResourceTemplate::new(vec![&io, &irq]);
-    sb.push(device(
-        "RTC_",
-        &[
-            &Name::new(Path::new("_HID"), &EISAName::new("PNP0B00")),
-            &Name::new(Path::new("_CRS"), &crs),
-        ],
-    ));
+    sb.push(acpi::rtc_node());
     let data = IO::new(0x60, 0x60, 1, 1);
     let cmd = IO::new(0x64, 0x64, 1, 1);
     let irq = Interrupt::new(true, true, false, false, 1);
@@ -384,16 +322,7 @@ fn dsdt(cfg: &PcAcpiConfig) -> Vec<u8> {
             &Name::new(Path::new("_CRS"), &crs),
         ],
     ));
-    let mut body: Vec<u8> = Vec::new();
-    let children: Vec<&dyn Aml> = sb.iter().map(|r| r as &dyn Aml).collect();
-    Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
-    gpe_scope().to_aml_bytes(&mut body);
-    let s5_typ = keel_devices::PM_SLP_TYP_S5;
-    let s5 = Package::new(vec![&s5_typ, &zero, &zero, &zero]);
-    Name::new(Path::new("_S5_"), &s5).to_aml_bytes(&mut body);
-    let mut t = Sdt::new(b"DSDT", 2, b"KEELDSDT");
-    t.0.extend_from_slice(&body);
-    t.finish()
+    acpi::dsdt_table(&sb, &[gpe_scope()], keel_devices::PM_SLP_TYP_S5)
 }
 
 /// Builds the tables, placed from [`ACPI_START`] (the RSDP first, where the BIOS-area scan

@@ -706,7 +706,6 @@ struct PcBoard {
     addresses: Addresses,
     hotplug: Arc<PciHotplug>,
     events: Option<Receiver<BoardEvent>>,
-    started: bool,
     serial: Vec<String>,
 }
 
@@ -803,7 +802,6 @@ impl PcBoard {
             addresses,
             hotplug,
             events: Some(events),
-            started: false,
             serial: Vec::new(),
         })
     }
@@ -863,21 +861,11 @@ impl Board for PcBoard {
         pc.start()?;
         drop(pc);
         self.serial = cfg.serial.clone();
-        self.started = true;
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), BoardError> {
-        if self.started {
-            self.lock().resume();
-            // Disks that held requests after a host error (`werror=stop`) run them now.
-            let disks = self.lock().disk_errors();
-            disks.retry();
-            Ok(())
-        } else {
-            self.started = true;
-            self.lock().start().map_err(BoardError::from)
-        }
+        crate::core::resume(&mut *self.lock())
     }
 
     fn block_io_status(&self, node: &str) -> Option<&'static str> {
@@ -885,9 +873,7 @@ impl Board for PcBoard {
     }
 
     fn pause(&mut self) -> Result<(), BoardError> {
-        if self.started {
-            self.lock().pause();
-        }
+        crate::core::pause(&*self.lock());
         Ok(())
     }
 
@@ -898,27 +884,11 @@ impl Board for PcBoard {
     }
 
     fn cpus(&self) -> Vec<CpuInfo> {
-        self.lock()
-            .cpu_info()
-            .into_iter()
-            .map(|c| CpuInfo {
-                cpu_index: c.index,
-                qom_path: format!("/machine/unattached/device[{}]", c.index),
-                thread_id: c.thread_id.map(i64::from).unwrap_or(0),
-                target: "x86_64".into(),
-                props: crate::board::CpuProps {
-                    core_id: i64::from(c.index),
-                    thread_id: 0,
-                    socket_id: 0,
-                },
-            })
-            .collect()
+        crate::core::cpus(&*self.lock())
     }
 
     fn cpu_registers(&self, index: u32) -> Option<crate::board::CpuRegisters> {
-        self.lock()
-            .registers(index)
-            .map(|(regs, sregs)| crate::board::CpuRegisters { regs, sregs })
+        crate::core::cpu_registers(&*self.lock(), index)
     }
 
     fn pci(&self) -> Vec<PciBusInfo> {
@@ -953,6 +923,80 @@ impl Board for PcBoard {
 
     fn shutdown(&mut self) {
         self.lock().shutdown();
+    }
+
+    fn save_snapshot(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        running: bool,
+    ) -> Result<keel_snapshot::RamStats, BoardError> {
+        let pci = self.pci_sections()?;
+        self.lock()
+            .save_stream(out, running, &pci, true)?
+            .ok_or_else(|| BoardError::Invalid("the RAM section was not written".into()))
+    }
+
+    fn restore_snapshot(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        self.restore_stream(snap, true)
+    }
+
+    fn live_ram(&mut self, track: bool) -> Result<crate::migration::live::LiveRam, BoardError> {
+        let m = self.lock();
+        let log = if track {
+            let log = m.start_dirty_log();
+            Some(log.map_err(|e| BoardError::Invalid(format!("dirty page tracking: {e}")))?)
+        } else {
+            None
+        };
+        Ok(crate::migration::live::LiveRam {
+            memory: m.memory().clone(),
+            header: m.snapshot_header(),
+            log,
+        })
+    }
+
+    fn save_state(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        running: bool,
+    ) -> Result<(), BoardError> {
+        let pci = self.pci_sections()?;
+        self.lock().save_stream(out, running, &pci, false)?;
+        Ok(())
+    }
+
+    fn restore_state(&mut self, snap: &keel_snapshot::Snapshot) -> Result<bool, BoardError> {
+        self.restore_stream(snap, false)
+    }
+}
+
+impl PcBoard {
+    /// Every PCI function's section, each quiesced first; a function that cannot be saved
+    /// is named by its address and qdev id.
+    fn pci_sections(&self) -> Result<Vec<crate::microvm::snapshot::ExtraSection>, BoardError> {
+        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let name = |a: PciAddress| match ids.get(&a.devfn()) {
+            Some(id) => format!("id '{id}'"),
+            None => "no id".to_string(),
+        };
+        let pc = self.lock();
+        let r = pc.pci_sections(&name);
+        drop(pc);
+        r.map_err(BoardError::Invalid)
+    }
+
+    /// Restores `snap` (its RAM too with `ram`), every section checked first.
+    fn restore_stream(
+        &mut self,
+        snap: &keel_snapshot::Snapshot,
+        ram: bool,
+    ) -> Result<bool, BoardError> {
+        let mut pc = self.lock();
+        pc.pause();
+        let r = pc.check_snapshot(snap)?;
+        let running = r.running();
+        pc.apply_stream(snap, r, ram)?;
+        Ok(running)
     }
 }
 

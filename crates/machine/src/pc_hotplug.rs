@@ -41,6 +41,19 @@ struct State {
     indexes: Vec<(u8, u32)>,
 }
 
+/// The hot plug registers a snapshot keeps (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HotplugRegisters {
+    /// PCIU: slots with a pending insert.
+    pub up: u32,
+    /// PCID: slots with a pending removal request.
+    pub down: u32,
+    /// BNUM: the selected bus.
+    pub bnum: u32,
+    /// The acpi-index the last PIDX write looked up, not read yet.
+    pub pidx: u32,
+}
+
 /// The hot plug controller (see the module documentation).
 pub struct PciHotplug {
     state: Mutex<State>,
@@ -110,6 +123,26 @@ impl PciHotplug {
     /// The slots the guest ejected since the last call.
     pub fn take_ejected(&self) -> u32 {
         std::mem::take(&mut self.lock().ejected)
+    }
+
+    /// The guest-visible registers (a snapshot): PCIU, PCID, BNUM and the PIDX answer.
+    pub fn registers(&self) -> HotplugRegisters {
+        let s = self.lock();
+        HotplugRegisters {
+            up: s.up,
+            down: s.down,
+            bnum: s.bnum,
+            pidx: s.pidx,
+        }
+    }
+
+    /// Puts back saved registers (the GPE's status is restored with the GPE block).
+    pub fn restore_registers(&self, r: &HotplugRegisters) {
+        let mut s = self.lock();
+        s.up = r.up & HOTPLUG_SLOTS;
+        s.down = r.down & HOTPLUG_SLOTS;
+        s.bnum = r.bnum;
+        s.pidx = r.pidx;
     }
 
     /// Machine reset: nothing pending (ejected slots stay to be completed).

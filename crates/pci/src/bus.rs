@@ -422,6 +422,12 @@ impl PciConfigIo {
         *self.address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Puts back a saved address register (a restored snapshot: a guest may have been
+    /// stopped between writing 0xCF8 and accessing 0xCFC).
+    pub fn set_address(&self, value: u32) {
+        *self.address.lock().unwrap_or_else(|p| p.into_inner()) = value;
+    }
+
     /// The function and register the address register plus `byte` (0..4) select.
     fn target(&self, byte: u64) -> Option<(PciAddress, u16)> {
         let a = self.address();

@@ -360,6 +360,22 @@ impl PciConfig {
         self.data = self.initial;
     }
 
+    /// Every byte as the guest reads it now (a snapshot of the function's configuration).
+    pub fn image(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        self.data
+    }
+
+    /// Puts back a saved [`PciConfig::image`]: the bits the guest can write (command,
+    /// BARs, interrupt line, capability control and message registers) take the saved
+    /// values, every read-only bit keeps this function's, so a foreign image can only
+    /// produce what guest writes could. Bytes past `saved` are left as they are.
+    pub fn restore_image(&mut self, saved: &[u8]) {
+        for (o, &v) in saved.iter().enumerate().take(CONFIG_SPACE_SIZE) {
+            let w = self.wmask[o];
+            self.data[o] = (self.data[o] & !w) | (v & w);
+        }
+    }
+
     // ---- header fields ----
 
     /// The command register.

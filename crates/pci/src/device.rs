@@ -38,6 +38,26 @@ pub trait PciDevice: Send + Sync {
     /// Device reset (the machine's reset): config space to power-on values, device state
     /// to its reset state.
     fn reset(&self);
+    /// Completes what the device took on before a snapshot (the vCPUs are stopped): after
+    /// it no request is in flight. The default has nothing to complete.
+    fn quiesce(&self) {}
+    /// The function's state for a snapshot ([`crate::FunctionState`] for the functions of
+    /// this crate). The default: this function cannot be saved, so `migrate` fails naming
+    /// it instead of writing a stream that would lose its state.
+    fn save_state(&self) -> Result<Vec<u8>, PciError> {
+        Err(PciError::NotSaveable)
+    }
+    /// Checks that a state [`PciDevice::save_state`] wrote fits this function, without
+    /// changing anything.
+    fn check_state(&self, state: &[u8]) -> Result<(), PciError> {
+        let _ = state;
+        Err(PciError::NotSaveable)
+    }
+    /// Puts the function in a state [`PciDevice::check_state`] accepted.
+    fn restore_state(&self, state: &[u8]) -> Result<(), PciError> {
+        let _ = state;
+        Err(PciError::NotSaveable)
+    }
 }
 
 /// Places every BAR of `config` through `allocator` and turns on I/O and memory decoding
@@ -152,6 +172,17 @@ impl PciDevice for PciFunction {
     }
     fn reset(&self) {
         self.lock().reset();
+    }
+    fn save_state(&self) -> Result<Vec<u8>, PciError> {
+        Ok(crate::snapshot::save_config(&self.lock()))
+    }
+    fn check_state(&self, state: &[u8]) -> Result<(), PciError> {
+        crate::snapshot::decode_config(state).map(|_| ())
+    }
+    fn restore_state(&self, state: &[u8]) -> Result<(), PciError> {
+        let image = crate::snapshot::decode_config(state)?;
+        self.lock().restore_image(&image);
+        Ok(())
     }
 }
 

@@ -53,6 +53,7 @@ pub mod config;
 mod device;
 mod msi;
 mod qdev;
+mod snapshot;
 mod virtio_pci;
 
 pub use address::{FUNCTIONS, PciAddress, SLOTS};
@@ -62,6 +63,7 @@ pub use config::{AddressSpace, BarKind, BarRegion, BarSpec, PciConfig, PciIds};
 pub use device::{PciDevice, PciFunction, assign_config_bars};
 pub use msi::{IntxLine, MSIX_ENTRY_SIZE, Msi, MsiMessage, MsiSink, Msix, MsixOutcome};
 pub use qdev::{PciDeviceProps, VIRTIO_BACKEND, qdev_types, virtio_pci_type};
+pub use snapshot::{FUNCTION_STATE_VERSION, FunctionState, VirtioPciState};
 
 pub use virtio_pci::{
     Interfaces, NO_VECTOR, VIRTIO_VENDOR_ID, VirtioPci, VirtioPciLayout, legacy, legacy_capable,
@@ -129,6 +131,12 @@ pub enum PciError {
         "virtio device type {0} has no legacy interface in Keel (its queues need VERSION_1): use disable-legacy=on or auto"
     )]
     NoLegacyInterface(u32),
+    /// A snapshot was asked of a function whose device cannot be saved.
+    #[error("this PCI function has no snapshot support: it cannot be saved or restored")]
+    NotSaveable,
+    /// A saved function state does not fit this function.
+    #[error("the saved state does not fit this function: {0}")]
+    StateMismatch(String),
     /// An `addr=` value QEMU would not accept either.
     #[error(
         "Property 'addr' doesn't take value '{0}' (expected SLOT[.FUNCTION] in hex, e.g. 04 or 0x4.1)"

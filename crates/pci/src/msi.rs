@@ -264,6 +264,49 @@ impl Msix {
         }
     }
 
+    /// The table and the pending bits (a snapshot; the enable and mask bits are in the
+    /// configuration space).
+    pub fn save(&self) -> (Vec<u8>, Vec<u64>) {
+        (self.table.clone(), self.pending.clone())
+    }
+
+    /// Checks that a saved table and pending array fit this capability.
+    pub fn check(&self, table: &[u8], pending: &[u64]) -> Result<(), String> {
+        if table.len() != self.table.len() || pending.len() != self.pending.len() {
+            return Err(format!(
+                "the saved MSI-X table has {} vectors, this function {}",
+                table.len() / MSIX_ENTRY_SIZE as usize,
+                self.vectors
+            ));
+        }
+        Ok(())
+    }
+
+    /// Puts back a saved table and pending array (checked with [`Msix::check`]) and takes
+    /// the enable and mask bits from `config` (restored first); the reserved bits of each
+    /// vector control word stay zero.
+    pub fn restore(&mut self, table: &[u8], pending: &[u64], config: &PciConfig) {
+        if self.check(table, pending).is_err() {
+            return;
+        }
+        self.table.copy_from_slice(table);
+        for (i, b) in self.table.iter_mut().enumerate() {
+            match i % 16 {
+                12 => *b &= ENTRY_MASKED as u8,
+                13..=15 => *b = 0,
+                _ => {}
+            }
+        }
+        self.pending.copy_from_slice(pending);
+        if let Some(last) = self.pending.last_mut() {
+            let used = usize::from(self.vectors) % 64;
+            if used != 0 {
+                *last &= (1u64 << used) - 1;
+            }
+        }
+        self.config_written(config);
+    }
+
     /// Function reset: every entry masked and cleared, nothing pending, MSI-X disabled
     /// (the capability bits are reset with the config space).
     pub fn reset(&mut self) {

@@ -51,6 +51,7 @@ use crate::alloc::BarAllocator;
 use crate::config::{BarRegion, BarSpec, PciConfig, PciIds, cap_id};
 use crate::device::{PciDevice, assign_config_bars};
 use crate::msi::{IntxLine, MsiSink, Msix, MsixOutcome};
+use crate::snapshot::{FunctionState, VirtioPciState};
 use crate::{PciAddress, PciError};
 
 /// The vendor ID of virtio devices.
@@ -943,5 +944,95 @@ impl PciDevice for VirtioPci {
         v.msix.reset();
         v.reset_assignments();
         self.intx.set_disabled(false);
+    }
+
+    /// Every queue of a running device is processed once more: the devices complete each
+    /// request they take in the same call, so with the vCPUs stopped none is left in
+    /// flight, and each queue's next available and next used index are the used ring's.
+    fn quiesce(&self) {
+        let (running, queues) = {
+            let st = self.lock();
+            (st.driver.running(), st.driver.queues.len())
+        };
+        if running {
+            for i in 0..queues {
+                self.process_queue(u16::try_from(i).unwrap_or(u16::MAX));
+            }
+        }
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, PciError> {
+        let st = self.lock();
+        let v = Vectors::lock(&self.vectors);
+        let (msix_table, msix_pending) = v.msix.save();
+        let state = FunctionState {
+            config: st.config.image(),
+            virtio: Some(VirtioPciState {
+                transport: self.core.save_driver(&st.driver),
+                config_vector: v.config,
+                queue_vectors: v.queues.clone(),
+                msix_table,
+                msix_pending,
+            }),
+        };
+        Ok(keel_snapshot::Persist::to_payload(&state))
+    }
+
+    fn check_state(&self, state: &[u8]) -> Result<(), PciError> {
+        let s = crate::snapshot::decode(state)?;
+        self.check_decoded(&s).map(|_| ())
+    }
+
+    fn restore_state(&self, state: &[u8]) -> Result<(), PciError> {
+        let s = crate::snapshot::decode(state)?;
+        let saved = self.check_decoded(&s)?;
+        let mut st = self.lock();
+        let st = &mut *st;
+        st.config.restore_image(&s.config);
+        // Resets the device and activates it again with its queues where they stood.
+        self.core.restore_driver(&mut st.driver, &saved.transport);
+        {
+            let mut v = Vectors::lock(&self.vectors);
+            let n = v.msix.vectors();
+            let valid = |x: u16| if x < n { x } else { NO_VECTOR };
+            v.config = valid(saved.config_vector);
+            for (slot, &x) in v.queues.iter_mut().zip(&saved.queue_vectors) {
+                *slot = valid(x);
+            }
+            v.msix
+                .restore(&saved.msix_table, &saved.msix_pending, &st.config);
+        }
+        self.intx.set_disabled(st.config.intx_disabled());
+        // INTx is asserted again if the saved ISR had a bit set.
+        self.core.restore_interrupt(&saved.transport);
+        Ok(())
+    }
+}
+
+impl VirtioPci {
+    /// Checks a decoded state against this function without changing anything; returns
+    /// its virtio part.
+    fn check_decoded<'a>(&self, s: &'a FunctionState) -> Result<&'a VirtioPciState, PciError> {
+        let Some(saved) = &s.virtio else {
+            return Err(PciError::StateMismatch(
+                "the saved function is not a virtio-pci device".into(),
+            ));
+        };
+        let st = self.lock();
+        self.core
+            .check_driver(&st.driver, &saved.transport)
+            .map_err(PciError::StateMismatch)?;
+        if saved.queue_vectors.len() != st.driver.queues.len() {
+            return Err(PciError::StateMismatch(format!(
+                "{} queue vectors saved for {} queues",
+                saved.queue_vectors.len(),
+                st.driver.queues.len()
+            )));
+        }
+        Vectors::lock(&self.vectors)
+            .msix
+            .check(&saved.msix_table, &saved.msix_pending)
+            .map_err(PciError::StateMismatch)
+            .map(|()| saved)
     }
 }

@@ -515,3 +515,187 @@ fn legacy_config_of_blk_and_modern_only_ids() {
         "{e}"
     );
 }
+
+/// A function like the fixture's over the same guest memory (what a restored machine has:
+/// the RAM was copied), on a fresh bus with its BARs not placed.
+fn fresh_destination(f: &Fixture) -> (Machine, Arc<VirtioPci>, Arc<Sink>, Arc<Line>) {
+    let m = Machine::new();
+    let sink = Arc::new(Sink::default());
+    let line = Arc::new(Line::default());
+    let dev = Arc::new(Mutex::new(keel_virtio::Rng::with_source(Box::new(
+        std::io::repeat(9),
+    ))));
+    let t = Arc::new(VirtioPci::new(dev, f.mem.clone(), line.clone(), sink.clone()).unwrap());
+    m.bus.add_function(f.a, t.clone()).unwrap();
+    (m, t, sink, line)
+}
+
+/// A snapshot of a running MSI-X device with a masked, pending vector moves into a fresh
+/// function: the BARs decode where the guest put them once the bus refreshed its routes,
+/// the common configuration reads back the same, the pending message goes out when the
+/// guest unmasks it, and the next request continues the ring where it stood.
+#[test]
+fn snapshot_restores_queues_vectors_and_msix_into_a_fresh_function() {
+    let f = fixture();
+    let m = &f.m;
+    let ctrl = u16::from(f.caps.msix_cap) + 2;
+    m.cfg_write16(f.a, ctrl, 0xc000);
+    for (v, data) in [(0u64, 0x30u32), (1, 0x31)] {
+        let e = f.caps.msix_table + v * 16;
+        m.writel(e, 0xfee0_0000);
+        m.writel(e + 4, 0);
+        m.writel(e + 8, data);
+        m.writel(e + 12, 0);
+    }
+    m.cfg_write16(f.a, ctrl, 0x8000);
+    let vq = MockSplitQueue::create(&*f.mem, GuestAddress(0x1000), 8);
+    bring_up(&f, &vq, 8, 1);
+    add_buffer(&vq, 0, DATA, 8);
+    w16(m, f.caps.notify, 0);
+    // Vector 1 masked: the second completion leaves its message pending.
+    m.writel(f.caps.msix_table + 16 + 12, 1);
+    add_buffer(&vq, 1, DATA + 8, 8);
+    w16(m, f.caps.notify, 0);
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(m.readl(f.caps.msix_pba), 0b10);
+    let cfg_before: Vec<u32> = (0..64).map(|r| m.cfg_read32(f.a, r * 4)).collect();
+    let common_before: Vec<u32> = (0..14).map(|r| m.readl(f.caps.common + r * 4)).collect();
+
+    f.transport.quiesce();
+    let saved = f.transport.save_state().unwrap();
+    let (d, t, sink, line) = fresh_destination(&f);
+    assert!(
+        d.readl(f.caps.common) == u32::MAX,
+        "nothing decodes before the restore"
+    );
+    t.check_state(&saved).unwrap();
+    t.restore_state(&saved).unwrap();
+    d.bus.refresh_routes(f.a.slot());
+    let cfg_after: Vec<u32> = (0..64).map(|r| d.cfg_read32(f.a, r * 4)).collect();
+    assert_eq!(cfg_after, cfg_before, "configuration space");
+    let common_after: Vec<u32> = (0..14).map(|r| d.readl(f.caps.common + r * 4)).collect();
+    assert_eq!(common_after, common_before, "common configuration");
+    assert_eq!(d.readl(f.caps.msix_pba), 0b10, "the pending bit");
+    assert!(sink.0.lock().unwrap().is_empty());
+    d.writel(f.caps.msix_table + 16 + 12, 0);
+    assert_eq!(
+        sink.0.lock().unwrap().as_slice(),
+        &[MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x31
+        }],
+        "the pending message goes out on unmask"
+    );
+    add_buffer(&vq, 2, DATA + 16, 8);
+    w16(&d, f.caps.notify, 0);
+    assert_eq!(
+        vq.used().idx().load(),
+        3,
+        "the ring continues where it stood"
+    );
+    let e = vq.used().ring().ref_at(2).unwrap().load();
+    assert_eq!((e.id(), e.len()), (2, 8));
+    let mut buf = [0u8; 8];
+    f.mem.read_slice(&mut buf, GuestAddress(DATA + 16)).unwrap();
+    assert_eq!(buf, [9; 8], "served by the destination's device");
+    assert_eq!(sink.0.lock().unwrap().len(), 2);
+    assert!(!line.level.load(Ordering::SeqCst));
+
+    // States that do not fit are refused before anything changes.
+    let plain = PciFunction::host_bridge();
+    assert!(matches!(
+        plain.check_state(&saved),
+        Err(PciError::StateMismatch(_))
+    ));
+    assert!(matches!(
+        t.check_state(&plain.save_state().unwrap()),
+        Err(PciError::StateMismatch(_))
+    ));
+    assert!(matches!(
+        t.check_state(&saved[..saved.len() / 2]),
+        Err(PciError::StateMismatch(_))
+    ));
+}
+
+/// Without MSI-X an interrupt the guest has not acknowledged yet is still asserted after a
+/// restore (INTx level and ISR), and reading the ISR lowers it as before.
+#[test]
+fn snapshot_reasserts_intx_with_the_isr() {
+    let f = fixture();
+    let m = &f.m;
+    let vq = MockSplitQueue::create(&*f.mem, GuestAddress(0x1000), 8);
+    bring_up(&f, &vq, 8, NO_VECTOR);
+    add_buffer(&vq, 0, DATA, 8);
+    w16(m, f.caps.notify, 0);
+    assert!(f.line.level.load(Ordering::SeqCst));
+    let saved = f.transport.save_state().unwrap();
+    let (d, t, _sink, line) = fresh_destination(&f);
+    t.restore_state(&saved).unwrap();
+    d.bus.refresh_routes(f.a.slot());
+    assert!(line.level.load(Ordering::SeqCst), "INTx asserted again");
+    assert_eq!(d.cfg_read16(f.a, 6) & 0x8, 0x8, "status interrupt bit");
+    assert_eq!(r8(&d, f.caps.isr), 1);
+    assert!(!line.level.load(Ordering::SeqCst));
+}
+
+/// A device that does not implement the snapshot methods says so: `migrate` can then name
+/// it instead of writing a stream without its state.
+#[test]
+fn a_function_without_snapshot_support_cannot_be_saved() {
+    struct Opaque;
+    impl PciDevice for Opaque {
+        fn config_read(&self, _offset: u16, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn config_write(&self, _offset: u16, _data: &[u8]) {}
+        fn bar_regions(&self) -> Vec<BarRegion> {
+            Vec::new()
+        }
+        fn bar_read(&self, _bar: u8, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn bar_write(&self, _bar: u8, _offset: u64, _data: &[u8]) {}
+        fn assign_bars(&self, _owner: PciAddress, _a: &mut BarAllocator) -> Result<(), PciError> {
+            Ok(())
+        }
+        fn reset(&self) {}
+    }
+    assert_eq!(Opaque.save_state(), Err(PciError::NotSaveable));
+    assert_eq!(Opaque.check_state(&[]), Err(PciError::NotSaveable));
+}
+
+/// A saved state changed anywhere (every byte flipped in turn, and every truncation) is
+/// either refused or restored without a panic, and the function still answers the guest:
+/// a stream is hostile input.
+#[test]
+fn damaged_states_are_refused_or_restored_safely() {
+    let f = fixture();
+    let vq = MockSplitQueue::create(&*f.mem, GuestAddress(0x1000), 8);
+    bring_up(&f, &vq, 8, NO_VECTOR);
+    add_buffer(&vq, 0, DATA, 8);
+    w16(&f.m, f.caps.notify, 0);
+    let saved = f.transport.save_state().unwrap();
+    let (d, t, _sink, _line) = fresh_destination(&f);
+    let mut refused = 0;
+    for at in 0..saved.len() {
+        for bit in [0x01u8, 0x80] {
+            let mut s = saved.clone();
+            s[at] ^= bit;
+            match t.check_state(&s) {
+                Ok(()) => t.restore_state(&s).unwrap(),
+                Err(_) => {
+                    refused += 1;
+                    assert!(t.restore_state(&s).is_err());
+                }
+            }
+            d.bus.refresh_routes(f.a.slot());
+            assert_eq!(d.cfg_read32(f.a, 0), 0x1005_1af4, "flip at {at}");
+            let _ = d.readl(f.caps.common + 0x14);
+            w16(&d, f.caps.notify, 0);
+        }
+    }
+    for cut in 0..saved.len() {
+        assert!(t.check_state(&saved[..cut]).is_err(), "cut at {cut}");
+    }
+    assert!(refused > 0);
+}

@@ -252,6 +252,54 @@ mod tests {
         saved.check(&saved).unwrap();
     }
 
+    /// RAM in two ranges, as `pc` has with 3.5 GiB or more (below 4 GiB and from 4 GiB on):
+    /// both ranges are saved and restored by guest-physical address, the hole between them
+    /// is never written, and a run in the hole is refused.
+    #[test]
+    fn ram_in_two_ranges_round_trips_and_the_hole_is_refused() {
+        const HIGH: u64 = 1 << 32;
+        let two = || {
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), MEM as usize),
+                (GuestAddress(HIGH), MEM as usize),
+            ])
+            .unwrap()
+        };
+        let saved = two();
+        saved.write_slice(b"low", GuestAddress(0x2000)).unwrap();
+        saved.write_slice(&[9u8; 8192], GuestAddress(HIGH)).unwrap();
+        saved
+            .write_slice(b"top", GuestAddress(HIGH + MEM - 3))
+            .unwrap();
+        let mut w = Writer::new(Vec::new(), &header()).unwrap();
+        let stats = w.ram(&saved).unwrap();
+        assert_eq!(stats.pages_total, 512);
+        assert_eq!(stats.pages_written, 4);
+        assert_eq!(stats.runs, 3);
+        let s = Snapshot::parse(w.finish().unwrap()).unwrap();
+        let gpas: Vec<u64> = s.ram_runs().iter().map(|r| r.gpa).collect();
+        assert_eq!(gpas, [0x2000, HIGH, HIGH + MEM - PAGE as u64]);
+        let target = two();
+        target
+            .write_slice(b"junk", GuestAddress(HIGH + 0x5000))
+            .unwrap();
+        s.restore_ram(&target).unwrap();
+        for base in [0, HIGH] {
+            let mut a = vec![0u8; MEM as usize];
+            let mut b = vec![0u8; MEM as usize];
+            saved.read_slice(&mut a, GuestAddress(base)).unwrap();
+            target.read_slice(&mut b, GuestAddress(base)).unwrap();
+            assert!(a == b, "the range at {base:#x} differs after the restore");
+        }
+        // The same stream into a machine with the low range only: the high runs fall in
+        // what is a hole there.
+        let low = memory();
+        assert!(matches!(
+            s.check_ram(&low),
+            Err(SnapshotError::Corrupt { .. })
+        ));
+    }
+
     #[test]
     fn ram_outside_the_machine_is_refused_before_any_write() {
         let (bytes, _) = stream();

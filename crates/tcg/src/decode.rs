@@ -18,6 +18,7 @@ use crate::cpu::Cpu;
 use crate::exc::Ex;
 use crate::exec;
 use crate::insn::{Insn, NOREG, Uop, gpr, sreg};
+use crate::jit::{Jit, JitSlot};
 use crate::mem::Access;
 
 fn prepare(instr: &Instruction, bitness: u32) -> Insn {
@@ -154,6 +155,8 @@ pub struct Block {
     pub code_len: u32,
     /// Fingerprint of those bytes (see `code_hash`).
     pub code_hash: u64,
+    /// Run count and compiled code (see `jit`): dropped with the block.
+    pub jit: JitSlot,
 }
 
 /// A cheap fingerprint of the `len` code bytes at `gpa` (clipped to its page; 0 outside
@@ -200,6 +203,8 @@ pub struct BlockCache {
     pub generation: u32,
     /// Blocks translated (statistics).
     pub translated: u64,
+    /// The compiling tier: its code belongs to the blocks here.
+    pub jit: Jit,
 }
 
 const MAX_BLOCKS: usize = 65536;
@@ -221,6 +226,7 @@ impl BlockCache {
             pages: HashMap::new(),
             generation: 1,
             translated: 0,
+            jit: Jit::default(),
         }
     }
 
@@ -236,6 +242,7 @@ impl BlockCache {
         self.pages.clear();
         self.fast.fill((u64::MAX, 0, 0, 0));
         self.generation = self.generation.wrapping_add(1);
+        self.jit.reset();
         cpu.mmu.phys.clear_code();
     }
 
@@ -418,6 +425,7 @@ impl BlockCache {
             links: Default::default(),
             code_len,
             code_hash,
+            jit: JitSlot::default(),
         });
         self.map.insert((rip, gpa, mode), idx);
         self.translated += 1;

@@ -17,6 +17,14 @@
 //! counter update (`cmp`/`test`, `add`/`sub`/logic, `inc`/`dec`) runs with its `jcc` as one
 //! entry; loads and stores keep only the TLB hit inline.
 //!
+//! On x86-64 hosts, blocks of 64-bit code that ran 2000 times are compiled to host code
+//! (`jit`): integer instructions run as themselves on host registers, memory operands hit
+//! the software TLB inline, and anything else (a TLB miss, MMIO, a code-page write, an
+//! unsupported instruction) returns to the interpreter before the instruction, so faults,
+//! self-modifying code and `icount` stay exactly as interpreted. `KEEL_TCG_JIT=off` turns
+//! the tier off; `KEEL_TCG_JIT_THRESHOLD=<runs>` sets when a block is compiled (0: at its
+//! first run, which the differential tests use).
+//!
 //! Entry points: [`TcgAccel`] (the `Accelerator`), [`TcgVm`], [`TcgVcpu`].
 //!
 //! # Module layers
@@ -31,8 +39,10 @@
 //! 5. `exec`: instruction semantics, itself layered (see its module doc): `operands` (the
 //!    leaf) → `alu` → groups (`arith`, `system` → `string`, `x87`, `sse`) → `handlers`,
 //!    `generic` → `select`, `dead_flags` → `uops`, `cmp_jcc`;
-//! 6. `decode`: translation into cached blocks (chooses handlers through `exec`);
-//! 7. `vm`: the accelerator, VM and vCPU loop; the public API is re-exported from here.
+//! 6. `jit`: the compiling tier for hot 64-bit blocks (uses `cpu`, `mem`, `insn`);
+//! 7. `decode`: translation into cached blocks (chooses handlers through `exec`; a block
+//!    holds its `jit` slot);
+//! 8. `vm`: the accelerator, VM and vCPU loop; the public API is re-exported from here.
 //!
 //! # Instruction coverage
 //!
@@ -112,6 +122,7 @@ mod decode;
 mod exc;
 mod exec;
 mod insn;
+mod jit;
 mod mem;
 mod platform;
 mod probe;

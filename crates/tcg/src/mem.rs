@@ -21,7 +21,7 @@ pub(crate) const PAGE: u64 = 4096;
 /// Mask of a page's base address.
 pub(crate) const PAGE_MASK: u64 = !(PAGE - 1);
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
-const TLB_SIZE: usize = 256;
+pub(crate) const TLB_SIZE: usize = 256;
 
 /// #PF error code bits.
 pub mod pf {
@@ -259,7 +259,10 @@ pub enum Access {
     Fetch = 2,
 }
 
+/// One TLB entry. `repr(C)`: the compiled code of `jit` reads `tag` at offset 0 and
+/// `addend` at offset 8 of a 24-byte entry.
 #[derive(Debug, Clone, Copy)]
+#[repr(C)]
 struct TlbEntry {
     /// Linear page | user bit; `u64::MAX` when empty.
     tag: u64,
@@ -417,6 +420,15 @@ impl Mmu {
         } else {
             None
         }
+    }
+
+    /// Address of the first entry of the `acc` TLB: `TLB_SIZE` entries of 24 bytes each,
+    /// `tag` (linear page | user bit) at offset 0 and `addend` (host - linear) at offset 8.
+    /// The compiled code of `jit` looks entries up there itself.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn tlb_base(&self, acc: Access) -> *const u8 {
+        const _: () = assert!(std::mem::size_of::<TlbEntry>() == 24);
+        self.tlb[acc as usize].as_ptr().cast()
     }
 
     /// TLB lookup returning the guest-physical address.

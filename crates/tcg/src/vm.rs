@@ -62,6 +62,9 @@ use crate::time::{guest_tsc_khz, host_tsc};
 
 mod snapshot;
 
+#[cfg(all(test, target_arch = "x86_64"))]
+mod jit_tests;
+
 const NAME: &str = "tcg";
 
 /// The most vCPUs a VM may have (APIC IDs are the vCPU indices; xAPIC flat logical mode
@@ -828,6 +831,31 @@ fn exec_block(cpu: &mut Cpu, insns: &[Insn]) -> BlockEnd {
     BlockEnd::Normal
 }
 
+/// Runs one block: its compiled code when it has some (and no dirty log is recorded: the
+/// compiled stores do not mark pages), else the interpreter, counting the run towards
+/// compilation. Compiled code that stops before an instruction leaves RIP there; when that
+/// is the block's first instruction the block is interpreted at once (its state is
+/// untouched), otherwise the loop goes on from that RIP.
+#[inline(always)]
+fn run_block(cpu: &mut Cpu, blk: &crate::decode::Block, jit: &mut crate::jit::Jit) -> BlockEnd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut code = blk.jit.code.get();
+        if code == 0 && jit.config.enabled {
+            code = jit.tick(cpu, blk);
+        }
+        if code > crate::jit::REJECTED && !cpu.mmu.phys.logging() {
+            let r = crate::jit::run(cpu, code);
+            if r != crate::jit::BAILED {
+                return BlockEnd::Normal;
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = jit;
+    exec_block(cpu, &blk.insns)
+}
+
 /// The cached successor of `blk` (an element of `blocks`) for the CPU's current RIP, among
 /// the links made in cache generation `generation`.
 #[inline(always)]
@@ -878,6 +906,7 @@ enum Chain {
 fn run_chain(
     cpu: &mut Cpu,
     blocks: &[crate::decode::Block],
+    jit: &mut crate::jit::Jit,
     generation: u32,
     mut idx: u32,
 ) -> Chain {
@@ -886,7 +915,7 @@ fn run_chain(
         let Some(blk) = blocks.get(idx as usize) else {
             return Chain::Lost;
         };
-        let r = exec_block(cpu, &blk.insns);
+        let r = run_block(cpu, blk, jit);
         if r != BlockEnd::Normal {
             return Chain::End(r);
         }
@@ -1322,7 +1351,13 @@ impl TcgVcpu {
             // sharing them with this loop's state.
             loop {
                 let generation = self.cache.generation;
-                match run_chain(&mut self.cpu, &self.cache.blocks, generation, idx) {
+                match run_chain(
+                    &mut self.cpu,
+                    &self.cache.blocks,
+                    &mut self.cache.jit,
+                    generation,
+                    idx,
+                ) {
                     Chain::End(r) => {
                         self.after_block(r)?;
                         break;

@@ -17,7 +17,7 @@ use keel_snapshot::{
     Stateful, Writer,
 };
 
-use super::{MACHINE_NAME, Microvm, Threads};
+use super::{MACHINE_NAME, Microvm};
 
 /// Section of the machine's own state (its run state at save).
 pub const MACHINE_SECTION: SectionId = SectionId(*b"MACH");
@@ -147,9 +147,9 @@ impl Microvm {
     }
 
     fn vcpu_ops(&mut self, ops: Vec<StateOp>) -> Result<Vec<Option<Box<VcpuState>>>, String> {
-        if self.vcpus_state == Threads::NotStarted {
+        if let Some(vcpus) = self.core.idle_vcpus() {
             let mut out = Vec::new();
-            for (v, op) in self.vcpus.iter_mut().zip(ops) {
+            for (v, op) in vcpus.iter_mut().zip(ops) {
                 out.push(match op {
                     StateOp::Save => Some(Box::new(v.save_state().map_err(|e| e.to_string())?)),
                     StateOp::Restore(s) => {
@@ -160,7 +160,7 @@ impl Microvm {
             }
             return Ok(out);
         }
-        self.shared.vcpu_states(ops)
+        self.core.shared().vcpu_states(ops)
     }
 
     /// Writes the whole machine to `out`: header, machine state, the accelerator's platform
@@ -189,7 +189,7 @@ impl Microvm {
     pub fn start_dirty_log(
         &self,
     ) -> Result<std::sync::Arc<dyn keel_accel::dirty::DirtyLog>, keel_accel::AccelError> {
-        self.vm.start_dirty_log()
+        self.core.vm().start_dirty_log()
     }
 
     /// As [`Microvm::save_snapshot`]; without `ram` the stream has no RAM section (a live
@@ -206,7 +206,8 @@ impl Microvm {
             .vcpu_ops((0..self.cfg.cpus).map(|_| StateOp::Save).collect())
             .map_err(|e| section_err(VCPU_SECTION, e))?;
         let platform = self
-            .vm
+            .core
+            .vm()
             .save_platform()
             .map_err(|e| section_err(PLATFORM_SECTION, e))?;
         let mut w = Writer::new(out, &header)?;
@@ -246,7 +247,7 @@ impl Microvm {
             w.section(*id, *instance, *version, payload)?;
         }
         let stats = if ram {
-            Some(w.ram(&self.memory)?)
+            Some(w.ram(self.core.memory())?)
         } else {
             None
         };
@@ -263,7 +264,7 @@ impl Microvm {
         extra: &[SectionId],
     ) -> Result<MicrovmRestore, SnapshotError> {
         snap.header.shape.check(&self.snapshot_shape())?;
-        snap.check_ram(&self.memory)?;
+        snap.check_ram(self.core.memory())?;
         let machine: MachineState = snap.decode(MACHINE_SECTION, 0, MACHINE_VERSION)?;
         let platform: PlatformState = snap.decode(PLATFORM_SECTION, 0, PLATFORM_VERSION)?;
         let mut vcpus = Vec::new();
@@ -336,14 +337,15 @@ impl Microvm {
         ram: bool,
     ) -> Result<(), SnapshotError> {
         if ram {
-            snap.restore_ram(&self.memory)?;
+            snap.restore_ram(self.core.memory())?;
         } else if snap.sections().iter().any(|s| s.id == SectionId::RAM) {
             return Err(section_err(
                 SectionId::RAM,
                 "a live migration's state carries no RAM section",
             ));
         }
-        self.vm
+        self.core
+            .vm()
             .restore_platform(&r.platform)
             .map_err(|e| section_err(PLATFORM_SECTION, e))?;
         let ops = r

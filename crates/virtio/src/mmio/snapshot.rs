@@ -11,7 +11,7 @@ use keel_snapshot::{Dec, DecodeError, Enc, Persist};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::MmioTransport;
-use crate::transport::QueueConfig;
+use crate::transport::{DriverState, QueueConfig, TransportCore};
 
 /// One transport's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,9 +104,32 @@ impl MmioTransport {
 
     /// The transport's state; call after [`MmioTransport::quiesce`].
     pub fn save_transport(&self) -> TransportSnapshot {
-        let regs = self.lock_regs();
-        let st = &regs.driver;
-        let memory = self.core.memory();
+        self.core.save_driver(&self.lock_regs().driver)
+    }
+
+    /// Checks that `s` fits this transport (same device type, same number of queues, sizes
+    /// within the maximums) without changing anything.
+    pub fn check_transport(&self, s: &TransportSnapshot) -> Result<(), String> {
+        self.core.check_driver(&self.lock_regs().driver, s)
+    }
+
+    /// Puts the transport in `s` (checked with [`MmioTransport::check_transport`]): a
+    /// device the driver had set up is activated again with its queues at the saved ring
+    /// positions.
+    pub fn restore_transport(&self, s: &TransportSnapshot) {
+        let mut regs = self.lock_regs();
+        self.core.restore_driver(&mut regs.driver, s);
+        drop(regs);
+        self.core.restore_interrupt(s);
+    }
+}
+
+/// The transport-neutral part, shared by virtio-mmio and virtio-pci (`keel-pci`).
+impl TransportCore {
+    /// The driver-visible state of `st` and the interrupt status; call with no request in
+    /// flight (every queue processed once more with the vCPUs stopped).
+    pub fn save_driver(&self, st: &DriverState) -> TransportSnapshot {
+        let memory = self.memory();
         let queues = st
             .queues
             .iter()
@@ -123,37 +146,36 @@ impl MmioTransport {
             })
             .collect();
         TransportSnapshot {
-            device_type: self.core.device_type(),
+            device_type: self.device_type(),
             status: st.status,
             device_features_sel: st.device_features_sel,
             driver_features_sel: st.driver_features_sel,
             driver_features: st.driver_features,
             queue_sel: st.queue_sel,
             queues,
-            interrupt_status: self.core.interrupt().status(),
-            config_generation: self.core.interrupt().config_generation(),
+            interrupt_status: self.interrupt().status(),
+            config_generation: self.interrupt().config_generation(),
         }
     }
 
-    /// Checks that `s` fits this transport (same device type, same number of queues, sizes
-    /// within the maximums) without changing anything.
-    pub fn check_transport(&self, s: &TransportSnapshot) -> Result<(), String> {
-        if s.device_type != self.core.device_type() {
+    /// Checks that `s` fits a transport in state `st` (same device type, same number of
+    /// queues, sizes within the maximums) without changing anything.
+    pub fn check_driver(&self, st: &DriverState, s: &TransportSnapshot) -> Result<(), String> {
+        if s.device_type != self.device_type() {
             return Err(format!(
                 "the saved device has virtio type {}, this one {}",
                 s.device_type,
-                self.core.device_type()
+                self.device_type()
             ));
         }
-        let regs = self.lock_regs();
-        if s.queues.len() != regs.driver.queues.len() {
+        if s.queues.len() != st.queues.len() {
             return Err(format!(
                 "the saved device has {} queues, this one {}",
                 s.queues.len(),
-                regs.driver.queues.len()
+                st.queues.len()
             ));
         }
-        for (i, (q, have)) in s.queues.iter().zip(regs.driver.queues.iter()).enumerate() {
+        for (i, (q, have)) in s.queues.iter().zip(st.queues.iter()).enumerate() {
             if q.0 > have.max {
                 return Err(format!(
                     "queue {i} has {} entries, more than the {} this device takes",
@@ -164,13 +186,11 @@ impl MmioTransport {
         Ok(())
     }
 
-    /// Puts the transport in `s` (checked with [`MmioTransport::check_transport`]): a
-    /// device the driver had set up is activated again with its queues at the saved ring
-    /// positions.
-    pub fn restore_transport(&self, s: &TransportSnapshot) {
-        let mut regs = self.lock_regs();
-        self.core.reset(&mut regs.driver);
-        let st = &mut regs.driver;
+    /// Puts `st` in `s` (checked with [`TransportCore::check_driver`]): the device is reset,
+    /// and one the driver had set up is activated again with its queues at the saved ring
+    /// positions. The interrupt status follows with [`TransportCore::restore_interrupt`].
+    pub fn restore_driver(&self, st: &mut DriverState, s: &TransportSnapshot) {
+        self.reset(st);
         st.status = s.status;
         st.device_features_sel = s.device_features_sel;
         st.driver_features_sel = s.driver_features_sel;
@@ -189,11 +209,14 @@ impl MmioTransport {
             indices.push((next, next));
         }
         if st.running() {
-            self.core.activate(st, Some(&indices));
+            self.activate(st, Some(&indices));
         }
-        drop(regs);
-        self.core
-            .interrupt()
+    }
+
+    /// Puts back the saved interrupt status and configuration generation, with the line
+    /// level they imply (INTx asserted again if it was).
+    pub fn restore_interrupt(&self, s: &TransportSnapshot) {
+        self.interrupt()
             .restore(s.interrupt_status, s.config_generation);
     }
 }
