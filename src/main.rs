@@ -442,7 +442,10 @@ fn main() -> ExitCode {
     }
 
     if let Err(e) = cli::execute(&vmm, &steps) {
-        report!("{e}");
+        match vmm.incoming_failure() {
+            Some(why) => report!("load of migration failed: {why}"),
+            None => report!("{e}"),
+        }
         vmm.close_monitors(Duration::ZERO);
         return ExitCode::from(1);
     }
@@ -458,6 +461,9 @@ fn main() -> ExitCode {
     }
     vmm.wait_for_shutdown();
     vmm.close_monitors(Duration::from_secs(1));
+    if let Some(why) = vmm.incoming_failure() {
+        report!("load of migration failed: {why}");
+    }
     // As QEMU's exit(): only the low 8 bits of isa-debug-exit's (value << 1) | 1 survive.
     ExitCode::from((vmm.exit_status() & 0xff) as u8)
 }

@@ -240,6 +240,16 @@ fn libvirt_pc_disk_keel() {
 }
 
 #[test]
+fn libvirt_save_qemu() {
+    against_qemu("libvirt_save");
+}
+
+#[test]
+fn libvirt_save_keel() {
+    against_keel("libvirt_save");
+}
+
+#[test]
 fn qemu_machine_qemu() {
     against_qemu("qemu_machine");
 }

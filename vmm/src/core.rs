@@ -18,7 +18,7 @@ use keel_machine::board::{BoardContext, GuestExitPolicy};
 use keel_machine::device_types::empty_tree;
 use keel_machine::factory::DeviceFactory;
 pub(crate) use keel_machine::migration::error_chain as chain;
-use keel_machine::migration::{MigrationError, live};
+use keel_machine::migration::{self, MigrationError, live};
 
 /// Everything the commands act on. Commands reach it through `Vmm::execute` or QMP; it is
 /// never shared without its lock.
@@ -380,7 +380,12 @@ impl VmmCore {
             .for_each(|w| log::warn!("{w}"));
         self.tracker.advance(Phase::MachineReady).map_err(generic)?;
         match self.migration.incoming.clone() {
-            Some(uri) => self.migrate_incoming(&uri),
+            Some(uri) => self.migrate_incoming(&uri).and_then(|()| {
+                let failed = self.migration.load_failed.as_ref();
+                failed.map_or(Ok(()), |e| {
+                    Err(generic(format!("load of migration failed: {e}")))
+                })
+            }),
             None if self.autostart => self.cont(),
             None => Ok(()),
         }
@@ -595,10 +600,19 @@ impl VmmCore {
         if self.migration.in_progress() {
             return Err(generic("There's a migration process in progress"));
         }
-        if let Some(target) = live::SocketUri::parse(uri) {
+        let running = self.run_state() == RunState::Running;
+        self.migration.begin(&self.events);
+        // `fd:` is taken first: a name nobody passed fails before the guest stops.
+        let fd = migration::take_fd(uri, &self.backends).transpose();
+        let fd = fd.map_err(|e| self.migrate_failed(&e))?;
+        let target = match (live::SocketUri::parse(uri), fd) {
+            (Some(s), _) => live::Target::Socket(s),
+            (None, Some(f)) if running => live::Target::Stream(f),
+            (None, fd) => return self.save(uri, fd),
+        };
+        {
             let board = board_of(&mut self.board)?;
             let ram = board.live_ram(true).map_err(board_error)?;
-            self.migration.begin(&self.events);
             let p = self.migration.params;
             let params = live::LiveParams {
                 downtime_limit_ms: p.downtime_limit,
@@ -606,24 +620,54 @@ impl VmmCore {
             };
             let link = Box::new(LiveLink(self.this.clone()));
             let cancel = self.migration.cancel.clone();
-            return live::start_source(&target, ram, params, link, cancel).map_err(|e| {
-                self.migration.fail(&chain(&e), &self.events);
-                generic(chain(&e))
-            });
+            live::start_source(target, ram, params, link, cancel)
+                .map_err(|e| self.migrate_failed(&e))
         }
-        let running = self.run_state() == RunState::Running;
-        self.migration.set_status("setup", &self.events);
-        self.stop()?;
+    }
+
+    /// A migration failed before it began: `failed`, and the error for the command.
+    fn migrate_failed(&mut self, e: &MigrationError) -> CommandError {
+        self.migration.fail(&chain(e), &self.events);
+        generic(chain(e))
+    }
+
+    /// `migrate` by stop-and-copy: `active`, the vCPUs stop, the machine is saved to `uri`
+    /// (or to `fd`, taken for `fd:NAME`). As QEMU, a failure to write the stream is not
+    /// the command's error: `query-migrate` and the `MIGRATION` event report it.
+    fn save(&mut self, uri: &str, fd: Option<std::fs::File>) -> Result<(), CommandError> {
         self.migration.set_status("active", &self.events);
-        let board = board_of(&mut self.board)?;
-        let r = keel_machine::migration::save(board, uri, running, &self.backends)
-            .map_err(|e| chain(&e));
-        let (m, ev) = (&mut self.migration, &self.events);
-        m.finish(r.as_ref().map(|r| r.stats()), ev);
+        let before = self.finish_migrate()?;
+        let running = before == RunState::Running;
+        let (board, backends) = (board_of(&mut self.board)?, &self.backends);
+        let r = match fd {
+            Some(f) => migration::save_fd(board, f, uri.trim_start_matches("fd:"), running),
+            None => migration::save(board, uri, running, backends),
+        };
+        let shown = r.as_ref().map(|r| r.stats()).map_err(|e| chain(e));
+        self.migration.finish(shown.as_ref().copied(), &self.events);
+        self.after_migrate(before, r.is_ok())?;
         match r {
-            Ok(_) => self.set_run(RunState::PostMigrate),
-            Err(e) if running => self.cont().and(Err(generic(e))),
-            Err(e) => Err(generic(e)),
+            Err(e) if !e.is_write_failure() => Err(generic(chain(&e))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The stop-and-copy starts: the vCPUs stop (`STOP` if they ran) in `finish-migrate`,
+    /// as QEMU's source. Returns the run state before.
+    fn finish_migrate(&mut self) -> Result<RunState, CommandError> {
+        let before = self.run_state();
+        self.stop()?;
+        self.set_run(RunState::FinishMigrate)?;
+        Ok(before)
+    }
+
+    /// The stop-and-copy ended: `postmigrate` after a success; after a failure the state
+    /// from `before` (a guest that ran runs again: `RESUME`).
+    fn after_migrate(&mut self, before: RunState, ok: bool) -> Result<(), CommandError> {
+        match (ok, before) {
+            (true, _) => self.set_run(RunState::PostMigrate),
+            (false, RunState::Running) => self.cont(),
+            (false, s) => self.set_run(s),
         }
     }
 
@@ -637,23 +681,40 @@ impl VmmCore {
         if uri == "defer" {
             return Ok(());
         }
-        if let Some(source) = live::SocketUri::parse(uri) {
-            let listener = live::Listener::bind(&source).map_err(|e| generic(chain(&e)))?;
-            let ram = board_of(&mut self.board)?.live_ram(false);
-            self.migration.set_status("active", &self.events);
-            let link = Box::new(LiveLink(self.this.clone()));
-            return live::start_incoming(listener, ram.map_err(board_error)?, link)
-                .map_err(|e| generic(chain(&e)));
-        }
-        self.migration.set_status("active", &self.events);
+        self.migration.set_status("setup", &self.events);
         let board = board_of(&mut self.board)?;
-        let r = keel_machine::migration::load(board, uri, &self.backends).map_err(|e| chain(&e));
-        let (m, ev) = (&mut self.migration, &self.events);
-        m.finish(r.as_ref().map(|_| None), ev);
-        let running = r.map_err(generic)?;
+        let snap = match migration::open(uri, &self.backends) {
+            // A live stream (a socket, or `fd:` after a live `migrate`): on a thread.
+            Ok(migration::Incoming::Live(listener)) => {
+                let ram = board.live_ram(false).map_err(board_error)?;
+                let link = Box::new(LiveLink(self.this.clone()));
+                return live::start_incoming(listener, ram, link).map_err(|e| generic(chain(&e)));
+            }
+            Ok(migration::Incoming::Snapshot(snap)) => Ok(snap),
+            Err(e) => Err(e),
+        };
+        self.migration.set_status("active", &self.events);
+        let r = snap.and_then(|s| board.restore_snapshot(&s).map_err(MigrationError::from));
+        let shown = r.as_ref().map(|_| None).map_err(|e| chain(e));
+        self.migration.finish(shown.as_ref().copied(), &self.events);
+        let running = match r {
+            Ok(running) => running,
+            Err(e) if e.is_stream_failure() => {
+                self.load_failed(&e);
+                return Ok(());
+            }
+            Err(e) => return Err(generic(chain(&e))),
+        };
         self.set_run(RunState::Paused)?;
         let start = running && self.autostart;
         start.then(|| self.cont()).transpose().map(drop)
+    }
+
+    /// The incoming stream could not be loaded: as QEMU, the process ends with status 1
+    /// once the reply is out (no `SHUTDOWN`: the guest never ran here).
+    fn load_failed(&mut self, e: &MigrationError) {
+        self.migration.load_failed = Some(chain(e));
+        self.shutdown.request(ShutdownCause::HostError);
     }
 
     pub(crate) fn enter_shutdown(&mut self, cause: ShutdownCause) {
@@ -662,8 +723,10 @@ impl VmmCore {
             b.shutdown();
         }
         let _ = self.tracker.set_run_state(RunState::Shutdown);
-        self.events
-            .emit("SHUTDOWN", Some(cause_data(cause.by_guest(), cause)));
+        if self.migration.load_failed.is_none() {
+            let data = cause_data(cause.by_guest(), cause);
+            self.events.emit("SHUTDOWN", Some(data));
+        }
     }
 }
 
@@ -693,14 +756,10 @@ impl live::LiveHost for LiveLink {
     ) -> Result<(), MigrationError> {
         let gone = || Err(MigrationError::Vmm("the VMM is gone".into()));
         self.with(|c| {
-            let running = c.run_state() == RunState::Running;
-            c.stop().map_err(vmm_err)?;
+            let before = c.finish_migrate().map_err(vmm_err)?;
+            let running = before == RunState::Running;
             let r = f(board_of(&mut c.board).map_err(vmm_err)?, running);
-            match &r {
-                Ok(()) => c.set_run(RunState::PostMigrate).map_err(vmm_err)?,
-                Err(_) if running => c.cont().map_err(vmm_err)?,
-                Err(_) => {}
-            }
+            c.after_migrate(before, r.is_ok()).map_err(vmm_err)?;
             r
         })
         .unwrap_or_else(gone)
@@ -728,7 +787,13 @@ impl live::LiveHost for LiveLink {
                 c.migration.incoming = None;
             }
             Err(MigrationError::Cancelled) => c.live_numbers("cancelled", p),
-            Err(e) => c.migration.fail(&chain(&e), &c.events),
+            Err(e) => {
+                c.migration.fail(&chain(&e), &c.events);
+                if c.migration.incoming.is_some() {
+                    c.load_failed(&e);
+                    c.shutdown.release();
+                }
+            }
         });
     }
 }

@@ -371,9 +371,19 @@ impl Vmm {
         self.core().guest_exit = policy;
     }
 
-    /// The process exit status: what the guest wrote to `isa-debug-exit`, else 0.
+    /// The process exit status: 1 after an incoming migration failed (as QEMU), else what
+    /// the guest wrote to `isa-debug-exit`, else 0.
     pub fn exit_status(&self) -> i32 {
-        self.inner.exit_status.load(Ordering::SeqCst)
+        match self.incoming_failure() {
+            Some(_) => 1,
+            None => self.inner.exit_status.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Why the incoming migration's stream could not be loaded, if it could not (the
+    /// process then ends; QEMU prints it as `load of migration failed: ...`).
+    pub fn incoming_failure(&self) -> Option<String> {
+        self.core().migration.load_failed.clone()
     }
 
     /// Makes QMP requests wait until the returned guard is dropped. Monitors still accept
@@ -617,7 +627,8 @@ impl Dispatcher for QmpFront {
     }
 
     fn after_reply(&self, command: &str) {
-        if command == "quit" {
+        // `migrate-incoming` ends the process when the stream cannot be loaded.
+        if command == "quit" || command == "migrate-incoming" {
             self.vmm.inner.shutdown.release();
         }
     }

@@ -72,6 +72,39 @@ pub enum MigrationError {
     Stream(#[from] keel_snapshot::SnapshotError),
 }
 
+impl MigrationError {
+    /// Whether reading or checking an incoming stream failed (QEMU's "load of migration
+    /// failed", which ends the VMM), rather than the request itself: a URI of another
+    /// form, a descriptor name nobody passed, `exec:` under the sandbox, a file that cannot
+    /// be opened, a socket that cannot listen.
+    pub fn is_stream_failure(&self) -> bool {
+        !matches!(
+            self,
+            Self::Uri(_)
+                | Self::FdNotFound(_)
+                | Self::SpawnDenied(_)
+                | Self::Io {
+                    what: "opening" | "listening on" | "starting",
+                    ..
+                }
+        )
+    }
+
+    /// Whether writing the stream to its target failed once the save had begun (QEMU
+    /// reports that through `query-migrate` and the event, not as the command's error).
+    pub fn is_write_failure(&self) -> bool {
+        use keel_snapshot::SnapshotError;
+        matches!(
+            self,
+            Self::Io {
+                what: "writing" | "writing to",
+                ..
+            } | Self::Command { .. }
+                | Self::Board(BoardError::Snapshot(SnapshotError::Write(_)))
+        )
+    }
+}
+
 /// An error and its sources, joined with ": " (how a migration's error is reported).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -176,17 +209,9 @@ pub fn save(
     let target = MigrationUri::parse(uri)?;
     let (stats, bytes) = match &target {
         MigrationUri::Fd(name) => {
-            let fd = backends
-                .take_named_fd(name)
-                .ok_or_else(|| MigrationError::FdNotFound(name.clone()))?;
-            let shown = format!("fd:{name}");
-            let mut w = Counting {
-                inner: std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd)),
-                n: 0,
-            };
-            let stats = board.save_snapshot(&mut w, running)?;
-            w.flush().map_err(io("writing to", &shown))?;
-            (stats, w.n)
+            let fd = take_fd(uri, backends)
+                .unwrap_or_else(|| Err(MigrationError::FdNotFound(name.clone())))?;
+            return save_fd(board, fd, name, running);
         }
         MigrationUri::File(p) => {
             let shown = p.display().to_string();
@@ -245,6 +270,29 @@ pub fn save(
     })
 }
 
+/// Saves `board` (its vCPUs paused) to `fd`, the descriptor `getfd` kept as `name`
+/// (QEMU closes it after use, and so does this).
+pub fn save_fd(
+    board: &mut dyn Board,
+    fd: std::fs::File,
+    name: &str,
+    running: bool,
+) -> Result<SaveReport, MigrationError> {
+    let start = Instant::now();
+    let mut w = Counting {
+        inner: std::io::BufWriter::with_capacity(1 << 20, fd),
+        n: 0,
+    };
+    let stats = board.save_snapshot(&mut w, running)?;
+    w.flush().map_err(io("writing to", &format!("fd:{name}")))?;
+    Ok(SaveReport {
+        pages_written: stats.pages_written,
+        pages_total: stats.pages_total,
+        bytes: w.n,
+        millis: start.elapsed().as_millis() as u64,
+    })
+}
+
 /// The descriptor `-incoming fd:NAME` reads: one `getfd` kept under that name, or, for a
 /// number, a duplicate of that inherited descriptor (the original is left alone: the VMM
 /// does not know what else uses it).
@@ -265,6 +313,69 @@ fn incoming_fd(name: &str, backends: &Backends) -> Result<std::fs::File, Migrati
     }
     // SAFETY: `dup` was just created above and is owned by nobody else.
     Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+}
+
+/// The descriptor of `migrate`'s `fd:NAME`: the one `getfd` kept, taken from `backends`
+/// (taken first, so that a name nobody passed fails before the guest stops); `None` for a
+/// URI of another form.
+pub fn take_fd(uri: &str, backends: &Backends) -> Option<Result<std::fs::File, MigrationError>> {
+    let name = uri.strip_prefix("fd:").filter(|n| !n.is_empty())?;
+    Some(
+        backends
+            .take_named_fd(name)
+            .map(std::fs::File::from)
+            .ok_or_else(|| MigrationError::FdNotFound(name.to_owned())),
+    )
+}
+
+/// What an incoming URI gives: a snapshot stream (read whole and checked), or a live
+/// migration's stream for [`live::start_incoming`]: a socket to listen on (`unix:`,
+/// `tcp:`) or a stream from its first byte (`migrate` to `fd:` while the guest ran).
+pub enum Incoming {
+    /// A checked snapshot stream.
+    Snapshot(Snapshot),
+    /// A live stream, unread.
+    Live(live::Listener),
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Snapshot(_) => "Incoming::Snapshot",
+            Self::Live(_) => "Incoming::Live",
+        })
+    }
+}
+
+/// Opens the stream at `uri` (listens, for `unix:`/`tcp:`) and tells its kind by its
+/// first bytes (see [`Incoming`]); `exec:` streams are snapshot streams.
+pub fn open(uri: &str, backends: &Backends) -> Result<Incoming, MigrationError> {
+    if let Some(socket) = live::SocketUri::parse(uri) {
+        return live::Listener::bind(&socket).map(Incoming::Live);
+    }
+    let (mut f, shown) = match MigrationUri::parse(uri)? {
+        MigrationUri::Fd(name) => (incoming_fd(&name, backends)?, format!("fd:{name}")),
+        MigrationUri::File(p) => {
+            let shown = p.display().to_string();
+            (
+                std::fs::File::open(&p).map_err(io("opening", &shown))?,
+                shown,
+            )
+        }
+        MigrationUri::Exec(_) => return read(uri, backends).map(Incoming::Snapshot),
+    };
+    let mut data = Vec::new();
+    (&mut f)
+        .take(live::MAGIC.len() as u64)
+        .read_to_end(&mut data)
+        .map_err(io("reading from", &shown))?;
+    if data == live::MAGIC {
+        let stream = Box::new(std::io::Cursor::new(data).chain(f));
+        return Ok(Incoming::Live(live::Listener::Stream(stream)));
+    }
+    f.read_to_end(&mut data)
+        .map_err(io("reading from", &shown))?;
+    Ok(Incoming::Snapshot(Snapshot::parse(data)?))
 }
 
 /// Reads the whole stream at `uri` and checks it (nothing is restored yet); `fd:` names

@@ -113,6 +113,9 @@ pub enum RunState {
     /// A migration to elsewhere completed; the guest stays stopped here.
     #[serde(rename = "postmigrate")]
     PostMigrate,
+    /// The vCPUs are stopped for the last copy of a migration (QEMU's stop-and-copy);
+    /// then `postmigrate`, or back to the state before if it fails.
+    FinishMigrate,
 }
 
 impl RunState {
@@ -130,6 +133,7 @@ impl RunState {
             RunState::Suspended => "suspended",
             RunState::InMigrate => "inmigrate",
             RunState::PostMigrate => "postmigrate",
+            RunState::FinishMigrate => "finish-migrate",
         }
     }
 

@@ -296,6 +296,9 @@ pub struct MigrationTracker {
     pub params: MigrationParameters,
     /// Set by `migrate_cancel`; a live migration's thread watches it.
     pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Why the incoming stream could not be loaded: as QEMU, the VMM then exits with
+    /// status 1 after the `MIGRATION` `failed` event, printing `load of migration failed`.
+    pub load_failed: Option<String>,
 }
 
 impl MigrationTracker {

@@ -42,7 +42,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::MigrationError;
 use crate::board::Board;
 
-const MAGIC: [u8; 8] = *b"KEELLIVE";
+/// The first bytes of a live migration stream.
+pub const MAGIC: [u8; 8] = *b"KEELLIVE";
 const VERSION: u32 = 1;
 /// Pages per `P` packet.
 const BATCH: usize = 256;
@@ -195,13 +196,34 @@ fn connect(uri: &SocketUri) -> Result<Box<dyn Conn>, MigrationError> {
     })
 }
 
-/// A socket an incoming migration waits on.
-#[derive(Debug)]
+/// Where an incoming migration's stream comes from.
 pub enum Listener {
     /// `unix:PATH` (the path is removed again once a connection came).
     Unix(UnixListener, PathBuf),
     /// `tcp:HOST:PORT`.
     Tcp(TcpListener),
+    /// A stream already open (`fd:`, or a `file:` that holds a live stream), read from
+    /// its first byte.
+    Stream(Box<dyn Read + Send>),
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(_, p) => write!(f, "Listener::Unix({})", p.display()),
+            Self::Tcp(l) => write!(f, "Listener::Tcp({:?})", l.local_addr().ok()),
+            Self::Stream(_) => f.write_str("Listener::Stream"),
+        }
+    }
+}
+
+/// Where a live migration sends its stream.
+#[derive(Debug)]
+pub enum Target {
+    /// `unix:PATH` or `tcp:HOST:PORT`, connected to by [`start_source`].
+    Socket(SocketUri),
+    /// A descriptor passed with `getfd` (`fd:NAME`): a socket, a pipe or a file.
+    Stream(std::fs::File),
 }
 
 impl Listener {
@@ -222,8 +244,9 @@ impl Listener {
         })
     }
 
-    fn accept(self) -> Result<Box<dyn Conn>, MigrationError> {
+    fn accept(self) -> Result<Box<dyn Read + Send>, MigrationError> {
         Ok(match self {
+            Self::Stream(r) => r,
             Self::Unix(l, p) => {
                 let (s, _) = l
                     .accept()
@@ -239,17 +262,20 @@ impl Listener {
     }
 }
 
-/// Starts sending the machine live to `uri` on a thread of its own (`migrate-send`):
+/// Starts sending the machine live to `target` on a thread of its own (`migrate-send`):
 /// connects first (an unreachable destination is the command's error), then returns.
 /// `cancel` set makes the thread stop before the switchover, the guest still running.
 pub fn start_source(
-    uri: &SocketUri,
+    target: Target,
     ram: LiveRam,
     params: LiveParams,
     host: Box<dyn LiveHost>,
     cancel: Arc<AtomicBool>,
 ) -> Result<(), MigrationError> {
-    let conn = connect(uri)?;
+    let conn: Box<dyn Conn> = match target {
+        Target::Socket(uri) => connect(&uri)?,
+        Target::Stream(f) => Box::new(f),
+    };
     let spawned = std::thread::Builder::new()
         .name("migrate-send".into())
         .spawn(move || {
@@ -317,9 +343,13 @@ impl Source<'_> {
         pre.extend_from_slice(&body);
         let crc = keel_snapshot::crc::crc32(&pre);
         pre.extend_from_slice(&crc.to_le_bytes());
-        self.out.write_all(&pre).map_err(Self::send_err)?;
-        self.p.transferred += pre.len() as u64;
         self.p.setup_ms = self.start.elapsed().as_millis() as u64;
+        self.host.progress(&self.p); // `active`: the setup is done
+        self.last_progress = Instant::now();
+        // Flushed at once: a destination that is gone fails here, the guest still running.
+        self.out.write_all(&pre).map_err(Self::send_err)?;
+        self.out.flush().map_err(Self::send_err)?;
+        self.p.transferred += pre.len() as u64;
         // Round 1 sends every page; each later one what was written meanwhile.
         let words = pages.div_ceil(64) as usize;
         let mut bits = vec![u64::MAX; words];
@@ -502,6 +532,7 @@ pub fn start_incoming(
                 ..LiveProgress::default()
             };
             let r = listener.accept().and_then(|conn| {
+                host.progress(&p); // `active` once the source is connected
                 let mut input = BufReader::with_capacity(1 << 20, conn);
                 let snap = receive(&mut input, &ram, &mut p)?;
                 host.restore(&snap)
