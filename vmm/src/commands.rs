@@ -335,8 +335,14 @@ impl VmmCore {
         Ok(accel.cpuid(self.config.as_ref().and_then(|c| c.cpus).unwrap_or(1)))
     }
 
+    /// The CPUID of the `-cpu` model (qemu64 by default) under the chosen accelerator.
+    fn vcpu_cpuid(&self) -> Result<Vec<keel_accel::CpuidLeaf>, CommandError> {
+        let (max, kvm) = (self.cpuid()?, self.kvm_info().enabled);
+        cpu_model::vcpu_table(self.config.as_ref(), &max, kvm).map_err(CommandError::generic)
+    }
+
     fn cpu_props(&self) -> Result<Vec<ObjectPropertyInfo>, CommandError> {
-        Ok(cpu_model::properties(&self.cpuid()?)
+        Ok(cpu_model::properties(&self.vcpu_cpuid()?)
             .into_iter()
             .map(|(n, t)| prop(n, t, None))
             .collect())
@@ -349,7 +355,7 @@ impl VmmCore {
     }
 
     fn cpu_get(&self, property: &str) -> Result<Value, CommandError> {
-        cpu_model::property(&self.cpuid()?, property).ok_or_else(|| {
+        cpu_model::property(&self.vcpu_cpuid()?, property).ok_or_else(|| {
             CommandError::generic(format!(
                 "Property '{}.{property}' not found",
                 cpu_model::CPU_TYPE

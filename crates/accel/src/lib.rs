@@ -27,7 +27,10 @@ mod state;
 pub use bus::{Bus, BusDevice, BusError, BusRange, IoBuses, MmioAddress, PioAddress};
 pub use exit::{ExitAction, VcpuExit, handle_exit};
 pub use probe::AccelProbe;
-pub use regs::{CpuMode, CpuidLeaf, DescriptorTable, Regs, Segment, SpecialRegs};
+pub use regs::{
+    AMD_EDX_ALIASES, CPUID_FEATURE_WORDS, CpuMode, CpuidBit, CpuidLeaf, DescriptorTable, Regs,
+    Segment, SpecialRegs, cpuid_for_vcpu, cpuid_missing, cpuid_word,
+};
 pub use state::{
     IoapicState, PLATFORM_SECTION, PLATFORM_VERSION, PendingEvent, PicChipState, PitChannelState,
     PlatformState, RunState, SAVED_MSRS, VCPU_SECTION, VCPU_VERSION, VcpuEvents, VcpuState,
@@ -80,6 +83,15 @@ pub enum AccelError {
         /// The feature, e.g. `ioeventfd`.
         what: &'static str,
     },
+    /// A CPUID table asks for features the backend cannot present (it must not advertise
+    /// what it does not do).
+    #[error("accelerator '{accel}' cannot present {missing}")]
+    CpuidFeatures {
+        /// Backend name.
+        accel: &'static str,
+        /// The feature bits, in QEMU's spelling (`CPUID.01H:ECX [bit 0]`), comma-separated.
+        missing: String,
+    },
     /// The guest did something the backend cannot continue from.
     #[error("vCPU {vcpu}: {reason}")]
     Guest {
@@ -88,6 +100,27 @@ pub enum AccelError {
         /// What happened.
         reason: String,
     },
+}
+
+/// Refuses `table` with [`AccelError::CpuidFeatures`] if it sets a feature bit `capable`
+/// lacks (see [`cpuid_missing`]).
+pub fn check_cpuid(
+    accel: &'static str,
+    table: &[CpuidLeaf],
+    capable: &[CpuidLeaf],
+) -> Result<(), AccelError> {
+    let missing = cpuid_missing(table, capable);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(AccelError::CpuidFeatures {
+        accel,
+        missing: missing
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// Interrupt controller model the machine wires its devices to.
@@ -201,6 +234,17 @@ pub trait Vm: Send + Sync {
     /// the machine maps them on its PIO bus. In-kernel backends return none.
     fn platform_devices(&self) -> Vec<(BusRange, Arc<dyn BusDevice>)> {
         Vec::new()
+    }
+    /// Makes `template` (the table of vCPU 0, see [`cpuid_for_vcpu`]) the CPUID of the vCPUs
+    /// created after this call, instead of the backend's own model: how a machine presents a
+    /// named CPU model (`-cpu qemu64`). A table with a feature the backend cannot present is
+    /// refused, naming it. The default says [`AccelError::Unsupported`].
+    fn set_cpuid(&self, template: &[CpuidLeaf]) -> Result<(), AccelError> {
+        let _ = template;
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "choosing the CPU model",
+        })
     }
     /// Puts the backend's own platform state (an in-kernel interrupt controller and PIT) back
     /// into its power-on state, for `system_reset`. The default has nothing to reset.
@@ -341,6 +385,17 @@ pub trait Vcpu: Send {
         Err(AccelError::Unsupported {
             accel: "this accelerator",
             what: "restoring vCPU state",
+        })
+    }
+    /// Makes `template` (the machine's vCPU 0 table, see [`cpuid_for_vcpu`]) this vCPU's
+    /// CPUID, before it first runs (a restore gives the guest the CPUID it saw when saved).
+    /// As [`Vm::set_cpuid`], a feature the backend cannot present is refused. The default
+    /// says [`AccelError::Unsupported`].
+    fn set_cpuid(&mut self, template: &[CpuidLeaf]) -> Result<(), AccelError> {
+        let _ = template;
+        Err(AccelError::Unsupported {
+            accel: "this accelerator",
+            what: "choosing the CPU model",
         })
     }
     /// Puts the vCPU back into its power-on state (registers, FPU, MSRs, local APIC, and the

@@ -75,6 +75,48 @@ fn topology_leaf(function: u32, sub: u32, topo: &CpuTopology) -> kvm_cpuid_entry
     }
 }
 
+/// The backend-neutral form of a KVM table.
+pub fn to_leaves(entries: &[kvm_cpuid_entry2]) -> Vec<keel_accel::CpuidLeaf> {
+    entries
+        .iter()
+        .map(|e| keel_accel::CpuidLeaf {
+            function: e.function,
+            index: e.index,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
+}
+
+/// A backend-neutral table (a named CPU model, a restored guest's) as KVM entries for
+/// vCPU `index`: the vCPU's APIC id put in (see [`keel_accel::cpuid_for_vcpu`]), and the
+/// leaves whose sub-leaf selects the answer flagged so.
+pub fn from_leaves(template: &[keel_accel::CpuidLeaf], index: u32) -> Vec<kvm_cpuid_entry2> {
+    keel_accel::cpuid_for_vcpu(template, index)
+        .into_iter()
+        .map(|l| {
+            let indexed = matches!(l.function, 4 | 7 | 0xb | 0xd | 0xf | 0x10 | 0x14 | 0x1f)
+                || l.function == 0x8000_001d;
+            kvm_cpuid_entry2 {
+                function: l.function,
+                index: l.index,
+                flags: if indexed {
+                    KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                } else {
+                    0
+                },
+                eax: l.eax,
+                ebx: l.ebx,
+                ecx: l.ecx,
+                edx: l.edx,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
 /// Builds the CPUID table of one vCPU from KVM's supported table.
 pub fn vcpu_cpuid(supported: &[kvm_cpuid_entry2], topo: &CpuTopology) -> Vec<kvm_cpuid_entry2> {
     let amd = vendor_is_amd(supported);

@@ -308,17 +308,7 @@ impl Accelerator for KvmAccel {
             count: vcpus.max(1),
             lapic: self.options.in_kernel_irqchip,
         };
-        cpuid::vcpu_cpuid(&self.supported_cpuid, &topo)
-            .into_iter()
-            .map(|e| CpuidLeaf {
-                function: e.function,
-                index: e.index,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect()
+        cpuid::to_leaves(&cpuid::vcpu_cpuid(&self.supported_cpuid, &topo))
     }
 
     fn check(&self, req: &MachineRequirements) -> Result<(), AccelError> {

@@ -38,6 +38,8 @@ pub(crate) struct VcpuSetup<'a> {
     pub count: u32,
     pub irqchip: bool,
     pub supported_cpuid: &'a [kvm_cpuid_entry2],
+    /// The table the machine chose (`Vm::set_cpuid`), vCPU 0's; `None`: KVM's own.
+    pub model: Option<Vec<keel_accel::CpuidLeaf>>,
     pub msr_index_list: &'a [u32],
     pub memory: Arc<GuestMemory>,
     pub events: Arc<dyn SystemEvents>,
@@ -205,6 +207,31 @@ pub struct KvmVcpu {
     events: Arc<dyn SystemEvents>,
     pit: Arc<LazyPit>,
     _memory: Arc<GuestMemory>,
+    /// KVM's own model of vCPU 0 of this machine: the features `set_cpuid` may present.
+    capable: Vec<keel_accel::CpuidLeaf>,
+}
+
+/// KVM's own model (vCPU 0 of a `count`-vCPU machine): what a chosen table may use.
+pub(crate) fn capable(
+    supported: &[kvm_cpuid_entry2],
+    count: u32,
+    lapic: bool,
+) -> Vec<keel_accel::CpuidLeaf> {
+    let topo = CpuTopology {
+        index: 0,
+        count,
+        lapic,
+    };
+    crate::cpuid::to_leaves(&vcpu_cpuid(supported, &topo))
+}
+
+/// `KVM_SET_CPUID2` with `entries`.
+fn set_cpuid(fd: &VcpuFd, index: u32, entries: &[kvm_cpuid_entry2]) -> Result<(), AccelError> {
+    let cpuid = CpuId::from_entries(entries).map_err(|_| AccelError::Guest {
+        vcpu: index,
+        reason: format!("{} CPUID entries exceed what KVM accepts", entries.len()),
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(host("KVM_SET_CPUID2"))
 }
 
 // SAFETY: the raw pointers point into this vCPU's own `kvm_run` mapping (owned by `fd`), which
@@ -238,12 +265,11 @@ impl KvmVcpu {
             count: s.count,
             lapic: s.irqchip,
         };
-        let entries = vcpu_cpuid(s.supported_cpuid, &topo);
-        let cpuid = CpuId::from_entries(&entries).map_err(|_| AccelError::Guest {
-            vcpu: s.index,
-            reason: format!("{} CPUID entries exceed what KVM accepts", entries.len()),
-        })?;
-        fd.set_cpuid2(&cpuid).map_err(host("KVM_SET_CPUID2"))?;
+        let entries = match &s.model {
+            Some(t) => crate::cpuid::from_leaves(t, s.index),
+            None => vcpu_cpuid(s.supported_cpuid, &topo),
+        };
+        set_cpuid(&fd, s.index, &entries)?;
 
         let msrs: Vec<kvm_msr_entry> = BOOT_MSRS
             .iter()
@@ -307,6 +333,7 @@ impl KvmVcpu {
             events: s.events,
             pit: s.pit,
             _memory: s.memory,
+            capable: capable(s.supported_cpuid, s.count, s.irqchip),
         })
     }
 
@@ -693,6 +720,16 @@ impl Vcpu for KvmVcpu {
 
     fn kicker(&self) -> Arc<dyn Kick> {
         self.kick.clone()
+    }
+
+    fn set_cpuid(&mut self, template: &[keel_accel::CpuidLeaf]) -> Result<(), AccelError> {
+        keel_accel::check_cpuid(crate::ACCEL_NAME, template, &self.capable)?;
+        // KVM takes a new table only before the vCPU first runs (or the same one again).
+        set_cpuid(
+            &self.fd,
+            self.index,
+            &crate::cpuid::from_leaves(template, self.index),
+        )
     }
 
     fn save_state(&self) -> Result<keel_accel::VcpuState, AccelError> {

@@ -56,6 +56,8 @@ pub struct KvmVm {
     req: MachineRequirements,
     irqchip: bool,
     supported_cpuid: Vec<kvm_cpuid_entry2>,
+    /// The table `Vm::set_cpuid` chose for new vCPUs (vCPU 0's); `None`: KVM's own model.
+    model: Mutex<Option<Vec<keel_accel::CpuidLeaf>>>,
     msr_index_list: Vec<u32>,
     created: Mutex<Vec<bool>>,
     power_on_irqchip: Vec<kvm_irqchip>,
@@ -154,6 +156,7 @@ impl KvmVm {
             req: req.clone(),
             irqchip,
             supported_cpuid: accel.supported_cpuid.clone(),
+            model: Mutex::new(None),
             msr_index_list: accel.msr_index_list.clone(),
             created: Mutex::new(vec![false; req.vcpus as usize]),
             power_on_irqchip,
@@ -257,6 +260,7 @@ impl KvmVm {
             count: self.req.vcpus,
             irqchip: self.irqchip,
             supported_cpuid: &self.supported_cpuid,
+            model: self.model.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             msr_index_list: &self.msr_index_list,
             memory: self.memory.clone(),
             events: self.events.clone(),
@@ -372,6 +376,13 @@ impl Vm for KvmVm {
 
     fn restore_platform(&self, state: &keel_accel::PlatformState) -> Result<(), AccelError> {
         crate::snapshot::restore_platform(&self.vm, self.irqchip, &self.pit, self.req.pit, state)
+    }
+
+    fn set_cpuid(&self, template: &[keel_accel::CpuidLeaf]) -> Result<(), AccelError> {
+        let capable = crate::vcpu::capable(&self.supported_cpuid, self.req.vcpus, self.irqchip);
+        keel_accel::check_cpuid(crate::ACCEL_NAME, template, &capable)?;
+        *self.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(template.to_vec());
+        Ok(())
     }
 
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, AccelError> {

@@ -136,6 +136,9 @@ pub struct MicrovmConfig {
     pub serial: SerialBackend,
     /// `-no-reboot`: a guest reset request becomes a shutdown.
     pub no_reboot: bool,
+    /// `-cpu`: the CPU model (see [`crate::cpu_model::present`]); `qemu64` by default, as
+    /// QEMU's.
+    pub cpu: String,
 }
 
 impl Default for MicrovmConfig {
@@ -156,6 +159,7 @@ impl Default for MicrovmConfig {
             dump_guest_core: OnOffAuto::Auto,
             serial: SerialBackend::Stdio,
             no_reboot: false,
+            cpu: crate::cpu_model::QEMU64.name.to_owned(),
         }
     }
 }

@@ -67,6 +67,9 @@ pub enum MachineError {
     /// `-smp` out of range.
     #[error("{0} CPUs requested: microvm and pc support 1 to 255")]
     Cpus(u32),
+    /// `-cpu` names no model this machine presents, or the backend refused it.
+    #[error(transparent)]
+    Cpu(#[from] crate::cpu_model::ApplyError),
     /// The accelerator refused or failed.
     #[error(transparent)]
     Accel(AccelError),
@@ -193,6 +196,10 @@ pub fn requirements(cfg: &MicrovmConfig) -> MachineRequirements {
 pub struct Microvm {
     cfg: MicrovmConfig,
     resolved: Resolved,
+    /// The CPU model the vCPUs present (what a snapshot records in its `CPID` section).
+    cpu: crate::cpu_model::Presented,
+    /// The accelerator that presented `cpu` (another one's after a restore of its table).
+    cpu_accel: String,
     accel_name: &'static str,
     core: MachineCore,
     serial: Option<Arc<Serial>>,
@@ -284,6 +291,7 @@ impl Microvm {
         let vm = core.vm().clone();
         let buses = core.buses().clone();
         let sys = core.system_events();
+        let cpu = crate::cpu_model::apply(&cfg.cpu, accel, vm.as_ref(), cfg.cpus)?;
 
         // GSIs above 15 exist only behind an IOAPIC: a backend that can wire GSI 16 has one
         // (KVM's in-kernel irqchip, the interpreter with local APICs), one that cannot (the
@@ -394,6 +402,8 @@ impl Microvm {
         Ok(Self {
             cfg,
             resolved,
+            cpu,
+            cpu_accel: accel.name().to_owned(),
             accel_name: accel.name(),
             core,
             serial,

@@ -102,11 +102,12 @@ pub(crate) fn late_chardev(serial: &SerialBackend) -> Result<(), BoardError> {
 /// The machine property `-cpu` sets.
 pub const CPU_PROPERTY: &str = "cpu";
 
-/// CPU models `-cpu` accepts. Keel presents one CPU model per accelerator (the
-/// interpreter's feature set under tcg, the host's as KVM filters it under kvm): `max`
-/// names it, `host` too but only under kvm (as QEMU), and `qemu64`/`kvm64`, QEMU's
-/// defaults that libvirt passes, select the same model (their exact feature lists are not
-/// reproduced). Feature switches (`+x`, `-x`, `x=on`) are refused rather than ignored.
+/// CPU models `-cpu` accepts. `max` is the accelerator's own model (the interpreter's
+/// feature set under tcg, the host's as KVM filters it under kvm), `host` too but only under
+/// kvm (as QEMU); `qemu64` (the default) and `kvm64` are QEMU's models kept to what every
+/// Keel accelerator presents, the same CPUID under kvm and tcg (see
+/// [`crate::cpu_model::present`]). Feature switches (`+x`, `-x`, `x=on`) are refused rather
+/// than ignored.
 pub const CPU_MODELS: &[&str] = &["max", "host", "qemu64", "kvm64"];
 
 pub(crate) fn cpu_model(spec: &str) -> Result<&str, BoardError> {
@@ -156,7 +157,7 @@ pub fn microvm_config(cfg: &MachineConfig) -> Result<MicrovmConfig, BoardError> 
     m.serial = serial_backend(&cfg.serial)?;
     for (k, v) in &cfg.props {
         if k == CPU_PROPERTY {
-            cpu_model(v)?;
+            m.cpu = cpu_model(v)?.to_owned();
             continue;
         }
         if !MACHINE_PROPERTIES.contains(&k.as_str()) {

@@ -168,6 +168,9 @@ pub struct PcConfig {
     /// `dump-guest-core=` (QEMU's machine property, default on): `off` leaves guest RAM
     /// out of the process's core dumps (`MADV_DONTDUMP`).
     pub dump_guest_core: crate::OnOffAuto,
+    /// `-cpu`: the CPU model (see [`crate::cpu_model::present`]); `qemu64` by default, as
+    /// QEMU's.
+    pub cpu: String,
 }
 
 impl Default for PcConfig {
@@ -182,6 +185,7 @@ impl Default for PcConfig {
             no_reboot: false,
             serial: SerialBackend::Stdio,
             dump_guest_core: crate::OnOffAuto::Auto,
+            cpu: crate::cpu_model::QEMU64.name.to_owned(),
         }
     }
 }
@@ -533,6 +537,7 @@ impl Pc {
         let vm = core.vm().clone();
         let buses = core.buses().clone();
         let sys = core.system_events();
+        crate::cpu_model::apply(&cfg.cpu, accel, vm.as_ref(), cfg.cpus)?;
         // An IOAPIC exists when GSI 16 can be wired (see Microvm::new).
         let ioapic = vm.irq_line(16).is_ok();
         let irq = |gsi: u32| vm.irq_line(gsi).map_err(MachineError::Accel);

@@ -74,7 +74,7 @@ pub fn pc_config(cfg: &MachineConfig) -> Result<PcConfig, BoardError> {
     m.serial = serial_backend(&cfg.serial)?;
     for (k, v) in &cfg.props {
         if k == CPU_PROPERTY {
-            cpu_model(v)?;
+            m.cpu = cpu_model(v)?.to_owned();
             continue;
         }
         if k == "dump-guest-core" {

@@ -65,6 +65,10 @@ fn vcpu_ops(
                     v.restore_state(&s).map_err(|e| e.to_string())?;
                     None
                 }
+                StateOp::SetCpuid(t) => {
+                    v.set_cpuid(&t).map_err(|e| e.to_string())?;
+                    None
+                }
             });
         }
         return Ok(out);

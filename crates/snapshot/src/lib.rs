@@ -121,6 +121,10 @@ pub enum SnapshotError {
     /// Guest memory could not be read or written.
     #[error("guest memory access failed: {0}")]
     Memory(String),
+    /// The guest saw a CPU this machine cannot present (the text names the model, the
+    /// accelerators, the features and what to do).
+    #[error("{0}")]
+    Cpu(String),
 }
 
 #[cfg(test)]

@@ -110,6 +110,11 @@ pub struct CpuidConfig {
     /// same socket, so Linux treats them as siblings (and an application processor takes the
     /// BSP's delay-loop calibration instead of measuring its own against the timer tick).
     pub cores: u32,
+    /// A whole table chosen by the machine ([`keel_accel::Vm::set_cpuid`]: a named CPU model,
+    /// or the table a restored guest saw), as vCPU 0 sees it; when set, [`CpuidConfig::query`]
+    /// answers from it (with the vCPU's own APIC id) and the feature words above are read
+    /// from it.
+    pub table: Option<std::sync::Arc<[keel_accel::CpuidLeaf]>>,
 }
 
 impl Default for CpuidConfig {
@@ -138,6 +143,7 @@ impl Default for CpuidConfig {
             hv_signature: *b"TCGTCGTCGTCG",
             brand,
             cores: 1,
+            table: None,
         }
     }
 }
@@ -163,8 +169,44 @@ impl CpuidConfig {
         self.ecx1 & ecx1::CX16 != 0
     }
 
+    /// This configuration answering from `table` (vCPU 0's table of a named model or of a
+    /// restored guest): the feature words the interpreter consults follow the table.
+    pub fn with_table(&self, table: &[keel_accel::CpuidLeaf]) -> Self {
+        let get = |f: u32| table.iter().find(|l| l.function == f && l.index == 0);
+        let mut c = self.clone();
+        let l1 = get(1).copied().unwrap_or_default();
+        let l81 = get(0x8000_0001).copied().unwrap_or_default();
+        c.edx1 = l1.edx;
+        c.ecx1 = l1.ecx;
+        c.edx81 = l81.edx;
+        c.ecx81 = l81.ecx;
+        c.edx87 = get(0x8000_0007).map_or(0, |l| l.edx);
+        if let Some(l0) = get(0) {
+            for (i, r) in [l0.ebx, l0.edx, l0.ecx].iter().enumerate() {
+                c.vendor[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
+            }
+        }
+        c.table = Some(table.into());
+        c
+    }
+
     /// Answers CPUID for `leaf`/`subleaf` on vCPU `apic_id`: (eax, ebx, ecx, edx).
-    pub fn query(&self, leaf: u32, _subleaf: u32, apic_id: u32) -> (u32, u32, u32, u32) {
+    pub fn query(&self, leaf: u32, subleaf: u32, apic_id: u32) -> (u32, u32, u32, u32) {
+        if let Some(t) = &self.table {
+            // Leaves whose sub-leaf selects the answer; the others ignore ECX.
+            let indexed =
+                matches!(leaf, 4 | 7 | 0xb | 0xd | 0xf | 0x10 | 0x14 | 0x1f) || leaf == 0x8000_001d;
+            let found = t
+                .iter()
+                .find(|l| l.function == leaf && (l.index == subleaf || (!indexed && l.index == 0)));
+            return match found {
+                Some(l) => {
+                    let l = keel_accel::cpuid_for_vcpu(std::slice::from_ref(l), apic_id)[0];
+                    (l.eax, l.ebx, l.ecx, l.edx)
+                }
+                None => (0, 0, 0, 0),
+            };
+        }
         let v = words(&self.vendor);
         match leaf {
             0 => (0xd, v[0], v[2], v[1]),

@@ -187,23 +187,28 @@ impl Accelerator for TcgAccel {
         if self.apic.enabled(vcpus) {
             cpuid.edx1 |= crate::cpuid::edx1::APIC;
         }
-        let leaves = (0..=0xd_u32)
-            .chain(0x4000_0000..=0x4000_0001)
-            .chain(0x8000_0000..=0x8000_0008);
-        leaves
-            .map(|function| {
-                let (eax, ebx, ecx, edx) = cpuid.query(function, 0, 0);
-                CpuidLeaf {
-                    function,
-                    index: 0,
-                    eax,
-                    ebx,
-                    ecx,
-                    edx,
-                }
-            })
-            .collect()
+        leaves(&cpuid)
     }
+}
+
+/// The leaves `cpuid` answers for vCPU 0, as a table.
+fn leaves(cpuid: &CpuidConfig) -> Vec<CpuidLeaf> {
+    let leaves = (0..=0xd_u32)
+        .chain(0x4000_0000..=0x4000_0001)
+        .chain(0x8000_0000..=0x8000_0008);
+    leaves
+        .map(|function| {
+            let (eax, ebx, ecx, edx) = cpuid.query(function, 0, 0);
+            CpuidLeaf {
+                function,
+                index: 0,
+                eax,
+                ebx,
+                ecx,
+                edx,
+            }
+        })
+        .collect()
 }
 
 /// Per-vCPU attention bits, checked once per block.
@@ -405,7 +410,10 @@ pub struct TcgVm {
     pit: Arc<Pit>,
     apics: Option<Apics>,
     clock: Arc<MonotonicClock>,
+    /// The interpreter's own model for this VM: what it can present.
     cpuid: CpuidConfig,
+    /// The model new vCPUs get: `cpuid`, or a table the machine chose (`Vm::set_cpuid`).
+    model: Mutex<CpuidConfig>,
     exec: Arc<ExecLock>,
     /// IA32_TSC offset every vCPU starts with (TSC 0 at VM creation or reset), so that the
     /// vCPUs' TSCs agree as on one board (Linux checks for warps between CPUs).
@@ -521,6 +529,7 @@ impl TcgVm {
             pit,
             apics,
             clock,
+            model: Mutex::new(cpuid.clone()),
             cpuid,
             exec: Arc::new(ExecLock::new()),
             tsc_origin: Arc::new(AtomicU64::new(0u64.wrapping_sub(host_tsc()))),
@@ -535,7 +544,8 @@ impl TcgVm {
     pub fn create_tcg_vcpu(&self, index: u32) -> TcgVcpu {
         let phys =
             PhysMem::new(self.memory.clone(), self.buses.clone()).with_dirty(self.dirty.clone());
-        let mut cpu = Cpu::new(phys, self.cpuid.clone(), index);
+        let model = self.model.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut cpu = Cpu::new(phys, model, index);
         let att = Arc::new(Attention::default());
         let wakeup = Arc::new(Wakeup::new());
         self.vcpus
@@ -589,6 +599,7 @@ impl TcgVm {
             slice_end: 0,
             wait_sipi: lapic.as_ref().is_some_and(|l| !l.is_bsp()),
             nmi_pending: false,
+            base_cpuid: self.cpuid.clone(),
         }
     }
 
@@ -620,7 +631,22 @@ impl Drop for TcgDirtyLog {
     }
 }
 
+impl TcgVm {
+    /// `self.cpuid` answering from `template`, once the template is checked against what
+    /// the interpreter implements.
+    fn model_from(&self, template: &[CpuidLeaf]) -> Result<CpuidConfig, AccelError> {
+        keel_accel::check_cpuid(NAME, template, &leaves(&self.cpuid))?;
+        Ok(self.cpuid.with_table(template))
+    }
+}
+
 impl Vm for TcgVm {
+    fn set_cpuid(&self, template: &[CpuidLeaf]) -> Result<(), AccelError> {
+        let m = self.model_from(template)?;
+        *self.model.lock().unwrap_or_else(|p| p.into_inner()) = m;
+        Ok(())
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, AccelError> {
         if index != 0 && self.apics.is_none() {
             return Err(AccelError::Guest {
@@ -760,6 +786,8 @@ pub struct TcgVcpu {
     wait_sipi: bool,
     /// An NMI arrived while NMIs were blocked.
     nmi_pending: bool,
+    /// The VM's own model: what [`Vcpu::set_cpuid`] may present.
+    base_cpuid: CpuidConfig,
 }
 
 impl std::fmt::Debug for TcgVcpu {
@@ -1673,6 +1701,16 @@ impl Vcpu for TcgVcpu {
 
     fn save_state(&self) -> Result<keel_accel::VcpuState, AccelError> {
         self.save()
+    }
+
+    fn set_cpuid(&mut self, template: &[CpuidLeaf]) -> Result<(), AccelError> {
+        keel_accel::check_cpuid(NAME, template, &leaves(&self.base_cpuid))?;
+        let mut c = self.base_cpuid.with_table(template);
+        c.cores = self.cpu.cpuid.cores;
+        // Instructions consult CPUID when they run (LZCNT), not when decoded: the cached
+        // blocks stay valid.
+        self.cpu.cpuid = c;
+        Ok(())
     }
 
     fn restore_state(&mut self, state: &keel_accel::VcpuState) -> Result<(), AccelError> {

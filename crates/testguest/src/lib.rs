@@ -63,7 +63,7 @@ mod simd;
 pub mod strings;
 
 pub use asm::{hash_u32s, hash_u64s, layout};
-pub use counter::{counter, counter_dirty};
+pub use counter::{REPORTED_LEAVES, counter, counter_dirty, cpuid_report};
 pub use exc_classes::{
     debug_exceptions, debug_exceptions_without, legacy32, page_walk_faults,
     page_walk_faults_without,

@@ -23,6 +23,77 @@ use super::{MACHINE_NAME, Microvm};
 pub const MACHINE_SECTION: SectionId = SectionId(*b"MACH");
 const MACHINE_VERSION: u32 = 1;
 
+/// Section of the CPU model: the model's name, the accelerator that presented it and the
+/// CPUID table of vCPU 0 (`docs/SNAPSHOT.md`).
+pub const CPUID_SECTION: SectionId = SectionId(*b"CPID");
+const CPUID_VERSION: u32 = 1;
+
+/// Most leaves a `CPID` section may hold (KVM's own limit on a CPUID table).
+const MAX_CPUID_LEAVES: usize = 256;
+
+/// The CPU the guest saw: what a restore checks and presents again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuidRecord {
+    /// The `-cpu` model (`qemu64`, `kvm64`, `max`, `host`).
+    pub model: String,
+    /// The accelerator that presented it.
+    pub accel: String,
+    /// vCPU 0's table (the others differ only in their APIC ids).
+    pub leaves: Vec<keel_accel::CpuidLeaf>,
+}
+
+impl Persist for CpuidRecord {
+    fn encode(&self, e: &mut Enc) {
+        e.str(&self.model).str(&self.accel);
+        e.u32(self.leaves.len() as u32);
+        for l in &self.leaves {
+            e.u32(l.function)
+                .u32(l.index)
+                .u32(l.eax)
+                .u32(l.ebx)
+                .u32(l.ecx)
+                .u32(l.edx);
+        }
+    }
+    fn decode(d: &mut Dec<'_>) -> Result<Self, DecodeError> {
+        let model = d.str("model")?;
+        let accel = d.str("accel")?;
+        let n = d.count("leaves", 24)?;
+        if n > MAX_CPUID_LEAVES {
+            return Err(DecodeError::Invalid {
+                field: "leaves",
+                reason: format!("{n} leaves, at most {MAX_CPUID_LEAVES}"),
+            });
+        }
+        let mut leaves: Vec<keel_accel::CpuidLeaf> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let l = keel_accel::CpuidLeaf {
+                function: d.u32("function")?,
+                index: d.u32("index")?,
+                eax: d.u32("eax")?,
+                ebx: d.u32("ebx")?,
+                ecx: d.u32("ecx")?,
+                edx: d.u32("edx")?,
+            };
+            if leaves
+                .iter()
+                .any(|o| (o.function, o.index) == (l.function, l.index))
+            {
+                return Err(DecodeError::Invalid {
+                    field: "leaves",
+                    reason: format!("leaf {:#x}.{} appears twice", l.function, l.index),
+                });
+            }
+            leaves.push(l);
+        }
+        Ok(Self {
+            model,
+            accel,
+            leaves,
+        })
+    }
+}
+
 /// What a parked vCPU thread is asked to do.
 #[derive(Debug)]
 pub(crate) enum StateOp {
@@ -30,6 +101,8 @@ pub(crate) enum StateOp {
     Save,
     /// Put the vCPU in this state.
     Restore(Box<VcpuState>),
+    /// Present this CPUID table (vCPU 0's) from now on.
+    SetCpuid(std::sync::Arc<[keel_accel::CpuidLeaf]>),
 }
 
 /// One vCPU's mailbox (see `runner::Shared::vcpu_states`).
@@ -64,6 +137,7 @@ pub(crate) fn serve(
     let (answer, restored) = match op {
         StateOp::Save => (vcpu.save_state().map(|s| Some(Box::new(s))), false),
         StateOp::Restore(s) => (vcpu.restore_state(&s).map(|()| None), true),
+        StateOp::SetCpuid(t) => (vcpu.set_cpuid(&t).map(|()| None), false),
     };
     *slot = StateSlot::Done(answer.map_err(|e| e.to_string()));
     restored
@@ -92,6 +166,8 @@ impl Persist for MachineState {
 pub struct MicrovmRestore {
     /// The machine's own state.
     pub machine: MachineState,
+    /// The CPU the guest saw (`None`: a stream without the section, see `check_cpuid`).
+    cpuid: Option<CpuidRecord>,
     platform: PlatformState,
     vcpus: Vec<VcpuState>,
     serial: Option<SerialSnapshot>,
@@ -137,6 +213,42 @@ fn optional<D: Stateful>(
 }
 
 impl Microvm {
+    /// The stream's CPU, checked against what this machine's accelerator can present: a
+    /// feature the guest saw that it cannot is refused, naming the model, the
+    /// accelerators, the features and what to do. The APIC bit is this machine's. A stream without the section (saved
+    /// before Keel recorded CPUID) restores with this machine's model, as QEMU, which trusts
+    /// the command line.
+    fn check_cpuid(&self, snap: &Snapshot) -> Result<Option<CpuidRecord>, SnapshotError> {
+        let has = snap.sections().iter().any(|s| s.id == CPUID_SECTION);
+        if !has {
+            return Ok(None);
+        }
+        let mut c: CpuidRecord = snap.decode(CPUID_SECTION, 0, CPUID_VERSION)?;
+        // The local APIC bit follows the machine, as QEMU's (the interpreter gives one vCPU
+        // none): a guest that enabled its APIC is refused with the vCPU's state instead.
+        const APIC: u32 = 1 << 9;
+        let apic = keel_accel::cpuid_word(&self.cpu.capable, 1, 0, 3) & APIC;
+        for l in c.leaves.iter_mut() {
+            // AMD's models repeat it in leaf 0x8000_0001 (with the FPU bit, bit 0).
+            if l.function == 1 || (l.function == 0x8000_0001 && l.edx & 1 != 0) {
+                l.edx = (l.edx & !APIC) | apic;
+            }
+        }
+        let missing = keel_accel::cpuid_missing(&c.leaves, &self.cpu.capable);
+        if missing.is_empty() {
+            return Ok(Some(c));
+        }
+        let names: Vec<String> = missing.iter().map(crate::cpu_model::bit_name).collect();
+        Err(SnapshotError::Cpu(format!(
+            "the stream's CPU ({} under {}) has {} which {} cannot present; save the guest \
+             with -cpu qemu64 (the default) to move it between accelerators",
+            c.model,
+            c.accel,
+            names.join(", "),
+            self.accel_name
+        )))
+    }
+
     /// The shape a stream must have to restore into this machine.
     pub fn snapshot_shape(&self) -> Shape {
         Shape {
@@ -154,6 +266,10 @@ impl Microvm {
                     StateOp::Save => Some(Box::new(v.save_state().map_err(|e| e.to_string())?)),
                     StateOp::Restore(s) => {
                         v.restore_state(&s).map_err(|e| e.to_string())?;
+                        None
+                    }
+                    StateOp::SetCpuid(t) => {
+                        v.set_cpuid(&t).map_err(|e| e.to_string())?;
                         None
                     }
                 });
@@ -217,6 +333,12 @@ impl Microvm {
             MACHINE_VERSION,
             &MachineState { running }.to_payload(),
         )?;
+        let cpu = CpuidRecord {
+            model: self.cpu.name.clone(),
+            accel: self.cpu_accel.clone(),
+            leaves: self.cpu.cpuid.clone(),
+        };
+        w.section(CPUID_SECTION, 0, CPUID_VERSION, &cpu.to_payload())?;
         w.section(
             PLATFORM_SECTION,
             0,
@@ -271,7 +393,9 @@ impl Microvm {
         for i in 0..self.cfg.cpus {
             vcpus.push(snap.decode::<VcpuState>(VCPU_SECTION, i, VCPU_VERSION)?);
         }
+        let cpuid = self.check_cpuid(snap)?;
         let r = MicrovmRestore {
+            cpuid,
             machine,
             platform,
             vcpus,
@@ -283,6 +407,7 @@ impl Microvm {
         };
         let known = [
             MACHINE_SECTION,
+            CPUID_SECTION,
             PLATFORM_SECTION,
             VCPU_SECTION,
             SectionId::RAM,
@@ -348,6 +473,17 @@ impl Microvm {
             .vm()
             .restore_platform(&r.platform)
             .map_err(|e| section_err(PLATFORM_SECTION, e))?;
+        if let Some(c) = r.cpuid {
+            let table: std::sync::Arc<[keel_accel::CpuidLeaf]> = c.leaves.clone().into();
+            let ops = (0..self.cfg.cpus)
+                .map(|_| StateOp::SetCpuid(table.clone()))
+                .collect();
+            self.vcpu_ops(ops)
+                .map_err(|e| section_err(CPUID_SECTION, e))?;
+            self.cpu.name = c.model;
+            self.cpu.cpuid = c.leaves;
+            self.cpu_accel = c.accel;
+        }
         let ops = r
             .vcpus
             .into_iter()
