@@ -20,6 +20,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::board::{self, BoardError};
 use crate::config::SerialBackend;
+use crate::cpu_model::Presented;
 use crate::disk_errors::DiskErrors;
 use crate::layout;
 use crate::microvm::MachineError;
@@ -46,6 +47,8 @@ pub(crate) struct CoreSpec<'a> {
     pub no_reboot: bool,
     /// Whether guest RAM goes into the VMM's core dumps (`dump-guest-core`).
     pub dump_guest_core: bool,
+    /// The `-cpu` value: the CPU model the vCPUs present.
+    pub cpu: &'a str,
 }
 
 /// A machine's RAM, buses, backend VM, events and vCPUs.
@@ -57,6 +60,12 @@ pub(crate) struct MachineCore {
     shared: Arc<Shared>,
     /// The disks' host I/O errors, reported to the machine's events.
     disks: Arc<DiskErrors>,
+    /// The CPU model the vCPUs present (a restore replaces it with the stream's).
+    cpu: Presented,
+    /// The accelerator that presented [`Self::cpu`] first (the saving one after a restore).
+    cpu_accel: String,
+    /// The accelerator running the machine.
+    accel_name: &'static str,
     /// vCPUs created but not yet handed to a thread (all of them until [`Self::start`]).
     vcpus: Vec<Box<dyn Vcpu>>,
     threads: Vec<JoinHandle<()>>,
@@ -65,8 +74,9 @@ pub(crate) struct MachineCore {
 }
 
 impl MachineCore {
-    /// Allocates RAM, creates the backend VM over it and maps the backend's platform devices
-    /// (the interpreter's PIC and PIT) on the port bus. The vCPUs come later
+    /// Allocates RAM, creates the backend VM over it, maps the backend's platform devices
+    /// (the interpreter's PIC and PIT) on the port bus and gives the VM the `-cpu` model
+    /// (before any vCPU exists). The vCPUs come later
     /// ([`Self::create_vcpus`]), once the machine type has wired its devices.
     pub(crate) fn new(
         spec: CoreSpec<'_>,
@@ -101,6 +111,7 @@ impl MachineCore {
                 .insert(range.base, range.len, dev)
                 .map_err(|e| MachineError::Bus("platform device".into(), e))?;
         }
+        let cpu = crate::cpu_model::apply(spec.cpu, accel, vm.as_ref(), spec.cpus)?;
         Ok(Self {
             memory,
             buses,
@@ -108,6 +119,9 @@ impl MachineCore {
             hub,
             shared,
             disks,
+            cpu,
+            cpu_accel: accel.name().to_owned(),
+            accel_name: accel.name(),
             vcpus: Vec::new(),
             threads: Vec::new(),
             state: Threads::NotStarted,
@@ -260,6 +274,35 @@ impl MachineCore {
     /// Where the machine's disks report host I/O errors, and which of them to retry.
     pub(crate) fn disk_errors(&self) -> Arc<DiskErrors> {
         self.disks.clone()
+    }
+
+    /// The CPU model the vCPUs present.
+    pub(crate) fn cpu(&self) -> &Presented {
+        &self.cpu
+    }
+
+    /// The accelerator that first presented [`Self::cpu`] (for a restored guest, the one
+    /// it was saved under).
+    pub(crate) fn cpu_accel(&self) -> &str {
+        &self.cpu_accel
+    }
+
+    /// Records that the vCPUs now present `cpuid` of model `name`, first presented under
+    /// `accel` (a restore keeps the guest's CPU).
+    pub(crate) fn set_cpu(
+        &mut self,
+        name: String,
+        cpuid: Vec<keel_accel::CpuidLeaf>,
+        accel: String,
+    ) {
+        self.cpu.name = name;
+        self.cpu.cpuid = cpuid;
+        self.cpu_accel = accel;
+    }
+
+    /// The accelerator running the machine (`kvm`, `tcg`).
+    pub(crate) fn accel_name(&self) -> &'static str {
+        self.accel_name
     }
 }
 

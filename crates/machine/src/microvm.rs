@@ -196,10 +196,6 @@ pub fn requirements(cfg: &MicrovmConfig) -> MachineRequirements {
 pub struct Microvm {
     cfg: MicrovmConfig,
     resolved: Resolved,
-    /// The CPU model the vCPUs present (what a snapshot records in its `CPID` section).
-    cpu: crate::cpu_model::Presented,
-    /// The accelerator that presented `cpu` (another one's after a restore of its table).
-    cpu_accel: String,
     accel_name: &'static str,
     core: MachineCore,
     serial: Option<Arc<Serial>>,
@@ -286,12 +282,12 @@ impl Microvm {
             cpus: cfg.cpus,
             no_reboot: cfg.no_reboot,
             dump_guest_core: cfg.dump_guest_core.resolve(true),
+            cpu: &cfg.cpu,
         };
         let mut core = MachineCore::new(spec, &req, accel, events)?;
         let vm = core.vm().clone();
         let buses = core.buses().clone();
         let sys = core.system_events();
-        let cpu = crate::cpu_model::apply(&cfg.cpu, accel, vm.as_ref(), cfg.cpus)?;
 
         // GSIs above 15 exist only behind an IOAPIC: a backend that can wire GSI 16 has one
         // (KVM's in-kernel irqchip, the interpreter with local APICs), one that cannot (the
@@ -402,8 +398,6 @@ impl Microvm {
         Ok(Self {
             cfg,
             resolved,
-            cpu,
-            cpu_accel: accel.name().to_owned(),
             accel_name: accel.name(),
             core,
             serial,

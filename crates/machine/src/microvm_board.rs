@@ -899,7 +899,7 @@ impl Board for MicrovmBoard {
 
 impl MicrovmBoard {
     /// The virtio transports' sections, each device quiesced first (no request in flight).
-    fn virtio_sections(&mut self) -> Vec<crate::microvm::snapshot::ExtraSection> {
+    fn virtio_sections(&mut self) -> Vec<crate::snapshot::ExtraSection> {
         let mut extra = Vec::new();
         for (i, slot) in self.slots.iter().enumerate() {
             if let Some(t) = slot.get() {
@@ -961,7 +961,7 @@ impl MicrovmBoard {
             let mut m = self.lock();
             m.pause();
             let r = m.check_snapshot(snap, &[VIRTIO_SECTION])?;
-            let running = r.machine.running;
+            let running = r.running();
             m.apply_stream(snap, r, ram)?;
             running
         };

@@ -532,12 +532,12 @@ impl Pc {
             cpus: cfg.cpus,
             no_reboot: cfg.no_reboot,
             dump_guest_core: cfg.dump_guest_core.resolve(true),
+            cpu: &cfg.cpu,
         };
         let mut core = MachineCore::new(spec, &req, accel, events)?;
         let vm = core.vm().clone();
         let buses = core.buses().clone();
         let sys = core.system_events();
-        crate::cpu_model::apply(&cfg.cpu, accel, vm.as_ref(), cfg.cpus)?;
         // An IOAPIC exists when GSI 16 can be wired (see Microvm::new).
         let ioapic = vm.irq_line(16).is_ok();
         let irq = |gsi: u32| vm.irq_line(gsi).map_err(MachineError::Accel);

@@ -973,7 +973,7 @@ impl Board for PcBoard {
 impl PcBoard {
     /// Every PCI function's section, each quiesced first; a function that cannot be saved
     /// is named by its address and qdev id.
-    fn pci_sections(&self) -> Result<Vec<crate::microvm::snapshot::ExtraSection>, BoardError> {
+    fn pci_sections(&self) -> Result<Vec<crate::snapshot::ExtraSection>, BoardError> {
         let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let name = |a: PciAddress| match ids.get(&a.devfn()) {
             Some(id) => format!("id '{id}'"),

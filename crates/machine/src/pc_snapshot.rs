@@ -17,9 +17,9 @@ use keel_snapshot::{
     Stateful,
 };
 
-use crate::microvm::snapshot::ExtraSection;
 use crate::pc::{PC_MACHINE_NAME, Pc};
 use crate::pc_hotplug::HotplugRegisters;
+use crate::snapshot::ExtraSection;
 use crate::snapshot::{self as common, CoreRestore};
 
 /// The GPE0 block: two status and two enable bytes.

@@ -99,7 +99,7 @@ pub(crate) struct Shared {
     /// Each vCPU's registers, read by its own thread each time it parks (`info registers`).
     registers: Mutex<Vec<Option<(Regs, SpecialRegs)>>>,
     /// Snapshot requests to parked vCPU threads and their answers (`crate::snapshot`).
-    pub(crate) states: Mutex<Vec<crate::microvm::snapshot::StateSlot>>,
+    pub(crate) states: Mutex<Vec<crate::snapshot::StateSlot>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,7 +125,7 @@ impl Shared {
             registers: Mutex::new(vec![None; cpus as usize]),
             states: Mutex::new(
                 (0..cpus)
-                    .map(|_| crate::microvm::snapshot::StateSlot::Idle)
+                    .map(|_| crate::snapshot::StateSlot::Idle)
                     .collect(),
             ),
         })
@@ -232,7 +232,7 @@ impl Shared {
     /// the answers; an error if the vCPUs are not all parked (paused or held).
     pub(crate) fn vcpu_states(
         &self,
-        ops: Vec<crate::microvm::snapshot::StateOp>,
+        ops: Vec<crate::snapshot::StateOp>,
     ) -> Result<Vec<Option<Box<keel_accel::VcpuState>>>, String> {
         let c = lock(&self.ctl);
         if !(c.user_paused || c.held) {
@@ -247,14 +247,14 @@ impl Shared {
         {
             let mut st = lock(&self.states);
             for (slot, op) in st.iter_mut().zip(ops) {
-                *slot = crate::microvm::snapshot::StateSlot::Asked(op);
+                *slot = crate::snapshot::StateSlot::Asked(op);
             }
         }
         self.cv.notify_all();
         loop {
             let done = lock(&self.states)
                 .iter()
-                .all(|s| !matches!(s, crate::microvm::snapshot::StateSlot::Asked(_)));
+                .all(|s| !matches!(s, crate::snapshot::StateSlot::Asked(_)));
             if done {
                 break;
             }
@@ -266,8 +266,8 @@ impl Shared {
         drop(c);
         let mut out = Vec::new();
         for slot in lock(&self.states).iter_mut() {
-            match std::mem::replace(slot, crate::microvm::snapshot::StateSlot::Idle) {
-                crate::microvm::snapshot::StateSlot::Done(r) => out.push(r?),
+            match std::mem::replace(slot, crate::snapshot::StateSlot::Idle) {
+                crate::snapshot::StateSlot::Done(r) => out.push(r?),
                 _ => out.push(None),
             }
         }
@@ -419,7 +419,7 @@ fn vcpu_thread(vcpu: &mut dyn Vcpu, shared: &Shared, hub: &Hub, buses: &IoBuses)
                 if !c.user_paused && !c.held {
                     break;
                 }
-                if crate::microvm::snapshot::serve(vcpu, &shared.states) {
+                if crate::snapshot::serve(vcpu, &shared.states) {
                     // The restored vCPU continues where it was saved: no boot state.
                     applied_gen = Some(c.boot_gen);
                     shared.cv.notify_all();
