@@ -560,3 +560,43 @@ fn demo_guest_names_the_forced_accelerator() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("running on tcg"), "{stdout}");
 }
+
+/// `-accel tcg,PROP=VALUE`: the backend's properties reach it (`jit=off` runs the demo
+/// guest on the interpreter alone, `thread=single` is QEMU's one-vCPU-at-a-time), and a
+/// property tcg lacks or a bad value fails as QEMU's does: status 1, QEMU's text.
+#[test]
+fn accel_properties_reach_the_backend() {
+    let (status, err) = run_to_end(&[
+        "-M",
+        "microvm",
+        "-accel",
+        "tcg,jit=off,thread=single",
+        "-nodefaults",
+        "-display",
+        "none",
+    ]);
+    assert_eq!(status.code(), Some(0), "{err}");
+    for (arg, text) in [
+        ("tcg,foo=bar", "Property 'tcg-accel.foo' not found"),
+        ("tcg,thread=bogus", "Invalid 'thread' setting bogus"),
+    ] {
+        last_line_error(&["-M", "microvm", "-accel", arg, "-display", "none"], text);
+        // QEMU 7.2 prints the same text for the same option, where it is installed.
+        if let Ok(out) = Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "microvm",
+                "-accel",
+                arg,
+                "-display",
+                "none",
+                "-nodefaults",
+            ])
+            .output()
+        {
+            let qerr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{qerr}");
+            assert!(qerr.contains(text), "QEMU: {qerr}");
+        }
+    }
+}

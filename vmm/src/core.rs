@@ -298,23 +298,28 @@ impl VmmCore {
         let known: Vec<&str> = self.accels.iter().map(|a| a.name()).collect();
         let mut rejected = Vec::new();
         for name in list {
+            // `NAME,PROP=VALUE,...` (what -accel passes): the backend takes the properties.
+            let (name, props) = keel_qapi::cli::accel_props(name);
             let opened = match self.accels.iter().find(|a| a.name() == name) {
                 None => Err(format!(
                     "no accelerator of that name (known: {})",
                     known.join(", ")
                 )),
-                Some(a) => a.open().map_err(|e| e.to_string()).and_then(|accel| {
-                    machine
-                        .check_accel(&cfg, accel.as_ref())
-                        .map(|()| accel)
-                        .map_err(|e| chain(&e))
-                }),
+                Some(a) => a
+                    .open_with(&props)
+                    .map_err(|e| e.to_string())
+                    .and_then(|accel| {
+                        machine
+                            .check_accel(&cfg, accel.as_ref())
+                            .map(|()| accel)
+                            .map_err(|e| chain(&e))
+                    }),
             };
             match opened {
                 Ok(accel) => {
                     self.tracker.advance(Phase::AccelCreated).map_err(generic)?;
                     let choice = AccelChoice {
-                        accel: name.clone(),
+                        accel: name.to_owned(),
                         rejected,
                     };
                     self.accel = Some(choice.clone());
@@ -322,7 +327,7 @@ impl VmmCore {
                     return Ok(choice);
                 }
                 Err(reason) => rejected.push(AccelRejection {
-                    accel: name.clone(),
+                    accel: name.to_owned(),
                     reason,
                 }),
             }

@@ -83,6 +83,17 @@ pub enum AccelError {
         /// The feature, e.g. `ioeventfd`.
         what: &'static str,
     },
+    /// An `-accel NAME,PROP=VALUE` property the backend does not have (QEMU's text).
+    #[error("Property '{accel}-accel.{name}' not found")]
+    UnknownProperty {
+        /// Backend name.
+        accel: &'static str,
+        /// The property given.
+        name: String,
+    },
+    /// An `-accel` property with a value the backend refuses; the text says why.
+    #[error("{0}")]
+    BadProperty(String),
     /// A CPUID table asks for features the backend cannot present (it must not advertise
     /// what it does not do).
     #[error("accelerator '{accel}' cannot present {missing}")]

@@ -15,4 +15,15 @@ pub trait AccelProbe: Send + Sync {
     /// Opens the backend on this host; the error says what is missing. Cheap to call again:
     /// backends that are costly to open keep one shared instance.
     fn open(&self) -> Result<Arc<dyn Accelerator>, AccelError>;
+    /// Opens the backend with the properties of `-accel NAME,PROP=VALUE,...` (in order).
+    /// The default has none: any property is refused with QEMU's "not found" text.
+    fn open_with(&self, props: &[(String, String)]) -> Result<Arc<dyn Accelerator>, AccelError> {
+        match props.first() {
+            None => self.open(),
+            Some((name, _)) => Err(AccelError::UnknownProperty {
+                accel: self.name(),
+                name: name.clone(),
+            }),
+        }
+    }
 }

@@ -33,6 +33,22 @@ pub fn split_opts(text: &str, implied: Option<&str>) -> Result<Vec<(String, Stri
         .map_err(|e| err(e.to_string()))
 }
 
+/// Splits an accelerator as `-accel` passes it to `accel-set` (`NAME,PROP=VALUE,...`) into
+/// its name and its properties, in order. A property without `=` is `PROP=on`, as QEMU's
+/// option syntax reads it.
+pub fn accel_props(spec: &str) -> (&str, Vec<(String, String)>) {
+    let mut parts = spec.split(',');
+    let name = parts.next().unwrap_or_default();
+    let props = parts
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (p.to_owned(), "on".to_owned()),
+        })
+        .collect();
+    (name, props)
+}
+
 /// A QEMU boolean option value (`on`/`off` and QEMU's synonyms).
 pub fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
     keyval::parse_bool(v).ok_or_else(|| err(format!("Parameter '{key}' expects 'on' or 'off'")))

@@ -260,7 +260,8 @@ Boot (boot-set; read when the machine is ready, so anywhere before that):
   -nographic                        without -serial: -serial mon:stdio
   -parallel none|null               (Keel's machines have no parallel port)
 Accelerator (accel-set):
-  -accel NAME                       repeat for fallbacks: -accel kvm -accel tcg
+  -accel NAME[,PROP=VALUE...]       repeat for fallbacks: -accel kvm -accel tcg
+                                    tcg: jit=on|off (compiling tier), thread=single
 Devices (device_add, cold until the machine is ready):
   -device DRIVER[,id=ID][,prop=value...]   (-device help, -device DRIVER,help)
     isa-debug-exit[,iobase=N,iosize=N]  virtio-rng-device
@@ -716,18 +717,20 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
             "accel" => {
                 let opts = split_opts(&option, v, Some("accel"))?;
                 let mut accel = None;
+                // The backend's properties ride along as `NAME,PROP=VALUE,...`: the
+                // backend checks them when accel-set opens it.
+                let mut props = String::new();
                 for (k, val) in opts {
                     match k.as_str() {
                         "accel" if val == "help" || val == "?" => {
                             return Ok(Invocation::ListAccels);
                         }
                         "accel" => accel = Some(val),
-                        other => {
-                            return Err(syntax(&option, format!("Invalid parameter '{other}'")));
-                        }
+                        prop => props.push_str(&format!(",{prop}={val}")),
                     }
                 }
                 let accel = accel.ok_or_else(|| syntax(&option, "Parameter 'accel' is missing"))?;
+                let accel = accel + &props;
                 // Consecutive -accel options are one list of fallbacks.
                 if let Some(Step {
                     action: Action::Accel(list),

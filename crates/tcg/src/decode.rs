@@ -217,8 +217,13 @@ impl Default for BlockCache {
 }
 
 impl BlockCache {
-    /// An empty cache.
+    /// An empty cache, compiling as the environment says (see [`JitConfig::from_env`]).
     pub fn new() -> Self {
+        Self::with_jit(crate::jit::JitConfig::from_env())
+    }
+
+    /// An empty cache whose compiling tier is configured by `jit`.
+    pub fn with_jit(jit: crate::jit::JitConfig) -> Self {
         Self {
             blocks: Vec::new(),
             map: HashMap::new(),
@@ -226,7 +231,7 @@ impl BlockCache {
             pages: HashMap::new(),
             generation: 1,
             translated: 0,
-            jit: Jit::default(),
+            jit: Jit::new(jit),
         }
     }
 

@@ -21,8 +21,8 @@
 //! (`jit`): integer instructions run as themselves on host registers, memory operands hit
 //! the software TLB inline, and anything else (a TLB miss, MMIO, a code-page write, an
 //! unsupported instruction) returns to the interpreter before the instruction, so faults,
-//! self-modifying code and `icount` stay exactly as interpreted. `KEEL_TCG_JIT=off` turns
-//! the tier off; `KEEL_TCG_JIT_THRESHOLD=<runs>` sets when a block is compiled (0: at its
+//! self-modifying code and `icount` stay exactly as interpreted. `-accel tcg,jit=off` (or
+//! `KEEL_TCG_JIT=off` in the environment) turns the tier off; `KEEL_TCG_JIT_THRESHOLD=<runs>` sets when a block is compiled (0: at its
 //! first run, which the differential tests use).
 //!
 //! Entry points: [`TcgAccel`] (the `Accelerator`), [`TcgVm`], [`TcgVcpu`].

@@ -124,6 +124,9 @@ pub struct TcgAccel {
     pub cpuid: CpuidConfig,
     /// Local APIC / IOAPIC policy.
     pub apic: ApicMode,
+    /// `-accel tcg,jit=on|off`: whether hot blocks are compiled (`None`: as the environment
+    /// says, see [`crate::jit::JitConfig::from_env`]).
+    pub jit: Option<bool>,
 }
 
 impl TcgAccel {
@@ -172,13 +175,11 @@ impl Accelerator for TcgAccel {
         self.check(req)?;
         let mut cpuid = self.cpuid.clone();
         cpuid.cores = req.vcpus;
-        Ok(Box::new(TcgVm::with_apic(
-            memory,
-            buses,
-            events,
-            cpuid,
-            self.apic.enabled(req.vcpus),
-        )?))
+        let mut vm = TcgVm::with_apic(memory, buses, events, cpuid, self.apic.enabled(req.vcpus))?;
+        if let Some(on) = self.jit {
+            vm.set_jit(on);
+        }
+        Ok(Box::new(vm))
     }
 
     fn cpuid(&self, vcpus: u32) -> Vec<CpuidLeaf> {
@@ -425,6 +426,8 @@ pub struct TcgVm {
     wakeups: Arc<Mutex<Vec<Arc<Wakeup>>>>,
     /// Guest stores to RAM, recorded while a live migration runs.
     dirty: Arc<keel_accel::dirty::DirtyBitmap>,
+    /// The compiling tier's configuration for this VM's vCPUs.
+    jit: crate::jit::JitConfig,
 }
 
 impl std::fmt::Debug for TcgVm {
@@ -467,6 +470,12 @@ impl TcgVm {
         cpuid: CpuidConfig,
     ) -> Result<Self, AccelError> {
         Self::with_apic(memory, buses, events, cpuid, false)
+    }
+
+    /// Turns the compiling tier on or off for the vCPUs created from now on (`-accel
+    /// tcg,jit=`); it exists on x86-64 hosts only.
+    pub fn set_jit(&mut self, on: bool) {
+        self.jit.enabled = on && cfg!(target_arch = "x86_64");
     }
 
     /// Creates the VM, its PIC and PIT, and with `apic` the IOAPIC and the APIC bus (each
@@ -521,6 +530,7 @@ impl TcgVm {
             }
         });
         Ok(Self {
+            jit: crate::jit::JitConfig::from_env(),
             dirty: Arc::new(keel_accel::dirty::DirtyBitmap::new(&memory)),
             memory,
             buses,
@@ -583,7 +593,7 @@ impl TcgVm {
         cpu.lapic = lapic.clone();
         TcgVcpu {
             cpu,
-            cache: BlockCache::new(),
+            cache: BlockCache::with_jit(self.jit),
             att,
             pic: self.pic.clone(),
             pit: self.pit.clone(),
@@ -1144,7 +1154,7 @@ impl TcgVcpu {
         self.cpu.msr.tsc_offset = tsc_offset;
         self.cpu.lapic = lapic;
         self.nmi_pending = false;
-        self.cache = BlockCache::new();
+        self.cache = BlockCache::with_jit(self.cache.jit.config);
         self.blocks_seen = 0;
         // The fresh memory view write-protects nothing: protect the other vCPUs' code pages.
         self.resync_code();
@@ -1684,7 +1694,7 @@ impl Vcpu for TcgVcpu {
         self.cpu = Cpu::new(phys, cpuid, index);
         // Every vCPU's TSC counts from the same origin (the VM's last reset).
         self.cpu.msr.tsc_offset = self.tsc_origin.load(Ordering::Acquire);
-        self.cache = BlockCache::new();
+        self.cache = BlockCache::with_jit(self.cache.jit.config);
         self.blocks_seen = 0;
         self.resync_code();
         self.nmi_pending = false;
@@ -1870,5 +1880,52 @@ mod tests {
             no_apic.signal_msi(0xfee0_0000, 0x30),
             Err(AccelError::Unsupported { .. })
         ));
+    }
+
+    /// `-accel tcg,jit=off|on` reaches every vCPU's block cache (and its reset), over the
+    /// environment's default; unknown or bad properties are refused with QEMU's texts.
+    #[test]
+    fn accel_properties_configure_the_compiling_tier() {
+        use keel_accel::AccelProbe;
+        struct NoEvents;
+        impl SystemEvents for NoEvents {
+            fn request(&self, _e: keel_accel::SystemEvent) {}
+        }
+        let props = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, x)| (k.to_string(), x.to_string()))
+                .collect()
+        };
+        let probe = crate::TcgProbe;
+        assert!(
+            probe
+                .open_with(&props(&[("jit", "off"), ("thread", "single")]))
+                .is_ok()
+        );
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        for on in [false, true] {
+            let mut vm = TcgVm::new(
+                mem.clone(),
+                Arc::new(IoBuses::new()),
+                Arc::new(NoEvents),
+                Default::default(),
+            )
+            .unwrap();
+            vm.set_jit(on);
+            let mut v = vm.create_tcg_vcpu(0);
+            let want = on && cfg!(target_arch = "x86_64");
+            assert_eq!(v.cache.jit.config.enabled, want);
+            keel_accel::Vcpu::reset(&mut v).unwrap();
+            assert_eq!(v.cache.jit.config.enabled, want, "after a reset");
+        }
+        let err = |v: &[(&str, &str)]| probe.open_with(&props(v)).err().unwrap().to_string();
+        assert_eq!(err(&[("foo", "bar")]), "Property 'tcg-accel.foo' not found");
+        assert_eq!(
+            err(&[("thread", "bogus")]),
+            "Invalid 'thread' setting bogus"
+        );
+        assert!(err(&[("thread", "multi")]).contains("one vCPU at a time"));
+        assert!(err(&[("jit", "maybe")]).contains("'on' or 'off'"));
     }
 }
