@@ -14,28 +14,10 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{TempDir, Vmm};
+use common::{TempDir, Vmm, kvm_usable};
 use serde_json::json;
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
-
-fn kvm_usable() -> bool {
-    if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
-        eprintln!("skipping kvm: KEEL_TEST_NO_KVM is set");
-        return false;
-    }
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping kvm: /dev/kvm: {e}");
-            false
-        }
-    }
-}
 
 /// The guest as a PVH ELF in `dir`.
 fn guest(dir: &TempDir, count: u32) -> String {

@@ -14,7 +14,7 @@ mod common;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use common::{Client, TempDir, Vmm};
+use common::{Client, PvhGuest as Guest, TempDir, Vmm, kvm_usable};
 use serde_json::{Value, json};
 
 /// Steps the guest counts, and how often it prints a line (40 bytes): long enough to be
@@ -22,40 +22,8 @@ use serde_json::{Value, json};
 const COUNT: u32 = 10_000;
 const EVERY: u32 = 1;
 
-fn kvm_usable() -> bool {
-    if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
-        eprintln!("skipping kvm: KEEL_TEST_NO_KVM is set");
-        return false;
-    }
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping kvm: /dev/kvm: {e}");
-            false
-        }
-    }
-}
-
-struct Guest {
-    dir: TempDir,
-    kernel: String,
-    want: String,
-}
-
 fn guest() -> Guest {
-    let dir = TempDir::new();
-    let g = keel_testguest::counter_dirty(COUNT, EVERY).unwrap();
-    let kernel = dir.path("counter.elf");
-    std::fs::write(&kernel, g.pvh_elf()).unwrap();
-    Guest {
-        kernel: kernel.display().to_string(),
-        want: g.expected_serial.unwrap(),
-        dir,
-    }
+    Guest::new(keel_testguest::counter_dirty(COUNT, EVERY).unwrap())
 }
 
 /// Pinned so that both accelerators build the same devices (see tests/snapshot.rs).

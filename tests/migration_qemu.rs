@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, TempDir};
+use common::{Client, PvhGuest as Guest, TempDir};
 use serde_json::{Value, json};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -35,24 +35,8 @@ fn qemu_present() -> bool {
     there
 }
 
-/// The guest of each emulator: Keel's counts and prints to `serial`, QEMU's runs its
-/// firmware (nothing to boot).
-struct Guest {
-    dir: TempDir,
-    kernel: String,
-    want: String,
-}
-
 fn guest() -> Guest {
-    let dir = TempDir::new();
-    let g = keel_testguest::counter(COUNT).unwrap();
-    let kernel = dir.path("counter.elf");
-    std::fs::write(&kernel, g.pvh_elf()).unwrap();
-    Guest {
-        kernel: kernel.display().to_string(),
-        want: g.expected_serial.unwrap(),
-        dir,
-    }
+    Guest::new(keel_testguest::counter(COUNT).unwrap())
 }
 
 fn args(g: &Guest, program: &str, serial: &str, extra: &[&str]) -> Vec<String> {

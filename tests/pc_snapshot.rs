@@ -17,46 +17,14 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use common::{TempDir, Vmm};
+use common::{PvhGuest as Guest, TempDir, Vmm, kvm_usable};
 use serde_json::{Value, json};
 
 /// Lines the guest prints (40 bytes each): long enough to be stopped in the middle.
 const COUNT: u32 = 40_000;
 
-fn kvm_usable() -> bool {
-    if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
-        eprintln!("skipping kvm: KEEL_TEST_NO_KVM is set");
-        return false;
-    }
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping kvm: /dev/kvm: {e}");
-            false
-        }
-    }
-}
-
-struct Guest {
-    dir: TempDir,
-    kernel: String,
-    want: String,
-}
-
 fn guest() -> Guest {
-    let dir = TempDir::new();
-    let g = keel_testguest::counter(COUNT).unwrap();
-    let kernel = dir.path("counter.elf");
-    std::fs::write(&kernel, g.pvh_elf()).unwrap();
-    Guest {
-        kernel: kernel.display().to_string(),
-        want: g.expected_serial.unwrap(),
-        dir,
-    }
+    Guest::new(keel_testguest::counter(COUNT).unwrap())
 }
 
 /// `-M pc` with a PCI device besides the onboard ones (`devices`: `-device` values).
@@ -193,15 +161,7 @@ fn pc_kvm_to_kvm() {
 /// keeps running while its RAM is copied, the pages it wrote meanwhile are sent again, and
 /// the output before and after is exactly an uninterrupted run's.
 fn live(from: &str, to: &str) {
-    let dir = TempDir::new();
-    let cg = keel_testguest::counter_dirty(10_000, 1).unwrap();
-    let kernel = dir.path("counter.elf");
-    std::fs::write(&kernel, cg.pvh_elf()).unwrap();
-    let g = Guest {
-        kernel: kernel.display().to_string(),
-        want: cg.expected_serial.unwrap(),
-        dir,
-    };
+    let g = Guest::new(keel_testguest::counter_dirty(10_000, 1).unwrap());
     let uri = format!("unix:{}", g.dir.path("mig.sock").display());
     let out_b = g.dir.path("after");
     let serial_b = format!("file:{}", out_b.display());

@@ -15,46 +15,14 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use common::{TempDir, Vmm};
+use common::{PvhGuest as Guest, TempDir, Vmm, kvm_usable};
 use serde_json::{Value, json};
 
 /// Lines the guest prints (40 bytes each): long enough to be stopped in the middle.
 const COUNT: u32 = 40_000;
 
-fn kvm_usable() -> bool {
-    if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
-        eprintln!("skipping kvm: KEEL_TEST_NO_KVM is set");
-        return false;
-    }
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping kvm: /dev/kvm: {e}");
-            false
-        }
-    }
-}
-
-struct Guest {
-    dir: TempDir,
-    kernel: String,
-    want: String,
-}
-
 fn guest() -> Guest {
-    let dir = TempDir::new();
-    let g = keel_testguest::counter(COUNT).unwrap();
-    let kernel = dir.path("counter.elf");
-    std::fs::write(&kernel, g.pvh_elf()).unwrap();
-    Guest {
-        kernel: kernel.display().to_string(),
-        want: g.expected_serial.unwrap(),
-        dir,
-    }
+    Guest::new(keel_testguest::counter(COUNT).unwrap())
 }
 
 /// The machine on both sides. microvm resolves some devices per accelerator (the RTC is

@@ -546,3 +546,48 @@ pub fn qmp_at(p: &Path) -> Client {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Whether the kvm half of a test can run: `/dev/kvm` opens read-write and
+/// `KEEL_TEST_NO_KVM` is unset. Otherwise prints why the kvm cases are skipped.
+pub fn kvm_usable() -> bool {
+    if std::env::var_os("KEEL_TEST_NO_KVM").is_some() {
+        eprintln!("skipping kvm: KEEL_TEST_NO_KVM is set");
+        return false;
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping kvm: /dev/kvm: {e}");
+            false
+        }
+    }
+}
+
+/// A keel-testguest guest written as a PVH ELF into a directory of its own (what `-kernel`
+/// boots), with the serial output an uninterrupted run prints.
+pub struct PvhGuest {
+    /// Where the kernel is (and where a test may put its streams and sockets).
+    pub dir: TempDir,
+    /// The kernel's path.
+    pub kernel: String,
+    /// What the guest prints on its serial port from start to end.
+    pub want: String,
+}
+
+impl PvhGuest {
+    /// Writes `g` (a guest that states its serial output).
+    pub fn new(g: keel_testguest::TestGuest) -> Self {
+        let dir = TempDir::new();
+        let kernel = dir.path("guest.elf");
+        std::fs::write(&kernel, g.pvh_elf()).unwrap();
+        Self {
+            kernel: kernel.display().to_string(),
+            want: g.expected_serial.unwrap(),
+            dir,
+        }
+    }
+}
