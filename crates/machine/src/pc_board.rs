@@ -942,17 +942,8 @@ impl Board for PcBoard {
 
     fn live_ram(&mut self, track: bool) -> Result<crate::migration::live::LiveRam, BoardError> {
         let m = self.lock();
-        let log = if track {
-            let log = m.start_dirty_log();
-            Some(log.map_err(|e| BoardError::Invalid(format!("dirty page tracking: {e}")))?)
-        } else {
-            None
-        };
-        Ok(crate::migration::live::LiveRam {
-            memory: m.memory().clone(),
-            header: m.snapshot_header(),
-            log,
-        })
+        let header = m.snapshot_header();
+        crate::snapshot::live_ram(crate::core::CoreMachine::core(&*m), header, track)
     }
 
     fn save_state(

@@ -454,3 +454,26 @@ pub(crate) fn apply_core(
     vcpu_ops(core, ops).map_err(|e| section_err(VCPU_SECTION, e))?;
     Ok(())
 }
+
+/// What a live migration copies while the guest runs (a board's `live_ram`): the RAM, the
+/// stream header, and with `track` the accelerator's dirty log, started now.
+pub(crate) fn live_ram(
+    core: &MachineCore,
+    header: Header,
+    track: bool,
+) -> Result<crate::migration::live::LiveRam, crate::board::BoardError> {
+    let log = if track {
+        let log = core
+            .vm()
+            .start_dirty_log()
+            .map_err(|e| crate::board::BoardError::Invalid(format!("dirty page tracking: {e}")))?;
+        Some(log)
+    } else {
+        None
+    };
+    Ok(crate::migration::live::LiveRam {
+        memory: core.memory().clone(),
+        header,
+        log,
+    })
+}
