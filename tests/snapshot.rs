@@ -50,15 +50,9 @@ fn args<'a>(g: &'a Guest, accel: &'a str, serial: &'a str, extra: &[&'a str]) ->
     v
 }
 
+/// Waits for the guest to finish (the VMM to exit), killing it past `limit`.
 fn wait_exit(v: &mut Vmm, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(st) = v.child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "the guest did not finish");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_or_kill(&mut v.child, limit, "the guest")
 }
 
 fn read(p: &Path) -> String {
